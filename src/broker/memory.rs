@@ -1,0 +1,400 @@
+//! The embedded broker: every channel lives in this process's memory. Channels are spread over
+//! shards so that looking one up takes no global lock; each channel has its own small lock, held
+//! only for sequencing, appending to history and queueing to subscribers (never for I/O).
+
+use std::collections::hash_map::DefaultHasher;
+use std::collections::{HashMap, VecDeque};
+use std::hash::{Hash, Hasher};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use rand::Rng;
+
+use super::{AckError, Published, StoredEvent};
+use crate::config::HistoryConfig;
+use crate::fanout::{Outbox, Outgoing, Subscribers};
+use crate::ledger::{
+    ChannelLedger, ChannelReport, Counts, EventState, LostReason, LostReport, Totals,
+};
+use crate::protocol::client::Since;
+use crate::protocol::event::Event;
+use crate::protocol::server::{self, Subscribed};
+use crate::protocol::{ChannelKind, ChannelName};
+
+const SHARDS: usize = 32;
+
+pub struct MemoryBroker {
+    shards: Box<[Mutex<Shard>]>,
+    history: HistoryConfig,
+}
+
+#[derive(Default)]
+struct Shard {
+    channels: HashMap<ChannelName, Arc<Channel>>,
+    /// Counts of channels removed by [`MemoryBroker::sweep`], so totals never go down.
+    retired: Counts,
+}
+
+struct Channel {
+    name: ChannelName,
+    epoch: Arc<str>,
+    ledger: Arc<ChannelLedger>,
+    state: Mutex<ChannelState>,
+}
+
+struct ChannelState {
+    last_seq: u64,
+    acked_seq: u64,
+    history: VecDeque<Arc<StoredEvent>>,
+    subscribers: Subscribers,
+    last_activity: Instant,
+    /// Set when the sweep removed the channel; a caller holding it looks it up again.
+    retired: bool,
+}
+
+impl Channel {
+    fn new(name: ChannelName) -> Self {
+        Self {
+            name,
+            epoch: new_epoch().into(),
+            ledger: Arc::default(),
+            state: Mutex::new(ChannelState {
+                last_seq: 0,
+                acked_seq: 0,
+                history: VecDeque::new(),
+                subscribers: Subscribers::default(),
+                last_activity: Instant::now(),
+                retired: false,
+            }),
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, ChannelState> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Drops history entries past the count limit or older than `max_age`; undelivered ones
+    /// are lost, by whether anyone was subscribed.
+    fn trim(&self, state: &mut ChannelState, max_events: usize, max_age: Duration, now: Instant) {
+        let reason = if state.subscribers.is_empty() {
+            LostReason::ExpiredUnseen
+        } else {
+            LostReason::ExpiredSubscribed
+        };
+        while let Some(front) = state.history.front() {
+            let too_many = state.history.len() > max_events;
+            let too_old = now.saturating_duration_since(front.emitted_at) > max_age;
+            if !too_many && !too_old {
+                break;
+            }
+            if front.state.lose(&self.ledger, reason) {
+                tracing::warn!(channel = %self.name, seq = front.seq, reason = reason.as_str(), "Event left history undelivered.");
+            }
+            state.history.pop_front();
+        }
+    }
+
+    fn oldest_pending_age(state: &ChannelState, now: Instant) -> Option<Duration> {
+        state
+            .history
+            .iter()
+            .find(|event| event.state.is_pending())
+            .map(|event| now.saturating_duration_since(event.emitted_at))
+    }
+}
+
+fn new_epoch() -> String {
+    let value: u64 = rand::rng().random();
+    format!("{value:016x}")
+}
+
+impl MemoryBroker {
+    pub fn new(history: HistoryConfig) -> Self {
+        let shards = (0..SHARDS).map(|_| Mutex::new(Shard::default())).collect();
+        Self { shards, history }
+    }
+
+    fn shard(&self, name: &ChannelName) -> MutexGuard<'_, Shard> {
+        let mut hasher = DefaultHasher::new();
+        name.hash(&mut hasher);
+        let index = (hasher.finish() as usize) % SHARDS;
+        self.shards[index].lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn channel(&self, name: &ChannelName) -> Arc<Channel> {
+        let mut shard = self.shard(name);
+        Arc::clone(
+            shard
+                .channels
+                .entry(name.clone())
+                .or_insert_with(|| Arc::new(Channel::new(name.clone()))),
+        )
+    }
+
+    fn existing(&self, name: &ChannelName) -> Option<Arc<Channel>> {
+        self.shard(name).channels.get(name).cloned()
+    }
+
+    /// Runs `f` on a live (not retired) channel's locked state, creating the channel if needed.
+    fn with_channel<T>(
+        &self,
+        name: &ChannelName,
+        mut f: impl FnMut(&Channel, &mut ChannelState) -> T,
+    ) -> T {
+        loop {
+            let channel = self.channel(name);
+            let mut state = channel.lock();
+            if !state.retired {
+                return f(&channel, &mut state);
+            }
+        }
+    }
+
+    /// Sequences `event` into `channel`, stores it and queues it to every local subscriber.
+    pub fn publish(&self, name: &ChannelName, event: &Event) -> Published {
+        // Serialise before taking the channel lock: only the seq is written under it.
+        let mut body: Option<(Arc<str>, Vec<u8>)> = None;
+        loop {
+            let channel = self.channel(name);
+            let body = match &body {
+                Some((epoch, body)) if Arc::ptr_eq(epoch, &channel.epoch) => body,
+                _ => {
+                    &body
+                        .insert((
+                            Arc::clone(&channel.epoch),
+                            server::event_body(event, name, &channel.epoch),
+                        ))
+                        .1
+                }
+            };
+            let mut state = channel.lock();
+            if state.retired {
+                continue;
+            }
+            state.last_seq += 1;
+            let seq = state.last_seq;
+            let stored = Arc::new(StoredEvent {
+                seq,
+                frame: server::event_frame(body, seq),
+                emitted_at: Instant::now(),
+                state: EventState::default(),
+                ledger: Arc::clone(&channel.ledger),
+            });
+            channel.ledger.emitted();
+            state.history.push_back(Arc::clone(&stored));
+            state.last_activity = stored.emitted_at;
+            channel.trim(
+                &mut state,
+                self.history.max_events,
+                self.history.max_age,
+                stored.emitted_at,
+            );
+            state.subscribers.fan_out(&stored);
+            return Published {
+                seq,
+                epoch: Arc::clone(&channel.epoch),
+            };
+        }
+    }
+
+    /// Joins `outbox` to `channel`: under the channel lock it queues the `subscribed` frame and the
+    /// replay, then registers for live events, so nothing falls between them and nothing comes twice.
+    /// `None` when the connection is already subscribed.
+    pub fn subscribe(
+        &self,
+        name: &ChannelName,
+        since: Option<&Since>,
+        outbox: &Arc<Outbox>,
+    ) -> Option<Subscribed> {
+        self.with_channel(name, |channel, state| {
+            if state.subscribers.contains(outbox) {
+                return None;
+            }
+            let first_retained = state.history.front().map_or(state.last_seq + 1, |e| e.seq);
+            let (from, recovered, missed) = match since {
+                None => (state.last_seq + 1, true, None),
+                Some(since) if since.seq == 0 => {
+                    let missed = first_retained - 1;
+                    (1, missed == 0, Some(missed))
+                }
+                Some(since)
+                    if since.epoch.as_deref() != Some(&*channel.epoch)
+                        || since.seq > state.last_seq =>
+                {
+                    (1, false, None)
+                }
+                Some(since) => {
+                    let missed = first_retained.saturating_sub(since.seq + 1);
+                    (since.seq + 1, missed == 0, Some(missed))
+                }
+            };
+            let replay: Vec<Arc<StoredEvent>> = state
+                .history
+                .iter()
+                .filter(|e| e.seq >= from)
+                .cloned()
+                .collect();
+            let report = Subscribed {
+                channel: channel.name.to_string(),
+                thread_id: match channel.name.kind() {
+                    ChannelKind::Thread => Some(channel.name.id().to_string()),
+                    ChannelKind::User => None,
+                },
+                epoch: channel.epoch.to_string(),
+                seq: state.last_seq,
+                recovered,
+                replayed: replay.len(),
+                missed,
+            };
+            outbox.push(Outgoing::Frame(server::subscribed(&report)));
+            if !replay.is_empty() {
+                outbox.push(Outgoing::Replay(replay));
+            }
+            state.subscribers.add(outbox);
+            state.last_activity = Instant::now();
+            Some(report)
+        })
+    }
+
+    /// `true` if the connection was subscribed.
+    pub fn unsubscribe(&self, name: &ChannelName, outbox: &Arc<Outbox>) -> bool {
+        let Some(channel) = self.existing(name) else {
+            return false;
+        };
+        let mut state = channel.lock();
+        state.last_activity = Instant::now();
+        state.subscribers.remove(outbox)
+    }
+
+    /// A cumulative ack: the client has shown everything up to `seq`.
+    pub fn ack(&self, name: &ChannelName, seq: u64, outbox: &Arc<Outbox>) -> Result<u64, AckError> {
+        let channel = self
+            .existing(name)
+            .ok_or_else(|| AckError::NotSubscribed(name.to_string()))?;
+        let mut state = channel.lock();
+        if !state.subscribers.contains(outbox) {
+            return Err(AckError::NotSubscribed(name.to_string()));
+        }
+        if seq > state.last_seq {
+            return Err(AckError::BeyondLast {
+                seq,
+                last: state.last_seq,
+            });
+        }
+        let newly = seq.saturating_sub(state.acked_seq);
+        if newly > 0 {
+            state.acked_seq = seq;
+            channel.ledger.acked(newly);
+        }
+        Ok(newly)
+    }
+
+    /// The ledger of one channel, `None` if the broker holds no such channel.
+    pub fn report(&self, name: &ChannelName) -> Option<ChannelReport> {
+        let channel = self.existing(name)?;
+        let state = channel.lock();
+        let counts = channel.ledger.snapshot();
+        Some(ChannelReport {
+            channel: channel.name.to_string(),
+            epoch: channel.epoch.to_string(),
+            last_seq: state.last_seq,
+            first_retained_seq: state.history.front().map(|e| e.seq),
+            retained: state.history.len(),
+            subscribers: state.subscribers.len(),
+            emitted: counts.emitted,
+            delivered: counts.delivered,
+            acked: counts.acked,
+            pending: counts.pending,
+            oldest_pending_age_seconds: Channel::oldest_pending_age(&state, Instant::now())
+                .map(|a| a.as_secs_f64()),
+            lost: LostReport::from_counts(&counts),
+            lost_total: counts.lost_total(),
+            balanced: counts.balanced(),
+        })
+    }
+
+    /// Sums every channel's ledger; each channel's snapshot balances, so the sum does too.
+    pub fn totals(&self) -> Totals {
+        let now = Instant::now();
+        let mut totals = Totals::default();
+        for shard in self.shards.iter() {
+            let shard = shard.lock().unwrap_or_else(|e| e.into_inner());
+            totals.add(&shard.retired);
+            for channel in shard.channels.values() {
+                let counts = channel.ledger.snapshot();
+                totals.add(&counts);
+                totals.channels += 1;
+                if counts.pending > 0
+                    && let Some(age) = Channel::oldest_pending_age(&channel.lock(), now)
+                {
+                    totals.oldest_pending_age = totals.oldest_pending_age.max(age);
+                }
+            }
+        }
+        totals
+    }
+
+    /// Expires history by age and removes channels that have been empty and unwatched for
+    /// `history.max_age` (a later resume there sees a new epoch: `recovered: false`).
+    pub fn sweep(&self) {
+        let now = Instant::now();
+        let mut channels = 0;
+        for shard in self.shards.iter() {
+            let mut shard = shard.lock().unwrap_or_else(|e| e.into_inner());
+            let mut retired = Counts::default();
+            shard.channels.retain(|_, channel| {
+                let mut state = channel.lock();
+                channel.trim(
+                    &mut state,
+                    self.history.max_events,
+                    self.history.max_age,
+                    now,
+                );
+                let idle = state.history.is_empty()
+                    && state.subscribers.is_empty()
+                    && now.saturating_duration_since(state.last_activity) > self.history.max_age;
+                if idle {
+                    state.retired = true;
+                    retired.add(&channel.ledger.snapshot());
+                }
+                !idle
+            });
+            shard.retired.add(&retired);
+            channels += shard.channels.len();
+        }
+        tracing::trace!(channels, "Swept channels.");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::protocol::event;
+
+    fn thinking(run: &str) -> Event {
+        event::parse(
+            &format!(r#"{{"type":"agent_thinking","run_id":"{run}"}}"#),
+            1024,
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn trims_by_count_and_counts_what_was_never_seen() {
+        let broker = MemoryBroker::new(HistoryConfig {
+            max_events: 2,
+            max_age: Duration::from_secs(60),
+        });
+        let channel = ChannelName::thread("t1");
+        for n in 1..=5 {
+            assert_eq!(broker.publish(&channel, &thinking("r1")).seq, n);
+        }
+        let report = broker.report(&channel).unwrap();
+        assert_eq!(
+            (report.emitted, report.pending, report.lost.expired_unseen),
+            (5, 2, 3)
+        );
+        assert_eq!(report.first_retained_seq, Some(4));
+        assert!(report.balanced);
+    }
+}

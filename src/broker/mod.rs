@@ -1,0 +1,55 @@
+//! Sequence and store: the broker gives each accepted event the next `seq` of its channel, keeps
+//! a bounded history for replay, and hands the event to fan-out.
+//!
+//! Its interface is what [`MemoryBroker`] offers: `publish`, `subscribe`, `unsubscribe`, `ack`,
+//! `report`, `totals` and `sweep`. The embedded in-memory broker is the one implementation today;
+//! the Redis broker arrives as the second, and the interface becomes a trait with it (see
+//! ARCHITECTURE.md).
+
+mod memory;
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use bytes::Bytes;
+
+use crate::ledger::{ChannelLedger, EventState};
+use crate::metrics::Metrics;
+
+pub use memory::MemoryBroker;
+
+/// An event in a channel's history: its frame bytes (shared by every subscriber) and its place
+/// in the ledger.
+#[derive(Debug)]
+pub struct StoredEvent {
+    pub seq: u64,
+    pub frame: Bytes,
+    pub emitted_at: Instant,
+    state: EventState,
+    ledger: Arc<ChannelLedger>,
+}
+
+impl StoredEvent {
+    /// Records a socket write of this event; the first one counts as the delivery.
+    pub fn delivered(&self, metrics: &Metrics) {
+        if self.state.deliver(&self.ledger) {
+            metrics.observe_delivery(self.emitted_at.elapsed());
+        }
+    }
+}
+
+/// Where a published event landed.
+#[derive(Debug, Clone)]
+pub struct Published {
+    pub seq: u64,
+    pub epoch: Arc<str>,
+}
+
+/// Why an ack was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum AckError {
+    #[error("not subscribed to {0}")]
+    NotSubscribed(String),
+    #[error("seq {seq} is beyond the channel's last seq {last}")]
+    BeyondLast { seq: u64, last: u64 },
+}

@@ -1,0 +1,339 @@
+//! Configuration: built-in defaults < `agentwire.toml` (or `--config FILE`) < `AGENTWIRE_*`
+//! environment variables (`__` for nesting). Read and validated once at start.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::Duration;
+
+use figment::Figment;
+use figment::providers::{Env, Format, Serialized, Toml};
+use serde::{Deserialize, Serialize};
+
+/// The whole effective configuration.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// Address of the one listener (HTTP API, WebSocket and metrics).
+    pub listen: SocketAddr,
+    /// `text` for people, `json` for log pipelines.
+    pub log_format: LogFormat,
+    /// A `tracing` filter such as `info` or `agentwire=debug`; `RUST_LOG` wins when set.
+    pub log_level: String,
+    pub ingest: IngestConfig,
+    pub resolve: ResolveConfig,
+    pub history: HistoryConfig,
+    pub session: SessionConfig,
+    pub shutdown: ShutdownConfig,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct IngestConfig {
+    /// Largest single event, in bytes of JSON.
+    pub max_event_bytes: usize,
+    /// Largest `POST /v1/events` body; larger bodies get 413.
+    pub max_request_bytes: usize,
+    /// How long an `event_id` is remembered to drop a producer's retry.
+    #[serde(with = "humantime_serde")]
+    pub dedupe_window: Duration,
+    /// How many `event_id`s are remembered at most; the oldest go first.
+    pub dedupe_capacity: usize,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ResolveConfig {
+    /// How long an event that resolves to no channel waits for its run to be registered.
+    #[serde(with = "humantime_serde")]
+    pub grace: Duration,
+    /// How many events may wait for resolution at once; past that they are lost `unresolved`.
+    pub max_pending: usize,
+    /// How long a run registration (run_id → thread, user) is kept.
+    #[serde(with = "humantime_serde")]
+    pub registry_ttl: Duration,
+    /// How many runs the registry holds at most; the oldest go first.
+    pub registry_capacity: usize,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HistoryConfig {
+    /// Events kept per channel for replay.
+    pub max_events: usize,
+    /// How long an event stays in a channel's history.
+    #[serde(with = "humantime_serde")]
+    pub max_age: Duration,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SessionConfig {
+    /// Time a new connection has to send `hello` before it is closed with 4001.
+    #[serde(with = "humantime_serde")]
+    pub hello_timeout: Duration,
+    /// A quiet connection gets a `heartbeat` frame and a WebSocket ping this often.
+    #[serde(with = "humantime_serde")]
+    pub heartbeat: Duration,
+    /// A connection from which nothing (not even a pong) arrives for this long is closed.
+    #[serde(with = "humantime_serde")]
+    pub client_timeout: Duration,
+    /// A write that cannot complete in this time drops the connection (the peer is gone or stuck).
+    #[serde(with = "humantime_serde")]
+    pub write_timeout: Duration,
+    /// Largest client message; larger ones close the connection with 1009.
+    pub max_frame_bytes: usize,
+    /// Threads one connection may subscribe to.
+    pub max_subscriptions: usize,
+    /// Frames waiting for one socket; past this (or `queue_bytes`) the client is closed with 4008.
+    pub queue_events: usize,
+    /// Bytes waiting for one socket.
+    pub queue_bytes: usize,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ShutdownConfig {
+    /// After SIGTERM, time during which `/readyz` says 503 before clients get 1012, so that load
+    /// balancers stop sending new connections first.
+    #[serde(with = "humantime_serde")]
+    pub drain_delay: Duration,
+    /// After the 1012 closes, how long the process waits for sessions to end before it exits.
+    #[serde(with = "humantime_serde")]
+    pub timeout: Duration,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([0, 0, 0, 0], 8000)),
+            log_format: LogFormat::Text,
+            log_level: "info".into(),
+            ingest: IngestConfig::default(),
+            resolve: ResolveConfig::default(),
+            history: HistoryConfig::default(),
+            session: SessionConfig::default(),
+            shutdown: ShutdownConfig::default(),
+        }
+    }
+}
+
+impl Default for IngestConfig {
+    fn default() -> Self {
+        Self {
+            max_event_bytes: 64 * 1024,
+            max_request_bytes: 1024 * 1024,
+            dedupe_window: Duration::from_secs(300),
+            dedupe_capacity: 100_000,
+        }
+    }
+}
+
+impl Default for ResolveConfig {
+    fn default() -> Self {
+        Self {
+            grace: Duration::from_secs(5),
+            max_pending: 10_000,
+            registry_ttl: Duration::from_secs(24 * 3600),
+            registry_capacity: 100_000,
+        }
+    }
+}
+
+impl Default for HistoryConfig {
+    fn default() -> Self {
+        Self {
+            max_events: 1000,
+            max_age: Duration::from_secs(3600),
+        }
+    }
+}
+
+impl Default for SessionConfig {
+    fn default() -> Self {
+        Self {
+            hello_timeout: Duration::from_secs(10),
+            heartbeat: Duration::from_secs(15),
+            client_timeout: Duration::from_secs(60),
+            write_timeout: Duration::from_secs(10),
+            max_frame_bytes: 64 * 1024,
+            max_subscriptions: 100,
+            queue_events: 1024,
+            queue_bytes: 4 * 1024 * 1024,
+        }
+    }
+}
+
+impl Default for ShutdownConfig {
+    fn default() -> Self {
+        Self {
+            drain_delay: Duration::from_secs(5),
+            timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+/// A configuration that cannot be used, with the key at fault.
+#[derive(Debug, thiserror::Error)]
+#[error("invalid configuration: `{key}`: {reason}")]
+pub struct ConfigError {
+    pub key: String,
+    pub reason: String,
+}
+
+impl Config {
+    /// Builds the layered figment: defaults, then the file, then the environment.
+    /// `file` is `--config FILE` (must exist) or `None` for `./agentwire.toml` (if present).
+    pub fn figment(file: Option<&Path>) -> Figment {
+        let defaults = Figment::from(Serialized::defaults(Config::default()));
+        let with_file = match file {
+            Some(path) => defaults.merge(Toml::file_exact(path)),
+            None => defaults.merge(Toml::file("agentwire.toml")),
+        };
+        with_file.merge(Env::prefixed("AGENTWIRE_").split("__"))
+    }
+
+    /// Extracts and validates; the error names the key.
+    pub fn from_figment(figment: &Figment) -> Result<Self, ConfigError> {
+        let config: Config = figment.extract().map_err(|error| {
+            let key = if error.path.is_empty() {
+                "(file)".to_string()
+            } else {
+                error.path.join(".")
+            };
+            ConfigError {
+                key,
+                reason: error.kind.to_string(),
+            }
+        })?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    pub fn load(file: Option<&Path>) -> Result<Self, ConfigError> {
+        if let Some(path) = file
+            && !path.exists()
+        {
+            return Err(ConfigError {
+                key: "--config".into(),
+                reason: format!("file {} does not exist", path.display()),
+            });
+        }
+        Self::from_figment(&Self::figment(file))
+    }
+
+    /// Rules that span keys or that serde cannot express.
+    fn validate(&self) -> Result<(), ConfigError> {
+        let fail = |key: &str, reason: &str| {
+            Err(ConfigError {
+                key: key.to_string(),
+                reason: reason.to_string(),
+            })
+        };
+        let positive: [(&str, usize); 8] = [
+            ("ingest.max_event_bytes", self.ingest.max_event_bytes),
+            ("ingest.dedupe_capacity", self.ingest.dedupe_capacity),
+            ("resolve.max_pending", self.resolve.max_pending),
+            ("resolve.registry_capacity", self.resolve.registry_capacity),
+            ("history.max_events", self.history.max_events),
+            ("session.max_subscriptions", self.session.max_subscriptions),
+            ("session.queue_events", self.session.queue_events),
+            ("session.queue_bytes", self.session.queue_bytes),
+        ];
+        for (key, value) in positive {
+            if value == 0 {
+                return fail(key, "must be greater than 0");
+            }
+        }
+        let durations = [
+            ("history.max_age", self.history.max_age),
+            ("session.hello_timeout", self.session.hello_timeout),
+            ("session.heartbeat", self.session.heartbeat),
+            ("session.client_timeout", self.session.client_timeout),
+            ("session.write_timeout", self.session.write_timeout),
+            ("resolve.registry_ttl", self.resolve.registry_ttl),
+        ];
+        for (key, value) in durations {
+            if value.is_zero() {
+                return fail(key, "must be longer than 0s");
+            }
+        }
+        if self.ingest.max_event_bytes > self.ingest.max_request_bytes {
+            return fail(
+                "ingest.max_event_bytes",
+                "must not exceed ingest.max_request_bytes",
+            );
+        }
+        if self.session.max_frame_bytes < 1024 {
+            return fail("session.max_frame_bytes", "must be at least 1024");
+        }
+        if self.session.client_timeout <= self.session.heartbeat {
+            return fail(
+                "session.client_timeout",
+                "must be longer than session.heartbeat",
+            );
+        }
+        if self.log_level.trim().is_empty() {
+            return fail("log_level", "must not be empty");
+        }
+        Ok(())
+    }
+
+    /// The effective configuration as TOML, for `agentwire config`.
+    pub fn to_toml(&self) -> String {
+        toml::to_string_pretty(self).unwrap_or_else(|e| format!("# cannot render: {e}\n"))
+    }
+}
+
+#[cfg(test)]
+// figment's Jail closures return figment::Error, which is large by design.
+#[allow(clippy::result_large_err)]
+mod tests {
+    use super::*;
+    use figment::Jail;
+
+    #[test]
+    fn env_overrides_file() {
+        Jail::expect_with(|jail| {
+            jail.create_file(
+                "agentwire.toml",
+                "listen = \"127.0.0.1:9000\"\n[history]\nmax_events = 5\n",
+            )?;
+            jail.set_env("AGENTWIRE_HISTORY__MAX_EVENTS", "7");
+            jail.set_env("AGENTWIRE_RESOLVE__GRACE", "250ms");
+            let config = Config::load(None).map_err(|e| e.to_string())?;
+            assert_eq!(config.listen.port(), 9000);
+            assert_eq!(config.history.max_events, 7);
+            assert_eq!(config.resolve.grace, Duration::from_millis(250));
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn bad_values_name_the_key() {
+        Jail::expect_with(|jail| {
+            jail.set_env("AGENTWIRE_SESSION__HEARTBEAT", "soon");
+            let error = Config::load(None).expect_err("must fail");
+            assert_eq!(error.key, "session.heartbeat");
+            Ok(())
+        });
+        Jail::expect_with(|jail| {
+            jail.set_env("AGENTWIRE_SESSION__QUEUE_EVENTS", "0");
+            let error = Config::load(None).expect_err("must fail");
+            assert_eq!(error.key, "session.queue_events");
+            Ok(())
+        });
+        Jail::expect_with(|jail| {
+            jail.create_file("agentwire.toml", "[history]\nmax_evnts = 5\n")?;
+            let error = Config::load(None).expect_err("must fail");
+            assert!(error.reason.contains("max_evnts"), "{error}");
+            Ok(())
+        });
+    }
+}

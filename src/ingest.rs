@@ -1,0 +1,299 @@
+//! Producer ingest: splits a `POST /v1/events` body into items, validates each, drops retries by
+//! `event_id`, resolves, and publishes. Every item gets its own answer, in order; an invalid item
+//! never stops the valid ones beside it.
+//!
+//! Accounting before the channel stage:
+//! `ingested = emitted + pending_resolution + lost{unresolved} + duplicates`.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+use serde_json::value::RawValue;
+
+use crate::Gateway;
+use crate::ledger::LostReason;
+use crate::protocol::event::{self, Event, EventType, Refusal};
+use crate::resolve::{Held, RunTarget};
+
+/// The answer for one item.
+#[derive(Debug, Serialize)]
+#[serde(tag = "status", rename_all = "snake_case")]
+pub enum ItemResult {
+    Accepted {
+        channel: String,
+        seq: u64,
+        epoch: String,
+    },
+    PendingResolution,
+    Duplicate,
+    /// Valid, but it could not wait for its run (the pending set was full): dead-lettered.
+    Unresolved {
+        reason: &'static str,
+    },
+    Error(Refusal),
+}
+
+impl ItemResult {
+    /// Whether the item was taken in (accepted, held or recognised as a retry).
+    pub fn is_ok(&self) -> bool {
+        matches!(
+            self,
+            Self::Accepted { .. } | Self::PendingResolution | Self::Duplicate
+        )
+    }
+}
+
+/// Why a whole body was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum BodyError {
+    #[error("body is not UTF-8")]
+    NotUtf8,
+    #[error("body is not JSON: {0}")]
+    NotJson(String),
+    #[error("body holds no events")]
+    Empty,
+}
+
+/// Splits a body into the raw JSON text of each item.
+pub fn split(body: &[u8], ndjson: bool) -> Result<Vec<&str>, BodyError> {
+    let text = std::str::from_utf8(body).map_err(|_| BodyError::NotUtf8)?;
+    let items: Vec<&str> = if ndjson {
+        text.lines()
+            .map(str::trim)
+            .filter(|line| !line.is_empty())
+            .collect()
+    } else if text.trim_start().starts_with('[') {
+        let items: Vec<&RawValue> =
+            serde_json::from_str(text).map_err(|e| BodyError::NotJson(e.to_string()))?;
+        items.into_iter().map(RawValue::get).collect()
+    } else {
+        let item: &RawValue =
+            serde_json::from_str(text).map_err(|e| BodyError::NotJson(e.to_string()))?;
+        vec![item.get()]
+    };
+    if items.is_empty() {
+        return Err(BodyError::Empty);
+    }
+    Ok(items)
+}
+
+/// Validates and accepts every item, in order.
+pub fn ingest(gateway: &Gateway, items: &[&str]) -> Vec<ItemResult> {
+    items
+        .iter()
+        .map(|raw| match event::parse(raw, gateway.config.ingest.max_event_bytes) {
+            Ok(event) => accept(gateway, event),
+            Err(refusal) => {
+                gateway.metrics.events_rejected.with_label_values(&[refusal.code.as_str()]).inc();
+                tracing::debug!(field = refusal.field.as_deref(), reason = %refusal.reason, "Refused an event.");
+                ItemResult::Error(refusal)
+            }
+        })
+        .collect()
+}
+
+/// Accepts one valid event: dedupe, register (for `agent_started` with a thread), resolve, publish.
+pub fn accept(gateway: &Gateway, event: Event) -> ItemResult {
+    gateway.metrics.events_ingested.inc();
+    if let Some(event_id) = &event.event_id
+        && !gateway.dedupe.first_time(event_id)
+    {
+        gateway.metrics.events_duplicate.inc();
+        return ItemResult::Duplicate;
+    }
+    if event.kind == EventType::AgentStarted
+        && let (Some(run_id), Some(thread_id)) = (&event.run_id, &event.thread_id)
+    {
+        let target = RunTarget {
+            thread_id: Some(thread_id.clone()),
+            user_id: event.user_id.clone(),
+        };
+        register(gateway, run_id, target);
+    }
+    match gateway.resolver.resolve(&event) {
+        Some(channel) => {
+            let published = gateway.broker.publish(&channel, &event);
+            tracing::debug!(%channel, seq = published.seq, run_id = event.run_id.as_deref(), kind = event.kind.as_str(), "Emitted.");
+            ItemResult::Accepted {
+                channel: channel.to_string(),
+                seq: published.seq,
+                epoch: published.epoch.to_string(),
+            }
+        }
+        None => {
+            let result = match gateway.resolver.hold(event) {
+                Ok(()) => ItemResult::PendingResolution,
+                Err(event) => {
+                    let run_id = event.run_id.clone().unwrap_or_default();
+                    dead_letter(
+                        gateway,
+                        Held {
+                            run_id,
+                            events: vec![*event],
+                        },
+                        "pending set full",
+                    );
+                    ItemResult::Unresolved {
+                        reason: "pending_full",
+                    }
+                }
+            };
+            gateway
+                .metrics
+                .events_pending_resolution
+                .set(gateway.resolver.pending_count() as i64);
+            result
+        }
+    }
+}
+
+/// Registers a run and publishes, in arrival order, the events that were waiting for it.
+/// Returns how many were released.
+pub fn register(gateway: &Gateway, run_id: &str, target: RunTarget) -> usize {
+    let channel = target.channel();
+    let held = gateway.resolver.register(run_id, target);
+    gateway.metrics.runs_registered.inc();
+    let Some(channel) = channel else {
+        return 0;
+    };
+    for event in &held {
+        gateway.broker.publish(&channel, event);
+    }
+    if !held.is_empty() {
+        tracing::info!(run_id, %channel, released = held.len(), "Late registration delivered held events.");
+        gateway
+            .metrics
+            .events_pending_resolution
+            .set(gateway.resolver.pending_count() as i64);
+    }
+    held.len()
+}
+
+/// Moves the runs that waited past the grace period to the dead-letter log.
+pub fn expire_pending(gateway: &Gateway) {
+    let expired = gateway.resolver.expire(Instant::now());
+    if expired.is_empty() {
+        return;
+    }
+    for held in expired {
+        dead_letter(gateway, held, "no channel within resolve.grace");
+    }
+    gateway
+        .metrics
+        .events_pending_resolution
+        .set(gateway.resolver.pending_count() as i64);
+}
+
+/// The one place an unresolved run is logged and counted.
+fn dead_letter(gateway: &Gateway, held: Held, why: &str) {
+    for event in &held.events {
+        tracing::warn!(
+            target: "agentwire::deadletter",
+            run_id = %held.run_id,
+            kind = event.kind.as_str(),
+            event_id = event.event_id.as_deref(),
+            why,
+            "Event lost: its run_id resolves to no channel."
+        );
+    }
+    gateway
+        .metrics
+        .events_lost
+        .with_label_values(&[LostReason::Unresolved.as_str()])
+        .inc_by(held.events.len() as u64);
+    gateway.metrics.unresolved_run_ids.inc();
+}
+
+/// Remembers `event_id`s for the dedupe window, bounded in count.
+pub struct Dedupe {
+    window: Duration,
+    capacity: usize,
+    seen: Mutex<Seen>,
+}
+
+#[derive(Default)]
+struct Seen {
+    ids: HashMap<String, Instant>,
+    order: VecDeque<(String, Instant)>,
+}
+
+impl Dedupe {
+    pub fn new(window: Duration, capacity: usize) -> Self {
+        Self {
+            window,
+            capacity,
+            seen: Mutex::default(),
+        }
+    }
+
+    /// `true` the first time an id is seen within the window.
+    pub fn first_time(&self, event_id: &str) -> bool {
+        let now = Instant::now();
+        let mut seen = self.seen.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(at) = seen.ids.get(event_id)
+            && now.saturating_duration_since(*at) <= self.window
+        {
+            return false;
+        }
+        seen.ids.insert(event_id.to_string(), now);
+        seen.order.push_back((event_id.to_string(), now));
+        while seen.ids.len() > self.capacity {
+            Self::forget_oldest(&mut seen);
+        }
+        true
+    }
+
+    /// Forgets ids older than the window.
+    pub fn expire(&self) {
+        let now = Instant::now();
+        let mut seen = self.seen.lock().unwrap_or_else(|e| e.into_inner());
+        while seen
+            .order
+            .front()
+            .is_some_and(|(_, at)| now.saturating_duration_since(*at) > self.window)
+        {
+            Self::forget_oldest(&mut seen);
+        }
+    }
+
+    fn forget_oldest(seen: &mut Seen) {
+        if let Some((id, at)) = seen.order.pop_front()
+            && seen.ids.get(&id) == Some(&at)
+        {
+            seen.ids.remove(&id);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn splits_bodies() {
+        assert_eq!(split(br#"{"a":1}"#, false).unwrap(), vec![r#"{"a":1}"#]);
+        assert_eq!(
+            split(br#" [{"a":1}, 5]"#, false).unwrap(),
+            vec![r#"{"a":1}"#, "5"]
+        );
+        assert_eq!(
+            split(b"{\"a\":1}\n\n{\"b\":2}\nnope\n", true).unwrap(),
+            vec![r#"{"a":1}"#, r#"{"b":2}"#, "nope"]
+        );
+        assert!(matches!(split(b"nope", false), Err(BodyError::NotJson(_))));
+        assert!(matches!(split(b"[]", false), Err(BodyError::Empty)));
+        assert!(matches!(split(b"\xff", false), Err(BodyError::NotUtf8)));
+    }
+
+    #[test]
+    fn dedupe_forgets_after_the_window() {
+        let dedupe = Dedupe::new(Duration::from_secs(60), 2);
+        assert!(dedupe.first_time("a"));
+        assert!(!dedupe.first_time("a"));
+        assert!(dedupe.first_time("b"));
+        assert!(dedupe.first_time("c"));
+        assert!(dedupe.first_time("a"), "capacity pushed the oldest out");
+    }
+}

@@ -1,0 +1,238 @@
+//! The per-channel account of every event: emitted, delivered, acked, pending, lost by reason.
+//!
+//! Each stored event carries an [`EventState`] that leaves `pending` exactly once, either to
+//! `delivered` (first socket write) or to `lost` (left history undelivered). Both moves and the
+//! emit happen under the channel ledger's small lock, so every snapshot balances:
+//! `emitted = delivered + pending + lost`.
+
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::time::Duration;
+
+use serde::Serialize;
+
+/// Why an event will never be delivered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LostReason {
+    /// Left history while nobody was subscribed to its channel.
+    ExpiredUnseen = 0,
+    /// Left history undelivered while someone was subscribed: a real failure.
+    ExpiredSubscribed = 1,
+    /// Never found a channel (counted before the channel stage).
+    Unresolved = 2,
+    /// A bug: anything else.
+    Internal = 3,
+}
+
+impl LostReason {
+    pub const ALL: [LostReason; 4] = [
+        Self::ExpiredUnseen,
+        Self::ExpiredSubscribed,
+        Self::Unresolved,
+        Self::Internal,
+    ];
+    /// The reasons a channel's own ledger can hold.
+    pub const CHANNEL: [LostReason; 3] =
+        [Self::ExpiredUnseen, Self::ExpiredSubscribed, Self::Internal];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::ExpiredUnseen => "expired_unseen",
+            Self::ExpiredSubscribed => "expired_subscribed",
+            Self::Unresolved => "unresolved",
+            Self::Internal => "internal",
+        }
+    }
+}
+
+/// Counts of one channel (or a sum of channels).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Counts {
+    pub emitted: u64,
+    pub delivered: u64,
+    pub acked: u64,
+    pub pending: u64,
+    pub lost: [u64; 4],
+}
+
+impl Counts {
+    pub fn lost_total(&self) -> u64 {
+        self.lost.iter().sum()
+    }
+
+    pub fn balanced(&self) -> bool {
+        self.emitted == self.delivered + self.pending + self.lost_total()
+    }
+
+    pub fn add(&mut self, other: &Counts) {
+        self.emitted += other.emitted;
+        self.delivered += other.delivered;
+        self.acked += other.acked;
+        self.pending += other.pending;
+        for (sum, value) in self.lost.iter_mut().zip(other.lost) {
+            *sum += value;
+        }
+    }
+}
+
+/// Gateway-wide sums, for `/metrics`.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Totals {
+    pub emitted: u64,
+    pub delivered: u64,
+    pub acked: u64,
+    pub pending: u64,
+    pub lost: [u64; 4],
+    pub oldest_pending_age: Duration,
+    pub channels: u64,
+}
+
+impl Totals {
+    pub fn add(&mut self, counts: &Counts) {
+        self.emitted += counts.emitted;
+        self.delivered += counts.delivered;
+        self.acked += counts.acked;
+        self.pending += counts.pending;
+        for (sum, value) in self.lost.iter_mut().zip(counts.lost) {
+            *sum += value;
+        }
+    }
+}
+
+/// The ledger of one channel.
+#[derive(Debug, Default)]
+pub struct ChannelLedger {
+    counts: Mutex<Counts>,
+}
+
+impl ChannelLedger {
+    pub fn snapshot(&self) -> Counts {
+        *self.lock()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Counts> {
+        // The critical sections are plain arithmetic; a poisoned lock still holds valid counts.
+        self.counts.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub(crate) fn emitted(&self) {
+        let mut counts = self.lock();
+        counts.emitted += 1;
+        counts.pending += 1;
+    }
+
+    /// Counts newly acked events; returns how many.
+    pub(crate) fn acked(&self, newly: u64) {
+        self.lock().acked += newly;
+    }
+}
+
+const PENDING: u8 = 0;
+const DELIVERED: u8 = 1;
+const LOST: u8 = 2;
+
+/// Where one stored event stands: pending, then delivered or lost, once.
+#[derive(Debug, Default)]
+pub struct EventState(AtomicU8);
+
+impl EventState {
+    /// Records the first socket write. Returns `true` only the first time.
+    pub fn deliver(&self, ledger: &ChannelLedger) -> bool {
+        let mut counts = ledger.lock();
+        if self
+            .0
+            .compare_exchange(PENDING, DELIVERED, Ordering::AcqRel, Ordering::Acquire)
+            .is_err()
+        {
+            return false;
+        }
+        counts.pending -= 1;
+        counts.delivered += 1;
+        true
+    }
+
+    /// Records that the event left history undelivered. Returns `true` if it was pending.
+    pub fn lose(&self, ledger: &ChannelLedger, reason: LostReason) -> bool {
+        let mut counts = ledger.lock();
+        if self
+            .0
+            .compare_exchange(PENDING, LOST, Ordering::AcqRel, Ordering::Acquire)
+            .is_err()
+        {
+            return false;
+        }
+        counts.pending -= 1;
+        counts.lost[reason as usize] += 1;
+        true
+    }
+
+    pub fn is_pending(&self) -> bool {
+        self.0.load(Ordering::Acquire) == PENDING
+    }
+}
+
+/// A channel's ledger as `GET /v1/channels/{channel}` shows it.
+#[derive(Debug, Serialize)]
+pub struct ChannelReport {
+    pub channel: String,
+    pub epoch: String,
+    pub last_seq: u64,
+    pub first_retained_seq: Option<u64>,
+    pub retained: usize,
+    pub subscribers: usize,
+    pub emitted: u64,
+    pub delivered: u64,
+    pub acked: u64,
+    pub pending: u64,
+    pub oldest_pending_age_seconds: Option<f64>,
+    pub lost: LostReport,
+    pub lost_total: u64,
+    pub balanced: bool,
+}
+
+#[derive(Debug, Serialize)]
+pub struct LostReport {
+    pub expired_unseen: u64,
+    pub expired_subscribed: u64,
+    pub internal: u64,
+}
+
+impl LostReport {
+    pub fn from_counts(counts: &Counts) -> Self {
+        Self {
+            expired_unseen: counts.lost[LostReason::ExpiredUnseen as usize],
+            expired_subscribed: counts.lost[LostReason::ExpiredSubscribed as usize],
+            internal: counts.lost[LostReason::Internal as usize],
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_event_leaves_pending_once() {
+        let ledger = ChannelLedger::default();
+        let first = EventState::default();
+        let second = EventState::default();
+        ledger.emitted();
+        ledger.emitted();
+        assert!(first.deliver(&ledger));
+        assert!(!first.deliver(&ledger));
+        assert!(!first.lose(&ledger, LostReason::ExpiredSubscribed));
+        assert!(second.lose(&ledger, LostReason::ExpiredUnseen));
+        assert!(!second.deliver(&ledger));
+        let counts = ledger.snapshot();
+        assert_eq!(
+            (
+                counts.emitted,
+                counts.delivered,
+                counts.pending,
+                counts.lost_total()
+            ),
+            (2, 1, 0, 1)
+        );
+        assert!(counts.balanced());
+    }
+}

@@ -1,0 +1,80 @@
+//! agentwire: a WebSocket gateway that delivers AI-agent execution events from agent backends to
+//! the people watching in a browser, and accounts for every one of them.
+//!
+//! The modules follow the data path (DESIGN.md §1):
+//!
+//! - [`config`]: the configuration, read once (figment: defaults < file < `AGENTWIRE_*` env).
+//! - [`server`]: the listener, HTTP routes, WebSocket upgrade and graceful shutdown.
+//! - [`ingest`]: `POST /v1/events` bodies → validated events, deduplicated by `event_id`.
+//! - [`resolve`]: which channel an event belongs to; the run registry and the pending set.
+//! - [`broker`]: per-channel seq, bounded history, replay (the embedded in-memory broker).
+//! - [`fanout`]: one event's bytes to every local subscriber's bounded queue.
+//! - [`session`]: one WebSocket connection: hello, subscriptions, acks, the writer task.
+//! - [`ledger`]: emitted / delivered / acked / pending / lost, per channel.
+//! - [`metrics`]: the Prometheus registry and every metric.
+//! - [`protocol`]: the wire formats, pure decoding and encoding.
+
+pub mod broker;
+pub mod config;
+pub mod fanout;
+pub mod ingest;
+pub mod ledger;
+pub mod metrics;
+pub mod protocol;
+pub mod resolve;
+pub mod server;
+pub mod session;
+pub mod telemetry;
+
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use broker::MemoryBroker;
+use config::Config;
+use ingest::Dedupe;
+use metrics::Metrics;
+use resolve::Resolver;
+
+/// Everything a running gateway shares between its tasks. Built once, passed as `Arc<Gateway>`.
+pub struct Gateway {
+    pub config: Config,
+    pub metrics: Metrics,
+    pub broker: MemoryBroker,
+    pub resolver: Resolver,
+    pub dedupe: Dedupe,
+    pub shutdown: Shutdown,
+}
+
+impl Gateway {
+    pub fn new(config: Config) -> Self {
+        Self {
+            metrics: Metrics::new(),
+            broker: MemoryBroker::new(config.history.clone()),
+            resolver: Resolver::new(config.resolve.clone()),
+            dedupe: Dedupe::new(config.ingest.dedupe_window, config.ingest.dedupe_capacity),
+            shutdown: Shutdown::default(),
+            config,
+        }
+    }
+}
+
+/// The three parts of shutdown: the draining flag (readiness, new upgrades), the token that
+/// tells sessions to close with 1012, and the tracker that waits for them.
+#[derive(Default)]
+pub struct Shutdown {
+    draining: AtomicBool,
+    pub sessions: CancellationToken,
+    pub tracker: TaskTracker,
+}
+
+impl Shutdown {
+    pub fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::Acquire)
+    }
+
+    pub fn start_draining(&self) {
+        self.draining.store(true, Ordering::Release);
+    }
+}

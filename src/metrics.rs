@@ -1,0 +1,275 @@
+//! Every Prometheus metric the gateway exports, registered once into the gateway's own registry
+//! and passed down. Names carry the `agentwire_` prefix and base units; no label ever holds a
+//! thread, run, user or connection id.
+//!
+//! The ledger totals (emitted, delivered, acked, pending, lost) are not counted here on the hot
+//! path: they are summed from the per-channel ledgers at scrape time (see [`Metrics::render`]), so
+//! the exposition always shows a balanced `emitted = delivered + pending + lost`.
+
+use std::sync::Mutex;
+use std::time::Duration;
+
+use prometheus::{
+    Encoder, Gauge, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec,
+    Opts, Registry, TextEncoder,
+};
+
+use crate::ledger::{LostReason, Totals};
+
+pub struct Metrics {
+    registry: Registry,
+    scrape: Mutex<()>,
+    pub events_ingested: IntCounter,
+    pub events_rejected: IntCounterVec,
+    pub events_duplicate: IntCounter,
+    events_emitted: IntCounter,
+    events_delivered: IntCounter,
+    events_acked: IntCounter,
+    pub events_lost: IntCounterVec,
+    events_pending: IntGauge,
+    events_pending_oldest_age: Gauge,
+    pub events_pending_resolution: IntGauge,
+    pub unresolved_run_ids: IntCounter,
+    pub runs_registered: IntCounter,
+    pub delivery_latency: Histogram,
+    pub fanout_frames_sent: IntCounter,
+    channels: IntGauge,
+    pub connections: IntGauge,
+    pub connections_opened: IntCounter,
+    pub connections_closed: IntCounterVec,
+    pub subscriptions: IntGauge,
+    pub resumes: IntCounterVec,
+    pub slow_consumer_closes: IntCounter,
+    pub client_errors: IntCounterVec,
+    pub broker_up: IntGauge,
+}
+
+/// Latency buckets from 100 µs to 30 s.
+const LATENCY_BUCKETS: [f64; 16] = [
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+    10.0, 30.0,
+];
+
+impl Metrics {
+    pub fn new() -> Self {
+        let registry = Registry::new();
+        let r = &registry;
+        let metrics = Self {
+            events_ingested: counter(
+                r,
+                "agentwire_events_ingested_total",
+                "Valid events received from producers (including duplicates).",
+            ),
+            events_rejected: counter_vec(
+                r,
+                "agentwire_events_rejected_total",
+                "Producer events refused as invalid, by reason.",
+                "reason",
+            ),
+            events_duplicate: counter(
+                r,
+                "agentwire_events_duplicate_total",
+                "Events dropped because their event_id was seen within the dedupe window.",
+            ),
+            events_emitted: counter(
+                r,
+                "agentwire_events_emitted_total",
+                "Events accepted into a channel and given a seq.",
+            ),
+            events_delivered: counter(
+                r,
+                "agentwire_events_delivered_total",
+                "Events written to at least one subscribed socket (first time only).",
+            ),
+            events_acked: counter(
+                r,
+                "agentwire_events_acked_total",
+                "Events confirmed by a client ack.",
+            ),
+            events_lost: counter_vec(
+                r,
+                "agentwire_events_lost_total",
+                "Events that will never be delivered, by reason.",
+                "reason",
+            ),
+            events_pending: gauge(
+                r,
+                "agentwire_events_pending",
+                "Events emitted, not yet delivered, still in history.",
+            ),
+            events_pending_oldest_age: Gauge::with_opts(Opts::new(
+                "agentwire_events_pending_oldest_age_seconds",
+                "Age of the oldest pending event.",
+            ))
+            .map(|g| register(r, g))
+            .unwrap_or_else(|e| panic!("metric definition: {e}")),
+            events_pending_resolution: gauge(
+                r,
+                "agentwire_events_pending_resolution",
+                "Events waiting for their run_id to be registered.",
+            ),
+            unresolved_run_ids: counter(
+                r,
+                "agentwire_unresolved_run_ids_total",
+                "Run ids whose events found no channel within the grace period.",
+            ),
+            runs_registered: counter(
+                r,
+                "agentwire_runs_registered_total",
+                "Run registrations (POST /v1/runs or agent_started with a thread).",
+            ),
+            delivery_latency: register(
+                r,
+                Histogram::with_opts(
+                    HistogramOpts::new(
+                        "agentwire_delivery_latency_seconds",
+                        "Time from emit to the first socket write of an event.",
+                    )
+                    .buckets(LATENCY_BUCKETS.to_vec()),
+                )
+                .unwrap_or_else(|e| panic!("metric definition: {e}")),
+            ),
+            fanout_frames_sent: counter(
+                r,
+                "agentwire_fanout_frames_sent_total",
+                "Event frames written to sockets, every subscriber and replay counted.",
+            ),
+            channels: gauge(r, "agentwire_channels", "Channels held in the broker."),
+            connections: gauge(r, "agentwire_connections", "Open WebSocket connections."),
+            connections_opened: counter(
+                r,
+                "agentwire_connections_opened_total",
+                "WebSocket connections accepted.",
+            ),
+            connections_closed: counter_vec(
+                r,
+                "agentwire_connections_closed_total",
+                "WebSocket connections closed, by reason.",
+                "reason",
+            ),
+            subscriptions: gauge(
+                r,
+                "agentwire_subscriptions",
+                "Channel subscriptions held by open connections (user channels included).",
+            ),
+            resumes: counter_vec(
+                r,
+                "agentwire_resumes_total",
+                "Subscriptions with `since`, by outcome (recovered, not_recovered).",
+                "outcome",
+            ),
+            slow_consumer_closes: counter(
+                r,
+                "agentwire_slow_consumer_closes_total",
+                "Connections closed with 4008 because their queue was full.",
+            ),
+            client_errors: counter_vec(
+                r,
+                "agentwire_client_errors_total",
+                "Error frames sent to clients, by code.",
+                "code",
+            ),
+            broker_up: gauge(r, "agentwire_broker_up", "1 when the broker is reachable."),
+            registry,
+            scrape: Mutex::new(()),
+        };
+        let build = IntGaugeVec::new(
+            Opts::new("agentwire_build_info", "Build of the running gateway."),
+            &["version"],
+        )
+        .unwrap_or_else(|e| panic!("metric definition: {e}"));
+        build.with_label_values(&[env!("CARGO_PKG_VERSION")]).set(1);
+        register(&metrics.registry, build);
+        #[cfg(target_os = "linux")]
+        if let Err(error) = metrics.registry.register(Box::new(
+            prometheus::process_collector::ProcessCollector::for_self(),
+        )) {
+            tracing::warn!(%error, "Process metrics are not available.");
+        }
+        // Labels known up front are exported at 0, so that rate() and alerts see them at once.
+        for reason in LostReason::ALL {
+            metrics.events_lost.with_label_values(&[reason.as_str()]);
+        }
+        for outcome in ["recovered", "not_recovered"] {
+            metrics.resumes.with_label_values(&[outcome]);
+        }
+        metrics.broker_up.set(1);
+        metrics
+    }
+
+    /// The exposition text. `totals` is the broker's balanced sum of every channel's ledger.
+    pub fn render(&self, totals: &Totals) -> String {
+        let _scrape = self.scrape.lock().unwrap_or_else(|e| e.into_inner());
+        raise(&self.events_emitted, totals.emitted);
+        raise(&self.events_delivered, totals.delivered);
+        raise(&self.events_acked, totals.acked);
+        for reason in LostReason::CHANNEL {
+            raise(
+                &self.events_lost.with_label_values(&[reason.as_str()]),
+                totals.lost[reason as usize],
+            );
+        }
+        self.events_pending.set(to_i64(totals.pending));
+        self.events_pending_oldest_age
+            .set(totals.oldest_pending_age.as_secs_f64());
+        self.channels.set(to_i64(totals.channels));
+        let mut out = Vec::with_capacity(16 * 1024);
+        if let Err(error) = TextEncoder::new().encode(&self.registry.gather(), &mut out) {
+            tracing::error!(%error, "Cannot encode metrics.");
+        }
+        String::from_utf8(out).unwrap_or_default()
+    }
+
+    pub fn observe_delivery(&self, latency: Duration) {
+        self.delivery_latency.observe(latency.as_secs_f64());
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// Moves a counter up to an externally kept total (never down).
+fn raise(counter: &IntCounter, total: u64) {
+    let current = counter.get();
+    if total > current {
+        counter.inc_by(total - current);
+    }
+}
+
+fn to_i64(value: u64) -> i64 {
+    i64::try_from(value).unwrap_or(i64::MAX)
+}
+
+// Metric definitions are constants of this file: a failure here is a programming error caught by
+// every test, never a run-time condition.
+fn register<M: prometheus::core::Collector + Clone + 'static>(registry: &Registry, metric: M) -> M {
+    registry
+        .register(Box::new(metric.clone()))
+        .unwrap_or_else(|e| panic!("metric registration: {e}"));
+    metric
+}
+
+fn counter(registry: &Registry, name: &str, help: &str) -> IntCounter {
+    register(
+        registry,
+        IntCounter::new(name, help).unwrap_or_else(|e| panic!("metric definition: {e}")),
+    )
+}
+
+fn counter_vec(registry: &Registry, name: &str, help: &str, label: &str) -> IntCounterVec {
+    register(
+        registry,
+        IntCounterVec::new(Opts::new(name, help), &[label])
+            .unwrap_or_else(|e| panic!("metric definition: {e}")),
+    )
+}
+
+fn gauge(registry: &Registry, name: &str, help: &str) -> IntGauge {
+    register(
+        registry,
+        IntGauge::new(name, help).unwrap_or_else(|e| panic!("metric definition: {e}")),
+    )
+}

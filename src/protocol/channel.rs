@@ -1,0 +1,122 @@
+//! Channel names: `thread:<thread_id>` and `user:<user_id>`, the only two kinds of target.
+
+use std::fmt;
+use std::sync::Arc;
+
+/// Longest id (thread, user, run, event, connection) the gateway accepts, in bytes.
+pub const MAX_ID_LEN: usize = 256;
+
+/// Which kind of target a channel is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ChannelKind {
+    Thread,
+    User,
+}
+
+/// A channel name such as `thread:t_42`. Cheap to clone: the text is shared.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct ChannelName {
+    full: Arc<str>,
+    kind: ChannelKind,
+}
+
+impl ChannelName {
+    pub fn thread(thread_id: &str) -> Self {
+        Self {
+            full: format!("thread:{thread_id}").into(),
+            kind: ChannelKind::Thread,
+        }
+    }
+
+    pub fn user(user_id: &str) -> Self {
+        Self {
+            full: format!("user:{user_id}").into(),
+            kind: ChannelKind::User,
+        }
+    }
+
+    /// Parses `thread:<id>` or `user:<id>`; `None` for anything else.
+    pub fn parse(text: &str) -> Option<Self> {
+        let (kind, id) = text.split_once(':')?;
+        if check_id(id).is_err() {
+            return None;
+        }
+        match kind {
+            "thread" => Some(Self::thread(id)),
+            "user" => Some(Self::user(id)),
+            _ => None,
+        }
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.full
+    }
+
+    pub fn kind(&self) -> ChannelKind {
+        self.kind
+    }
+
+    /// The id after the prefix: the thread id or the user id.
+    pub fn id(&self) -> &str {
+        match self.kind {
+            ChannelKind::Thread => &self.full["thread:".len()..],
+            ChannelKind::User => &self.full["user:".len()..],
+        }
+    }
+}
+
+impl fmt::Display for ChannelName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.full)
+    }
+}
+
+/// Why an id was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum IdError {
+    #[error("must not be empty")]
+    Empty,
+    #[error("must be at most 256 bytes")]
+    TooLong,
+    #[error("must not contain control characters or whitespace")]
+    BadCharacter,
+}
+
+/// Ids become parts of channel names, log fields and URLs, so they are kept printable.
+pub fn check_id(id: &str) -> Result<(), IdError> {
+    if id.is_empty() {
+        return Err(IdError::Empty);
+    }
+    if id.len() > MAX_ID_LEN {
+        return Err(IdError::TooLong);
+    }
+    if id.chars().any(|c| c.is_control() || c.is_whitespace()) {
+        return Err(IdError::BadCharacter);
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn check(input: &str, expected: Option<(&str, ChannelKind)>) {
+        let parsed = ChannelName::parse(input);
+        assert_eq!(
+            parsed.as_ref().map(|c| (c.id(), c.kind())),
+            expected,
+            "{input}"
+        );
+    }
+
+    #[test]
+    fn parses_channel_names() {
+        check("thread:t_42", Some(("t_42", ChannelKind::Thread)));
+        check("user:u_9", Some(("u_9", ChannelKind::User)));
+        check("thread:a:b", Some(("a:b", ChannelKind::Thread)));
+        check("run:r1", None);
+        check("thread:", None);
+        check("t_42", None);
+        check("thread:a b", None);
+    }
+}

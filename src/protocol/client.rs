@@ -1,0 +1,238 @@
+//! Frames a client sends on `/ws` (DESIGN.md §3), decoded once into a closed enum.
+
+use serde_json::{Map, Value};
+
+use super::channel::{ChannelName, check_id};
+use super::server::ErrorCode;
+
+/// A resume position: the last `(epoch, seq)` the client saw. `seq: 0` asks for all retained
+/// history, whatever the epoch.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Since {
+    pub epoch: Option<String>,
+    pub seq: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ClientFrame {
+    Hello {
+        user_id: String,
+        since: Option<Since>,
+    },
+    Subscribe {
+        thread_id: String,
+        since: Option<Since>,
+    },
+    Unsubscribe {
+        thread_id: String,
+    },
+    Ack {
+        channel: ChannelName,
+        seq: u64,
+    },
+    Ping,
+    /// An HLink message (browser → agent): validated and passed upstream.
+    Upstream {
+        kind: &'static str,
+    },
+}
+
+/// HLink message types a client may send upstream.
+pub const UPSTREAM_TYPES: [&str; 5] = [
+    "user_message",
+    "narrative.text",
+    "expert.response",
+    "visual.asset",
+    "system.status",
+];
+
+/// Why a frame was refused.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FrameError {
+    pub code: ErrorCode,
+    pub message: String,
+}
+
+impl FrameError {
+    pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
+        Self {
+            code,
+            message: message.into(),
+        }
+    }
+
+    fn field(field: &str, reason: &str) -> Self {
+        Self::new(ErrorCode::InvalidFrame, format!("`{field}` {reason}"))
+    }
+}
+
+pub fn decode(text: &str) -> Result<ClientFrame, FrameError> {
+    let value: Value = serde_json::from_str(text)
+        .map_err(|e| FrameError::new(ErrorCode::InvalidJson, format!("not JSON: {e}")))?;
+    let Value::Object(fields) = value else {
+        return Err(FrameError::new(
+            ErrorCode::InvalidFrame,
+            "a frame must be a JSON object",
+        ));
+    };
+    let kind = match fields.get("type") {
+        Some(Value::String(kind)) => kind.as_str(),
+        Some(_) => return Err(FrameError::field("type", "must be a string")),
+        None => return Err(FrameError::field("type", "is required")),
+    };
+    match kind {
+        "hello" => Ok(ClientFrame::Hello {
+            user_id: id(&fields, "user_id")?,
+            since: since(&fields)?,
+        }),
+        "subscribe" => Ok(ClientFrame::Subscribe {
+            thread_id: id(&fields, "thread_id")?,
+            since: since(&fields)?,
+        }),
+        "unsubscribe" => Ok(ClientFrame::Unsubscribe {
+            thread_id: id(&fields, "thread_id")?,
+        }),
+        "ack" => {
+            let channel = match (fields.get("thread_id"), fields.get("channel")) {
+                (Some(_), _) => ChannelName::thread(&id(&fields, "thread_id")?),
+                (None, Some(Value::String(name))) => ChannelName::parse(name).ok_or_else(|| {
+                    FrameError::field("channel", "must be thread:<id> or user:<id>")
+                })?,
+                (None, Some(_)) => return Err(FrameError::field("channel", "must be a string")),
+                (None, None) => return Err(FrameError::field("thread_id", "is required")),
+            };
+            Ok(ClientFrame::Ack {
+                channel,
+                seq: seq(&fields)?,
+            })
+        }
+        "ping" => Ok(ClientFrame::Ping),
+        other => match UPSTREAM_TYPES.iter().find(|t| **t == other) {
+            Some(kind) => Ok(ClientFrame::Upstream { kind }),
+            None => Err(FrameError::new(
+                ErrorCode::UnknownType,
+                format!("unknown frame type `{other}`"),
+            )),
+        },
+    }
+}
+
+fn id(fields: &Map<String, Value>, name: &str) -> Result<String, FrameError> {
+    match fields.get(name) {
+        Some(Value::String(id)) => {
+            check_id(id).map_err(|e| FrameError::field(name, &e.to_string()))?;
+            Ok(id.clone())
+        }
+        Some(_) => Err(FrameError::field(name, "must be a string")),
+        None => Err(FrameError::field(name, "is required")),
+    }
+}
+
+fn seq(fields: &Map<String, Value>) -> Result<u64, FrameError> {
+    match fields.get("seq") {
+        Some(value) => value
+            .as_u64()
+            .ok_or_else(|| FrameError::field("seq", "must be a non-negative integer")),
+        None => Err(FrameError::field("seq", "is required")),
+    }
+}
+
+fn since(fields: &Map<String, Value>) -> Result<Option<Since>, FrameError> {
+    let since = match fields.get("since") {
+        None | Some(Value::Null) => return Ok(None),
+        Some(Value::Object(since)) => since,
+        Some(_) => return Err(FrameError::field("since", "must be an object {epoch, seq}")),
+    };
+    let seq = match since.get("seq") {
+        Some(value) => value
+            .as_u64()
+            .ok_or_else(|| FrameError::field("since.seq", "must be a non-negative integer"))?,
+        None => return Err(FrameError::field("since.seq", "is required")),
+    };
+    let epoch = match since.get("epoch") {
+        None | Some(Value::Null) => None,
+        Some(Value::String(epoch)) => Some(epoch.clone()),
+        Some(_) => return Err(FrameError::field("since.epoch", "must be a string")),
+    };
+    if epoch.is_none() && seq > 0 {
+        return Err(FrameError::field(
+            "since.epoch",
+            "is required when since.seq > 0",
+        ));
+    }
+    Ok(Some(Since { epoch, seq }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn check(text: &str, expected: Result<ClientFrame, ErrorCode>) {
+        assert_eq!(decode(text).map_err(|e| e.code), expected, "{text}");
+    }
+
+    #[test]
+    fn decodes_client_frames() {
+        check(
+            r#"{"type":"hello","user_id":"u1"}"#,
+            Ok(ClientFrame::Hello {
+                user_id: "u1".into(),
+                since: None,
+            }),
+        );
+        check(
+            r#"{"type":"subscribe","thread_id":"t1","since":{"epoch":"e","seq":4}}"#,
+            Ok(ClientFrame::Subscribe {
+                thread_id: "t1".into(),
+                since: Some(Since {
+                    epoch: Some("e".into()),
+                    seq: 4,
+                }),
+            }),
+        );
+        check(
+            r#"{"type":"subscribe","thread_id":"t1","since":{"seq":0}}"#,
+            Ok(ClientFrame::Subscribe {
+                thread_id: "t1".into(),
+                since: Some(Since {
+                    epoch: None,
+                    seq: 0,
+                }),
+            }),
+        );
+        check(
+            r#"{"type":"subscribe","thread_id":"t1","since":{"seq":3}}"#,
+            Err(ErrorCode::InvalidFrame),
+        );
+        check(r#"{"type":"subscribe"}"#, Err(ErrorCode::InvalidFrame));
+        check(
+            r#"{"type":"ack","thread_id":"t1","seq":3}"#,
+            Ok(ClientFrame::Ack {
+                channel: ChannelName::thread("t1"),
+                seq: 3,
+            }),
+        );
+        check(
+            r#"{"type":"ack","channel":"user:u1","seq":3}"#,
+            Ok(ClientFrame::Ack {
+                channel: ChannelName::user("u1"),
+                seq: 3,
+            }),
+        );
+        check(
+            r#"{"type":"ack","thread_id":"t1","seq":-1}"#,
+            Err(ErrorCode::InvalidFrame),
+        );
+        check(r#"{"type":"ping"}"#, Ok(ClientFrame::Ping));
+        check(
+            r#"{"type":"user_message"}"#,
+            Ok(ClientFrame::Upstream {
+                kind: "user_message",
+            }),
+        );
+        check(r#"{"type":"dance"}"#, Err(ErrorCode::UnknownType));
+        check(r#"{"user_id":"u1"}"#, Err(ErrorCode::InvalidFrame));
+        check("hello", Err(ErrorCode::InvalidJson));
+        check("[]", Err(ErrorCode::InvalidFrame));
+    }
+}

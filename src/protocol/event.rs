@@ -1,0 +1,307 @@
+//! Producer events (DESIGN.md §2): decoded from JSON once, validated field by field, so that a
+//! refusal always names the field and the reason.
+
+use serde::Serialize;
+use serde_json::{Map, Value};
+
+use super::channel::{IdError, check_id};
+
+/// The closed set of event types. The five lifecycle types are what a UI relies on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EventType {
+    AgentStarted,
+    AgentThinking,
+    ToolExecuting,
+    ToolCompleted,
+    AgentCompleted,
+    AgentError,
+    Custom,
+}
+
+impl EventType {
+    pub fn parse(text: &str) -> Option<Self> {
+        Some(match text {
+            "agent_started" => Self::AgentStarted,
+            "agent_thinking" => Self::AgentThinking,
+            "tool_executing" => Self::ToolExecuting,
+            "tool_completed" => Self::ToolCompleted,
+            "agent_completed" => Self::AgentCompleted,
+            "agent_error" => Self::AgentError,
+            "custom" => Self::Custom,
+            _ => return None,
+        })
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::AgentStarted => "agent_started",
+            Self::AgentThinking => "agent_thinking",
+            Self::ToolExecuting => "tool_executing",
+            Self::ToolCompleted => "tool_completed",
+            Self::AgentCompleted => "agent_completed",
+            Self::AgentError => "agent_error",
+            Self::Custom => "custom",
+        }
+    }
+
+    fn is_tool(self) -> bool {
+        matches!(self, Self::ToolExecuting | Self::ToolCompleted)
+    }
+}
+
+/// A valid producer event.
+#[derive(Debug, Clone)]
+pub struct Event {
+    pub kind: EventType,
+    pub run_id: Option<String>,
+    pub thread_id: Option<String>,
+    pub user_id: Option<String>,
+    pub event_id: Option<String>,
+    pub ts: Option<String>,
+    pub traceparent: Option<String>,
+    pub payload: Map<String, Value>,
+}
+
+/// Why an event was refused: the field at fault (dotted path) and the reason.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Refusal {
+    pub code: RefusalCode,
+    pub field: Option<String>,
+    pub reason: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RefusalCode {
+    InvalidJson,
+    TooLarge,
+    MissingField,
+    InvalidField,
+}
+
+impl RefusalCode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::InvalidJson => "invalid_json",
+            Self::TooLarge => "too_large",
+            Self::MissingField => "missing_field",
+            Self::InvalidField => "invalid_field",
+        }
+    }
+}
+
+impl Refusal {
+    fn missing(field: &str, reason: impl Into<String>) -> Self {
+        Self {
+            code: RefusalCode::MissingField,
+            field: Some(field.into()),
+            reason: reason.into(),
+        }
+    }
+
+    fn invalid(field: &str, reason: impl Into<String>) -> Self {
+        Self {
+            code: RefusalCode::InvalidField,
+            field: Some(field.into()),
+            reason: reason.into(),
+        }
+    }
+}
+
+/// Decodes and validates one event from its JSON text.
+pub fn parse(raw: &str, max_bytes: usize) -> Result<Event, Refusal> {
+    if raw.len() > max_bytes {
+        return Err(Refusal {
+            code: RefusalCode::TooLarge,
+            field: None,
+            reason: format!("event is {} bytes, the limit is {max_bytes}", raw.len()),
+        });
+    }
+    let value: Value = serde_json::from_str(raw).map_err(|e| Refusal {
+        code: RefusalCode::InvalidJson,
+        field: None,
+        reason: e.to_string(),
+    })?;
+    from_value(value)
+}
+
+/// Validates one already decoded event.
+pub fn from_value(value: Value) -> Result<Event, Refusal> {
+    let Value::Object(mut fields) = value else {
+        return Err(Refusal {
+            code: RefusalCode::InvalidField,
+            field: None,
+            reason: "an event must be a JSON object".into(),
+        });
+    };
+    let kind_text = required_string(&mut fields, "type")?;
+    let kind = EventType::parse(&kind_text).ok_or_else(|| {
+        Refusal::invalid(
+            "type",
+            format!("unknown type `{kind_text}`: expected agent_started, agent_thinking, tool_executing, tool_completed, agent_completed, agent_error or custom"),
+        )
+    })?;
+    let run_id = optional_id(&mut fields, "run_id")?;
+    let thread_id = optional_id(&mut fields, "thread_id")?;
+    let user_id = optional_id(&mut fields, "user_id")?;
+    let event_id = optional_id(&mut fields, "event_id")?;
+    let ts = optional_string(&mut fields, "ts")?;
+    let traceparent = optional_string(&mut fields, "traceparent")?;
+    let payload = match fields.remove("payload") {
+        None | Some(Value::Null) => Map::new(),
+        Some(Value::Object(payload)) => payload,
+        Some(_) => return Err(Refusal::invalid("payload", "must be an object")),
+    };
+
+    if kind == EventType::Custom {
+        match payload.get("name") {
+            Some(Value::String(name)) if !name.is_empty() => {}
+            Some(_) => {
+                return Err(Refusal::invalid(
+                    "payload.name",
+                    "must be a non-empty string",
+                ));
+            }
+            None => {
+                return Err(Refusal::missing(
+                    "payload.name",
+                    "required for custom events",
+                ));
+            }
+        }
+        if run_id.is_none() && thread_id.is_none() && user_id.is_none() {
+            return Err(Refusal::missing(
+                "thread_id",
+                "a custom event needs thread_id, user_id or run_id",
+            ));
+        }
+    } else if run_id.is_none() {
+        return Err(Refusal::missing(
+            "run_id",
+            format!("required for {}", kind.as_str()),
+        ));
+    }
+    if kind.is_tool() {
+        match payload.get("tool_call_id") {
+            Some(Value::String(id)) if !id.is_empty() => {}
+            Some(_) => {
+                return Err(Refusal::invalid(
+                    "payload.tool_call_id",
+                    "must be a non-empty string",
+                ));
+            }
+            None => {
+                return Err(Refusal::missing(
+                    "payload.tool_call_id",
+                    format!("required for {}", kind.as_str()),
+                ));
+            }
+        }
+    }
+    Ok(Event {
+        kind,
+        run_id,
+        thread_id,
+        user_id,
+        event_id,
+        ts,
+        traceparent,
+        payload,
+    })
+}
+
+fn optional_string(fields: &mut Map<String, Value>, name: &str) -> Result<Option<String>, Refusal> {
+    match fields.remove(name) {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::String(text)) => Ok(Some(text)),
+        Some(_) => Err(Refusal::invalid(name, "must be a string")),
+    }
+}
+
+fn required_string(fields: &mut Map<String, Value>, name: &str) -> Result<String, Refusal> {
+    optional_string(fields, name)?.ok_or_else(|| Refusal::missing(name, "required"))
+}
+
+fn optional_id(fields: &mut Map<String, Value>, name: &str) -> Result<Option<String>, Refusal> {
+    let Some(id) = optional_string(fields, name)? else {
+        return Ok(None);
+    };
+    check_id(&id).map_err(|e: IdError| Refusal::invalid(name, e.to_string()))?;
+    Ok(Some(id))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn check(raw: &str, expected: Result<EventType, (&str, RefusalCode)>) {
+        let got = parse(raw, 1024)
+            .map(|e| e.kind)
+            .map_err(|r| (r.field.unwrap_or_default(), r.code));
+        let expected = expected.map_err(|(field, code)| (field.to_string(), code));
+        assert_eq!(got, expected, "{raw}");
+    }
+
+    #[test]
+    fn validates_producer_events() {
+        use RefusalCode::*;
+        check(
+            r#"{"type":"agent_started","run_id":"r1","thread_id":"t1"}"#,
+            Ok(EventType::AgentStarted),
+        );
+        check(
+            r#"{"type":"agent_thinking","run_id":"r1"}"#,
+            Ok(EventType::AgentThinking),
+        );
+        check(
+            r#"{"type":"agent_thinking","thread_id":"t1"}"#,
+            Err(("run_id", MissingField)),
+        );
+        check(
+            r#"{"type":"agent_dreaming","run_id":"r1"}"#,
+            Err(("type", InvalidField)),
+        );
+        check(r#"{"run_id":"r1"}"#, Err(("type", MissingField)));
+        check(
+            r#"{"type":"tool_executing","run_id":"r1","payload":{}}"#,
+            Err(("payload.tool_call_id", MissingField)),
+        );
+        check(
+            r#"{"type":"tool_completed","run_id":"r1","payload":{"tool_call_id":"c1"}}"#,
+            Ok(EventType::ToolCompleted),
+        );
+        check(
+            r#"{"type":"agent_thinking","run_id":"r1","payload":[1]}"#,
+            Err(("payload", InvalidField)),
+        );
+        check(
+            r#"{"type":"agent_thinking","run_id":5}"#,
+            Err(("run_id", InvalidField)),
+        );
+        check(
+            r#"{"type":"agent_thinking","run_id":""}"#,
+            Err(("run_id", InvalidField)),
+        );
+        check(
+            r#"{"type":"custom","thread_id":"t1","payload":{"name":"x"}}"#,
+            Ok(EventType::Custom),
+        );
+        check(
+            r#"{"type":"custom","thread_id":"t1"}"#,
+            Err(("payload.name", MissingField)),
+        );
+        check(
+            r#"{"type":"custom","payload":{"name":"x"}}"#,
+            Err(("thread_id", MissingField)),
+        );
+        check(r#"{"type":"#, Err(("", InvalidJson)));
+        check(
+            &format!(
+                r#"{{"type":"agent_thinking","run_id":"r1","payload":{{"t":"{}"}}}}"#,
+                "x".repeat(2000)
+            ),
+            Err(("", TooLarge)),
+        );
+        check("[1]", Err(("", InvalidField)));
+    }
+}

@@ -1,0 +1,197 @@
+//! Frames the gateway sends on `/ws`. Control frames are small and built per use; an event frame
+//! is serialised once per event ([`event_body`] outside the channel lock, [`event_frame`] adds
+//! the seq inside it) and its bytes are shared by every subscriber.
+
+use bytes::{BufMut, Bytes, BytesMut};
+use serde::Serialize;
+use serde_json::json;
+
+use super::channel::{ChannelKind, ChannelName};
+use super::event::Event;
+
+/// Machine-readable codes of `{"type":"error"}` frames.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorCode {
+    InvalidJson,
+    InvalidFrame,
+    UnknownType,
+    BinaryNotSupported,
+    HelloRequired,
+    AlreadyHello,
+    AlreadySubscribed,
+    NotSubscribed,
+    TooManySubscriptions,
+    InvalidAck,
+    UpstreamNotConfigured,
+}
+
+impl ErrorCode {
+    pub const ALL: [ErrorCode; 11] = [
+        Self::InvalidJson,
+        Self::InvalidFrame,
+        Self::UnknownType,
+        Self::BinaryNotSupported,
+        Self::HelloRequired,
+        Self::AlreadyHello,
+        Self::AlreadySubscribed,
+        Self::NotSubscribed,
+        Self::TooManySubscriptions,
+        Self::InvalidAck,
+        Self::UpstreamNotConfigured,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::InvalidJson => "invalid_json",
+            Self::InvalidFrame => "invalid_frame",
+            Self::UnknownType => "unknown_type",
+            Self::BinaryNotSupported => "binary_not_supported",
+            Self::HelloRequired => "hello_required",
+            Self::AlreadyHello => "already_hello",
+            Self::AlreadySubscribed => "already_subscribed",
+            Self::NotSubscribed => "not_subscribed",
+            Self::TooManySubscriptions => "too_many_subscriptions",
+            Self::InvalidAck => "invalid_ack",
+            Self::UpstreamNotConfigured => "upstream_not_configured",
+        }
+    }
+}
+
+/// WebSocket close codes the gateway uses.
+pub mod close {
+    pub const NORMAL: u16 = 1000;
+    pub const GOING_AWAY: u16 = 1001;
+    pub const POLICY: u16 = 1008;
+    pub const TOO_LARGE: u16 = 1009;
+    pub const RESTARTING: u16 = 1012;
+    pub const HELLO_MISSING: u16 = 4001;
+    pub const SLOW_CONSUMER: u16 = 4008;
+}
+
+/// The fields of an event frame except `seq`, serialised before the channel lock is taken.
+#[derive(Serialize)]
+struct EventFields<'a> {
+    #[serde(rename = "type")]
+    kind: &'static str,
+    channel: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    thread_id: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    user_id: Option<&'a str>,
+    epoch: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    run_id: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    event_id: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    ts: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    traceparent: Option<&'a str>,
+    payload: &'a serde_json::Map<String, serde_json::Value>,
+}
+
+/// `{"type":…,"channel":…,…}`: everything but the seq.
+pub fn event_body(event: &Event, channel: &ChannelName, epoch: &str) -> Vec<u8> {
+    let thread_id = match channel.kind() {
+        ChannelKind::Thread => Some(channel.id()),
+        ChannelKind::User => None,
+    };
+    let fields = EventFields {
+        kind: event.kind.as_str(),
+        channel: channel.as_str(),
+        thread_id,
+        user_id: event.user_id.as_deref(),
+        epoch,
+        run_id: event.run_id.as_deref(),
+        event_id: event.event_id.as_deref(),
+        ts: event.ts.as_deref(),
+        traceparent: event.traceparent.as_deref(),
+        payload: &event.payload,
+    };
+    // Serialising a struct of strings and a JSON map into a Vec cannot fail.
+    serde_json::to_vec(&fields).unwrap_or_else(|_| b"{}".to_vec())
+}
+
+/// The frame a subscriber receives: `{"seq":N,` followed by the body without its `{`.
+pub fn event_frame(body: &[u8], seq: u64) -> Bytes {
+    let mut digits = itoa::Buffer::new();
+    let digits = digits.format(seq);
+    let mut frame = BytesMut::with_capacity(body.len() + digits.len() + 8);
+    frame.put_slice(b"{\"seq\":");
+    frame.put_slice(digits.as_bytes());
+    frame.put_u8(b',');
+    frame.put_slice(body.get(1..).unwrap_or_default());
+    frame.freeze()
+}
+
+pub fn welcome(connection_id: &str, user_id: &str, heartbeat_ms: u64) -> Bytes {
+    frame(
+        json!({"type": "welcome", "connection_id": connection_id, "user_id": user_id, "heartbeat_ms": heartbeat_ms}),
+    )
+}
+
+/// What a subscription found when it was made.
+#[derive(Debug, Clone, Serialize)]
+pub struct Subscribed {
+    pub channel: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub thread_id: Option<String>,
+    pub epoch: String,
+    /// The channel's last seq at the moment of subscribing.
+    pub seq: u64,
+    pub recovered: bool,
+    pub replayed: usize,
+    /// Events that the client asked for but history no longer holds, where known.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub missed: Option<u64>,
+}
+
+pub fn subscribed(report: &Subscribed) -> Bytes {
+    let mut value = serde_json::to_value(report).unwrap_or_default();
+    if let Some(object) = value.as_object_mut() {
+        object.insert("type".into(), "subscribed".into());
+    }
+    frame(value)
+}
+
+pub fn unsubscribed(thread_id: &str) -> Bytes {
+    frame(json!({"type": "unsubscribed", "thread_id": thread_id}))
+}
+
+pub fn error(code: ErrorCode, message: &str) -> Bytes {
+    frame(json!({"type": "error", "code": code.as_str(), "message": message}))
+}
+
+pub fn pong() -> Bytes {
+    Bytes::from_static(br#"{"type":"pong"}"#)
+}
+
+pub fn heartbeat() -> Bytes {
+    Bytes::from_static(br#"{"type":"heartbeat"}"#)
+}
+
+fn frame(value: serde_json::Value) -> Bytes {
+    Bytes::from(value.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::protocol::event;
+
+    #[test]
+    fn event_frame_is_the_flattened_event_with_its_position() {
+        let event = event::parse(
+            r#"{"type":"tool_executing","run_id":"r1","thread_id":"t_42","payload":{"tool_call_id":"c1"}}"#,
+            1024,
+        )
+        .unwrap();
+        let body = event_body(&event, &ChannelName::thread("t_42"), "e1");
+        let frame: serde_json::Value = serde_json::from_slice(&event_frame(&body, 42)).unwrap();
+        assert_eq!(
+            frame,
+            json!({"type": "tool_executing", "channel": "thread:t_42", "thread_id": "t_42", "seq": 42,
+                   "epoch": "e1", "run_id": "r1", "payload": {"tool_call_id": "c1"}})
+        );
+    }
+}

@@ -1,0 +1,119 @@
+//! The listener: HTTP/1.1 with upgrades on one port, background housekeeping, and graceful
+//! shutdown in three parts: decide (the caller's `stop` token), tell (readiness turns 503 at once,
+//! then after `shutdown.drain_delay` every session gets close 1012), wait (the session tracker,
+//! bounded by `shutdown.timeout`). Hyper forgets upgraded connections, so sessions are tracked
+//! apart from HTTP connections.
+
+mod routes;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::Gateway;
+
+/// Serves until `stop` is cancelled, then drains and returns.
+pub async fn run(gateway: Arc<Gateway>, listener: TcpListener, stop: CancellationToken) {
+    let http_stop = CancellationToken::new();
+    let housekeeping = tokio::spawn(housekeeping(Arc::clone(&gateway), http_stop.clone()));
+
+    accept_until(&gateway, &listener, &http_stop, stop.cancelled()).await;
+
+    gateway.shutdown.start_draining();
+    tracing::info!(drain_delay = ?gateway.config.shutdown.drain_delay, "Draining: /readyz is 503, new WebSocket upgrades are refused.");
+    accept_until(
+        &gateway,
+        &listener,
+        &http_stop,
+        tokio::time::sleep(gateway.config.shutdown.drain_delay),
+    )
+    .await;
+    drop(listener);
+
+    let sessions = &gateway.shutdown;
+    tracing::info!(
+        sessions = sessions.tracker.len(),
+        "Closing sessions with 1012."
+    );
+    sessions.sessions.cancel();
+    http_stop.cancel();
+    sessions.tracker.close();
+    if tokio::time::timeout(gateway.config.shutdown.timeout, sessions.tracker.wait())
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            left = sessions.tracker.len(),
+            "Sessions did not end within shutdown.timeout."
+        );
+    }
+    housekeeping.abort();
+    tracing::info!("Stopped.");
+}
+
+async fn accept_until(
+    gateway: &Arc<Gateway>,
+    listener: &TcpListener,
+    http_stop: &CancellationToken,
+    until: impl Future<Output = ()>,
+) {
+    tokio::pin!(until);
+    loop {
+        let accepted = tokio::select! {
+            _ = &mut until => return,
+            accepted = listener.accept() => accepted,
+        };
+        let stream = match accepted {
+            Ok((stream, _)) => stream,
+            Err(error) => {
+                // Out of file descriptors and the like: say so, breathe, go on.
+                tracing::warn!(%error, "Accept failed.");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let _ = stream.set_nodelay(true);
+        let gateway = Arc::clone(gateway);
+        let http_stop = http_stop.clone();
+        tokio::spawn(async move {
+            let service = service_fn(move |request| routes::handle(Arc::clone(&gateway), request));
+            let connection = http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), service)
+                .with_upgrades();
+            tokio::pin!(connection);
+            tokio::select! {
+                _ = connection.as_mut() => {}
+                _ = http_stop.cancelled() => {
+                    connection.as_mut().graceful_shutdown();
+                    let _ = connection.await;
+                }
+            }
+        });
+    }
+}
+
+/// Expires held events past the grace period, history past its age, idle channels and old
+/// dedupe ids.
+async fn housekeeping(gateway: Arc<Gateway>, stop: CancellationToken) {
+    let tick =
+        (gateway.config.resolve.grace / 5).clamp(Duration::from_millis(10), Duration::from_secs(1));
+    let mut interval = tokio::time::interval(tick);
+    let mut last_sweep = Instant::now();
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = interval.tick() => {}
+        }
+        crate::ingest::expire_pending(&gateway);
+        if last_sweep.elapsed() >= Duration::from_secs(1) {
+            last_sweep = Instant::now();
+            gateway.broker.sweep();
+            gateway.dedupe.expire();
+        }
+    }
+}

@@ -1,0 +1,333 @@
+//! The HTTP surface: `/ws`, `/v1/events`, `/v1/runs`, `/v1/channels/{channel}`, `/healthz`,
+//! `/readyz`, `/metrics`. Every error is JSON: `{"error": code, "message": …, "field": …}`.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Incoming;
+use hyper::header::{self, HeaderValue};
+use hyper::{Method, Request, Response, StatusCode};
+use serde_json::{Value, json};
+
+use crate::Gateway;
+use crate::ingest::{self, ItemResult};
+use crate::protocol::ChannelName;
+use crate::protocol::channel::check_id;
+use crate::resolve::RunTarget;
+
+type Body = Full<Bytes>;
+
+pub async fn handle(
+    gateway: Arc<Gateway>,
+    request: Request<Incoming>,
+) -> Result<Response<Body>, Infallible> {
+    let path = request.uri().path().to_string();
+    let method = request.method().clone();
+    let response = match (path.as_str(), &method) {
+        ("/ws", &Method::GET) => upgrade(gateway, request),
+        ("/v1/events", &Method::POST) => events(&gateway, request).await,
+        ("/v1/runs", &Method::POST) => runs(&gateway, request).await,
+        (p, &Method::GET) if p.starts_with("/v1/channels/") => {
+            channel(&gateway, &p["/v1/channels/".len()..])
+        }
+        ("/healthz", &Method::GET) => json_response(StatusCode::OK, &json!({"status": "ok"})),
+        ("/readyz", &Method::GET) => ready(&gateway),
+        ("/metrics", &Method::GET) => metrics(&gateway),
+        _ => not_routed(&path, &method),
+    };
+    Ok(response)
+}
+
+fn not_routed(path: &str, method: &Method) -> Response<Body> {
+    let allow = match path {
+        "/ws" | "/healthz" | "/readyz" | "/metrics" => Some("GET"),
+        "/v1/events" | "/v1/runs" => Some("POST"),
+        p if p.starts_with("/v1/channels/") => Some("GET"),
+        _ => None,
+    };
+    match allow {
+        Some(allow) => {
+            let mut response = error(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "method_not_allowed",
+                &format!("{method} is not allowed on {path}; use {allow}"),
+                None,
+            );
+            response
+                .headers_mut()
+                .insert(header::ALLOW, HeaderValue::from_static(allow));
+            response
+        }
+        None => error(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            &format!("no route for {path}"),
+            None,
+        ),
+    }
+}
+
+fn upgrade(gateway: Arc<Gateway>, mut request: Request<Incoming>) -> Response<Body> {
+    if gateway.shutdown.is_draining() {
+        return error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "draining",
+            "this replica is shutting down; connect to another",
+            None,
+        );
+    }
+    if !fastwebsockets::upgrade::is_upgrade_request(&request) {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "upgrade_required",
+            "/ws expects a WebSocket upgrade",
+            None,
+        );
+    }
+    let (response, upgraded) = match fastwebsockets::upgrade::upgrade(&mut request) {
+        Ok(pair) => pair,
+        Err(e) => return error(StatusCode::BAD_REQUEST, "bad_upgrade", &e.to_string(), None),
+    };
+    let tracker = gateway.shutdown.tracker.clone();
+    tracker.spawn(async move {
+        match upgraded.await {
+            Ok(ws) => {
+                let connection_id = format!("{:016x}", rand::random::<u64>());
+                crate::session::serve(gateway, ws, connection_id).await;
+            }
+            Err(error) => tracing::debug!(%error, "WebSocket upgrade did not complete."),
+        }
+    });
+    let (parts, _) = response.into_parts();
+    Response::from_parts(parts, Body::default())
+}
+
+/// Reads a body within `limit` bytes; `Err` is the response to send.
+async fn read_body(request: Request<Incoming>, limit: usize) -> Result<Bytes, Response<Body>> {
+    let too_large = || {
+        error(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "too_large",
+            &format!("the body exceeds ingest.max_request_bytes ({limit} bytes)"),
+            None,
+        )
+    };
+    let declared = request
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<usize>().ok());
+    if declared.is_some_and(|length| length > limit) {
+        return Err(too_large());
+    }
+    match Limited::new(request.into_body(), limit).collect().await {
+        Ok(collected) => Ok(collected.to_bytes()),
+        Err(e) if e.is::<http_body_util::LengthLimitError>() => Err(too_large()),
+        Err(e) => Err(error(
+            StatusCode::BAD_REQUEST,
+            "bad_body",
+            &format!("cannot read the body: {e}"),
+            None,
+        )),
+    }
+}
+
+async fn events(gateway: &Gateway, request: Request<Incoming>) -> Response<Body> {
+    let ndjson = request
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| {
+            v.starts_with("application/x-ndjson") || v.starts_with("application/jsonl")
+        });
+    let body = match read_body(request, gateway.config.ingest.max_request_bytes).await {
+        Ok(body) => body,
+        Err(response) => {
+            gateway
+                .metrics
+                .events_rejected
+                .with_label_values(&["too_large_body"])
+                .inc();
+            return response;
+        }
+    };
+    let items = match ingest::split(&body, ndjson) {
+        Ok(items) => items,
+        Err(e) => {
+            gateway
+                .metrics
+                .events_rejected
+                .with_label_values(&["invalid_body"])
+                .inc();
+            return error(
+                StatusCode::BAD_REQUEST,
+                "invalid_json",
+                &e.to_string(),
+                None,
+            );
+        }
+    };
+    let results = ingest::ingest(gateway, &items);
+    let ok = results.iter().filter(|r| r.is_ok()).count();
+    let count = |f: fn(&ItemResult) -> bool| results.iter().filter(|r| f(r)).count();
+    let summary = json!({
+        "accepted": count(|r| matches!(r, ItemResult::Accepted { .. })),
+        "pending_resolution": count(|r| matches!(r, ItemResult::PendingResolution)),
+        "duplicate": count(|r| matches!(r, ItemResult::Duplicate)),
+        "failed": results.len() - ok,
+        "results": results,
+    });
+    let status = match ok {
+        n if n == items.len() => StatusCode::OK,
+        0 => StatusCode::BAD_REQUEST,
+        _ => StatusCode::MULTI_STATUS,
+    };
+    json_response(status, &summary)
+}
+
+async fn runs(gateway: &Gateway, request: Request<Incoming>) -> Response<Body> {
+    let body = match read_body(request, gateway.config.ingest.max_event_bytes).await {
+        Ok(body) => body,
+        Err(response) => return response,
+    };
+    let Ok(Value::Object(fields)) = serde_json::from_slice::<Value>(&body) else {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "invalid_json",
+            "the body must be a JSON object {run_id, thread_id, user_id}",
+            None,
+        );
+    };
+    let mut ids = [("run_id", None), ("thread_id", None), ("user_id", None)];
+    for (name, slot) in ids.iter_mut() {
+        match fields.get(*name) {
+            None | Some(Value::Null) => {}
+            Some(Value::String(id)) => {
+                if let Err(reason) = check_id(id) {
+                    return error(
+                        StatusCode::BAD_REQUEST,
+                        "invalid_field",
+                        &format!("`{name}` {reason}"),
+                        Some(name),
+                    );
+                }
+                *slot = Some(id.clone());
+            }
+            Some(_) => {
+                return error(
+                    StatusCode::BAD_REQUEST,
+                    "invalid_field",
+                    &format!("`{name}` must be a string"),
+                    Some(name),
+                );
+            }
+        }
+    }
+    let [(_, run_id), (_, thread_id), (_, user_id)] = ids;
+    let Some(run_id) = run_id else {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "missing_field",
+            "`run_id` is required",
+            Some("run_id"),
+        );
+    };
+    let target = RunTarget { thread_id, user_id };
+    let Some(channel) = target.channel() else {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "missing_field",
+            "`thread_id` or `user_id` is required",
+            Some("thread_id"),
+        );
+    };
+    let released = ingest::register(gateway, &run_id, target);
+    json_response(
+        StatusCode::OK,
+        &json!({"run_id": run_id, "channel": channel.as_str(), "released": released}),
+    )
+}
+
+fn channel(gateway: &Gateway, raw: &str) -> Response<Body> {
+    let name = percent_decode(raw);
+    let Some(channel) = name.as_deref().and_then(ChannelName::parse) else {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "invalid_channel",
+            "a channel is thread:<thread_id> or user:<user_id>",
+            None,
+        );
+    };
+    match gateway.broker.report(&channel) {
+        Some(report) => json_response(StatusCode::OK, &report),
+        None => error(
+            StatusCode::NOT_FOUND,
+            "unknown_channel",
+            &format!("{channel} has no events and no subscribers"),
+            None,
+        ),
+    }
+}
+
+fn ready(gateway: &Gateway) -> Response<Body> {
+    if gateway.shutdown.is_draining() {
+        json_response(
+            StatusCode::SERVICE_UNAVAILABLE,
+            &json!({"status": "draining"}),
+        )
+    } else {
+        json_response(
+            StatusCode::OK,
+            &json!({"status": "ready", "broker": "memory"}),
+        )
+    }
+}
+
+fn metrics(gateway: &Gateway) -> Response<Body> {
+    let text = gateway.metrics.render(&gateway.broker.totals());
+    let mut response = Response::new(Body::new(Bytes::from(text)));
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+    );
+    response
+}
+
+fn json_response(status: StatusCode, value: &impl serde::Serialize) -> Response<Body> {
+    let body = serde_json::to_vec(value).unwrap_or_default();
+    let mut response = Response::new(Body::new(Bytes::from(body)));
+    *response.status_mut() = status;
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    response
+}
+
+fn error(status: StatusCode, code: &str, message: &str, field: Option<&str>) -> Response<Body> {
+    let mut body = json!({"error": code, "message": message});
+    if let Some(field) = field {
+        body["field"] = field.into();
+    }
+    json_response(status, &body)
+}
+
+/// Decodes `%XX` escapes in a path segment; `None` if they do not form UTF-8.
+fn percent_decode(raw: &str) -> Option<String> {
+    let bytes = raw.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%' && i + 2 < bytes.len() {
+            let hex = std::str::from_utf8(&bytes[i + 1..i + 3]).ok()?;
+            out.push(u8::from_str_radix(hex, 16).ok()?);
+            i += 3;
+        } else {
+            out.push(bytes[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8(out).ok()
+}

@@ -1,0 +1,229 @@
+//! Every kind of bad input gets its defined answer, is counted, and harms no one else.
+
+use std::time::Duration;
+
+use serde_json::json;
+use tokio_tungstenite::tungstenite::Message;
+
+use crate::support::{Client, Gateway, event, raw};
+
+#[tokio::test]
+async fn bad_frames_get_error_frames_and_the_connection_stays_open() {
+    let gateway = Gateway::start().await;
+    let mut bystander = gateway.client("u_ok").await;
+    bystander.subscribe("t_1", None).await;
+    let mut client = gateway.client("u_1").await;
+
+    let cases: [(Message, &str); 7] = [
+        (Message::text("this is not json"), "invalid_json"),
+        (Message::text(r#"{"type":"teleport"}"#), "unknown_type"),
+        (Message::text(r#"{"type":"subscribe"}"#), "invalid_frame"),
+        (
+            Message::text(r#"{"type":"hello","user_id":"u_1"}"#),
+            "already_hello",
+        ),
+        (Message::binary(vec![1, 2, 3]), "binary_not_supported"),
+        (
+            Message::text(r#"{"type":"ack","thread_id":"t_nope","seq":1}"#),
+            "invalid_ack",
+        ),
+        (
+            Message::text(r#"{"type":"user_message","sender":{"agent_id":"a","role":"user"}}"#),
+            "upstream_not_configured",
+        ),
+    ];
+    for (message, code) in cases {
+        client.send_raw(message).await;
+        let error = client.recv().await;
+        assert_eq!(
+            (error["type"].as_str(), error["code"].as_str()),
+            (Some("error"), Some(code)),
+            "{error}"
+        );
+        assert!(error["message"].as_str().is_some_and(|m| !m.is_empty()));
+    }
+    client.subscribe("t_1", None).await;
+    client
+        .send(json!({"type": "subscribe", "thread_id": "t_1"}))
+        .await;
+    assert_eq!(client.recv().await["code"], "already_subscribed");
+    client
+        .send(json!({"type": "unsubscribe", "thread_id": "t_404"}))
+        .await;
+    assert_eq!(client.recv().await["code"], "not_subscribed");
+
+    gateway
+        .publish(&[event("agent_thinking", "r1", "t_1")])
+        .await;
+    assert_eq!(client.recv().await["seq"], 1, "still served after all that");
+    assert_eq!(bystander.recv().await["seq"], 1);
+    assert_eq!(
+        gateway
+            .metric("agentwire_client_errors_total{code=\"invalid_json\"}")
+            .await,
+        1.0
+    );
+    assert_eq!(
+        gateway
+            .metric("agentwire_client_errors_total{code=\"binary_not_supported\"}")
+            .await,
+        1.0
+    );
+}
+
+#[tokio::test]
+async fn an_oversized_frame_closes_with_1009_and_others_carry_on() {
+    let gateway = Gateway::start_with(|c| c.session.max_frame_bytes = 4096).await;
+    let mut bystander = gateway.client("u_ok").await;
+    bystander.subscribe("t_1", None).await;
+    let mut client = gateway.client("u_1").await;
+    client
+        .send(json!({"type": "ping", "padding": "x".repeat(5000)}))
+        .await;
+    assert_eq!(client.closed().await, 1009);
+    gateway
+        .publish(&[event("agent_thinking", "r1", "t_1")])
+        .await;
+    assert_eq!(bystander.recv().await["seq"], 1);
+    assert_eq!(
+        gateway
+            .metric("agentwire_connections_closed_total{reason=\"too_large\"}")
+            .await,
+        1.0
+    );
+}
+
+#[tokio::test]
+async fn no_hello_closes_with_4001() {
+    let gateway =
+        Gateway::start_with(|c| c.session.hello_timeout = Duration::from_millis(200)).await;
+    let mut late = raw(Client::connect(gateway.addr).await);
+    assert_eq!(late.closed().await, 4001);
+
+    let mut rude = raw(Client::connect(gateway.addr).await);
+    rude.send(json!({"type": "subscribe", "thread_id": "t_1"}))
+        .await;
+    assert_eq!(rude.recv().await["code"], "hello_required");
+    assert_eq!(rude.closed().await, 4001);
+    assert_eq!(
+        gateway
+            .metric("agentwire_connections_closed_total{reason=\"hello_timeout\"}")
+            .await,
+        1.0
+    );
+}
+
+#[tokio::test]
+async fn bad_events_are_refused_per_item_naming_the_field() {
+    let gateway = Gateway::start_with(|c| c.ingest.max_event_bytes = 2048).await;
+    let mut client = gateway.client("u_1").await;
+    client.subscribe("t_1", None).await;
+    let batch = json!([
+        {"type": "agent_thinking", "thread_id": "t_1"},
+        {"type": "agent_dancing", "run_id": "r1", "thread_id": "t_1"},
+        {"type": "tool_executing", "run_id": "r1", "thread_id": "t_1", "payload": {}},
+        {"type": "agent_thinking", "run_id": "r1", "thread_id": "t_1", "payload": "text"},
+        {"type": "agent_thinking", "run_id": "r1", "thread_id": "t_1", "payload": {"text": "x".repeat(3000)}},
+        {"type": "agent_thinking", "run_id": "r1", "thread_id": "t_1"},
+    ]);
+    let (status, body) = gateway.post("/v1/events", &batch.to_string()).await;
+    assert_eq!(status, 207, "{body}");
+    let results = body["results"].as_array().unwrap();
+    let fields: Vec<_> = results
+        .iter()
+        .map(|r| {
+            (
+                r["status"].as_str().unwrap(),
+                r["field"].as_str().unwrap_or(""),
+                r["code"].as_str().unwrap_or(""),
+            )
+        })
+        .collect();
+    assert_eq!(
+        fields,
+        [
+            ("error", "run_id", "missing_field"),
+            ("error", "type", "invalid_field"),
+            ("error", "payload.tool_call_id", "missing_field"),
+            ("error", "payload", "invalid_field"),
+            ("error", "", "too_large"),
+            ("accepted", "", ""),
+        ]
+    );
+    assert_eq!(
+        client.recv().await["seq"],
+        1,
+        "the valid item went through, alone"
+    );
+    client.silent_for(Duration::from_millis(100)).await;
+
+    let (status, body) = gateway
+        .post("/v1/events", &json!({"type": "agent_thinking"}).to_string())
+        .await;
+    assert_eq!(
+        (status.as_u16(), body["results"][0]["field"].as_str()),
+        (400, Some("run_id"))
+    );
+    let metrics = gateway.metrics().await;
+    assert!(
+        metrics.contains("agentwire_events_rejected_total{reason=\"missing_field\"} 3"),
+        "{metrics}"
+    );
+}
+
+#[tokio::test]
+async fn bad_bodies_and_routes_get_json_errors() {
+    let gateway = Gateway::start_with(|c| c.ingest.max_request_bytes = 100_000).await;
+    let (status, body) = gateway.post("/v1/events", "{not json").await;
+    assert_eq!(
+        (status.as_u16(), body["error"].as_str()),
+        (400, Some("invalid_json"))
+    );
+    let huge = format!(
+        "[{}]",
+        vec![event("agent_thinking", "r", "t").to_string(); 2000].join(",")
+    );
+    let (status, body) = gateway.post("/v1/events", &huge).await;
+    assert_eq!(
+        (status.as_u16(), body["error"].as_str()),
+        (413, Some("too_large"))
+    );
+    let (status, body) = gateway
+        .post("/v1/runs", &json!({"thread_id": "t"}).to_string())
+        .await;
+    assert_eq!(
+        (status.as_u16(), body["field"].as_str()),
+        (400, Some("run_id"))
+    );
+    let (status, body) = gateway
+        .post("/v1/runs", &json!({"run_id": "r"}).to_string())
+        .await;
+    assert_eq!(
+        (status.as_u16(), body["field"].as_str()),
+        (400, Some("thread_id"))
+    );
+    let (status, body) = gateway.get("/nowhere").await;
+    assert_eq!(
+        (status.as_u16(), body["error"].as_str()),
+        (404, Some("not_found"))
+    );
+    let (status, body) = gateway.get("/v1/events").await;
+    assert_eq!(
+        (status.as_u16(), body["error"].as_str()),
+        (405, Some("method_not_allowed"))
+    );
+    let (status, body) = gateway.get("/v1/channels/run:r1").await;
+    assert_eq!(
+        (status.as_u16(), body["error"].as_str()),
+        (400, Some("invalid_channel"))
+    );
+    let (status, body) = gateway.get("/v1/channels/thread%3Anever").await;
+    assert_eq!(
+        (status.as_u16(), body["error"].as_str()),
+        (404, Some("unknown_channel"))
+    );
+    let (status, _) = gateway.get("/ws").await;
+    assert_eq!(status, 400, "a plain GET on /ws is not an upgrade");
+    assert_eq!(gateway.get("/healthz").await.0, 200);
+    assert_eq!(gateway.get("/readyz").await.0, 200);
+}

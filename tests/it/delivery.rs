@@ -1,0 +1,229 @@
+//! Events reach the right clients, in order, and the ledger says so.
+
+use std::time::Duration;
+
+use serde_json::json;
+
+use crate::support::{Client, Gateway, event, full_run};
+
+#[tokio::test]
+async fn five_lifecycle_events_arrive_in_order_and_balance() {
+    let gateway = Gateway::start().await;
+    let mut client = gateway.client("u_1").await;
+    let subscribed = client.subscribe("t_42", None).await;
+    assert_eq!(subscribed["seq"], 0);
+
+    let answer = gateway.publish(&full_run("run_7f3a", "t_42")).await;
+    assert_eq!(answer["accepted"], 5);
+    assert_eq!(
+        answer["results"][4],
+        json!({"status": "accepted", "channel": "thread:t_42", "seq": 5, "epoch": subscribed["epoch"]})
+    );
+
+    let events = client.events(5).await;
+    let kinds: Vec<_> = events.iter().map(|e| e["type"].as_str().unwrap()).collect();
+    assert_eq!(
+        kinds,
+        [
+            "agent_started",
+            "agent_thinking",
+            "tool_executing",
+            "tool_completed",
+            "agent_completed"
+        ]
+    );
+    for (n, event) in events.iter().enumerate() {
+        assert_eq!(event["seq"], n as u64 + 1);
+        assert_eq!(event["thread_id"], "t_42");
+        assert_eq!(event["run_id"], "run_7f3a");
+        assert_eq!(event["epoch"], subscribed["epoch"]);
+    }
+
+    client
+        .send(json!({"type": "ack", "thread_id": "t_42", "seq": 5}))
+        .await;
+    client.send(json!({"type": "ping"})).await;
+    assert_eq!(
+        client.recv().await["type"],
+        "pong",
+        "the ack has no answer; the pong follows it"
+    );
+
+    let ledger = gateway.channel("thread:t_42").await;
+    assert_eq!(
+        (ledger["emitted"].as_u64(), ledger["delivered"].as_u64()),
+        (Some(5), Some(5))
+    );
+    assert_eq!(
+        (ledger["pending"].as_u64(), ledger["lost_total"].as_u64()),
+        (Some(0), Some(0))
+    );
+    assert_eq!(ledger["acked"], 5);
+
+    let metrics = gateway.metrics().await;
+    for line in [
+        "agentwire_events_emitted_total 5",
+        "agentwire_events_delivered_total 5",
+        "agentwire_events_acked_total 5",
+        "agentwire_events_pending 0",
+        "agentwire_events_lost_total{reason=\"expired_subscribed\"} 0",
+        "agentwire_connections 1",
+        "agentwire_subscriptions 2",
+    ] {
+        assert!(
+            metrics.lines().any(|l| l == line),
+            "missing `{line}` in:\n{metrics}"
+        );
+    }
+    assert!(
+        metrics.contains("agentwire_delivery_latency_seconds_count 5"),
+        "{metrics}"
+    );
+}
+
+#[tokio::test]
+async fn two_hundred_users_each_get_only_their_own_thread() {
+    let gateway = Gateway::start().await;
+    let mut clients = Vec::new();
+    for n in 0..200 {
+        let mut client = gateway.client(&format!("u_{n}")).await;
+        client.subscribe(&format!("t_{n}"), None).await;
+        clients.push(client);
+    }
+    // Interleaved: round r carries the r-th event of every user's run, all in one request.
+    for kind in ["agent_started", "agent_thinking", "agent_completed"] {
+        let round: Vec<_> = (0..200)
+            .map(|n| event(kind, &format!("run_{n}"), &format!("t_{n}")))
+            .collect();
+        gateway.publish(&round).await;
+    }
+    for (n, client) in clients.iter_mut().enumerate() {
+        for (seq, event) in client.events(3).await.iter().enumerate() {
+            assert_eq!(event["thread_id"], format!("t_{n}"));
+            assert_eq!(event["run_id"], format!("run_{n}"));
+            assert_eq!(event["seq"], seq as u64 + 1);
+        }
+        client.silent_for(Duration::from_millis(5)).await;
+    }
+    clients[0].silent_for(Duration::from_millis(200)).await;
+}
+
+#[tokio::test]
+async fn an_event_with_only_a_user_reaches_every_connection_of_that_user() {
+    let gateway = Gateway::start().await;
+    let mut first = gateway.client("u_9").await;
+    let mut second = gateway.client("u_9").await;
+    let mut other = gateway.client("u_10").await;
+    assert_eq!(first.user_channel["channel"], "user:u_9");
+
+    gateway
+        .publish(&[
+            json!({"type": "custom", "user_id": "u_9", "payload": {"name": "credits", "left": 3}}),
+        ])
+        .await;
+    for client in [&mut first, &mut second] {
+        let event = client.recv().await;
+        assert_eq!(
+            (event["type"].as_str(), event["channel"].as_str()),
+            (Some("custom"), Some("user:u_9"))
+        );
+        assert_eq!(event["payload"]["left"], 3);
+        assert_eq!(event["seq"], 1);
+    }
+    other.silent_for(Duration::from_millis(200)).await;
+    let ledger = gateway.channel("user:u_9").await;
+    assert_eq!(
+        (
+            ledger["emitted"].as_u64(),
+            ledger["delivered"].as_u64(),
+            ledger["subscribers"].as_u64()
+        ),
+        (Some(1), Some(1), Some(2))
+    );
+}
+
+#[tokio::test]
+async fn ndjson_and_retries_with_the_same_event_id() {
+    let gateway = Gateway::start().await;
+    let mut client = gateway.client("u_1").await;
+    client.subscribe("t_1", None).await;
+    let line =
+        json!({"type": "agent_thinking", "run_id": "r1", "thread_id": "t_1", "event_id": "ev-1"})
+            .to_string();
+    let (status, body) = gateway.post_ndjson(&format!("{line}\n{line}\n")).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["results"][0]["status"], "accepted");
+    assert_eq!(body["results"][1]["status"], "duplicate");
+    assert_eq!(client.recv().await["event_id"], "ev-1");
+    client.silent_for(Duration::from_millis(200)).await;
+    let metrics = gateway.metrics().await;
+    assert!(
+        metrics.contains("agentwire_events_duplicate_total 1"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("agentwire_events_ingested_total 2"),
+        "{metrics}"
+    );
+}
+
+#[tokio::test]
+async fn unsubscribe_stops_the_thread_and_quiet_connections_get_heartbeats() {
+    let gateway = Gateway::start_with(|c| {
+        c.session.heartbeat = Duration::from_millis(100);
+        c.session.client_timeout = Duration::from_secs(30);
+    })
+    .await;
+    let mut client = gateway.client("u_1").await;
+    assert_eq!(client.welcome["heartbeat_ms"], 100);
+    client.subscribe("t_1", None).await;
+    client
+        .send(json!({"type": "unsubscribe", "thread_id": "t_1"}))
+        .await;
+    assert_eq!(
+        client.recv().await,
+        json!({"type": "unsubscribed", "thread_id": "t_1"})
+    );
+    gateway
+        .publish(&[event("agent_thinking", "r1", "t_1")])
+        .await;
+
+    // The next text frame is a heartbeat, not the event.
+    let mut ws = client.into_inner();
+    use futures_util::StreamExt;
+    let frame = tokio::time::timeout(Duration::from_secs(5), async {
+        loop {
+            if let Some(Ok(tokio_tungstenite::tungstenite::Message::Text(text))) = ws.next().await {
+                return text.to_string();
+            }
+        }
+    })
+    .await
+    .unwrap();
+    assert_eq!(frame, r#"{"type":"heartbeat"}"#);
+    let ledger = gateway.channel("thread:t_1").await;
+    assert_eq!(
+        (ledger["pending"].as_u64(), ledger["subscribers"].as_u64()),
+        (Some(1), Some(0))
+    );
+}
+
+#[tokio::test]
+async fn a_second_client_on_the_same_thread_gets_the_same_bytes() {
+    let gateway = Gateway::start().await;
+    let mut a = gateway.client("u_a").await;
+    let mut b = Client::hello(gateway.addr, "u_b").await;
+    a.subscribe("t_shared", None).await;
+    b.subscribe("t_shared", None).await;
+    gateway.publish(&full_run("run_s", "t_shared")).await;
+    assert_eq!(a.events(5).await, b.events(5).await);
+    let metrics = gateway.metrics().await;
+    assert!(
+        metrics.contains("agentwire_fanout_frames_sent_total 10"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("agentwire_events_delivered_total 5"),
+        "{metrics}"
+    );
+}

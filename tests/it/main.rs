@@ -1,0 +1,11 @@
+//! The integration tests: each module drives a real gateway over real sockets.
+// Tests fail loudly: unwrap is the assertion.
+#![allow(clippy::unwrap_used)]
+
+mod bad_input;
+mod delivery;
+mod process;
+mod resolution;
+mod resume;
+mod slow_consumer;
+mod support;

@@ -1,0 +1,402 @@
+//! Test support: a real gateway on 127.0.0.1:0 (in this process, or as a child process), a real
+//! WebSocket client and a real HTTP client.
+
+use std::net::SocketAddr;
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::{SinkExt, StreamExt};
+use http_body_util::{BodyExt, Full};
+use hyper::body::Bytes;
+use hyper::{Request, StatusCode};
+use hyper_util::rt::TokioIo;
+use serde_json::{Value, json};
+use tokio::net::{TcpSocket, TcpStream};
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+use tokio_util::sync::CancellationToken;
+
+use agentwire::config::Config;
+
+/// How long any single expected frame or response may take before the test fails.
+pub const WAIT: Duration = Duration::from_secs(10);
+
+/// A gateway served by this test's runtime.
+pub struct Gateway {
+    pub addr: SocketAddr,
+    stop: CancellationToken,
+}
+
+impl Drop for Gateway {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
+}
+
+impl Gateway {
+    pub async fn start() -> Self {
+        Self::start_with(|_| {}).await
+    }
+
+    pub async fn start_with(configure: impl FnOnce(&mut Config)) -> Self {
+        let mut config = Config::default();
+        config.shutdown.drain_delay = Duration::ZERO;
+        configure(&mut config);
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let stop = CancellationToken::new();
+        let gateway = Arc::new(agentwire::Gateway::new(config));
+        tokio::spawn(agentwire::server::run(gateway, listener, stop.clone()));
+        Self { addr, stop }
+    }
+
+    pub async fn post(&self, path: &str, body: &str) -> (StatusCode, Value) {
+        let (status, text) = http(self.addr, "POST", path, Some(("application/json", body))).await;
+        (
+            status,
+            serde_json::from_str(&text).unwrap_or(Value::String(text)),
+        )
+    }
+
+    pub async fn post_ndjson(&self, body: &str) -> (StatusCode, Value) {
+        let (status, text) = http(
+            self.addr,
+            "POST",
+            "/v1/events",
+            Some(("application/x-ndjson", body)),
+        )
+        .await;
+        (
+            status,
+            serde_json::from_str(&text).unwrap_or(Value::String(text)),
+        )
+    }
+
+    /// Posts events and asserts that every one was taken in.
+    pub async fn publish(&self, events: &[Value]) -> Value {
+        let (status, body) = self
+            .post("/v1/events", &Value::from(events.to_vec()).to_string())
+            .await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+        body
+    }
+
+    pub async fn get(&self, path: &str) -> (StatusCode, Value) {
+        let (status, text) = http(self.addr, "GET", path, None).await;
+        (
+            status,
+            serde_json::from_str(&text).unwrap_or(Value::String(text)),
+        )
+    }
+
+    pub async fn channel(&self, name: &str) -> Value {
+        let (status, body) = self.get(&format!("/v1/channels/{name}")).await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+        assert_eq!(body["balanced"], true, "ledger must balance: {body}");
+        body
+    }
+
+    /// Waits until the gateway has noticed that every subscriber of `channel` left.
+    pub async fn wait_unwatched(&self, channel: &str) {
+        for _ in 0..200 {
+            if self.channel(channel).await["subscribers"] == 0 {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        panic!("{channel} still has subscribers");
+    }
+
+    pub async fn metrics(&self) -> String {
+        http(self.addr, "GET", "/metrics", None).await.1
+    }
+
+    /// The value of one exposition line, e.g. `agentwire_events_lost_total{reason="unresolved"}`.
+    pub async fn metric(&self, series: &str) -> f64 {
+        metric_value(&self.metrics().await, series)
+    }
+
+    pub async fn client(&self, user_id: &str) -> Client {
+        Client::hello(self.addr, user_id).await
+    }
+}
+
+pub fn metric_value(exposition: &str, series: &str) -> f64 {
+    exposition
+        .lines()
+        .find_map(|line| {
+            line.strip_prefix(series)
+                .and_then(|rest| rest.strip_prefix(' '))
+        })
+        .unwrap_or_else(|| panic!("no series {series} in:\n{exposition}"))
+        .trim()
+        .parse()
+        .unwrap()
+}
+
+/// One HTTP/1.1 request over a fresh connection.
+pub async fn http(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    body: Option<(&str, &str)>,
+) -> (StatusCode, String) {
+    let stream = TcpStream::connect(addr).await.unwrap();
+    let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .unwrap();
+    tokio::spawn(connection);
+    let mut request = Request::builder()
+        .method(method)
+        .uri(path)
+        .header("host", addr.to_string());
+    if let Some((content_type, _)) = body {
+        request = request.header("content-type", content_type);
+    }
+    let request = request
+        .body(Full::new(Bytes::from(
+            body.map(|(_, b)| b.to_string()).unwrap_or_default(),
+        )))
+        .unwrap();
+    let response = tokio::time::timeout(WAIT, sender.send_request(request))
+        .await
+        .expect("response in time")
+        .unwrap();
+    let status = response.status();
+    let bytes = response.into_body().collect().await.unwrap().to_bytes();
+    (status, String::from_utf8_lossy(&bytes).into_owned())
+}
+
+/// A lifecycle event for `run_id` on `thread_id`.
+pub fn event(kind: &str, run_id: &str, thread_id: &str) -> Value {
+    let mut event = json!({"type": kind, "run_id": run_id, "thread_id": thread_id, "payload": {}});
+    if kind.starts_with("tool_") {
+        event["payload"]["tool_call_id"] = "call_1".into();
+    }
+    event
+}
+
+/// The five lifecycle events of one run, in order.
+pub fn full_run(run_id: &str, thread_id: &str) -> Vec<Value> {
+    [
+        "agent_started",
+        "agent_thinking",
+        "tool_executing",
+        "tool_completed",
+        "agent_completed",
+    ]
+    .iter()
+    .map(|kind| event(kind, run_id, thread_id))
+    .collect()
+}
+
+/// A WebSocket client, as a browser would be.
+pub struct Client {
+    ws: WebSocketStream<MaybeTlsStream<TcpStream>>,
+    pub welcome: Value,
+    /// The `subscribed` frame of the user channel.
+    pub user_channel: Value,
+}
+
+impl Client {
+    pub async fn connect(addr: SocketAddr) -> WebSocketStream<MaybeTlsStream<TcpStream>> {
+        let (ws, _) = tokio_tungstenite::connect_async(format!("ws://{addr}/ws"))
+            .await
+            .unwrap();
+        ws
+    }
+
+    /// Connects with a tiny receive buffer, so that a client that stops reading fills up fast.
+    pub async fn connect_small_buffer(
+        addr: SocketAddr,
+    ) -> WebSocketStream<MaybeTlsStream<TcpStream>> {
+        let socket = TcpSocket::new_v4().unwrap();
+        socket.set_recv_buffer_size(4096).unwrap();
+        let stream = socket.connect(addr).await.unwrap();
+        let (ws, _) = tokio_tungstenite::client_async(
+            format!("ws://{addr}/ws"),
+            MaybeTlsStream::Plain(stream),
+        )
+        .await
+        .unwrap();
+        ws
+    }
+
+    pub async fn hello(addr: SocketAddr, user_id: &str) -> Self {
+        Self::hello_on(Self::connect(addr).await, user_id, None).await
+    }
+
+    pub async fn hello_on(
+        ws: WebSocketStream<MaybeTlsStream<TcpStream>>,
+        user_id: &str,
+        since: Option<Value>,
+    ) -> Self {
+        let mut client = Self {
+            ws,
+            welcome: Value::Null,
+            user_channel: Value::Null,
+        };
+        let mut hello = json!({"type": "hello", "user_id": user_id});
+        if let Some(since) = since {
+            hello["since"] = since;
+        }
+        client.send(hello).await;
+        client.welcome = client.recv().await;
+        assert_eq!(client.welcome["type"], "welcome", "{}", client.welcome);
+        client.user_channel = client.recv().await;
+        assert_eq!(
+            client.user_channel["type"], "subscribed",
+            "{}",
+            client.user_channel
+        );
+        client
+    }
+
+    pub async fn send(&mut self, frame: Value) {
+        self.send_raw(Message::text(frame.to_string())).await;
+    }
+
+    pub async fn send_raw(&mut self, message: Message) {
+        self.ws.send(message).await.unwrap();
+    }
+
+    /// The next data frame, skipping heartbeats. Panics on close or silence.
+    pub async fn recv(&mut self) -> Value {
+        loop {
+            let message = tokio::time::timeout(WAIT, self.ws.next())
+                .await
+                .expect("a frame in time");
+            match message {
+                Some(Ok(Message::Text(text))) => {
+                    let value: Value = serde_json::from_str(&text).unwrap();
+                    if value["type"] != "heartbeat" {
+                        return value;
+                    }
+                }
+                Some(Ok(Message::Ping(_) | Message::Pong(_))) => {}
+                other => panic!("expected a frame, got {other:?}"),
+            }
+        }
+    }
+
+    /// Subscribes to a thread; returns the `subscribed` frame.
+    pub async fn subscribe(&mut self, thread_id: &str, since: Option<Value>) -> Value {
+        let mut frame = json!({"type": "subscribe", "thread_id": thread_id});
+        if let Some(since) = since {
+            frame["since"] = since;
+        }
+        self.send(frame).await;
+        let subscribed = self.recv().await;
+        assert_eq!(subscribed["type"], "subscribed", "{subscribed}");
+        subscribed
+    }
+
+    /// Receives `n` event frames.
+    pub async fn events(&mut self, n: usize) -> Vec<Value> {
+        let mut events = Vec::with_capacity(n);
+        while events.len() < n {
+            events.push(self.recv().await);
+        }
+        events
+    }
+
+    /// Reads until the server closes; returns the close code (skipping any frames before it).
+    pub async fn closed(&mut self) -> u16 {
+        loop {
+            let message = tokio::time::timeout(WAIT, self.ws.next())
+                .await
+                .expect("a close in time");
+            match message {
+                Some(Ok(Message::Close(Some(frame)))) => return u16::from(frame.code),
+                Some(Ok(Message::Close(None))) => return u16::from(CloseCode::Status),
+                Some(Ok(_)) => {}
+                other => panic!("expected a close frame, got {other:?}"),
+            }
+        }
+    }
+
+    /// Asserts that no data frame (other than heartbeats) arrives for a while.
+    pub async fn silent_for(&mut self, duration: Duration) {
+        let deadline = tokio::time::Instant::now() + duration;
+        loop {
+            match tokio::time::timeout_at(deadline, self.ws.next()).await {
+                Err(_) => return,
+                Ok(Some(Ok(Message::Text(text)))) if text.contains("\"heartbeat\"") => {}
+                Ok(Some(Ok(Message::Ping(_) | Message::Pong(_)))) => {}
+                Ok(other) => panic!("expected silence, got {other:?}"),
+            }
+        }
+    }
+
+    pub fn into_inner(self) -> WebSocketStream<MaybeTlsStream<TcpStream>> {
+        self.ws
+    }
+}
+
+/// Wraps a raw socket whose hello has not been sent.
+pub fn raw(ws: WebSocketStream<MaybeTlsStream<TcpStream>>) -> Client {
+    Client {
+        ws,
+        welcome: Value::Null,
+        user_channel: Value::Null,
+    }
+}
+
+/// A gateway run as its own process, for signals, exit codes and the environment.
+pub struct Process {
+    pub child: Child,
+    pub addr: SocketAddr,
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+pub fn binary() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_agentwire"))
+}
+
+impl Process {
+    pub async fn start(env: &[(&str, &str)]) -> Self {
+        let port = free_port();
+        let mut command = binary();
+        command
+            .env_clear()
+            .env("AGENTWIRE_LISTEN", format!("127.0.0.1:{port}"))
+            .envs(env.iter().copied())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        let child = command.spawn().unwrap();
+        let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+        let process = Self { child, addr };
+        for _ in 0..200 {
+            if TcpStream::connect(addr).await.is_ok() {
+                return process;
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+        panic!("the gateway process did not start listening");
+    }
+
+    pub fn signal(&self, signal: &str) {
+        let status = Command::new("kill")
+            .arg(format!("-{signal}"))
+            .arg(self.child.id().to_string())
+            .status()
+            .unwrap();
+        assert!(status.success());
+    }
+}

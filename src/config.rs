@@ -270,6 +270,12 @@ impl Config {
                 "must not exceed ingest.max_request_bytes",
             );
         }
+        if self.session.queue_bytes < self.ingest.max_event_bytes {
+            return fail(
+                "session.queue_bytes",
+                "must hold at least one event of ingest.max_event_bytes",
+            );
+        }
         if self.session.max_frame_bytes < 1024 {
             return fail("session.max_frame_bytes", "must be at least 1024");
         }

@@ -24,6 +24,9 @@ pub struct Config {
     pub history: HistoryConfig,
     pub session: SessionConfig,
     pub shutdown: ShutdownConfig,
+    pub watchdog: WatchdogConfig,
+    pub deadletter: DeadletterConfig,
+    pub broker: BrokerConfig,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -109,6 +112,53 @@ pub struct ShutdownConfig {
     pub timeout: Duration,
 }
 
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct WatchdogConfig {
+    /// A run with no event for this long is stalled.
+    #[serde(with = "humantime_serde")]
+    pub run_idle_timeout: Duration,
+    /// Whether a stalled run's channel gets a gateway-made `agent_error` (reason `stalled`).
+    pub stalled_event: bool,
+    /// Runs followed at most; past that the least recently active is evicted (counted).
+    pub max_runs: usize,
+    /// How long an ended run stays visible at `GET /v1/runs/{run_id}`.
+    #[serde(with = "humantime_serde")]
+    pub retain: Duration,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DeadletterConfig {
+    /// Unresolved events kept for `GET /v1/deadletter` and redrive; the oldest go first.
+    pub capacity: usize,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct BrokerConfig {
+    /// Selects the Redis broker. Not available in this build: set, it stops the start.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub redis_url: Option<String>,
+}
+
+impl Default for WatchdogConfig {
+    fn default() -> Self {
+        Self {
+            run_idle_timeout: Duration::from_secs(120),
+            stalled_event: true,
+            max_runs: 100_000,
+            retain: Duration::from_secs(600),
+        }
+    }
+}
+
+impl Default for DeadletterConfig {
+    fn default() -> Self {
+        Self { capacity: 10_000 }
+    }
+}
+
 impl Default for Config {
     fn default() -> Self {
         Self {
@@ -120,6 +170,9 @@ impl Default for Config {
             history: HistoryConfig::default(),
             session: SessionConfig::default(),
             shutdown: ShutdownConfig::default(),
+            watchdog: WatchdogConfig::default(),
+            deadletter: DeadletterConfig::default(),
+            broker: BrokerConfig::default(),
         }
     }
 }
@@ -236,7 +289,9 @@ impl Config {
                 reason: reason.to_string(),
             })
         };
-        let positive: [(&str, usize); 8] = [
+        let positive: [(&str, usize); 10] = [
+            ("watchdog.max_runs", self.watchdog.max_runs),
+            ("deadletter.capacity", self.deadletter.capacity),
             ("ingest.max_event_bytes", self.ingest.max_event_bytes),
             ("ingest.dedupe_capacity", self.ingest.dedupe_capacity),
             ("resolve.max_pending", self.resolve.max_pending),
@@ -258,6 +313,7 @@ impl Config {
             ("session.client_timeout", self.session.client_timeout),
             ("session.write_timeout", self.session.write_timeout),
             ("resolve.registry_ttl", self.resolve.registry_ttl),
+            ("watchdog.run_idle_timeout", self.watchdog.run_idle_timeout),
         ];
         for (key, value) in durations {
             if value.is_zero() {
@@ -283,6 +339,12 @@ impl Config {
             return fail(
                 "session.client_timeout",
                 "must be longer than session.heartbeat",
+            );
+        }
+        if self.broker.redis_url.is_some() {
+            return fail(
+                "broker.redis_url",
+                "the Redis broker is not part of this build yet; remove the key to run the embedded broker",
             );
         }
         if self.log_level.trim().is_empty() {

@@ -3,7 +3,9 @@
 //! never stops the valid ones beside it.
 //!
 //! Accounting before the channel stage:
-//! `ingested = emitted + pending_resolution + lost{unresolved} + duplicates`.
+//! `ingested + generated + redriven = emitted + pending_resolution + lost{unresolved} + duplicates`,
+//! where `generated` counts the gateway's own events (a stalled run's `agent_error`) and `redriven`
+//! the dead letters a redrive emitted (see `deadletter`).
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Mutex;
@@ -13,7 +15,9 @@ use serde::Serialize;
 use serde_json::value::RawValue;
 
 use crate::Gateway;
+use crate::broker::Published;
 use crate::ledger::LostReason;
+use crate::protocol::ChannelName;
 use crate::protocol::event::{self, Event, EventType, Refusal};
 use crate::resolve::{Held, RunTarget};
 
@@ -114,8 +118,7 @@ pub fn accept(gateway: &Gateway, event: Event) -> ItemResult {
     }
     match gateway.resolver.resolve(&event) {
         Some(channel) => {
-            let published = gateway.broker.publish(&channel, &event);
-            tracing::debug!(%channel, seq = published.seq, run_id = event.run_id.as_deref(), kind = event.kind.as_str(), "Emitted.");
+            let published = emit(gateway, &channel, &event);
             ItemResult::Accepted {
                 channel: channel.to_string(),
                 seq: published.seq,
@@ -149,6 +152,82 @@ pub fn accept(gateway: &Gateway, event: Event) -> ItemResult {
     }
 }
 
+/// Publishes an event into its channel and lets the watchdog follow its run.
+pub fn emit(gateway: &Gateway, channel: &ChannelName, event: &Event) -> Published {
+    let started = Instant::now();
+    let published = gateway.broker.publish(channel, event);
+    gateway
+        .metrics
+        .broker_latency
+        .observe(started.elapsed().as_secs_f64());
+    gateway.watchdog.observe(event, channel, &gateway.metrics);
+    tracing::debug!(%channel, seq = published.seq, run_id = event.run_id.as_deref(), kind = event.kind.as_str(), "Emitted.");
+    published
+}
+
+/// Tells the channels of newly stalled runs, with a gateway-made `agent_error`.
+pub fn report_stalls(gateway: &Gateway) {
+    for stalled in gateway.watchdog.sweep(&gateway.metrics) {
+        if gateway.config.watchdog.stalled_event {
+            // Published past the watchdog: the run is already ended as stalled.
+            gateway.broker.publish(&stalled.channel, &stalled.event());
+            gateway.metrics.events_generated.inc();
+        }
+    }
+}
+
+/// What a redrive did with one dead letter.
+#[derive(Debug, Serialize)]
+pub struct Redriven {
+    pub id: u64,
+    pub run_id: String,
+    #[serde(flatten)]
+    pub outcome: RedriveOutcome,
+}
+
+#[derive(Debug, Serialize)]
+#[serde(tag = "status", rename_all = "snake_case")]
+pub enum RedriveOutcome {
+    /// Resolved now: emitted into `channel` at `seq`.
+    Delivered { channel: String, seq: u64 },
+    /// Still no channel: kept as a dead letter.
+    Unresolved,
+}
+
+/// Runs resolution again on every dead letter; rescued events are emitted, the rest kept.
+pub fn redrive(gateway: &Gateway) -> Vec<Redriven> {
+    let mut kept = Vec::new();
+    let mut report = Vec::new();
+    for entry in gateway.deadletters.take() {
+        match gateway.resolver.resolve(&entry.event) {
+            Some(channel) => {
+                let published = emit(gateway, &channel, &entry.event);
+                gateway.metrics.events_redriven.inc();
+                tracing::info!(run_id = %entry.run_id, %channel, seq = published.seq, "Redrive delivered a dead letter.");
+                report.push(Redriven {
+                    id: entry.id,
+                    run_id: entry.run_id.clone(),
+                    outcome: RedriveOutcome::Delivered {
+                        channel: channel.to_string(),
+                        seq: published.seq,
+                    },
+                });
+            }
+            None => {
+                report.push(Redriven {
+                    id: entry.id,
+                    run_id: entry.run_id.clone(),
+                    outcome: RedriveOutcome::Unresolved,
+                });
+                kept.push(entry);
+            }
+        }
+    }
+    let left = gateway.deadletters.restore(kept);
+    gateway.metrics.deadletter_events.set(left as i64);
+    report
+}
+
 /// Registers a run and publishes, in arrival order, the events that were waiting for it.
 /// Returns how many were released.
 pub fn register(gateway: &Gateway, run_id: &str, target: RunTarget) -> usize {
@@ -159,7 +238,7 @@ pub fn register(gateway: &Gateway, run_id: &str, target: RunTarget) -> usize {
         return 0;
     };
     for event in &held {
-        gateway.broker.publish(&channel, event);
+        emit(gateway, &channel, event);
     }
     if !held.is_empty() {
         tracing::info!(run_id, %channel, released = held.len(), "Late registration delivered held events.");
@@ -186,9 +265,13 @@ pub fn expire_pending(gateway: &Gateway) {
         .set(gateway.resolver.pending_count() as i64);
 }
 
-/// The one place an unresolved run is logged and counted.
-fn dead_letter(gateway: &Gateway, held: Held, why: &str) {
-    for event in &held.events {
+/// The one place an unresolved run is logged, counted and kept.
+fn dead_letter(gateway: &Gateway, held: Held, why: &'static str) {
+    let lost = gateway
+        .metrics
+        .events_lost
+        .with_label_values(&[LostReason::Unresolved.as_str()]);
+    for event in held.events {
         tracing::warn!(
             target: "agentwire::deadletter",
             run_id = %held.run_id,
@@ -197,12 +280,10 @@ fn dead_letter(gateway: &Gateway, held: Held, why: &str) {
             why,
             "Event lost: its run_id resolves to no channel."
         );
+        lost.inc();
+        let kept = gateway.deadletters.push(&held.run_id, event, why);
+        gateway.metrics.deadletter_events.set(kept as i64);
     }
-    gateway
-        .metrics
-        .events_lost
-        .with_label_values(&[LostReason::Unresolved.as_str()])
-        .inc_by(held.events.len() as u64);
     gateway.metrics.unresolved_run_ids.inc();
 }
 

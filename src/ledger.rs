@@ -190,7 +190,7 @@ pub struct ChannelReport {
     pub balanced: bool,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Clone, Serialize)]
 pub struct LostReport {
     pub expired_unseen: u64,
     pub expired_subscribed: u64,

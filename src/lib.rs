@@ -11,20 +11,26 @@
 //! - [`fanout`]: one event's bytes to every local subscriber's bounded queue.
 //! - [`session`]: one WebSocket connection: hello, subscriptions, acks, the writer task.
 //! - [`ledger`]: emitted / delivered / acked / pending / lost, per channel.
+//! - [`watchdog`]: every run from start to end; stalls and lifecycle violations.
+//! - [`deadletter`]: unresolved events, kept for inspection and redrive.
 //! - [`metrics`]: the Prometheus registry and every metric.
 //! - [`protocol`]: the wire formats, pure decoding and encoding.
+//! - [`probe`]: `agentwire probe`, an end-to-end delivery check through the public API.
 
 pub mod broker;
 pub mod config;
+pub mod deadletter;
 pub mod fanout;
 pub mod ingest;
 pub mod ledger;
 pub mod metrics;
+pub mod probe;
 pub mod protocol;
 pub mod resolve;
 pub mod server;
 pub mod session;
 pub mod telemetry;
+pub mod watchdog;
 
 use std::sync::atomic::{AtomicBool, Ordering};
 
@@ -33,9 +39,11 @@ use tokio_util::task::TaskTracker;
 
 use broker::MemoryBroker;
 use config::Config;
+use deadletter::DeadLetters;
 use ingest::Dedupe;
 use metrics::Metrics;
 use resolve::Resolver;
+use watchdog::Watchdog;
 
 /// Everything a running gateway shares between its tasks. Built once, passed as `Arc<Gateway>`.
 pub struct Gateway {
@@ -44,6 +52,8 @@ pub struct Gateway {
     pub broker: MemoryBroker,
     pub resolver: Resolver,
     pub dedupe: Dedupe,
+    pub watchdog: Watchdog,
+    pub deadletters: DeadLetters,
     pub shutdown: Shutdown,
 }
 
@@ -54,6 +64,8 @@ impl Gateway {
             broker: MemoryBroker::new(config.history.clone()),
             resolver: Resolver::new(config.resolve.clone()),
             dedupe: Dedupe::new(config.ingest.dedupe_window, config.ingest.dedupe_capacity),
+            watchdog: Watchdog::new(config.watchdog.clone()),
+            deadletters: DeadLetters::new(config.deadletter.capacity),
             shutdown: Shutdown::default(),
             config,
         }

@@ -35,29 +35,81 @@ enum Command {
     Serve,
     /// Print the effective configuration (defaults < file < AGENTWIRE_* environment) as TOML.
     Config,
+    /// Check delivery end to end against a running gateway: exit 0 when a five-event run arrived
+    /// in order and the ledger balanced, 1 otherwise.
+    Probe {
+        /// The gateway's base URL.
+        #[arg(long, default_value = "http://127.0.0.1:8000")]
+        url: String,
+        /// How long the whole check may take.
+        #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+        timeout: std::time::Duration,
+    },
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let config = match Config::load(cli.config.as_deref()) {
-        Ok(config) => config,
+    match cli.command.unwrap_or(Command::Serve) {
+        // The probe is a client: it needs no gateway configuration.
+        Command::Probe { url, timeout } => probe(&url, timeout),
+        Command::Config => match load(cli.config.as_deref()) {
+            Ok(config) => {
+                print!("{}", config.to_toml());
+                ExitCode::SUCCESS
+            }
+            Err(code) => code,
+        },
+        Command::Serve => match load(cli.config.as_deref()) {
+            Ok(config) => match serve(config) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(error) => {
+                    eprintln!("agentwire: {error:#}");
+                    ExitCode::FAILURE
+                }
+            },
+            Err(code) => code,
+        },
+    }
+}
+
+fn load(file: Option<&std::path::Path>) -> Result<Config, ExitCode> {
+    Config::load(file).map_err(|error| {
+        eprintln!("agentwire: {error}");
+        ExitCode::from(EXIT_CONFIG)
+    })
+}
+
+fn probe(url: &str, timeout: std::time::Duration) -> ExitCode {
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
         Err(error) => {
-            eprintln!("agentwire: {error}");
-            return ExitCode::from(EXIT_CONFIG);
+            println!("agentwire probe: FAIL: cannot start a runtime: {error}");
+            return ExitCode::FAILURE;
         }
     };
-    match cli.command.unwrap_or(Command::Serve) {
-        Command::Config => {
-            print!("{}", config.to_toml());
+    match runtime.block_on(agentwire::probe::run(url, timeout)) {
+        Ok(report) => {
+            let ledger = &report.ledger;
+            println!(
+                "agentwire probe: ok: 5/5 events in order on {} (seq {}..{}) in {:.1} ms; ledger balanced: emitted {}, delivered {}, pending {}, lost {}",
+                report.channel,
+                report.first_seq,
+                report.first_seq + 4,
+                report.elapsed.as_secs_f64() * 1000.0,
+                ledger["emitted"],
+                ledger["delivered"],
+                ledger["pending"],
+                ledger["lost_total"],
+            );
             ExitCode::SUCCESS
         }
-        Command::Serve => match serve(config) {
-            Ok(()) => ExitCode::SUCCESS,
-            Err(error) => {
-                eprintln!("agentwire: {error:#}");
-                ExitCode::FAILURE
-            }
-        },
+        Err(error) => {
+            println!("agentwire probe: FAIL: {error:#}");
+            ExitCode::FAILURE
+        }
     }
 }
 

@@ -42,7 +42,25 @@ pub struct Metrics {
     pub slow_consumer_closes: IntCounter,
     pub client_errors: IntCounterVec,
     pub broker_up: IntGauge,
+    pub broker_errors: IntCounter,
+    pub broker_latency: Histogram,
+    pub event_age: Histogram,
+    pub runs_active: IntGauge,
+    pub runs_started: IntCounter,
+    pub runs_stalled: IntCounter,
+    pub runs_completed: IntCounterVec,
+    pub runs_evicted: IntCounter,
+    pub run_duration: Histogram,
+    pub lifecycle_violations: IntCounterVec,
+    pub deadletter_events: IntGauge,
+    pub events_redriven: IntCounter,
+    pub events_generated: IntCounter,
 }
+
+/// Run duration buckets from 100 ms to 1 h.
+const DURATION_BUCKETS: [f64; 12] = [
+    0.1, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 900.0, 3600.0,
+];
 
 /// Latency buckets from 100 µs to 30 s.
 const LATENCY_BUCKETS: [f64; 16] = [
@@ -170,6 +188,76 @@ impl Metrics {
                 "code",
             ),
             broker_up: gauge(r, "agentwire_broker_up", "1 when the broker is reachable."),
+            broker_errors: counter(
+                r,
+                "agentwire_broker_errors_total",
+                "Broker operations that failed.",
+            ),
+            broker_latency: histogram(
+                r,
+                "agentwire_broker_latency_seconds",
+                "Time a broker publish takes.",
+                &LATENCY_BUCKETS,
+            ),
+            event_age: histogram(
+                r,
+                "agentwire_event_age_seconds",
+                "Time from the producer's `ts` to the first socket write (events with an RFC 3339 UTC ts).",
+                &LATENCY_BUCKETS,
+            ),
+            runs_active: gauge(
+                r,
+                "agentwire_runs_active",
+                "Runs the watchdog follows that have not ended.",
+            ),
+            runs_started: counter(
+                r,
+                "agentwire_runs_started_total",
+                "Runs that sent agent_started.",
+            ),
+            runs_stalled: counter(
+                r,
+                "agentwire_runs_stalled_total",
+                "Runs with no event for watchdog.run_idle_timeout.",
+            ),
+            runs_completed: counter_vec(
+                r,
+                "agentwire_runs_completed_total",
+                "Runs ended, by outcome (completed, error, stalled).",
+                "outcome",
+            ),
+            runs_evicted: counter(
+                r,
+                "agentwire_runs_evicted_total",
+                "Runs the watchdog stopped following because watchdog.max_runs was reached.",
+            ),
+            run_duration: histogram(
+                r,
+                "agentwire_run_duration_seconds",
+                "Time from a run's first event to its end.",
+                &DURATION_BUCKETS,
+            ),
+            lifecycle_violations: counter_vec(
+                r,
+                "agentwire_lifecycle_violations_total",
+                "Out-of-order or unpaired lifecycle events, by kind (delivered as sent).",
+                "kind",
+            ),
+            deadletter_events: gauge(
+                r,
+                "agentwire_deadletter_events",
+                "Unresolved events kept for GET /v1/deadletter and redrive.",
+            ),
+            events_redriven: counter(
+                r,
+                "agentwire_events_redriven_total",
+                "Dead-lettered events that a redrive delivered to a channel.",
+            ),
+            events_generated: counter(
+                r,
+                "agentwire_events_generated_total",
+                "Events the gateway made itself (the agent_error of a stalled run).",
+            ),
             registry,
             scrape: Mutex::new(()),
         };
@@ -192,6 +280,14 @@ impl Metrics {
         }
         for outcome in ["recovered", "not_recovered"] {
             metrics.resumes.with_label_values(&[outcome]);
+        }
+        for outcome in ["completed", "error", "stalled"] {
+            metrics.runs_completed.with_label_values(&[outcome]);
+        }
+        for kind in crate::watchdog::Violation::ALL {
+            metrics
+                .lifecycle_violations
+                .with_label_values(&[kind.as_str()]);
         }
         metrics.broker_up.set(1);
         metrics
@@ -263,6 +359,14 @@ fn counter_vec(registry: &Registry, name: &str, help: &str, label: &str) -> IntC
     register(
         registry,
         IntCounterVec::new(Opts::new(name, help), &[label])
+            .unwrap_or_else(|e| panic!("metric definition: {e}")),
+    )
+}
+
+fn histogram(registry: &Registry, name: &str, help: &str, buckets: &[f64]) -> Histogram {
+    register(
+        registry,
+        Histogram::with_opts(HistogramOpts::new(name, help).buckets(buckets.to_vec()))
             .unwrap_or_else(|e| panic!("metric definition: {e}")),
     )
 }

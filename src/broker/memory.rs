@@ -23,6 +23,23 @@ use crate::protocol::{ChannelKind, ChannelName};
 
 const SHARDS: usize = 32;
 
+/// One line of `GET /v1/ledger`'s top lists.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct ChannelSummary {
+    pub channel: String,
+    pub pending: u64,
+    pub oldest_pending_age_seconds: Option<f64>,
+    pub lost_total: u64,
+    pub lost: LostReport,
+    pub subscribers: usize,
+}
+
+#[derive(Debug, serde::Serialize)]
+pub struct Ranked {
+    pub top_pending: Vec<ChannelSummary>,
+    pub top_lost: Vec<ChannelSummary>,
+}
+
 pub struct MemoryBroker {
     shards: Box<[Mutex<Shard>]>,
     history: HistoryConfig,
@@ -152,6 +169,10 @@ impl MemoryBroker {
 
     /// Sequences `event` into `channel`, stores it and queues it to every local subscriber.
     pub fn publish(&self, name: &ChannelName, event: &Event) -> Published {
+        let produced_at = event
+            .ts
+            .as_deref()
+            .and_then(|ts| humantime::parse_rfc3339_weak(ts).ok());
         // Serialise before taking the channel lock: only the seq is written under it.
         let mut body: Option<(Arc<str>, Vec<u8>)> = None;
         loop {
@@ -177,6 +198,7 @@ impl MemoryBroker {
                 seq,
                 frame: server::event_frame(body, seq),
                 emitted_at: Instant::now(),
+                produced_at,
                 state: EventState::default(),
                 ledger: Arc::clone(&channel.ledger),
             });
@@ -332,6 +354,49 @@ impl MemoryBroker {
             }
         }
         totals
+    }
+
+    /// The `n` channels with the most pending events and the `n` with the most lost ones.
+    pub fn ranked(&self, n: usize) -> Ranked {
+        let now = Instant::now();
+        let mut all = Vec::new();
+        for shard in self.shards.iter() {
+            let shard = shard.lock().unwrap_or_else(|e| e.into_inner());
+            for channel in shard.channels.values() {
+                let counts = channel.ledger.snapshot();
+                if counts.pending == 0 && counts.lost_total() == 0 {
+                    continue;
+                }
+                let state = channel.lock();
+                all.push(ChannelSummary {
+                    channel: channel.name.to_string(),
+                    pending: counts.pending,
+                    oldest_pending_age_seconds: Channel::oldest_pending_age(&state, now)
+                        .map(|a| a.as_secs_f64()),
+                    lost_total: counts.lost_total(),
+                    lost: LostReport::from_counts(&counts),
+                    subscribers: state.subscribers.len(),
+                });
+            }
+        }
+        let mut top_pending: Vec<_> = all.iter().filter(|c| c.pending > 0).cloned().collect();
+        top_pending.sort_by(|a, b| {
+            b.pending
+                .cmp(&a.pending)
+                .then_with(|| a.channel.cmp(&b.channel))
+        });
+        top_pending.truncate(n);
+        let mut top_lost: Vec<_> = all.into_iter().filter(|c| c.lost_total > 0).collect();
+        top_lost.sort_by(|a, b| {
+            b.lost_total
+                .cmp(&a.lost_total)
+                .then_with(|| a.channel.cmp(&b.channel))
+        });
+        top_lost.truncate(n);
+        Ranked {
+            top_pending,
+            top_lost,
+        }
     }
 
     /// Expires history by age and removes channels that have been empty and unwatched for

@@ -9,14 +9,14 @@
 mod memory;
 
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Instant, SystemTime};
 
 use bytes::Bytes;
 
 use crate::ledger::{ChannelLedger, EventState};
 use crate::metrics::Metrics;
 
-pub use memory::MemoryBroker;
+pub use memory::{ChannelSummary, MemoryBroker, Ranked};
 
 /// An event in a channel's history: its frame bytes (shared by every subscriber) and its place
 /// in the ledger.
@@ -25,6 +25,8 @@ pub struct StoredEvent {
     pub seq: u64,
     pub frame: Bytes,
     pub emitted_at: Instant,
+    /// The producer's `ts`, when it is an RFC 3339 UTC time.
+    pub produced_at: Option<SystemTime>,
     state: EventState,
     ledger: Arc<ChannelLedger>,
 }
@@ -34,6 +36,12 @@ impl StoredEvent {
     pub fn delivered(&self, metrics: &Metrics) {
         if self.state.deliver(&self.ledger) {
             metrics.observe_delivery(self.emitted_at.elapsed());
+            if let Some(age) = self
+                .produced_at
+                .and_then(|at| SystemTime::now().duration_since(at).ok())
+            {
+                metrics.event_age.observe(age.as_secs_f64());
+            }
         }
     }
 }

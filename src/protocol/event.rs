@@ -62,6 +62,29 @@ pub struct Event {
     pub payload: Map<String, Value>,
 }
 
+impl Event {
+    /// The event as a producer would have sent it.
+    pub fn to_json(&self) -> Value {
+        let mut object = Map::new();
+        object.insert("type".into(), self.kind.as_str().into());
+        let optional = [
+            ("run_id", &self.run_id),
+            ("thread_id", &self.thread_id),
+            ("user_id", &self.user_id),
+            ("event_id", &self.event_id),
+            ("ts", &self.ts),
+            ("traceparent", &self.traceparent),
+        ];
+        for (name, value) in optional {
+            if let Some(value) = value {
+                object.insert(name.into(), value.clone().into());
+            }
+        }
+        object.insert("payload".into(), Value::Object(self.payload.clone()));
+        Value::Object(object)
+    }
+}
+
 /// Why an event was refused: the field at fault (dotted path) and the reason.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Refusal {

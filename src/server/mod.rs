@@ -97,11 +97,15 @@ async fn accept_until(
     }
 }
 
-/// Expires held events past the grace period, history past its age, idle channels and old
-/// dedupe ids.
+/// Expires held events past the grace period, reports stalled runs, expires history past its
+/// age, idle channels and old dedupe ids.
 async fn housekeeping(gateway: Arc<Gateway>, stop: CancellationToken) {
-    let tick =
-        (gateway.config.resolve.grace / 5).clamp(Duration::from_millis(10), Duration::from_secs(1));
+    let shortest = gateway
+        .config
+        .resolve
+        .grace
+        .min(gateway.config.watchdog.run_idle_timeout);
+    let tick = (shortest / 5).clamp(Duration::from_millis(10), Duration::from_secs(1));
     let mut interval = tokio::time::interval(tick);
     let mut last_sweep = Instant::now();
     loop {
@@ -110,6 +114,7 @@ async fn housekeeping(gateway: Arc<Gateway>, stop: CancellationToken) {
             _ = interval.tick() => {}
         }
         crate::ingest::expire_pending(&gateway);
+        crate::ingest::report_stalls(&gateway);
         if last_sweep.elapsed() >= Duration::from_secs(1) {
             last_sweep = Instant::now();
             gateway.broker.sweep();

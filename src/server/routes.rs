@@ -29,6 +29,26 @@ pub async fn handle(
         ("/ws", &Method::GET) => upgrade(gateway, request),
         ("/v1/events", &Method::POST) => events(&gateway, request).await,
         ("/v1/runs", &Method::POST) => runs(&gateway, request).await,
+        (p, &Method::GET) if p.starts_with("/v1/runs/") => run(&gateway, &p["/v1/runs/".len()..]),
+        ("/v1/deadletter", &Method::GET) => {
+            let entries = gateway.deadletters.list();
+            json_response(
+                StatusCode::OK,
+                &json!({"count": entries.len(), "events": entries}),
+            )
+        }
+        ("/v1/deadletter/redrive", &Method::POST) => {
+            let results = ingest::redrive(&gateway);
+            let delivered = results
+                .iter()
+                .filter(|r| matches!(r.outcome, ingest::RedriveOutcome::Delivered { .. }))
+                .count();
+            json_response(
+                StatusCode::OK,
+                &json!({"delivered": delivered, "unresolved": results.len() - delivered, "results": results}),
+            )
+        }
+        ("/v1/ledger", &Method::GET) => ledger(&gateway, request.uri().query()),
         (p, &Method::GET) if p.starts_with("/v1/channels/") => {
             channel(&gateway, &p["/v1/channels/".len()..])
         }
@@ -43,8 +63,9 @@ pub async fn handle(
 fn not_routed(path: &str, method: &Method) -> Response<Body> {
     let allow = match path {
         "/ws" | "/healthz" | "/readyz" | "/metrics" => Some("GET"),
-        "/v1/events" | "/v1/runs" => Some("POST"),
-        p if p.starts_with("/v1/channels/") => Some("GET"),
+        "/v1/events" | "/v1/runs" | "/v1/deadletter/redrive" => Some("POST"),
+        "/v1/deadletter" | "/v1/ledger" => Some("GET"),
+        p if p.starts_with("/v1/channels/") || p.starts_with("/v1/runs/") => Some("GET"),
         _ => None,
     };
     match allow {
@@ -269,6 +290,76 @@ fn channel(gateway: &Gateway, raw: &str) -> Response<Body> {
             None,
         ),
     }
+}
+
+fn run(gateway: &Gateway, raw: &str) -> Response<Body> {
+    let Some(run_id) = percent_decode(raw).filter(|id| check_id(id).is_ok()) else {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "invalid_run_id",
+            "a run id is 1 to 256 printable bytes",
+            None,
+        );
+    };
+    match gateway.watchdog.report(&run_id) {
+        Some(report) => json_response(StatusCode::OK, &report),
+        None => error(
+            StatusCode::NOT_FOUND,
+            "unknown_run",
+            &format!("the watchdog does not follow {run_id}"),
+            None,
+        ),
+    }
+}
+
+/// The first page an operator opens when an alert fires: totals and the worst channels.
+fn ledger(gateway: &Gateway, query: Option<&str>) -> Response<Body> {
+    let top = query
+        .into_iter()
+        .flat_map(|q| q.split('&'))
+        .find_map(|pair| pair.strip_prefix("top="))
+        .and_then(|n| n.parse::<usize>().ok())
+        .unwrap_or(10)
+        .min(1000);
+    let totals = gateway.broker.totals();
+    let metrics = &gateway.metrics;
+    let lost_unresolved = metrics
+        .events_lost
+        .with_label_values(&[crate::ledger::LostReason::Unresolved.as_str()])
+        .get();
+    let lost_channel: u64 = totals.lost.iter().sum();
+    let ranked = gateway.broker.ranked(top);
+    json_response(
+        StatusCode::OK,
+        &json!({
+            "channels": {
+                "emitted": totals.emitted,
+                "delivered": totals.delivered,
+                "acked": totals.acked,
+                "pending": totals.pending,
+                "oldest_pending_age_seconds": totals.oldest_pending_age.as_secs_f64(),
+                "lost": crate::ledger::LostReport::from_counts(&crate::ledger::Counts { lost: totals.lost, ..Default::default() }),
+                "lost_total": lost_channel,
+                "balanced": totals.emitted == totals.delivered + totals.pending + lost_channel,
+                "count": totals.channels,
+            },
+            "ingest": {
+                "ingested": metrics.events_ingested.get(),
+                "duplicates": metrics.events_duplicate.get(),
+                "pending_resolution": gateway.resolver.pending_count(),
+                "lost_unresolved": lost_unresolved,
+                "redriven": metrics.events_redriven.get(),
+                "generated": metrics.events_generated.get(),
+                "dead_letters": gateway.deadletters.len(),
+            },
+            "runs": {
+                "active": metrics.runs_active.get(),
+                "stalled": metrics.runs_stalled.get(),
+            },
+            "top_pending": ranked.top_pending,
+            "top_lost": ranked.top_lost,
+        }),
+    )
 }
 
 fn ready(gateway: &Gateway) -> Response<Body> {

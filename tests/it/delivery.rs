@@ -129,6 +129,7 @@ async fn an_event_with_only_a_user_reaches_every_connection_of_that_user() {
         );
         assert_eq!(event["payload"]["left"], 3);
         assert_eq!(event["seq"], 1);
+        client.barrier().await;
     }
     other.silent_for(Duration::from_millis(200)).await;
     let ledger = gateway.channel("user:u_9").await;
@@ -217,6 +218,8 @@ async fn a_second_client_on_the_same_thread_gets_the_same_bytes() {
     b.subscribe("t_shared", None).await;
     gateway.publish(&full_run("run_s", "t_shared")).await;
     assert_eq!(a.events(5).await, b.events(5).await);
+    a.barrier().await;
+    b.barrier().await;
     let metrics = gateway.metrics().await;
     assert!(
         metrics.contains("agentwire_fanout_frames_sent_total 10"),

@@ -4,8 +4,10 @@
 
 mod bad_input;
 mod delivery;
+mod operations;
 mod process;
 mod resolution;
 mod resume;
 mod slow_consumer;
 mod support;
+mod watchdog;

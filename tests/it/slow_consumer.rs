@@ -89,6 +89,7 @@ async fn a_slow_consumer_is_closed_with_4008_and_resumes_everything() {
         .map(|e| e["seq"].as_u64().unwrap())
         .collect();
     assert_eq!(rest, (last_seen + 1..=EVENTS).collect::<Vec<_>>());
+    back.barrier().await;
     let ledger = gateway.channel("thread:t_big").await;
     assert_eq!(
         (ledger["delivered"].as_u64(), ledger["lost_total"].as_u64()),

@@ -281,6 +281,13 @@ impl Client {
         }
     }
 
+    /// Sends a ping and waits for its pong: everything queued before it has been written and
+    /// recorded as delivered.
+    pub async fn barrier(&mut self) {
+        self.send(json!({"type": "ping"})).await;
+        assert_eq!(self.recv().await["type"], "pong");
+    }
+
     /// Subscribes to a thread; returns the `subscribed` frame.
     pub async fn subscribe(&mut self, thread_id: &str, since: Option<Value>) -> Value {
         let mut frame = json!({"type": "subscribe", "thread_id": thread_id});

@@ -1,0 +1,124 @@
+//! Dead letters: valid events that found no channel within `resolve.grace`, kept (bounded) with
+//! the reason and time so an operator can see them and, once the missing runs are registered,
+//! redrive them.
+//!
+//! Accounting: `agentwire_events_lost_total{reason="unresolved"}` counts every event that was ever
+//! dead-lettered and never goes down; a redrive that delivers an event to a channel counts it in
+//! `agentwire_events_redriven_total` and emits it. Events lost unresolved right now are therefore
+//! `lost{unresolved} - redriven`, and
+//! `ingested + generated + redriven = emitted + pending_resolution + lost{unresolved} + duplicates`
+//! holds at all times (a redriven event is in `emitted` and in `lost{unresolved}` once each).
+
+use std::collections::VecDeque;
+use std::sync::Mutex;
+use std::time::SystemTime;
+
+use serde::Serialize;
+
+use crate::protocol::event::Event;
+
+pub struct DeadLetters {
+    capacity: usize,
+    inner: Mutex<Inner>,
+}
+
+#[derive(Default)]
+struct Inner {
+    next_id: u64,
+    entries: VecDeque<Entry>,
+}
+
+/// One dead-lettered event.
+#[derive(Debug, Clone)]
+pub struct Entry {
+    pub id: u64,
+    pub run_id: String,
+    pub reason: &'static str,
+    pub lost_at: SystemTime,
+    pub event: Event,
+}
+
+/// An entry as `GET /v1/deadletter` lists it.
+#[derive(Debug, Serialize)]
+pub struct EntryReport {
+    pub id: u64,
+    pub run_id: String,
+    #[serde(rename = "type")]
+    pub kind: &'static str,
+    pub event_id: Option<String>,
+    pub reason: &'static str,
+    pub lost_at: String,
+    pub event: serde_json::Value,
+}
+
+impl DeadLetters {
+    pub fn new(capacity: usize) -> Self {
+        Self {
+            capacity,
+            inner: Mutex::default(),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Keeps an event; returns how many are kept now. The oldest go when full.
+    pub fn push(&self, run_id: &str, event: Event, reason: &'static str) -> usize {
+        let mut inner = self.lock();
+        inner.next_id += 1;
+        let id = inner.next_id;
+        inner.entries.push_back(Entry {
+            id,
+            run_id: run_id.to_string(),
+            reason,
+            lost_at: SystemTime::now(),
+            event,
+        });
+        while inner.entries.len() > self.capacity {
+            inner.entries.pop_front();
+        }
+        inner.entries.len()
+    }
+
+    pub fn list(&self) -> Vec<EntryReport> {
+        self.lock()
+            .entries
+            .iter()
+            .map(|entry| EntryReport {
+                id: entry.id,
+                run_id: entry.run_id.clone(),
+                kind: entry.event.kind.as_str(),
+                event_id: entry.event.event_id.clone(),
+                reason: entry.reason,
+                lost_at: humantime::format_rfc3339_millis(entry.lost_at).to_string(),
+                event: entry.event.to_json(),
+            })
+            .collect()
+    }
+
+    /// Takes every entry out for a redrive; what is not rescued goes back with [`Self::restore`].
+    pub fn take(&self) -> Vec<Entry> {
+        self.lock().entries.drain(..).collect()
+    }
+
+    /// Puts entries back in front of any that arrived meanwhile, keeping their order.
+    pub fn restore(&self, entries: Vec<Entry>) -> usize {
+        let mut inner = self.lock();
+        for entry in entries.into_iter().rev() {
+            inner.entries.push_front(entry);
+        }
+        while inner.entries.len() > self.capacity {
+            inner.entries.pop_front();
+        }
+        inner.entries.len()
+    }
+
+    pub fn len(&self) -> usize {
+        self.lock().entries.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}

@@ -1,0 +1,189 @@
+//! What an operator uses when an alert fires: dead letters and redrive, the ledger overview,
+//! latency histograms, and the delivery probe.
+
+use std::time::{Duration, SystemTime};
+
+use serde_json::json;
+
+use crate::support::{Gateway, binary, event};
+
+#[tokio::test]
+async fn a_dead_letter_is_listed_and_redriven_after_registration() {
+    let gateway = Gateway::start_with(|c| c.resolve.grace = Duration::from_millis(100)).await;
+    let mut client = gateway.client("u_1").await;
+    client.subscribe("t_dl", None).await;
+    gateway.publish(&[json!({"type": "agent_thinking", "run_id": "run_dl", "event_id": "ev-dl", "payload": {"n": 1}})]).await;
+
+    let mut listed = json!(null);
+    for _ in 0..100 {
+        let (_, body) = gateway.get("/v1/deadletter").await;
+        if body["count"] == 1 {
+            listed = body;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let entry = &listed["events"][0];
+    assert_eq!(
+        (
+            entry["run_id"].as_str(),
+            entry["type"].as_str(),
+            entry["event_id"].as_str()
+        ),
+        (Some("run_dl"), Some("agent_thinking"), Some("ev-dl"))
+    );
+    assert_eq!(entry["event"]["payload"]["n"], 1);
+    assert!(entry["reason"].as_str().is_some() && entry["lost_at"].as_str().is_some());
+
+    // Redrive before the registration: still unresolved, still listed.
+    let (_, report) = gateway.post("/v1/deadletter/redrive", "").await;
+    assert_eq!(
+        (report["delivered"].as_u64(), report["unresolved"].as_u64()),
+        (Some(0), Some(1))
+    );
+
+    gateway
+        .post(
+            "/v1/runs",
+            &json!({"run_id": "run_dl", "thread_id": "t_dl"}).to_string(),
+        )
+        .await;
+    let (status, report) = gateway.post("/v1/deadletter/redrive", "").await;
+    assert_eq!(status, 200);
+    assert_eq!(
+        report["results"][0],
+        json!({"id": entry["id"], "run_id": "run_dl", "status": "delivered", "channel": "thread:t_dl", "seq": 1})
+    );
+    let redriven = client.recv().await;
+    assert_eq!(
+        (
+            redriven["run_id"].as_str(),
+            redriven["payload"]["n"].as_u64()
+        ),
+        (Some("run_dl"), Some(1))
+    );
+    client.barrier().await;
+    assert_eq!(gateway.get("/v1/deadletter").await.1["count"], 0);
+
+    let metrics = gateway.metrics().await;
+    for line in [
+        "agentwire_events_lost_total{reason=\"unresolved\"} 1",
+        "agentwire_events_redriven_total 1",
+        "agentwire_deadletter_events 0",
+        "agentwire_events_ingested_total 1",
+        "agentwire_events_emitted_total 1",
+    ] {
+        assert!(
+            metrics.lines().any(|l| l == line),
+            "missing `{line}` in:\n{metrics}"
+        );
+    }
+    let (_, ledger) = gateway.get("/v1/ledger").await;
+    assert_eq!(ledger["channels"]["balanced"], true, "{ledger}");
+    assert_eq!(ledger["ingest"]["redriven"], 1);
+    gateway.channel("thread:t_dl").await;
+}
+
+#[tokio::test]
+async fn the_ledger_overview_names_the_worst_channels() {
+    let gateway = Gateway::start_with(|c| c.history.max_events = 2).await;
+    let thinking = |thread: &str, n: usize| {
+        (0..n)
+            .map(|_| event("agent_thinking", "r", thread))
+            .collect::<Vec<_>>()
+    };
+    gateway.publish(&thinking("t_waiting", 2)).await;
+    gateway.publish(&thinking("t_lossy", 5)).await;
+    gateway.publish(&thinking("t_one", 1)).await;
+    let (status, ledger) = gateway.get("/v1/ledger?top=2").await;
+    assert_eq!(status, 200);
+    assert_eq!(ledger["channels"]["emitted"], 8);
+    assert_eq!(ledger["channels"]["pending"], 5);
+    assert_eq!(ledger["channels"]["lost"]["expired_unseen"], 3);
+    assert_eq!(ledger["channels"]["balanced"], true);
+    let pending: Vec<_> = ledger["top_pending"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["channel"].as_str().unwrap())
+        .collect();
+    assert_eq!(pending, ["thread:t_lossy", "thread:t_waiting"]);
+    assert_eq!(ledger["top_lost"][0]["channel"], "thread:t_lossy");
+    assert_eq!(ledger["top_lost"][0]["lost_total"], 3);
+    assert!(
+        ledger["top_pending"][0]["oldest_pending_age_seconds"]
+            .as_f64()
+            .is_some()
+    );
+}
+
+#[tokio::test]
+async fn event_age_is_measured_from_the_producer_ts() {
+    let gateway = Gateway::start().await;
+    let mut client = gateway.client("u_1").await;
+    client.subscribe("t_1", None).await;
+    let ts =
+        humantime::format_rfc3339_millis(SystemTime::now() - Duration::from_millis(50)).to_string();
+    let mut timed = event("agent_thinking", "r", "t_1");
+    timed["ts"] = ts.clone().into();
+    gateway
+        .publish(&[timed, event("agent_thinking", "r", "t_1")])
+        .await;
+    assert_eq!(client.recv().await["ts"], ts);
+    client.recv().await;
+    client.barrier().await;
+    let metrics = gateway.metrics().await;
+    assert!(
+        metrics.contains("agentwire_event_age_seconds_count 1"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("agentwire_delivery_latency_seconds_count 2"),
+        "{metrics}"
+    );
+    assert!(crate::support::metric_value(&metrics, "agentwire_event_age_seconds_sum") >= 0.05);
+}
+
+async fn probe(url: String) -> (Option<i32>, String) {
+    let output = tokio::task::spawn_blocking(move || {
+        binary()
+            .args(["probe", "--url", &url, "--timeout", "5s"])
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    (
+        output.status.code(),
+        String::from_utf8_lossy(&output.stdout).into_owned(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_probe_passes_on_a_healthy_gateway_and_fails_clearly_otherwise() {
+    let healthy = Gateway::start().await;
+    let (code, out) = probe(format!("http://{}", healthy.addr)).await;
+    assert_eq!(code, Some(0), "{out}");
+    assert!(
+        out.starts_with("agentwire probe: ok: 5/5 events in order"),
+        "{out}"
+    );
+    assert!(
+        out.contains("emitted 5, delivered 5, pending 0, lost 0"),
+        "{out}"
+    );
+
+    // A gateway whose per-connection queue cannot hold the handshake's frames closes the probe with 4008.
+    let broken = Gateway::start_with(|c| {
+        c.session.queue_events = 1;
+    })
+    .await;
+    let (code, out) = probe(format!("http://{}", broken.addr)).await;
+    assert_eq!(code, Some(1), "{out}");
+    assert!(out.contains("FAIL") && out.contains("4008"), "{out}");
+
+    let port = crate::support::free_port();
+    let (code, out) = probe(format!("http://127.0.0.1:{port}")).await;
+    assert_eq!(code, Some(1), "{out}");
+    assert!(out.contains("FAIL: cannot connect"), "{out}");
+}

@@ -1,0 +1,138 @@
+//! The run watchdog: a run that goes quiet is ended for the UI; out-of-order lifecycles are
+//! delivered as sent and counted.
+
+use std::time::Duration;
+
+use serde_json::json;
+
+use crate::support::{Gateway, event};
+
+#[tokio::test]
+async fn a_run_that_goes_quiet_after_a_tool_call_is_ended_as_stalled() {
+    let gateway =
+        Gateway::start_with(|c| c.watchdog.run_idle_timeout = Duration::from_millis(300)).await;
+    let mut client = gateway.client("u_1").await;
+    client.subscribe("t_1", None).await;
+    gateway
+        .publish(&[
+            event("agent_started", "run_s", "t_1"),
+            event("tool_executing", "run_s", "t_1"),
+        ])
+        .await;
+    client.events(2).await;
+
+    let stalled = client.recv().await;
+    assert_eq!(
+        (stalled["type"].as_str(), stalled["seq"].as_u64()),
+        (Some("agent_error"), Some(3))
+    );
+    assert_eq!(stalled["run_id"], "run_s");
+    assert_eq!(stalled["payload"]["reason"], "stalled");
+    assert_eq!(stalled["payload"]["open_tools"], json!(["call_1"]));
+
+    let (status, run) = gateway.get("/v1/runs/run_s").await;
+    assert_eq!(status, 200, "{run}");
+    assert_eq!(run["state"], "stalled");
+    assert_eq!(run["open_tools"], json!(["call_1"]));
+    assert_eq!(run["thread_id"], "t_1");
+    assert_eq!(
+        run["counts"],
+        json!({"agent_started": 1, "tool_executing": 1})
+    );
+    assert!(run["seconds_since_last_event"].as_f64().unwrap() >= 0.3);
+
+    // A late event is still delivered, and counted.
+    gateway
+        .publish(&[event("tool_completed", "run_s", "t_1")])
+        .await;
+    assert_eq!(client.recv().await["type"], "tool_completed");
+    client.silent_for(Duration::from_millis(500)).await;
+    let metrics = gateway.metrics().await;
+    for line in [
+        "agentwire_runs_stalled_total 1",
+        "agentwire_runs_completed_total{outcome=\"stalled\"} 1",
+        "agentwire_runs_active 0",
+        "agentwire_events_generated_total 1",
+        "agentwire_lifecycle_violations_total{kind=\"event_after_stall\"} 1",
+    ] {
+        assert!(
+            metrics.lines().any(|l| l == line),
+            "missing `{line}` in:\n{metrics}"
+        );
+    }
+    let ledger = gateway.channel("thread:t_1").await;
+    assert_eq!(ledger["emitted"], 4);
+}
+
+#[tokio::test]
+async fn the_stall_notice_can_be_switched_off() {
+    let gateway = Gateway::start_with(|c| {
+        c.watchdog.run_idle_timeout = Duration::from_millis(100);
+        c.watchdog.stalled_event = false;
+    })
+    .await;
+    let mut client = gateway.client("u_1").await;
+    client.subscribe("t_1", None).await;
+    gateway
+        .publish(&[event("agent_started", "run_q", "t_1")])
+        .await;
+    client.recv().await;
+    client.silent_for(Duration::from_millis(500)).await;
+    assert_eq!(gateway.metric("agentwire_runs_stalled_total").await, 1.0);
+}
+
+#[tokio::test]
+async fn each_lifecycle_violation_is_counted_once_and_delivered() {
+    let gateway = Gateway::start().await;
+    let mut client = gateway.client("u_1").await;
+    client.subscribe("t_v", None).await;
+    let tool = |kind: &str, id: &str| json!({"type": kind, "run_id": "run_v", "thread_id": "t_v", "payload": {"tool_call_id": id}});
+    let crafted = [
+        event("agent_thinking", "run_v", "t_v"), // event_before_start
+        event("agent_started", "run_v", "t_v"),
+        event("agent_started", "run_v", "t_v"), // duplicate_start
+        tool("tool_completed", "call_x"),       // tool_completed_without_executing
+        tool("tool_executing", "call_y"),
+        event("agent_completed", "run_v", "t_v"), // ended_with_open_tools
+        event("agent_thinking", "run_v", "t_v"),  // event_after_end
+    ];
+    gateway.publish(&crafted).await;
+    let delivered: Vec<_> = client
+        .events(7)
+        .await
+        .iter()
+        .map(|e| e["type"].as_str().unwrap().to_string())
+        .collect();
+    let sent: Vec<_> = crafted
+        .iter()
+        .map(|e| e["type"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(delivered, sent, "delivered as sent");
+
+    let metrics = gateway.metrics().await;
+    for kind in [
+        "event_before_start",
+        "duplicate_start",
+        "tool_completed_without_executing",
+        "ended_with_open_tools",
+        "event_after_end",
+    ] {
+        let line = format!("agentwire_lifecycle_violations_total{{kind=\"{kind}\"}} 1");
+        assert!(
+            metrics.lines().any(|l| l == line),
+            "missing `{line}` in:\n{metrics}"
+        );
+    }
+    assert!(
+        metrics.contains("agentwire_runs_completed_total{outcome=\"completed\"} 1"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("agentwire_run_duration_seconds_count 1"),
+        "{metrics}"
+    );
+    let (_, run) = gateway.get("/v1/runs/run_v").await;
+    assert_eq!(run["state"], "completed");
+    assert_eq!(run["violations"]["duplicate_start"], 1);
+    assert_eq!(gateway.get("/v1/runs/run_nobody").await.0, 404);
+}

@@ -20,6 +20,8 @@ use crate::ledger::LostReason;
 use crate::protocol::ChannelName;
 use crate::protocol::event::{self, Event, EventType, Refusal};
 use crate::resolve::{Held, RunTarget};
+use crate::telemetry;
+use tracing::Span;
 
 /// The answer for one item.
 #[derive(Debug, Serialize)]
@@ -101,6 +103,8 @@ pub fn ingest(gateway: &Gateway, items: &[&str]) -> Vec<ItemResult> {
 /// Accepts one valid event: dedupe, register (for `agent_started` with a thread), resolve, publish.
 pub fn accept(gateway: &Gateway, event: Event) -> ItemResult {
     gateway.metrics.events_ingested.inc();
+    let span = telemetry::ingest_span(&event);
+    let _entered = span.enter();
     if let Some(event_id) = &event.event_id
         && !gateway.dedupe.first_time(event_id)
     {
@@ -118,7 +122,7 @@ pub fn accept(gateway: &Gateway, event: Event) -> ItemResult {
     }
     match gateway.resolver.resolve(&event) {
         Some(channel) => {
-            let published = emit(gateway, &channel, &event);
+            let published = emit(gateway, &channel, &event, &span);
             ItemResult::Accepted {
                 channel: channel.to_string(),
                 seq: published.seq,
@@ -153,9 +157,11 @@ pub fn accept(gateway: &Gateway, event: Event) -> ItemResult {
 }
 
 /// Publishes an event into its channel and lets the watchdog follow its run.
-pub fn emit(gateway: &Gateway, channel: &ChannelName, event: &Event) -> Published {
+pub fn emit(gateway: &Gateway, channel: &ChannelName, event: &Event, span: &Span) -> Published {
     let started = Instant::now();
-    let published = gateway.broker.publish(channel, event);
+    let published = gateway.broker.publish(channel, event, |seq| {
+        telemetry::published(span, event, channel, seq)
+    });
     gateway
         .metrics
         .broker_latency
@@ -170,7 +176,9 @@ pub fn report_stalls(gateway: &Gateway) {
     for stalled in gateway.watchdog.sweep(&gateway.metrics) {
         if gateway.config.watchdog.stalled_event {
             // Published past the watchdog: the run is already ended as stalled.
-            gateway.broker.publish(&stalled.channel, &stalled.event());
+            gateway
+                .broker
+                .publish(&stalled.channel, &stalled.event(), |_| None);
             gateway.metrics.events_generated.inc();
         }
     }
@@ -201,7 +209,12 @@ pub fn redrive(gateway: &Gateway) -> Vec<Redriven> {
     for entry in gateway.deadletters.take() {
         match gateway.resolver.resolve(&entry.event) {
             Some(channel) => {
-                let published = emit(gateway, &channel, &entry.event);
+                let published = emit(
+                    gateway,
+                    &channel,
+                    &entry.event,
+                    &telemetry::ingest_span(&entry.event),
+                );
                 gateway.metrics.events_redriven.inc();
                 tracing::info!(run_id = %entry.run_id, %channel, seq = published.seq, "Redrive delivered a dead letter.");
                 report.push(Redriven {
@@ -238,7 +251,7 @@ pub fn register(gateway: &Gateway, run_id: &str, target: RunTarget) -> usize {
         return 0;
     };
     for event in &held {
-        emit(gateway, &channel, event);
+        emit(gateway, &channel, event, &telemetry::ingest_span(event));
     }
     if !held.is_empty() {
         tracing::info!(run_id, %channel, released = held.len(), "Late registration delivered held events.");

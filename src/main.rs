@@ -114,12 +114,12 @@ fn probe(url: &str, timeout: std::time::Duration) -> ExitCode {
 }
 
 fn serve(config: Config) -> anyhow::Result<()> {
-    agentwire::telemetry::init(&config);
+    let telemetry = agentwire::telemetry::init(&config);
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .context("cannot start the tokio runtime")?;
-    runtime.block_on(async {
+    let served = runtime.block_on(async {
         let listener = tokio::net::TcpListener::bind(config.listen)
             .await
             .with_context(|| format!("cannot listen on {}", config.listen))?;
@@ -129,7 +129,11 @@ fn serve(config: Config) -> anyhow::Result<()> {
         tokio::spawn(signals(stop.clone()));
         agentwire::server::run(Arc::new(Gateway::new(config)), listener, stop).await;
         Ok(())
-    })
+    });
+    // Outside the runtime: the exporter's blocking client flushes the last spans.
+    drop(runtime);
+    telemetry.shutdown();
+    served
 }
 
 /// Decides shutdown: the first SIGTERM or SIGINT starts the drain.

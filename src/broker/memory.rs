@@ -168,7 +168,13 @@ impl MemoryBroker {
     }
 
     /// Sequences `event` into `channel`, stores it and queues it to every local subscriber.
-    pub fn publish(&self, name: &ChannelName, event: &Event) -> Published {
+    /// `trace` is given the seq and returns what delivery spans continue (tracing on only).
+    pub fn publish(
+        &self,
+        name: &ChannelName,
+        event: &Event,
+        trace: impl Fn(u64) -> Option<Box<crate::telemetry::TraceInfo>>,
+    ) -> Published {
         let produced_at = event
             .ts
             .as_deref()
@@ -199,6 +205,7 @@ impl MemoryBroker {
                 frame: server::event_frame(body, seq),
                 emitted_at: Instant::now(),
                 produced_at,
+                trace: trace(seq),
                 state: EventState::default(),
                 ledger: Arc::clone(&channel.ledger),
             });
@@ -452,7 +459,7 @@ mod tests {
         });
         let channel = ChannelName::thread("t1");
         for n in 1..=5 {
-            assert_eq!(broker.publish(&channel, &thinking("r1")).seq, n);
+            assert_eq!(broker.publish(&channel, &thinking("r1"), |_| None).seq, n);
         }
         let report = broker.report(&channel).unwrap();
         assert_eq!(

@@ -27,6 +27,8 @@ pub struct StoredEvent {
     pub emitted_at: Instant,
     /// The producer's `ts`, when it is an RFC 3339 UTC time.
     pub produced_at: Option<SystemTime>,
+    /// Present only when traces are exported.
+    pub trace: Option<Box<crate::telemetry::TraceInfo>>,
     state: EventState,
     ledger: Arc<ChannelLedger>,
 }

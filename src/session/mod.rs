@@ -68,7 +68,14 @@ pub async fn serve(gateway: Arc<Gateway>, ws: WebSocket<Socket>, connection_id: 
         let config = &gateway.config.session;
         let (outbox, queue) = Outbox::new(config.queue_events, config.queue_bytes);
         let mut writer = tokio::spawn(
-            writer::run(Arc::clone(&gateway), write, queue, Arc::clone(&outbox)).in_current_span(),
+            writer::run(
+                Arc::clone(&gateway),
+                write,
+                queue,
+                Arc::clone(&outbox),
+                connection_id.clone(),
+            )
+            .in_current_span(),
         );
         let mut session = Session {
             gateway: Arc::clone(&gateway),

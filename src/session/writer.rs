@@ -32,6 +32,7 @@ pub async fn run<S: AsyncWrite + Unpin>(
     mut socket: WebSocketWrite<S>,
     mut queue: Receiver<Outgoing>,
     outbox: Arc<Outbox>,
+    connection_id: String,
 ) -> End {
     let config = &gateway.config.session;
     let shutdown = gateway.shutdown.sessions.clone();
@@ -83,6 +84,9 @@ pub async fn run<S: AsyncWrite + Unpin>(
             .inc_by(written.len() as u64);
         for event in written.drain(..) {
             event.delivered(&gateway.metrics);
+            if let Some(trace) = &event.trace {
+                crate::telemetry::delivered(trace, event.seq, &connection_id);
+            }
         }
         last_write = Instant::now();
     }

@@ -10,4 +10,5 @@ mod resolution;
 mod resume;
 mod slow_consumer;
 mod support;
+mod traces;
 mod watchdog;

@@ -107,7 +107,11 @@ pub struct ShutdownConfig {
     /// balancers stop sending new connections first.
     #[serde(with = "humantime_serde")]
     pub drain_delay: Duration,
-    /// After the 1012 closes, how long the process waits for sessions to end before it exits.
+    /// The 1012 closes are spread over this window, each connection at a random moment in it, so
+    /// that thousands of clients do not reconnect in the same millisecond.
+    #[serde(with = "humantime_serde")]
+    pub close_window: Duration,
+    /// After the close window, how long the process waits for sessions to end before it exits.
     #[serde(with = "humantime_serde")]
     pub timeout: Duration,
 }
@@ -227,6 +231,7 @@ impl Default for ShutdownConfig {
     fn default() -> Self {
         Self {
             drain_delay: Duration::from_secs(5),
+            close_window: Duration::from_secs(5),
             timeout: Duration::from_secs(10),
         }
     }

@@ -1,7 +1,7 @@
 //! The listener: HTTP/1.1 with upgrades on one port, background housekeeping, and graceful
 //! shutdown in three parts: decide (the caller's `stop` token), tell (readiness turns 503 at once,
-//! then after `shutdown.drain_delay` every session gets close 1012), wait (the session tracker,
-//! bounded by `shutdown.timeout`). Hyper forgets upgraded connections, so sessions are tracked
+//! then after `shutdown.drain_delay` every session gets close 1012 at a random moment within
+//! `shutdown.close_window`), wait (the session tracker, bounded by `close_window + timeout`). Hyper forgets upgraded connections, so sessions are tracked
 //! apart from HTTP connections.
 
 mod routes;
@@ -36,20 +36,19 @@ pub async fn run(gateway: Arc<Gateway>, listener: TcpListener, stop: Cancellatio
     drop(listener);
 
     let sessions = &gateway.shutdown;
-    tracing::info!(
-        sessions = sessions.tracker.len(),
-        "Closing sessions with 1012."
-    );
+    let window = gateway.config.shutdown.close_window;
+    tracing::info!(sessions = sessions.tracker.len(), close_window = ?window, "Closing sessions with 1012.");
     sessions.sessions.cancel();
     http_stop.cancel();
     sessions.tracker.close();
-    if tokio::time::timeout(gateway.config.shutdown.timeout, sessions.tracker.wait())
+    let bound = window + gateway.config.shutdown.timeout;
+    if tokio::time::timeout(bound, sessions.tracker.wait())
         .await
         .is_err()
     {
         tracing::warn!(
             left = sessions.tracker.len(),
-            "Sessions did not end within shutdown.timeout."
+            "Sessions did not end within shutdown.close_window + shutdown.timeout."
         );
     }
     housekeeping.abort();

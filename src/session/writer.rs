@@ -36,6 +36,14 @@ pub async fn run<S: AsyncWrite + Unpin>(
 ) -> End {
     let config = &gateway.config.session;
     let shutdown = gateway.shutdown.sessions.clone();
+    // On shutdown, each connection closes at its own random moment within the close window.
+    let window = gateway.config.shutdown.close_window;
+    let close_time = async move {
+        shutdown.cancelled().await;
+        let jitter = window.mul_f64(rand::random::<f64>());
+        tokio::time::sleep(jitter).await;
+    };
+    tokio::pin!(close_time);
     let mut heartbeat = tokio::time::interval(config.heartbeat);
     heartbeat.set_missed_tick_behavior(MissedTickBehavior::Delay);
     heartbeat.tick().await;
@@ -47,7 +55,7 @@ pub async fn run<S: AsyncWrite + Unpin>(
             _ = outbox.overflow().cancelled() => {
                 return finish(&mut socket, close::SLOW_CONSUMER, "slow_consumer", Ended::SlowConsumer, config.write_timeout).await;
             }
-            _ = shutdown.cancelled() => {
+            _ = &mut close_time => {
                 return finish(&mut socket, close::RESTARTING, "restarting", Ended::Shutdown, config.write_timeout).await;
             }
             item = queue.recv() => match item {

@@ -58,7 +58,11 @@ fn config_prints_env_over_file_and_refuses_bad_values_with_64() {
 
 #[tokio::test]
 async fn sigterm_drains_then_closes_clients_with_1012_and_exits_0() {
-    let mut process = Process::start(&[("AGENTWIRE_SHUTDOWN__DRAIN_DELAY", "1s")]).await;
+    let mut process = Process::start(&[
+        ("AGENTWIRE_SHUTDOWN__DRAIN_DELAY", "1s"),
+        ("AGENTWIRE_SHUTDOWN__CLOSE_WINDOW", "0s"),
+    ])
+    .await;
     let mut client = Client::hello(process.addr, "u_1").await;
     assert_eq!(http(process.addr, "GET", "/readyz", None).await.0, 200);
 
@@ -87,4 +91,64 @@ async fn sigterm_drains_then_closes_clients_with_1012_and_exits_0() {
     };
     assert_eq!(status.code(), Some(0));
     let _ = free_port();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_thousand_clients_get_1012_spread_over_the_close_window() {
+    let mut process = Process::start(&[
+        ("AGENTWIRE_SHUTDOWN__DRAIN_DELAY", "500ms"),
+        ("AGENTWIRE_SHUTDOWN__CLOSE_WINDOW", "2s"),
+    ])
+    .await;
+    let addr = process.addr;
+    let mut clients = Vec::new();
+    for chunk in 0..10 {
+        let connecting: Vec<_> = (0..100)
+            .map(|n| {
+                tokio::spawn(async move { Client::hello(addr, &format!("u_{chunk}_{n}")).await })
+            })
+            .collect();
+        for client in connecting {
+            clients.push(client.await.unwrap());
+        }
+    }
+
+    let signalled = std::time::Instant::now();
+    process.signal("TERM");
+    let closes: Vec<_> = clients
+        .into_iter()
+        .map(|mut client| tokio::spawn(async move { (client.closed().await, signalled.elapsed()) }))
+        .collect();
+    let mut times = Vec::new();
+    for close in closes {
+        let (code, at) = close.await.unwrap();
+        assert_eq!(code, 1012);
+        times.push(at);
+    }
+    times.sort();
+    let (first, last) = (times[0], times[times.len() - 1]);
+    assert!(
+        first >= Duration::from_millis(450),
+        "no close before the drain delay: {first:?}"
+    );
+    assert!(
+        last <= Duration::from_millis(3500),
+        "all within drain delay + window (+ margin): {last:?}"
+    );
+    assert!(
+        last - first >= Duration::from_millis(500),
+        "closes are spread, not all at once: {first:?}..{last:?}"
+    );
+
+    let status = loop {
+        if let Some(status) = process.child.try_wait().unwrap() {
+            break status;
+        }
+        assert!(
+            signalled.elapsed() < Duration::from_secs(15),
+            "the process must exit"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert_eq!(status.code(), Some(0));
 }

@@ -43,6 +43,7 @@ impl Gateway {
     pub async fn start_with(configure: impl FnOnce(&mut Config)) -> Self {
         let mut config = Config::default();
         config.shutdown.drain_delay = Duration::ZERO;
+        config.shutdown.close_window = Duration::ZERO;
         configure(&mut config);
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();

@@ -16,8 +16,12 @@
 //! - [`metrics`]: the Prometheus registry and every metric.
 //! - [`protocol`]: the wire formats, pure decoding and encoding.
 //! - [`probe`]: `agentwire probe`, an end-to-end delivery check through the public API.
+//! - [`bench`]: `agentwire bench`, the load generator behind README's performance figures.
+//! - [`client`]: the minimal WebSocket and HTTP client the probe and the bench share.
 
+pub mod bench;
 pub mod broker;
+pub mod client;
 pub mod config;
 pub mod deadletter;
 pub mod fanout;

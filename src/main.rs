@@ -35,6 +35,8 @@ enum Command {
     Serve,
     /// Print the effective configuration (defaults < file < AGENTWIRE_* environment) as TOML.
     Config,
+    /// Load-test a running gateway (see README, Performance).
+    Bench(agentwire::bench::BenchArgs),
     /// Check delivery end to end against a running gateway: exit 0 when a five-event run arrived
     /// in order and the ledger balanced, 1 otherwise.
     Probe {
@@ -52,6 +54,7 @@ fn main() -> ExitCode {
     match cli.command.unwrap_or(Command::Serve) {
         // The probe is a client: it needs no gateway configuration.
         Command::Probe { url, timeout } => probe(&url, timeout),
+        Command::Bench(args) => bench(args),
         Command::Config => match load(cli.config.as_deref()) {
             Ok(config) => {
                 print!("{}", config.to_toml());
@@ -77,6 +80,26 @@ fn load(file: Option<&std::path::Path>) -> Result<Config, ExitCode> {
         eprintln!("agentwire: {error}");
         ExitCode::from(EXIT_CONFIG)
     })
+}
+
+fn bench(args: agentwire::bench::BenchArgs) -> ExitCode {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            eprintln!("agentwire bench: cannot start a runtime: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(agentwire::bench::run(args)) {
+        Ok(_) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("agentwire bench: FAIL: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
 }
 
 fn probe(url: &str, timeout: std::time::Duration) -> ExitCode {

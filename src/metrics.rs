@@ -55,6 +55,7 @@ pub struct Metrics {
     pub deadletter_events: IntGauge,
     pub events_redriven: IntCounter,
     pub events_generated: IntCounter,
+    pub accept_errors: IntCounterVec,
 }
 
 /// Run duration buckets from 100 ms to 1 h.
@@ -257,6 +258,12 @@ impl Metrics {
                 r,
                 "agentwire_events_generated_total",
                 "Events the gateway made itself (the agent_error of a stalled run).",
+            ),
+            accept_errors: counter_vec(
+                r,
+                "agentwire_accept_errors_total",
+                "Connections the listener could not accept, by reason (fd_limit, other).",
+                "reason",
             ),
             registry,
             scrape: Mutex::new(()),

@@ -5,15 +5,11 @@
 
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, bail, ensure};
-use bytes::Bytes;
-use fastwebsockets::{Frame, OpCode, Payload, WebSocket};
-use http_body_util::{BodyExt, Empty, Full};
-use hyper::upgrade::Upgraded;
-use hyper::{Request, Uri};
-use hyper_util::rt::TokioIo;
+use anyhow::{Context, ensure};
+use fastwebsockets::Frame;
 use serde_json::{Value, json};
-use tokio::net::TcpStream;
+
+use crate::client::{Target, expect_type, next_data, send};
 
 const KINDS: [&str; 5] = [
     "agent_started",
@@ -39,100 +35,14 @@ pub async fn run(url: &str, limit: Duration) -> anyhow::Result<Report> {
         .with_context(|| format!("no complete answer within {} s", limit.as_secs_f64()))?
 }
 
-struct Target {
-    host: String,
-    port: u16,
-}
-
-impl Target {
-    fn parse(url: &str) -> anyhow::Result<Self> {
-        let uri: Uri = url
-            .parse()
-            .with_context(|| format!("`{url}` is not a URL"))?;
-        ensure!(
-            uri.scheme_str() == Some("http"),
-            "only http:// URLs are supported (got `{url}`)"
-        );
-        let host = uri.host().context("the URL has no host")?.to_string();
-        Ok(Self {
-            host,
-            port: uri.port_u16().unwrap_or(80),
-        })
-    }
-
-    fn authority(&self) -> String {
-        format!("{}:{}", self.host, self.port)
-    }
-
-    async fn connect(&self) -> anyhow::Result<TcpStream> {
-        TcpStream::connect((self.host.as_str(), self.port))
-            .await
-            .with_context(|| format!("cannot connect to {}", self.authority()))
-    }
-
-    async fn http(
-        &self,
-        method: &str,
-        path: &str,
-        body: Option<String>,
-    ) -> anyhow::Result<(u16, Value)> {
-        let (mut sender, connection) =
-            hyper::client::conn::http1::handshake(TokioIo::new(self.connect().await?)).await?;
-        tokio::spawn(connection);
-        let request = Request::builder()
-            .method(method)
-            .uri(path)
-            .header("host", self.authority())
-            .header("content-type", "application/json")
-            .body(Full::new(Bytes::from(body.unwrap_or_default())))?;
-        let response = sender
-            .send_request(request)
-            .await
-            .with_context(|| format!("{method} {path}"))?;
-        let status = response.status().as_u16();
-        let bytes = response.into_body().collect().await?.to_bytes();
-        let value = serde_json::from_slice(&bytes)
-            .unwrap_or(Value::String(String::from_utf8_lossy(&bytes).into_owned()));
-        Ok((status, value))
-    }
-}
-
-struct SpawnExecutor;
-
-impl<F> hyper::rt::Executor<F> for SpawnExecutor
-where
-    F: Future + Send + 'static,
-    F::Output: Send + 'static,
-{
-    fn execute(&self, future: F) {
-        tokio::spawn(future);
-    }
-}
-
-type Socket = WebSocket<TokioIo<Upgraded>>;
-
 async fn probe(target: &Target) -> anyhow::Result<Report> {
     let id = format!("agentwire-probe-{:08x}", rand::random::<u32>());
-    let request = Request::builder()
-        .uri("/ws")
-        .header("host", target.authority())
-        .header("upgrade", "websocket")
-        .header("connection", "upgrade")
-        .header(
-            "sec-websocket-key",
-            fastwebsockets::handshake::generate_key(),
-        )
-        .header("sec-websocket-version", "13")
-        .body(Empty::<Bytes>::new())?;
-    let (mut ws, _) =
-        fastwebsockets::handshake::client(&SpawnExecutor, request, target.connect().await?)
-            .await
-            .context("WebSocket upgrade on /ws failed")?;
+    let mut ws = target.websocket(target.connect().await?).await?;
 
-    send(&mut ws, json!({"type": "hello", "user_id": id})).await?;
+    send(&mut ws, &json!({"type": "hello", "user_id": id})).await?;
     expect_type(&mut ws, "welcome").await?;
     expect_type(&mut ws, "subscribed").await?;
-    send(&mut ws, json!({"type": "subscribe", "thread_id": id})).await?;
+    send(&mut ws, &json!({"type": "subscribe", "thread_id": id})).await?;
     let subscribed = expect_type(&mut ws, "subscribed").await?;
     let first_seq = subscribed["seq"].as_u64().unwrap_or(0) + 1;
 
@@ -161,11 +71,11 @@ async fn probe(target: &Target) -> anyhow::Result<Report> {
     let elapsed = started.elapsed();
     send(
         &mut ws,
-        json!({"type": "ack", "thread_id": id, "seq": first_seq + 4}),
+        &json!({"type": "ack", "thread_id": id, "seq": first_seq + 4}),
     )
     .await?;
     // The pong comes after the writer has recorded the deliveries.
-    send(&mut ws, json!({"type": "ping"})).await?;
+    send(&mut ws, &json!({"type": "ping"})).await?;
     expect_type(&mut ws, "pong").await?;
     let _ = ws.write_frame(Frame::close(1000, b"")).await;
 
@@ -195,48 +105,4 @@ async fn probe(target: &Target) -> anyhow::Result<Report> {
         elapsed,
         ledger,
     })
-}
-
-async fn send(ws: &mut Socket, frame: Value) -> anyhow::Result<()> {
-    let text = frame.to_string();
-    ws.write_frame(Frame::text(Payload::Borrowed(text.as_bytes())))
-        .await
-        .context("writing to the WebSocket")
-}
-
-/// The next JSON data frame, skipping heartbeats and control frames.
-async fn next_data(ws: &mut Socket) -> anyhow::Result<Value> {
-    loop {
-        let frame = ws
-            .read_frame()
-            .await
-            .context("reading from the WebSocket")?;
-        match frame.opcode {
-            OpCode::Text => {
-                let value: Value =
-                    serde_json::from_slice(&frame.payload).context("a frame that is not JSON")?;
-                if value["type"] != "heartbeat" {
-                    return Ok(value);
-                }
-            }
-            OpCode::Close => {
-                let code = frame
-                    .payload
-                    .get(..2)
-                    .map(|b| u16::from_be_bytes([b[0], b[1]]))
-                    .unwrap_or(1005);
-                bail!("the gateway closed the connection with {code}");
-            }
-            _ => {}
-        }
-    }
-}
-
-async fn expect_type(ws: &mut Socket, kind: &str) -> anyhow::Result<Value> {
-    let frame = next_data(ws).await?;
-    ensure!(
-        frame["type"] == kind,
-        "expected a {kind} frame, received {frame}"
-    );
-    Ok(frame)
 }

@@ -71,7 +71,20 @@ async fn accept_until(
             Ok((stream, _)) => stream,
             Err(error) => {
                 // Out of file descriptors and the like: say so, breathe, go on.
-                tracing::warn!(%error, "Accept failed.");
+                let reason = match error.raw_os_error() {
+                    Some(23 | 24) => "fd_limit",
+                    _ => "other",
+                };
+                gateway
+                    .metrics
+                    .accept_errors
+                    .with_label_values(&[reason])
+                    .inc();
+                if reason == "fd_limit" {
+                    tracing::error!(%error, connections = gateway.metrics.connections.get(), "Cannot accept: the process reached its open-file limit (raise `ulimit -n` / LimitNOFILE).");
+                } else {
+                    tracing::warn!(%error, "Accept failed.");
+                }
                 tokio::time::sleep(Duration::from_millis(50)).await;
                 continue;
             }

@@ -187,3 +187,62 @@ async fn the_probe_passes_on_a_healthy_gateway_and_fails_clearly_otherwise() {
     assert_eq!(code, Some(1), "{out}");
     assert!(out.contains("FAIL: cannot connect"), "{out}");
 }
+
+/// The benchmark cannot rot: each scenario runs small against a live gateway and must end with
+/// every delivery received and nothing lost. No speed is asserted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_bench_scenario_completes_with_nothing_lost() {
+    let gateway = Gateway::start().await;
+    let url = format!("http://{}", gateway.addr);
+    let scenarios: [&[&str]; 3] = [
+        &["idle", "--connections", "200", "--settle", "100ms"],
+        &[
+            "fanout",
+            "--connections",
+            "100",
+            "--threads",
+            "10",
+            "--events",
+            "500",
+            "--rate",
+            "1000",
+            "--max-time",
+            "30s",
+        ],
+        &[
+            "saturate",
+            "--connections",
+            "100",
+            "--threads",
+            "10",
+            "--events",
+            "1000",
+            "--max-time",
+            "30s",
+        ],
+    ];
+    for scenario in scenarios {
+        let mut args = vec!["bench", "--url", &url, "--sources", "4"];
+        args.extend_from_slice(scenario);
+        let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
+        let output = tokio::task::spawn_blocking(move || binary().args(&args).output().unwrap())
+            .await
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&output.stdout);
+        assert!(
+            output.status.success(),
+            "{scenario:?}: {stdout}\n{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        let result: serde_json::Value = serde_json::from_str(stdout.trim()).unwrap();
+        assert_eq!(result["scenario"], scenario[0]);
+        if scenario[0] != "idle" {
+            assert_eq!(
+                result["deliveries_received"], result["deliveries_expected"],
+                "{result}"
+            );
+            assert_eq!(result["ledger"]["lost"], 0, "{result}");
+            assert_eq!(result["ledger"]["balanced"], true, "{result}");
+        }
+    }
+}

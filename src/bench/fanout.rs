@@ -1,0 +1,328 @@
+//! `bench fanout` and `bench saturate`: C connections over T threads; P events published over
+//! HTTP, at a fixed rate or as fast as the gateway accepts. Latency is publish → receive, read
+//! from the send time each event carries.
+
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use anyhow::{Context, ensure};
+use hdrhistogram::Histogram;
+use serde_json::{Value, json};
+use tokio::sync::Semaphore;
+
+use super::{Server, run_tag};
+use crate::client::{Http, Socket, Target, expect_type, next_text, send};
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct Load {
+    /// WebSocket connections.
+    #[arg(long, default_value_t = 2_000)]
+    pub connections: usize,
+    /// Threads the connections are spread over (connection i watches thread i % T).
+    #[arg(long, default_value_t = 200)]
+    pub threads: usize,
+    /// Events published in all.
+    #[arg(long, default_value_t = 20_000)]
+    pub events: usize,
+    /// Events per second (fanout only).
+    #[arg(long, default_value_t = 2_000)]
+    pub rate: usize,
+    /// Approximate payload size of each event, in bytes.
+    #[arg(long, default_value_t = 200)]
+    pub payload: usize,
+    /// Events per POST.
+    #[arg(long, default_value_t = 100)]
+    pub batch: usize,
+    /// Concurrent POSTs (saturate only).
+    #[arg(long, default_value_t = 4)]
+    pub in_flight: usize,
+    /// The run stops after this long, finished or not.
+    #[arg(long, default_value = "120s", value_parser = humantime::parse_duration)]
+    pub max_time: Duration,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    Rate,
+    Saturate,
+}
+
+struct Received {
+    count: u64,
+    latency_us: Histogram<u64>,
+    last: Option<Instant>,
+}
+
+pub(super) async fn run(
+    target: &Target,
+    server: &Server,
+    sources: &[IpAddr],
+    load: Load,
+    mode: Mode,
+) -> anyhow::Result<Value> {
+    ensure!(
+        load.threads > 0 && load.connections >= load.threads,
+        "need connections >= threads > 0"
+    );
+    let tag = run_tag();
+    let deadline = Instant::now() + load.max_time;
+    let thread = |k: usize| format!("bench-{tag}-t{k}");
+    let expected_for = |k: usize| {
+        (load.events / load.threads + usize::from(k < load.events % load.threads)) as u64
+    };
+
+    // Everyone subscribed before the first event.
+    let gate = Arc::new(Semaphore::new(256));
+    let mut opening = Vec::with_capacity(load.connections);
+    for i in 0..load.connections {
+        let (target, source, gate, thread_id) = (
+            target.clone(),
+            sources[i % sources.len()],
+            Arc::clone(&gate),
+            thread(i % load.threads),
+        );
+        opening.push(tokio::spawn(async move {
+            let _permit = gate.acquire_owned().await?;
+            let mut ws = target.websocket(target.connect_from(source).await?).await?;
+            send(
+                &mut ws,
+                &json!({"type": "hello", "user_id": format!("{thread_id}-c{i}")}),
+            )
+            .await?;
+            expect_type(&mut ws, "welcome").await?;
+            expect_type(&mut ws, "subscribed").await?;
+            send(
+                &mut ws,
+                &json!({"type": "subscribe", "thread_id": thread_id}),
+            )
+            .await?;
+            expect_type(&mut ws, "subscribed").await?;
+            anyhow::Ok(ws)
+        }));
+    }
+    let mut readers = Vec::with_capacity(load.connections);
+    for (i, task) in opening.into_iter().enumerate() {
+        let ws = task.await?.with_context(|| format!("connection {i}"))?;
+        readers.push(tokio::spawn(receive(
+            ws,
+            expected_for(i % load.threads),
+            deadline,
+        )));
+    }
+
+    let before = server.usage().await?;
+    let started = Instant::now();
+    let events = Arc::new(Events {
+        tag: tag.clone(),
+        threads: load.threads,
+        pad: "x".repeat(load.payload.saturating_sub(40)),
+    });
+    match mode {
+        Mode::Rate => {
+            let mut http = Http::open(target).await?;
+            let per_tick = (load.rate / 100).max(1);
+            let mut tick = tokio::time::interval(Duration::from_millis(10));
+            let mut sent = 0;
+            while sent < load.events && Instant::now() < deadline {
+                tick.tick().await;
+                let mut n = 0;
+                while n < per_tick && sent < load.events {
+                    let to = (sent + load.batch.min(per_tick - n)).min(load.events);
+                    post(&mut http, events.body(sent, to)).await?;
+                    n += to - sent;
+                    sent = to;
+                }
+            }
+        }
+        Mode::Saturate => {
+            let next = Arc::new(AtomicUsize::new(0));
+            let mut publishers = Vec::new();
+            for _ in 0..load.in_flight.max(1) {
+                let (next, events, mut http) = (
+                    Arc::clone(&next),
+                    Arc::clone(&events),
+                    Http::open(target).await?,
+                );
+                let (batch, total) = (load.batch, load.events);
+                publishers.push(tokio::spawn(async move {
+                    loop {
+                        let from = next.fetch_add(batch, Ordering::Relaxed);
+                        if from >= total || Instant::now() >= deadline {
+                            return anyhow::Ok(());
+                        }
+                        post(&mut http, events.body(from, (from + batch).min(total))).await?;
+                    }
+                }));
+            }
+            for publisher in publishers {
+                publisher.await??;
+            }
+        }
+    }
+    let published_in = started.elapsed();
+
+    let mut latency = Histogram::<u64>::new_with_bounds(1, 120_000_000, 3)?;
+    let (mut received, mut last) = (0u64, started);
+    for reader in readers {
+        let r = reader.await??;
+        received += r.count;
+        latency.add(&r.latency_us)?;
+        if let Some(at) = r.last {
+            last = last.max(at);
+        }
+    }
+    let after = server.usage().await?;
+    let expected: u64 = (0..load.connections)
+        .map(|i| expected_for(i % load.threads))
+        .sum();
+    let (mut emitted, mut delivered, mut pending, mut lost, mut balanced) =
+        (0u64, 0u64, 0u64, 0u64, true);
+    for k in 0..load.threads {
+        let (status, ledger) = target
+            .http("GET", &format!("/v1/channels/thread:{}", thread(k)), None)
+            .await?;
+        ensure!(
+            status == 200,
+            "GET /v1/channels/thread:{} answered {status}",
+            thread(k)
+        );
+        emitted += ledger["emitted"].as_u64().unwrap_or(0);
+        delivered += ledger["delivered"].as_u64().unwrap_or(0);
+        pending += ledger["pending"].as_u64().unwrap_or(0);
+        lost += ledger["lost_total"].as_u64().unwrap_or(0);
+        balanced &= ledger["balanced"] == true;
+    }
+    let delivering = last
+        .saturating_duration_since(started)
+        .as_secs_f64()
+        .max(1e-9);
+    let cpu = after.cpu_seconds - before.cpu_seconds;
+    let percentile = |q: f64| latency.value_at_quantile(q) as f64 / 1000.0;
+    let name = if mode == Mode::Rate {
+        "fanout"
+    } else {
+        "saturate"
+    };
+    let result = json!({
+        "scenario": name,
+        "connections": load.connections,
+        "threads": load.threads,
+        "events": load.events,
+        "rate": if mode == Mode::Rate { json!(load.rate) } else { Value::Null },
+        "deliveries_expected": expected,
+        "deliveries_received": received,
+        "publish_seconds": published_in.as_secs_f64(),
+        "deliveries_per_second": (received as f64 / delivering).round(),
+        "latency_ms": {"p50": percentile(0.5), "p90": percentile(0.9), "p99": percentile(0.99), "p99_9": percentile(0.999), "max": latency.max() as f64 / 1000.0},
+        "server_cpu_seconds": cpu,
+        "server_cpu_us_per_delivery": if received > 0 { cpu * 1e6 / received as f64 } else { 0.0 },
+        "server_rss_before_bytes": before.rss_bytes,
+        "server_rss_after_bytes": after.rss_bytes,
+        "ledger": {"emitted": emitted, "delivered": delivered, "pending": pending, "lost": lost, "balanced": balanced},
+    });
+    eprintln!(
+        "{name}: {received}/{expected} deliveries ({:.0}/s); latency ms p50 {:.2} p90 {:.2} p99 {:.2} p99.9 {:.2} max {:.2}; server CPU {:.2} µs/delivery; RSS {:.1} -> {:.1} MiB; ledger emitted {emitted} delivered {delivered} pending {pending} lost {lost}{}",
+        received as f64 / delivering,
+        percentile(0.5),
+        percentile(0.9),
+        percentile(0.99),
+        percentile(0.999),
+        latency.max() as f64 / 1000.0,
+        if received > 0 {
+            cpu * 1e6 / received as f64
+        } else {
+            0.0
+        },
+        before.rss_bytes / 1048576.0,
+        after.rss_bytes / 1048576.0,
+        if balanced { "" } else { " UNBALANCED" },
+    );
+    ensure!(
+        received == expected,
+        "{} deliveries missing",
+        expected - received
+    );
+    ensure!(
+        balanced && lost == 0,
+        "the ledger reports lost events or does not balance"
+    );
+    Ok(result)
+}
+
+/// Builds request bodies: event n goes to thread n % T and carries its send time.
+struct Events {
+    tag: String,
+    threads: usize,
+    pad: String,
+}
+
+impl Events {
+    fn body(&self, from: usize, to: usize) -> String {
+        let sent_us = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_micros();
+        let (tag, pad) = (&self.tag, &self.pad);
+        let events: Vec<String> = (from..to)
+            .map(|n| {
+                let k = n % self.threads;
+                format!(
+                    r#"{{"type":"agent_thinking","run_id":"bench-{tag}-r{k}","thread_id":"bench-{tag}-t{k}","payload":{{"sent_us":{sent_us},"pad":"{pad}"}}}}"#
+                )
+            })
+            .collect();
+        format!("[{}]", events.join(","))
+    }
+}
+
+async fn post(http: &mut Http, body: String) -> anyhow::Result<()> {
+    let (status, answer) = http.request("POST", "/v1/events", Some(body)).await?;
+    ensure!(status == 200, "POST /v1/events answered {status}: {answer}");
+    Ok(())
+}
+
+/// Reads event frames until `expected` arrived or the deadline passed.
+async fn receive(mut ws: Socket, expected: u64, deadline: Instant) -> anyhow::Result<Received> {
+    let mut received = Received {
+        count: 0,
+        latency_us: Histogram::new_with_bounds(1, 120_000_000, 3)?,
+        last: None,
+    };
+    while received.count < expected {
+        let remaining = deadline.saturating_duration_since(Instant::now());
+        let Ok(frame) = tokio::time::timeout(remaining, next_text(&mut ws)).await else {
+            break;
+        };
+        let frame = frame?;
+        if !frame.starts_with(b"{\"seq\":") {
+            continue;
+        }
+        let now_us = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_micros() as u64;
+        if let Some(sent_us) = sent_us(&frame) {
+            received
+                .latency_us
+                .saturating_record(now_us.saturating_sub(sent_us).max(1));
+        }
+        received.count += 1;
+        received.last = Some(Instant::now());
+    }
+    Ok(received)
+}
+
+fn sent_us(frame: &[u8]) -> Option<u64> {
+    const KEY: &[u8] = b"\"sent_us\":";
+    let at = frame.windows(KEY.len()).position(|w| w == KEY)? + KEY.len();
+    let digits = frame[at..]
+        .iter()
+        .take_while(|b| b.is_ascii_digit())
+        .count();
+    std::str::from_utf8(&frame[at..at + digits])
+        .ok()?
+        .parse()
+        .ok()
+}

@@ -1,0 +1,145 @@
+//! `agentwire bench <scenario>`: a load generator that talks the public protocol over real
+//! sockets (HTTP ingest in, WebSocket out) and prints one JSON line per run plus a human summary.
+//! Server CPU and memory come from the gateway's `/metrics` or from `/proc/<pid>` with
+//! `--server-pid`. Every loop is bounded in count and time; traffic stays on 127.0.0.0/8.
+
+mod fanout;
+mod idle;
+
+use std::net::{IpAddr, Ipv4Addr};
+use std::time::Duration;
+
+use anyhow::{Context, ensure};
+use serde_json::Value;
+
+use crate::client::Target;
+
+#[derive(Debug, clap::Args)]
+pub struct BenchArgs {
+    #[command(subcommand)]
+    pub scenario: Scenario,
+    /// The gateway under test.
+    #[arg(long, global = true, default_value = "http://127.0.0.1:8000")]
+    pub url: String,
+    /// Read the server's CPU and memory from /proc/<pid> instead of its /metrics.
+    #[arg(long, global = true)]
+    pub server_pid: Option<u32>,
+    /// Client sockets are spread over 127.0.0.1 ..= 127.0.0.N (each source has ~28k ports).
+    #[arg(long, global = true, default_value_t = 8)]
+    pub sources: u8,
+}
+
+#[derive(Debug, clap::Subcommand)]
+pub enum Scenario {
+    /// N connections, each with hello and its own thread subscription: memory per connection.
+    Idle {
+        #[arg(long, default_value_t = 10_000)]
+        connections: usize,
+        /// How long the connections are held before memory is read.
+        #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
+        settle: Duration,
+    },
+    /// C connections over T threads, P events at a fixed rate: latency and CPU per delivery.
+    Fanout(fanout::Load),
+    /// As fanout, publishing as fast as the gateway accepts (bounded in flight).
+    Saturate(fanout::Load),
+}
+
+/// Runs a scenario; returns its JSON result (already printed with a summary).
+pub async fn run(args: BenchArgs) -> anyhow::Result<Value> {
+    let target = Target::parse(&args.url)?;
+    let server = Server {
+        target: target.clone(),
+        pid: args.server_pid,
+    };
+    let sources: Vec<IpAddr> = (1..=args.sources.max(1))
+        .map(|n| IpAddr::V4(Ipv4Addr::new(127, 0, 0, n)))
+        .collect();
+    let result = match args.scenario {
+        Scenario::Idle {
+            connections,
+            settle,
+        } => idle::run(&target, &server, &sources, connections, settle).await?,
+        Scenario::Fanout(load) => {
+            fanout::run(&target, &server, &sources, load, fanout::Mode::Rate).await?
+        }
+        Scenario::Saturate(load) => {
+            fanout::run(&target, &server, &sources, load, fanout::Mode::Saturate).await?
+        }
+    };
+    println!("{result}");
+    Ok(result)
+}
+
+/// The gateway's own figures.
+struct Server {
+    target: Target,
+    pid: Option<u32>,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Usage {
+    cpu_seconds: f64,
+    rss_bytes: f64,
+}
+
+impl Server {
+    async fn usage(&self) -> anyhow::Result<Usage> {
+        match self.pid {
+            Some(pid) => proc_usage(pid),
+            None => {
+                let (status, text) = self.target.http("GET", "/metrics", None).await?;
+                ensure!(status == 200, "GET /metrics answered {status}");
+                let text = text.as_str().unwrap_or_default();
+                Ok(Usage {
+                    cpu_seconds: exposition_value(text, "process_cpu_seconds_total")?,
+                    rss_bytes: exposition_value(text, "process_resident_memory_bytes")?,
+                })
+            }
+        }
+    }
+}
+
+fn exposition_value(text: &str, name: &str) -> anyhow::Result<f64> {
+    text.lines()
+        .find_map(|line| {
+            line.strip_prefix(name)?
+                .strip_prefix(' ')?
+                .trim()
+                .parse()
+                .ok()
+        })
+        .with_context(|| format!("{name} is not in /metrics (process metrics need Linux)"))
+}
+
+/// CPU from /proc/<pid>/stat (utime + stime, in USER_HZ = 100 ticks/s on Linux) and VmRSS.
+fn proc_usage(pid: u32) -> anyhow::Result<Usage> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .with_context(|| format!("no process {pid}"))?;
+    let after_name = stat
+        .rsplit_once(')')
+        .map(|(_, rest)| rest)
+        .context("unexpected /proc stat")?;
+    let fields: Vec<&str> = after_name.split_whitespace().collect();
+    let ticks: f64 = fields
+        .get(11..13)
+        .context("short /proc stat")?
+        .iter()
+        .filter_map(|f| f.parse::<f64>().ok())
+        .sum();
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let rss_kib: f64 = status
+        .lines()
+        .find_map(|line| line.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .context("no VmRSS")?;
+    Ok(Usage {
+        cpu_seconds: ticks / 100.0,
+        rss_bytes: rss_kib * 1024.0,
+    })
+}
+
+/// A short random tag so that runs against one gateway do not share threads.
+fn run_tag() -> String {
+    format!("{:06x}", rand::random::<u32>() & 0xff_ffff)
+}

@@ -1,0 +1,90 @@
+{{/* Chart name, overridable. */}}
+{{- define "agentwire.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/* Full name: <release>-agentwire, or the release name when it already contains the chart name. */}}
+{{- define "agentwire.fullname" -}}
+{{- if .Values.fullnameOverride }}
+{{- .Values.fullnameOverride | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- $name := default .Chart.Name .Values.nameOverride }}
+{{- if contains $name .Release.Name }}
+{{- .Release.Name | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- printf "%s-%s" .Release.Name $name | trunc 63 | trimSuffix "-" }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{- define "agentwire.chart" -}}
+{{- printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{- define "agentwire.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "agentwire.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end }}
+
+{{- define "agentwire.labels" -}}
+helm.sh/chart: {{ include "agentwire.chart" . }}
+{{ include "agentwire.selectorLabels" . }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+app.kubernetes.io/part-of: agentwire
+{{- end }}
+
+{{- define "agentwire.serviceAccountName" -}}
+{{- if .Values.serviceAccount.create }}
+{{- default (include "agentwire.fullname" .) .Values.serviceAccount.name }}
+{{- else }}
+{{- default "default" .Values.serviceAccount.name }}
+{{- end }}
+{{- end }}
+
+{{- define "agentwire.image" -}}
+{{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) }}
+{{- end }}
+
+{{/* True (non-empty) when a Redis broker is configured. */}}
+{{- define "agentwire.redis" -}}
+{{- if or .Values.broker.redisUrl .Values.broker.existingSecret }}true{{ end }}
+{{- end }}
+
+{{- define "agentwire.redisSecretName" -}}
+{{- default (printf "%s-broker" (include "agentwire.fullname" .)) .Values.broker.existingSecret }}
+{{- end }}
+
+{{- define "agentwire.redisSecretKey" -}}
+{{- if .Values.broker.existingSecret }}{{ .Values.broker.existingSecretKey }}{{ else }}redis-url{{ end }}
+{{- end }}
+
+{{/*
+Refuses what cannot work: several replicas on the embedded broker (each pod would hold its own channels,
+so a client on one pod would never see events published through another).
+*/}}
+{{- define "agentwire.validate" -}}
+{{- if not (include "agentwire.redis" .) }}
+{{- if gt (int .Values.replicaCount) 1 }}
+{{- fail (printf "replicaCount=%d needs the Redis broker: set broker.redisUrl or broker.existingSecret (the embedded broker keeps channels in one pod's memory)" (int .Values.replicaCount)) }}
+{{- end }}
+{{- if and .Values.autoscaling.enabled (gt (int .Values.autoscaling.maxReplicas) 1) }}
+{{- fail (printf "autoscaling.maxReplicas=%d needs the Redis broker: set broker.redisUrl or broker.existingSecret (the embedded broker keeps channels in one pod's memory)" (int .Values.autoscaling.maxReplicas)) }}
+{{- end }}
+{{- end }}
+{{- $d := .Values.drain }}
+{{- $need := add $d.preStopSeconds $d.delaySeconds $d.closeWindowSeconds $d.timeoutSeconds }}
+{{- if and (not (kindIs "invalid" $d.terminationGracePeriodSeconds)) (lt (int $d.terminationGracePeriodSeconds) (int $need)) }}
+{{- fail (printf "drain.terminationGracePeriodSeconds=%d is shorter than the drain sequence (preStopSeconds + delaySeconds + closeWindowSeconds + timeoutSeconds = %d): pods would be killed before every client got its 1012" (int $d.terminationGracePeriodSeconds) (int $need)) }}
+{{- end }}
+{{- end }}
+
+{{/* terminationGracePeriodSeconds: the drain sequence plus slack, unless set. */}}
+{{- define "agentwire.terminationGracePeriodSeconds" -}}
+{{- $d := .Values.drain }}
+{{- if kindIs "invalid" $d.terminationGracePeriodSeconds }}
+{{- add $d.preStopSeconds $d.delaySeconds $d.closeWindowSeconds $d.timeoutSeconds $d.slackSeconds }}
+{{- else }}
+{{- int $d.terminationGracePeriodSeconds }}
+{{- end }}
+{{- end }}

@@ -3,13 +3,12 @@
 //! a push that does not fit marks the connection as a slow consumer, and its writer closes it
 //! with 4008. Nothing here ever awaits a socket.
 
-use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use bytes::Bytes;
-use tokio::sync::mpsc;
-use tokio::sync::mpsc::error::TrySendError;
-use tokio_util::sync::CancellationToken;
+use tokio::sync::Notify;
 
 use crate::broker::StoredEvent;
 
@@ -28,72 +27,119 @@ pub enum Outgoing {
     Close(u16, &'static str),
 }
 
-/// The bounded queue in front of one connection's writer.
+/// The bounded queue in front of one connection's writer. A plain deque under a small lock, so an
+/// idle connection holds no queue memory at all (a channel library preallocates blocks).
 #[derive(Debug)]
 pub struct Outbox {
-    tx: mpsc::Sender<Outgoing>,
-    queued_bytes: AtomicUsize,
+    queue: Mutex<Queue>,
+    ready: Notify,
+    max_events: usize,
     max_bytes: usize,
-    overflow: CancellationToken,
+    overflow: AtomicBool,
+}
+
+#[derive(Debug, Default)]
+struct Queue {
+    items: VecDeque<Outgoing>,
+    /// Bytes of live events waiting.
+    bytes: usize,
+    closed: bool,
 }
 
 impl Outbox {
-    pub fn new(max_events: usize, max_bytes: usize) -> (Arc<Self>, mpsc::Receiver<Outgoing>) {
-        let (tx, rx) = mpsc::channel(max_events);
-        let outbox = Self {
-            tx,
-            queued_bytes: AtomicUsize::new(0),
+    pub fn new(max_events: usize, max_bytes: usize) -> Arc<Self> {
+        Arc::new(Self {
+            queue: Mutex::default(),
+            ready: Notify::new(),
+            max_events,
             max_bytes,
-            overflow: CancellationToken::new(),
-        };
-        (Arc::new(outbox), rx)
+            overflow: AtomicBool::new(false),
+        })
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Queue> {
+        self.queue.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Queues a live event. `false` when it did not fit (the connection is now a slow consumer)
     /// or the connection is gone.
     pub fn push_event(&self, event: &Arc<StoredEvent>) -> bool {
-        if self.overflow.is_cancelled() {
-            return false;
-        }
         let len = event.frame.len();
-        if self.queued_bytes.fetch_add(len, Ordering::AcqRel) + len > self.max_bytes {
-            self.queued_bytes.fetch_sub(len, Ordering::AcqRel);
-            self.overflow.cancel();
+        let mut queue = self.lock();
+        if queue.closed || self.overflow.load(Ordering::Acquire) {
             return false;
         }
-        match self.tx.try_send(Outgoing::Event(Arc::clone(event))) {
-            Ok(()) => true,
-            Err(error) => {
-                self.queued_bytes.fetch_sub(len, Ordering::AcqRel);
-                if matches!(error, TrySendError::Full(_)) {
-                    self.overflow.cancel();
-                }
-                false
-            }
+        if queue.items.len() >= self.max_events || queue.bytes + len > self.max_bytes {
+            drop(queue);
+            self.overflowed();
+            return false;
         }
+        queue.bytes += len;
+        queue.items.push_back(Outgoing::Event(Arc::clone(event)));
+        drop(queue);
+        self.ready.notify_one();
+        true
     }
 
     /// Queues anything but a live event. Control frames share the bound on frames, not bytes:
     /// they are small, and a replay is bounded by the channel's history.
     pub fn push(&self, item: Outgoing) -> bool {
-        match self.tx.try_send(item) {
-            Ok(()) => true,
-            Err(TrySendError::Full(_)) => {
-                self.overflow.cancel();
-                false
+        let mut queue = self.lock();
+        if queue.closed {
+            return false;
+        }
+        if queue.items.len() >= self.max_events {
+            drop(queue);
+            self.overflowed();
+            return false;
+        }
+        queue.items.push_back(item);
+        drop(queue);
+        self.ready.notify_one();
+        true
+    }
+
+    fn overflowed(&self) {
+        self.overflow.store(true, Ordering::Release);
+        self.ready.notify_one();
+    }
+
+    /// Moves up to `max` queued items into `into`, in order.
+    pub fn drain(&self, into: &mut Vec<Outgoing>, max: usize) {
+        let mut queue = self.lock();
+        let queue = &mut *queue;
+        let n = queue.items.len().min(max);
+        for item in queue.items.drain(..n) {
+            if let Outgoing::Event(event) = &item {
+                queue.bytes -= event.frame.len();
             }
-            Err(TrySendError::Closed(_)) => false,
+            into.push(item);
+        }
+        if queue.items.is_empty() && queue.items.capacity() > 64 {
+            queue.items = VecDeque::new();
         }
     }
 
-    /// The writer reports bytes of live events it has taken off the queue.
-    pub fn taken(&self, bytes: usize) {
-        self.queued_bytes.fetch_sub(bytes, Ordering::AcqRel);
+    /// Waits until something is queued or the queue overflowed.
+    pub async fn ready(&self) {
+        self.ready.notified().await;
     }
 
-    /// Cancelled when a push did not fit.
-    pub fn overflow(&self) -> &CancellationToken {
-        &self.overflow
+    pub fn is_empty(&self) -> bool {
+        self.lock().items.is_empty()
+    }
+
+    /// Whether a push did not fit: the connection must be closed with 4008.
+    pub fn is_overflowed(&self) -> bool {
+        self.overflow.load(Ordering::Acquire)
+    }
+
+    /// The connection is ending: refuse and drop everything.
+    pub fn close(&self) {
+        let mut queue = self.lock();
+        queue.closed = true;
+        queue.items = VecDeque::new();
+        queue.bytes = 0;
     }
 }
 

@@ -9,7 +9,9 @@ use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
 use hyper::header::{self, HeaderValue};
 use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::TokioIo;
 use serde_json::{Value, json};
+use tokio::net::TcpStream;
 
 use crate::Gateway;
 use crate::ingest::{self, ItemResult};
@@ -113,12 +115,27 @@ fn upgrade(gateway: Arc<Gateway>, mut request: Request<Incoming>) -> Response<Bo
     };
     let tracker = gateway.shutdown.tracker.clone();
     tracker.spawn(async move {
-        match upgraded.await {
-            Ok(ws) => {
+        let ws = match upgraded.await {
+            Ok(ws) => ws,
+            Err(error) => return tracing::debug!(%error, "WebSocket upgrade did not complete."),
+        };
+        // Take the TCP stream back from hyper: its upgraded wrapper keeps a read buffer per socket.
+        match ws
+            .into_inner()
+            .into_inner()
+            .downcast::<TokioIo<TcpStream>>()
+        {
+            Ok(parts) => {
                 let connection_id = format!("{:016x}", rand::random::<u64>());
-                crate::session::serve(gateway, ws, connection_id).await;
+                crate::session::serve(
+                    gateway,
+                    parts.io.into_inner(),
+                    parts.read_buf,
+                    connection_id,
+                )
+                .await;
             }
-            Err(error) => tracing::debug!(%error, "WebSocket upgrade did not complete."),
+            Err(_) => tracing::error!("An upgraded connection is not a TCP stream; closing it."),
         }
     });
     let (parts, _) = response.into_parts();

@@ -1,26 +1,32 @@
-//! One WebSocket connection: the hello, subscriptions, acks and the client's frames. The socket
-//! is split: this task reads, [`writer`] owns the write half and everything queued for it. The
-//! session ends when either side ends; then its subscriptions are removed.
+//! One WebSocket connection, served by one task: it reads and parses the client's frames (hello,
+//! subscribe, ack…), and writes whatever fan-out queued in its [`Outbox`], every queued frame in one
+//! syscall. The connection holds no buffer while idle. It ends on the client's close, a protocol
+//! error, a full queue (4008), a missing hello (4001), silence (1001) or shutdown (1012); then its
+//! subscriptions are removed.
 
-mod read;
-mod writer;
+mod frame;
 
 use std::sync::Arc;
+use std::time::Duration;
 
-use fastwebsockets::{WebSocket, WebSocketRead};
-use hyper::upgrade::Upgraded;
-use hyper_util::rt::TokioIo;
-use tokio::io::{BufWriter, ReadHalf};
+use bytes::{Bytes, BytesMut};
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpStream;
+use tokio::time::{Instant, timeout};
 use tracing::Instrument;
 
 use crate::Gateway;
+use crate::broker::StoredEvent;
 use crate::fanout::{Outbox, Outgoing};
 use crate::protocol::ChannelName;
 use crate::protocol::client::{self, ClientFrame, Since};
 use crate::protocol::server::{self, ErrorCode, close};
-use read::Message;
+use frame::{FrameError, Raw};
 
-type Socket = TokioIo<Upgraded>;
+/// Items written per flush at most, so a busy connection still reads between flushes.
+const BATCH: usize = 64;
+/// Write buffers larger than this are not kept between flushes.
+const KEEP_BUFFER: usize = 4096;
 
 /// Why a connection ended, as counted in `agentwire_connections_closed_total{reason}`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -55,53 +61,43 @@ impl Ended {
     }
 }
 
-/// Serves one upgraded connection until it ends.
-pub async fn serve(gateway: Arc<Gateway>, ws: WebSocket<Socket>, connection_id: String) {
+/// One message from the client, reassembled from its frames.
+#[derive(Debug)]
+enum Message {
+    Text(String),
+    Binary,
+    Ping(Bytes),
+    Pong,
+    Close,
+}
+
+/// Serves one upgraded connection until it ends. `read` holds bytes the client sent right after
+/// its handshake, before the upgrade completed.
+pub async fn serve(gateway: Arc<Gateway>, stream: TcpStream, read: Bytes, connection_id: String) {
     let span = tracing::info_span!("connection", %connection_id);
     async move {
         gateway.metrics.connections.inc();
         gateway.metrics.connections_opened.inc();
-        let (mut read, write) = ws.split(|socket| {
-            let (read, write) = tokio::io::split(socket);
-            (read, BufWriter::new(write))
-        });
         let config = &gateway.config.session;
-        let (outbox, queue) = Outbox::new(config.queue_events, config.queue_bytes);
-        let mut writer = tokio::spawn(
-            writer::run(
-                Arc::clone(&gateway),
-                write,
-                queue,
-                Arc::clone(&outbox),
-                connection_id.clone(),
-            )
-            .in_current_span(),
-        );
+        let outbox = Outbox::new(config.queue_events, config.queue_bytes);
+        // `read` shares hyper's whole read buffer: copy what the client sent, then let it go.
+        let inbox = BytesMut::from(&read[..]);
+        drop(read);
         let mut session = Session {
             gateway: Arc::clone(&gateway),
             connection_id,
             outbox,
             channels: Vec::new(),
+            hello: false,
+            stream,
+            inbox,
+            partial: None,
+            out: Vec::new(),
+            batch: Vec::new(),
+            written: Vec::new(),
         };
-        let ended = tokio::select! {
-            ended = session.read(&mut read) => {
-                if ended == Ended::ClientGone {
-                    // Nobody to write to: stop the writer where it stands.
-                    writer.abort();
-                    ended
-                } else {
-                    // The reader queued its close frame; the writer sends it and stops.
-                    match (&mut writer).await {
-                        Ok(writer::End::Stopped) | Err(_) => ended,
-                        Ok(writer::End::Ended(by_writer)) => by_writer,
-                    }
-                }
-            }
-            writer_end = &mut writer => match writer_end {
-                Ok(writer::End::Ended(ended)) => ended,
-                Ok(writer::End::Stopped) | Err(_) => Ended::WriteFailed,
-            },
-        };
+        let ended = session.run().await;
+        session.outbox.close();
         session.leave_all();
         if ended == Ended::SlowConsumer {
             gateway.metrics.slow_consumer_closes.inc();
@@ -129,94 +125,324 @@ struct Session {
     outbox: Arc<Outbox>,
     /// The user channel (first, once hello is done) and the subscribed threads.
     channels: Vec<ChannelName>,
+    hello: bool,
+    stream: TcpStream,
+    /// Bytes read and not yet parsed; empty (and unallocated) on an idle connection.
+    inbox: BytesMut,
+    /// A fragmented message being assembled: whether it is text, and its bytes so far.
+    partial: Option<(bool, Vec<u8>)>,
+    /// Frames encoded for the next write.
+    out: Vec<u8>,
+    /// Items taken off the outbox for the current flush.
+    batch: Vec<Outgoing>,
+    /// Events in the current flush, marked delivered once it is written.
+    written: Vec<Arc<StoredEvent>>,
+}
+
+/// What a flush did.
+enum Flushed {
+    Open,
+    /// A close frame was written: the connection is over.
+    Closed,
 }
 
 impl Session {
-    /// Reads until the connection should end; queues the close frame it ends with.
-    async fn read(&mut self, socket: &mut WebSocketRead<ReadHalf<Socket>>) -> Ended {
+    async fn run(&mut self) -> Ended {
         let config = self.gateway.config.session.clone();
-        read::configure(socket, config.max_frame_bytes);
-        let mut reader = read::Reader::new(config.max_frame_bytes);
-
-        // The hello phase: one frame, within hello_timeout.
-        let first = tokio::time::timeout(config.hello_timeout, reader.next(socket)).await;
-        match first {
-            Err(_) => {
-                return self.close(close::HELLO_MISSING, "hello_timeout", Ended::HelloTimeout);
-            }
-            Ok(Message::Text(text)) => match client::decode(&text) {
-                Ok(ClientFrame::Hello { user_id, since }) => self.hello(&user_id, since),
-                _ => {
-                    self.error(
-                        ErrorCode::HelloRequired,
-                        "the first frame must be {\"type\":\"hello\",\"user_id\":…}",
-                    );
-                    return self.close(close::HELLO_MISSING, "hello_required", Ended::HelloMissing);
-                }
-            },
-            Ok(Message::Binary) => {
-                self.error(
-                    ErrorCode::HelloRequired,
-                    "the first frame must be a text hello frame",
-                );
-                return self.close(close::HELLO_MISSING, "hello_required", Ended::HelloMissing);
-            }
-            Ok(other) => match self.control(other) {
-                Some(ended) => return ended,
-                None => {
-                    return self.close(close::HELLO_MISSING, "hello_required", Ended::HelloMissing);
-                }
-            },
-        }
-
+        let started = Instant::now();
+        let (mut last_read, mut last_write) = (started, started);
+        // On shutdown, each connection closes at its own random moment within the close window.
+        let shutdown = self.gateway.shutdown.sessions.clone();
+        let window = self.gateway.config.shutdown.close_window;
+        let close_time = async move {
+            shutdown.cancelled().await;
+            tokio::time::sleep(window.mul_f64(rand::random::<f64>())).await;
+        };
+        tokio::pin!(close_time);
         loop {
-            let message = match tokio::time::timeout(config.client_timeout, reader.next(socket))
-                .await
-            {
-                Ok(message) => message,
-                Err(_) => {
-                    return self.close(close::GOING_AWAY, "client_timeout", Ended::ClientTimeout);
+            if let Some(ended) = self.read_messages(config.max_frame_bytes) {
+                return self.finish(ended, config.write_timeout).await;
+            }
+            if self.outbox.is_overflowed() {
+                return self
+                    .close_now(
+                        close::SLOW_CONSUMER,
+                        "slow_consumer",
+                        Ended::SlowConsumer,
+                        config.write_timeout,
+                    )
+                    .await;
+            }
+            for _ in 0..4 {
+                if self.outbox.is_empty() {
+                    break;
                 }
+                match self.flush(config.write_timeout).await {
+                    Ok(Flushed::Open) => last_write = Instant::now(),
+                    Ok(Flushed::Closed) => return Ended::ClientClosed,
+                    Err(ended) => return ended,
+                }
+            }
+            let deadline = if self.hello {
+                (last_write + config.heartbeat).min(last_read + config.client_timeout)
+            } else {
+                started + config.hello_timeout
             };
-            match message {
-                Message::Text(text) => self.frame(&text),
-                Message::Binary => self.error(
-                    ErrorCode::BinaryNotSupported,
-                    "frames are JSON text; binary frames are not read",
-                ),
-                other => {
-                    if let Some(ended) = self.control(other) {
-                        return ended;
+            tokio::select! {
+                biased;
+                _ = &mut close_time => {
+                    return self.close_now(close::RESTARTING, "restarting", Ended::Shutdown, config.write_timeout).await;
+                }
+                _ = self.outbox.ready() => {}
+                readable = self.stream.readable() => {
+                    if readable.is_err() {
+                        return Ended::ClientGone;
+                    }
+                    if self.inbox.capacity() - self.inbox.len() < 512 {
+                        self.inbox.reserve(4096);
+                    }
+                    match self.stream.try_read_buf(&mut self.inbox) {
+                        Ok(0) => return Ended::ClientGone,
+                        Ok(_) => last_read = Instant::now(),
+                        Err(error) if error.kind() == std::io::ErrorKind::WouldBlock => {}
+                        Err(_) => return Ended::ClientGone,
+                    }
+                }
+                _ = tokio::time::sleep_until(deadline) => {
+                    let now = Instant::now();
+                    if !self.hello {
+                        return self.close_now(close::HELLO_MISSING, "hello_timeout", Ended::HelloTimeout, config.write_timeout).await;
+                    }
+                    if now >= last_read + config.client_timeout {
+                        return self.close_now(close::GOING_AWAY, "client_timeout", Ended::ClientTimeout, config.write_timeout).await;
+                    }
+                    if now >= last_write + config.heartbeat {
+                        let mut beat = Vec::with_capacity(32);
+                        frame::encode(&mut beat, frame::TEXT, &server::heartbeat());
+                        frame::encode(&mut beat, frame::PING, b"");
+                        if !matches!(timeout(config.write_timeout, self.stream.write_all(&beat)).await, Ok(Ok(()))) {
+                            return Ended::WriteFailed;
+                        }
+                        last_write = now;
                     }
                 }
             }
         }
     }
 
-    /// Ping, pong, close and read failures; `Some` when the connection ends.
-    fn control(&mut self, message: Message) -> Option<Ended> {
+    /// Parses and handles every complete message in the read buffer. `Some` when the connection
+    /// must end (its close frame, if any, is queued).
+    fn read_messages(&mut self, max_bytes: usize) -> Option<Ended> {
+        loop {
+            let raw = match frame::parse(&mut self.inbox, max_bytes) {
+                Ok(Some(raw)) => raw,
+                Ok(None) => break,
+                Err(FrameError::TooLarge) => {
+                    return Some(self.close(close::TOO_LARGE, "frame_too_large", Ended::TooLarge));
+                }
+                Err(FrameError::Protocol) => {
+                    return Some(self.close(1002, "protocol_error", Ended::ProtocolError));
+                }
+            };
+            let message = match self.assemble(raw, max_bytes) {
+                Ok(Some(message)) => message,
+                Ok(None) => continue,
+                Err(ended) => return Some(ended),
+            };
+            if let Some(ended) = self.handle(message) {
+                return Some(ended);
+            }
+        }
+        if self.inbox.is_empty() && self.inbox.capacity() > 0 {
+            // Idle connections hold no read buffer.
+            self.inbox = BytesMut::new();
+        }
+        None
+    }
+
+    /// Reassembles fragmented messages within the size limit.
+    fn assemble(&mut self, raw: Raw, max_bytes: usize) -> Result<Option<Message>, Ended> {
+        let finish = |text: bool, bytes: Vec<u8>| {
+            if !text {
+                return Ok(Message::Binary);
+            }
+            String::from_utf8(bytes).map(Message::Text).map_err(|_| ())
+        };
+        let message = match raw.opcode {
+            frame::TEXT | frame::BINARY => {
+                if self.partial.is_some() {
+                    return Err(self.close(1002, "protocol_error", Ended::ProtocolError));
+                }
+                let text = raw.opcode == frame::TEXT;
+                if !raw.fin {
+                    self.partial = Some((text, raw.payload.to_vec()));
+                    return Ok(None);
+                }
+                finish(text, raw.payload.to_vec())
+            }
+            frame::CONTINUATION => {
+                let Some((text, mut bytes)) = self.partial.take() else {
+                    return Err(self.close(1002, "protocol_error", Ended::ProtocolError));
+                };
+                bytes.extend_from_slice(&raw.payload);
+                if bytes.len() > max_bytes {
+                    return Err(self.close(close::TOO_LARGE, "frame_too_large", Ended::TooLarge));
+                }
+                if !raw.fin {
+                    self.partial = Some((text, bytes));
+                    return Ok(None);
+                }
+                finish(text, bytes)
+            }
+            frame::PING => Ok(Message::Ping(raw.payload.freeze())),
+            frame::PONG => Ok(Message::Pong),
+            _ => Ok(Message::Close),
+        };
         match message {
-            Message::Ping(payload) => {
-                self.outbox.push(Outgoing::Pong(payload));
-                None
-            }
-            Message::Pong => None,
-            Message::Close => Some(self.close(close::NORMAL, "", Ended::ClientClosed)),
-            Message::TooLarge => {
-                Some(self.close(close::TOO_LARGE, "frame_too_large", Ended::TooLarge))
-            }
-            Message::Invalid => Some(self.close(1002, "protocol_error", Ended::ProtocolError)),
-            Message::Gone => Some(Ended::ClientGone),
-            Message::Text(_) | Message::Binary => None,
+            Ok(message) => Ok(Some(message)),
+            Err(()) => Err(self.close(1002, "invalid_utf8", Ended::ProtocolError)),
         }
     }
 
+    /// Answers one message; `Some` when the connection ends.
+    fn handle(&mut self, message: Message) -> Option<Ended> {
+        match message {
+            Message::Text(text) if self.hello => self.frame(&text),
+            Message::Text(text) => match client::decode(&text) {
+                Ok(ClientFrame::Hello { user_id, since }) => self.hello(&user_id, since),
+                _ => {
+                    self.error(
+                        ErrorCode::HelloRequired,
+                        "the first frame must be {\"type\":\"hello\",\"user_id\":…}",
+                    );
+                    return Some(self.close(
+                        close::HELLO_MISSING,
+                        "hello_required",
+                        Ended::HelloMissing,
+                    ));
+                }
+            },
+            Message::Binary if self.hello => self.error(
+                ErrorCode::BinaryNotSupported,
+                "frames are JSON text; binary frames are not read",
+            ),
+            Message::Binary => {
+                self.error(
+                    ErrorCode::HelloRequired,
+                    "the first frame must be a text hello frame",
+                );
+                return Some(self.close(
+                    close::HELLO_MISSING,
+                    "hello_required",
+                    Ended::HelloMissing,
+                ));
+            }
+            Message::Ping(payload) => {
+                self.outbox.push(Outgoing::Pong(payload));
+            }
+            Message::Pong => {}
+            Message::Close => return Some(self.close(close::NORMAL, "", Ended::ClientClosed)),
+        }
+        None
+    }
+
+    /// Queues a close frame; the next flush writes it.
     fn close(&self, code: u16, reason: &'static str, ended: Ended) -> Ended {
         self.outbox.push(Outgoing::Close(code, reason));
         ended
     }
 
+    /// Writes what is queued up to and including the close frame, then ends.
+    async fn finish(&mut self, ended: Ended, limit: Duration) -> Ended {
+        while !self.outbox.is_empty() {
+            match self.flush(limit).await {
+                Ok(Flushed::Open) => {}
+                Ok(Flushed::Closed) => return ended,
+                Err(by_writer) => return by_writer,
+            }
+        }
+        ended
+    }
+
+    /// Writes a close frame ahead of anything queued (shutdown, slow consumer, timeouts) and ends.
+    async fn close_now(
+        &mut self,
+        code: u16,
+        reason: &'static str,
+        ended: Ended,
+        limit: Duration,
+    ) -> Ended {
+        let mut out = Vec::with_capacity(32);
+        frame::encode_close(&mut out, code, reason);
+        if !matches!(
+            timeout(limit, self.stream.write_all(&out)).await,
+            Ok(Ok(()))
+        ) {
+            tracing::debug!(code, "The close frame could not be written in time.");
+        }
+        ended
+    }
+
+    /// Encodes up to [`BATCH`] queued items into one buffer and writes it with one syscall (as the
+    /// socket allows); events are marked delivered after the write.
+    async fn flush(&mut self, limit: Duration) -> Result<Flushed, Ended> {
+        self.outbox.drain(&mut self.batch, BATCH);
+        let mut closed = false;
+        for item in self.batch.drain(..) {
+            match item {
+                Outgoing::Event(event) => {
+                    frame::encode(&mut self.out, frame::TEXT, &event.frame);
+                    self.written.push(event);
+                }
+                Outgoing::Replay(events) => {
+                    for event in events {
+                        frame::encode(&mut self.out, frame::TEXT, &event.frame);
+                        self.written.push(event);
+                    }
+                }
+                Outgoing::Frame(bytes) => frame::encode(&mut self.out, frame::TEXT, &bytes),
+                Outgoing::Pong(payload) => frame::encode(&mut self.out, frame::PONG, &payload),
+                Outgoing::Close(code, reason) => {
+                    frame::encode_close(&mut self.out, code, reason);
+                    closed = true;
+                    break;
+                }
+            }
+        }
+        self.batch.clear();
+        let wrote = timeout(limit, self.stream.write_all(&self.out)).await;
+        self.out.clear();
+        if self.out.capacity() > KEEP_BUFFER {
+            self.out = Vec::new();
+        }
+        if !matches!(wrote, Ok(Ok(()))) {
+            self.written.clear();
+            return Err(if self.outbox.is_overflowed() {
+                Ended::SlowConsumer
+            } else {
+                Ended::WriteFailed
+            });
+        }
+        let metrics = &self.gateway.metrics;
+        metrics.fanout_frames_sent.inc_by(self.written.len() as u64);
+        for event in self.written.drain(..) {
+            event.delivered(metrics);
+            if let Some(trace) = &event.trace {
+                crate::telemetry::delivered(trace, event.seq, &self.connection_id);
+            }
+        }
+        if self.written.capacity() > BATCH {
+            self.written = Vec::new();
+        }
+        Ok(if closed {
+            Flushed::Closed
+        } else {
+            Flushed::Open
+        })
+    }
+
     fn hello(&mut self, user_id: &str, since: Option<Since>) {
+        self.hello = true;
         let heartbeat_ms = self.gateway.config.session.heartbeat.as_millis() as u64;
         self.outbox.push(Outgoing::Frame(server::welcome(
             &self.connection_id,

@@ -43,6 +43,8 @@ pub struct IngestConfig {
     pub max_event_bytes: usize,
     /// Largest `POST /v1/events` body; larger bodies get 413.
     pub max_request_bytes: usize,
+    /// Most events in one `POST /v1/events`; more get 413.
+    pub max_items: usize,
     /// How long an `event_id` is remembered to drop a producer's retry.
     #[serde(with = "humantime_serde")]
     pub dedupe_window: Duration,
@@ -186,6 +188,7 @@ impl Default for IngestConfig {
         Self {
             max_event_bytes: 64 * 1024,
             max_request_bytes: 1024 * 1024,
+            max_items: 5_000,
             dedupe_window: Duration::from_secs(300),
             dedupe_capacity: 100_000,
         }
@@ -254,7 +257,13 @@ impl Config {
             Some(path) => defaults.merge(Toml::file_exact(path)),
             None => defaults.merge(Toml::file("agentwire.toml")),
         };
-        with_file.merge(Env::prefixed("AGENTWIRE_").split("__"))
+        // Kubernetes injects AGENTWIRE_SERVICE_HOST, AGENTWIRE_PORT_8000_TCP… into every pod of a
+        // namespace with a Service named `agentwire`: those are not configuration.
+        let env = Env::prefixed("AGENTWIRE_").split("__").filter(|key| {
+            let key = key.as_str().to_ascii_lowercase();
+            !(key.starts_with("service_") || key == "port" || key.starts_with("port_"))
+        });
+        with_file.merge(env)
     }
 
     /// Extracts and validates; the error names the key.
@@ -294,7 +303,8 @@ impl Config {
                 reason: reason.to_string(),
             })
         };
-        let positive: [(&str, usize); 10] = [
+        let positive: [(&str, usize); 11] = [
+            ("ingest.max_items", self.ingest.max_items),
             ("watchdog.max_runs", self.watchdog.max_runs),
             ("deadletter.capacity", self.deadletter.capacity),
             ("ingest.max_event_bytes", self.ingest.max_event_bytes),
@@ -352,8 +362,8 @@ impl Config {
                 "the Redis broker is not part of this build yet; remove the key to run the embedded broker",
             );
         }
-        if self.log_level.trim().is_empty() {
-            return fail("log_level", "must not be empty");
+        if let Err(error) = tracing_subscriber::EnvFilter::try_new(&self.log_level) {
+            return fail("log_level", &format!("not a tracing filter: {error}"));
         }
         Ok(())
     }
@@ -389,11 +399,30 @@ mod tests {
     }
 
     #[test]
+    fn kubernetes_service_links_are_not_configuration() {
+        Jail::expect_with(|jail| {
+            jail.set_env("AGENTWIRE_SERVICE_HOST", "10.0.0.1");
+            jail.set_env("AGENTWIRE_PORT", "tcp://10.0.0.1:8000");
+            jail.set_env("AGENTWIRE_PORT_8000_TCP_PORT", "8000");
+            jail.set_env("AGENTWIRE_HISTORY__MAX_EVENTS", "9");
+            let config = Config::load(None).map_err(|e| e.to_string())?;
+            assert_eq!(config.history.max_events, 9);
+            Ok(())
+        });
+    }
+
+    #[test]
     fn bad_values_name_the_key() {
         Jail::expect_with(|jail| {
             jail.set_env("AGENTWIRE_SESSION__HEARTBEAT", "soon");
             let error = Config::load(None).expect_err("must fail");
             assert_eq!(error.key, "session.heartbeat");
+            Ok(())
+        });
+        Jail::expect_with(|jail| {
+            jail.set_env("AGENTWIRE_LOG_LEVEL", "info,[[[");
+            let error = Config::load(None).expect_err("must fail");
+            assert_eq!(error.key, "log_level");
             Ok(())
         });
         Jail::expect_with(|jail| {

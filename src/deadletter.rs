@@ -3,15 +3,16 @@
 //! redrive them.
 //!
 //! Accounting: `agentwire_events_lost_total{reason="unresolved"}` counts every event that was ever
-//! dead-lettered and never goes down; a redrive that delivers an event to a channel counts it in
-//! `agentwire_events_redriven_total` and emits it. Events lost unresolved right now are therefore
+//! dead-lettered and never goes down; a redrive that resolves a dead letter counts it in
+//! `agentwire_events_redriven_total` and emits it (or, when its `event_id` was accepted meanwhile,
+//! drops it and counts it as a duplicate too). Events lost unresolved right now are therefore
 //! `lost{unresolved} - redriven`, and
 //! `ingested + generated + redriven = emitted + pending_resolution + lost{unresolved} + duplicates`
 //! holds at all times (a redriven event is in `emitted` and in `lost{unresolved}` once each).
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::sync::Mutex;
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
 use serde::Serialize;
 
@@ -26,7 +27,12 @@ pub struct DeadLetters {
 struct Inner {
     next_id: u64,
     entries: VecDeque<Entry>,
+    /// Run ids already counted in `agentwire_unresolved_run_ids_total`, with when.
+    counted: HashMap<String, SystemTime>,
 }
+
+/// A run id counted as unresolved is not counted again within this time.
+const COUNT_ONCE_WITHIN: Duration = Duration::from_secs(3600);
 
 /// One dead-lettered event.
 #[derive(Debug, Clone)]
@@ -112,6 +118,27 @@ impl DeadLetters {
             inner.entries.pop_front();
         }
         inner.entries.len()
+    }
+
+    /// `true` the first time (within an hour) a run id is dead-lettered.
+    pub fn first_unresolved(&self, run_id: &str) -> bool {
+        let now = SystemTime::now();
+        let mut inner = self.lock();
+        if inner.counted.len() >= self.capacity {
+            inner
+                .counted
+                .retain(|_, at| now.duration_since(*at).unwrap_or_default() < COUNT_ONCE_WITHIN);
+            if inner.counted.len() >= self.capacity {
+                inner.counted.clear();
+            }
+        }
+        match inner.counted.get(run_id) {
+            Some(at) if now.duration_since(*at).unwrap_or_default() < COUNT_ONCE_WITHIN => false,
+            _ => {
+                inner.counted.insert(run_id.to_string(), now);
+                true
+            }
+        }
     }
 
     pub fn len(&self) -> usize {

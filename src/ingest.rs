@@ -19,7 +19,7 @@ use crate::broker::Published;
 use crate::ledger::LostReason;
 use crate::protocol::ChannelName;
 use crate::protocol::event::{self, Event, EventType, Refusal};
-use crate::resolve::{Held, RunTarget};
+use crate::resolve::{Held, NotHeld, RunTarget};
 use crate::telemetry;
 use tracing::Span;
 
@@ -129,30 +129,38 @@ pub fn accept(gateway: &Gateway, event: Event) -> ItemResult {
                 epoch: published.epoch.to_string(),
             }
         }
-        None => {
-            let result = match gateway.resolver.hold(event) {
-                Ok(()) => ItemResult::PendingResolution,
-                Err(event) => {
-                    let run_id = event.run_id.clone().unwrap_or_default();
-                    dead_letter(
-                        gateway,
-                        Held {
-                            run_id,
-                            events: vec![*event],
-                        },
-                        "pending set full",
-                    );
-                    ItemResult::Unresolved {
-                        reason: "pending_full",
-                    }
+        None => match gateway.resolver.hold(event) {
+            Ok(()) => ItemResult::PendingResolution,
+            // Its run was registered between resolve and hold.
+            Err(NotHeld {
+                event,
+                channel: Some(channel),
+            }) => {
+                let published = emit(gateway, &channel, &event, &span);
+                ItemResult::Accepted {
+                    channel: channel.to_string(),
+                    seq: published.seq,
+                    epoch: published.epoch.to_string(),
                 }
-            };
-            gateway
-                .metrics
-                .events_pending_resolution
-                .set(gateway.resolver.pending_count() as i64);
-            result
-        }
+            }
+            Err(NotHeld {
+                event,
+                channel: None,
+            }) => {
+                let run_id = event.run_id.clone().unwrap_or_default();
+                dead_letter(
+                    gateway,
+                    Held {
+                        run_id,
+                        events: vec![*event],
+                    },
+                    "pending set full",
+                );
+                ItemResult::Unresolved {
+                    reason: "pending_full",
+                }
+            }
+        },
     }
 }
 
@@ -198,6 +206,8 @@ pub struct Redriven {
 pub enum RedriveOutcome {
     /// Resolved now: emitted into `channel` at `seq`.
     Delivered { channel: String, seq: u64 },
+    /// Resolved now, but its `event_id` was accepted meanwhile (a producer's retry): dropped.
+    Duplicate,
     /// Still no channel: kept as a dead letter.
     Unresolved,
 }
@@ -208,6 +218,22 @@ pub fn redrive(gateway: &Gateway) -> Vec<Redriven> {
     let mut report = Vec::new();
     for entry in gateway.deadletters.take() {
         match gateway.resolver.resolve(&entry.event) {
+            Some(_)
+                if entry
+                    .event
+                    .event_id
+                    .as_deref()
+                    .is_some_and(|id| !gateway.dedupe.first_time(id)) =>
+            {
+                // Counted as redriven (it leaves the dead letters) and as a duplicate.
+                gateway.metrics.events_redriven.inc();
+                gateway.metrics.events_duplicate.inc();
+                report.push(Redriven {
+                    id: entry.id,
+                    run_id: entry.run_id.clone(),
+                    outcome: RedriveOutcome::Duplicate,
+                });
+            }
             Some(channel) => {
                 let published = emit(
                     gateway,
@@ -236,31 +262,21 @@ pub fn redrive(gateway: &Gateway) -> Vec<Redriven> {
             }
         }
     }
-    let left = gateway.deadletters.restore(kept);
-    gateway.metrics.deadletter_events.set(left as i64);
+    gateway.deadletters.restore(kept);
     report
 }
 
 /// Registers a run and publishes, in arrival order, the events that were waiting for it.
 /// Returns how many were released.
 pub fn register(gateway: &Gateway, run_id: &str, target: RunTarget) -> usize {
-    let channel = target.channel();
-    let held = gateway.resolver.register(run_id, target);
     gateway.metrics.runs_registered.inc();
-    let Some(channel) = channel else {
-        return 0;
-    };
-    for event in &held {
-        emit(gateway, &channel, event, &telemetry::ingest_span(event));
+    let released = gateway.resolver.register(run_id, target, |channel, event| {
+        emit(gateway, channel, event, &telemetry::ingest_span(event));
+    });
+    if released > 0 {
+        tracing::info!(run_id, released, "Late registration delivered held events.");
     }
-    if !held.is_empty() {
-        tracing::info!(run_id, %channel, released = held.len(), "Late registration delivered held events.");
-        gateway
-            .metrics
-            .events_pending_resolution
-            .set(gateway.resolver.pending_count() as i64);
-    }
-    held.len()
+    released
 }
 
 /// Moves the runs that waited past the grace period to the dead-letter log.
@@ -272,10 +288,6 @@ pub fn expire_pending(gateway: &Gateway) {
     for held in expired {
         dead_letter(gateway, held, "no channel within resolve.grace");
     }
-    gateway
-        .metrics
-        .events_pending_resolution
-        .set(gateway.resolver.pending_count() as i64);
 }
 
 /// The one place an unresolved run is logged, counted and kept.
@@ -294,10 +306,15 @@ fn dead_letter(gateway: &Gateway, held: Held, why: &'static str) {
             "Event lost: its run_id resolves to no channel."
         );
         lost.inc();
-        let kept = gateway.deadletters.push(&held.run_id, event, why);
-        gateway.metrics.deadletter_events.set(kept as i64);
+        // A producer's retry of this event must not be taken for a duplicate.
+        if let Some(event_id) = &event.event_id {
+            gateway.dedupe.forget(event_id);
+        }
+        gateway.deadletters.push(&held.run_id, event, why);
     }
-    gateway.metrics.unresolved_run_ids.inc();
+    if gateway.deadletters.first_unresolved(&held.run_id) {
+        gateway.metrics.unresolved_run_ids.inc();
+    }
 }
 
 /// Remembers `event_id`s for the dedupe window, bounded in count.
@@ -337,6 +354,15 @@ impl Dedupe {
             Self::forget_oldest(&mut seen);
         }
         true
+    }
+
+    /// Forgets one id (its event was lost, so a retry must go through).
+    pub fn forget(&self, event_id: &str) {
+        self.seen
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .ids
+            .remove(event_id);
     }
 
     /// Forgets ids older than the window.

@@ -16,6 +16,14 @@ use prometheus::{
 
 use crate::ledger::{LostReason, Totals};
 
+/// What `/metrics` reads from the gateway's state at scrape time.
+pub struct Scraped {
+    /// The broker's balanced sum of every channel's ledger.
+    pub totals: Totals,
+    pub pending_resolution: usize,
+    pub deadletters: usize,
+}
+
 pub struct Metrics {
     registry: Registry,
     scrape: Mutex<()>,
@@ -28,7 +36,7 @@ pub struct Metrics {
     pub events_lost: IntCounterVec,
     events_pending: IntGauge,
     events_pending_oldest_age: Gauge,
-    pub events_pending_resolution: IntGauge,
+    events_pending_resolution: IntGauge,
     pub unresolved_run_ids: IntCounter,
     pub runs_registered: IntCounter,
     pub delivery_latency: Histogram,
@@ -52,7 +60,7 @@ pub struct Metrics {
     pub runs_evicted: IntCounter,
     pub run_duration: Histogram,
     pub lifecycle_violations: IntCounterVec,
-    pub deadletter_events: IntGauge,
+    deadletter_events: IntGauge,
     pub events_redriven: IntCounter,
     pub events_generated: IntCounter,
     pub accept_errors: IntCounterVec,
@@ -301,8 +309,18 @@ impl Metrics {
     }
 
     /// The exposition text. `totals` is the broker's balanced sum of every channel's ledger.
-    pub fn render(&self, totals: &Totals) -> String {
+    /// `state` is read under the scrape lock, so concurrent scrapes never mix old and new figures.
+    pub fn render(&self, state: impl FnOnce() -> Scraped) -> String {
         let _scrape = self.scrape.lock().unwrap_or_else(|e| e.into_inner());
+        let Scraped {
+            totals,
+            pending_resolution,
+            deadletters,
+        } = state();
+        let totals = &totals;
+        self.events_pending_resolution
+            .set(to_i64(pending_resolution as u64));
+        self.deadletter_events.set(to_i64(deadletters as u64));
         raise(&self.events_emitted, totals.emitted);
         raise(&self.events_delivered, totals.delivered);
         raise(&self.events_acked, totals.acked);

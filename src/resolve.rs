@@ -45,40 +45,72 @@ pub struct Held {
     pub events: Vec<Event>,
 }
 
+/// Registry and pending set share one lock, so that a registration and a hold can never miss each
+/// other (an event held just as its run registers), and held events are published before any later
+/// event of their run.
 pub struct Resolver {
     config: ResolveConfig,
-    registry: Mutex<Registry>,
-    pending: Mutex<Pending>,
+    state: Mutex<State>,
 }
 
 #[derive(Default)]
-struct Registry {
+struct State {
     runs: HashMap<String, (RunTarget, Instant)>,
     /// Registration order, for expiry and the capacity bound (entries may be stale).
     order: VecDeque<(String, Instant)>,
+    pending: HashMap<String, (Instant, Vec<Event>)>,
+    pending_count: usize,
 }
 
-#[derive(Default)]
-struct Pending {
-    runs: HashMap<String, (Instant, Vec<Event>)>,
-    count: usize,
+impl State {
+    fn registered(
+        &self,
+        run_id: &str,
+        ttl: std::time::Duration,
+        now: Instant,
+    ) -> Option<ChannelName> {
+        let (target, registered) = self.runs.get(run_id)?;
+        (now.saturating_duration_since(*registered) <= ttl)
+            .then(|| target.channel())
+            .flatten()
+    }
+
+    /// Drops registrations whose `order` entry is the oldest, while `keep` says so.
+    fn forget_oldest(&mut self, mut keep: impl FnMut(&State, Instant) -> bool) {
+        while let Some((run_id, at)) = self.order.front().cloned() {
+            if keep(self, at) {
+                break;
+            }
+            self.order.pop_front();
+            if self
+                .runs
+                .get(&run_id)
+                .is_some_and(|(_, registered)| *registered == at)
+            {
+                self.runs.remove(&run_id);
+            }
+        }
+    }
+}
+
+/// An event [`Resolver::hold`] did not keep.
+#[derive(Debug)]
+pub struct NotHeld {
+    pub event: Box<Event>,
+    /// `Some` when its run was registered meanwhile: publish it there. `None`: the set is full.
+    pub channel: Option<ChannelName>,
 }
 
 impl Resolver {
     pub fn new(config: ResolveConfig) -> Self {
         Self {
             config,
-            registry: Mutex::default(),
-            pending: Mutex::default(),
+            state: Mutex::default(),
         }
     }
 
-    fn registry(&self) -> MutexGuard<'_, Registry> {
-        self.registry.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    fn pending(&self) -> MutexGuard<'_, Pending> {
-        self.pending.lock().unwrap_or_else(|e| e.into_inner())
+    fn state(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// The channel of `event`, or `None` if nothing names one yet.
@@ -87,11 +119,11 @@ impl Resolver {
             return Some(ChannelName::thread(thread));
         }
         if let Some(run_id) = &event.run_id {
-            let now = Instant::now();
-            if let Some((target, registered)) = self.registry().runs.get(run_id)
-                && now.saturating_duration_since(*registered) <= self.config.registry_ttl
+            if let Some(channel) =
+                self.state()
+                    .registered(run_id, self.config.registry_ttl, Instant::now())
             {
-                return target.channel();
+                return Some(channel);
             }
             if let Some(thread) = thread_of_standard_run_id(run_id) {
                 return Some(ChannelName::thread(thread));
@@ -100,48 +132,60 @@ impl Resolver {
         event.user_id.as_deref().map(ChannelName::user)
     }
 
-    /// Records where `run_id`'s events go and returns the events that were waiting for it.
-    pub fn register(&self, run_id: &str, target: RunTarget) -> Vec<Event> {
+    /// Records where `run_id`'s events go and hands the events that were waiting for it, in
+    /// arrival order, to `release`, which runs under the resolver's lock (it must not block).
+    /// Returns how many were released.
+    pub fn register(
+        &self,
+        run_id: &str,
+        target: RunTarget,
+        mut release: impl FnMut(&ChannelName, &Event),
+    ) -> usize {
         let now = Instant::now();
-        {
-            let mut registry = self.registry();
-            registry.runs.insert(run_id.to_string(), (target, now));
-            registry.order.push_back((run_id.to_string(), now));
-            while registry.runs.len() > self.config.registry_capacity {
-                let Some((oldest, at)) = registry.order.pop_front() else {
-                    break;
-                };
-                if registry
-                    .runs
-                    .get(&oldest)
-                    .is_some_and(|(_, registered)| *registered == at)
-                {
-                    registry.runs.remove(&oldest);
-                }
-            }
+        let channel = target.channel();
+        let mut state = self.state();
+        state.runs.insert(run_id.to_string(), (target, now));
+        state.order.push_back((run_id.to_string(), now));
+        let capacity = self.config.registry_capacity;
+        // Re-registrations leave stale order entries; bound them as well.
+        state.forget_oldest(|state, _| {
+            state.runs.len() <= capacity && state.order.len() <= 2 * capacity
+        });
+        let Some(channel) = channel else { return 0 };
+        let Some((_, events)) = state.pending.remove(run_id) else {
+            return 0;
+        };
+        state.pending_count -= events.len();
+        for event in &events {
+            release(&channel, event);
         }
-        let mut pending = self.pending();
-        match pending.runs.remove(run_id) {
-            Some((_, events)) => {
-                pending.count -= events.len();
-                events
-            }
-            None => Vec::new(),
-        }
+        events.len()
     }
 
-    /// Holds an event until its run is registered. Gives it back when the pending set is full.
-    pub fn hold(&self, event: Event) -> Result<(), Box<Event>> {
+    /// Holds an event until its run is registered.
+    pub fn hold(&self, event: Event) -> Result<(), NotHeld> {
         let Some(run_id) = event.run_id.clone() else {
-            return Err(Box::new(event));
+            return Err(NotHeld {
+                event: Box::new(event),
+                channel: None,
+            });
         };
-        let mut pending = self.pending();
-        if pending.count >= self.config.max_pending {
-            return Err(Box::new(event));
+        let mut state = self.state();
+        if let Some(channel) = state.registered(&run_id, self.config.registry_ttl, Instant::now()) {
+            return Err(NotHeld {
+                event: Box::new(event),
+                channel: Some(channel),
+            });
         }
-        pending.count += 1;
-        pending
-            .runs
+        if state.pending_count >= self.config.max_pending {
+            return Err(NotHeld {
+                event: Box::new(event),
+                channel: None,
+            });
+        }
+        state.pending_count += 1;
+        state
+            .pending
             .entry(run_id)
             .or_insert_with(|| (Instant::now(), Vec::new()))
             .1
@@ -151,31 +195,17 @@ impl Resolver {
 
     /// Events held now.
     pub fn pending_count(&self) -> usize {
-        self.pending().count
+        self.state().pending_count
     }
 
     /// Takes the runs whose first held event has waited longer than the grace period, and
     /// forgets registrations older than their TTL.
     pub fn expire(&self, now: Instant) -> Vec<Held> {
-        {
-            let mut registry = self.registry();
-            while let Some((run_id, at)) = registry.order.front().cloned() {
-                if now.saturating_duration_since(at) <= self.config.registry_ttl {
-                    break;
-                }
-                registry.order.pop_front();
-                if registry
-                    .runs
-                    .get(&run_id)
-                    .is_some_and(|(_, registered)| *registered == at)
-                {
-                    registry.runs.remove(&run_id);
-                }
-            }
-        }
-        let mut pending = self.pending();
-        let expired: Vec<String> = pending
-            .runs
+        let ttl = self.config.registry_ttl;
+        let mut state = self.state();
+        state.forget_oldest(|_, at| now.saturating_duration_since(at) <= ttl);
+        let expired: Vec<String> = state
+            .pending
             .iter()
             .filter(|(_, (since, _))| now.saturating_duration_since(*since) > self.config.grace)
             .map(|(run_id, _)| run_id.clone())
@@ -183,8 +213,8 @@ impl Resolver {
         expired
             .into_iter()
             .filter_map(|run_id| {
-                let (_, events) = pending.runs.remove(&run_id)?;
-                pending.count -= events.len();
+                let (_, events) = state.pending.remove(&run_id)?;
+                state.pending_count -= events.len();
                 Some(Held { run_id, events })
             })
             .collect()
@@ -224,6 +254,7 @@ mod tests {
                 thread_id: Some("t_reg".into()),
                 user_id: Some("u_reg".into()),
             },
+            |_, _| {},
         );
         r.register(
             "run_user",
@@ -231,6 +262,7 @@ mod tests {
                 thread_id: None,
                 user_id: Some("u_only".into()),
             },
+            |_, _| {},
         );
         check(
             &r,
@@ -276,6 +308,10 @@ mod tests {
         assert_eq!(thread_of_standard_run_id("run_xyz789"), None);
     }
 
+    fn late_event() -> Event {
+        event(r#"{"type":"agent_thinking","run_id":"run_late"}"#)
+    }
+
     #[test]
     fn holds_until_registered_or_expired() {
         let r = resolver();
@@ -283,15 +319,28 @@ mod tests {
         r.hold(late.clone()).unwrap();
         r.hold(late.clone()).unwrap();
         assert!(r.hold(late).is_err(), "the pending set is bounded");
-        let released = r.register(
+        let mut released = Vec::new();
+        let count = r.register(
             "run_late",
             RunTarget {
                 thread_id: Some("t".into()),
                 user_id: None,
             },
+            |channel, event| released.push((channel.to_string(), event.run_id.clone())),
         );
-        assert_eq!(released.len(), 2);
+        assert_eq!(count, 2);
+        assert_eq!(
+            released[0],
+            ("thread:t".to_string(), Some("run_late".to_string()))
+        );
         assert_eq!(r.pending_count(), 0);
+        let rescued = r
+            .hold(late_event())
+            .expect_err("registered meanwhile: not held");
+        assert_eq!(
+            rescued.channel.map(|c| c.to_string()).as_deref(),
+            Some("thread:t")
+        );
 
         r.hold(event(r#"{"type":"agent_thinking","run_id":"run_never"}"#))
             .unwrap();

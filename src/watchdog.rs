@@ -22,6 +22,8 @@ use crate::protocol::ChannelName;
 use crate::protocol::event::{Event, EventType};
 
 const SHARDS: usize = 16;
+/// Open tool calls remembered per run.
+const MAX_OPEN_TOOLS: usize = 256;
 
 /// Where a run stands.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -258,7 +260,10 @@ impl Watchdog {
         match event.kind {
             EventType::ToolExecuting => {
                 if let Some(id) = tool_call_id() {
-                    run.open_tools.push(id);
+                    // Bounded: the list is shown at /v1/runs and sent in the stall notice.
+                    if run.open_tools.len() < MAX_OPEN_TOOLS {
+                        run.open_tools.push(id);
+                    }
                 }
             }
             EventType::ToolCompleted => {

@@ -92,23 +92,38 @@ impl Channel {
 
     /// Drops history entries past the count limit or older than `max_age`; undelivered ones
     /// are lost, by whether anyone was subscribed.
-    fn trim(&self, state: &mut ChannelState, max_events: usize, max_age: Duration, now: Instant) {
-        let reason = if state.subscribers.is_empty() {
-            LostReason::ExpiredUnseen
-        } else {
-            LostReason::ExpiredSubscribed
-        };
+    /// Drops history entries past the count limit or older than `max_age`; undelivered ones are
+    /// lost, `expired_subscribed` if they had been queued to a subscriber, else `expired_unseen`.
+    /// Returns what was lost, to be logged once the locks are released.
+    fn trim(
+        &self,
+        state: &mut ChannelState,
+        max_events: usize,
+        max_age: Duration,
+        now: Instant,
+    ) -> Trimmed {
+        let mut trimmed = Trimmed::default();
         while let Some(front) = state.history.front() {
             let too_many = state.history.len() > max_events;
             let too_old = now.saturating_duration_since(front.emitted_at) > max_age;
             if !too_many && !too_old {
                 break;
             }
+            let reason = if front.was_offered() {
+                LostReason::ExpiredSubscribed
+            } else {
+                LostReason::ExpiredUnseen
+            };
             if front.state.lose(&self.ledger, reason) {
-                tracing::warn!(channel = %self.name, seq = front.seq, reason = reason.as_str(), "Event left history undelivered.");
+                match reason {
+                    LostReason::ExpiredSubscribed => trimmed.subscribed += 1,
+                    _ => trimmed.unseen += 1,
+                }
+                trimmed.last_seq = front.seq;
             }
             state.history.pop_front();
         }
+        trimmed
     }
 
     fn oldest_pending_age(state: &ChannelState, now: Instant) -> Option<Duration> {
@@ -117,6 +132,25 @@ impl Channel {
             .iter()
             .find(|event| event.state.is_pending())
             .map(|event| now.saturating_duration_since(event.emitted_at))
+    }
+}
+
+/// Undelivered events a trim dropped.
+#[derive(Debug, Default)]
+struct Trimmed {
+    unseen: u64,
+    subscribed: u64,
+    last_seq: u64,
+}
+
+impl Trimmed {
+    fn log(&self, channel: &ChannelName) {
+        if self.subscribed > 0 {
+            tracing::warn!(%channel, lost = self.subscribed, up_to_seq = self.last_seq, reason = "expired_subscribed", "Events left history undelivered while queued to a subscriber.");
+        }
+        if self.unseen > 0 {
+            tracing::debug!(%channel, lost = self.unseen, up_to_seq = self.last_seq, reason = "expired_unseen", "Events left history with nobody watching.");
+        }
     }
 }
 
@@ -178,6 +212,7 @@ impl MemoryBroker {
         let produced_at = event
             .ts
             .as_deref()
+            .filter(|ts| ts.ends_with('Z'))
             .and_then(|ts| humantime::parse_rfc3339_weak(ts).ok());
         // Serialise before taking the channel lock: only the seq is written under it.
         let mut body: Option<(Arc<str>, Vec<u8>)> = None;
@@ -208,17 +243,23 @@ impl MemoryBroker {
                 trace: trace(seq),
                 state: EventState::default(),
                 ledger: Arc::clone(&channel.ledger),
+                offered: Default::default(),
             });
             channel.ledger.emitted();
             state.history.push_back(Arc::clone(&stored));
             state.last_activity = stored.emitted_at;
-            channel.trim(
+            let trimmed = channel.trim(
                 &mut state,
                 self.history.max_events,
                 self.history.max_age,
                 stored.emitted_at,
             );
-            state.subscribers.fan_out(&stored);
+            if !state.subscribers.is_empty() {
+                stored.offer();
+                state.subscribers.fan_out(&stored);
+            }
+            drop(state);
+            trimmed.log(name);
             return Published {
                 seq,
                 epoch: Arc::clone(&channel.epoch),
@@ -261,6 +302,7 @@ impl MemoryBroker {
                 .history
                 .iter()
                 .filter(|e| e.seq >= from)
+                .inspect(|e| e.offer())
                 .cloned()
                 .collect();
             let report = Subscribed {
@@ -287,12 +329,24 @@ impl MemoryBroker {
 
     /// `true` if the connection was subscribed.
     pub fn unsubscribe(&self, name: &ChannelName, outbox: &Arc<Outbox>) -> bool {
-        let Some(channel) = self.existing(name) else {
+        let mut shard = self.shard(name);
+        let Some(channel) = shard.channels.get(name).cloned() else {
             return false;
         };
         let mut state = channel.lock();
         state.last_activity = Instant::now();
-        state.subscribers.remove(outbox)
+        let removed = state.subscribers.remove(outbox);
+        // A channel that never had an event is not kept once nobody watches it, so subscribing
+        // to fresh ids cannot grow the map.
+        if state.subscribers.is_empty()
+            && state.history.is_empty()
+            && channel.ledger.snapshot().emitted == 0
+        {
+            state.retired = true;
+            drop(state);
+            shard.channels.remove(name);
+        }
+        removed
     }
 
     /// A cumulative ack: the client has shown everything up to `seq`.
@@ -411,17 +465,21 @@ impl MemoryBroker {
     pub fn sweep(&self) {
         let now = Instant::now();
         let mut channels = 0;
+        let mut dropped = Vec::new();
         for shard in self.shards.iter() {
             let mut shard = shard.lock().unwrap_or_else(|e| e.into_inner());
             let mut retired = Counts::default();
             shard.channels.retain(|_, channel| {
                 let mut state = channel.lock();
-                channel.trim(
+                let trimmed = channel.trim(
                     &mut state,
                     self.history.max_events,
                     self.history.max_age,
                     now,
                 );
+                if trimmed.unseen + trimmed.subscribed > 0 {
+                    dropped.push((channel.name.clone(), trimmed));
+                }
                 let idle = state.history.is_empty()
                     && state.subscribers.is_empty()
                     && now.saturating_duration_since(state.last_activity) > self.history.max_age;
@@ -433,6 +491,9 @@ impl MemoryBroker {
             });
             shard.retired.add(&retired);
             channels += shard.channels.len();
+        }
+        for (channel, trimmed) in dropped {
+            trimmed.log(&channel);
         }
         tracing::trace!(channels, "Swept channels.");
     }

@@ -9,6 +9,7 @@
 mod memory;
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Instant, SystemTime};
 
 use bytes::Bytes;
@@ -31,9 +32,19 @@ pub struct StoredEvent {
     pub trace: Option<Box<crate::telemetry::TraceInfo>>,
     state: EventState,
     ledger: Arc<ChannelLedger>,
+    /// Set once the event was queued to a subscriber (live or replay).
+    offered: AtomicBool,
 }
 
 impl StoredEvent {
+    fn offer(&self) {
+        self.offered.store(true, Ordering::Relaxed);
+    }
+
+    fn was_offered(&self) -> bool {
+        self.offered.load(Ordering::Relaxed)
+    }
+
     /// Records a socket write of this event; the first one counts as the delivery.
     pub fn delivered(&self, metrics: &Metrics) {
         if self.state.deliver(&self.ledger) {

@@ -94,7 +94,10 @@ async fn accept_until(
         let http_stop = http_stop.clone();
         tokio::spawn(async move {
             let service = service_fn(move |request| routes::handle(Arc::clone(&gateway), request));
+            // A timer is what makes hyper enforce the header read timeout at all.
             let connection = http1::Builder::new()
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(Duration::from_secs(30))
                 .serve_connection(TokioIo::new(stream), service)
                 .with_upgrades();
             tokio::pin!(connection);

@@ -40,15 +40,17 @@ pub async fn handle(
             )
         }
         ("/v1/deadletter/redrive", &Method::POST) => {
+            use ingest::RedriveOutcome;
             let results = ingest::redrive(&gateway);
-            let delivered = results
-                .iter()
-                .filter(|r| matches!(r.outcome, ingest::RedriveOutcome::Delivered { .. }))
-                .count();
-            json_response(
-                StatusCode::OK,
-                &json!({"delivered": delivered, "unresolved": results.len() - delivered, "results": results}),
-            )
+            let count =
+                |f: fn(&RedriveOutcome) -> bool| results.iter().filter(|r| f(&r.outcome)).count();
+            let summary = json!({
+                "delivered": count(|o| matches!(o, RedriveOutcome::Delivered { .. })),
+                "duplicate": count(|o| matches!(o, RedriveOutcome::Duplicate)),
+                "unresolved": count(|o| matches!(o, RedriveOutcome::Unresolved)),
+                "results": results,
+            });
+            json_response(StatusCode::OK, &summary)
         }
         ("/v1/ledger", &Method::GET) => ledger(&gateway, request.uri().query()),
         (p, &Method::GET) if p.starts_with("/v1/channels/") => {
@@ -142,15 +144,36 @@ fn upgrade(gateway: Arc<Gateway>, mut request: Request<Incoming>) -> Response<Bo
     Response::from_parts(parts, Body::default())
 }
 
-/// Reads a body within `limit` bytes; `Err` is the response to send.
-async fn read_body(request: Request<Incoming>, limit: usize) -> Result<Bytes, Response<Body>> {
+/// Why a body was not read.
+enum BodyRefused {
+    TooLarge(Response<Body>),
+    Unreadable(Response<Body>),
+}
+
+impl BodyRefused {
+    fn response(self) -> Response<Body> {
+        match self {
+            Self::TooLarge(response) | Self::Unreadable(response) => response,
+        }
+    }
+}
+
+/// A client has this long to send a request body.
+const BODY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// Reads a body within `limit` bytes (the limit named by `key` in the error).
+async fn read_body(
+    request: Request<Incoming>,
+    limit: usize,
+    key: &str,
+) -> Result<Bytes, BodyRefused> {
     let too_large = || {
-        error(
+        BodyRefused::TooLarge(error(
             StatusCode::PAYLOAD_TOO_LARGE,
             "too_large",
-            &format!("the body exceeds ingest.max_request_bytes ({limit} bytes)"),
+            &format!("the body exceeds {key} ({limit} bytes)"),
             None,
-        )
+        ))
     };
     let declared = request
         .headers()
@@ -160,15 +183,22 @@ async fn read_body(request: Request<Incoming>, limit: usize) -> Result<Bytes, Re
     if declared.is_some_and(|length| length > limit) {
         return Err(too_large());
     }
-    match Limited::new(request.into_body(), limit).collect().await {
-        Ok(collected) => Ok(collected.to_bytes()),
-        Err(e) if e.is::<http_body_util::LengthLimitError>() => Err(too_large()),
-        Err(e) => Err(error(
-            StatusCode::BAD_REQUEST,
-            "bad_body",
-            &format!("cannot read the body: {e}"),
-            None,
-        )),
+    let unreadable = |reason: String| {
+        BodyRefused::Unreadable(error(StatusCode::BAD_REQUEST, "bad_body", &reason, None))
+    };
+    match tokio::time::timeout(
+        BODY_TIMEOUT,
+        Limited::new(request.into_body(), limit).collect(),
+    )
+    .await
+    {
+        Err(_) => Err(unreadable(format!(
+            "the body did not arrive within {} s",
+            BODY_TIMEOUT.as_secs()
+        ))),
+        Ok(Ok(collected)) => Ok(collected.to_bytes()),
+        Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => Err(too_large()),
+        Ok(Err(e)) => Err(unreadable(format!("cannot read the body: {e}"))),
     }
 }
 
@@ -180,15 +210,25 @@ async fn events(gateway: &Gateway, request: Request<Incoming>) -> Response<Body>
         .is_some_and(|v| {
             v.starts_with("application/x-ndjson") || v.starts_with("application/jsonl")
         });
-    let body = match read_body(request, gateway.config.ingest.max_request_bytes).await {
+    let body = match read_body(
+        request,
+        gateway.config.ingest.max_request_bytes,
+        "ingest.max_request_bytes",
+    )
+    .await
+    {
         Ok(body) => body,
-        Err(response) => {
+        Err(refused) => {
+            let reason = match refused {
+                BodyRefused::TooLarge(_) => "too_large_body",
+                BodyRefused::Unreadable(_) => "invalid_body",
+            };
             gateway
                 .metrics
                 .events_rejected
-                .with_label_values(&["too_large_body"])
+                .with_label_values(&[reason])
                 .inc();
-            return response;
+            return refused.response();
         }
     };
     let items = match ingest::split(&body, ndjson) {
@@ -207,6 +247,23 @@ async fn events(gateway: &Gateway, request: Request<Incoming>) -> Response<Body>
             );
         }
     };
+    if items.len() > gateway.config.ingest.max_items {
+        gateway
+            .metrics
+            .events_rejected
+            .with_label_values(&["too_many_items"])
+            .inc();
+        return error(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "too_many_items",
+            &format!(
+                "{} events in one request; ingest.max_items is {}",
+                items.len(),
+                gateway.config.ingest.max_items
+            ),
+            None,
+        );
+    }
     let results = ingest::ingest(gateway, &items);
     let ok = results.iter().filter(|r| r.is_ok()).count();
     let count = |f: fn(&ItemResult) -> bool| results.iter().filter(|r| f(r)).count();
@@ -226,9 +283,15 @@ async fn events(gateway: &Gateway, request: Request<Incoming>) -> Response<Body>
 }
 
 async fn runs(gateway: &Gateway, request: Request<Incoming>) -> Response<Body> {
-    let body = match read_body(request, gateway.config.ingest.max_event_bytes).await {
+    let body = match read_body(
+        request,
+        gateway.config.ingest.max_event_bytes,
+        "ingest.max_event_bytes",
+    )
+    .await
+    {
         Ok(body) => body,
-        Err(response) => return response,
+        Err(refused) => return refused.response(),
     };
     let Ok(Value::Object(fields)) = serde_json::from_slice::<Value>(&body) else {
         return error(
@@ -394,7 +457,11 @@ fn ready(gateway: &Gateway) -> Response<Body> {
 }
 
 fn metrics(gateway: &Gateway) -> Response<Body> {
-    let text = gateway.metrics.render(&gateway.broker.totals());
+    let text = gateway.metrics.render(|| crate::metrics::Scraped {
+        totals: gateway.broker.totals(),
+        pending_resolution: gateway.resolver.pending_count(),
+        deadletters: gateway.deadletters.len(),
+    });
     let mut response = Response::new(Body::new(Bytes::from(text)));
     response.headers_mut().insert(
         header::CONTENT_TYPE,

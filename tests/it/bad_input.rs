@@ -227,3 +227,22 @@ async fn bad_bodies_and_routes_get_json_errors() {
     assert_eq!(gateway.get("/healthz").await.0, 200);
     assert_eq!(gateway.get("/readyz").await.0, 200);
 }
+
+#[tokio::test]
+async fn too_many_events_in_one_request_is_413() {
+    let gateway = Gateway::start_with(|c| c.ingest.max_items = 3).await;
+    let batch: Vec<_> = (0..4).map(|_| event("agent_thinking", "r", "t")).collect();
+    let (status, body) = gateway
+        .post("/v1/events", &serde_json::Value::from(batch).to_string())
+        .await;
+    assert_eq!(
+        (status.as_u16(), body["error"].as_str()),
+        (413, Some("too_many_items"))
+    );
+    assert_eq!(
+        gateway
+            .metric("agentwire_events_rejected_total{reason=\"too_many_items\"}")
+            .await,
+        1.0
+    );
+}

@@ -35,11 +35,28 @@ async fn a_dead_letter_is_listed_and_redriven_after_registration() {
     assert_eq!(entry["event"]["payload"]["n"], 1);
     assert!(entry["reason"].as_str().is_some() && entry["lost_at"].as_str().is_some());
 
+    // The producer's retry of a dead-lettered event is not swallowed as a duplicate: it waits again.
+    let retry = json!({"type": "agent_thinking", "run_id": "run_dl", "event_id": "ev-dl", "payload": {"n": 1}});
+    let (_, answer) = gateway.post("/v1/events", &retry.to_string()).await;
+    assert_eq!(answer["results"][0]["status"], "pending_resolution");
+    for _ in 0..100 {
+        if gateway.get("/v1/deadletter").await.1["count"] == 2 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(gateway.get("/v1/deadletter").await.1["count"], 2);
+    assert_eq!(
+        gateway.metric("agentwire_unresolved_run_ids_total").await,
+        1.0,
+        "one run id, counted once"
+    );
+
     // Redrive before the registration: still unresolved, still listed.
     let (_, report) = gateway.post("/v1/deadletter/redrive", "").await;
     assert_eq!(
         (report["delivered"].as_u64(), report["unresolved"].as_u64()),
-        (Some(0), Some(1))
+        (Some(0), Some(2))
     );
 
     gateway
@@ -50,6 +67,18 @@ async fn a_dead_letter_is_listed_and_redriven_after_registration() {
         .await;
     let (status, report) = gateway.post("/v1/deadletter/redrive", "").await;
     assert_eq!(status, 200);
+    assert_eq!(
+        (
+            report["delivered"].as_u64(),
+            report["duplicate"].as_u64(),
+            report["unresolved"].as_u64()
+        ),
+        (Some(1), Some(1), Some(0))
+    );
+    assert_eq!(
+        report["results"][1]["status"], "duplicate",
+        "the retry is not shown twice"
+    );
     assert_eq!(
         report["results"][0],
         json!({"id": entry["id"], "run_id": "run_dl", "status": "delivered", "channel": "thread:t_dl", "seq": 1})
@@ -67,10 +96,11 @@ async fn a_dead_letter_is_listed_and_redriven_after_registration() {
 
     let metrics = gateway.metrics().await;
     for line in [
-        "agentwire_events_lost_total{reason=\"unresolved\"} 1",
-        "agentwire_events_redriven_total 1",
+        "agentwire_events_lost_total{reason=\"unresolved\"} 2",
+        "agentwire_events_redriven_total 2",
+        "agentwire_events_duplicate_total 1",
         "agentwire_deadletter_events 0",
-        "agentwire_events_ingested_total 1",
+        "agentwire_events_ingested_total 2",
         "agentwire_events_emitted_total 1",
     ] {
         assert!(
@@ -80,7 +110,7 @@ async fn a_dead_letter_is_listed_and_redriven_after_registration() {
     }
     let (_, ledger) = gateway.get("/v1/ledger").await;
     assert_eq!(ledger["channels"]["balanced"], true, "{ledger}");
-    assert_eq!(ledger["ingest"]["redriven"], 1);
+    assert_eq!(ledger["ingest"]["redriven"], 2);
     gateway.channel("thread:t_dl").await;
 }
 

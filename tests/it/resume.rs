@@ -210,3 +210,46 @@ async fn hello_since_resumes_the_user_channel() {
         .collect();
     assert_eq!(ns, [2, 3]);
 }
+
+#[tokio::test]
+async fn events_trimmed_before_anyone_saw_them_are_unseen_even_with_a_live_subscriber() {
+    let gateway = Gateway::start_with(|c| c.history.max_events = 2).await;
+    gateway
+        .publish(&[
+            event("agent_thinking", "r", "t_1"),
+            event("agent_thinking", "r", "t_1"),
+        ])
+        .await;
+    let mut client = gateway.client("u_1").await;
+    client.subscribe("t_1", None).await;
+    gateway
+        .publish(&[
+            event("agent_thinking", "r", "t_1"),
+            event("agent_thinking", "r", "t_1"),
+        ])
+        .await;
+    client.events(2).await;
+    client.barrier().await;
+    let ledger = gateway.channel("thread:t_1").await;
+    assert_eq!(
+        (
+            ledger["lost"]["expired_unseen"].as_u64(),
+            ledger["lost"]["expired_subscribed"].as_u64()
+        ),
+        (Some(2), Some(0))
+    );
+    assert_eq!(ledger["delivered"], 2);
+}
+
+#[tokio::test]
+async fn a_thread_subscribed_and_left_without_events_is_not_kept() {
+    let gateway = Gateway::start().await;
+    let mut client = gateway.client("u_1").await;
+    client.subscribe("t_fresh", None).await;
+    assert_eq!(gateway.get("/v1/channels/thread:t_fresh").await.0, 200);
+    client
+        .send(json!({"type": "unsubscribe", "thread_id": "t_fresh"}))
+        .await;
+    client.recv().await;
+    assert_eq!(gateway.get("/v1/channels/thread:t_fresh").await.0, 404);
+}

@@ -122,8 +122,9 @@ pub(super) async fn run(
     match mode {
         Mode::Rate => {
             let mut http = Http::open(target).await?;
-            let per_tick = (load.rate / 100).max(1);
-            let mut tick = tokio::time::interval(Duration::from_millis(10));
+            // A POST every millisecond: a fixed rate, not bursts of a hundredth of a second.
+            let per_tick = (load.rate / 1000).max(1);
+            let mut tick = tokio::time::interval(Duration::from_millis(1));
             let mut sent = 0;
             while sent < load.events && Instant::now() < deadline {
                 tick.tick().await;

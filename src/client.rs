@@ -20,6 +20,8 @@ pub type Socket = WebSocket<TokioIo<Upgraded>>;
 pub struct Target {
     pub host: String,
     pub port: u16,
+    /// The URL's path (`/` when it has none).
+    pub path: String,
 }
 
 impl Target {
@@ -35,6 +37,7 @@ impl Target {
         Ok(Self {
             host,
             port: uri.port_u16().unwrap_or(80),
+            path: uri.path().to_string(),
         })
     }
 

@@ -26,6 +26,7 @@ pub struct Config {
     pub shutdown: ShutdownConfig,
     pub watchdog: WatchdogConfig,
     pub deadletter: DeadletterConfig,
+    pub upstream: UpstreamConfig,
     pub broker: BrokerConfig,
 }
 
@@ -140,6 +141,32 @@ pub struct DeadletterConfig {
     pub capacity: usize,
 }
 
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct UpstreamConfig {
+    /// Where HLink messages from browsers are POSTed (http:// only). Unset: they are refused.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub webhook_url: Option<String>,
+    /// One webhook attempt may take this long.
+    #[serde(with = "humantime_serde")]
+    pub timeout: Duration,
+    /// Attempts after the first, with doubling backoff from 100 ms.
+    pub retries: u32,
+    /// Messages waiting for the webhook at most; past that a client gets `upstream_busy`.
+    pub queue: usize,
+}
+
+impl Default for UpstreamConfig {
+    fn default() -> Self {
+        Self {
+            webhook_url: None,
+            timeout: Duration::from_secs(5),
+            retries: 3,
+            queue: 1000,
+        }
+    }
+}
+
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct BrokerConfig {
@@ -178,6 +205,7 @@ impl Default for Config {
             shutdown: ShutdownConfig::default(),
             watchdog: WatchdogConfig::default(),
             deadletter: DeadletterConfig::default(),
+            upstream: UpstreamConfig::default(),
             broker: BrokerConfig::default(),
         }
     }
@@ -303,7 +331,8 @@ impl Config {
                 reason: reason.to_string(),
             })
         };
-        let positive: [(&str, usize); 11] = [
+        let positive: [(&str, usize); 12] = [
+            ("upstream.queue", self.upstream.queue),
             ("ingest.max_items", self.ingest.max_items),
             ("watchdog.max_runs", self.watchdog.max_runs),
             ("deadletter.capacity", self.deadletter.capacity),
@@ -355,6 +384,11 @@ impl Config {
                 "session.client_timeout",
                 "must be longer than session.heartbeat",
             );
+        }
+        if let Some(url) = &self.upstream.webhook_url
+            && let Err(error) = crate::client::Target::parse(url)
+        {
+            return fail("upstream.webhook_url", &format!("{error:#}"));
         }
         if self.broker.redis_url.is_some() {
             return fail(

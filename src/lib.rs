@@ -13,6 +13,7 @@
 //! - [`ledger`]: emitted / delivered / acked / pending / lost, per channel.
 //! - [`watchdog`]: every run from start to end; stalls and lifecycle violations.
 //! - [`deadletter`]: unresolved events, kept for inspection and redrive.
+//! - [`upstream`]: HLink messages from browsers to the agent backends' webhook.
 //! - [`metrics`]: the Prometheus registry and every metric.
 //! - [`protocol`]: the wire formats, pure decoding and encoding.
 //! - [`probe`]: `agentwire probe`, an end-to-end delivery check through the public API.
@@ -34,6 +35,7 @@ pub mod resolve;
 pub mod server;
 pub mod session;
 pub mod telemetry;
+pub mod upstream;
 pub mod watchdog;
 
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -58,6 +60,7 @@ pub struct Gateway {
     pub dedupe: Dedupe,
     pub watchdog: Watchdog,
     pub deadletters: DeadLetters,
+    pub upstream: upstream::Upstream,
     pub shutdown: Shutdown,
 }
 
@@ -70,6 +73,7 @@ impl Gateway {
             dedupe: Dedupe::new(config.ingest.dedupe_window, config.ingest.dedupe_capacity),
             watchdog: Watchdog::new(config.watchdog.clone()),
             deadletters: DeadLetters::new(config.deadletter.capacity),
+            upstream: upstream::Upstream::new(config.upstream.clone()),
             shutdown: Shutdown::default(),
             config,
         }

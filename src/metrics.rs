@@ -64,6 +64,7 @@ pub struct Metrics {
     pub events_redriven: IntCounter,
     pub events_generated: IntCounter,
     pub accept_errors: IntCounterVec,
+    pub upstream_messages: IntCounterVec,
 }
 
 /// Run duration buckets from 100 ms to 1 h.
@@ -273,6 +274,12 @@ impl Metrics {
                 "Connections the listener could not accept, by reason (fd_limit, other).",
                 "reason",
             ),
+            upstream_messages: counter_vec(
+                r,
+                "agentwire_upstream_messages_total",
+                "HLink messages from clients, by outcome (delivered, failed, busy, refused, invalid).",
+                "outcome",
+            ),
             registry,
             scrape: Mutex::new(()),
         };
@@ -295,6 +302,9 @@ impl Metrics {
         }
         for outcome in ["recovered", "not_recovered"] {
             metrics.resumes.with_label_values(&[outcome]);
+        }
+        for outcome in ["delivered", "failed", "busy", "refused", "invalid"] {
+            metrics.upstream_messages.with_label_values(&[outcome]);
         }
         for outcome in ["completed", "error", "stalled"] {
             metrics.runs_completed.with_label_values(&[outcome]);

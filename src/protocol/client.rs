@@ -13,7 +13,7 @@ pub struct Since {
     pub seq: u64,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub enum ClientFrame {
     Hello {
         user_id: String,
@@ -32,9 +32,33 @@ pub enum ClientFrame {
     },
     Ping,
     /// An HLink message (browser → agent): validated and passed upstream.
-    Upstream {
-        kind: &'static str,
-    },
+    Upstream(Box<UpstreamMessage>),
+}
+
+/// An HLink message from a browser to the agent backends.
+#[derive(Debug, Clone, PartialEq)]
+pub struct UpstreamMessage {
+    pub kind: &'static str,
+    /// The client's own id for this message, echoed in `websocket_ack`.
+    pub id: Option<String>,
+    pub sender: Sender,
+    pub recipient: Recipient,
+    pub payload: Map<String, Value>,
+    pub timestamp: Option<String>,
+    pub metadata: Option<Map<String, Value>>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct Sender {
+    pub agent_id: String,
+    pub role: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct Recipient {
+    pub target: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub agent_id: Option<String>,
 }
 
 /// HLink message types a client may send upstream.
@@ -108,13 +132,65 @@ pub fn decode(text: &str) -> Result<ClientFrame, FrameError> {
         }
         "ping" => Ok(ClientFrame::Ping),
         other => match UPSTREAM_TYPES.iter().find(|t| **t == other) {
-            Some(kind) => Ok(ClientFrame::Upstream { kind }),
+            Some(kind) => upstream(kind, &fields).map(|m| ClientFrame::Upstream(Box::new(m))),
             None => Err(FrameError::new(
                 ErrorCode::UnknownType,
                 format!("unknown frame type `{other}`"),
             )),
         },
     }
+}
+
+/// Whether a frame that failed to decode was meant as an HLink message (for counting).
+pub fn is_upstream_frame(text: &str) -> bool {
+    UPSTREAM_TYPES
+        .iter()
+        .any(|kind| text.contains(&format!("\"{kind}\"")))
+}
+
+fn upstream(
+    kind: &'static str,
+    fields: &Map<String, Value>,
+) -> Result<UpstreamMessage, FrameError> {
+    let object = |name: &str| match fields.get(name) {
+        Some(Value::Object(object)) => Ok(object),
+        Some(_) => Err(FrameError::field(name, "must be an object")),
+        None => Err(FrameError::field(name, "is required")),
+    };
+    let text = |object: &Map<String, Value>, path: &str, key: &str| match object.get(key) {
+        Some(Value::String(text)) if !text.is_empty() => Ok(text.clone()),
+        Some(_) => Err(FrameError::field(path, "must be a non-empty string")),
+        None => Err(FrameError::field(path, "is required")),
+    };
+    let sender = object("sender")?;
+    let recipient = object("recipient")?;
+    let optional_text = |name: &str| match fields.get(name) {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::String(text)) => Ok(Some(text.clone())),
+        Some(_) => Err(FrameError::field(name, "must be a string")),
+    };
+    Ok(UpstreamMessage {
+        kind,
+        id: optional_text("id")?,
+        sender: Sender {
+            agent_id: text(sender, "sender.agent_id", "agent_id")?,
+            role: text(sender, "sender.role", "role")?,
+        },
+        recipient: Recipient {
+            target: text(recipient, "recipient.target", "target")?,
+            agent_id: match recipient.get("agent_id") {
+                None | Some(Value::Null) => None,
+                Some(_) => Some(text(recipient, "recipient.agent_id", "agent_id")?),
+            },
+        },
+        payload: object("payload")?.clone(),
+        timestamp: optional_text("timestamp")?,
+        metadata: match fields.get("metadata") {
+            None | Some(Value::Null) => None,
+            Some(Value::Object(metadata)) => Some(metadata.clone()),
+            Some(_) => return Err(FrameError::field("metadata", "must be an object")),
+        },
+    })
 }
 
 fn id(fields: &Map<String, Value>, name: &str) -> Result<String, FrameError> {
@@ -166,6 +242,59 @@ fn since(fields: &Map<String, Value>) -> Result<Option<Since>, FrameError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn upstream_field_error(text: &str) -> String {
+        match decode(text) {
+            Err(error) => error.message,
+            other => panic!("expected an error, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn validates_hlink_messages() {
+        let valid = r#"{"type":"user_message","id":"m1","sender":{"agent_id":"browser","role":"user"},
+            "recipient":{"target":"agent","agent_id":"planner"},"payload":{"text":"hi"},"metadata":{"k":1}}"#;
+        let Ok(ClientFrame::Upstream(message)) = decode(valid) else {
+            panic!("valid")
+        };
+        assert_eq!(
+            (message.kind, message.id.as_deref()),
+            ("user_message", Some("m1"))
+        );
+        assert_eq!(message.recipient.agent_id.as_deref(), Some("planner"));
+        for (text, field) in [
+            (
+                r#"{"type":"user_message","recipient":{"target":"a"},"payload":{}}"#,
+                "`sender`",
+            ),
+            (
+                r#"{"type":"user_message","sender":{"role":"user"},"recipient":{"target":"a"},"payload":{}}"#,
+                "`sender.agent_id`",
+            ),
+            (
+                r#"{"type":"user_message","sender":{"agent_id":"b","role":""},"recipient":{"target":"a"},"payload":{}}"#,
+                "`sender.role`",
+            ),
+            (
+                r#"{"type":"narrative.text","sender":{"agent_id":"b","role":"u"},"recipient":{},"payload":{}}"#,
+                "`recipient.target`",
+            ),
+            (
+                r#"{"type":"visual.asset","sender":{"agent_id":"b","role":"u"},"recipient":{"target":"a"},"payload":[]}"#,
+                "`payload`",
+            ),
+            (
+                r#"{"type":"system.status","sender":{"agent_id":"b","role":"u"},"recipient":{"target":"a"},"payload":{},"metadata":3}"#,
+                "`metadata`",
+            ),
+        ] {
+            assert!(
+                upstream_field_error(text).starts_with(field),
+                "{text}: {}",
+                upstream_field_error(text)
+            );
+        }
+    }
 
     fn check(text: &str, expected: Result<ClientFrame, ErrorCode>) {
         assert_eq!(decode(text).map_err(|e| e.code), expected, "{text}");
@@ -224,12 +353,7 @@ mod tests {
             Err(ErrorCode::InvalidFrame),
         );
         check(r#"{"type":"ping"}"#, Ok(ClientFrame::Ping));
-        check(
-            r#"{"type":"user_message"}"#,
-            Ok(ClientFrame::Upstream {
-                kind: "user_message",
-            }),
-        );
+        check(r#"{"type":"user_message"}"#, Err(ErrorCode::InvalidFrame));
         check(r#"{"type":"dance"}"#, Err(ErrorCode::UnknownType));
         check(r#"{"user_id":"u1"}"#, Err(ErrorCode::InvalidFrame));
         check("hello", Err(ErrorCode::InvalidJson));

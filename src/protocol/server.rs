@@ -23,10 +23,12 @@ pub enum ErrorCode {
     TooManySubscriptions,
     InvalidAck,
     UpstreamNotConfigured,
+    UpstreamBusy,
 }
 
 impl ErrorCode {
-    pub const ALL: [ErrorCode; 11] = [
+    pub const ALL: [ErrorCode; 12] = [
+        Self::UpstreamBusy,
         Self::InvalidJson,
         Self::InvalidFrame,
         Self::UnknownType,
@@ -53,6 +55,7 @@ impl ErrorCode {
             Self::TooManySubscriptions => "too_many_subscriptions",
             Self::InvalidAck => "invalid_ack",
             Self::UpstreamNotConfigured => "upstream_not_configured",
+            Self::UpstreamBusy => "upstream_busy",
         }
     }
 }
@@ -160,6 +163,13 @@ pub fn unsubscribed(thread_id: &str) -> Bytes {
 
 pub fn error(code: ErrorCode, message: &str) -> Bytes {
     frame(json!({"type": "error", "code": code.as_str(), "message": message}))
+}
+
+/// The answer to an HLink message: queued for the agent backends under `message_id`.
+pub fn websocket_ack(message_id: &str, client_id: Option<&str>) -> Bytes {
+    frame(
+        json!({"type": "websocket_ack", "message_id": message_id, "id": client_id, "status": "queued"}),
+    )
 }
 
 pub fn pong() -> Bytes {

@@ -21,6 +21,10 @@ use crate::Gateway;
 pub async fn run(gateway: Arc<Gateway>, listener: TcpListener, stop: CancellationToken) {
     let http_stop = CancellationToken::new();
     let housekeeping = tokio::spawn(housekeeping(Arc::clone(&gateway), http_stop.clone()));
+    let upstream = gateway
+        .upstream
+        .worker(Arc::clone(&gateway))
+        .map(tokio::spawn);
 
     accept_until(&gateway, &listener, &http_stop, stop.cancelled()).await;
 
@@ -52,6 +56,9 @@ pub async fn run(gateway: Arc<Gateway>, listener: TcpListener, stop: Cancellatio
         );
     }
     housekeeping.abort();
+    if let Some(upstream) = upstream {
+        upstream.abort();
+    }
     tracing::info!("Stopped.");
 }
 

@@ -19,8 +19,9 @@ use crate::Gateway;
 use crate::broker::StoredEvent;
 use crate::fanout::{Outbox, Outgoing};
 use crate::protocol::ChannelName;
-use crate::protocol::client::{self, ClientFrame, Since};
+use crate::protocol::client::{self, ClientFrame, Since, UpstreamMessage};
 use crate::protocol::server::{self, ErrorCode, close};
+use crate::upstream::{Outbound, Refused};
 use frame::{FrameError, Raw};
 
 /// Items written per flush at most, so a busy connection still reads between flushes.
@@ -88,7 +89,7 @@ pub async fn serve(gateway: Arc<Gateway>, stream: TcpStream, read: Bytes, connec
             connection_id,
             outbox,
             channels: Vec::new(),
-            hello: false,
+            user_id: None,
             stream,
             inbox,
             partial: None,
@@ -125,7 +126,8 @@ struct Session {
     outbox: Arc<Outbox>,
     /// The user channel (first, once hello is done) and the subscribed threads.
     channels: Vec<ChannelName>,
-    hello: bool,
+    /// Set by the hello.
+    user_id: Option<String>,
     stream: TcpStream,
     /// Bytes read and not yet parsed; empty (and unallocated) on an idle connection.
     inbox: BytesMut,
@@ -183,7 +185,7 @@ impl Session {
                     Err(ended) => return ended,
                 }
             }
-            let deadline = if self.hello {
+            let deadline = if self.user_id.is_some() {
                 (last_write + config.heartbeat).min(last_read + config.client_timeout)
             } else {
                 started + config.hello_timeout
@@ -210,7 +212,7 @@ impl Session {
                 }
                 _ = tokio::time::sleep_until(deadline) => {
                     let now = Instant::now();
-                    if !self.hello {
+                    if self.user_id.is_none() {
                         return self.close_now(close::HELLO_MISSING, "hello_timeout", Ended::HelloTimeout, config.write_timeout).await;
                     }
                     if now >= last_read + config.client_timeout {
@@ -307,7 +309,7 @@ impl Session {
     /// Answers one message; `Some` when the connection ends.
     fn handle(&mut self, message: Message) -> Option<Ended> {
         match message {
-            Message::Text(text) if self.hello => self.frame(&text),
+            Message::Text(text) if self.user_id.is_some() => self.frame(&text),
             Message::Text(text) => match client::decode(&text) {
                 Ok(ClientFrame::Hello { user_id, since }) => self.hello(&user_id, since),
                 _ => {
@@ -322,7 +324,7 @@ impl Session {
                     ));
                 }
             },
-            Message::Binary if self.hello => self.error(
+            Message::Binary if self.user_id.is_some() => self.error(
                 ErrorCode::BinaryNotSupported,
                 "frames are JSON text; binary frames are not read",
             ),
@@ -442,7 +444,7 @@ impl Session {
     }
 
     fn hello(&mut self, user_id: &str, since: Option<Since>) {
-        self.hello = true;
+        self.user_id = Some(user_id.to_string());
         let heartbeat_ms = self.gateway.config.session.heartbeat.as_millis() as u64;
         self.outbox.push(Outgoing::Frame(server::welcome(
             &self.connection_id,
@@ -455,11 +457,17 @@ impl Session {
 
     fn frame(&mut self, text: &str) {
         match client::decode(text) {
-            Ok(ClientFrame::Hello { .. }) => self.error(ErrorCode::AlreadyHello, "hello was already accepted on this connection"),
+            Ok(ClientFrame::Hello { .. }) => self.error(
+                ErrorCode::AlreadyHello,
+                "hello was already accepted on this connection",
+            ),
             Ok(ClientFrame::Subscribe { thread_id, since }) => {
                 let thread_count = self.channels.len().saturating_sub(1);
                 if thread_count >= self.gateway.config.session.max_subscriptions {
-                    return self.error(ErrorCode::TooManySubscriptions, "session.max_subscriptions reached");
+                    return self.error(
+                        ErrorCode::TooManySubscriptions,
+                        "session.max_subscriptions reached",
+                    );
                 }
                 self.join(ChannelName::thread(&thread_id), since);
             }
@@ -468,9 +476,13 @@ impl Session {
                 if self.gateway.broker.unsubscribe(&channel, &self.outbox) {
                     self.channels.retain(|c| c != &channel);
                     self.gateway.metrics.subscriptions.dec();
-                    self.outbox.push(Outgoing::Frame(server::unsubscribed(&thread_id)));
+                    self.outbox
+                        .push(Outgoing::Frame(server::unsubscribed(&thread_id)));
                 } else {
-                    self.error(ErrorCode::NotSubscribed, &format!("not subscribed to {channel}"));
+                    self.error(
+                        ErrorCode::NotSubscribed,
+                        &format!("not subscribed to {channel}"),
+                    );
                 }
             }
             Ok(ClientFrame::Ack { channel, seq }) => {
@@ -481,11 +493,38 @@ impl Session {
             Ok(ClientFrame::Ping) => {
                 self.outbox.push(Outgoing::Frame(server::pong()));
             }
-            Ok(ClientFrame::Upstream { kind }) => self.error(
+            Ok(ClientFrame::Upstream(message)) => self.upstream(*message),
+            Err(error) => {
+                if client::is_upstream_frame(text) {
+                    self.gateway
+                        .metrics
+                        .upstream_messages
+                        .with_label_values(&["invalid"])
+                        .inc();
+                }
+                self.error(error.code, &error.message)
+            }
+        }
+    }
+
+    /// Passes an HLink message to the agent backends; the client gets `websocket_ack` or an error.
+    fn upstream(&mut self, message: UpstreamMessage) {
+        let client_id = message.id.clone();
+        let user_id = self.user_id.clone().unwrap_or_default();
+        let outbound = Outbound::new(message, &user_id, &self.connection_id);
+        let message_id = outbound.message_id.clone();
+        match self.gateway.upstream.send(outbound, &self.gateway.metrics) {
+            Ok(()) => {
+                self.outbox.push(Outgoing::Frame(server::websocket_ack(
+                    &message_id,
+                    client_id.as_deref(),
+                )));
+            }
+            Err(Refused::NotConfigured) => self.error(
                 ErrorCode::UpstreamNotConfigured,
-                &format!("{kind} messages need an upstream (the Redis broker or a webhook); none is configured"),
+                "HLink messages need an upstream (upstream.webhook_url); none is configured",
             ),
-            Err(error) => self.error(error.code, &error.message),
+            Err(Refused::Busy) => self.error(ErrorCode::UpstreamBusy, &Refused::Busy.to_string()),
         }
     }
 

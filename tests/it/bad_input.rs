@@ -28,7 +28,9 @@ async fn bad_frames_get_error_frames_and_the_connection_stays_open() {
             "invalid_ack",
         ),
         (
-            Message::text(r#"{"type":"user_message","sender":{"agent_id":"a","role":"user"}}"#),
+            Message::text(
+                r#"{"type":"user_message","sender":{"agent_id":"a","role":"user"},"recipient":{"target":"agent"},"payload":{}}"#,
+            ),
             "upstream_not_configured",
         ),
     ];

@@ -11,4 +11,5 @@ mod resume;
 mod slow_consumer;
 mod support;
 mod traces;
+mod upstream;
 mod watchdog;

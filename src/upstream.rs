@@ -1,0 +1,157 @@
+//! The browser → agent direction: HLink messages a client sends on `/ws` are validated (in
+//! `protocol::client`), stamped with the connection's user and connection id, and POSTed to the
+//! agent backends' webhook (`upstream.webhook_url`) by one worker, with retries and a bounded
+//! queue. The client is answered `websocket_ack` once its message is queued. Without a webhook
+//! the messages are refused (the Redis broker's `ui_events` stream is the other upstream, later).
+
+use std::sync::Mutex;
+use std::time::{Duration, SystemTime};
+
+use serde::Serialize;
+use serde_json::{Map, Value};
+use tokio::sync::mpsc;
+
+use crate::client::Target;
+use crate::config::UpstreamConfig;
+use crate::metrics::Metrics;
+use crate::protocol::client::{Recipient, Sender, UpstreamMessage};
+
+/// What the webhook receives.
+#[derive(Debug, Serialize)]
+pub struct Outbound {
+    pub message_id: String,
+    #[serde(rename = "type")]
+    pub kind: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub client_message_id: Option<String>,
+    pub user_id: String,
+    pub connection_id: String,
+    pub sender: Sender,
+    pub recipient: Recipient,
+    pub payload: Map<String, Value>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub timestamp: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub metadata: Option<Map<String, Value>>,
+    pub received_at: String,
+}
+
+impl Outbound {
+    pub fn new(message: UpstreamMessage, user_id: &str, connection_id: &str) -> Self {
+        Self {
+            message_id: format!("{:016x}", rand::random::<u64>()),
+            kind: message.kind,
+            client_message_id: message.id,
+            user_id: user_id.to_string(),
+            connection_id: connection_id.to_string(),
+            sender: message.sender,
+            recipient: message.recipient,
+            payload: message.payload,
+            timestamp: message.timestamp,
+            metadata: message.metadata,
+            received_at: humantime::format_rfc3339_millis(SystemTime::now()).to_string(),
+        }
+    }
+}
+
+/// Why a message was not taken.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum Refused {
+    #[error("no upstream is configured (upstream.webhook_url)")]
+    NotConfigured,
+    #[error("the upstream queue is full; retry later")]
+    Busy,
+}
+
+pub struct Upstream {
+    sender: Option<mpsc::Sender<Outbound>>,
+    /// Taken once by [`Upstream::worker`] when the server starts.
+    receiver: Mutex<Option<mpsc::Receiver<Outbound>>>,
+    config: UpstreamConfig,
+}
+
+impl Upstream {
+    pub fn new(config: UpstreamConfig) -> Self {
+        let (sender, receiver) = match &config.webhook_url {
+            Some(_) => {
+                let (sender, receiver) = mpsc::channel(config.queue);
+                (Some(sender), Some(receiver))
+            }
+            None => (None, None),
+        };
+        Self {
+            sender,
+            receiver: Mutex::new(receiver),
+            config,
+        }
+    }
+
+    /// Queues a message for the webhook; never waits.
+    pub fn send(&self, message: Outbound, metrics: &Metrics) -> Result<(), Refused> {
+        let Some(sender) = &self.sender else {
+            metrics
+                .upstream_messages
+                .with_label_values(&["refused"])
+                .inc();
+            return Err(Refused::NotConfigured);
+        };
+        sender.try_send(message).map_err(|_| {
+            metrics.upstream_messages.with_label_values(&["busy"]).inc();
+            Refused::Busy
+        })
+    }
+
+    /// The worker that POSTs queued messages, if a webhook is configured (called once).
+    pub fn worker(
+        &self,
+        gateway: std::sync::Arc<crate::Gateway>,
+    ) -> Option<impl Future<Output = ()> + use<>> {
+        let receiver = self
+            .receiver
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take()?;
+        let target = Target::parse(self.config.webhook_url.as_deref()?).ok()?;
+        let config = self.config.clone();
+        Some(deliver(receiver, target, config, gateway))
+    }
+}
+
+async fn deliver(
+    mut queue: mpsc::Receiver<Outbound>,
+    target: Target,
+    config: UpstreamConfig,
+    gateway: std::sync::Arc<crate::Gateway>,
+) {
+    let metrics = &gateway.metrics;
+    while let Some(message) = queue.recv().await {
+        let body = serde_json::to_string(&message).unwrap_or_default();
+        let mut backoff = Duration::from_millis(100);
+        let mut attempt = 0;
+        let outcome = loop {
+            let sent = tokio::time::timeout(
+                config.timeout,
+                target.http("POST", &target.path, Some(body.clone())),
+            )
+            .await;
+            let error = match sent {
+                Ok(Ok((status, _))) if (200..300).contains(&status) => break "delivered",
+                Ok(Ok((status, answer))) => format!("answered {status}: {answer}"),
+                Ok(Err(error)) => format!("{error:#}"),
+                Err(_) => format!("no answer within {} s", config.timeout.as_secs_f64()),
+            };
+            if attempt >= config.retries {
+                tracing::warn!(message_id = %message.message_id, user_id = %message.user_id, %error, attempts = attempt + 1, "Upstream message not delivered to the webhook.");
+                break "failed";
+            }
+            tracing::debug!(message_id = %message.message_id, %error, attempt, "Webhook attempt failed; retrying.");
+            tokio::time::sleep(backoff).await;
+            backoff *= 2;
+            attempt += 1;
+        };
+        metrics
+            .upstream_messages
+            .with_label_values(&[outcome])
+            .inc();
+    }
+}

@@ -23,8 +23,6 @@ pub enum Outgoing {
     Frame(Bytes),
     /// A WebSocket pong answering the client's ping.
     Pong(Bytes),
-    /// Close the connection with this code and reason, then stop.
-    Close(u16, &'static str),
 }
 
 /// The bounded queue in front of one connection's writer. A plain deque under a small lock, so an
@@ -104,20 +102,17 @@ impl Outbox {
         self.ready.notify_one();
     }
 
-    /// Moves up to `max` queued items into `into`, in order.
-    pub fn drain(&self, into: &mut Vec<Outgoing>, max: usize) {
+    /// Takes the oldest queued item. An emptied queue gives its memory back.
+    pub fn pop(&self) -> Option<Outgoing> {
         let mut queue = self.lock();
-        let queue = &mut *queue;
-        let n = queue.items.len().min(max);
-        for item in queue.items.drain(..n) {
-            if let Outgoing::Event(event) = &item {
-                queue.bytes -= event.frame.len();
-            }
-            into.push(item);
+        let item = queue.items.pop_front()?;
+        if let Outgoing::Event(event) = &item {
+            queue.bytes -= event.frame.len();
         }
-        if queue.items.is_empty() && queue.items.capacity() > 64 {
+        if queue.items.is_empty() {
             queue.items = VecDeque::new();
         }
+        Some(item)
     }
 
     /// Waits until something is queued or the queue overflowed.

@@ -57,6 +57,10 @@ pub fn parse(buf: &mut BytesMut, max_payload: usize) -> Result<Option<Raw>, Fram
             }
             let mut bytes = [0u8; 8];
             bytes.copy_from_slice(&buf[2..10]);
+            // RFC 6455: the most significant bit of a 64-bit length must be 0.
+            if bytes[0] & 0x80 != 0 {
+                return Err(FrameError::Protocol);
+            }
             (u64::from_be_bytes(bytes), 10)
         }
         n => (u64::from(n), 2),
@@ -89,6 +93,23 @@ pub fn parse(buf: &mut BytesMut, max_payload: usize) -> Result<Option<Raw>, Fram
         opcode,
         payload,
     }))
+}
+
+/// The code of a client's close frame, to echo (1000 when it sent none); `Err` for a payload
+/// RFC 6455 forbids (one byte, a reserved code, a reason that is not UTF-8).
+pub fn close_code(payload: &[u8]) -> Result<u16, ()> {
+    match payload {
+        [] => Ok(1000),
+        [_] => Err(()),
+        [high, low, reason @ ..] => {
+            let code = u16::from_be_bytes([*high, *low]);
+            let allowed = matches!(code, 1000..=1003 | 1007..=1011 | 3000..=4999);
+            if !allowed || std::str::from_utf8(reason).is_err() {
+                return Err(());
+            }
+            Ok(code)
+        }
+    }
 }
 
 /// Appends one unmasked, unfragmented server frame to `out`.
@@ -208,6 +229,16 @@ mod tests {
         assert_eq!(parse(&mut buf, 64).unwrap().unwrap().payload, &b"one"[..]);
         assert_eq!(parse(&mut buf, 64).unwrap().unwrap().payload, &b"two"[..]);
         assert!(buf.is_empty());
+    }
+
+    #[test]
+    fn validates_close_payloads() {
+        assert_eq!(close_code(b""), Ok(1000));
+        assert_eq!(close_code(&[0x03, 0xE9]), Ok(1001));
+        assert_eq!(close_code(&[0x0F, 0xA0, b'o', b'k']), Ok(4000));
+        assert_eq!(close_code(&[0x03]), Err(()));
+        assert_eq!(close_code(&[0x03, 0xED]), Err(()), "1005 is reserved");
+        assert_eq!(close_code(&[0x03, 0xE8, 0xFF]), Err(()), "reason not UTF-8");
     }
 
     #[test]

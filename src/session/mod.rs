@@ -6,11 +6,12 @@
 
 mod frame;
 
+use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::time::{Instant, timeout};
 use tracing::Instrument;
@@ -24,10 +25,12 @@ use crate::protocol::server::{self, ErrorCode, close};
 use crate::upstream::{Outbound, Refused};
 use frame::{FrameError, Raw};
 
-/// Items written per flush at most, so a busy connection still reads between flushes.
-const BATCH: usize = 64;
-/// Write buffers larger than this are not kept between flushes.
-const KEEP_BUFFER: usize = 4096;
+/// Bytes written per flush at most: a busy or replaying connection still reads, notices shutdown
+/// and marks deliveries between flushes, and its write buffer stays small.
+const FLUSH_BYTES: usize = 64 * 1024;
+/// After its close frame, how long a connection waits for the client to close its side, so the
+/// kernel does not answer unread bytes with a reset that would hide the close code.
+const LINGER: Duration = Duration::from_secs(1);
 
 /// Why a connection ended, as counted in `agentwire_connections_closed_total{reason}`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -69,7 +72,8 @@ enum Message {
     Binary,
     Ping(Bytes),
     Pong,
-    Close,
+    /// The client's close, with the code to echo.
+    Close(u16),
 }
 
 /// Serves one upgraded connection until it ends. `read` holds bytes the client sent right after
@@ -94,8 +98,10 @@ pub async fn serve(gateway: Arc<Gateway>, stream: TcpStream, read: Bytes, connec
             inbox,
             partial: None,
             out: Vec::new(),
-            batch: Vec::new(),
+            replay: VecDeque::new(),
             written: Vec::new(),
+            closing: None,
+            closed_cleanly: false,
         };
         let ended = session.run().await;
         session.outbox.close();
@@ -115,6 +121,7 @@ pub async fn serve(gateway: Arc<Gateway>, stream: TcpStream, read: Bytes, connec
             .with_label_values(&[ended.as_str()])
             .inc();
         gateway.metrics.connections.dec();
+        session.linger().await;
     }
     .instrument(span)
     .await
@@ -135,22 +142,20 @@ struct Session {
     partial: Option<(bool, Vec<u8>)>,
     /// Frames encoded for the next write.
     out: Vec<u8>,
-    /// Items taken off the outbox for the current flush.
-    batch: Vec<Outgoing>,
+    /// The rest of a replay that did not fit in one flush; written before anything queued after it.
+    replay: VecDeque<Arc<StoredEvent>>,
     /// Events in the current flush, marked delivered once it is written.
     written: Vec<Arc<StoredEvent>>,
-}
-
-/// What a flush did.
-enum Flushed {
-    Open,
-    /// A close frame was written: the connection is over.
-    Closed,
+    /// The close frame the session decided on; written after what is queued.
+    closing: Option<(u16, &'static str)>,
+    /// The close frame was written and our side shut down.
+    closed_cleanly: bool,
 }
 
 impl Session {
     async fn run(&mut self) -> Ended {
         let config = self.gateway.config.session.clone();
+        let limit = config.write_timeout;
         let started = Instant::now();
         let (mut last_read, mut last_write) = (started, started);
         // On shutdown, each connection closes at its own random moment within the close window.
@@ -162,28 +167,29 @@ impl Session {
         };
         tokio::pin!(close_time);
         loop {
-            if let Some(ended) = self.read_messages(config.max_frame_bytes) {
-                return self.finish(ended, config.write_timeout).await;
-            }
+            let ended = self.read_messages(config.max_frame_bytes);
             if self.outbox.is_overflowed() {
                 return self
                     .close_now(
                         close::SLOW_CONSUMER,
                         "slow_consumer",
                         Ended::SlowConsumer,
-                        config.write_timeout,
+                        limit,
                     )
                     .await;
             }
-            for _ in 0..4 {
-                if self.outbox.is_empty() {
-                    break;
-                }
-                match self.flush(config.write_timeout).await {
-                    Ok(Flushed::Open) => last_write = Instant::now(),
-                    Ok(Flushed::Closed) => return Ended::ClientClosed,
+            if let Some(ended) = ended {
+                return self.finish(ended, limit).await;
+            }
+            if self.has_output() {
+                match self.flush(limit).await {
+                    Ok(()) => last_write = Instant::now(),
                     Err(ended) => return ended,
                 }
+            }
+            let more = self.has_output();
+            if !more {
+                self.release_buffers();
             }
             let deadline = if self.user_id.is_some() {
                 (last_write + config.heartbeat).min(last_read + config.client_timeout)
@@ -193,9 +199,26 @@ impl Session {
             tokio::select! {
                 biased;
                 _ = &mut close_time => {
-                    return self.close_now(close::RESTARTING, "restarting", Ended::Shutdown, config.write_timeout).await;
+                    return self.close_now(close::RESTARTING, "restarting", Ended::Shutdown, limit).await;
                 }
-                _ = self.outbox.ready() => {}
+                _ = tokio::time::sleep_until(deadline) => {
+                    let now = Instant::now();
+                    if self.user_id.is_none() {
+                        return self.close_now(close::HELLO_MISSING, "hello_timeout", Ended::HelloTimeout, limit).await;
+                    }
+                    if now >= last_read + config.client_timeout {
+                        return self.close_now(close::GOING_AWAY, "client_timeout", Ended::ClientTimeout, limit).await;
+                    }
+                    if now >= last_write + config.heartbeat {
+                        let mut beat = Vec::with_capacity(32);
+                        frame::encode(&mut beat, frame::TEXT, &server::heartbeat());
+                        frame::encode(&mut beat, frame::PING, b"");
+                        if !matches!(timeout(limit, self.stream.write_all(&beat)).await, Ok(Ok(()))) {
+                            return Ended::WriteFailed;
+                        }
+                        last_write = now;
+                    }
+                }
                 readable = self.stream.readable() => {
                     if readable.is_err() {
                         return Ended::ClientGone;
@@ -210,35 +233,40 @@ impl Session {
                         Err(_) => return Ended::ClientGone,
                     }
                 }
-                _ = tokio::time::sleep_until(deadline) => {
-                    let now = Instant::now();
-                    if self.user_id.is_none() {
-                        return self.close_now(close::HELLO_MISSING, "hello_timeout", Ended::HelloTimeout, config.write_timeout).await;
-                    }
-                    if now >= last_read + config.client_timeout {
-                        return self.close_now(close::GOING_AWAY, "client_timeout", Ended::ClientTimeout, config.write_timeout).await;
-                    }
-                    if now >= last_write + config.heartbeat {
-                        let mut beat = Vec::with_capacity(32);
-                        frame::encode(&mut beat, frame::TEXT, &server::heartbeat());
-                        frame::encode(&mut beat, frame::PING, b"");
-                        if !matches!(timeout(config.write_timeout, self.stream.write_all(&beat)).await, Ok(Ok(()))) {
-                            return Ended::WriteFailed;
-                        }
-                        last_write = now;
-                    }
-                }
+                // More is queued than one flush takes: go round again at once.
+                _ = std::future::ready(()), if more => {}
+                _ = self.outbox.ready(), if !more => {}
             }
         }
     }
 
+    fn has_output(&self) -> bool {
+        !self.replay.is_empty() || !self.outbox.is_empty()
+    }
+
+    /// An idle connection keeps no buffer.
+    fn release_buffers(&mut self) {
+        if self.out.capacity() > 0 {
+            self.out = Vec::new();
+        }
+        if self.written.capacity() > 0 {
+            self.written = Vec::new();
+        }
+        if self.replay.capacity() > 0 {
+            self.replay = VecDeque::new();
+        }
+        if self.inbox.is_empty() && self.inbox.capacity() > 0 {
+            self.inbox = BytesMut::new();
+        }
+    }
+
     /// Parses and handles every complete message in the read buffer. `Some` when the connection
-    /// must end (its close frame, if any, is queued).
+    /// must end (with the close frame in `closing`).
     fn read_messages(&mut self, max_bytes: usize) -> Option<Ended> {
         loop {
             let raw = match frame::parse(&mut self.inbox, max_bytes) {
                 Ok(Some(raw)) => raw,
-                Ok(None) => break,
+                Ok(None) => return None,
                 Err(FrameError::TooLarge) => {
                     return Some(self.close(close::TOO_LARGE, "frame_too_large", Ended::TooLarge));
                 }
@@ -255,11 +283,6 @@ impl Session {
                 return Some(ended);
             }
         }
-        if self.inbox.is_empty() && self.inbox.capacity() > 0 {
-            // Idle connections hold no read buffer.
-            self.inbox = BytesMut::new();
-        }
-        None
     }
 
     /// Reassembles fragmented messages within the size limit.
@@ -296,13 +319,16 @@ impl Session {
                 }
                 finish(text, bytes)
             }
-            frame::PING => Ok(Message::Ping(raw.payload.freeze())),
+            // Copied: a shared slice would pin the whole read buffer while the pong waits.
+            frame::PING => Ok(Message::Ping(Bytes::copy_from_slice(&raw.payload))),
             frame::PONG => Ok(Message::Pong),
-            _ => Ok(Message::Close),
+            _ => frame::close_code(&raw.payload)
+                .map(Message::Close)
+                .map_err(|_| ()),
         };
         match message {
             Ok(message) => Ok(Some(message)),
-            Err(()) => Err(self.close(1002, "invalid_utf8", Ended::ProtocolError)),
+            Err(()) => Err(self.close(1002, "protocol_error", Ended::ProtocolError)),
         }
     }
 
@@ -343,30 +369,34 @@ impl Session {
                 self.outbox.push(Outgoing::Pong(payload));
             }
             Message::Pong => {}
-            Message::Close => return Some(self.close(close::NORMAL, "", Ended::ClientClosed)),
+            Message::Close(code) => {
+                // The browser discards anything after its close: nothing more is written or counted.
+                self.outbox.close();
+                self.replay.clear();
+                return Some(self.close(code, "", Ended::ClientClosed));
+            }
         }
         None
     }
 
-    /// Queues a close frame; the next flush writes it.
-    fn close(&self, code: u16, reason: &'static str, ended: Ended) -> Ended {
-        self.outbox.push(Outgoing::Close(code, reason));
+    /// Decides the close frame; it is written after what is queued (see [`Self::finish`]).
+    fn close(&mut self, code: u16, reason: &'static str, ended: Ended) -> Ended {
+        self.closing.get_or_insert((code, reason));
         ended
     }
 
-    /// Writes what is queued up to and including the close frame, then ends.
+    /// Writes what is queued (one flush at most), then the close frame, and ends.
     async fn finish(&mut self, ended: Ended, limit: Duration) -> Ended {
-        while !self.outbox.is_empty() {
-            match self.flush(limit).await {
-                Ok(Flushed::Open) => {}
-                Ok(Flushed::Closed) => return ended,
-                Err(by_writer) => return by_writer,
-            }
+        if self.has_output()
+            && let Err(by_writer) = self.flush(limit).await
+        {
+            return by_writer;
         }
-        ended
+        let (code, reason) = self.closing.unwrap_or((close::NORMAL, ""));
+        self.close_now(code, reason, ended, limit).await
     }
 
-    /// Writes a close frame ahead of anything queued (shutdown, slow consumer, timeouts) and ends.
+    /// Writes a close frame ahead of anything queued, lets the client close its side, and ends.
     async fn close_now(
         &mut self,
         code: u16,
@@ -374,49 +404,58 @@ impl Session {
         ended: Ended,
         limit: Duration,
     ) -> Ended {
+        self.outbox.close();
         let mut out = Vec::with_capacity(32);
         frame::encode_close(&mut out, code, reason);
-        if !matches!(
-            timeout(limit, self.stream.write_all(&out)).await,
-            Ok(Ok(()))
-        ) {
+        let closed = async {
+            self.stream.write_all(&out).await?;
+            self.stream.shutdown().await
+        };
+        if !matches!(timeout(limit, closed).await, Ok(Ok(()))) {
             tracing::debug!(code, "The close frame could not be written in time.");
+            return ended;
         }
+        self.closed_cleanly = true;
         ended
     }
 
-    /// Encodes up to [`BATCH`] queued items into one buffer and writes it with one syscall (as the
-    /// socket allows); events are marked delivered after the write.
-    async fn flush(&mut self, limit: Duration) -> Result<Flushed, Ended> {
-        self.outbox.drain(&mut self.batch, BATCH);
-        let mut closed = false;
-        for item in self.batch.drain(..) {
-            match item {
-                Outgoing::Event(event) => {
+    /// After a close frame: read until the client closes too (or briefly), so unread bytes do not
+    /// make the kernel answer with a reset that would hide the close code.
+    async fn linger(&mut self) {
+        if !self.closed_cleanly {
+            return;
+        }
+        let mut sink = [0u8; 512];
+        let _ = timeout(LINGER, async {
+            while matches!(self.stream.read(&mut sink).await, Ok(n) if n > 0) {}
+        })
+        .await;
+    }
+
+    /// Encodes queued frames (a replay first) up to [`FLUSH_BYTES`] and writes them with one
+    /// write; the events in it are marked delivered once it is written.
+    async fn flush(&mut self, limit: Duration) -> Result<(), Ended> {
+        while self.out.len() < FLUSH_BYTES {
+            if let Some(event) = self.replay.pop_front() {
+                frame::encode(&mut self.out, frame::TEXT, &event.frame);
+                self.written.push(event);
+                continue;
+            }
+            match self.outbox.pop() {
+                Some(Outgoing::Event(event)) => {
                     frame::encode(&mut self.out, frame::TEXT, &event.frame);
                     self.written.push(event);
                 }
-                Outgoing::Replay(events) => {
-                    for event in events {
-                        frame::encode(&mut self.out, frame::TEXT, &event.frame);
-                        self.written.push(event);
-                    }
+                Some(Outgoing::Replay(events)) => self.replay.extend(events),
+                Some(Outgoing::Frame(bytes)) => frame::encode(&mut self.out, frame::TEXT, &bytes),
+                Some(Outgoing::Pong(payload)) => {
+                    frame::encode(&mut self.out, frame::PONG, &payload)
                 }
-                Outgoing::Frame(bytes) => frame::encode(&mut self.out, frame::TEXT, &bytes),
-                Outgoing::Pong(payload) => frame::encode(&mut self.out, frame::PONG, &payload),
-                Outgoing::Close(code, reason) => {
-                    frame::encode_close(&mut self.out, code, reason);
-                    closed = true;
-                    break;
-                }
+                None => break,
             }
         }
-        self.batch.clear();
         let wrote = timeout(limit, self.stream.write_all(&self.out)).await;
         self.out.clear();
-        if self.out.capacity() > KEEP_BUFFER {
-            self.out = Vec::new();
-        }
         if !matches!(wrote, Ok(Ok(()))) {
             self.written.clear();
             return Err(if self.outbox.is_overflowed() {
@@ -433,14 +472,7 @@ impl Session {
                 crate::telemetry::delivered(trace, event.seq, &self.connection_id);
             }
         }
-        if self.written.capacity() > BATCH {
-            self.written = Vec::new();
-        }
-        Ok(if closed {
-            Flushed::Closed
-        } else {
-            Flushed::Open
-        })
+        Ok(())
     }
 
     fn hello(&mut self, user_id: &str, since: Option<Since>) {

@@ -248,3 +248,96 @@ async fn too_many_events_in_one_request_is_413() {
         1.0
     );
 }
+
+#[tokio::test]
+async fn fragmented_messages_are_reassembled_and_bounded() {
+    use tokio_tungstenite::tungstenite::protocol::frame::coding::{Data, OpCode};
+    use tokio_tungstenite::tungstenite::protocol::frame::{Frame, FrameHeader};
+    let fragment = |opcode: OpCode, fin: bool, payload: &[u8]| {
+        Message::Frame(Frame::from_payload(
+            FrameHeader {
+                is_final: fin,
+                opcode,
+                ..FrameHeader::default()
+            },
+            payload.to_vec().into(),
+        ))
+    };
+    let gateway = Gateway::start_with(|c| c.session.max_frame_bytes = 1024).await;
+    let mut client = gateway.client("u_1").await;
+    client
+        .send_raw(fragment(OpCode::Data(Data::Text), false, br#"{"type":"#))
+        .await;
+    client
+        .send_raw(Message::Ping(b"in between".to_vec().into()))
+        .await;
+    client
+        .send_raw(fragment(OpCode::Data(Data::Continue), true, br#""ping"}"#))
+        .await;
+    assert_eq!(
+        client.recv().await["type"],
+        "pong",
+        "a message in two fragments, a control frame between them"
+    );
+
+    client
+        .send_raw(fragment(OpCode::Data(Data::Text), false, &[b' '; 800]))
+        .await;
+    client
+        .send_raw(fragment(OpCode::Data(Data::Continue), true, &[b' '; 800]))
+        .await;
+    assert_eq!(
+        client.closed().await,
+        1009,
+        "the reassembled message is over the limit"
+    );
+}
+
+#[tokio::test]
+async fn a_silent_client_is_closed_with_1001() {
+    let gateway = Gateway::start_with(|c| {
+        c.session.heartbeat = Duration::from_millis(100);
+        c.session.client_timeout = Duration::from_millis(400);
+    })
+    .await;
+    // A raw TCP client that completes the upgrade and the hello, then never answers a ping.
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(gateway.addr).await.unwrap();
+    let request = format!(
+        "GET /ws HTTP/1.1\r\nHost: {}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
+        gateway.addr
+    );
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let hello = br#"{"type":"hello","user_id":"u_quiet"}"#;
+    let mut frame = vec![0x81, 0x80 | hello.len() as u8, 0, 0, 0, 0];
+    frame.extend_from_slice(hello);
+    stream.write_all(&frame).await.unwrap();
+    let mut seen = Vec::new();
+    let mut buf = [0u8; 4096];
+    let read = tokio::time::timeout(Duration::from_secs(5), async {
+        loop {
+            let n = stream.read(&mut buf).await.unwrap();
+            if n == 0 {
+                return;
+            }
+            seen.extend_from_slice(&buf[..n]);
+        }
+    })
+    .await;
+    assert!(read.is_ok(), "the gateway ends the connection");
+    let close = [0x88, 16, 0x03, 0xE9];
+    assert!(
+        seen.windows(4).any(|w| w == close),
+        "a close frame with 1001 was sent"
+    );
+    assert!(
+        seen.windows(20).any(|w| w == br#"{"type":"heartbeat"}"#),
+        "heartbeats came first"
+    );
+    assert_eq!(
+        gateway
+            .metric("agentwire_connections_closed_total{reason=\"client_timeout\"}")
+            .await,
+        1.0
+    );
+}

@@ -230,3 +230,21 @@ async fn a_second_client_on_the_same_thread_gets_the_same_bytes() {
         "{metrics}"
     );
 }
+
+#[tokio::test]
+async fn a_thousand_events_in_one_post_all_arrive_without_waiting_for_a_heartbeat() {
+    let gateway = Gateway::start().await;
+    let mut client = gateway.client("u_1").await;
+    client.subscribe("t_burst", None).await;
+    let burst: Vec<_> = (0..1000)
+        .map(|_| event("agent_thinking", "r", "t_burst"))
+        .collect();
+    gateway.publish(&burst).await;
+    let seqs: Vec<u64> = client
+        .events(1000)
+        .await
+        .iter()
+        .map(|e| e["seq"].as_u64().unwrap())
+        .collect();
+    assert_eq!(seqs, (1..=1000).collect::<Vec<_>>());
+}

@@ -303,6 +303,28 @@ impl Metrics {
         for outcome in ["recovered", "not_recovered"] {
             metrics.resumes.with_label_values(&[outcome]);
         }
+        for reason in [
+            "invalid_json",
+            "too_large",
+            "missing_field",
+            "invalid_field",
+            "invalid_body",
+            "too_large_body",
+            "too_many_items",
+        ] {
+            metrics.events_rejected.with_label_values(&[reason]);
+        }
+        for ended in crate::session::Ended::ALL {
+            metrics
+                .connections_closed
+                .with_label_values(&[ended.as_str()]);
+        }
+        for code in crate::protocol::server::ErrorCode::ALL {
+            metrics.client_errors.with_label_values(&[code.as_str()]);
+        }
+        for reason in ["fd_limit", "other"] {
+            metrics.accept_errors.with_label_values(&[reason]);
+        }
         for outcome in ["delivered", "failed", "busy", "refused", "invalid"] {
             metrics.upstream_messages.with_label_values(&[outcome]);
         }

@@ -89,6 +89,7 @@ impl Event {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Refusal {
     pub code: RefusalCode,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub field: Option<String>,
     pub reason: String,
 }

@@ -434,7 +434,7 @@ fn ledger(gateway: &Gateway, query: Option<&str>) -> Response<Body> {
             },
             "runs": {
                 "active": metrics.runs_active.get(),
-                "stalled": metrics.runs_stalled.get(),
+                "stalled_total": metrics.runs_stalled.get(),
             },
             "top_pending": ranked.top_pending,
             "top_lost": ranked.top_lost,

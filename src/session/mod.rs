@@ -49,6 +49,19 @@ pub enum Ended {
 }
 
 impl Ended {
+    pub const ALL: [Ended; 10] = [
+        Self::ClientClosed,
+        Self::ClientGone,
+        Self::HelloTimeout,
+        Self::HelloMissing,
+        Self::ClientTimeout,
+        Self::TooLarge,
+        Self::ProtocolError,
+        Self::SlowConsumer,
+        Self::Shutdown,
+        Self::WriteFailed,
+    ];
+
     pub fn as_str(self) -> &'static str {
         match self {
             Self::ClientClosed => "client_closed",

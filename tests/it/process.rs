@@ -152,3 +152,59 @@ async fn a_thousand_clients_get_1012_spread_over_the_close_window() {
     };
     assert_eq!(status.code(), Some(0));
 }
+
+#[tokio::test]
+async fn json_logs_carry_the_connection_id() {
+    let port = free_port();
+    let child = binary()
+        .env_clear()
+        .env("AGENTWIRE_LISTEN", format!("127.0.0.1:{port}"))
+        .env("AGENTWIRE_LOG_FORMAT", "json")
+        .env("AGENTWIRE_LOG_LEVEL", "agentwire=debug")
+        .env("AGENTWIRE_SHUTDOWN__DRAIN_DELAY", "0s")
+        .env("AGENTWIRE_SHUTDOWN__CLOSE_WINDOW", "0s")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    for _ in 0..200 {
+        if tokio::net::TcpStream::connect(addr).await.is_ok() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    let client = Client::hello(addr, "u_logged").await;
+    let connection_id = client.welcome["connection_id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    drop(client);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let _ = std::process::Command::new("kill")
+        .arg("-TERM")
+        .arg(child.id().to_string())
+        .status();
+    let output = tokio::task::spawn_blocking(move || child.wait_with_output().unwrap())
+        .await
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    let lines: Vec<serde_json::Value> = stderr
+        .lines()
+        .map(|line| serde_json::from_str(line).unwrap_or_else(|_| panic!("not JSON: {line}")))
+        .collect();
+    assert!(
+        lines.iter().any(|l| l["message"] == "Listening."),
+        "{stderr}"
+    );
+    let hello = lines
+        .iter()
+        .find(|l| l["message"] == "Hello.")
+        .unwrap_or_else(|| panic!("{stderr}"));
+    assert_eq!(
+        hello["span"]["connection_id"],
+        connection_id.as_str(),
+        "{hello}"
+    );
+    assert_eq!(hello["user_id"], "u_logged");
+}

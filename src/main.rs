@@ -83,6 +83,7 @@ fn load(file: Option<&std::path::Path>) -> Result<Config, ExitCode> {
 }
 
 fn bench(args: agentwire::bench::BenchArgs) -> ExitCode {
+    agentwire::server::raise_file_limit();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -147,7 +148,8 @@ fn serve(config: Config) -> anyhow::Result<()> {
             .await
             .with_context(|| format!("cannot listen on {}", config.listen))?;
         let address = listener.local_addr().context("no local address")?;
-        tracing::info!(%address, version = env!("CARGO_PKG_VERSION"), broker = "memory", "Listening.");
+        let open_files = agentwire::server::raise_file_limit();
+        tracing::info!(%address, version = env!("CARGO_PKG_VERSION"), broker = "memory", open_files, "Listening.");
         let stop = CancellationToken::new();
         tokio::spawn(signals(stop.clone()));
         agentwire::server::run(Arc::new(Gateway::new(config)), listener, stop).await;

@@ -22,6 +22,13 @@ pub(super) async fn run(
     settle: Duration,
 ) -> anyhow::Result<Value> {
     let tag = run_tag();
+    let limit = rustix::process::getrlimit(rustix::process::Resource::Nofile)
+        .current
+        .unwrap_or(u64::MAX);
+    anyhow::ensure!(
+        (n as u64) + 64 <= limit,
+        "{n} connections need {n} open files and this process may hold {limit} (ulimit -n)"
+    );
     tokio::time::sleep(Duration::from_millis(500)).await;
     let before = server.usage().await?;
     let started = Instant::now();

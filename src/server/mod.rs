@@ -17,6 +17,22 @@ use tokio_util::sync::CancellationToken;
 
 use crate::Gateway;
 
+/// Raises the open-file soft limit to the hard limit (each connection is a file) and returns it.
+pub fn raise_file_limit() -> Option<u64> {
+    use rustix::process::{Resource, getrlimit, setrlimit};
+    let limit = getrlimit(Resource::Nofile);
+    if limit.current != limit.maximum {
+        let raised = rustix::process::Rlimit {
+            current: limit.maximum,
+            maximum: limit.maximum,
+        };
+        if setrlimit(Resource::Nofile, raised).is_ok() {
+            return limit.maximum;
+        }
+    }
+    limit.current
+}
+
 /// Serves until `stop` is cancelled, then drains and returns.
 pub async fn run(gateway: Arc<Gateway>, listener: TcpListener, stop: CancellationToken) {
     let http_stop = CancellationToken::new();

@@ -297,6 +297,26 @@ mod tests {
     }
 
     #[test]
+    fn registrations_expire_after_their_ttl() {
+        let r = resolver();
+        r.register(
+            "run_old",
+            RunTarget {
+                thread_id: Some("t".into()),
+                user_id: None,
+            },
+            |_, _| {},
+        );
+        let orphan = event(r#"{"type":"agent_thinking","run_id":"run_old"}"#);
+        assert!(r.resolve(&orphan).is_some());
+        r.expire(Instant::now() + Duration::from_secs(61));
+        assert!(
+            r.resolve(&orphan).is_none(),
+            "the 60 s registry_ttl has passed"
+        );
+    }
+
+    #[test]
     fn standard_run_ids() {
         assert_eq!(thread_of_standard_run_id("thread_t42_run_a1"), Some("t42"));
         assert_eq!(

@@ -372,3 +372,69 @@ fn end(run: &mut Run, state: RunState, outcome: &'static str, now: Instant, metr
         .run_duration
         .observe(now.saturating_duration_since(run.first_event).as_secs_f64());
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::protocol::event;
+
+    fn run_event(kind: &str, run: &str) -> Event {
+        event::parse(
+            &format!(r#"{{"type":"{kind}","run_id":"{run}","thread_id":"t"}}"#),
+            1024,
+        )
+        .unwrap()
+    }
+
+    fn watchdog(max_runs: usize, retain: Duration) -> Watchdog {
+        Watchdog::new(WatchdogConfig {
+            run_idle_timeout: Duration::from_secs(60),
+            stalled_event: true,
+            max_runs,
+            retain,
+        })
+    }
+
+    #[test]
+    fn a_full_watchdog_evicts_the_least_recently_active_and_counts_it() {
+        let metrics = Metrics::new();
+        let dog = watchdog(SHARDS, Duration::from_secs(60));
+        let channel = ChannelName::thread("t");
+        for n in 0..100 {
+            dog.observe(
+                &run_event("agent_started", &format!("run_{n}")),
+                &channel,
+                &metrics,
+            );
+        }
+        let followed = (0..100)
+            .filter(|n| dog.report(&format!("run_{n}")).is_some())
+            .count();
+        assert!(followed <= SHARDS, "bounded by max_runs: {followed}");
+        assert_eq!(metrics.runs_evicted.get() as usize, 100 - followed);
+        assert_eq!(metrics.runs_active.get() as usize, followed);
+        assert!(dog.report("run_99").is_some(), "the newest run is kept");
+    }
+
+    #[test]
+    fn ended_runs_are_forgotten_after_retain() {
+        let metrics = Metrics::new();
+        let dog = watchdog(100, Duration::ZERO);
+        let channel = ChannelName::thread("t");
+        dog.observe(&run_event("agent_started", "run_a"), &channel, &metrics);
+        dog.observe(&run_event("agent_completed", "run_a"), &channel, &metrics);
+        dog.observe(&run_event("agent_started", "run_b"), &channel, &metrics);
+        assert_eq!(
+            dog.report("run_a").map(|r| r.state),
+            Some(RunState::Completed)
+        );
+        std::thread::sleep(Duration::from_millis(5));
+        assert!(dog.sweep(&metrics).is_empty());
+        assert!(dog.report("run_a").is_none(), "ended and past retain");
+        assert_eq!(
+            dog.report("run_b").map(|r| r.state),
+            Some(RunState::Running),
+            "open runs stay"
+        );
+    }
+}

@@ -84,6 +84,8 @@ pub struct Totals {
     pub pending: u64,
     pub lost: [u64; 4],
     pub oldest_pending_age: Duration,
+    /// Of the pending events that were queued to a subscriber.
+    pub oldest_offered_pending_age: Duration,
     pub channels: u64,
 }
 

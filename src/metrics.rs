@@ -65,6 +65,7 @@ pub struct Metrics {
     pub events_generated: IntCounter,
     pub accept_errors: IntCounterVec,
     pub upstream_messages: IntCounterVec,
+    events_offered_undelivered_oldest_age: Gauge,
 }
 
 /// Run duration buckets from 100 ms to 1 h.
@@ -280,6 +281,7 @@ impl Metrics {
                 "HLink messages from clients, by outcome (delivered, failed, busy, refused, invalid).",
                 "outcome",
             ),
+            events_offered_undelivered_oldest_age: register(r, Gauge::with_opts(Opts::new("agentwire_events_offered_undelivered_oldest_age_seconds", "Age of the oldest event queued to a subscriber and still not written to any socket (a stuck delivery).")).unwrap_or_else(|e| panic!("metric definition: {e}"))),
             registry,
             scrape: Mutex::new(()),
         };
@@ -365,6 +367,8 @@ impl Metrics {
         self.events_pending.set(to_i64(totals.pending));
         self.events_pending_oldest_age
             .set(totals.oldest_pending_age.as_secs_f64());
+        self.events_offered_undelivered_oldest_age
+            .set(totals.oldest_offered_pending_age.as_secs_f64());
         self.channels.set(to_i64(totals.channels));
         let mut out = Vec::with_capacity(16 * 1024);
         if let Err(error) = TextEncoder::new().encode(&self.registry.gather(), &mut out) {

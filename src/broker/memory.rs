@@ -126,6 +126,16 @@ impl Channel {
         trimmed
     }
 
+    /// The oldest event queued to a subscriber and still not written to any socket: a stuck
+    /// delivery, unlike an unwatched thread's pending events.
+    fn oldest_offered_pending_age(state: &ChannelState, now: Instant) -> Option<Duration> {
+        state
+            .history
+            .iter()
+            .find(|event| event.state.is_pending() && event.was_offered())
+            .map(|event| now.saturating_duration_since(event.emitted_at))
+    }
+
     fn oldest_pending_age(state: &ChannelState, now: Instant) -> Option<Duration> {
         state
             .history
@@ -407,10 +417,15 @@ impl MemoryBroker {
                 let counts = channel.ledger.snapshot();
                 totals.add(&counts);
                 totals.channels += 1;
-                if counts.pending > 0
-                    && let Some(age) = Channel::oldest_pending_age(&channel.lock(), now)
-                {
-                    totals.oldest_pending_age = totals.oldest_pending_age.max(age);
+                if counts.pending > 0 {
+                    let state = channel.lock();
+                    if let Some(age) = Channel::oldest_pending_age(&state, now) {
+                        totals.oldest_pending_age = totals.oldest_pending_age.max(age);
+                    }
+                    if let Some(age) = Channel::oldest_offered_pending_age(&state, now) {
+                        totals.oldest_offered_pending_age =
+                            totals.oldest_offered_pending_age.max(age);
+                    }
                 }
             }
         }

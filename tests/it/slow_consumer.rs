@@ -96,3 +96,52 @@ async fn a_slow_consumer_is_closed_with_4008_and_resumes_everything() {
         (Some(EVENTS), Some(0))
     );
 }
+
+/// Pending events of a thread nobody watches are normal; events queued to a subscriber and never
+/// written are a stuck delivery, and /metrics tells them apart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stuck_delivery_is_told_apart_from_an_unwatched_thread() {
+    let gateway = Gateway::start_with(|c| {
+        c.session.queue_events = 64;
+        c.session.queue_bytes = 1024 * 1024;
+    })
+    .await;
+    let unwatched: Vec<_> = (0..3)
+        .map(|_| json!({"type": "agent_thinking", "run_id": "r", "thread_id": "t_nobody"}))
+        .collect();
+    gateway.publish(&unwatched).await;
+    let metrics = gateway.metrics().await;
+    assert!(
+        crate::support::metric_value(&metrics, "agentwire_events_pending_oldest_age_seconds") > 0.0
+    );
+    assert_eq!(
+        crate::support::metric_value(
+            &metrics,
+            "agentwire_events_offered_undelivered_oldest_age_seconds"
+        ),
+        0.0
+    );
+
+    let mut stuck = Client::hello_on(
+        Client::connect_small_buffer(gateway.addr).await,
+        "u_stuck",
+        None,
+    )
+    .await;
+    stuck.subscribe("t_stuck", None).await;
+    let filler = "x".repeat(30_000);
+    for _ in 0..30 {
+        let batch: Vec<_> = (0..20)
+            .map(|_| json!({"type": "agent_thinking", "run_id": "r", "thread_id": "t_stuck", "payload": {"text": filler}}))
+            .collect();
+        gateway.publish(&batch).await;
+    }
+    assert!(
+        gateway
+            .metric("agentwire_events_offered_undelivered_oldest_age_seconds")
+            .await
+            > 0.0
+    );
+    let ledger = gateway.channel("thread:t_stuck").await;
+    assert!(ledger["pending"].as_u64().unwrap() > 0, "{ledger}");
+}

@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use serde_json::json;
 
-use crate::support::{Client, Gateway, event, full_run};
+use crate::support::{Client, Gateway, assert_lines, event, full_run};
 
 #[tokio::test]
 async fn five_lifecycle_events_arrive_in_order_and_balance() {
@@ -61,20 +61,18 @@ async fn five_lifecycle_events_arrive_in_order_and_balance() {
     assert_eq!(ledger["acked"], 5);
 
     let metrics = gateway.metrics().await;
-    for line in [
-        "agentwire_events_emitted_total 5",
-        "agentwire_events_delivered_total 5",
-        "agentwire_events_acked_total 5",
-        "agentwire_events_pending 0",
-        "agentwire_events_lost_total{reason=\"expired_subscribed\"} 0",
-        "agentwire_connections 1",
-        "agentwire_subscriptions 2",
-    ] {
-        assert!(
-            metrics.lines().any(|l| l == line),
-            "missing `{line}` in:\n{metrics}"
-        );
-    }
+    assert_lines(
+        &metrics,
+        &[
+            "agentwire_events_emitted_total 5",
+            "agentwire_events_delivered_total 5",
+            "agentwire_events_acked_total 5",
+            "agentwire_events_pending 0",
+            "agentwire_events_lost_total{reason=\"expired_subscribed\"} 0",
+            "agentwire_connections 1",
+            "agentwire_subscriptions 2",
+        ],
+    );
     assert!(
         metrics.contains("agentwire_delivery_latency_seconds_count 5"),
         "{metrics}"

@@ -5,7 +5,7 @@ use std::time::{Duration, SystemTime};
 
 use serde_json::json;
 
-use crate::support::{Gateway, binary, event};
+use crate::support::{Gateway, assert_lines, binary, event};
 
 #[tokio::test]
 async fn a_dead_letter_is_listed_and_redriven_after_registration() {
@@ -95,19 +95,17 @@ async fn a_dead_letter_is_listed_and_redriven_after_registration() {
     assert_eq!(gateway.get("/v1/deadletter").await.1["count"], 0);
 
     let metrics = gateway.metrics().await;
-    for line in [
-        "agentwire_events_lost_total{reason=\"unresolved\"} 2",
-        "agentwire_events_redriven_total 2",
-        "agentwire_events_duplicate_total 1",
-        "agentwire_deadletter_events 0",
-        "agentwire_events_ingested_total 2",
-        "agentwire_events_emitted_total 1",
-    ] {
-        assert!(
-            metrics.lines().any(|l| l == line),
-            "missing `{line}` in:\n{metrics}"
-        );
-    }
+    assert_lines(
+        &metrics,
+        &[
+            "agentwire_events_lost_total{reason=\"unresolved\"} 2",
+            "agentwire_events_redriven_total 2",
+            "agentwire_events_duplicate_total 1",
+            "agentwire_deadletter_events 0",
+            "agentwire_events_ingested_total 2",
+            "agentwire_events_emitted_total 1",
+        ],
+    );
     let (_, ledger) = gateway.get("/v1/ledger").await;
     assert_eq!(ledger["channels"]["balanced"], true, "{ledger}");
     assert_eq!(ledger["ingest"]["redriven"], 2);

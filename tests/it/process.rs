@@ -78,19 +78,7 @@ async fn sigterm_drains_then_closes_clients_with_1012_and_exits_0() {
     assert!(draining, "/readyz turns 503 during the drain delay");
     assert_eq!(client.closed().await, 1012);
 
-    let started = std::time::Instant::now();
-    let status = loop {
-        if let Some(status) = process.child.try_wait().unwrap() {
-            break status;
-        }
-        assert!(
-            started.elapsed() < Duration::from_secs(15),
-            "the process must exit"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    };
-    assert_eq!(status.code(), Some(0));
-    let _ = free_port();
+    assert_eq!(process.exit_code(Duration::from_secs(15)).await, Some(0));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -140,17 +128,7 @@ async fn a_thousand_clients_get_1012_spread_over_the_close_window() {
         "closes are spread, not all at once: {first:?}..{last:?}"
     );
 
-    let status = loop {
-        if let Some(status) = process.child.try_wait().unwrap() {
-            break status;
-        }
-        assert!(
-            signalled.elapsed() < Duration::from_secs(15),
-            "the process must exit"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    };
-    assert_eq!(status.code(), Some(0));
+    assert_eq!(process.exit_code(Duration::from_secs(15)).await, Some(0));
 }
 
 #[tokio::test]

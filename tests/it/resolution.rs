@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use serde_json::json;
 
-use crate::support::Gateway;
+use crate::support::{Gateway, assert_lines};
 
 fn orphan(kind: &str) -> serde_json::Value {
     json!({"type": kind, "run_id": "run_xyz789", "payload": {}})
@@ -122,17 +122,15 @@ async fn an_unregistered_run_is_dead_lettered_and_counted() {
     }
     assert_eq!(lost, 2.0);
     let metrics = gateway.metrics().await;
-    for line in [
-        "agentwire_unresolved_run_ids_total 1",
-        "agentwire_events_pending_resolution 0",
-        "agentwire_events_ingested_total 2",
-        "agentwire_events_emitted_total 0",
-    ] {
-        assert!(
-            metrics.lines().any(|l| l == line),
-            "missing `{line}` in:\n{metrics}"
-        );
-    }
+    assert_lines(
+        &metrics,
+        &[
+            "agentwire_unresolved_run_ids_total 1",
+            "agentwire_events_pending_resolution 0",
+            "agentwire_events_ingested_total 2",
+            "agentwire_events_emitted_total 0",
+        ],
+    );
     // A registration after the grace period finds nothing left to release.
     let (_, body) = gateway
         .post(

@@ -124,6 +124,16 @@ impl Gateway {
     }
 }
 
+/// Asserts that each line appears, exactly, in a `/metrics` exposition.
+pub fn assert_lines(exposition: &str, lines: &[&str]) {
+    for line in lines {
+        assert!(
+            exposition.lines().any(|l| l == *line),
+            "missing `{line}` in:\n{exposition}"
+        );
+    }
+}
+
 pub fn metric_value(exposition: &str, series: &str) -> f64 {
     exposition
         .lines()
@@ -397,6 +407,21 @@ impl Process {
             tokio::time::sleep(Duration::from_millis(25)).await;
         }
         panic!("the gateway process did not start listening");
+    }
+
+    /// Waits for the process to exit (panics after `limit`) and returns its exit code.
+    pub async fn exit_code(&mut self, limit: Duration) -> Option<i32> {
+        let deadline = std::time::Instant::now() + limit;
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status.code();
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the process must exit within {limit:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
     }
 
     pub fn signal(&self, signal: &str) {

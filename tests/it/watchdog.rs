@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use serde_json::json;
 
-use crate::support::{Gateway, event};
+use crate::support::{Gateway, assert_lines, event};
 
 #[tokio::test]
 async fn a_run_that_goes_quiet_after_a_tool_call_is_ended_as_stalled() {
@@ -48,18 +48,16 @@ async fn a_run_that_goes_quiet_after_a_tool_call_is_ended_as_stalled() {
     assert_eq!(client.recv().await["type"], "tool_completed");
     client.silent_for(Duration::from_millis(500)).await;
     let metrics = gateway.metrics().await;
-    for line in [
-        "agentwire_runs_stalled_total 1",
-        "agentwire_runs_completed_total{outcome=\"stalled\"} 1",
-        "agentwire_runs_active 0",
-        "agentwire_events_generated_total 1",
-        "agentwire_lifecycle_violations_total{kind=\"event_after_stall\"} 1",
-    ] {
-        assert!(
-            metrics.lines().any(|l| l == line),
-            "missing `{line}` in:\n{metrics}"
-        );
-    }
+    assert_lines(
+        &metrics,
+        &[
+            "agentwire_runs_stalled_total 1",
+            "agentwire_runs_completed_total{outcome=\"stalled\"} 1",
+            "agentwire_runs_active 0",
+            "agentwire_events_generated_total 1",
+            "agentwire_lifecycle_violations_total{kind=\"event_after_stall\"} 1",
+        ],
+    );
     let ledger = gateway.channel("thread:t_1").await;
     assert_eq!(ledger["emitted"], 4);
 }

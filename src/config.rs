@@ -167,12 +167,37 @@ impl Default for UpstreamConfig {
     }
 }
 
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct BrokerConfig {
-    /// Selects the Redis broker. Not available in this build: set, it stops the start.
+    /// Selects the Redis broker (`redis://[:password@]host:port[/db]`); unset, the embedded one.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub redis_url: Option<String>,
+    /// The stream producers may `XADD` events to (Redis broker only).
+    pub ingest_stream: String,
+    /// The consumer group every replica reads `ingest_stream` through.
+    pub ingest_group: String,
+    /// An ingest entry read by a replica and not acknowledged for this long is claimed by another
+    /// (the first replica died). Must be longer than `resolve.grace`.
+    #[serde(with = "humantime_serde")]
+    pub claim_idle: Duration,
+    /// The stream HLink messages from browsers are appended to (Redis broker only).
+    pub ui_events_stream: String,
+    /// `ui_events_stream` is trimmed to about this many entries.
+    pub ui_events_max_len: usize,
+}
+
+impl Default for BrokerConfig {
+    fn default() -> Self {
+        Self {
+            redis_url: None,
+            ingest_stream: "aw:ingest".into(),
+            ingest_group: "agentwire".into(),
+            claim_idle: Duration::from_secs(30),
+            ui_events_stream: "ui_events".into(),
+            ui_events_max_len: 100_000,
+        }
+    }
 }
 
 impl Default for WatchdogConfig {
@@ -390,11 +415,22 @@ impl Config {
         {
             return fail("upstream.webhook_url", &format!("{error:#}"));
         }
-        if self.broker.redis_url.is_some() {
-            return fail(
-                "broker.redis_url",
-                "the Redis broker is not part of this build yet; remove the key to run the embedded broker",
-            );
+        if let Some(url) = &self.broker.redis_url
+            && let Err(error) = redis::Client::open(url.as_str())
+        {
+            return fail("broker.redis_url", &format!("not a Redis URL: {error}"));
+        }
+        if self.broker.claim_idle <= self.resolve.grace {
+            return fail("broker.claim_idle", "must be longer than resolve.grace");
+        }
+        for (field, value) in [
+            ("broker.ingest_stream", &self.broker.ingest_stream),
+            ("broker.ingest_group", &self.broker.ingest_group),
+            ("broker.ui_events_stream", &self.broker.ui_events_stream),
+        ] {
+            if value.is_empty() {
+                return fail(field, "must not be empty");
+            }
         }
         if let Err(error) = tracing_subscriber::EnvFilter::try_new(&self.log_level) {
             return fail("log_level", &format!("not a tracing filter: {error}"));

@@ -162,6 +162,11 @@ impl Subscribers {
         self.outboxes.len() != before
     }
 
+    /// Empties the list, handing back every connection in it.
+    pub fn take_all(&mut self) -> Vec<Arc<Outbox>> {
+        std::mem::take(&mut self.outboxes)
+    }
+
     pub fn contains(&self, outbox: &Arc<Outbox>) -> bool {
         self.outboxes.iter().any(|o| Arc::ptr_eq(o, outbox))
     }

@@ -7,7 +7,7 @@
 //! - [`server`]: the listener, HTTP routes, WebSocket upgrade and graceful shutdown.
 //! - [`ingest`]: `POST /v1/events` bodies → validated events, deduplicated by `event_id`.
 //! - [`resolve`]: which channel an event belongs to; the run registry and the pending set.
-//! - [`broker`]: per-channel seq, bounded history, replay (the embedded in-memory broker).
+//! - [`broker`]: per-channel seq, bounded history, replay: embedded in memory, or in Redis.
 //! - [`fanout`]: one event's bytes to every local subscriber's bounded queue.
 //! - [`session`]: one WebSocket connection: hello, subscriptions, acks, the writer task.
 //! - [`ledger`]: emitted / delivered / acked / pending / lost, per channel.
@@ -43,7 +43,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use broker::MemoryBroker;
+use broker::{Broker, MemoryBroker, RedisBroker};
 use config::Config;
 use deadletter::DeadLetters;
 use ingest::Dedupe;
@@ -55,7 +55,7 @@ use watchdog::Watchdog;
 pub struct Gateway {
     pub config: Config,
     pub metrics: Metrics,
-    pub broker: MemoryBroker,
+    pub broker: Broker,
     pub resolver: Resolver,
     pub dedupe: Dedupe,
     pub watchdog: Watchdog,
@@ -65,10 +65,18 @@ pub struct Gateway {
 }
 
 impl Gateway {
-    pub fn new(config: Config) -> Self {
-        Self {
-            metrics: Metrics::new(),
-            broker: MemoryBroker::new(config.history.clone()),
+    /// Builds the gateway; the broker is chosen here, once. Redis is connected lazily: a Redis
+    /// that is down at start shows as not ready until it answers.
+    pub fn new(config: Config) -> anyhow::Result<Self> {
+        let broker = match &config.broker.redis_url {
+            Some(url) => Broker::Redis(Box::new(RedisBroker::new(&config, url)?)),
+            None => Broker::Memory(MemoryBroker::new(config.history.clone())),
+        };
+        let metrics = Metrics::new();
+        metrics.broker_up.set(i64::from(broker.is_up()));
+        Ok(Self {
+            metrics,
+            broker,
             resolver: Resolver::new(config.resolve.clone()),
             dedupe: Dedupe::new(config.ingest.dedupe_window, config.ingest.dedupe_capacity),
             watchdog: Watchdog::new(config.watchdog.clone()),
@@ -76,7 +84,7 @@ impl Gateway {
             upstream: upstream::Upstream::new(config.upstream.clone()),
             shutdown: Shutdown::default(),
             config,
-        }
+        })
     }
 }
 

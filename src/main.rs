@@ -149,10 +149,11 @@ fn serve(config: Config) -> anyhow::Result<()> {
             .with_context(|| format!("cannot listen on {}", config.listen))?;
         let address = listener.local_addr().context("no local address")?;
         let open_files = agentwire::server::raise_file_limit();
-        tracing::info!(%address, version = env!("CARGO_PKG_VERSION"), broker = "memory", open_files, "Listening.");
+        let gateway = Gateway::new(config).context("cannot set up the broker")?;
+        tracing::info!(%address, version = env!("CARGO_PKG_VERSION"), broker = gateway.broker.kind(), open_files, "Listening.");
         let stop = CancellationToken::new();
         tokio::spawn(signals(stop.clone()));
-        agentwire::server::run(Arc::new(Gateway::new(config)), listener, stop).await;
+        agentwire::server::run(Arc::new(gateway), listener, stop).await;
         Ok(())
     });
     // Outside the runtime: the exporter's blocking client flushes the last spans.

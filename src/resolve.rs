@@ -193,6 +193,11 @@ impl Resolver {
         Ok(())
     }
 
+    /// The runs with events held now.
+    pub fn held_runs(&self) -> Vec<String> {
+        self.state().pending.keys().cloned().collect()
+    }
+
     /// Events held now.
     pub fn pending_count(&self) -> usize {
         self.state().pending_count

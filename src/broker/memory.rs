@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use rand::Rng;
 
-use super::{AckError, Published, StoredEvent};
+use super::{AckError, Feed, Published, Sequenced, Snapshot, StoredEvent};
 use crate::config::HistoryConfig;
 use crate::fanout::{Outbox, Outgoing, Subscribers};
 use crate::ledger::{
@@ -40,6 +40,30 @@ pub struct Ranked {
     pub top_lost: Vec<ChannelSummary>,
 }
 
+impl Ranked {
+    /// The `n` channels with the most pending events and the `n` with the most lost ones.
+    pub fn from_summaries(all: Vec<ChannelSummary>, n: usize) -> Self {
+        let mut top_pending: Vec<_> = all.iter().filter(|c| c.pending > 0).cloned().collect();
+        top_pending.sort_by(|a, b| {
+            b.pending
+                .cmp(&a.pending)
+                .then_with(|| a.channel.cmp(&b.channel))
+        });
+        top_pending.truncate(n);
+        let mut top_lost: Vec<_> = all.into_iter().filter(|c| c.lost_total > 0).collect();
+        top_lost.sort_by(|a, b| {
+            b.lost_total
+                .cmp(&a.lost_total)
+                .then_with(|| a.channel.cmp(&b.channel))
+        });
+        top_lost.truncate(n);
+        Self {
+            top_pending,
+            top_lost,
+        }
+    }
+}
+
 pub struct MemoryBroker {
     shards: Box<[Mutex<Shard>]>,
     history: HistoryConfig,
@@ -56,6 +80,8 @@ struct Channel {
     name: ChannelName,
     epoch: Arc<str>,
     ledger: Arc<ChannelLedger>,
+    /// Redis mode: where this replica's deliveries are reported.
+    feed: Option<Arc<Feed>>,
     state: Mutex<ChannelState>,
 }
 
@@ -67,14 +93,21 @@ struct ChannelState {
     last_activity: Instant,
     /// Set when the sweep removed the channel; a caller holding it looks it up again.
     retired: bool,
+    /// Redis mode: the channel's history is being read; live events wait here until it is.
+    loading: Option<Vec<(Arc<str>, Sequenced)>>,
 }
 
 impl Channel {
     fn new(name: ChannelName) -> Self {
+        Self::with_epoch(name, new_epoch().into(), None)
+    }
+
+    fn with_epoch(name: ChannelName, epoch: Arc<str>, feed: Option<Arc<Feed>>) -> Self {
         Self {
             name,
-            epoch: new_epoch().into(),
+            epoch,
             ledger: Arc::default(),
+            feed,
             state: Mutex::new(ChannelState {
                 last_seq: 0,
                 acked_seq: 0,
@@ -82,7 +115,50 @@ impl Channel {
                 subscribers: Subscribers::default(),
                 last_activity: Instant::now(),
                 retired: false,
+                loading: None,
             }),
+        }
+    }
+
+    fn store(
+        &self,
+        seq: u64,
+        frame: bytes::Bytes,
+        emitted_at: Instant,
+        produced_at: Option<std::time::SystemTime>,
+        trace: Option<Box<crate::telemetry::TraceInfo>>,
+    ) -> Arc<StoredEvent> {
+        Arc::new(StoredEvent {
+            seq,
+            frame,
+            emitted_at,
+            produced_at,
+            trace,
+            state: EventState::default(),
+            ledger: Arc::clone(&self.ledger),
+            feed: self.feed.clone(),
+            offered: Default::default(),
+        })
+    }
+
+    /// Appends an event sequenced in Redis: history, trim, fan-out (the mirror's publish).
+    fn append(&self, state: &mut ChannelState, event: &Sequenced, history: &HistoryConfig) {
+        let stored = self.store(
+            event.seq,
+            server::event_frame(&event.body, event.seq, &self.epoch),
+            event.emitted_at(),
+            event.produced_at(),
+            None,
+        );
+        self.ledger.emitted();
+        state.last_seq = event.seq;
+        state.history.push_back(Arc::clone(&stored));
+        state.last_activity = Instant::now();
+        self.trim(state, history.max_events, history.max_age, Instant::now())
+            .log(&self.name);
+        if !state.subscribers.is_empty() {
+            stored.offer();
+            state.subscribers.fan_out(&stored);
         }
     }
 
@@ -225,36 +301,22 @@ impl MemoryBroker {
             .filter(|ts| ts.ends_with('Z'))
             .and_then(|ts| humantime::parse_rfc3339_weak(ts).ok());
         // Serialise before taking the channel lock: only the seq is written under it.
-        let mut body: Option<(Arc<str>, Vec<u8>)> = None;
+        let body = server::event_body(event, name);
         loop {
             let channel = self.channel(name);
-            let body = match &body {
-                Some((epoch, body)) if Arc::ptr_eq(epoch, &channel.epoch) => body,
-                _ => {
-                    &body
-                        .insert((
-                            Arc::clone(&channel.epoch),
-                            server::event_body(event, name, &channel.epoch),
-                        ))
-                        .1
-                }
-            };
             let mut state = channel.lock();
             if state.retired {
                 continue;
             }
             state.last_seq += 1;
             let seq = state.last_seq;
-            let stored = Arc::new(StoredEvent {
+            let stored = channel.store(
                 seq,
-                frame: server::event_frame(body, seq),
-                emitted_at: Instant::now(),
+                server::event_frame(&body, seq, &channel.epoch),
+                Instant::now(),
                 produced_at,
-                trace: trace(seq),
-                state: EventState::default(),
-                ledger: Arc::clone(&channel.ledger),
-                offered: Default::default(),
-            });
+                trace(seq),
+            );
             channel.ledger.emitted();
             state.history.push_back(Arc::clone(&stored));
             state.last_activity = stored.emitted_at;
@@ -455,23 +517,145 @@ impl MemoryBroker {
                 });
             }
         }
-        let mut top_pending: Vec<_> = all.iter().filter(|c| c.pending > 0).cloned().collect();
-        top_pending.sort_by(|a, b| {
-            b.pending
-                .cmp(&a.pending)
-                .then_with(|| a.channel.cmp(&b.channel))
+        Ranked::from_summaries(all, n)
+    }
+
+    /// Redis mode: starts mirroring a channel. Until [`Self::merge`] loads its history, live
+    /// events are kept aside, so none falls between the pub/sub subscription and the history read.
+    pub fn prepare(&self, name: &ChannelName, feed: &Arc<Feed>) {
+        let mut shard = self.shard(name);
+        shard.channels.entry(name.clone()).or_insert_with(|| {
+            let channel = Channel::with_epoch(name.clone(), "".into(), Some(Arc::clone(feed)));
+            channel.lock().loading = Some(Vec::new());
+            Arc::new(channel)
         });
-        top_pending.truncate(n);
-        let mut top_lost: Vec<_> = all.into_iter().filter(|c| c.lost_total > 0).collect();
-        top_lost.sort_by(|a, b| {
-            b.lost_total
-                .cmp(&a.lost_total)
-                .then_with(|| a.channel.cmp(&b.channel))
+    }
+
+    /// Redis mode: a live event from pub/sub. `false` when the mirror must read the stream again
+    /// (a gap in seqs, or a new epoch) before it can go on.
+    pub fn apply(&self, name: &ChannelName, epoch: &Arc<str>, event: Sequenced) -> bool {
+        let Some(channel) = self.existing(name) else {
+            return true;
+        };
+        let mut state = channel.lock();
+        if let Some(early) = &mut state.loading {
+            early.push((Arc::clone(epoch), event));
+            return true;
+        }
+        if *epoch != channel.epoch {
+            return false;
+        }
+        if event.seq <= state.last_seq {
+            return true;
+        }
+        if event.seq > state.last_seq + 1 {
+            return false;
+        }
+        channel.append(&mut state, &event, &self.history);
+        true
+    }
+
+    /// Redis mode: where the mirror of `name` stands (epoch, last seq), to read the stream from.
+    pub fn position(&self, name: &ChannelName) -> Option<(Arc<str>, u64)> {
+        let channel = self.existing(name)?;
+        let state = channel.lock();
+        (state.loading.is_none()).then(|| (Arc::clone(&channel.epoch), state.last_seq))
+    }
+
+    /// Redis mode: brings the mirror up to `snapshot` (read from the stream). On a first load it
+    /// takes the history and the live events kept aside; on a new epoch (Redis lost the channel)
+    /// every local subscriber is told with a `subscribed` frame, `recovered: false`, and gets the
+    /// new epoch's history; otherwise it appends what the mirror missed.
+    pub fn merge(&self, name: &ChannelName, snapshot: Snapshot) {
+        let mut shard = self.shard(name);
+        let Some(channel) = shard.channels.get(name).cloned() else {
+            return;
+        };
+        let mut state = channel.lock();
+        if snapshot.epoch == channel.epoch && state.loading.is_none() {
+            let gap = snapshot
+                .events
+                .first()
+                .is_some_and(|first| first.seq > state.last_seq + 1);
+            if gap {
+                tracing::warn!(channel = %name, after = state.last_seq, "Events left Redis history before this replica read them.");
+            }
+            for event in &snapshot.events {
+                if event.seq > state.last_seq {
+                    channel.append(&mut state, event, &self.history);
+                }
+            }
+            return;
+        }
+        let renewed = state.loading.is_none();
+        let early = state.loading.take().unwrap_or_default();
+        let feed = channel.feed.as_ref().map(|feed| {
+            Arc::new(Feed {
+                channel: name.clone(),
+                epoch: Arc::clone(&snapshot.epoch),
+                reports: feed.reports.clone(),
+            })
         });
-        top_lost.truncate(n);
-        Ranked {
-            top_pending,
-            top_lost,
+        let fresh = Arc::new(Channel::with_epoch(
+            name.clone(),
+            Arc::clone(&snapshot.epoch),
+            feed,
+        ));
+        let mut fresh_state = fresh.lock();
+        fresh_state.last_seq = snapshot
+            .events
+            .first()
+            .map_or(snapshot.last_seq, |first| first.seq - 1);
+        let outboxes = state.subscribers.take_all();
+        for event in &snapshot.events {
+            fresh.append(&mut fresh_state, event, &self.history);
+        }
+        for (epoch, event) in early {
+            if epoch == fresh.epoch && event.seq == fresh_state.last_seq + 1 {
+                fresh.append(&mut fresh_state, &event, &self.history);
+            }
+        }
+        fresh_state.last_seq = fresh_state.last_seq.max(snapshot.last_seq);
+        if renewed {
+            tracing::warn!(channel = %name, old_epoch = %channel.epoch, epoch = %fresh.epoch, "Redis lost this channel's history: a new epoch starts.");
+            let replay: Vec<Arc<StoredEvent>> = fresh_state.history.iter().cloned().collect();
+            for event in &replay {
+                event.offer();
+            }
+            let report = Subscribed {
+                channel: name.to_string(),
+                thread_id: match name.kind() {
+                    ChannelKind::Thread => Some(name.id().to_string()),
+                    ChannelKind::User => None,
+                },
+                epoch: fresh.epoch.to_string(),
+                seq: fresh_state.last_seq,
+                recovered: false,
+                replayed: replay.len(),
+                missed: None,
+            };
+            let frame = server::subscribed(&report);
+            for outbox in &outboxes {
+                outbox.push(Outgoing::Frame(frame.clone()));
+                if !replay.is_empty() {
+                    outbox.push(Outgoing::Replay(replay.clone()));
+                }
+            }
+        }
+        for outbox in &outboxes {
+            fresh_state.subscribers.add(outbox);
+        }
+        drop(fresh_state);
+        state.retired = true;
+        drop(state);
+        shard.channels.insert(name.clone(), fresh);
+    }
+
+    /// Redis mode: stops mirroring a channel nobody here watches any more.
+    pub fn detach(&self, name: &ChannelName) {
+        let mut shard = self.shard(name);
+        if let Some(channel) = shard.channels.remove(name) {
+            channel.lock().retired = true;
         }
     }
 

@@ -24,11 +24,13 @@ pub enum ErrorCode {
     InvalidAck,
     UpstreamNotConfigured,
     UpstreamBusy,
+    BrokerUnavailable,
 }
 
 impl ErrorCode {
-    pub const ALL: [ErrorCode; 12] = [
+    pub const ALL: [ErrorCode; 13] = [
         Self::UpstreamBusy,
+        Self::BrokerUnavailable,
         Self::InvalidJson,
         Self::InvalidFrame,
         Self::UnknownType,
@@ -56,6 +58,7 @@ impl ErrorCode {
             Self::InvalidAck => "invalid_ack",
             Self::UpstreamNotConfigured => "upstream_not_configured",
             Self::UpstreamBusy => "upstream_busy",
+            Self::BrokerUnavailable => "broker_unavailable",
         }
     }
 }
@@ -81,7 +84,6 @@ struct EventFields<'a> {
     thread_id: Option<&'a str>,
     #[serde(skip_serializing_if = "Option::is_none")]
     user_id: Option<&'a str>,
-    epoch: &'a str,
     #[serde(skip_serializing_if = "Option::is_none")]
     run_id: Option<&'a str>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -93,8 +95,9 @@ struct EventFields<'a> {
     payload: &'a serde_json::Map<String, serde_json::Value>,
 }
 
-/// `{"type":…,"channel":…,…}`: everything but the seq.
-pub fn event_body(event: &Event, channel: &ChannelName, epoch: &str) -> Vec<u8> {
+/// `{"type":…,"channel":…,…}`: everything but the seq and the epoch, which the broker adds (in
+/// Redis mode the epoch is known only once the event is sequenced).
+pub fn event_body(event: &Event, channel: &ChannelName) -> Vec<u8> {
     let thread_id = match channel.kind() {
         ChannelKind::Thread => Some(channel.id()),
         ChannelKind::User => None,
@@ -104,7 +107,6 @@ pub fn event_body(event: &Event, channel: &ChannelName, epoch: &str) -> Vec<u8> 
         channel: channel.as_str(),
         thread_id,
         user_id: event.user_id.as_deref(),
-        epoch,
         run_id: event.run_id.as_deref(),
         event_id: event.event_id.as_deref(),
         ts: event.ts.as_deref(),
@@ -115,14 +117,17 @@ pub fn event_body(event: &Event, channel: &ChannelName, epoch: &str) -> Vec<u8> 
     serde_json::to_vec(&fields).unwrap_or_else(|_| b"{}".to_vec())
 }
 
-/// The frame a subscriber receives: `{"seq":N,` followed by the body without its `{`.
-pub fn event_frame(body: &[u8], seq: u64) -> Bytes {
+/// The frame a subscriber receives: `{"seq":N,"epoch":E,` followed by the body without its `{`.
+pub fn event_frame(body: &[u8], seq: u64, epoch: &str) -> Bytes {
     let mut digits = itoa::Buffer::new();
     let digits = digits.format(seq);
-    let mut frame = BytesMut::with_capacity(body.len() + digits.len() + 8);
+    let mut frame = BytesMut::with_capacity(body.len() + digits.len() + epoch.len() + 20);
     frame.put_slice(b"{\"seq\":");
     frame.put_slice(digits.as_bytes());
-    frame.put_u8(b',');
+    // Epochs are hex digits: nothing to escape.
+    frame.put_slice(b",\"epoch\":\"");
+    frame.put_slice(epoch.as_bytes());
+    frame.put_slice(b"\",");
     frame.put_slice(body.get(1..).unwrap_or_default());
     frame.freeze()
 }
@@ -196,8 +201,9 @@ mod tests {
             1024,
         )
         .unwrap();
-        let body = event_body(&event, &ChannelName::thread("t_42"), "e1");
-        let frame: serde_json::Value = serde_json::from_slice(&event_frame(&body, 42)).unwrap();
+        let body = event_body(&event, &ChannelName::thread("t_42"));
+        let frame: serde_json::Value =
+            serde_json::from_slice(&event_frame(&body, 42, "e1")).unwrap();
         assert_eq!(
             frame,
             json!({"type": "tool_executing", "channel": "thread:t_42", "thread_id": "t_42", "seq": 42,

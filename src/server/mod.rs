@@ -41,6 +41,7 @@ pub async fn run(gateway: Arc<Gateway>, listener: TcpListener, stop: Cancellatio
         .upstream
         .worker(Arc::clone(&gateway))
         .map(tokio::spawn);
+    let broker_tasks = crate::broker::redis::start(&gateway, &http_stop);
 
     accept_until(&gateway, &listener, &http_stop, stop.cancelled()).await;
 
@@ -72,6 +73,9 @@ pub async fn run(gateway: Arc<Gateway>, listener: TcpListener, stop: Cancellatio
         );
     }
     housekeeping.abort();
+    for task in broker_tasks {
+        task.abort();
+    }
     if let Some(upstream) = upstream {
         upstream.abort();
     }
@@ -152,10 +156,10 @@ async fn housekeeping(gateway: Arc<Gateway>, stop: CancellationToken) {
             _ = interval.tick() => {}
         }
         crate::ingest::expire_pending(&gateway);
-        crate::ingest::report_stalls(&gateway);
+        crate::ingest::report_stalls(&gateway).await;
         if last_sweep.elapsed() >= Duration::from_secs(1) {
             last_sweep = Instant::now();
-            gateway.broker.sweep();
+            gateway.broker.sweep().await;
             gateway.dedupe.expire();
         }
     }

@@ -41,7 +41,7 @@ pub async fn handle(
         }
         ("/v1/deadletter/redrive", &Method::POST) => {
             use ingest::RedriveOutcome;
-            let results = ingest::redrive(&gateway);
+            let results = ingest::redrive(&gateway).await;
             let count =
                 |f: fn(&RedriveOutcome) -> bool| results.iter().filter(|r| f(&r.outcome)).count();
             let summary = json!({
@@ -52,9 +52,9 @@ pub async fn handle(
             });
             json_response(StatusCode::OK, &summary)
         }
-        ("/v1/ledger", &Method::GET) => ledger(&gateway, request.uri().query()),
+        ("/v1/ledger", &Method::GET) => ledger(&gateway, request.uri().query()).await,
         (p, &Method::GET) if p.starts_with("/v1/channels/") => {
-            channel(&gateway, &p["/v1/channels/".len()..])
+            channel(&gateway, &p["/v1/channels/".len()..]).await
         }
         ("/healthz", &Method::GET) => json_response(StatusCode::OK, &json!({"status": "ok"})),
         ("/readyz", &Method::GET) => ready(&gateway),
@@ -202,7 +202,25 @@ async fn read_body(
     }
 }
 
+/// 503 with `Retry-After` while the broker cannot keep what it would accept.
+fn broker_unavailable(gateway: &Gateway, message: &str) -> Response<Body> {
+    gateway.metrics.broker_errors.inc();
+    let mut response = error(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "broker_unavailable",
+        message,
+        None,
+    );
+    response
+        .headers_mut()
+        .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+    response
+}
+
 async fn events(gateway: &Gateway, request: Request<Incoming>) -> Response<Body> {
+    if !gateway.broker.is_up() {
+        return broker_unavailable(gateway, "Redis is unavailable; nothing was accepted");
+    }
     let ndjson = request
         .headers()
         .get(header::CONTENT_TYPE)
@@ -264,7 +282,7 @@ async fn events(gateway: &Gateway, request: Request<Incoming>) -> Response<Body>
             None,
         );
     }
-    let results = ingest::ingest(gateway, &items);
+    let results = ingest::ingest(gateway, &items).await;
     let ok = results.iter().filter(|r| r.is_ok()).count();
     let count = |f: fn(&ItemResult) -> bool| results.iter().filter(|r| f(r)).count();
     let summary = json!({
@@ -274,12 +292,22 @@ async fn events(gateway: &Gateway, request: Request<Incoming>) -> Response<Body>
         "failed": results.len() - ok,
         "results": results,
     });
+    let unavailable = results
+        .iter()
+        .any(|r| matches!(r, ItemResult::Unavailable { .. }));
     let status = match ok {
+        _ if unavailable => StatusCode::SERVICE_UNAVAILABLE,
         n if n == items.len() => StatusCode::OK,
         0 => StatusCode::BAD_REQUEST,
         _ => StatusCode::MULTI_STATUS,
     };
-    json_response(status, &summary)
+    let mut response = json_response(status, &summary);
+    if unavailable {
+        response
+            .headers_mut()
+            .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+    }
+    response
 }
 
 async fn runs(gateway: &Gateway, request: Request<Incoming>) -> Response<Body> {
@@ -344,14 +372,17 @@ async fn runs(gateway: &Gateway, request: Request<Incoming>) -> Response<Body> {
             Some("thread_id"),
         );
     };
-    let released = ingest::register(gateway, &run_id, target);
+    let released = match ingest::register(gateway, &run_id, target).await {
+        Ok(released) => released,
+        Err(e) => return broker_unavailable(gateway, &e.to_string()),
+    };
     json_response(
         StatusCode::OK,
         &json!({"run_id": run_id, "channel": channel.as_str(), "released": released}),
     )
 }
 
-fn channel(gateway: &Gateway, raw: &str) -> Response<Body> {
+async fn channel(gateway: &Gateway, raw: &str) -> Response<Body> {
     let name = percent_decode(raw);
     let Some(channel) = name.as_deref().and_then(ChannelName::parse) else {
         return error(
@@ -361,9 +392,10 @@ fn channel(gateway: &Gateway, raw: &str) -> Response<Body> {
             None,
         );
     };
-    match gateway.broker.report(&channel) {
-        Some(report) => json_response(StatusCode::OK, &report),
-        None => error(
+    match gateway.broker.report(&channel).await {
+        Ok(Some(report)) => json_response(StatusCode::OK, &report),
+        Err(e) => broker_unavailable(gateway, &e.to_string()),
+        Ok(None) => error(
             StatusCode::NOT_FOUND,
             "unknown_channel",
             &format!("{channel} has no events and no subscribers"),
@@ -393,7 +425,7 @@ fn run(gateway: &Gateway, raw: &str) -> Response<Body> {
 }
 
 /// The first page an operator opens when an alert fires: totals and the worst channels.
-fn ledger(gateway: &Gateway, query: Option<&str>) -> Response<Body> {
+async fn ledger(gateway: &Gateway, query: Option<&str>) -> Response<Body> {
     let top = query
         .into_iter()
         .flat_map(|q| q.split('&'))
@@ -401,14 +433,16 @@ fn ledger(gateway: &Gateway, query: Option<&str>) -> Response<Body> {
         .and_then(|n| n.parse::<usize>().ok())
         .unwrap_or(10)
         .min(1000);
-    let totals = gateway.broker.totals();
+    let (totals, ranked) = match gateway.broker.ledger(top).await {
+        Ok(ledger) => ledger,
+        Err(e) => return broker_unavailable(gateway, &e.to_string()),
+    };
     let metrics = &gateway.metrics;
     let lost_unresolved = metrics
         .events_lost
         .with_label_values(&[crate::ledger::LostReason::Unresolved.as_str()])
         .get();
     let lost_channel: u64 = totals.lost.iter().sum();
-    let ranked = gateway.broker.ranked(top);
     json_response(
         StatusCode::OK,
         &json!({
@@ -443,15 +477,21 @@ fn ledger(gateway: &Gateway, query: Option<&str>) -> Response<Body> {
 }
 
 fn ready(gateway: &Gateway) -> Response<Body> {
+    let broker = gateway.broker.kind();
     if gateway.shutdown.is_draining() {
         json_response(
             StatusCode::SERVICE_UNAVAILABLE,
-            &json!({"status": "draining"}),
+            &json!({"status": "draining", "broker": broker}),
+        )
+    } else if !gateway.broker.is_up() {
+        json_response(
+            StatusCode::SERVICE_UNAVAILABLE,
+            &json!({"status": "broker_unavailable", "broker": broker}),
         )
     } else {
         json_response(
             StatusCode::OK,
-            &json!({"status": "ready", "broker": "memory"}),
+            &json!({"status": "ready", "broker": broker}),
         )
     }
 }

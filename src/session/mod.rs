@@ -17,7 +17,7 @@ use tokio::time::{Instant, timeout};
 use tracing::Instrument;
 
 use crate::Gateway;
-use crate::broker::StoredEvent;
+use crate::broker::{Broker, StoredEvent};
 use crate::fanout::{Outbox, Outgoing};
 use crate::protocol::ChannelName;
 use crate::protocol::client::{self, ClientFrame, Since, UpstreamMessage};
@@ -180,7 +180,7 @@ impl Session {
         };
         tokio::pin!(close_time);
         loop {
-            let ended = self.read_messages(config.max_frame_bytes);
+            let ended = self.read_messages(config.max_frame_bytes).await;
             if self.outbox.is_overflowed() {
                 return self
                     .close_now(
@@ -275,7 +275,7 @@ impl Session {
 
     /// Parses and handles every complete message in the read buffer. `Some` when the connection
     /// must end (with the close frame in `closing`).
-    fn read_messages(&mut self, max_bytes: usize) -> Option<Ended> {
+    async fn read_messages(&mut self, max_bytes: usize) -> Option<Ended> {
         loop {
             let raw = match frame::parse(&mut self.inbox, max_bytes) {
                 Ok(Some(raw)) => raw,
@@ -292,7 +292,7 @@ impl Session {
                 Ok(None) => continue,
                 Err(ended) => return Some(ended),
             };
-            if let Some(ended) = self.handle(message) {
+            if let Some(ended) = self.handle(message).await {
                 return Some(ended);
             }
         }
@@ -346,11 +346,11 @@ impl Session {
     }
 
     /// Answers one message; `Some` when the connection ends.
-    fn handle(&mut self, message: Message) -> Option<Ended> {
+    async fn handle(&mut self, message: Message) -> Option<Ended> {
         match message {
-            Message::Text(text) if self.user_id.is_some() => self.frame(&text),
+            Message::Text(text) if self.user_id.is_some() => self.frame(&text).await,
             Message::Text(text) => match client::decode(&text) {
-                Ok(ClientFrame::Hello { user_id, since }) => self.hello(&user_id, since),
+                Ok(ClientFrame::Hello { user_id, since }) => self.hello(&user_id, since).await,
                 _ => {
                     self.error(
                         ErrorCode::HelloRequired,
@@ -488,7 +488,7 @@ impl Session {
         Ok(())
     }
 
-    fn hello(&mut self, user_id: &str, since: Option<Since>) {
+    async fn hello(&mut self, user_id: &str, since: Option<Since>) {
         self.user_id = Some(user_id.to_string());
         let heartbeat_ms = self.gateway.config.session.heartbeat.as_millis() as u64;
         self.outbox.push(Outgoing::Frame(server::welcome(
@@ -497,10 +497,10 @@ impl Session {
             heartbeat_ms,
         )));
         tracing::debug!(user_id, "Hello.");
-        self.join(ChannelName::user(user_id), since);
+        self.join(ChannelName::user(user_id), since).await;
     }
 
-    fn frame(&mut self, text: &str) {
+    async fn frame(&mut self, text: &str) {
         match client::decode(text) {
             Ok(ClientFrame::Hello { .. }) => self.error(
                 ErrorCode::AlreadyHello,
@@ -514,7 +514,7 @@ impl Session {
                         "session.max_subscriptions reached",
                     );
                 }
-                self.join(ChannelName::thread(&thread_id), since);
+                self.join(ChannelName::thread(&thread_id), since).await;
             }
             Ok(ClientFrame::Unsubscribe { thread_id }) => {
                 let channel = ChannelName::thread(&thread_id);
@@ -538,7 +538,7 @@ impl Session {
             Ok(ClientFrame::Ping) => {
                 self.outbox.push(Outgoing::Frame(server::pong()));
             }
-            Ok(ClientFrame::Upstream(message)) => self.upstream(*message),
+            Ok(ClientFrame::Upstream(message)) => self.upstream(*message).await,
             Err(error) => {
                 if client::is_upstream_frame(text) {
                     self.gateway
@@ -553,10 +553,35 @@ impl Session {
     }
 
     /// Passes an HLink message to the agent backends; the client gets `websocket_ack` or an error.
-    fn upstream(&mut self, message: UpstreamMessage) {
+    /// In Redis mode the message is appended to the `ui_events` stream and acknowledged with its
+    /// entry id; otherwise it is queued for the webhook.
+    async fn upstream(&mut self, message: UpstreamMessage) {
         let client_id = message.id.clone();
         let user_id = self.user_id.clone().unwrap_or_default();
         let outbound = Outbound::new(message, &user_id, &self.connection_id);
+        if let Broker::Redis(redis) = &self.gateway.broker {
+            let metrics = &self.gateway.metrics;
+            match redis.append_ui_event(&outbound).await {
+                Ok(entry_id) => {
+                    metrics
+                        .upstream_messages
+                        .with_label_values(&["delivered"])
+                        .inc();
+                    self.outbox.push(Outgoing::Frame(server::websocket_ack(
+                        &entry_id,
+                        client_id.as_deref(),
+                    )));
+                }
+                Err(error) => {
+                    metrics
+                        .upstream_messages
+                        .with_label_values(&["failed"])
+                        .inc();
+                    self.error(ErrorCode::BrokerUnavailable, &error.to_string());
+                }
+            }
+            return;
+        }
         let message_id = outbound.message_id.clone();
         match self.gateway.upstream.send(outbound, &self.gateway.metrics) {
             Ok(()) => {
@@ -573,13 +598,18 @@ impl Session {
         }
     }
 
-    fn join(&mut self, channel: ChannelName, since: Option<Since>) {
+    async fn join(&mut self, channel: ChannelName, since: Option<Since>) {
         match self
             .gateway
             .broker
             .subscribe(&channel, since.as_ref(), &self.outbox)
+            .await
         {
-            Some(report) => {
+            Err(error) => self.error(
+                ErrorCode::BrokerUnavailable,
+                &format!("cannot subscribe to {channel}: {error}"),
+            ),
+            Ok(Some(report)) => {
                 self.gateway.metrics.subscriptions.inc();
                 if since.is_some() {
                     let outcome = if report.recovered {
@@ -596,7 +626,7 @@ impl Session {
                 }
                 self.channels.push(channel);
             }
-            None => self.error(
+            Ok(None) => self.error(
                 ErrorCode::AlreadySubscribed,
                 &format!("already subscribed to {channel}"),
             ),

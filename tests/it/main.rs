@@ -6,6 +6,7 @@ mod bad_input;
 mod delivery;
 mod operations;
 mod process;
+mod replicas;
 mod resolution;
 mod resume;
 mod slow_consumer;

@@ -36,6 +36,14 @@ impl Drop for Gateway {
 }
 
 impl Gateway {
+    /// A handle on a gateway this test does not own (a child process).
+    pub fn at(addr: SocketAddr) -> Self {
+        Self {
+            addr,
+            stop: CancellationToken::new(),
+        }
+    }
+
     pub async fn start() -> Self {
         Self::start_with(|_| {}).await
     }
@@ -48,7 +56,7 @@ impl Gateway {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let stop = CancellationToken::new();
-        let gateway = Arc::new(agentwire::Gateway::new(config));
+        let gateway = Arc::new(agentwire::Gateway::new(config).unwrap());
         tokio::spawn(agentwire::server::run(gateway, listener, stop.clone()));
         Self { addr, stop }
     }
@@ -432,4 +440,84 @@ impl Process {
             .unwrap();
         assert!(status.success());
     }
+}
+
+/// A real `redis-server` on a free port, without persistence, stopped when dropped.
+pub struct Redis {
+    child: Child,
+    pub port: u16,
+}
+
+impl Redis {
+    pub async fn start() -> Self {
+        Self::start_on(free_port()).await
+    }
+
+    async fn start_on(port: u16) -> Self {
+        let child = Command::new("redis-server")
+            .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+            .args(["--save", "", "--appendonly", "no"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("redis-server must be installed (scripts/test installs it)");
+        let redis = Self { child, port };
+        let client = redis.client();
+        for _ in 0..200 {
+            if let Ok(mut conn) = client.get_multiplexed_async_connection().await
+                && redis::cmd("PING")
+                    .query_async::<String>(&mut conn)
+                    .await
+                    .is_ok()
+            {
+                return redis;
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+        panic!("redis-server did not start on port {port}");
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}/", self.port)
+    }
+
+    pub fn client(&self) -> redis::Client {
+        redis::Client::open(self.url()).unwrap()
+    }
+
+    pub async fn conn(&self) -> redis::aio::MultiplexedConnection {
+        self.client()
+            .get_multiplexed_async_connection()
+            .await
+            .unwrap()
+    }
+
+    /// Stops the server (everything it held is gone: no persistence).
+    pub fn stop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Starts an empty server on the same port again.
+    pub async fn restart(&mut self) {
+        self.stop();
+        *self = Self::start_on(self.port).await;
+    }
+}
+
+impl Drop for Redis {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// Polls `GET /readyz` until it answers `status`.
+pub async fn wait_ready(addr: SocketAddr, status: StatusCode) {
+    for _ in 0..200 {
+        if http(addr, "GET", "/readyz", None).await.0 == status {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("/readyz on {addr} never answered {status}");
 }

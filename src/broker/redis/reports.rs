@@ -1,0 +1,80 @@
+//! Deliveries and acks travel from sessions to Redis through one task per replica: a session
+//! never awaits Redis, and many reports of a channel become one script call.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use super::RedisBroker;
+use crate::broker::Feed;
+use crate::metrics::Metrics;
+use crate::protocol::ChannelName;
+
+/// One thing a session reports.
+#[derive(Debug)]
+pub enum Report {
+    /// First write of `seq` to a socket on this replica.
+    Delivered(Arc<Feed>, u64),
+    /// A client's cumulative ack, with the epoch it was for.
+    Acked(ChannelName, Arc<str>, u64),
+}
+
+/// Batches reports into Redis until `stop`. While Redis is away the batch is retried, so a
+/// delivery made during an outage is still counted once it returns.
+pub async fn run(
+    broker: &RedisBroker,
+    mut queue: mpsc::Receiver<Report>,
+    metrics: &Metrics,
+    stop: CancellationToken,
+) {
+    let mut batch = Vec::with_capacity(1024);
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            received = queue.recv_many(&mut batch, 4096) => if received == 0 { return },
+        }
+        let mut delivered: HashMap<(ChannelName, Arc<str>), Vec<u64>> = HashMap::new();
+        let mut acked: HashMap<(ChannelName, Arc<str>), u64> = HashMap::new();
+        for report in batch.drain(..) {
+            match report {
+                Report::Delivered(feed, seq) => delivered
+                    .entry((feed.channel.clone(), Arc::clone(&feed.epoch)))
+                    .or_default()
+                    .push(seq),
+                Report::Acked(channel, epoch, seq) => {
+                    let top = acked.entry((channel, epoch)).or_default();
+                    *top = (*top).max(seq);
+                }
+            }
+        }
+        for ((channel, epoch), seqs) in delivered {
+            while let Err(error) = broker.delivered(&channel, &epoch, &seqs).await {
+                metrics.broker_errors.inc();
+                tracing::debug!(%error, %channel, "Cannot record deliveries yet; retrying.");
+                if retry_later(&stop).await {
+                    return;
+                }
+            }
+        }
+        for ((channel, epoch), seq) in acked {
+            while let Err(error) = broker.acked(&channel, &epoch, seq).await {
+                metrics.broker_errors.inc();
+                tracing::debug!(%error, %channel, "Cannot record an ack yet; retrying.");
+                if retry_later(&stop).await {
+                    return;
+                }
+            }
+        }
+    }
+}
+
+/// Waits before a retry; `true` when the gateway is stopping instead.
+async fn retry_later(stop: &CancellationToken) -> bool {
+    tokio::select! {
+        _ = stop.cancelled() => true,
+        _ = tokio::time::sleep(Duration::from_millis(500)) => false,
+    }
+}

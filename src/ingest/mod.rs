@@ -1,0 +1,579 @@
+//! Producer ingest: splits a `POST /v1/events` body into items, validates each, drops retries by
+//! `event_id`, resolves, and publishes. Every item gets its own answer, in order; an invalid item
+//! never stops the valid ones beside it.
+//!
+//! Accounting before the channel stage:
+//! `ingested + generated + redriven = emitted + pending_resolution + lost{unresolved} + duplicates`,
+//! where `generated` counts the gateway's own events (a stalled run's `agent_error`) and `redriven`
+//! the dead letters a redrive emitted (see `deadletter`).
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+use serde_json::value::RawValue;
+
+pub mod stream;
+
+use crate::Gateway;
+use crate::broker::{Broker, BrokerError, Outcome, Published};
+use crate::ledger::LostReason;
+use crate::protocol::ChannelName;
+use crate::protocol::event::{self, Event, EventType, Refusal};
+use crate::resolve::{Held, NotHeld, RunTarget};
+use crate::telemetry;
+use tracing::{Instrument, Span};
+
+/// The answer for one item.
+#[derive(Debug, Serialize)]
+#[serde(tag = "status", rename_all = "snake_case")]
+pub enum ItemResult {
+    Accepted {
+        channel: String,
+        seq: u64,
+        epoch: String,
+    },
+    PendingResolution,
+    Duplicate,
+    /// Valid, but it could not wait for its run (the pending set was full): dead-lettered.
+    Unresolved {
+        reason: &'static str,
+    },
+    /// Not taken: the broker (Redis) is unavailable. The producer retries (with its `event_id`).
+    Unavailable {
+        reason: String,
+    },
+    Error(Refusal),
+}
+
+impl ItemResult {
+    /// Whether the item was taken in (accepted, held or recognised as a retry).
+    pub fn is_ok(&self) -> bool {
+        matches!(
+            self,
+            Self::Accepted { .. } | Self::PendingResolution | Self::Duplicate
+        )
+    }
+}
+
+/// Why a whole body was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum BodyError {
+    #[error("body is not UTF-8")]
+    NotUtf8,
+    #[error("body is not JSON: {0}")]
+    NotJson(String),
+    #[error("body holds no events")]
+    Empty,
+}
+
+/// Splits a body into the raw JSON text of each item.
+pub fn split(body: &[u8], ndjson: bool) -> Result<Vec<&str>, BodyError> {
+    let text = std::str::from_utf8(body).map_err(|_| BodyError::NotUtf8)?;
+    let items: Vec<&str> = if ndjson {
+        text.lines()
+            .map(str::trim)
+            .filter(|line| !line.is_empty())
+            .collect()
+    } else if text.trim_start().starts_with('[') {
+        let items: Vec<&RawValue> =
+            serde_json::from_str(text).map_err(|e| BodyError::NotJson(e.to_string()))?;
+        items.into_iter().map(RawValue::get).collect()
+    } else {
+        let item: &RawValue =
+            serde_json::from_str(text).map_err(|e| BodyError::NotJson(e.to_string()))?;
+        vec![item.get()]
+    };
+    if items.is_empty() {
+        return Err(BodyError::Empty);
+    }
+    Ok(items)
+}
+
+/// Validates and accepts every item, in order.
+pub async fn ingest(gateway: &Gateway, items: &[&str]) -> Vec<ItemResult> {
+    let mut results = Vec::with_capacity(items.len());
+    for raw in items {
+        results.push(match event::parse(raw, gateway.config.ingest.max_event_bytes) {
+            Ok(event) => accept(gateway, event, None).await,
+            Err(refusal) => {
+                gateway.metrics.events_rejected.with_label_values(&[refusal.code.as_str()]).inc();
+                tracing::debug!(field = refusal.field.as_deref(), reason = %refusal.reason, "Refused an event.");
+                ItemResult::Error(refusal)
+            }
+        });
+    }
+    results
+}
+
+/// Accepts one valid event: dedupe, register (for `agent_started` with a thread), resolve, publish.
+/// `entry` is the ingest stream entry id it came from, which makes a second publish a duplicate.
+pub async fn accept(gateway: &Gateway, event: Event, entry: Option<&str>) -> ItemResult {
+    gateway.metrics.events_ingested.inc();
+    let span = telemetry::ingest_span(&event);
+    let accepted = accept_in(gateway, event, entry, &span);
+    match accepted.instrument(span.clone()).await {
+        Ok(result) => result,
+        Err(error) => {
+            gateway.metrics.broker_errors.inc();
+            ItemResult::Unavailable {
+                reason: error.to_string(),
+            }
+        }
+    }
+}
+
+async fn accept_in(
+    gateway: &Gateway,
+    event: Event,
+    entry: Option<&str>,
+    span: &Span,
+) -> Result<ItemResult, BrokerError> {
+    // The memory broker dedupes here, before resolution; Redis dedupes inside the publish script.
+    if let Broker::Memory(_) = gateway.broker
+        && let Some(event_id) = &event.event_id
+        && !gateway.dedupe.first_time(event_id)
+    {
+        gateway.metrics.events_duplicate.inc();
+        return Ok(ItemResult::Duplicate);
+    }
+    if event.kind == EventType::AgentStarted
+        && let (Some(run_id), Some(thread_id)) = (&event.run_id, &event.thread_id)
+    {
+        let target = RunTarget {
+            thread_id: Some(thread_id.clone()),
+            user_id: event.user_id.clone(),
+        };
+        register(gateway, run_id, target).await?;
+    }
+    if let Some(channel) = resolve(gateway, &event).await? {
+        return accepted(gateway, &channel, &event, entry, span).await;
+    }
+    let run_id = event.run_id.clone();
+    match gateway.resolver.hold(event) {
+        Ok(()) => {
+            // Redis mode: a registration on another replica may have come between the two.
+            if let (Broker::Redis(redis), Some(run_id)) = (&gateway.broker, run_id)
+                && let Some(target) = redis.registered(&run_id).await?
+            {
+                release_local(gateway, &run_id, target).await;
+            }
+            Ok(ItemResult::PendingResolution)
+        }
+        // Its run was registered between resolve and hold.
+        Err(NotHeld {
+            event,
+            channel: Some(channel),
+        }) => accepted(gateway, &channel, &event, entry, span).await,
+        Err(NotHeld {
+            event,
+            channel: None,
+        }) => {
+            let run_id = event.run_id.clone().unwrap_or_default();
+            dead_letter(
+                gateway,
+                Held {
+                    run_id,
+                    events: vec![*event],
+                },
+                "pending set full",
+            );
+            Ok(ItemResult::Unresolved {
+                reason: "pending_full",
+            })
+        }
+    }
+}
+
+async fn accepted(
+    gateway: &Gateway,
+    channel: &ChannelName,
+    event: &Event,
+    entry: Option<&str>,
+    span: &Span,
+) -> Result<ItemResult, BrokerError> {
+    Ok(match emit(gateway, channel, event, entry, span).await? {
+        Outcome::Published(published) => ItemResult::Accepted {
+            channel: channel.to_string(),
+            seq: published.seq,
+            epoch: published.epoch.to_string(),
+        },
+        Outcome::Duplicate => ItemResult::Duplicate,
+    })
+}
+
+/// The channel of `event`: in Redis mode the shared run registry is asked first.
+async fn resolve(gateway: &Gateway, event: &Event) -> Result<Option<ChannelName>, BrokerError> {
+    if let Broker::Redis(redis) = &gateway.broker
+        && event.thread_id.is_none()
+        && let Some(run_id) = &event.run_id
+        && let Some(channel) = redis.registered(run_id).await?.and_then(|t| t.channel())
+    {
+        return Ok(Some(channel));
+    }
+    Ok(gateway.resolver.resolve(event))
+}
+
+/// Publishes an event into its channel and lets the watchdog follow its run.
+pub async fn emit(
+    gateway: &Gateway,
+    channel: &ChannelName,
+    event: &Event,
+    entry: Option<&str>,
+    span: &Span,
+) -> Result<Outcome, BrokerError> {
+    let started = Instant::now();
+    let outcome = gateway
+        .broker
+        .publish(channel, event, entry, |seq| {
+            telemetry::published(span, event, channel, seq)
+        })
+        .await?;
+    match &outcome {
+        Outcome::Published(published) => emitted(gateway, channel, event, published, started),
+        Outcome::Duplicate => gateway.metrics.events_duplicate.inc(),
+    }
+    Ok(outcome)
+}
+
+/// What follows every publish: the broker latency, the watchdog, the debug line.
+fn emitted(
+    gateway: &Gateway,
+    channel: &ChannelName,
+    event: &Event,
+    published: &Published,
+    started: Instant,
+) {
+    gateway
+        .metrics
+        .broker_latency
+        .observe(started.elapsed().as_secs_f64());
+    gateway.watchdog.observe(event, channel, &gateway.metrics);
+    tracing::debug!(%channel, seq = published.seq, run_id = event.run_id.as_deref(), kind = event.kind.as_str(), "Emitted.");
+}
+
+/// Tells the channels of newly stalled runs, with a gateway-made `agent_error`.
+/// In Redis mode one replica wins the report of a run, so its channel is told once.
+pub async fn report_stalls(gateway: &Gateway) {
+    for stalled in gateway.watchdog.sweep(&gateway.metrics) {
+        if !gateway.config.watchdog.stalled_event {
+            continue;
+        }
+        if let Broker::Redis(redis) = &gateway.broker {
+            match redis
+                .claim_stall(&stalled.run_id, gateway.config.watchdog.retain)
+                .await
+            {
+                Ok(true) => {}
+                Ok(false) => continue,
+                Err(error) => {
+                    tracing::warn!(%error, run_id = %stalled.run_id, "Cannot tell a stalled run's channel: Redis is unavailable.");
+                    continue;
+                }
+            }
+        }
+        // Published past the watchdog: the run is already ended as stalled.
+        match gateway
+            .broker
+            .publish(&stalled.channel, &stalled.event(), None, |_| None)
+            .await
+        {
+            Ok(_) => gateway.metrics.events_generated.inc(),
+            Err(error) => {
+                tracing::warn!(%error, run_id = %stalled.run_id, "Cannot tell a stalled run's channel: Redis is unavailable.");
+            }
+        }
+    }
+}
+
+/// What a redrive did with one dead letter.
+#[derive(Debug, Serialize)]
+pub struct Redriven {
+    pub id: u64,
+    pub run_id: String,
+    #[serde(flatten)]
+    pub outcome: RedriveOutcome,
+}
+
+#[derive(Debug, Serialize)]
+#[serde(tag = "status", rename_all = "snake_case")]
+pub enum RedriveOutcome {
+    /// Resolved now: emitted into `channel` at `seq`.
+    Delivered { channel: String, seq: u64 },
+    /// Resolved now, but its `event_id` was accepted meanwhile (a producer's retry): dropped.
+    Duplicate,
+    /// Still no channel: kept as a dead letter.
+    Unresolved,
+}
+
+/// Runs resolution again on every dead letter; rescued events are emitted, the rest kept.
+pub async fn redrive(gateway: &Gateway) -> Vec<Redriven> {
+    let mut kept = Vec::new();
+    let mut report = Vec::new();
+    for entry in gateway.deadletters.take() {
+        let outcome = match resolve(gateway, &entry.event).await {
+            Ok(Some(channel)) => {
+                let duplicate = matches!(gateway.broker, Broker::Memory(_))
+                    && entry
+                        .event
+                        .event_id
+                        .as_deref()
+                        .is_some_and(|id| !gateway.dedupe.first_time(id));
+                if duplicate {
+                    gateway.metrics.events_duplicate.inc();
+                    Ok((channel, Outcome::Duplicate))
+                } else {
+                    let span = telemetry::ingest_span(&entry.event);
+                    emit(gateway, &channel, &entry.event, None, &span)
+                        .await
+                        .map(|outcome| (channel, outcome))
+                        .map_err(Some)
+                }
+            }
+            Ok(None) => Err(None),
+            Err(error) => Err(Some(error)),
+        };
+        let outcome = match outcome {
+            Ok((channel, Outcome::Published(published))) => {
+                tracing::info!(run_id = %entry.run_id, %channel, seq = published.seq, "Redrive delivered a dead letter.");
+                RedriveOutcome::Delivered {
+                    channel: channel.to_string(),
+                    seq: published.seq,
+                }
+            }
+            // Counted as redriven (it leaves the dead letters) and as a duplicate.
+            Ok((_, Outcome::Duplicate)) => RedriveOutcome::Duplicate,
+            Err(error) => {
+                if let Some(error) = error {
+                    tracing::warn!(%error, run_id = %entry.run_id, "Redrive kept a dead letter: the broker is unavailable.");
+                }
+                report.push(Redriven {
+                    id: entry.id,
+                    run_id: entry.run_id.clone(),
+                    outcome: RedriveOutcome::Unresolved,
+                });
+                kept.push(entry);
+                continue;
+            }
+        };
+        gateway.metrics.events_redriven.inc();
+        report.push(Redriven {
+            id: entry.id,
+            run_id: entry.run_id.clone(),
+            outcome,
+        });
+    }
+    gateway.deadletters.restore(kept);
+    report
+}
+
+/// Registers a run (in Redis mode in the shared registry, announced to every replica) and
+/// publishes, in arrival order, the events that were waiting for it here.
+pub async fn register(
+    gateway: &Gateway,
+    run_id: &str,
+    target: RunTarget,
+) -> Result<usize, BrokerError> {
+    gateway.metrics.runs_registered.inc();
+    if let Broker::Redis(redis) = &gateway.broker {
+        redis.register(run_id, &target).await?;
+    }
+    Ok(release_local(gateway, run_id, target).await)
+}
+
+/// A run registered on another replica: release the events held for it here.
+pub async fn release(gateway: std::sync::Arc<Gateway>, run_id: String, target: RunTarget) {
+    release_local(&gateway, &run_id, target).await;
+}
+
+/// After a pub/sub reconnect: asks the shared registry about every run with held events.
+pub async fn recheck_held(gateway: std::sync::Arc<Gateway>) {
+    let Broker::Redis(redis) = &gateway.broker else {
+        return;
+    };
+    for run_id in gateway.resolver.held_runs() {
+        if let Ok(Some(target)) = redis.registered(&run_id).await {
+            release_local(&gateway, &run_id, target).await;
+        }
+    }
+}
+
+/// Records the run here and publishes the events held for it. With the memory broker they are
+/// published under the resolver's lock, so no later event of the run can overtake them.
+async fn release_local(gateway: &Gateway, run_id: &str, target: RunTarget) -> usize {
+    let released = match &gateway.broker {
+        Broker::Memory(memory) => gateway.resolver.register(run_id, target, |channel, event| {
+            let started = Instant::now();
+            let span = telemetry::ingest_span(event);
+            let published = memory.publish(channel, event, |seq| {
+                telemetry::published(&span, event, channel, seq)
+            });
+            emitted(gateway, channel, event, &published, started);
+        }),
+        Broker::Redis(_) => {
+            let mut held = Vec::new();
+            gateway.resolver.register(run_id, target, |channel, event| {
+                held.push((channel.clone(), event.clone()));
+            });
+            for (channel, event) in &held {
+                let span = telemetry::ingest_span(event);
+                if let Err(error) = emit(gateway, channel, event, None, &span).await {
+                    tracing::warn!(%error, run_id, "A released event could not be published.");
+                    dead_letter(
+                        gateway,
+                        Held {
+                            run_id: run_id.to_string(),
+                            events: vec![event.clone()],
+                        },
+                        "broker unavailable at release",
+                    );
+                }
+            }
+            held.len()
+        }
+    };
+    if released > 0 {
+        tracing::info!(run_id, released, "Late registration delivered held events.");
+    }
+    released
+}
+
+/// Moves the runs that waited past the grace period to the dead-letter log.
+pub fn expire_pending(gateway: &Gateway) {
+    let expired = gateway.resolver.expire(Instant::now());
+    if expired.is_empty() {
+        return;
+    }
+    for held in expired {
+        dead_letter(gateway, held, "no channel within resolve.grace");
+    }
+}
+
+/// The one place an unresolved run is logged, counted and kept.
+fn dead_letter(gateway: &Gateway, held: Held, why: &'static str) {
+    let lost = gateway
+        .metrics
+        .events_lost
+        .with_label_values(&[LostReason::Unresolved.as_str()]);
+    for event in held.events {
+        tracing::warn!(
+            target: "agentwire::deadletter",
+            run_id = %held.run_id,
+            kind = event.kind.as_str(),
+            event_id = event.event_id.as_deref(),
+            why,
+            "Event lost: its run_id resolves to no channel."
+        );
+        lost.inc();
+        // A producer's retry of this event must not be taken for a duplicate.
+        if let Some(event_id) = &event.event_id {
+            gateway.dedupe.forget(event_id);
+        }
+        gateway.deadletters.push(&held.run_id, event, why);
+    }
+    if gateway.deadletters.first_unresolved(&held.run_id) {
+        gateway.metrics.unresolved_run_ids.inc();
+    }
+}
+
+/// Remembers `event_id`s for the dedupe window, bounded in count.
+pub struct Dedupe {
+    window: Duration,
+    capacity: usize,
+    seen: Mutex<Seen>,
+}
+
+#[derive(Default)]
+struct Seen {
+    ids: HashMap<String, Instant>,
+    order: VecDeque<(String, Instant)>,
+}
+
+impl Dedupe {
+    pub fn new(window: Duration, capacity: usize) -> Self {
+        Self {
+            window,
+            capacity,
+            seen: Mutex::default(),
+        }
+    }
+
+    /// `true` the first time an id is seen within the window.
+    pub fn first_time(&self, event_id: &str) -> bool {
+        let now = Instant::now();
+        let mut seen = self.seen.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(at) = seen.ids.get(event_id)
+            && now.saturating_duration_since(*at) <= self.window
+        {
+            return false;
+        }
+        seen.ids.insert(event_id.to_string(), now);
+        seen.order.push_back((event_id.to_string(), now));
+        while seen.ids.len() > self.capacity {
+            Self::forget_oldest(&mut seen);
+        }
+        true
+    }
+
+    /// Forgets one id (its event was lost, so a retry must go through).
+    pub fn forget(&self, event_id: &str) {
+        self.seen
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .ids
+            .remove(event_id);
+    }
+
+    /// Forgets ids older than the window.
+    pub fn expire(&self) {
+        let now = Instant::now();
+        let mut seen = self.seen.lock().unwrap_or_else(|e| e.into_inner());
+        while seen
+            .order
+            .front()
+            .is_some_and(|(_, at)| now.saturating_duration_since(*at) > self.window)
+        {
+            Self::forget_oldest(&mut seen);
+        }
+    }
+
+    fn forget_oldest(seen: &mut Seen) {
+        if let Some((id, at)) = seen.order.pop_front()
+            && seen.ids.get(&id) == Some(&at)
+        {
+            seen.ids.remove(&id);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn splits_bodies() {
+        assert_eq!(split(br#"{"a":1}"#, false).unwrap(), vec![r#"{"a":1}"#]);
+        assert_eq!(
+            split(br#" [{"a":1}, 5]"#, false).unwrap(),
+            vec![r#"{"a":1}"#, "5"]
+        );
+        assert_eq!(
+            split(b"{\"a\":1}\n\n{\"b\":2}\nnope\n", true).unwrap(),
+            vec![r#"{"a":1}"#, r#"{"b":2}"#, "nope"]
+        );
+        assert!(matches!(split(b"nope", false), Err(BodyError::NotJson(_))));
+        assert!(matches!(split(b"[]", false), Err(BodyError::Empty)));
+        assert!(matches!(split(b"\xff", false), Err(BodyError::NotUtf8)));
+    }
+
+    #[test]
+    fn dedupe_forgets_after_the_window() {
+        let dedupe = Dedupe::new(Duration::from_secs(60), 2);
+        assert!(dedupe.first_time("a"));
+        assert!(!dedupe.first_time("a"));
+        assert!(dedupe.first_time("b"));
+        assert!(dedupe.first_time("c"));
+        assert!(dedupe.first_time("a"), "capacity pushed the oldest out");
+    }
+}

@@ -1,0 +1,412 @@
+//! The Redis broker: several gateway processes on one real `redis-server`, each test with its own
+//! server on a free port. Replicas share channels, seqs, the ledger and the ingest stream; Redis
+//! going away is visible and survivable.
+
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+use hyper::StatusCode;
+use redis::AsyncCommands;
+use serde_json::{Value, json};
+
+use crate::support::{Client, Gateway, Process, Redis, WAIT, event, http, wait_ready};
+
+/// A gateway process on `redis`, ready to serve.
+async fn replica(redis: &Redis, extra: &[(&str, &str)]) -> Process {
+    let url = redis.url();
+    let mut env = vec![("AGENTWIRE_BROKER__REDIS_URL", url.as_str())];
+    env.extend_from_slice(extra);
+    let process = Process::start(&env).await;
+    wait_ready(process.addr, StatusCode::OK).await;
+    process
+}
+
+fn thinking(thread: &str, n: usize) -> Value {
+    let mut event = event("agent_thinking", &format!("run_{thread}"), thread);
+    event["payload"]["n"] = n.into();
+    event["event_id"] = format!("{thread}-{n}").into();
+    event
+}
+
+/// Waits until the channel's ledger, read on `gateway`, satisfies `done`.
+async fn ledger_until(gateway: &Gateway, channel: &str, done: impl Fn(&Value) -> bool) -> Value {
+    let deadline = std::time::Instant::now() + WAIT;
+    loop {
+        let ledger = gateway.channel(channel).await;
+        if done(&ledger) {
+            return ledger;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "ledger never settled: {ledger}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test]
+async fn three_replicas_deliver_what_any_of_them_accepted_in_order_and_once() {
+    let redis = Redis::start().await;
+    let replicas = [
+        replica(&redis, &[]).await,
+        replica(&redis, &[]).await,
+        replica(&redis, &[]).await,
+    ];
+    let mut clients = Vec::new();
+    for (i, replica) in replicas.iter().enumerate() {
+        let mut client = Client::hello(replica.addr, &format!("u{i}")).await;
+        client.subscribe("t_multi", None).await;
+        clients.push(client);
+    }
+    for n in 1..=30 {
+        let gateway = Gateway::at(replicas[n % 3].addr);
+        let answer = gateway.publish(&[thinking("t_multi", n)]).await;
+        assert_eq!(answer["results"][0]["seq"], n, "{answer}");
+    }
+    for client in &mut clients {
+        let events = client.events(30).await;
+        let seqs: Vec<u64> = events.iter().map(|e| e["seq"].as_u64().unwrap()).collect();
+        assert_eq!(seqs, (1..=30).collect::<Vec<_>>());
+        let ns: Vec<u64> = events
+            .iter()
+            .map(|e| e["payload"]["n"].as_u64().unwrap())
+            .collect();
+        assert_eq!(ns, (1..=30).collect::<Vec<_>>());
+        client.silent_for(Duration::from_millis(300)).await;
+    }
+    let mut seen = Vec::new();
+    for replica in &replicas {
+        let ledger = ledger_until(&Gateway::at(replica.addr), "thread:t_multi", |l| {
+            l["delivered"] == 30
+        })
+        .await;
+        assert_eq!(
+            (
+                &ledger["emitted"],
+                &ledger["pending"],
+                &ledger["lost_total"]
+            ),
+            (&json!(30), &json!(0), &json!(0)),
+            "{ledger}"
+        );
+        assert_eq!(ledger["balanced"], true);
+        seen.push((ledger["epoch"].clone(), ledger["last_seq"].clone()));
+    }
+    assert!(seen.windows(2).all(|w| w[0] == w[1]), "{seen:?}");
+}
+
+#[tokio::test]
+async fn two_replicas_publishing_to_one_thread_at_once_get_seqs_without_gap_or_duplicate() {
+    let redis = Redis::start().await;
+    let replicas = [replica(&redis, &[]).await, replica(&redis, &[]).await];
+    let mut requests = Vec::new();
+    for batch in 0..20 {
+        let addr = replicas[batch % 2].addr;
+        let items: Vec<Value> = (0..10)
+            .map(|i| thinking("t_race", batch * 10 + i))
+            .collect();
+        requests.push(tokio::spawn(async move {
+            Gateway::at(addr).publish(&items).await
+        }));
+    }
+    let mut seqs = Vec::new();
+    for request in requests {
+        let answer = request.await.unwrap();
+        for result in answer["results"].as_array().unwrap() {
+            assert_eq!(result["status"], "accepted", "{answer}");
+            seqs.push(result["seq"].as_u64().unwrap());
+        }
+    }
+    seqs.sort_unstable();
+    assert_eq!(seqs, (1..=200).collect::<Vec<_>>());
+}
+
+#[tokio::test]
+async fn a_client_resumes_on_another_replica_with_exactly_what_it_missed() {
+    let redis = Redis::start().await;
+    let a = replica(&redis, &[]).await;
+    let b = replica(&redis, &[]).await;
+    let c = replica(&redis, &[]).await;
+    let mut client = Client::hello(a.addr, "u1").await;
+    client.subscribe("t_resume", None).await;
+    Gateway::at(a.addr)
+        .publish(&(1..=5).map(|n| thinking("t_resume", n)).collect::<Vec<_>>())
+        .await;
+    let seen = client.events(5).await;
+    let epoch = seen[4]["epoch"].clone();
+    assert_eq!(seen[4]["seq"], 5);
+    drop(client);
+    Gateway::at(c.addr)
+        .publish(&(6..=9).map(|n| thinking("t_resume", n)).collect::<Vec<_>>())
+        .await;
+    let mut client = Client::hello(b.addr, "u1").await;
+    let subscribed = client
+        .subscribe("t_resume", Some(json!({"epoch": epoch, "seq": 5})))
+        .await;
+    assert_eq!(
+        (
+            &subscribed["recovered"],
+            &subscribed["replayed"],
+            &subscribed["epoch"]
+        ),
+        (&json!(true), &json!(4), &epoch),
+        "{subscribed}"
+    );
+    let missed = client.events(4).await;
+    let seqs: Vec<u64> = missed.iter().map(|e| e["seq"].as_u64().unwrap()).collect();
+    assert_eq!(seqs, vec![6, 7, 8, 9]);
+    Gateway::at(a.addr)
+        .publish(&[thinking("t_resume", 10)])
+        .await;
+    assert_eq!(client.events(1).await[0]["seq"], 10);
+    client.silent_for(Duration::from_millis(300)).await;
+}
+
+#[tokio::test]
+async fn ingest_stream_entries_are_published_once_when_a_replica_is_killed_midway() {
+    let redis = Redis::start().await;
+    let settings = [
+        ("AGENTWIRE_BROKER__CLAIM_IDLE", "2s"),
+        ("AGENTWIRE_RESOLVE__GRACE", "500ms"),
+        ("AGENTWIRE_HISTORY__MAX_EVENTS", "5000"),
+    ];
+    // A replica that died before this test's replicas started: it read 50 entries and never
+    // acknowledged them, so only XAUTOCLAIM can bring them back.
+    let mut conn = redis.conn().await;
+    let () = conn
+        .xgroup_create_mkstream("aw:ingest", "agentwire", "0")
+        .await
+        .unwrap();
+    let add = |from: usize, to: usize| {
+        let mut pipe = redis::pipe();
+        for n in from..=to {
+            pipe.xadd(
+                "aw:ingest",
+                "*",
+                &[("event", thinking("t_stream", n).to_string())],
+            )
+            .ignore();
+        }
+        pipe
+    };
+    let () = add(1, 50).query_async(&mut conn).await.unwrap();
+    let taken: redis::streams::StreamReadReply = conn
+        .xread_options(
+            &["aw:ingest"],
+            &[">"],
+            &redis::streams::StreamReadOptions::default()
+                .group("agentwire", "dead-replica")
+                .count(50),
+        )
+        .await
+        .unwrap();
+    assert_eq!(taken.keys[0].ids.len(), 50);
+
+    let doomed = replica(&redis, &settings).await;
+    let survivor = replica(&redis, &settings).await;
+    let mut client = Client::hello(survivor.addr, "u1").await;
+    client.subscribe("t_stream", None).await;
+    let mut doomed = Some(doomed);
+    for chunk in 0..19 {
+        let from = 51 + chunk * 50;
+        let () = add(from, from + 49).query_async(&mut conn).await.unwrap();
+        if chunk == 9 {
+            // Mid-way: whatever it had read and not acknowledged is claimed by the survivor.
+            doomed.take().unwrap().signal("KILL");
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let events = client.events(1000).await;
+    let seqs: Vec<u64> = events.iter().map(|e| e["seq"].as_u64().unwrap()).collect();
+    assert_eq!(seqs, (1..=1000).collect::<Vec<_>>());
+    let ns: BTreeSet<u64> = events
+        .iter()
+        .map(|e| e["payload"]["n"].as_u64().unwrap())
+        .collect();
+    assert_eq!(ns.len(), 1000, "every entry exactly once");
+    client.silent_for(Duration::from_millis(500)).await;
+    let ledger = ledger_until(&Gateway::at(survivor.addr), "thread:t_stream", |l| {
+        l["delivered"] == 1000
+    })
+    .await;
+    assert_eq!(
+        (
+            &ledger["emitted"],
+            &ledger["pending"],
+            &ledger["lost_total"]
+        ),
+        (&json!(1000), &json!(0), &json!(0)),
+        "{ledger}"
+    );
+    let pending: redis::streams::StreamPendingReply =
+        conn.xpending("aw:ingest", "agentwire").await.unwrap();
+    assert_eq!(pending.count(), 0, "every entry acknowledged");
+}
+
+#[tokio::test]
+async fn a_malformed_ingest_entry_is_set_aside_with_its_reason_and_does_not_block() {
+    let redis = Redis::start().await;
+    let gateway = Gateway::start_with(|c| c.broker.redis_url = Some(redis.url())).await;
+    wait_ready(gateway.addr, StatusCode::OK).await;
+    let mut client = gateway.client("u1").await;
+    client.subscribe("t_bad", None).await;
+    let mut conn = redis.conn().await;
+    let _: String = conn
+        .xadd(
+            "aw:ingest",
+            "*",
+            &[("event", r#"{"type":"agent_thinking"}"#)],
+        )
+        .await
+        .unwrap();
+    let _: String = conn
+        .xadd("aw:ingest", "*", &[("other", "x")])
+        .await
+        .unwrap();
+    let _: String = conn
+        .xadd(
+            "aw:ingest",
+            "*",
+            &[("event", thinking("t_bad", 1).to_string())],
+        )
+        .await
+        .unwrap();
+    assert_eq!(client.events(1).await[0]["payload"]["n"], 1);
+    let dead: redis::streams::StreamRangeReply = conn.xrange_all("aw:ingest:dead").await.unwrap();
+    let reasons: Vec<String> = dead
+        .ids
+        .iter()
+        .map(|entry| entry.get::<String>("reason").unwrap())
+        .collect();
+    assert_eq!(reasons.len(), 2, "{reasons:?}");
+    assert!(reasons[0].contains("run_id"), "{reasons:?}");
+    assert!(reasons[1].contains("`event`"), "{reasons:?}");
+}
+
+#[tokio::test]
+async fn redis_going_away_is_visible_survivable_and_honest_about_lost_history() {
+    let mut redis = Redis::start().await;
+    let gateway = Gateway::start_with(|c| c.broker.redis_url = Some(redis.url())).await;
+    wait_ready(gateway.addr, StatusCode::OK).await;
+    let mut client = gateway.client("u1").await;
+    let first = client.subscribe("t_outage", None).await;
+    gateway
+        .publish(&(1..=3).map(|n| thinking("t_outage", n)).collect::<Vec<_>>())
+        .await;
+    assert_eq!(client.events(3).await[2]["seq"], 3);
+
+    redis.stop();
+    wait_ready(gateway.addr, StatusCode::SERVICE_UNAVAILABLE).await;
+    assert_eq!(gateway.metric("agentwire_broker_up").await, 0.0);
+    let (status, text) = http(
+        gateway.addr,
+        "POST",
+        "/v1/events",
+        Some(("application/json", &thinking("t_outage", 4).to_string())),
+    )
+    .await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{text}");
+    assert!(text.contains("broker_unavailable"), "{text}");
+    client.barrier().await;
+
+    redis.restart().await;
+    wait_ready(gateway.addr, StatusCode::OK).await;
+    assert_eq!(gateway.metric("agentwire_broker_up").await, 1.0);
+    // Redis kept nothing: both channels of the connection (its user channel and the thread) start
+    // over in a new epoch, and the client is told so.
+    let frames = client.events(2).await;
+    let renewed = frames
+        .iter()
+        .find(|f| f["channel"] == "thread:t_outage")
+        .unwrap_or_else(|| panic!("{frames:?}"))
+        .clone();
+    assert!(
+        frames.iter().any(|f| f["channel"] == "user:u1"),
+        "{frames:?}"
+    );
+    assert_eq!(
+        (&renewed["type"], &renewed["recovered"]),
+        (&json!("subscribed"), &json!(false)),
+        "{renewed}"
+    );
+    assert_ne!(renewed["epoch"], first["epoch"]);
+    let answer = gateway.publish(&[thinking("t_outage", 5)]).await;
+    assert_eq!(answer["results"][0]["seq"], 1, "{answer}");
+    let event = client.events(1).await.remove(0);
+    assert_eq!(
+        (&event["seq"], &event["epoch"]),
+        (&json!(1), &renewed["epoch"])
+    );
+}
+
+#[tokio::test]
+async fn a_gateway_whose_redis_is_down_at_start_is_not_ready_and_refuses_ingest() {
+    let mut redis = Redis::start().await;
+    let url = redis.url();
+    redis.stop();
+    let gateway = Gateway::start_with(|c| c.broker.redis_url = Some(url)).await;
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    let (status, text) = http(gateway.addr, "GET", "/readyz", None).await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{text}");
+    assert!(text.contains("\"broker\":\"redis\""), "{text}");
+    let (status, _) = gateway
+        .post("/v1/events", &thinking("t1", 1).to_string())
+        .await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+}
+
+#[tokio::test]
+async fn hlink_messages_land_in_ui_events_with_the_sender_and_bad_ones_name_the_field() {
+    let redis = Redis::start().await;
+    let gateway = Gateway::start_with(|c| c.broker.redis_url = Some(redis.url())).await;
+    wait_ready(gateway.addr, StatusCode::OK).await;
+    let mut client = gateway.client("u_hlink").await;
+    client
+        .send(json!({"type": "user_message", "id": "m-1",
+                     "sender": {"agent_id": "browser", "role": "user"},
+                     "recipient": {"target": "agent", "agent_id": "planner"},
+                     "payload": {"text": "hi"}}))
+        .await;
+    let ack = client.recv().await;
+    assert_eq!(ack["type"], "websocket_ack", "{ack}");
+    let entry_id = ack["message_id"].as_str().unwrap().to_string();
+    let mut conn = redis.conn().await;
+    let stream: redis::streams::StreamRangeReply = conn.xrange_all("ui_events").await.unwrap();
+    assert_eq!(stream.ids.len(), 1);
+    let entry = &stream.ids[0];
+    assert_eq!(entry.id, entry_id);
+    assert_eq!(entry.get::<String>("user_id").unwrap(), "u_hlink");
+    assert_eq!(entry.get::<String>("type").unwrap(), "user_message");
+    let message: Value = serde_json::from_str(&entry.get::<String>("message").unwrap()).unwrap();
+    assert_eq!(message["payload"]["text"], "hi");
+    assert!(message["connection_id"].is_string());
+
+    for (frame, field) in [
+        (
+            json!({"type": "user_message", "recipient": {"target": "agent"}, "payload": {}}),
+            "sender",
+        ),
+        (
+            json!({"type": "user_message", "sender": {"agent_id": "b", "role": "user"}, "payload": {}}),
+            "recipient",
+        ),
+        (
+            json!({"type": "user_message", "sender": {"agent_id": "b", "role": "user"}, "recipient": {"target": "agent"}}),
+            "payload",
+        ),
+        (
+            json!({"type": "expert.response", "sender": {"role": "user"}, "recipient": {"target": "agent"}, "payload": {}}),
+            "sender.agent_id",
+        ),
+    ] {
+        client.send(frame.clone()).await;
+        let error = client.recv().await;
+        assert_eq!(error["type"], "error", "{frame} → {error}");
+        assert!(
+            error["message"].as_str().unwrap().contains(field),
+            "{frame} → {error}"
+        );
+    }
+    let stream: redis::streams::StreamRangeReply = conn.xrange_all("ui_events").await.unwrap();
+    assert_eq!(stream.ids.len(), 1, "invalid messages are not appended");
+}

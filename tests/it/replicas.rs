@@ -410,3 +410,64 @@ async fn hlink_messages_land_in_ui_events_with_the_sender_and_bad_ones_name_the_
     let stream: redis::streams::StreamRangeReply = conn.xrange_all("ui_events").await.unwrap();
     assert_eq!(stream.ids.len(), 1, "invalid messages are not appended");
 }
+
+#[tokio::test]
+async fn a_registration_on_one_replica_releases_events_held_on_another() {
+    let redis = Redis::start().await;
+    let holding = Gateway::start_with(|c| c.broker.redis_url = Some(redis.url())).await;
+    let registering = Gateway::start_with(|c| c.broker.redis_url = Some(redis.url())).await;
+    wait_ready(holding.addr, StatusCode::OK).await;
+    wait_ready(registering.addr, StatusCode::OK).await;
+    let mut client = registering.client("u1").await;
+    client.subscribe("t_late", None).await;
+    let answer = holding
+        .publish(&[json!({"type": "agent_thinking", "run_id": "r_late", "payload": {"n": 1}})])
+        .await;
+    assert_eq!(
+        answer["results"][0]["status"], "pending_resolution",
+        "{answer}"
+    );
+    let (status, registered) = registering
+        .post(
+            "/v1/runs",
+            &json!({"run_id": "r_late", "thread_id": "t_late"}).to_string(),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{registered}");
+    let event = client.events(1).await.remove(0);
+    assert_eq!(
+        (&event["seq"], &event["run_id"], &event["payload"]["n"]),
+        (&json!(1), &json!("r_late"), &json!(1)),
+        "{event}"
+    );
+    // Later events of the run find the thread through the shared registry on any replica.
+    let answer = holding
+        .publish(&[json!({"type": "agent_thinking", "run_id": "r_late", "payload": {"n": 2}})])
+        .await;
+    assert_eq!(answer["results"][0]["channel"], "thread:t_late", "{answer}");
+    assert_eq!(client.events(1).await[0]["payload"]["n"], 2);
+}
+
+#[tokio::test]
+async fn a_run_stalled_on_two_replicas_is_reported_to_its_channel_once() {
+    let redis = Redis::start().await;
+    let quick = |c: &mut agentwire::config::Config| {
+        c.broker.redis_url = Some(redis.url());
+        c.watchdog.run_idle_timeout = Duration::from_millis(300);
+    };
+    let a = Gateway::start_with(quick).await;
+    let b = Gateway::start_with(quick).await;
+    wait_ready(a.addr, StatusCode::OK).await;
+    wait_ready(b.addr, StatusCode::OK).await;
+    let mut client = a.client("u1").await;
+    client.subscribe("t_stall", None).await;
+    // Both replicas follow the run: each saw one of its events.
+    a.publish(&[event("agent_started", "run_stall", "t_stall")])
+        .await;
+    b.publish(&[event("agent_thinking", "run_stall", "t_stall")])
+        .await;
+    let events = client.events(3).await;
+    assert_eq!(events[2]["type"], "agent_error", "{events:?}");
+    assert_eq!(events[2]["payload"]["reason"], "stalled");
+    client.silent_for(Duration::from_millis(800)).await;
+}

@@ -1,6 +1,7 @@
-//! `bench fanout` and `bench saturate`: C connections over T threads; P events published over
-//! HTTP, at a fixed rate or as fast as the gateway accepts. Latency is publish → receive, read
-//! from the send time each event carries.
+//! `bench fanout`, `bench saturate` and `bench redis`: C connections over T threads; P events
+//! published over HTTP, at a fixed rate or as fast as the gateway accepts; with `redis`, over two
+//! replicas (connection i and POST j go to replica i % 2 and j % 2). Latency is publish → receive,
+//! read from the send time each event carries. Server CPU is summed over the replicas.
 
 use std::net::IpAddr;
 use std::sync::Arc;
@@ -13,7 +14,7 @@ use serde_json::{Value, json};
 use tokio::sync::Semaphore;
 
 use super::{Server, run_tag};
-use crate::client::{Http, Socket, Target, expect_type, next_text, send};
+use crate::client::{Http, Socket, expect_type, next_text, send};
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct Load {
@@ -47,6 +48,8 @@ pub struct Load {
 pub enum Mode {
     Rate,
     Saturate,
+    /// At the fixed rate, across replicas.
+    Redis,
 }
 
 struct Received {
@@ -56,8 +59,7 @@ struct Received {
 }
 
 pub(super) async fn run(
-    target: &Target,
-    server: &Server,
+    servers: &[Server],
     sources: &[IpAddr],
     load: Load,
     mode: Mode,
@@ -66,6 +68,7 @@ pub(super) async fn run(
         load.threads > 0 && load.connections >= load.threads,
         "need connections >= threads > 0"
     );
+    let target = &servers[0].target;
     let tag = run_tag();
     let deadline = Instant::now() + load.max_time;
     let thread = |k: usize| format!("bench-{tag}-t{k}");
@@ -78,7 +81,7 @@ pub(super) async fn run(
     let mut opening = Vec::with_capacity(load.connections);
     for i in 0..load.connections {
         let (target, source, gate, thread_id) = (
-            target.clone(),
+            servers[i % servers.len()].target.clone(),
             sources[i % sources.len()],
             Arc::clone(&gate),
             thread(i % load.threads),
@@ -112,7 +115,7 @@ pub(super) async fn run(
         )));
     }
 
-    let before = server.usage().await?;
+    let before = usage(servers).await?;
     let started = Instant::now();
     let events = Arc::new(Events {
         tag: tag.clone(),
@@ -120,8 +123,12 @@ pub(super) async fn run(
         pad: "x".repeat(load.payload.saturating_sub(40)),
     });
     match mode {
-        Mode::Rate => {
-            let mut http = Http::open(target).await?;
+        Mode::Rate | Mode::Redis => {
+            let mut https = Vec::with_capacity(servers.len());
+            for server in servers {
+                https.push(Http::open(&server.target).await?);
+            }
+            let mut posts = 0usize;
             // A POST every millisecond: a fixed rate, not bursts of a hundredth of a second.
             let per_tick = (load.rate / 1000).max(1);
             let mut tick = tokio::time::interval(Duration::from_millis(1));
@@ -131,7 +138,9 @@ pub(super) async fn run(
                 let mut n = 0;
                 while n < per_tick && sent < load.events {
                     let to = (sent + load.batch.min(per_tick - n)).min(load.events);
-                    post(&mut http, events.body(sent, to)).await?;
+                    let http = &mut https[posts % servers.len()];
+                    posts += 1;
+                    post(http, events.body(sent, to)).await?;
                     n += to - sent;
                     sent = to;
                 }
@@ -174,7 +183,7 @@ pub(super) async fn run(
             last = last.max(at);
         }
     }
-    let after = server.usage().await?;
+    let after = usage(servers).await?;
     let expected: u64 = (0..load.connections)
         .map(|i| expected_for(i % load.threads))
         .sum();
@@ -201,17 +210,18 @@ pub(super) async fn run(
         .max(1e-9);
     let cpu = after.cpu_seconds - before.cpu_seconds;
     let percentile = |q: f64| latency.value_at_quantile(q) as f64 / 1000.0;
-    let name = if mode == Mode::Rate {
-        "fanout"
-    } else {
-        "saturate"
+    let name = match mode {
+        Mode::Rate => "fanout",
+        Mode::Saturate => "saturate",
+        Mode::Redis => "redis",
     };
     let result = json!({
         "scenario": name,
         "connections": load.connections,
         "threads": load.threads,
         "events": load.events,
-        "rate": if mode == Mode::Rate { json!(load.rate) } else { Value::Null },
+        "replicas": servers.len(),
+        "rate": if mode == Mode::Saturate { Value::Null } else { json!(load.rate) },
         "deliveries_expected": expected,
         "deliveries_received": received,
         "publish_seconds": published_in.as_secs_f64(),
@@ -250,6 +260,20 @@ pub(super) async fn run(
         "the ledger reports lost events or does not balance"
     );
     Ok(result)
+}
+
+/// CPU and memory summed over the replicas.
+async fn usage(servers: &[Server]) -> anyhow::Result<super::Usage> {
+    let mut sum = super::Usage {
+        cpu_seconds: 0.0,
+        rss_bytes: 0.0,
+    };
+    for server in servers {
+        let usage = server.usage().await?;
+        sum.cpu_seconds += usage.cpu_seconds;
+        sum.rss_bytes += usage.rss_bytes;
+    }
+    Ok(sum)
 }
 
 /// Builds request bodies: event n goes to thread n % T and carries its send time.

@@ -43,6 +43,18 @@ pub enum Scenario {
     Fanout(fanout::Load),
     /// As fanout, publishing as fast as the gateway accepts (bounded in flight).
     Saturate(fanout::Load),
+    /// As fanout, across two replicas on one Redis (`--url` and `--second-url`): connections and
+    /// POSTs alternate between them, so most deliveries cross replicas.
+    Redis {
+        /// The second replica.
+        #[arg(long)]
+        second_url: String,
+        /// The second replica's pid, for its CPU and memory from /proc.
+        #[arg(long)]
+        second_pid: Option<u32>,
+        #[command(flatten)]
+        load: fanout::Load,
+    },
 }
 
 /// Runs a scenario; returns its JSON result (already printed with a summary).
@@ -52,6 +64,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<Value> {
         target: target.clone(),
         pid: args.server_pid,
     };
+    let first = [server];
     let sources: Vec<IpAddr> = (1..=args.sources.max(1))
         .map(|n| IpAddr::V4(Ipv4Addr::new(127, 0, 0, n)))
         .collect();
@@ -59,12 +72,25 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<Value> {
         Scenario::Idle {
             connections,
             settle,
-        } => idle::run(&target, &server, &sources, connections, settle).await?,
-        Scenario::Fanout(load) => {
-            fanout::run(&target, &server, &sources, load, fanout::Mode::Rate).await?
-        }
+        } => idle::run(&target, &first[0], &sources, connections, settle).await?,
+        Scenario::Fanout(load) => fanout::run(&first, &sources, load, fanout::Mode::Rate).await?,
         Scenario::Saturate(load) => {
-            fanout::run(&target, &server, &sources, load, fanout::Mode::Saturate).await?
+            fanout::run(&first, &sources, load, fanout::Mode::Saturate).await?
+        }
+        Scenario::Redis {
+            second_url,
+            second_pid,
+            load,
+        } => {
+            let [server] = first;
+            let servers = [
+                server,
+                Server {
+                    target: Target::parse(&second_url)?,
+                    pid: second_pid,
+                },
+            ];
+            fanout::run(&servers, &sources, load, fanout::Mode::Redis).await?
         }
     };
     println!("{result}");

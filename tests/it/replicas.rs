@@ -471,3 +471,54 @@ async fn a_run_stalled_on_two_replicas_is_reported_to_its_channel_once() {
     assert_eq!(events[2]["payload"]["reason"], "stalled");
     client.silent_for(Duration::from_millis(800)).await;
 }
+
+/// The `redis` bench scenario cannot rot: small, two in-process replicas, nothing lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_redis_bench_scenario_completes_with_nothing_lost() {
+    let redis = Redis::start().await;
+    let a = Gateway::start_with(|c| c.broker.redis_url = Some(redis.url())).await;
+    let b = Gateway::start_with(|c| c.broker.redis_url = Some(redis.url())).await;
+    wait_ready(a.addr, StatusCode::OK).await;
+    wait_ready(b.addr, StatusCode::OK).await;
+    let args: Vec<String> = [
+        "bench",
+        "--url",
+        &format!("http://{}", a.addr),
+        "--sources",
+        "4",
+        "redis",
+        "--second-url",
+        &format!("http://{}", b.addr),
+        "--connections",
+        "100",
+        "--threads",
+        "10",
+        "--events",
+        "500",
+        "--rate",
+        "1000",
+        "--max-time",
+        "30s",
+    ]
+    .iter()
+    .map(|a| a.to_string())
+    .collect();
+    let output =
+        tokio::task::spawn_blocking(move || crate::support::binary().args(&args).output().unwrap())
+            .await
+            .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let result: Value = serde_json::from_str(stdout.trim()).unwrap();
+    assert_eq!(
+        (&result["scenario"], &result["replicas"]),
+        (&json!("redis"), &json!(2))
+    );
+    assert_eq!(result["deliveries_received"], result["deliveries_expected"]);
+    assert_eq!(result["ledger"]["lost"], 0, "{result}");
+    assert_eq!(result["ledger"]["balanced"], true, "{result}");
+}

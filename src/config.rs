@@ -423,6 +423,13 @@ impl Config {
         if self.broker.claim_idle <= self.resolve.grace {
             return fail("broker.claim_idle", "must be longer than resolve.grace");
         }
+        // An entry claimed after its id left the dedupe set would be published a second time.
+        if self.broker.claim_idle >= self.ingest.dedupe_window {
+            return fail(
+                "broker.claim_idle",
+                "must be shorter than ingest.dedupe_window",
+            );
+        }
         for (field, value) in [
             ("broker.ingest_stream", &self.broker.ingest_stream),
             ("broker.ingest_group", &self.broker.ingest_group),

@@ -409,8 +409,10 @@ impl MemoryBroker {
         state.last_activity = Instant::now();
         let removed = state.subscribers.remove(outbox);
         // A channel that never had an event is not kept once nobody watches it, so subscribing
-        // to fresh ids cannot grow the map.
-        if state.subscribers.is_empty()
+        // to fresh ids cannot grow the map. A mirrored channel (Redis mode) is detached by the
+        // Redis broker instead, when its last local subscription ends.
+        if channel.feed.is_none()
+            && state.subscribers.is_empty()
             && state.history.is_empty()
             && channel.ledger.snapshot().emitted == 0
         {
@@ -679,7 +681,8 @@ impl MemoryBroker {
                 if trimmed.unseen + trimmed.subscribed > 0 {
                     dropped.push((channel.name.clone(), trimmed));
                 }
-                let idle = state.history.is_empty()
+                let idle = channel.feed.is_none()
+                    && state.history.is_empty()
                     && state.subscribers.is_empty()
                     && now.saturating_duration_since(state.last_activity) > self.history.max_age;
                 if idle {

@@ -153,11 +153,18 @@ async fn accept_in(
     let run_id = event.run_id.clone();
     match gateway.resolver.hold(event) {
         Ok(()) => {
-            // Redis mode: a registration on another replica may have come between the two.
-            if let (Broker::Redis(redis), Some(run_id)) = (&gateway.broker, run_id)
-                && let Some(target) = redis.registered(&run_id).await?
-            {
-                release_local(gateway, &run_id, target).await;
+            // Redis mode: a registration on another replica may have come between the two. The
+            // event is held either way: a failed check must not make the producer send it twice.
+            if let (Broker::Redis(redis), Some(run_id)) = (&gateway.broker, run_id) {
+                match redis.registered(&run_id).await {
+                    Ok(Some(target)) => {
+                        release_local(gateway, &run_id, target).await;
+                    }
+                    Ok(None) => {}
+                    Err(error) => {
+                        tracing::debug!(%error, run_id, "Held; the registry could not be asked again.")
+                    }
+                }
             }
             Ok(ItemResult::PendingResolution)
         }

@@ -6,15 +6,22 @@
 //! first publish happened: every entry is published exactly once.
 //!
 //! An entry whose run is not registered yet stays unacknowledged and is retried every second
-//! until `resolve.grace` after it was added; then it is dead-lettered like an HTTP event. A
-//! malformed entry is moved to `<ingest_stream>:dead` with its reason and acknowledged, so it never
-//! blocks the group.
+//! until `resolve.grace` after it was added; then it is dead-lettered like an HTTP event. Later
+//! entries of that run wait behind it, so a run's events keep their order. A malformed entry is
+//! moved to `<ingest_stream>:dead` with its reason and acknowledged, so it never blocks the group.
+//!
+//! The stream belongs to agentwire: entries the group has acknowledged are trimmed, and consumers
+//! of replicas gone for a while with nothing pending are removed.
 
+use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use redis::aio::ConnectionManager;
-use redis::streams::{StreamAutoClaimReply, StreamId, StreamReadOptions, StreamReadReply};
+use redis::streams::{
+    StreamAutoClaimReply, StreamId, StreamInfoConsumersReply, StreamInfoGroupsReply,
+    StreamPendingReply, StreamReadOptions, StreamReadReply,
+};
 use redis::{AsyncCommands, RedisResult};
 use tokio_util::sync::CancellationToken;
 
@@ -62,6 +69,10 @@ pub async fn run(gateway: Arc<Gateway>, stop: CancellationToken) {
     let mut group_ready = false;
     let mut last_own = Instant::now();
     let mut last_claim = Instant::now();
+    // Runs with an entry waiting in this consumer's pending list (rebuilt on each pass over it).
+    let mut blocked: HashSet<String> = HashSet::new();
+    // After a round that stopped early, the pending list is read first, so nothing overtakes it.
+    let mut own_due = true;
     loop {
         if stop.is_cancelled() {
             return;
@@ -71,10 +82,12 @@ pub async fn run(gateway: Arc<Gateway>, stop: CancellationToken) {
                 create_group(&mut conn, &config.ingest_stream, &config.ingest_group).await?;
                 group_ready = true;
             }
-            if last_own.elapsed() >= Duration::from_secs(1) {
+            if own_due || last_own.elapsed() >= Duration::from_secs(1) {
                 last_own = Instant::now();
+                own_due = false;
+                blocked.clear();
                 let own = read(&mut conn, config, &consumer, "0", None).await?;
-                take_all(&gateway, &mut conn, own).await?;
+                take_all(&gateway, &mut conn, own, &mut blocked).await?;
             }
             if last_claim.elapsed() >= config.claim_idle / 2 {
                 last_claim = Instant::now();
@@ -94,16 +107,18 @@ pub async fn run(gateway: Arc<Gateway>, stop: CancellationToken) {
                         "Claimed ingest entries another replica left unacknowledged."
                     );
                 }
-                take_all(&gateway, &mut conn, claimed.claimed).await?;
+                take_all(&gateway, &mut conn, claimed.claimed, &mut blocked).await?;
+                tidy(&mut conn, config, &consumer).await?;
             }
             let new = read(&mut conn, config, &consumer, ">", Some(1000)).await?;
-            take_all(&gateway, &mut conn, new).await
+            take_all(&gateway, &mut conn, new, &mut blocked).await
         };
         let wait = tokio::select! {
             _ = stop.cancelled() => return,
             round = round => match round {
                 Ok(()) => None,
                 Err(error) => {
+                    own_due = true;
                     if error.to_string().contains("NOGROUP") {
                         group_ready = false;
                     }
@@ -152,19 +167,73 @@ async fn read(
         .collect())
 }
 
+/// Trims what the group has acknowledged and removes long-gone consumers with nothing pending.
+async fn tidy(
+    conn: &mut ConnectionManager,
+    config: &crate::config::BrokerConfig,
+    consumer: &str,
+) -> RedisResult<()> {
+    let (stream, group) = (&config.ingest_stream, &config.ingest_group);
+    let pending: StreamPendingReply = conn.xpending(stream, group).await?;
+    let oldest_needed = match pending {
+        StreamPendingReply::Data(data) => data.start_id,
+        _ => {
+            let groups: StreamInfoGroupsReply = conn.xinfo_groups(stream).await?;
+            match groups.groups.into_iter().find(|g| &g.name == group) {
+                // Everything up to the last delivered id was acknowledged: keep only what follows.
+                Some(info) => next_id(&info.last_delivered_id),
+                None => return Ok(()),
+            }
+        }
+    };
+    let () = redis::cmd("XTRIM")
+        .arg(stream)
+        .arg("MINID")
+        .arg(&oldest_needed)
+        .query_async(conn)
+        .await?;
+    let consumers: StreamInfoConsumersReply = conn.xinfo_consumers(stream, group).await?;
+    let gone_after = config.claim_idle.as_millis() as usize * 10;
+    for gone in consumers
+        .consumers
+        .iter()
+        .filter(|c| c.name != consumer && c.pending == 0 && c.idle > gone_after)
+    {
+        let _: RedisResult<()> = redis::cmd("XGROUP")
+            .arg("DELCONSUMER")
+            .arg(stream)
+            .arg(group)
+            .arg(&gone.name)
+            .query_async(conn)
+            .await;
+    }
+    Ok(())
+}
+
+/// The smallest stream id after `id` (`ms-seq` → `ms-(seq+1)`).
+fn next_id(id: &str) -> String {
+    let (ms, seq) = id.split_once('-').unwrap_or((id, "0"));
+    format!("{ms}-{}", seq.parse::<u64>().unwrap_or(0).saturating_add(1))
+}
+
 async fn take_all(
     gateway: &Gateway,
     conn: &mut ConnectionManager,
     entries: Vec<StreamId>,
+    blocked: &mut HashSet<String>,
 ) -> Result<(), redis::RedisError> {
     let config = &gateway.config.broker;
     for entry in entries {
-        let taken = match take(gateway, conn, &entry).await {
+        let taken = match take(gateway, conn, &entry, blocked).await {
             Ok(taken) => taken,
-            // Left pending: retried from this replica's pending list, or claimed by another.
+            // Left pending; the round ends so that nothing after it overtakes it.
             Err(BrokerError::Unavailable(reason)) => {
                 tracing::debug!(id = %entry.id, reason, "Ingest entry left for later.");
-                return Ok(());
+                return Err(redis::RedisError::from((
+                    redis::ErrorKind::Io,
+                    "broker unavailable",
+                    reason,
+                )));
             }
         };
         if let Taken::Done = taken {
@@ -180,6 +249,7 @@ async fn take(
     gateway: &Gateway,
     conn: &mut ConnectionManager,
     entry: &StreamId,
+    blocked: &mut HashSet<String>,
 ) -> Result<Taken, BrokerError> {
     let text: Option<String> = entry.get("event");
     let event = match text.as_deref() {
@@ -204,6 +274,12 @@ async fn take(
             }
         },
     };
+    // An earlier entry of this run waits for its registration: keep the run's order.
+    if let Some(run_id) = &event.run_id
+        && blocked.contains(run_id)
+    {
+        return Ok(Taken::Later);
+    }
     if event.kind == EventType::AgentStarted
         && let (Some(run_id), Some(thread_id)) = (&event.run_id, &event.thread_id)
     {
@@ -223,6 +299,9 @@ async fn take(
         None if added_ms(&entry.id) + gateway.config.resolve.grace.as_millis() as u64
             > now_ms() =>
         {
+            if let Some(run_id) = &event.run_id {
+                blocked.insert(run_id.clone());
+            }
             Ok(Taken::Later)
         }
         None => {

@@ -41,7 +41,9 @@ pub async fn run(gateway: Arc<Gateway>, listener: TcpListener, stop: Cancellatio
         .upstream
         .worker(Arc::clone(&gateway))
         .map(tokio::spawn);
-    let broker_tasks = crate::broker::redis::start(&gateway, &http_stop);
+    // Redis mode: stopped only once the sessions have ended, so their last deliveries are recorded.
+    let broker_stop = CancellationToken::new();
+    let broker_tasks = crate::broker::redis::start(&gateway, &broker_stop);
 
     accept_until(&gateway, &listener, &http_stop, stop.cancelled()).await;
 
@@ -73,8 +75,14 @@ pub async fn run(gateway: Arc<Gateway>, listener: TcpListener, stop: Cancellatio
         );
     }
     housekeeping.abort();
-    for task in broker_tasks {
-        task.abort();
+    broker_stop.cancel();
+    for mut task in broker_tasks {
+        if tokio::time::timeout(Duration::from_secs(2), &mut task)
+            .await
+            .is_err()
+        {
+            task.abort();
+        }
     }
     if let Some(upstream) = upstream {
         upstream.abort();

@@ -241,6 +241,16 @@ async fn ingest_stream_entries_are_published_once_when_a_replica_is_killed_midwa
     let pending: redis::streams::StreamPendingReply =
         conn.xpending("aw:ingest", "agentwire").await.unwrap();
     assert_eq!(pending.count(), 0, "every entry acknowledged");
+    // Acknowledged entries do not pile up in the stream.
+    let deadline = std::time::Instant::now() + WAIT;
+    loop {
+        let len: usize = conn.xlen("aw:ingest").await.unwrap();
+        if len == 0 {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "{len} entries left");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
 
 #[tokio::test]
@@ -521,4 +531,68 @@ async fn the_redis_bench_scenario_completes_with_nothing_lost() {
     assert_eq!(result["deliveries_received"], result["deliveries_expected"]);
     assert_eq!(result["ledger"]["lost"], 0, "{result}");
     assert_eq!(result["ledger"]["balanced"], true, "{result}");
+}
+
+#[tokio::test]
+async fn a_failover_that_lost_the_latest_writes_starts_a_new_epoch_instead_of_reusing_seqs() {
+    let redis = Redis::start().await;
+    let gateway = Gateway::start_with(|c| c.broker.redis_url = Some(redis.url())).await;
+    wait_ready(gateway.addr, StatusCode::OK).await;
+    let mut client = gateway.client("u1").await;
+    let first = client.subscribe("t_failover", None).await;
+    gateway
+        .publish(
+            &(1..=5)
+                .map(|n| thinking("t_failover", n))
+                .collect::<Vec<_>>(),
+        )
+        .await;
+    assert_eq!(client.events(5).await[4]["seq"], 5);
+    // What a promoted replica that missed the last three writes looks like, then the lost link.
+    let mut conn = redis.conn().await;
+    let () = redis::pipe()
+        .hset("aw:{thread:t_failover}:meta", "last_seq", 2)
+        .ignore()
+        .xdel("aw:{thread:t_failover}:log", &["3-0", "4-0", "5-0"])
+        .ignore()
+        .cmd("XSETID")
+        .arg("aw:{thread:t_failover}:log")
+        .arg("2-0")
+        .ignore()
+        .cmd("CLIENT")
+        .arg("KILL")
+        .arg("TYPE")
+        .arg("pubsub")
+        .ignore()
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let renewed = client.recv().await;
+    assert_eq!(
+        (&renewed["type"], &renewed["channel"], &renewed["recovered"]),
+        (
+            &json!("subscribed"),
+            &json!("thread:t_failover"),
+            &json!(false)
+        ),
+        "{renewed}"
+    );
+    assert_ne!(renewed["epoch"], first["epoch"]);
+    assert_eq!(renewed["replayed"], 2, "{renewed}");
+    let replayed = client.events(2).await;
+    assert_eq!(
+        replayed
+            .iter()
+            .map(|e| e["seq"].clone())
+            .collect::<Vec<_>>(),
+        vec![json!(1), json!(2)]
+    );
+    let answer = gateway.publish(&[thinking("t_failover", 6)]).await;
+    assert_eq!(answer["results"][0]["seq"], 3, "{answer}");
+    assert_eq!(answer["results"][0]["epoch"], renewed["epoch"], "{answer}");
+    let event = client.events(1).await.remove(0);
+    assert_eq!(
+        (&event["seq"], &event["epoch"]),
+        (&json!(3), &renewed["epoch"])
+    );
 }

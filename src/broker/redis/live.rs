@@ -4,6 +4,7 @@
 //! every mirrored channel is read from its stream, so nothing published meanwhile is missed.
 
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use futures_util::StreamExt;
@@ -109,14 +110,19 @@ async fn connect(
         .await
         .map_err(|_| BrokerError::Unavailable("connect timed out".into()))??;
     let (mut sink, stream) = pubsub.split();
-    sink.subscribe(REGISTERED).await?;
     let attached = broker.attached();
+    let mut channels = vec![REGISTERED.to_string()];
+    channels.extend(attached.iter().map(|name| Keys::of(name).live));
+    timeout(ANSWER, sink.subscribe(channels))
+        .await
+        .map_err(|_| BrokerError::Unavailable("subscribe timed out".into()))??;
+    broker.generation.fetch_add(1, Ordering::AcqRel);
+    // Channels still loading read the stream after their subscription anyway (see `attach`).
     for name in &attached {
-        sink.subscribe(Keys::of(name).live).await?;
-    }
-    for name in &attached {
-        if broker.mirror.position(name).is_some() {
-            broker.resync(name).await?;
+        if broker.mirror.position(name).is_some()
+            && let Err(error) = broker.resync(name).await
+        {
+            tracing::warn!(%error, channel = %name, "Cannot read the channel's stream after a reconnect.");
         }
     }
     // A registration announced while this replica was away must still release held events.
@@ -133,9 +139,16 @@ async fn serve(
     commands: &mut mpsc::Receiver<Command>,
     stop: &CancellationToken,
 ) -> bool {
+    // A half-open connection delivers nothing and reports no error: ping it.
+    let mut ping = tokio::time::interval(Duration::from_secs(1));
     loop {
         tokio::select! {
             _ = stop.cancelled() => return true,
+            _ = ping.tick() => {
+                if !matches!(timeout(ANSWER, sink.ping::<redis::Value>()).await, Ok(Ok(_))) {
+                    return false;
+                }
+            }
             command = commands.recv() => match command {
                 None => return true,
                 Some(Command::Subscribe(name, reply)) => {

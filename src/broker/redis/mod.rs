@@ -95,6 +95,7 @@ struct Scripts {
     deliver: Script,
     ack: Script,
     sweep: Script,
+    unindex: Script,
 }
 
 impl Scripts {
@@ -106,6 +107,7 @@ impl Scripts {
             deliver: Script::new(include_str!("deliver.lua")),
             ack: Script::new(include_str!("ack.lua")),
             sweep: Script::new(&format!("{trim}\n{}", include_str!("sweep.lua"))),
+            unindex: Script::new(include_str!("unindex.lua")),
         }
     }
 }
@@ -143,6 +145,8 @@ pub struct RedisBroker {
     pub(crate) report_queue: Mutex<Option<mpsc::Receiver<Report>>>,
     /// Last PING answered (set by the health task).
     up: AtomicBool,
+    /// Counts pub/sub (re)connections, so an attach can tell one happened while it read.
+    pub(crate) generation: AtomicU64,
     counters: Counters,
 }
 
@@ -177,6 +181,7 @@ impl RedisBroker {
             reports,
             report_queue: Mutex::new(Some(report_queue)),
             up: AtomicBool::new(false),
+            generation: AtomicU64::new(0),
             counters: Counters::default(),
         })
     }
@@ -314,8 +319,14 @@ impl RedisBroker {
         reply
             .await
             .map_err(|_| BrokerError::Unavailable("the pub/sub task stopped".into()))??;
+        let generation = self.generation.load(Ordering::Acquire);
         let snapshot = self.snapshot(name, 1).await?;
         self.mirror.merge(name, snapshot);
+        // The pub/sub link was made again while the stream was read: the reconnect skipped this
+        // channel (still loading), so read what was published meanwhile.
+        if self.generation.load(Ordering::Acquire) != generation {
+            self.resync(name).await?;
+        }
         Ok(())
     }
 
@@ -362,6 +373,10 @@ impl RedisBroker {
         from: u64,
     ) -> Result<Snapshot, BrokerError> {
         let keys = Keys::of(name);
+        let (seen_epoch, seen_last) = self
+            .mirror
+            .position(name)
+            .unwrap_or_else(|| (Arc::from(""), 0));
         let mut conn = self.conn();
         let (epoch, last_seq, entries): (String, u64, Vec<Entry>) = self
             .scripts
@@ -371,6 +386,8 @@ impl RedisBroker {
             .arg(from)
             .arg(new_epoch())
             .arg(self.history.max_age.as_millis() as u64)
+            .arg(&*seen_epoch)
+            .arg(seen_last)
             .invoke_async(&mut conn)
             .await?;
         let events = entries
@@ -556,7 +573,15 @@ impl RedisBroker {
                 Ok((unseen, subscribed, empty)) => {
                     self.count_lost(&name, unseen, subscribed);
                     if empty == 1 {
-                        let _: Result<(), _> = conn.zrem(CHANNELS, &raw).await;
+                        // Only if no publish touched the channel since it was read as idle.
+                        let _: Result<u8, _> = self
+                            .scripts
+                            .unindex
+                            .key(CHANNELS)
+                            .arg(&raw)
+                            .arg(min_t)
+                            .invoke_async(&mut conn)
+                            .await;
                     }
                 }
                 Err(error) => {

@@ -22,8 +22,9 @@ pub enum Report {
     Acked(ChannelName, Arc<str>, u64),
 }
 
-/// Batches reports into Redis until `stop`. While Redis is away the batch is retried, so a
-/// delivery made during an outage is still counted once it returns.
+/// Batches reports into Redis until `stop`, then writes what is still queued once. While Redis is
+/// away a batch is retried, so a delivery made during an outage is still counted once it returns.
+/// `stop` comes after the sessions ended, so the deliveries of the close window are recorded too.
 pub async fn run(
     broker: &RedisBroker,
     mut queue: mpsc::Receiver<Report>,
@@ -32,9 +33,18 @@ pub async fn run(
 ) {
     let mut batch = Vec::with_capacity(1024);
     loop {
-        tokio::select! {
-            _ = stop.cancelled() => return,
-            received = queue.recv_many(&mut batch, 4096) => if received == 0 { return },
+        let stopping = tokio::select! {
+            _ = stop.cancelled() => true,
+            received = queue.recv_many(&mut batch, 4096) => {
+                if received == 0 {
+                    return;
+                }
+                false
+            }
+        };
+        if stopping {
+            queue.close();
+            while queue.recv_many(&mut batch, 4096).await > 0 {}
         }
         let mut delivered: HashMap<(ChannelName, Arc<str>), Vec<u64>> = HashMap::new();
         let mut acked: HashMap<(ChannelName, Arc<str>), u64> = HashMap::new();
@@ -54,8 +64,8 @@ pub async fn run(
             while let Err(error) = broker.delivered(&channel, &epoch, &seqs).await {
                 metrics.broker_errors.inc();
                 tracing::debug!(%error, %channel, "Cannot record deliveries yet; retrying.");
-                if retry_later(&stop).await {
-                    return;
+                if stopping || retry_later(&stop).await {
+                    break;
                 }
             }
         }
@@ -63,10 +73,13 @@ pub async fn run(
             while let Err(error) = broker.acked(&channel, &epoch, seq).await {
                 metrics.broker_errors.inc();
                 tracing::debug!(%error, %channel, "Cannot record an ack yet; retrying.");
-                if retry_later(&stop).await {
-                    return;
+                if stopping || retry_later(&stop).await {
+                    break;
                 }
             }
+        }
+        if stopping {
+            return;
         }
     }
 }

@@ -81,7 +81,9 @@ pub struct Totals {
     pub emitted: u64,
     pub delivered: u64,
     pub acked: u64,
-    pub pending: u64,
+    /// Signed: in Redis mode a replica's share (`emitted − delivered − lost` of what it counted) is
+    /// negative when it delivered events another replica emitted; the sum over replicas is exact.
+    pub pending: i64,
     pub lost: [u64; 4],
     pub oldest_pending_age: Duration,
     /// Of the pending events that were queued to a subscriber.
@@ -94,7 +96,7 @@ impl Totals {
         self.emitted += counts.emitted;
         self.delivered += counts.delivered;
         self.acked += counts.acked;
-        self.pending += counts.pending;
+        self.pending += i64::try_from(counts.pending).unwrap_or(i64::MAX);
         for (sum, value) in self.lost.iter_mut().zip(counts.lost) {
             *sum += value;
         }

@@ -364,7 +364,7 @@ impl Metrics {
                 totals.lost[reason as usize],
             );
         }
-        self.events_pending.set(to_i64(totals.pending));
+        self.events_pending.set(totals.pending);
         self.events_pending_oldest_age
             .set(totals.oldest_pending_age.as_secs_f64());
         self.events_offered_undelivered_oldest_age

@@ -454,7 +454,8 @@ async fn ledger(gateway: &Gateway, query: Option<&str>) -> Response<Body> {
                 "oldest_pending_age_seconds": totals.oldest_pending_age.as_secs_f64(),
                 "lost": crate::ledger::LostReport::from_counts(&crate::ledger::Counts { lost: totals.lost, ..Default::default() }),
                 "lost_total": lost_channel,
-                "balanced": totals.emitted == totals.delivered + totals.pending + lost_channel,
+                "balanced": i128::from(totals.emitted)
+                    == i128::from(totals.delivered) + i128::from(totals.pending) + i128::from(lost_channel),
                 "count": totals.channels,
             },
             "ingest": {

@@ -93,6 +93,20 @@ async fn three_replicas_deliver_what_any_of_them_accepted_in_order_and_once() {
         seen.push((ledger["epoch"].clone(), ledger["last_seq"].clone()));
     }
     assert!(seen.windows(2).all(|w| w[0] == w[1]), "{seen:?}");
+    // Each replica exports what it did; summed, they are the cluster's figures.
+    let mut sums = [0.0; 3];
+    for replica in &replicas {
+        let gateway = Gateway::at(replica.addr);
+        let exposition = gateway.metrics().await;
+        for (sum, series) in sums.iter_mut().zip([
+            "agentwire_events_emitted_total",
+            "agentwire_events_delivered_total",
+            "agentwire_events_pending",
+        ]) {
+            *sum += crate::support::metric_value(&exposition, series);
+        }
+    }
+    assert_eq!(sums, [30.0, 30.0, 0.0]);
 }
 
 #[tokio::test]

@@ -480,7 +480,7 @@ impl RedisBroker {
     }
 
     /// What this replica did: emitted by its ingest, delivered by its sockets, lost by its trims.
-    /// Pending is derived from those by the metrics (summed over replicas it is the cluster's).
+    /// Its pending is the signed rest; summed over replicas it is the cluster's.
     /// The oldest-pending ages are of the channels mirrored here.
     pub fn totals(&self) -> Totals {
         let mirror = self.mirror.totals();
@@ -492,7 +492,7 @@ impl RedisBroker {
             emitted,
             delivered,
             acked: c.acked.load(Ordering::Relaxed),
-            pending: emitted.saturating_sub(delivered + lost.iter().sum::<u64>()),
+            pending: emitted as i64 - delivered as i64 - lost.iter().sum::<u64>() as i64,
             lost,
             oldest_pending_age: mirror.oldest_pending_age,
             oldest_offered_pending_age: mirror.oldest_offered_pending_age,

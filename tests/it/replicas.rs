@@ -610,3 +610,34 @@ async fn a_failover_that_lost_the_latest_writes_starts_a_new_epoch_instead_of_re
         (&json!(3), &renewed["epoch"])
     );
 }
+
+#[tokio::test]
+async fn history_past_its_age_leaves_redis_and_is_counted_lost_unseen() {
+    let redis = Redis::start().await;
+    let gateway = Gateway::start_with(|c| {
+        c.broker.redis_url = Some(redis.url());
+        c.history.max_age = Duration::from_millis(400);
+    })
+    .await;
+    wait_ready(gateway.addr, StatusCode::OK).await;
+    gateway
+        .publish(&(1..=3).map(|n| thinking("t_aged", n)).collect::<Vec<_>>())
+        .await;
+    let ledger = ledger_until(&gateway, "thread:t_aged", |l| l["retained"] == 0).await;
+    assert_eq!(
+        (
+            &ledger["emitted"],
+            &ledger["pending"],
+            &ledger["lost"]["expired_unseen"]
+        ),
+        (&json!(3), &json!(0), &json!(3)),
+        "{ledger}"
+    );
+    assert_eq!(ledger["balanced"], true);
+    assert_eq!(
+        gateway
+            .metric("agentwire_events_lost_total{reason=\"expired_unseen\"}")
+            .await,
+        3.0
+    );
+}

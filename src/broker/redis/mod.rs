@@ -258,7 +258,7 @@ impl RedisBroker {
         self.counters.emitted.fetch_add(1, Ordering::Relaxed);
         self.count_lost(name, unseen, subscribed);
         // The channel index is not in the script: it spans channels (Redis Cluster slots).
-        let _: Result<(), _> = conn.zadd(CHANNELS, name.as_str(), now).await;
+        let _ = self.reports.try_send(Report::Published(name.clone(), now));
         Ok(Outcome::Published(Published {
             seq,
             epoch: epoch.into(),
@@ -421,6 +421,20 @@ impl RedisBroker {
         let count: u64 = invocation.invoke_async(&mut self.conn()).await?;
         self.counters.delivered.fetch_add(count, Ordering::Relaxed);
         Ok(count)
+    }
+
+    /// Moves channels' last-publish times forward in the index.
+    pub(crate) async fn index(
+        &self,
+        published: &HashMap<ChannelName, u64>,
+    ) -> Result<(), BrokerError> {
+        let mut command = redis::cmd("ZADD");
+        command.arg(CHANNELS).arg("GT");
+        for (channel, ms) in published {
+            command.arg(ms).arg(channel.as_str());
+        }
+        let () = command.query_async(&mut self.conn()).await?;
+        Ok(())
     }
 
     pub(crate) async fn acked(

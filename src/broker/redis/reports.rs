@@ -1,5 +1,6 @@
-//! Deliveries and acks travel from sessions to Redis through one task per replica: a session
-//! never awaits Redis, and many reports of a channel become one script call.
+//! Deliveries, acks and channel-index updates travel to Redis through one task per replica: a
+//! session never awaits Redis, many reports of a channel become one script call, and a publish
+//! does not pay a second round trip for the index.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -20,6 +21,8 @@ pub enum Report {
     Delivered(Arc<Feed>, u64),
     /// A client's cumulative ack, with the epoch it was for.
     Acked(ChannelName, Arc<str>, u64),
+    /// A publish at this wall-clock millisecond, for the channel index (`aw:channels`).
+    Published(ChannelName, u64),
 }
 
 /// Batches reports into Redis until `stop`, then writes what is still queued once. While Redis is
@@ -48,6 +51,7 @@ pub async fn run(
         }
         let mut delivered: HashMap<(ChannelName, Arc<str>), Vec<u64>> = HashMap::new();
         let mut acked: HashMap<(ChannelName, Arc<str>), u64> = HashMap::new();
+        let mut published: HashMap<ChannelName, u64> = HashMap::new();
         for report in batch.drain(..) {
             match report {
                 Report::Delivered(feed, seq) => delivered
@@ -57,6 +61,10 @@ pub async fn run(
                 Report::Acked(channel, epoch, seq) => {
                     let top = acked.entry((channel, epoch)).or_default();
                     *top = (*top).max(seq);
+                }
+                Report::Published(channel, ms) => {
+                    let last = published.entry(channel).or_default();
+                    *last = (*last).max(ms);
                 }
             }
         }
@@ -77,6 +85,13 @@ pub async fn run(
                     break;
                 }
             }
+        }
+        // The index only steers the age sweep: one attempt, no retry.
+        if !published.is_empty()
+            && let Err(error) = broker.index(&published).await
+        {
+            metrics.broker_errors.inc();
+            tracing::debug!(%error, "Cannot update the channel index.");
         }
         if stopping {
             return;

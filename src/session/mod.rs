@@ -292,7 +292,9 @@ impl Session {
                 Ok(None) => continue,
                 Err(ended) => return Some(ended),
             };
-            if let Some(ended) = self.handle(message).await {
+            // Boxed: answering a message may await Redis (subscribe, HLink), and that state inline
+            // would grow every connection's task for its whole life, not just while it answers.
+            if let Some(ended) = Box::pin(self.handle(message)).await {
                 return Some(ended);
             }
         }

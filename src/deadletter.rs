@@ -1,6 +1,7 @@
 //! Dead letters: valid events that found no channel within `resolve.grace`, kept (bounded) with
 //! the reason and time so an operator can see them and, once the missing runs are registered,
-//! redrive them.
+//! redrive them. This is the embedded broker's store; in Redis mode dead letters live in the
+//! shared `aw:deadletters` stream (see `broker::redis`), and only the once-per-run counting is here.
 //!
 //! Accounting: `agentwire_events_lost_total{reason="unresolved"}` counts every event that was ever
 //! dead-lettered and never goes down; a redrive that resolves a dead letter counts it in
@@ -34,25 +35,47 @@ struct Inner {
 /// A run id counted as unresolved is not counted again within this time.
 const COUNT_ONCE_WITHIN: Duration = Duration::from_secs(3600);
 
+/// A dead letter's id: a counter in this process, or the entry id of the shared Redis stream.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(untagged)]
+pub enum LetterId {
+    Local(u64),
+    Stream(String),
+}
+
 /// One dead-lettered event.
 #[derive(Debug, Clone)]
 pub struct Entry {
-    pub id: u64,
+    pub id: LetterId,
     pub run_id: String,
-    pub reason: &'static str,
+    pub reason: String,
     pub lost_at: SystemTime,
     pub event: Event,
+}
+
+impl Entry {
+    pub fn report(&self) -> EntryReport {
+        EntryReport {
+            id: self.id.clone(),
+            run_id: self.run_id.clone(),
+            kind: self.event.kind.as_str(),
+            event_id: self.event.event_id.clone(),
+            reason: self.reason.clone(),
+            lost_at: humantime::format_rfc3339_millis(self.lost_at).to_string(),
+            event: self.event.to_json(),
+        }
+    }
 }
 
 /// An entry as `GET /v1/deadletter` lists it.
 #[derive(Debug, Serialize)]
 pub struct EntryReport {
-    pub id: u64,
+    pub id: LetterId,
     pub run_id: String,
     #[serde(rename = "type")]
     pub kind: &'static str,
     pub event_id: Option<String>,
-    pub reason: &'static str,
+    pub reason: String,
     pub lost_at: String,
     pub event: serde_json::Value,
 }
@@ -75,9 +98,9 @@ impl DeadLetters {
         inner.next_id += 1;
         let id = inner.next_id;
         inner.entries.push_back(Entry {
-            id,
+            id: LetterId::Local(id),
             run_id: run_id.to_string(),
-            reason,
+            reason: reason.to_string(),
             lost_at: SystemTime::now(),
             event,
         });
@@ -88,19 +111,7 @@ impl DeadLetters {
     }
 
     pub fn list(&self) -> Vec<EntryReport> {
-        self.lock()
-            .entries
-            .iter()
-            .map(|entry| EntryReport {
-                id: entry.id,
-                run_id: entry.run_id.clone(),
-                kind: entry.event.kind.as_str(),
-                event_id: entry.event.event_id.clone(),
-                reason: entry.reason,
-                lost_at: humantime::format_rfc3339_millis(entry.lost_at).to_string(),
-                event: entry.event.to_json(),
-            })
-            .collect()
+        self.lock().entries.iter().map(Entry::report).collect()
     }
 
     /// Takes every entry out for a redrive; what is not rescued goes back with [`Self::restore`].

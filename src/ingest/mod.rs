@@ -297,7 +297,7 @@ pub async fn report_stalls(gateway: &Gateway) {
 /// What a redrive did with one dead letter.
 #[derive(Debug, Serialize)]
 pub struct Redriven {
-    pub id: u64,
+    pub id: crate::deadletter::LetterId,
     pub run_id: String,
     #[serde(flatten)]
     pub outcome: RedriveOutcome,
@@ -314,35 +314,25 @@ pub enum RedriveOutcome {
     Unresolved,
 }
 
-/// Runs resolution again on every dead letter; rescued events are emitted, the rest kept.
-pub async fn redrive(gateway: &Gateway) -> Vec<Redriven> {
+/// Runs resolution again on every dead letter; rescued events are emitted, the rest kept. In
+/// Redis mode the shared dead letters are read, and a letter is removed (by one replica only)
+/// before it is published, and put back if the publish fails.
+pub async fn redrive(gateway: &Gateway) -> Result<Vec<Redriven>, BrokerError> {
+    let letters = match &gateway.broker {
+        Broker::Memory(_) => gateway.deadletters.take(),
+        Broker::Redis(redis) => redis.dead_letters().await?,
+    };
     let mut kept = Vec::new();
     let mut report = Vec::new();
-    for entry in gateway.deadletters.take() {
+    for entry in letters {
         let outcome = match resolve(gateway, &entry.event).await {
-            Ok(Some(channel)) => {
-                let duplicate = matches!(gateway.broker, Broker::Memory(_))
-                    && entry
-                        .event
-                        .event_id
-                        .as_deref()
-                        .is_some_and(|id| !gateway.dedupe.first_time(id));
-                if duplicate {
-                    gateway.metrics.events_duplicate.inc();
-                    Ok((channel, Outcome::Duplicate))
-                } else {
-                    let span = telemetry::ingest_span(&entry.event);
-                    emit(gateway, &channel, &entry.event, None, &span)
-                        .await
-                        .map(|outcome| (channel, outcome))
-                        .map_err(Some)
-                }
-            }
+            Ok(Some(channel)) => redrive_one(gateway, &entry, channel).await,
             Ok(None) => Err(None),
             Err(error) => Err(Some(error)),
         };
         let outcome = match outcome {
-            Ok((channel, Outcome::Published(published))) => {
+            Ok(None) => continue,
+            Ok(Some((channel, Outcome::Published(published)))) => {
                 tracing::info!(run_id = %entry.run_id, %channel, seq = published.seq, "Redrive delivered a dead letter.");
                 RedriveOutcome::Delivered {
                     channel: channel.to_string(),
@@ -350,13 +340,13 @@ pub async fn redrive(gateway: &Gateway) -> Vec<Redriven> {
                 }
             }
             // Counted as redriven (it leaves the dead letters) and as a duplicate.
-            Ok((_, Outcome::Duplicate)) => RedriveOutcome::Duplicate,
+            Ok(Some((_, Outcome::Duplicate))) => RedriveOutcome::Duplicate,
             Err(error) => {
                 if let Some(error) = error {
                     tracing::warn!(%error, run_id = %entry.run_id, "Redrive kept a dead letter: the broker is unavailable.");
                 }
                 report.push(Redriven {
-                    id: entry.id,
+                    id: entry.id.clone(),
                     run_id: entry.run_id.clone(),
                     outcome: RedriveOutcome::Unresolved,
                 });
@@ -366,13 +356,53 @@ pub async fn redrive(gateway: &Gateway) -> Vec<Redriven> {
         };
         gateway.metrics.events_redriven.inc();
         report.push(Redriven {
-            id: entry.id,
+            id: entry.id.clone(),
             run_id: entry.run_id.clone(),
             outcome,
         });
     }
-    gateway.deadletters.restore(kept);
-    report
+    if let Broker::Memory(_) = gateway.broker {
+        gateway.deadletters.restore(kept);
+    }
+    Ok(report)
+}
+
+/// Publishes one resolved dead letter. `Ok(None)`: another replica's redrive took it first.
+async fn redrive_one(
+    gateway: &Gateway,
+    entry: &crate::deadletter::Entry,
+    channel: ChannelName,
+) -> Result<Option<(ChannelName, Outcome)>, Option<BrokerError>> {
+    let span = telemetry::ingest_span(&entry.event);
+    match (&gateway.broker, &entry.id) {
+        (Broker::Redis(redis), crate::deadletter::LetterId::Stream(id)) => {
+            if !redis.take_dead_letter(id).await.map_err(Some)? {
+                return Ok(None);
+            }
+            match emit(gateway, &channel, &entry.event, None, &span).await {
+                Ok(outcome) => Ok(Some((channel, outcome))),
+                Err(error) => {
+                    redis.keep_dead_letter(&entry.run_id, &entry.reason, &entry.event);
+                    Err(Some(error))
+                }
+            }
+        }
+        _ => {
+            let duplicate = entry
+                .event
+                .event_id
+                .as_deref()
+                .is_some_and(|id| !gateway.dedupe.first_time(id));
+            if duplicate {
+                gateway.metrics.events_duplicate.inc();
+                return Ok(Some((channel, Outcome::Duplicate)));
+            }
+            emit(gateway, &channel, &entry.event, None, &span)
+                .await
+                .map(|outcome| Some((channel, outcome)))
+                .map_err(Some)
+        }
+    }
 }
 
 /// Registers a run (in Redis mode in the shared registry, announced to every replica) and
@@ -473,11 +503,21 @@ fn dead_letter(gateway: &Gateway, held: Held, why: &'static str) {
             "Event lost: its run_id resolves to no channel."
         );
         lost.inc();
-        // A producer's retry of this event must not be taken for a duplicate.
-        if let Some(event_id) = &event.event_id {
-            gateway.dedupe.forget(event_id);
+        match &gateway.broker {
+            Broker::Memory(_) => {
+                // A producer's retry of this event must not be taken for a duplicate.
+                if let Some(event_id) = &event.event_id {
+                    gateway.dedupe.forget(event_id);
+                }
+                gateway.deadletters.push(&held.run_id, event, why);
+            }
+            Broker::Redis(redis) => {
+                if !redis.keep_dead_letter(&held.run_id, why, &event) {
+                    gateway.metrics.broker_errors.inc();
+                    tracing::error!(target: "agentwire::deadletter", run_id = %held.run_id, event = %event.to_json(), "Dead letter not kept: the report queue is full.");
+                }
+            }
         }
-        gateway.deadletters.push(&held.run_id, event, why);
     }
     if gateway.deadletters.first_unresolved(&held.run_id) {
         gateway.metrics.unresolved_run_ids.inc();

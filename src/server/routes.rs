@@ -14,6 +14,7 @@ use serde_json::{Value, json};
 use tokio::net::TcpStream;
 
 use crate::Gateway;
+use crate::broker::Broker;
 use crate::ingest::{self, ItemResult};
 use crate::protocol::ChannelName;
 use crate::protocol::channel::check_id;
@@ -33,15 +34,27 @@ pub async fn handle(
         ("/v1/runs", &Method::POST) => runs(&gateway, request).await,
         (p, &Method::GET) if p.starts_with("/v1/runs/") => run(&gateway, &p["/v1/runs/".len()..]),
         ("/v1/deadletter", &Method::GET) => {
-            let entries = gateway.deadletters.list();
-            json_response(
-                StatusCode::OK,
-                &json!({"count": entries.len(), "events": entries}),
-            )
+            let entries = match &gateway.broker {
+                Broker::Memory(_) => Ok(gateway.deadletters.list()),
+                Broker::Redis(redis) => redis
+                    .dead_letters()
+                    .await
+                    .map(|entries| entries.iter().map(|e| e.report()).collect()),
+            };
+            match entries {
+                Ok(entries) => json_response(
+                    StatusCode::OK,
+                    &json!({"count": entries.len(), "events": entries}),
+                ),
+                Err(e) => broker_unavailable(&gateway, &e.to_string()),
+            }
         }
         ("/v1/deadletter/redrive", &Method::POST) => {
             use ingest::RedriveOutcome;
-            let results = ingest::redrive(&gateway).await;
+            let results = match ingest::redrive(&gateway).await {
+                Ok(results) => results,
+                Err(e) => return Ok(broker_unavailable(&gateway, &e.to_string())),
+            };
             let count =
                 |f: fn(&RedriveOutcome) -> bool| results.iter().filter(|r| f(&r.outcome)).count();
             let summary = json!({
@@ -465,7 +478,7 @@ async fn ledger(gateway: &Gateway, query: Option<&str>) -> Response<Body> {
                 "lost_unresolved": lost_unresolved,
                 "redriven": metrics.events_redriven.get(),
                 "generated": metrics.events_generated.get(),
-                "dead_letters": gateway.deadletters.len(),
+                "dead_letters": dead_letter_count(gateway),
             },
             "runs": {
                 "active": metrics.runs_active.get(),
@@ -501,7 +514,7 @@ fn metrics(gateway: &Gateway) -> Response<Body> {
     let text = gateway.metrics.render(|| crate::metrics::Scraped {
         totals: gateway.broker.totals(),
         pending_resolution: gateway.resolver.pending_count(),
-        deadletters: gateway.deadletters.len(),
+        deadletters: dead_letter_count(gateway),
     });
     let mut response = Response::new(Body::new(Bytes::from(text)));
     response.headers_mut().insert(
@@ -509,6 +522,14 @@ fn metrics(gateway: &Gateway) -> Response<Body> {
         HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
     );
     response
+}
+
+/// Dead letters kept: this process's, or the shared stream's (every replica shows the same).
+fn dead_letter_count(gateway: &Gateway) -> usize {
+    match &gateway.broker {
+        Broker::Memory(_) => gateway.deadletters.len(),
+        Broker::Redis(redis) => redis.dead_letter_count(),
+    }
 }
 
 fn json_response(status: StatusCode, value: &impl serde::Serialize) -> Response<Body> {

@@ -641,3 +641,56 @@ async fn history_past_its_age_leaves_redis_and_is_counted_lost_unseen() {
         3.0
     );
 }
+
+#[tokio::test]
+async fn dead_letters_are_shared_and_a_redrive_on_any_replica_delivers_them_once() {
+    let redis = Redis::start().await;
+    let quick = |c: &mut agentwire::config::Config| {
+        c.broker.redis_url = Some(redis.url());
+        c.resolve.grace = Duration::from_millis(200);
+    };
+    let a = Gateway::start_with(quick).await;
+    let b = Gateway::start_with(quick).await;
+    wait_ready(a.addr, StatusCode::OK).await;
+    wait_ready(b.addr, StatusCode::OK).await;
+    let answer = a
+        .publish(&[json!({"type": "agent_thinking", "run_id": "r_lost", "payload": {"n": 1}})])
+        .await;
+    assert_eq!(answer["results"][0]["status"], "pending_resolution");
+    // Dead-lettered on A, listed on B.
+    let deadline = std::time::Instant::now() + WAIT;
+    let letters = loop {
+        let (_, letters) = b.get("/v1/deadletter").await;
+        if letters["count"] == 1 {
+            break letters;
+        }
+        assert!(std::time::Instant::now() < deadline, "{letters}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(letters["events"][0]["run_id"], "r_lost", "{letters}");
+    assert!(letters["events"][0]["id"].is_string(), "{letters}");
+
+    let mut client = b.client("u1").await;
+    client.subscribe("t_found", None).await;
+    b.post(
+        "/v1/runs",
+        &json!({"run_id": "r_lost", "thread_id": "t_found"}).to_string(),
+    )
+    .await;
+    let (redriven_a, redriven_b) = tokio::join!(
+        a.post("/v1/deadletter/redrive", ""),
+        b.post("/v1/deadletter/redrive", "")
+    );
+    let delivered = [&redriven_a.1, &redriven_b.1]
+        .iter()
+        .map(|r| r["delivered"].as_u64().unwrap())
+        .sum::<u64>();
+    assert_eq!(delivered, 1, "{redriven_a:?} {redriven_b:?}");
+    let event = client.events(1).await.remove(0);
+    assert_eq!(
+        (&event["run_id"], &event["seq"]),
+        (&json!("r_lost"), &json!(1))
+    );
+    client.silent_for(Duration::from_millis(300)).await;
+    assert_eq!(a.get("/v1/deadletter").await.1["count"], 0);
+}

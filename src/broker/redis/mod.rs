@@ -45,6 +45,8 @@ pub use reports::Report;
 pub const REGISTERED: &str = "aw:registered";
 /// Sorted set of channels by last publish (ms), for the age sweep and `GET /v1/ledger`.
 const CHANNELS: &str = "aw:channels";
+/// The shared dead letters: fields `run_id`, `reason`, `lost_ms`, `event` (the event as sent).
+pub const DEADLETTERS: &str = "aw:deadletters";
 /// Pub/sub subscribe and unsubscribe requests waiting for the pub/sub task.
 const LIVE_QUEUE: usize = 4096;
 /// Delivery and ack reports waiting to be written to Redis; past this a report is dropped
@@ -147,6 +149,9 @@ pub struct RedisBroker {
     up: AtomicBool,
     /// Counts pub/sub (re)connections, so an attach can tell one happened while it read.
     pub(crate) generation: AtomicU64,
+    /// `deadletter.capacity`, and the length of [`DEADLETTERS`] as the last sweep read it.
+    deadletter_capacity: usize,
+    deadletter_count: AtomicU64,
     counters: Counters,
 }
 
@@ -182,6 +187,8 @@ impl RedisBroker {
             report_queue: Mutex::new(Some(report_queue)),
             up: AtomicBool::new(false),
             generation: AtomicU64::new(0),
+            deadletter_capacity: config.deadletter.capacity,
+            deadletter_count: AtomicU64::new(0),
             counters: Counters::default(),
         })
     }
@@ -554,6 +561,9 @@ impl RedisBroker {
         let now = now_ms();
         let min_t = now.saturating_sub(self.history.max_age.as_millis() as u64);
         let mut conn = self.conn();
+        if let Ok(count) = conn.xlen::<_, u64>(DEADLETTERS).await {
+            self.deadletter_count.store(count, Ordering::Relaxed);
+        }
         let idle: Vec<String> = match conn
             .zrangebyscore_limit(CHANNELS, "-inf", min_t, 0, 200)
             .await
@@ -630,6 +640,88 @@ impl RedisBroker {
     pub async fn registered(&self, run_id: &str) -> Result<Option<RunTarget>, BrokerError> {
         let value: Option<String> = self.conn().get(run_key(run_id)).await?;
         Ok(value.as_deref().and_then(parse_target))
+    }
+
+    /// Queues a dead letter for the shared stream (written by the report task, retried while Redis
+    /// is away). `false` when the queue is full: the caller logs the event, which is then gone.
+    pub fn keep_dead_letter(&self, run_id: &str, reason: &str, event: &Event) -> bool {
+        self.reports
+            .try_send(Report::DeadLetter {
+                run_id: run_id.to_string(),
+                reason: reason.to_string(),
+                lost_ms: now_ms(),
+                event: event.to_json().to_string(),
+            })
+            .is_ok()
+    }
+
+    pub(crate) async fn store_dead_letters(
+        &self,
+        letters: &[reports::DeadLetter],
+    ) -> Result<(), BrokerError> {
+        let mut pipe = redis::pipe();
+        for letter in letters {
+            pipe.cmd("XADD")
+                .arg(DEADLETTERS)
+                .arg("MAXLEN")
+                .arg("~")
+                .arg(self.deadletter_capacity)
+                .arg("*")
+                .arg("run_id")
+                .arg(&letter.run_id)
+                .arg("reason")
+                .arg(&letter.reason)
+                .arg("lost_ms")
+                .arg(letter.lost_ms)
+                .arg("event")
+                .arg(&letter.event)
+                .ignore();
+        }
+        let () = pipe.query_async(&mut self.conn()).await?;
+        Ok(())
+    }
+
+    /// The shared dead letters, oldest first (at most `deadletter.capacity`).
+    pub async fn dead_letters(&self) -> Result<Vec<crate::deadletter::Entry>, BrokerError> {
+        let entries: Vec<Entry> = redis::cmd("XRANGE")
+            .arg(DEADLETTERS)
+            .arg("-")
+            .arg("+")
+            .arg("COUNT")
+            .arg(self.deadletter_capacity)
+            .query_async(&mut self.conn())
+            .await?;
+        Ok(entries
+            .into_iter()
+            .filter_map(|(id, fields)| {
+                let text = |key: &str| {
+                    fields
+                        .get(key)
+                        .and_then(|v| std::str::from_utf8(v).ok())
+                        .map(str::to_string)
+                };
+                let lost_ms: u64 = text("lost_ms")?.parse().ok()?;
+                Some(crate::deadletter::Entry {
+                    id: crate::deadletter::LetterId::Stream(id),
+                    run_id: text("run_id")?,
+                    reason: text("reason")?,
+                    lost_at: std::time::SystemTime::UNIX_EPOCH + Duration::from_millis(lost_ms),
+                    event: crate::protocol::event::parse(&text("event")?, usize::MAX).ok()?,
+                })
+            })
+            .collect())
+    }
+
+    /// Removes one shared dead letter; `true` only for the replica that removed it (a redrive on
+    /// two replicas at once publishes it once).
+    pub async fn take_dead_letter(&self, id: &str) -> Result<bool, BrokerError> {
+        let removed: u64 = self.conn().xdel(DEADLETTERS, &[id]).await?;
+        Ok(removed == 1)
+    }
+
+    /// The number of shared dead letters as of the last sweep.
+    pub fn dead_letter_count(&self) -> usize {
+        self.deadletter_count.load(Ordering::Relaxed) as usize
     }
 
     /// Appends an HLink message to the `ui_events` stream; returns the entry id.

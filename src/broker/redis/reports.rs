@@ -23,6 +23,23 @@ pub enum Report {
     Acked(ChannelName, Arc<str>, u64),
     /// A publish at this wall-clock millisecond, for the channel index (`aw:channels`).
     Published(ChannelName, u64),
+    /// An unresolved event for the shared dead letters.
+    DeadLetter {
+        run_id: String,
+        reason: String,
+        lost_ms: u64,
+        /// The event as the producer sent it (JSON).
+        event: String,
+    },
+}
+
+/// A dead letter on its way to `aw:deadletters`.
+#[derive(Debug)]
+pub struct DeadLetter {
+    pub run_id: String,
+    pub reason: String,
+    pub lost_ms: u64,
+    pub event: String,
 }
 
 /// Batches reports into Redis until `stop`, then writes what is still queued once. While Redis is
@@ -52,6 +69,7 @@ pub async fn run(
         let mut delivered: HashMap<(ChannelName, Arc<str>), Vec<u64>> = HashMap::new();
         let mut acked: HashMap<(ChannelName, Arc<str>), u64> = HashMap::new();
         let mut published: HashMap<ChannelName, u64> = HashMap::new();
+        let mut letters = Vec::new();
         for report in batch.drain(..) {
             match report {
                 Report::Delivered(feed, seq) => delivered
@@ -66,6 +84,17 @@ pub async fn run(
                     let last = published.entry(channel).or_default();
                     *last = (*last).max(ms);
                 }
+                Report::DeadLetter {
+                    run_id,
+                    reason,
+                    lost_ms,
+                    event,
+                } => letters.push(DeadLetter {
+                    run_id,
+                    reason,
+                    lost_ms,
+                    event,
+                }),
             }
         }
         for ((channel, epoch), seqs) in delivered {
@@ -84,6 +113,18 @@ pub async fn run(
                 if stopping || retry_later(&stop).await {
                     break;
                 }
+            }
+        }
+        while !letters.is_empty()
+            && let Err(error) = broker.store_dead_letters(&letters).await
+        {
+            metrics.broker_errors.inc();
+            tracing::warn!(%error, letters = letters.len(), "Cannot store dead letters in Redis yet; retrying.");
+            if stopping || retry_later(&stop).await {
+                for letter in &letters {
+                    tracing::error!(target: "agentwire::deadletter", run_id = %letter.run_id, event = %letter.event, "Dead letter not stored: Redis is unavailable at shutdown.");
+                }
+                break;
             }
         }
         // The index only steers the age sweep: one attempt, no retry.

@@ -311,33 +311,68 @@ impl Watchdog {
         }
     }
 
-    /// Marks quiet runs stalled and forgets ended runs past `retain`. Returns the newly stalled.
-    pub fn sweep(&self, metrics: &Metrics) -> Vec<Stalled> {
+    /// Forgets ended runs past `retain` and returns the open runs quiet for longer than
+    /// `run_idle_timeout`: candidates for [`Self::stall`] (in Redis mode, once the run's shared
+    /// activity confirmed that no replica saw it either).
+    pub fn sweep(&self) -> Vec<String> {
         let now = Instant::now();
-        let mut stalled = Vec::new();
+        let mut quiet = Vec::new();
         for shard in self.shards.iter() {
             let mut shard = shard.lock().unwrap_or_else(|e| e.into_inner());
             shard.retain(|_, run| {
                 run.ended
                     .is_none_or(|ended| now.saturating_duration_since(ended) <= self.config.retain)
             });
-            for (run_id, run) in shard.iter_mut() {
-                let idle = now.saturating_duration_since(run.last_event);
-                if run.state.is_open() && idle > self.config.run_idle_timeout {
-                    tracing::warn!(%run_id, channel = %run.channel, thread_id = run.thread_id.as_deref(), idle_seconds = idle.as_secs_f64(), open_tools = run.open_tools.len(), "Run stalled.");
-                    metrics.runs_stalled.inc();
-                    end(run, RunState::Stalled, "stalled", now, metrics);
-                    stalled.push(Stalled {
-                        run_id: run_id.clone(),
-                        channel: run.channel.clone(),
-                        user_id: run.user_id.clone(),
-                        open_tools: run.open_tools.clone(),
-                        idle,
-                    });
-                }
-            }
+            quiet.extend(
+                shard
+                    .iter()
+                    .filter(|(_, run)| {
+                        run.state.is_open()
+                            && now.saturating_duration_since(run.last_event)
+                                > self.config.run_idle_timeout
+                    })
+                    .map(|(run_id, _)| run_id.clone()),
+            );
         }
-        stalled
+        quiet
+    }
+
+    /// Ends a quiet run as stalled; `None` if it is no longer open and quiet.
+    pub fn stall(&self, run_id: &str, metrics: &Metrics) -> Option<Stalled> {
+        let now = Instant::now();
+        let mut shard = self.shard(run_id);
+        let run = shard.get_mut(run_id)?;
+        let idle = now.saturating_duration_since(run.last_event);
+        if !run.state.is_open() || idle <= self.config.run_idle_timeout {
+            return None;
+        }
+        tracing::warn!(%run_id, channel = %run.channel, thread_id = run.thread_id.as_deref(), idle_seconds = idle.as_secs_f64(), open_tools = run.open_tools.len(), "Run stalled.");
+        metrics.runs_stalled.inc();
+        end(run, RunState::Stalled, "stalled", now, metrics);
+        Some(Stalled {
+            run_id: run_id.to_string(),
+            channel: run.channel.clone(),
+            user_id: run.user_id.clone(),
+            open_tools: run.open_tools.clone(),
+            idle,
+        })
+    }
+
+    /// Redis mode: another replica saw an event of this run `ago`: it is not quiet.
+    pub fn seen_elsewhere(&self, run_id: &str, ago: Duration) {
+        if let Some(run) = self.shard(run_id).get_mut(run_id) {
+            let at = Instant::now().checked_sub(ago).unwrap_or(run.last_event);
+            run.last_event = run.last_event.max(at);
+        }
+    }
+
+    /// Redis mode: the run ended through another replica, which counted its end; stop following it.
+    pub fn ended_elsewhere(&self, run_id: &str, metrics: &Metrics) {
+        if let Some(run) = self.shard(run_id).remove(run_id)
+            && run.state.is_open()
+        {
+            metrics.runs_active.dec();
+        }
     }
 
     pub fn report(&self, run_id: &str) -> Option<RunReport> {
@@ -429,7 +464,7 @@ mod tests {
             Some(RunState::Completed)
         );
         std::thread::sleep(Duration::from_millis(5));
-        assert!(dog.sweep(&metrics).is_empty());
+        assert!(dog.sweep().is_empty());
         assert!(dog.report("run_a").is_none(), "ended and past retain");
         assert_eq!(
             dog.report("run_b").map(|r| r.state),

@@ -17,6 +17,7 @@ use serde_json::value::RawValue;
 pub mod stream;
 
 use crate::Gateway;
+use crate::broker::redis::Activity;
 use crate::broker::{Broker, BrokerError, Outcome, Published};
 use crate::ledger::LostReason;
 use crate::protocol::ChannelName;
@@ -257,28 +258,55 @@ fn emitted(
         .broker_latency
         .observe(started.elapsed().as_secs_f64());
     gateway.watchdog.observe(event, channel, &gateway.metrics);
+    if let (Broker::Redis(redis), Some(run_id)) = (&gateway.broker, &event.run_id) {
+        let ended = matches!(
+            event.kind,
+            EventType::AgentCompleted | EventType::AgentError
+        );
+        redis.run_seen(run_id, ended);
+    }
     tracing::debug!(%channel, seq = published.seq, run_id = event.run_id.as_deref(), kind = event.kind.as_str(), "Emitted.");
 }
 
-/// Tells the channels of newly stalled runs, with a gateway-made `agent_error`.
-/// In Redis mode one replica wins the report of a run, so its channel is told once.
+/// Tells the channels of newly stalled runs, with a gateway-made `agent_error`. In Redis mode a
+/// run quiet here is first checked against what every replica saw of it (it may have gone on, or
+/// ended, through another replica), and one replica wins the report, so its channel is told once.
 pub async fn report_stalls(gateway: &Gateway) {
-    for stalled in gateway.watchdog.sweep(&gateway.metrics) {
-        if !gateway.config.watchdog.stalled_event {
-            continue;
-        }
+    for run_id in gateway.watchdog.sweep() {
         if let Broker::Redis(redis) = &gateway.broker {
+            match redis.run_activity(&run_id).await {
+                Ok(Some(Activity::Ended)) => {
+                    gateway.watchdog.ended_elsewhere(&run_id, &gateway.metrics);
+                    continue;
+                }
+                Ok(Some(Activity::Seen(ago)))
+                    if ago <= gateway.config.watchdog.run_idle_timeout =>
+                {
+                    gateway.watchdog.seen_elsewhere(&run_id, ago);
+                    continue;
+                }
+                Ok(_) => {}
+                // Cannot tell: decide at a later sweep.
+                Err(_) => continue,
+            }
+            // One replica counts and reports the stall; the others stop following the run.
             match redis
-                .claim_stall(&stalled.run_id, gateway.config.watchdog.retain)
+                .claim_stall(&run_id, gateway.config.watchdog.retain)
                 .await
             {
                 Ok(true) => {}
-                Ok(false) => continue,
-                Err(error) => {
-                    tracing::warn!(%error, run_id = %stalled.run_id, "Cannot tell a stalled run's channel: Redis is unavailable.");
+                Ok(false) => {
+                    gateway.watchdog.ended_elsewhere(&run_id, &gateway.metrics);
                     continue;
                 }
+                Err(_) => continue,
             }
+        }
+        let Some(stalled) = gateway.watchdog.stall(&run_id, &gateway.metrics) else {
+            continue;
+        };
+        if !gateway.config.watchdog.stalled_event {
+            continue;
         }
         // Published past the watchdog: the run is already ended as stalled.
         match gateway

@@ -494,6 +494,13 @@ async fn a_run_stalled_on_two_replicas_is_reported_to_its_channel_once() {
     assert_eq!(events[2]["type"], "agent_error", "{events:?}");
     assert_eq!(events[2]["payload"]["reason"], "stalled");
     client.silent_for(Duration::from_millis(800)).await;
+    let stalls = a.metric("agentwire_runs_stalled_total").await
+        + b.metric("agentwire_runs_stalled_total").await;
+    assert_eq!(stalls, 1.0, "counted once across the replicas");
+    assert_eq!(
+        a.metric("agentwire_runs_active").await + b.metric("agentwire_runs_active").await,
+        0.0
+    );
 }
 
 /// The `redis` bench scenario cannot rot: small, two in-process replicas, nothing lost.
@@ -693,4 +700,41 @@ async fn dead_letters_are_shared_and_a_redrive_on_any_replica_delivers_them_once
     );
     client.silent_for(Duration::from_millis(300)).await;
     assert_eq!(a.get("/v1/deadletter").await.1["count"], 0);
+}
+
+#[tokio::test]
+async fn a_run_that_goes_on_or_ends_through_another_replica_is_not_called_stalled() {
+    let redis = Redis::start().await;
+    let quick = |c: &mut agentwire::config::Config| {
+        c.broker.redis_url = Some(redis.url());
+        c.watchdog.run_idle_timeout = Duration::from_millis(400);
+    };
+    let a = Gateway::start_with(quick).await;
+    let b = Gateway::start_with(quick).await;
+    wait_ready(a.addr, StatusCode::OK).await;
+    wait_ready(b.addr, StatusCode::OK).await;
+    let mut client = a.client("u1").await;
+    client.subscribe("t_busy", None).await;
+    // A sees only the start; the run goes on through B for three times the idle timeout.
+    a.publish(&[event("agent_started", "run_busy", "t_busy")])
+        .await;
+    for _ in 0..8 {
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        b.publish(&[event("agent_thinking", "run_busy", "t_busy")])
+            .await;
+    }
+    b.publish(&[event("agent_completed", "run_busy", "t_busy")])
+        .await;
+    let kinds: Vec<Value> = client
+        .events(10)
+        .await
+        .iter()
+        .map(|e| e["type"].clone())
+        .collect();
+    assert_eq!(kinds[0], "agent_started");
+    assert_eq!(kinds[9], "agent_completed", "{kinds:?}");
+    assert!(!kinds.contains(&json!("agent_error")), "{kinds:?}");
+    client.silent_for(Duration::from_millis(1200)).await;
+    assert_eq!(a.metric("agentwire_runs_stalled_total").await, 0.0);
+    assert_eq!(a.metric("agentwire_runs_active").await, 0.0);
 }

@@ -91,6 +91,19 @@ fn run_key(run_id: &str) -> String {
     format!("aw:run:{{{run_id}}}")
 }
 
+fn run_seen_key(run_id: &str) -> String {
+    format!("aw:runseen:{{{run_id}}}")
+}
+
+/// What the replicas together last saw of a run.
+#[derive(Debug, Clone, Copy)]
+pub enum Activity {
+    /// Its last event was this long ago.
+    Seen(Duration),
+    /// It ended (`agent_completed` or `agent_error`) through some replica.
+    Ended,
+}
+
 struct Scripts {
     publish: Script,
     snapshot: Script,
@@ -149,6 +162,8 @@ pub struct RedisBroker {
     up: AtomicBool,
     /// Counts pub/sub (re)connections, so an attach can tell one happened while it read.
     pub(crate) generation: AtomicU64,
+    /// How long a run's shared activity is kept: its idle timeout twice, at least `watchdog.retain`.
+    run_seen_ttl: Duration,
     /// `deadletter.capacity`, and the length of [`DEADLETTERS`] as the last sweep read it.
     deadletter_capacity: usize,
     deadletter_count: AtomicU64,
@@ -187,6 +202,7 @@ impl RedisBroker {
             report_queue: Mutex::new(Some(report_queue)),
             up: AtomicBool::new(false),
             generation: AtomicU64::new(0),
+            run_seen_ttl: (config.watchdog.run_idle_timeout * 2).max(config.watchdog.retain),
             deadletter_capacity: config.deadletter.capacity,
             deadletter_count: AtomicU64::new(0),
             counters: Counters::default(),
@@ -747,6 +763,52 @@ impl RedisBroker {
             .query_async(&mut self.conn())
             .await?;
         Ok(id)
+    }
+
+    /// Notes an event of a run for the other replicas' watchdogs (batched by the report task).
+    pub fn run_seen(&self, run_id: &str, ended: bool) {
+        let _ = self.reports.try_send(Report::RunSeen {
+            run_id: run_id.to_string(),
+            ms: now_ms(),
+            ended,
+        });
+    }
+
+    pub(crate) async fn runs_seen(
+        &self,
+        runs: &HashMap<String, (u64, bool)>,
+    ) -> Result<(), BrokerError> {
+        let ttl = self.run_seen_ttl.as_millis().max(1) as u64;
+        let mut pipe = redis::pipe();
+        for (run_id, (ms, ended)) in runs {
+            let value = if *ended {
+                format!("end:{ms}")
+            } else {
+                ms.to_string()
+            };
+            pipe.set_options(
+                run_seen_key(run_id),
+                value,
+                redis::SetOptions::default().with_expiration(redis::SetExpiry::PX(ttl)),
+            )
+            .ignore();
+        }
+        let () = pipe.query_async(&mut self.conn()).await?;
+        Ok(())
+    }
+
+    /// What the replicas last saw of a run; `None` when nothing is recorded.
+    pub async fn run_activity(&self, run_id: &str) -> Result<Option<Activity>, BrokerError> {
+        let value: Option<String> = self.conn().get(run_seen_key(run_id)).await?;
+        Ok(value.and_then(|value| {
+            if value.starts_with("end:") {
+                return Some(Activity::Ended);
+            }
+            let ms: u64 = value.parse().ok()?;
+            Some(Activity::Seen(Duration::from_millis(
+                now_ms().saturating_sub(ms),
+            )))
+        }))
     }
 
     /// Claims the report of a stalled run for this replica: `true` for exactly one replica.

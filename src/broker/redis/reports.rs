@@ -23,6 +23,12 @@ pub enum Report {
     Acked(ChannelName, Arc<str>, u64),
     /// A publish at this wall-clock millisecond, for the channel index (`aw:channels`).
     Published(ChannelName, u64),
+    /// An event of a run sequenced here at this wall-clock millisecond; `ended` for its last.
+    RunSeen {
+        run_id: String,
+        ms: u64,
+        ended: bool,
+    },
     /// An unresolved event for the shared dead letters.
     DeadLetter {
         run_id: String,
@@ -70,6 +76,7 @@ pub async fn run(
         let mut acked: HashMap<(ChannelName, Arc<str>), u64> = HashMap::new();
         let mut published: HashMap<ChannelName, u64> = HashMap::new();
         let mut letters = Vec::new();
+        let mut runs: HashMap<String, (u64, bool)> = HashMap::new();
         for report in batch.drain(..) {
             match report {
                 Report::Delivered(feed, seq) => delivered
@@ -83,6 +90,10 @@ pub async fn run(
                 Report::Published(channel, ms) => {
                     let last = published.entry(channel).or_default();
                     *last = (*last).max(ms);
+                }
+                Report::RunSeen { run_id, ms, ended } => {
+                    let seen = runs.entry(run_id).or_default();
+                    *seen = (seen.0.max(ms), seen.1 || ended);
                 }
                 Report::DeadLetter {
                     run_id,
@@ -126,6 +137,13 @@ pub async fn run(
                 }
                 break;
             }
+        }
+        // Run activity only keeps other replicas' watchdogs from a false stall: one attempt.
+        if !runs.is_empty()
+            && let Err(error) = broker.runs_seen(&runs).await
+        {
+            metrics.broker_errors.inc();
+            tracing::debug!(%error, "Cannot record run activity.");
         }
         // The index only steers the age sweep: one attempt, no retry.
         if !published.is_empty()

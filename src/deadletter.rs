@@ -47,6 +47,9 @@ pub enum LetterId {
 #[derive(Debug, Clone)]
 pub struct Entry {
     pub id: LetterId,
+    /// Redis mode: the id that makes a second publish of this letter a duplicate (its first stream
+    /// id, kept when a failed redrive puts it back).
+    pub origin: Option<String>,
     pub run_id: String,
     pub reason: String,
     pub lost_at: SystemTime,
@@ -99,6 +102,7 @@ impl DeadLetters {
         let id = inner.next_id;
         inner.entries.push_back(Entry {
             id: LetterId::Local(id),
+            origin: None,
             run_id: run_id.to_string(),
             reason: reason.to_string(),
             lost_at: SystemTime::now(),

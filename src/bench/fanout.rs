@@ -1,6 +1,7 @@
 //! `bench fanout`, `bench saturate` and `bench redis`: C connections over T threads; P events
 //! published over HTTP, at a fixed rate or as fast as the gateway accepts; with `redis`, over two
-//! replicas (connection i and POST j go to replica i % 2 and j % 2). Latency is publish → receive,
+//! replicas (connection i and POST j go to replica i % 2 and j % 2, and every thread has watchers on
+//! both). Latency is publish → receive,
 //! read from the send time each event carries. Server CPU is summed over the replicas.
 
 use std::net::IpAddr;
@@ -72,6 +73,9 @@ pub(super) async fn run(
     let tag = run_tag();
     let deadline = Instant::now() + load.max_time;
     let thread = |k: usize| format!("bench-{tag}-t{k}");
+    // Connection i goes to replica i % R and watches thread (i / R) % T, so every thread has
+    // watchers on every replica (as browsers of one thread would, behind a load balancer).
+    let watched = |i: usize| (i / servers.len()) % load.threads;
     let expected_for = |k: usize| {
         (load.events / load.threads + usize::from(k < load.events % load.threads)) as u64
     };
@@ -84,7 +88,7 @@ pub(super) async fn run(
             servers[i % servers.len()].target.clone(),
             sources[i % sources.len()],
             Arc::clone(&gate),
-            thread(i % load.threads),
+            thread(watched(i)),
         );
         opening.push(tokio::spawn(async move {
             let _permit = gate.acquire_owned().await?;
@@ -110,7 +114,7 @@ pub(super) async fn run(
         let ws = task.await?.with_context(|| format!("connection {i}"))?;
         readers.push(tokio::spawn(receive(
             ws,
-            expected_for(i % load.threads),
+            expected_for(watched(i)),
             deadline,
         )));
     }
@@ -185,7 +189,7 @@ pub(super) async fn run(
     }
     let after = usage(servers).await?;
     let expected: u64 = (0..load.connections)
-        .map(|i| expected_for(i % load.threads))
+        .map(|i| expected_for(watched(i)))
         .sum();
     let (mut emitted, mut delivered, mut pending, mut lost, mut balanced) =
         (0u64, 0u64, 0u64, 0u64, true);

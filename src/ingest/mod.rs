@@ -18,7 +18,7 @@ pub mod stream;
 
 use crate::Gateway;
 use crate::broker::redis::Activity;
-use crate::broker::{Broker, BrokerError, Outcome, Published};
+use crate::broker::{Broker, BrokerError, Outcome, Published, RedisBroker};
 use crate::ledger::LostReason;
 use crate::protocol::ChannelName;
 use crate::protocol::event::{self, Event, EventType, Refusal};
@@ -407,10 +407,22 @@ async fn redrive_one(
             if !redis.take_dead_letter(id).await.map_err(Some)? {
                 return Ok(None);
             }
-            match emit(gateway, &channel, &entry.event, None, &span).await {
+            // Its first id makes a second publish a duplicate (a publish whose answer was lost,
+            // then a redrive of the letter put back).
+            let origin = entry.origin.as_deref().unwrap_or(id);
+            match emit(gateway, &channel, &entry.event, Some(origin), &span).await {
                 Ok(outcome) => Ok(Some((channel, outcome))),
                 Err(error) => {
-                    redis.keep_dead_letter(&entry.run_id, &entry.reason, &entry.event);
+                    let letter = RedisBroker::letter(
+                        &entry.run_id,
+                        &entry.reason,
+                        &entry.event,
+                        Some(origin),
+                    );
+                    if !redis.keep_dead_letter(letter) {
+                        gateway.metrics.broker_errors.inc();
+                        tracing::error!(target: "agentwire::deadletter", run_id = %entry.run_id, event = %entry.event.to_json(), "Dead letter not put back: the report queue is full.");
+                    }
                     Err(Some(error))
                 }
             }
@@ -515,22 +527,28 @@ pub fn expire_pending(gateway: &Gateway) {
     }
 }
 
-/// The one place an unresolved run is logged, counted and kept.
-fn dead_letter(gateway: &Gateway, held: Held, why: &'static str) {
-    let lost = gateway
+/// Logs and counts one event lost unresolved.
+fn lost_unresolved(gateway: &Gateway, run_id: &str, event: &Event, why: &str) {
+    tracing::warn!(
+        target: "agentwire::deadletter",
+        run_id,
+        kind = event.kind.as_str(),
+        event_id = event.event_id.as_deref(),
+        why,
+        "Event lost: its run_id resolves to no channel."
+    );
+    gateway
         .metrics
         .events_lost
-        .with_label_values(&[LostReason::Unresolved.as_str()]);
+        .with_label_values(&[LostReason::Unresolved.as_str()])
+        .inc();
+}
+
+/// The one place an unresolved run is logged, counted and kept (in Redis mode through the report
+/// task, which also counts the run id once across replicas).
+fn dead_letter(gateway: &Gateway, held: Held, why: &'static str) {
     for event in held.events {
-        tracing::warn!(
-            target: "agentwire::deadletter",
-            run_id = %held.run_id,
-            kind = event.kind.as_str(),
-            event_id = event.event_id.as_deref(),
-            why,
-            "Event lost: its run_id resolves to no channel."
-        );
-        lost.inc();
+        lost_unresolved(gateway, &held.run_id, &event, why);
         match &gateway.broker {
             Broker::Memory(_) => {
                 // A producer's retry of this event must not be taken for a duplicate.
@@ -540,16 +558,36 @@ fn dead_letter(gateway: &Gateway, held: Held, why: &'static str) {
                 gateway.deadletters.push(&held.run_id, event, why);
             }
             Broker::Redis(redis) => {
-                if !redis.keep_dead_letter(&held.run_id, why, &event) {
+                let letter = RedisBroker::letter(&held.run_id, why, &event, None);
+                if !redis.keep_dead_letter(letter) {
                     gateway.metrics.broker_errors.inc();
                     tracing::error!(target: "agentwire::deadletter", run_id = %held.run_id, event = %event.to_json(), "Dead letter not kept: the report queue is full.");
                 }
             }
         }
     }
-    if gateway.deadletters.first_unresolved(&held.run_id) {
+    if let Broker::Memory(_) = gateway.broker
+        && gateway.deadletters.first_unresolved(&held.run_id)
+    {
         gateway.metrics.unresolved_run_ids.inc();
     }
+}
+
+/// Redis mode, ingest stream: the letter is written before its entry is acknowledged, so a replica
+/// that dies in between leaves the entry to be claimed rather than the letter lost.
+async fn dead_letter_now(
+    gateway: &Gateway,
+    redis: &RedisBroker,
+    run_id: &str,
+    event: &Event,
+    why: &'static str,
+) -> Result<(), BrokerError> {
+    let letter = RedisBroker::letter(run_id, why, event, None);
+    redis
+        .store_dead_letters(std::slice::from_ref(&letter), &gateway.metrics)
+        .await?;
+    lost_unresolved(gateway, run_id, event, why);
+    Ok(())
 }
 
 /// Remembers `event_id`s for the dedupe window, bounded in count.

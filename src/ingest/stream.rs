@@ -25,7 +25,7 @@ use redis::streams::{
 use redis::{AsyncCommands, RedisResult};
 use tokio_util::sync::CancellationToken;
 
-use super::{Held, dead_letter, emit, register, resolve};
+use super::{dead_letter_now, emit, register, resolve};
 use crate::Gateway;
 use crate::broker::{Broker, BrokerError, now_ms};
 use crate::protocol::event::{self, EventType};
@@ -86,8 +86,16 @@ pub async fn run(gateway: Arc<Gateway>, stop: CancellationToken) {
                 last_own = Instant::now();
                 own_due = false;
                 blocked.clear();
-                let own = read(&mut conn, config, &consumer, "0", None).await?;
-                take_all(&gateway, &mut conn, own, &mut blocked).await?;
+                // Page through the whole pending list, in id order.
+                let mut after = "0".to_string();
+                loop {
+                    let own = read(&mut conn, config, &consumer, &after, None).await?;
+                    let Some(last) = own.last().map(|entry| entry.id.clone()) else {
+                        break;
+                    };
+                    take_all(&gateway, &mut conn, own, &mut blocked).await?;
+                    after = last;
+                }
             }
             if last_claim.elapsed() >= config.claim_idle / 2 {
                 last_claim = Instant::now();
@@ -174,17 +182,17 @@ async fn tidy(
     consumer: &str,
 ) -> RedisResult<()> {
     let (stream, group) = (&config.ingest_stream, &config.ingest_group);
+    // The last delivered id is read before the pending list: an entry delivered in between is
+    // after it (kept), or in the pending list (kept from its id on).
+    let groups: StreamInfoGroupsReply = conn.xinfo_groups(stream).await?;
+    let Some(info) = groups.groups.into_iter().find(|g| &g.name == group) else {
+        return Ok(());
+    };
     let pending: StreamPendingReply = conn.xpending(stream, group).await?;
     let oldest_needed = match pending {
         StreamPendingReply::Data(data) => data.start_id,
-        _ => {
-            let groups: StreamInfoGroupsReply = conn.xinfo_groups(stream).await?;
-            match groups.groups.into_iter().find(|g| &g.name == group) {
-                // Everything up to the last delivered id was acknowledged: keep only what follows.
-                Some(info) => next_id(&info.last_delivered_id),
-                None => return Ok(()),
-            }
-        }
+        // Everything up to the last delivered id was acknowledged: keep only what follows.
+        _ => next_id(&info.last_delivered_id),
     };
     let () = redis::cmd("XTRIM")
         .arg(stream)
@@ -254,6 +262,11 @@ async fn take(
     let text: Option<String> = entry.get("event");
     let event = match text.as_deref() {
         None => {
+            gateway
+                .metrics
+                .events_rejected
+                .with_label_values(&["missing_field"])
+                .inc();
             set_aside(gateway, conn, entry, "", "the entry has no `event` field").await?;
             return Ok(Taken::Done);
         }
@@ -305,16 +318,19 @@ async fn take(
             Ok(Taken::Later)
         }
         None => {
-            gateway.metrics.events_ingested.inc();
+            let Broker::Redis(redis) = &gateway.broker else {
+                return Ok(Taken::Later);
+            };
             let run_id = event.run_id.clone().unwrap_or_default();
-            dead_letter(
+            dead_letter_now(
                 gateway,
-                Held {
-                    run_id,
-                    events: vec![event],
-                },
+                redis,
+                &run_id,
+                &event,
                 "no channel within resolve.grace",
-            );
+            )
+            .await?;
+            gateway.metrics.events_ingested.inc();
             Ok(Taken::Done)
         }
     }

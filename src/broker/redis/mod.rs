@@ -658,29 +658,41 @@ impl RedisBroker {
         Ok(value.as_deref().and_then(parse_target))
     }
 
-    /// Queues a dead letter for the shared stream (written by the report task, retried while Redis
-    /// is away). `false` when the queue is full: the caller logs the event, which is then gone.
-    pub fn keep_dead_letter(&self, run_id: &str, reason: &str, event: &Event) -> bool {
-        self.reports
-            .try_send(Report::DeadLetter {
-                run_id: run_id.to_string(),
-                reason: reason.to_string(),
-                lost_ms: now_ms(),
-                event: event.to_json().to_string(),
-            })
-            .is_ok()
+    /// A dead letter as it is stored.
+    pub fn letter(
+        run_id: &str,
+        reason: &str,
+        event: &Event,
+        origin: Option<&str>,
+    ) -> reports::DeadLetter {
+        reports::DeadLetter {
+            run_id: run_id.to_string(),
+            reason: reason.to_string(),
+            lost_ms: now_ms(),
+            event: event.to_json().to_string(),
+            origin: origin.map(str::to_string),
+        }
     }
 
+    /// Queues a dead letter for the shared stream (written by the report task, retried while Redis
+    /// is away). `false` when the queue is full: the caller logs the event, which is then gone.
+    pub fn keep_dead_letter(&self, letter: reports::DeadLetter) -> bool {
+        self.reports.try_send(Report::DeadLetter(letter)).is_ok()
+    }
+
+    /// Writes dead letters, and counts each run id in `agentwire_unresolved_run_ids_total` once an
+    /// hour across replicas (`aw:unresolved:{run}`, set only by the first).
     pub(crate) async fn store_dead_letters(
         &self,
         letters: &[reports::DeadLetter],
+        metrics: &crate::metrics::Metrics,
     ) -> Result<(), BrokerError> {
         let mut pipe = redis::pipe();
         for letter in letters {
-            pipe.cmd("XADD")
+            let command = pipe
+                .cmd("XADD")
                 .arg(DEADLETTERS)
                 .arg("MAXLEN")
-                .arg("~")
                 .arg(self.deadletter_capacity)
                 .arg("*")
                 .arg("run_id")
@@ -690,10 +702,27 @@ impl RedisBroker {
                 .arg("lost_ms")
                 .arg(letter.lost_ms)
                 .arg("event")
-                .arg(&letter.event)
-                .ignore();
+                .arg(&letter.event);
+            if let Some(origin) = &letter.origin {
+                command.arg("origin").arg(origin);
+            }
+            command.ignore();
         }
-        let () = pipe.query_async(&mut self.conn()).await?;
+        let mut runs: Vec<&str> = letters.iter().map(|l| l.run_id.as_str()).collect();
+        runs.sort_unstable();
+        runs.dedup();
+        for run_id in &runs {
+            pipe.set_options(
+                format!("aw:unresolved:{{{run_id}}}"),
+                1,
+                redis::SetOptions::default()
+                    .conditional_set(redis::ExistenceCheck::NX)
+                    .with_expiration(redis::SetExpiry::PX(3_600_000)),
+            );
+        }
+        let first: Vec<Option<String>> = pipe.query_async(&mut self.conn()).await?;
+        let new_runs = first.iter().filter(|set| set.is_some()).count();
+        metrics.unresolved_run_ids.inc_by(new_runs as u64);
         Ok(())
     }
 
@@ -718,6 +747,7 @@ impl RedisBroker {
                 };
                 let lost_ms: u64 = text("lost_ms")?.parse().ok()?;
                 Some(crate::deadletter::Entry {
+                    origin: Some(text("origin").unwrap_or_else(|| id.clone())),
                     id: crate::deadletter::LetterId::Stream(id),
                     run_id: text("run_id")?,
                     reason: text("reason")?,

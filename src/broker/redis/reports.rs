@@ -30,13 +30,7 @@ pub enum Report {
         ended: bool,
     },
     /// An unresolved event for the shared dead letters.
-    DeadLetter {
-        run_id: String,
-        reason: String,
-        lost_ms: u64,
-        /// The event as the producer sent it (JSON).
-        event: String,
-    },
+    DeadLetter(DeadLetter),
 }
 
 /// A dead letter on its way to `aw:deadletters`.
@@ -45,7 +39,10 @@ pub struct DeadLetter {
     pub run_id: String,
     pub reason: String,
     pub lost_ms: u64,
+    /// The event as the producer sent it (JSON).
     pub event: String,
+    /// The letter's first stream id, when a failed redrive puts it back.
+    pub origin: Option<String>,
 }
 
 /// Batches reports into Redis until `stop`, then writes what is still queued once. While Redis is
@@ -95,17 +92,7 @@ pub async fn run(
                     let seen = runs.entry(run_id).or_default();
                     *seen = (seen.0.max(ms), seen.1 || ended);
                 }
-                Report::DeadLetter {
-                    run_id,
-                    reason,
-                    lost_ms,
-                    event,
-                } => letters.push(DeadLetter {
-                    run_id,
-                    reason,
-                    lost_ms,
-                    event,
-                }),
+                Report::DeadLetter(letter) => letters.push(letter),
             }
         }
         for ((channel, epoch), seqs) in delivered {
@@ -127,7 +114,7 @@ pub async fn run(
             }
         }
         while !letters.is_empty()
-            && let Err(error) = broker.store_dead_letters(&letters).await
+            && let Err(error) = broker.store_dead_letters(&letters, metrics).await
         {
             metrics.broker_errors.inc();
             tracing::warn!(%error, letters = letters.len(), "Cannot store dead letters in Redis yet; retrying.");

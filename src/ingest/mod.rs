@@ -139,15 +139,7 @@ async fn accept_in(
         gateway.metrics.events_duplicate.inc();
         return Ok(ItemResult::Duplicate);
     }
-    if event.kind == EventType::AgentStarted
-        && let (Some(run_id), Some(thread_id)) = (&event.run_id, &event.thread_id)
-    {
-        let target = RunTarget {
-            thread_id: Some(thread_id.clone()),
-            user_id: event.user_id.clone(),
-        };
-        register(gateway, run_id, target).await?;
-    }
+    register_start(gateway, &event).await?;
     if let Some(channel) = resolve(gateway, &event).await? {
         return accepted(gateway, &channel, &event, entry, span).await;
     }
@@ -209,6 +201,21 @@ async fn accepted(
         },
         Outcome::Duplicate => ItemResult::Duplicate,
     })
+}
+
+/// An `agent_started` that names its thread registers its run, so that later events carrying only
+/// the run id find the thread.
+async fn register_start(gateway: &Gateway, event: &Event) -> Result<(), BrokerError> {
+    if event.kind == EventType::AgentStarted
+        && let (Some(run_id), Some(thread_id)) = (&event.run_id, &event.thread_id)
+    {
+        let target = RunTarget {
+            thread_id: Some(thread_id.clone()),
+            user_id: event.user_id.clone(),
+        };
+        register(gateway, run_id, target).await?;
+    }
+    Ok(())
 }
 
 /// The channel of `event`: in Redis mode the shared run registry is asked first.

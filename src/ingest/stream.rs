@@ -25,11 +25,10 @@ use redis::streams::{
 use redis::{AsyncCommands, RedisResult};
 use tokio_util::sync::CancellationToken;
 
-use super::{dead_letter_now, emit, register, resolve};
+use super::{dead_letter_now, emit, register_start, resolve};
 use crate::Gateway;
 use crate::broker::{Broker, BrokerError, now_ms};
-use crate::protocol::event::{self, EventType};
-use crate::resolve::RunTarget;
+use crate::protocol::event;
 use crate::telemetry;
 
 const BATCH: usize = 100;
@@ -293,15 +292,7 @@ async fn take(
     {
         return Ok(Taken::Later);
     }
-    if event.kind == EventType::AgentStarted
-        && let (Some(run_id), Some(thread_id)) = (&event.run_id, &event.thread_id)
-    {
-        let target = RunTarget {
-            thread_id: Some(thread_id.clone()),
-            user_id: event.user_id.clone(),
-        };
-        register(gateway, run_id, target).await?;
-    }
+    register_start(gateway, &event).await?;
     match resolve(gateway, &event).await? {
         Some(channel) => {
             let span = telemetry::ingest_span(&event);

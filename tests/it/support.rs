@@ -521,3 +521,29 @@ pub async fn wait_ready(addr: SocketAddr, status: StatusCode) {
     }
     panic!("/readyz on {addr} never answered {status}");
 }
+
+/// Runs `agentwire bench …` to its end and returns its JSON line. Every scenario but `idle` must
+/// have received every delivery with nothing lost and the ledger balanced; no speed is asserted.
+pub async fn bench(args: &[&str]) -> Value {
+    let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
+    let shown = args.join(" ");
+    let output = tokio::task::spawn_blocking(move || binary().args(&args).output().unwrap())
+        .await
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "{shown}: {stdout}\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let result: Value = serde_json::from_str(stdout.trim()).unwrap();
+    if result["scenario"] != "idle" {
+        assert_eq!(
+            result["deliveries_received"], result["deliveries_expected"],
+            "{result}"
+        );
+        assert_eq!(result["ledger"]["lost"], 0, "{result}");
+        assert_eq!(result["ledger"]["balanced"], true, "{result}");
+    }
+    result
+}

@@ -171,10 +171,13 @@ pub fn error(code: ErrorCode, message: &str) -> Bytes {
 }
 
 /// The answer to an HLink message: queued for the agent backends under `message_id`.
-pub fn websocket_ack(message_id: &str, client_id: Option<&str>) -> Bytes {
-    frame(
-        json!({"type": "websocket_ack", "message_id": message_id, "id": client_id, "status": "queued"}),
-    )
+/// `entry_id` is the `ui_events` stream entry the message went to (Redis mode).
+pub fn websocket_ack(message_id: &str, client_id: Option<&str>, entry_id: Option<&str>) -> Bytes {
+    let mut ack = json!({"type": "websocket_ack", "message_id": message_id, "id": client_id, "status": "queued"});
+    if let Some(entry_id) = entry_id {
+        ack["entry_id"] = entry_id.into();
+    }
+    frame(ack)
 }
 
 pub fn pong() -> Bytes {

@@ -570,8 +570,9 @@ impl Session {
                         .with_label_values(&["delivered"])
                         .inc();
                     self.outbox.push(Outgoing::Frame(server::websocket_ack(
-                        &entry_id,
+                        &outbound.message_id,
                         client_id.as_deref(),
+                        Some(&entry_id),
                     )));
                 }
                 Err(error) => {
@@ -590,6 +591,7 @@ impl Session {
                 self.outbox.push(Outgoing::Frame(server::websocket_ack(
                     &message_id,
                     client_id.as_deref(),
+                    None,
                 )));
             }
             Err(Refused::NotConfigured) => self.error(

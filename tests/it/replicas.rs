@@ -408,7 +408,7 @@ async fn hlink_messages_land_in_ui_events_with_the_sender_and_bad_ones_name_the_
         .await;
     let ack = client.recv().await;
     assert_eq!(ack["type"], "websocket_ack", "{ack}");
-    let entry_id = ack["message_id"].as_str().unwrap().to_string();
+    let entry_id = ack["entry_id"].as_str().unwrap().to_string();
     let mut conn = redis.conn().await;
     let stream: redis::streams::StreamRangeReply = conn.xrange_all("ui_events").await.unwrap();
     assert_eq!(stream.ids.len(), 1);
@@ -418,6 +418,7 @@ async fn hlink_messages_land_in_ui_events_with_the_sender_and_bad_ones_name_the_
     assert_eq!(entry.get::<String>("type").unwrap(), "user_message");
     let message: Value = serde_json::from_str(&entry.get::<String>("message").unwrap()).unwrap();
     assert_eq!(message["payload"]["text"], "hi");
+    assert_eq!(message["message_id"], ack["message_id"]);
     assert!(message["connection_id"].is_string());
 
     for (frame, field) in [

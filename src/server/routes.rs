@@ -33,22 +33,35 @@ pub async fn handle(
         ("/v1/events", &Method::POST) => events(&gateway, request).await,
         ("/v1/runs", &Method::POST) => runs(&gateway, request).await,
         (p, &Method::GET) if p.starts_with("/v1/runs/") => run(&gateway, &p["/v1/runs/".len()..]),
-        ("/v1/deadletter", &Method::GET) => {
-            let entries = match &gateway.broker {
-                Broker::Memory(_) => Ok(gateway.deadletters.list()),
-                Broker::Redis(redis) => redis
-                    .dead_letters()
-                    .await
-                    .map(|entries| entries.iter().map(|e| e.report()).collect()),
-            };
-            match entries {
-                Ok(entries) => json_response(
+        ("/v1/deadletter", &Method::GET) => match &gateway.broker {
+            Broker::Memory(_) => {
+                let entries = gateway.deadletters.list();
+                json_response(
                     StatusCode::OK,
                     &json!({"count": entries.len(), "events": entries}),
-                ),
-                Err(e) => broker_unavailable(&gateway, &e.to_string()),
+                )
             }
-        }
+            // Redis mode also lists the malformed ingest stream entries that were set aside.
+            Broker::Redis(redis) => {
+                let listed = async {
+                    let entries = redis.dead_letters().await?;
+                    let malformed = redis
+                        .malformed(&gateway.config.broker.ingest_stream)
+                        .await?;
+                    Ok::<_, crate::broker::BrokerError>((entries, malformed))
+                };
+                match listed.await {
+                    Ok((entries, malformed)) => {
+                        let events: Vec<_> = entries.iter().map(|e| e.report()).collect();
+                        json_response(
+                            StatusCode::OK,
+                            &json!({"count": events.len(), "events": events, "malformed": malformed}),
+                        )
+                    }
+                    Err(e) => broker_unavailable(&gateway, &e.to_string()),
+                }
+            }
+        },
         ("/v1/deadletter/redrive", &Method::POST) => {
             use ingest::RedriveOutcome;
             let results = match ingest::redrive(&gateway).await {

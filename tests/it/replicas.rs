@@ -322,6 +322,14 @@ async fn a_malformed_ingest_entry_is_set_aside_with_its_reason_and_does_not_bloc
     assert_eq!(reasons.len(), 2, "{reasons:?}");
     assert!(reasons[0].contains("run_id"), "{reasons:?}");
     assert!(reasons[1].contains("`event`"), "{reasons:?}");
+    // The operator sees them beside the dead letters, newest first.
+    let (_, letters) = gateway.get("/v1/deadletter").await;
+    assert_eq!(
+        letters["malformed"].as_array().unwrap().len(),
+        2,
+        "{letters}"
+    );
+    assert_eq!(letters["malformed"][1]["reason"], reasons[0].as_str());
 }
 
 #[tokio::test]

@@ -758,6 +758,33 @@ impl RedisBroker {
             .collect())
     }
 
+    /// The newest malformed ingest entries set aside in `<ingest_stream>:dead` (at most 100),
+    /// newest first: `{id, entry, reason, event}`.
+    pub async fn malformed(
+        &self,
+        ingest_stream: &str,
+    ) -> Result<Vec<serde_json::Value>, BrokerError> {
+        let entries: Vec<Entry> = redis::cmd("XREVRANGE")
+            .arg(format!("{ingest_stream}:dead"))
+            .arg("+")
+            .arg("-")
+            .arg("COUNT")
+            .arg(100)
+            .query_async(&mut self.conn())
+            .await?;
+        Ok(entries
+            .into_iter()
+            .map(|(id, fields)| {
+                let text = |key: &str| {
+                    fields
+                        .get(key)
+                        .map(|v| String::from_utf8_lossy(v).into_owned())
+                };
+                serde_json::json!({"id": id, "entry": text("entry"), "reason": text("reason"), "event": text("event")})
+            })
+            .collect())
+    }
+
     /// Removes one shared dead letter; `true` only for the replica that removed it (a redrive on
     /// two replicas at once publishes it once).
     pub async fn take_dead_letter(&self, id: &str) -> Result<bool, BrokerError> {

@@ -33,35 +33,7 @@ pub async fn handle(
         ("/v1/events", &Method::POST) => events(&gateway, request).await,
         ("/v1/runs", &Method::POST) => runs(&gateway, request).await,
         (p, &Method::GET) if p.starts_with("/v1/runs/") => run(&gateway, &p["/v1/runs/".len()..]),
-        ("/v1/deadletter", &Method::GET) => match &gateway.broker {
-            Broker::Memory(_) => {
-                let entries = gateway.deadletters.list();
-                json_response(
-                    StatusCode::OK,
-                    &json!({"count": entries.len(), "events": entries}),
-                )
-            }
-            // Redis mode also lists the malformed ingest stream entries that were set aside.
-            Broker::Redis(redis) => {
-                let listed = async {
-                    let entries = redis.dead_letters().await?;
-                    let malformed = redis
-                        .malformed(&gateway.config.broker.ingest_stream)
-                        .await?;
-                    Ok::<_, crate::broker::BrokerError>((entries, malformed))
-                };
-                match listed.await {
-                    Ok((entries, malformed)) => {
-                        let events: Vec<_> = entries.iter().map(|e| e.report()).collect();
-                        json_response(
-                            StatusCode::OK,
-                            &json!({"count": events.len(), "events": events, "malformed": malformed}),
-                        )
-                    }
-                    Err(e) => broker_unavailable(&gateway, &e.to_string()),
-                }
-            }
-        },
+        ("/v1/deadletter", &Method::GET) => dead_letters(&gateway).await,
         ("/v1/deadletter/redrive", &Method::POST) => {
             use ingest::RedriveOutcome;
             let results = match ingest::redrive(&gateway).await {
@@ -535,6 +507,38 @@ fn metrics(gateway: &Gateway) -> Response<Body> {
         HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
     );
     response
+}
+
+/// `GET /v1/deadletter`: in Redis mode the shared letters, and the malformed ingest stream entries
+/// that were set aside.
+async fn dead_letters(gateway: &Gateway) -> Response<Body> {
+    let redis = match &gateway.broker {
+        Broker::Memory(_) => {
+            let entries = gateway.deadletters.list();
+            return json_response(
+                StatusCode::OK,
+                &json!({"count": entries.len(), "events": entries}),
+            );
+        }
+        Broker::Redis(redis) => redis,
+    };
+    let listed = async {
+        let entries = redis.dead_letters().await?;
+        let malformed = redis
+            .malformed(&gateway.config.broker.ingest_stream)
+            .await?;
+        Ok::<_, crate::broker::BrokerError>((entries, malformed))
+    };
+    match listed.await {
+        Ok((entries, malformed)) => {
+            let events: Vec<_> = entries.iter().map(|e| e.report()).collect();
+            json_response(
+                StatusCode::OK,
+                &json!({"count": events.len(), "events": events, "malformed": malformed}),
+            )
+        }
+        Err(e) => broker_unavailable(gateway, &e.to_string()),
+    }
 }
 
 /// Dead letters kept: this process's, or the shared stream's (every replica shows the same).

@@ -556,5 +556,26 @@ mod tests {
             assert!(error.reason.contains("max_evnts"), "{error}");
             Ok(())
         });
+        for (key, value, named) in [
+            (
+                "AGENTWIRE_BROKER__REDIS_URL",
+                "http://nope",
+                "broker.redis_url",
+            ),
+            ("AGENTWIRE_BROKER__CLAIM_IDLE", "1s", "broker.claim_idle"),
+            ("AGENTWIRE_BROKER__CLAIM_IDLE", "1h", "broker.claim_idle"),
+            (
+                "AGENTWIRE_BROKER__INGEST_STREAM",
+                "",
+                "broker.ingest_stream",
+            ),
+        ] {
+            Jail::expect_with(|jail| {
+                jail.set_env(key, value);
+                let error = Config::load(None).expect_err("must fail");
+                assert_eq!(error.key, named, "{key}={value}: {error}");
+                Ok(())
+            });
+        }
     }
 }

@@ -4,7 +4,8 @@
 //! bounded pending set for `resolve.grace`; a late registration releases it, in arrival order.
 //! A run_id is never used as a channel.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Mutex, MutexGuard};
 use std::time::Instant;
 
@@ -51,6 +52,9 @@ pub struct Held {
 pub struct Resolver {
     config: ResolveConfig,
     state: Mutex<State>,
+    /// Runs held or being released (Redis mode), read without the lock: while it is 0 no event
+    /// needs to wait behind another, and the hot path takes no lock.
+    waiting: AtomicUsize,
 }
 
 #[derive(Default)]
@@ -60,6 +64,8 @@ struct State {
     order: VecDeque<(String, Instant)>,
     pending: HashMap<String, (Instant, Vec<Event>)>,
     pending_count: usize,
+    /// Redis mode: runs whose held events are being published outside the lock.
+    releasing: HashSet<String>,
 }
 
 impl State {
@@ -106,11 +112,86 @@ impl Resolver {
         Self {
             config,
             state: Mutex::default(),
+            waiting: AtomicUsize::new(0),
         }
     }
 
     fn state(&self) -> MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Called with the lock held after the pending set or the releasing set changed.
+    fn count_waiting(&self, state: &State) {
+        self.waiting.store(
+            state.pending.len() + state.releasing.len(),
+            Ordering::Release,
+        );
+    }
+
+    /// Redis mode: whether events of `run_id` are held or being released (a later event of the
+    /// run must wait behind them).
+    pub fn is_waiting(&self, run_id: &str) -> bool {
+        if self.waiting.load(Ordering::Acquire) == 0 {
+            return false;
+        }
+        let state = self.state();
+        state.releasing.contains(run_id) || state.pending.contains_key(run_id)
+    }
+
+    /// Redis mode: holds `event` behind the earlier events of its run that are held or being
+    /// released, so it cannot overtake them; they are published in arrival order by
+    /// [`Self::begin_release`] and [`Self::continue_release`]. `Err` gives it back otherwise.
+    pub fn hold_behind(&self, event: Event) -> Result<(), Box<Event>> {
+        if self.waiting.load(Ordering::Acquire) == 0 {
+            return Err(Box::new(event));
+        }
+        let Some(run_id) = event.run_id.clone() else {
+            return Err(Box::new(event));
+        };
+        let mut state = self.state();
+        if !state.releasing.contains(&run_id) && !state.pending.contains_key(&run_id) {
+            return Err(Box::new(event));
+        }
+        state.pending_count += 1;
+        state
+            .pending
+            .entry(run_id)
+            .or_insert_with(|| (Instant::now(), Vec::new()))
+            .1
+            .push(event);
+        self.count_waiting(&state);
+        Ok(())
+    }
+
+    /// Redis mode: records the run and takes its held events to publish (with the lock released,
+    /// since a publish awaits Redis). Until [`Self::continue_release`] finds none left, later
+    /// events of the run are held behind them.
+    pub fn begin_release(&self, run_id: &str, target: RunTarget) -> Vec<Event> {
+        let mut events = Vec::new();
+        self.register(run_id, target, |_, event| events.push(event.clone()));
+        if !events.is_empty() {
+            let mut state = self.state();
+            state.releasing.insert(run_id.to_string());
+            self.count_waiting(&state);
+        }
+        events
+    }
+
+    /// Redis mode: the events held behind a release meanwhile; none ends the release.
+    pub fn continue_release(&self, run_id: &str) -> Vec<Event> {
+        let mut state = self.state();
+        let events = match state.pending.remove(run_id) {
+            Some((_, events)) => {
+                state.pending_count -= events.len();
+                events
+            }
+            None => {
+                state.releasing.remove(run_id);
+                Vec::new()
+            }
+        };
+        self.count_waiting(&state);
+        events
     }
 
     /// The channel of `event`, or `None` if nothing names one yet.
@@ -156,6 +237,7 @@ impl Resolver {
             return 0;
         };
         state.pending_count -= events.len();
+        self.count_waiting(&state);
         for event in &events {
             release(&channel, event);
         }
@@ -190,6 +272,7 @@ impl Resolver {
             .or_insert_with(|| (Instant::now(), Vec::new()))
             .1
             .push(event);
+        self.count_waiting(&state);
         Ok(())
     }
 
@@ -209,20 +292,26 @@ impl Resolver {
         let ttl = self.config.registry_ttl;
         let mut state = self.state();
         state.forget_oldest(|_, at| now.saturating_duration_since(at) <= ttl);
+        // Events held behind a release have their run: they are not waiting for one.
         let expired: Vec<String> = state
             .pending
             .iter()
-            .filter(|(_, (since, _))| now.saturating_duration_since(*since) > self.config.grace)
+            .filter(|(run_id, (since, _))| {
+                now.saturating_duration_since(*since) > self.config.grace
+                    && !state.releasing.contains(*run_id)
+            })
             .map(|(run_id, _)| run_id.clone())
             .collect();
-        expired
+        let expired = expired
             .into_iter()
             .filter_map(|run_id| {
                 let (_, events) = state.pending.remove(&run_id)?;
                 state.pending_count -= events.len();
                 Some(Held { run_id, events })
             })
-            .collect()
+            .collect();
+        self.count_waiting(&state);
+        expired
     }
 }
 
@@ -335,6 +424,39 @@ mod tests {
 
     fn late_event() -> Event {
         event(r#"{"type":"agent_thinking","run_id":"run_late"}"#)
+    }
+
+    #[test]
+    fn events_of_a_run_being_released_wait_behind_the_held_ones() {
+        let r = resolver();
+        let n = |n: u64| {
+            event(&format!(
+                r#"{{"type":"agent_thinking","run_id":"run_r","payload":{{"n":{n}}}}}"#
+            ))
+        };
+        let order = |events: &[Event]| -> Vec<u64> {
+            events
+                .iter()
+                .map(|e| e.payload["n"].as_u64().unwrap())
+                .collect()
+        };
+        assert!(r.hold_behind(n(0)).is_err(), "nothing held: no wait");
+        r.hold(n(1)).unwrap();
+        let target = RunTarget {
+            thread_id: Some("t".into()),
+            user_id: None,
+        };
+        let first = r.begin_release("run_r", target);
+        assert_eq!(order(&first), [1]);
+        // Arrives while the first is being published: it waits, and is not expired as unresolved.
+        r.hold_behind(n(2)).unwrap();
+        assert!(r.is_waiting("run_r"));
+        assert!(r.expire(Instant::now() + Duration::from_secs(1)).is_empty());
+        assert_eq!(order(&r.continue_release("run_r")), [2]);
+        assert!(r.continue_release("run_r").is_empty());
+        assert!(!r.is_waiting("run_r"));
+        assert!(r.hold_behind(n(3)).is_err(), "the release ended");
+        assert_eq!(r.pending_count(), 0);
     }
 
     #[test]

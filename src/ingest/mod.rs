@@ -141,6 +141,14 @@ async fn accept_in(
     }
     register_start(gateway, &event).await?;
     if let Some(channel) = resolve(gateway, &event).await? {
+        // Redis mode: earlier events of its run are held or being released; it goes behind them.
+        let event = match &gateway.broker {
+            Broker::Redis(_) => match gateway.resolver.hold_behind(event) {
+                Ok(()) => return Ok(ItemResult::PendingResolution),
+                Err(event) => *event,
+            },
+            Broker::Memory(_) => event,
+        };
         return accepted(gateway, &channel, &event, entry, span).await;
     }
     let run_id = event.run_id.clone();
@@ -495,26 +503,33 @@ async fn release_local(gateway: &Gateway, run_id: &str, target: RunTarget) -> us
             });
             emitted(gateway, channel, event, &published, started);
         }),
+        // Published with the lock released (a publish awaits Redis); events of the run that
+        // arrive meanwhile are held behind these and published by this loop, in order.
         Broker::Redis(_) => {
-            let mut held = Vec::new();
-            gateway.resolver.register(run_id, target, |channel, event| {
-                held.push((channel.clone(), event.clone()));
-            });
-            for (channel, event) in &held {
-                let span = telemetry::ingest_span(event);
-                if let Err(error) = emit(gateway, channel, event, None, &span).await {
-                    tracing::warn!(%error, run_id, "A released event could not be published.");
-                    dead_letter(
-                        gateway,
-                        Held {
-                            run_id: run_id.to_string(),
-                            events: vec![event.clone()],
-                        },
-                        "broker unavailable at release",
-                    );
+            let Some(channel) = target.channel() else {
+                return 0;
+            };
+            let mut held = gateway.resolver.begin_release(run_id, target);
+            let mut released = 0;
+            while !held.is_empty() {
+                for event in held {
+                    released += 1;
+                    let span = telemetry::ingest_span(&event);
+                    if let Err(error) = emit(gateway, &channel, &event, None, &span).await {
+                        tracing::warn!(%error, run_id, "A released event could not be published.");
+                        dead_letter(
+                            gateway,
+                            Held {
+                                run_id: run_id.to_string(),
+                                events: vec![event],
+                            },
+                            "broker unavailable at release",
+                        );
+                    }
                 }
+                held = gateway.resolver.continue_release(run_id);
             }
-            held.len()
+            released
         }
     };
     if released > 0 {

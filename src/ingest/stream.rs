@@ -286,9 +286,10 @@ async fn take(
             }
         },
     };
-    // An earlier entry of this run waits for its registration: keep the run's order.
+    // An earlier entry of this run waits for its registration, or events of the run are held or
+    // being released here: keep the run's order.
     if let Some(run_id) = &event.run_id
-        && blocked.contains(run_id)
+        && (blocked.contains(run_id) || gateway.resolver.is_waiting(run_id))
     {
         return Ok(Taken::Later);
     }

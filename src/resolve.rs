@@ -128,19 +128,16 @@ impl Resolver {
         );
     }
 
-    /// Redis mode: whether events of `run_id` are held or being released (a later event of the
+    /// Redis mode: whether the held events of `run_id` are being released (a later event of the
     /// run must wait behind them).
     pub fn is_waiting(&self, run_id: &str) -> bool {
-        if self.waiting.load(Ordering::Acquire) == 0 {
-            return false;
-        }
-        let state = self.state();
-        state.releasing.contains(run_id) || state.pending.contains_key(run_id)
+        self.waiting.load(Ordering::Acquire) > 0 && self.state().releasing.contains(run_id)
     }
 
-    /// Redis mode: holds `event` behind the earlier events of its run that are held or being
-    /// released, so it cannot overtake them; they are published in arrival order by
-    /// [`Self::begin_release`] and [`Self::continue_release`]. `Err` gives it back otherwise.
+    /// Redis mode: holds `event` behind the earlier events of its run that are being released,
+    /// so it cannot overtake them; they are published in arrival order by [`Self::begin_release`]
+    /// and [`Self::continue_release`]. `Err` gives it back otherwise. (An event that has its
+    /// channel never waits for a run that is not registered: it could be dead-lettered.)
     pub fn hold_behind(&self, event: Event) -> Result<(), Box<Event>> {
         if self.waiting.load(Ordering::Acquire) == 0 {
             return Err(Box::new(event));
@@ -149,7 +146,7 @@ impl Resolver {
             return Err(Box::new(event));
         };
         let mut state = self.state();
-        if !state.releasing.contains(&run_id) && !state.pending.contains_key(&run_id) {
+        if !state.releasing.contains(&run_id) {
             return Err(Box::new(event));
         }
         state.pending_count += 1;
@@ -442,6 +439,10 @@ mod tests {
         };
         assert!(r.hold_behind(n(0)).is_err(), "nothing held: no wait");
         r.hold(n(1)).unwrap();
+        assert!(
+            r.hold_behind(n(0)).is_err(),
+            "held but not registered: an event with a channel does not wait"
+        );
         let target = RunTarget {
             thread_id: Some("t".into()),
             user_id: None,

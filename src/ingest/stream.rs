@@ -286,7 +286,7 @@ async fn take(
             }
         },
     };
-    // An earlier entry of this run waits for its registration, or events of the run are held or
+    // An earlier entry of this run waits for its registration, or held events of the run are
     // being released here: keep the run's order.
     if let Some(run_id) = &event.run_id
         && (blocked.contains(run_id) || gateway.resolver.is_waiting(run_id))

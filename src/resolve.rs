@@ -149,6 +149,12 @@ impl Resolver {
         if !state.releasing.contains(&run_id) {
             return Err(Box::new(event));
         }
+        self.keep(&mut state, run_id, event);
+        Ok(())
+    }
+
+    /// Adds an event to its run's held events (lock held).
+    fn keep(&self, state: &mut State, run_id: String, event: Event) {
         state.pending_count += 1;
         state
             .pending
@@ -156,8 +162,7 @@ impl Resolver {
             .or_insert_with(|| (Instant::now(), Vec::new()))
             .1
             .push(event);
-        self.count_waiting(&state);
-        Ok(())
+        self.count_waiting(state);
     }
 
     /// Redis mode: records the run and takes its held events to publish (with the lock released,
@@ -262,14 +267,7 @@ impl Resolver {
                 channel: None,
             });
         }
-        state.pending_count += 1;
-        state
-            .pending
-            .entry(run_id)
-            .or_insert_with(|| (Instant::now(), Vec::new()))
-            .1
-            .push(event);
-        self.count_waiting(&state);
+        self.keep(&mut state, run_id, event);
         Ok(())
     }
 

@@ -166,8 +166,6 @@ impl Channel {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Drops history entries past the count limit or older than `max_age`; undelivered ones
-    /// are lost, by whether anyone was subscribed.
     /// Drops history entries past the count limit or older than `max_age`; undelivered ones are
     /// lost, `expired_subscribed` if they had been queued to a subscriber, else `expired_unseen`.
     /// Returns what was lost, to be logged once the locks are released.

@@ -273,13 +273,6 @@ fn emitted(
         .broker_latency
         .observe(started.elapsed().as_secs_f64());
     gateway.watchdog.observe(event, channel, &gateway.metrics);
-    if let (Broker::Redis(redis), Some(run_id)) = (&gateway.broker, &event.run_id) {
-        let ended = matches!(
-            event.kind,
-            EventType::AgentCompleted | EventType::AgentError
-        );
-        redis.run_seen(run_id, ended);
-    }
     tracing::debug!(%channel, seq = published.seq, run_id = event.run_id.as_deref(), kind = event.kind.as_str(), "Emitted.");
 }
 

@@ -35,7 +35,7 @@ use crate::fanout::Outbox;
 use crate::ledger::{ChannelReport, Counts, LostReason, LostReport, Totals};
 use crate::protocol::ChannelName;
 use crate::protocol::client::Since;
-use crate::protocol::event::Event;
+use crate::protocol::event::{Event, EventType};
 use crate::protocol::server::{self, Subscribed};
 use crate::resolve::RunTarget;
 
@@ -280,8 +280,17 @@ impl RedisBroker {
         }
         self.counters.emitted.fetch_add(1, Ordering::Relaxed);
         self.count_lost(name, unseen, subscribed);
-        // The channel index is not in the script: it spans channels (Redis Cluster slots).
-        let _ = self.reports.try_send(Report::Published(name.clone(), now));
+        // The channel index and the run's activity are not in the script: they span channels
+        // (Redis Cluster slots). One report, batched by the report task.
+        let ended = matches!(
+            event.kind,
+            EventType::AgentCompleted | EventType::AgentError
+        );
+        let _ = self.reports.try_send(Report::Published {
+            channel: name.clone(),
+            ms: now,
+            run: event.run_id.clone().map(|run_id| (run_id, ended)),
+        });
         Ok(Outcome::Published(Published {
             seq,
             epoch: epoch.into(),
@@ -739,20 +748,16 @@ impl RedisBroker {
         Ok(entries
             .into_iter()
             .filter_map(|(id, fields)| {
-                let text = |key: &str| {
-                    fields
-                        .get(key)
-                        .and_then(|v| std::str::from_utf8(v).ok())
-                        .map(str::to_string)
-                };
-                let lost_ms: u64 = text("lost_ms")?.parse().ok()?;
+                let text = |key| field(&fields, key).map(str::to_string);
+                let lost_ms: u64 = field(&fields, "lost_ms")?.parse().ok()?;
                 Some(crate::deadletter::Entry {
                     origin: Some(text("origin").unwrap_or_else(|| id.clone())),
                     id: crate::deadletter::LetterId::Stream(id),
                     run_id: text("run_id")?,
                     reason: text("reason")?,
                     lost_at: std::time::SystemTime::UNIX_EPOCH + Duration::from_millis(lost_ms),
-                    event: crate::protocol::event::parse(&text("event")?, usize::MAX).ok()?,
+                    event: crate::protocol::event::parse(field(&fields, "event")?, usize::MAX)
+                        .ok()?,
                 })
             })
             .collect())
@@ -775,11 +780,7 @@ impl RedisBroker {
         Ok(entries
             .into_iter()
             .map(|(id, fields)| {
-                let text = |key: &str| {
-                    fields
-                        .get(key)
-                        .map(|v| String::from_utf8_lossy(v).into_owned())
-                };
+                let text = |key| field(&fields, key);
                 serde_json::json!({"id": id, "entry": text("entry"), "reason": text("reason"), "event": text("event")})
             })
             .collect())
@@ -820,15 +821,6 @@ impl RedisBroker {
             .query_async(&mut self.conn())
             .await?;
         Ok(id)
-    }
-
-    /// Notes an event of a run for the other replicas' watchdogs (batched by the report task).
-    pub fn run_seen(&self, run_id: &str, ended: bool) {
-        let _ = self.reports.try_send(Report::RunSeen {
-            run_id: run_id.to_string(),
-            ms: now_ms(),
-            ended,
-        });
     }
 
     pub(crate) async fn runs_seen(
@@ -917,7 +909,6 @@ pub fn start(
     let crate::broker::Broker::Redis(redis) = &gateway.broker else {
         return Vec::new();
     };
-    let take = |slot: &Mutex<Option<_>>| slot.lock().unwrap_or_else(|e| e.into_inner()).take();
     let mut tasks = Vec::new();
     let g = Arc::clone(gateway);
     let s = stop.clone();
@@ -935,12 +926,7 @@ pub fn start(
             }
         }));
     }
-    let queue = redis
-        .report_queue
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .take();
-    if let Some(queue) = queue {
+    if let Some(queue) = take(&redis.report_queue) {
         let g = Arc::clone(gateway);
         let s = stop.clone();
         tasks.push(tokio::spawn(async move {
@@ -954,6 +940,11 @@ pub fn start(
         stop.clone(),
     )));
     tasks
+}
+
+/// Takes a task's receiver out of its slot (once, at start).
+fn take<T>(slot: &Mutex<Option<T>>) -> Option<T> {
+    slot.lock().unwrap_or_else(|e| e.into_inner()).take()
 }
 
 /// A registration as stored in the registry and announced on [`REGISTERED`].
@@ -990,12 +981,13 @@ fn seq_of(id: &str) -> Option<u64> {
     id.split('-').next()?.parse().ok()
 }
 
+/// One field of a stream entry, as text.
+fn field<'a>(fields: &'a HashMap<String, Bytes>, key: &str) -> Option<&'a str> {
+    std::str::from_utf8(fields.get(key)?).ok()
+}
+
 fn sequenced(id: &str, fields: &HashMap<String, Bytes>) -> Option<Sequenced> {
-    let number = |key: &str| {
-        fields
-            .get(key)
-            .and_then(|v| std::str::from_utf8(v).ok()?.parse::<u64>().ok())
-    };
+    let number = |key: &str| field(fields, key)?.parse::<u64>().ok();
     Some(Sequenced {
         seq: seq_of(id)?,
         body: fields.get("b")?.clone(),

@@ -21,13 +21,12 @@ pub enum Report {
     Delivered(Arc<Feed>, u64),
     /// A client's cumulative ack, with the epoch it was for.
     Acked(ChannelName, Arc<str>, u64),
-    /// A publish at this wall-clock millisecond, for the channel index (`aw:channels`).
-    Published(ChannelName, u64),
-    /// An event of a run sequenced here at this wall-clock millisecond; `ended` for its last.
-    RunSeen {
-        run_id: String,
+    /// A publish at this wall-clock millisecond: for the channel index (`aw:channels`) and, when
+    /// the event has a run, for the run's shared activity (`ended` for its last event).
+    Published {
+        channel: ChannelName,
         ms: u64,
-        ended: bool,
+        run: Option<(String, bool)>,
     },
     /// An unresolved event for the shared dead letters.
     DeadLetter(DeadLetter),
@@ -84,13 +83,13 @@ pub async fn run(
                     let top = acked.entry((channel, epoch)).or_default();
                     *top = (*top).max(seq);
                 }
-                Report::Published(channel, ms) => {
+                Report::Published { channel, ms, run } => {
                     let last = published.entry(channel).or_default();
                     *last = (*last).max(ms);
-                }
-                Report::RunSeen { run_id, ms, ended } => {
-                    let seen = runs.entry(run_id).or_default();
-                    *seen = (seen.0.max(ms), seen.1 || ended);
+                    if let Some((run_id, ended)) = run {
+                        let seen = runs.entry(run_id).or_default();
+                        *seen = (seen.0.max(ms), seen.1 || ended);
+                    }
                 }
                 Report::DeadLetter(letter) => letters.push(letter),
             }

@@ -38,50 +38,40 @@ pub mod telemetry;
 pub mod upstream;
 pub mod watchdog;
 
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use broker::{Broker, MemoryBroker, RedisBroker};
+use broker::Broker;
 use config::Config;
-use deadletter::DeadLetters;
-use ingest::Dedupe;
 use metrics::Metrics;
 use resolve::Resolver;
 use watchdog::Watchdog;
 
-/// Everything a running gateway shares between its tasks. Built once, passed as `Arc<Gateway>`.
+/// Everything a running gateway shares between its tasks. Built once, passed as `Arc<Gateway>`
+/// to the stages above it (ingest, session, server); nothing below them names it.
 pub struct Gateway {
     pub config: Config,
-    pub metrics: Metrics,
-    pub broker: Broker,
+    pub metrics: Arc<Metrics>,
+    pub broker: Arc<Broker>,
     pub resolver: Resolver,
-    pub dedupe: Dedupe,
     pub watchdog: Watchdog,
-    pub deadletters: DeadLetters,
-    pub upstream: upstream::Upstream,
     pub shutdown: Shutdown,
 }
 
 impl Gateway {
-    /// Builds the gateway; the broker is chosen here, once. Redis is connected lazily: a Redis
-    /// that is down at start shows as not ready until it answers.
+    /// Builds the gateway; the broker is chosen here, once.
     pub fn new(config: Config) -> anyhow::Result<Self> {
-        let broker = match &config.broker.redis_url {
-            Some(url) => Broker::Redis(Box::new(RedisBroker::new(&config, url)?)),
-            None => Broker::Memory(MemoryBroker::new(config.history.clone())),
-        };
+        let broker = Broker::new(&config)?;
         let metrics = Metrics::new();
         metrics.broker_up.set(i64::from(broker.is_up()));
         Ok(Self {
-            metrics,
-            broker,
+            metrics: Arc::new(metrics),
+            broker: Arc::new(broker),
             resolver: Resolver::new(config.resolve.clone()),
-            dedupe: Dedupe::new(config.ingest.dedupe_window, config.ingest.dedupe_capacity),
             watchdog: Watchdog::new(config.watchdog.clone()),
-            deadletters: DeadLetters::new(config.deadletter.capacity),
-            upstream: upstream::Upstream::new(config.upstream.clone()),
             shutdown: Shutdown::default(),
             config,
         })

@@ -2,14 +2,16 @@
 //! `protocol::client`), stamped with the connection's user and connection id, and POSTed to the
 //! agent backends' webhook (`upstream.webhook_url`) by one worker, with retries and a bounded
 //! queue. The client is answered `websocket_ack` once its message is queued. Without a webhook
-//! the messages are refused (the Redis broker's `ui_events` stream is the other upstream, later).
+//! the messages are refused. This is the embedded broker's hand-off; the Redis broker appends to
+//! its `ui_events` stream instead.
 
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use serde::Serialize;
 use serde_json::{Map, Value};
 use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
 
 use crate::client::Target;
 use crate::config::UpstreamConfig;
@@ -101,10 +103,12 @@ impl Upstream {
         })
     }
 
-    /// The worker that POSTs queued messages, if a webhook is configured (called once).
+    /// The worker that POSTs queued messages until `stop`, if a webhook is configured (called
+    /// once).
     pub fn worker(
         &self,
-        gateway: std::sync::Arc<crate::Gateway>,
+        metrics: Arc<Metrics>,
+        stop: CancellationToken,
     ) -> Option<impl Future<Output = ()> + use<>> {
         let receiver = self
             .receiver
@@ -113,7 +117,12 @@ impl Upstream {
             .take()?;
         let target = Target::parse(self.config.webhook_url.as_deref()?).ok()?;
         let config = self.config.clone();
-        Some(deliver(receiver, target, config, gateway))
+        Some(async move {
+            tokio::select! {
+                _ = stop.cancelled() => {}
+                _ = deliver(receiver, target, config, &metrics) => {}
+            }
+        })
     }
 }
 
@@ -121,9 +130,8 @@ async fn deliver(
     mut queue: mpsc::Receiver<Outbound>,
     target: Target,
     config: UpstreamConfig,
-    gateway: std::sync::Arc<crate::Gateway>,
+    metrics: &Metrics,
 ) {
-    let metrics = &gateway.metrics;
     while let Some(message) = queue.recv().await {
         let body = serde_json::to_string(&message).unwrap_or_default();
         let mut backoff = Duration::from_millis(100);

@@ -1,22 +1,33 @@
 //! Sequence and store: the broker gives each accepted event the next `seq` of its channel, keeps
 //! a bounded history for replay, and hands the event to fan-out.
 //!
-//! Two implementations, chosen once at start ([`Broker`]): the embedded [`MemoryBroker`], and the
+//! Two implementations, chosen once at start ([`Broker::new`]): the [`Embedded`] broker, and the
 //! [`RedisBroker`], which sequences and stores in Redis and mirrors the channels this replica's
-//! clients watch into a `MemoryBroker` for local fan-out and replay.
+//! clients watch into a `MemoryBroker` for local fan-out and replay. Every decision that depends
+//! on the mode is one `match` here; nothing outside `broker/` names a mode.
 
+mod dedupe;
+mod embedded;
 mod memory;
 pub mod redis;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::{Instant, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use bytes::Bytes;
+use tokio::sync::{mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
+use crate::config::Config;
+use crate::deadletter::{Entry, EntryReport};
 use crate::ledger::{ChannelLedger, EventState};
 use crate::metrics::Metrics;
+use crate::resolve::RunTarget;
+use crate::upstream::{Outbound, Refused};
 
+pub use embedded::Embedded;
 pub use memory::{ChannelSummary, MemoryBroker, Ranked};
 pub use redis::RedisBroker;
 
@@ -30,21 +41,19 @@ use crate::protocol::server::Subscribed;
 /// The broker this gateway runs, chosen once from `broker.redis_url`. A Redis that is down never
 /// turns into the memory broker.
 pub enum Broker {
-    Memory(MemoryBroker),
+    Memory(Box<Embedded>),
     Redis(Box<RedisBroker>),
 }
 
-/// Why a broker operation could not be done; the caller answers 503 or an error frame.
+/// Why a broker operation could not be done, by whose fault: `Unavailable` is the broker's
+/// (I/O, timeout: answer 503, the caller retries); `Internal` is ours (a script error, a reply we
+/// cannot read: answer 500 and log an `ERROR`).
 #[derive(Debug, thiserror::Error)]
 pub enum BrokerError {
     #[error("the broker (Redis) is unavailable: {0}")]
     Unavailable(String),
-}
-
-impl From<::redis::RedisError> for BrokerError {
-    fn from(error: ::redis::RedisError) -> Self {
-        Self::Unavailable(error.to_string())
-    }
+    #[error("the broker (Redis) failed: {0}")]
+    Internal(String),
 }
 
 /// What a publish did.
@@ -55,7 +64,101 @@ pub enum Outcome {
     Duplicate,
 }
 
+/// What the replicas together last saw of a run.
+#[derive(Debug, Clone, Copy)]
+pub enum Activity {
+    /// Its last event was this long ago.
+    Seen(Duration),
+    /// It ended (`agent_completed` or `agent_error`) through some replica.
+    Ended,
+}
+
+/// Messages that flow up from the broker to ingest, through bounded channels (Redis mode).
+pub struct Upward {
+    pub announcements: mpsc::Receiver<Announcement>,
+    pub stream: mpsc::Receiver<StreamEvent>,
+}
+
+/// What the broker tells ingest about runs.
+#[derive(Debug)]
+pub enum Announcement {
+    /// A run was registered (on any replica): release the events held for it here.
+    Registered { run_id: String, target: RunTarget },
+    /// Registrations may have been missed (the pub/sub link was down): ask about every held run.
+    Resync,
+}
+
+/// One valid event read from the Redis ingest stream, for ingest to take; the reader
+/// acknowledges the entry once the answer is [`Taken::Done`].
+#[derive(Debug)]
+pub struct StreamEvent {
+    pub event: Event,
+    /// The stream entry id, which makes a second publish of the entry a duplicate.
+    pub entry_id: String,
+    /// When the entry was added (wall-clock ms).
+    pub added_ms: u64,
+    pub reply: oneshot::Sender<Result<Taken, BrokerError>>,
+}
+
+/// What became of one ingest stream entry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Taken {
+    /// Published, a duplicate, or dead-lettered: acknowledge it.
+    Done,
+    /// Its run is not registered yet, or earlier events of the run wait: leave it pending.
+    Later,
+}
+
+/// Where an HLink message went.
+#[derive(Debug)]
+pub enum HandOff {
+    /// Queued for the webhook.
+    Queued,
+    /// Appended to the `ui_events` stream under this entry id.
+    Appended(String),
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum HandOffError {
+    #[error(transparent)]
+    Refused(#[from] Refused),
+    #[error(transparent)]
+    Broker(#[from] BrokerError),
+}
+
+/// `GET /v1/deadletter`: the letters, and in Redis mode the malformed ingest entries set aside.
+pub struct DeadLetterList {
+    pub events: Vec<EntryReport>,
+    pub malformed: Option<Vec<serde_json::Value>>,
+}
+
 impl Broker {
+    /// Chooses the broker, once. Redis is connected lazily: a Redis that is down at start shows
+    /// as not ready until it answers.
+    pub fn new(config: &Config) -> anyhow::Result<Self> {
+        Ok(match &config.broker.redis_url {
+            Some(url) => Self::Redis(Box::new(RedisBroker::new(config, url)?)),
+            None => Self::Memory(Box::new(Embedded::new(config))),
+        })
+    }
+
+    /// Starts the broker's own tasks on `tracker`; they end with `stop`. In Redis mode returns
+    /// the channels on which registrations and ingest stream entries come up to ingest.
+    pub fn start(
+        self: &Arc<Self>,
+        tracker: &TaskTracker,
+        stop: CancellationToken,
+        metrics: Arc<Metrics>,
+    ) -> Option<Upward> {
+        match &**self {
+            Self::Memory(memory) => {
+                memory.start(tracker, stop, metrics);
+                None
+            }
+            Self::Redis(_) => Some(redis::start(self, tracker, stop, metrics)),
+        }
+    }
+
     pub fn is_up(&self) -> bool {
         match self {
             Self::Memory(_) => true,
@@ -70,9 +173,17 @@ impl Broker {
         }
     }
 
+    /// `false` when `event_id` was seen within the dedupe window. The embedded broker dedupes
+    /// here, before resolution; Redis dedupes inside its publish script, so this is always `true`.
+    pub fn first_time(&self, event_id: &str) -> bool {
+        match self {
+            Self::Memory(memory) => memory.first_time(event_id),
+            Self::Redis(_) => true,
+        }
+    }
+
     /// Sequences and stores `event` in `channel`. In Redis mode its `event_id` and the ingest
-    /// stream `entry` id it came from make a second publish a duplicate (the memory broker's
-    /// dedupe runs before resolution).
+    /// stream `entry` id it came from make a second publish a duplicate.
     pub async fn publish(
         &self,
         name: &ChannelName,
@@ -81,7 +192,9 @@ impl Broker {
         trace: impl Fn(u64) -> Option<Box<crate::telemetry::TraceInfo>>,
     ) -> Result<Outcome, BrokerError> {
         match self {
-            Self::Memory(memory) => Ok(Outcome::Published(memory.publish(name, event, trace))),
+            Self::Memory(memory) => Ok(Outcome::Published(
+                memory.channels.publish(name, event, trace),
+            )),
             Self::Redis(redis) => redis.publish(name, event, entry).await,
         }
     }
@@ -93,28 +206,28 @@ impl Broker {
         outbox: &Arc<Outbox>,
     ) -> Result<Option<Subscribed>, BrokerError> {
         match self {
-            Self::Memory(memory) => Ok(memory.subscribe(name, since, outbox)),
+            Self::Memory(memory) => Ok(memory.channels.subscribe(name, since, outbox)),
             Self::Redis(redis) => redis.subscribe(name, since, outbox).await,
         }
     }
 
     pub fn unsubscribe(&self, name: &ChannelName, outbox: &Arc<Outbox>) -> bool {
         match self {
-            Self::Memory(memory) => memory.unsubscribe(name, outbox),
+            Self::Memory(memory) => memory.channels.unsubscribe(name, outbox),
             Self::Redis(redis) => redis.unsubscribe(name, outbox),
         }
     }
 
     pub fn ack(&self, name: &ChannelName, seq: u64, outbox: &Arc<Outbox>) -> Result<u64, AckError> {
         match self {
-            Self::Memory(memory) => memory.ack(name, seq, outbox),
+            Self::Memory(memory) => memory.channels.ack(name, seq, outbox),
             Self::Redis(redis) => redis.ack(name, seq, outbox),
         }
     }
 
     pub async fn report(&self, name: &ChannelName) -> Result<Option<ChannelReport>, BrokerError> {
         match self {
-            Self::Memory(memory) => Ok(memory.report(name)),
+            Self::Memory(memory) => Ok(memory.channels.report(name)),
             Self::Redis(redis) => redis.report(name).await,
         }
     }
@@ -122,7 +235,7 @@ impl Broker {
     /// What `/metrics` exports: the whole ledger (memory), or what this replica did (Redis).
     pub fn totals(&self) -> Totals {
         match self {
-            Self::Memory(memory) => memory.totals(),
+            Self::Memory(memory) => memory.channels.totals(),
             Self::Redis(redis) => redis.totals(),
         }
     }
@@ -130,15 +243,171 @@ impl Broker {
     /// The `GET /v1/ledger` view: every channel, across replicas in Redis mode.
     pub async fn ledger(&self, top: usize) -> Result<(Totals, Ranked), BrokerError> {
         match self {
-            Self::Memory(memory) => Ok((memory.totals(), memory.ranked(top))),
+            Self::Memory(memory) => Ok((memory.channels.totals(), memory.channels.ranked(top))),
             Self::Redis(redis) => redis.ledger(top).await,
         }
     }
 
+    /// Expires history past its age and idle channels (and, embedded, old dedupe ids).
     pub async fn sweep(&self) {
         match self {
             Self::Memory(memory) => memory.sweep(),
             Self::Redis(redis) => redis.sweep().await,
+        }
+    }
+
+    /// Records where a run's events go: in Redis mode in the shared registry, announced to every
+    /// replica. The embedded broker has no registry beyond the resolver's.
+    pub async fn register(&self, run_id: &str, target: &RunTarget) -> Result<(), BrokerError> {
+        match self {
+            Self::Memory(_) => Ok(()),
+            Self::Redis(redis) => redis.register(run_id, target).await,
+        }
+    }
+
+    /// The shared registration of a run (Redis mode); the embedded broker has none.
+    pub async fn registered(&self, run_id: &str) -> Result<Option<RunTarget>, BrokerError> {
+        match self {
+            Self::Memory(_) => Ok(None),
+            Self::Redis(redis) => redis.registered(run_id).await,
+        }
+    }
+
+    /// What every replica saw of a run; the embedded broker knows nothing beyond its watchdog.
+    pub async fn run_activity(&self, run_id: &str) -> Result<Option<Activity>, BrokerError> {
+        match self {
+            Self::Memory(_) => Ok(None),
+            Self::Redis(redis) => redis.run_activity(run_id).await,
+        }
+    }
+
+    /// Claims the report of a stalled run: `true` for exactly one replica.
+    pub async fn claim_stall(&self, run_id: &str, retain: Duration) -> Result<bool, BrokerError> {
+        match self {
+            Self::Memory(_) => Ok(true),
+            Self::Redis(redis) => redis.claim_stall(run_id, retain).await,
+        }
+    }
+
+    /// Keeps an unresolved event (already counted lost) as a dead letter, and counts its run id
+    /// once in `agentwire_unresolved_run_ids_total`. In Redis mode the letter goes through the
+    /// report task; a full queue drops it with an `ERROR` log and a broker error count.
+    pub fn keep_dead_letter(
+        &self,
+        run_id: &str,
+        event: Event,
+        why: &'static str,
+        metrics: &Metrics,
+    ) {
+        match self {
+            Self::Memory(memory) => memory.keep_dead_letter(run_id, event, why, metrics),
+            Self::Redis(redis) => redis.keep_dead_letter(
+                redis::RedisBroker::letter(run_id, why, &event, None),
+                metrics,
+            ),
+        }
+    }
+
+    /// Keeps a dead letter before the caller acknowledges where the event came from (the ingest
+    /// stream), so a replica that dies in between leaves the entry rather than losing the letter.
+    pub async fn keep_dead_letter_now(
+        &self,
+        run_id: &str,
+        event: Event,
+        why: &'static str,
+        metrics: &Metrics,
+    ) -> Result<(), BrokerError> {
+        match self {
+            Self::Memory(memory) => {
+                memory.keep_dead_letter(run_id, event, why, metrics);
+                Ok(())
+            }
+            Self::Redis(redis) => {
+                let letter = redis::RedisBroker::letter(run_id, why, &event, None);
+                redis
+                    .store_dead_letters(std::slice::from_ref(&letter), metrics)
+                    .await
+            }
+        }
+    }
+
+    /// The dead letters a redrive goes through. The embedded broker takes them out (what is not
+    /// rescued goes back with [`Self::restore_dead_letters`]); Redis reads the shared ones, and
+    /// each rescued letter is removed by [`Self::take_dead_letter`].
+    pub async fn redrive_letters(&self) -> Result<Vec<Entry>, BrokerError> {
+        match self {
+            Self::Memory(memory) => Ok(memory.take_dead_letters()),
+            Self::Redis(redis) => redis.dead_letters().await,
+        }
+    }
+
+    /// Removes a letter a redrive is about to publish: `false` when another replica took it.
+    pub async fn take_dead_letter(&self, entry: &Entry) -> Result<bool, BrokerError> {
+        match (self, &entry.id) {
+            (Self::Redis(redis), crate::deadletter::LetterId::Stream(id)) => {
+                redis.take_dead_letter(id).await
+            }
+            _ => Ok(true),
+        }
+    }
+
+    /// Puts back a letter whose redrive publish failed.
+    pub fn put_back_dead_letter(&self, entry: Entry, metrics: &Metrics) {
+        match self {
+            Self::Memory(memory) => memory.restore_dead_letters(vec![entry]),
+            Self::Redis(redis) => {
+                let origin = entry.origin.as_deref();
+                let letter =
+                    redis::RedisBroker::letter(&entry.run_id, &entry.reason, &entry.event, origin);
+                redis.keep_dead_letter(letter, metrics);
+            }
+        }
+    }
+
+    /// Ends a redrive: the letters it did not rescue stay (embedded: they go back in order).
+    pub fn restore_dead_letters(&self, kept: Vec<Entry>) {
+        match self {
+            Self::Memory(memory) => memory.restore_dead_letters(kept),
+            Self::Redis(_) => {}
+        }
+    }
+
+    /// `GET /v1/deadletter`.
+    pub async fn list_dead_letters(&self) -> Result<DeadLetterList, BrokerError> {
+        match self {
+            Self::Memory(memory) => Ok(DeadLetterList {
+                events: memory.list_dead_letters(),
+                malformed: None,
+            }),
+            Self::Redis(redis) => {
+                let entries = redis.dead_letters().await?;
+                let malformed = redis.malformed().await?;
+                Ok(DeadLetterList {
+                    events: entries.iter().map(Entry::report).collect(),
+                    malformed: Some(malformed),
+                })
+            }
+        }
+    }
+
+    /// Dead letters kept: this process's, or the shared stream's (every replica shows the same).
+    pub fn dead_letter_count(&self) -> usize {
+        match self {
+            Self::Memory(memory) => memory.dead_letter_count(),
+            Self::Redis(redis) => redis.dead_letter_count(),
+        }
+    }
+
+    /// Hands an HLink message to the agent backends: the webhook queue (embedded) or the
+    /// `ui_events` stream (Redis). Counted in `agentwire_upstream_messages_total`.
+    pub async fn hand_off(
+        &self,
+        message: Outbound,
+        metrics: &Metrics,
+    ) -> Result<HandOff, HandOffError> {
+        match self {
+            Self::Memory(memory) => memory.hand_off(message, metrics),
+            Self::Redis(redis) => redis.append_ui_event(&message, metrics).await,
         }
     }
 }

@@ -7,18 +7,17 @@
 //! where `generated` counts the gateway's own events (a stalled run's `agent_error`) and `redriven`
 //! the dead letters a redrive emitted (see `deadletter`).
 
-use std::collections::{HashMap, VecDeque};
-use std::sync::Mutex;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use serde::Serialize;
 use serde_json::value::RawValue;
 
-pub mod stream;
+mod upward;
+
+pub use upward::consume;
 
 use crate::Gateway;
-use crate::broker::redis::Activity;
-use crate::broker::{Broker, BrokerError, Outcome, Published, RedisBroker};
+use crate::broker::{Activity, BrokerError, Outcome, Published};
 use crate::ledger::LostReason;
 use crate::protocol::ChannelName;
 use crate::protocol::event::{self, Event, EventType, Refusal};
@@ -131,23 +130,18 @@ async fn accept_in(
     entry: Option<&str>,
     span: &Span,
 ) -> Result<ItemResult, BrokerError> {
-    // The memory broker dedupes here, before resolution; Redis dedupes inside the publish script.
-    if let Broker::Memory(_) = gateway.broker
-        && let Some(event_id) = &event.event_id
-        && !gateway.dedupe.first_time(event_id)
+    if let Some(event_id) = &event.event_id
+        && !gateway.broker.first_time(event_id)
     {
         gateway.metrics.events_duplicate.inc();
         return Ok(ItemResult::Duplicate);
     }
     register_start(gateway, &event).await?;
     if let Some(channel) = resolve(gateway, &event).await? {
-        // Redis mode: earlier events of its run are held or being released; it goes behind them.
-        let event = match &gateway.broker {
-            Broker::Redis(_) => match gateway.resolver.hold_behind(event) {
-                Ok(()) => return Ok(ItemResult::PendingResolution),
-                Err(event) => *event,
-            },
-            Broker::Memory(_) => event,
+        // Earlier events of its run are being released; it goes behind them.
+        let event = match gateway.resolver.hold_behind(event) {
+            Ok(()) => return Ok(ItemResult::PendingResolution),
+            Err(event) => *event,
         };
         return accepted(gateway, &channel, &event, entry, span).await;
     }
@@ -156,10 +150,10 @@ async fn accept_in(
         Ok(()) => {
             // Redis mode: a registration on another replica may have come between the two. The
             // event is held either way: a failed check must not make the producer send it twice.
-            if let (Broker::Redis(redis), Some(run_id)) = (&gateway.broker, run_id) {
-                match redis.registered(&run_id).await {
+            if let Some(run_id) = run_id {
+                match gateway.broker.registered(&run_id).await {
                     Ok(Some(target)) => {
-                        release_local(gateway, &run_id, target).await;
+                        release(gateway, &run_id, target).await;
                     }
                     Ok(None) => {}
                     Err(error) => {
@@ -213,7 +207,7 @@ async fn accepted(
 
 /// An `agent_started` that names its thread registers its run, so that later events carrying only
 /// the run id find the thread.
-async fn register_start(gateway: &Gateway, event: &Event) -> Result<(), BrokerError> {
+pub(crate) async fn register_start(gateway: &Gateway, event: &Event) -> Result<(), BrokerError> {
     if event.kind == EventType::AgentStarted
         && let (Some(run_id), Some(thread_id)) = (&event.run_id, &event.thread_id)
     {
@@ -226,12 +220,18 @@ async fn register_start(gateway: &Gateway, event: &Event) -> Result<(), BrokerEr
     Ok(())
 }
 
-/// The channel of `event`: in Redis mode the shared run registry is asked first.
-async fn resolve(gateway: &Gateway, event: &Event) -> Result<Option<ChannelName>, BrokerError> {
-    if let Broker::Redis(redis) = &gateway.broker
-        && event.thread_id.is_none()
+/// The channel of `event`: the broker's shared run registry (Redis mode) is asked first.
+pub(crate) async fn resolve(
+    gateway: &Gateway,
+    event: &Event,
+) -> Result<Option<ChannelName>, BrokerError> {
+    if event.thread_id.is_none()
         && let Some(run_id) = &event.run_id
-        && let Some(channel) = redis.registered(run_id).await?.and_then(|t| t.channel())
+        && let Some(channel) = gateway
+            .broker
+            .registered(run_id)
+            .await?
+            .and_then(|t| t.channel())
     {
         return Ok(Some(channel));
     }
@@ -281,34 +281,31 @@ fn emitted(
 /// ended, through another replica), and one replica wins the report, so its channel is told once.
 pub async fn report_stalls(gateway: &Gateway) {
     for run_id in gateway.watchdog.sweep() {
-        if let Broker::Redis(redis) = &gateway.broker {
-            match redis.run_activity(&run_id).await {
-                Ok(Some(Activity::Ended)) => {
-                    gateway.watchdog.ended_elsewhere(&run_id, &gateway.metrics);
-                    continue;
-                }
-                Ok(Some(Activity::Seen(ago)))
-                    if ago <= gateway.config.watchdog.run_idle_timeout =>
-                {
-                    gateway.watchdog.seen_elsewhere(&run_id, ago);
-                    continue;
-                }
-                Ok(_) => {}
-                // Cannot tell: decide at a later sweep.
-                Err(_) => continue,
+        match gateway.broker.run_activity(&run_id).await {
+            Ok(Some(Activity::Ended)) => {
+                gateway.watchdog.ended_elsewhere(&run_id, &gateway.metrics);
+                continue;
             }
-            // One replica counts and reports the stall; the others stop following the run.
-            match redis
-                .claim_stall(&run_id, gateway.config.watchdog.retain)
-                .await
-            {
-                Ok(true) => {}
-                Ok(false) => {
-                    gateway.watchdog.ended_elsewhere(&run_id, &gateway.metrics);
-                    continue;
-                }
-                Err(_) => continue,
+            Ok(Some(Activity::Seen(ago))) if ago <= gateway.config.watchdog.run_idle_timeout => {
+                gateway.watchdog.seen_elsewhere(&run_id, ago);
+                continue;
             }
+            Ok(_) => {}
+            // Cannot tell: decide at a later sweep.
+            Err(_) => continue,
+        }
+        // One replica counts and reports the stall; the others stop following the run.
+        match gateway
+            .broker
+            .claim_stall(&run_id, gateway.config.watchdog.retain)
+            .await
+        {
+            Ok(true) => {}
+            Ok(false) => {
+                gateway.watchdog.ended_elsewhere(&run_id, &gateway.metrics);
+                continue;
+            }
+            Err(_) => continue,
         }
         let Some(stalled) = gateway.watchdog.stall(&run_id, &gateway.metrics) else {
             continue;
@@ -350,14 +347,11 @@ pub enum RedriveOutcome {
     Unresolved,
 }
 
-/// Runs resolution again on every dead letter; rescued events are emitted, the rest kept. In
-/// Redis mode the shared dead letters are read, and a letter is removed (by one replica only)
-/// before it is published, and put back if the publish fails.
+/// Runs resolution again on every dead letter; rescued events are emitted, the rest kept. A
+/// letter is removed (in Redis mode by one replica only) before it is published, and put back if
+/// the publish fails.
 pub async fn redrive(gateway: &Gateway) -> Result<Vec<Redriven>, BrokerError> {
-    let letters = match &gateway.broker {
-        Broker::Memory(_) => gateway.deadletters.take(),
-        Broker::Redis(redis) => redis.dead_letters().await?,
-    };
+    let letters = gateway.broker.redrive_letters().await?;
     let mut kept = Vec::new();
     let mut report = Vec::new();
     for entry in letters {
@@ -397,9 +391,7 @@ pub async fn redrive(gateway: &Gateway) -> Result<Vec<Redriven>, BrokerError> {
             outcome,
         });
     }
-    if let Broker::Memory(_) = gateway.broker {
-        gateway.deadletters.restore(kept);
-    }
+    gateway.broker.restore_dead_letters(kept);
     Ok(report)
 }
 
@@ -409,46 +401,33 @@ async fn redrive_one(
     entry: &crate::deadletter::Entry,
     channel: ChannelName,
 ) -> Result<Option<(ChannelName, Outcome)>, Option<BrokerError>> {
+    if !gateway.broker.take_dead_letter(entry).await.map_err(Some)? {
+        return Ok(None);
+    }
+    if let Some(event_id) = &entry.event.event_id
+        && !gateway.broker.first_time(event_id)
+    {
+        gateway.metrics.events_duplicate.inc();
+        return Ok(Some((channel, Outcome::Duplicate)));
+    }
+    // Its first id makes a second publish a duplicate (a publish whose answer was lost, then a
+    // redrive of the letter put back).
     let span = telemetry::ingest_span(&entry.event);
-    match (&gateway.broker, &entry.id) {
-        (Broker::Redis(redis), crate::deadletter::LetterId::Stream(id)) => {
-            if !redis.take_dead_letter(id).await.map_err(Some)? {
-                return Ok(None);
-            }
-            // Its first id makes a second publish a duplicate (a publish whose answer was lost,
-            // then a redrive of the letter put back).
-            let origin = entry.origin.as_deref().unwrap_or(id);
-            match emit(gateway, &channel, &entry.event, Some(origin), &span).await {
-                Ok(outcome) => Ok(Some((channel, outcome))),
-                Err(error) => {
-                    let letter = RedisBroker::letter(
-                        &entry.run_id,
-                        &entry.reason,
-                        &entry.event,
-                        Some(origin),
-                    );
-                    if !redis.keep_dead_letter(letter) {
-                        gateway.metrics.broker_errors.inc();
-                        tracing::error!(target: "agentwire::deadletter", run_id = %entry.run_id, event = %entry.event.to_json(), "Dead letter not put back: the report queue is full.");
-                    }
-                    Err(Some(error))
-                }
-            }
-        }
-        _ => {
-            let duplicate = entry
-                .event
-                .event_id
-                .as_deref()
-                .is_some_and(|id| !gateway.dedupe.first_time(id));
-            if duplicate {
-                gateway.metrics.events_duplicate.inc();
-                return Ok(Some((channel, Outcome::Duplicate)));
-            }
-            emit(gateway, &channel, &entry.event, None, &span)
-                .await
-                .map(|outcome| Some((channel, outcome)))
-                .map_err(Some)
+    match emit(
+        gateway,
+        &channel,
+        &entry.event,
+        entry.origin.as_deref(),
+        &span,
+    )
+    .await
+    {
+        Ok(outcome) => Ok(Some((channel, outcome))),
+        Err(error) => {
+            gateway
+                .broker
+                .put_back_dead_letter(entry.clone(), &gateway.metrics);
+            Err(Some(error))
         }
     }
 }
@@ -461,70 +440,38 @@ pub async fn register(
     target: RunTarget,
 ) -> Result<usize, BrokerError> {
     gateway.metrics.runs_registered.inc();
-    if let Broker::Redis(redis) = &gateway.broker {
-        redis.register(run_id, &target).await?;
-    }
-    Ok(release_local(gateway, run_id, target).await)
+    gateway.broker.register(run_id, &target).await?;
+    Ok(release(gateway, run_id, target).await)
 }
 
-/// A run registered on another replica: release the events held for it here.
-pub async fn release(gateway: std::sync::Arc<Gateway>, run_id: String, target: RunTarget) {
-    release_local(&gateway, &run_id, target).await;
-}
-
-/// After a pub/sub reconnect: asks the shared registry about every run with held events.
-pub async fn recheck_held(gateway: std::sync::Arc<Gateway>) {
-    let Broker::Redis(redis) = &gateway.broker else {
-        return;
+/// Records the run here and publishes the events held for it. They are published with the
+/// resolver's lock released (a publish may await Redis); events of the run that arrive meanwhile
+/// are held behind them and published by this loop, in order.
+pub(crate) async fn release(gateway: &Gateway, run_id: &str, target: RunTarget) -> usize {
+    let Some(channel) = target.channel() else {
+        gateway.resolver.begin_release(run_id, target);
+        return 0;
     };
-    for run_id in gateway.resolver.held_runs() {
-        if let Ok(Some(target)) = redis.registered(&run_id).await {
-            release_local(&gateway, &run_id, target).await;
-        }
-    }
-}
-
-/// Records the run here and publishes the events held for it. With the memory broker they are
-/// published under the resolver's lock, so no later event of the run can overtake them.
-async fn release_local(gateway: &Gateway, run_id: &str, target: RunTarget) -> usize {
-    let released = match &gateway.broker {
-        Broker::Memory(memory) => gateway.resolver.register(run_id, target, |channel, event| {
-            let started = Instant::now();
-            let span = telemetry::ingest_span(event);
-            let published = memory.publish(channel, event, |seq| {
-                telemetry::published(&span, event, channel, seq)
-            });
-            emitted(gateway, channel, event, &published, started);
-        }),
-        // Published with the lock released (a publish awaits Redis); events of the run that
-        // arrive meanwhile are held behind these and published by this loop, in order.
-        Broker::Redis(_) => {
-            let Some(channel) = target.channel() else {
-                return 0;
-            };
-            let mut held = gateway.resolver.begin_release(run_id, target);
-            let mut released = 0;
-            while !held.is_empty() {
-                for event in held {
-                    released += 1;
-                    let span = telemetry::ingest_span(&event);
-                    if let Err(error) = emit(gateway, &channel, &event, None, &span).await {
-                        tracing::warn!(%error, run_id, "A released event could not be published.");
-                        dead_letter(
-                            gateway,
-                            Held {
-                                run_id: run_id.to_string(),
-                                events: vec![event],
-                            },
-                            "broker unavailable at release",
-                        );
-                    }
-                }
-                held = gateway.resolver.continue_release(run_id);
+    let mut held = gateway.resolver.begin_release(run_id, target);
+    let mut released = 0;
+    while !held.is_empty() {
+        for event in held {
+            released += 1;
+            let span = telemetry::ingest_span(&event);
+            if let Err(error) = emit(gateway, &channel, &event, None, &span).await {
+                tracing::warn!(%error, run_id, "A released event could not be published.");
+                dead_letter(
+                    gateway,
+                    Held {
+                        run_id: run_id.to_string(),
+                        events: vec![event],
+                    },
+                    "broker unavailable at release",
+                );
             }
-            released
         }
-    };
+        held = gateway.resolver.continue_release(run_id);
+    }
     if released > 0 {
         tracing::info!(run_id, released, "Late registration delivered held events.");
     }
@@ -543,7 +490,7 @@ pub fn expire_pending(gateway: &Gateway) {
 }
 
 /// Logs and counts one event lost unresolved.
-fn lost_unresolved(gateway: &Gateway, run_id: &str, event: &Event, why: &str) {
+pub(crate) fn lost_unresolved(gateway: &Gateway, run_id: &str, event: &Event, why: &str) {
     tracing::warn!(
         target: "agentwire::deadletter",
         run_id,
@@ -559,119 +506,13 @@ fn lost_unresolved(gateway: &Gateway, run_id: &str, event: &Event, why: &str) {
         .inc();
 }
 
-/// The one place an unresolved run is logged, counted and kept (in Redis mode through the report
-/// task, which also counts the run id once across replicas).
+/// The one place an unresolved event is logged, counted and kept.
 fn dead_letter(gateway: &Gateway, held: Held, why: &'static str) {
     for event in held.events {
         lost_unresolved(gateway, &held.run_id, &event, why);
-        match &gateway.broker {
-            Broker::Memory(_) => {
-                // A producer's retry of this event must not be taken for a duplicate.
-                if let Some(event_id) = &event.event_id {
-                    gateway.dedupe.forget(event_id);
-                }
-                gateway.deadletters.push(&held.run_id, event, why);
-            }
-            Broker::Redis(redis) => {
-                let letter = RedisBroker::letter(&held.run_id, why, &event, None);
-                if !redis.keep_dead_letter(letter) {
-                    gateway.metrics.broker_errors.inc();
-                    tracing::error!(target: "agentwire::deadletter", run_id = %held.run_id, event = %event.to_json(), "Dead letter not kept: the report queue is full.");
-                }
-            }
-        }
-    }
-    if let Broker::Memory(_) = gateway.broker
-        && gateway.deadletters.first_unresolved(&held.run_id)
-    {
-        gateway.metrics.unresolved_run_ids.inc();
-    }
-}
-
-/// Redis mode, ingest stream: the letter is written before its entry is acknowledged, so a replica
-/// that dies in between leaves the entry to be claimed rather than the letter lost.
-async fn dead_letter_now(
-    gateway: &Gateway,
-    redis: &RedisBroker,
-    run_id: &str,
-    event: &Event,
-    why: &'static str,
-) -> Result<(), BrokerError> {
-    let letter = RedisBroker::letter(run_id, why, event, None);
-    redis
-        .store_dead_letters(std::slice::from_ref(&letter), &gateway.metrics)
-        .await?;
-    lost_unresolved(gateway, run_id, event, why);
-    Ok(())
-}
-
-/// Remembers `event_id`s for the dedupe window, bounded in count.
-pub struct Dedupe {
-    window: Duration,
-    capacity: usize,
-    seen: Mutex<Seen>,
-}
-
-#[derive(Default)]
-struct Seen {
-    ids: HashMap<String, Instant>,
-    order: VecDeque<(String, Instant)>,
-}
-
-impl Dedupe {
-    pub fn new(window: Duration, capacity: usize) -> Self {
-        Self {
-            window,
-            capacity,
-            seen: Mutex::default(),
-        }
-    }
-
-    /// `true` the first time an id is seen within the window.
-    pub fn first_time(&self, event_id: &str) -> bool {
-        let now = Instant::now();
-        let mut seen = self.seen.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(at) = seen.ids.get(event_id)
-            && now.saturating_duration_since(*at) <= self.window
-        {
-            return false;
-        }
-        seen.ids.insert(event_id.to_string(), now);
-        seen.order.push_back((event_id.to_string(), now));
-        while seen.ids.len() > self.capacity {
-            Self::forget_oldest(&mut seen);
-        }
-        true
-    }
-
-    /// Forgets one id (its event was lost, so a retry must go through).
-    pub fn forget(&self, event_id: &str) {
-        self.seen
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .ids
-            .remove(event_id);
-    }
-
-    /// Forgets ids older than the window.
-    pub fn expire(&self) {
-        let now = Instant::now();
-        let mut seen = self.seen.lock().unwrap_or_else(|e| e.into_inner());
-        while seen
-            .order
-            .front()
-            .is_some_and(|(_, at)| now.saturating_duration_since(*at) > self.window)
-        {
-            Self::forget_oldest(&mut seen);
-        }
-    }
-
-    fn forget_oldest(seen: &mut Seen) {
-        if let Some((id, at)) = seen.order.pop_front()
-            && seen.ids.get(&id) == Some(&at)
-        {
-            seen.ids.remove(&id);
-        }
+        gateway
+            .broker
+            .keep_dead_letter(&held.run_id, event, why, &gateway.metrics);
     }
 }
 
@@ -693,15 +534,5 @@ mod tests {
         assert!(matches!(split(b"nope", false), Err(BodyError::NotJson(_))));
         assert!(matches!(split(b"[]", false), Err(BodyError::Empty)));
         assert!(matches!(split(b"\xff", false), Err(BodyError::NotUtf8)));
-    }
-
-    #[test]
-    fn dedupe_forgets_after_the_window() {
-        let dedupe = Dedupe::new(Duration::from_secs(60), 2);
-        assert!(dedupe.first_time("a"));
-        assert!(!dedupe.first_time("a"));
-        assert!(dedupe.first_time("b"));
-        assert!(dedupe.first_time("c"));
-        assert!(dedupe.first_time("a"), "capacity pushed the oldest out");
     }
 }

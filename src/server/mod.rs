@@ -1,8 +1,9 @@
 //! The listener: HTTP/1.1 with upgrades on one port, background housekeeping, and graceful
 //! shutdown in three parts: decide (the caller's `stop` token), tell (readiness turns 503 at once,
 //! then after `shutdown.drain_delay` every session gets close 1012 at a random moment within
-//! `shutdown.close_window`), wait (the session tracker, bounded by `close_window + timeout`). Hyper forgets upgraded connections, so sessions are tracked
-//! apart from HTTP connections.
+//! `shutdown.close_window`), wait (the session tracker, bounded by `close_window + timeout`, then
+//! each stage's tracker: HTTP connections, housekeeping, the broker's tasks, ingest's consumer).
+//! Hyper forgets upgraded connections, so sessions are tracked apart from HTTP connections.
 
 mod routes;
 
@@ -14,6 +15,7 @@ use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 use crate::Gateway;
 
@@ -35,23 +37,31 @@ pub fn raise_file_limit() -> Option<u64> {
 
 /// Serves until `stop` is cancelled, then drains and returns.
 pub async fn run(gateway: Arc<Gateway>, listener: TcpListener, stop: CancellationToken) {
+    // One tracker per stage, each drained at shutdown in the order the data flows.
+    let http = TaskTracker::new();
     let http_stop = CancellationToken::new();
-    let housekeeping = tokio::spawn(housekeeping(Arc::clone(&gateway), http_stop.clone()));
-    let upstream = gateway
-        .upstream
-        .worker(Arc::clone(&gateway))
-        .map(tokio::spawn);
-    // Redis mode: stopped only once the sessions have ended, so their last deliveries are recorded.
+    let housekeeping = TaskTracker::new();
+    housekeeping.spawn(self::housekeeping(Arc::clone(&gateway), http_stop.clone()));
+    // Stopped only once the sessions have ended, so their last deliveries are recorded.
+    let broker = TaskTracker::new();
     let broker_stop = CancellationToken::new();
-    let broker_tasks = crate::broker::redis::start(&gateway, &broker_stop);
+    let ingest = TaskTracker::new();
+    if let Some(upward) =
+        gateway
+            .broker
+            .start(&broker, broker_stop.clone(), Arc::clone(&gateway.metrics))
+    {
+        crate::ingest::consume(Arc::clone(&gateway), upward, &ingest);
+    }
 
-    accept_until(&gateway, &listener, &http_stop, stop.cancelled()).await;
+    accept_until(&gateway, &listener, &http, &http_stop, stop.cancelled()).await;
 
     gateway.shutdown.start_draining();
     tracing::info!(drain_delay = ?gateway.config.shutdown.drain_delay, "Draining: /readyz is 503, new WebSocket upgrades are refused.");
     accept_until(
         &gateway,
         &listener,
+        &http,
         &http_stop,
         tokio::time::sleep(gateway.config.shutdown.drain_delay),
     )
@@ -74,18 +84,24 @@ pub async fn run(gateway: Arc<Gateway>, listener: TcpListener, stop: Cancellatio
             "Sessions did not end within shutdown.close_window + shutdown.timeout."
         );
     }
-    housekeeping.abort();
     broker_stop.cancel();
-    for mut task in broker_tasks {
-        if tokio::time::timeout(Duration::from_secs(2), &mut task)
+    for (stage, tracker) in [
+        ("http", &http),
+        ("housekeeping", &housekeeping),
+        ("broker", &broker),
+        ("ingest", &ingest),
+    ] {
+        tracker.close();
+        if tokio::time::timeout(Duration::from_secs(2), tracker.wait())
             .await
             .is_err()
         {
-            task.abort();
+            tracing::warn!(
+                stage,
+                left = tracker.len(),
+                "Tasks did not end within 2 s of shutdown."
+            );
         }
-    }
-    if let Some(upstream) = upstream {
-        upstream.abort();
     }
     tracing::info!("Stopped.");
 }
@@ -93,6 +109,7 @@ pub async fn run(gateway: Arc<Gateway>, listener: TcpListener, stop: Cancellatio
 async fn accept_until(
     gateway: &Arc<Gateway>,
     listener: &TcpListener,
+    http: &TaskTracker,
     http_stop: &CancellationToken,
     until: impl Future<Output = ()>,
 ) {
@@ -127,7 +144,7 @@ async fn accept_until(
         let _ = stream.set_nodelay(true);
         let gateway = Arc::clone(gateway);
         let http_stop = http_stop.clone();
-        tokio::spawn(async move {
+        http.spawn(async move {
             let service = service_fn(move |request| routes::handle(Arc::clone(&gateway), request));
             // A timer is what makes hyper enforce the header read timeout at all.
             let connection = http1::Builder::new()
@@ -168,7 +185,6 @@ async fn housekeeping(gateway: Arc<Gateway>, stop: CancellationToken) {
         if last_sweep.elapsed() >= Duration::from_secs(1) {
             last_sweep = Instant::now();
             gateway.broker.sweep().await;
-            gateway.dedupe.expire();
         }
     }
 }

@@ -14,7 +14,7 @@ use serde_json::{Value, json};
 use tokio::net::TcpStream;
 
 use crate::Gateway;
-use crate::broker::Broker;
+use crate::broker::BrokerError;
 use crate::ingest::{self, ItemResult};
 use crate::protocol::ChannelName;
 use crate::protocol::channel::check_id;
@@ -38,7 +38,7 @@ pub async fn handle(
             use ingest::RedriveOutcome;
             let results = match ingest::redrive(&gateway).await {
                 Ok(results) => results,
-                Err(e) => return Ok(broker_unavailable(&gateway, &e.to_string())),
+                Err(e) => return Ok(broker_error(&gateway, &e)),
             };
             let count =
                 |f: fn(&RedriveOutcome) -> bool| results.iter().filter(|r| f(&r.outcome)).count();
@@ -201,6 +201,22 @@ async fn read_body(
 }
 
 /// 503 with `Retry-After` while the broker cannot keep what it would accept.
+/// A broker error, by whose fault: Redis unavailable (503, retry) or ours (500).
+fn broker_error(gateway: &Gateway, failure: &BrokerError) -> Response<Body> {
+    match failure {
+        BrokerError::Unavailable(_) => broker_unavailable(gateway, &failure.to_string()),
+        BrokerError::Internal(_) => {
+            gateway.metrics.broker_errors.inc();
+            error(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "internal",
+                &failure.to_string(),
+                None,
+            )
+        }
+    }
+}
+
 fn broker_unavailable(gateway: &Gateway, message: &str) -> Response<Body> {
     gateway.metrics.broker_errors.inc();
     let mut response = error(
@@ -372,7 +388,7 @@ async fn runs(gateway: &Gateway, request: Request<Incoming>) -> Response<Body> {
     };
     let released = match ingest::register(gateway, &run_id, target).await {
         Ok(released) => released,
-        Err(e) => return broker_unavailable(gateway, &e.to_string()),
+        Err(e) => return broker_error(gateway, &e),
     };
     json_response(
         StatusCode::OK,
@@ -392,7 +408,7 @@ async fn channel(gateway: &Gateway, raw: &str) -> Response<Body> {
     };
     match gateway.broker.report(&channel).await {
         Ok(Some(report)) => json_response(StatusCode::OK, &report),
-        Err(e) => broker_unavailable(gateway, &e.to_string()),
+        Err(e) => broker_error(gateway, &e),
         Ok(None) => error(
             StatusCode::NOT_FOUND,
             "unknown_channel",
@@ -433,7 +449,7 @@ async fn ledger(gateway: &Gateway, query: Option<&str>) -> Response<Body> {
         .min(1000);
     let (totals, ranked) = match gateway.broker.ledger(top).await {
         Ok(ledger) => ledger,
-        Err(e) => return broker_unavailable(gateway, &e.to_string()),
+        Err(e) => return broker_error(gateway, &e),
     };
     let metrics = &gateway.metrics;
     let lost_unresolved = metrics
@@ -463,7 +479,7 @@ async fn ledger(gateway: &Gateway, query: Option<&str>) -> Response<Body> {
                 "lost_unresolved": lost_unresolved,
                 "redriven": metrics.events_redriven.get(),
                 "generated": metrics.events_generated.get(),
-                "dead_letters": dead_letter_count(gateway),
+                "dead_letters": gateway.broker.dead_letter_count(),
             },
             "runs": {
                 "active": metrics.runs_active.get(),
@@ -499,7 +515,7 @@ fn metrics(gateway: &Gateway) -> Response<Body> {
     let text = gateway.metrics.render(|| crate::metrics::Scraped {
         totals: gateway.broker.totals(),
         pending_resolution: gateway.resolver.pending_count(),
-        deadletters: dead_letter_count(gateway),
+        deadletters: gateway.broker.dead_letter_count(),
     });
     let mut response = Response::new(Body::new(Bytes::from(text)));
     response.headers_mut().insert(
@@ -512,40 +528,15 @@ fn metrics(gateway: &Gateway) -> Response<Body> {
 /// `GET /v1/deadletter`: in Redis mode the shared letters, and the malformed ingest stream entries
 /// that were set aside.
 async fn dead_letters(gateway: &Gateway) -> Response<Body> {
-    let redis = match &gateway.broker {
-        Broker::Memory(_) => {
-            let entries = gateway.deadletters.list();
-            return json_response(
-                StatusCode::OK,
-                &json!({"count": entries.len(), "events": entries}),
-            );
+    match gateway.broker.list_dead_letters().await {
+        Ok(list) => {
+            let mut body = json!({"count": list.events.len(), "events": list.events});
+            if let Some(malformed) = list.malformed {
+                body["malformed"] = malformed.into();
+            }
+            json_response(StatusCode::OK, &body)
         }
-        Broker::Redis(redis) => redis,
-    };
-    let listed = async {
-        let entries = redis.dead_letters().await?;
-        let malformed = redis
-            .malformed(&gateway.config.broker.ingest_stream)
-            .await?;
-        Ok::<_, crate::broker::BrokerError>((entries, malformed))
-    };
-    match listed.await {
-        Ok((entries, malformed)) => {
-            let events: Vec<_> = entries.iter().map(|e| e.report()).collect();
-            json_response(
-                StatusCode::OK,
-                &json!({"count": events.len(), "events": events, "malformed": malformed}),
-            )
-        }
-        Err(e) => broker_unavailable(gateway, &e.to_string()),
-    }
-}
-
-/// Dead letters kept: this process's, or the shared stream's (every replica shows the same).
-fn dead_letter_count(gateway: &Gateway) -> usize {
-    match &gateway.broker {
-        Broker::Memory(_) => gateway.deadletters.len(),
-        Broker::Redis(redis) => redis.dead_letter_count(),
+        Err(e) => broker_error(gateway, &e),
     }
 }
 

@@ -17,7 +17,7 @@ use tokio::time::{Instant, timeout};
 use tracing::Instrument;
 
 use crate::Gateway;
-use crate::broker::{Broker, StoredEvent};
+use crate::broker::{HandOff, HandOffError, StoredEvent};
 use crate::fanout::{Outbox, Outgoing};
 use crate::protocol::ChannelName;
 use crate::protocol::client::{self, ClientFrame, Since, UpstreamMessage};
@@ -554,51 +554,41 @@ impl Session {
         }
     }
 
-    /// Passes an HLink message to the agent backends; the client gets `websocket_ack` or an error.
-    /// In Redis mode the message is appended to the `ui_events` stream and acknowledged with its
-    /// entry id; otherwise it is queued for the webhook.
+    /// Passes an HLink message to the agent backends (the broker decides where: the webhook
+    /// queue, or the `ui_events` stream whose entry id the ack carries); the client gets
+    /// `websocket_ack` or an error.
     async fn upstream(&mut self, message: UpstreamMessage) {
         let client_id = message.id.clone();
         let user_id = self.user_id.clone().unwrap_or_default();
         let outbound = Outbound::new(message, &user_id, &self.connection_id);
-        if let Broker::Redis(redis) = &self.gateway.broker {
-            let metrics = &self.gateway.metrics;
-            match redis.append_ui_event(&outbound).await {
-                Ok(entry_id) => {
-                    metrics
-                        .upstream_messages
-                        .with_label_values(&["delivered"])
-                        .inc();
-                    self.outbox.push(Outgoing::Frame(server::websocket_ack(
-                        &outbound.message_id,
-                        client_id.as_deref(),
-                        Some(&entry_id),
-                    )));
-                }
-                Err(error) => {
-                    metrics
-                        .upstream_messages
-                        .with_label_values(&["failed"])
-                        .inc();
-                    self.error(ErrorCode::BrokerUnavailable, &error.to_string());
-                }
-            }
-            return;
-        }
         let message_id = outbound.message_id.clone();
-        match self.gateway.upstream.send(outbound, &self.gateway.metrics) {
-            Ok(()) => {
+        match self
+            .gateway
+            .broker
+            .hand_off(outbound, &self.gateway.metrics)
+            .await
+        {
+            Ok(handed) => {
+                let entry_id = match &handed {
+                    HandOff::Queued => None,
+                    HandOff::Appended(entry_id) => Some(entry_id.as_str()),
+                };
                 self.outbox.push(Outgoing::Frame(server::websocket_ack(
                     &message_id,
                     client_id.as_deref(),
-                    None,
+                    entry_id,
                 )));
             }
-            Err(Refused::NotConfigured) => self.error(
+            Err(HandOffError::Refused(Refused::NotConfigured)) => self.error(
                 ErrorCode::UpstreamNotConfigured,
                 "HLink messages need an upstream (upstream.webhook_url); none is configured",
             ),
-            Err(Refused::Busy) => self.error(ErrorCode::UpstreamBusy, &Refused::Busy.to_string()),
+            Err(HandOffError::Refused(Refused::Busy)) => {
+                self.error(ErrorCode::UpstreamBusy, &Refused::Busy.to_string())
+            }
+            Err(HandOffError::Broker(error)) => {
+                self.error(ErrorCode::BrokerUnavailable, &error.to_string())
+            }
         }
     }
 

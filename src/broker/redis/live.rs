@@ -2,8 +2,9 @@
 //! `agentwire_broker_up`, and the one pub/sub connection that carries live events of the mirrored
 //! channels and run registrations. When the connection is lost it is made again with backoff, and
 //! every mirrored channel is read from its stream, so nothing published meanwhile is missed.
+//! Registrations go up to ingest as [`Announcement`]s through a bounded channel; when it is full
+//! the pub/sub reader waits (Redis buffers meanwhile), so none is dropped.
 
-use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
@@ -14,9 +15,12 @@ use tokio::time::timeout;
 use tokio_util::sync::CancellationToken;
 
 use super::{Keys, REGISTERED, RedisBroker, parse_target};
-use crate::Gateway;
-use crate::broker::BrokerError;
+use crate::broker::{Announcement, BrokerError};
+use crate::metrics::Metrics;
 use crate::protocol::ChannelName;
+
+/// Announcements waiting for ingest.
+pub const ANNOUNCE_QUEUE: usize = 1024;
 
 /// What sessions ask of the pub/sub connection; handled in order, so an unsubscribe queued
 /// before a subscribe of the same channel never undoes it.
@@ -29,7 +33,7 @@ pub enum Command {
 const ANSWER: Duration = Duration::from_secs(2);
 
 /// Pings Redis twice a second; readiness and `agentwire_broker_up` follow the answer.
-pub async fn health(gateway: Arc<Gateway>, broker: &RedisBroker, stop: CancellationToken) {
+pub async fn health(broker: &RedisBroker, metrics: &Metrics, stop: CancellationToken) {
     let mut interval = tokio::time::interval(Duration::from_millis(500));
     loop {
         tokio::select! {
@@ -49,18 +53,18 @@ pub async fn health(gateway: Arc<Gateway>, broker: &RedisBroker, stop: Cancellat
             }
         }
         if !answered {
-            gateway.metrics.broker_errors.inc();
+            metrics.broker_errors.inc();
         }
         broker.set_up(answered);
-        gateway.metrics.broker_up.set(i64::from(answered));
+        metrics.broker_up.set(i64::from(answered));
     }
 }
 
 /// Runs the pub/sub connection until `stop`, reconnecting whenever it is lost.
 pub async fn run(
-    gateway: Arc<Gateway>,
     broker: &RedisBroker,
     mut commands: mpsc::Receiver<Command>,
+    announce: mpsc::Sender<Announcement>,
     stop: CancellationToken,
 ) {
     let mut backoff = Duration::from_millis(100);
@@ -68,10 +72,10 @@ pub async fn run(
         if stop.is_cancelled() {
             return;
         }
-        match connect(&gateway, broker).await {
+        match connect(broker, &announce).await {
             Ok((sink, stream)) => {
                 backoff = Duration::from_millis(100);
-                if serve(&gateway, broker, sink, stream, &mut commands, &stop).await {
+                if serve(broker, &announce, sink, stream, &mut commands, &stop).await {
                     return;
                 }
                 tracing::warn!("Lost the Redis pub/sub connection; reconnecting.");
@@ -103,8 +107,8 @@ pub async fn run(
 /// Opens the connection, subscribes to registrations and every mirrored channel, then reads
 /// each mirrored channel's stream from where its mirror stands.
 async fn connect(
-    gateway: &Arc<Gateway>,
     broker: &RedisBroker,
+    announce: &mpsc::Sender<Announcement>,
 ) -> Result<(redis::aio::PubSubSink, redis::aio::PubSubStream), BrokerError> {
     let pubsub = timeout(ANSWER, broker.client.get_async_pubsub())
         .await
@@ -126,14 +130,14 @@ async fn connect(
         }
     }
     // A registration announced while this replica was away must still release held events.
-    tokio::spawn(crate::ingest::recheck_held(Arc::clone(gateway)));
+    let _ = announce.send(Announcement::Resync).await;
     Ok((sink, stream))
 }
 
 /// Serves commands and messages; `true` when the gateway is stopping, `false` on a lost link.
 async fn serve(
-    gateway: &Arc<Gateway>,
     broker: &RedisBroker,
+    announce: &mpsc::Sender<Announcement>,
     mut sink: redis::aio::PubSubSink,
     mut stream: redis::aio::PubSubStream,
     commands: &mut mpsc::Receiver<Command>,
@@ -173,7 +177,9 @@ async fn serve(
                 let Some(message) = message else { return false };
                 let channel = message.get_channel_name();
                 if channel == REGISTERED {
-                    registered(gateway, message.get_payload_bytes());
+                    if let Some(registered) = registered(message.get_payload_bytes()) {
+                        let _ = announce.send(registered).await;
+                    }
                 } else if let Some(name) = Keys::channel_of_live(channel)
                     && !broker.apply_live(&name, message.get_payload_bytes())
                     && let Err(error) = broker.resync(&name).await
@@ -185,14 +191,11 @@ async fn serve(
     }
 }
 
-/// Another replica registered a run: release what waits for it here.
-fn registered(gateway: &Arc<Gateway>, payload: &[u8]) {
-    let Some((run_id, target)) = std::str::from_utf8(payload)
-        .ok()
-        .and_then(|text| text.split_once('\n'))
-        .and_then(|(run_id, value)| Some((run_id.to_string(), parse_target(value)?)))
-    else {
-        return;
-    };
-    tokio::spawn(crate::ingest::release(Arc::clone(gateway), run_id, target));
+/// A run registered on some replica, as announced on [`REGISTERED`].
+fn registered(payload: &[u8]) -> Option<Announcement> {
+    let (run_id, value) = std::str::from_utf8(payload).ok()?.split_once('\n')?;
+    Some(Announcement::Registered {
+        run_id: run_id.to_string(),
+        target: parse_target(value)?,
+    })
 }

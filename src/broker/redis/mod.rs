@@ -13,6 +13,8 @@
 //! This replica mirrors the channels its clients watch into a [`MemoryBroker`] (see [`live`]),
 //! which does the local fan-out and replay exactly as in embedded mode.
 
+mod error;
+mod ingest_stream;
 pub mod live;
 pub mod reports;
 
@@ -26,13 +28,17 @@ use redis::aio::ConnectionManager;
 use redis::{AsyncCommands, Script, Value};
 use tokio::sync::{OnceCell, mpsc};
 
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
 use super::{
-    AckError, BrokerError, ChannelSummary, Feed, MemoryBroker, Outcome, Published, Ranked,
-    Sequenced, Snapshot, now_ms,
+    AckError, Activity, Broker, BrokerError, ChannelSummary, Feed, HandOff, HandOffError,
+    MemoryBroker, Outcome, Published, Ranked, Sequenced, Snapshot, Upward, now_ms,
 };
-use crate::config::Config;
+use crate::config::{BrokerConfig, Config};
 use crate::fanout::Outbox;
 use crate::ledger::{ChannelReport, Counts, LostReason, LostReport, Totals};
+use crate::metrics::Metrics;
 use crate::protocol::ChannelName;
 use crate::protocol::client::Since;
 use crate::protocol::event::{Event, EventType};
@@ -95,15 +101,6 @@ fn run_seen_key(run_id: &str) -> String {
     format!("aw:runseen:{{{run_id}}}")
 }
 
-/// What the replicas together last saw of a run.
-#[derive(Debug, Clone, Copy)]
-pub enum Activity {
-    /// Its last event was this long ago.
-    Seen(Duration),
-    /// It ended (`agent_completed` or `agent_error`) through some replica.
-    Ended,
-}
-
 struct Scripts {
     publish: Script,
     snapshot: Script,
@@ -151,8 +148,10 @@ pub struct RedisBroker {
     dedupe_window: Duration,
     dedupe_capacity: usize,
     registry_ttl: Duration,
-    /// The HLink stream and its approximate length bound.
-    ui_events: (String, usize),
+    /// `broker.*`: the ingest stream and its group, the HLink stream and its length bound.
+    config: BrokerConfig,
+    /// `ingest.max_event_bytes`, for events read from the ingest stream.
+    max_event_bytes: usize,
     attachments: Mutex<HashMap<ChannelName, Attachment>>,
     pub(crate) live: mpsc::Sender<live::Command>,
     pub(crate) live_commands: Mutex<Option<mpsc::Receiver<live::Command>>>,
@@ -191,10 +190,8 @@ impl RedisBroker {
             dedupe_window: config.ingest.dedupe_window,
             dedupe_capacity: config.ingest.dedupe_capacity,
             registry_ttl: config.resolve.registry_ttl,
-            ui_events: (
-                config.broker.ui_events_stream.clone(),
-                config.broker.ui_events_max_len,
-            ),
+            config: config.broker.clone(),
+            max_event_bytes: config.ingest.max_event_bytes,
             attachments: Mutex::default(),
             live,
             live_commands: Mutex::new(Some(live_commands)),
@@ -684,9 +681,14 @@ impl RedisBroker {
     }
 
     /// Queues a dead letter for the shared stream (written by the report task, retried while Redis
-    /// is away). `false` when the queue is full: the caller logs the event, which is then gone.
-    pub fn keep_dead_letter(&self, letter: reports::DeadLetter) -> bool {
-        self.reports.try_send(Report::DeadLetter(letter)).is_ok()
+    /// is away). A full queue drops it: logged with the event and counted as a broker error.
+    pub fn keep_dead_letter(&self, letter: reports::DeadLetter, metrics: &Metrics) {
+        if let Err(full) = self.reports.try_send(Report::DeadLetter(letter)) {
+            metrics.broker_errors.inc();
+            if let Report::DeadLetter(letter) = full.into_inner() {
+                tracing::error!(target: "agentwire::deadletter", run_id = %letter.run_id, event = %letter.event, "Dead letter not kept: the report queue is full.");
+            }
+        }
     }
 
     /// Writes dead letters, and counts each run id in `agentwire_unresolved_run_ids_total` once an
@@ -694,7 +696,7 @@ impl RedisBroker {
     pub(crate) async fn store_dead_letters(
         &self,
         letters: &[reports::DeadLetter],
-        metrics: &crate::metrics::Metrics,
+        metrics: &Metrics,
     ) -> Result<(), BrokerError> {
         let mut pipe = redis::pipe();
         for letter in letters {
@@ -765,12 +767,9 @@ impl RedisBroker {
 
     /// The newest malformed ingest entries set aside in `<ingest_stream>:dead` (at most 100),
     /// newest first: `{id, entry, reason, event}`.
-    pub async fn malformed(
-        &self,
-        ingest_stream: &str,
-    ) -> Result<Vec<serde_json::Value>, BrokerError> {
+    pub async fn malformed(&self) -> Result<Vec<serde_json::Value>, BrokerError> {
         let entries: Vec<Entry> = redis::cmd("XREVRANGE")
-            .arg(format!("{ingest_stream}:dead"))
+            .arg(format!("{}:dead", self.config.ingest_stream))
             .arg("+")
             .arg("-")
             .arg("COUNT")
@@ -798,17 +797,35 @@ impl RedisBroker {
         self.deadletter_count.load(Ordering::Relaxed) as usize
     }
 
-    /// Appends an HLink message to the `ui_events` stream; returns the entry id.
+    /// Appends an HLink message to the `ui_events` stream, under a new entry id.
     pub async fn append_ui_event(
+        &self,
+        message: &crate::upstream::Outbound,
+        metrics: &Metrics,
+    ) -> Result<HandOff, HandOffError> {
+        let appended = self.xadd_ui_event(message).await;
+        let outcome = if appended.is_ok() {
+            "delivered"
+        } else {
+            "failed"
+        };
+        metrics
+            .upstream_messages
+            .with_label_values(&[outcome])
+            .inc();
+        Ok(HandOff::Appended(appended?))
+    }
+
+    async fn xadd_ui_event(
         &self,
         message: &crate::upstream::Outbound,
     ) -> Result<String, BrokerError> {
         let json = serde_json::to_string(message).unwrap_or_default();
         let id: String = redis::cmd("XADD")
-            .arg(&self.ui_events.0)
+            .arg(&self.config.ui_events_stream)
             .arg("MAXLEN")
             .arg("~")
-            .arg(self.ui_events.1)
+            .arg(self.config.ui_events_max_len)
             .arg("*")
             .arg("type")
             .arg(message.kind)
@@ -900,46 +917,57 @@ impl RedisBroker {
     }
 }
 
-/// Starts the Redis broker's tasks (health, pub/sub, delivery reports, ingest stream); none
-/// for the memory broker. They stop with `stop` or when aborted at the end of shutdown.
+/// Starts the Redis broker's tasks on `tracker` (health, pub/sub, delivery reports, the ingest
+/// stream reader); they end with `stop`, which comes after the sessions ended, so their last
+/// deliveries are recorded. Returns the channels on which registrations and ingest stream
+/// entries come up to ingest.
 pub fn start(
-    gateway: &Arc<crate::Gateway>,
-    stop: &tokio_util::sync::CancellationToken,
-) -> Vec<tokio::task::JoinHandle<()>> {
-    let crate::broker::Broker::Redis(redis) = &gateway.broker else {
-        return Vec::new();
+    broker: &Arc<Broker>,
+    tracker: &TaskTracker,
+    stop: CancellationToken,
+    metrics: Arc<Metrics>,
+) -> Upward {
+    let (announce, announcements) = mpsc::channel(live::ANNOUNCE_QUEUE);
+    let (entries, stream) = mpsc::channel(ingest_stream::QUEUE);
+    let Broker::Redis(redis) = &**broker else {
+        return Upward {
+            announcements,
+            stream,
+        };
     };
-    let mut tasks = Vec::new();
-    let g = Arc::clone(gateway);
-    let s = stop.clone();
-    tasks.push(tokio::spawn(async move {
-        if let crate::broker::Broker::Redis(redis) = &g.broker {
-            live::health(Arc::clone(&g), redis, s).await;
+    let with = |broker: &Arc<Broker>| Arc::clone(broker);
+    let (b, m, s) = (with(broker), Arc::clone(&metrics), stop.clone());
+    tracker.spawn(async move {
+        if let Broker::Redis(redis) = &*b {
+            live::health(redis, &m, s).await;
         }
-    }));
+    });
     if let Some(commands) = take(&redis.live_commands) {
-        let g = Arc::clone(gateway);
-        let s = stop.clone();
-        tasks.push(tokio::spawn(async move {
-            if let crate::broker::Broker::Redis(redis) = &g.broker {
-                live::run(Arc::clone(&g), redis, commands, s).await;
+        let (b, s) = (with(broker), stop.clone());
+        tracker.spawn(async move {
+            if let Broker::Redis(redis) = &*b {
+                live::run(redis, commands, announce, s).await;
             }
-        }));
+        });
     }
     if let Some(queue) = take(&redis.report_queue) {
-        let g = Arc::clone(gateway);
-        let s = stop.clone();
-        tasks.push(tokio::spawn(async move {
-            if let crate::broker::Broker::Redis(redis) = &g.broker {
-                reports::run(redis, queue, &g.metrics, s).await;
+        let (b, m, s) = (with(broker), Arc::clone(&metrics), stop.clone());
+        tracker.spawn(async move {
+            if let Broker::Redis(redis) = &*b {
+                reports::run(redis, queue, &m, s).await;
             }
-        }));
+        });
     }
-    tasks.push(tokio::spawn(crate::ingest::stream::run(
-        Arc::clone(gateway),
-        stop.clone(),
-    )));
-    tasks
+    let b = with(broker);
+    tracker.spawn(async move {
+        if let Broker::Redis(redis) = &*b {
+            ingest_stream::run(redis, entries, &metrics, stop).await;
+        }
+    });
+    Upward {
+        announcements,
+        stream,
+    }
 }
 
 /// Takes a task's receiver out of its slot (once, at start).

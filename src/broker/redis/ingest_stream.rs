@@ -12,9 +12,11 @@
 //!
 //! The stream belongs to agentwire: entries the group has acknowledged are trimmed, and consumers
 //! of replicas gone for a while with nothing pending are removed.
+//!
+//! This reader speaks Redis; what becomes of a valid event is ingest's decision, asked through a
+//! bounded channel ([`StreamEvent`]) and answered per entry.
 
 use std::collections::HashSet;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use redis::aio::ConnectionManager;
@@ -23,30 +25,40 @@ use redis::streams::{
     StreamPendingReply, StreamReadOptions, StreamReadReply,
 };
 use redis::{AsyncCommands, RedisResult};
+use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
-use super::{dead_letter_now, emit, register_start, resolve};
-use crate::Gateway;
-use crate::broker::{Broker, BrokerError, now_ms};
+use super::RedisBroker;
+use crate::broker::{BrokerError, StreamEvent, Taken};
+use crate::config::BrokerConfig;
+use crate::metrics::Metrics;
 use crate::protocol::event;
-use crate::telemetry;
 
 const BATCH: usize = 100;
+/// Entries on their way to ingest; the reader waits for each answer, so one is enough in
+/// practice, a few let a slow answer not stall the next read.
+pub const QUEUE: usize = 16;
 
-/// What became of one entry.
-enum Taken {
-    /// Published, a duplicate, dead-lettered or moved aside: acknowledge it.
-    Done,
-    /// Its run is not registered yet: leave it pending and try again.
-    Later,
+/// What the reader needs besides its connection.
+struct Reader<'a> {
+    redis: &'a RedisBroker,
+    ingest: mpsc::Sender<StreamEvent>,
+    metrics: &'a Metrics,
 }
 
-/// Reads the ingest stream until `stop` (Redis mode only).
-pub async fn run(gateway: Arc<Gateway>, stop: CancellationToken) {
-    let Broker::Redis(redis) = &gateway.broker else {
-        return;
+/// Reads the ingest stream until `stop`.
+pub async fn run(
+    redis: &RedisBroker,
+    ingest: mpsc::Sender<StreamEvent>,
+    metrics: &Metrics,
+    stop: CancellationToken,
+) {
+    let config = &redis.config;
+    let reader = Reader {
+        redis,
+        ingest,
+        metrics,
     };
-    let config = &gateway.config.broker;
     let consumer = format!(
         "{}-{:08x}",
         std::env::var("HOSTNAME").unwrap_or_else(|_| "agentwire".into()),
@@ -92,7 +104,7 @@ pub async fn run(gateway: Arc<Gateway>, stop: CancellationToken) {
                     let Some(last) = own.last().map(|entry| entry.id.clone()) else {
                         break;
                     };
-                    take_all(&gateway, &mut conn, own, &mut blocked).await?;
+                    take_all(&reader, &mut conn, own, &mut blocked).await?;
                     after = last;
                 }
             }
@@ -114,11 +126,11 @@ pub async fn run(gateway: Arc<Gateway>, stop: CancellationToken) {
                         "Claimed ingest entries another replica left unacknowledged."
                     );
                 }
-                take_all(&gateway, &mut conn, claimed.claimed, &mut blocked).await?;
+                take_all(&reader, &mut conn, claimed.claimed, &mut blocked).await?;
                 tidy(&mut conn, config, &consumer).await?;
             }
             let new = read(&mut conn, config, &consumer, ">", Some(1000)).await?;
-            take_all(&gateway, &mut conn, new, &mut blocked).await
+            take_all(&reader, &mut conn, new, &mut blocked).await
         };
         let wait = tokio::select! {
             _ = stop.cancelled() => return,
@@ -126,7 +138,7 @@ pub async fn run(gateway: Arc<Gateway>, stop: CancellationToken) {
                 Ok(()) => None,
                 Err(error) => {
                     own_due = true;
-                    if error.to_string().contains("NOGROUP") {
+                    if error.code() == Some("NOGROUP") {
                         group_ready = false;
                     }
                     Some(error)
@@ -146,14 +158,14 @@ pub async fn run(gateway: Arc<Gateway>, stop: CancellationToken) {
 async fn create_group(conn: &mut ConnectionManager, stream: &str, group: &str) -> RedisResult<()> {
     let created: RedisResult<()> = conn.xgroup_create_mkstream(stream, group, "0").await;
     match created {
-        Err(error) if error.to_string().contains("BUSYGROUP") => Ok(()),
+        Err(error) if error.code() == Some("BUSYGROUP") => Ok(()),
         other => other,
     }
 }
 
 async fn read(
     conn: &mut ConnectionManager,
-    config: &crate::config::BrokerConfig,
+    config: &BrokerConfig,
     consumer: &str,
     from: &str,
     block_ms: Option<usize>,
@@ -177,7 +189,7 @@ async fn read(
 /// Trims what the group has acknowledged and removes long-gone consumers with nothing pending.
 async fn tidy(
     conn: &mut ConnectionManager,
-    config: &crate::config::BrokerConfig,
+    config: &BrokerConfig,
     consumer: &str,
 ) -> RedisResult<()> {
     let (stream, group) = (&config.ingest_stream, &config.ingest_group);
@@ -224,22 +236,22 @@ fn next_id(id: &str) -> String {
 }
 
 async fn take_all(
-    gateway: &Gateway,
+    reader: &Reader<'_>,
     conn: &mut ConnectionManager,
     entries: Vec<StreamId>,
     blocked: &mut HashSet<String>,
 ) -> Result<(), redis::RedisError> {
-    let config = &gateway.config.broker;
+    let config = &reader.redis.config;
     for entry in entries {
-        let taken = match take(gateway, conn, &entry, blocked).await {
+        let taken = match take(reader, conn, &entry, blocked).await {
             Ok(taken) => taken,
             // Left pending; the round ends so that nothing after it overtakes it.
-            Err(BrokerError::Unavailable(reason)) => {
-                tracing::debug!(id = %entry.id, reason, "Ingest entry left for later.");
+            Err(error) => {
+                tracing::debug!(id = %entry.id, %error, "Ingest entry left for later.");
                 return Err(redis::RedisError::from((
                     redis::ErrorKind::Io,
                     "broker unavailable",
-                    reason,
+                    error.to_string(),
                 )));
             }
         };
@@ -253,96 +265,86 @@ async fn take_all(
 }
 
 async fn take(
-    gateway: &Gateway,
+    reader: &Reader<'_>,
     conn: &mut ConnectionManager,
     entry: &StreamId,
     blocked: &mut HashSet<String>,
 ) -> Result<Taken, BrokerError> {
+    let rejected = |code: &str| {
+        reader
+            .metrics
+            .events_rejected
+            .with_label_values(&[code])
+            .inc();
+    };
     let text: Option<String> = entry.get("event");
     let event = match text.as_deref() {
         None => {
-            gateway
-                .metrics
-                .events_rejected
-                .with_label_values(&["missing_field"])
-                .inc();
-            set_aside(gateway, conn, entry, "", "the entry has no `event` field").await?;
+            rejected("missing_field");
+            set_aside(
+                reader.redis,
+                conn,
+                entry,
+                "",
+                "the entry has no `event` field",
+            )
+            .await?;
             return Ok(Taken::Done);
         }
-        Some(text) => match event::parse(text, gateway.config.ingest.max_event_bytes) {
+        Some(text) => match event::parse(text, reader.redis.max_event_bytes) {
             Ok(event) => event,
             Err(refusal) => {
-                gateway
-                    .metrics
-                    .events_rejected
-                    .with_label_values(&[refusal.code.as_str()])
-                    .inc();
+                rejected(refusal.code.as_str());
                 let reason = match &refusal.field {
                     Some(field) => format!("{field}: {}", refusal.reason),
                     None => refusal.reason.to_string(),
                 };
-                set_aside(gateway, conn, entry, text, &reason).await?;
+                set_aside(reader.redis, conn, entry, text, &reason).await?;
                 return Ok(Taken::Done);
             }
         },
     };
-    // An earlier entry of this run waits for its registration, or held events of the run are
-    // being released here: keep the run's order.
-    if let Some(run_id) = &event.run_id
-        && (blocked.contains(run_id) || gateway.resolver.is_waiting(run_id))
+    // An earlier entry of this run waits for its registration: keep the run's order.
+    let run_id = event.run_id.clone();
+    if run_id
+        .as_ref()
+        .is_some_and(|run_id| blocked.contains(run_id))
     {
         return Ok(Taken::Later);
     }
-    register_start(gateway, &event).await?;
-    match resolve(gateway, &event).await? {
-        Some(channel) => {
-            let span = telemetry::ingest_span(&event);
-            emit(gateway, &channel, &event, Some(&entry.id), &span).await?;
-            gateway.metrics.events_ingested.inc();
-            Ok(Taken::Done)
-        }
-        None if added_ms(&entry.id) + gateway.config.resolve.grace.as_millis() as u64
-            > now_ms() =>
-        {
-            if let Some(run_id) = &event.run_id {
-                blocked.insert(run_id.clone());
-            }
-            Ok(Taken::Later)
-        }
-        None => {
-            let Broker::Redis(redis) = &gateway.broker else {
-                return Ok(Taken::Later);
-            };
-            let run_id = event.run_id.clone().unwrap_or_default();
-            dead_letter_now(
-                gateway,
-                redis,
-                &run_id,
-                &event,
-                "no channel within resolve.grace",
-            )
-            .await?;
-            gateway.metrics.events_ingested.inc();
-            Ok(Taken::Done)
-        }
+    let (reply, answer) = oneshot::channel();
+    let stopped = || BrokerError::Unavailable("ingest stopped".into());
+    reader
+        .ingest
+        .send(StreamEvent {
+            event,
+            entry_id: entry.id.clone(),
+            added_ms: added_ms(&entry.id),
+            reply,
+        })
+        .await
+        .map_err(|_| stopped())?;
+    let taken = answer.await.map_err(|_| stopped())??;
+    if let (Taken::Later, Some(run_id)) = (taken, run_id) {
+        blocked.insert(run_id);
     }
+    Ok(taken)
 }
 
 /// Moves a malformed entry to `<ingest_stream>:dead` with its reason.
 async fn set_aside(
-    gateway: &Gateway,
+    redis: &RedisBroker,
     conn: &mut ConnectionManager,
     entry: &StreamId,
     raw: &str,
     reason: &str,
 ) -> Result<(), BrokerError> {
-    let config = &gateway.config.broker;
-    let dead = format!("{}:dead", config.ingest_stream);
+    let dead = format!("{}:dead", redis.config.ingest_stream);
     let () = redis::cmd("XADD")
         .arg(&dead)
         .arg("MAXLEN")
         .arg("~")
-        .arg(gateway.config.deadletter.capacity)
+        .arg(redis.deadletter_capacity)
         .arg("*")
         .arg("entry")
         .arg(&entry.id)

@@ -1,0 +1,88 @@
+//! The embedded broker (no Redis): channels in this process, `event_id` dedupe before resolution,
+//! dead letters in a bounded log, and HLink messages queued for the webhook. Nothing is shared
+//! with another process, so run registration, run activity and stall claims are local no-ops.
+
+use std::sync::Arc;
+
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use super::dedupe::Dedupe;
+use super::{HandOff, HandOffError, MemoryBroker};
+use crate::config::Config;
+use crate::deadletter::{DeadLetters, Entry};
+use crate::metrics::Metrics;
+use crate::protocol::event::Event;
+use crate::upstream::{Outbound, Upstream};
+
+pub struct Embedded {
+    pub(super) channels: MemoryBroker,
+    dedupe: Dedupe,
+    deadletters: DeadLetters,
+    upstream: Upstream,
+}
+
+impl Embedded {
+    pub fn new(config: &Config) -> Self {
+        Self {
+            channels: MemoryBroker::new(config.history.clone()),
+            dedupe: Dedupe::new(config.ingest.dedupe_window, config.ingest.dedupe_capacity),
+            deadletters: DeadLetters::new(config.deadletter.capacity),
+            upstream: Upstream::new(config.upstream.clone()),
+        }
+    }
+
+    /// The webhook worker, when a webhook is configured.
+    pub fn start(&self, tracker: &TaskTracker, stop: CancellationToken, metrics: Arc<Metrics>) {
+        if let Some(worker) = self.upstream.worker(metrics, stop) {
+            tracker.spawn(worker);
+        }
+    }
+
+    pub fn first_time(&self, event_id: &str) -> bool {
+        self.dedupe.first_time(event_id)
+    }
+
+    pub fn keep_dead_letter(
+        &self,
+        run_id: &str,
+        event: Event,
+        why: &'static str,
+        metrics: &Metrics,
+    ) {
+        // A producer's retry of this event must not be taken for a duplicate.
+        if let Some(event_id) = &event.event_id {
+            self.dedupe.forget(event_id);
+        }
+        self.deadletters.push(run_id, event, why);
+        if self.deadletters.first_unresolved(run_id) {
+            metrics.unresolved_run_ids.inc();
+        }
+    }
+
+    pub fn take_dead_letters(&self) -> Vec<Entry> {
+        self.deadletters.take()
+    }
+
+    pub fn restore_dead_letters(&self, kept: Vec<Entry>) {
+        self.deadletters.restore(kept);
+    }
+
+    pub fn list_dead_letters(&self) -> Vec<crate::deadletter::EntryReport> {
+        self.deadletters.list()
+    }
+
+    pub fn dead_letter_count(&self) -> usize {
+        self.deadletters.len()
+    }
+
+    pub fn hand_off(&self, message: Outbound, metrics: &Metrics) -> Result<HandOff, HandOffError> {
+        self.upstream.send(message, metrics)?;
+        Ok(HandOff::Queued)
+    }
+
+    pub fn sweep(&self) {
+        self.channels.sweep();
+        self.dedupe.expire();
+    }
+}

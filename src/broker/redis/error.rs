@@ -1,0 +1,68 @@
+//! Whose fault a Redis error is, read from its kind and code (never from its text): the link or
+//! a Redis that cannot serve now is `Unavailable` (503, retry); anything else, a script error or a
+//! reply of the wrong shape, is `Internal` (500, an `ERROR` log: an operator must look).
+
+use redis::{ErrorKind, RedisError, ServerErrorKind};
+
+use crate::broker::BrokerError;
+
+impl From<RedisError> for BrokerError {
+    fn from(error: RedisError) -> Self {
+        if is_unavailable(&error) {
+            Self::Unavailable(error.to_string())
+        } else {
+            tracing::error!(%error, "Redis answered with an error that is ours to fix.");
+            Self::Internal(error.to_string())
+        }
+    }
+}
+
+fn is_unavailable(error: &RedisError) -> bool {
+    error.is_io_error()
+        || error.is_timeout()
+        || error.is_connection_dropped()
+        || error.is_connection_refusal()
+        || matches!(
+            error.kind(),
+            ErrorKind::ClusterConnectionNotFound
+                | ErrorKind::Server(
+                    ServerErrorKind::BusyLoading
+                        | ServerErrorKind::TryAgain
+                        | ServerErrorKind::ClusterDown
+                        | ServerErrorKind::MasterDown
+                        | ServerErrorKind::ReadOnly
+                        | ServerErrorKind::Moved
+                        | ServerErrorKind::Ask
+                )
+        )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn io_and_failover_are_unavailable_the_rest_is_ours() {
+        let io = RedisError::from(std::io::Error::new(
+            std::io::ErrorKind::ConnectionReset,
+            "reset",
+        ));
+        assert!(matches!(BrokerError::from(io), BrokerError::Unavailable(_)));
+        let loading =
+            RedisError::from((ErrorKind::Server(ServerErrorKind::BusyLoading), "loading"));
+        assert!(matches!(
+            BrokerError::from(loading),
+            BrokerError::Unavailable(_)
+        ));
+        let script = RedisError::from((
+            ErrorKind::Server(ServerErrorKind::ResponseError),
+            "ERR script",
+        ));
+        assert!(matches!(
+            BrokerError::from(script),
+            BrokerError::Internal(_)
+        ));
+        let shape = RedisError::from((ErrorKind::UnexpectedReturnType, "not a number"));
+        assert!(matches!(BrokerError::from(shape), BrokerError::Internal(_)));
+    }
+}

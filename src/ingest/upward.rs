@@ -1,0 +1,95 @@
+//! What comes up from the broker (Redis mode), each through a bounded channel and consumed by one
+//! task that ingest owns: registrations announced by any replica release the events held here,
+//! and ingest stream entries are taken like `POST /v1/events` items.
+
+use std::sync::Arc;
+
+use tokio_util::task::TaskTracker;
+
+use super::{emit, lost_unresolved, register_start, release, resolve};
+use crate::Gateway;
+use crate::broker::{Announcement, BrokerError, StreamEvent, Taken, Upward, now_ms};
+use crate::telemetry;
+
+/// Starts the task that consumes `upward` on `tracker`; it ends when the broker's tasks have
+/// ended (both channels closed).
+pub fn consume(gateway: Arc<Gateway>, upward: Upward, tracker: &TaskTracker) {
+    let Upward {
+        mut announcements,
+        mut stream,
+    } = upward;
+    tracker.spawn(async move {
+        let (mut announcing, mut streaming) = (true, true);
+        while announcing || streaming {
+            tokio::select! {
+                announcement = announcements.recv(), if announcing => match announcement {
+                    Some(announcement) => announced(&gateway, announcement).await,
+                    None => announcing = false,
+                },
+                entry = stream.recv(), if streaming => match entry {
+                    Some(entry) => {
+                        let StreamEvent { event, entry_id, added_ms, reply } = entry;
+                        let taken = take(&gateway, event, &entry_id, added_ms).await;
+                        let _ = reply.send(taken);
+                    }
+                    None => streaming = false,
+                },
+            }
+        }
+    });
+}
+
+async fn announced(gateway: &Gateway, announcement: Announcement) {
+    match announcement {
+        Announcement::Registered { run_id, target } => {
+            release(gateway, &run_id, target).await;
+        }
+        // After a pub/sub reconnect: ask the shared registry about every run with held events.
+        Announcement::Resync => {
+            for run_id in gateway.resolver.held_runs() {
+                if let Ok(Some(target)) = gateway.broker.registered(&run_id).await {
+                    release(gateway, &run_id, target).await;
+                }
+            }
+        }
+    }
+}
+
+/// One valid ingest stream entry: published (the entry id makes a second publish a duplicate),
+/// left for later while its run is unregistered within `resolve.grace`, or dead-lettered after.
+async fn take(
+    gateway: &Gateway,
+    event: crate::protocol::event::Event,
+    entry_id: &str,
+    added_ms: u64,
+) -> Result<Taken, BrokerError> {
+    // Held events of the run are being released here: keep the run's order.
+    if let Some(run_id) = &event.run_id
+        && gateway.resolver.is_waiting(run_id)
+    {
+        return Ok(Taken::Later);
+    }
+    register_start(gateway, &event).await?;
+    match resolve(gateway, &event).await? {
+        Some(channel) => {
+            let span = telemetry::ingest_span(&event);
+            emit(gateway, &channel, &event, Some(entry_id), &span).await?;
+            gateway.metrics.events_ingested.inc();
+            Ok(Taken::Done)
+        }
+        None if added_ms + gateway.config.resolve.grace.as_millis() as u64 > now_ms() => {
+            Ok(Taken::Later)
+        }
+        None => {
+            let run_id = event.run_id.clone().unwrap_or_default();
+            let why = "no channel within resolve.grace";
+            gateway
+                .broker
+                .keep_dead_letter_now(&run_id, event.clone(), why, &gateway.metrics)
+                .await?;
+            lost_unresolved(gateway, &run_id, &event, why);
+            gateway.metrics.events_ingested.inc();
+            Ok(Taken::Done)
+        }
+    }
+}

@@ -1,7 +1,7 @@
 //! agentwire: a WebSocket gateway that delivers AI-agent execution events from agent backends to
 //! the people watching in a browser, and accounts for every one of them.
 //!
-//! The modules follow the data path (DESIGN.md §1):
+//! The modules follow the data path:
 //!
 //! - [`config`]: the configuration, read once (figment: defaults < file < `AGENTWIRE_*` env).
 //! - [`server`]: the listener, HTTP routes, WebSocket upgrade and graceful shutdown.
@@ -66,6 +66,7 @@ impl Gateway {
     pub fn new(config: Config) -> anyhow::Result<Self> {
         let broker = Broker::new(&config)?;
         let metrics = Metrics::new();
+        metrics::export::<watchdog::Violation>(&metrics.lifecycle_violations);
         metrics.broker_up.set(i64::from(broker.is_up()));
         Ok(Self {
             metrics: Arc::new(metrics),

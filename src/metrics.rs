@@ -16,6 +16,21 @@ use prometheus::{
 
 use crate::ledger::{LostReason, Totals};
 
+/// A closed set of label values that a stage produces (an enum beside its producer). The stage
+/// exports them at 0 when it starts ([`export`]), so `rate()` and alerts see every value at once,
+/// and a new value is one edit in the stage's enum.
+pub trait Label: Copy + 'static {
+    const ALL: &'static [Self];
+    fn as_str(self) -> &'static str;
+}
+
+/// Exports every value of `L` at 0 in `vec`.
+pub fn export<L: Label>(vec: &IntCounterVec) {
+    for label in L::ALL {
+        vec.with_label_values(&[label.as_str()]);
+    }
+}
+
 /// What `/metrics` reads from the gateway's state at scrape time.
 pub struct Scraped {
     /// The broker's balanced sum of every channel's ledger.
@@ -316,11 +331,6 @@ impl Metrics {
         ] {
             metrics.events_rejected.with_label_values(&[reason]);
         }
-        for ended in crate::session::Ended::ALL {
-            metrics
-                .connections_closed
-                .with_label_values(&[ended.as_str()]);
-        }
         for code in crate::protocol::server::ErrorCode::ALL {
             metrics.client_errors.with_label_values(&[code.as_str()]);
         }
@@ -332,11 +342,6 @@ impl Metrics {
         }
         for outcome in ["completed", "error", "stalled"] {
             metrics.runs_completed.with_label_values(&[outcome]);
-        }
-        for kind in crate::watchdog::Violation::ALL {
-            metrics
-                .lifecycle_violations
-                .with_label_values(&[kind.as_str()]);
         }
         metrics.broker_up.set(1);
         metrics

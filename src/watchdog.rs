@@ -17,7 +17,7 @@ use serde::Serialize;
 use serde_json::json;
 
 use crate::config::WatchdogConfig;
-use crate::metrics::Metrics;
+use crate::metrics::{Label, Metrics};
 use crate::protocol::ChannelName;
 use crate::protocol::event::{Event, EventType};
 
@@ -54,8 +54,8 @@ pub enum Violation {
     DuplicateStart,
 }
 
-impl Violation {
-    pub const ALL: [Violation; 6] = [
+impl crate::metrics::Label for Violation {
+    const ALL: &'static [Self] = &[
         Self::ToolCompletedWithoutExecuting,
         Self::EventBeforeStart,
         Self::EventAfterEnd,
@@ -64,7 +64,7 @@ impl Violation {
         Self::DuplicateStart,
     ];
 
-    pub fn as_str(self) -> &'static str {
+    fn as_str(self) -> &'static str {
         match self {
             Self::ToolCompletedWithoutExecuting => "tool_completed_without_executing",
             Self::EventBeforeStart => "event_before_start",

@@ -13,7 +13,8 @@ use crate::config::Config;
 use crate::deadletter::{DeadLetters, Entry};
 use crate::metrics::Metrics;
 use crate::protocol::event::Event;
-use crate::upstream::{Outbound, Upstream};
+use crate::protocol::upstream::Outbound;
+use crate::upstream::Upstream;
 
 pub struct Embedded {
     pub(super) channels: MemoryBroker,

@@ -10,11 +10,12 @@ use std::time::{Duration, Instant};
 
 use rand::Rng;
 
-use super::{AckError, Feed, Published, Sequenced, Snapshot, StoredEvent};
+use super::{AckError, Published, Sequenced, Snapshot};
 use crate::config::HistoryConfig;
-use crate::fanout::{Outbox, Outgoing, Subscribers};
+use crate::fanout::{Feed, Outbox, Outgoing, StoredEvent, Subscribers};
 use crate::ledger::{
-    ChannelLedger, ChannelReport, Counts, EventState, LostReason, LostReport, Totals,
+    ChannelLedger, ChannelReport, ChannelSummary, Counts, EventState, LostReason, LostReport,
+    Ranked, Totals,
 };
 use crate::protocol::client::Since;
 use crate::protocol::event::Event;
@@ -22,47 +23,6 @@ use crate::protocol::server::{self, Subscribed};
 use crate::protocol::{ChannelKind, ChannelName};
 
 const SHARDS: usize = 32;
-
-/// One line of `GET /v1/ledger`'s top lists.
-#[derive(Debug, Clone, serde::Serialize)]
-pub struct ChannelSummary {
-    pub channel: String,
-    pub pending: u64,
-    pub oldest_pending_age_seconds: Option<f64>,
-    pub lost_total: u64,
-    pub lost: LostReport,
-    pub subscribers: usize,
-}
-
-#[derive(Debug, serde::Serialize)]
-pub struct Ranked {
-    pub top_pending: Vec<ChannelSummary>,
-    pub top_lost: Vec<ChannelSummary>,
-}
-
-impl Ranked {
-    /// The `n` channels with the most pending events and the `n` with the most lost ones.
-    pub fn from_summaries(all: Vec<ChannelSummary>, n: usize) -> Self {
-        let mut top_pending: Vec<_> = all.iter().filter(|c| c.pending > 0).cloned().collect();
-        top_pending.sort_by(|a, b| {
-            b.pending
-                .cmp(&a.pending)
-                .then_with(|| a.channel.cmp(&b.channel))
-        });
-        top_pending.truncate(n);
-        let mut top_lost: Vec<_> = all.into_iter().filter(|c| c.lost_total > 0).collect();
-        top_lost.sort_by(|a, b| {
-            b.lost_total
-                .cmp(&a.lost_total)
-                .then_with(|| a.channel.cmp(&b.channel))
-        });
-        top_lost.truncate(n);
-        Self {
-            top_pending,
-            top_lost,
-        }
-    }
-}
 
 pub struct MemoryBroker {
     shards: Box<[Mutex<Shard>]>,
@@ -593,7 +553,7 @@ impl MemoryBroker {
             Arc::new(Feed {
                 channel: name.clone(),
                 epoch: Arc::clone(&snapshot.epoch),
-                reports: feed.reports.clone(),
+                deliveries: feed.deliveries.clone(),
             })
         });
         let fresh = Arc::new(Channel::with_epoch(

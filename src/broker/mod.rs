@@ -12,7 +12,6 @@ mod memory;
 pub mod redis;
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant, SystemTime};
 
 use bytes::Bytes;
@@ -22,17 +21,17 @@ use tokio_util::task::TaskTracker;
 
 use crate::config::Config;
 use crate::deadletter::{Entry, EntryReport};
-use crate::ledger::{ChannelLedger, EventState};
 use crate::metrics::Metrics;
-use crate::resolve::RunTarget;
-use crate::upstream::{Outbound, Refused};
+use crate::protocol::run::RunTarget;
+use crate::protocol::upstream::Outbound;
+use crate::upstream::Refused;
 
+pub use self::redis::RedisBroker;
 pub use embedded::Embedded;
-pub use memory::{ChannelSummary, MemoryBroker, Ranked};
-pub use redis::RedisBroker;
+pub use memory::MemoryBroker;
 
 use crate::fanout::Outbox;
-use crate::ledger::{ChannelReport, Totals};
+use crate::ledger::{ChannelReport, Ranked, Totals};
 use crate::protocol::ChannelName;
 use crate::protocol::client::Since;
 use crate::protocol::event::Event;
@@ -155,7 +154,7 @@ impl Broker {
                 memory.start(tracker, stop, metrics);
                 None
             }
-            Self::Redis(_) => Some(redis::start(self, tracker, stop, metrics)),
+            Self::Redis(_) => Some(self::redis::start(self, tracker, stop, metrics)),
         }
     }
 
@@ -301,10 +300,9 @@ impl Broker {
     ) {
         match self {
             Self::Memory(memory) => memory.keep_dead_letter(run_id, event, why, metrics),
-            Self::Redis(redis) => redis.keep_dead_letter(
-                redis::RedisBroker::letter(run_id, why, &event, None),
-                metrics,
-            ),
+            Self::Redis(redis) => {
+                redis.keep_dead_letter(RedisBroker::letter(run_id, why, &event, None), metrics)
+            }
         }
     }
 
@@ -323,7 +321,7 @@ impl Broker {
                 Ok(())
             }
             Self::Redis(redis) => {
-                let letter = redis::RedisBroker::letter(run_id, why, &event, None);
+                let letter = RedisBroker::letter(run_id, why, &event, None);
                 redis
                     .store_dead_letters(std::slice::from_ref(&letter), metrics)
                     .await
@@ -358,7 +356,7 @@ impl Broker {
             Self::Redis(redis) => {
                 let origin = entry.origin.as_deref();
                 let letter =
-                    redis::RedisBroker::letter(&entry.run_id, &entry.reason, &entry.event, origin);
+                    RedisBroker::letter(&entry.run_id, &entry.reason, &entry.event, origin);
                 redis.keep_dead_letter(letter, metrics);
             }
         }
@@ -412,15 +410,6 @@ impl Broker {
     }
 }
 
-/// Redis mode: where one channel's first deliveries on this replica are reported (batched into
-/// Redis by a background task, so a session never awaits Redis).
-#[derive(Debug)]
-pub struct Feed {
-    pub channel: ChannelName,
-    pub epoch: Arc<str>,
-    pub reports: tokio::sync::mpsc::Sender<redis::Report>,
-}
-
 /// An event sequenced in Redis, as a replica reads it from the stream or pub/sub.
 #[derive(Debug, Clone)]
 pub struct Sequenced {
@@ -460,55 +449,6 @@ pub fn now_ms() -> u64 {
     SystemTime::now()
         .duration_since(SystemTime::UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as u64)
-}
-
-/// An event in a channel's history: its frame bytes (shared by every subscriber) and its place
-/// in the ledger.
-#[derive(Debug)]
-pub struct StoredEvent {
-    pub seq: u64,
-    pub frame: Bytes,
-    pub emitted_at: Instant,
-    /// The producer's `ts`, when it is an RFC 3339 UTC time.
-    pub produced_at: Option<SystemTime>,
-    /// Present only when traces are exported.
-    pub trace: Option<Box<crate::telemetry::TraceInfo>>,
-    state: EventState,
-    ledger: Arc<ChannelLedger>,
-    feed: Option<Arc<Feed>>,
-    /// Set once the event was queued to a subscriber (live or replay).
-    offered: AtomicBool,
-}
-
-impl StoredEvent {
-    fn offer(&self) {
-        self.offered.store(true, Ordering::Relaxed);
-    }
-
-    fn was_offered(&self) -> bool {
-        self.offered.load(Ordering::Relaxed)
-    }
-
-    /// Records a socket write of this event; the first one counts as the delivery.
-    pub fn delivered(&self, metrics: &Metrics) {
-        if self.state.deliver(&self.ledger) {
-            if let Some(feed) = &self.feed
-                && feed
-                    .reports
-                    .try_send(redis::Report::Delivered(Arc::clone(feed), self.seq))
-                    .is_err()
-            {
-                metrics.broker_errors.inc();
-            }
-            metrics.observe_delivery(self.emitted_at.elapsed());
-            if let Some(age) = self
-                .produced_at
-                .and_then(|at| SystemTime::now().duration_since(at).ok())
-            {
-                metrics.event_age.observe(age.as_secs_f64());
-            }
-        }
-    }
 }
 
 /// Where a published event landed.

@@ -21,7 +21,8 @@ use crate::broker::{Activity, BrokerError, Outcome, Published};
 use crate::ledger::LostReason;
 use crate::protocol::ChannelName;
 use crate::protocol::event::{self, Event, EventType, Refusal};
-use crate::resolve::{Held, NotHeld, RunTarget};
+use crate::protocol::run::RunTarget;
+use crate::resolve::{Held, NotHeld};
 use crate::telemetry;
 use tracing::{Instrument, Span};
 

@@ -1,4 +1,4 @@
-//! Frames a client sends on `/ws` (DESIGN.md §3), decoded once into a closed enum.
+//! Frames a client sends on `/ws`, decoded once into a closed enum.
 
 use serde_json::{Map, Value};
 

@@ -1,4 +1,4 @@
-//! Producer events (DESIGN.md §2): decoded from JSON once, validated field by field, so that a
+//! Producer events: decoded from JSON once, validated field by field, so that a
 //! refusal always names the field and the reason.
 
 use serde::Serialize;

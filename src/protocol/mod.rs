@@ -4,6 +4,8 @@
 pub mod channel;
 pub mod client;
 pub mod event;
+pub mod run;
 pub mod server;
+pub mod upstream;
 
 pub use channel::{ChannelKind, ChannelName};

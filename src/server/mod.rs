@@ -37,6 +37,7 @@ pub fn raise_file_limit() -> Option<u64> {
 
 /// Serves until `stop` is cancelled, then drains and returns.
 pub async fn run(gateway: Arc<Gateway>, listener: TcpListener, stop: CancellationToken) {
+    crate::metrics::export::<crate::session::Ended>(&gateway.metrics.connections_closed);
     // One tracker per stage, each drained at shutdown in the order the data flows.
     let http = TaskTracker::new();
     let http_stop = CancellationToken::new();

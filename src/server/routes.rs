@@ -18,7 +18,7 @@ use crate::broker::BrokerError;
 use crate::ingest::{self, ItemResult};
 use crate::protocol::ChannelName;
 use crate::protocol::channel::check_id;
-use crate::resolve::RunTarget;
+use crate::protocol::run::RunTarget;
 
 type Body = Full<Bytes>;
 

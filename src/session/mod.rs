@@ -17,12 +17,14 @@ use tokio::time::{Instant, timeout};
 use tracing::Instrument;
 
 use crate::Gateway;
-use crate::broker::{HandOff, HandOffError, StoredEvent};
-use crate::fanout::{Outbox, Outgoing};
+use crate::broker::{HandOff, HandOffError};
+use crate::fanout::{Outbox, Outgoing, StoredEvent};
+use crate::metrics::Label;
 use crate::protocol::ChannelName;
 use crate::protocol::client::{self, ClientFrame, Since, UpstreamMessage};
 use crate::protocol::server::{self, ErrorCode, close};
-use crate::upstream::{Outbound, Refused};
+use crate::protocol::upstream::Outbound;
+use crate::upstream::Refused;
 use frame::{FrameError, Raw};
 
 /// Bytes written per flush at most: a busy or replaying connection still reads, notices shutdown
@@ -48,8 +50,8 @@ pub enum Ended {
     WriteFailed,
 }
 
-impl Ended {
-    pub const ALL: [Ended; 10] = [
+impl crate::metrics::Label for Ended {
+    const ALL: &'static [Self] = &[
         Self::ClientClosed,
         Self::ClientGone,
         Self::HelloTimeout,
@@ -62,7 +64,7 @@ impl Ended {
         Self::WriteFailed,
     ];
 
-    pub fn as_str(self) -> &'static str {
+    fn as_str(self) -> &'static str {
         match self {
             Self::ClientClosed => "client_closed",
             Self::ClientGone => "client_gone",

@@ -11,6 +11,7 @@ mod resolution;
 mod resume;
 mod slow_consumer;
 mod support;
+mod tidy;
 mod traces;
 mod upstream;
 mod watchdog;

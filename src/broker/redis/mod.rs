@@ -32,18 +32,20 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use super::{
-    AckError, Activity, Broker, BrokerError, ChannelSummary, Feed, HandOff, HandOffError,
-    MemoryBroker, Outcome, Published, Ranked, Sequenced, Snapshot, Upward, now_ms,
+    AckError, Activity, Broker, BrokerError, HandOff, HandOffError, MemoryBroker, Outcome,
+    Published, Sequenced, Snapshot, Upward, now_ms,
 };
 use crate::config::{BrokerConfig, Config};
-use crate::fanout::Outbox;
-use crate::ledger::{ChannelReport, Counts, LostReason, LostReport, Totals};
+use crate::fanout::{Delivered, Feed, Outbox};
+use crate::ledger::{
+    ChannelReport, ChannelSummary, Counts, LostReason, LostReport, Ranked, Totals,
+};
 use crate::metrics::Metrics;
 use crate::protocol::ChannelName;
 use crate::protocol::client::Since;
 use crate::protocol::event::{Event, EventType};
+use crate::protocol::run::RunTarget;
 use crate::protocol::server::{self, Subscribed};
-use crate::resolve::RunTarget;
 
 pub use reports::Report;
 
@@ -156,7 +158,9 @@ pub struct RedisBroker {
     pub(crate) live: mpsc::Sender<live::Command>,
     pub(crate) live_commands: Mutex<Option<mpsc::Receiver<live::Command>>>,
     pub(crate) reports: mpsc::Sender<Report>,
-    pub(crate) report_queue: Mutex<Option<mpsc::Receiver<Report>>>,
+    /// First deliveries, reported by the mirror's stored events (see [`Feed`]).
+    deliveries: mpsc::Sender<Delivered>,
+    pub(crate) report_queue: Mutex<Option<(mpsc::Receiver<Report>, mpsc::Receiver<Delivered>)>>,
     /// Last PING answered (set by the health task).
     up: AtomicBool,
     /// Counts pub/sub (re)connections, so an attach can tell one happened while it read.
@@ -181,6 +185,7 @@ impl RedisBroker {
         let conn = ConnectionManager::new_lazy_with_config(client.clone(), manager)?;
         let (live, live_commands) = mpsc::channel(LIVE_QUEUE);
         let (reports, report_queue) = mpsc::channel(REPORT_QUEUE);
+        let (deliveries, delivery_queue) = mpsc::channel(REPORT_QUEUE);
         Ok(Self {
             client,
             conn,
@@ -196,7 +201,8 @@ impl RedisBroker {
             live,
             live_commands: Mutex::new(Some(live_commands)),
             reports,
-            report_queue: Mutex::new(Some(report_queue)),
+            deliveries,
+            report_queue: Mutex::new(Some((report_queue, delivery_queue))),
             up: AtomicBool::new(false),
             generation: AtomicU64::new(0),
             run_seen_ttl: (config.watchdog.run_idle_timeout * 2).max(config.watchdog.retain),
@@ -337,7 +343,7 @@ impl RedisBroker {
         let feed = Arc::new(Feed {
             channel: name.clone(),
             epoch: "".into(),
-            reports: self.reports.clone(),
+            deliveries: self.deliveries.clone(),
         });
         self.mirror.prepare(name, &feed);
         let (confirmed, reply) = tokio::sync::oneshot::channel();
@@ -800,7 +806,7 @@ impl RedisBroker {
     /// Appends an HLink message to the `ui_events` stream, under a new entry id.
     pub async fn append_ui_event(
         &self,
-        message: &crate::upstream::Outbound,
+        message: &crate::protocol::upstream::Outbound,
         metrics: &Metrics,
     ) -> Result<HandOff, HandOffError> {
         let appended = self.xadd_ui_event(message).await;
@@ -818,7 +824,7 @@ impl RedisBroker {
 
     async fn xadd_ui_event(
         &self,
-        message: &crate::upstream::Outbound,
+        message: &crate::protocol::upstream::Outbound,
     ) -> Result<String, BrokerError> {
         let json = serde_json::to_string(message).unwrap_or_default();
         let id: String = redis::cmd("XADD")
@@ -950,11 +956,11 @@ pub fn start(
             }
         });
     }
-    if let Some(queue) = take(&redis.report_queue) {
+    if let Some((queue, deliveries)) = take(&redis.report_queue) {
         let (b, m, s) = (with(broker), Arc::clone(&metrics), stop.clone());
         tracker.spawn(async move {
             if let Broker::Redis(redis) = &*b {
-                reports::run(redis, queue, &m, s).await;
+                reports::run(redis, queue, deliveries, &m, s).await;
             }
         });
     }

@@ -10,15 +10,13 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use super::RedisBroker;
-use crate::broker::Feed;
+use crate::fanout::Delivered;
 use crate::metrics::Metrics;
 use crate::protocol::ChannelName;
 
 /// One thing a session reports.
 #[derive(Debug)]
 pub enum Report {
-    /// First write of `seq` to a socket on this replica.
-    Delivered(Arc<Feed>, u64),
     /// A client's cumulative ack, with the epoch it was for.
     Acked(ChannelName, Arc<str>, u64),
     /// A publish at this wall-clock millisecond: for the channel index (`aw:channels`) and, when
@@ -50,10 +48,12 @@ pub struct DeadLetter {
 pub async fn run(
     broker: &RedisBroker,
     mut queue: mpsc::Receiver<Report>,
+    mut deliveries: mpsc::Receiver<Delivered>,
     metrics: &Metrics,
     stop: CancellationToken,
 ) {
     let mut batch = Vec::with_capacity(1024);
+    let mut firsts = Vec::with_capacity(1024);
     loop {
         let stopping = tokio::select! {
             _ = stop.cancelled() => true,
@@ -63,22 +63,44 @@ pub async fn run(
                 }
                 false
             }
+            received = deliveries.recv_many(&mut firsts, 4096) => {
+                if received == 0 {
+                    return;
+                }
+                false
+            }
         };
         if stopping {
             queue.close();
+            deliveries.close();
             while queue.recv_many(&mut batch, 4096).await > 0 {}
+            while deliveries.recv_many(&mut firsts, 4096).await > 0 {}
+        } else {
+            // Whatever else is waiting joins this batch.
+            while batch.len() < 4096
+                && let Ok(report) = queue.try_recv()
+            {
+                batch.push(report);
+            }
+            while firsts.len() < 4096
+                && let Ok(delivered) = deliveries.try_recv()
+            {
+                firsts.push(delivered);
+            }
         }
         let mut delivered: HashMap<(ChannelName, Arc<str>), Vec<u64>> = HashMap::new();
         let mut acked: HashMap<(ChannelName, Arc<str>), u64> = HashMap::new();
         let mut published: HashMap<ChannelName, u64> = HashMap::new();
         let mut letters = Vec::new();
         let mut runs: HashMap<String, (u64, bool)> = HashMap::new();
+        for Delivered { feed, seq } in firsts.drain(..) {
+            delivered
+                .entry((feed.channel.clone(), Arc::clone(&feed.epoch)))
+                .or_default()
+                .push(seq);
+        }
         for report in batch.drain(..) {
             match report {
-                Report::Delivered(feed, seq) => delivered
-                    .entry((feed.channel.clone(), Arc::clone(&feed.epoch)))
-                    .or_default()
-                    .push(seq),
                 Report::Acked(channel, epoch, seq) => {
                     let top = acked.entry((channel, epoch)).or_default();
                     *top = (*top).max(seq);

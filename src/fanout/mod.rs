@@ -10,7 +10,9 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use bytes::Bytes;
 use tokio::sync::Notify;
 
-use crate::broker::StoredEvent;
+mod stored;
+
+pub use stored::{Delivered, Feed, StoredEvent};
 
 /// What a connection writer is asked to write.
 #[derive(Debug)]

@@ -14,7 +14,9 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::time::timeout;
 use tokio_util::sync::CancellationToken;
 
-use super::{Keys, REGISTERED, RedisBroker, parse_target};
+use super::RedisBroker;
+use super::keys::{Keys, REGISTERED};
+use super::registry::parse_target;
 use crate::broker::{Announcement, BrokerError};
 use crate::metrics::Metrics;
 use crate::protocol::ChannelName;

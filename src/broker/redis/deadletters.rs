@@ -1,0 +1,148 @@
+//! The shared dead letters (`aw:deadletters`) and the malformed ingest entries set aside.
+
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use redis::AsyncCommands;
+
+use super::keys::{DEADLETTERS, Entry, field};
+use super::reports::Report;
+use super::{RedisBroker, reports};
+use crate::broker::{BrokerError, now_ms};
+use crate::metrics::Metrics;
+use crate::protocol::event::Event;
+
+impl RedisBroker {
+    /// A dead letter as it is stored.
+    pub fn letter(
+        run_id: &str,
+        reason: &str,
+        event: &Event,
+        origin: Option<&str>,
+    ) -> reports::DeadLetter {
+        reports::DeadLetter {
+            run_id: run_id.to_string(),
+            reason: reason.to_string(),
+            lost_ms: now_ms(),
+            event: event.to_json().to_string(),
+            origin: origin.map(str::to_string),
+        }
+    }
+
+    /// Queues a dead letter for the shared stream (written by the report task, retried while Redis
+    /// is away). A full queue drops it: logged with the event and counted as a broker error.
+    pub fn keep_dead_letter(&self, letter: reports::DeadLetter, metrics: &Metrics) {
+        if let Err(full) = self.reports.try_send(Report::DeadLetter(letter)) {
+            metrics.broker_errors.inc();
+            if let Report::DeadLetter(letter) = full.into_inner() {
+                tracing::error!(target: "agentwire::deadletter", run_id = %letter.run_id, event = %letter.event, "Dead letter not kept: the report queue is full.");
+            }
+        }
+    }
+
+    /// Writes dead letters, and counts each run id in `agentwire_unresolved_run_ids_total` once an
+    /// hour across replicas (`aw:unresolved:{run}`, set only by the first).
+    pub(crate) async fn store_dead_letters(
+        &self,
+        letters: &[reports::DeadLetter],
+        metrics: &Metrics,
+    ) -> Result<(), BrokerError> {
+        let mut pipe = redis::pipe();
+        for letter in letters {
+            let command = pipe
+                .cmd("XADD")
+                .arg(DEADLETTERS)
+                .arg("MAXLEN")
+                .arg(self.deadletter_capacity)
+                .arg("*")
+                .arg("run_id")
+                .arg(&letter.run_id)
+                .arg("reason")
+                .arg(&letter.reason)
+                .arg("lost_ms")
+                .arg(letter.lost_ms)
+                .arg("event")
+                .arg(&letter.event);
+            if let Some(origin) = &letter.origin {
+                command.arg("origin").arg(origin);
+            }
+            command.ignore();
+        }
+        let mut runs: Vec<&str> = letters.iter().map(|l| l.run_id.as_str()).collect();
+        runs.sort_unstable();
+        runs.dedup();
+        for run_id in &runs {
+            pipe.set_options(
+                format!("aw:unresolved:{{{run_id}}}"),
+                1,
+                redis::SetOptions::default()
+                    .conditional_set(redis::ExistenceCheck::NX)
+                    .with_expiration(redis::SetExpiry::PX(3_600_000)),
+            );
+        }
+        let first: Vec<Option<String>> = pipe.query_async(&mut self.conn()).await?;
+        let new_runs = first.iter().filter(|set| set.is_some()).count();
+        metrics.unresolved_run_ids.inc_by(new_runs as u64);
+        Ok(())
+    }
+
+    /// The shared dead letters, oldest first (at most `deadletter.capacity`).
+    pub async fn dead_letters(&self) -> Result<Vec<crate::deadletter::Entry>, BrokerError> {
+        let entries: Vec<Entry> = redis::cmd("XRANGE")
+            .arg(DEADLETTERS)
+            .arg("-")
+            .arg("+")
+            .arg("COUNT")
+            .arg(self.deadletter_capacity)
+            .query_async(&mut self.conn())
+            .await?;
+        Ok(entries
+            .into_iter()
+            .filter_map(|(id, fields)| {
+                let text = |key| field(&fields, key).map(str::to_string);
+                let lost_ms: u64 = field(&fields, "lost_ms")?.parse().ok()?;
+                Some(crate::deadletter::Entry {
+                    origin: Some(text("origin").unwrap_or_else(|| id.clone())),
+                    id: crate::deadletter::LetterId::Stream(id),
+                    run_id: text("run_id")?,
+                    reason: text("reason")?,
+                    lost_at: std::time::SystemTime::UNIX_EPOCH + Duration::from_millis(lost_ms),
+                    event: crate::protocol::event::parse(field(&fields, "event")?, usize::MAX)
+                        .ok()?,
+                })
+            })
+            .collect())
+    }
+
+    /// The newest malformed ingest entries set aside in `<ingest_stream>:dead` (at most 100),
+    /// newest first: `{id, entry, reason, event}`.
+    pub async fn malformed(&self) -> Result<Vec<serde_json::Value>, BrokerError> {
+        let entries: Vec<Entry> = redis::cmd("XREVRANGE")
+            .arg(format!("{}:dead", self.config.ingest_stream))
+            .arg("+")
+            .arg("-")
+            .arg("COUNT")
+            .arg(100)
+            .query_async(&mut self.conn())
+            .await?;
+        Ok(entries
+            .into_iter()
+            .map(|(id, fields)| {
+                let text = |key| field(&fields, key);
+                serde_json::json!({"id": id, "entry": text("entry"), "reason": text("reason"), "event": text("event")})
+            })
+            .collect())
+    }
+
+    /// Removes one shared dead letter; `true` only for the replica that removed it (a redrive on
+    /// two replicas at once publishes it once).
+    pub async fn take_dead_letter(&self, id: &str) -> Result<bool, BrokerError> {
+        let removed: u64 = self.conn().xdel(DEADLETTERS, &[id]).await?;
+        Ok(removed == 1)
+    }
+
+    /// The number of shared dead letters as of the last sweep.
+    pub fn dead_letter_count(&self) -> usize {
+        self.deadletter_count.load(Ordering::Relaxed) as usize
+    }
+}

@@ -1,0 +1,77 @@
+//! Redis key names: the keys of one channel (its hash tag keeps them in one Cluster slot), the
+//! shared keys across channels, and how a stream entry's fields are read.
+
+use std::collections::HashMap;
+
+use bytes::Bytes;
+
+use crate::broker::Sequenced;
+use crate::protocol::ChannelName;
+
+/// The keys of one channel.
+pub struct Keys {
+    pub log: String,
+    pub meta: String,
+    pub seen: String,
+    pub delivered: String,
+    pub offered: String,
+    pub live: String,
+}
+
+impl Keys {
+    pub fn of(name: &ChannelName) -> Self {
+        let tag = format!("aw:{{{}}}", name.as_str());
+        Self {
+            log: format!("{tag}:log"),
+            meta: format!("{tag}:meta"),
+            seen: format!("{tag}:seen"),
+            delivered: format!("{tag}:delivered"),
+            offered: format!("{tag}:offered"),
+            live: format!("{tag}:live"),
+        }
+    }
+
+    /// The channel a `:live` pub/sub name belongs to.
+    pub fn channel_of_live(live: &str) -> Option<ChannelName> {
+        ChannelName::parse(live.strip_prefix("aw:{")?.strip_suffix("}:live")?)
+    }
+}
+
+/// A stream entry as read: id and fields.
+pub(super) type Entry = (String, HashMap<String, Bytes>);
+
+pub(super) fn run_key(run_id: &str) -> String {
+    format!("aw:run:{{{run_id}}}")
+}
+
+pub(super) fn run_seen_key(run_id: &str) -> String {
+    format!("aw:runseen:{{{run_id}}}")
+}
+
+/// Pub/sub channel on which a registration is announced to every replica.
+pub const REGISTERED: &str = "aw:registered";
+
+/// Sorted set of channels by last publish (ms), for the age sweep and `GET /v1/ledger`.
+pub(super) const CHANNELS: &str = "aw:channels";
+
+/// The shared dead letters: fields `run_id`, `reason`, `lost_ms`, `event` (the event as sent).
+pub const DEADLETTERS: &str = "aw:deadletters";
+
+pub(super) fn seq_of(id: &str) -> Option<u64> {
+    id.split('-').next()?.parse().ok()
+}
+
+/// One field of a stream entry, as text.
+pub(super) fn field<'a>(fields: &'a HashMap<String, Bytes>, key: &str) -> Option<&'a str> {
+    std::str::from_utf8(fields.get(key)?).ok()
+}
+
+pub(super) fn sequenced(id: &str, fields: &HashMap<String, Bytes>) -> Option<Sequenced> {
+    let number = |key: &str| field(fields, key)?.parse::<u64>().ok();
+    Some(Sequenced {
+        seq: seq_of(id)?,
+        body: fields.get("b")?.clone(),
+        emitted_ms: number("t")?,
+        produced_ms: number("p"),
+    })
+}

@@ -1,0 +1,252 @@
+//! The shared ledger: deliveries and acks recorded by script (batched by the report task), the
+//! channel index, the per-channel and cluster-wide reads behind `GET /v1/channels` and
+//! `GET /v1/ledger`, this replica's own counts for `/metrics`, and the age sweep.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use redis::{AsyncCommands, Value};
+
+use super::RedisBroker;
+use super::keys::{CHANNELS, DEADLETTERS, Keys, seq_of};
+use crate::broker::{BrokerError, now_ms};
+use crate::ledger::{
+    ChannelReport, ChannelSummary, Counts, LostReason, LostReport, Ranked, Totals,
+};
+use crate::protocol::ChannelName;
+
+/// Channels `GET /v1/ledger` reads at most.
+pub(super) const LEDGER_SCAN: isize = 10_000;
+
+/// What this replica did, for `/metrics` (summed over replicas by the dashboards).
+#[derive(Default)]
+pub(super) struct Counters {
+    pub(super) emitted: AtomicU64,
+    pub(super) delivered: AtomicU64,
+    pub(super) acked: AtomicU64,
+    pub(super) lost: [AtomicU64; 4],
+}
+
+pub(super) fn counts_of(meta: &HashMap<String, String>) -> Counts {
+    let field = |key: &str| meta.get(key).and_then(|v| v.parse().ok()).unwrap_or(0);
+    let mut lost = [0; 4];
+    lost[LostReason::ExpiredUnseen as usize] = field("lost_expired_unseen");
+    lost[LostReason::ExpiredSubscribed as usize] = field("lost_expired_subscribed");
+    Counts {
+        emitted: field("emitted"),
+        delivered: field("delivered"),
+        acked: field("acked"),
+        pending: field("pending"),
+        lost,
+    }
+}
+
+impl RedisBroker {
+    /// Records first deliveries of one channel; returns how many were new cluster-wide.
+    pub(crate) async fn delivered(
+        &self,
+        name: &ChannelName,
+        epoch: &str,
+        seqs: &[u64],
+    ) -> Result<u64, BrokerError> {
+        let keys = Keys::of(name);
+        let mut invocation = self.scripts.deliver.prepare_invoke();
+        invocation
+            .key(&keys.log)
+            .key(&keys.meta)
+            .key(&keys.delivered)
+            .arg(epoch);
+        for seq in seqs {
+            invocation.arg(seq);
+        }
+        let count: u64 = invocation.invoke_async(&mut self.conn()).await?;
+        self.counters.delivered.fetch_add(count, Ordering::Relaxed);
+        Ok(count)
+    }
+
+    /// Moves channels' last-publish times forward in the index.
+    pub(crate) async fn index(
+        &self,
+        published: &HashMap<ChannelName, u64>,
+    ) -> Result<(), BrokerError> {
+        let mut command = redis::cmd("ZADD");
+        command.arg(CHANNELS).arg("GT");
+        for (channel, ms) in published {
+            command.arg(ms).arg(channel.as_str());
+        }
+        let () = command.query_async(&mut self.conn()).await?;
+        Ok(())
+    }
+
+    pub(crate) async fn acked(
+        &self,
+        name: &ChannelName,
+        epoch: &str,
+        seq: u64,
+    ) -> Result<(), BrokerError> {
+        let count: u64 = self
+            .scripts
+            .ack
+            .key(Keys::of(name).meta)
+            .arg(epoch)
+            .arg(seq)
+            .invoke_async(&mut self.conn())
+            .await?;
+        self.counters.acked.fetch_add(count, Ordering::Relaxed);
+        Ok(())
+    }
+
+    pub async fn report(&self, name: &ChannelName) -> Result<Option<ChannelReport>, BrokerError> {
+        let keys = Keys::of(name);
+        let mut conn = self.conn();
+        let (meta, retained, first): (HashMap<String, String>, usize, Vec<(String, Value)>) =
+            redis::pipe()
+                .hgetall(&keys.meta)
+                .xlen(&keys.log)
+                .cmd("XRANGE")
+                .arg(&keys.log)
+                .arg("-")
+                .arg("+")
+                .arg("COUNT")
+                .arg(1)
+                .query_async(&mut conn)
+                .await?;
+        if !meta.contains_key("epoch") {
+            return Ok(None);
+        }
+        let counts = counts_of(&meta);
+        let field = |key: &str| meta.get(key).and_then(|v| v.parse().ok()).unwrap_or(0);
+        Ok(Some(ChannelReport {
+            channel: name.to_string(),
+            epoch: meta.get("epoch").cloned().unwrap_or_default(),
+            last_seq: field("last_seq"),
+            first_retained_seq: first.first().and_then(|(id, _)| seq_of(id)),
+            retained,
+            subscribers: self.mirror.report(name).map_or(0, |r| r.subscribers),
+            emitted: counts.emitted,
+            delivered: counts.delivered,
+            acked: counts.acked,
+            pending: counts.pending,
+            oldest_pending_age_seconds: None,
+            lost: LostReport::from_counts(&counts),
+            lost_total: counts.lost_total(),
+            balanced: counts.balanced(),
+        }))
+    }
+
+    /// What this replica did: emitted by its ingest, delivered by its sockets, lost by its trims.
+    /// Its pending is the signed rest; summed over replicas it is the cluster's.
+    /// The oldest-pending ages are of the channels mirrored here.
+    pub fn totals(&self) -> Totals {
+        let mirror = self.mirror.totals();
+        let c = &self.counters;
+        let lost = std::array::from_fn(|i| c.lost[i].load(Ordering::Relaxed));
+        let emitted = c.emitted.load(Ordering::Relaxed);
+        let delivered = c.delivered.load(Ordering::Relaxed);
+        Totals {
+            emitted,
+            delivered,
+            acked: c.acked.load(Ordering::Relaxed),
+            pending: emitted as i64 - delivered as i64 - lost.iter().sum::<u64>() as i64,
+            lost,
+            oldest_pending_age: mirror.oldest_pending_age,
+            oldest_offered_pending_age: mirror.oldest_offered_pending_age,
+            channels: mirror.channels,
+        }
+    }
+
+    /// The cluster-wide ledger over the channels in the index (at most [`LEDGER_SCAN`]).
+    pub async fn ledger(&self, top: usize) -> Result<(Totals, Ranked), BrokerError> {
+        let mut conn = self.conn();
+        let names: Vec<String> = conn.zrevrange(CHANNELS, 0, LEDGER_SCAN - 1).await?;
+        let mut pipe = redis::pipe();
+        for name in &names {
+            if let Some(channel) = ChannelName::parse(name) {
+                pipe.hgetall(Keys::of(&channel).meta);
+            }
+        }
+        let metas: Vec<HashMap<String, String>> = pipe.query_async(&mut conn).await?;
+        let mut totals = Totals::default();
+        let mut all = Vec::new();
+        for (name, meta) in names.iter().zip(&metas) {
+            let counts = counts_of(meta);
+            totals.add(&counts);
+            totals.channels += 1;
+            if counts.pending > 0 || counts.lost_total() > 0 {
+                all.push(ChannelSummary {
+                    channel: name.clone(),
+                    pending: counts.pending,
+                    oldest_pending_age_seconds: None,
+                    lost_total: counts.lost_total(),
+                    lost: LostReport::from_counts(&counts),
+                    subscribers: 0,
+                });
+            }
+        }
+        Ok((totals, Ranked::from_summaries(all, top)))
+    }
+
+    /// Trims channels idle for `history.max_age` (their entries are all that old) and retires
+    /// the empty ones. Every replica may run it: the script is idempotent.
+    pub async fn sweep(&self) {
+        if !self.is_up() {
+            return;
+        }
+        let now = now_ms();
+        let min_t = now.saturating_sub(self.history.max_age.as_millis() as u64);
+        let mut conn = self.conn();
+        if let Ok(count) = conn.xlen::<_, u64>(DEADLETTERS).await {
+            self.deadletter_count.store(count, Ordering::Relaxed);
+        }
+        let idle: Vec<String> = match conn
+            .zrangebyscore_limit(CHANNELS, "-inf", min_t, 0, 200)
+            .await
+        {
+            Ok(idle) => idle,
+            Err(error) => {
+                tracing::debug!(%error, "Sweep could not read the channel index.");
+                return;
+            }
+        };
+        for raw in idle {
+            let Some(name) = ChannelName::parse(&raw) else {
+                let _: Result<(), _> = conn.zrem(CHANNELS, &raw).await;
+                continue;
+            };
+            let keys = Keys::of(&name);
+            let swept: Result<(u64, u64, u8), _> = self
+                .scripts
+                .sweep
+                .key(&keys.log)
+                .key(&keys.meta)
+                .key(&keys.delivered)
+                .key(&keys.offered)
+                .key(&keys.seen)
+                .arg(self.history.max_events)
+                .arg(min_t)
+                .arg(self.history.max_age.as_millis() as u64)
+                .invoke_async(&mut conn)
+                .await;
+            match swept {
+                Ok((unseen, subscribed, empty)) => {
+                    self.count_lost(&name, unseen, subscribed);
+                    if empty == 1 {
+                        // Only if no publish touched the channel since it was read as idle.
+                        let _: Result<u8, _> = self
+                            .scripts
+                            .unindex
+                            .key(CHANNELS)
+                            .arg(&raw)
+                            .arg(min_t)
+                            .invoke_async(&mut conn)
+                            .await;
+                    }
+                }
+                Err(error) => {
+                    tracing::debug!(%error, channel = %name, "Sweep failed.");
+                    return;
+                }
+            }
+        }
+    }
+}

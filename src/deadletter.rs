@@ -1,7 +1,7 @@
 //! Dead letters: valid events that found no channel within `resolve.grace`, kept (bounded) with
 //! the reason and time so an operator can see them and, once the missing runs are registered,
-//! redrive them. This is the embedded broker's store; in Redis mode dead letters live in the
-//! shared `aw:deadletters` stream (see `broker::redis`), and only the once-per-run counting is here.
+//! redrive them. This is what a letter is; the broker keeps them (the embedded broker in this
+//! process, the Redis broker in the shared `aw:deadletters` stream).
 //!
 //! Accounting: `agentwire_events_lost_total{reason="unresolved"}` counts every event that was ever
 //! dead-lettered and never goes down; a redrive that resolves a dead letter counts it in
@@ -11,29 +11,11 @@
 //! `ingested + generated + redriven = emitted + pending_resolution + lost{unresolved} + duplicates`
 //! holds at all times (a redriven event is in `emitted` and in `lost{unresolved}` once each).
 
-use std::collections::{HashMap, VecDeque};
-use std::sync::Mutex;
-use std::time::{Duration, SystemTime};
+use std::time::SystemTime;
 
 use serde::Serialize;
 
 use crate::protocol::event::Event;
-
-pub struct DeadLetters {
-    capacity: usize,
-    inner: Mutex<Inner>,
-}
-
-#[derive(Default)]
-struct Inner {
-    next_id: u64,
-    entries: VecDeque<Entry>,
-    /// Run ids already counted in `agentwire_unresolved_run_ids_total`, with when.
-    counted: HashMap<String, SystemTime>,
-}
-
-/// A run id counted as unresolved is not counted again within this time.
-const COUNT_ONCE_WITHIN: Duration = Duration::from_secs(3600);
 
 /// A dead letter's id: a counter in this process, or the entry id of the shared Redis stream.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -81,86 +63,4 @@ pub struct EntryReport {
     pub reason: String,
     pub lost_at: String,
     pub event: serde_json::Value,
-}
-
-impl DeadLetters {
-    pub fn new(capacity: usize) -> Self {
-        Self {
-            capacity,
-            inner: Mutex::default(),
-        }
-    }
-
-    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
-        self.inner.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    /// Keeps an event; returns how many are kept now. The oldest go when full.
-    pub fn push(&self, run_id: &str, event: Event, reason: &'static str) -> usize {
-        let mut inner = self.lock();
-        inner.next_id += 1;
-        let id = inner.next_id;
-        inner.entries.push_back(Entry {
-            id: LetterId::Local(id),
-            origin: None,
-            run_id: run_id.to_string(),
-            reason: reason.to_string(),
-            lost_at: SystemTime::now(),
-            event,
-        });
-        while inner.entries.len() > self.capacity {
-            inner.entries.pop_front();
-        }
-        inner.entries.len()
-    }
-
-    pub fn list(&self) -> Vec<EntryReport> {
-        self.lock().entries.iter().map(Entry::report).collect()
-    }
-
-    /// Takes every entry out for a redrive; what is not rescued goes back with [`Self::restore`].
-    pub fn take(&self) -> Vec<Entry> {
-        self.lock().entries.drain(..).collect()
-    }
-
-    /// Puts entries back in front of any that arrived meanwhile, keeping their order.
-    pub fn restore(&self, entries: Vec<Entry>) -> usize {
-        let mut inner = self.lock();
-        for entry in entries.into_iter().rev() {
-            inner.entries.push_front(entry);
-        }
-        while inner.entries.len() > self.capacity {
-            inner.entries.pop_front();
-        }
-        inner.entries.len()
-    }
-
-    /// `true` the first time (within an hour) a run id is dead-lettered.
-    pub fn first_unresolved(&self, run_id: &str) -> bool {
-        let now = SystemTime::now();
-        let mut inner = self.lock();
-        if inner.counted.len() >= self.capacity {
-            inner
-                .counted
-                .retain(|_, at| now.duration_since(*at).unwrap_or_default() < COUNT_ONCE_WITHIN);
-            if inner.counted.len() >= self.capacity {
-                inner.counted.clear();
-            }
-        }
-        match inner.counted.get(run_id) {
-            Some(at) if now.duration_since(*at).unwrap_or_default() < COUNT_ONCE_WITHIN => false,
-            _ => {
-                inner.counted.insert(run_id.to_string(), now);
-                true
-            }
-        }
-    }
-
-    pub fn len(&self) -> usize {
-        self.lock().entries.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
 }

@@ -3,12 +3,11 @@
 //!
 //! Two implementations, chosen once at start ([`Broker::new`]): the [`Embedded`] broker, and the
 //! [`RedisBroker`], which sequences and stores in Redis and mirrors the channels this replica's
-//! clients watch into a `MemoryBroker` for local fan-out and replay. Every decision that depends
+//! clients watch into a `Channels` for local fan-out and replay. Every decision that depends
 //! on the mode is one `match` here; nothing outside `broker/` names a mode.
 
-mod dedupe;
+mod channels;
 mod embedded;
-mod memory;
 pub mod redis;
 
 use std::sync::Arc;
@@ -27,8 +26,8 @@ use crate::protocol::upstream::Outbound;
 use crate::upstream::Refused;
 
 pub use self::redis::RedisBroker;
+pub use channels::Channels;
 pub use embedded::Embedded;
-pub use memory::MemoryBroker;
 
 use crate::fanout::Outbox;
 use crate::ledger::{ChannelReport, Ranked, Totals};

@@ -10,7 +10,7 @@
 //! - `:delivered` and `:offered` sets of retained seqs; `:seen` sorted set of dedupe ids;
 //! - `:live` pub/sub channel carrying each new entry to the replicas that watch the channel.
 //!
-//! This replica mirrors the channels its clients watch into a [`MemoryBroker`] (see [`live`]),
+//! This replica mirrors the channels its clients watch into a [`Channels`] (see [`live`]),
 //! which does the local fan-out and replay exactly as in embedded mode.
 
 mod deadletters;
@@ -38,7 +38,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use super::{Broker, MemoryBroker, Upward};
+use super::{Broker, Channels, Upward};
 use crate::config::{BrokerConfig, Config};
 use crate::fanout::Delivered;
 use crate::metrics::Metrics;
@@ -79,7 +79,7 @@ pub struct RedisBroker {
     pub(crate) client: redis::Client,
     conn: ConnectionManager,
     scripts: Scripts,
-    pub(crate) mirror: MemoryBroker,
+    pub(crate) mirror: Channels,
     history: crate::config::HistoryConfig,
     dedupe_window: Duration,
     dedupe_capacity: usize,
@@ -124,7 +124,7 @@ impl RedisBroker {
             client,
             conn,
             scripts: Scripts::new(),
-            mirror: MemoryBroker::new(config.history.clone()),
+            mirror: Channels::new(config.history.clone()),
             history: config.history.clone(),
             dedupe_window: config.ingest.dedupe_window,
             dedupe_capacity: config.ingest.dedupe_capacity,

@@ -7,17 +7,21 @@ use std::sync::Arc;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use super::dedupe::Dedupe;
-use super::{HandOff, HandOffError, MemoryBroker};
+mod deadletters;
+mod dedupe;
+
+use super::{Channels, HandOff, HandOffError};
 use crate::config::Config;
-use crate::deadletter::{DeadLetters, Entry};
+use crate::deadletter::Entry;
 use crate::metrics::Metrics;
 use crate::protocol::event::Event;
 use crate::protocol::upstream::Outbound;
 use crate::upstream::Upstream;
+use deadletters::DeadLetters;
+use dedupe::Dedupe;
 
 pub struct Embedded {
-    pub(super) channels: MemoryBroker,
+    pub(super) channels: Channels,
     dedupe: Dedupe,
     deadletters: DeadLetters,
     upstream: Upstream,
@@ -26,7 +30,7 @@ pub struct Embedded {
 impl Embedded {
     pub fn new(config: &Config) -> Self {
         Self {
-            channels: MemoryBroker::new(config.history.clone()),
+            channels: Channels::new(config.history.clone()),
             dedupe: Dedupe::new(config.ingest.dedupe_window, config.ingest.dedupe_capacity),
             deadletters: DeadLetters::new(config.deadletter.capacity),
             upstream: Upstream::new(config.upstream.clone()),

@@ -1,0 +1,314 @@
+//! The embedded broker: every channel lives in this process's memory. Channels are spread over
+//! shards so that looking one up takes no global lock; each channel has its own small lock, held
+//! only for sequencing, appending to history and queueing to subscribers (never for I/O).
+
+use std::collections::HashMap;
+use std::collections::hash_map::DefaultHasher;
+use std::hash::{Hash, Hasher};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Instant;
+
+use channel::{Channel, ChannelState};
+
+use super::{AckError, Published};
+use crate::config::HistoryConfig;
+use crate::fanout::{Outbox, Outgoing, StoredEvent};
+use crate::ledger::Counts;
+use crate::protocol::client::Since;
+use crate::protocol::event::Event;
+use crate::protocol::server::{self, Subscribed};
+use crate::protocol::{ChannelKind, ChannelName};
+
+mod channel;
+mod mirror;
+mod report;
+
+const SHARDS: usize = 32;
+
+pub struct Channels {
+    shards: Box<[Mutex<Shard>]>,
+    history: HistoryConfig,
+}
+
+#[derive(Default)]
+struct Shard {
+    channels: HashMap<ChannelName, Arc<Channel>>,
+    /// Counts of channels removed by [`Channels::sweep`], so totals never go down.
+    retired: Counts,
+}
+
+impl Channels {
+    pub fn new(history: HistoryConfig) -> Self {
+        let shards = (0..SHARDS).map(|_| Mutex::new(Shard::default())).collect();
+        Self { shards, history }
+    }
+
+    fn shard(&self, name: &ChannelName) -> MutexGuard<'_, Shard> {
+        let mut hasher = DefaultHasher::new();
+        name.hash(&mut hasher);
+        let index = (hasher.finish() as usize) % SHARDS;
+        self.shards[index].lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn channel(&self, name: &ChannelName) -> Arc<Channel> {
+        let mut shard = self.shard(name);
+        Arc::clone(
+            shard
+                .channels
+                .entry(name.clone())
+                .or_insert_with(|| Arc::new(Channel::new(name.clone()))),
+        )
+    }
+
+    fn existing(&self, name: &ChannelName) -> Option<Arc<Channel>> {
+        self.shard(name).channels.get(name).cloned()
+    }
+
+    /// Runs `f` on a live (not retired) channel's locked state, creating the channel if needed.
+    fn with_channel<T>(
+        &self,
+        name: &ChannelName,
+        mut f: impl FnMut(&Channel, &mut ChannelState) -> T,
+    ) -> T {
+        loop {
+            let channel = self.channel(name);
+            let mut state = channel.lock();
+            if !state.retired {
+                return f(&channel, &mut state);
+            }
+        }
+    }
+
+    /// Sequences `event` into `channel`, stores it and queues it to every local subscriber.
+    /// `trace` is given the seq and returns what delivery spans continue (tracing on only).
+    pub fn publish(
+        &self,
+        name: &ChannelName,
+        event: &Event,
+        trace: impl Fn(u64) -> Option<Box<crate::telemetry::TraceInfo>>,
+    ) -> Published {
+        let produced_at = event
+            .ts
+            .as_deref()
+            .filter(|ts| ts.ends_with('Z'))
+            .and_then(|ts| humantime::parse_rfc3339_weak(ts).ok());
+        // Serialise before taking the channel lock: only the seq is written under it.
+        let body = server::event_body(event, name);
+        loop {
+            let channel = self.channel(name);
+            let mut state = channel.lock();
+            if state.retired {
+                continue;
+            }
+            state.last_seq += 1;
+            let seq = state.last_seq;
+            let stored = channel.store(
+                seq,
+                server::event_frame(&body, seq, &channel.epoch),
+                Instant::now(),
+                produced_at,
+                trace(seq),
+            );
+            channel.ledger.emitted();
+            state.history.push_back(Arc::clone(&stored));
+            state.last_activity = stored.emitted_at;
+            let trimmed = channel.trim(
+                &mut state,
+                self.history.max_events,
+                self.history.max_age,
+                stored.emitted_at,
+            );
+            if !state.subscribers.is_empty() {
+                stored.offer();
+                state.subscribers.fan_out(&stored);
+            }
+            drop(state);
+            trimmed.log(name);
+            return Published {
+                seq,
+                epoch: Arc::clone(&channel.epoch),
+            };
+        }
+    }
+
+    /// Joins `outbox` to `channel`: under the channel lock it queues the `subscribed` frame and the
+    /// replay, then registers for live events, so nothing falls between them and nothing comes twice.
+    /// `None` when the connection is already subscribed.
+    pub fn subscribe(
+        &self,
+        name: &ChannelName,
+        since: Option<&Since>,
+        outbox: &Arc<Outbox>,
+    ) -> Option<Subscribed> {
+        self.with_channel(name, |channel, state| {
+            if state.subscribers.contains(outbox) {
+                return None;
+            }
+            let first_retained = state.history.front().map_or(state.last_seq + 1, |e| e.seq);
+            let (from, recovered, missed) = match since {
+                None => (state.last_seq + 1, true, None),
+                Some(since) if since.seq == 0 => {
+                    let missed = first_retained - 1;
+                    (1, missed == 0, Some(missed))
+                }
+                Some(since)
+                    if since.epoch.as_deref() != Some(&*channel.epoch)
+                        || since.seq > state.last_seq =>
+                {
+                    (1, false, None)
+                }
+                Some(since) => {
+                    let missed = first_retained.saturating_sub(since.seq + 1);
+                    (since.seq + 1, missed == 0, Some(missed))
+                }
+            };
+            let replay: Vec<Arc<StoredEvent>> = state
+                .history
+                .iter()
+                .filter(|e| e.seq >= from)
+                .inspect(|e| e.offer())
+                .cloned()
+                .collect();
+            let report = Subscribed {
+                channel: channel.name.to_string(),
+                thread_id: match channel.name.kind() {
+                    ChannelKind::Thread => Some(channel.name.id().to_string()),
+                    ChannelKind::User => None,
+                },
+                epoch: channel.epoch.to_string(),
+                seq: state.last_seq,
+                recovered,
+                replayed: replay.len(),
+                missed,
+            };
+            outbox.push(Outgoing::Frame(server::subscribed(&report)));
+            if !replay.is_empty() {
+                outbox.push(Outgoing::Replay(replay));
+            }
+            state.subscribers.add(outbox);
+            state.last_activity = Instant::now();
+            Some(report)
+        })
+    }
+
+    /// `true` if the connection was subscribed.
+    pub fn unsubscribe(&self, name: &ChannelName, outbox: &Arc<Outbox>) -> bool {
+        let mut shard = self.shard(name);
+        let Some(channel) = shard.channels.get(name).cloned() else {
+            return false;
+        };
+        let mut state = channel.lock();
+        state.last_activity = Instant::now();
+        let removed = state.subscribers.remove(outbox);
+        // A channel that never had an event is not kept once nobody watches it, so subscribing
+        // to fresh ids cannot grow the map. A mirrored channel (Redis mode) is detached by the
+        // Redis broker instead, when its last local subscription ends.
+        if channel.feed.is_none()
+            && state.subscribers.is_empty()
+            && state.history.is_empty()
+            && channel.ledger.snapshot().emitted == 0
+        {
+            state.retired = true;
+            drop(state);
+            shard.channels.remove(name);
+        }
+        removed
+    }
+
+    /// A cumulative ack: the client has shown everything up to `seq`.
+    pub fn ack(&self, name: &ChannelName, seq: u64, outbox: &Arc<Outbox>) -> Result<u64, AckError> {
+        let channel = self
+            .existing(name)
+            .ok_or_else(|| AckError::NotSubscribed(name.to_string()))?;
+        let mut state = channel.lock();
+        if !state.subscribers.contains(outbox) {
+            return Err(AckError::NotSubscribed(name.to_string()));
+        }
+        if seq > state.last_seq {
+            return Err(AckError::BeyondLast {
+                seq,
+                last: state.last_seq,
+            });
+        }
+        let newly = seq.saturating_sub(state.acked_seq);
+        if newly > 0 {
+            state.acked_seq = seq;
+            channel.ledger.acked(newly);
+        }
+        Ok(newly)
+    }
+
+    /// Expires history by age and removes channels that have been empty and unwatched for
+    /// `history.max_age` (a later resume there sees a new epoch: `recovered: false`).
+    pub fn sweep(&self) {
+        let now = Instant::now();
+        let mut channels = 0;
+        let mut dropped = Vec::new();
+        for shard in self.shards.iter() {
+            let mut shard = shard.lock().unwrap_or_else(|e| e.into_inner());
+            let mut retired = Counts::default();
+            shard.channels.retain(|_, channel| {
+                let mut state = channel.lock();
+                let trimmed = channel.trim(
+                    &mut state,
+                    self.history.max_events,
+                    self.history.max_age,
+                    now,
+                );
+                if trimmed.unseen + trimmed.subscribed > 0 {
+                    dropped.push((channel.name.clone(), trimmed));
+                }
+                let idle = channel.feed.is_none()
+                    && state.history.is_empty()
+                    && state.subscribers.is_empty()
+                    && now.saturating_duration_since(state.last_activity) > self.history.max_age;
+                if idle {
+                    state.retired = true;
+                    retired.add(&channel.ledger.snapshot());
+                }
+                !idle
+            });
+            shard.retired.add(&retired);
+            channels += shard.channels.len();
+        }
+        for (channel, trimmed) in dropped {
+            trimmed.log(&channel);
+        }
+        tracing::trace!(channels, "Swept channels.");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+    use crate::protocol::event;
+
+    fn thinking(run: &str) -> Event {
+        event::parse(
+            &format!(r#"{{"type":"agent_thinking","run_id":"{run}"}}"#),
+            1024,
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn trims_by_count_and_counts_what_was_never_seen() {
+        let broker = Channels::new(HistoryConfig {
+            max_events: 2,
+            max_age: Duration::from_secs(60),
+        });
+        let channel = ChannelName::thread("t1");
+        for n in 1..=5 {
+            assert_eq!(broker.publish(&channel, &thinking("r1"), |_| None).seq, n);
+        }
+        let report = broker.report(&channel).unwrap();
+        assert_eq!(
+            (report.emitted, report.pending, report.lost.expired_unseen),
+            (5, 2, 3)
+        );
+        assert_eq!(report.first_retained_seq, Some(4));
+        assert!(report.balanced);
+    }
+}

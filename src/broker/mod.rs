@@ -8,13 +8,18 @@
 
 mod channels;
 mod embedded;
+mod error;
 pub mod redis;
+mod sequenced;
+mod upward;
+
+pub use error::BrokerError;
+pub use sequenced::{Sequenced, Snapshot, now_ms};
+pub use upward::{Announcement, StreamEvent, Taken, Upward};
 
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime};
+use std::time::Duration;
 
-use bytes::Bytes;
-use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -43,17 +48,6 @@ pub enum Broker {
     Redis(Box<RedisBroker>),
 }
 
-/// Why a broker operation could not be done, by whose fault: `Unavailable` is the broker's
-/// (I/O, timeout: answer 503, the caller retries); `Internal` is ours (a script error, a reply we
-/// cannot read: answer 500 and log an `ERROR`).
-#[derive(Debug, thiserror::Error)]
-pub enum BrokerError {
-    #[error("the broker (Redis) is unavailable: {0}")]
-    Unavailable(String),
-    #[error("the broker (Redis) failed: {0}")]
-    Internal(String),
-}
-
 /// What a publish did.
 #[derive(Debug, Clone)]
 pub enum Outcome {
@@ -69,42 +63,6 @@ pub enum Activity {
     Seen(Duration),
     /// It ended (`agent_completed` or `agent_error`) through some replica.
     Ended,
-}
-
-/// Messages that flow up from the broker to ingest, through bounded channels (Redis mode).
-pub struct Upward {
-    pub announcements: mpsc::Receiver<Announcement>,
-    pub stream: mpsc::Receiver<StreamEvent>,
-}
-
-/// What the broker tells ingest about runs.
-#[derive(Debug)]
-pub enum Announcement {
-    /// A run was registered (on any replica): release the events held for it here.
-    Registered { run_id: String, target: RunTarget },
-    /// Registrations may have been missed (the pub/sub link was down): ask about every held run.
-    Resync,
-}
-
-/// One valid event read from the Redis ingest stream, for ingest to take; the reader
-/// acknowledges the entry once the answer is [`Taken::Done`].
-#[derive(Debug)]
-pub struct StreamEvent {
-    pub event: Event,
-    /// The stream entry id, which makes a second publish of the entry a duplicate.
-    pub entry_id: String,
-    /// When the entry was added (wall-clock ms).
-    pub added_ms: u64,
-    pub reply: oneshot::Sender<Result<Taken, BrokerError>>,
-}
-
-/// What became of one ingest stream entry.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Taken {
-    /// Published, a duplicate, or dead-lettered: acknowledge it.
-    Done,
-    /// Its run is not registered yet, or earlier events of the run wait: leave it pending.
-    Later,
 }
 
 /// Where an HLink message went.
@@ -407,47 +365,6 @@ impl Broker {
             Self::Redis(redis) => redis.append_ui_event(&message, metrics).await,
         }
     }
-}
-
-/// An event sequenced in Redis, as a replica reads it from the stream or pub/sub.
-#[derive(Debug, Clone)]
-pub struct Sequenced {
-    pub seq: u64,
-    /// The frame body without seq and epoch ([`crate::protocol::server::event_body`]).
-    pub body: Bytes,
-    /// Wall-clock milliseconds of the publish.
-    pub emitted_ms: u64,
-    /// The producer's `ts` in milliseconds, when it was an RFC 3339 UTC time.
-    pub produced_ms: Option<u64>,
-}
-
-impl Sequenced {
-    /// The publish moment on this process's monotonic clock, for the delivery latency.
-    pub fn emitted_at(&self) -> Instant {
-        let ago = now_ms().saturating_sub(self.emitted_ms);
-        Instant::now()
-            .checked_sub(std::time::Duration::from_millis(ago))
-            .unwrap_or_else(Instant::now)
-    }
-
-    pub fn produced_at(&self) -> Option<SystemTime> {
-        self.produced_ms
-            .map(|ms| SystemTime::UNIX_EPOCH + std::time::Duration::from_millis(ms))
-    }
-}
-
-/// A channel's stream read at one moment: its epoch, last seq and entries from some seq on.
-#[derive(Debug)]
-pub struct Snapshot {
-    pub epoch: Arc<str>,
-    pub last_seq: u64,
-    pub events: Vec<Sequenced>,
-}
-
-pub fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(SystemTime::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
 }
 
 /// Where a published event landed.

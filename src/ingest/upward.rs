@@ -7,9 +7,8 @@ use std::sync::Arc;
 use tokio_util::task::TaskTracker;
 
 use super::{emit, lost_unresolved, register_start, release, resolve};
-use crate::Gateway;
 use crate::broker::{Announcement, BrokerError, StreamEvent, Taken, Upward, now_ms};
-use crate::telemetry;
+use crate::{Gateway, telemetry};
 
 /// Starts the task that consumes `upward` on `tracker`; it ends when the broker's tasks have
 /// ended (both channels closed).

@@ -1,0 +1,96 @@
+//! Late registrations: a run registered here or announced by another replica releases the events
+//! held for it, in arrival order; runs that waited past `resolve.grace` are dead-lettered.
+
+use std::time::Instant;
+
+use super::emit;
+use crate::broker::BrokerError;
+use crate::ledger::LostReason;
+use crate::protocol::event::Event;
+use crate::protocol::run::RunTarget;
+use crate::resolve::Held;
+use crate::{Gateway, telemetry};
+
+/// Registers a run (in Redis mode in the shared registry, announced to every replica) and
+/// publishes, in arrival order, the events that were waiting for it here.
+pub async fn register(
+    gateway: &Gateway,
+    run_id: &str,
+    target: RunTarget,
+) -> Result<usize, BrokerError> {
+    gateway.metrics.runs_registered.inc();
+    gateway.broker.register(run_id, &target).await?;
+    Ok(release(gateway, run_id, target).await)
+}
+
+/// Records the run here and publishes the events held for it. They are published with the
+/// resolver's lock released (a publish may await Redis); events of the run that arrive meanwhile
+/// are held behind them and published by this loop, in order.
+pub(super) async fn release(gateway: &Gateway, run_id: &str, target: RunTarget) -> usize {
+    let Some(channel) = target.channel() else {
+        gateway.resolver.begin_release(run_id, target);
+        return 0;
+    };
+    let mut held = gateway.resolver.begin_release(run_id, target);
+    let mut released = 0;
+    while !held.is_empty() {
+        for event in held {
+            released += 1;
+            let span = telemetry::ingest_span(&event);
+            if let Err(error) = emit(gateway, &channel, &event, None, &span).await {
+                tracing::warn!(%error, run_id, "A released event could not be published.");
+                dead_letter(
+                    gateway,
+                    Held {
+                        run_id: run_id.to_string(),
+                        events: vec![event],
+                    },
+                    "broker unavailable at release",
+                );
+            }
+        }
+        held = gateway.resolver.continue_release(run_id);
+    }
+    if released > 0 {
+        tracing::info!(run_id, released, "Late registration delivered held events.");
+    }
+    released
+}
+
+/// Moves the runs that waited past the grace period to the dead-letter log.
+pub fn expire_pending(gateway: &Gateway) {
+    let expired = gateway.resolver.expire(Instant::now());
+    if expired.is_empty() {
+        return;
+    }
+    for held in expired {
+        dead_letter(gateway, held, "no channel within resolve.grace");
+    }
+}
+
+/// Logs and counts one event lost unresolved.
+pub(super) fn lost_unresolved(gateway: &Gateway, run_id: &str, event: &Event, why: &str) {
+    tracing::warn!(
+        target: "agentwire::deadletter",
+        run_id,
+        kind = event.kind.as_str(),
+        event_id = event.event_id.as_deref(),
+        why,
+        "Event lost: its run_id resolves to no channel."
+    );
+    gateway
+        .metrics
+        .events_lost
+        .with_label_values(&[LostReason::Unresolved.as_str()])
+        .inc();
+}
+
+/// The one place an unresolved event is logged, counted and kept.
+pub(super) fn dead_letter(gateway: &Gateway, held: Held, why: &'static str) {
+    for event in held.events {
+        lost_unresolved(gateway, &held.run_id, &event, why);
+        gateway
+            .broker
+            .keep_dead_letter(&held.run_id, event, why, &gateway.metrics);
+    }
+}

@@ -1,0 +1,55 @@
+//! Stalled runs told to their channel with a gateway-made `agent_error`, once across replicas.
+
+use crate::Gateway;
+use crate::broker::Activity;
+
+/// Tells the channels of newly stalled runs, with a gateway-made `agent_error`. In Redis mode a
+/// run quiet here is first checked against what every replica saw of it (it may have gone on, or
+/// ended, through another replica), and one replica wins the report, so its channel is told once.
+pub async fn report_stalls(gateway: &Gateway) {
+    for run_id in gateway.watchdog.sweep() {
+        match gateway.broker.run_activity(&run_id).await {
+            Ok(Some(Activity::Ended)) => {
+                gateway.watchdog.ended_elsewhere(&run_id, &gateway.metrics);
+                continue;
+            }
+            Ok(Some(Activity::Seen(ago))) if ago <= gateway.config.watchdog.run_idle_timeout => {
+                gateway.watchdog.seen_elsewhere(&run_id, ago);
+                continue;
+            }
+            Ok(_) => {}
+            // Cannot tell: decide at a later sweep.
+            Err(_) => continue,
+        }
+        // One replica counts and reports the stall; the others stop following the run.
+        match gateway
+            .broker
+            .claim_stall(&run_id, gateway.config.watchdog.retain)
+            .await
+        {
+            Ok(true) => {}
+            Ok(false) => {
+                gateway.watchdog.ended_elsewhere(&run_id, &gateway.metrics);
+                continue;
+            }
+            Err(_) => continue,
+        }
+        let Some(stalled) = gateway.watchdog.stall(&run_id, &gateway.metrics) else {
+            continue;
+        };
+        if !gateway.config.watchdog.stalled_event {
+            continue;
+        }
+        // Published past the watchdog: the run is already ended as stalled.
+        match gateway
+            .broker
+            .publish(&stalled.channel, &stalled.event(), None, |_| None)
+            .await
+        {
+            Ok(_) => gateway.metrics.events_generated.inc(),
+            Err(error) => {
+                tracing::warn!(%error, run_id = %stalled.run_id, "Cannot tell a stalled run's channel: Redis is unavailable.");
+            }
+        }
+    }
+}

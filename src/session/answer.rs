@@ -1,0 +1,219 @@
+//! The session's answers to a client's messages: hello, the frames after it (subscribe,
+//! unsubscribe, ack, ping, HLink), the error frame, and leaving every channel at the end.
+
+use super::Session;
+use super::ended::Ended;
+use super::message::Message;
+use crate::broker::{HandOff, HandOffError};
+use crate::fanout::Outgoing;
+use crate::protocol::ChannelName;
+use crate::protocol::client::{self, ClientFrame, Since, UpstreamMessage};
+use crate::protocol::server::{self, ErrorCode, close};
+use crate::protocol::upstream::Outbound;
+use crate::upstream::Refused;
+
+impl Session {
+    /// Answers one message; `Some` when the connection ends.
+    pub(super) async fn handle(&mut self, message: Message) -> Option<Ended> {
+        match message {
+            Message::Text(text) if self.user_id.is_some() => self.frame(&text).await,
+            Message::Text(text) => match client::decode(&text) {
+                Ok(ClientFrame::Hello { user_id, since }) => self.hello(&user_id, since).await,
+                _ => {
+                    self.error(
+                        ErrorCode::HelloRequired,
+                        "the first frame must be {\"type\":\"hello\",\"user_id\":…}",
+                    );
+                    return Some(self.close(
+                        close::HELLO_MISSING,
+                        "hello_required",
+                        Ended::HelloMissing,
+                    ));
+                }
+            },
+            Message::Binary if self.user_id.is_some() => self.error(
+                ErrorCode::BinaryNotSupported,
+                "frames are JSON text; binary frames are not read",
+            ),
+            Message::Binary => {
+                self.error(
+                    ErrorCode::HelloRequired,
+                    "the first frame must be a text hello frame",
+                );
+                return Some(self.close(
+                    close::HELLO_MISSING,
+                    "hello_required",
+                    Ended::HelloMissing,
+                ));
+            }
+            Message::Ping(payload) => {
+                self.outbox.push(Outgoing::Pong(payload));
+            }
+            Message::Pong => {}
+            Message::Close(code) => {
+                // The browser discards anything after its close: nothing more is written or counted.
+                self.outbox.close();
+                self.replay.clear();
+                return Some(self.close(code, "", Ended::ClientClosed));
+            }
+        }
+        None
+    }
+
+    pub(super) async fn hello(&mut self, user_id: &str, since: Option<Since>) {
+        self.user_id = Some(user_id.to_string());
+        let heartbeat_ms = self.gateway.config.session.heartbeat.as_millis() as u64;
+        self.outbox.push(Outgoing::Frame(server::welcome(
+            &self.connection_id,
+            user_id,
+            heartbeat_ms,
+        )));
+        tracing::debug!(user_id, "Hello.");
+        self.join(ChannelName::user(user_id), since).await;
+    }
+
+    pub(super) async fn frame(&mut self, text: &str) {
+        match client::decode(text) {
+            Ok(ClientFrame::Hello { .. }) => self.error(
+                ErrorCode::AlreadyHello,
+                "hello was already accepted on this connection",
+            ),
+            Ok(ClientFrame::Subscribe { thread_id, since }) => {
+                let thread_count = self.channels.len().saturating_sub(1);
+                if thread_count >= self.gateway.config.session.max_subscriptions {
+                    return self.error(
+                        ErrorCode::TooManySubscriptions,
+                        "session.max_subscriptions reached",
+                    );
+                }
+                self.join(ChannelName::thread(&thread_id), since).await;
+            }
+            Ok(ClientFrame::Unsubscribe { thread_id }) => {
+                let channel = ChannelName::thread(&thread_id);
+                if self.gateway.broker.unsubscribe(&channel, &self.outbox) {
+                    self.channels.retain(|c| c != &channel);
+                    self.gateway.metrics.subscriptions.dec();
+                    self.outbox
+                        .push(Outgoing::Frame(server::unsubscribed(&thread_id)));
+                } else {
+                    self.error(
+                        ErrorCode::NotSubscribed,
+                        &format!("not subscribed to {channel}"),
+                    );
+                }
+            }
+            Ok(ClientFrame::Ack { channel, seq }) => {
+                if let Err(error) = self.gateway.broker.ack(&channel, seq, &self.outbox) {
+                    self.error(ErrorCode::InvalidAck, &error.to_string());
+                }
+            }
+            Ok(ClientFrame::Ping) => {
+                self.outbox.push(Outgoing::Frame(server::pong()));
+            }
+            Ok(ClientFrame::Upstream(message)) => self.upstream(*message).await,
+            Err(error) => {
+                if client::is_upstream_frame(text) {
+                    self.gateway
+                        .metrics
+                        .upstream_messages
+                        .with_label_values(&["invalid"])
+                        .inc();
+                }
+                self.error(error.code, &error.message)
+            }
+        }
+    }
+
+    /// Passes an HLink message to the agent backends (the broker decides where: the webhook
+    /// queue, or the `ui_events` stream whose entry id the ack carries); the client gets
+    /// `websocket_ack` or an error.
+    pub(super) async fn upstream(&mut self, message: UpstreamMessage) {
+        let client_id = message.id.clone();
+        let user_id = self.user_id.clone().unwrap_or_default();
+        let outbound = Outbound::new(message, &user_id, &self.connection_id);
+        let message_id = outbound.message_id.clone();
+        match self
+            .gateway
+            .broker
+            .hand_off(outbound, &self.gateway.metrics)
+            .await
+        {
+            Ok(handed) => {
+                let entry_id = match &handed {
+                    HandOff::Queued => None,
+                    HandOff::Appended(entry_id) => Some(entry_id.as_str()),
+                };
+                self.outbox.push(Outgoing::Frame(server::websocket_ack(
+                    &message_id,
+                    client_id.as_deref(),
+                    entry_id,
+                )));
+            }
+            Err(HandOffError::Refused(Refused::NotConfigured)) => self.error(
+                ErrorCode::UpstreamNotConfigured,
+                "HLink messages need an upstream (upstream.webhook_url); none is configured",
+            ),
+            Err(HandOffError::Refused(Refused::Busy)) => {
+                self.error(ErrorCode::UpstreamBusy, &Refused::Busy.to_string())
+            }
+            Err(HandOffError::Broker(error)) => {
+                self.error(ErrorCode::BrokerUnavailable, &error.to_string())
+            }
+        }
+    }
+
+    pub(super) async fn join(&mut self, channel: ChannelName, since: Option<Since>) {
+        match self
+            .gateway
+            .broker
+            .subscribe(&channel, since.as_ref(), &self.outbox)
+            .await
+        {
+            Err(error) => self.error(
+                ErrorCode::BrokerUnavailable,
+                &format!("cannot subscribe to {channel}: {error}"),
+            ),
+            Ok(Some(report)) => {
+                self.gateway.metrics.subscriptions.inc();
+                if since.is_some() {
+                    let outcome = if report.recovered {
+                        "recovered"
+                    } else {
+                        "not_recovered"
+                    };
+                    self.gateway
+                        .metrics
+                        .resumes
+                        .with_label_values(&[outcome])
+                        .inc();
+                    tracing::debug!(%channel, outcome, replayed = report.replayed, missed = report.missed, "Resumed.");
+                }
+                self.channels.push(channel);
+            }
+            Ok(None) => self.error(
+                ErrorCode::AlreadySubscribed,
+                &format!("already subscribed to {channel}"),
+            ),
+        }
+    }
+
+    /// The one place an error frame is sent and counted.
+    pub(super) fn error(&self, code: ErrorCode, message: &str) {
+        self.gateway
+            .metrics
+            .client_errors
+            .with_label_values(&[code.as_str()])
+            .inc();
+        tracing::debug!(code = code.as_str(), message, "Sent an error frame.");
+        self.outbox
+            .push(Outgoing::Frame(server::error(code, message)));
+    }
+
+    pub(super) fn leave_all(&mut self) {
+        for channel in self.channels.drain(..) {
+            if self.gateway.broker.unsubscribe(&channel, &self.outbox) {
+                self.gateway.metrics.subscriptions.dec();
+            }
+        }
+    }
+}

@@ -1,0 +1,49 @@
+//! Why a connection ended, counted in `agentwire_connections_closed_total{reason}`.
+
+use crate::metrics::Label;
+
+/// Why a connection ended, as counted in `agentwire_connections_closed_total{reason}`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ended {
+    ClientClosed,
+    /// The TCP connection ended without a close frame.
+    ClientGone,
+    HelloTimeout,
+    HelloMissing,
+    ClientTimeout,
+    TooLarge,
+    ProtocolError,
+    SlowConsumer,
+    Shutdown,
+    WriteFailed,
+}
+
+impl Label for Ended {
+    const ALL: &'static [Self] = &[
+        Self::ClientClosed,
+        Self::ClientGone,
+        Self::HelloTimeout,
+        Self::HelloMissing,
+        Self::ClientTimeout,
+        Self::TooLarge,
+        Self::ProtocolError,
+        Self::SlowConsumer,
+        Self::Shutdown,
+        Self::WriteFailed,
+    ];
+
+    fn as_str(self) -> &'static str {
+        match self {
+            Self::ClientClosed => "client_closed",
+            Self::ClientGone => "client_gone",
+            Self::HelloTimeout => "hello_timeout",
+            Self::HelloMissing => "hello_missing",
+            Self::ClientTimeout => "client_timeout",
+            Self::TooLarge => "too_large",
+            Self::ProtocolError => "protocol_error",
+            Self::SlowConsumer => "slow_consumer",
+            Self::Shutdown => "shutdown",
+            Self::WriteFailed => "write_failed",
+        }
+    }
+}

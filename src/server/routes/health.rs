@@ -1,0 +1,43 @@
+//! Probes and scrapes: `/readyz` (draining, broker) and `/metrics`.
+
+use bytes::Bytes;
+use hyper::header::{self, HeaderValue};
+use hyper::{Response, StatusCode};
+use serde_json::json;
+
+use super::{Body, json_response};
+use crate::Gateway;
+
+pub(super) fn ready(gateway: &Gateway) -> Response<Body> {
+    let broker = gateway.broker.kind();
+    if gateway.shutdown.is_draining() {
+        json_response(
+            StatusCode::SERVICE_UNAVAILABLE,
+            &json!({"status": "draining", "broker": broker}),
+        )
+    } else if !gateway.broker.is_up() {
+        json_response(
+            StatusCode::SERVICE_UNAVAILABLE,
+            &json!({"status": "broker_unavailable", "broker": broker}),
+        )
+    } else {
+        json_response(
+            StatusCode::OK,
+            &json!({"status": "ready", "broker": broker}),
+        )
+    }
+}
+
+pub(super) fn metrics(gateway: &Gateway) -> Response<Body> {
+    let text = gateway.metrics.render(|| crate::metrics::Scraped {
+        totals: gateway.broker.totals(),
+        pending_resolution: gateway.resolver.pending_count(),
+        deadletters: gateway.broker.dead_letter_count(),
+    });
+    let mut response = Response::new(Body::new(Bytes::from(text)));
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+    );
+    response
+}

@@ -1,0 +1,198 @@
+//! The HTTP surface: `/ws`, `/v1/events`, `/v1/runs`, `/v1/channels/{channel}`, `/healthz`,
+//! `/readyz`, `/metrics`. Every error is JSON: `{"error": code, "message": …, "field": …}`.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Incoming;
+use hyper::header::{self, HeaderValue};
+use hyper::{Method, Request, Response, StatusCode};
+use serde_json::json;
+
+use crate::Gateway;
+use crate::broker::BrokerError;
+
+mod health;
+mod operator;
+mod producers;
+mod upgrade;
+
+use health::{metrics, ready};
+use operator::{channel, dead_letters, ledger, redrive, run};
+use producers::{events, runs};
+use upgrade::upgrade;
+
+type Body = Full<Bytes>;
+
+pub async fn handle(
+    gateway: Arc<Gateway>,
+    request: Request<Incoming>,
+) -> Result<Response<Body>, Infallible> {
+    let path = request.uri().path().to_string();
+    let method = request.method().clone();
+    let response = match (path.as_str(), &method) {
+        ("/ws", &Method::GET) => upgrade(gateway, request),
+        ("/v1/events", &Method::POST) => events(&gateway, request).await,
+        ("/v1/runs", &Method::POST) => runs(&gateway, request).await,
+        (p, &Method::GET) if p.starts_with("/v1/runs/") => run(&gateway, &p["/v1/runs/".len()..]),
+        ("/v1/deadletter", &Method::GET) => dead_letters(&gateway).await,
+        ("/v1/deadletter/redrive", &Method::POST) => redrive(&gateway).await,
+        ("/v1/ledger", &Method::GET) => ledger(&gateway, request.uri().query()).await,
+        (p, &Method::GET) if p.starts_with("/v1/channels/") => {
+            channel(&gateway, &p["/v1/channels/".len()..]).await
+        }
+        ("/healthz", &Method::GET) => json_response(StatusCode::OK, &json!({"status": "ok"})),
+        ("/readyz", &Method::GET) => ready(&gateway),
+        ("/metrics", &Method::GET) => metrics(&gateway),
+        _ => not_routed(&path, &method),
+    };
+    Ok(response)
+}
+
+fn not_routed(path: &str, method: &Method) -> Response<Body> {
+    let allow = match path {
+        "/ws" | "/healthz" | "/readyz" | "/metrics" => Some("GET"),
+        "/v1/events" | "/v1/runs" | "/v1/deadletter/redrive" => Some("POST"),
+        "/v1/deadletter" | "/v1/ledger" => Some("GET"),
+        p if p.starts_with("/v1/channels/") || p.starts_with("/v1/runs/") => Some("GET"),
+        _ => None,
+    };
+    match allow {
+        Some(allow) => {
+            let mut response = error(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "method_not_allowed",
+                &format!("{method} is not allowed on {path}; use {allow}"),
+                None,
+            );
+            response
+                .headers_mut()
+                .insert(header::ALLOW, HeaderValue::from_static(allow));
+            response
+        }
+        None => error(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            &format!("no route for {path}"),
+            None,
+        ),
+    }
+}
+
+/// Why a body was not read.
+enum BodyRefused {
+    TooLarge(Response<Body>),
+    Unreadable(Response<Body>),
+}
+
+impl BodyRefused {
+    fn response(self) -> Response<Body> {
+        match self {
+            Self::TooLarge(response) | Self::Unreadable(response) => response,
+        }
+    }
+}
+
+/// A client has this long to send a request body.
+const BODY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// Reads a body within `limit` bytes (the limit named by `key` in the error).
+async fn read_body(
+    request: Request<Incoming>,
+    limit: usize,
+    key: &str,
+) -> Result<Bytes, BodyRefused> {
+    let too_large = || {
+        BodyRefused::TooLarge(error(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "too_large",
+            &format!("the body exceeds {key} ({limit} bytes)"),
+            None,
+        ))
+    };
+    let declared = request
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<usize>().ok());
+    if declared.is_some_and(|length| length > limit) {
+        return Err(too_large());
+    }
+    let unreadable = |reason: String| {
+        BodyRefused::Unreadable(error(StatusCode::BAD_REQUEST, "bad_body", &reason, None))
+    };
+    match tokio::time::timeout(
+        BODY_TIMEOUT,
+        Limited::new(request.into_body(), limit).collect(),
+    )
+    .await
+    {
+        Err(_) => Err(unreadable(format!(
+            "the body did not arrive within {} s",
+            BODY_TIMEOUT.as_secs()
+        ))),
+        Ok(Ok(collected)) => Ok(collected.to_bytes()),
+        Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => Err(too_large()),
+        Ok(Err(e)) => Err(unreadable(format!("cannot read the body: {e}"))),
+    }
+}
+
+/// 503 with `Retry-After` while the broker cannot keep what it would accept.
+/// A broker error, by whose fault: Redis unavailable (503, retry) or ours (500).
+fn broker_error(gateway: &Gateway, failure: &BrokerError) -> Response<Body> {
+    match failure {
+        BrokerError::Unavailable(_) => broker_unavailable(gateway, &failure.to_string()),
+        BrokerError::Internal(_) => {
+            gateway.metrics.broker_errors.inc();
+            error(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "internal",
+                &failure.to_string(),
+                None,
+            )
+        }
+    }
+}
+
+fn broker_unavailable(gateway: &Gateway, message: &str) -> Response<Body> {
+    gateway.metrics.broker_errors.inc();
+    let mut response = error(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "broker_unavailable",
+        message,
+        None,
+    );
+    response
+        .headers_mut()
+        .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+    response
+}
+
+fn json_response(status: StatusCode, value: &impl serde::Serialize) -> Response<Body> {
+    let body = serde_json::to_vec(value).unwrap_or_default();
+    let mut response = Response::new(Body::new(Bytes::from(body)));
+    *response.status_mut() = status;
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    response
+}
+
+fn error(status: StatusCode, code: &str, message: &str, field: Option<&str>) -> Response<Body> {
+    let mut body = json!({"error": code, "message": message});
+    if let Some(field) = field {
+        body["field"] = field.into();
+    }
+    json_response(status, &body)
+}
+
+/// Decodes `%XX` escapes in a path segment; `None` if they do not form UTF-8.
+fn percent_decode(raw: &str) -> Option<String> {
+    percent_encoding::percent_decode_str(raw)
+        .decode_utf8()
+        .ok()
+        .map(|decoded| decoded.into_owned())
+}

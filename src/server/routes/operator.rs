@@ -1,0 +1,136 @@
+//! What an operator reads: one channel's ledger, one run as the watchdog sees it, the ledger's
+//! worst channels, the dead letters and their redrive.
+
+use hyper::{Response, StatusCode};
+use serde_json::json;
+
+use super::{Body, broker_error, error, json_response, percent_decode};
+use crate::Gateway;
+use crate::ingest;
+use crate::protocol::ChannelName;
+use crate::protocol::channel::check_id;
+
+/// `POST /v1/deadletter/redrive`: every dead letter resolved again, with a summary.
+pub(super) async fn redrive(gateway: &Gateway) -> Response<Body> {
+    use ingest::RedriveOutcome;
+    let results = match ingest::redrive(gateway).await {
+        Ok(results) => results,
+        Err(e) => return broker_error(gateway, &e),
+    };
+    let count = |f: fn(&RedriveOutcome) -> bool| results.iter().filter(|r| f(&r.outcome)).count();
+    let summary = json!({
+        "delivered": count(|o| matches!(o, RedriveOutcome::Delivered { .. })),
+        "duplicate": count(|o| matches!(o, RedriveOutcome::Duplicate)),
+        "unresolved": count(|o| matches!(o, RedriveOutcome::Unresolved)),
+        "results": results,
+    });
+    json_response(StatusCode::OK, &summary)
+}
+
+pub(super) async fn channel(gateway: &Gateway, raw: &str) -> Response<Body> {
+    let name = percent_decode(raw);
+    let Some(channel) = name.as_deref().and_then(ChannelName::parse) else {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "invalid_channel",
+            "a channel is thread:<thread_id> or user:<user_id>",
+            None,
+        );
+    };
+    match gateway.broker.report(&channel).await {
+        Ok(Some(report)) => json_response(StatusCode::OK, &report),
+        Err(e) => broker_error(gateway, &e),
+        Ok(None) => error(
+            StatusCode::NOT_FOUND,
+            "unknown_channel",
+            &format!("{channel} has no events and no subscribers"),
+            None,
+        ),
+    }
+}
+
+pub(super) fn run(gateway: &Gateway, raw: &str) -> Response<Body> {
+    let Some(run_id) = percent_decode(raw).filter(|id| check_id(id).is_ok()) else {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "invalid_run_id",
+            "a run id is 1 to 256 printable bytes",
+            None,
+        );
+    };
+    match gateway.watchdog.report(&run_id) {
+        Some(report) => json_response(StatusCode::OK, &report),
+        None => error(
+            StatusCode::NOT_FOUND,
+            "unknown_run",
+            &format!("the watchdog does not follow {run_id}"),
+            None,
+        ),
+    }
+}
+
+/// The first page an operator opens when an alert fires: totals and the worst channels.
+pub(super) async fn ledger(gateway: &Gateway, query: Option<&str>) -> Response<Body> {
+    let top = url::form_urlencoded::parse(query.unwrap_or_default().as_bytes())
+        .find(|(key, _)| key == "top")
+        .and_then(|(_, n)| n.parse::<usize>().ok())
+        .unwrap_or(10)
+        .min(1000);
+    let (totals, ranked) = match gateway.broker.ledger(top).await {
+        Ok(ledger) => ledger,
+        Err(e) => return broker_error(gateway, &e),
+    };
+    let metrics = &gateway.metrics;
+    let lost_unresolved = metrics
+        .events_lost
+        .with_label_values(&[crate::ledger::LostReason::Unresolved.as_str()])
+        .get();
+    let lost_channel: u64 = totals.lost.iter().sum();
+    json_response(
+        StatusCode::OK,
+        &json!({
+            "channels": {
+                "emitted": totals.emitted,
+                "delivered": totals.delivered,
+                "acked": totals.acked,
+                "pending": totals.pending,
+                "oldest_pending_age_seconds": totals.oldest_pending_age.as_secs_f64(),
+                "lost": crate::ledger::LostReport::from_counts(&crate::ledger::Counts { lost: totals.lost, ..Default::default() }),
+                "lost_total": lost_channel,
+                "balanced": i128::from(totals.emitted)
+                    == i128::from(totals.delivered) + i128::from(totals.pending) + i128::from(lost_channel),
+                "count": totals.channels,
+            },
+            "ingest": {
+                "ingested": metrics.events_ingested.get(),
+                "duplicates": metrics.events_duplicate.get(),
+                "pending_resolution": gateway.resolver.pending_count(),
+                "lost_unresolved": lost_unresolved,
+                "redriven": metrics.events_redriven.get(),
+                "generated": metrics.events_generated.get(),
+                "dead_letters": gateway.broker.dead_letter_count(),
+            },
+            "runs": {
+                "active": metrics.runs_active.get(),
+                "stalled_total": metrics.runs_stalled.get(),
+            },
+            "top_pending": ranked.top_pending,
+            "top_lost": ranked.top_lost,
+        }),
+    )
+}
+
+/// `GET /v1/deadletter`: in Redis mode the shared letters, and the malformed ingest stream entries
+/// that were set aside.
+pub(super) async fn dead_letters(gateway: &Gateway) -> Response<Body> {
+    match gateway.broker.list_dead_letters().await {
+        Ok(list) => {
+            let mut body = json!({"count": list.events.len(), "events": list.events});
+            if let Some(malformed) = list.malformed {
+                body["malformed"] = malformed.into();
+            }
+            json_response(StatusCode::OK, &body)
+        }
+        Err(e) => broker_error(gateway, &e),
+    }
+}

@@ -1,0 +1,178 @@
+//! The producers' door: `POST /v1/events` (one event, a JSON array or NDJSON, answered per item)
+//! and `POST /v1/runs` (a run's registration, which releases its held events).
+
+use hyper::body::Incoming;
+use hyper::header::{self, HeaderValue};
+use hyper::{Request, Response, StatusCode};
+use serde_json::{Value, json};
+
+use super::{Body, BodyRefused, broker_error, broker_unavailable, error, json_response, read_body};
+use crate::Gateway;
+use crate::ingest::{self, ItemResult};
+use crate::protocol::channel::check_id;
+use crate::protocol::run::RunTarget;
+
+pub(super) async fn events(gateway: &Gateway, request: Request<Incoming>) -> Response<Body> {
+    if !gateway.broker.is_up() {
+        return broker_unavailable(gateway, "Redis is unavailable; nothing was accepted");
+    }
+    let ndjson = request
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| {
+            v.starts_with("application/x-ndjson") || v.starts_with("application/jsonl")
+        });
+    let body = match read_body(
+        request,
+        gateway.config.ingest.max_request_bytes,
+        "ingest.max_request_bytes",
+    )
+    .await
+    {
+        Ok(body) => body,
+        Err(refused) => {
+            let reason = match refused {
+                BodyRefused::TooLarge(_) => "too_large_body",
+                BodyRefused::Unreadable(_) => "invalid_body",
+            };
+            gateway
+                .metrics
+                .events_rejected
+                .with_label_values(&[reason])
+                .inc();
+            return refused.response();
+        }
+    };
+    let items = match ingest::split(&body, ndjson) {
+        Ok(items) => items,
+        Err(e) => {
+            gateway
+                .metrics
+                .events_rejected
+                .with_label_values(&["invalid_body"])
+                .inc();
+            return error(
+                StatusCode::BAD_REQUEST,
+                "invalid_json",
+                &e.to_string(),
+                None,
+            );
+        }
+    };
+    if items.len() > gateway.config.ingest.max_items {
+        gateway
+            .metrics
+            .events_rejected
+            .with_label_values(&["too_many_items"])
+            .inc();
+        return error(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "too_many_items",
+            &format!(
+                "{} events in one request; ingest.max_items is {}",
+                items.len(),
+                gateway.config.ingest.max_items
+            ),
+            None,
+        );
+    }
+    let results = ingest::ingest(gateway, &items).await;
+    let ok = results.iter().filter(|r| r.is_ok()).count();
+    let count = |f: fn(&ItemResult) -> bool| results.iter().filter(|r| f(r)).count();
+    let summary = json!({
+        "accepted": count(|r| matches!(r, ItemResult::Accepted { .. })),
+        "pending_resolution": count(|r| matches!(r, ItemResult::PendingResolution)),
+        "duplicate": count(|r| matches!(r, ItemResult::Duplicate)),
+        "failed": results.len() - ok,
+        "results": results,
+    });
+    let unavailable = results
+        .iter()
+        .any(|r| matches!(r, ItemResult::Unavailable { .. }));
+    let status = match ok {
+        _ if unavailable => StatusCode::SERVICE_UNAVAILABLE,
+        n if n == items.len() => StatusCode::OK,
+        0 => StatusCode::BAD_REQUEST,
+        _ => StatusCode::MULTI_STATUS,
+    };
+    let mut response = json_response(status, &summary);
+    if unavailable {
+        response
+            .headers_mut()
+            .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+    }
+    response
+}
+
+pub(super) async fn runs(gateway: &Gateway, request: Request<Incoming>) -> Response<Body> {
+    let body = match read_body(
+        request,
+        gateway.config.ingest.max_event_bytes,
+        "ingest.max_event_bytes",
+    )
+    .await
+    {
+        Ok(body) => body,
+        Err(refused) => return refused.response(),
+    };
+    let Ok(Value::Object(fields)) = serde_json::from_slice::<Value>(&body) else {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "invalid_json",
+            "the body must be a JSON object {run_id, thread_id, user_id}",
+            None,
+        );
+    };
+    let mut ids = [("run_id", None), ("thread_id", None), ("user_id", None)];
+    for (name, slot) in ids.iter_mut() {
+        match fields.get(*name) {
+            None | Some(Value::Null) => {}
+            Some(Value::String(id)) => {
+                if let Err(reason) = check_id(id) {
+                    return error(
+                        StatusCode::BAD_REQUEST,
+                        "invalid_field",
+                        &format!("`{name}` {reason}"),
+                        Some(name),
+                    );
+                }
+                *slot = Some(id.clone());
+            }
+            Some(_) => {
+                return error(
+                    StatusCode::BAD_REQUEST,
+                    "invalid_field",
+                    &format!("`{name}` must be a string"),
+                    Some(name),
+                );
+            }
+        }
+    }
+    let [(_, run_id), (_, thread_id), (_, user_id)] = ids;
+    let Some(run_id) = run_id else {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "missing_field",
+            "`run_id` is required",
+            Some("run_id"),
+        );
+    };
+    let target = RunTarget { thread_id, user_id };
+    let Some(channel) = target.channel() else {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "missing_field",
+            "`thread_id` or `user_id` is required",
+            Some("thread_id"),
+        );
+    };
+    let released = match ingest::register(gateway, &run_id, target).await {
+        Ok(released) => released,
+        Err(e) => return broker_error(gateway, &e),
+    };
+    json_response(
+        StatusCode::OK,
+        &json!({"run_id": run_id, "channel": channel.as_str(), "released": released}),
+    )
+}

@@ -16,11 +16,9 @@
 //! - [`upstream`]: HLink messages from browsers to the agent backends' webhook.
 //! - [`metrics`]: the Prometheus registry and every metric.
 //! - [`protocol`]: the wire formats, pure decoding and encoding.
-//! - [`probe`]: `agentwire probe`, an end-to-end delivery check through the public API.
-//! - [`bench`]: `agentwire bench`, the load generator behind README's performance figures.
-//! - [`client`]: the minimal WebSocket and HTTP client the probe and the bench share.
+//! - [`client`]: the minimal HTTP and WebSocket client (the webhook's POSTs, the tools' sockets).
+//! - [`tools`]: `agentwire probe` and `agentwire bench`, which use the gateway from outside.
 
-pub mod bench;
 pub mod broker;
 pub mod client;
 pub mod config;
@@ -29,12 +27,12 @@ pub mod fanout;
 pub mod ingest;
 pub mod ledger;
 pub mod metrics;
-pub mod probe;
 pub mod protocol;
 pub mod resolve;
 pub mod server;
 pub mod session;
 pub mod telemetry;
+pub mod tools;
 pub mod upstream;
 pub mod watchdog;
 

@@ -35,8 +35,8 @@ enum Command {
     Serve,
     /// Print the effective configuration (defaults < file < AGENTWIRE_* environment) as TOML.
     Config,
-    /// Load-test a running gateway (see README, Performance).
-    Bench(agentwire::bench::BenchArgs),
+    /// Load-test a running gateway (see docs/performance.md).
+    Bench(agentwire::tools::bench::BenchArgs),
     /// Check delivery end to end against a running gateway: exit 0 when a five-event run arrived
     /// in order and the ledger balanced, 1 otherwise.
     Probe {
@@ -82,7 +82,7 @@ fn load(file: Option<&std::path::Path>) -> Result<Config, ExitCode> {
     })
 }
 
-fn bench(args: agentwire::bench::BenchArgs) -> ExitCode {
+fn bench(args: agentwire::tools::bench::BenchArgs) -> ExitCode {
     agentwire::server::raise_file_limit();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -94,7 +94,7 @@ fn bench(args: agentwire::bench::BenchArgs) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(agentwire::bench::run(args)) {
+    match runtime.block_on(agentwire::tools::bench::run(args)) {
         Ok(_) => ExitCode::SUCCESS,
         Err(error) => {
             eprintln!("agentwire bench: FAIL: {error:#}");
@@ -114,7 +114,7 @@ fn probe(url: &str, timeout: std::time::Duration) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(agentwire::probe::run(url, timeout)) {
+    match runtime.block_on(agentwire::tools::probe::run(url, timeout)) {
         Ok(report) => {
             let ledger = &report.ledger;
             println!(

@@ -5,10 +5,11 @@
 //! each stage's tracker: HTTP connections, housekeeping, the broker's tasks, ingest's consumer).
 //! Hyper forgets upgraded connections, so sessions are tracked apart from HTTP connections.
 
+mod housekeeping;
 mod routes;
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
@@ -42,7 +43,10 @@ pub async fn run(gateway: Arc<Gateway>, listener: TcpListener, stop: Cancellatio
     let http = TaskTracker::new();
     let http_stop = CancellationToken::new();
     let housekeeping = TaskTracker::new();
-    housekeeping.spawn(self::housekeeping(Arc::clone(&gateway), http_stop.clone()));
+    housekeeping.spawn(self::housekeeping::run(
+        Arc::clone(&gateway),
+        http_stop.clone(),
+    ));
     // Stopped only once the sessions have ended, so their last deliveries are recorded.
     let broker = TaskTracker::new();
     let broker_stop = CancellationToken::new();
@@ -162,30 +166,5 @@ async fn accept_until(
                 }
             }
         });
-    }
-}
-
-/// Expires held events past the grace period, reports stalled runs, expires history past its
-/// age, idle channels and old dedupe ids.
-async fn housekeeping(gateway: Arc<Gateway>, stop: CancellationToken) {
-    let shortest = gateway
-        .config
-        .resolve
-        .grace
-        .min(gateway.config.watchdog.run_idle_timeout);
-    let tick = (shortest / 5).clamp(Duration::from_millis(10), Duration::from_secs(1));
-    let mut interval = tokio::time::interval(tick);
-    let mut last_sweep = Instant::now();
-    loop {
-        tokio::select! {
-            _ = stop.cancelled() => return,
-            _ = interval.tick() => {}
-        }
-        crate::ingest::expire_pending(&gateway);
-        crate::ingest::report_stalls(&gateway).await;
-        if last_sweep.elapsed() >= Duration::from_secs(1) {
-            last_sweep = Instant::now();
-            gateway.broker.sweep().await;
-        }
     }
 }

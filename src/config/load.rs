@@ -1,0 +1,264 @@
+//! Reading the configuration once: built-in defaults < `agentwire.toml` (or `--config FILE`) <
+//! `AGENTWIRE_*` environment variables, then the rules serde cannot express. A value that cannot
+//! be used stops the start with its key and the reason.
+
+use std::path::Path;
+
+use figment::Figment;
+use figment::providers::{Env, Format, Serialized, Toml};
+
+use super::Config;
+
+/// A configuration that cannot be used, with the key at fault.
+#[derive(Debug, thiserror::Error)]
+#[error("invalid configuration: `{key}`: {reason}")]
+pub struct ConfigError {
+    pub key: String,
+    pub reason: String,
+}
+
+impl Config {
+    /// Builds the layered figment: defaults, then the file, then the environment.
+    /// `file` is `--config FILE` (must exist) or `None` for `./agentwire.toml` (if present).
+    pub fn figment(file: Option<&Path>) -> Figment {
+        let defaults = Figment::from(Serialized::defaults(Config::default()));
+        let with_file = match file {
+            Some(path) => defaults.merge(Toml::file_exact(path)),
+            None => defaults.merge(Toml::file("agentwire.toml")),
+        };
+        // Kubernetes injects AGENTWIRE_SERVICE_HOST, AGENTWIRE_PORT_8000_TCP… into every pod of a
+        // namespace with a Service named `agentwire`: those are not configuration.
+        let env = Env::prefixed("AGENTWIRE_").split("__").filter(|key| {
+            let key = key.as_str().to_ascii_lowercase();
+            !(key.starts_with("service_") || key == "port" || key.starts_with("port_"))
+        });
+        with_file.merge(env)
+    }
+
+    /// Extracts and validates; the error names the key.
+    pub fn from_figment(figment: &Figment) -> Result<Self, ConfigError> {
+        let config: Config = figment.extract().map_err(|error| {
+            let key = if error.path.is_empty() {
+                "(file)".to_string()
+            } else {
+                error.path.join(".")
+            };
+            ConfigError {
+                key,
+                reason: error.kind.to_string(),
+            }
+        })?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    pub fn load(file: Option<&Path>) -> Result<Self, ConfigError> {
+        if let Some(path) = file
+            && !path.exists()
+        {
+            return Err(ConfigError {
+                key: "--config".into(),
+                reason: format!("file {} does not exist", path.display()),
+            });
+        }
+        Self::from_figment(&Self::figment(file))
+    }
+
+    /// Rules that span keys or that serde cannot express.
+    fn validate(&self) -> Result<(), ConfigError> {
+        let fail = |key: &str, reason: &str| {
+            Err(ConfigError {
+                key: key.to_string(),
+                reason: reason.to_string(),
+            })
+        };
+        let positive: [(&str, usize); 12] = [
+            ("upstream.queue", self.upstream.queue),
+            ("ingest.max_items", self.ingest.max_items),
+            ("watchdog.max_runs", self.watchdog.max_runs),
+            ("deadletter.capacity", self.deadletter.capacity),
+            ("ingest.max_event_bytes", self.ingest.max_event_bytes),
+            ("ingest.dedupe_capacity", self.ingest.dedupe_capacity),
+            ("resolve.max_pending", self.resolve.max_pending),
+            ("resolve.registry_capacity", self.resolve.registry_capacity),
+            ("history.max_events", self.history.max_events),
+            ("session.max_subscriptions", self.session.max_subscriptions),
+            ("session.queue_events", self.session.queue_events),
+            ("session.queue_bytes", self.session.queue_bytes),
+        ];
+        for (key, value) in positive {
+            if value == 0 {
+                return fail(key, "must be greater than 0");
+            }
+        }
+        let durations = [
+            ("history.max_age", self.history.max_age),
+            ("session.hello_timeout", self.session.hello_timeout),
+            ("session.heartbeat", self.session.heartbeat),
+            ("session.client_timeout", self.session.client_timeout),
+            ("session.write_timeout", self.session.write_timeout),
+            ("resolve.registry_ttl", self.resolve.registry_ttl),
+            ("watchdog.run_idle_timeout", self.watchdog.run_idle_timeout),
+        ];
+        for (key, value) in durations {
+            if value.is_zero() {
+                return fail(key, "must be longer than 0s");
+            }
+        }
+        if self.ingest.max_event_bytes > self.ingest.max_request_bytes {
+            return fail(
+                "ingest.max_event_bytes",
+                "must not exceed ingest.max_request_bytes",
+            );
+        }
+        if self.session.queue_bytes < self.ingest.max_event_bytes {
+            return fail(
+                "session.queue_bytes",
+                "must hold at least one event of ingest.max_event_bytes",
+            );
+        }
+        if self.session.max_frame_bytes < 1024 {
+            return fail("session.max_frame_bytes", "must be at least 1024");
+        }
+        if self.session.client_timeout <= self.session.heartbeat {
+            return fail(
+                "session.client_timeout",
+                "must be longer than session.heartbeat",
+            );
+        }
+        if let Some(url) = &self.upstream.webhook_url
+            && let Err(error) = crate::client::Target::parse(url)
+        {
+            return fail("upstream.webhook_url", &format!("{error:#}"));
+        }
+        if let Some(url) = &self.broker.redis_url
+            && let Err(error) = check_redis_url(url)
+        {
+            return fail("broker.redis_url", &format!("not a Redis URL: {error}"));
+        }
+        if self.broker.claim_idle <= self.resolve.grace {
+            return fail("broker.claim_idle", "must be longer than resolve.grace");
+        }
+        // An entry claimed after its id left the dedupe set would be published a second time.
+        if self.broker.claim_idle >= self.ingest.dedupe_window {
+            return fail(
+                "broker.claim_idle",
+                "must be shorter than ingest.dedupe_window",
+            );
+        }
+        for (field, value) in [
+            ("broker.ingest_stream", &self.broker.ingest_stream),
+            ("broker.ingest_group", &self.broker.ingest_group),
+            ("broker.ui_events_stream", &self.broker.ui_events_stream),
+        ] {
+            if value.is_empty() {
+                return fail(field, "must not be empty");
+            }
+        }
+        if let Err(error) = tracing_subscriber::EnvFilter::try_new(&self.log_level) {
+            return fail("log_level", &format!("not a tracing filter: {error}"));
+        }
+        Ok(())
+    }
+}
+
+/// `redis://host…` or a Unix socket (`redis+unix://`, `unix://`); this build has no TLS.
+fn check_redis_url(raw: &str) -> Result<(), String> {
+    let url = url::Url::parse(raw).map_err(|e| e.to_string())?;
+    match url.scheme() {
+        "redis" if url.has_host() => Ok(()),
+        "redis" => Err("no host".into()),
+        "redis+unix" | "unix" => Ok(()),
+        other => Err(format!("the scheme is {other}, not redis or redis+unix")),
+    }
+}
+
+#[cfg(test)]
+// figment's Jail closures return figment::Error, which is large by design.
+#[allow(clippy::result_large_err)]
+mod tests {
+    use std::time::Duration;
+
+    use figment::Jail;
+
+    use super::*;
+
+    #[test]
+    fn env_overrides_file() {
+        Jail::expect_with(|jail| {
+            jail.create_file(
+                "agentwire.toml",
+                "listen = \"127.0.0.1:9000\"\n[history]\nmax_events = 5\n",
+            )?;
+            jail.set_env("AGENTWIRE_HISTORY__MAX_EVENTS", "7");
+            jail.set_env("AGENTWIRE_RESOLVE__GRACE", "250ms");
+            let config = Config::load(None).map_err(|e| e.to_string())?;
+            assert_eq!(config.listen.port(), 9000);
+            assert_eq!(config.history.max_events, 7);
+            assert_eq!(config.resolve.grace, Duration::from_millis(250));
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn kubernetes_service_links_are_not_configuration() {
+        Jail::expect_with(|jail| {
+            jail.set_env("AGENTWIRE_SERVICE_HOST", "10.0.0.1");
+            jail.set_env("AGENTWIRE_PORT", "tcp://10.0.0.1:8000");
+            jail.set_env("AGENTWIRE_PORT_8000_TCP_PORT", "8000");
+            jail.set_env("AGENTWIRE_HISTORY__MAX_EVENTS", "9");
+            let config = Config::load(None).map_err(|e| e.to_string())?;
+            assert_eq!(config.history.max_events, 9);
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn bad_values_name_the_key() {
+        Jail::expect_with(|jail| {
+            jail.set_env("AGENTWIRE_SESSION__HEARTBEAT", "soon");
+            let error = Config::load(None).expect_err("must fail");
+            assert_eq!(error.key, "session.heartbeat");
+            Ok(())
+        });
+        Jail::expect_with(|jail| {
+            jail.set_env("AGENTWIRE_LOG_LEVEL", "info,[[[");
+            let error = Config::load(None).expect_err("must fail");
+            assert_eq!(error.key, "log_level");
+            Ok(())
+        });
+        Jail::expect_with(|jail| {
+            jail.set_env("AGENTWIRE_SESSION__QUEUE_EVENTS", "0");
+            let error = Config::load(None).expect_err("must fail");
+            assert_eq!(error.key, "session.queue_events");
+            Ok(())
+        });
+        Jail::expect_with(|jail| {
+            jail.create_file("agentwire.toml", "[history]\nmax_evnts = 5\n")?;
+            let error = Config::load(None).expect_err("must fail");
+            assert!(error.reason.contains("max_evnts"), "{error}");
+            Ok(())
+        });
+        for (key, value, named) in [
+            (
+                "AGENTWIRE_BROKER__REDIS_URL",
+                "http://nope",
+                "broker.redis_url",
+            ),
+            ("AGENTWIRE_BROKER__CLAIM_IDLE", "1s", "broker.claim_idle"),
+            ("AGENTWIRE_BROKER__CLAIM_IDLE", "1h", "broker.claim_idle"),
+            (
+                "AGENTWIRE_BROKER__INGEST_STREAM",
+                "",
+                "broker.ingest_stream",
+            ),
+        ] {
+            Jail::expect_with(|jail| {
+                jail.set_env(key, value);
+                let error = Config::load(None).expect_err("must fail");
+                assert_eq!(error.key, named, "{key}={value}: {error}");
+                Ok(())
+            });
+        }
+    }
+}

@@ -1,0 +1,296 @@
+//! Configuration: built-in defaults < `agentwire.toml` (or `--config FILE`) < `AGENTWIRE_*`
+//! environment variables (`__` for nesting). Read and validated once at start.
+
+mod load;
+mod show;
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+pub use load::ConfigError;
+
+/// The whole effective configuration.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// Address of the one listener (HTTP API, WebSocket and metrics).
+    pub listen: SocketAddr,
+    /// `text` for people, `json` for log pipelines.
+    pub log_format: LogFormat,
+    /// A `tracing` filter such as `info` or `agentwire=debug`; `RUST_LOG` wins when set.
+    pub log_level: String,
+    pub ingest: IngestConfig,
+    pub resolve: ResolveConfig,
+    pub history: HistoryConfig,
+    pub session: SessionConfig,
+    pub shutdown: ShutdownConfig,
+    pub watchdog: WatchdogConfig,
+    pub deadletter: DeadletterConfig,
+    pub upstream: UpstreamConfig,
+    pub broker: BrokerConfig,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct IngestConfig {
+    /// Largest single event, in bytes of JSON.
+    pub max_event_bytes: usize,
+    /// Largest `POST /v1/events` body; larger bodies get 413.
+    pub max_request_bytes: usize,
+    /// Most events in one `POST /v1/events`; more get 413.
+    pub max_items: usize,
+    /// How long an `event_id` is remembered to drop a producer's retry.
+    #[serde(with = "humantime_serde")]
+    pub dedupe_window: Duration,
+    /// How many `event_id`s are remembered at most; the oldest go first.
+    pub dedupe_capacity: usize,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ResolveConfig {
+    /// How long an event that resolves to no channel waits for its run to be registered.
+    #[serde(with = "humantime_serde")]
+    pub grace: Duration,
+    /// How many events may wait for resolution at once; past that they are lost `unresolved`.
+    pub max_pending: usize,
+    /// How long a run registration (run_id → thread, user) is kept.
+    #[serde(with = "humantime_serde")]
+    pub registry_ttl: Duration,
+    /// How many runs the registry holds at most; the oldest go first.
+    pub registry_capacity: usize,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HistoryConfig {
+    /// Events kept per channel for replay.
+    pub max_events: usize,
+    /// How long an event stays in a channel's history.
+    #[serde(with = "humantime_serde")]
+    pub max_age: Duration,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SessionConfig {
+    /// Time a new connection has to send `hello` before it is closed with 4001.
+    #[serde(with = "humantime_serde")]
+    pub hello_timeout: Duration,
+    /// A quiet connection gets a `heartbeat` frame and a WebSocket ping this often.
+    #[serde(with = "humantime_serde")]
+    pub heartbeat: Duration,
+    /// A connection from which nothing (not even a pong) arrives for this long is closed.
+    #[serde(with = "humantime_serde")]
+    pub client_timeout: Duration,
+    /// A write that cannot complete in this time drops the connection (the peer is gone or stuck).
+    #[serde(with = "humantime_serde")]
+    pub write_timeout: Duration,
+    /// Largest client message; larger ones close the connection with 1009.
+    pub max_frame_bytes: usize,
+    /// Threads one connection may subscribe to.
+    pub max_subscriptions: usize,
+    /// Frames waiting for one socket; past this (or `queue_bytes`) the client is closed with 4008.
+    pub queue_events: usize,
+    /// Bytes waiting for one socket.
+    pub queue_bytes: usize,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ShutdownConfig {
+    /// After SIGTERM, time during which `/readyz` says 503 before clients get 1012, so that load
+    /// balancers stop sending new connections first.
+    #[serde(with = "humantime_serde")]
+    pub drain_delay: Duration,
+    /// The 1012 closes are spread over this window, each connection at a random moment in it, so
+    /// that thousands of clients do not reconnect in the same millisecond.
+    #[serde(with = "humantime_serde")]
+    pub close_window: Duration,
+    /// After the close window, how long the process waits for sessions to end before it exits.
+    #[serde(with = "humantime_serde")]
+    pub timeout: Duration,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct WatchdogConfig {
+    /// A run with no event for this long is stalled.
+    #[serde(with = "humantime_serde")]
+    pub run_idle_timeout: Duration,
+    /// Whether a stalled run's channel gets a gateway-made `agent_error` (reason `stalled`).
+    pub stalled_event: bool,
+    /// Runs followed at most; past that the least recently active is evicted (counted).
+    pub max_runs: usize,
+    /// How long an ended run stays visible at `GET /v1/runs/{run_id}`.
+    #[serde(with = "humantime_serde")]
+    pub retain: Duration,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DeadletterConfig {
+    /// Unresolved events kept for `GET /v1/deadletter` and redrive; the oldest go first.
+    pub capacity: usize,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct UpstreamConfig {
+    /// Where HLink messages from browsers are POSTed (http:// only). Unset: they are refused.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub webhook_url: Option<String>,
+    /// One webhook attempt may take this long.
+    #[serde(with = "humantime_serde")]
+    pub timeout: Duration,
+    /// Attempts after the first, with doubling backoff from 100 ms.
+    pub retries: u32,
+    /// Messages waiting for the webhook at most; past that a client gets `upstream_busy`.
+    pub queue: usize,
+}
+
+impl Default for UpstreamConfig {
+    fn default() -> Self {
+        Self {
+            webhook_url: None,
+            timeout: Duration::from_secs(5),
+            retries: 3,
+            queue: 1000,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct BrokerConfig {
+    /// Selects the Redis broker (`redis://[:password@]host:port[/db]`); unset, the embedded one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub redis_url: Option<String>,
+    /// The stream producers may `XADD` events to (Redis broker only).
+    pub ingest_stream: String,
+    /// The consumer group every replica reads `ingest_stream` through.
+    pub ingest_group: String,
+    /// An ingest entry read by a replica and not acknowledged for this long is claimed by another
+    /// (the first replica died). Must be longer than `resolve.grace`.
+    #[serde(with = "humantime_serde")]
+    pub claim_idle: Duration,
+    /// The stream HLink messages from browsers are appended to (Redis broker only).
+    pub ui_events_stream: String,
+    /// `ui_events_stream` is trimmed to about this many entries.
+    pub ui_events_max_len: usize,
+}
+
+impl Default for BrokerConfig {
+    fn default() -> Self {
+        Self {
+            redis_url: None,
+            ingest_stream: "aw:ingest".into(),
+            ingest_group: "agentwire".into(),
+            claim_idle: Duration::from_secs(30),
+            ui_events_stream: "ui_events".into(),
+            ui_events_max_len: 100_000,
+        }
+    }
+}
+
+impl Default for WatchdogConfig {
+    fn default() -> Self {
+        Self {
+            run_idle_timeout: Duration::from_secs(120),
+            stalled_event: true,
+            max_runs: 100_000,
+            retain: Duration::from_secs(600),
+        }
+    }
+}
+
+impl Default for DeadletterConfig {
+    fn default() -> Self {
+        Self { capacity: 10_000 }
+    }
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([0, 0, 0, 0], 8000)),
+            log_format: LogFormat::Text,
+            log_level: "info".into(),
+            ingest: IngestConfig::default(),
+            resolve: ResolveConfig::default(),
+            history: HistoryConfig::default(),
+            session: SessionConfig::default(),
+            shutdown: ShutdownConfig::default(),
+            watchdog: WatchdogConfig::default(),
+            deadletter: DeadletterConfig::default(),
+            upstream: UpstreamConfig::default(),
+            broker: BrokerConfig::default(),
+        }
+    }
+}
+
+impl Default for IngestConfig {
+    fn default() -> Self {
+        Self {
+            max_event_bytes: 64 * 1024,
+            max_request_bytes: 1024 * 1024,
+            max_items: 5_000,
+            dedupe_window: Duration::from_secs(300),
+            dedupe_capacity: 100_000,
+        }
+    }
+}
+
+impl Default for ResolveConfig {
+    fn default() -> Self {
+        Self {
+            grace: Duration::from_secs(5),
+            max_pending: 10_000,
+            registry_ttl: Duration::from_secs(24 * 3600),
+            registry_capacity: 100_000,
+        }
+    }
+}
+
+impl Default for HistoryConfig {
+    fn default() -> Self {
+        Self {
+            max_events: 1000,
+            max_age: Duration::from_secs(3600),
+        }
+    }
+}
+
+impl Default for SessionConfig {
+    fn default() -> Self {
+        Self {
+            hello_timeout: Duration::from_secs(10),
+            heartbeat: Duration::from_secs(15),
+            client_timeout: Duration::from_secs(60),
+            write_timeout: Duration::from_secs(10),
+            max_frame_bytes: 64 * 1024,
+            max_subscriptions: 100,
+            queue_events: 1024,
+            queue_bytes: 4 * 1024 * 1024,
+        }
+    }
+}
+
+impl Default for ShutdownConfig {
+    fn default() -> Self {
+        Self {
+            drain_delay: Duration::from_secs(5),
+            close_window: Duration::from_secs(5),
+            timeout: Duration::from_secs(10),
+        }
+    }
+}

@@ -1,0 +1,57 @@
+//! `agentwire config`: the effective configuration as TOML, with secrets hidden.
+
+use super::Config;
+
+impl Config {
+    /// The effective configuration as TOML, for `agentwire config`.
+    /// Secrets (a password in a URL) are replaced by `***`.
+    pub fn to_toml(&self) -> String {
+        let mut shown = self.clone();
+        shown.upstream.webhook_url = shown.upstream.webhook_url.as_deref().map(hide_password);
+        shown.broker.redis_url = shown.broker.redis_url.as_deref().map(hide_password);
+        toml::to_string_pretty(&shown).unwrap_or_else(|e| format!("# cannot render: {e}\n"))
+    }
+}
+
+/// `scheme://user:secret@host/…` → `scheme://user:***@host/…`.
+fn hide_password(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_string();
+    };
+    let (authority, path) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
+    let Some((userinfo, host)) = authority.rsplit_once('@') else {
+        return url.to_string();
+    };
+    let user = userinfo.split_once(':').map_or(userinfo, |(user, _)| user);
+    let hidden = if userinfo.contains(':') {
+        format!("{user}:***")
+    } else {
+        "***".to_string()
+    };
+    format!("{scheme}://{hidden}@{host}{path}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn secrets_are_hidden_when_printed() {
+        assert_eq!(
+            hide_password("http://hook:s3cret@agent:9000/hlink"),
+            "http://hook:***@agent:9000/hlink"
+        );
+        assert_eq!(
+            hide_password("redis://:pw@redis:6379/0"),
+            "redis://:***@redis:6379/0"
+        );
+        assert_eq!(hide_password("http://token@agent/x"), "http://***@agent/x");
+        assert_eq!(
+            hide_password("http://agent:9000/hlink"),
+            "http://agent:9000/hlink"
+        );
+        let mut config = Config::default();
+        config.upstream.webhook_url = Some("http://hook:s3cret@agent:9000/hlink".into());
+        assert!(!config.to_toml().contains("s3cret"));
+    }
+}

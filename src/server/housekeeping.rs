@@ -1,0 +1,34 @@
+//! Housekeeping, on a tick: held events past `resolve.grace` are dead-lettered, stalled runs
+//! reported, and once a second history past its age, idle channels and old dedupe ids expire.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio_util::sync::CancellationToken;
+
+use crate::Gateway;
+
+/// Expires held events past the grace period, reports stalled runs, expires history past its
+/// age, idle channels and old dedupe ids.
+pub async fn run(gateway: Arc<Gateway>, stop: CancellationToken) {
+    let shortest = gateway
+        .config
+        .resolve
+        .grace
+        .min(gateway.config.watchdog.run_idle_timeout);
+    let tick = (shortest / 5).clamp(Duration::from_millis(10), Duration::from_secs(1));
+    let mut interval = tokio::time::interval(tick);
+    let mut last_sweep = Instant::now();
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = interval.tick() => {}
+        }
+        crate::ingest::expire_pending(&gateway);
+        crate::ingest::report_stalls(&gateway).await;
+        if last_sweep.elapsed() >= Duration::from_secs(1) {
+            last_sweep = Instant::now();
+            gateway.broker.sweep().await;
+        }
+    }
+}

@@ -194,6 +194,40 @@ fn module_graph_has_no_circle() {
     }
 }
 
+/// The layers ARCHITECTURE.md draws: each module, in reading order.
+fn layers() -> Vec<String> {
+    let doc = std::fs::read_to_string(root().join("ARCHITECTURE.md")).unwrap();
+    let section = doc.split("## Layers").nth(1).unwrap();
+    let block = section.split("```").nth(1).unwrap();
+    block
+        .lines()
+        .filter_map(|line| line.split("   ").next())
+        .flat_map(|modules| modules.split_whitespace())
+        .filter(|name| name.chars().all(|c| c.is_ascii_lowercase() || c == '_'))
+        .map(str::to_string)
+        .collect()
+}
+
+/// Every dependency points to a module drawn before it in ARCHITECTURE.md's layers.
+#[test]
+fn module_dependencies_follow_the_documented_layers() {
+    let layers = layers();
+    let graph = module_graph();
+    let mut wrong = Vec::new();
+    for (from, deps) in &graph {
+        let Some(at) = layers.iter().position(|l| l == from) else {
+            wrong.push(format!("{from} is not in ARCHITECTURE.md's layers"));
+            continue;
+        };
+        for to in deps {
+            if !layers[..at].contains(to) {
+                wrong.push(format!("{from} -> {to} points up (or sideways)"));
+            }
+        }
+    }
+    assert!(wrong.is_empty(), "{}", wrong.join("\n"));
+}
+
 /// `docs/configuration.md`'s table lists exactly the keys and defaults `agentwire config` prints.
 #[test]
 fn the_configuration_table_is_what_agentwire_config_prints() {

@@ -65,6 +65,8 @@ impl Gateway {
         let broker = Broker::new(&config)?;
         let metrics = Metrics::new();
         metrics::export::<watchdog::Violation>(&metrics.lifecycle_violations);
+        metrics::export::<watchdog::RunOutcome>(&metrics.runs_completed);
+        metrics::export::<upstream::HandOffOutcome>(&metrics.upstream_messages);
         metrics.broker_up.set(i64::from(broker.is_up()));
         Ok(Self {
             metrics: Arc::new(metrics),

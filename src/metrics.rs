@@ -31,6 +31,11 @@ pub fn export<L: Label>(vec: &IntCounterVec) {
     }
 }
 
+/// Counts one occurrence of `label` in `vec`.
+pub fn count<L: Label>(vec: &IntCounterVec, label: L) {
+    vec.with_label_values(&[label.as_str()]).inc();
+}
+
 /// What `/metrics` reads from the gateway's state at scrape time.
 pub struct Scraped {
     /// The broker's balanced sum of every channel's ledger.
@@ -313,35 +318,16 @@ impl Metrics {
         )) {
             tracing::warn!(%error, "Process metrics are not available.");
         }
-        // Labels known up front are exported at 0, so that rate() and alerts see them at once.
+        // Label values of the layers below are exported at 0 here, so that rate() and alerts see
+        // them at once; the stages above export their own ([`export`]) when they are built.
         for reason in LostReason::ALL {
             metrics.events_lost.with_label_values(&[reason.as_str()]);
         }
-        for outcome in ["recovered", "not_recovered"] {
-            metrics.resumes.with_label_values(&[outcome]);
-        }
-        for reason in [
-            "invalid_json",
-            "too_large",
-            "missing_field",
-            "invalid_field",
-            "invalid_body",
-            "too_large_body",
-            "too_many_items",
-        ] {
-            metrics.events_rejected.with_label_values(&[reason]);
+        for code in crate::protocol::event::RefusalCode::ALL {
+            metrics.events_rejected.with_label_values(&[code.as_str()]);
         }
         for code in crate::protocol::server::ErrorCode::ALL {
             metrics.client_errors.with_label_values(&[code.as_str()]);
-        }
-        for reason in ["fd_limit", "other"] {
-            metrics.accept_errors.with_label_values(&[reason]);
-        }
-        for outcome in ["delivered", "failed", "busy", "refused", "invalid"] {
-            metrics.upstream_messages.with_label_values(&[outcome]);
-        }
-        for outcome in ["completed", "error", "stalled"] {
-            metrics.runs_completed.with_label_values(&[outcome]);
         }
         metrics.broker_up.set(1);
         metrics

@@ -13,8 +13,43 @@ use tokio_util::sync::CancellationToken;
 
 use crate::client::Target;
 use crate::config::UpstreamConfig;
-use crate::metrics::Metrics;
+use crate::metrics::{Label, Metrics, count};
 use crate::protocol::upstream::Outbound;
+
+/// What became of an HLink message, counted in `agentwire_upstream_messages_total{outcome}`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HandOffOutcome {
+    /// Posted to the webhook, or appended to `ui_events`.
+    Delivered,
+    /// The webhook did not take it after every retry, or Redis refused it.
+    Failed,
+    /// The queue was full.
+    Busy,
+    /// No upstream is configured.
+    Refused,
+    /// The client's message was not a valid HLink message.
+    Invalid,
+}
+
+impl Label for HandOffOutcome {
+    const ALL: &'static [Self] = &[
+        Self::Delivered,
+        Self::Failed,
+        Self::Busy,
+        Self::Refused,
+        Self::Invalid,
+    ];
+
+    fn as_str(self) -> &'static str {
+        match self {
+            Self::Delivered => "delivered",
+            Self::Failed => "failed",
+            Self::Busy => "busy",
+            Self::Refused => "refused",
+            Self::Invalid => "invalid",
+        }
+    }
+}
 
 /// Why a message was not taken.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
@@ -51,14 +86,11 @@ impl Upstream {
     /// Queues a message for the webhook; never waits.
     pub fn send(&self, message: Outbound, metrics: &Metrics) -> Result<(), Refused> {
         let Some(sender) = &self.sender else {
-            metrics
-                .upstream_messages
-                .with_label_values(&["refused"])
-                .inc();
+            count(&metrics.upstream_messages, HandOffOutcome::Refused);
             return Err(Refused::NotConfigured);
         };
         sender.try_send(message).map_err(|_| {
-            metrics.upstream_messages.with_label_values(&["busy"]).inc();
+            count(&metrics.upstream_messages, HandOffOutcome::Busy);
             Refused::Busy
         })
     }
@@ -103,23 +135,22 @@ async fn deliver(
             )
             .await;
             let error = match sent {
-                Ok(Ok((status, _))) if (200..300).contains(&status) => break "delivered",
+                Ok(Ok((status, _))) if (200..300).contains(&status) => {
+                    break HandOffOutcome::Delivered;
+                }
                 Ok(Ok((status, answer))) => format!("answered {status}: {answer}"),
                 Ok(Err(error)) => format!("{error:#}"),
                 Err(_) => format!("no answer within {} s", config.timeout.as_secs_f64()),
             };
             if attempt >= config.retries {
                 tracing::warn!(message_id = %message.message_id, user_id = %message.user_id, %error, attempts = attempt + 1, "Upstream message not delivered to the webhook.");
-                break "failed";
+                break HandOffOutcome::Failed;
             }
             tracing::debug!(message_id = %message.message_id, %error, attempt, "Webhook attempt failed; retrying.");
             tokio::time::sleep(backoff).await;
             backoff *= 2;
             attempt += 1;
         };
-        metrics
-            .upstream_messages
-            .with_label_values(&[outcome])
-            .inc();
+        count(&metrics.upstream_messages, outcome);
     }
 }

@@ -17,7 +17,7 @@ use serde::Serialize;
 use serde_json::json;
 
 use crate::config::WatchdogConfig;
-use crate::metrics::{Label, Metrics};
+use crate::metrics::{Label, Metrics, count};
 use crate::protocol::ChannelName;
 use crate::protocol::event::{Event, EventType};
 
@@ -40,6 +40,26 @@ pub enum RunState {
 impl RunState {
     fn is_open(self) -> bool {
         matches!(self, Self::Unstarted | Self::Running)
+    }
+}
+
+/// How a run ended, counted in `agentwire_runs_completed_total{outcome}`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RunOutcome {
+    Completed,
+    Error,
+    Stalled,
+}
+
+impl Label for RunOutcome {
+    const ALL: &'static [Self] = &[Self::Completed, Self::Error, Self::Stalled];
+
+    fn as_str(self) -> &'static str {
+        match self {
+            Self::Completed => "completed",
+            Self::Error => "error",
+            Self::Stalled => "stalled",
+        }
     }
 }
 
@@ -280,9 +300,9 @@ impl Watchdog {
                     violation(run, Violation::EndedWithOpenTools);
                 }
                 let (state, outcome) = if event.kind == EventType::AgentCompleted {
-                    (RunState::Completed, "completed")
+                    (RunState::Completed, RunOutcome::Completed)
                 } else {
-                    (RunState::Errored, "error")
+                    (RunState::Errored, RunOutcome::Error)
                 };
                 end(run, state, outcome, now, metrics);
             }
@@ -348,7 +368,7 @@ impl Watchdog {
         }
         tracing::warn!(%run_id, channel = %run.channel, thread_id = run.thread_id.as_deref(), idle_seconds = idle.as_secs_f64(), open_tools = run.open_tools.len(), "Run stalled.");
         metrics.runs_stalled.inc();
-        end(run, RunState::Stalled, "stalled", now, metrics);
+        end(run, RunState::Stalled, RunOutcome::Stalled, now, metrics);
         Some(Stalled {
             run_id: run_id.to_string(),
             channel: run.channel.clone(),
@@ -398,11 +418,11 @@ impl Watchdog {
     }
 }
 
-fn end(run: &mut Run, state: RunState, outcome: &'static str, now: Instant, metrics: &Metrics) {
+fn end(run: &mut Run, state: RunState, outcome: RunOutcome, now: Instant, metrics: &Metrics) {
     run.state = state;
     run.ended = Some(now);
     metrics.runs_active.dec();
-    metrics.runs_completed.with_label_values(&[outcome]).inc();
+    count(&metrics.runs_completed, outcome);
     metrics
         .run_duration
         .observe(now.saturating_duration_since(run.first_event).as_secs_f64());

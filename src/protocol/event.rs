@@ -104,6 +104,13 @@ pub enum RefusalCode {
 }
 
 impl RefusalCode {
+    pub const ALL: [RefusalCode; 4] = [
+        Self::InvalidJson,
+        Self::TooLarge,
+        Self::MissingField,
+        Self::InvalidField,
+    ];
+
     pub fn as_str(self) -> &'static str {
         match self {
             Self::InvalidJson => "invalid_json",

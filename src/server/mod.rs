@@ -19,6 +19,8 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::Gateway;
+use crate::metrics;
+use crate::session;
 
 /// Raises the open-file soft limit to the hard limit (each connection is a file) and returns it.
 pub fn raise_file_limit() -> Option<u64> {
@@ -36,9 +38,32 @@ pub fn raise_file_limit() -> Option<u64> {
     limit.current
 }
 
+/// Why an accept failed, counted in `agentwire_accept_errors_total{reason}`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AcceptError {
+    /// The process reached its open-file limit.
+    FdLimit,
+    Other,
+}
+
+impl metrics::Label for AcceptError {
+    const ALL: &'static [Self] = &[Self::FdLimit, Self::Other];
+
+    fn as_str(self) -> &'static str {
+        match self {
+            Self::FdLimit => "fd_limit",
+            Self::Other => "other",
+        }
+    }
+}
+
 /// Serves until `stop` is cancelled, then drains and returns.
 pub async fn run(gateway: Arc<Gateway>, listener: TcpListener, stop: CancellationToken) {
-    crate::metrics::export::<crate::session::Ended>(&gateway.metrics.connections_closed);
+    let counted = &gateway.metrics;
+    metrics::export::<session::Ended>(&counted.connections_closed);
+    metrics::export::<session::Resume>(&counted.resumes);
+    metrics::export::<routes::BodyRefusal>(&counted.events_rejected);
+    metrics::export::<AcceptError>(&counted.accept_errors);
     // One tracker per stage, each drained at shutdown in the order the data flows.
     let http = TaskTracker::new();
     let http_stop = CancellationToken::new();
@@ -129,15 +154,11 @@ async fn accept_until(
             Err(error) => {
                 // Out of file descriptors and the like: say so, breathe, go on.
                 let reason = match error.raw_os_error() {
-                    Some(23 | 24) => "fd_limit",
-                    _ => "other",
+                    Some(23 | 24) => AcceptError::FdLimit,
+                    _ => AcceptError::Other,
                 };
-                gateway
-                    .metrics
-                    .accept_errors
-                    .with_label_values(&[reason])
-                    .inc();
-                if reason == "fd_limit" {
+                metrics::count(&gateway.metrics.accept_errors, reason);
+                if reason == AcceptError::FdLimit {
                     tracing::error!(%error, connections = gateway.metrics.connections.get(), "Cannot accept: the process reached its open-file limit (raise `ulimit -n` / LimitNOFILE).");
                 } else {
                     tracing::warn!(%error, "Accept failed.");

@@ -6,11 +6,31 @@ use super::ended::Ended;
 use super::message::Message;
 use crate::broker::{HandOff, HandOffError};
 use crate::fanout::Outgoing;
+use crate::metrics::{Label, count};
 use crate::protocol::ChannelName;
 use crate::protocol::client::{self, ClientFrame, Since, UpstreamMessage};
 use crate::protocol::server::{self, ErrorCode, close};
 use crate::protocol::upstream::Outbound;
-use crate::upstream::Refused;
+use crate::upstream::{HandOffOutcome, Refused};
+
+/// Whether a resume found everything the client missed, counted in
+/// `agentwire_resumes_total{outcome}`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Resume {
+    Recovered,
+    NotRecovered,
+}
+
+impl Label for Resume {
+    const ALL: &'static [Self] = &[Self::Recovered, Self::NotRecovered];
+
+    fn as_str(self) -> &'static str {
+        match self {
+            Self::Recovered => "recovered",
+            Self::NotRecovered => "not_recovered",
+        }
+    }
+}
 
 impl Session {
     /// Answers one message; `Some` when the connection ends.
@@ -113,11 +133,10 @@ impl Session {
             Ok(ClientFrame::Upstream(message)) => self.upstream(*message).await,
             Err(error) => {
                 if client::is_upstream_frame(text) {
-                    self.gateway
-                        .metrics
-                        .upstream_messages
-                        .with_label_values(&["invalid"])
-                        .inc();
+                    count(
+                        &self.gateway.metrics.upstream_messages,
+                        HandOffOutcome::Invalid,
+                    );
                 }
                 self.error(error.code, &error.message)
             }
@@ -177,16 +196,12 @@ impl Session {
                 self.gateway.metrics.subscriptions.inc();
                 if since.is_some() {
                     let outcome = if report.recovered {
-                        "recovered"
+                        Resume::Recovered
                     } else {
-                        "not_recovered"
+                        Resume::NotRecovered
                     };
-                    self.gateway
-                        .metrics
-                        .resumes
-                        .with_label_values(&[outcome])
-                        .inc();
-                    tracing::debug!(%channel, outcome, replayed = report.replayed, missed = report.missed, "Resumed.");
+                    count(&self.gateway.metrics.resumes, outcome);
+                    tracing::debug!(%channel, outcome = outcome.as_str(), replayed = report.replayed, missed = report.missed, "Resumed.");
                 }
                 self.channels.push(channel);
             }

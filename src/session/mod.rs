@@ -26,6 +26,7 @@ use crate::metrics::Label;
 use crate::protocol::ChannelName;
 use crate::protocol::server::{self, close};
 
+pub use answer::Resume;
 pub use ended::Ended;
 use frame::FrameError;
 use message::{AssemblyError, Reassembly};

@@ -3,7 +3,8 @@
 
 use super::RedisBroker;
 use crate::broker::{BrokerError, HandOff, HandOffError};
-use crate::metrics::Metrics;
+use crate::metrics::{Metrics, count};
+use crate::upstream::HandOffOutcome;
 
 impl RedisBroker {
     /// Appends an HLink message to the `ui_events` stream, under a new entry id.
@@ -14,14 +15,11 @@ impl RedisBroker {
     ) -> Result<HandOff, HandOffError> {
         let appended = self.xadd_ui_event(message).await;
         let outcome = if appended.is_ok() {
-            "delivered"
+            HandOffOutcome::Delivered
         } else {
-            "failed"
+            HandOffOutcome::Failed
         };
-        metrics
-            .upstream_messages
-            .with_label_values(&[outcome])
-            .inc();
+        count(&metrics.upstream_messages, outcome);
         Ok(HandOff::Appended(appended?))
     }
 

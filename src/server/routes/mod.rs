@@ -21,6 +21,7 @@ mod upgrade;
 
 use health::{metrics, ready};
 use operator::{channel, dead_letters, ledger, redrive, run};
+pub use producers::BodyRefusal;
 use producers::{events, runs};
 use upgrade::upgrade;
 

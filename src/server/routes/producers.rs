@@ -9,8 +9,30 @@ use serde_json::{Value, json};
 use super::{Body, BodyRefused, broker_error, broker_unavailable, error, json_response, read_body};
 use crate::Gateway;
 use crate::ingest::{self, ItemResult};
+use crate::metrics::{Label, count};
 use crate::protocol::channel::check_id;
 use crate::protocol::run::RunTarget;
+
+/// Why a whole request body was refused, counted in `agentwire_events_rejected_total{reason}` beside
+/// the per-event refusal codes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BodyRefusal {
+    InvalidBody,
+    TooLargeBody,
+    TooManyItems,
+}
+
+impl Label for BodyRefusal {
+    const ALL: &'static [Self] = &[Self::InvalidBody, Self::TooLargeBody, Self::TooManyItems];
+
+    fn as_str(self) -> &'static str {
+        match self {
+            Self::InvalidBody => "invalid_body",
+            Self::TooLargeBody => "too_large_body",
+            Self::TooManyItems => "too_many_items",
+        }
+    }
+}
 
 pub(super) async fn events(gateway: &Gateway, request: Request<Incoming>) -> Response<Body> {
     if !gateway.broker.is_up() {
@@ -33,25 +55,17 @@ pub(super) async fn events(gateway: &Gateway, request: Request<Incoming>) -> Res
         Ok(body) => body,
         Err(refused) => {
             let reason = match refused {
-                BodyRefused::TooLarge(_) => "too_large_body",
-                BodyRefused::Unreadable(_) => "invalid_body",
+                BodyRefused::TooLarge(_) => BodyRefusal::TooLargeBody,
+                BodyRefused::Unreadable(_) => BodyRefusal::InvalidBody,
             };
-            gateway
-                .metrics
-                .events_rejected
-                .with_label_values(&[reason])
-                .inc();
+            count(&gateway.metrics.events_rejected, reason);
             return refused.response();
         }
     };
     let items = match ingest::split(&body, ndjson) {
         Ok(items) => items,
         Err(e) => {
-            gateway
-                .metrics
-                .events_rejected
-                .with_label_values(&["invalid_body"])
-                .inc();
+            count(&gateway.metrics.events_rejected, BodyRefusal::InvalidBody);
             return error(
                 StatusCode::BAD_REQUEST,
                 "invalid_json",
@@ -61,11 +75,7 @@ pub(super) async fn events(gateway: &Gateway, request: Request<Incoming>) -> Res
         }
     };
     if items.len() > gateway.config.ingest.max_items {
-        gateway
-            .metrics
-            .events_rejected
-            .with_label_values(&["too_many_items"])
-            .inc();
+        count(&gateway.metrics.events_rejected, BodyRefusal::TooManyItems);
         return error(
             StatusCode::PAYLOAD_TOO_LARGE,
             "too_many_items",

@@ -115,6 +115,8 @@ pub async fn run(gateway: Arc<Gateway>, listener: TcpListener, stop: Cancellatio
         );
     }
     broker_stop.cancel();
+    // The stages after the sessions share one bound, so the exit stays within the pod's grace.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
     for (stage, tracker) in [
         ("http", &http),
         ("housekeeping", &housekeeping),
@@ -122,14 +124,14 @@ pub async fn run(gateway: Arc<Gateway>, listener: TcpListener, stop: Cancellatio
         ("ingest", &ingest),
     ] {
         tracker.close();
-        if tokio::time::timeout(Duration::from_secs(2), tracker.wait())
+        if tokio::time::timeout_at(deadline, tracker.wait())
             .await
             .is_err()
         {
             tracing::warn!(
                 stage,
                 left = tracker.len(),
-                "Tasks did not end within 2 s of shutdown."
+                "Tasks did not end within 2 s of the sessions."
             );
         }
     }

@@ -167,9 +167,9 @@ async fn bad_events_are_refused_per_item_naming_the_field() {
         (400, Some("run_id"))
     );
     let metrics = gateway.metrics().await;
-    assert!(
-        metrics.contains("agentwire_events_rejected_total{reason=\"missing_field\"} 3"),
-        "{metrics}"
+    crate::support::assert_lines(
+        &metrics,
+        &["agentwire_events_rejected_total{reason=\"missing_field\"} 3"],
     );
 }
 

@@ -73,10 +73,7 @@ async fn five_lifecycle_events_arrive_in_order_and_balance() {
             "agentwire_subscriptions 2",
         ],
     );
-    assert!(
-        metrics.contains("agentwire_delivery_latency_seconds_count 5"),
-        "{metrics}"
-    );
+    crate::support::assert_lines(&metrics, &["agentwire_delivery_latency_seconds_count 5"]);
 }
 
 #[tokio::test]
@@ -156,14 +153,8 @@ async fn ndjson_and_retries_with_the_same_event_id() {
     assert_eq!(client.recv().await["event_id"], "ev-1");
     client.silent_for(Duration::from_millis(200)).await;
     let metrics = gateway.metrics().await;
-    assert!(
-        metrics.contains("agentwire_events_duplicate_total 1"),
-        "{metrics}"
-    );
-    assert!(
-        metrics.contains("agentwire_events_ingested_total 2"),
-        "{metrics}"
-    );
+    crate::support::assert_lines(&metrics, &["agentwire_events_duplicate_total 1"]);
+    crate::support::assert_lines(&metrics, &["agentwire_events_ingested_total 2"]);
 }
 
 #[tokio::test]
@@ -219,14 +210,8 @@ async fn a_second_client_on_the_same_thread_gets_the_same_bytes() {
     a.barrier().await;
     b.barrier().await;
     let metrics = gateway.metrics().await;
-    assert!(
-        metrics.contains("agentwire_fanout_frames_sent_total 10"),
-        "{metrics}"
-    );
-    assert!(
-        metrics.contains("agentwire_events_delivered_total 5"),
-        "{metrics}"
-    );
+    crate::support::assert_lines(&metrics, &["agentwire_fanout_frames_sent_total 10"]);
+    crate::support::assert_lines(&metrics, &["agentwire_events_delivered_total 5"]);
 }
 
 #[tokio::test]

@@ -121,14 +121,11 @@ async fn each_lifecycle_violation_is_counted_once_and_delivered() {
             "missing `{line}` in:\n{metrics}"
         );
     }
-    assert!(
-        metrics.contains("agentwire_runs_completed_total{outcome=\"completed\"} 1"),
-        "{metrics}"
+    crate::support::assert_lines(
+        &metrics,
+        &["agentwire_runs_completed_total{outcome=\"completed\"} 1"],
     );
-    assert!(
-        metrics.contains("agentwire_run_duration_seconds_count 1"),
-        "{metrics}"
-    );
+    crate::support::assert_lines(&metrics, &["agentwire_run_duration_seconds_count 1"]);
     let (_, run) = gateway.get("/v1/runs/run_v").await;
     assert_eq!(run["state"], "completed");
     assert_eq!(run["violations"]["duplicate_start"], 1);

@@ -30,12 +30,13 @@ pub struct Held {
 }
 
 /// Registry and pending set share one lock, so that a registration and a hold can never miss each
-/// other (an event held just as its run registers), and held events are published before any later
-/// event of their run.
+/// other (an event held just as its run registers). A registration takes the run's held events and
+/// marks the run as releasing in the same critical section, and until the release ends every later
+/// event of the run that reaches the resolver waits behind them, so held events are published first.
 pub struct Resolver {
     config: ResolveConfig,
     state: Mutex<State>,
-    /// Runs held or being released (Redis mode), read without the lock: while it is 0 no event
+    /// Runs held or being released, read without the lock: while it is 0 no event
     /// needs to wait behind another, and the hot path takes no lock.
     waiting: AtomicUsize,
 }
@@ -47,7 +48,7 @@ struct State {
     order: VecDeque<(String, Instant)>,
     pending: HashMap<String, (Instant, Vec<Event>)>,
     pending_count: usize,
-    /// Redis mode: runs whose held events are being published outside the lock.
+    /// Runs whose held events are being published outside the lock.
     releasing: HashSet<String>,
 }
 
@@ -111,13 +112,13 @@ impl Resolver {
         );
     }
 
-    /// Redis mode: whether the held events of `run_id` are being released (a later event of the
-    /// run must wait behind them).
+    /// Whether the held events of `run_id` are being released (a later event of the run must wait
+    /// behind them).
     pub fn is_waiting(&self, run_id: &str) -> bool {
         self.waiting.load(Ordering::Acquire) > 0 && self.state().releasing.contains(run_id)
     }
 
-    /// Redis mode: holds `event` behind the earlier events of its run that are being released,
+    /// Holds `event` behind the earlier events of its run that are being released,
     /// so it cannot overtake them; they are published in arrival order by [`Self::begin_release`]
     /// and [`Self::continue_release`]. `Err` gives it back otherwise. (An event that has its
     /// channel never waits for a run that is not registered: it could be dead-lettered.)
@@ -148,21 +149,27 @@ impl Resolver {
         self.count_waiting(state);
     }
 
-    /// Redis mode: records the run and takes its held events to publish (with the lock released,
-    /// since a publish awaits Redis). Until [`Self::continue_release`] finds none left, later
-    /// events of the run are held behind them.
+    /// Records the run and takes its held events to publish (with the lock released, since a
+    /// publish may await Redis), in one critical section. Until [`Self::continue_release`] finds
+    /// none left, later events of the run are held behind them. A run already being released
+    /// gives nothing: the loop that releases it takes what waits.
     pub fn begin_release(&self, run_id: &str, target: RunTarget) -> Vec<Event> {
-        let mut events = Vec::new();
-        self.register(run_id, target, |_, event| events.push(event.clone()));
-        if !events.is_empty() {
-            let mut state = self.state();
-            state.releasing.insert(run_id.to_string());
-            self.count_waiting(&state);
+        let channel = target.channel();
+        let mut state = self.state();
+        self.record(&mut state, run_id, target);
+        if channel.is_none() || state.releasing.contains(run_id) {
+            return Vec::new();
         }
+        let Some((_, events)) = state.pending.remove(run_id) else {
+            return Vec::new();
+        };
+        state.pending_count -= events.len();
+        state.releasing.insert(run_id.to_string());
+        self.count_waiting(&state);
         events
     }
 
-    /// Redis mode: the events held behind a release meanwhile; none ends the release.
+    /// The events held behind a release meanwhile; none ends the release.
     pub fn continue_release(&self, run_id: &str) -> Vec<Event> {
         let mut state = self.state();
         let events = match state.pending.remove(run_id) {
@@ -198,18 +205,9 @@ impl Resolver {
         event.user_id.as_deref().map(ChannelName::user)
     }
 
-    /// Records where `run_id`'s events go and hands the events that were waiting for it, in
-    /// arrival order, to `release`, which runs under the resolver's lock (it must not block).
-    /// Returns how many were released.
-    pub fn register(
-        &self,
-        run_id: &str,
-        target: RunTarget,
-        mut release: impl FnMut(&ChannelName, &Event),
-    ) -> usize {
+    /// Records where `run_id`'s events go (lock held).
+    fn record(&self, state: &mut State, run_id: &str, target: RunTarget) {
         let now = Instant::now();
-        let channel = target.channel();
-        let mut state = self.state();
         state.runs.insert(run_id.to_string(), (target, now));
         state.order.push_back((run_id.to_string(), now));
         let capacity = self.config.registry_capacity;
@@ -217,19 +215,10 @@ impl Resolver {
         state.forget_oldest(|state, _| {
             state.runs.len() <= capacity && state.order.len() <= 2 * capacity
         });
-        let Some(channel) = channel else { return 0 };
-        let Some((_, events)) = state.pending.remove(run_id) else {
-            return 0;
-        };
-        state.pending_count -= events.len();
-        self.count_waiting(&state);
-        for event in &events {
-            release(&channel, event);
-        }
-        events.len()
     }
 
-    /// Holds an event until its run is registered.
+    /// Holds an event until its run is registered, or behind the held events of its run while
+    /// they are being released.
     pub fn hold(&self, event: Event) -> Result<(), NotHeld> {
         let Some(run_id) = event.run_id.clone() else {
             return Err(NotHeld {
@@ -238,6 +227,10 @@ impl Resolver {
             });
         };
         let mut state = self.state();
+        if state.releasing.contains(&run_id) {
+            self.keep(&mut state, run_id, event);
+            return Ok(());
+        }
         if let Some(channel) = state.registered(&run_id, self.config.registry_ttl, Instant::now()) {
             return Err(NotHeld {
                 event: Box::new(event),
@@ -320,21 +313,19 @@ mod tests {
     #[test]
     fn resolves_in_the_documented_order() {
         let r = resolver();
-        r.register(
+        r.begin_release(
             "run_reg",
             RunTarget {
                 thread_id: Some("t_reg".into()),
                 user_id: Some("u_reg".into()),
             },
-            |_, _| {},
         );
-        r.register(
+        r.begin_release(
             "run_user",
             RunTarget {
                 thread_id: None,
                 user_id: Some("u_only".into()),
             },
-            |_, _| {},
         );
         check(
             &r,
@@ -371,13 +362,12 @@ mod tests {
     #[test]
     fn registrations_expire_after_their_ttl() {
         let r = resolver();
-        r.register(
+        r.begin_release(
             "run_old",
             RunTarget {
                 thread_id: Some("t".into()),
                 user_id: None,
             },
-            |_, _| {},
         );
         let orphan = event(r#"{"type":"agent_thinking","run_id":"run_old"}"#);
         assert!(r.resolve(&orphan).is_some());
@@ -428,16 +418,21 @@ mod tests {
             thread_id: Some("t".into()),
             user_id: None,
         };
-        let first = r.begin_release("run_r", target);
+        let first = r.begin_release("run_r", target.clone());
         assert_eq!(order(&first), [1]);
         // Arrives while the first is being published: it waits, and is not expired as unresolved.
         r.hold_behind(n(2)).unwrap();
+        // One that found no channel before the registration, and reaches the pending set now.
+        r.hold(n(3)).unwrap();
+        // A second registration of the run (a retry, another replica's announcement) takes
+        // nothing: the release under way publishes what waits, in order.
+        assert!(r.begin_release("run_r", target).is_empty());
         assert!(r.is_waiting("run_r"));
         assert!(r.expire(Instant::now() + Duration::from_secs(1)).is_empty());
-        assert_eq!(order(&r.continue_release("run_r")), [2]);
+        assert_eq!(order(&r.continue_release("run_r")), [2, 3]);
         assert!(r.continue_release("run_r").is_empty());
         assert!(!r.is_waiting("run_r"));
-        assert!(r.hold_behind(n(3)).is_err(), "the release ended");
+        assert!(r.hold_behind(n(4)).is_err(), "the release ended");
         assert_eq!(r.pending_count(), 0);
     }
 
@@ -448,21 +443,17 @@ mod tests {
         r.hold(late.clone()).unwrap();
         r.hold(late.clone()).unwrap();
         assert!(r.hold(late).is_err(), "the pending set is bounded");
-        let mut released = Vec::new();
-        let count = r.register(
+        let released = r.begin_release(
             "run_late",
             RunTarget {
                 thread_id: Some("t".into()),
                 user_id: None,
             },
-            |channel, event| released.push((channel.to_string(), event.run_id.clone())),
         );
-        assert_eq!(count, 2);
-        assert_eq!(
-            released[0],
-            ("thread:t".to_string(), Some("run_late".to_string()))
-        );
+        assert_eq!(released.len(), 2);
+        assert_eq!(released[0].run_id.as_deref(), Some("run_late"));
         assert_eq!(r.pending_count(), 0);
+        assert!(r.continue_release("run_late").is_empty());
         let rescued = r
             .hold(late_event())
             .expect_err("registered meanwhile: not held");

@@ -306,10 +306,12 @@ impl Broker {
         }
     }
 
-    /// Puts back a letter whose redrive publish failed.
+    /// Puts back a letter whose redrive publish failed (Redis: it was removed before the publish).
+    /// The embedded broker took every letter out for the redrive; the caller keeps this one with
+    /// those it did not rescue, and [`Self::restore_dead_letters`] puts them all back.
     pub fn put_back_dead_letter(&self, entry: Entry, metrics: &Metrics) {
         match self {
-            Self::Memory(memory) => memory.restore_dead_letters(vec![entry]),
+            Self::Memory(_) => {}
             Self::Redis(redis) => {
                 let origin = entry.origin.as_deref();
                 let letter =

@@ -27,11 +27,11 @@ pub async fn register(
 /// resolver's lock released (a publish may await Redis); events of the run that arrive meanwhile
 /// are held behind them and published by this loop, in order.
 pub(super) async fn release(gateway: &Gateway, run_id: &str, target: RunTarget) -> usize {
-    let Some(channel) = target.channel() else {
-        gateway.resolver.begin_release(run_id, target);
+    let channel = target.channel();
+    let mut held = gateway.resolver.begin_release(run_id, target);
+    let Some(channel) = channel else {
         return 0;
     };
-    let mut held = gateway.resolver.begin_release(run_id, target);
     let mut released = 0;
     while !held.is_empty() {
         for event in held {

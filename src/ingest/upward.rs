@@ -1,28 +1,45 @@
 //! What comes up from the broker (Redis mode), each through a bounded channel and consumed by one
-//! task that ingest owns: registrations announced by any replica release the events held here,
-//! and ingest stream entries are taken like `POST /v1/events` items.
+//! task that ingest owns: registrations announced by any replica release the events held here (each
+//! release in a task of its own, at most [`RELEASES`] at once, so a slow one does not hold up the
+//! pub/sub reader behind it), and ingest stream entries are taken one by one like
+//! `POST /v1/events` items.
 
 use std::sync::Arc;
 
+use tokio::sync::Semaphore;
 use tokio_util::task::TaskTracker;
 
 use super::{emit, lost_unresolved, register_start, release, resolve};
 use crate::broker::{Announcement, BrokerError, StreamEvent, Taken, Upward, now_ms};
 use crate::{Gateway, telemetry};
 
+/// Releases running at once.
+pub const RELEASES: usize = 64;
+
 /// Starts the task that consumes `upward` on `tracker`; it ends when the broker's tasks have
-/// ended (both channels closed).
+/// ended (both channels closed), and the releases it started end on the same tracker.
 pub fn consume(gateway: Arc<Gateway>, upward: Upward, tracker: &TaskTracker) {
     let Upward {
         mut announcements,
         mut stream,
     } = upward;
+    let releases = tracker.clone();
+    let room = Arc::new(Semaphore::new(RELEASES));
     tracker.spawn(async move {
         let (mut announcing, mut streaming) = (true, true);
         while announcing || streaming {
             tokio::select! {
                 announcement = announcements.recv(), if announcing => match announcement {
-                    Some(announcement) => announced(&gateway, announcement).await,
+                    Some(announcement) => {
+                        let Ok(permit) = Arc::clone(&room).acquire_owned().await else {
+                            break;
+                        };
+                        let gateway = Arc::clone(&gateway);
+                        releases.spawn(async move {
+                            announced(&gateway, announcement).await;
+                            drop(permit);
+                        });
+                    }
                     None => announcing = false,
                 },
                 entry = stream.recv(), if streaming => match entry {

@@ -4,6 +4,7 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use redis::AsyncCommands;
+use tokio::sync::mpsc::error::TrySendError;
 
 use super::keys::{DEADLETTERS, Entry, field};
 use super::reports::Report;
@@ -32,10 +33,14 @@ impl RedisBroker {
     /// Queues a dead letter for the shared stream (written by the report task, retried while Redis
     /// is away). A full queue drops it: logged with the event and counted as a broker error.
     pub fn keep_dead_letter(&self, letter: reports::DeadLetter, metrics: &Metrics) {
-        if let Err(full) = self.reports.try_send(Report::DeadLetter(letter)) {
+        if let Err(refused) = self.reports.try_send(Report::DeadLetter(letter)) {
             metrics.broker_errors.inc();
-            if let Report::DeadLetter(letter) = full.into_inner() {
-                tracing::error!(target: "agentwire::deadletter", run_id = %letter.run_id, event = %letter.event, "Dead letter not kept: the report queue is full.");
+            let why = match &refused {
+                TrySendError::Full(_) => "the report queue is full",
+                TrySendError::Closed(_) => "the report task has stopped (shutdown)",
+            };
+            if let Report::DeadLetter(letter) = refused.into_inner() {
+                tracing::error!(target: "agentwire::deadletter", run_id = %letter.run_id, event = %letter.event, why, "Dead letter not kept.");
             }
         }
     }

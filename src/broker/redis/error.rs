@@ -18,7 +18,10 @@ impl From<RedisError> for BrokerError {
 }
 
 fn is_unavailable(error: &RedisError) -> bool {
-    error.is_io_error()
+    // Replies the client library has no kind for: a script running too long, memory full, too
+    // few replicas. Redis cannot serve now; a retry later can succeed.
+    matches!(error.code(), Some("BUSY" | "OOM" | "NOREPLICAS"))
+        || error.is_io_error()
         || error.is_timeout()
         || error.is_connection_dropped()
         || error.is_connection_refusal()

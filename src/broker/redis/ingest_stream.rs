@@ -35,9 +35,9 @@ use crate::metrics::Metrics;
 use crate::protocol::event;
 
 const BATCH: usize = 100;
-/// Entries on their way to ingest; the reader waits for each answer, so one is enough in
-/// practice, a few let a slow answer not stall the next read.
-pub const QUEUE: usize = 16;
+/// Entries on their way to ingest. The reader waits for each answer before it sends the next, so
+/// at most one is ever queued; the bound only has to be at least one.
+pub const QUEUE: usize = 1;
 
 /// What the reader needs besides its connection.
 struct Reader<'a> {

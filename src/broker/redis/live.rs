@@ -74,7 +74,7 @@ pub async fn run(
         if stop.is_cancelled() {
             return;
         }
-        match connect(broker, &announce).await {
+        match connect(broker, &announce, &stop).await {
             Ok((sink, stream)) => {
                 backoff = Duration::from_millis(100);
                 if serve(broker, &announce, sink, stream, &mut commands, &stop).await {
@@ -111,6 +111,7 @@ pub async fn run(
 async fn connect(
     broker: &RedisBroker,
     announce: &mpsc::Sender<Announcement>,
+    stop: &CancellationToken,
 ) -> Result<(redis::aio::PubSubSink, redis::aio::PubSubStream), BrokerError> {
     let pubsub = timeout(ANSWER, broker.client.get_async_pubsub())
         .await
@@ -132,7 +133,10 @@ async fn connect(
         }
     }
     // A registration announced while this replica was away must still release held events.
-    let _ = announce.send(Announcement::Resync).await;
+    tokio::select! {
+        _ = stop.cancelled() => {}
+        _ = announce.send(Announcement::Resync) => {}
+    }
     Ok((sink, stream))
 }
 
@@ -180,7 +184,10 @@ async fn serve(
                 let channel = message.get_channel_name();
                 if channel == REGISTERED {
                     if let Some(registered) = registered(message.get_payload_bytes()) {
-                        let _ = announce.send(registered).await;
+                        tokio::select! {
+                            _ = stop.cancelled() => return true,
+                            _ = announce.send(registered) => {}
+                        }
                     }
                 } else if let Some(name) = Keys::channel_of_live(channel)
                     && !broker.apply_live(&name, message.get_payload_bytes())

@@ -6,7 +6,7 @@ use hyper::header::{self, HeaderValue};
 use hyper::{Request, Response, StatusCode};
 use serde_json::{Value, json};
 
-use super::{Body, BodyRefused, broker_error, broker_unavailable, error, json_response, read_body};
+use super::{Body, BodyRefused, broker_unavailable, error, json_response, read_body};
 use crate::Gateway;
 use crate::ingest::{self, ItemResult};
 use crate::metrics::{Label, count};
@@ -179,7 +179,8 @@ pub(super) async fn runs(gateway: &Gateway, request: Request<Incoming>) -> Respo
     };
     let released = match ingest::register(gateway, &run_id, target).await {
         Ok(released) => released,
-        Err(e) => return broker_error(gateway, &e),
+        // A producer retries either way: it is answered 503 (an Internal error is also logged).
+        Err(e) => return broker_unavailable(gateway, &e.to_string()),
     };
     json_response(
         StatusCode::OK,

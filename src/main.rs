@@ -40,9 +40,12 @@ enum Command {
     /// Check delivery end to end against a running gateway: exit 0 when a five-event run arrived
     /// in order and the ledger balanced, 1 otherwise.
     Probe {
-        /// The gateway's base URL.
+        /// The gateway's public door (`/ws`).
         #[arg(long, default_value = "http://127.0.0.1:8000")]
         url: String,
+        /// The gateway's internal door (`/v1/*`).
+        #[arg(long, default_value = "http://127.0.0.1:8001")]
+        api_url: String,
         /// How long the whole check may take.
         #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
         timeout: std::time::Duration,
@@ -53,7 +56,11 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command.unwrap_or(Command::Serve) {
         // The probe is a client: it needs no gateway configuration.
-        Command::Probe { url, timeout } => probe(&url, timeout),
+        Command::Probe {
+            url,
+            api_url,
+            timeout,
+        } => probe(&url, &api_url, timeout),
         Command::Bench(args) => bench(args),
         Command::Config => match load(cli.config.as_deref()) {
             Ok(config) => {
@@ -103,7 +110,7 @@ fn bench(args: agentwire::tools::bench::BenchArgs) -> ExitCode {
     }
 }
 
-fn probe(url: &str, timeout: std::time::Duration) -> ExitCode {
+fn probe(url: &str, api_url: &str, timeout: std::time::Duration) -> ExitCode {
     let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -114,7 +121,7 @@ fn probe(url: &str, timeout: std::time::Duration) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(agentwire::tools::probe::run(url, timeout)) {
+    match runtime.block_on(agentwire::tools::probe::run(url, api_url, timeout)) {
         Ok(report) => {
             let ledger = &report.ledger;
             println!(
@@ -144,22 +151,34 @@ fn serve(config: Config) -> anyhow::Result<()> {
         .build()
         .context("cannot start the tokio runtime")?;
     let served = runtime.block_on(async {
-        let listener = tokio::net::TcpListener::bind(config.listen)
-            .await
-            .with_context(|| format!("cannot listen on {}", config.listen))?;
-        let address = listener.local_addr().context("no local address")?;
+        let bind = |address| async move {
+            tokio::net::TcpListener::bind(address)
+                .await
+                .with_context(|| format!("cannot listen on {address}"))
+        };
+        let doors = agentwire::server::Doors {
+            public: bind(config.listen).await?,
+            internal: bind(config.internal_listen).await?,
+        };
         let open_files = agentwire::server::raise_file_limit();
         let gateway = Gateway::new(config).context("cannot set up the broker")?;
-        tracing::info!(%address, version = env!("CARGO_PKG_VERSION"), broker = gateway.broker.kind(), open_files, "Listening.");
+        tracing::info!(public = %config_address(&doors.public), internal = %config_address(&doors.internal), version = env!("CARGO_PKG_VERSION"), broker = gateway.broker.kind(), open_files, "Listening.");
         let stop = CancellationToken::new();
         tokio::spawn(signals(stop.clone()));
-        agentwire::server::run(Arc::new(gateway), listener, stop).await;
+        agentwire::server::run(Arc::new(gateway), doors, stop).await;
         Ok(())
     });
     // Outside the runtime: the exporter's blocking client flushes the last spans.
     drop(runtime);
     telemetry.shutdown();
     served
+}
+
+/// The address a listener is bound to, for the start line.
+fn config_address(listener: &tokio::net::TcpListener) -> String {
+    listener
+        .local_addr()
+        .map_or_else(|e| e.to_string(), |a| a.to_string())
 }
 
 /// Decides shutdown: the first SIGTERM or SIGINT starts the drain.

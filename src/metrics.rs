@@ -84,6 +84,7 @@ pub struct Metrics {
     pub events_redriven: IntCounter,
     pub events_generated: IntCounter,
     pub accept_errors: IntCounterVec,
+    pub upgrades_refused: IntCounterVec,
     pub upstream_messages: IntCounterVec,
     events_offered_undelivered_oldest_age: Gauge,
 }
@@ -293,6 +294,12 @@ impl Metrics {
                 r,
                 "agentwire_accept_errors_total",
                 "Connections the listener could not accept, by reason (fd_limit, other).",
+                "reason",
+            ),
+            upgrades_refused: counter_vec(
+                r,
+                "agentwire_upgrades_refused_total",
+                "WebSocket upgrades refused before a session existed, by reason (origin, not_loopback).",
                 "reason",
             ),
             upstream_messages: counter_vec(

@@ -1,6 +1,7 @@
 //! Configuration: built-in defaults < `agentwire.toml` (or `--config FILE`) < `AGENTWIRE_*`
 //! environment variables (`__` for nesting). Read and validated once at start.
 
+mod auth;
 mod load;
 mod show;
 
@@ -9,14 +10,18 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+pub use auth::AuthConfig;
 pub use load::ConfigError;
 
 /// The whole effective configuration.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
-    /// Address of the one listener (HTTP API, WebSocket and metrics).
+    /// The public door, for browsers: `/ws` and `/healthz`.
     pub listen: SocketAddr,
+    /// The internal door, for producers, operators and Prometheus: `/v1/*`, `/metrics`, `/readyz`,
+    /// `/healthz`. Never routed from the internet.
+    pub internal_listen: SocketAddr,
     /// `text` for people, `json` for log pipelines.
     pub log_format: LogFormat,
     /// A `tracing` filter such as `info` or `agentwire=debug`; `RUST_LOG` wins when set.
@@ -30,6 +35,7 @@ pub struct Config {
     pub deadletter: DeadletterConfig,
     pub upstream: UpstreamConfig,
     pub broker: BrokerConfig,
+    pub auth: AuthConfig,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -223,6 +229,7 @@ impl Default for Config {
     fn default() -> Self {
         Self {
             listen: SocketAddr::from(([0, 0, 0, 0], 8000)),
+            internal_listen: SocketAddr::from(([127, 0, 0, 1], 8001)),
             log_format: LogFormat::Text,
             log_level: "info".into(),
             ingest: IngestConfig::default(),
@@ -234,6 +241,7 @@ impl Default for Config {
             deadletter: DeadletterConfig::default(),
             upstream: UpstreamConfig::default(),
             broker: BrokerConfig::default(),
+            auth: AuthConfig::default(),
         }
     }
 }

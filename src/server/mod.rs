@@ -57,13 +57,37 @@ impl metrics::Label for AcceptError {
     }
 }
 
+/// The two listeners: the public door for browsers, the internal one for producers, operators and
+/// Prometheus.
+pub struct Doors {
+    pub public: TcpListener,
+    pub internal: TcpListener,
+}
+
+/// Which door a connection came through; it decides which routes exist.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Door {
+    Public,
+    Internal,
+}
+
 /// Serves until `stop` is cancelled, then drains and returns.
-pub async fn run(gateway: Arc<Gateway>, listener: TcpListener, stop: CancellationToken) {
+pub async fn run(gateway: Arc<Gateway>, doors: Doors, stop: CancellationToken) {
     let counted = &gateway.metrics;
     metrics::export::<session::Ended>(&counted.connections_closed);
     metrics::export::<session::Resume>(&counted.resumes);
     metrics::export::<routes::BodyRefusal>(&counted.events_rejected);
     metrics::export::<AcceptError>(&counted.accept_errors);
+    metrics::export::<routes::UpgradeRefused>(&counted.upgrades_refused);
+    if gateway.config.auth.insecure {
+        tracing::warn!(
+            "auth.insecure: anyone who reaches the public door may open /ws and say who they are."
+        );
+    } else {
+        tracing::warn!(
+            "Protected mode: browser authentication is not configured, so only loopback clients may open /ws (auth.insecure = true opens it to every peer)."
+        );
+    }
     // One tracker per stage, each drained at shutdown in the order the data flows.
     let http = TaskTracker::new();
     let http_stop = CancellationToken::new();
@@ -84,19 +108,19 @@ pub async fn run(gateway: Arc<Gateway>, listener: TcpListener, stop: Cancellatio
         crate::ingest::consume(Arc::clone(&gateway), upward, &ingest);
     }
 
-    accept_until(&gateway, &listener, &http, &http_stop, stop.cancelled()).await;
+    accept_until(&gateway, &doors, &http, &http_stop, stop.cancelled()).await;
 
     gateway.shutdown.start_draining();
     tracing::info!(drain_delay = ?gateway.config.shutdown.drain_delay, "Draining: /readyz is 503, new WebSocket upgrades are refused.");
     accept_until(
         &gateway,
-        &listener,
+        &doors,
         &http,
         &http_stop,
         tokio::time::sleep(gateway.config.shutdown.drain_delay),
     )
     .await;
-    drop(listener);
+    drop(doors);
 
     let sessions = &gateway.shutdown;
     let window = gateway.config.shutdown.close_window;
@@ -140,19 +164,20 @@ pub async fn run(gateway: Arc<Gateway>, listener: TcpListener, stop: Cancellatio
 
 async fn accept_until(
     gateway: &Arc<Gateway>,
-    listener: &TcpListener,
+    doors: &Doors,
     http: &TaskTracker,
     http_stop: &CancellationToken,
     until: impl Future<Output = ()>,
 ) {
     tokio::pin!(until);
     loop {
-        let accepted = tokio::select! {
+        let (accepted, door) = tokio::select! {
             _ = &mut until => return,
-            accepted = listener.accept() => accepted,
+            accepted = doors.public.accept() => (accepted, Door::Public),
+            accepted = doors.internal.accept() => (accepted, Door::Internal),
         };
-        let stream = match accepted {
-            Ok((stream, _)) => stream,
+        let (stream, peer) = match accepted {
+            Ok(accepted) => accepted,
             Err(error) => {
                 // Out of file descriptors and the like: say so, breathe, go on.
                 let reason = match error.raw_os_error() {
@@ -173,7 +198,9 @@ async fn accept_until(
         let gateway = Arc::clone(gateway);
         let http_stop = http_stop.clone();
         http.spawn(async move {
-            let service = service_fn(move |request| routes::handle(Arc::clone(&gateway), request));
+            let service = service_fn(move |request| {
+                routes::handle(Arc::clone(&gateway), door, peer, request)
+            });
             // A timer is what makes hyper enforce the header read timeout at all.
             let connection = http1::Builder::new()
                 .timer(hyper_util::rt::TokioTimer::new())

@@ -27,15 +27,17 @@ pub struct Report {
     pub ledger: Value,
 }
 
-/// Runs the probe against `url` (http only), within `limit`.
-pub async fn run(url: &str, limit: Duration) -> anyhow::Result<Report> {
+/// Runs the probe against the public door `url` and the internal door `api_url` (http only),
+/// within `limit`.
+pub async fn run(url: &str, api_url: &str, limit: Duration) -> anyhow::Result<Report> {
     let target = Target::parse(url)?;
-    tokio::time::timeout(limit, probe(&target))
+    let api = Target::parse(api_url)?;
+    tokio::time::timeout(limit, probe(&target, &api))
         .await
         .with_context(|| format!("no complete answer within {} s", limit.as_secs_f64()))?
 }
 
-async fn probe(target: &Target) -> anyhow::Result<Report> {
+async fn probe(target: &Target, api: &Target) -> anyhow::Result<Report> {
     let id = format!("agentwire-probe-{:08x}", rand::random::<u32>());
     let mut ws = target.websocket(target.connect().await?).await?;
 
@@ -52,7 +54,7 @@ async fn probe(target: &Target) -> anyhow::Result<Report> {
         .map(|kind| json!({"type": kind, "run_id": run_id, "thread_id": id, "payload": {"tool_call_id": "probe_call", "probe": true}}))
         .collect();
     let started = Instant::now();
-    let (status, answer) = target
+    let (status, answer) = api
         .http("POST", "/v1/events", Some(Value::from(events).to_string()))
         .await?;
     ensure!(
@@ -80,7 +82,7 @@ async fn probe(target: &Target) -> anyhow::Result<Report> {
     let _ = ws.write_frame(Frame::close(1000, b"")).await;
 
     let channel = format!("thread:{id}");
-    let (status, ledger) = target
+    let (status, ledger) = api
         .http("GET", &format!("/v1/channels/{channel}"), None)
         .await?;
     ensure!(

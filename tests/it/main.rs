@@ -9,6 +9,7 @@ mod process;
 mod replicas;
 mod resolution;
 mod resume;
+mod security;
 mod slow_consumer;
 mod support;
 mod tidy;

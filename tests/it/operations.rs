@@ -166,10 +166,18 @@ async fn event_age_is_measured_from_the_producer_ts() {
     assert!(crate::support::metric_value(&metrics, "agentwire_event_age_seconds_sum") >= 0.05);
 }
 
-async fn probe(url: String) -> (Option<i32>, String) {
+async fn probe(url: String, api_url: String) -> (Option<i32>, String) {
     let output = tokio::task::spawn_blocking(move || {
         binary()
-            .args(["probe", "--url", &url, "--timeout", "5s"])
+            .args([
+                "probe",
+                "--url",
+                &url,
+                "--api-url",
+                &api_url,
+                "--timeout",
+                "5s",
+            ])
             .output()
             .unwrap()
     })
@@ -184,7 +192,14 @@ async fn probe(url: String) -> (Option<i32>, String) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_probe_passes_on_a_healthy_gateway_and_fails_clearly_otherwise() {
     let healthy = Gateway::start().await;
-    let (code, out) = probe(format!("http://{}", healthy.addr)).await;
+    let urls = |g: &Gateway| {
+        (
+            format!("http://{}", g.addr),
+            format!("http://{}", g.internal),
+        )
+    };
+    let (url, api) = urls(&healthy);
+    let (code, out) = probe(url, api).await;
     assert_eq!(code, Some(0), "{out}");
     assert!(
         out.starts_with("agentwire probe: ok: 5/5 events in order"),
@@ -200,12 +215,14 @@ async fn the_probe_passes_on_a_healthy_gateway_and_fails_clearly_otherwise() {
         c.session.queue_events = 1;
     })
     .await;
-    let (code, out) = probe(format!("http://{}", broken.addr)).await;
+    let (url, api) = urls(&broken);
+    let (code, out) = probe(url, api).await;
     assert_eq!(code, Some(1), "{out}");
     assert!(out.contains("FAIL") && out.contains("4008"), "{out}");
 
     let port = crate::support::free_port();
-    let (code, out) = probe(format!("http://127.0.0.1:{port}")).await;
+    let nowhere = format!("http://127.0.0.1:{port}");
+    let (code, out) = probe(nowhere.clone(), nowhere).await;
     assert_eq!(code, Some(1), "{out}");
     assert!(out.contains("FAIL: cannot connect"), "{out}");
 }
@@ -216,6 +233,7 @@ async fn the_probe_passes_on_a_healthy_gateway_and_fails_clearly_otherwise() {
 async fn every_bench_scenario_completes_with_nothing_lost() {
     let gateway = Gateway::start().await;
     let url = format!("http://{}", gateway.addr);
+    let api = format!("http://{}", gateway.internal);
     let scenarios: [&[&str]; 3] = [
         &["idle", "--connections", "200", "--settle", "100ms"],
         &[
@@ -244,7 +262,7 @@ async fn every_bench_scenario_completes_with_nothing_lost() {
         ],
     ];
     for scenario in scenarios {
-        let mut args = vec!["bench", "--url", &url, "--sources", "4"];
+        let mut args = vec!["bench", "--url", &url, "--api-url", &api, "--sources", "4"];
         args.extend_from_slice(scenario);
         let result = crate::support::bench(&args).await;
         assert_eq!(result["scenario"], scenario[0]);

@@ -64,12 +64,12 @@ async fn sigterm_drains_then_closes_clients_with_1012_and_exits_0() {
     ])
     .await;
     let mut client = Client::hello(process.addr, "u_1").await;
-    assert_eq!(http(process.addr, "GET", "/readyz", None).await.0, 200);
+    assert_eq!(http(process.internal, "GET", "/readyz", None).await.0, 200);
 
     process.signal("TERM");
     let mut draining = false;
     for _ in 0..40 {
-        if http(process.addr, "GET", "/readyz", None).await.0 == 503 {
+        if http(process.internal, "GET", "/readyz", None).await.0 == 503 {
             draining = true;
             break;
         }

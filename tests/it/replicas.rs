@@ -19,7 +19,7 @@ async fn replica(redis: &Redis, extra: &[(&str, &str)]) -> Process {
     let mut env = vec![("AGENTWIRE_BROKER__REDIS_URL", url.as_str())];
     env.extend_from_slice(extra);
     let process = Process::start(&env).await;
-    wait_ready(process.addr, StatusCode::OK).await;
+    wait_ready(process.internal, StatusCode::OK).await;
     process
 }
 
@@ -31,7 +31,7 @@ async fn on_redis(redis: &Redis, configure: impl FnOnce(&mut Config)) -> Gateway
         configure(c);
     })
     .await;
-    wait_ready(gateway.addr, StatusCode::OK).await;
+    wait_ready(gateway.internal, StatusCode::OK).await;
     gateway
 }
 
@@ -73,7 +73,7 @@ async fn three_replicas_deliver_what_any_of_them_accepted_in_order_and_once() {
         clients.push(client);
     }
     for n in 1..=30 {
-        let gateway = Gateway::at(replicas[n % 3].addr);
+        let gateway = Gateway::at(&replicas[n % 3]);
         let answer = gateway.publish(&[thinking("t_multi", n)]).await;
         assert_eq!(answer["results"][0]["seq"], n, "{answer}");
     }
@@ -90,7 +90,7 @@ async fn three_replicas_deliver_what_any_of_them_accepted_in_order_and_once() {
     }
     let mut seen = Vec::new();
     for replica in &replicas {
-        let ledger = ledger_until(&Gateway::at(replica.addr), "thread:t_multi", |l| {
+        let ledger = ledger_until(&Gateway::at(replica), "thread:t_multi", |l| {
             l["delivered"] == 30
         })
         .await;
@@ -110,7 +110,7 @@ async fn three_replicas_deliver_what_any_of_them_accepted_in_order_and_once() {
     // Each replica exports what it did; summed, they are the cluster's figures.
     let mut sums = [0.0; 3];
     for replica in &replicas {
-        let gateway = Gateway::at(replica.addr);
+        let gateway = Gateway::at(replica);
         let exposition = gateway.metrics().await;
         for (sum, series) in sums.iter_mut().zip([
             "agentwire_events_emitted_total",
@@ -129,13 +129,11 @@ async fn two_replicas_publishing_to_one_thread_at_once_get_seqs_without_gap_or_d
     let replicas = [replica(&redis, &[]).await, replica(&redis, &[]).await];
     let mut requests = Vec::new();
     for batch in 0..20 {
-        let addr = replicas[batch % 2].addr;
+        let gateway = Gateway::at(&replicas[batch % 2]);
         let items: Vec<Value> = (0..10)
             .map(|i| thinking("t_race", batch * 10 + i))
             .collect();
-        requests.push(tokio::spawn(async move {
-            Gateway::at(addr).publish(&items).await
-        }));
+        requests.push(tokio::spawn(async move { gateway.publish(&items).await }));
     }
     let mut seqs = Vec::new();
     for request in requests {
@@ -157,14 +155,14 @@ async fn a_client_resumes_on_another_replica_with_exactly_what_it_missed() {
     let c = replica(&redis, &[]).await;
     let mut client = Client::hello(a.addr, "u1").await;
     client.subscribe("t_resume", None).await;
-    Gateway::at(a.addr)
+    Gateway::at(&a)
         .publish(&(1..=5).map(|n| thinking("t_resume", n)).collect::<Vec<_>>())
         .await;
     let seen = client.events(5).await;
     let epoch = seen[4]["epoch"].clone();
     assert_eq!(seen[4]["seq"], 5);
     drop(client);
-    Gateway::at(c.addr)
+    Gateway::at(&c)
         .publish(&(6..=9).map(|n| thinking("t_resume", n)).collect::<Vec<_>>())
         .await;
     let mut client = Client::hello(b.addr, "u1").await;
@@ -183,9 +181,7 @@ async fn a_client_resumes_on_another_replica_with_exactly_what_it_missed() {
     let missed = client.events(4).await;
     let seqs: Vec<u64> = missed.iter().map(|e| e["seq"].as_u64().unwrap()).collect();
     assert_eq!(seqs, vec![6, 7, 8, 9]);
-    Gateway::at(a.addr)
-        .publish(&[thinking("t_resume", 10)])
-        .await;
+    Gateway::at(&a).publish(&[thinking("t_resume", 10)]).await;
     assert_eq!(client.events(1).await[0]["seq"], 10);
     client.silent_for(Duration::from_millis(300)).await;
 }
@@ -253,7 +249,7 @@ async fn ingest_stream_entries_are_published_once_when_a_replica_is_killed_midwa
         .collect();
     assert_eq!(ns.len(), 1000, "every entry exactly once");
     client.silent_for(Duration::from_millis(500)).await;
-    let ledger = ledger_until(&Gateway::at(survivor.addr), "thread:t_stream", |l| {
+    let ledger = ledger_until(&Gateway::at(&survivor), "thread:t_stream", |l| {
         l["delivered"] == 1000
     })
     .await;
@@ -344,10 +340,10 @@ async fn redis_going_away_is_visible_survivable_and_honest_about_lost_history() 
     assert_eq!(client.events(3).await[2]["seq"], 3);
 
     redis.stop();
-    wait_ready(gateway.addr, StatusCode::SERVICE_UNAVAILABLE).await;
+    wait_ready(gateway.internal, StatusCode::SERVICE_UNAVAILABLE).await;
     assert_eq!(gateway.metric("agentwire_broker_up").await, 0.0);
     let (status, text) = http(
-        gateway.addr,
+        gateway.internal,
         "POST",
         "/v1/events",
         Some(("application/json", &thinking("t_outage", 4).to_string())),
@@ -358,7 +354,7 @@ async fn redis_going_away_is_visible_survivable_and_honest_about_lost_history() 
     client.barrier().await;
 
     redis.restart().await;
-    wait_ready(gateway.addr, StatusCode::OK).await;
+    wait_ready(gateway.internal, StatusCode::OK).await;
     assert_eq!(gateway.metric("agentwire_broker_up").await, 1.0);
     // Redis kept nothing: both channels of the connection (its user channel and the thread) start
     // over in a new epoch, and the client is told so.
@@ -394,7 +390,7 @@ async fn a_gateway_whose_redis_is_down_at_start_is_not_ready_and_refuses_ingest(
     redis.stop();
     let gateway = Gateway::start_with(|c| c.broker.redis_url = Some(url)).await;
     tokio::time::sleep(Duration::from_millis(700)).await;
-    let (status, text) = http(gateway.addr, "GET", "/readyz", None).await;
+    let (status, text) = http(gateway.internal, "GET", "/readyz", None).await;
     assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{text}");
     assert!(text.contains("\"broker\":\"redis\""), "{text}");
     let (status, _) = gateway
@@ -528,16 +524,22 @@ async fn the_redis_bench_scenario_completes_with_nothing_lost() {
     let redis = Redis::start().await;
     let a = on_redis(&redis, |_| {}).await;
     let b = on_redis(&redis, |_| {}).await;
-    let (url_a, url_b) = (format!("http://{}", a.addr), format!("http://{}", b.addr));
+    let url = |addr| format!("http://{addr}");
+    let (url_a, url_b) = (url(a.addr), url(b.addr));
+    let (api_a, api_b) = (url(a.internal), url(b.internal));
     let result = crate::support::bench(&[
         "bench",
         "--url",
         &url_a,
+        "--api-url",
+        &api_a,
         "--sources",
         "4",
         "redis",
         "--second-url",
         &url_b,
+        "--second-api-url",
+        &api_b,
         "--connections",
         "100",
         "--threads",

@@ -75,7 +75,7 @@ async fn events_published_during_a_replay_follow_it_without_gap_or_duplicate() {
     let mut client = gateway.client("u_1").await;
     let publisher = {
         let batch = batch.clone();
-        let addr = gateway.addr;
+        let addr = gateway.internal;
         tokio::spawn(async move {
             for chunk in batch.chunks(30) {
                 let body = serde_json::Value::from(chunk.to_vec()).to_string();

@@ -25,7 +25,10 @@ pub const WAIT: Duration = Duration::from_secs(10);
 
 /// A gateway served by this test's runtime.
 pub struct Gateway {
+    /// The public door: `/ws`, `/healthz`.
     pub addr: SocketAddr,
+    /// The internal door: `/v1/*`, `/metrics`, `/readyz`.
+    pub internal: SocketAddr,
     stop: CancellationToken,
 }
 
@@ -37,9 +40,10 @@ impl Drop for Gateway {
 
 impl Gateway {
     /// A handle on a gateway this test does not own (a child process).
-    pub fn at(addr: SocketAddr) -> Self {
+    pub fn at(process: &Process) -> Self {
         Self {
-            addr,
+            addr: process.addr,
+            internal: process.internal,
             stop: CancellationToken::new(),
         }
     }
@@ -49,20 +53,39 @@ impl Gateway {
     }
 
     pub async fn start_with(configure: impl FnOnce(&mut Config)) -> Self {
+        Self::start_on("127.0.0.1:0", configure).await
+    }
+
+    /// A gateway whose public door listens on `public` (the internal one on loopback).
+    pub async fn start_on(public: &str, configure: impl FnOnce(&mut Config)) -> Self {
         let mut config = Config::default();
         config.shutdown.drain_delay = Duration::ZERO;
         config.shutdown.close_window = Duration::ZERO;
         configure(&mut config);
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
+        let doors = agentwire::server::Doors {
+            public: tokio::net::TcpListener::bind(public).await.unwrap(),
+            internal: tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap(),
+        };
+        let addr = doors.public.local_addr().unwrap();
+        let internal = doors.internal.local_addr().unwrap();
         let stop = CancellationToken::new();
         let gateway = Arc::new(agentwire::Gateway::new(config).unwrap());
-        tokio::spawn(agentwire::server::run(gateway, listener, stop.clone()));
-        Self { addr, stop }
+        tokio::spawn(agentwire::server::run(gateway, doors, stop.clone()));
+        Self {
+            addr,
+            internal,
+            stop,
+        }
     }
 
     pub async fn post(&self, path: &str, body: &str) -> (StatusCode, Value) {
-        let (status, text) = http(self.addr, "POST", path, Some(("application/json", body))).await;
+        let (status, text) = http(
+            self.internal,
+            "POST",
+            path,
+            Some(("application/json", body)),
+        )
+        .await;
         (
             status,
             serde_json::from_str(&text).unwrap_or(Value::String(text)),
@@ -71,7 +94,7 @@ impl Gateway {
 
     pub async fn post_ndjson(&self, body: &str) -> (StatusCode, Value) {
         let (status, text) = http(
-            self.addr,
+            self.internal,
             "POST",
             "/v1/events",
             Some(("application/x-ndjson", body)),
@@ -93,7 +116,7 @@ impl Gateway {
     }
 
     pub async fn get(&self, path: &str) -> (StatusCode, Value) {
-        let (status, text) = http(self.addr, "GET", path, None).await;
+        let (status, text) = http(self.internal, "GET", path, None).await;
         (
             status,
             serde_json::from_str(&text).unwrap_or(Value::String(text)),
@@ -119,7 +142,7 @@ impl Gateway {
     }
 
     pub async fn metrics(&self) -> String {
-        http(self.addr, "GET", "/metrics", None).await.1
+        http(self.internal, "GET", "/metrics", None).await.1
     }
 
     /// The value of one exposition line, e.g. `agentwire_events_lost_total{reason="unresolved"}`.
@@ -373,7 +396,10 @@ pub fn raw(ws: WebSocketStream<MaybeTlsStream<TcpStream>>) -> Client {
 /// A gateway run as its own process, for signals, exit codes and the environment.
 pub struct Process {
     pub child: Child,
+    /// The public door.
     pub addr: SocketAddr,
+    /// The internal door.
+    pub internal: SocketAddr,
 }
 
 impl Drop for Process {
@@ -397,19 +423,28 @@ pub fn binary() -> Command {
 
 impl Process {
     pub async fn start(env: &[(&str, &str)]) -> Self {
-        let port = free_port();
+        let (port, internal_port) = (free_port(), free_port());
         let mut command = binary();
         command
             .env_clear()
             .env("AGENTWIRE_LISTEN", format!("127.0.0.1:{port}"))
+            .env(
+                "AGENTWIRE_INTERNAL_LISTEN",
+                format!("127.0.0.1:{internal_port}"),
+            )
             .envs(env.iter().copied())
             .stdout(Stdio::null())
             .stderr(Stdio::null());
         let child = command.spawn().unwrap();
         let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
-        let process = Self { child, addr };
+        let internal: SocketAddr = format!("127.0.0.1:{internal_port}").parse().unwrap();
+        let process = Self {
+            child,
+            addr,
+            internal,
+        };
         for _ in 0..200 {
-            if TcpStream::connect(addr).await.is_ok() {
+            if TcpStream::connect(internal).await.is_ok() {
                 return process;
             }
             tokio::time::sleep(Duration::from_millis(25)).await;

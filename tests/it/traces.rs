@@ -94,7 +94,7 @@ async fn a_producer_traceparent_is_the_parent_of_the_delivery_span() {
     let event = json!({"type": "tool_executing", "run_id": "run_tr", "thread_id": "t_traced", "traceparent": traceparent,
                        "payload": {"tool_call_id": "call_1"}});
     let (status, _) = http(
-        process.addr,
+        process.internal,
         "POST",
         "/v1/events",
         Some(("application/json", &event.to_string())),

@@ -2,6 +2,7 @@
 //! `/readyz`, `/metrics`. Every error is JSON: `{"error": code, "message": …, "field": …}`.
 
 use std::convert::Infallible;
+use std::net::SocketAddr;
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -11,6 +12,7 @@ use hyper::header::{self, HeaderValue};
 use hyper::{Method, Request, Response, StatusCode};
 use serde_json::json;
 
+use super::Door;
 use crate::Gateway;
 use crate::broker::BrokerError;
 
@@ -23,18 +25,49 @@ use health::{metrics, ready};
 use operator::{channel, dead_letters, ledger, redrive, run};
 pub use producers::BodyRefusal;
 use producers::{events, runs};
+pub use upgrade::Refused as UpgradeRefused;
 use upgrade::upgrade;
 
 type Body = Full<Bytes>;
 
+/// Answers one request that came through `door` from `peer`. The public door knows only `/ws` and
+/// `/healthz`; everything else is on the internal door.
 pub async fn handle(
     gateway: Arc<Gateway>,
+    door: Door,
+    peer: SocketAddr,
     request: Request<Incoming>,
 ) -> Result<Response<Body>, Infallible> {
     let path = request.uri().path().to_string();
     let method = request.method().clone();
-    let response = match (path.as_str(), &method) {
-        ("/ws", &Method::GET) => upgrade(gateway, request),
+    let response = match door {
+        Door::Public => public(gateway, peer, &path, &method, request).await,
+        Door::Internal => internal(gateway, &path, &method, request).await,
+    };
+    Ok(response)
+}
+
+async fn public(
+    gateway: Arc<Gateway>,
+    peer: SocketAddr,
+    path: &str,
+    method: &Method,
+    request: Request<Incoming>,
+) -> Response<Body> {
+    match (path, method) {
+        ("/ws", &Method::GET) => upgrade(gateway, peer, request),
+        ("/healthz", &Method::GET) => json_response(StatusCode::OK, &json!({"status": "ok"})),
+        _ => not_routed(path, method, Door::Public),
+    }
+}
+
+async fn internal(
+    gateway: Arc<Gateway>,
+    path: &str,
+    method: &Method,
+    request: Request<Incoming>,
+) -> Response<Body> {
+    match (path, method) {
         ("/v1/events", &Method::POST) => events(&gateway, request).await,
         ("/v1/runs", &Method::POST) => runs(&gateway, request).await,
         (p, &Method::GET) if p.starts_with("/v1/runs/") => run(&gateway, &p["/v1/runs/".len()..]),
@@ -47,18 +80,23 @@ pub async fn handle(
         ("/healthz", &Method::GET) => json_response(StatusCode::OK, &json!({"status": "ok"})),
         ("/readyz", &Method::GET) => ready(&gateway),
         ("/metrics", &Method::GET) => metrics(&gateway),
-        _ => not_routed(&path, &method),
-    };
-    Ok(response)
+        _ => not_routed(path, method, Door::Internal),
+    }
 }
 
-fn not_routed(path: &str, method: &Method) -> Response<Body> {
-    let allow = match path {
-        "/ws" | "/healthz" | "/readyz" | "/metrics" => Some("GET"),
-        "/v1/events" | "/v1/runs" | "/v1/deadletter/redrive" => Some("POST"),
-        "/v1/deadletter" | "/v1/ledger" => Some("GET"),
-        p if p.starts_with("/v1/channels/") || p.starts_with("/v1/runs/") => Some("GET"),
-        _ => None,
+/// 405 with `Allow` for a known path of this door, 404 otherwise (the public door does not reveal
+/// the internal routes).
+fn not_routed(path: &str, method: &Method, door: Door) -> Response<Body> {
+    let allow = match (door, path) {
+        (Door::Public, "/ws" | "/healthz") => Some("GET"),
+        (Door::Public, _) => None,
+        (Door::Internal, "/healthz" | "/readyz" | "/metrics") => Some("GET"),
+        (Door::Internal, "/v1/events" | "/v1/runs" | "/v1/deadletter/redrive") => Some("POST"),
+        (Door::Internal, "/v1/deadletter" | "/v1/ledger") => Some("GET"),
+        (Door::Internal, p) if p.starts_with("/v1/channels/") || p.starts_with("/v1/runs/") => {
+            Some("GET")
+        }
+        (Door::Internal, _) => None,
     };
     match allow {
         Some(allow) => {

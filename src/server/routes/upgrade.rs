@@ -1,6 +1,7 @@
 //! `GET /ws`: the WebSocket upgrade. hyper and fastwebsockets do the handshake only; the session
 //! takes the TCP stream back so that no library buffer stays per connection.
 
+use std::net::SocketAddr;
 use std::sync::Arc;
 
 use hyper::body::Incoming;
@@ -10,8 +11,18 @@ use tokio::net::TcpStream;
 
 use super::{Body, error};
 use crate::Gateway;
+use crate::metrics::{self, Label};
 
-pub(super) fn upgrade(gateway: Arc<Gateway>, mut request: Request<Incoming>) -> Response<Body> {
+pub(super) fn upgrade(
+    gateway: Arc<Gateway>,
+    peer: SocketAddr,
+    mut request: Request<Incoming>,
+) -> Response<Body> {
+    if let Err(refused) = admit(&gateway, peer, &request) {
+        metrics::count(&gateway.metrics.upgrades_refused, refused);
+        tracing::debug!(%peer, reason = refused.as_str(), "Refused a WebSocket upgrade.");
+        return refused.response();
+    }
     if gateway.shutdown.is_draining() {
         return error(
             StatusCode::SERVICE_UNAVAILABLE,
@@ -59,4 +70,62 @@ pub(super) fn upgrade(gateway: Arc<Gateway>, mut request: Request<Incoming>) -> 
     });
     let (parts, _) = response.into_parts();
     Response::from_parts(parts, Body::default())
+}
+
+/// Why an upgrade was refused before any session state existed, counted in
+/// `agentwire_upgrades_refused_total{reason}`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refused {
+    /// The `Origin` is neither the gateway's own nor in `auth.allowed_origins`.
+    Origin,
+    /// Protected mode: a peer that is not loopback, and nothing authenticates browsers.
+    NotLoopback,
+}
+
+impl Label for Refused {
+    const ALL: &'static [Self] = &[Self::Origin, Self::NotLoopback];
+
+    fn as_str(self) -> &'static str {
+        match self {
+            Self::Origin => "origin",
+            Self::NotLoopback => "not_loopback",
+        }
+    }
+}
+
+impl Refused {
+    fn response(self) -> Response<Body> {
+        match self {
+            Self::Origin => error(
+                StatusCode::FORBIDDEN,
+                "origin_not_allowed",
+                "this page's origin may not open /ws; the gateway's operator lists allowed origins in auth.allowed_origins",
+                None,
+            ),
+            Self::NotLoopback => error(
+                StatusCode::FORBIDDEN,
+                "protected_mode",
+                "browser authentication is not configured, so only loopback clients may connect; configure it, or set auth.insecure = true for a trusted network",
+                None,
+            ),
+        }
+    }
+}
+
+/// Who may upgrade: a browser page of an allowed origin (a client without `Origin` is not a
+/// browser page), and in protected mode only a loopback peer.
+fn admit(gateway: &Gateway, peer: SocketAddr, request: &Request<Incoming>) -> Result<(), Refused> {
+    let auth = &gateway.config.auth;
+    let header = |name| request.headers().get(name).and_then(|v| v.to_str().ok());
+    if let Some(origin) = request.headers().get(hyper::header::ORIGIN)
+        && !origin
+            .to_str()
+            .is_ok_and(|origin| auth.allows_origin(origin, header(hyper::header::HOST)))
+    {
+        return Err(Refused::Origin);
+    }
+    if !auth.insecure && !peer.ip().to_canonical().is_loopback() {
+        return Err(Refused::NotLoopback);
+    }
+    Ok(())
 }

@@ -69,7 +69,7 @@ pub(super) async fn run(
         load.threads > 0 && load.connections >= load.threads,
         "need connections >= threads > 0"
     );
-    let target = &servers[0].target;
+    let api = &servers[0].api;
     let tag = run_tag();
     let deadline = Instant::now() + load.max_time;
     let thread = |k: usize| format!("bench-{tag}-t{k}");
@@ -130,7 +130,7 @@ pub(super) async fn run(
         Mode::Rate | Mode::Redis => {
             let mut https = Vec::with_capacity(servers.len());
             for server in servers {
-                https.push(Http::open(&server.target).await?);
+                https.push(Http::open(&server.api).await?);
             }
             let mut posts = 0usize;
             // A POST every millisecond: a fixed rate, not bursts of a hundredth of a second.
@@ -157,7 +157,7 @@ pub(super) async fn run(
                 let (next, events, mut http) = (
                     Arc::clone(&next),
                     Arc::clone(&events),
-                    Http::open(target).await?,
+                    Http::open(api).await?,
                 );
                 let (batch, total) = (load.batch, load.events);
                 publishers.push(tokio::spawn(async move {
@@ -194,7 +194,7 @@ pub(super) async fn run(
     let (mut emitted, mut delivered, mut pending, mut lost, mut balanced) =
         (0u64, 0u64, 0u64, 0u64, true);
     for k in 0..load.threads {
-        let (status, ledger) = target
+        let (status, ledger) = api
             .http("GET", &format!("/v1/channels/thread:{}", thread(k)), None)
             .await?;
         ensure!(

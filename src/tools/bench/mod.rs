@@ -18,9 +18,12 @@ use crate::client::Target;
 pub struct BenchArgs {
     #[command(subcommand)]
     pub scenario: Scenario,
-    /// The gateway under test.
+    /// The gateway under test: its public door (`/ws`).
     #[arg(long, global = true, default_value = "http://127.0.0.1:8000")]
     pub url: String,
+    /// Its internal door (`/v1/*`, `/metrics`).
+    #[arg(long, global = true, default_value = "http://127.0.0.1:8001")]
+    pub api_url: String,
     /// Read the server's CPU and memory from /proc/<pid> instead of its /metrics.
     #[arg(long, global = true)]
     pub server_pid: Option<u32>,
@@ -46,9 +49,12 @@ pub enum Scenario {
     /// As fanout, across two replicas on one Redis (`--url` and `--second-url`): connections and
     /// POSTs alternate between them, so most deliveries cross replicas.
     Redis {
-        /// The second replica.
+        /// The second replica's public door.
         #[arg(long)]
         second_url: String,
+        /// The second replica's internal door.
+        #[arg(long)]
+        second_api_url: String,
         /// The second replica's pid, for its CPU and memory from /proc.
         #[arg(long)]
         second_pid: Option<u32>,
@@ -62,6 +68,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<Value> {
     let target = Target::parse(&args.url)?;
     let server = Server {
         target: target.clone(),
+        api: Target::parse(&args.api_url)?,
         pid: args.server_pid,
     };
     let first = [server];
@@ -79,6 +86,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<Value> {
         }
         Scenario::Redis {
             second_url,
+            second_api_url,
             second_pid,
             load,
         } => {
@@ -87,6 +95,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<Value> {
                 server,
                 Server {
                     target: Target::parse(&second_url)?,
+                    api: Target::parse(&second_api_url)?,
                     pid: second_pid,
                 },
             ];
@@ -97,9 +106,10 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<Value> {
     Ok(result)
 }
 
-/// The gateway's own figures.
+/// A gateway under test: its two doors, and its process for its own figures.
 struct Server {
     target: Target,
+    api: Target,
     pid: Option<u32>,
 }
 
@@ -114,7 +124,7 @@ impl Server {
         match self.pid {
             Some(pid) => proc_usage(pid),
             None => {
-                let (status, text) = self.target.http("GET", "/metrics", None).await?;
+                let (status, text) = self.api.http("GET", "/metrics", None).await?;
                 ensure!(status == 200, "GET /metrics answered {status}");
                 let text = text.as_str().unwrap_or_default();
                 Ok(Usage {

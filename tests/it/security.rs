@@ -1,0 +1,118 @@
+//! Who may come in through which door: the public door serves browsers only (`/ws`, `/healthz`),
+//! a page of a foreign origin cannot open `/ws`, and without browser authentication only loopback
+//! peers may connect. Each refusal is checked for what it did not do.
+
+use std::net::{IpAddr, SocketAddr};
+
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::http::HeaderValue;
+
+use crate::support::{Gateway, assert_lines, event, http};
+
+/// Opens `/ws` with an `Origin` header; the HTTP status the upgrade got.
+async fn upgrade_status(addr: SocketAddr, origin: Option<&str>) -> u16 {
+    let mut request = format!("ws://{addr}/ws").into_client_request().unwrap();
+    if let Some(origin) = origin {
+        request
+            .headers_mut()
+            .insert("origin", HeaderValue::from_str(origin).unwrap());
+    }
+    match tokio_tungstenite::connect_async(request).await {
+        Ok((_, response)) => response.status().as_u16(),
+        Err(tokio_tungstenite::tungstenite::Error::Http(response)) => response.status().as_u16(),
+        Err(other) => panic!("{other}"),
+    }
+}
+
+#[tokio::test]
+async fn the_public_door_serves_only_ws_and_healthz() {
+    let gateway = Gateway::start().await;
+    let public = gateway.addr;
+    assert_eq!(http(public, "GET", "/healthz", None).await.0, 200);
+    let (status, body) = http(public, "GET", "/ws", None).await;
+    assert_eq!(status, 400, "a plain GET on /ws is not an upgrade: {body}");
+
+    let sneaked = event("agent_completed", "run_x", "t_door").to_string();
+    let (status, body) = http(
+        public,
+        "POST",
+        "/v1/events",
+        Some(("application/json", &sneaked)),
+    )
+    .await;
+    assert_eq!(status, 404, "{body}");
+    for path in ["/metrics", "/readyz", "/v1/ledger", "/v1/deadletter"] {
+        let (status, body) = http(public, "GET", path, None).await;
+        assert_eq!(status, 404, "{path}: {body}");
+    }
+    // Nothing was taken in through the public door.
+    let (status, _) = gateway.get("/v1/channels/thread:t_door").await;
+    assert_eq!(status, 404);
+    assert_lines(
+        &gateway.metrics().await,
+        &["agentwire_events_ingested_total 0"],
+    );
+
+    // And the internal door does not upgrade.
+    assert_eq!(http(gateway.internal, "GET", "/ws", None).await.0, 404);
+}
+
+#[tokio::test]
+async fn a_page_of_another_origin_cannot_open_ws() {
+    let gateway = Gateway::start_with(|c| {
+        c.auth.allowed_origins = vec!["https://app.example.com".into()];
+    })
+    .await;
+    let evil = upgrade_status(gateway.addr, Some("https://evil.example")).await;
+    assert_eq!(evil, 403);
+    let metrics = gateway.metrics().await;
+    assert_lines(
+        &metrics,
+        &[
+            "agentwire_upgrades_refused_total{reason=\"origin\"} 1",
+            "agentwire_connections_opened_total 0",
+        ],
+    );
+
+    let own = format!("http://{}", gateway.addr);
+    assert_eq!(upgrade_status(gateway.addr, Some(&own)).await, 101);
+    let listed = upgrade_status(gateway.addr, Some("https://app.example.com")).await;
+    assert_eq!(listed, 101);
+    assert_eq!(
+        upgrade_status(gateway.addr, None).await,
+        101,
+        "not a browser page"
+    );
+}
+
+/// This machine's address on its network (no packet is sent).
+fn outward_ip() -> IpAddr {
+    let socket = std::net::UdpSocket::bind("0.0.0.0:0").unwrap();
+    socket.connect("192.0.2.250:9").unwrap();
+    let ip = socket.local_addr().unwrap().ip();
+    assert!(
+        !ip.is_loopback() && !ip.is_unspecified(),
+        "this test needs a network interface besides loopback"
+    );
+    ip
+}
+
+#[tokio::test]
+async fn without_browser_authentication_only_loopback_peers_may_connect() {
+    let gateway = Gateway::start_on("0.0.0.0:0", |_| {}).await;
+    let from_network = SocketAddr::new(outward_ip(), gateway.addr.port());
+    assert_eq!(upgrade_status(from_network, None).await, 403);
+    assert_lines(
+        &gateway.metrics().await,
+        &[
+            "agentwire_upgrades_refused_total{reason=\"not_loopback\"} 1",
+            "agentwire_connections_opened_total 0",
+        ],
+    );
+    let local = SocketAddr::from(([127, 0, 0, 1], gateway.addr.port()));
+    assert_eq!(upgrade_status(local, None).await, 101);
+
+    let open = Gateway::start_on("0.0.0.0:0", |c| c.auth.insecure = true).await;
+    let from_network = SocketAddr::new(outward_ip(), open.addr.port());
+    assert_eq!(upgrade_status(from_network, None).await, 101);
+}

@@ -9,6 +9,7 @@
 //! - [`resolve`]: which channel an event belongs to; the run registry and the pending set.
 //! - [`broker`]: per-channel seq, bounded history, replay: embedded in memory, or in Redis.
 //! - [`fanout`]: one event's bytes to every local subscriber's bounded queue.
+//! - [`auth`]: browser identity: the JWT in `hello`, thread authorisation.
 //! - [`session`]: one WebSocket connection: hello, subscriptions, acks, the writer task.
 //! - [`ledger`]: emitted / delivered / acked / pending / lost, per channel.
 //! - [`watchdog`]: every run from start to end; stalls and lifecycle violations.
@@ -19,6 +20,7 @@
 //! - [`client`]: the minimal HTTP and WebSocket client (the webhook's POSTs, the tools' sockets).
 //! - [`tools`]: `agentwire probe` and `agentwire bench`, which use the gateway from outside.
 
+pub mod auth;
 pub mod broker;
 pub mod client;
 pub mod config;
@@ -54,6 +56,8 @@ pub struct Gateway {
     pub config: Config,
     pub metrics: Arc<Metrics>,
     pub broker: Arc<Broker>,
+    /// Verifies browser tokens, when `[auth]` configures a key.
+    pub verifier: Option<auth::Verifier>,
     pub resolver: Resolver,
     pub watchdog: Watchdog,
     pub shutdown: Shutdown,
@@ -65,12 +69,14 @@ impl Gateway {
         let broker = Broker::new(&config)?;
         let metrics = Metrics::new();
         metrics::export::<watchdog::Violation>(&metrics.lifecycle_violations);
+        metrics::export::<auth::Refusal>(&metrics.auth_refused);
         metrics::export::<watchdog::RunOutcome>(&metrics.runs_completed);
         metrics::export::<upstream::HandOffOutcome>(&metrics.upstream_messages);
         metrics.broker_up.set(i64::from(broker.is_up()));
         Ok(Self {
             metrics: Arc::new(metrics),
             broker: Arc::new(broker),
+            verifier: auth::Verifier::new(&config.auth),
             resolver: Resolver::new(config.resolve.clone()),
             watchdog: Watchdog::new(config.watchdog.clone()),
             shutdown: Shutdown::default(),

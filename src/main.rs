@@ -50,6 +50,21 @@ enum Command {
         #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
         timeout: std::time::Duration,
     },
+    /// Mint a development token signed with auth.jwt_secret (HS256) and print it.
+    Token {
+        /// The user (`sub`).
+        #[arg(long)]
+        user: String,
+        /// A thread (or `prefix*`) the token lets its holder read; repeat for more.
+        #[arg(long = "thread")]
+        threads: Vec<String>,
+        /// Make it a subscription token for this one thread instead.
+        #[arg(long, conflicts_with = "threads")]
+        subscription: Option<String>,
+        /// How long it is valid.
+        #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
+        ttl: std::time::Duration,
+    },
 }
 
 fn main() -> ExitCode {
@@ -67,6 +82,15 @@ fn main() -> ExitCode {
                 print!("{}", config.to_toml());
                 ExitCode::SUCCESS
             }
+            Err(code) => code,
+        },
+        Command::Token {
+            user,
+            threads,
+            subscription,
+            ttl,
+        } => match load(cli.config.as_deref()) {
+            Ok(config) => token(&config, &user, &threads, subscription.as_deref(), ttl),
             Err(code) => code,
         },
         Command::Serve => match load(cli.config.as_deref()) {
@@ -105,6 +129,29 @@ fn bench(args: agentwire::tools::bench::BenchArgs) -> ExitCode {
         Ok(_) => ExitCode::SUCCESS,
         Err(error) => {
             eprintln!("agentwire bench: FAIL: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn token(
+    config: &Config,
+    user: &str,
+    threads: &[String],
+    subscription: Option<&str>,
+    ttl: std::time::Duration,
+) -> ExitCode {
+    let Some(secret) = &config.auth.jwt_secret else {
+        eprintln!("agentwire token: auth.jwt_secret is not set (tokens are signed with it)");
+        return ExitCode::from(64);
+    };
+    match agentwire::auth::mint(secret, user, threads, subscription, ttl) {
+        Ok(token) => {
+            println!("{token}");
+            ExitCode::SUCCESS
+        }
+        Err(error) => {
+            eprintln!("agentwire token: {error:#}");
             ExitCode::FAILURE
         }
     }

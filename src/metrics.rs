@@ -85,6 +85,7 @@ pub struct Metrics {
     pub events_generated: IntCounter,
     pub accept_errors: IntCounterVec,
     pub upgrades_refused: IntCounterVec,
+    pub auth_refused: IntCounterVec,
     pub upstream_messages: IntCounterVec,
     events_offered_undelivered_oldest_age: Gauge,
 }
@@ -300,6 +301,12 @@ impl Metrics {
                 r,
                 "agentwire_upgrades_refused_total",
                 "WebSocket upgrades refused before a session existed, by reason (origin, not_loopback).",
+                "reason",
+            ),
+            auth_refused: counter_vec(
+                r,
+                "agentwire_auth_refused_total",
+                "Browser tokens and subscriptions refused, by reason.",
                 "reason",
             ),
             upstream_messages: counter_vec(

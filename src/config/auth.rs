@@ -1,19 +1,103 @@
-//! `[auth]`: who may open the public door. Without browser authentication the public door is in
-//! protected mode: only loopback peers may connect, unless `insecure` says otherwise.
+//! `[auth]`: who may open the public door. Browsers prove who they are with a JWT signed by the
+//! application: an HMAC secret (`jwt_secret`) or a public key (`jwt_public_key`, PEM: RSA, EC or
+//! Ed25519). Without either the public door is in protected mode: only loopback peers may connect,
+//! unless `insecure` says otherwise.
 
+use std::time::Duration;
+
+use jsonwebtoken::{Algorithm, DecodingKey};
 use serde::{Deserialize, Serialize};
 
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+/// An HMAC secret shorter than this is refused: HS256 needs 256 bits of key.
+pub const MIN_SECRET_BYTES: usize = 32;
+
+#[derive(Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct AuthConfig {
     /// Lets browsers from any address connect without authentication (development only).
     pub insecure: bool,
+    /// The HMAC secret browser tokens are signed with (HS256, HS384, HS512).
+    pub jwt_secret: Option<String>,
+    /// The PEM public key browser tokens are signed for (RSA: RS*/PS*, EC: ES256/ES384,
+    /// Ed25519: EdDSA).
+    pub jwt_public_key: Option<String>,
+    /// When set, a token's `iss` must be this.
+    pub jwt_issuer: Option<String>,
+    /// When set, a token's `aud` must contain this.
+    pub jwt_audience: Option<String>,
+    /// Clock skew allowed on `exp` and `nbf`.
+    #[serde(with = "humantime_serde")]
+    pub jwt_leeway: Duration,
     /// Origins besides the gateway's own that may open `/ws`: `https://app.example.com`, or with a
     /// wildcard label, `https://*.example.com`.
     pub allowed_origins: Vec<String>,
 }
 
+/// The secret is never shown, not even in a debug print.
+impl std::fmt::Debug for AuthConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AuthConfig")
+            .field("insecure", &self.insecure)
+            .field("jwt_secret", &self.jwt_secret.as_ref().map(|_| "***"))
+            .field("jwt_public_key", &self.jwt_public_key.is_some())
+            .field("jwt_issuer", &self.jwt_issuer)
+            .field("jwt_audience", &self.jwt_audience)
+            .field("jwt_leeway", &self.jwt_leeway)
+            .field("allowed_origins", &self.allowed_origins)
+            .finish()
+    }
+}
+
+impl Default for AuthConfig {
+    fn default() -> Self {
+        Self {
+            insecure: false,
+            jwt_secret: None,
+            jwt_public_key: None,
+            jwt_issuer: None,
+            jwt_audience: None,
+            jwt_leeway: Duration::from_secs(30),
+            allowed_origins: Vec::new(),
+        }
+    }
+}
+
 impl AuthConfig {
+    /// Whether browsers must prove who they are (a key to verify their tokens is configured).
+    pub fn authenticates_browsers(&self) -> bool {
+        self.jwt_secret.is_some() || self.jwt_public_key.is_some()
+    }
+
+    /// The key browser tokens are verified with, and the algorithms it may verify: only those of
+    /// its own family, so a public key can never be taken for an HMAC secret. `Err` names what is
+    /// wrong with the configured key; `Ok(None)` when none is configured.
+    pub fn decoding_key(&self) -> Result<Option<(DecodingKey, Vec<Algorithm>)>, String> {
+        use Algorithm::*;
+        match (&self.jwt_secret, &self.jwt_public_key) {
+            (Some(_), Some(_)) => Err("set jwt_secret or jwt_public_key, not both".into()),
+            (Some(secret), None) if secret.len() < MIN_SECRET_BYTES => Err(format!(
+                "must be at least {MIN_SECRET_BYTES} bytes (HS256 needs 256 bits of key)"
+            )),
+            (Some(secret), None) => Ok(Some((
+                DecodingKey::from_secret(secret.as_bytes()),
+                vec![HS256, HS384, HS512],
+            ))),
+            (None, Some(pem)) => {
+                let pem = pem.as_bytes();
+                if let Ok(key) = DecodingKey::from_rsa_pem(pem) {
+                    Ok(Some((key, vec![RS256, RS384, RS512, PS256, PS384, PS512])))
+                } else if let Ok(key) = DecodingKey::from_ec_pem(pem) {
+                    Ok(Some((key, vec![ES256, ES384])))
+                } else if let Ok(key) = DecodingKey::from_ed_pem(pem) {
+                    Ok(Some((key, vec![EdDSA])))
+                } else {
+                    Err("not a PEM RSA, EC or Ed25519 public key".into())
+                }
+            }
+            (None, None) => Ok(None),
+        }
+    }
+
     /// Whether `origin` (an `Origin` header) may open `/ws`; `host` is the request's `Host`.
     pub fn allows_origin(&self, origin: &str, host: Option<&str>) -> bool {
         let same = url::Url::parse(origin).ok().is_some_and(|url| {

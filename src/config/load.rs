@@ -136,6 +136,13 @@ impl Config {
         {
             return fail("broker.redis_url", &format!("not a Redis URL: {error}"));
         }
+        if let Err(reason) = self.auth.decoding_key() {
+            let key = match self.auth.jwt_secret {
+                Some(_) => "auth.jwt_secret",
+                None => "auth.jwt_public_key",
+            };
+            return fail(key, &reason);
+        }
         if self.broker.claim_idle <= self.resolve.grace {
             return fail("broker.claim_idle", "must be longer than resolve.grace");
         }

@@ -9,6 +9,9 @@ impl Config {
         let mut shown = self.clone();
         shown.upstream.webhook_url = shown.upstream.webhook_url.as_deref().map(hide_password);
         shown.broker.redis_url = shown.broker.redis_url.as_deref().map(hide_password);
+        if shown.auth.jwt_secret.is_some() {
+            shown.auth.jwt_secret = Some("***".into());
+        }
         toml::to_string_pretty(&shown).unwrap_or_else(|e| format!("# cannot render: {e}\n"))
     }
 }
@@ -52,6 +55,11 @@ mod tests {
         );
         let mut config = Config::default();
         config.upstream.webhook_url = Some("http://hook:s3cret@agent:9000/hlink".into());
-        assert!(!config.to_toml().contains("s3cret"));
+        config.auth.jwt_secret = Some("0123456789abcdef0123456789abcdef-secret".into());
+        let shown = config.to_toml();
+        assert!(
+            !shown.contains("s3cret") && !shown.contains("abcdef-secret"),
+            "{shown}"
+        );
     }
 }

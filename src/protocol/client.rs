@@ -15,13 +15,19 @@ pub struct Since {
 
 #[derive(Debug, Clone, PartialEq)]
 pub enum ClientFrame {
+    /// The first frame. With browser authentication `token` is required and names the user
+    /// (`user_id`, if given, must agree); without it `user_id` is required.
     Hello {
-        user_id: String,
+        user_id: Option<String>,
+        token: Option<String>,
         since: Option<Since>,
     },
+    /// `token` is a subscription token for this thread (when the connection's token does not
+    /// already allow it).
     Subscribe {
         thread_id: String,
         since: Option<Since>,
+        token: Option<String>,
     },
     Unsubscribe {
         thread_id: String,
@@ -106,12 +112,14 @@ pub fn decode(text: &str) -> Result<ClientFrame, FrameError> {
     };
     match kind {
         "hello" => Ok(ClientFrame::Hello {
-            user_id: id(&fields, "user_id")?,
+            user_id: optional(&fields, "user_id", id)?,
+            token: optional(&fields, "token", token)?,
             since: since(&fields)?,
         }),
         "subscribe" => Ok(ClientFrame::Subscribe {
             thread_id: id(&fields, "thread_id")?,
             since: since(&fields)?,
+            token: optional(&fields, "token", token)?,
         }),
         "unsubscribe" => Ok(ClientFrame::Unsubscribe {
             thread_id: id(&fields, "thread_id")?,
@@ -191,6 +199,32 @@ fn upstream(
             Some(_) => return Err(FrameError::field("metadata", "must be an object")),
         },
     })
+}
+
+/// A field that may be absent (or null); when present it must pass `read`.
+fn optional(
+    fields: &Map<String, Value>,
+    name: &str,
+    read: fn(&Map<String, Value>, &str) -> Result<String, FrameError>,
+) -> Result<Option<String>, FrameError> {
+    match fields.get(name) {
+        None | Some(Value::Null) => Ok(None),
+        Some(_) => read(fields, name).map(Some),
+    }
+}
+
+/// Tokens are compact JWTs; no real one is near this size.
+const MAX_TOKEN_BYTES: usize = 8 * 1024;
+
+fn token(fields: &Map<String, Value>, name: &str) -> Result<String, FrameError> {
+    match fields.get(name) {
+        Some(Value::String(token)) if token.is_empty() || token.len() > MAX_TOKEN_BYTES => Err(
+            FrameError::field(name, "must be a token of 1 to 8192 bytes"),
+        ),
+        Some(Value::String(token)) => Ok(token.clone()),
+        Some(_) => Err(FrameError::field(name, "must be a string")),
+        None => Err(FrameError::field(name, "is required")),
+    }
 }
 
 fn id(fields: &Map<String, Value>, name: &str) -> Result<String, FrameError> {
@@ -305,7 +339,8 @@ mod tests {
         check(
             r#"{"type":"hello","user_id":"u1"}"#,
             Ok(ClientFrame::Hello {
-                user_id: "u1".into(),
+                user_id: Some("u1".into()),
+                token: None,
                 since: None,
             }),
         );
@@ -317,6 +352,7 @@ mod tests {
                     epoch: Some("e".into()),
                     seq: 4,
                 }),
+                token: None,
             }),
         );
         check(
@@ -327,6 +363,7 @@ mod tests {
                     epoch: None,
                     seq: 0,
                 }),
+                token: None,
             }),
         );
         check(

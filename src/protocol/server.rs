@@ -25,10 +25,16 @@ pub enum ErrorCode {
     UpstreamNotConfigured,
     UpstreamBusy,
     BrokerUnavailable,
+    /// `hello`'s token was missing or refused (the connection then closes with 4003).
+    Unauthorized,
+    /// A subscription the connection's token does not allow.
+    Forbidden,
 }
 
 impl ErrorCode {
-    pub const ALL: [ErrorCode; 13] = [
+    pub const ALL: [ErrorCode; 15] = [
+        Self::Unauthorized,
+        Self::Forbidden,
         Self::UpstreamBusy,
         Self::BrokerUnavailable,
         Self::InvalidJson,
@@ -59,6 +65,8 @@ impl ErrorCode {
             Self::UpstreamNotConfigured => "upstream_not_configured",
             Self::UpstreamBusy => "upstream_busy",
             Self::BrokerUnavailable => "broker_unavailable",
+            Self::Unauthorized => "unauthorized",
+            Self::Forbidden => "forbidden",
         }
     }
 }
@@ -71,6 +79,8 @@ pub mod close {
     pub const TOO_LARGE: u16 = 1009;
     pub const RESTARTING: u16 = 1012;
     pub const HELLO_MISSING: u16 = 4001;
+    /// `hello`'s token was missing or refused.
+    pub const UNAUTHORIZED: u16 = 4003;
     pub const SLOW_CONSUMER: u16 = 4008;
 }
 

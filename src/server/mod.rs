@@ -79,7 +79,9 @@ pub async fn run(gateway: Arc<Gateway>, doors: Doors, stop: CancellationToken) {
     metrics::export::<routes::BodyRefusal>(&counted.events_rejected);
     metrics::export::<AcceptError>(&counted.accept_errors);
     metrics::export::<routes::UpgradeRefused>(&counted.upgrades_refused);
-    if gateway.config.auth.insecure {
+    if gateway.config.auth.authenticates_browsers() {
+        tracing::info!("Browsers authenticate with a JWT in hello.");
+    } else if gateway.config.auth.insecure {
         tracing::warn!(
             "auth.insecure: anyone who reaches the public door may open /ws and say who they are."
         );

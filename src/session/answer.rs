@@ -4,6 +4,7 @@
 use super::Session;
 use super::ended::Ended;
 use super::message::Message;
+use crate::auth::Refusal;
 use crate::broker::{HandOff, HandOffError};
 use crate::fanout::Outgoing;
 use crate::metrics::{Label, count};
@@ -38,7 +39,11 @@ impl Session {
         match message {
             Message::Text(text) if self.user_id.is_some() => self.frame(&text).await,
             Message::Text(text) => match client::decode(&text) {
-                Ok(ClientFrame::Hello { user_id, since }) => self.hello(&user_id, since).await,
+                Ok(ClientFrame::Hello {
+                    user_id,
+                    token,
+                    since,
+                }) => return self.hello(user_id, token, since).await,
                 _ => {
                     self.error(
                         ErrorCode::HelloRequired,
@@ -80,7 +85,37 @@ impl Session {
         None
     }
 
-    pub(super) async fn hello(&mut self, user_id: &str, since: Option<Since>) {
+    /// Accepts `hello`: with browser authentication the token names the user; without it the
+    /// user is who the client says. `Some` when the connection ends instead.
+    pub(super) async fn hello(
+        &mut self,
+        claimed: Option<String>,
+        token: Option<String>,
+        since: Option<Since>,
+    ) -> Option<Ended> {
+        let user_id = match (&self.gateway.verifier, token, claimed) {
+            (Some(verifier), Some(token), claimed) => {
+                match verifier.connection(&token, claimed.as_deref()) {
+                    Ok(identity) => {
+                        let user_id = identity.user_id.clone();
+                        self.identity = Some(Box::new(identity));
+                        user_id
+                    }
+                    Err(refusal) => return Some(self.unauthorized(refusal)),
+                }
+            }
+            (Some(_), None, _) => return Some(self.unauthorized(Refusal::Missing)),
+            (None, _, Some(claimed)) => claimed,
+            (None, _, None) => {
+                self.error(ErrorCode::HelloRequired, "hello needs a user_id");
+                return Some(self.close(
+                    close::HELLO_MISSING,
+                    "hello_required",
+                    Ended::HelloMissing,
+                ));
+            }
+        };
+        let user_id = user_id.as_str();
         self.user_id = Some(user_id.to_string());
         let heartbeat_ms = self.gateway.config.session.heartbeat.as_millis() as u64;
         self.outbox.push(Outgoing::Frame(server::welcome(
@@ -90,6 +125,35 @@ impl Session {
         )));
         tracing::debug!(user_id, "Hello.");
         self.join(ChannelName::user(user_id), since).await;
+        None
+    }
+
+    /// Refuses `hello`: counted, told, closed with 4003.
+    fn unauthorized(&mut self, refusal: Refusal) -> Ended {
+        count(&self.gateway.metrics.auth_refused, refusal);
+        self.error(ErrorCode::Unauthorized, refusal.message());
+        self.close(close::UNAUTHORIZED, "unauthorized", Ended::Unauthorized)
+    }
+
+    /// Whether this connection may read `thread_id`: always without browser authentication;
+    /// with it, when the connection's token lists the thread or `token` is a subscription token
+    /// of this user for it.
+    fn may_read(&self, thread_id: &str, token: Option<&str>) -> Result<(), Refusal> {
+        let Some(verifier) = &self.gateway.verifier else {
+            return Ok(());
+        };
+        if self
+            .identity
+            .as_ref()
+            .is_some_and(|identity| identity.may_read(thread_id))
+        {
+            return Ok(());
+        }
+        let user_id = self.user_id.as_deref().unwrap_or_default();
+        match token {
+            Some(token) => verifier.subscription(token, user_id, thread_id),
+            None => Err(Refusal::Thread),
+        }
     }
 
     pub(super) async fn frame(&mut self, text: &str) {
@@ -98,13 +162,22 @@ impl Session {
                 ErrorCode::AlreadyHello,
                 "hello was already accepted on this connection",
             ),
-            Ok(ClientFrame::Subscribe { thread_id, since }) => {
+            Ok(ClientFrame::Subscribe {
+                thread_id,
+                since,
+                token,
+            }) => {
                 let thread_count = self.channels.len().saturating_sub(1);
                 if thread_count >= self.gateway.config.session.max_subscriptions {
                     return self.error(
                         ErrorCode::TooManySubscriptions,
                         "session.max_subscriptions reached",
                     );
+                }
+                // Refused before the broker is asked: no channel state is made anywhere.
+                if let Err(refusal) = self.may_read(&thread_id, token.as_deref()) {
+                    count(&self.gateway.metrics.auth_refused, refusal);
+                    return self.error(ErrorCode::Forbidden, refusal.message());
                 }
                 self.join(ChannelName::thread(&thread_id), since).await;
             }

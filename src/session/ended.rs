@@ -16,6 +16,8 @@ pub enum Ended {
     SlowConsumer,
     Shutdown,
     WriteFailed,
+    /// `hello`'s token was missing or refused (4003).
+    Unauthorized,
 }
 
 impl Label for Ended {
@@ -30,6 +32,7 @@ impl Label for Ended {
         Self::SlowConsumer,
         Self::Shutdown,
         Self::WriteFailed,
+        Self::Unauthorized,
     ];
 
     fn as_str(self) -> &'static str {
@@ -44,6 +47,7 @@ impl Label for Ended {
             Self::SlowConsumer => "slow_consumer",
             Self::Shutdown => "shutdown",
             Self::WriteFailed => "write_failed",
+            Self::Unauthorized => "unauthorized",
         }
     }
 }

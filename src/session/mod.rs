@@ -21,6 +21,7 @@ use tokio::time::{Instant, timeout};
 use tracing::Instrument;
 
 use crate::Gateway;
+use crate::auth::Identity;
 use crate::fanout::{Outbox, StoredEvent};
 use crate::metrics::Label;
 use crate::protocol::ChannelName;
@@ -56,6 +57,7 @@ pub async fn serve(gateway: Arc<Gateway>, stream: TcpStream, read: Bytes, connec
             outbox,
             channels: Vec::new(),
             user_id: None,
+            identity: None,
             stream,
             inbox,
             reassembly: Reassembly::default(),
@@ -97,6 +99,8 @@ struct Session {
     channels: Vec<ChannelName>,
     /// Set by the hello.
     user_id: Option<String>,
+    /// What the connection's token says, with browser authentication.
+    identity: Option<Box<Identity>>,
     stream: TcpStream,
     /// Bytes read and not yet parsed; empty (and unallocated) on an idle connection.
     inbox: BytesMut,

@@ -111,41 +111,52 @@ def rendered():
 
 @pytest.fixture(scope="session")
 def helm():
-    """`helm template` of the chart with --set overrides (release agentwire, the chart's defaults)."""
-    def template(*args):
-        return d.run(["helm", "template", "agentwire", d.CHART, *args])
+    """`helm template` of the chart with --set overrides (release agentwire, the chart's defaults plus
+    auth.insecure=true, without which the chart renders nothing; insecure=False leaves it out)."""
+    def template(*args, insecure=True):
+        base = ["--set", "auth.insecure=true"] if insecure else []
+        return d.run(["helm", "template", "agentwire", d.CHART, *base, *args])
     return template
 
 
 # ------------------------------------------------------------------------------------------ live
 
+def start_gateway(name, gateway_bin, gateway_cwd, log, args, seconds, **config):
+    """A gateway with both doors on free loopback ports: .url is the public door (/ws, /healthz), .api
+    the internal door (/v1/*, /metrics, /readyz, /healthz); .ready when both answered /healthz."""
+    public, internal = d.free_port(), d.free_port()
+    env = d.gateway_env(AGENTWIRE_LISTEN="127.0.0.1:%d" % public,
+                        AGENTWIRE_INTERNAL_LISTEN="127.0.0.1:%d" % internal, **config)
+    proc = Process(name, [gateway_bin, *args], log, env=env, cwd=gateway_cwd)
+    proc.url = "http://127.0.0.1:%d" % public
+    proc.api = "http://127.0.0.1:%d" % internal
+    proc.ready = d.wait_http(proc.api + "/healthz", seconds) and d.wait_http(proc.url + "/healthz", 5)
+    return proc
+
+
 @pytest.fixture(scope="session")
 def gateway(gateway_bin, gateway_cwd, work):
     """A gateway made to show every kind of outcome quickly: grace 1s (the unresolved event is
     dead-lettered quickly), history 2 (the third event on a thread nobody watches leaves history unseen),
-    idle timeout 2s (one run stalls). Yields its base URL."""
-    port = d.free_port()
-    env = d.gateway_env(AGENTWIRE_LISTEN="127.0.0.1:%d" % port, AGENTWIRE_RESOLVE__GRACE="1s",
-                        AGENTWIRE_HISTORY__MAX_EVENTS="2", AGENTWIRE_WATCHDOG__RUN_IDLE_TIMEOUT="2s",
-                        AGENTWIRE_LOG_LEVEL="warn")
-    proc = Process("gateway", [gateway_bin, "--config", "/dev/null"], work / "gateway.log", env=env, cwd=gateway_cwd)
-    url = "http://127.0.0.1:%d" % port
-    proc.url = url
-    proc.ready = d.wait_http(url + "/healthz", 20)
+    idle timeout 2s (one run stalls). Yields the process, with .url (public door) and .api (internal)."""
+    proc = start_gateway("gateway", gateway_bin, gateway_cwd, work / "gateway.log", ["--config", "/dev/null"], 20,
+                         AGENTWIRE_RESOLVE__GRACE="1s", AGENTWIRE_HISTORY__MAX_EVENTS="2",
+                         AGENTWIRE_WATCHDOG__RUN_IDLE_TIMEOUT="2s", AGENTWIRE_LOG_LEVEL="warn")
     yield proc
     proc.stop()
 
 
 @pytest.fixture(scope="session")
 def prometheus(gateway, work):
-    """A real Prometheus scraping the gateway every second, with the chart's alert rules loaded."""
+    """A real Prometheus scraping the gateway's internal door (/metrics) every second, with the chart's alert
+    rules loaded."""
     port = d.free_port()
     (work / "tsdb").mkdir()
     config = {
         "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
         "rule_files": [str(d.RULES)],
         "scrape_configs": [{"job_name": "agentwire",
-                            "static_configs": [{"targets": [gateway.url.removeprefix("http://")]}]}],
+                            "static_configs": [{"targets": [gateway.api.removeprefix("http://")]}]}],
     }
     (work / "prometheus.yml").write_text(yaml.safe_dump(config))
     proc = Process("prometheus", ["prometheus", "--config.file=%s" % (work / "prometheus.yml"),
@@ -159,18 +170,19 @@ def prometheus(gateway, work):
 
 @pytest.fixture(scope="session")
 def live(gateway, prometheus):
-    """Both processes up, or the check fails with their logs."""
+    """Both processes up, or the check fails with their logs. Returns the gateway's public and internal
+    base URLs and Prometheus' URL."""
     if not (gateway.ready and prometheus.ready):
         pytest.fail("gateway ready: %s, prometheus ready: %s\n%s\n%s"
                     % (gateway.ready, prometheus.ready, gateway.tail(), prometheus.tail()))
-    return gateway.url, prometheus.url
+    return gateway.url, gateway.api, prometheus.url
 
 
 @pytest.fixture(scope="session")
 def baseline(live):
     """Counters must be scraped at 0 before the traffic, or increase() and rate() have nothing to compare
     with: waits (at most 30 s) for Prometheus to hold a sample of agentwire_events_emitted_total == 0."""
-    _, prom = live
+    _, _, prom = live
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
         if prom_has(prom, "agentwire_events_emitted_total == 0"):
@@ -190,21 +202,21 @@ def driven(live, baseline, gateway):
         pytest.fail("no sample of agentwire_events_emitted_total == 0 in Prometheus before the traffic")
     import drive  # needs websockets, which only the live checks use
 
-    gw, _ = live
+    public, internal, _ = live
     try:
-        return drive.run(gw)
+        return drive.run(public, internal)
     except Exception as e:  # noqa: BLE001: the failure is the check's message
         pytest.fail("driving the gateway failed: %r\n%s" % (e, gateway.tail()))
 
 
 @pytest.fixture(scope="session")
 def final_metrics(live, driven, work):
-    """The gateway's /metrics once the unresolved event is dead-lettered and the stalled run counted
-    (resolve.grace is 1 s: at most 10 s), parsed."""
-    gw, _ = live
+    """The gateway's /metrics (internal door) once the unresolved event is dead-lettered and the stalled run
+    counted (resolve.grace is 1 s: at most 10 s), parsed."""
+    _, internal, _ = live
     deadline = time.monotonic() + 10
     while True:
-        text = d.get_text(gw + "/metrics")
+        text = d.get_text(internal + "/metrics")
         m = d.Exposition(text)
         if (m.value("agentwire_events_lost_total", reason="unresolved") or 0) >= 1 and \
                 (m.value("agentwire_runs_stalled_total") or 0) >= 1:
@@ -219,7 +231,7 @@ def final_metrics(live, driven, work):
 @pytest.fixture(scope="session")
 def prom_final(live, driven, final_metrics):
     """Waits (at most 15 s) until Prometheus holds the final values; returns whether it did."""
-    _, prom = live
+    _, _, prom = live
     deadline = time.monotonic() + 15
     while time.monotonic() < deadline:
         if (d.prom_value(prom, "agentwire_events_delivered_total") == driven["delivered"]
@@ -240,14 +252,11 @@ def exported(final_metrics):
 @pytest.fixture(scope="session")
 def probe_gateway(gateway_bin, gateway_cwd, rendered, work):
     """A gateway on the chart's default agentwire.toml (the live one keeps 2 events of history, which a
-    five-event probe run posted at once rightly overflows). Yields its base URL."""
+    five-event probe run posted at once rightly overflows), its two doors moved to free loopback ports.
+    Yields the process, with .url (public door) and .api (internal)."""
     toml = work / "default-values.toml"
     toml.write_text(rendered["default-values"].toml())
-    port = d.free_port()
-    proc = Process("gateway2", [gateway_bin, "--config", toml], work / "gateway2.log",
-                   env=d.gateway_env(AGENTWIRE_LISTEN="127.0.0.1:%d" % port), cwd=gateway_cwd)
-    proc.url = "http://127.0.0.1:%d" % port
-    proc.ready = d.wait_http(proc.url + "/healthz", 10)
+    proc = start_gateway("gateway2", gateway_bin, gateway_cwd, work / "gateway2.log", ["--config", toml], 10)
     yield proc
     proc.stop()
 

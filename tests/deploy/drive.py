@@ -1,5 +1,6 @@
 """Drives runs through a live gateway over HTTP and WebSocket, the way producers and a browser would, and
-says what the gateway must have counted.
+says what the gateway must have counted. Producers use the internal door (/v1/*), the browser the public
+door (/ws); one upgrade from a page of a foreign origin is refused 403.
 
 A subscribed WebSocket client sees every event of its thread: a complete run with one lifecycle violation,
 a run registered through POST /v1/runs that ends in agent_error, and a run that stops and is stalled by the
@@ -9,28 +10,51 @@ two stay pending); one event names a run id never registered (dead-lettered afte
 
 import asyncio
 import datetime
+import http.client
 import json
 import time
+import urllib.parse
 import urllib.error
 import urllib.request
 
 import websockets
 
 
-def run(gw):
-    return asyncio.run(asyncio.wait_for(_main(gw), 60))
+def run(public, internal):
+    """public: the public door's base URL (/ws); internal: the internal door's (/v1/*)."""
+    return asyncio.run(asyncio.wait_for(_main(public, internal), 60))
+
+
+def upgrade_status(base, origin=None):
+    """A WebSocket upgrade of /ws (with this Origin, if any), sent by hand: (status, body)."""
+    u = urllib.parse.urlsplit(base)
+    headers = {"Connection": "Upgrade", "Upgrade": "websocket", "Sec-WebSocket-Version": "13",
+               "Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ=="}
+    if origin:
+        headers["Origin"] = origin
+    conn = http.client.HTTPConnection(u.hostname, u.port, timeout=5)
+    try:
+        conn.request("GET", "/ws", headers=headers)
+        r = conn.getresponse()
+        return r.status, r.read().decode()
+    finally:
+        conn.close()
 
 
 def _ts():
     return datetime.datetime.now(datetime.timezone.utc).isoformat().replace("+00:00", "Z")
 
 
-async def _main(gw):
+async def _main(public, internal):
     ingested = 0  # valid events posted (the gateway's ingested counter)
+
+    # a page of another site may not open /ws (cross-site WebSocket hijacking): 403, counted
+    status, body = upgrade_status(public, "https://evil.example")
+    assert status == 403 and json.loads(body)["error"] == "origin_not_allowed", (status, body)
 
     def post(path, body, ok=(200,)):
         nonlocal ingested
-        req = urllib.request.Request(gw + path, data=json.dumps(body).encode(), method="POST",
+        req = urllib.request.Request(internal + path, data=json.dumps(body).encode(), method="POST",
                                      headers={"content-type": "application/json"})
         try:
             with urllib.request.urlopen(req, timeout=5) as r:
@@ -44,7 +68,7 @@ async def _main(gw):
         return res
 
     seen = {}  # (channel, seq) -> frame
-    ws_url = gw.replace("http://", "ws://") + "/ws"
+    ws_url = public.replace("http://", "ws://") + "/ws"
     async with websockets.connect(ws_url, max_size=2**20, open_timeout=5) as ws:
         async def expect(pred, what, timeout=10.0):
             deadline = time.monotonic() + timeout
@@ -106,4 +130,4 @@ async def _main(gw):
     delivered = len(seen)
     # emitted: what the client saw (the stalled run's gateway-made agent_error included) + 3 unwatched
     return {"delivered": delivered, "emitted": delivered + 3, "ingested": ingested, "generated": 1,
-            "expired_unseen": 1, "unresolved": 1, "pending": 2}
+            "expired_unseen": 1, "unresolved": 1, "pending": 2, "refused_origin": 1}

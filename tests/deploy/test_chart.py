@@ -76,9 +76,9 @@ def test_deployment_probes_security_config_drain(rendered):
         pod = dep["spec"]["template"]["spec"]
         c = pod["containers"][0]
         assert c["args"] == ["--config", "/etc/agentwire/agentwire.toml"], c["args"]
-        assert c["livenessProbe"]["httpGet"]["path"] == "/healthz"
-        assert c["startupProbe"]["httpGet"]["path"] == "/healthz"
-        assert c["readinessProbe"]["httpGet"]["path"] == "/readyz"
+        assert c["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "http"}, c["livenessProbe"]
+        assert c["startupProbe"]["httpGet"] == {"path": "/healthz", "port": "http"}, c["startupProbe"]
+        assert c["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "internal"}, c["readinessProbe"]
         sc, psc = c["securityContext"], pod["securityContext"]
         assert sc["readOnlyRootFilesystem"] is True and sc["allowPrivilegeEscalation"] is False
         assert sc["capabilities"]["drop"] == ["ALL"]
@@ -102,19 +102,77 @@ def test_deployment_probes_security_config_drain(rendered):
         need = pre + secs(sd["drain_delay"]) + secs(sd["close_window"]) + secs(sd["timeout"])
         grace = pod["terminationGracePeriodSeconds"]
         assert grace > need, "%s: terminationGracePeriodSeconds %s <= drain sequence %s" % (name, grace, need)
-        assert conf["log_format"] == "json" and conf["listen"].endswith(":%d" % c["ports"][0]["containerPort"])
-        svc = r.by[("Service", "agentwire")]
-        assert svc["spec"]["ports"][0]["appProtocol"], "appProtocol"
+        assert conf["log_format"] == "json"
+        svc, isvc = r.by[("Service", "agentwire")], r.by[("Service", "agentwire-internal")]
+        assert svc["spec"]["ports"][0]["appProtocol"] and isvc["spec"]["ports"][0]["appProtocol"], "appProtocol"
         probe = r.by[("Pod", "agentwire-probe")]
         assert probe["metadata"]["annotations"]["helm.sh/hook"] == "test"
         pc = probe["spec"]["containers"][0]
-        assert pc["args"] == ["probe", "--url", "http://agentwire:%d" % svc["spec"]["ports"][0]["port"]], pc["args"]
+        assert pc["args"] == ["probe", "--url", "http://agentwire:%d" % svc["spec"]["ports"][0]["port"],
+                              "--api-url", "http://agentwire-internal:%d" % isvc["spec"]["ports"][0]["port"]], pc["args"]
         assert pc["securityContext"]["readOnlyRootFilesystem"] is True
 
 
+def _container(r):
+    return r.by[("Deployment", "agentwire")]["spec"]["template"]["spec"]["containers"][0]
+
+
 def _env(r):
-    c = r.by[("Deployment", "agentwire")]["spec"]["template"]["spec"]["containers"][0]
-    return {e["name"]: e for e in c.get("env", [])}
+    return {e["name"]: e for e in _container(r).get("env", [])}
+
+
+def _port(address):
+    """The port of a listen address ("0.0.0.0:8000")."""
+    host, _, port = address.rpartition(":")
+    assert host == "0.0.0.0", "%s: the pod's doors must listen on the pod's address" % address
+    return int(port)
+
+
+def _doors(r):
+    """{container port name: containerPort}, {the same names: the port agentwire.toml listens on}."""
+    conf = tomllib.loads(r.toml())
+    ports = {p["name"]: p["containerPort"] for p in _container(r)["ports"]}
+    return ports, {"http": _port(conf["listen"]), "internal": _port(conf["internal_listen"])}
+
+
+@pytest.mark.parametrize("values", d.CI_VALUES)
+def test_two_doors_two_services(rendered, values):
+    """The public door (listen, port `http`) behind the Service agentwire; the internal door
+    (internal_listen, port `internal`) behind the ClusterIP Service agentwire-internal, a port each; the
+    defaults are 8000 and 8001."""
+    r = rendered[values].require()
+    ports, listens = _doors(r)
+    assert ports == listens, "container ports %s, agentwire.toml listens on %s" % (ports, listens)
+    assert ports["http"] != ports["internal"], ports
+    svc, isvc = r.by[("Service", "agentwire")], r.by[("Service", "agentwire-internal")]
+    assert [(p["name"], p["targetPort"]) for p in svc["spec"]["ports"]] == [("http", "http")], svc["spec"]["ports"]
+    assert [(p["name"], p["targetPort"]) for p in isvc["spec"]["ports"]] == [("internal", "internal")], isvc["spec"]["ports"]
+    assert isvc["spec"]["type"] == "ClusterIP"
+    assert svc["spec"]["selector"] == isvc["spec"]["selector"]
+    pod_labels = r.by[("Deployment", "agentwire")]["spec"]["template"]["metadata"]["labels"]
+    assert all(pod_labels.get(k) == v for k, v in isvc["spec"]["selector"].items()), "selects the gateway's pods"
+    values_file = yaml.safe_load((d.CHART / "ci" / (values + ".yaml")).read_text()) or {}
+    want = (values_file.get("service", {}).get("port", 8000), values_file.get("internalService", {}).get("port", 8001))
+    assert (svc["spec"]["ports"][0]["port"], isvc["spec"]["ports"][0]["port"]) == want
+    if values == "default-values":
+        assert ports == {"http": 8000, "internal": 8001} and want == (8000, 8001), ports
+
+
+@pytest.mark.parametrize("values", d.CI_VALUES)
+def test_readiness_probe_on_the_internal_door(rendered, values):
+    """/readyz is served by the internal door only: the readiness probe's port is the container port the
+    rendered internal_listen binds; liveness and startup ask /healthz of the public door."""
+    r = rendered[values].require()
+    c = _container(r)
+    ports, listens = _doors(r)
+
+    def resolve(port):
+        return ports[port] if isinstance(port, str) else port
+    assert c["readinessProbe"]["httpGet"]["path"] == "/readyz"
+    assert resolve(c["readinessProbe"]["httpGet"]["port"]) == listens["internal"], c["readinessProbe"]
+    for probe in ("livenessProbe", "startupProbe"):
+        assert c[probe]["httpGet"]["path"] == "/healthz"
+        assert resolve(c[probe]["httpGet"]["port"]) == listens["http"], c[probe]
 
 
 def test_redis_url_from_a_secret(rendered):
@@ -141,6 +199,113 @@ def test_several_replicas_without_redis_refused(helm):
     proc = helm("--set", "autoscaling.enabled=true")
     assert proc.returncode != 0, "HPA rendered"
     assert "needs the Redis broker" in proc.stdout + proc.stderr, d.output(proc)
+
+
+def test_refuses_to_render_without_auth_insecure(helm):
+    """Browser authentication is not in the gateway yet: without an explicit auth.insecure=true the chart
+    renders nothing (the gateway would admit loopback WebSocket clients only), and says why and what to do."""
+    for args in ((), ("--set", "auth.insecure=false")):
+        proc = helm(*args, insecure=False)
+        assert proc.returncode != 0, "rendered with %s" % (args,)
+        out = proc.stdout + proc.stderr
+        for want in ("browser authentication is not available in this gateway yet", "auth.insecure: true",
+                     "behind an authenticating proxy or on a trusted network", "auth.allowedOrigins"):
+            assert want in out, "%r not in:\n%s" % (want, d.output(proc))
+    proc = helm("--set-string", "auth.insecure=true", insecure=False)
+    assert proc.returncode != 0, "the string \"true\" is not true"
+
+
+def test_auth_rendered_from_values(helm, gateway_cmd, work):
+    """[auth] of agentwire.toml: insecure and allowed_origins from auth.*, loaded by the gateway as given;
+    an origin with a path or a trailing slash (which never matches an Origin header) is refused."""
+    origins = ["https://app.example.com", "https://*.agents.example.com", "http://localhost:3000"]
+    proc = helm("--set-json", "auth.allowedOrigins=%s" % json.dumps(origins), "--show-only", "templates/configmap.yaml")
+    assert proc.returncode == 0, d.output(proc)
+    text = yaml.safe_load(proc.stdout)["data"]["agentwire.toml"]
+    assert tomllib.loads(text)["auth"] == {"insecure": True, "allowed_origins": origins}
+    path = work / "auth.toml"
+    path.write_text(text)
+    proc = gateway_cmd("config", "--config", path)
+    assert proc.returncode == 0, d.output(proc)
+    assert tomllib.loads(proc.stdout)["auth"] == {"insecure": True, "allowed_origins": origins}, proc.stdout
+    for bad in ("https://app.example.com/", "app.example.com", "https://app.example.com/chat"):
+        proc = helm("--set-json", "auth.allowedOrigins=%s" % json.dumps([bad]))
+        assert proc.returncode != 0, "rendered allowedOrigins %r" % bad
+
+
+def test_same_port_for_both_doors_refused(helm):
+    proc = helm("--set", "internalPort=8000")
+    assert proc.returncode != 0, "rendered"
+    assert "need a port each" in proc.stdout + proc.stderr, d.output(proc)
+
+
+def _routes_only_ws_to_the_public_service(ing, hr):
+    errors = []
+    for rule in ing["spec"]["rules"]:
+        for p in rule["http"]["paths"]:
+            if (p["path"], p["pathType"]) != ("/ws", "Exact"):
+                errors.append("Ingress routes %s %s" % (p["pathType"], p["path"]))
+            if p["backend"] != {"service": {"name": "agentwire", "port": {"name": "http"}}}:
+                errors.append("Ingress backend %s" % p["backend"])
+    for rule in hr["spec"]["rules"]:
+        if rule["matches"] != [{"path": {"type": "Exact", "value": "/ws"}}]:
+            errors.append("HTTPRoute matches %s" % rule["matches"])
+        if [b["name"] for b in rule["backendRefs"]] != ["agentwire"]:
+            errors.append("HTTPRoute backends %s" % rule["backendRefs"])
+    return errors
+
+
+def test_ingress_and_httproute_route_only_ws(rendered, helm):
+    """The Ingress and the HTTPRoute route /ws, exactly, to the public Service and nothing else; the
+    internal Service is routed by nothing (with the chart's defaults and with every part on)."""
+    proc = helm("--set", "ingress.enabled=true,httpRoute.enabled=true",
+                "--set-json", 'httpRoute.parentRefs=[{"name":"public"}]',
+                "--show-only", "templates/ingress.yaml", "--show-only", "templates/httproute.yaml")
+    assert proc.returncode == 0, d.output(proc)
+    docs = {doc["kind"]: doc for doc in yaml.safe_load_all(proc.stdout) if doc}
+    errors = _routes_only_ws_to_the_public_service(docs["Ingress"], docs["HTTPRoute"])
+    r = rendered["all-enabled-values"].require()
+    ing, hr = r.by[("Ingress", "agentwire")], r.by[("HTTPRoute", "agentwire")]
+    errors += ["all-enabled: " + e for e in _routes_only_ws_to_the_public_service(ing, hr)]
+    svc = r.by[("Service", "agentwire")]
+    assert hr["spec"]["rules"][0]["backendRefs"][0]["port"] == svc["spec"]["ports"][0]["port"]
+    assert "agentwire-internal" not in json.dumps([ing, hr]), "the internal Service is routed"
+    assert not errors, "\n".join(errors)
+
+
+def _policy_rules(np):
+    """{container port name: the rule's `from` (None: any source)}; every rule must name its ports."""
+    rules = {}
+    for rule in np["spec"]["ingress"]:
+        assert rule.get("ports"), "a rule without ports opens every port: %s" % rule
+        for p in rule["ports"]:
+            assert p["port"] not in rules, "port %s in two rules" % p["port"]
+            rules[p["port"]] = rule.get("from")
+    return rules
+
+
+TEST_POD = {"podSelector": {"matchLabels": {"app.kubernetes.io/instance": "agentwire",
+                                            "app.kubernetes.io/component": "test"}}}
+
+
+def test_networkpolicy_restricts_the_internal_port(rendered, helm):
+    """The public port is open to anywhere (or networkPolicy.publicFrom); the internal port only to
+    networkPolicy.internalFrom (default: the pods of the release's namespace) and the helm test pod, never
+    to any source; no rule opens a port it does not name."""
+    proc = helm("--set", "networkPolicy.enabled=true", "--show-only", "templates/networkpolicy.yaml")
+    assert proc.returncode == 0, d.output(proc)
+    rules = _policy_rules(yaml.safe_load(proc.stdout))
+    assert set(rules) == {"http", "internal"}, rules
+    assert rules["http"] is None, "public door: any source by default"
+    assert rules["internal"] == [{"podSelector": {}}, TEST_POD], rules["internal"]
+    proc = helm("--set", "networkPolicy.enabled=true", "--set-json", "networkPolicy.internalFrom=[]",
+                "--show-only", "templates/networkpolicy.yaml")
+    assert proc.returncode == 0, d.output(proc)
+    assert _policy_rules(yaml.safe_load(proc.stdout))["internal"] == [TEST_POD], "empty internalFrom: the test pod only"
+    r = rendered["all-enabled-values"].require()
+    values = yaml.safe_load((d.CHART / "ci" / "all-enabled-values.yaml").read_text())["networkPolicy"]
+    rules = _policy_rules(r.by[("NetworkPolicy", "agentwire")])
+    assert rules == {"http": values["publicFrom"] + [TEST_POD], "internal": values["internalFrom"] + [TEST_POD]}, rules
 
 
 def test_grace_period_shorter_than_drain_refused(helm):
@@ -170,14 +335,17 @@ def test_crd_manifests_and_optional_objects(rendered, work):
     rendered with every part on (all-enabled-values)."""
     r = rendered["all-enabled-values"].require()
     docs = r.by
-    svc = docs[("Service", "agentwire")]
-    sel = svc["metadata"]["labels"]
+    svc, isvc = docs[("Service", "agentwire")], docs[("Service", "agentwire-internal")]
     sm = docs[("ServiceMonitor", "agentwire")]
     assert sm["apiVersion"] == "monitoring.coreos.com/v1"
     assert sm["metadata"]["labels"]["release"] == "kube-prometheus-stack"
-    assert all(sel.get(k) == v for k, v in sm["spec"]["selector"]["matchLabels"].items()), "ServiceMonitor selects the Service"
+
+    def selects(service):
+        return all(service["metadata"]["labels"].get(k) == v for k, v in sm["spec"]["selector"]["matchLabels"].items())
+    assert selects(isvc) and not selects(svc), "the ServiceMonitor selects the internal Service only"
     ep = sm["spec"]["endpoints"][0]
-    assert ep["port"] in [p["name"] for p in svc["spec"]["ports"]] and ep["path"] == "/metrics"
+    assert ep["port"] == "internal" and ep["path"] == "/metrics", ep
+    assert ep["port"] in [p["name"] for p in isvc["spec"]["ports"]]
     assert {"action": "replace", "targetLabel": "job", "replacement": "agentwire-prod"} in ep["relabelings"]
     pr = docs[("PrometheusRule", "agentwire")]
     assert pr["metadata"]["labels"]["release"] == "kube-prometheus-stack"
@@ -200,9 +368,7 @@ def test_crd_manifests_and_optional_objects(rendered, work):
     assert kinds == ["Pods", "Resource"], kinds
     assert ("PodDisruptionBudget", "agentwire") in docs
     np = docs[("NetworkPolicy", "agentwire")]
-    peers = np["spec"]["ingress"][0]["from"]
-    assert {"podSelector": {"matchLabels": {"app.kubernetes.io/instance": "agentwire",
-                                            "app.kubernetes.io/component": "test"}}} in peers
+    assert all(TEST_POD in rule["from"] for rule in np["spec"]["ingress"]), "the helm test pod reaches both doors"
     assert docs[("Pod", "agentwire-probe")]["metadata"]["labels"]["app.kubernetes.io/component"] == "test"
     dcm = docs[("ConfigMap", "agentwire-dashboards")]
     assert dcm["metadata"]["labels"]["grafana_dashboard"] == "1"
@@ -248,12 +414,14 @@ def _flat(table, prefix=""):
 
 def test_chart_config_defaults_are_gateway_defaults(rendered, gateway_cmd):
     """With the chart's defaults, agentwire.toml says what the gateway's own defaults say, but for the keys
-    the chart sets on purpose; every gateway key is rendered (but broker.*: from the Secret)."""
+    the chart sets on purpose (internal_listen on the pod's address rather than loopback, auth.insecure
+    required); every gateway key is rendered (but broker.*: from the Secret), auth.* included."""
     proc = gateway_cmd("config")
     assert proc.returncode == 0, d.output(proc)
     builtin = _flat(tomllib.loads(proc.stdout))
     chart = _flat(tomllib.loads(rendered["default-values"].toml()))
-    on_purpose = {"listen", "log_format", "shutdown.drain_delay", "shutdown.close_window", "shutdown.timeout"}
+    on_purpose = {"listen", "internal_listen", "log_format", "auth.insecure",
+                  "shutdown.drain_delay", "shutdown.close_window", "shutdown.timeout"}
     errors = []
     for k in sorted(set(builtin) - set(chart)):
         if not k.startswith("broker."):
@@ -263,4 +431,5 @@ def test_chart_config_defaults_are_gateway_defaults(rendered, gateway_cmd):
     for k in sorted(set(builtin) & set(chart) - on_purpose):
         if builtin[k] != chart[k]:
             errors.append("%s: chart default %r, gateway default %r" % (k, chart[k], builtin[k]))
+    assert chart["internal_listen"] == "0.0.0.0:8001" and chart["auth.insecure"] is True, chart
     assert not errors, "\n".join(errors)

@@ -1,9 +1,12 @@
 """A live gateway scraped by a real Prometheus: the runs drive.py causes must show, exactly, in the
 gateway's /metrics, in Prometheus, in every dashboard query and in the alerts; and the helm test pod's
-command must pass against a gateway on the chart's configuration."""
+command must pass against a gateway on the chart's configuration. Producers, Prometheus and every /metrics,
+/readyz and /v1 request use the gateway's internal door; the WebSocket client its public door."""
 
 import re
 import time
+import urllib.error
+import urllib.request
 
 import pytest
 
@@ -68,7 +71,31 @@ def all_queries(dashboard, rules):
 
 
 def test_gateway_serves_healthz(gateway):
-    assert gateway.ready, "no answer on /healthz within 20 s\n" + gateway.tail()
+    assert gateway.ready, "no answer on /healthz of both doors within 20 s\n" + gateway.tail()
+
+
+def _status(url):
+    try:
+        with urllib.request.urlopen(url, timeout=5) as r:
+            return r.status
+    except urllib.error.HTTPError as e:
+        return e.code
+
+
+def test_public_door_serves_only_ws_and_healthz(gateway):
+    """What the chart's public Service, Ingress and HTTPRoute expose: /ws and /healthz; the API, /metrics and
+    /readyz are 404 there and 200 on the internal door, which has no /ws."""
+    if not gateway.ready:
+        pytest.fail("gateway not ready\n" + gateway.tail())
+    got = {(door, path): _status(base + path)
+           for door, base in (("public", gateway.url), ("internal", gateway.api))
+           for path in ("/healthz", "/readyz", "/metrics", "/v1/ledger", "/v1/deadletter")}
+    want = {(door, path): 200 if door == "internal" or path == "/healthz" else 404
+            for door, path in got}
+    assert got == want, got
+    import drive  # needs websockets, which only the live checks use
+    status, _ = drive.upgrade_status(gateway.api)
+    assert status == 404, "internal door answered /ws with %s" % status
 
 
 def test_prometheus_is_ready(prometheus):
@@ -85,8 +112,16 @@ def test_drive_runs_over_http_and_websocket(driven):
 
 def test_gateway_metrics_count_what_the_test_caused(driven, final_metrics):
     """The gateway's own totals say what the client saw: delivered = frames the client saw, 1 generated,
-    1 expired_unseen, 1 unresolved, 2 pending; each compared as one whole sample (name and exact labels)."""
+    1 expired_unseen, 1 unresolved, 2 pending; each compared as one whole sample (name and exact labels).
+    The upgrade of a foreign origin is one whole exposition line, and nothing was refused for protected mode
+    (the client is on loopback)."""
     m = final_metrics
+    lines = m.text.split("\n")
+    for line in ('agentwire_upgrades_refused_total{reason="origin"} %d' % driven["refused_origin"],
+                 'agentwire_upgrades_refused_total{reason="not_loopback"} 0'):
+        assert line in lines, "no line %r in /metrics:\n%s" % (
+            line, "\n".join(x for x in lines if x.startswith("agentwire_upgrades_refused_total")))
+    driven = {k: v for k, v in driven.items() if k != "refused_origin"}
     got = {"delivered": m.value("agentwire_events_delivered_total"),
            "emitted": m.value("agentwire_events_emitted_total"),
            "ingested": m.value("agentwire_events_ingested_total"),
@@ -100,7 +135,7 @@ def test_gateway_metrics_count_what_the_test_caused(driven, final_metrics):
 
 
 def test_prometheus_scraped_the_final_values(live, driven, prom_final):
-    _, prom = live
+    _, _, prom = live
     assert prom_final, "prometheus did not get the final values: delivered=%s, caused %s" % (
         d.prom_value(prom, "agentwire_events_delivered_total"), driven["delivered"])
 
@@ -122,7 +157,7 @@ def test_dashboard_and_alert_queries_name_only_exported_metrics(dashboard, rules
 def test_dashboard_and_alert_queries_evaluate_and_show_what_the_test_caused(live, driven, prom_final, dashboard, rules):
     """Every dashboard query and alert expression parses and evaluates in Prometheus; the delivery and
     loss panels show what the test caused; loss, unresolved and stalled alerts fire, the others do not."""
-    _, prom = live
+    _, _, prom = live
     exp = driven
     # Evaluate at the time of the last scrape: increase() then has no extrapolation past the last sample,
     # and its values are the exact counts.
@@ -180,7 +215,7 @@ def test_dashboard_and_alert_queries_evaluate_and_show_what_the_test_caused(live
 
 def test_prometheus_loaded_the_rules_and_events_lost_fires(live, driven, final_metrics):
     """Prometheus loaded the rules (health ok) and AgentwireEventsLost fires on the unresolved event."""
-    _, prom = live
+    _, _, prom = live
     deadline = time.monotonic() + 10
     while True:
         groups = d.get_json(prom + "/api/v1/rules")["data"]["groups"]
@@ -196,10 +231,15 @@ def test_prometheus_loaded_the_rules_and_events_lost_fires(live, driven, final_m
     assert "AgentwireEventsLost" in firing, firing
 
 
-def test_probe_passes_against_a_gateway_on_the_charts_config(probe_gateway, gateway_bin):
-    """`agentwire probe --url` (the helm test pod's command) exits 0 against a gateway on the chart's
+def test_probe_passes_against_a_gateway_on_the_charts_config(probe_gateway, gateway_bin, rendered):
+    """`agentwire probe --url <public> --api-url <internal>` (the helm test pod's command, with the two
+    Services' URLs replaced by the two doors of a local gateway) exits 0 against a gateway on the chart's
     default agentwire.toml."""
     if not probe_gateway.ready:
         pytest.fail("the gateway on the chart's agentwire.toml did not serve /healthz\n" + probe_gateway.tail())
-    proc = d.run([gateway_bin, "probe", "--url", probe_gateway.url], timeout=30, env=d.gateway_env())
+    args = rendered["default-values"].require().by[("Pod", "agentwire-probe")]["spec"]["containers"][0]["args"]
+    assert args == ["probe", "--url", "http://agentwire:8000", "--api-url", "http://agentwire-internal:8001"], args
+    args = [a.replace("http://agentwire:8000", probe_gateway.url).replace("http://agentwire-internal:8001", probe_gateway.api)
+            for a in args]
+    proc = d.run([gateway_bin, *args], timeout=30, env=d.gateway_env())
     assert proc.returncode == 0, d.output(proc)

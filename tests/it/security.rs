@@ -115,4 +115,12 @@ async fn without_browser_authentication_only_loopback_peers_may_connect() {
     let open = Gateway::start_on("0.0.0.0:0", |c| c.auth.insecure = true).await;
     let from_network = SocketAddr::new(outward_ip(), open.addr.port());
     assert_eq!(upgrade_status(from_network, None).await, 101);
+
+    // With browser authentication the door is open to every peer: the token decides.
+    let authenticated = Gateway::start_on("0.0.0.0:0", |c| {
+        c.auth.jwt_secret = Some("a-test-secret-of-at-least-32-bytes!!".into());
+    })
+    .await;
+    let from_network = SocketAddr::new(outward_ip(), authenticated.addr.port());
+    assert_eq!(upgrade_status(from_network, None).await, 101);
 }

@@ -124,7 +124,7 @@ fn admit(gateway: &Gateway, peer: SocketAddr, request: &Request<Incoming>) -> Re
     {
         return Err(Refused::Origin);
     }
-    if !auth.insecure && !peer.ip().to_canonical().is_loopback() {
+    if !auth.authenticates_browsers() && !auth.insecure && !peer.ip().to_canonical().is_loopback() {
         return Err(Refused::NotLoopback);
     }
     Ok(())

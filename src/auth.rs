@@ -1,0 +1,207 @@
+//! Browser identity: the JWT a client shows in `hello` (whose `sub` is its user id and whose
+//! `threads` claim lists the threads it may read) and the subscription tokens it may show for one
+//! thread. Verified with the key `[auth]` configures, against `exp`, `nbf`, `iss` and `aud`.
+
+use std::collections::HashSet;
+use std::time::{Duration, SystemTime};
+
+use jsonwebtoken::errors::ErrorKind;
+use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
+use serde::{Deserialize, Serialize};
+
+use crate::config::AuthConfig;
+use crate::metrics::Label;
+use crate::protocol::channel::check_id;
+
+/// Verifies browser tokens; present when `[auth]` configures a key.
+pub struct Verifier {
+    key: DecodingKey,
+    validation: Validation,
+}
+
+/// Who a connection is, from its token.
+#[derive(Debug, Clone)]
+pub struct Identity {
+    pub user_id: String,
+    /// Exact thread ids, or prefixes ending in `*`.
+    threads: Vec<String>,
+    /// When the token stops being valid.
+    pub expires: SystemTime,
+}
+
+/// Why a token or a subscription was refused, counted in `agentwire_auth_refused_total{reason}`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    /// `hello` without a token, while browsers must authenticate.
+    Missing,
+    Expired,
+    NotYetValid,
+    /// A bad signature, a wrong algorithm, issuer or audience, or not a JWT at all.
+    Invalid,
+    /// `hello.user_id` differs from the token's `sub`.
+    UserMismatch,
+    /// Neither the connection's token nor a subscription token allows the thread.
+    Thread,
+}
+
+impl Label for Refusal {
+    const ALL: &'static [Self] = &[
+        Self::Missing,
+        Self::Expired,
+        Self::NotYetValid,
+        Self::Invalid,
+        Self::UserMismatch,
+        Self::Thread,
+    ];
+
+    fn as_str(self) -> &'static str {
+        match self {
+            Self::Missing => "missing",
+            Self::Expired => "expired",
+            Self::NotYetValid => "not_yet_valid",
+            Self::Invalid => "invalid",
+            Self::UserMismatch => "user_mismatch",
+            Self::Thread => "thread",
+        }
+    }
+}
+
+impl Refusal {
+    /// What the client is told (never the token, never which check an attacker almost passed).
+    pub fn message(self) -> &'static str {
+        match self {
+            Self::Missing => "this gateway requires a token in hello",
+            Self::Expired => "the token has expired",
+            Self::NotYetValid => "the token is not valid yet",
+            Self::Invalid => "the token is not valid for this gateway",
+            Self::UserMismatch => "user_id differs from the token's sub",
+            Self::Thread => "not allowed to read this thread",
+        }
+    }
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct Claims {
+    sub: String,
+    exp: u64,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    threads: Vec<String>,
+    /// Subscription tokens: the one thread they allow.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    thread_id: Option<String>,
+}
+
+impl Verifier {
+    /// `None` when no key is configured (the configuration was checked at load).
+    pub fn new(config: &AuthConfig) -> Option<Self> {
+        let (key, algorithms) = config.decoding_key().ok()??;
+        let mut validation = Validation::new(algorithms[0]);
+        validation.algorithms = algorithms;
+        validation.leeway = config.jwt_leeway.as_secs();
+        validation.validate_nbf = true;
+        validation.required_spec_claims = HashSet::from(["exp".to_string(), "sub".to_string()]);
+        if let Some(issuer) = &config.jwt_issuer {
+            validation.set_issuer(&[issuer]);
+            validation.required_spec_claims.insert("iss".into());
+        }
+        match &config.jwt_audience {
+            Some(audience) => {
+                validation.set_audience(&[audience]);
+                validation.required_spec_claims.insert("aud".into());
+            }
+            None => validation.validate_aud = false,
+        }
+        Some(Self { key, validation })
+    }
+
+    fn claims(&self, token: &str) -> Result<Claims, Refusal> {
+        let claims = jsonwebtoken::decode::<Claims>(token, &self.key, &self.validation)
+            .map_err(|error| match error.kind() {
+                ErrorKind::ExpiredSignature => Refusal::Expired,
+                ErrorKind::ImmatureSignature => Refusal::NotYetValid,
+                _ => Refusal::Invalid,
+            })?
+            .claims;
+        check_id(&claims.sub).map_err(|_| Refusal::Invalid)?;
+        Ok(claims)
+    }
+
+    /// The identity a connection token proves; `claimed` is `hello.user_id`, if sent.
+    pub fn connection(&self, token: &str, claimed: Option<&str>) -> Result<Identity, Refusal> {
+        let claims = self.claims(token)?;
+        if claimed.is_some_and(|claimed| claimed != claims.sub) {
+            return Err(Refusal::UserMismatch);
+        }
+        Ok(Identity {
+            user_id: claims.sub,
+            threads: claims.threads,
+            expires: SystemTime::UNIX_EPOCH + Duration::from_secs(claims.exp),
+        })
+    }
+
+    /// Whether `token` is a subscription token of `user_id` for `thread_id`.
+    pub fn subscription(&self, token: &str, user_id: &str, thread_id: &str) -> Result<(), Refusal> {
+        let claims = self.claims(token)?;
+        if claims.sub != user_id || claims.thread_id.as_deref() != Some(thread_id) {
+            return Err(Refusal::Thread);
+        }
+        Ok(())
+    }
+}
+
+impl Identity {
+    /// Whether the connection token's `threads` claim lists `thread_id` (exactly, or by a
+    /// prefix ending in `*`).
+    pub fn may_read(&self, thread_id: &str) -> bool {
+        self.threads
+            .iter()
+            .any(|allowed| match allowed.strip_suffix('*') {
+                Some(prefix) => thread_id.starts_with(prefix),
+                None => allowed == thread_id,
+            })
+    }
+}
+
+/// A development token signed with an HMAC `secret` (HS256): `agentwire token`. `thread_id` makes
+/// it a subscription token for that thread.
+pub fn mint(
+    secret: &str,
+    user_id: &str,
+    threads: &[String],
+    thread_id: Option<&str>,
+    ttl: Duration,
+) -> anyhow::Result<String> {
+    let exp = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)?
+        .saturating_add(ttl)
+        .as_secs();
+    let claims = Claims {
+        sub: user_id.to_string(),
+        exp,
+        threads: threads.to_vec(),
+        thread_id: thread_id.map(str::to_string),
+    };
+    Ok(jsonwebtoken::encode(
+        &Header::new(Algorithm::HS256),
+        &claims,
+        &EncodingKey::from_secret(secret.as_bytes()),
+    )?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn thread_patterns() {
+        let identity = Identity {
+            user_id: "u".into(),
+            threads: vec!["t_1".into(), "team_a/*".into()],
+            expires: SystemTime::now(),
+        };
+        assert!(identity.may_read("t_1"));
+        assert!(!identity.may_read("t_10"));
+        assert!(identity.may_read("team_a/x"));
+        assert!(!identity.may_read("team_b/x"));
+    }
+}

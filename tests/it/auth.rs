@@ -1,0 +1,291 @@
+//! Browser identity and thread authorisation over real sockets: the token in `hello` names the
+//! user, each refusal closes with 4003 (or answers `forbidden`) and is counted, and a refused
+//! subscription creates no channel state. The key pairs in `tests/it/keys/` are test-only.
+
+use std::time::{Duration, SystemTime};
+
+use jsonwebtoken::{Algorithm, EncodingKey, Header};
+use serde_json::{Value, json};
+
+use crate::support::{Client, Gateway, assert_lines};
+
+const SECRET: &str = "a-test-secret-of-at-least-32-bytes!!";
+
+fn now() -> u64 {
+    SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+}
+
+fn key(file: &str) -> String {
+    std::fs::read_to_string(format!(
+        "{}/tests/it/keys/{file}",
+        env!("CARGO_MANIFEST_DIR")
+    ))
+    .unwrap()
+}
+
+fn signed(algorithm: Algorithm, key: &EncodingKey, claims: Value) -> String {
+    jsonwebtoken::encode(&Header::new(algorithm), &claims, key).unwrap()
+}
+
+fn hs256(claims: Value) -> String {
+    signed(
+        Algorithm::HS256,
+        &EncodingKey::from_secret(SECRET.as_bytes()),
+        claims,
+    )
+}
+
+async fn with_secret() -> Gateway {
+    Gateway::start_with(|c| c.auth.jwt_secret = Some(SECRET.into())).await
+}
+
+/// Sends `hello` and returns the first frame and, when the gateway closed, its close code.
+async fn hello(gateway: &Gateway, frame: Value) -> (Value, Option<u16>) {
+    let mut client = crate::support::raw(Client::connect(gateway.addr).await);
+    client.send(frame).await;
+    let first = client.recv().await;
+    if first["type"] == "welcome" {
+        return (first, None);
+    }
+    let code = client.closed().await;
+    (first, Some(code))
+}
+
+#[tokio::test]
+async fn the_token_names_the_user_and_the_user_channel_is_joined() {
+    let gateway = with_secret().await;
+    let token = hs256(json!({"sub": "u_alice", "exp": now() + 600}));
+    let mut client = crate::support::raw(Client::connect(gateway.addr).await);
+    client.send(json!({"type": "hello", "token": token})).await;
+    let welcome = client.recv().await;
+    assert_eq!(welcome["type"], "welcome", "{welcome}");
+    assert_eq!(welcome["user_id"], "u_alice");
+    assert_eq!(client.recv().await["channel"], "user:u_alice");
+    // The user channel is delivered to.
+    gateway
+        .publish(&[
+            json!({"type": "agent_thinking", "run_id": "r1", "user_id": "u_alice", "payload": {}}),
+        ])
+        .await;
+    assert_eq!(client.recv().await["type"], "agent_thinking");
+}
+
+#[tokio::test]
+async fn bad_tokens_are_refused_with_4003_and_counted() {
+    let gateway = Gateway::start_with(|c| {
+        c.auth.jwt_secret = Some(SECRET.into());
+        c.auth.jwt_issuer = Some("https://app.example".into());
+        c.auth.jwt_audience = Some("agentwire".into());
+        c.auth.jwt_leeway = Duration::ZERO;
+    })
+    .await;
+    let good = |extra: Value| {
+        let mut claims = json!({"sub": "u_1", "exp": now() + 600, "iss": "https://app.example", "aud": "agentwire"});
+        for (k, v) in extra.as_object().unwrap() {
+            claims[k] = v.clone();
+        }
+        claims
+    };
+    let other_secret = EncodingKey::from_secret(b"another-secret-of-at-least-32-bytes!!");
+    // {"alg":"none"} and no signature.
+    let none_alg = "eyJhbGciOiJub25lIiwidHlwIjoiSldUIn0.eyJzdWIiOiJ1XzEiLCJleHAiOjQxMDI0NDQ4MDB9.";
+    let cases: Vec<(&str, Value, &str)> = vec![
+        (
+            "missing",
+            json!({"type": "hello", "user_id": "u_1"}),
+            "missing",
+        ),
+        (
+            "garbage",
+            json!({"type": "hello", "user_id": "u_1", "token": "garbage"}),
+            "invalid",
+        ),
+        (
+            "alg none",
+            json!({"type": "hello", "token": none_alg}),
+            "invalid",
+        ),
+        (
+            "wrong key",
+            json!({"type": "hello", "token": signed(Algorithm::HS256, &other_secret, good(json!({})))}),
+            "invalid",
+        ),
+        (
+            "expired",
+            json!({"type": "hello", "token": hs256(good(json!({"exp": now() - 10})))}),
+            "expired",
+        ),
+        (
+            "not yet valid",
+            json!({"type": "hello", "token": hs256(good(json!({"nbf": now() + 600})))}),
+            "not_yet_valid",
+        ),
+        (
+            "wrong issuer",
+            json!({"type": "hello", "token": hs256(good(json!({"iss": "https://evil.example"})))}),
+            "invalid",
+        ),
+        (
+            "wrong audience",
+            json!({"type": "hello", "token": hs256(good(json!({"aud": "other"})))}),
+            "invalid",
+        ),
+        (
+            "user mismatch",
+            json!({"type": "hello", "user_id": "u_alice", "token": hs256(good(json!({})))}),
+            "user_mismatch",
+        ),
+    ];
+    for (name, frame, _) in &cases {
+        let (first, code) = hello(&gateway, frame.clone()).await;
+        assert_eq!(first["type"], "error", "{name}: {first}");
+        assert_eq!(first["code"], "unauthorized", "{name}: {first}");
+        assert_eq!(code, Some(4003), "{name}");
+    }
+    let metrics = gateway.metrics().await;
+    assert_lines(
+        &metrics,
+        &[
+            "agentwire_auth_refused_total{reason=\"missing\"} 1",
+            "agentwire_auth_refused_total{reason=\"invalid\"} 5",
+            "agentwire_auth_refused_total{reason=\"expired\"} 1",
+            "agentwire_auth_refused_total{reason=\"not_yet_valid\"} 1",
+            "agentwire_auth_refused_total{reason=\"user_mismatch\"} 1",
+            "agentwire_connections_closed_total{reason=\"unauthorized\"} 9",
+        ],
+    );
+    // Nobody joined the user channel they asked for.
+    assert_eq!(gateway.get("/v1/channels/user:u_alice").await.0, 404);
+    let (first, code) = hello(
+        &gateway,
+        json!({"type": "hello", "token": hs256(good(json!({})))}),
+    )
+    .await;
+    assert_eq!((first["type"].as_str(), code), (Some("welcome"), None));
+}
+
+#[tokio::test]
+async fn public_keys_verify_their_own_algorithm_and_refuse_the_hmac_confusion() {
+    for (public, private, algorithm) in [
+        ("rsa.pub.pem", "rsa.pem", Algorithm::RS256),
+        ("ec.pub.pem", "ec.pem", Algorithm::ES256),
+        ("ed.pub.pem", "ed.pem", Algorithm::EdDSA),
+    ] {
+        let pem = key(public);
+        let gateway = Gateway::start_with(|c| c.auth.jwt_public_key = Some(pem.clone())).await;
+        let private = key(private);
+        let encoding = match algorithm {
+            Algorithm::RS256 => EncodingKey::from_rsa_pem(private.as_bytes()),
+            Algorithm::ES256 => EncodingKey::from_ec_pem(private.as_bytes()),
+            _ => EncodingKey::from_ed_pem(private.as_bytes()),
+        }
+        .unwrap();
+        let token = signed(
+            algorithm,
+            &encoding,
+            json!({"sub": "u_k", "exp": now() + 600}),
+        );
+        let (first, code) = hello(&gateway, json!({"type": "hello", "token": token})).await;
+        assert_eq!(
+            (first["type"].as_str(), code),
+            (Some("welcome"), None),
+            "{public}: {first}"
+        );
+        // The public key, which anyone may hold, used as an HMAC secret.
+        let forged = signed(
+            Algorithm::HS256,
+            &EncodingKey::from_secret(pem.as_bytes()),
+            json!({"sub": "u_k", "exp": now() + 600}),
+        );
+        let (first, code) = hello(&gateway, json!({"type": "hello", "token": forged})).await;
+        assert_eq!(code, Some(4003), "{public}: {first}");
+    }
+}
+
+#[tokio::test]
+async fn threads_are_read_only_when_the_token_or_a_subscription_token_allows_it() {
+    let gateway = with_secret().await;
+    let token =
+        hs256(json!({"sub": "u_bob", "exp": now() + 600, "threads": ["t_own", "team_b/*"]}));
+    let mut client = crate::support::raw(Client::connect(gateway.addr).await);
+    client.send(json!({"type": "hello", "token": token})).await;
+    assert_eq!(client.recv().await["type"], "welcome");
+    assert_eq!(client.recv().await["type"], "subscribed");
+
+    client
+        .send(json!({"type": "subscribe", "thread_id": "t_own"}))
+        .await;
+    assert_eq!(client.recv().await["channel"], "thread:t_own");
+    client
+        .send(json!({"type": "subscribe", "thread_id": "team_b/42"}))
+        .await;
+    assert_eq!(client.recv().await["channel"], "thread:team_b/42");
+
+    gateway
+        .publish(&[json!({"type": "agent_thinking", "run_id": "r_s", "thread_id": "t_secret", "payload": {}})])
+        .await;
+    client
+        .send(json!({"type": "subscribe", "thread_id": "t_secret", "since": {"seq": 0}}))
+        .await;
+    let refused = client.recv().await;
+    assert_eq!(refused["code"], "forbidden", "{refused}");
+    // A subscription token for another thread, or another user's, does not help.
+    let for_other_thread =
+        hs256(json!({"sub": "u_bob", "exp": now() + 60, "thread_id": "t_other"}));
+    let for_other_user = hs256(json!({"sub": "u_eve", "exp": now() + 60, "thread_id": "t_secret"}));
+    for token in [for_other_thread, for_other_user] {
+        client
+            .send(json!({"type": "subscribe", "thread_id": "t_secret", "since": {"seq": 0}, "token": token}))
+            .await;
+        assert_eq!(client.recv().await["code"], "forbidden");
+    }
+    // Nothing of t_secret reached the client, and a never-seen thread got no state.
+    client
+        .send(json!({"type": "subscribe", "thread_id": "t_never"}))
+        .await;
+    assert_eq!(client.recv().await["code"], "forbidden");
+    assert_eq!(gateway.get("/v1/channels/thread:t_never").await.0, 404);
+    assert_eq!(gateway.channel("thread:t_secret").await["subscribers"], 0);
+
+    let granted = hs256(json!({"sub": "u_bob", "exp": now() + 60, "thread_id": "t_secret"}));
+    client
+        .send(json!({"type": "subscribe", "thread_id": "t_secret", "since": {"seq": 0}, "token": granted}))
+        .await;
+    let subscribed = client.recv().await;
+    assert_eq!(subscribed["channel"], "thread:t_secret", "{subscribed}");
+    assert_eq!(client.recv().await["type"], "agent_thinking");
+    assert_lines(
+        &gateway.metrics().await,
+        &[
+            "agentwire_auth_refused_total{reason=\"thread\"} 4",
+            "agentwire_client_errors_total{code=\"forbidden\"} 4",
+        ],
+    );
+}
+
+#[tokio::test]
+async fn agentwire_token_mints_what_the_gateway_accepts() {
+    let gateway = with_secret().await;
+    let output = crate::support::binary()
+        .args([
+            "token", "--user", "u_cli", "--thread", "t_cli", "--ttl", "5m",
+        ])
+        .env_clear()
+        .env("AGENTWIRE_AUTH__JWT_SECRET", SECRET)
+        .current_dir(std::env::temp_dir())
+        .output()
+        .unwrap();
+    assert!(output.status.success(), "{output:?}");
+    let token = String::from_utf8(output.stdout).unwrap().trim().to_string();
+    let mut client = crate::support::raw(Client::connect(gateway.addr).await);
+    client.send(json!({"type": "hello", "token": token})).await;
+    assert_eq!(client.recv().await["user_id"], "u_cli");
+    client.recv().await;
+    client
+        .send(json!({"type": "subscribe", "thread_id": "t_cli"}))
+        .await;
+    assert_eq!(client.recv().await["channel"], "thread:t_cli");
+}

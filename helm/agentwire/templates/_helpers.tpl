@@ -59,11 +59,28 @@ app.kubernetes.io/part-of: agentwire
 {{- if .Values.broker.existingSecret }}{{ .Values.broker.existingSecretKey }}{{ else }}redis-url{{ end }}
 {{- end }}
 
+{{/* The internal Service: the internal door (/v1/*, /metrics, /readyz), for the cluster only. */}}
+{{- define "agentwire.internalName" -}}
+{{- printf "%s-internal" (include "agentwire.fullname" . | trunc 54 | trimSuffix "-") }}
+{{- end }}
+
 {{/*
-Refuses what cannot work: several replicas on the embedded broker (each pod would hold its own channels,
-so a client on one pod would never see events published through another).
+Refuses what cannot work or is not safe to deploy:
+- no explicit auth.insecure: browser authentication is not in the gateway yet, and without it the gateway
+  admits WebSocket clients from loopback only, so no browser could connect through a Service; the only
+  deployable setting is auth.insecure behind something that authenticates. (When browser authentication
+  lands, this becomes "browser authentication configured, or auth.insecure".)
+- one port for both doors;
+- several replicas on the embedded broker (each pod would hold its own channels, so a client on one pod
+  would never see events published through another).
 */}}
 {{- define "agentwire.validate" -}}
+{{- if not (eq .Values.auth.insecure true) }}
+{{- fail "auth.insecure must be set to true explicitly: browser authentication is not available in this gateway yet, so without auth.insecure the gateway lets only loopback peers open /ws and no browser could connect through the Service. The only deployable setting is auth.insecure: true behind an authenticating proxy or on a trusted network; list the origins of your web app's pages in auth.allowedOrigins (docs/security.md)" }}
+{{- end }}
+{{- if eq (int .Values.containerPort) (int .Values.internalPort) }}
+{{- fail (printf "containerPort and internalPort are both %d: the public door and the internal door need a port each" (int .Values.containerPort)) }}
+{{- end }}
 {{- if not (include "agentwire.redis" .) }}
 {{- if gt (int .Values.replicaCount) 1 }}
 {{- fail (printf "replicaCount=%d needs the Redis broker: set broker.redisUrl or broker.existingSecret (the embedded broker keeps channels in one pod's memory)" (int .Values.replicaCount)) }}

@@ -1,6 +1,7 @@
-//! Browser identity: the JWT a client shows in `hello` (whose `sub` is its user id and whose
+//! Who is who. Browsers: the JWT a client shows in `hello` (whose `sub` is its user id and whose
 //! `threads` claim lists the threads it may read) and the subscription tokens it may show for one
-//! thread. Verified with the key `[auth]` configures, against `exp`, `nbf`, `iss` and `aud`.
+//! thread, verified with the key `[auth]` configures, against `exp`, `nbf`, `iss` and `aud`.
+//! Producers and operators: the keys they show on the internal door.
 
 use std::collections::HashSet;
 use std::time::{Duration, SystemTime};
@@ -8,6 +9,8 @@ use std::time::{Duration, SystemTime};
 use jsonwebtoken::errors::ErrorKind;
 use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
 use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use subtle::ConstantTimeEq;
 
 use crate::config::AuthConfig;
 use crate::metrics::Label;
@@ -188,6 +191,89 @@ pub fn mint(
     )?)
 }
 
+/// What a caller of the internal door wants to do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    /// Post events, register runs.
+    Producer,
+    /// Read the ledger, channels, runs and dead letters; redrive.
+    Operator,
+}
+
+/// Why the internal door refused a request, counted in `agentwire_api_refused_total{reason}`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ApiRefusal {
+    /// No `Authorization: Bearer` key.
+    Missing,
+    /// A key that is not one of the configured ones.
+    Invalid,
+    /// A key of the other role (a producer key on an operator endpoint, or the reverse).
+    WrongRole,
+}
+
+impl Label for ApiRefusal {
+    const ALL: &'static [Self] = &[Self::Missing, Self::Invalid, Self::WrongRole];
+
+    fn as_str(self) -> &'static str {
+        match self {
+            Self::Missing => "missing",
+            Self::Invalid => "invalid",
+            Self::WrongRole => "wrong_role",
+        }
+    }
+}
+
+/// The internal door's keys, kept as SHA-256 digests and compared in constant time (a digest has
+/// one length, so not even a key's length leaks).
+pub struct ApiKeys {
+    producers: Vec<[u8; 32]>,
+    operators: Vec<[u8; 32]>,
+}
+
+fn digest(key: &str) -> [u8; 32] {
+    Sha256::digest(key.as_bytes()).into()
+}
+
+impl ApiKeys {
+    pub fn new(config: &AuthConfig) -> Self {
+        let digests = |keys: &[String]| keys.iter().map(|k| digest(k)).collect();
+        Self {
+            producers: digests(&config.producer_keys),
+            operators: digests(&config.operator_keys),
+        }
+    }
+
+    fn holds(keys: &[[u8; 32]], presented: &[u8; 32]) -> bool {
+        // Every key is compared, so the time does not tell which one matched.
+        keys.iter()
+            .fold(0u8, |found, key| found | key.ct_eq(presented).unwrap_u8())
+            == 1
+    }
+
+    /// Whether `bearer` may act as `role`. `Ok` carries the key's id (the first 8 hex digits of its
+    /// digest), which scopes what that key does (its `event_id`s); `Ok(None)` when the role has no
+    /// keys configured (allowed only on a loopback internal door: checked at load).
+    pub fn admit(&self, role: Role, bearer: Option<&str>) -> Result<Option<String>, ApiRefusal> {
+        let (own, other) = match role {
+            Role::Producer => (&self.producers, &self.operators),
+            Role::Operator => (&self.operators, &self.producers),
+        };
+        if own.is_empty() {
+            return Ok(None);
+        }
+        let presented = digest(bearer.ok_or(ApiRefusal::Missing)?);
+        if Self::holds(own, &presented) {
+            let id = presented[..4].iter().map(|b| format!("{b:02x}")).collect();
+            return Ok(Some(id));
+        }
+        Err(if Self::holds(other, &presented) {
+            ApiRefusal::WrongRole
+        } else {
+            ApiRefusal::Invalid
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -203,5 +289,28 @@ mod tests {
         assert!(!identity.may_read("t_10"));
         assert!(identity.may_read("team_a/x"));
         assert!(!identity.may_read("team_b/x"));
+    }
+
+    #[test]
+    fn api_keys_by_role() {
+        let config = AuthConfig {
+            producer_keys: vec!["producer-key-0001".into(), "producer-key-0002".into()],
+            operator_keys: vec!["operator-key-0001".into()],
+            ..AuthConfig::default()
+        };
+        let keys = ApiKeys::new(&config);
+        let producer = keys.admit(Role::Producer, Some("producer-key-0002"));
+        assert!(matches!(producer, Ok(Some(ref id)) if id.len() == 8));
+        assert_eq!(keys.admit(Role::Producer, None), Err(ApiRefusal::Missing));
+        assert_eq!(
+            keys.admit(Role::Producer, Some("nope")),
+            Err(ApiRefusal::Invalid)
+        );
+        assert_eq!(
+            keys.admit(Role::Operator, Some("producer-key-0001")),
+            Err(ApiRefusal::WrongRole)
+        );
+        let open = ApiKeys::new(&AuthConfig::default());
+        assert_eq!(open.admit(Role::Operator, None), Ok(None));
     }
 }

@@ -22,6 +22,8 @@ pub struct Target {
     pub port: u16,
     /// The URL's path (`/` when it has none).
     pub path: String,
+    /// A key sent as `Authorization: Bearer` with every HTTP request.
+    pub bearer: Option<String>,
 }
 
 impl Target {
@@ -38,7 +40,16 @@ impl Target {
             host,
             port: uri.port_u16().unwrap_or(80),
             path: uri.path().to_string(),
+            bearer: None,
         })
+    }
+
+    /// The same target, with a key for its HTTP requests.
+    pub fn with_bearer(&self, key: Option<&str>) -> Self {
+        Self {
+            bearer: key.map(str::to_string),
+            ..self.clone()
+        }
     }
 
     pub fn authority(&self) -> String {
@@ -102,6 +113,7 @@ impl Target {
 pub struct Http {
     sender: hyper::client::conn::http1::SendRequest<Full<Bytes>>,
     authority: String,
+    bearer: Option<String>,
 }
 
 impl Http {
@@ -112,6 +124,7 @@ impl Http {
         Ok(Self {
             sender,
             authority: target.authority(),
+            bearer: target.bearer.clone(),
         })
     }
 
@@ -122,12 +135,15 @@ impl Http {
         body: Option<String>,
     ) -> anyhow::Result<(u16, Value)> {
         self.sender.ready().await?;
-        let request = Request::builder()
+        let mut request = Request::builder()
             .method(method)
             .uri(path)
             .header("host", &self.authority)
-            .header("content-type", "application/json")
-            .body(Full::new(Bytes::from(body.unwrap_or_default())))?;
+            .header("content-type", "application/json");
+        if let Some(key) = &self.bearer {
+            request = request.header("authorization", format!("Bearer {key}"));
+        }
+        let request = request.body(Full::new(Bytes::from(body.unwrap_or_default())))?;
         let response = self
             .sender
             .send_request(request)

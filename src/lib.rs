@@ -58,6 +58,8 @@ pub struct Gateway {
     pub broker: Arc<Broker>,
     /// Verifies browser tokens, when `[auth]` configures a key.
     pub verifier: Option<auth::Verifier>,
+    /// The internal door's producer and operator keys.
+    pub api_keys: auth::ApiKeys,
     pub resolver: Resolver,
     pub watchdog: Watchdog,
     pub shutdown: Shutdown,
@@ -70,6 +72,7 @@ impl Gateway {
         let metrics = Metrics::new();
         metrics::export::<watchdog::Violation>(&metrics.lifecycle_violations);
         metrics::export::<auth::Refusal>(&metrics.auth_refused);
+        metrics::export::<auth::ApiRefusal>(&metrics.api_refused);
         metrics::export::<watchdog::RunOutcome>(&metrics.runs_completed);
         metrics::export::<upstream::HandOffOutcome>(&metrics.upstream_messages);
         metrics.broker_up.set(i64::from(broker.is_up()));
@@ -77,6 +80,7 @@ impl Gateway {
             metrics: Arc::new(metrics),
             broker: Arc::new(broker),
             verifier: auth::Verifier::new(&config.auth),
+            api_keys: auth::ApiKeys::new(&config.auth),
             resolver: Resolver::new(config.resolve.clone()),
             watchdog: Watchdog::new(config.watchdog.clone()),
             shutdown: Shutdown::default(),

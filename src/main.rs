@@ -46,6 +46,17 @@ enum Command {
         /// The gateway's internal door (`/v1/*`).
         #[arg(long, default_value = "http://127.0.0.1:8001")]
         api_url: String,
+        /// A producer key, when the gateway asks for one (from the environment: keys on a command
+        /// line show in `ps`).
+        #[arg(long, env = "AGENTWIRE_PROBE_PRODUCER_KEY", hide_env_values = true)]
+        producer_key: Option<String>,
+        /// An operator key, when the gateway asks for one.
+        #[arg(long, env = "AGENTWIRE_PROBE_OPERATOR_KEY", hide_env_values = true)]
+        operator_key: Option<String>,
+        /// A browser token whose `threads` claim allows `agentwire-probe-*`, when the gateway
+        /// authenticates browsers.
+        #[arg(long, env = "AGENTWIRE_PROBE_TOKEN", hide_env_values = true)]
+        token: Option<String>,
         /// How long the whole check may take.
         #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
         timeout: std::time::Duration,
@@ -74,8 +85,20 @@ fn main() -> ExitCode {
         Command::Probe {
             url,
             api_url,
+            producer_key,
+            operator_key,
+            token,
             timeout,
-        } => probe(&url, &api_url, timeout),
+        } => probe(
+            &agentwire::tools::probe::Doors {
+                url,
+                api_url,
+                producer_key,
+                operator_key,
+                token,
+            },
+            timeout,
+        ),
         Command::Bench(args) => bench(args),
         Command::Config => match load(cli.config.as_deref()) {
             Ok(config) => {
@@ -157,7 +180,7 @@ fn token(
     }
 }
 
-fn probe(url: &str, api_url: &str, timeout: std::time::Duration) -> ExitCode {
+fn probe(doors: &agentwire::tools::probe::Doors, timeout: std::time::Duration) -> ExitCode {
     let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -168,7 +191,7 @@ fn probe(url: &str, api_url: &str, timeout: std::time::Duration) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(agentwire::tools::probe::run(url, api_url, timeout)) {
+    match runtime.block_on(agentwire::tools::probe::run(doors, timeout)) {
         Ok(report) => {
             let ledger = &report.ledger;
             println!(

@@ -86,6 +86,7 @@ pub struct Metrics {
     pub accept_errors: IntCounterVec,
     pub upgrades_refused: IntCounterVec,
     pub auth_refused: IntCounterVec,
+    pub api_refused: IntCounterVec,
     pub upstream_messages: IntCounterVec,
     events_offered_undelivered_oldest_age: Gauge,
 }
@@ -301,6 +302,12 @@ impl Metrics {
                 r,
                 "agentwire_upgrades_refused_total",
                 "WebSocket upgrades refused before a session existed, by reason (origin, not_loopback).",
+                "reason",
+            ),
+            api_refused: counter_vec(
+                r,
+                "agentwire_api_refused_total",
+                "Internal-door requests refused for their key, by reason (missing, invalid, wrong_role).",
                 "reason",
             ),
             auth_refused: counter_vec(

@@ -28,6 +28,12 @@ pub struct AuthConfig {
     /// Clock skew allowed on `exp` and `nbf`.
     #[serde(with = "humantime_serde")]
     pub jwt_leeway: Duration,
+    /// Keys producers show on the internal door (`Authorization: Bearer`) to post events and
+    /// register runs; several for rotation.
+    pub producer_keys: Vec<String>,
+    /// Keys operators show on the internal door to read the ledger, channels, runs and dead
+    /// letters and to redrive them.
+    pub operator_keys: Vec<String>,
     /// Origins besides the gateway's own that may open `/ws`: `https://app.example.com`, or with a
     /// wildcard label, `https://*.example.com`.
     pub allowed_origins: Vec<String>,
@@ -43,6 +49,8 @@ impl std::fmt::Debug for AuthConfig {
             .field("jwt_issuer", &self.jwt_issuer)
             .field("jwt_audience", &self.jwt_audience)
             .field("jwt_leeway", &self.jwt_leeway)
+            .field("producer_keys", &self.producer_keys.len())
+            .field("operator_keys", &self.operator_keys.len())
             .field("allowed_origins", &self.allowed_origins)
             .finish()
     }
@@ -57,6 +65,8 @@ impl Default for AuthConfig {
             jwt_issuer: None,
             jwt_audience: None,
             jwt_leeway: Duration::from_secs(30),
+            producer_keys: Vec::new(),
+            operator_keys: Vec::new(),
             allowed_origins: Vec::new(),
         }
     }

@@ -9,6 +9,9 @@ use figment::providers::{Env, Format, Serialized, Toml};
 
 use super::Config;
 
+/// An API key shorter than this is refused: it could be guessed.
+const MIN_API_KEY_BYTES: usize = 16;
+
 /// A configuration that cannot be used, with the key at fault.
 #[derive(Debug, thiserror::Error)]
 #[error("invalid configuration: `{key}`: {reason}")]
@@ -136,6 +139,21 @@ impl Config {
         {
             return fail("broker.redis_url", &format!("not a Redis URL: {error}"));
         }
+        let exposed = !self.internal_listen.ip().is_loopback() && !self.auth.insecure;
+        for (key, keys) in [
+            ("auth.producer_keys", &self.auth.producer_keys),
+            ("auth.operator_keys", &self.auth.operator_keys),
+        ] {
+            if keys.iter().any(|k| k.len() < MIN_API_KEY_BYTES) {
+                return fail(key, "each key must be at least 16 bytes");
+            }
+            if exposed && keys.is_empty() {
+                return fail(
+                    key,
+                    "required when internal_listen is not a loopback address (or set auth.insecure)",
+                );
+            }
+        }
         if let Err(reason) = self.auth.decoding_key() {
             let key = match self.auth.jwt_secret {
                 Some(_) => "auth.jwt_secret",
@@ -253,6 +271,17 @@ mod tests {
                 "broker.redis_url",
             ),
             ("AGENTWIRE_BROKER__CLAIM_IDLE", "1s", "broker.claim_idle"),
+            (
+                "AGENTWIRE_INTERNAL_LISTEN",
+                "0.0.0.0:8001",
+                "auth.producer_keys",
+            ),
+            (
+                "AGENTWIRE_AUTH__PRODUCER_KEYS",
+                "[short]",
+                "auth.producer_keys",
+            ),
+            ("AGENTWIRE_AUTH__JWT_SECRET", "short", "auth.jwt_secret"),
             ("AGENTWIRE_BROKER__CLAIM_IDLE", "1h", "broker.claim_idle"),
             (
                 "AGENTWIRE_BROKER__INGEST_STREAM",

@@ -12,6 +12,14 @@ impl Config {
         if shown.auth.jwt_secret.is_some() {
             shown.auth.jwt_secret = Some("***".into());
         }
+        for key in shown
+            .auth
+            .producer_keys
+            .iter_mut()
+            .chain(shown.auth.operator_keys.iter_mut())
+        {
+            *key = "***".into();
+        }
         toml::to_string_pretty(&shown).unwrap_or_else(|e| format!("# cannot render: {e}\n"))
     }
 }
@@ -56,6 +64,8 @@ mod tests {
         let mut config = Config::default();
         config.upstream.webhook_url = Some("http://hook:s3cret@agent:9000/hlink".into());
         config.auth.jwt_secret = Some("0123456789abcdef0123456789abcdef-secret".into());
+        config.auth.producer_keys = vec!["producer-s3cret".into()];
+        config.auth.operator_keys = vec!["operator-s3cret".into()];
         let shown = config.to_toml();
         assert!(
             !shown.contains("s3cret") && !shown.contains("abcdef-secret"),

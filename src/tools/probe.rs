@@ -27,21 +27,44 @@ pub struct Report {
     pub ledger: Value,
 }
 
-/// Runs the probe against the public door `url` and the internal door `api_url` (http only),
-/// within `limit`.
-pub async fn run(url: &str, api_url: &str, limit: Duration) -> anyhow::Result<Report> {
-    let target = Target::parse(url)?;
-    let api = Target::parse(api_url)?;
-    tokio::time::timeout(limit, probe(&target, &api))
+/// Where the probe goes, and what it shows there.
+pub struct Doors {
+    /// The public door (`/ws`).
+    pub url: String,
+    /// The internal door (`/v1/*`).
+    pub api_url: String,
+    pub producer_key: Option<String>,
+    pub operator_key: Option<String>,
+    /// A browser token that allows `agentwire-probe-*`.
+    pub token: Option<String>,
+}
+
+/// Runs the probe through both doors (http only), within `limit`.
+pub async fn run(doors: &Doors, limit: Duration) -> anyhow::Result<Report> {
+    let target = Target::parse(&doors.url)?;
+    let api = Target::parse(&doors.api_url)?;
+    let producer = api.with_bearer(doors.producer_key.as_deref());
+    let operator = api.with_bearer(doors.operator_key.as_deref());
+    let probed = probe(&target, &producer, &operator, doors.token.as_deref());
+    tokio::time::timeout(limit, probed)
         .await
         .with_context(|| format!("no complete answer within {} s", limit.as_secs_f64()))?
 }
 
-async fn probe(target: &Target, api: &Target) -> anyhow::Result<Report> {
+async fn probe(
+    target: &Target,
+    producer: &Target,
+    operator: &Target,
+    token: Option<&str>,
+) -> anyhow::Result<Report> {
     let id = format!("agentwire-probe-{:08x}", rand::random::<u32>());
     let mut ws = target.websocket(target.connect().await?).await?;
 
-    send(&mut ws, &json!({"type": "hello", "user_id": id})).await?;
+    let hello = match token {
+        Some(token) => json!({"type": "hello", "token": token}),
+        None => json!({"type": "hello", "user_id": id}),
+    };
+    send(&mut ws, &hello).await?;
     expect_type(&mut ws, "welcome").await?;
     expect_type(&mut ws, "subscribed").await?;
     send(&mut ws, &json!({"type": "subscribe", "thread_id": id})).await?;
@@ -54,7 +77,7 @@ async fn probe(target: &Target, api: &Target) -> anyhow::Result<Report> {
         .map(|kind| json!({"type": kind, "run_id": run_id, "thread_id": id, "payload": {"tool_call_id": "probe_call", "probe": true}}))
         .collect();
     let started = Instant::now();
-    let (status, answer) = api
+    let (status, answer) = producer
         .http("POST", "/v1/events", Some(Value::from(events).to_string()))
         .await?;
     ensure!(
@@ -82,7 +105,7 @@ async fn probe(target: &Target, api: &Target) -> anyhow::Result<Report> {
     let _ = ws.write_frame(Frame::close(1000, b"")).await;
 
     let channel = format!("thread:{id}");
-    let (status, ledger) = api
+    let (status, ledger) = operator
         .http("GET", &format!("/v1/channels/{channel}"), None)
         .await?;
     ensure!(

@@ -289,3 +289,43 @@ async fn agentwire_token_mints_what_the_gateway_accepts() {
         .await;
     assert_eq!(client.recv().await["channel"], "thread:t_cli");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_probe_passes_a_gateway_that_asks_for_keys_and_tokens() {
+    const PRODUCER: &str = "probe-producer-key-01";
+    const OPERATOR: &str = "probe-operator-key-01";
+    let gateway = Gateway::start_with(|c| {
+        c.auth.jwt_secret = Some(SECRET.into());
+        c.auth.producer_keys = vec![PRODUCER.into()];
+        c.auth.operator_keys = vec![OPERATOR.into()];
+    })
+    .await;
+    let token =
+        hs256(json!({"sub": "u_probe", "exp": now() + 600, "threads": ["agentwire-probe-*"]}));
+    let (url, api) = (
+        format!("http://{}", gateway.addr),
+        format!("http://{}", gateway.internal),
+    );
+    let probe = |env: Vec<(&'static str, String)>| {
+        let (url, api) = (url.clone(), api.clone());
+        tokio::task::spawn_blocking(move || {
+            crate::support::binary()
+                .args(["probe", "--url", &url, "--api-url", &api, "--timeout", "5s"])
+                .env_clear()
+                .envs(env)
+                .output()
+                .unwrap()
+        })
+    };
+    let all = vec![
+        ("AGENTWIRE_PROBE_PRODUCER_KEY", PRODUCER.to_string()),
+        ("AGENTWIRE_PROBE_OPERATOR_KEY", OPERATOR.to_string()),
+        ("AGENTWIRE_PROBE_TOKEN", token),
+    ];
+    let output = probe(all.clone()).await.unwrap();
+    let out = String::from_utf8_lossy(&output.stdout);
+    assert!(out.starts_with("agentwire probe: ok"), "{out}");
+    let without_key = probe(all[1..].to_vec()).await.unwrap();
+    let out = String::from_utf8_lossy(&without_key.stdout);
+    assert!(out.contains("FAIL") && out.contains("401"), "{out}");
+}

@@ -7,7 +7,7 @@ use std::net::{IpAddr, SocketAddr};
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::http::HeaderValue;
 
-use crate::support::{Gateway, assert_lines, event, http};
+use crate::support::{Gateway, assert_lines, event, http, http_with};
 
 /// Opens `/ws` with an `Origin` header; the HTTP status the upgrade got.
 async fn upgrade_status(addr: SocketAddr, origin: Option<&str>) -> u16 {
@@ -123,4 +123,73 @@ async fn without_browser_authentication_only_loopback_peers_may_connect() {
     .await;
     let from_network = SocketAddr::new(outward_ip(), authenticated.addr.port());
     assert_eq!(upgrade_status(from_network, None).await, 101);
+}
+
+#[tokio::test]
+async fn the_internal_door_asks_producers_and_operators_for_their_own_keys() {
+    const PRODUCER: &str = "producer-key-000000001";
+    const OPERATOR: &str = "operator-key-000000001";
+    let gateway = Gateway::start_with(|c| {
+        c.auth.producer_keys = vec!["producer-key-old-000001".into(), PRODUCER.into()];
+        c.auth.operator_keys = vec![OPERATOR.into()];
+    })
+    .await;
+    let bearer = |key: &str| format!("Bearer {key}");
+    let post = |key: Option<String>| {
+        let internal = gateway.internal;
+        async move {
+            let body = event("agent_started", "run_k", "t_keys").to_string();
+            let auth: Vec<(&str, &str)> = key
+                .as_deref()
+                .map(|k| vec![("authorization", k)])
+                .unwrap_or_default();
+            http_with(
+                internal,
+                "POST",
+                "/v1/events",
+                &auth,
+                Some(("application/json", &body)),
+            )
+            .await
+        }
+    };
+    assert_eq!(post(None).await.0, 401);
+    assert_eq!(post(Some(bearer("guessed-key-0000000"))).await.0, 401);
+    assert_eq!(post(Some(bearer(OPERATOR))).await.0, 403);
+    // Nothing was taken in.
+    let operator = [("authorization", bearer(OPERATOR))];
+    let as_operator: Vec<(&str, &str)> = operator.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let (status, _) = http_with(
+        gateway.internal,
+        "GET",
+        "/v1/channels/thread:t_keys",
+        &as_operator,
+        None,
+    )
+    .await;
+    assert_eq!(status, 404);
+    assert_eq!(post(Some(bearer(PRODUCER))).await.0, 200);
+
+    let (status, _) = http(gateway.internal, "GET", "/v1/ledger", None).await;
+    assert_eq!(status, 401);
+    let as_producer = [("authorization", bearer(PRODUCER))];
+    let as_producer: Vec<(&str, &str)> =
+        as_producer.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let (status, _) = http_with(gateway.internal, "GET", "/v1/ledger", &as_producer, None).await;
+    assert_eq!(status, 403);
+    let (status, body) = http_with(gateway.internal, "GET", "/v1/ledger", &as_operator, None).await;
+    assert_eq!(status, 200, "{body}");
+    // Probes and scrapes need no key.
+    assert_eq!(http(gateway.internal, "GET", "/readyz", None).await.0, 200);
+    let (status, metrics) = http(gateway.internal, "GET", "/metrics", None).await;
+    assert_eq!(status, 200);
+    assert_lines(
+        &metrics,
+        &[
+            "agentwire_api_refused_total{reason=\"missing\"} 2",
+            "agentwire_api_refused_total{reason=\"invalid\"} 1",
+            "agentwire_api_refused_total{reason=\"wrong_role\"} 2",
+            "agentwire_events_ingested_total 1",
+        ],
+    );
 }

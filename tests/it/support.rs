@@ -185,6 +185,17 @@ pub async fn http(
     path: &str,
     body: Option<(&str, &str)>,
 ) -> (StatusCode, String) {
+    http_with(addr, method, path, &[], body).await
+}
+
+/// As [`http`], with extra request headers.
+pub async fn http_with(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: Option<(&str, &str)>,
+) -> (StatusCode, String) {
     let stream = TcpStream::connect(addr).await.unwrap();
     let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
         .await
@@ -196,6 +207,9 @@ pub async fn http(
         .header("host", addr.to_string());
     if let Some((content_type, _)) = body {
         request = request.header("content-type", content_type);
+    }
+    for (name, value) in headers {
+        request = request.header(*name, *value);
     }
     let request = request
         .body(Full::new(Bytes::from(

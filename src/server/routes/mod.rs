@@ -14,7 +14,9 @@ use serde_json::json;
 
 use super::Door;
 use crate::Gateway;
+use crate::auth::{ApiRefusal, Role};
 use crate::broker::BrokerError;
+use crate::metrics::{self, Label};
 
 mod health;
 mod operator;
@@ -67,6 +69,22 @@ async fn internal(
     method: &Method,
     request: Request<Incoming>,
 ) -> Response<Body> {
+    // The producer and operator API needs a key of its role; probes and scrapes need none.
+    let role = match (path, method) {
+        ("/v1/events" | "/v1/runs", &Method::POST) => Some(Role::Producer),
+        (p, _) if p.starts_with("/v1/") => Some(Role::Operator),
+        _ => None,
+    };
+    if let Some(role) = role {
+        let bearer = request
+            .headers()
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "));
+        if let Err(refusal) = gateway.api_keys.admit(role, bearer) {
+            return api_refused(&gateway, refusal);
+        }
+    }
     match (path, method) {
         ("/v1/events", &Method::POST) => events(&gateway, request).await,
         ("/v1/runs", &Method::POST) => runs(&gateway, request).await,
@@ -81,6 +99,32 @@ async fn internal(
         ("/readyz", &Method::GET) => ready(&gateway),
         ("/metrics", &Method::GET) => metrics(&gateway),
         _ => not_routed(path, method, Door::Internal),
+    }
+}
+
+/// 401 (no or an unknown key) or 403 (a key of the other role), counted.
+fn api_refused(gateway: &Gateway, refusal: ApiRefusal) -> Response<Body> {
+    metrics::count(&gateway.metrics.api_refused, refusal);
+    tracing::debug!(reason = refusal.as_str(), "Refused an API request.");
+    match refusal {
+        ApiRefusal::WrongRole => error(
+            StatusCode::FORBIDDEN,
+            "forbidden",
+            "this key may not use this endpoint (producer keys post; operator keys read and redrive)",
+            None,
+        ),
+        ApiRefusal::Missing | ApiRefusal::Invalid => {
+            let mut response = error(
+                StatusCode::UNAUTHORIZED,
+                "unauthorized",
+                "this endpoint needs Authorization: Bearer <key> with a key of auth.producer_keys or auth.operator_keys",
+                None,
+            );
+            response
+                .headers_mut()
+                .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+            response
+        }
     }
 }
 

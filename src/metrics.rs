@@ -59,6 +59,7 @@ pub struct Metrics {
     events_pending_resolution: IntGauge,
     pub unresolved_run_ids: IntCounter,
     pub runs_registered: IntCounter,
+    pub run_conflicts: IntCounter,
     pub delivery_latency: Histogram,
     pub fanout_frames_sent: IntCounter,
     channels: IntGauge,
@@ -169,6 +170,11 @@ impl Metrics {
                 r,
                 "agentwire_runs_registered_total",
                 "Run registrations (POST /v1/runs or agent_started with a thread).",
+            ),
+            run_conflicts: counter(
+                r,
+                "agentwire_run_conflicts_total",
+                "Registrations refused because the run is registered to another thread or user.",
             ),
             delivery_latency: register(
                 r,

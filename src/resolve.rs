@@ -186,6 +186,15 @@ impl Resolver {
         events
     }
 
+    /// Where `run_id` is registered here within its TTL, when that is another channel than
+    /// `target`'s: a registration is never re-pointed.
+    pub fn conflict(&self, run_id: &str, target: &RunTarget) -> Option<ChannelName> {
+        let registered =
+            self.state()
+                .registered(run_id, self.config.registry_ttl, Instant::now())?;
+        (Some(&registered) != target.channel().as_ref()).then_some(registered)
+    }
+
     /// The channel of `event`, or `None` if nothing names one yet.
     pub fn resolve(&self, event: &Event) -> Option<ChannelName> {
         if let Some(thread) = &event.thread_id {

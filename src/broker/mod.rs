@@ -213,10 +213,15 @@ impl Broker {
     }
 
     /// Records where a run's events go: in Redis mode in the shared registry, announced to every
-    /// replica. The embedded broker has no registry beyond the resolver's.
-    pub async fn register(&self, run_id: &str, target: &RunTarget) -> Result<(), BrokerError> {
+    /// replica; `Some` is the registration already there for another channel (nothing changed).
+    /// The embedded broker has no registry beyond the resolver's.
+    pub async fn register(
+        &self,
+        run_id: &str,
+        target: &RunTarget,
+    ) -> Result<Option<RunTarget>, BrokerError> {
         match self {
-            Self::Memory(_) => Ok(()),
+            Self::Memory(_) => Ok(None),
             Self::Redis(redis) => redis.register(run_id, target).await,
         }
     }

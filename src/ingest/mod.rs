@@ -19,7 +19,7 @@ use serde::Serialize;
 
 pub use body::{BodyError, split};
 pub use redrive::{RedriveOutcome, Redriven, redrive};
-pub use registration::{expire_pending, register};
+pub use registration::{RegisterError, expire_pending, register};
 pub use stalls::report_stalls;
 pub use upward::consume;
 
@@ -69,16 +69,27 @@ impl ItemResult {
 pub async fn ingest(gateway: &Gateway, items: &[&str]) -> Vec<ItemResult> {
     let mut results = Vec::with_capacity(items.len());
     for raw in items {
-        results.push(match event::parse(raw, gateway.config.ingest.max_event_bytes) {
-            Ok(event) => accept(gateway, event, None).await,
-            Err(refusal) => {
-                gateway.metrics.events_rejected.with_label_values(&[refusal.code.as_str()]).inc();
-                tracing::debug!(field = refusal.field.as_deref(), reason = %refusal.reason, "Refused an event.");
-                ItemResult::Error(refusal)
-            }
-        });
+        results.push(
+            match event::parse(raw, gateway.config.ingest.max_event_bytes) {
+                Ok(event) => accept(gateway, event, None).await,
+                Err(refusal) => {
+                    count_refusal(gateway, &refusal);
+                    ItemResult::Error(refusal)
+                }
+            },
+        );
     }
     results
+}
+
+/// The one place a refused event is counted and logged.
+fn count_refusal(gateway: &Gateway, refusal: &Refusal) {
+    gateway
+        .metrics
+        .events_rejected
+        .with_label_values(&[refusal.code.as_str()])
+        .inc();
+    tracing::debug!(field = refusal.field.as_deref(), reason = %refusal.reason, "Refused an event.");
 }
 
 /// Accepts one valid event: dedupe, register (for `agent_started` with a thread), resolve, publish.
@@ -110,7 +121,15 @@ async fn accept_in(
         gateway.metrics.events_duplicate.inc();
         return Ok(ItemResult::Duplicate);
     }
-    register_start(gateway, &event).await?;
+    match register_start(gateway, &event).await {
+        Ok(()) => {}
+        Err(RegisterError::Conflict) => {
+            let refusal = Refusal::run_conflict();
+            count_refusal(gateway, &refusal);
+            return Ok(ItemResult::Error(refusal));
+        }
+        Err(RegisterError::Broker(error)) => return Err(error),
+    }
     if let Some(channel) = resolve(gateway, &event).await? {
         // Earlier events of its run are being released; it goes behind them.
         let event = match gateway.resolver.hold_behind(event) {
@@ -181,7 +200,7 @@ async fn accepted(
 
 /// An `agent_started` that names its thread registers its run, so that later events carrying only
 /// the run id find the thread.
-pub(crate) async fn register_start(gateway: &Gateway, event: &Event) -> Result<(), BrokerError> {
+pub(crate) async fn register_start(gateway: &Gateway, event: &Event) -> Result<(), RegisterError> {
     if event.kind == EventType::AgentStarted
         && let (Some(run_id), Some(thread_id)) = (&event.run_id, &event.thread_id)
     {

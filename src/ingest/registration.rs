@@ -11,15 +11,33 @@ use crate::protocol::run::RunTarget;
 use crate::resolve::Held;
 use crate::{Gateway, telemetry};
 
+/// Why a run was not registered.
+#[derive(Debug, thiserror::Error)]
+pub enum RegisterError {
+    /// It is registered to another thread or user within `resolve.registry_ttl`.
+    #[error("this run is registered to another thread or user")]
+    Conflict,
+    #[error(transparent)]
+    Broker(#[from] BrokerError),
+}
+
 /// Registers a run (in Redis mode in the shared registry, announced to every replica) and
-/// publishes, in arrival order, the events that were waiting for it here.
+/// publishes, in arrival order, the events that were waiting for it here. A registration is never
+/// re-pointed: a run registered to another channel is refused (and counted), so nobody can move
+/// another producer's run into their own thread.
 pub async fn register(
     gateway: &Gateway,
     run_id: &str,
     target: RunTarget,
-) -> Result<usize, BrokerError> {
+) -> Result<usize, RegisterError> {
+    let conflict = gateway.resolver.conflict(run_id, &target).is_some()
+        || gateway.broker.register(run_id, &target).await?.is_some();
+    if conflict {
+        gateway.metrics.run_conflicts.inc();
+        tracing::info!(run_id, "Refused to re-point a registered run.");
+        return Err(RegisterError::Conflict);
+    }
     gateway.metrics.runs_registered.inc();
-    gateway.broker.register(run_id, &target).await?;
     Ok(release(gateway, run_id, target).await)
 }
 

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use tokio::sync::Semaphore;
 use tokio_util::task::TaskTracker;
 
-use super::{emit, lost_unresolved, register_start, release, resolve};
+use super::{RegisterError, emit, lost_unresolved, register_start, release, resolve};
 use crate::broker::{Announcement, BrokerError, StreamEvent, Taken, Upward, now_ms};
 use crate::{Gateway, telemetry};
 
@@ -85,7 +85,25 @@ async fn take(
     {
         return Ok(Taken::Later);
     }
-    register_start(gateway, &event).await?;
+    match register_start(gateway, &event).await {
+        Ok(()) => {}
+        // Taken (acknowledged) and counted, not published: the run stays where it is registered.
+        Err(RegisterError::Conflict) => {
+            let refusal = crate::protocol::event::Refusal::run_conflict();
+            gateway
+                .metrics
+                .events_rejected
+                .with_label_values(&[refusal.code.as_str()])
+                .inc();
+            tracing::warn!(
+                entry_id,
+                run_id = event.run_id.as_deref(),
+                "Ingest entry refused: its run is registered to another thread or user."
+            );
+            return Ok(Taken::Done);
+        }
+        Err(RegisterError::Broker(error)) => return Err(error),
+    }
     match resolve(gateway, &event).await? {
         Some(channel) => {
             let span = telemetry::ingest_span(&event);

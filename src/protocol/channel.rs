@@ -78,7 +78,7 @@ pub enum IdError {
     Empty,
     #[error("must be at most 256 bytes")]
     TooLong,
-    #[error("must not contain control characters or whitespace")]
+    #[error("must not contain control characters, whitespace or invisible formatting characters")]
     BadCharacter,
 }
 
@@ -90,10 +90,28 @@ pub fn check_id(id: &str) -> Result<(), IdError> {
     if id.len() > MAX_ID_LEN {
         return Err(IdError::TooLong);
     }
-    if id.chars().any(|c| c.is_control() || c.is_whitespace()) {
+    if id
+        .chars()
+        .any(|c| c.is_control() || c.is_whitespace() || is_format(c))
+    {
         return Err(IdError::BadCharacter);
     }
     Ok(())
+}
+
+/// Unicode format characters (category Cf) that change how an id looks without being seen: bidi
+/// overrides and isolates, zero-width characters, the soft hyphen, the byte-order mark, tag
+/// characters. Two ids that look the same must be the same id.
+fn is_format(c: char) -> bool {
+    matches!(c,
+        '\u{00AD}' | '\u{061C}' | '\u{180E}'
+        | '\u{200B}'..='\u{200F}'
+        | '\u{202A}'..='\u{202E}'
+        | '\u{2060}'..='\u{2064}'
+        | '\u{2066}'..='\u{206F}'
+        | '\u{FEFF}'
+        | '\u{FFF9}'..='\u{FFFB}'
+        | '\u{E0001}' | '\u{E0020}'..='\u{E007F}')
 }
 
 #[cfg(test)]
@@ -107,6 +125,14 @@ mod tests {
             expected,
             "{input}"
         );
+    }
+
+    #[test]
+    fn invisible_characters_are_not_ids() {
+        for id in ["t\u{202E}gpj.exe", "t\u{200B}1", "\u{FEFF}t", "t\u{2066}x"] {
+            assert_eq!(check_id(id), Err(IdError::BadCharacter), "{id:?}");
+        }
+        assert_eq!(check_id("thread-ü-日本"), Ok(()));
     }
 
     #[test]

@@ -101,14 +101,17 @@ pub enum RefusalCode {
     TooLarge,
     MissingField,
     InvalidField,
+    /// An `agent_started` whose run is registered to another thread or user.
+    RunConflict,
 }
 
 impl RefusalCode {
-    pub const ALL: [RefusalCode; 4] = [
+    pub const ALL: [RefusalCode; 5] = [
         Self::InvalidJson,
         Self::TooLarge,
         Self::MissingField,
         Self::InvalidField,
+        Self::RunConflict,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -117,11 +120,21 @@ impl RefusalCode {
             Self::TooLarge => "too_large",
             Self::MissingField => "missing_field",
             Self::InvalidField => "invalid_field",
+            Self::RunConflict => "run_conflict",
         }
     }
 }
 
 impl Refusal {
+    /// The run is registered to another thread or user: a registration is never re-pointed.
+    pub fn run_conflict() -> Self {
+        Self {
+            code: RefusalCode::RunConflict,
+            field: Some("run_id".into()),
+            reason: "this run is registered to another thread or user".into(),
+        }
+    }
+
     fn missing(field: &str, reason: impl Into<String>) -> Self {
         Self {
             code: RefusalCode::MissingField,

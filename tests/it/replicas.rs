@@ -772,3 +772,28 @@ async fn an_ingest_entry_whose_run_never_registers_becomes_a_shared_dead_letter(
         1.0
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_run_registered_on_one_replica_cannot_be_re_pointed_on_another() {
+    let redis = Redis::start().await;
+    let a = on_redis(&redis, |_| {}).await;
+    let b = on_redis(&redis, |_| {}).await;
+    let register = |thread: &str| json!({"run_id": "run_x", "thread_id": thread}).to_string();
+    assert_eq!(a.post("/v1/runs", &register("t_owner")).await.0, 200);
+    let (status, body) = b.post("/v1/runs", &register("t_thief")).await;
+    assert_eq!(
+        (status.as_u16(), body["error"].as_str()),
+        (409, Some("run_conflict")),
+        "{body}"
+    );
+    assert_eq!(
+        b.post("/v1/runs", &register("t_owner")).await.0,
+        200,
+        "the same registration"
+    );
+    assert_eq!(
+        b.metric("agentwire_run_conflicts_total").await,
+        1.0,
+        "counted where it was refused"
+    );
+}

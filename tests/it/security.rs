@@ -193,3 +193,91 @@ async fn the_internal_door_asks_producers_and_operators_for_their_own_keys() {
         ],
     );
 }
+
+/// A web page can POST text/plain or a form to any address without a CORS preflight; only the
+/// JSON types are taken, so a page cannot post into a gateway on the visitor's machine.
+#[tokio::test]
+async fn only_json_bodies_are_taken() {
+    let gateway = Gateway::start().await;
+    let body = event("agent_started", "run_m", "t_media").to_string();
+    for media in [
+        "text/plain",
+        "application/x-www-form-urlencoded",
+        "multipart/form-data",
+    ] {
+        let (status, answer) =
+            http(gateway.internal, "POST", "/v1/events", Some((media, &body))).await;
+        assert_eq!(status, 415, "{media}: {answer}");
+        let (status, _) = http(
+            gateway.internal,
+            "POST",
+            "/v1/runs",
+            Some((media, r#"{"run_id":"run_m","thread_id":"t_evil"}"#)),
+        )
+        .await;
+        assert_eq!(status, 415, "{media}");
+    }
+    let (status, _) = http(gateway.internal, "POST", "/v1/events", None).await;
+    assert_eq!(status, 415, "no Content-Type");
+    assert_eq!(gateway.get("/v1/channels/thread:t_media").await.0, 404);
+    assert_lines(
+        &gateway.metrics().await,
+        &[
+            "agentwire_events_rejected_total{reason=\"media_type\"} 4",
+            "agentwire_events_ingested_total 0",
+        ],
+    );
+    let (status, _) = http(
+        gateway.internal,
+        "POST",
+        "/v1/events",
+        Some(("application/json; charset=utf-8", &body)),
+    )
+    .await;
+    assert_eq!(status, 200);
+}
+
+#[tokio::test]
+async fn a_registered_run_cannot_be_re_pointed() {
+    let gateway = Gateway::start().await;
+    let register = |thread: &str| {
+        serde_json::json!({"run_id": "run_bob", "thread_id": thread, "user_id": "u_bob"})
+            .to_string()
+    };
+    let (status, _) = gateway.post("/v1/runs", &register("t_bob")).await;
+    assert_eq!(status, 200);
+    let (status, body) = gateway.post("/v1/runs", &register("t_attacker")).await;
+    assert_eq!(
+        (status.as_u16(), body["error"].as_str()),
+        (409, Some("run_conflict")),
+        "{body}"
+    );
+    // The same registration again is fine.
+    assert_eq!(gateway.post("/v1/runs", &register("t_bob")).await.0, 200);
+    // An agent_started naming another thread cannot move it either: that item is refused.
+    let (status, body) = gateway
+        .post(
+            "/v1/events",
+            &event("agent_started", "run_bob", "t_attacker").to_string(),
+        )
+        .await;
+    assert_eq!(status, 400, "{body}");
+    assert_eq!(body["results"][0]["code"], "run_conflict", "{body}");
+
+    let mut bob = gateway.client("u_bob").await;
+    bob.subscribe("t_bob", None).await;
+    gateway
+        .publish(&[
+            serde_json::json!({"type": "agent_thinking", "run_id": "run_bob", "payload": {}}),
+        ])
+        .await;
+    assert_eq!(bob.events(1).await[0]["channel"], "thread:t_bob");
+    assert_eq!(gateway.get("/v1/channels/thread:t_attacker").await.0, 404);
+    assert_lines(
+        &gateway.metrics().await,
+        &[
+            "agentwire_run_conflicts_total 2",
+            "agentwire_events_rejected_total{reason=\"run_conflict\"} 1",
+        ],
+    );
+}

@@ -23,23 +23,44 @@ pub fn parse_target(value: &str) -> Option<RunTarget> {
 
 impl RedisBroker {
     /// Records a run's target in the shared registry and tells every replica.
-    pub async fn register(&self, run_id: &str, target: &RunTarget) -> Result<(), BrokerError> {
+    /// Records a run's target in the shared registry and tells every replica. A run registered
+    /// to another channel is left as it is: its target is returned instead (`SET NX GET`, one
+    /// step, so two replicas cannot both win).
+    pub async fn register(
+        &self,
+        run_id: &str,
+        target: &RunTarget,
+    ) -> Result<Option<RunTarget>, BrokerError> {
         let value = serde_json::json!({"thread_id": target.thread_id, "user_id": target.user_id})
             .to_string();
+        let ttl = self.registry_ttl.as_millis() as u64;
         let mut conn = self.conn();
-        let () = redis::pipe()
+        let existing: Option<String> = conn
             .set_options(
                 run_key(run_id),
                 &value,
                 redis::SetOptions::default()
-                    .with_expiration(redis::SetExpiry::PX(self.registry_ttl.as_millis() as u64)),
+                    .conditional_set(redis::ExistenceCheck::NX)
+                    .get(true)
+                    .with_expiration(redis::SetExpiry::PX(ttl)),
             )
-            .ignore()
+            .await?;
+        if let Some(existing) = existing.as_deref().and_then(parse_target)
+            && existing.channel() != target.channel()
+        {
+            return Ok(Some(existing));
+        }
+        let mut pipe = redis::pipe();
+        if existing.is_some() {
+            // The same registration again: it lives on from now.
+            pipe.pexpire(run_key(run_id), ttl as i64).ignore();
+        }
+        let () = pipe
             .publish(REGISTERED, format!("{run_id}\n{value}"))
             .ignore()
             .query_async(&mut conn)
             .await?;
-        Ok(())
+        Ok(None)
     }
 
     /// The registered target of a run, if any replica registered it within the TTL.

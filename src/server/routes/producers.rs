@@ -20,16 +20,24 @@ pub enum BodyRefusal {
     InvalidBody,
     TooLargeBody,
     TooManyItems,
+    /// Not `application/json` nor `application/x-ndjson` (415).
+    MediaType,
 }
 
 impl Label for BodyRefusal {
-    const ALL: &'static [Self] = &[Self::InvalidBody, Self::TooLargeBody, Self::TooManyItems];
+    const ALL: &'static [Self] = &[
+        Self::InvalidBody,
+        Self::TooLargeBody,
+        Self::TooManyItems,
+        Self::MediaType,
+    ];
 
     fn as_str(self) -> &'static str {
         match self {
             Self::InvalidBody => "invalid_body",
             Self::TooLargeBody => "too_large_body",
             Self::TooManyItems => "too_many_items",
+            Self::MediaType => "media_type",
         }
     }
 }
@@ -38,13 +46,14 @@ pub(super) async fn events(gateway: &Gateway, request: Request<Incoming>) -> Res
     if !gateway.broker.is_up() {
         return broker_unavailable(gateway, "Redis is unavailable; nothing was accepted");
     }
-    let ndjson = request
-        .headers()
-        .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| {
-            v.starts_with("application/x-ndjson") || v.starts_with("application/jsonl")
-        });
+    let ndjson = match media_type(&request).as_deref() {
+        Some("application/json") => false,
+        Some("application/x-ndjson") => true,
+        _ => {
+            count(&gateway.metrics.events_rejected, BodyRefusal::MediaType);
+            return unsupported_media_type("application/json or application/x-ndjson");
+        }
+    };
     let body = match read_body(
         request,
         gateway.config.ingest.max_request_bytes,
@@ -115,7 +124,31 @@ pub(super) async fn events(gateway: &Gateway, request: Request<Incoming>) -> Res
     response
 }
 
+/// The request's media type, lower-case, without parameters. Only the JSON types are taken: a
+/// browser may send `text/plain` or a form to any address without asking first (no CORS
+/// preflight), so a web page could otherwise post into a gateway on the visitor's localhost.
+fn media_type(request: &Request<Incoming>) -> Option<String> {
+    request
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split(';').next())
+        .map(|v| v.trim().to_ascii_lowercase())
+}
+
+fn unsupported_media_type(allowed: &str) -> Response<Body> {
+    error(
+        StatusCode::UNSUPPORTED_MEDIA_TYPE,
+        "unsupported_media_type",
+        &format!("Content-Type must be {allowed}"),
+        Some("content-type"),
+    )
+}
+
 pub(super) async fn runs(gateway: &Gateway, request: Request<Incoming>) -> Response<Body> {
+    if media_type(&request).as_deref() != Some("application/json") {
+        return unsupported_media_type("application/json");
+    }
     let body = match read_body(
         request,
         gateway.config.ingest.max_event_bytes,
@@ -179,8 +212,18 @@ pub(super) async fn runs(gateway: &Gateway, request: Request<Incoming>) -> Respo
     };
     let released = match ingest::register(gateway, &run_id, target).await {
         Ok(released) => released,
+        Err(ingest::RegisterError::Conflict) => {
+            return error(
+                StatusCode::CONFLICT,
+                "run_conflict",
+                "this run is registered to another thread or user; use a new run_id",
+                Some("run_id"),
+            );
+        }
         // A producer retries either way: it is answered 503 (an Internal error is also logged).
-        Err(e) => return broker_unavailable(gateway, &e.to_string()),
+        Err(ingest::RegisterError::Broker(e)) => {
+            return broker_unavailable(gateway, &e.to_string());
+        }
     };
     json_response(
         StatusCode::OK,

@@ -37,6 +37,10 @@ pub enum ClientFrame {
         seq: u64,
     },
     Ping,
+    /// A new connection token before the current one expires.
+    Refresh {
+        token: String,
+    },
     /// An HLink message (browser → agent): validated and passed upstream.
     Upstream(Box<UpstreamMessage>),
 }
@@ -139,6 +143,9 @@ pub fn decode(text: &str) -> Result<ClientFrame, FrameError> {
             })
         }
         "ping" => Ok(ClientFrame::Ping),
+        "refresh" => Ok(ClientFrame::Refresh {
+            token: token(&fields, "token")?,
+        }),
         other => match UPSTREAM_TYPES.iter().find(|t| **t == other) {
             Some(kind) => upstream(kind, &fields).map(|m| ClientFrame::Upstream(Box::new(m))),
             None => Err(FrameError::new(

@@ -81,6 +81,8 @@ pub mod close {
     pub const HELLO_MISSING: u16 = 4001;
     /// `hello`'s token was missing or refused.
     pub const UNAUTHORIZED: u16 = 4003;
+    /// The connection's token expired without a `refresh`.
+    pub const TOKEN_EXPIRED: u16 = 4004;
     pub const SLOW_CONSUMER: u16 = 4008;
 }
 
@@ -192,6 +194,16 @@ pub fn websocket_ack(message_id: &str, client_id: Option<&str>, entry_id: Option
 
 pub fn pong() -> Bytes {
     Bytes::from_static(br#"{"type":"pong"}"#)
+}
+
+/// The connection's token expires in `expires_in_ms`: send `refresh` with a new one.
+pub fn token_expiring(expires_in_ms: u64) -> Bytes {
+    frame(json!({"type": "token_expiring", "expires_in_ms": expires_in_ms}))
+}
+
+/// A `refresh` was accepted: the connection now lives until the new token expires.
+pub fn refreshed(expires_in_ms: u64) -> Bytes {
+    frame(json!({"type": "refreshed", "expires_in_ms": expires_in_ms}))
 }
 
 pub fn heartbeat() -> Bytes {

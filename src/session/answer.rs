@@ -1,10 +1,12 @@
 //! The session's answers to a client's messages: hello, the frames after it (subscribe,
 //! unsubscribe, ack, ping, HLink), the error frame, and leaving every channel at the end.
 
-use super::Session;
+use tokio::time::Instant;
+
 use super::ended::Ended;
 use super::message::Message;
-use crate::auth::Refusal;
+use super::{Session, TokenClock};
+use crate::auth::{Identity, Refusal};
 use crate::broker::{HandOff, HandOffError};
 use crate::fanout::Outgoing;
 use crate::metrics::{Label, count};
@@ -98,7 +100,7 @@ impl Session {
                 match verifier.connection(&token, claimed.as_deref()) {
                     Ok(identity) => {
                         let user_id = identity.user_id.clone();
-                        self.identity = Some(Box::new(identity));
+                        self.trust(identity);
                         user_id
                     }
                     Err(refusal) => return Some(self.unauthorized(refusal)),
@@ -126,6 +128,39 @@ impl Session {
         tracing::debug!(user_id, "Hello.");
         self.join(ChannelName::user(user_id), since).await;
         None
+    }
+
+    /// Takes a verified identity: its threads and its expiry.
+    fn trust(&mut self, identity: Identity) {
+        let leeway = self.gateway.config.auth.jwt_leeway;
+        self.token_clock = Some(TokenClock::new(identity.expires, leeway));
+        self.identity = Some(Box::new(identity));
+    }
+
+    /// A new token for the same user before the current one expires: the connection goes on,
+    /// with the new token's threads and expiry. A refused one changes nothing.
+    fn refresh(&mut self, token: &str) {
+        let Some(verifier) = &self.gateway.verifier else {
+            return self.error(
+                ErrorCode::InvalidFrame,
+                "this gateway does not authenticate browsers",
+            );
+        };
+        match verifier.connection(token, self.user_id.as_deref()) {
+            Ok(identity) => {
+                self.trust(identity);
+                let left = self.token_clock.as_ref().map_or(0, |c| {
+                    c.expires_at
+                        .saturating_duration_since(Instant::now())
+                        .as_millis() as u64
+                });
+                self.outbox.push(Outgoing::Frame(server::refreshed(left)));
+            }
+            Err(refusal) => {
+                count(&self.gateway.metrics.auth_refused, refusal);
+                self.error(ErrorCode::Unauthorized, refusal.message());
+            }
+        }
     }
 
     /// Refuses `hello`: counted, told, closed with 4003.
@@ -200,6 +235,7 @@ impl Session {
                     self.error(ErrorCode::InvalidAck, &error.to_string());
                 }
             }
+            Ok(ClientFrame::Refresh { token }) => self.refresh(&token),
             Ok(ClientFrame::Ping) => {
                 self.outbox.push(Outgoing::Frame(server::pong()));
             }

@@ -18,6 +18,8 @@ pub enum Ended {
     WriteFailed,
     /// `hello`'s token was missing or refused (4003).
     Unauthorized,
+    /// The connection's token expired without a `refresh` (4004).
+    TokenExpired,
 }
 
 impl Label for Ended {
@@ -33,6 +35,7 @@ impl Label for Ended {
         Self::Shutdown,
         Self::WriteFailed,
         Self::Unauthorized,
+        Self::TokenExpired,
     ];
 
     fn as_str(self) -> &'static str {
@@ -48,6 +51,7 @@ impl Label for Ended {
             Self::Shutdown => "shutdown",
             Self::WriteFailed => "write_failed",
             Self::Unauthorized => "unauthorized",
+            Self::TokenExpired => "token_expired",
         }
     }
 }

@@ -22,7 +22,7 @@ use tracing::Instrument;
 
 use crate::Gateway;
 use crate::auth::Identity;
-use crate::fanout::{Outbox, StoredEvent};
+use crate::fanout::{Outbox, Outgoing, StoredEvent};
 use crate::metrics::Label;
 use crate::protocol::ChannelName;
 use crate::protocol::server::{self, close};
@@ -58,6 +58,7 @@ pub async fn serve(gateway: Arc<Gateway>, stream: TcpStream, read: Bytes, connec
             channels: Vec::new(),
             user_id: None,
             identity: None,
+            token_clock: None,
             stream,
             inbox,
             reassembly: Reassembly::default(),
@@ -91,6 +92,39 @@ pub async fn serve(gateway: Arc<Gateway>, stream: TcpStream, read: Bytes, connec
     .await
 }
 
+/// When a connection's token runs out: `token_expiring` is sent at `warn_at`, and without a
+/// `refresh` the connection closes with 4004 at `expires_at` (the token's `exp` plus the leeway).
+struct TokenClock {
+    warn_at: Instant,
+    expires_at: Instant,
+    warned: bool,
+}
+
+impl TokenClock {
+    fn new(expires: std::time::SystemTime, leeway: Duration) -> Self {
+        let now = Instant::now();
+        let left = expires
+            .duration_since(std::time::SystemTime::now())
+            .unwrap_or_default();
+        let expires_at = now + left + leeway;
+        // A minute ahead, or half the token's remaining life when it is shorter.
+        let warn_at = now + left.saturating_sub(Duration::from_secs(60).min(left / 2));
+        Self {
+            warn_at,
+            expires_at,
+            warned: false,
+        }
+    }
+
+    fn next(&self) -> Instant {
+        if self.warned {
+            self.expires_at
+        } else {
+            self.warn_at
+        }
+    }
+}
+
 struct Session {
     gateway: Arc<Gateway>,
     connection_id: String,
@@ -99,8 +133,9 @@ struct Session {
     channels: Vec<ChannelName>,
     /// Set by the hello.
     user_id: Option<String>,
-    /// What the connection's token says, with browser authentication.
+    /// What the connection's token says, with browser authentication, and when it runs out.
     identity: Option<Box<Identity>>,
+    token_clock: Option<TokenClock>,
     stream: TcpStream,
     /// Bytes read and not yet parsed; empty (and unallocated) on an idle connection.
     inbox: BytesMut,
@@ -158,7 +193,11 @@ impl Session {
                 self.release_buffers();
             }
             let deadline = if self.user_id.is_some() {
-                (last_write + config.heartbeat).min(last_read + config.client_timeout)
+                let deadline =
+                    (last_write + config.heartbeat).min(last_read + config.client_timeout);
+                self.token_clock
+                    .as_ref()
+                    .map_or(deadline, |clock| deadline.min(clock.next()))
             } else {
                 started + config.hello_timeout
             };
@@ -171,6 +210,16 @@ impl Session {
                     let now = Instant::now();
                     if self.user_id.is_none() {
                         return self.close_now(close::HELLO_MISSING, "hello_timeout", Ended::HelloTimeout, limit).await;
+                    }
+                    if let Some(clock) = &mut self.token_clock {
+                        if now >= clock.expires_at {
+                            return self.close_now(close::TOKEN_EXPIRED, "token_expired", Ended::TokenExpired, limit).await;
+                        }
+                        if !clock.warned && now >= clock.warn_at {
+                            clock.warned = true;
+                            let left = clock.expires_at.saturating_duration_since(now);
+                            self.outbox.push(Outgoing::Frame(server::token_expiring(left.as_millis() as u64)));
+                        }
                     }
                     if now >= last_read + config.client_timeout {
                         return self.close_now(close::GOING_AWAY, "client_timeout", Ended::ClientTimeout, limit).await;

@@ -329,3 +329,61 @@ async fn the_probe_passes_a_gateway_that_asks_for_keys_and_tokens() {
     let out = String::from_utf8_lossy(&without_key.stdout);
     assert!(out.contains("FAIL") && out.contains("401"), "{out}");
 }
+
+/// A token that runs out: `token_expiring` ahead of it, `refresh` keeps the connection, and
+/// without one the connection closes with 4004; a reconnect with a fresh token resumes with
+/// exactly what was missed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tokens_are_refreshed_in_place_or_the_connection_closes_at_expiry() {
+    let gateway = Gateway::start_with(|c| {
+        c.auth.jwt_secret = Some(SECRET.into());
+        c.auth.jwt_leeway = Duration::ZERO;
+    })
+    .await;
+    let token = |ttl: u64| hs256(json!({"sub": "u_r", "exp": now() + ttl, "threads": ["t_r"]}));
+    let connect = |token: String| {
+        let addr = gateway.addr;
+        async move {
+            let mut client = crate::support::raw(Client::connect(addr).await);
+            client.send(json!({"type": "hello", "token": token})).await;
+            assert_eq!(client.recv().await["type"], "welcome");
+            client.recv().await;
+            client
+        }
+    };
+
+    let mut refreshed = connect(token(3)).await;
+    let expiring = refreshed.recv().await;
+    assert_eq!(expiring["type"], "token_expiring", "{expiring}");
+    assert!(expiring["expires_in_ms"].as_u64().unwrap() <= 3000);
+    refreshed
+        .send(json!({"type": "refresh", "token": token(600)}))
+        .await;
+    assert_eq!(refreshed.recv().await["type"], "refreshed");
+    // Another user's token is no refresh.
+    let other = hs256(json!({"sub": "u_other", "exp": now() + 600}));
+    refreshed
+        .send(json!({"type": "refresh", "token": other}))
+        .await;
+    assert_eq!(refreshed.recv().await["code"], "unauthorized");
+
+    let mut expired = connect(token(2)).await;
+    expired.subscribe("t_r", None).await;
+    assert_eq!(expired.recv().await["type"], "token_expiring");
+    assert_eq!(expired.closed().await, 4004);
+    gateway
+        .publish(&[json!({"type": "agent_thinking", "run_id": "r_r", "thread_id": "t_r", "payload": {"n": 1}})])
+        .await;
+    // The refreshed connection is still open past the first token's expiry.
+    refreshed.send(json!({"type": "ping"})).await;
+    assert_eq!(refreshed.recv().await["type"], "pong");
+
+    let mut back = connect(token(600)).await;
+    let subscribed = back.subscribe("t_r", Some(json!({"seq": 0}))).await;
+    assert_eq!(subscribed["replayed"], 1, "{subscribed}");
+    assert_eq!(back.events(1).await[0]["payload"]["n"], 1);
+    assert_lines(
+        &gateway.metrics().await,
+        &["agentwire_connections_closed_total{reason=\"token_expired\"} 1"],
+    );
+}

@@ -70,10 +70,35 @@ def gateway_cwd(work):
 
 @pytest.fixture(scope="session")
 def gateway_cmd(gateway_bin, gateway_cwd):
-    """Runs `agentwire ARGS...` to completion, without the caller's AGENTWIRE_* variables."""
-    def cmd(*args):
-        return d.run([gateway_bin, *args], cwd=gateway_cwd, env=d.gateway_env())
+    """Runs `agentwire ARGS...` to completion, without the caller's AGENTWIRE_* variables, with the given
+    environment variables (`env`) added."""
+    def cmd(*args, env=None):
+        return d.run([gateway_bin, *args], cwd=gateway_cwd, env=d.gateway_env(**(env or {})))
     return cmd
+
+
+# ------------------------------------------------------------------------------------------ test Secrets
+
+@pytest.fixture(scope="session")
+def test_secrets(gateway_cmd):
+    """The Secrets the ci values files and the checks name, as `kubectl create secret generic` would hold
+    them ({name: {key: text}}): agentwire-auth with the default key names (the HMAC secret, and a probe
+    token minted by `agentwire token` as the chart's README says), chat-gateway-auth with the key names of
+    all-enabled-values (a PEM public key), agentwire-redis with ha-redis-values' URL."""
+    proc = gateway_cmd("token", "--user", "probe", "--thread", "agentwire-probe-*", "--ttl", "8760h",
+                       env={"AGENTWIRE_AUTH__JWT_SECRET": d.JWT_SECRET})
+    if proc.returncode != 0:
+        pytest.fail("agentwire token failed:\n" + d.output(proc))
+    keys = {"producer": json.dumps(d.PRODUCER_KEYS), "operator": json.dumps(d.OPERATOR_KEYS)}
+    return {
+        "agentwire-auth": {"jwt-secret": d.JWT_SECRET, "producer-keys": keys["producer"],
+                           "operator-keys": keys["operator"], "probe-producer-key": d.PRODUCER_KEYS[1],
+                           "probe-operator-key": d.OPERATOR_KEYS[0], "probe-token": proc.stdout.strip()},
+        "chat-gateway-auth": {"jwt.pem": d.JWT_PUBLIC_KEY, "producers.json": keys["producer"],
+                              "operators.json": keys["operator"], "probe.producer": d.PRODUCER_KEYS[0],
+                              "probe.operator": d.OPERATOR_KEYS[0]},
+        "agentwire-redis": {"url": "redis://redis-master.redis.svc:6379/0"},
+    }
 
 
 # ------------------------------------------------------------------------------------------ the chart
@@ -117,6 +142,15 @@ def helm():
         base = ["--set", "auth.insecure=true"] if insecure else []
         return d.run(["helm", "template", "agentwire", d.CHART, *base, *args])
     return template
+
+
+@pytest.fixture(scope="session")
+def secret_rendered():
+    """The chart's defaults with auth.existingSecret=agentwire-auth (and no auth.insecure): what a production
+    install with browser authentication renders."""
+    proc = d.run(["helm", "template", "agentwire", d.CHART, "--set", "auth.existingSecret=agentwire-auth",
+                  "--namespace", "chat"])
+    return Rendered("auth.existingSecret=agentwire-auth", proc)
 
 
 # ------------------------------------------------------------------------------------------ live
@@ -257,6 +291,21 @@ def probe_gateway(gateway_bin, gateway_cwd, rendered, work):
     toml = work / "default-values.toml"
     toml.write_text(rendered["default-values"].toml())
     proc = start_gateway("gateway2", gateway_bin, gateway_cwd, work / "gateway2.log", ["--config", toml], 10)
+    yield proc
+    proc.stop()
+
+
+@pytest.fixture(scope="session")
+def secret_gateway(gateway_bin, gateway_cwd, secret_rendered, test_secrets, work):
+    """A gateway on the agentwire.toml and the environment the chart renders with auth.existingSecret (the
+    Deployment's secretKeyRefs resolved against the test Secret agentwire-auth: the HMAC secret and both
+    key lists), its two doors moved to free loopback ports. Yields the process, with .url and .api."""
+    r = secret_rendered.require()
+    toml = work / "existing-secret.toml"
+    toml.write_text(r.toml())
+    container = r.by[("Deployment", "agentwire")]["spec"]["template"]["spec"]["containers"][0]
+    env = d.pod_env(container, d.secrets_of(r, test_secrets))
+    proc = start_gateway("gateway3", gateway_bin, gateway_cwd, work / "gateway3.log", ["--config", toml], 10, **env)
     yield proc
     proc.stop()
 

@@ -1,5 +1,6 @@
 """Helpers shared by the deployment checks: paths, processes, HTTP, and the Prometheus text format."""
 
+import base64
 import json
 import os
 import re
@@ -21,6 +22,16 @@ RUNBOOKS = ROOT / "docs" / "runbooks.md"
 CI_VALUES = sorted(p.stem for p in (CHART / "ci").glob("*.yaml"))
 K8S_VERSION = "1.30.0"  # kubernetes-validate ships the schemas offline; 1.30 is the chart's kubeVersion floor
 
+# What users put in the Secret auth.existingSecret, made up for the checks: an HMAC secret, an Ed25519
+# public key (PEM), and the key lists as JSON lists of keys (two producer keys, as during a rotation).
+JWT_SECRET = "check-deploy-hmac-secret-0123456789abcdef"
+JWT_PUBLIC_KEY = """-----BEGIN PUBLIC KEY-----
+MCowBQYDK2VwAyEAxZEJDMqaX5I1hBT9CQsDccKbp5WktxPWTqyu6MRBktQ=
+-----END PUBLIC KEY-----
+"""
+PRODUCER_KEYS = ["producer-key-check-deploy-old", "producer-key-check-deploy-new"]
+OPERATOR_KEYS = ["operator-key-check-deploy-0001"]
+
 
 def run(args, timeout=120, **kw):
     """Runs a command, never raising on its exit status; returns the CompletedProcess (text mode)."""
@@ -39,6 +50,34 @@ def gateway_env(**config):
     env = {k: v for k, v in os.environ.items() if not k.startswith("AGENTWIRE_") and k != "RUST_LOG"}
     env.update(config)
     return env
+
+
+def pod_env(container, secrets):
+    """The environment Kubernetes would give `container`: its `value`s, and each `secretKeyRef` looked up in
+    `secrets` ({secret name: {key: text}}). A missing optional key leaves its variable out; a missing
+    required one raises KeyError (the pod would not start: CreateContainerConfigError)."""
+    env = {}
+    for e in container.get("env", []):
+        if "value" in e:
+            env[e["name"]] = e["value"]
+            continue
+        ref = e["valueFrom"]["secretKeyRef"]
+        text = secrets.get(ref["name"], {}).get(ref["key"])
+        if text is None:
+            if ref.get("optional"):
+                continue
+            raise KeyError("%s: no key %r in Secret %r" % (e["name"], ref["key"], ref["name"]))
+        env[e["name"]] = text
+    return env
+
+
+def secrets_of(rendered, test_secrets):
+    """test_secrets plus the Secrets the chart itself rendered (decoded)."""
+    out = dict(test_secrets)
+    for (kind, name), doc in rendered.by.items():
+        if kind == "Secret":
+            out[name] = {k: base64.b64decode(v).decode() for k, v in doc.get("data", {}).items()}
+    return out
 
 
 def free_port():

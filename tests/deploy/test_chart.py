@@ -201,36 +201,143 @@ def test_several_replicas_without_redis_refused(helm):
     assert "needs the Redis broker" in proc.stdout + proc.stderr, d.output(proc)
 
 
-def test_refuses_to_render_without_auth_insecure(helm):
-    """Browser authentication is not in the gateway yet: without an explicit auth.insecure=true the chart
-    renders nothing (the gateway would admit loopback WebSocket clients only), and says why and what to do."""
-    for args in ((), ("--set", "auth.insecure=false")):
+def test_refuses_to_render_without_existing_secret_or_insecure(helm):
+    """Without auth.existingSecret (the JWT key and both key lists) or an explicit auth.insecure=true the
+    chart renders nothing: the gateway would refuse to start on the pod's address without keys, and let
+    only loopback peers open /ws without a JWT key. The message names both ways out and what the Secret
+    holds; the old "not available" wording is gone. jwtKeyType=none needs insecure as well."""
+    for args in ((), ("--set", "auth.insecure=false"), ("--set", "auth.existingSecret=")):
         proc = helm(*args, insecure=False)
         assert proc.returncode != 0, "rendered with %s" % (args,)
         out = proc.stdout + proc.stderr
-        for want in ("browser authentication is not available in this gateway yet", "auth.insecure: true",
+        for want in ("auth.existingSecret", "auth.insecure: true", "JWT key", "both key lists",
+                     "producer-keys, operator-keys", "jwt-secret, or jwt-public-key",
                      "behind an authenticating proxy or on a trusted network", "auth.allowedOrigins"):
             assert want in out, "%r not in:\n%s" % (want, d.output(proc))
+        assert "not available" not in out, d.output(proc)
     proc = helm("--set-string", "auth.insecure=true", insecure=False)
     assert proc.returncode != 0, "the string \"true\" is not true"
+    proc = helm("--set", "auth.existingSecret=agentwire-auth,auth.jwtKeyType=none", insecure=False)
+    assert proc.returncode != 0, "rendered jwtKeyType=none without insecure"
+    assert "auth.jwtKeyType=none needs auth.insecure: true" in proc.stdout + proc.stderr, d.output(proc)
+    for ok in (("--set", "auth.existingSecret=agentwire-auth"),
+               ("--set", "auth.existingSecret=agentwire-auth,auth.jwtKeyType=none,auth.insecure=true"),
+               ("--set", "auth.insecure=true")):
+        proc = helm(*ok, insecure=False)
+        assert proc.returncode == 0, "%s: %s" % (ok, d.output(proc))
+    for bad in ("auth.jwtKeyType=hmac", "auth.existingSecret=Not_A_Name", "auth.jwtLeeway=soon",
+                "auth.existingSecretKeys.producerKeys=a/b"):
+        proc = helm("--set", bad)
+        assert proc.returncode != 0, "rendered %s" % bad
 
 
 def test_auth_rendered_from_values(helm, gateway_cmd, work):
-    """[auth] of agentwire.toml: insecure and allowed_origins from auth.*, loaded by the gateway as given;
-    an origin with a path or a trailing slash (which never matches an Origin header) is refused."""
+    """[auth] of agentwire.toml: insecure, jwt_issuer, jwt_audience (only when set), jwt_leeway and
+    allowed_origins from auth.*, loaded by the gateway as given; an origin with a path or a trailing slash
+    (which never matches an Origin header) is refused."""
     origins = ["https://app.example.com", "https://*.agents.example.com", "http://localhost:3000"]
     proc = helm("--set-json", "auth.allowedOrigins=%s" % json.dumps(origins), "--show-only", "templates/configmap.yaml")
     assert proc.returncode == 0, d.output(proc)
     text = yaml.safe_load(proc.stdout)["data"]["agentwire.toml"]
-    assert tomllib.loads(text)["auth"] == {"insecure": True, "allowed_origins": origins}
+    want = {"insecure": True, "jwt_leeway": "30s", "allowed_origins": origins}
+    assert tomllib.loads(text)["auth"] == want
     path = work / "auth.toml"
     path.write_text(text)
     proc = gateway_cmd("config", "--config", path)
     assert proc.returncode == 0, d.output(proc)
-    assert tomllib.loads(proc.stdout)["auth"] == {"insecure": True, "allowed_origins": origins}, proc.stdout
+    shown = tomllib.loads(proc.stdout)["auth"]
+    assert shown == dict(want, producer_keys=[], operator_keys=[]), proc.stdout
+    proc = helm("--set", "auth.jwtIssuer=https://auth.example.com/,auth.jwtAudience=agentwire,auth.jwtLeeway=1m 30s",
+                "--show-only", "templates/configmap.yaml")
+    assert proc.returncode == 0, d.output(proc)
+    text = yaml.safe_load(proc.stdout)["data"]["agentwire.toml"]
+    want = {"insecure": True, "jwt_issuer": "https://auth.example.com/", "jwt_audience": "agentwire",
+            "jwt_leeway": "1m 30s", "allowed_origins": []}
+    assert tomllib.loads(text)["auth"] == want, text
+    path.write_text(text)
+    proc = gateway_cmd("config", "--config", path)
+    assert proc.returncode == 0, d.output(proc)
+    shown = tomllib.loads(proc.stdout)["auth"]
+    assert (shown["jwt_issuer"], shown["jwt_audience"], shown["jwt_leeway"]) == (
+        "https://auth.example.com/", "agentwire", "1m 30s"), proc.stdout
     for bad in ("https://app.example.com/", "app.example.com", "https://app.example.com/chat"):
         proc = helm("--set-json", "auth.allowedOrigins=%s" % json.dumps([bad]))
         assert proc.returncode != 0, "rendered allowedOrigins %r" % bad
+
+
+# The secrets of [auth]: what the ConfigMap must never hold.
+SECRET_AUTH_KEYS = {"jwt_secret", "jwt_public_key", "producer_keys", "operator_keys"}
+JWT_ENV = {"secret": "AGENTWIRE_AUTH__JWT_SECRET", "publicKey": "AGENTWIRE_AUTH__JWT_PUBLIC_KEY"}
+
+
+def _auth_values(values):
+    """auth.* as the chart sees it for a ci values file: values.yaml's defaults under the file's."""
+    default = yaml.safe_load((d.CHART / "values.yaml").read_text())["auth"]
+    given = (yaml.safe_load((d.CHART / "ci" / (values + ".yaml")).read_text()) or {}).get("auth", {})
+    return default | given | {"existingSecretKeys": default["existingSecretKeys"] | given.get("existingSecretKeys", {})}
+
+
+def _secret_refs(container):
+    """{variable: secretKeyRef} of a container's env; a secret variable given as a plain value fails."""
+    refs = {}
+    for e in container.get("env", []):
+        if e["name"].startswith(("AGENTWIRE_AUTH__", "AGENTWIRE_PROBE_")):
+            assert "value" not in e, "%s given as a plain value" % e["name"]
+            refs[e["name"]] = e["valueFrom"]["secretKeyRef"]
+    return refs
+
+
+def _check_existing_secret(r, auth):
+    """The Deployment takes the JWT key of auth.jwtKeyType and both key lists from auth.existingSecret
+    (required keys), the helm test pod its keys and token (optional keys); the ConfigMap holds no secret
+    and the chart makes no Secret of them. Returns the errors."""
+    errors = []
+    name, keys = auth["existingSecret"], auth["existingSecretKeys"]
+    want = {"AGENTWIRE_AUTH__PRODUCER_KEYS": {"name": name, "key": keys["producerKeys"]},
+            "AGENTWIRE_AUTH__OPERATOR_KEYS": {"name": name, "key": keys["operatorKeys"]}}
+    if auth["jwtKeyType"] != "none":
+        key = keys["jwtSecret"] if auth["jwtKeyType"] == "secret" else keys["jwtPublicKey"]
+        want[JWT_ENV[auth["jwtKeyType"]]] = {"name": name, "key": key}
+    got = _secret_refs(_container(r))
+    if got != want:
+        errors.append("Deployment env: %s, want %s" % (got, want))
+    probe = r.by[("Pod", "agentwire-probe")]["spec"]["containers"][0]
+    want = {"AGENTWIRE_PROBE_PRODUCER_KEY": {"name": name, "key": keys["probeProducerKey"], "optional": True},
+            "AGENTWIRE_PROBE_OPERATOR_KEY": {"name": name, "key": keys["probeOperatorKey"], "optional": True},
+            "AGENTWIRE_PROBE_TOKEN": {"name": name, "key": keys["probeToken"], "optional": True}}
+    got = _secret_refs(probe)
+    if got != want:
+        errors.append("helm test pod env: %s, want %s" % (got, want))
+    conf = tomllib.loads(r.toml())["auth"]
+    if SECRET_AUTH_KEYS & set(conf):
+        errors.append("the ConfigMap holds %s" % sorted(SECRET_AUTH_KEYS & set(conf)))
+    cm = json.dumps(r.by[("ConfigMap", "agentwire")])
+    for needle in ("BEGIN PUBLIC KEY", "producer-key-", "operator-key-"):
+        if needle in cm:
+            errors.append("the ConfigMap contains %r" % needle)
+    if any(kind == "Secret" and doc_name == name for kind, doc_name in r.by):
+        errors.append("the chart renders the Secret %s the user creates" % name)
+    return errors
+
+
+def test_auth_secrets_come_from_the_existing_secret(rendered, secret_rendered):
+    """With auth.existingSecret the Deployment's env takes the JWT key and both key lists from that Secret
+    (secretKeyRef, under the configured key names), the helm test pod its producer key, operator key and
+    token (optional), and the ConfigMap holds no secret: the chart's defaults with the Secret, and every ci
+    values file that names one (at least one does; at least one stays on auth.insecure)."""
+    errors = ["defaults: " + e for e in _check_existing_secret(secret_rendered.require(), _auth_values("default-values")
+                                                               | {"existingSecret": "agentwire-auth", "insecure": False})]
+    with_secret = [v for v in d.CI_VALUES if _auth_values(v)["existingSecret"]]
+    insecure = [v for v in d.CI_VALUES if _auth_values(v)["insecure"] is True]
+    assert with_secret and insecure, "ci values: existingSecret in %s, insecure in %s" % (with_secret, insecure)
+    for values in with_secret:
+        errors += ["%s: %s" % (values, e) for e in _check_existing_secret(rendered[values].require(), _auth_values(values))]
+    for values in sorted(set(d.CI_VALUES) - set(with_secret)):
+        r = rendered[values].require()
+        refs = {**_secret_refs(_container(r)), **_secret_refs(r.by[("Pod", "agentwire-probe")]["spec"]["containers"][0])}
+        if refs:
+            errors.append("%s: no auth.existingSecret, yet %s" % (values, refs))
+    assert not errors, "\n".join(errors)
 
 
 def test_same_port_for_both_doors_refused(helm):
@@ -394,12 +501,29 @@ def test_prometheusrule_with_defaults_is_the_rules_file(helm):
 
 
 @pytest.mark.parametrize("values", d.CI_VALUES)
-def test_gateway_loads_rendered_agentwire_toml(rendered, gateway_cmd, work, values):
-    """The rendered agentwire.toml is the gateway's to judge: it must load (unknown keys exit 64)."""
+def test_gateway_loads_rendered_agentwire_toml(rendered, gateway_cmd, test_secrets, work, values):
+    """The rendered agentwire.toml and the Deployment's environment (its Secrets filled in as a user
+    would: the test_secrets fixture) are the gateway's to judge: they must load (unknown keys, a short
+    secret or missing keys on the pod's address exit 64). With auth.existingSecret, the JWT key and the key
+    lists must come from that environment: without it the gateway refuses to start."""
+    r = rendered[values].require()
     path = work / ("%s.toml" % values)
-    path.write_text(rendered[values].toml())
-    proc = gateway_cmd("config", "--config", path)
+    path.write_text(r.toml())
+    env = d.pod_env(_container(r), d.secrets_of(r, test_secrets))
+    proc = gateway_cmd("config", "--config", path, env=env)
     assert proc.returncode == 0, d.output(proc)
+    shown = tomllib.loads(proc.stdout)["auth"]
+    auth = _auth_values(values)
+    if auth["existingSecret"]:
+        assert shown["producer_keys"] == ["***"] * len(d.PRODUCER_KEYS), proc.stdout
+        assert shown["operator_keys"] == ["***"] * len(d.OPERATOR_KEYS), proc.stdout
+        if auth["jwtKeyType"] == "publicKey":
+            assert shown["jwt_public_key"].strip() == d.JWT_PUBLIC_KEY.strip() and "jwt_secret" not in shown
+        else:
+            assert shown["jwt_secret"] == "***" and "jwt_public_key" not in shown, proc.stdout
+        bare = {k: v for k, v in env.items() if not k.startswith("AGENTWIRE_AUTH__")}
+        proc = gateway_cmd("config", "--config", path, env=bare)
+        assert proc.returncode == 64 and "auth.producer_keys" in proc.stderr, d.output(proc)
 
 
 def _flat(table, prefix=""):
@@ -414,8 +538,10 @@ def _flat(table, prefix=""):
 
 def test_chart_config_defaults_are_gateway_defaults(rendered, gateway_cmd):
     """With the chart's defaults, agentwire.toml says what the gateway's own defaults say, but for the keys
-    the chart sets on purpose (internal_listen on the pod's address rather than loopback, auth.insecure
-    required); every gateway key is rendered (but broker.*: from the Secret), auth.* included."""
+    the chart sets on purpose (internal_listen on the pod's address rather than loopback, auth.insecure in
+    default-values); every gateway key is rendered, auth.* included, but those that come from a Secret as
+    environment variables: broker.* (the Redis URL) and auth.producer_keys / auth.operator_keys
+    (auth.existingSecret), which must not be rendered."""
     proc = gateway_cmd("config")
     assert proc.returncode == 0, d.output(proc)
     builtin = _flat(tomllib.loads(proc.stdout))
@@ -423,13 +549,18 @@ def test_chart_config_defaults_are_gateway_defaults(rendered, gateway_cmd):
     on_purpose = {"listen", "internal_listen", "log_format", "auth.insecure",
                   "shutdown.drain_delay", "shutdown.close_window", "shutdown.timeout"}
     errors = []
+    from_secret = {"auth.producer_keys", "auth.operator_keys"}
     for k in sorted(set(builtin) - set(chart)):
-        if not k.startswith("broker."):
+        if not (k.startswith("broker.") or k in from_secret):
             errors.append("gateway key not rendered by the chart: " + k)
+    for k in sorted(from_secret & set(chart)):
+        errors.append("a secret rendered into the ConfigMap: " + k)
     for k in sorted(set(chart) - set(builtin)):
         errors.append("chart renders a key the gateway does not print: " + k)
     for k in sorted(set(builtin) & set(chart) - on_purpose):
         if builtin[k] != chart[k]:
             errors.append("%s: chart default %r, gateway default %r" % (k, chart[k], builtin[k]))
     assert chart["internal_listen"] == "0.0.0.0:8001" and chart["auth.insecure"] is True, chart
+    assert chart.get("auth.jwt_leeway") == builtin["auth.jwt_leeway"], "auth.jwt_leeway %r, gateway default %r" % (
+        chart.get("auth.jwt_leeway"), builtin["auth.jwt_leeway"])
     assert not errors, "\n".join(errors)

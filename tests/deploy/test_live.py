@@ -243,3 +243,29 @@ def test_probe_passes_against_a_gateway_on_the_charts_config(probe_gateway, gate
             for a in args]
     proc = d.run([gateway_bin, *args], timeout=30, env=d.gateway_env())
     assert proc.returncode == 0, d.output(proc)
+
+
+def test_probe_passes_with_the_keys_and_token_of_the_existing_secret(secret_gateway, secret_rendered, test_secrets,
+                                                                     gateway_bin):
+    """With auth.existingSecret the gateway runs on the chart's agentwire.toml and the environment its
+    Deployment takes from the Secret (HMAC secret, both key lists), so browsers need a token and the API a
+    key. The helm test pod's command, with the environment the pod takes from the same Secret (a producer
+    key, an operator key, a token minted by `agentwire token --user probe --thread 'agentwire-probe-*'`),
+    exits 0; without the token, or without the keys, it fails."""
+    if not secret_gateway.ready:
+        pytest.fail("the gateway on the chart's config with auth.existingSecret did not serve /healthz\n"
+                    + secret_gateway.tail())
+    r = secret_rendered.require()
+    pod = r.by[("Pod", "agentwire-probe")]["spec"]["containers"][0]
+    args = [a.replace("http://agentwire:8000", secret_gateway.url).replace("http://agentwire-internal:8001", secret_gateway.api)
+            for a in pod["args"]]
+    env = d.pod_env(pod, d.secrets_of(r, test_secrets))
+    assert set(env) == {"AGENTWIRE_PROBE_PRODUCER_KEY", "AGENTWIRE_PROBE_OPERATOR_KEY", "AGENTWIRE_PROBE_TOKEN"}, env
+    proc = d.run([gateway_bin, *args], timeout=30, env=d.gateway_env(**env))
+    assert proc.returncode == 0, d.output(proc) + "\n" + secret_gateway.tail()
+    for left_out, why in (("AGENTWIRE_PROBE_TOKEN", "browsers must authenticate"),
+                          ("AGENTWIRE_PROBE_PRODUCER_KEY", "POST /v1/events needs a producer key"),
+                          ("AGENTWIRE_PROBE_OPERATOR_KEY", "the ledger needs an operator key")):
+        partial = {k: v for k, v in env.items() if k != left_out}
+        proc = d.run([gateway_bin, *args], timeout=30, env=d.gateway_env(**partial))
+        assert proc.returncode == 1, "passed without %s (%s): %s" % (left_out, why, d.output(proc))

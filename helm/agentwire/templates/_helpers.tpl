@@ -66,17 +66,22 @@ app.kubernetes.io/part-of: agentwire
 
 {{/*
 Refuses what cannot work or is not safe to deploy:
-- no explicit auth.insecure: browser authentication is not in the gateway yet, and without it the gateway
-  admits WebSocket clients from loopback only, so no browser could connect through a Service; the only
-  deployable setting is auth.insecure behind something that authenticates. (When browser authentication
-  lands, this becomes "browser authentication configured, or auth.insecure".)
+- neither auth.existingSecret nor an explicit auth.insecure: the chart binds the internal door to the pod's
+  address, where the gateway refuses to start without producer and operator keys (exit 64), and without a
+  JWT key the gateway admits WebSocket clients from loopback only, so no browser could connect through a
+  Service. The Secret holds the JWT key and both key lists; auth.insecure is for a trusted network only;
+- auth.existingSecret with jwtKeyType none but without auth.insecure (the same loopback-only /ws);
 - one port for both doors;
 - several replicas on the embedded broker (each pod would hold its own channels, so a client on one pod
   would never see events published through another).
 */}}
 {{- define "agentwire.validate" -}}
-{{- if not (eq .Values.auth.insecure true) }}
-{{- fail "auth.insecure must be set to true explicitly: browser authentication is not available in this gateway yet, so without auth.insecure the gateway lets only loopback peers open /ws and no browser could connect through the Service. The only deployable setting is auth.insecure: true behind an authenticating proxy or on a trusted network; list the origins of your web app's pages in auth.allowedOrigins (docs/security.md)" }}
+{{- $insecure := eq .Values.auth.insecure true }}
+{{- if not (or .Values.auth.existingSecret $insecure) }}
+{{- fail "set auth.existingSecret, or auth.insecure: true explicitly. auth.existingSecret names a Secret you create that holds the JWT key browsers' tokens are verified with (jwt-secret, or jwt-public-key with auth.jwtKeyType=publicKey) and both key lists of the internal door (producer-keys, operator-keys: JSON lists); without them the gateway refuses to start on the pod's address and lets only loopback peers open /ws, so no browser could connect through the Service. auth.insecure: true lets anyone who reaches /ws connect as any user: only behind an authenticating proxy or on a trusted network. List the origins of your web app's pages in auth.allowedOrigins (helm/agentwire/README.md, docs/security.md)" }}
+{{- end }}
+{{- if and .Values.auth.existingSecret (eq .Values.auth.jwtKeyType "none") (not $insecure) }}
+{{- fail "auth.jwtKeyType=none needs auth.insecure: true: without a JWT key the gateway lets only loopback peers open /ws, so no browser could connect through the Service. Put the JWT key in auth.existingSecret (jwtKeyType secret or publicKey)" }}
 {{- end }}
 {{- if eq (int .Values.containerPort) (int .Values.internalPort) }}
 {{- fail (printf "containerPort and internalPort are both %d: the public door and the internal door need a port each" (int .Values.containerPort)) }}

@@ -158,6 +158,7 @@ impl Stalled {
                 serde_json::Value::Object(map) => map,
                 _ => serde_json::Map::new(),
             },
+            producer: None,
         }
     }
 }

@@ -65,13 +65,17 @@ impl ItemResult {
     }
 }
 
-/// Validates and accepts every item, in order.
-pub async fn ingest(gateway: &Gateway, items: &[&str]) -> Vec<ItemResult> {
+/// Validates and accepts every item, in order. `producer` is the id of the key that posted them
+/// (`None` without producer keys): it scopes their `event_id`s.
+pub async fn ingest(gateway: &Gateway, items: &[&str], producer: Option<&str>) -> Vec<ItemResult> {
     let mut results = Vec::with_capacity(items.len());
     for raw in items {
         results.push(
             match event::parse(raw, gateway.config.ingest.max_event_bytes) {
-                Ok(event) => accept(gateway, event, None).await,
+                Ok(mut event) => {
+                    event.producer = producer.map(str::to_string);
+                    accept(gateway, event, None).await
+                }
                 Err(refusal) => {
                     count_refusal(gateway, &refusal);
                     ItemResult::Error(refusal)
@@ -115,8 +119,8 @@ async fn accept_in(
     entry: Option<&str>,
     span: &Span,
 ) -> Result<ItemResult, BrokerError> {
-    if let Some(event_id) = &event.event_id
-        && !gateway.broker.first_time(event_id)
+    if let Some(event_id) = event.dedupe_id()
+        && !gateway.broker.first_time(&event_id)
     {
         gateway.metrics.events_duplicate.inc();
         return Ok(ItemResult::Duplicate);

@@ -84,8 +84,8 @@ async fn redrive_one(
     if !gateway.broker.take_dead_letter(entry).await.map_err(Some)? {
         return Ok(None);
     }
-    if let Some(event_id) = &entry.event.event_id
-        && !gateway.broker.first_time(event_id)
+    if let Some(event_id) = entry.event.dedupe_id()
+        && !gateway.broker.first_time(&event_id)
     {
         gateway.metrics.events_duplicate.inc();
         return Ok(Some((channel, Outcome::Duplicate)));

@@ -150,7 +150,7 @@ pub fn decode(text: &str) -> Result<ClientFrame, FrameError> {
             Some(kind) => upstream(kind, &fields).map(|m| ClientFrame::Upstream(Box::new(m))),
             None => Err(FrameError::new(
                 ErrorCode::UnknownType,
-                format!("unknown frame type `{other}`"),
+                format!("unknown frame type `{}`", super::excerpt(other)),
             )),
         },
     }

@@ -60,9 +60,21 @@ pub struct Event {
     pub ts: Option<String>,
     pub traceparent: Option<String>,
     pub payload: Map<String, Value>,
+    /// The id of the producer key that posted it (not on the wire): its `event_id`s are its own,
+    /// so one producer's id never makes another's event a duplicate.
+    pub producer: Option<String>,
 }
 
 impl Event {
+    /// What dedupe remembers: the `event_id`, scoped by the producer key that sent it.
+    pub fn dedupe_id(&self) -> Option<String> {
+        let event_id = self.event_id.as_deref()?;
+        Some(match &self.producer {
+            Some(producer) => format!("{producer}:{event_id}"),
+            None => event_id.to_string(),
+        })
+    }
+
     /// The event as a producer would have sent it.
     pub fn to_json(&self) -> Value {
         let mut object = Map::new();
@@ -182,7 +194,7 @@ pub fn from_value(value: Value) -> Result<Event, Refusal> {
     let kind = EventType::parse(&kind_text).ok_or_else(|| {
         Refusal::invalid(
             "type",
-            format!("unknown type `{kind_text}`: expected agent_started, agent_thinking, tool_executing, tool_completed, agent_completed, agent_error or custom"),
+            format!("unknown type `{}`: expected agent_started, agent_thinking, tool_executing, tool_completed, agent_completed, agent_error or custom", super::excerpt(&kind_text)),
         )
     })?;
     let run_id = optional_id(&mut fields, "run_id")?;
@@ -251,6 +263,7 @@ pub fn from_value(value: Value) -> Result<Event, Refusal> {
         ts,
         traceparent,
         payload,
+        producer: None,
     })
 }
 

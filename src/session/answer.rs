@@ -10,10 +10,10 @@ use crate::auth::{Identity, Refusal};
 use crate::broker::{HandOff, HandOffError};
 use crate::fanout::Outgoing;
 use crate::metrics::{Label, count};
-use crate::protocol::ChannelName;
 use crate::protocol::client::{self, ClientFrame, Since, UpstreamMessage};
 use crate::protocol::server::{self, ErrorCode, close};
 use crate::protocol::upstream::Outbound;
+use crate::protocol::{ChannelName, excerpt};
 use crate::upstream::{HandOffOutcome, Refused};
 
 /// Whether a resume found everything the client missed, counted in
@@ -226,7 +226,7 @@ impl Session {
                 } else {
                     self.error(
                         ErrorCode::NotSubscribed,
-                        &format!("not subscribed to {channel}"),
+                        &format!("not subscribed to {}", excerpt(channel.as_str())),
                     );
                 }
             }
@@ -299,7 +299,7 @@ impl Session {
         {
             Err(error) => self.error(
                 ErrorCode::BrokerUnavailable,
-                &format!("cannot subscribe to {channel}: {error}"),
+                &format!("cannot subscribe to {}: {error}", excerpt(channel.as_str())),
             ),
             Ok(Some(report)) => {
                 self.gateway.metrics.subscriptions.inc();
@@ -316,7 +316,7 @@ impl Session {
             }
             Ok(None) => self.error(
                 ErrorCode::AlreadySubscribed,
-                &format!("already subscribed to {channel}"),
+                &format!("already subscribed to {}", excerpt(channel.as_str())),
             ),
         }
     }

@@ -281,3 +281,65 @@ async fn a_registered_run_cannot_be_re_pointed() {
         ],
     );
 }
+
+/// One producer's `event_id` never makes another producer's event a duplicate.
+#[tokio::test]
+async fn event_ids_are_scoped_by_producer_key() {
+    const ALICE: &str = "producer-key-alice-01";
+    const MALLORY: &str = "producer-key-mallory-01";
+    let gateway = Gateway::start_with(|c| {
+        c.auth.producer_keys = vec![ALICE.into(), MALLORY.into()];
+    })
+    .await;
+    let post = |key: &'static str, thread: &'static str| {
+        let internal = gateway.internal;
+        async move {
+            let mut event = event("agent_thinking", "run_d", thread);
+            event["event_id"] = "run_7f3a:5".into();
+            let bearer = format!("Bearer {key}");
+            let (_, text) = http_with(
+                internal,
+                "POST",
+                "/v1/events",
+                &[("authorization", &bearer)],
+                Some(("application/json", &event.to_string())),
+            )
+            .await;
+            serde_json::from_str::<serde_json::Value>(&text).unwrap()["results"][0]["status"]
+                .as_str()
+                .unwrap()
+                .to_string()
+        }
+    };
+    assert_eq!(post(MALLORY, "t_victim").await, "accepted");
+    assert_eq!(
+        post(ALICE, "t_victim").await,
+        "accepted",
+        "not Mallory's duplicate"
+    );
+    assert_eq!(
+        post(ALICE, "t_victim").await,
+        "duplicate",
+        "Alice's own retry"
+    );
+}
+
+/// An error quotes at most a short excerpt of what the client sent.
+#[tokio::test]
+async fn errors_do_not_echo_client_input() {
+    let gateway = Gateway::start().await;
+    let long = "x".repeat(20_000);
+    let mut client = gateway.client("u_echo").await;
+    client.send(serde_json::json!({"type": long.clone()})).await;
+    let error = client.recv().await;
+    assert_eq!(error["code"], "unknown_type", "{error}");
+    assert!(error["message"].as_str().unwrap().len() < 200, "{error}");
+    let (_, body) = gateway
+        .post(
+            "/v1/events",
+            &serde_json::json!({"type": long, "run_id": "r"}).to_string(),
+        )
+        .await;
+    let reason = body["results"][0]["reason"].as_str().unwrap();
+    assert!(reason.len() < 300, "{reason}");
+}

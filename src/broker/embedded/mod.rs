@@ -56,8 +56,8 @@ impl Embedded {
         metrics: &Metrics,
     ) {
         // A producer's retry of this event must not be taken for a duplicate.
-        if let Some(event_id) = &event.event_id {
-            self.dedupe.forget(event_id);
+        if let Some(event_id) = event.dedupe_id() {
+            self.dedupe.forget(&event_id);
         }
         self.deadletters.push(run_id, event, why);
         if self.deadletters.first_unresolved(run_id) {

@@ -54,7 +54,7 @@ impl RedisBroker {
             .arg(new_epoch())
             .arg(&keys.live)
             .arg(self.dedupe_capacity.max(1));
-        if let Some(event_id) = &event.event_id {
+        if let Some(event_id) = event.dedupe_id() {
             invocation.arg(format!("e:{event_id}"));
         }
         if let Some(entry) = entry {

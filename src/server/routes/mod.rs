@@ -75,18 +75,20 @@ async fn internal(
         (p, _) if p.starts_with("/v1/") => Some(Role::Operator),
         _ => None,
     };
+    let mut producer = None;
     if let Some(role) = role {
         let bearer = request
             .headers()
             .get(header::AUTHORIZATION)
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.strip_prefix("Bearer "));
-        if let Err(refusal) = gateway.api_keys.admit(role, bearer) {
-            return api_refused(&gateway, refusal);
+        match gateway.api_keys.admit(role, bearer) {
+            Ok(key) => producer = key,
+            Err(refusal) => return api_refused(&gateway, refusal),
         }
     }
     match (path, method) {
-        ("/v1/events", &Method::POST) => events(&gateway, request).await,
+        ("/v1/events", &Method::POST) => events(&gateway, request, producer.as_deref()).await,
         ("/v1/runs", &Method::POST) => runs(&gateway, request).await,
         (p, &Method::GET) if p.starts_with("/v1/runs/") => run(&gateway, &p["/v1/runs/".len()..]),
         ("/v1/deadletter", &Method::GET) => dead_letters(&gateway).await,

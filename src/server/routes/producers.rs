@@ -42,7 +42,12 @@ impl Label for BodyRefusal {
     }
 }
 
-pub(super) async fn events(gateway: &Gateway, request: Request<Incoming>) -> Response<Body> {
+/// `producer` is the id of the key that posted (its `event_id`s are its own).
+pub(super) async fn events(
+    gateway: &Gateway,
+    request: Request<Incoming>,
+    producer: Option<&str>,
+) -> Response<Body> {
     if !gateway.broker.is_up() {
         return broker_unavailable(gateway, "Redis is unavailable; nothing was accepted");
     }
@@ -96,7 +101,7 @@ pub(super) async fn events(gateway: &Gateway, request: Request<Incoming>) -> Res
             None,
         );
     }
-    let results = ingest::ingest(gateway, &items).await;
+    let results = ingest::ingest(gateway, &items, producer).await;
     let ok = results.iter().filter(|r| r.is_ok()).count();
     let count = |f: fn(&ItemResult) -> bool| results.iter().filter(|r| f(r)).count();
     let summary = json!({

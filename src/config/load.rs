@@ -30,10 +30,15 @@ impl Config {
             None => defaults.merge(Toml::file("agentwire.toml")),
         };
         // Kubernetes injects AGENTWIRE_SERVICE_HOST, AGENTWIRE_PORT_8000_TCP… into every pod of a
-        // namespace with a Service named `agentwire`: those are not configuration.
+        // namespace with a Service named `agentwire`, and AGENTWIRE_PROBE_* / AGENTWIRE_BENCH_*
+        // are the tools' own: none of those are configuration.
         let env = Env::prefixed("AGENTWIRE_").split("__").filter(|key| {
             let key = key.as_str().to_ascii_lowercase();
-            !(key.starts_with("service_") || key == "port" || key.starts_with("port_"))
+            !(key.starts_with("service_")
+                || key == "port"
+                || key.starts_with("port_")
+                || key.starts_with("probe_")
+                || key.starts_with("bench_"))
         });
         with_file.merge(env)
     }
@@ -226,11 +231,13 @@ mod tests {
     }
 
     #[test]
-    fn kubernetes_service_links_are_not_configuration() {
+    fn kubernetes_service_links_and_tool_variables_are_not_configuration() {
         Jail::expect_with(|jail| {
             jail.set_env("AGENTWIRE_SERVICE_HOST", "10.0.0.1");
             jail.set_env("AGENTWIRE_PORT", "tcp://10.0.0.1:8000");
             jail.set_env("AGENTWIRE_PORT_8000_TCP_PORT", "8000");
+            jail.set_env("AGENTWIRE_PROBE_TOKEN", "a-token-for-the-probe");
+            jail.set_env("AGENTWIRE_BENCH_JWT_SECRET", "a-secret-for-the-bench");
             jail.set_env("AGENTWIRE_HISTORY__MAX_EVENTS", "9");
             let config = Config::load(None).map_err(|e| e.to_string())?;
             assert_eq!(config.history.max_events, 9);

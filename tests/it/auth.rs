@@ -387,3 +387,35 @@ async fn tokens_are_refreshed_in_place_or_the_connection_closes_at_expiry() {
         &["agentwire_connections_closed_total{reason=\"token_expired\"} 1"],
     );
 }
+
+/// `bench idle` with tokens cannot rot: every connection authenticates and subscribes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_idle_bench_authenticates_every_connection() {
+    let gateway = with_secret().await;
+    let (url, api) = (
+        format!("http://{}", gateway.addr),
+        format!("http://{}", gateway.internal),
+    );
+    let result = crate::support::bench(&[
+        "bench",
+        "--url",
+        &url,
+        "--api-url",
+        &api,
+        "--sources",
+        "2",
+        "idle",
+        "--connections",
+        "50",
+        "--settle",
+        "100ms",
+        "--jwt-secret",
+        SECRET,
+    ])
+    .await;
+    assert_eq!(result["token"], "HS256", "{result}");
+    assert_lines(
+        &gateway.metrics().await,
+        &["agentwire_connections_opened_total 50"],
+    );
+}

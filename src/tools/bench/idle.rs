@@ -1,6 +1,8 @@
-//! `bench idle`: resident memory per subscribed connection.
+//! `bench idle`: resident memory and server CPU per subscribed connection, without or with a
+//! browser token in `hello` (HS256 or ES256).
 
 use std::net::IpAddr;
+use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -14,12 +16,61 @@ use crate::client::{Socket, Target, expect_type, send};
 /// Connections being set up at once.
 const CONCURRENT_HANDSHAKES: usize = 256;
 
+/// How the connections say who they are: a user id, or a token signed here.
+pub(super) enum Signer {
+    None,
+    Signed(jsonwebtoken::EncodingKey, jsonwebtoken::Algorithm),
+}
+
+impl Signer {
+    pub(super) fn new(secret: Option<&str>, private_key: Option<&Path>) -> anyhow::Result<Self> {
+        Ok(match (secret, private_key) {
+            (Some(secret), _) => Self::Signed(
+                jsonwebtoken::EncodingKey::from_secret(secret.as_bytes()),
+                jsonwebtoken::Algorithm::HS256,
+            ),
+            (None, Some(path)) => {
+                let pem = std::fs::read(path)
+                    .with_context(|| format!("cannot read {}", path.display()))?;
+                Self::Signed(
+                    jsonwebtoken::EncodingKey::from_ec_pem(&pem)?,
+                    jsonwebtoken::Algorithm::ES256,
+                )
+            }
+            (None, None) => Self::None,
+        })
+    }
+
+    fn name(&self) -> &'static str {
+        match self {
+            Self::None => "none",
+            Self::Signed(_, jsonwebtoken::Algorithm::HS256) => "HS256",
+            Self::Signed(..) => "ES256",
+        }
+    }
+
+    /// The `hello` of connection `id`, which may read its own thread.
+    fn hello(&self, id: &str) -> anyhow::Result<Value> {
+        let Self::Signed(key, algorithm) = self else {
+            return Ok(json!({"type": "hello", "user_id": id}));
+        };
+        let exp = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)?
+            .as_secs()
+            + 3600;
+        let claims = json!({"sub": id, "exp": exp, "threads": [id]});
+        let token = jsonwebtoken::encode(&jsonwebtoken::Header::new(*algorithm), &claims, key)?;
+        Ok(json!({"type": "hello", "token": token}))
+    }
+}
+
 pub(super) async fn run(
     target: &Target,
     server: &Server,
     sources: &[IpAddr],
     n: usize,
     settle: Duration,
+    signer: Signer,
 ) -> anyhow::Result<Value> {
     let tag = run_tag();
     let limit = rustix::process::getrlimit(rustix::process::Resource::Nofile)
@@ -29,12 +80,16 @@ pub(super) async fn run(
         (n as u64) + 64 <= limit,
         "{n} connections need {n} open files and this process may hold {limit} (ulimit -n)"
     );
+    // Tokens are signed before the clock starts: the client's cost is not the server's.
+    let hellos = (0..n)
+        .map(|i| signer.hello(&format!("bench-{tag}-{i}")))
+        .collect::<anyhow::Result<Vec<_>>>()?;
     tokio::time::sleep(Duration::from_millis(500)).await;
     let before = server.usage().await?;
     let started = Instant::now();
     let gate = Arc::new(Semaphore::new(CONCURRENT_HANDSHAKES));
     let mut tasks = Vec::with_capacity(n);
-    for i in 0..n {
+    for (i, hello) in hellos.into_iter().enumerate() {
         let (target, source, gate, tag) = (
             target.clone(),
             sources[i % sources.len()],
@@ -43,7 +98,7 @@ pub(super) async fn run(
         );
         tasks.push(tokio::spawn(async move {
             let _permit = gate.acquire_owned().await?;
-            open(&target, source, &format!("bench-{tag}-{i}"))
+            open(&target, source, &hello, &format!("bench-{tag}-{i}"))
                 .await
                 .with_context(|| format!("connection {i}"))
         }));
@@ -53,9 +108,12 @@ pub(super) async fn run(
         sockets.push(task.await??);
     }
     let connected_in = started.elapsed();
+    let connected = server.usage().await?;
     tokio::time::sleep(settle).await;
     let after = server.usage().await?;
     let per_connection = (after.rss_bytes - before.rss_bytes) / n as f64;
+    // Accept, upgrade, hello (with its token check) and subscribe, per connection.
+    let cpu_us = (connected.cpu_seconds - before.cpu_seconds) * 1e6 / n as f64;
     drop(sockets);
 
     let result = json!({
@@ -65,20 +123,24 @@ pub(super) async fn run(
         "server_rss_before_bytes": before.rss_bytes,
         "server_rss_after_bytes": after.rss_bytes,
         "server_bytes_per_connection": per_connection.round(),
+        "token": signer.name(),
+        "server_cpu_us_per_connection": (cpu_us * 10.0).round() / 10.0,
     });
     eprintln!(
-        "idle: {n} subscribed connections in {:.1} s; server RSS {:.1} MiB -> {:.1} MiB = {:.2} KiB per connection",
+        "idle: {n} subscribed connections (token: {}) in {:.1} s; server RSS {:.1} MiB -> {:.1} MiB = {:.2} KiB per connection; server CPU {:.0} µs per connection",
+        signer.name(),
         connected_in.as_secs_f64(),
         before.rss_bytes / 1048576.0,
         after.rss_bytes / 1048576.0,
-        per_connection / 1024.0
+        per_connection / 1024.0,
+        cpu_us
     );
     Ok(result)
 }
 
-async fn open(target: &Target, source: IpAddr, id: &str) -> anyhow::Result<Socket> {
+async fn open(target: &Target, source: IpAddr, hello: &Value, id: &str) -> anyhow::Result<Socket> {
     let mut ws = target.websocket(target.connect_from(source).await?).await?;
-    send(&mut ws, &json!({"type": "hello", "user_id": id})).await?;
+    send(&mut ws, hello).await?;
     expect_type(&mut ws, "welcome").await?;
     expect_type(&mut ws, "subscribed").await?;
     send(&mut ws, &json!({"type": "subscribe", "thread_id": id})).await?;

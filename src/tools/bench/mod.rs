@@ -41,6 +41,14 @@ pub enum Scenario {
         /// How long the connections are held before memory is read.
         #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
         settle: Duration,
+        /// Authenticate each connection with an HS256 token signed with this secret (the
+        /// gateway's auth.jwt_secret).
+        #[arg(long, env = "AGENTWIRE_BENCH_JWT_SECRET", hide_env_values = true)]
+        jwt_secret: Option<String>,
+        /// Authenticate each connection with an ES256 token signed with this PEM private key
+        /// (the gateway's auth.jwt_public_key is its public half).
+        #[arg(long, conflicts_with = "jwt_secret")]
+        jwt_private_key: Option<std::path::PathBuf>,
     },
     /// C connections over T threads, P events at a fixed rate: latency and CPU per delivery.
     Fanout(fanout::Load),
@@ -79,7 +87,12 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<Value> {
         Scenario::Idle {
             connections,
             settle,
-        } => idle::run(&target, &first[0], &sources, connections, settle).await?,
+            jwt_secret,
+            jwt_private_key,
+        } => {
+            let signer = idle::Signer::new(jwt_secret.as_deref(), jwt_private_key.as_deref())?;
+            idle::run(&target, &first[0], &sources, connections, settle, signer).await?
+        }
         Scenario::Fanout(load) => fanout::run(&first, &sources, load, fanout::Mode::Rate).await?,
         Scenario::Saturate(load) => {
             fanout::run(&first, &sources, load, fanout::Mode::Saturate).await?

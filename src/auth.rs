@@ -12,7 +12,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
-use crate::config::AuthConfig;
+use crate::config::{AuthConfig, Secret};
 use crate::metrics::Label;
 use crate::protocol::channel::check_id;
 
@@ -236,7 +236,7 @@ fn digest(key: &str) -> [u8; 32] {
 
 impl ApiKeys {
     pub fn new(config: &AuthConfig) -> Self {
-        let digests = |keys: &[String]| keys.iter().map(|k| digest(k)).collect();
+        let digests = |keys: &[Secret]| keys.iter().map(|k| digest(k.expose())).collect();
         Self {
             producers: digests(&config.producer_keys),
             operators: digests(&config.operator_keys),

@@ -20,7 +20,7 @@ pub type Socket = WebSocket<TokioIo<Upgraded>>;
 pub struct Target {
     pub host: String,
     pub port: u16,
-    /// The URL's path (`/` when it has none).
+    /// The URL's path and query (`/` when it has none).
     pub path: String,
     /// A key sent as `Authorization: Bearer` with every HTTP request.
     pub bearer: Option<String>,
@@ -39,7 +39,9 @@ impl Target {
         Ok(Self {
             host,
             port: uri.port_u16().unwrap_or(80),
-            path: uri.path().to_string(),
+            path: uri
+                .path_and_query()
+                .map_or_else(|| "/".to_string(), |p| p.as_str().to_string()),
             bearer: None,
         })
     }
@@ -85,8 +87,19 @@ impl Target {
         path: &str,
         body: Option<String>,
     ) -> anyhow::Result<(u16, Value)> {
+        self.http_with(method, path, &[], body).await
+    }
+
+    /// As [`Self::http`], with extra request headers.
+    pub async fn http_with(
+        &self,
+        method: &str,
+        path: &str,
+        headers: &[(&str, String)],
+        body: Option<String>,
+    ) -> anyhow::Result<(u16, Value)> {
         let mut connection = Http::open(self).await?;
-        connection.request(method, path, body).await
+        connection.request_with(method, path, headers, body).await
     }
 
     /// Opens a WebSocket on `/ws` over `stream`.
@@ -134,6 +147,16 @@ impl Http {
         path: &str,
         body: Option<String>,
     ) -> anyhow::Result<(u16, Value)> {
+        self.request_with(method, path, &[], body).await
+    }
+
+    pub async fn request_with(
+        &mut self,
+        method: &str,
+        path: &str,
+        headers: &[(&str, String)],
+        body: Option<String>,
+    ) -> anyhow::Result<(u16, Value)> {
         self.sender.ready().await?;
         let mut request = Request::builder()
             .method(method)
@@ -142,6 +165,9 @@ impl Http {
             .header("content-type", "application/json");
         if let Some(key) = &self.bearer {
             request = request.header("authorization", format!("Bearer {key}"));
+        }
+        for (name, value) in headers {
+            request = request.header(*name, value);
         }
         let request = request.body(Full::new(Bytes::from(body.unwrap_or_default())))?;
         let response = self

@@ -168,7 +168,7 @@ fn token(
         eprintln!("agentwire token: auth.jwt_secret is not set (tokens are signed with it)");
         return ExitCode::from(64);
     };
-    match agentwire::auth::mint(secret, user, threads, subscription, ttl) {
+    match agentwire::auth::mint(secret.expose(), user, threads, subscription, ttl) {
         Ok(token) => {
             println!("{token}");
             ExitCode::SUCCESS

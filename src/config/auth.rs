@@ -8,16 +8,18 @@ use std::time::Duration;
 use jsonwebtoken::{Algorithm, DecodingKey};
 use serde::{Deserialize, Serialize};
 
+use super::Secret;
+
 /// An HMAC secret shorter than this is refused: HS256 needs 256 bits of key.
 pub const MIN_SECRET_BYTES: usize = 32;
 
-#[derive(Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct AuthConfig {
     /// Lets browsers from any address connect without authentication (development only).
     pub insecure: bool,
     /// The HMAC secret browser tokens are signed with (HS256, HS384, HS512).
-    pub jwt_secret: Option<String>,
+    pub jwt_secret: Option<Secret>,
     /// The PEM public key browser tokens are signed for (RSA: RS*/PS*, EC: ES256/ES384,
     /// Ed25519: EdDSA).
     pub jwt_public_key: Option<String>,
@@ -30,30 +32,13 @@ pub struct AuthConfig {
     pub jwt_leeway: Duration,
     /// Keys producers show on the internal door (`Authorization: Bearer`) to post events and
     /// register runs; several for rotation.
-    pub producer_keys: Vec<String>,
+    pub producer_keys: Vec<Secret>,
     /// Keys operators show on the internal door to read the ledger, channels, runs and dead
     /// letters and to redrive them.
-    pub operator_keys: Vec<String>,
+    pub operator_keys: Vec<Secret>,
     /// Origins besides the gateway's own that may open `/ws`: `https://app.example.com`, or with a
     /// wildcard label, `https://*.example.com`.
     pub allowed_origins: Vec<String>,
-}
-
-/// The secret is never shown, not even in a debug print.
-impl std::fmt::Debug for AuthConfig {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("AuthConfig")
-            .field("insecure", &self.insecure)
-            .field("jwt_secret", &self.jwt_secret.as_ref().map(|_| "***"))
-            .field("jwt_public_key", &self.jwt_public_key.is_some())
-            .field("jwt_issuer", &self.jwt_issuer)
-            .field("jwt_audience", &self.jwt_audience)
-            .field("jwt_leeway", &self.jwt_leeway)
-            .field("producer_keys", &self.producer_keys.len())
-            .field("operator_keys", &self.operator_keys.len())
-            .field("allowed_origins", &self.allowed_origins)
-            .finish()
-    }
 }
 
 impl Default for AuthConfig {
@@ -89,7 +74,7 @@ impl AuthConfig {
                 "must be at least {MIN_SECRET_BYTES} bytes (HS256 needs 256 bits of key)"
             )),
             (Some(secret), None) => Ok(Some((
-                DecodingKey::from_secret(secret.as_bytes()),
+                DecodingKey::from_secret(secret.expose().as_bytes()),
                 vec![HS256, HS384, HS512],
             ))),
             (None, Some(pem)) => {

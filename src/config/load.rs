@@ -134,6 +134,20 @@ impl Config {
                 "must be longer than session.heartbeat",
             );
         }
+        if self.upstream.queue_per_user == 0 || self.upstream.queue_per_user > self.upstream.queue {
+            return fail(
+                "upstream.queue_per_user",
+                "must be between 1 and upstream.queue",
+            );
+        }
+        if self
+            .upstream
+            .signing_secret
+            .as_ref()
+            .is_some_and(|s| s.len() < MIN_API_KEY_BYTES)
+        {
+            return fail("upstream.signing_secret", "must be at least 16 bytes");
+        }
         if let Some(url) = &self.upstream.webhook_url
             && let Err(error) = crate::client::Target::parse(url)
         {

@@ -3,6 +3,7 @@
 
 mod auth;
 mod load;
+mod secret;
 mod show;
 
 use std::net::SocketAddr;
@@ -12,6 +13,7 @@ use serde::{Deserialize, Serialize};
 
 pub use auth::AuthConfig;
 pub use load::ConfigError;
+pub use secret::Secret;
 
 /// The whole effective configuration.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -162,6 +164,11 @@ pub struct UpstreamConfig {
     pub retries: u32,
     /// Messages waiting for the webhook at most; past that a client gets `upstream_busy`.
     pub queue: usize,
+    /// Messages one user may have waiting at most (their fair share of `queue`).
+    pub queue_per_user: usize,
+    /// Signs each webhook request (`X-Agentwire-Signature`, HMAC-SHA256 over the timestamp and
+    /// the body), so the backends can tell the gateway's requests from anyone else's.
+    pub signing_secret: Option<Secret>,
 }
 
 impl Default for UpstreamConfig {
@@ -171,6 +178,8 @@ impl Default for UpstreamConfig {
             timeout: Duration::from_secs(5),
             retries: 3,
             queue: 1000,
+            queue_per_user: 100,
+            signing_secret: None,
         }
     }
 }

@@ -4,22 +4,11 @@ use super::Config;
 
 impl Config {
     /// The effective configuration as TOML, for `agentwire config`.
-    /// Secrets (a password in a URL) are replaced by `***`.
+    /// Secrets (a password in a URL, every [`super::Secret`]) are shown as `***`.
     pub fn to_toml(&self) -> String {
         let mut shown = self.clone();
         shown.upstream.webhook_url = shown.upstream.webhook_url.as_deref().map(hide_password);
         shown.broker.redis_url = shown.broker.redis_url.as_deref().map(hide_password);
-        if shown.auth.jwt_secret.is_some() {
-            shown.auth.jwt_secret = Some("***".into());
-        }
-        for key in shown
-            .auth
-            .producer_keys
-            .iter_mut()
-            .chain(shown.auth.operator_keys.iter_mut())
-        {
-            *key = "***".into();
-        }
         toml::to_string_pretty(&shown).unwrap_or_else(|e| format!("# cannot render: {e}\n"))
     }
 }

@@ -160,3 +160,119 @@ async fn each_invalid_hlink_message_names_its_field() {
         7.0
     );
 }
+
+/// What a signed webhook request carried: its path and query, its two signature headers, its body.
+type Seen = (String, Option<String>, Option<String>, String);
+
+/// A webhook that records each request whole.
+async fn recording_webhook(path: &str) -> (String, Arc<Mutex<Vec<Seen>>>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}{path}", listener.local_addr().unwrap());
+    let seen: Arc<Mutex<Vec<Seen>>> = Arc::default();
+    let record = Arc::clone(&seen);
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            let record = Arc::clone(&record);
+            tokio::spawn(async move {
+                let service = service_fn(move |request: Request<Incoming>| {
+                    let record = Arc::clone(&record);
+                    async move {
+                        let header = |name: &str| {
+                            request
+                                .headers()
+                                .get(name)
+                                .and_then(|v| v.to_str().ok())
+                                .map(str::to_string)
+                        };
+                        let target = request.uri().to_string();
+                        let (timestamp, signature) = (
+                            header("x-agentwire-timestamp"),
+                            header("x-agentwire-signature"),
+                        );
+                        let body = request.into_body().collect().await?.to_bytes();
+                        let body = String::from_utf8_lossy(&body).into_owned();
+                        record
+                            .lock()
+                            .unwrap()
+                            .push((target, timestamp, signature, body));
+                        Ok::<_, hyper::Error>(Response::new(Full::new(Bytes::new())))
+                    }
+                });
+                let _ = http1::Builder::new()
+                    .serve_connection(TokioIo::new(stream), service)
+                    .await;
+            });
+        }
+    });
+    (url, seen)
+}
+
+/// How a backend checks a request: recompute the HMAC over "<timestamp>.<body>".
+fn verify(secret: &str, timestamp: &str, body: &str, signature: &str) -> bool {
+    use hmac::{Hmac, Mac};
+    let mut mac = Hmac::<sha2::Sha256>::new_from_slice(secret.as_bytes()).unwrap();
+    mac.update(format!("{timestamp}.{body}").as_bytes());
+    let expected: String = mac
+        .finalize()
+        .into_bytes()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    signature == format!("v1={expected}")
+}
+
+#[tokio::test]
+async fn webhook_requests_are_signed_keep_their_query_and_carry_the_authenticated_user() {
+    const SIGNING: &str = "a-signing-secret-0001";
+    const JWT: &str = "a-test-secret-of-at-least-32-bytes!!";
+    let (url, seen) = recording_webhook("/hlink?tenant=acme").await;
+    let gateway = Gateway::start_with(|c| {
+        c.upstream.webhook_url = Some(url);
+        c.upstream.signing_secret = Some(SIGNING.into());
+        c.auth.jwt_secret = Some(JWT.into());
+    })
+    .await;
+    let token = agentwire::auth::mint(JWT, "u_alice", &[], None, Duration::from_secs(600)).unwrap();
+    let mut client = crate::support::raw(crate::support::Client::connect(gateway.addr).await);
+    client
+        .send(json!({"type": "hello", "user_id": "u_alice", "token": token}))
+        .await;
+    client.recv().await;
+    client.recv().await;
+    let mut claimed = message();
+    claimed["user_id"] = "u_bob".into();
+    claimed["connection_id"] = "forged".into();
+    client.send(claimed).await;
+    assert_eq!(client.recv().await["type"], "websocket_ack");
+    for _ in 0..200 {
+        if !seen.lock().unwrap().is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let (target, timestamp, signature, body) = seen.lock().unwrap()[0].clone();
+    assert_eq!(target, "/hlink?tenant=acme");
+    let (timestamp, signature) = (timestamp.unwrap(), signature.unwrap());
+    assert!(
+        verify(SIGNING, &timestamp, &body, &signature),
+        "{signature}"
+    );
+    assert!(!verify(
+        "another-secret-000001",
+        &timestamp,
+        &body,
+        &signature
+    ));
+    assert!(!verify(
+        SIGNING,
+        &timestamp,
+        &body.replace("u_alice", "u_bob"),
+        &signature
+    ));
+    let sent: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(
+        sent["user_id"], "u_alice",
+        "the token's user, not the client's claim"
+    );
+    assert_ne!(sent["connection_id"], "forged");
+}

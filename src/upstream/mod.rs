@@ -1,15 +1,20 @@
 //! The browser → agent direction: HLink messages a client sends on `/ws` are validated (in
-//! `protocol::client`), stamped with the connection's user and connection id, and POSTed to the
-//! agent backends' webhook (`upstream.webhook_url`) by one worker, with retries and a bounded
-//! queue. The client is answered `websocket_ack` once its message is queued. Without a webhook
-//! the messages are refused. This is the embedded broker's hand-off; the Redis broker appends to
-//! its `ui_events` stream instead.
+//! `protocol::client`), stamped with the connection's user (from its token, when browsers
+//! authenticate) and connection id, and POSTed to the agent backends' webhook
+//! (`upstream.webhook_url`) by one worker, signed ([`signature`]), with retries, from a bounded
+//! queue that is fair between users ([`fair`]). The client is answered `websocket_ack` once its
+//! message is queued. Without a webhook the messages are refused. This is the embedded broker's
+//! hand-off; the Redis broker appends to its `ui_events` stream instead.
 
-use std::sync::{Arc, Mutex};
-use std::time::Duration;
+mod fair;
+pub mod signature;
 
-use tokio::sync::mpsc;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
 use tokio_util::sync::CancellationToken;
+
+use fair::FairQueue;
 
 use crate::client::Target;
 use crate::config::UpstreamConfig;
@@ -61,35 +66,28 @@ pub enum Refused {
 }
 
 pub struct Upstream {
-    sender: Option<mpsc::Sender<Outbound>>,
-    /// Taken once by [`Upstream::worker`] when the server starts.
-    receiver: Mutex<Option<mpsc::Receiver<Outbound>>>,
+    /// Present when a webhook is configured.
+    queue: Option<Arc<FairQueue>>,
     config: UpstreamConfig,
 }
 
 impl Upstream {
     pub fn new(config: UpstreamConfig) -> Self {
-        let (sender, receiver) = match &config.webhook_url {
-            Some(_) => {
-                let (sender, receiver) = mpsc::channel(config.queue);
-                (Some(sender), Some(receiver))
-            }
-            None => (None, None),
-        };
-        Self {
-            sender,
-            receiver: Mutex::new(receiver),
-            config,
-        }
+        let queue = config
+            .webhook_url
+            .as_ref()
+            .map(|_| Arc::new(FairQueue::new(config.queue, config.queue_per_user)));
+        Self { queue, config }
     }
 
-    /// Queues a message for the webhook; never waits.
+    /// Queues a message for the webhook; never waits. `Busy` when the queue, or this user's
+    /// share of it, is full.
     pub fn send(&self, message: Outbound, metrics: &Metrics) -> Result<(), Refused> {
-        let Some(sender) = &self.sender else {
+        let Some(queue) = &self.queue else {
             count(&metrics.upstream_messages, HandOffOutcome::Refused);
             return Err(Refused::NotConfigured);
         };
-        sender.try_send(message).map_err(|_| {
+        queue.push(message).map_err(|_| {
             count(&metrics.upstream_messages, HandOffOutcome::Busy);
             Refused::Busy
         })
@@ -102,36 +100,29 @@ impl Upstream {
         metrics: Arc<Metrics>,
         stop: CancellationToken,
     ) -> Option<impl Future<Output = ()> + use<>> {
-        let receiver = self
-            .receiver
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .take()?;
+        let queue = Arc::clone(self.queue.as_ref()?);
         let target = Target::parse(self.config.webhook_url.as_deref()?).ok()?;
         let config = self.config.clone();
         Some(async move {
             tokio::select! {
                 _ = stop.cancelled() => {}
-                _ = deliver(receiver, target, config, &metrics) => {}
+                _ = deliver(&queue, target, config, &metrics) => {}
             }
         })
     }
 }
 
-async fn deliver(
-    mut queue: mpsc::Receiver<Outbound>,
-    target: Target,
-    config: UpstreamConfig,
-    metrics: &Metrics,
-) {
-    while let Some(message) = queue.recv().await {
+async fn deliver(queue: &FairQueue, target: Target, config: UpstreamConfig, metrics: &Metrics) {
+    loop {
+        let message = queue.pop().await;
         let body = serde_json::to_string(&message).unwrap_or_default();
         let mut backoff = Duration::from_millis(100);
         let mut attempt = 0;
         let outcome = loop {
+            let headers = signed(&config, &body);
             let sent = tokio::time::timeout(
                 config.timeout,
-                target.http("POST", &target.path, Some(body.clone())),
+                target.http_with("POST", &target.path, &headers, Some(body.clone())),
             )
             .await;
             let error = match sent {
@@ -153,4 +144,22 @@ async fn deliver(
         };
         count(&metrics.upstream_messages, outcome);
     }
+}
+
+/// The signature headers of one attempt (each attempt signs its own time), when
+/// `upstream.signing_secret` is set.
+fn signed(config: &UpstreamConfig, body: &str) -> Vec<(&'static str, String)> {
+    let Some(secret) = &config.signing_secret else {
+        return Vec::new();
+    };
+    let now = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    vec![
+        (signature::TIMESTAMP_HEADER, now.to_string()),
+        (
+            signature::SIGNATURE_HEADER,
+            signature::sign(secret.expose(), now, body),
+        ),
+    ]
 }

@@ -17,18 +17,18 @@
 //! - [`upstream`]: HLink messages from browsers to the agent backends' webhook.
 //! - [`metrics`]: the Prometheus registry and every metric.
 //! - [`protocol`]: the wire formats, pure decoding and encoding.
-//! - [`client`]: the minimal HTTP and WebSocket client (the webhook's POSTs, the tools' sockets).
+//! - [`outbound`]: the gateway's own HTTP(S) requests: webhooks, JWKS.
 //! - [`tools`]: `agentwire probe` and `agentwire bench`, which use the gateway from outside.
 
 pub mod auth;
 pub mod broker;
-pub mod client;
 pub mod config;
 pub mod deadletter;
 pub mod fanout;
 pub mod ingest;
 pub mod ledger;
 pub mod metrics;
+pub mod outbound;
 pub mod protocol;
 pub mod resolve;
 pub mod server;

@@ -79,6 +79,7 @@ enum Command {
 }
 
 fn main() -> ExitCode {
+    agentwire::outbound::install_tls_provider();
     let cli = Cli::parse();
     match cli.command.unwrap_or(Command::Serve) {
         // The probe is a client: it needs no gateway configuration.

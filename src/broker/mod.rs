@@ -94,7 +94,7 @@ impl Broker {
     pub fn new(config: &Config) -> anyhow::Result<Self> {
         Ok(match &config.broker.redis_url {
             Some(url) => Self::Redis(Box::new(RedisBroker::new(config, url)?)),
-            None => Self::Memory(Box::new(Embedded::new(config))),
+            None => Self::Memory(Box::new(Embedded::new(config)?)),
         })
     }
 

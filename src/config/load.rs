@@ -149,9 +149,9 @@ impl Config {
             return fail("upstream.signing_secret", "must be at least 16 bytes");
         }
         if let Some(url) = &self.upstream.webhook_url
-            && let Err(error) = crate::client::Target::parse(url)
+            && let Err(error) = crate::outbound::check_url(url)
         {
-            return fail("upstream.webhook_url", &format!("{error:#}"));
+            return fail("upstream.webhook_url", &error);
         }
         if let Some(url) = &self.broker.redis_url
             && let Err(error) = check_redis_url(url)

@@ -154,7 +154,8 @@ pub struct DeadletterConfig {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct UpstreamConfig {
-    /// Where HLink messages from browsers are POSTed (http:// only). Unset: they are refused.
+    /// Where HLink messages from browsers are POSTed (`http://` or `https://`). Unset: they are
+    /// refused.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub webhook_url: Option<String>,
     /// One webhook attempt may take this long.

@@ -2,4 +2,5 @@
 //! (an end-to-end delivery check) and `bench` (the load generator behind docs/performance.md).
 
 pub mod bench;
+pub mod client;
 pub mod probe;

@@ -9,7 +9,7 @@ use anyhow::{Context, ensure};
 use fastwebsockets::Frame;
 use serde_json::{Value, json};
 
-use crate::client::{Target, expect_type, next_data, send};
+use crate::tools::client::{Target, expect_type, next_data, send};
 
 const KINDS: [&str; 5] = [
     "agent_started",

@@ -16,7 +16,8 @@ use tokio_util::sync::CancellationToken;
 
 use fair::FairQueue;
 
-use crate::client::Target;
+use crate::outbound;
+
 use crate::config::UpstreamConfig;
 use crate::metrics::{Label, Metrics, count};
 use crate::protocol::upstream::Outbound;
@@ -68,16 +69,27 @@ pub enum Refused {
 pub struct Upstream {
     /// Present when a webhook is configured.
     queue: Option<Arc<FairQueue>>,
+    client: Option<reqwest::Client>,
     config: UpstreamConfig,
 }
 
 impl Upstream {
-    pub fn new(config: UpstreamConfig) -> Self {
-        let queue = config
-            .webhook_url
-            .as_ref()
-            .map(|_| Arc::new(FairQueue::new(config.queue, config.queue_per_user)));
-        Self { queue, config }
+    pub fn new(config: UpstreamConfig) -> anyhow::Result<Self> {
+        let (queue, client) = match &config.webhook_url {
+            Some(_) => (
+                Some(Arc::new(FairQueue::new(
+                    config.queue,
+                    config.queue_per_user,
+                ))),
+                Some(outbound::client(config.timeout)?),
+            ),
+            None => (None, None),
+        };
+        Ok(Self {
+            queue,
+            client,
+            config,
+        })
     }
 
     /// Queues a message for the webhook; never waits. `Busy` when the queue, or this user's
@@ -101,37 +113,42 @@ impl Upstream {
         stop: CancellationToken,
     ) -> Option<impl Future<Output = ()> + use<>> {
         let queue = Arc::clone(self.queue.as_ref()?);
-        let target = Target::parse(self.config.webhook_url.as_deref()?).ok()?;
+        let client = self.client.clone()?;
         let config = self.config.clone();
         Some(async move {
             tokio::select! {
                 _ = stop.cancelled() => {}
-                _ = deliver(&queue, target, config, &metrics) => {}
+                _ = deliver(&queue, &client, config, &metrics) => {}
             }
         })
     }
 }
 
-async fn deliver(queue: &FairQueue, target: Target, config: UpstreamConfig, metrics: &Metrics) {
+async fn deliver(
+    queue: &FairQueue,
+    client: &reqwest::Client,
+    config: UpstreamConfig,
+    metrics: &Metrics,
+) {
+    let url = config.webhook_url.clone().unwrap_or_default();
     loop {
         let message = queue.pop().await;
         let body = serde_json::to_string(&message).unwrap_or_default();
         let mut backoff = Duration::from_millis(100);
         let mut attempt = 0;
         let outcome = loop {
-            let headers = signed(&config, &body);
-            let sent = tokio::time::timeout(
-                config.timeout,
-                target.http_with("POST", &target.path, &headers, Some(body.clone())),
-            )
-            .await;
-            let error = match sent {
-                Ok(Ok((status, _))) if (200..300).contains(&status) => {
-                    break HandOffOutcome::Delivered;
-                }
-                Ok(Ok((status, answer))) => format!("answered {status}: {answer}"),
-                Ok(Err(error)) => format!("{error:#}"),
-                Err(_) => format!("no answer within {} s", config.timeout.as_secs_f64()),
+            let mut request = client
+                .post(&url)
+                .header(reqwest::header::CONTENT_TYPE, "application/json")
+                .body(body.clone());
+            for (name, value) in signed(&config, &body) {
+                request = request.header(name, value);
+            }
+            // Errors are printed without the URL: its query or userinfo may hold a secret.
+            let error = match request.send().await {
+                Ok(answer) if answer.status().is_success() => break HandOffOutcome::Delivered,
+                Ok(answer) => format!("answered {}", answer.status()),
+                Err(error) => error.without_url().to_string(),
             };
             if attempt >= config.retries {
                 tracing::warn!(message_id = %message.message_id, user_id = %message.user_id, %error, attempts = attempt + 1, "Upstream message not delivered to the webhook.");

@@ -28,13 +28,13 @@ pub struct Embedded {
 }
 
 impl Embedded {
-    pub fn new(config: &Config) -> Self {
-        Self {
+    pub fn new(config: &Config) -> anyhow::Result<Self> {
+        Ok(Self {
             channels: Channels::new(config.history.clone()),
             dedupe: Dedupe::new(config.ingest.dedupe_window, config.ingest.dedupe_capacity),
             deadletters: DeadLetters::new(config.deadletter.capacity),
-            upstream: Upstream::new(config.upstream.clone()),
-        }
+            upstream: Upstream::new(config.upstream.clone())?,
+        })
     }
 
     /// The webhook worker, when a webhook is configured.

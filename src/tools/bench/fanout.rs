@@ -15,7 +15,7 @@ use serde_json::{Value, json};
 use tokio::sync::Semaphore;
 
 use super::{Server, run_tag};
-use crate::client::{Http, Socket, expect_type, next_text, send};
+use crate::tools::client::{Http, Socket, expect_type, next_text, send};
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct Load {

@@ -11,7 +11,7 @@ use serde_json::{Value, json};
 use tokio::sync::Semaphore;
 
 use super::{Server, run_tag};
-use crate::client::{Socket, Target, expect_type, send};
+use crate::tools::client::{Socket, Target, expect_type, send};
 
 /// Connections being set up at once.
 const CONCURRENT_HANDSHAKES: usize = 256;

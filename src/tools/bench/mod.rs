@@ -12,7 +12,7 @@ use std::time::Duration;
 use anyhow::{Context, ensure};
 use serde_json::Value;
 
-use crate::client::Target;
+use crate::tools::client::Target;
 
 #[derive(Debug, clap::Args)]
 pub struct BenchArgs {

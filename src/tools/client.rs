@@ -1,5 +1,6 @@
 //! A minimal agentwire client over real sockets (HTTP/1.1 and WebSocket), used by
-//! `agentwire probe` and `agentwire bench`. Only `http://` targets.
+//! `agentwire probe` and `agentwire bench`. Only `http://` targets: the tools run beside the
+//! gateway, and `tokio::spawn` here serves the tools only.
 
 use std::net::{IpAddr, SocketAddr};
 

@@ -60,6 +60,8 @@ pub struct Gateway {
     pub verifier: Option<auth::Verifier>,
     /// The internal door's producer and operator keys.
     pub api_keys: auth::ApiKeys,
+    /// The application's subscribe webhook, when configured.
+    pub subscribe_webhook: Option<auth::SubscribeWebhook>,
     pub resolver: Resolver,
     pub watchdog: Watchdog,
     pub shutdown: Shutdown,
@@ -73,6 +75,7 @@ impl Gateway {
         metrics::export::<watchdog::Violation>(&metrics.lifecycle_violations);
         metrics::export::<auth::Refusal>(&metrics.auth_refused);
         metrics::export::<auth::ApiRefusal>(&metrics.api_refused);
+        metrics::export::<auth::Decision>(&metrics.subscribe_webhook);
         metrics::export::<watchdog::RunOutcome>(&metrics.runs_completed);
         metrics::export::<upstream::HandOffOutcome>(&metrics.upstream_messages);
         metrics.broker_up.set(i64::from(broker.is_up()));
@@ -81,6 +84,10 @@ impl Gateway {
             broker: Arc::new(broker),
             verifier: auth::Verifier::new(&config.auth),
             api_keys: auth::ApiKeys::new(&config.auth),
+            subscribe_webhook: auth::SubscribeWebhook::new(
+                &config.auth,
+                config.upstream.signing_secret.clone(),
+            )?,
             resolver: Resolver::new(config.resolve.clone()),
             watchdog: Watchdog::new(config.watchdog.clone()),
             shutdown: Shutdown::default(),

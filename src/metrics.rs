@@ -88,6 +88,7 @@ pub struct Metrics {
     pub upgrades_refused: IntCounterVec,
     pub auth_refused: IntCounterVec,
     pub api_refused: IntCounterVec,
+    pub subscribe_webhook: IntCounterVec,
     pub upstream_messages: IntCounterVec,
     events_offered_undelivered_oldest_age: Gauge,
 }
@@ -309,6 +310,12 @@ impl Metrics {
                 "agentwire_upgrades_refused_total",
                 "WebSocket upgrades refused before a session existed, by reason (origin, not_loopback).",
                 "reason",
+            ),
+            subscribe_webhook: counter_vec(
+                r,
+                "agentwire_subscribe_webhook_total",
+                "Subscribe webhook answers, by outcome (allow, deny, error: refused).",
+                "outcome",
             ),
             api_refused: counter_vec(
                 r,

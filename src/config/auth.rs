@@ -36,6 +36,15 @@ pub struct AuthConfig {
     /// Keys operators show on the internal door to read the ledger, channels, runs and dead
     /// letters and to redrive them.
     pub operator_keys: Vec<Secret>,
+    /// The application's subscribe webhook: asked whether a user may read a thread that neither
+    /// token allows (`http://` or `https://`).
+    pub subscribe_webhook: Option<String>,
+    /// How long the subscribe webhook may take; past it the subscription is refused.
+    #[serde(with = "humantime_serde")]
+    pub subscribe_webhook_timeout: Duration,
+    /// How long a subscribe webhook answer is kept, when it does not say (`cache_seconds`).
+    #[serde(with = "humantime_serde")]
+    pub subscribe_cache_ttl: Duration,
     /// Origins besides the gateway's own that may open `/ws`: `https://app.example.com`, or with a
     /// wildcard label, `https://*.example.com`.
     pub allowed_origins: Vec<String>,
@@ -50,6 +59,9 @@ impl Default for AuthConfig {
             jwt_issuer: None,
             jwt_audience: None,
             jwt_leeway: Duration::from_secs(30),
+            subscribe_webhook: None,
+            subscribe_webhook_timeout: Duration::from_secs(2),
+            subscribe_cache_ttl: Duration::from_secs(60),
             producer_keys: Vec::new(),
             operator_keys: Vec::new(),
             allowed_origins: Vec::new(),

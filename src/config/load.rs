@@ -148,6 +148,11 @@ impl Config {
         {
             return fail("upstream.signing_secret", "must be at least 16 bytes");
         }
+        if let Some(url) = &self.auth.subscribe_webhook
+            && let Err(error) = crate::outbound::check_url(url)
+        {
+            return fail("auth.subscribe_webhook", &error);
+        }
         if let Some(url) = &self.upstream.webhook_url
             && let Err(error) = crate::outbound::check_url(url)
         {

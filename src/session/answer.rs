@@ -171,9 +171,9 @@ impl Session {
     }
 
     /// Whether this connection may read `thread_id`: always without browser authentication;
-    /// with it, when the connection's token lists the thread or `token` is a subscription token
-    /// of this user for it.
-    fn may_read(&self, thread_id: &str, token: Option<&str>) -> Result<(), Refusal> {
+    /// with it, when the connection's token lists the thread, `token` is a subscription token of
+    /// this user for it, or the application's subscribe webhook says so.
+    async fn may_read(&self, thread_id: &str, token: Option<&str>) -> Result<(), Refusal> {
         let Some(verifier) = &self.gateway.verifier else {
             return Ok(());
         };
@@ -185,9 +185,20 @@ impl Session {
             return Ok(());
         }
         let user_id = self.user_id.as_deref().unwrap_or_default();
-        match token {
-            Some(token) => verifier.subscription(token, user_id, thread_id),
-            None => Err(Refusal::Thread),
+        if let Some(token) = token
+            && verifier.subscription(token, user_id, thread_id).is_ok()
+        {
+            return Ok(());
+        }
+        match &self.gateway.subscribe_webhook {
+            Some(webhook)
+                if webhook
+                    .allows(user_id, thread_id, &self.gateway.metrics)
+                    .await =>
+            {
+                Ok(())
+            }
+            _ => Err(Refusal::Thread),
         }
     }
 
@@ -210,7 +221,7 @@ impl Session {
                     );
                 }
                 // Refused before the broker is asked: no channel state is made anywhere.
-                if let Err(refusal) = self.may_read(&thread_id, token.as_deref()) {
+                if let Err(refusal) = self.may_read(&thread_id, token.as_deref()).await {
                     count(&self.gateway.metrics.auth_refused, refusal);
                     return self.error(ErrorCode::Forbidden, refusal.message());
                 }

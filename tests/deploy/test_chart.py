@@ -232,14 +232,15 @@ def test_refuses_to_render_without_existing_secret_or_insecure(helm):
 
 
 def test_auth_rendered_from_values(helm, gateway_cmd, work):
-    """[auth] of agentwire.toml: insecure, jwt_issuer, jwt_audience (only when set), jwt_leeway and
-    allowed_origins from auth.*, loaded by the gateway as given; an origin with a path or a trailing slash
+    """[auth] of agentwire.toml: insecure, jwt_issuer, jwt_audience (only when set), jwt_leeway, the
+    subscribe webhook's timeout and cache and allowed_origins from auth.*, loaded by the gateway as given; an origin with a path or a trailing slash
     (which never matches an Origin header) is refused."""
     origins = ["https://app.example.com", "https://*.agents.example.com", "http://localhost:3000"]
     proc = helm("--set-json", "auth.allowedOrigins=%s" % json.dumps(origins), "--show-only", "templates/configmap.yaml")
     assert proc.returncode == 0, d.output(proc)
     text = yaml.safe_load(proc.stdout)["data"]["agentwire.toml"]
-    want = {"insecure": True, "jwt_leeway": "30s", "allowed_origins": origins}
+    subscribe = {"subscribe_webhook_timeout": "2s", "subscribe_cache_ttl": "1m"}
+    want = dict({"insecure": True, "jwt_leeway": "30s", "allowed_origins": origins}, **subscribe)
     assert tomllib.loads(text)["auth"] == want
     path = work / "auth.toml"
     path.write_text(text)
@@ -251,8 +252,8 @@ def test_auth_rendered_from_values(helm, gateway_cmd, work):
                 "--show-only", "templates/configmap.yaml")
     assert proc.returncode == 0, d.output(proc)
     text = yaml.safe_load(proc.stdout)["data"]["agentwire.toml"]
-    want = {"insecure": True, "jwt_issuer": "https://auth.example.com/", "jwt_audience": "agentwire",
-            "jwt_leeway": "1m 30s", "allowed_origins": []}
+    want = dict({"insecure": True, "jwt_issuer": "https://auth.example.com/", "jwt_audience": "agentwire",
+                 "jwt_leeway": "1m 30s", "allowed_origins": []}, **subscribe)
     assert tomllib.loads(text)["auth"] == want, text
     path.write_text(text)
     proc = gateway_cmd("config", "--config", path)

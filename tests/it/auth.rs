@@ -419,3 +419,99 @@ async fn the_idle_bench_authenticates_every_connection() {
         &["agentwire_connections_opened_total 50"],
     );
 }
+
+/// The application's subscribe webhook decides threads neither token allows: allow, deny, and a
+/// slow or failing webhook refuses (fails closed); answers are cached.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_subscribe_webhook_allows_denies_caches_and_fails_closed() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use http_body_util::{BodyExt, Full};
+    use hyper::body::{Bytes, Incoming};
+    use hyper::{Request, Response};
+
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/may-read", listener.local_addr().unwrap());
+    let asked = Arc::new(AtomicUsize::new(0));
+    let counter = Arc::clone(&asked);
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            let counter = Arc::clone(&counter);
+            tokio::spawn(async move {
+                let service = hyper::service::service_fn(move |request: Request<Incoming>| {
+                    let counter = Arc::clone(&counter);
+                    async move {
+                        counter.fetch_add(1, Ordering::SeqCst);
+                        let body = request.into_body().collect().await?.to_bytes();
+                        let asked: Value = serde_json::from_slice(&body).unwrap();
+                        let (status, answer) = match asked["thread_id"].as_str().unwrap() {
+                            "t_allowed" => (200, r#"{"allow":true,"cache_seconds":60}"#),
+                            "t_denied" => (200, r#"{"allow":false}"#),
+                            "t_slow" => {
+                                tokio::time::sleep(Duration::from_secs(3)).await;
+                                (200, r#"{"allow":true}"#)
+                            }
+                            "t_garbled" => (200, "yes"),
+                            _ => (500, ""),
+                        };
+                        let mut response = Response::new(Full::new(Bytes::from(answer)));
+                        *response.status_mut() = hyper::StatusCode::from_u16(status).unwrap();
+                        Ok::<_, hyper::Error>(response)
+                    }
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+                    .await;
+            });
+        }
+    });
+    let gateway = Gateway::start_with(|c| {
+        c.auth.jwt_secret = Some(SECRET.into());
+        c.auth.subscribe_webhook = Some(url);
+        c.auth.subscribe_webhook_timeout = Duration::from_millis(500);
+    })
+    .await;
+    let connect = || async {
+        let mut client = crate::support::raw(Client::connect(gateway.addr).await);
+        let token = hs256(json!({"sub": "u_w", "exp": now() + 600}));
+        client.send(json!({"type": "hello", "token": token})).await;
+        client.recv().await;
+        client.recv().await;
+        client
+    };
+    let mut client = connect().await;
+    client
+        .send(json!({"type": "subscribe", "thread_id": "t_allowed"}))
+        .await;
+    assert_eq!(client.recv().await["channel"], "thread:t_allowed");
+    for thread in ["t_denied", "t_slow", "t_garbled", "t_broken"] {
+        client
+            .send(json!({"type": "subscribe", "thread_id": thread}))
+            .await;
+        assert_eq!(client.recv().await["code"], "forbidden", "{thread}");
+        assert_eq!(
+            gateway
+                .get(&format!("/v1/channels/thread:{thread}"))
+                .await
+                .0,
+            404
+        );
+    }
+    // Another connection of the same user: the cached answer, no second request.
+    let before = asked.load(Ordering::SeqCst);
+    let mut again = connect().await;
+    again
+        .send(json!({"type": "subscribe", "thread_id": "t_allowed"}))
+        .await;
+    assert_eq!(again.recv().await["channel"], "thread:t_allowed");
+    assert_eq!(asked.load(Ordering::SeqCst), before);
+    assert_lines(
+        &gateway.metrics().await,
+        &[
+            "agentwire_subscribe_webhook_total{outcome=\"allow\"} 1",
+            "agentwire_subscribe_webhook_total{outcome=\"deny\"} 1",
+            "agentwire_subscribe_webhook_total{outcome=\"error\"} 3",
+        ],
+    );
+}

@@ -3,6 +3,10 @@
 //! thread, verified with the key `[auth]` configures, against `exp`, `nbf`, `iss` and `aud`.
 //! Producers and operators: the keys they show on the internal door.
 
+mod subscribe;
+
+pub use subscribe::{Decision, SubscribeWebhook};
+
 use std::collections::HashSet;
 use std::time::{Duration, SystemTime};
 

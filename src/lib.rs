@@ -82,7 +82,7 @@ impl Gateway {
         Ok(Self {
             metrics: Arc::new(metrics),
             broker: Arc::new(broker),
-            verifier: auth::Verifier::new(&config.auth),
+            verifier: auth::Verifier::new(&config.auth)?,
             api_keys: auth::ApiKeys::new(&config.auth),
             subscribe_webhook: auth::SubscribeWebhook::new(
                 &config.auth,

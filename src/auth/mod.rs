@@ -3,9 +3,12 @@
 //! thread, verified with the key `[auth]` configures, against `exp`, `nbf`, `iss` and `aud`.
 //! Producers and operators: the keys they show on the internal door.
 
+mod jwks;
 mod subscribe;
 
 pub use subscribe::{Decision, SubscribeWebhook};
+
+use jwks::Jwks;
 
 use std::collections::HashSet;
 use std::time::{Duration, SystemTime};
@@ -22,8 +25,16 @@ use crate::protocol::channel::check_id;
 
 /// Verifies browser tokens; present when `[auth]` configures a key.
 pub struct Verifier {
-    key: DecodingKey,
+    keys: Keys,
     validation: Validation,
+}
+
+/// Where the verifying key comes from.
+enum Keys {
+    /// `jwt_secret` or `jwt_public_key`.
+    Configured(DecodingKey),
+    /// `jwks_url`: by the token's `kid`, each key with its one algorithm.
+    Fetched(Jwks),
 }
 
 /// Who a connection is, from its token.
@@ -100,8 +111,12 @@ struct Claims {
 
 impl Verifier {
     /// `None` when no key is configured (the configuration was checked at load).
-    pub fn new(config: &AuthConfig) -> Option<Self> {
-        let (key, algorithms) = config.decoding_key().ok()??;
+    pub fn new(config: &AuthConfig) -> anyhow::Result<Option<Self>> {
+        let (keys, algorithms) = match (config.decoding_key(), Jwks::new(config)?) {
+            (Ok(Some((key, algorithms))), _) => (Keys::Configured(key), algorithms),
+            (_, Some(jwks)) => (Keys::Fetched(jwks), vec![Algorithm::RS256]),
+            _ => return Ok(None),
+        };
         let mut validation = Validation::new(algorithms[0]);
         validation.algorithms = algorithms;
         validation.leeway = config.jwt_leeway.as_secs();
@@ -118,11 +133,22 @@ impl Verifier {
             }
             None => validation.validate_aud = false,
         }
-        Some(Self { key, validation })
+        Ok(Some(Self { keys, validation }))
     }
 
-    fn claims(&self, token: &str) -> Result<Claims, Refusal> {
-        let claims = jsonwebtoken::decode::<Claims>(token, &self.key, &self.validation)
+    async fn claims(&self, token: &str) -> Result<Claims, Refusal> {
+        let decoded = match &self.keys {
+            Keys::Configured(key) => jsonwebtoken::decode::<Claims>(token, key, &self.validation),
+            Keys::Fetched(jwks) => {
+                let header = jsonwebtoken::decode_header(token).map_err(|_| Refusal::Invalid)?;
+                let kid = header.kid.ok_or(Refusal::Invalid)?;
+                let (key, algorithm) = jwks.key(&kid).await.ok_or(Refusal::Invalid)?;
+                let mut validation = self.validation.clone();
+                validation.algorithms = vec![algorithm];
+                jsonwebtoken::decode::<Claims>(token, &key, &validation)
+            }
+        };
+        let claims = decoded
             .map_err(|error| match error.kind() {
                 ErrorKind::ExpiredSignature => Refusal::Expired,
                 ErrorKind::ImmatureSignature => Refusal::NotYetValid,
@@ -134,8 +160,12 @@ impl Verifier {
     }
 
     /// The identity a connection token proves; `claimed` is `hello.user_id`, if sent.
-    pub fn connection(&self, token: &str, claimed: Option<&str>) -> Result<Identity, Refusal> {
-        let claims = self.claims(token)?;
+    pub async fn connection(
+        &self,
+        token: &str,
+        claimed: Option<&str>,
+    ) -> Result<Identity, Refusal> {
+        let claims = self.claims(token).await?;
         if claimed.is_some_and(|claimed| claimed != claims.sub) {
             return Err(Refusal::UserMismatch);
         }
@@ -147,8 +177,13 @@ impl Verifier {
     }
 
     /// Whether `token` is a subscription token of `user_id` for `thread_id`.
-    pub fn subscription(&self, token: &str, user_id: &str, thread_id: &str) -> Result<(), Refusal> {
-        let claims = self.claims(token)?;
+    pub async fn subscription(
+        &self,
+        token: &str,
+        user_id: &str,
+        thread_id: &str,
+    ) -> Result<(), Refusal> {
+        let claims = self.claims(token).await?;
         if claims.sub != user_id || claims.thread_id.as_deref() != Some(thread_id) {
             return Err(Refusal::Thread);
         }

@@ -23,6 +23,11 @@ pub struct AuthConfig {
     /// The PEM public key browser tokens are signed for (RSA: RS*/PS*, EC: ES256/ES384,
     /// Ed25519: EdDSA).
     pub jwt_public_key: Option<String>,
+    /// The identity provider's JWKS (`jwks_uri`): browser token keys fetched by their `kid`.
+    pub jwks_url: Option<String>,
+    /// An unknown `kid` fetches the JWKS again at most this often.
+    #[serde(with = "humantime_serde")]
+    pub jwks_refresh: Duration,
     /// When set, a token's `iss` must be this.
     pub jwt_issuer: Option<String>,
     /// When set, a token's `aud` must contain this.
@@ -56,6 +61,8 @@ impl Default for AuthConfig {
             insecure: false,
             jwt_secret: None,
             jwt_public_key: None,
+            jwks_url: None,
+            jwks_refresh: Duration::from_secs(300),
             jwt_issuer: None,
             jwt_audience: None,
             jwt_leeway: Duration::from_secs(30),
@@ -72,7 +79,7 @@ impl Default for AuthConfig {
 impl AuthConfig {
     /// Whether browsers must prove who they are (a key to verify their tokens is configured).
     pub fn authenticates_browsers(&self) -> bool {
-        self.jwt_secret.is_some() || self.jwt_public_key.is_some()
+        self.jwt_secret.is_some() || self.jwt_public_key.is_some() || self.jwks_url.is_some()
     }
 
     /// The key browser tokens are verified with, and the algorithms it may verify: only those of
@@ -80,6 +87,14 @@ impl AuthConfig {
     /// wrong with the configured key; `Ok(None)` when none is configured.
     pub fn decoding_key(&self) -> Result<Option<(DecodingKey, Vec<Algorithm>)>, String> {
         use Algorithm::*;
+        let sources = [
+            self.jwt_secret.is_some(),
+            self.jwt_public_key.is_some(),
+            self.jwks_url.is_some(),
+        ];
+        if sources.iter().filter(|set| **set).count() > 1 {
+            return Err("set one of jwt_secret, jwt_public_key and jwks_url".into());
+        }
         match (&self.jwt_secret, &self.jwt_public_key) {
             (Some(_), Some(_)) => Err("set jwt_secret or jwt_public_key, not both".into()),
             (Some(secret), None) if secret.len() < MIN_SECRET_BYTES => Err(format!(

@@ -148,6 +148,11 @@ impl Config {
         {
             return fail("upstream.signing_secret", "must be at least 16 bytes");
         }
+        if let Some(url) = &self.auth.jwks_url
+            && let Err(error) = crate::outbound::check_url(url)
+        {
+            return fail("auth.jwks_url", &error);
+        }
         if let Some(url) = &self.auth.subscribe_webhook
             && let Err(error) = crate::outbound::check_url(url)
         {
@@ -179,9 +184,10 @@ impl Config {
             }
         }
         if let Err(reason) = self.auth.decoding_key() {
-            let key = match self.auth.jwt_secret {
-                Some(_) => "auth.jwt_secret",
-                None => "auth.jwt_public_key",
+            let key = match (&self.auth.jwt_secret, &self.auth.jwks_url) {
+                (Some(_), _) => "auth.jwt_secret",
+                (None, Some(_)) => "auth.jwks_url",
+                (None, None) => "auth.jwt_public_key",
             };
             return fail(key, &reason);
         }

@@ -97,7 +97,7 @@ impl Session {
     ) -> Option<Ended> {
         let user_id = match (&self.gateway.verifier, token, claimed) {
             (Some(verifier), Some(token), claimed) => {
-                match verifier.connection(&token, claimed.as_deref()) {
+                match verifier.connection(&token, claimed.as_deref()).await {
                     Ok(identity) => {
                         let user_id = identity.user_id.clone();
                         self.trust(identity);
@@ -139,14 +139,14 @@ impl Session {
 
     /// A new token for the same user before the current one expires: the connection goes on,
     /// with the new token's threads and expiry. A refused one changes nothing.
-    fn refresh(&mut self, token: &str) {
+    async fn refresh(&mut self, token: &str) {
         let Some(verifier) = &self.gateway.verifier else {
             return self.error(
                 ErrorCode::InvalidFrame,
                 "this gateway does not authenticate browsers",
             );
         };
-        match verifier.connection(token, self.user_id.as_deref()) {
+        match verifier.connection(token, self.user_id.as_deref()).await {
             Ok(identity) => {
                 self.trust(identity);
                 let left = self.token_clock.as_ref().map_or(0, |c| {
@@ -186,7 +186,10 @@ impl Session {
         }
         let user_id = self.user_id.as_deref().unwrap_or_default();
         if let Some(token) = token
-            && verifier.subscription(token, user_id, thread_id).is_ok()
+            && verifier
+                .subscription(token, user_id, thread_id)
+                .await
+                .is_ok()
         {
             return Ok(());
         }
@@ -246,7 +249,7 @@ impl Session {
                     self.error(ErrorCode::InvalidAck, &error.to_string());
                 }
             }
-            Ok(ClientFrame::Refresh { token }) => self.refresh(&token),
+            Ok(ClientFrame::Refresh { token }) => self.refresh(&token).await,
             Ok(ClientFrame::Ping) => {
                 self.outbox.push(Outgoing::Frame(server::pong()));
             }

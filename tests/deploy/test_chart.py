@@ -205,7 +205,7 @@ def test_refuses_to_render_without_existing_secret_or_insecure(helm):
     """Without auth.existingSecret (the JWT key and both key lists) or an explicit auth.insecure=true the
     chart renders nothing: the gateway would refuse to start on the pod's address without keys, and let
     only loopback peers open /ws without a JWT key. The message names both ways out and what the Secret
-    holds; the old "not available" wording is gone. jwtKeyType=none needs insecure as well."""
+    holds; the old "not available" wording is gone. jwtKeyType=none needs auth.jwksUrl or insecure, and a JWKS with a Secret key is two sources of keys."""
     for args in ((), ("--set", "auth.insecure=false"), ("--set", "auth.existingSecret=")):
         proc = helm(*args, insecure=False)
         assert proc.returncode != 0, "rendered with %s" % (args,)
@@ -219,9 +219,13 @@ def test_refuses_to_render_without_existing_secret_or_insecure(helm):
     assert proc.returncode != 0, "the string \"true\" is not true"
     proc = helm("--set", "auth.existingSecret=agentwire-auth,auth.jwtKeyType=none", insecure=False)
     assert proc.returncode != 0, "rendered jwtKeyType=none without insecure"
-    assert "auth.jwtKeyType=none needs auth.insecure: true" in proc.stdout + proc.stderr, d.output(proc)
+    assert "auth.jwtKeyType=none needs auth.jwksUrl or auth.insecure: true" in proc.stdout + proc.stderr, d.output(proc)
+    proc = helm("--set", "auth.existingSecret=agentwire-auth,auth.jwtKeyType=secret,auth.jwksUrl=https://idp.example/jwks",
+                insecure=False)
+    assert proc.returncode != 0, "rendered two sources of keys"
     for ok in (("--set", "auth.existingSecret=agentwire-auth"),
                ("--set", "auth.existingSecret=agentwire-auth,auth.jwtKeyType=none,auth.insecure=true"),
+               ("--set", "auth.existingSecret=agentwire-auth,auth.jwtKeyType=none,auth.jwksUrl=https://idp.example/jwks"),
                ("--set", "auth.insecure=true")):
         proc = helm(*ok, insecure=False)
         assert proc.returncode == 0, "%s: %s" % (ok, d.output(proc))
@@ -239,7 +243,7 @@ def test_auth_rendered_from_values(helm, gateway_cmd, work):
     proc = helm("--set-json", "auth.allowedOrigins=%s" % json.dumps(origins), "--show-only", "templates/configmap.yaml")
     assert proc.returncode == 0, d.output(proc)
     text = yaml.safe_load(proc.stdout)["data"]["agentwire.toml"]
-    subscribe = {"subscribe_webhook_timeout": "2s", "subscribe_cache_ttl": "1m"}
+    subscribe = {"subscribe_webhook_timeout": "2s", "subscribe_cache_ttl": "1m", "jwks_refresh": "5m"}
     want = dict({"insecure": True, "jwt_leeway": "30s", "allowed_origins": origins}, **subscribe)
     assert tomllib.loads(text)["auth"] == want
     path = work / "auth.toml"

@@ -515,3 +515,103 @@ async fn the_subscribe_webhook_allows_denies_caches_and_fails_closed() {
         ],
     );
 }
+
+/// A JWK of an EC P-256 public key (PEM SubjectPublicKeyInfo: its last 64 bytes are x and y).
+fn ec_jwk(public_pem: &str, kid: &str) -> Value {
+    use base64::Engine;
+    let body: String = public_pem
+        .lines()
+        .filter(|l| !l.starts_with("-----"))
+        .collect();
+    let der = base64::engine::general_purpose::STANDARD
+        .decode(body)
+        .unwrap();
+    let point = &der[der.len() - 64..];
+    let b64 = |bytes: &[u8]| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes);
+    json!({"kty": "EC", "crv": "P-256", "kid": kid, "use": "sig", "alg": "ES256",
+           "x": b64(&point[..32]), "y": b64(&point[32..])})
+}
+
+/// Keys from a JWKS URL: a token's `kid` picks its key; a rotated key is fetched when a token names
+/// it, but at most once per `auth.jwks_refresh`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jwks_keys_are_fetched_by_kid_and_rotation_is_picked_up() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::{Arc, Mutex};
+
+    use http_body_util::Full;
+    use hyper::body::{Bytes, Incoming};
+    use hyper::{Request, Response};
+
+    let served = Arc::new(Mutex::new(
+        json!({"keys": [ec_jwk(&key("ec.pub.pem"), "k1")]}),
+    ));
+    let fetches = Arc::new(AtomicUsize::new(0));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!(
+        "http://{}/.well-known/jwks.json",
+        listener.local_addr().unwrap()
+    );
+    let (set, count) = (Arc::clone(&served), Arc::clone(&fetches));
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            let (set, count) = (Arc::clone(&set), Arc::clone(&count));
+            tokio::spawn(async move {
+                let service = hyper::service::service_fn(move |_: Request<Incoming>| {
+                    count.fetch_add(1, Ordering::SeqCst);
+                    let body = set.lock().unwrap().to_string();
+                    async move { Ok::<_, hyper::Error>(Response::new(Full::new(Bytes::from(body)))) }
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+                    .await;
+            });
+        }
+    });
+    let es256 = |private: &str, kid: &str| {
+        let mut header = Header::new(Algorithm::ES256);
+        header.kid = Some(kid.into());
+        let key = EncodingKey::from_ec_pem(key(private).as_bytes()).unwrap();
+        jsonwebtoken::encode(&header, &json!({"sub": "u_j", "exp": now() + 600}), &key).unwrap()
+    };
+    let eager = Gateway::start_with(|c| {
+        c.auth.jwks_url = Some(url.clone());
+        c.auth.jwks_refresh = Duration::ZERO;
+    })
+    .await;
+    let patient = Gateway::start_with(|c| c.auth.jwks_url = Some(url.clone())).await;
+    for gateway in [&eager, &patient] {
+        let (first, code) = hello(
+            gateway,
+            json!({"type": "hello", "token": es256("ec.pem", "k1")}),
+        )
+        .await;
+        assert_eq!(
+            (first["type"].as_str(), code),
+            (Some("welcome"), None),
+            "{first}"
+        );
+    }
+    assert_eq!(fetches.load(Ordering::SeqCst), 2, "one fetch per gateway");
+
+    // The provider rotates to a new key.
+    *served.lock().unwrap() = json!({"keys": [ec_jwk(&key("ec2.pub.pem"), "k2")]});
+    let rotated = es256("ec2.pem", "k2");
+    let (first, code) = hello(&eager, json!({"type": "hello", "token": rotated.clone()})).await;
+    assert_eq!(
+        (first["type"].as_str(), code),
+        (Some("welcome"), None),
+        "{first}"
+    );
+    // Within its jwks_refresh (5 minutes) the other gateway does not fetch again.
+    let (_, code) = hello(&patient, json!({"type": "hello", "token": rotated})).await;
+    assert_eq!(code, Some(4003));
+    assert_eq!(fetches.load(Ordering::SeqCst), 3);
+    // A token signed with the right key but naming an unknown kid is refused.
+    let (_, code) = hello(
+        &eager,
+        json!({"type": "hello", "token": es256("ec2.pem", "nope")}),
+    )
+    .await;
+    assert_eq!(code, Some(4003));
+}

@@ -80,8 +80,11 @@ Refuses what cannot work or is not safe to deploy:
 {{- if not (or .Values.auth.existingSecret $insecure) }}
 {{- fail "set auth.existingSecret, or auth.insecure: true explicitly. auth.existingSecret names a Secret you create that holds the JWT key browsers' tokens are verified with (jwt-secret, or jwt-public-key with auth.jwtKeyType=publicKey) and both key lists of the internal door (producer-keys, operator-keys: JSON lists); without them the gateway refuses to start on the pod's address and lets only loopback peers open /ws, so no browser could connect through the Service. auth.insecure: true lets anyone who reaches /ws connect as any user: only behind an authenticating proxy or on a trusted network. List the origins of your web app's pages in auth.allowedOrigins (helm/agentwire/README.md, docs/security.md)" }}
 {{- end }}
-{{- if and .Values.auth.existingSecret (eq .Values.auth.jwtKeyType "none") (not $insecure) }}
-{{- fail "auth.jwtKeyType=none needs auth.insecure: true: without a JWT key the gateway lets only loopback peers open /ws, so no browser could connect through the Service. Put the JWT key in auth.existingSecret (jwtKeyType secret or publicKey)" }}
+{{- if and .Values.auth.existingSecret (eq .Values.auth.jwtKeyType "none") (not $insecure) (not .Values.auth.jwksUrl) }}
+{{- fail "auth.jwtKeyType=none needs auth.jwksUrl or auth.insecure: true: without a JWT key the gateway lets only loopback peers open /ws, so no browser could connect through the Service. Put the JWT key in auth.existingSecret (jwtKeyType secret or publicKey), or set auth.jwksUrl" }}
+{{- end }}
+{{- if and .Values.auth.jwksUrl (ne .Values.auth.jwtKeyType "none") }}
+{{- fail "auth.jwksUrl and a JWT key in the Secret are two sources of keys: set auth.jwtKeyType=none with auth.jwksUrl" }}
 {{- end }}
 {{- if eq (int .Values.containerPort) (int .Values.internalPort) }}
 {{- fail (printf "containerPort and internalPort are both %d: the public door and the internal door need a port each" (int .Values.containerPort)) }}

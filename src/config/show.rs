@@ -13,8 +13,30 @@ impl Config {
     }
 }
 
-/// `scheme://user:secret@host/…` → `scheme://user:***@host/…`.
+/// `scheme://user:secret@host/…?key=value` → `scheme://user:***@host/…?key=***`: a URL's password
+/// and its query values (a webhook's `?token=`) are not shown.
 fn hide_password(url: &str) -> String {
+    let (base, query) = match url.split_once('?') {
+        Some((base, query)) => (base, Some(query)),
+        None => (url, None),
+    };
+    let base = hide_userinfo(base);
+    match query {
+        None => base,
+        Some(query) => {
+            let hidden: Vec<String> = query
+                .split('&')
+                .map(|pair| match pair.split_once('=') {
+                    Some((key, _)) => format!("{key}=***"),
+                    None => pair.to_string(),
+                })
+                .collect();
+            format!("{base}?{}", hidden.join("&"))
+        }
+    }
+}
+
+fn hide_userinfo(url: &str) -> String {
     let Some((scheme, rest)) = url.split_once("://") else {
         return url.to_string();
     };
@@ -46,6 +68,10 @@ mod tests {
             "redis://:***@redis:6379/0"
         );
         assert_eq!(hide_password("http://token@agent/x"), "http://***@agent/x");
+        assert_eq!(
+            hide_password("https://hook:pw@agent/h?token=abc&tenant=a&flag"),
+            "https://hook:***@agent/h?token=***&tenant=***&flag"
+        );
         assert_eq!(
             hide_password("http://agent:9000/hlink"),
             "http://agent:9000/hlink"

@@ -103,6 +103,12 @@ impl FrameError {
 pub fn decode(text: &str) -> Result<ClientFrame, FrameError> {
     let value: Value = serde_json::from_str(text)
         .map_err(|e| FrameError::new(ErrorCode::InvalidJson, format!("not JSON: {e}")))?;
+    if let Some(key) = super::json::duplicate_key(text) {
+        return Err(FrameError::new(
+            ErrorCode::InvalidJson,
+            format!("the key `{key}` appears twice in one object"),
+        ));
+    }
     let Value::Object(fields) = value else {
         return Err(FrameError::new(
             ErrorCode::InvalidFrame,

@@ -178,6 +178,13 @@ pub fn parse(raw: &str, max_bytes: usize) -> Result<Event, Refusal> {
         field: None,
         reason: e.to_string(),
     })?;
+    if let Some(key) = super::json::duplicate_key(raw) {
+        return Err(Refusal {
+            code: RefusalCode::InvalidJson,
+            field: Some(key.clone()),
+            reason: format!("the key `{key}` appears twice in one object"),
+        });
+    }
     from_value(value)
 }
 

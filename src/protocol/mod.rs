@@ -4,6 +4,7 @@
 pub mod channel;
 pub mod client;
 pub mod event;
+pub mod json;
 pub mod run;
 pub mod server;
 pub mod upstream;

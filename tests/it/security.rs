@@ -343,3 +343,40 @@ async fn errors_do_not_echo_client_input() {
     let reason = body["results"][0]["reason"].as_str().unwrap();
     assert!(reason.len() < 300, "{reason}");
 }
+
+/// A key given twice could mean one thing to the gateway and another to a backend or a browser:
+/// such JSON is refused, for events, run registrations and client frames.
+#[tokio::test]
+async fn json_with_a_key_twice_is_refused() {
+    let gateway = Gateway::start().await;
+    let twice = r#"{"type":"agent_thinking","run_id":"r_d","thread_id":"t_one","thread_id":"t_two","payload":{}}"#;
+    let (status, body) = gateway.post("/v1/events", twice).await;
+    assert_eq!(status, 400, "{body}");
+    assert_eq!(body["results"][0]["code"], "invalid_json", "{body}");
+    for thread in ["t_one", "t_two"] {
+        assert_eq!(
+            gateway
+                .get(&format!("/v1/channels/thread:{thread}"))
+                .await
+                .0,
+            404
+        );
+    }
+    let (status, body) = gateway
+        .post(
+            "/v1/runs",
+            r#"{"run_id":"r_d","thread_id":"t_one","thread_id":"t_two"}"#,
+        )
+        .await;
+    assert_eq!(
+        (status.as_u16(), body["error"].as_str()),
+        (400, Some("invalid_json"))
+    );
+    let mut client = gateway.client("u_dup").await;
+    client
+        .send_raw(tokio_tungstenite::tungstenite::Message::text(
+            r#"{"type":"subscribe","thread_id":"t_one","thread_id":"t_two"}"#,
+        ))
+        .await;
+    assert_eq!(client.recv().await["code"], "invalid_json");
+}

@@ -164,6 +164,17 @@ pub(super) async fn runs(gateway: &Gateway, request: Request<Incoming>) -> Respo
         Ok(body) => body,
         Err(refused) => return refused.response(),
     };
+    if let Some(key) = std::str::from_utf8(&body)
+        .ok()
+        .and_then(crate::protocol::json::duplicate_key)
+    {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "invalid_json",
+            &format!("the key `{key}` appears twice in one object"),
+            Some(&key),
+        );
+    }
     let Ok(Value::Object(fields)) = serde_json::from_slice::<Value>(&body) else {
         return error(
             StatusCode::BAD_REQUEST,

@@ -95,6 +95,7 @@ impl Session {
         token: Option<String>,
         since: Option<Since>,
     ) -> Option<Ended> {
+        let token = token.or_else(|| self.bearer.take());
         let user_id = match (&self.gateway.verifier, token, claimed) {
             (Some(verifier), Some(token), claimed) => {
                 match verifier.connection(&token, claimed.as_deref()).await {

@@ -40,8 +40,15 @@ const FLUSH_BYTES: usize = 64 * 1024;
 const LINGER: Duration = Duration::from_secs(1);
 
 /// Serves one upgraded connection until it ends. `read` holds bytes the client sent right after
-/// its handshake, before the upgrade completed.
-pub async fn serve(gateway: Arc<Gateway>, stream: TcpStream, read: Bytes, connection_id: String) {
+/// its handshake, before the upgrade completed; `bearer` is a token sent with the upgrade
+/// (`Authorization: Bearer`), used when `hello` carries none.
+pub async fn serve(
+    gateway: Arc<Gateway>,
+    stream: TcpStream,
+    read: Bytes,
+    connection_id: String,
+    bearer: Option<String>,
+) {
     let span = tracing::info_span!("connection", %connection_id);
     async move {
         gateway.metrics.connections.inc();
@@ -58,6 +65,7 @@ pub async fn serve(gateway: Arc<Gateway>, stream: TcpStream, read: Bytes, connec
             channels: Vec::new(),
             user_id: None,
             identity: None,
+            bearer,
             token_clock: None,
             stream,
             inbox,
@@ -135,6 +143,8 @@ struct Session {
     user_id: Option<String>,
     /// What the connection's token says, with browser authentication, and when it runs out.
     identity: Option<Box<Identity>>,
+    /// The token sent with the upgrade, until `hello` uses it.
+    bearer: Option<String>,
     token_clock: Option<TokenClock>,
     stream: TcpStream,
     /// Bytes read and not yet parsed; empty (and unallocated) on an idle connection.

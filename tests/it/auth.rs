@@ -615,3 +615,22 @@ async fn jwks_keys_are_fetched_by_kid_and_rotation_is_picked_up() {
     .await;
     assert_eq!(code, Some(4003));
 }
+
+/// A client that can set headers may send its token with the upgrade instead of in `hello`.
+#[tokio::test]
+async fn the_token_may_come_with_the_upgrade() {
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    let gateway = with_secret().await;
+    let token = hs256(json!({"sub": "u_header", "exp": now() + 600}));
+    let mut request = format!("ws://{}/ws", gateway.addr)
+        .into_client_request()
+        .unwrap();
+    request
+        .headers_mut()
+        .insert("authorization", format!("Bearer {token}").parse().unwrap());
+    let (ws, _) = tokio_tungstenite::connect_async(request).await.unwrap();
+    let mut client = crate::support::raw(ws);
+    client.send(json!({"type": "hello"})).await;
+    let welcome = client.recv().await;
+    assert_eq!(welcome["user_id"], "u_header", "{welcome}");
+}

@@ -43,6 +43,13 @@ pub(super) fn upgrade(
         Ok(pair) => pair,
         Err(e) => return error(StatusCode::BAD_REQUEST, "bad_upgrade", &e.to_string(), None),
     };
+    // A client that can set headers may send its token with the upgrade instead of in hello.
+    let bearer = request
+        .headers()
+        .get(hyper::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::to_string);
     let tracker = gateway.shutdown.tracker.clone();
     tracker.spawn(async move {
         let ws = match upgraded.await {
@@ -62,6 +69,7 @@ pub(super) fn upgrade(
                     parts.io.into_inner(),
                     parts.read_buf,
                     connection_id,
+                    bearer,
                 )
                 .await;
             }

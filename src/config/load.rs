@@ -191,6 +191,13 @@ impl Config {
             };
             return fail(key, &reason);
         }
+        if let Some(path) = &self.broker.redis_ca_file {
+            match std::fs::read(path) {
+                Ok(pem) if pem.starts_with(b"-----BEGIN CERTIFICATE-----") => {}
+                Ok(_) => return fail("broker.redis_ca_file", "not a PEM certificate"),
+                Err(error) => return fail("broker.redis_ca_file", &error.to_string()),
+            }
+        }
         if self.broker.claim_idle <= self.resolve.grace {
             return fail("broker.claim_idle", "must be longer than resolve.grace");
         }
@@ -217,14 +224,16 @@ impl Config {
     }
 }
 
-/// `redis://host…` or a Unix socket (`redis+unix://`, `unix://`); this build has no TLS.
+/// `redis://host…`, `rediss://host…` (TLS) or a Unix socket (`redis+unix://`, `unix://`).
 fn check_redis_url(raw: &str) -> Result<(), String> {
     let url = url::Url::parse(raw).map_err(|e| e.to_string())?;
     match url.scheme() {
-        "redis" if url.has_host() => Ok(()),
-        "redis" => Err("no host".into()),
+        "redis" | "rediss" if url.has_host() => Ok(()),
+        "redis" | "rediss" => Err("no host".into()),
         "redis+unix" | "unix" => Ok(()),
-        other => Err(format!("the scheme is {other}, not redis or redis+unix")),
+        other => Err(format!(
+            "the scheme is {other}, not redis, rediss or redis+unix"
+        )),
     }
 }
 

@@ -188,9 +188,13 @@ impl Default for UpstreamConfig {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct BrokerConfig {
-    /// Selects the Redis broker (`redis://[:password@]host:port[/db]`); unset, the embedded one.
+    /// Selects the Redis broker (`redis://[:password@]host:port[/db]`, or `rediss://` for TLS);
+    /// unset, the embedded one.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub redis_url: Option<String>,
+    /// A PEM CA certificate to verify a `rediss://` server with, instead of the system's.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub redis_ca_file: Option<std::path::PathBuf>,
     /// The stream producers may `XADD` events to (Redis broker only).
     pub ingest_stream: String,
     /// The consumer group every replica reads `ingest_stream` through.
@@ -209,6 +213,7 @@ impl Default for BrokerConfig {
     fn default() -> Self {
         Self {
             redis_url: None,
+            redis_ca_file: None,
             ingest_stream: "aw:ingest".into(),
             ingest_group: "agentwire".into(),
             claim_idle: Duration::from_secs(30),

@@ -797,3 +797,127 @@ async fn a_run_registered_on_one_replica_cannot_be_re_pointed_on_another() {
         "counted where it was refused"
     );
 }
+
+/// `rediss://`: the gateway talks TLS to Redis, verifying the server with `broker.redis_ca_file`;
+/// without that CA the server's certificate is not trusted and the gateway stays not ready.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_over_tls_with_a_configured_ca() {
+    struct Stop(std::process::Child);
+    impl Drop for Stop {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let dir = std::env::temp_dir().join(format!("agentwire-tls-{}", crate::support::free_port()));
+    std::fs::create_dir_all(&dir).unwrap();
+    // A test CA, and a server certificate it signed for localhost.
+    let file = |name: &str| dir.join(name);
+    let (ca, cert, key) = (file("ca.pem"), file("cert.pem"), file("key.pem"));
+    std::fs::write(
+        file("ext.cnf"),
+        "subjectAltName=DNS:localhost,IP:127.0.0.1\nbasicConstraints=CA:FALSE\n",
+    )
+    .unwrap();
+    let openssl = |args: &[&str]| {
+        let made = std::process::Command::new("openssl")
+            .args(args)
+            .current_dir(&dir)
+            .output()
+            .unwrap();
+        assert!(made.status.success(), "openssl {args:?}: {made:?}");
+    };
+    openssl(&[
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-days",
+        "1",
+        "-subj",
+        "/CN=agentwire-test-ca",
+        "-keyout",
+        "ca.key",
+        "-out",
+        "ca.pem",
+    ]);
+    openssl(&[
+        "req",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-subj",
+        "/CN=localhost",
+        "-keyout",
+        "key.pem",
+        "-out",
+        "req.csr",
+    ]);
+    openssl(&[
+        "x509",
+        "-req",
+        "-in",
+        "req.csr",
+        "-CA",
+        "ca.pem",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-days",
+        "1",
+        "-extfile",
+        "ext.cnf",
+        "-out",
+        "cert.pem",
+    ]);
+    let port = crate::support::free_port();
+    let _redis = Stop(
+        std::process::Command::new("redis-server")
+            .args([
+                "--port",
+                "0",
+                "--tls-port",
+                &port.to_string(),
+                "--bind",
+                "127.0.0.1",
+            ])
+            .arg("--tls-cert-file")
+            .arg(&cert)
+            .arg("--tls-key-file")
+            .arg(&key)
+            .args([
+                "--tls-auth-clients",
+                "no",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let url = format!("rediss://localhost:{port}/");
+    let gateway = Gateway::start_with(|c| {
+        c.broker.redis_url = Some(url.clone());
+        c.broker.redis_ca_file = Some(ca.clone());
+    })
+    .await;
+    wait_ready(gateway.internal, StatusCode::OK).await;
+    let mut client = gateway.client("u_tls").await;
+    client.subscribe("t_tls", None).await;
+    gateway.publish(&[thinking("t_tls", 1)]).await;
+    assert_eq!(client.events(1).await[0]["channel"], "thread:t_tls");
+
+    let untrusting = Gateway::start_with(|c| c.broker.redis_url = Some(url)).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let (status, _) = http(untrusting.internal, "GET", "/readyz", None).await;
+    assert_eq!(
+        status,
+        StatusCode::SERVICE_UNAVAILABLE,
+        "a server it cannot verify"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -109,7 +109,18 @@ pub struct RedisBroker {
 
 impl RedisBroker {
     pub fn new(config: &Config, url: &str) -> anyhow::Result<Self> {
-        let client = redis::Client::open(url)?;
+        crate::outbound::install_tls_provider();
+        let client = match &config.broker.redis_ca_file {
+            // Checked at load: a readable PEM certificate.
+            Some(path) => redis::Client::build_with_tls(
+                url,
+                redis::TlsCertificates {
+                    client_tls: None,
+                    root_cert: Some(std::fs::read(path)?),
+                },
+            )?,
+            None => redis::Client::open(url)?,
+        };
         // Fail fast while Redis is away: callers answer 503 instead of hanging.
         let manager = redis::aio::ConnectionManagerConfig::new()
             .set_connection_timeout(Some(Duration::from_secs(1)))

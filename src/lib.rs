@@ -82,11 +82,12 @@ impl Gateway {
         Ok(Self {
             metrics: Arc::new(metrics),
             broker: Arc::new(broker),
-            verifier: auth::Verifier::new(&config.auth)?,
+            verifier: auth::Verifier::new(&config.auth, config.tls_ca_file.as_deref())?,
             api_keys: auth::ApiKeys::new(&config.auth),
             subscribe_webhook: auth::SubscribeWebhook::new(
                 &config.auth,
                 config.upstream.signing_secret.clone(),
+                config.tls_ca_file.as_deref(),
             )?,
             resolver: Resolver::new(config.resolve.clone()),
             watchdog: Watchdog::new(config.watchdog.clone()),

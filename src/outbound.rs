@@ -1,7 +1,11 @@
 //! The gateway's own outbound HTTP requests (HLink webhooks, the subscribe webhook, JWKS):
-//! `http://` or `https://`, with rustls (the `ring` provider) and the system's CA certificates.
+//! `http://` or `https://`, with rustls (the `ring` provider), the system's CA certificates and the
+//! optional `tls_ca_file`.
 
+use std::path::Path;
 use std::sync::Once;
+
+use anyhow::Context;
 use std::time::Duration;
 
 static PROVIDER: Once = Once::new();
@@ -15,14 +19,20 @@ pub fn install_tls_provider() {
     });
 }
 
-/// A client whose every request gives up after `timeout`. Built once per use at start; an error
-/// (no TLS roots, say) stops the start.
-pub fn client(timeout: Duration) -> anyhow::Result<reqwest::Client> {
+/// A client whose every request gives up after `timeout`, trusting the system's CA certificates
+/// and, when given, the PEM CA certificate at `ca_file` (`tls_ca_file`). Built once per use at
+/// start; an error (an unreadable CA, no TLS roots) stops the start.
+pub fn client(timeout: Duration, ca_file: Option<&Path>) -> anyhow::Result<reqwest::Client> {
     install_tls_provider();
-    Ok(reqwest::Client::builder()
+    let mut builder = reqwest::Client::builder()
         .timeout(timeout)
-        .connect_timeout(timeout)
-        .build()?)
+        .connect_timeout(timeout);
+    if let Some(path) = ca_file {
+        let pem = std::fs::read(path)
+            .with_context(|| format!("cannot read tls_ca_file {}", path.display()))?;
+        builder = builder.add_root_certificate(reqwest::Certificate::from_pem(&pem)?);
+    }
+    Ok(builder.build()?)
 }
 
 /// Whether `raw` is a URL the gateway can call: `http://` or `https://`, with a host.

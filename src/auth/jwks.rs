@@ -4,6 +4,7 @@
 //! Only public keys are taken (RSA, EC P-256/P-384, Ed25519): a symmetric key never comes from a URL.
 
 use std::collections::HashMap;
+use std::path::Path;
 use std::sync::RwLock;
 use std::time::Duration;
 
@@ -25,12 +26,12 @@ pub struct Jwks {
 
 impl Jwks {
     /// `None` without `auth.jwks_url`.
-    pub fn new(config: &AuthConfig) -> anyhow::Result<Option<Self>> {
+    pub fn new(config: &AuthConfig, ca_file: Option<&Path>) -> anyhow::Result<Option<Self>> {
         let Some(url) = &config.jwks_url else {
             return Ok(None);
         };
         Ok(Some(Self {
-            client: crate::outbound::client(Duration::from_secs(5))?,
+            client: crate::outbound::client(Duration::from_secs(5), ca_file)?,
             url: url.clone(),
             refresh: config.jwks_refresh,
             keys: RwLock::default(),

@@ -111,8 +111,11 @@ struct Claims {
 
 impl Verifier {
     /// `None` when no key is configured (the configuration was checked at load).
-    pub fn new(config: &AuthConfig) -> anyhow::Result<Option<Self>> {
-        let (keys, algorithms) = match (config.decoding_key(), Jwks::new(config)?) {
+    pub fn new(
+        config: &AuthConfig,
+        ca_file: Option<&std::path::Path>,
+    ) -> anyhow::Result<Option<Self>> {
+        let (keys, algorithms) = match (config.decoding_key(), Jwks::new(config, ca_file)?) {
             (Ok(Some((key, algorithms))), _) => (Keys::Configured(key), algorithms),
             (_, Some(jwks)) => (Keys::Fetched(jwks), vec![Algorithm::RS256]),
             _ => return Ok(None),

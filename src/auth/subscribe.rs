@@ -55,12 +55,16 @@ pub struct SubscribeWebhook {
 
 impl SubscribeWebhook {
     /// `None` without `auth.subscribe_webhook`.
-    pub fn new(config: &AuthConfig, signing: Option<Secret>) -> anyhow::Result<Option<Self>> {
+    pub fn new(
+        config: &AuthConfig,
+        signing: Option<Secret>,
+        ca_file: Option<&std::path::Path>,
+    ) -> anyhow::Result<Option<Self>> {
         let Some(url) = &config.subscribe_webhook else {
             return Ok(None);
         };
         Ok(Some(Self {
-            client: crate::outbound::client(config.subscribe_webhook_timeout)?,
+            client: crate::outbound::client(config.subscribe_webhook_timeout, ca_file)?,
             url: url.clone(),
             ttl: config.subscribe_cache_ttl,
             signing,

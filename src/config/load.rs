@@ -191,11 +191,15 @@ impl Config {
             };
             return fail(key, &reason);
         }
-        if let Some(path) = &self.broker.redis_ca_file {
+        for (key, path) in [
+            ("broker.redis_ca_file", &self.broker.redis_ca_file),
+            ("tls_ca_file", &self.tls_ca_file),
+        ] {
+            let Some(path) = path else { continue };
             match std::fs::read(path) {
                 Ok(pem) if pem.starts_with(b"-----BEGIN CERTIFICATE-----") => {}
-                Ok(_) => return fail("broker.redis_ca_file", "not a PEM certificate"),
-                Err(error) => return fail("broker.redis_ca_file", &error.to_string()),
+                Ok(_) => return fail(key, "not a PEM certificate"),
+                Err(error) => return fail(key, &error.to_string()),
             }
         }
         if self.broker.claim_idle <= self.resolve.grace {
@@ -323,6 +327,16 @@ mod tests {
                 "auth.producer_keys",
             ),
             ("AGENTWIRE_AUTH__JWT_SECRET", "short", "auth.jwt_secret"),
+            (
+                "AGENTWIRE_TLS_CA_FILE",
+                "/nonexistent/ca.pem",
+                "tls_ca_file",
+            ),
+            (
+                "AGENTWIRE_BROKER__REDIS_CA_FILE",
+                "Cargo.toml",
+                "broker.redis_ca_file",
+            ),
             ("AGENTWIRE_BROKER__CLAIM_IDLE", "1h", "broker.claim_idle"),
             (
                 "AGENTWIRE_BROKER__INGEST_STREAM",

@@ -24,6 +24,10 @@ pub struct Config {
     /// The internal door, for producers, operators and Prometheus: `/v1/*`, `/metrics`, `/readyz`,
     /// `/healthz`. Never routed from the internet.
     pub internal_listen: SocketAddr,
+    /// A PEM CA certificate trusted, besides the system's, by the gateway's own HTTPS requests
+    /// (HLink and subscribe webhooks, the JWKS).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tls_ca_file: Option<std::path::PathBuf>,
     /// `text` for people, `json` for log pipelines.
     pub log_format: LogFormat,
     /// A `tracing` filter such as `info` or `agentwire=debug`; `RUST_LOG` wins when set.
@@ -245,6 +249,7 @@ impl Default for Config {
         Self {
             listen: SocketAddr::from(([0, 0, 0, 0], 8000)),
             internal_listen: SocketAddr::from(([127, 0, 0, 1], 8001)),
+            tls_ca_file: None,
             log_format: LogFormat::Text,
             log_level: "info".into(),
             ingest: IngestConfig::default(),

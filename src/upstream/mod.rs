@@ -74,14 +74,14 @@ pub struct Upstream {
 }
 
 impl Upstream {
-    pub fn new(config: UpstreamConfig) -> anyhow::Result<Self> {
+    pub fn new(config: UpstreamConfig, ca_file: Option<&std::path::Path>) -> anyhow::Result<Self> {
         let (queue, client) = match &config.webhook_url {
             Some(_) => (
                 Some(Arc::new(FairQueue::new(
                     config.queue,
                     config.queue_per_user,
                 ))),
-                Some(outbound::client(config.timeout)?),
+                Some(outbound::client(config.timeout, ca_file)?),
             ),
             None => (None, None),
         };

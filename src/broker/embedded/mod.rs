@@ -33,7 +33,7 @@ impl Embedded {
             channels: Channels::new(config.history.clone()),
             dedupe: Dedupe::new(config.ingest.dedupe_window, config.ingest.dedupe_capacity),
             deadletters: DeadLetters::new(config.deadletter.capacity),
-            upstream: Upstream::new(config.upstream.clone())?,
+            upstream: Upstream::new(config.upstream.clone(), config.tls_ca_file.as_deref())?,
         })
     }
 

@@ -59,7 +59,7 @@ pub struct Metrics {
     events_pending_resolution: IntGauge,
     pub unresolved_run_ids: IntCounter,
     pub runs_registered: IntCounter,
-    pub run_conflicts: IntCounter,
+    pub runs_refused: IntCounterVec,
     pub delivery_latency: Histogram,
     pub fanout_frames_sent: IntCounter,
     channels: IntGauge,
@@ -172,10 +172,11 @@ impl Metrics {
                 "agentwire_runs_registered_total",
                 "Run registrations (POST /v1/runs or agent_started with a thread).",
             ),
-            run_conflicts: counter(
+            runs_refused: counter_vec(
                 r,
-                "agentwire_run_conflicts_total",
-                "Registrations refused because the run is registered to another thread or user.",
+                "agentwire_runs_refused_total",
+                "Run registrations refused, by reason (conflict, full).",
+                "reason",
             ),
             delivery_latency: register(
                 r,

@@ -35,6 +35,24 @@ pub fn client(timeout: Duration, ca_file: Option<&Path>) -> anyhow::Result<reqwe
     Ok(builder.build()?)
 }
 
+/// Whether `raw` is a URL the gateway may take keys or decisions from: `https://`, or `http://`
+/// to this machine (anyone on the path of a plain request could answer it).
+pub fn check_trusted_url(raw: &str) -> Result<(), String> {
+    check_url(raw)?;
+    let url = url::Url::parse(raw).map_err(|e| e.to_string())?;
+    let local = match url.host() {
+        Some(url::Host::Domain(name)) => name.eq_ignore_ascii_case("localhost"),
+        Some(url::Host::Ipv4(ip)) => ip.is_loopback(),
+        Some(url::Host::Ipv6(ip)) => ip.is_loopback(),
+        None => false,
+    };
+    match url.scheme() {
+        "https" => Ok(()),
+        _ if local => Ok(()),
+        _ => Err("must be https:// (http:// only to this machine)".into()),
+    }
+}
+
 /// Whether `raw` is a URL the gateway can call: `http://` or `https://`, with a host.
 pub fn check_url(raw: &str) -> Result<(), String> {
     let url = url::Url::parse(raw).map_err(|e| e.to_string())?;

@@ -83,6 +83,15 @@ impl State {
     }
 }
 
+/// Why a run cannot be registered here.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Unregistrable {
+    /// Registered to another thread or user, or a standard run id naming another thread.
+    Conflict,
+    /// `resolve.registry_capacity` live registrations.
+    Full,
+}
+
 /// An event [`Resolver::hold`] did not keep.
 #[derive(Debug)]
 pub struct NotHeld {
@@ -186,13 +195,31 @@ impl Resolver {
         events
     }
 
-    /// Where `run_id` is registered here within its TTL, when that is another channel than
-    /// `target`'s: a registration is never re-pointed.
-    pub fn conflict(&self, run_id: &str, target: &RunTarget) -> Option<ChannelName> {
-        let registered =
-            self.state()
-                .registered(run_id, self.config.registry_ttl, Instant::now())?;
-        (Some(&registered) != target.channel().as_ref()).then_some(registered)
+    /// Whether `run_id` may be registered to `target` here: not when it is registered (within its
+    /// TTL) to another channel, nor when a standard run id (`thread_<id>_run_…`) names another
+    /// thread, nor when the registry is full of live registrations (none is dropped early, or a
+    /// flood of new runs could push one out and let it be registered elsewhere).
+    pub fn admit(&self, run_id: &str, target: &RunTarget) -> Result<(), Unregistrable> {
+        let channel = target.channel();
+        if let Some(thread) = thread_of_standard_run_id(run_id)
+            && target.thread_id.as_deref() != Some(thread)
+        {
+            return Err(Unregistrable::Conflict);
+        }
+        let now = Instant::now();
+        let ttl = self.config.registry_ttl;
+        let mut state = self.state();
+        if let Some(registered) = state.registered(run_id, ttl, now) {
+            return match Some(&registered) == channel.as_ref() {
+                true => Ok(()),
+                false => Err(Unregistrable::Conflict),
+            };
+        }
+        state.forget_oldest(|_, at| now.saturating_duration_since(at) <= ttl);
+        if state.runs.len() >= self.config.registry_capacity {
+            return Err(Unregistrable::Full);
+        }
+        Ok(())
     }
 
     /// The channel of `event`, or `None` if nothing names one yet.

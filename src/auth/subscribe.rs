@@ -92,7 +92,8 @@ impl SubscribeWebhook {
                     cache.clear();
                 }
             }
-            cache.insert(key, (allow, now + ttl));
+            let until = now.checked_add(ttl).unwrap_or(now + self.ttl);
+            cache.insert(key, (allow, until));
         }
         allow
     }
@@ -143,7 +144,10 @@ impl SubscribeWebhook {
                 } else {
                     Decision::Deny
                 },
-                answer.cache_seconds.map_or(self.ttl, Duration::from_secs),
+                // At most a day: an answer is a cache entry, not a grant for ever.
+                answer
+                    .cache_seconds
+                    .map_or(self.ttl, |s| Duration::from_secs(s.min(86_400))),
             ),
             Err(error) => {
                 tracing::warn!(%error, thread_id, "The subscribe webhook's answer is not {{\"allow\": bool}}; the subscription is refused.");

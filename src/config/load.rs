@@ -148,13 +148,17 @@ impl Config {
         {
             return fail("upstream.signing_secret", "must be at least 16 bytes");
         }
+        let check = match self.auth.insecure {
+            true => crate::outbound::check_url,
+            false => crate::outbound::check_trusted_url,
+        };
         if let Some(url) = &self.auth.jwks_url
-            && let Err(error) = crate::outbound::check_url(url)
+            && let Err(error) = check(url)
         {
             return fail("auth.jwks_url", &error);
         }
         if let Some(url) = &self.auth.subscribe_webhook
-            && let Err(error) = crate::outbound::check_url(url)
+            && let Err(error) = check(url)
         {
             return fail("auth.subscribe_webhook", &error);
         }

@@ -9,6 +9,8 @@ impl Config {
         let mut shown = self.clone();
         shown.upstream.webhook_url = shown.upstream.webhook_url.as_deref().map(hide_password);
         shown.broker.redis_url = shown.broker.redis_url.as_deref().map(hide_password);
+        shown.auth.jwks_url = shown.auth.jwks_url.as_deref().map(hide_password);
+        shown.auth.subscribe_webhook = shown.auth.subscribe_webhook.as_deref().map(hide_password);
         toml::to_string_pretty(&shown).unwrap_or_else(|e| format!("# cannot render: {e}\n"))
     }
 }

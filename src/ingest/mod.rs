@@ -19,7 +19,7 @@ use serde::Serialize;
 
 pub use body::{BodyError, split};
 pub use redrive::{RedriveOutcome, Redriven, redrive};
-pub use registration::{RegisterError, expire_pending, register};
+pub use registration::{RegisterError, RunRefusal, expire_pending, register};
 pub use stalls::report_stalls;
 pub use upward::consume;
 
@@ -126,7 +126,8 @@ async fn accept_in(
         return Ok(ItemResult::Duplicate);
     }
     match register_start(gateway, &event).await {
-        Ok(()) => {}
+        // A full registry refuses the registration (counted), not the event: it names its thread.
+        Ok(()) | Err(RegisterError::Full) => {}
         Err(RegisterError::Conflict) => {
             let refusal = Refusal::run_conflict();
             count_refusal(gateway, &refusal);

@@ -6,10 +6,31 @@ use std::time::Instant;
 use super::emit;
 use crate::broker::BrokerError;
 use crate::ledger::LostReason;
+use crate::metrics::{Label, count};
 use crate::protocol::event::Event;
 use crate::protocol::run::RunTarget;
-use crate::resolve::Held;
+use crate::resolve::{Held, Unregistrable};
 use crate::{Gateway, telemetry};
+
+/// Why a run was not registered, counted in `agentwire_runs_refused_total{reason}`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RunRefusal {
+    /// Registered to another thread or user, or a standard run id naming another thread.
+    Conflict,
+    /// The registry holds `resolve.registry_capacity` live registrations.
+    Full,
+}
+
+impl Label for RunRefusal {
+    const ALL: &'static [Self] = &[Self::Conflict, Self::Full];
+
+    fn as_str(self) -> &'static str {
+        match self {
+            Self::Conflict => "conflict",
+            Self::Full => "full",
+        }
+    }
+}
 
 /// Why a run was not registered.
 #[derive(Debug, thiserror::Error)]
@@ -17,6 +38,9 @@ pub enum RegisterError {
     /// It is registered to another thread or user within `resolve.registry_ttl`.
     #[error("this run is registered to another thread or user")]
     Conflict,
+    /// The registry is full of live registrations.
+    #[error("the run registry is full (resolve.registry_capacity)")]
+    Full,
     #[error(transparent)]
     Broker(#[from] BrokerError),
 }
@@ -30,12 +54,29 @@ pub async fn register(
     run_id: &str,
     target: RunTarget,
 ) -> Result<usize, RegisterError> {
-    let conflict = gateway.resolver.conflict(run_id, &target).is_some()
-        || gateway.broker.register(run_id, &target).await?.is_some();
-    if conflict {
-        gateway.metrics.run_conflicts.inc();
-        tracing::info!(run_id, "Refused to re-point a registered run.");
-        return Err(RegisterError::Conflict);
+    let refused = match gateway.resolver.admit(run_id, &target) {
+        Err(Unregistrable::Full) => Some(RunRefusal::Full),
+        Err(Unregistrable::Conflict) => Some(RunRefusal::Conflict),
+        Ok(()) if gateway.broker.register(run_id, &target).await?.is_some() => {
+            Some(RunRefusal::Conflict)
+        }
+        Ok(()) => None,
+    };
+    if let Some(refusal) = refused {
+        count(&gateway.metrics.runs_refused, refusal);
+        return Err(match refusal {
+            RunRefusal::Conflict => {
+                tracing::info!(run_id, "Refused to re-point a registered run.");
+                RegisterError::Conflict
+            }
+            RunRefusal::Full => {
+                tracing::warn!(
+                    run_id,
+                    "Refused a registration: the run registry is full (resolve.registry_capacity)."
+                );
+                RegisterError::Full
+            }
+        });
     }
     gateway.metrics.runs_registered.inc();
     Ok(release(gateway, run_id, target).await)

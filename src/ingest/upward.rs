@@ -86,7 +86,8 @@ async fn take(
         return Ok(Taken::Later);
     }
     match register_start(gateway, &event).await {
-        Ok(()) => {}
+        // A full registry refuses the registration (counted), not the event: it names its thread.
+        Ok(()) | Err(RegisterError::Full) => {}
         // Taken (acknowledged) and counted, not published: the run stays where it is registered.
         Err(RegisterError::Conflict) => {
             let refusal = crate::protocol::event::Refusal::run_conflict();

@@ -78,6 +78,7 @@ pub async fn run(gateway: Arc<Gateway>, doors: Doors, stop: CancellationToken) {
     metrics::export::<session::Resume>(&counted.resumes);
     metrics::export::<routes::BodyRefusal>(&counted.events_rejected);
     metrics::export::<AcceptError>(&counted.accept_errors);
+    metrics::export::<crate::ingest::RunRefusal>(&counted.runs_refused);
     metrics::export::<routes::UpgradeRefused>(&counted.upgrades_refused);
     if gateway.config.auth.authenticates_browsers() {
         tracing::info!("Browsers authenticate with a JWT in hello.");

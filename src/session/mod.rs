@@ -111,12 +111,23 @@ struct TokenClock {
 impl TokenClock {
     fn new(expires: std::time::SystemTime, leeway: Duration) -> Self {
         let now = Instant::now();
-        let left = expires
-            .duration_since(std::time::SystemTime::now())
-            .unwrap_or_default();
-        let expires_at = now + left + leeway;
+        let system_now = std::time::SystemTime::now();
+        let left = expires.duration_since(system_now).unwrap_or_default();
+        // The token ends at exp plus the leeway, once: a token accepted within the leeway after
+        // its exp does not get the leeway again. (At most a year: a far `exp` is not a far close.)
+        let year = Duration::from_secs(365 * 24 * 3600);
+        let until_close = expires
+            .checked_add(leeway)
+            .unwrap_or(expires)
+            .duration_since(system_now)
+            .unwrap_or_default()
+            .min(year);
+        let expires_at = now + until_close;
         // A minute ahead, or half the token's remaining life when it is shorter.
-        let warn_at = now + left.saturating_sub(Duration::from_secs(60).min(left / 2));
+        let warn_at = now
+            + left
+                .min(year)
+                .saturating_sub(Duration::from_secs(60).min(left / 2));
         Self {
             warn_at,
             expires_at,

@@ -792,7 +792,8 @@ async fn a_run_registered_on_one_replica_cannot_be_re_pointed_on_another() {
         "the same registration"
     );
     assert_eq!(
-        b.metric("agentwire_run_conflicts_total").await,
+        b.metric("agentwire_runs_refused_total{reason=\"conflict\"}")
+            .await,
         1.0,
         "counted where it was refused"
     );

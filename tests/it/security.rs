@@ -276,7 +276,7 @@ async fn a_registered_run_cannot_be_re_pointed() {
     assert_lines(
         &gateway.metrics().await,
         &[
-            "agentwire_run_conflicts_total 2",
+            "agentwire_runs_refused_total{reason=\"conflict\"} 2",
             "agentwire_events_rejected_total{reason=\"run_conflict\"} 1",
         ],
     );
@@ -379,4 +379,83 @@ async fn json_with_a_key_twice_is_refused() {
         ))
         .await;
     assert_eq!(client.recv().await["code"], "invalid_json");
+}
+
+/// DNS rebinding: a page whose own name now resolves to 127.0.0.1 reaches the gateway from a
+/// loopback peer but sends its name as Host; protected mode and a keyless internal door refuse it.
+#[tokio::test]
+async fn a_page_rebound_to_localhost_is_refused() {
+    let gateway = Gateway::start().await;
+    let mut request = format!("ws://{}/ws", gateway.addr)
+        .into_client_request()
+        .unwrap();
+    let rebound = format!("evil.example:{}", gateway.addr.port());
+    request
+        .headers_mut()
+        .insert("host", HeaderValue::from_str(&rebound).unwrap());
+    request.headers_mut().insert(
+        "origin",
+        HeaderValue::from_str(&format!("http://{rebound}")).unwrap(),
+    );
+    let status = match tokio_tungstenite::connect_async(request).await {
+        Err(tokio_tungstenite::tungstenite::Error::Http(response)) => response.status().as_u16(),
+        other => panic!("{other:?}"),
+    };
+    assert_eq!(status, 403);
+    let host = format!("evil.example:{}", gateway.internal.port());
+    let (status, _) = http_with(
+        gateway.internal,
+        "GET",
+        "/v1/deadletter",
+        &[("host", &host)],
+        None,
+    )
+    .await;
+    assert_eq!(status, 401);
+    let (status, _) = http_with(
+        gateway.internal,
+        "POST",
+        "/v1/deadletter/redrive",
+        &[("content-type", "text/plain")],
+        None,
+    )
+    .await;
+    assert_eq!(status, 415);
+}
+
+#[tokio::test]
+async fn a_standard_run_id_and_a_full_registry_refuse_registration() {
+    let gateway = Gateway::start_with(|c| c.resolve.registry_capacity = 2).await;
+    let register = |run: &str, thread: &str| {
+        serde_json::json!({"run_id": run, "thread_id": thread}).to_string()
+    };
+    let (status, _) = gateway
+        .post("/v1/runs", &register("thread_t42_run_1", "t_other"))
+        .await;
+    assert_eq!(status, 409, "a standard run id names its own thread");
+    assert_eq!(
+        gateway.post("/v1/runs", &register("run_a", "t_a")).await.0,
+        200
+    );
+    assert_eq!(
+        gateway.post("/v1/runs", &register("run_b", "t_b")).await.0,
+        200
+    );
+    let (status, body) = gateway.post("/v1/runs", &register("run_c", "t_c")).await;
+    assert_eq!(
+        (status.as_u16(), body["error"].as_str()),
+        (503, Some("registry_full"))
+    );
+    // run_a was not pushed out, so it still cannot be registered elsewhere.
+    assert_eq!(
+        gateway.post("/v1/runs", &register("run_a", "t_x")).await.0,
+        409
+    );
+    assert_lines(
+        &gateway.metrics().await,
+        &[
+            "agentwire_runs_refused_total{reason=\"conflict\"} 2",
+            "agentwire_runs_refused_total{reason=\"full\"} 1",
+        ],
+    );
 }

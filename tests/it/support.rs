@@ -201,10 +201,13 @@ pub async fn http_with(
         .await
         .unwrap();
     tokio::spawn(connection);
-    let mut request = Request::builder()
-        .method(method)
-        .uri(path)
-        .header("host", addr.to_string());
+    let mut request = Request::builder().method(method).uri(path);
+    if !headers
+        .iter()
+        .any(|(name, _)| name.eq_ignore_ascii_case("host"))
+    {
+        request = request.header("host", addr.to_string());
+    }
     if let Some((content_type, _)) = body {
         request = request.header("content-type", content_type);
     }

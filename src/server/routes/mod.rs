@@ -76,6 +76,19 @@ async fn internal(
         _ => None,
     };
     let mut producer = None;
+    // Without keys the API trusts whoever reaches it, which must then be this machine, asking for a
+    // loopback name (a web page rebound to 127.0.0.1 sends its own name as Host).
+    if role.is_some()
+        && gateway.api_keys.open()
+        && !gateway.config.auth.insecure
+        && !request
+            .headers()
+            .get(header::HOST)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(is_loopback_host)
+    {
+        return api_refused(&gateway, ApiRefusal::Missing);
+    }
     if let Some(role) = role {
         let bearer = request
             .headers()
@@ -92,6 +105,13 @@ async fn internal(
         ("/v1/runs", &Method::POST) => runs(&gateway, request).await,
         (p, &Method::GET) if p.starts_with("/v1/runs/") => run(&gateway, &p["/v1/runs/".len()..]),
         ("/v1/deadletter", &Method::GET) => dead_letters(&gateway).await,
+        // JSON only, like every POST: a page cannot send it without a CORS preflight.
+        ("/v1/deadletter/redrive", &Method::POST) if !is_json(&request) => error(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "unsupported_media_type",
+            "Content-Type must be application/json",
+            Some("content-type"),
+        ),
         ("/v1/deadletter/redrive", &Method::POST) => redrive(&gateway).await,
         ("/v1/ledger", &Method::GET) => ledger(&gateway, request.uri().query()).await,
         (p, &Method::GET) if p.starts_with("/v1/channels/") => {
@@ -102,6 +122,27 @@ async fn internal(
         ("/metrics", &Method::GET) => metrics(&gateway),
         _ => not_routed(path, method, Door::Internal),
     }
+}
+
+fn is_json(request: &Request<Incoming>) -> bool {
+    request
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split(';').next())
+        .is_some_and(|v| v.trim().eq_ignore_ascii_case("application/json"))
+}
+
+/// Whether a `Host` header names this machine: `localhost`, `127.0.0.1` or `[::1]`, any port.
+fn is_loopback_host(host: &str) -> bool {
+    let name = match host.strip_prefix('[') {
+        Some(rest) => rest.split(']').next().unwrap_or_default(),
+        None => host.rsplit_once(':').map_or(host, |(name, _)| name),
+    };
+    name.eq_ignore_ascii_case("localhost")
+        || name
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.to_canonical().is_loopback())
 }
 
 /// 401 (no or an unknown key) or 403 (a key of the other role), counted.

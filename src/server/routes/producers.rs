@@ -228,6 +228,18 @@ pub(super) async fn runs(gateway: &Gateway, request: Request<Incoming>) -> Respo
     };
     let released = match ingest::register(gateway, &run_id, target).await {
         Ok(released) => released,
+        Err(ingest::RegisterError::Full) => {
+            let mut response = error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "registry_full",
+                "the run registry is full (resolve.registry_capacity); retry later",
+                None,
+            );
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+            return response;
+        }
         Err(ingest::RegisterError::Conflict) => {
             return error(
                 StatusCode::CONFLICT,

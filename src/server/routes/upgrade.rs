@@ -50,6 +50,17 @@ pub(super) fn upgrade(
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "))
         .map(str::to_string);
+    if bearer
+        .as_ref()
+        .is_some_and(|token| token.len() > MAX_BEARER_BYTES)
+    {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "invalid_token",
+            "the token is larger than 8192 bytes",
+            Some("authorization"),
+        );
+    }
     let tracker = gateway.shutdown.tracker.clone();
     tracker.spawn(async move {
         let ws = match upgraded.await {
@@ -79,6 +90,9 @@ pub(super) fn upgrade(
     let (parts, _) = response.into_parts();
     Response::from_parts(parts, Body::default())
 }
+
+/// A token sent with the upgrade is at most this large, like `hello.token`.
+const MAX_BEARER_BYTES: usize = 8 * 1024;
 
 /// Why an upgrade was refused before any session state existed, counted in
 /// `agentwire_upgrades_refused_total{reason}`.
@@ -132,7 +146,11 @@ fn admit(gateway: &Gateway, peer: SocketAddr, request: &Request<Incoming>) -> Re
     {
         return Err(Refused::Origin);
     }
-    if !auth.authenticates_browsers() && !auth.insecure && !peer.ip().to_canonical().is_loopback() {
+    // Protected mode: a loopback peer that asked for a loopback name. A page whose own name was
+    // made to resolve to 127.0.0.1 (DNS rebinding) sends its name as Host, and is refused.
+    let local = peer.ip().to_canonical().is_loopback()
+        && header(hyper::header::HOST).is_some_and(super::is_loopback_host);
+    if !(auth.authenticates_browsers() || auth.insecure || local) {
         return Err(Refused::NotLoopback);
     }
     Ok(())

@@ -5,7 +5,7 @@
 
 use std::collections::HashMap;
 use std::sync::Mutex;
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use serde::Deserialize;
 use tokio::time::Instant;
@@ -110,15 +110,9 @@ impl SubscribeWebhook {
             .header(reqwest::header::CONTENT_TYPE, "application/json")
             .body(body.clone());
         if let Some(secret) = &self.signing {
-            let now = SystemTime::now()
-                .duration_since(SystemTime::UNIX_EPOCH)
-                .map_or(0, |d| d.as_secs());
-            request = request
-                .header(signature::TIMESTAMP_HEADER, now.to_string())
-                .header(
-                    signature::SIGNATURE_HEADER,
-                    signature::sign(secret.expose(), now, &body),
-                );
+            for (name, value) in signature::headers(secret.expose(), &body) {
+                request = request.header(name, value);
+            }
         }
         let answer = match request.send().await {
             Ok(response) if response.status().is_success() => response

@@ -67,11 +67,11 @@ pub struct Event {
 
 impl Event {
     /// What dedupe remembers: the `event_id`, scoped by the producer key that sent it.
-    pub fn dedupe_id(&self) -> Option<String> {
+    pub fn dedupe_id(&self) -> Option<std::borrow::Cow<'_, str>> {
         let event_id = self.event_id.as_deref()?;
         Some(match &self.producer {
-            Some(producer) => format!("{producer}:{event_id}"),
-            None => event_id.to_string(),
+            Some(producer) => format!("{producer}:{event_id}").into(),
+            None => event_id.into(),
         })
     }
 

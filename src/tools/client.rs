@@ -88,19 +88,8 @@ impl Target {
         path: &str,
         body: Option<String>,
     ) -> anyhow::Result<(u16, Value)> {
-        self.http_with(method, path, &[], body).await
-    }
-
-    /// As [`Self::http`], with extra request headers.
-    pub async fn http_with(
-        &self,
-        method: &str,
-        path: &str,
-        headers: &[(&str, String)],
-        body: Option<String>,
-    ) -> anyhow::Result<(u16, Value)> {
         let mut connection = Http::open(self).await?;
-        connection.request_with(method, path, headers, body).await
+        connection.request(method, path, body).await
     }
 
     /// Opens a WebSocket on `/ws` over `stream`.
@@ -148,16 +137,6 @@ impl Http {
         path: &str,
         body: Option<String>,
     ) -> anyhow::Result<(u16, Value)> {
-        self.request_with(method, path, &[], body).await
-    }
-
-    pub async fn request_with(
-        &mut self,
-        method: &str,
-        path: &str,
-        headers: &[(&str, String)],
-        body: Option<String>,
-    ) -> anyhow::Result<(u16, Value)> {
         self.sender.ready().await?;
         let mut request = Request::builder()
             .method(method)
@@ -166,9 +145,6 @@ impl Http {
             .header("content-type", "application/json");
         if let Some(key) = &self.bearer {
             request = request.header("authorization", format!("Bearer {key}"));
-        }
-        for (name, value) in headers {
-            request = request.header(*name, value);
         }
         let request = request.body(Full::new(Bytes::from(body.unwrap_or_default())))?;
         let response = self

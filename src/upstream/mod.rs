@@ -10,7 +10,7 @@ mod fair;
 pub mod signature;
 
 use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 
@@ -141,8 +141,11 @@ async fn deliver(
                 .post(&url)
                 .header(reqwest::header::CONTENT_TYPE, "application/json")
                 .body(body.clone());
-            for (name, value) in signed(&config, &body) {
-                request = request.header(name, value);
+            // Each attempt signs its own time.
+            if let Some(secret) = &config.signing_secret {
+                for (name, value) in signature::headers(secret.expose(), &body) {
+                    request = request.header(name, value);
+                }
             }
             // Errors are printed without the URL: its query or userinfo may hold a secret.
             let error = match request.send().await {
@@ -161,22 +164,4 @@ async fn deliver(
         };
         count(&metrics.upstream_messages, outcome);
     }
-}
-
-/// The signature headers of one attempt (each attempt signs its own time), when
-/// `upstream.signing_secret` is set.
-fn signed(config: &UpstreamConfig, body: &str) -> Vec<(&'static str, String)> {
-    let Some(secret) = &config.signing_secret else {
-        return Vec::new();
-    };
-    let now = SystemTime::now()
-        .duration_since(SystemTime::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs());
-    vec![
-        (signature::TIMESTAMP_HEADER, now.to_string()),
-        (
-            signature::SIGNATURE_HEADER,
-            signature::sign(secret.expose(), now, body),
-        ),
-    ]
 }

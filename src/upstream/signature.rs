@@ -9,6 +9,17 @@ use sha2::Sha256;
 pub const TIMESTAMP_HEADER: &str = "x-agentwire-timestamp";
 pub const SIGNATURE_HEADER: &str = "x-agentwire-signature";
 
+/// The two headers of a request carrying `body`, signed now.
+pub fn headers(secret: &str, body: &str) -> [(&'static str, String); 2] {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    [
+        (TIMESTAMP_HEADER, now.to_string()),
+        (SIGNATURE_HEADER, sign(secret, now, body)),
+    ]
+}
+
 /// `v1=<hex>` for `body` sent at `timestamp`.
 pub fn sign(secret: &str, timestamp: u64, body: &str) -> String {
     let mut mac = Hmac::<Sha256>::new_from_slice(secret.as_bytes())

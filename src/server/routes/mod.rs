@@ -90,12 +90,7 @@ async fn internal(
         return api_refused(&gateway, ApiRefusal::Missing);
     }
     if let Some(role) = role {
-        let bearer = request
-            .headers()
-            .get(header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "));
-        match gateway.api_keys.admit(role, bearer) {
+        match gateway.api_keys.admit(role, bearer(&request)) {
             Ok(key) => producer = key,
             Err(refusal) => return api_refused(&gateway, refusal),
         }
@@ -106,12 +101,16 @@ async fn internal(
         (p, &Method::GET) if p.starts_with("/v1/runs/") => run(&gateway, &p["/v1/runs/".len()..]),
         ("/v1/deadletter", &Method::GET) => dead_letters(&gateway).await,
         // JSON only, like every POST: a page cannot send it without a CORS preflight.
-        ("/v1/deadletter/redrive", &Method::POST) if !is_json(&request) => error(
-            StatusCode::UNSUPPORTED_MEDIA_TYPE,
-            "unsupported_media_type",
-            "Content-Type must be application/json",
-            Some("content-type"),
-        ),
+        ("/v1/deadletter/redrive", &Method::POST)
+            if media_type(&request).as_deref() != Some("application/json") =>
+        {
+            error(
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                "unsupported_media_type",
+                "Content-Type must be application/json",
+                Some("content-type"),
+            )
+        }
         ("/v1/deadletter/redrive", &Method::POST) => redrive(&gateway).await,
         ("/v1/ledger", &Method::GET) => ledger(&gateway, request.uri().query()).await,
         (p, &Method::GET) if p.starts_with("/v1/channels/") => {
@@ -124,13 +123,25 @@ async fn internal(
     }
 }
 
-fn is_json(request: &Request<Incoming>) -> bool {
+/// The key or token sent as `Authorization: Bearer`.
+fn bearer(request: &Request<Incoming>) -> Option<&str> {
+    request
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+}
+
+/// The request's media type, lower-case, without parameters. Only the JSON types are taken: a
+/// browser may send `text/plain` or a form to any address without asking first (no CORS
+/// preflight), so a web page could otherwise post into a gateway on the visitor's localhost.
+fn media_type(request: &Request<Incoming>) -> Option<String> {
     request
         .headers()
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.split(';').next())
-        .is_some_and(|v| v.trim().eq_ignore_ascii_case("application/json"))
+        .map(|v| v.trim().to_ascii_lowercase())
 }
 
 /// Whether a `Host` header names this machine: `localhost`, `127.0.0.1` or `[::1]`, any port.

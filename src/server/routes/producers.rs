@@ -6,7 +6,7 @@ use hyper::header::{self, HeaderValue};
 use hyper::{Request, Response, StatusCode};
 use serde_json::{Value, json};
 
-use super::{Body, BodyRefused, broker_unavailable, error, json_response, read_body};
+use super::{Body, BodyRefused, broker_unavailable, error, json_response, media_type, read_body};
 use crate::Gateway;
 use crate::ingest::{self, ItemResult};
 use crate::metrics::{Label, count};
@@ -127,18 +127,6 @@ pub(super) async fn events(
             .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
     }
     response
-}
-
-/// The request's media type, lower-case, without parameters. Only the JSON types are taken: a
-/// browser may send `text/plain` or a form to any address without asking first (no CORS
-/// preflight), so a web page could otherwise post into a gateway on the visitor's localhost.
-fn media_type(request: &Request<Incoming>) -> Option<String> {
-    request
-        .headers()
-        .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.split(';').next())
-        .map(|v| v.trim().to_ascii_lowercase())
 }
 
 fn unsupported_media_type(allowed: &str) -> Response<Body> {

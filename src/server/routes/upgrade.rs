@@ -44,12 +44,7 @@ pub(super) fn upgrade(
         Err(e) => return error(StatusCode::BAD_REQUEST, "bad_upgrade", &e.to_string(), None),
     };
     // A client that can set headers may send its token with the upgrade instead of in hello.
-    let bearer = request
-        .headers()
-        .get(hyper::header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .map(str::to_string);
+    let bearer = super::bearer(&request).map(str::to_string);
     if bearer
         .as_ref()
         .is_some_and(|token| token.len() > MAX_BEARER_BYTES)

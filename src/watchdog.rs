@@ -20,6 +20,7 @@ use crate::config::WatchdogConfig;
 use crate::metrics::{Label, Metrics, count};
 use crate::protocol::ChannelName;
 use crate::protocol::event::{Event, EventType};
+use crate::telemetry::Throttle;
 
 const SHARDS: usize = 16;
 /// Open tool calls remembered per run.
@@ -327,7 +328,10 @@ impl Watchdog {
                     metrics.runs_active.dec();
                 }
                 metrics.runs_evicted.inc();
-                tracing::warn!(run_id = %oldest, state = ?run.state, "Watchdog is full: stopped following a run (watchdog.max_runs).");
+                static FULL: Throttle = Throttle::every(Duration::from_secs(10));
+                if let Some(held_back) = FULL.allow() {
+                    tracing::warn!(run_id = %oldest, state = ?run.state, held_back, "Watchdog is full: stopped following a run (watchdog.max_runs); held_back more since the last line.");
+                }
             }
         }
     }

@@ -3,7 +3,11 @@
 //! variables), one span per ingested event (`agentwire.ingest`: resolve and publish) and one per
 //! socket write of an event (`agentwire.deliver`) are exported over OTLP/HTTP, continuing the
 //! producer's W3C `traceparent`. Without the variable no span is created on the event path and
-//! nothing waits on a collector.
+//! nothing waits on a collector. Repeated warnings go through a [`Throttle`].
+
+mod throttle;
+
+pub use throttle::Throttle;
 
 use std::sync::atomic::{AtomicBool, Ordering};
 

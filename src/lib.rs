@@ -11,6 +11,7 @@
 //! - [`fanout`]: one event's bytes to every local subscriber's bounded queue.
 //! - [`auth`]: browser identity: the JWT in `hello`, thread authorisation.
 //! - [`session`]: one WebSocket connection: hello, subscriptions, acks, the writer task.
+//! - [`limits`]: connection, request and body-byte budgets, per process and per client address.
 //! - [`ledger`]: emitted / delivered / acked / pending / lost, per channel.
 //! - [`watchdog`]: every run from start to end; stalls and lifecycle violations.
 //! - [`deadletter`]: unresolved events, kept for inspection and redrive.
@@ -27,6 +28,7 @@ pub mod deadletter;
 pub mod fanout;
 pub mod ingest;
 pub mod ledger;
+pub mod limits;
 pub mod metrics;
 pub mod outbound;
 pub mod protocol;
@@ -64,6 +66,7 @@ pub struct Gateway {
     pub subscribe_webhook: Option<auth::SubscribeWebhook>,
     pub resolver: Resolver,
     pub watchdog: Watchdog,
+    pub limits: limits::Limits,
     pub shutdown: Shutdown,
 }
 
@@ -91,6 +94,7 @@ impl Gateway {
             )?,
             resolver: Resolver::new(config.resolve.clone()),
             watchdog: Watchdog::new(config.watchdog.clone()),
+            limits: limits::Limits::new(&config),
             shutdown: Shutdown::default(),
             config,
         })

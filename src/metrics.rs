@@ -42,6 +42,8 @@ pub struct Scraped {
     pub totals: Totals,
     pub pending_resolution: usize,
     pub deadletters: usize,
+    /// Bytes all channels' history holds, and the events `history.max_bytes` evicted.
+    pub history: (usize, u64),
 }
 
 pub struct Metrics {
@@ -82,6 +84,8 @@ pub struct Metrics {
     pub run_duration: Histogram,
     pub lifecycle_violations: IntCounterVec,
     deadletter_events: IntGauge,
+    history_bytes: IntGauge,
+    history_evicted: IntCounter,
     pub events_redriven: IntCounter,
     pub events_generated: IntCounter,
     pub accept_errors: IntCounterVec,
@@ -290,6 +294,16 @@ impl Metrics {
                 "agentwire_deadletter_events",
                 "Unresolved events kept for GET /v1/deadletter and redrive.",
             ),
+            history_bytes: gauge(
+                r,
+                "agentwire_history_bytes",
+                "Bytes held by every channel's history on this replica (history.max_bytes).",
+            ),
+            history_evicted: counter(
+                r,
+                "agentwire_history_evicted_total",
+                "History events evicted because all history reached history.max_bytes (the undelivered among them are also counted lost).",
+            ),
             events_redriven: counter(
                 r,
                 "agentwire_events_redriven_total",
@@ -376,11 +390,14 @@ impl Metrics {
             totals,
             pending_resolution,
             deadletters,
+            history,
         } = state();
         let totals = &totals;
         self.events_pending_resolution
             .set(to_i64(pending_resolution as u64));
         self.deadletter_events.set(to_i64(deadletters as u64));
+        self.history_bytes.set(to_i64(history.0 as u64));
+        raise(&self.history_evicted, history.1);
         raise(&self.events_emitted, totals.emitted);
         raise(&self.events_delivered, totals.delivered);
         raise(&self.events_acked, totals.acked);

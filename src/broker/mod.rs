@@ -353,6 +353,14 @@ impl Broker {
     }
 
     /// Dead letters kept: this process's, or the shared stream's (every replica shows the same).
+    /// The bytes this replica's channel history holds, and the events `history.max_bytes` evicted.
+    pub fn history_usage(&self) -> (usize, u64) {
+        match self {
+            Self::Memory(memory) => memory.channels.history_usage(),
+            Self::Redis(redis) => redis.mirror.history_usage(),
+        }
+    }
+
     pub fn dead_letter_count(&self) -> usize {
         match self {
             Self::Memory(memory) => memory.dead_letter_count(),

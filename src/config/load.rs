@@ -80,7 +80,12 @@ impl Config {
                 reason: reason.to_string(),
             })
         };
-        let positive: [(&str, usize); 12] = [
+        let positive: [(&str, usize); 17] = [
+            ("session.max_connections", self.session.max_connections),
+            ("session.message_rate", self.session.message_rate as usize),
+            ("session.message_burst", self.session.message_burst as usize),
+            ("ingest.max_inflight_bytes", self.ingest.max_inflight_bytes),
+            ("ingest.min_upload_rate", self.ingest.min_upload_rate),
             ("upstream.queue", self.upstream.queue),
             ("ingest.max_items", self.ingest.max_items),
             ("watchdog.max_runs", self.watchdog.max_runs),
@@ -105,6 +110,7 @@ impl Config {
             ("session.heartbeat", self.session.heartbeat),
             ("session.client_timeout", self.session.client_timeout),
             ("session.write_timeout", self.session.write_timeout),
+            ("session.frame_timeout", self.session.frame_timeout),
             ("resolve.registry_ttl", self.resolve.registry_ttl),
             ("watchdog.run_idle_timeout", self.watchdog.run_idle_timeout),
         ];
@@ -127,6 +133,30 @@ impl Config {
         }
         if self.session.max_frame_bytes < 1024 {
             return fail("session.max_frame_bytes", "must be at least 1024");
+        }
+        if !(1024..=self.session.max_frame_bytes).contains(&self.session.max_hello_bytes) {
+            return fail(
+                "session.max_hello_bytes",
+                "must be between 1024 and session.max_frame_bytes",
+            );
+        }
+        if self.history.max_bytes_per_channel < self.ingest.max_event_bytes * 2 {
+            return fail(
+                "history.max_bytes_per_channel",
+                "must hold at least two events of ingest.max_event_bytes",
+            );
+        }
+        if self.history.max_bytes < self.history.max_bytes_per_channel {
+            return fail(
+                "history.max_bytes",
+                "must be at least history.max_bytes_per_channel",
+            );
+        }
+        if self.ingest.max_inflight_bytes < self.ingest.max_request_bytes {
+            return fail(
+                "ingest.max_inflight_bytes",
+                "must hold at least one body of ingest.max_request_bytes",
+            );
         }
         if self.session.client_timeout <= self.session.heartbeat {
             return fail(

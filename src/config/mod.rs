@@ -28,6 +28,10 @@ pub struct Config {
     /// (HLink and subscribe webhooks, the JWKS).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub tls_ca_file: Option<std::path::PathBuf>,
+    /// Proxies (CIDRs) whose `X-Forwarded-For` names the client: the per-address budgets
+    /// (`session.max_connections_per_ip`, `ingest.max_requests_per_ip`) count that address instead
+    /// of the proxy's. Empty: every peer is the client.
+    pub trusted_proxies: Vec<ipnet::IpNet>,
     /// `text` for people, `json` for log pipelines.
     pub log_format: LogFormat,
     /// A `tracing` filter such as `info` or `agentwire=debug`; `RUST_LOG` wins when set.
@@ -65,6 +69,15 @@ pub struct IngestConfig {
     pub dedupe_window: Duration,
     /// How many `event_id`s are remembered at most; the oldest go first.
     pub dedupe_capacity: usize,
+    /// Request-body bytes held at once over all requests; a body that does not fit gets 503
+    /// `ingest_busy` (retry).
+    pub max_inflight_bytes: usize,
+    /// Requests one client address may have in flight on the internal door; more get 429.
+    /// 0: no cap.
+    pub max_requests_per_ip: usize,
+    /// Slowest accepted upload, in bytes per second, after a 2 s start; a body that trickles more
+    /// slowly is cut with 408.
+    pub min_upload_rate: usize,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -90,6 +103,11 @@ pub struct HistoryConfig {
     /// How long an event stays in a channel's history.
     #[serde(with = "humantime_serde")]
     pub max_age: Duration,
+    /// Bytes one channel's history may hold; past it its oldest events go first.
+    pub max_bytes_per_channel: usize,
+    /// Bytes all channels' history may hold together; past it the least recently active
+    /// channels' oldest events go first.
+    pub max_bytes: usize,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -109,6 +127,22 @@ pub struct SessionConfig {
     pub write_timeout: Duration,
     /// Largest client message; larger ones close the connection with 1009.
     pub max_frame_bytes: usize,
+    /// Largest client message before `hello` is accepted (so the `hello`, with its token); larger
+    /// ones close the connection with 1009.
+    pub max_hello_bytes: usize,
+    /// A client frame (or fragmented message) once begun must be complete within this; otherwise
+    /// the connection is closed with 1008.
+    #[serde(with = "humantime_serde")]
+    pub frame_timeout: Duration,
+    /// Client messages per second one connection may send, sustained (WebSocket pings and pongs
+    /// included); over it: a `rate_limited` error frame and close 4029.
+    pub message_rate: u32,
+    /// Client messages one connection may send in a burst above `message_rate`.
+    pub message_burst: u32,
+    /// WebSocket connections the process holds at most; more upgrades get 503.
+    pub max_connections: usize,
+    /// WebSocket connections one client address may hold; more upgrades get 503. 0: no cap.
+    pub max_connections_per_ip: usize,
     /// Threads one connection may subscribe to.
     pub max_subscriptions: usize,
     /// Frames waiting for one socket; past this (or `queue_bytes`) the client is closed with 4008.
@@ -250,6 +284,7 @@ impl Default for Config {
             listen: SocketAddr::from(([0, 0, 0, 0], 8000)),
             internal_listen: SocketAddr::from(([127, 0, 0, 1], 8001)),
             tls_ca_file: None,
+            trusted_proxies: Vec::new(),
             log_format: LogFormat::Text,
             log_level: "info".into(),
             ingest: IngestConfig::default(),
@@ -274,6 +309,9 @@ impl Default for IngestConfig {
             max_items: 5_000,
             dedupe_window: Duration::from_secs(300),
             dedupe_capacity: 100_000,
+            max_inflight_bytes: 64 * 1024 * 1024,
+            max_requests_per_ip: 64,
+            min_upload_rate: 16 * 1024,
         }
     }
 }
@@ -294,6 +332,8 @@ impl Default for HistoryConfig {
         Self {
             max_events: 1000,
             max_age: Duration::from_secs(3600),
+            max_bytes_per_channel: 4 * 1024 * 1024,
+            max_bytes: 256 * 1024 * 1024,
         }
     }
 }
@@ -306,6 +346,12 @@ impl Default for SessionConfig {
             client_timeout: Duration::from_secs(60),
             write_timeout: Duration::from_secs(10),
             max_frame_bytes: 64 * 1024,
+            max_hello_bytes: 4 * 1024,
+            frame_timeout: Duration::from_secs(10),
+            message_rate: 100,
+            message_burst: 200,
+            max_connections: 100_000,
+            max_connections_per_ip: 1_000,
             max_subscriptions: 100,
             queue_events: 1024,
             queue_bytes: 4 * 1024 * 1024,

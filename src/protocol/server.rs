@@ -29,10 +29,13 @@ pub enum ErrorCode {
     Unauthorized,
     /// A subscription the connection's token does not allow.
     Forbidden,
+    /// More messages than `session.message_rate` allows (the connection then closes with 4029).
+    RateLimited,
 }
 
 impl ErrorCode {
-    pub const ALL: [ErrorCode; 15] = [
+    pub const ALL: [ErrorCode; 16] = [
+        Self::RateLimited,
         Self::Unauthorized,
         Self::Forbidden,
         Self::UpstreamBusy,
@@ -67,6 +70,7 @@ impl ErrorCode {
             Self::BrokerUnavailable => "broker_unavailable",
             Self::Unauthorized => "unauthorized",
             Self::Forbidden => "forbidden",
+            Self::RateLimited => "rate_limited",
         }
     }
 }
@@ -84,6 +88,8 @@ pub mod close {
     /// The connection's token expired without a `refresh`.
     pub const TOKEN_EXPIRED: u16 = 4004;
     pub const SLOW_CONSUMER: u16 = 4008;
+    /// The client sent more messages than `session.message_rate` allows.
+    pub const RATE_LIMITED: u16 = 4029;
 }
 
 /// The fields of an event frame except `seq`, serialised before the channel lock is taken.

@@ -80,6 +80,7 @@ pub async fn run(gateway: Arc<Gateway>, doors: Doors, stop: CancellationToken) {
     metrics::export::<AcceptError>(&counted.accept_errors);
     metrics::export::<crate::ingest::RunRefusal>(&counted.runs_refused);
     metrics::export::<routes::UpgradeRefused>(&counted.upgrades_refused);
+    metrics::export::<routes::RequestRefusal>(&counted.api_refused);
     if gateway.config.auth.authenticates_browsers() {
         tracing::info!("Browsers authenticate with a JWT in hello.");
     } else if gateway.config.auth.insecure {

@@ -20,6 +20,10 @@ pub enum Ended {
     Unauthorized,
     /// The connection's token expired without a `refresh` (4004).
     TokenExpired,
+    /// A frame begun and not finished within `session.frame_timeout` (1008).
+    FrameTimeout,
+    /// More messages than `session.message_rate` allows (4029).
+    RateLimited,
 }
 
 impl Label for Ended {
@@ -36,6 +40,8 @@ impl Label for Ended {
         Self::WriteFailed,
         Self::Unauthorized,
         Self::TokenExpired,
+        Self::FrameTimeout,
+        Self::RateLimited,
     ];
 
     fn as_str(self) -> &'static str {
@@ -52,6 +58,8 @@ impl Label for Ended {
             Self::WriteFailed => "write_failed",
             Self::Unauthorized => "unauthorized",
             Self::TokenExpired => "token_expired",
+            Self::FrameTimeout => "frame_timeout",
+            Self::RateLimited => "rate_limited",
         }
     }
 }

@@ -73,8 +73,8 @@ pub fn parse(buf: &mut BytesMut, max_payload: usize) -> Result<Option<Raw>, Fram
         return Err(FrameError::TooLarge);
     }
     let length = length as usize;
+    // Not reserved ahead: a frame that claims 64 KiB and trickles holds only what has arrived.
     if buf.len() < header + 4 + length {
-        buf.reserve(header + 4 + length - buf.len());
         return Ok(None);
     }
     let mask = [

@@ -30,6 +30,11 @@ pub struct Reassembly {
 }
 
 impl Reassembly {
+    /// Whether a fragmented message has begun and not ended.
+    pub fn in_progress(&self) -> bool {
+        self.partial.is_some()
+    }
+
     /// Takes one frame; `Some` once it completes a message.
     pub fn push(&mut self, raw: Raw, max_bytes: usize) -> Result<Option<Message>, AssemblyError> {
         let finish = |text: bool, bytes: Vec<u8>| {

@@ -23,9 +23,10 @@ use tracing::Instrument;
 use crate::Gateway;
 use crate::auth::Identity;
 use crate::fanout::{Outbox, Outgoing, StoredEvent};
+use crate::limits::TokenBucket;
 use crate::metrics::Label;
 use crate::protocol::ChannelName;
-use crate::protocol::server::{self, close};
+use crate::protocol::server::{self, ErrorCode, close};
 
 pub use answer::Resume;
 pub use ended::Ended;
@@ -75,6 +76,12 @@ pub async fn serve(
             written: Vec::new(),
             closing: None,
             closed_cleanly: false,
+            bucket: TokenBucket::new(
+                config.message_rate,
+                config.message_burst,
+                std::time::Instant::now(),
+            ),
+            partial_since: None,
         };
         let ended = session.run().await;
         session.outbox.close();
@@ -172,6 +179,10 @@ struct Session {
     closing: Option<(u16, &'static str)>,
     /// The close frame was written and our side shut down.
     closed_cleanly: bool,
+    /// The client's message rate (`session.message_rate`, `session.message_burst`).
+    bucket: TokenBucket,
+    /// Since when a begun frame or fragmented message waits for its end (`session.frame_timeout`).
+    partial_since: Option<Instant>,
 }
 
 impl Session {
@@ -189,7 +200,11 @@ impl Session {
         };
         tokio::pin!(close_time);
         loop {
-            let ended = self.read_messages(config.max_frame_bytes).await;
+            let ended = self.read_messages().await;
+            self.partial_since = match !self.inbox.is_empty() || self.reassembly.in_progress() {
+                true => Some(self.partial_since.unwrap_or_else(Instant::now)),
+                false => None,
+            };
             if self.outbox.is_overflowed() {
                 return self
                     .close_now(
@@ -222,6 +237,9 @@ impl Session {
             } else {
                 started + config.hello_timeout
             };
+            let deadline = self
+                .partial_since
+                .map_or(deadline, |since| deadline.min(since + config.frame_timeout));
             tokio::select! {
                 biased;
                 _ = &mut close_time => {
@@ -229,6 +247,9 @@ impl Session {
                 }
                 _ = tokio::time::sleep_until(deadline) => {
                     let now = Instant::now();
+                    if self.partial_since.is_some_and(|since| now >= since + config.frame_timeout) {
+                        return self.close_now(close::POLICY, "frame_timeout", Ended::FrameTimeout, limit).await;
+                    }
                     if self.user_id.is_none() {
                         return self.close_now(close::HELLO_MISSING, "hello_timeout", Ended::HelloTimeout, limit).await;
                     }
@@ -278,8 +299,14 @@ impl Session {
 
     /// Parses and handles every complete message in the read buffer. `Some` when the connection
     /// must end (with the close frame in `closing`).
-    async fn read_messages(&mut self, max_bytes: usize) -> Option<Ended> {
+    async fn read_messages(&mut self) -> Option<Ended> {
         loop {
+            // Until hello is accepted the peer is nobody: its frames get the small limit.
+            let config = &self.gateway.config.session;
+            let max_bytes = match self.user_id {
+                Some(_) => config.max_frame_bytes,
+                None => config.max_hello_bytes,
+            };
             let raw = match frame::parse(&mut self.inbox, max_bytes) {
                 Ok(Some(raw)) => raw,
                 Ok(None) => return None,
@@ -290,6 +317,13 @@ impl Session {
                     return Some(self.close(1002, "protocol_error", Ended::ProtocolError));
                 }
             };
+            if !self.bucket.take(std::time::Instant::now()) {
+                self.error(
+                    ErrorCode::RateLimited,
+                    "more messages than session.message_rate allows; reconnect later",
+                );
+                return Some(self.close(close::RATE_LIMITED, "rate_limited", Ended::RateLimited));
+            }
             let message = match self.reassembly.push(raw, max_bytes) {
                 Ok(Some(message)) => message,
                 Ok(None) => continue,

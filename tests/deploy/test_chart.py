@@ -544,14 +544,14 @@ def _flat(table, prefix=""):
 def test_chart_config_defaults_are_gateway_defaults(rendered, gateway_cmd):
     """With the chart's defaults, agentwire.toml says what the gateway's own defaults say, but for the keys
     the chart sets on purpose (internal_listen on the pod's address rather than loopback, auth.insecure in
-    default-values); every gateway key is rendered, auth.* included, but those that come from a Secret as
+    default-values, trusted_proxies on the private ranges where an ingress controller's pods live); every gateway key is rendered, auth.* included, but those that come from a Secret as
     environment variables: broker.* (the Redis URL) and auth.producer_keys / auth.operator_keys
     (auth.existingSecret), which must not be rendered."""
     proc = gateway_cmd("config")
     assert proc.returncode == 0, d.output(proc)
     builtin = _flat(tomllib.loads(proc.stdout))
     chart = _flat(tomllib.loads(rendered["default-values"].toml()))
-    on_purpose = {"listen", "internal_listen", "log_format", "auth.insecure",
+    on_purpose = {"listen", "internal_listen", "log_format", "auth.insecure", "trusted_proxies",
                   "shutdown.drain_delay", "shutdown.close_window", "shutdown.timeout"}
     errors = []
     from_secret = {"auth.producer_keys", "auth.operator_keys"}

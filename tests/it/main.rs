@@ -2,6 +2,7 @@
 // Tests fail loudly: unwrap is the assertion.
 #![allow(clippy::unwrap_used)]
 
+mod abuse;
 mod auth;
 mod bad_input;
 mod delivery;

@@ -10,6 +10,8 @@ async fn a_slow_consumer_is_closed_with_4008_and_resumes_everything() {
         // Room for a few 20-event batches, so the healthy client keeps up between requests.
         c.session.queue_events = 256;
         c.session.queue_bytes = 2 * 1024 * 1024;
+        // History keeps all 18 MB, so the resume reaches back to where the client stopped.
+        c.history.max_bytes_per_channel = 32 * 1024 * 1024;
     })
     .await;
     const EVENTS: u64 = 600;

@@ -383,6 +383,23 @@ impl Client {
         }
     }
 
+    /// Every data frame until the server closes, and the close code.
+    pub async fn until_closed(&mut self) -> (Vec<Value>, u16) {
+        let mut frames = Vec::new();
+        loop {
+            let message = tokio::time::timeout(WAIT, self.ws.next())
+                .await
+                .expect("a close in time");
+            match message {
+                Some(Ok(Message::Text(text))) => frames.push(serde_json::from_str(&text).unwrap()),
+                Some(Ok(Message::Close(Some(frame)))) => return (frames, u16::from(frame.code)),
+                Some(Ok(Message::Close(None))) => return (frames, u16::from(CloseCode::Status)),
+                Some(Ok(_)) => {}
+                other => panic!("expected a close frame, got {other:?}"),
+            }
+        }
+    }
+
     /// Asserts that no data frame (other than heartbeats) arrives for a while.
     pub async fn silent_for(&mut self, duration: Duration) {
         let deadline = tokio::time::Instant::now() + duration;

@@ -1,12 +1,12 @@
 //! One channel: its epoch, ledger and locked state (last seq, history, subscribers), storing and
 //! trimming events under that lock.
 
-use std::collections::VecDeque;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use rand::Rng;
 
+use super::history::{History, HistoryBytes};
 use crate::broker::Sequenced;
 use crate::config::HistoryConfig;
 use crate::fanout::{Feed, StoredEvent, Subscribers};
@@ -26,7 +26,7 @@ pub(super) struct Channel {
 pub(super) struct ChannelState {
     pub(super) last_seq: u64,
     pub(super) acked_seq: u64,
-    pub(super) history: VecDeque<Arc<StoredEvent>>,
+    pub(super) history: History,
     pub(super) subscribers: Subscribers,
     pub(super) last_activity: Instant,
     /// Set when the sweep removed the channel; a caller holding it looks it up again.
@@ -36,11 +36,16 @@ pub(super) struct ChannelState {
 }
 
 impl Channel {
-    pub(super) fn new(name: ChannelName) -> Self {
-        Self::with_epoch(name, new_epoch().into(), None)
+    pub(super) fn new(name: ChannelName, bytes: &Arc<HistoryBytes>) -> Self {
+        Self::with_epoch(name, new_epoch().into(), None, bytes)
     }
 
-    pub(super) fn with_epoch(name: ChannelName, epoch: Arc<str>, feed: Option<Arc<Feed>>) -> Self {
+    pub(super) fn with_epoch(
+        name: ChannelName,
+        epoch: Arc<str>,
+        feed: Option<Arc<Feed>>,
+        bytes: &Arc<HistoryBytes>,
+    ) -> Self {
         Self {
             name,
             epoch,
@@ -49,7 +54,7 @@ impl Channel {
             state: Mutex::new(ChannelState {
                 last_seq: 0,
                 acked_seq: 0,
-                history: VecDeque::new(),
+                history: History::new(Arc::clone(bytes)),
                 subscribers: Subscribers::default(),
                 last_activity: Instant::now(),
                 retired: false,
@@ -97,8 +102,7 @@ impl Channel {
         state.last_seq = event.seq;
         state.history.push_back(Arc::clone(&stored));
         state.last_activity = Instant::now();
-        self.trim(state, history.max_events, history.max_age, Instant::now())
-            .log(&self.name);
+        self.trim(state, history, Instant::now()).log(&self.name);
         if !state.subscribers.is_empty() {
             stored.offer();
             state.subscribers.fan_out(&stored);
@@ -109,38 +113,45 @@ impl Channel {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Drops history entries past the count limit or older than `max_age`; undelivered ones are
-    /// lost, `expired_subscribed` if they had been queued to a subscriber, else `expired_unseen`.
-    /// Returns what was lost, to be logged once the locks are released.
+    /// Drops history entries past the count or byte limit or older than `max_age`; undelivered
+    /// ones are lost, `expired_subscribed` if they had been queued to a subscriber, else
+    /// `expired_unseen`. Returns what was lost, to be logged once the locks are released.
     pub(super) fn trim(
         &self,
         state: &mut ChannelState,
-        max_events: usize,
-        max_age: Duration,
+        history: &HistoryConfig,
         now: Instant,
     ) -> Trimmed {
         let mut trimmed = Trimmed::default();
         while let Some(front) = state.history.front() {
-            let too_many = state.history.len() > max_events;
-            let too_old = now.saturating_duration_since(front.emitted_at) > max_age;
-            if !too_many && !too_old {
+            let too_many = state.history.len() > history.max_events;
+            let too_heavy = state.history.bytes() > history.max_bytes_per_channel;
+            let too_old = now.saturating_duration_since(front.emitted_at) > history.max_age;
+            if !too_many && !too_heavy && !too_old {
                 break;
             }
-            let reason = if front.was_offered() {
-                LostReason::ExpiredSubscribed
-            } else {
-                LostReason::ExpiredUnseen
-            };
-            if front.state.lose(&self.ledger, reason) {
-                match reason {
-                    LostReason::ExpiredSubscribed => trimmed.subscribed += 1,
-                    _ => trimmed.unseen += 1,
-                }
-                trimmed.last_seq = front.seq;
-            }
-            state.history.pop_front();
+            self.drop_oldest(state, &mut trimmed);
         }
         trimmed
+    }
+
+    /// Drops the oldest history entry, counting it lost if it was never delivered.
+    pub(super) fn drop_oldest(&self, state: &mut ChannelState, trimmed: &mut Trimmed) {
+        let Some(front) = state.history.pop_front() else {
+            return;
+        };
+        let reason = if front.was_offered() {
+            LostReason::ExpiredSubscribed
+        } else {
+            LostReason::ExpiredUnseen
+        };
+        if front.state.lose(&self.ledger, reason) {
+            match reason {
+                LostReason::ExpiredSubscribed => trimmed.subscribed += 1,
+                _ => trimmed.unseen += 1,
+            }
+            trimmed.last_seq = front.seq;
+        }
     }
 
     /// The oldest event queued to a subscriber and still not written to any socket: a stuck

@@ -17,7 +17,8 @@ impl Channels {
     pub fn prepare(&self, name: &ChannelName, feed: &Arc<Feed>) {
         let mut shard = self.shard(name);
         shard.channels.entry(name.clone()).or_insert_with(|| {
-            let channel = Channel::with_epoch(name.clone(), "".into(), Some(Arc::clone(feed)));
+            let channel =
+                Channel::with_epoch(name.clone(), "".into(), Some(Arc::clone(feed)), &self.bytes);
             channel.lock().loading = Some(Vec::new());
             Arc::new(channel)
         });
@@ -44,6 +45,8 @@ impl Channels {
             return false;
         }
         channel.append(&mut state, &event, &self.history);
+        drop(state);
+        self.keep_within_budget();
         true
     }
 
@@ -77,6 +80,9 @@ impl Channels {
                     channel.append(&mut state, event, &self.history);
                 }
             }
+            drop(state);
+            drop(shard);
+            self.keep_within_budget();
             return;
         }
         let renewed = state.loading.is_none();
@@ -92,6 +98,7 @@ impl Channels {
             name.clone(),
             Arc::clone(&snapshot.epoch),
             feed,
+            &self.bytes,
         ));
         let mut fresh_state = fresh.lock();
         fresh_state.last_seq = snapshot
@@ -141,6 +148,8 @@ impl Channels {
         state.retired = true;
         drop(state);
         shard.channels.insert(name.clone(), fresh);
+        drop(shard);
+        self.keep_within_budget();
     }
 
     /// Redis mode: stops mirroring a channel nobody here watches any more.

@@ -6,9 +6,10 @@ use std::collections::HashMap;
 use std::collections::hash_map::DefaultHasher;
 use std::hash::{Hash, Hasher};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
-use channel::{Channel, ChannelState};
+use channel::{Channel, ChannelState, Trimmed};
+use history::HistoryBytes;
 
 use super::{AckError, Published};
 use crate::config::HistoryConfig;
@@ -18,8 +19,10 @@ use crate::protocol::client::Since;
 use crate::protocol::event::Event;
 use crate::protocol::server::{self, Subscribed};
 use crate::protocol::{ChannelKind, ChannelName};
+use crate::telemetry::Throttle;
 
 mod channel;
+mod history;
 mod mirror;
 mod report;
 
@@ -28,6 +31,8 @@ const SHARDS: usize = 32;
 pub struct Channels {
     shards: Box<[Mutex<Shard>]>,
     history: HistoryConfig,
+    /// What every channel's history weighs together (`history.max_bytes`).
+    bytes: Arc<HistoryBytes>,
 }
 
 #[derive(Default)]
@@ -40,7 +45,70 @@ struct Shard {
 impl Channels {
     pub fn new(history: HistoryConfig) -> Self {
         let shards = (0..SHARDS).map(|_| Mutex::new(Shard::default())).collect();
-        Self { shards, history }
+        Self {
+            shards,
+            history,
+            bytes: Arc::default(),
+        }
+    }
+
+    /// The bytes all history holds, and how many events `history.max_bytes` evicted so far.
+    pub fn history_usage(&self) -> (usize, u64) {
+        (self.bytes.used(), self.bytes.evicted())
+    }
+
+    /// Past `history.max_bytes`, drops the oldest events of the least recently active channels
+    /// until history is back under 90 % of it (so the scan runs once per tenth of the budget, not
+    /// per event). Called with no lock held; one caller evicts at a time.
+    fn keep_within_budget(&self) {
+        let budget = self.history.max_bytes;
+        if self.bytes.used() <= budget || !self.bytes.start_evicting() {
+            return;
+        }
+        let target = budget / 10 * 9;
+        let mut candidates: Vec<(Instant, Arc<Channel>)> = Vec::new();
+        for shard in self.shards.iter() {
+            let shard = shard.lock().unwrap_or_else(|e| e.into_inner());
+            for channel in shard.channels.values() {
+                let state = channel.lock();
+                if !state.history.is_empty() {
+                    candidates.push((state.last_activity, Arc::clone(channel)));
+                }
+            }
+        }
+        candidates.sort_by_key(|(last_activity, _)| *last_activity);
+        let (mut evicted, mut channels) = (0, 0);
+        let mut lost = Vec::new();
+        for (_, channel) in candidates {
+            if self.bytes.used() <= target {
+                break;
+            }
+            let mut state = channel.lock();
+            let mut trimmed = Trimmed::default();
+            let before = state.history.len();
+            while self.bytes.used() > target && !state.history.is_empty() {
+                channel.drop_oldest(&mut state, &mut trimmed);
+            }
+            evicted += (before - state.history.len()) as u64;
+            channels += 1;
+            drop(state);
+            lost.push((channel.name.clone(), trimmed));
+        }
+        self.bytes.count_evicted(evicted);
+        self.bytes.done_evicting();
+        for (name, trimmed) in lost {
+            trimmed.log(&name);
+        }
+        static FULL: Throttle = Throttle::every(Duration::from_secs(10));
+        if let Some(held_back) = FULL.allow() {
+            tracing::warn!(
+                evicted,
+                channels,
+                budget,
+                held_back,
+                "History reached history.max_bytes: evicted the oldest events of the least recently active channels."
+            );
+        }
     }
 
     fn shard(&self, name: &ChannelName) -> MutexGuard<'_, Shard> {
@@ -56,7 +124,7 @@ impl Channels {
             shard
                 .channels
                 .entry(name.clone())
-                .or_insert_with(|| Arc::new(Channel::new(name.clone()))),
+                .or_insert_with(|| Arc::new(Channel::new(name.clone(), &self.bytes))),
         )
     }
 
@@ -112,18 +180,14 @@ impl Channels {
             channel.ledger.emitted();
             state.history.push_back(Arc::clone(&stored));
             state.last_activity = stored.emitted_at;
-            let trimmed = channel.trim(
-                &mut state,
-                self.history.max_events,
-                self.history.max_age,
-                stored.emitted_at,
-            );
+            let trimmed = channel.trim(&mut state, &self.history, stored.emitted_at);
             if !state.subscribers.is_empty() {
                 stored.offer();
                 state.subscribers.fan_out(&stored);
             }
             drop(state);
             trimmed.log(name);
+            self.keep_within_budget();
             return Published {
                 seq,
                 epoch: Arc::clone(&channel.epoch),
@@ -249,12 +313,7 @@ impl Channels {
             let mut retired = Counts::default();
             shard.channels.retain(|_, channel| {
                 let mut state = channel.lock();
-                let trimmed = channel.trim(
-                    &mut state,
-                    self.history.max_events,
-                    self.history.max_age,
-                    now,
-                );
+                let trimmed = channel.trim(&mut state, &self.history, now);
                 if trimmed.unseen + trimmed.subscribed > 0 {
                     dropped.push((channel.name.clone(), trimmed));
                 }
@@ -298,6 +357,7 @@ mod tests {
         let broker = Channels::new(HistoryConfig {
             max_events: 2,
             max_age: Duration::from_secs(60),
+            ..HistoryConfig::default()
         });
         let channel = ChannelName::thread("t1");
         for n in 1..=5 {

@@ -33,6 +33,7 @@ pub(super) fn metrics(gateway: &Gateway) -> Response<Body> {
         totals: gateway.broker.totals(),
         pending_resolution: gateway.resolver.pending_count(),
         deadletters: gateway.broker.dead_letter_count(),
+        history: gateway.broker.history_usage(),
     });
     let mut response = Response::new(Body::new(Bytes::from(text)));
     response.headers_mut().insert(

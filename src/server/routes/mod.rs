@@ -6,7 +6,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use bytes::Bytes;
-use http_body_util::{BodyExt, Full, Limited};
+use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper::header::{self, HeaderValue};
 use hyper::{Method, Request, Response, StatusCode};
@@ -18,14 +18,15 @@ use crate::auth::{ApiRefusal, Role};
 use crate::broker::BrokerError;
 use crate::metrics::{self, Label};
 
+mod body;
 mod health;
 mod operator;
 mod producers;
 mod upgrade;
 
+pub use body::BodyRefusal;
 use health::{metrics, ready};
 use operator::{channel, dead_letters, ledger, redrive, run};
-pub use producers::BodyRefusal;
 use producers::{events, runs};
 pub use upgrade::Refused as UpgradeRefused;
 use upgrade::upgrade;
@@ -44,7 +45,7 @@ pub async fn handle(
     let method = request.method().clone();
     let response = match door {
         Door::Public => public(gateway, peer, &path, &method, request).await,
-        Door::Internal => internal(gateway, &path, &method, request).await,
+        Door::Internal => internal(gateway, peer, &path, &method, request).await,
     };
     Ok(response)
 }
@@ -65,6 +66,7 @@ async fn public(
 
 async fn internal(
     gateway: Arc<Gateway>,
+    peer: SocketAddr,
     path: &str,
     method: &Method,
     request: Request<Incoming>,
@@ -74,6 +76,14 @@ async fn internal(
         ("/v1/events" | "/v1/runs", &Method::POST) => Some(Role::Producer),
         (p, _) if p.starts_with("/v1/") => Some(Role::Operator),
         _ => None,
+    };
+    // Held until the answer is built: the address's place among its requests in flight.
+    let _slot = match role {
+        Some(_) => match gateway.limits.request(client_ip(&gateway, peer, &request)) {
+            Some(slot) => Some(slot),
+            None => return too_many_requests(&gateway),
+        },
+        None => None,
     };
     let mut producer = None;
     // Without keys the API trusts whoever reaches it, which must then be this machine, asking for a
@@ -95,6 +105,7 @@ async fn internal(
             Err(refusal) => return api_refused(&gateway, refusal),
         }
     }
+
     match (path, method) {
         ("/v1/events", &Method::POST) => events(&gateway, request, producer.as_deref()).await,
         ("/v1/runs", &Method::POST) => runs(&gateway, request).await,
@@ -121,6 +132,15 @@ async fn internal(
         ("/metrics", &Method::GET) => metrics(&gateway),
         _ => not_routed(path, method, Door::Internal),
     }
+}
+
+/// The client's address, for the per-address budgets (see `trusted_proxies`).
+fn client_ip(gateway: &Gateway, peer: SocketAddr, request: &Request<Incoming>) -> std::net::IpAddr {
+    let forwarded = request
+        .headers()
+        .get("x-forwarded-for")
+        .and_then(|v| v.to_str().ok());
+    crate::limits::client_ip(peer.ip(), forwarded, &gateway.config.trusted_proxies)
 }
 
 /// The key or token sent as `Authorization: Bearer`.
@@ -182,6 +202,41 @@ fn api_refused(gateway: &Gateway, refusal: ApiRefusal) -> Response<Body> {
     }
 }
 
+/// Why an API request was refused before its key was read, counted in
+/// `agentwire_api_refused_total{reason}` beside the key refusals.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RequestRefusal {
+    /// The client's address has `ingest.max_requests_per_ip` requests in flight (429).
+    TooManyRequests,
+}
+
+impl Label for RequestRefusal {
+    const ALL: &'static [Self] = &[Self::TooManyRequests];
+
+    fn as_str(self) -> &'static str {
+        match self {
+            Self::TooManyRequests => "too_many_requests",
+        }
+    }
+}
+
+fn too_many_requests(gateway: &Gateway) -> Response<Body> {
+    metrics::count(
+        &gateway.metrics.api_refused,
+        RequestRefusal::TooManyRequests,
+    );
+    let mut response = error(
+        StatusCode::TOO_MANY_REQUESTS,
+        "too_many_requests",
+        "this address has ingest.max_requests_per_ip requests in flight; wait for their answers",
+        None,
+    );
+    response
+        .headers_mut()
+        .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+    response
+}
+
 /// 405 with `Allow` for a known path of this door, 404 otherwise (the public door does not reveal
 /// the internal routes).
 fn not_routed(path: &str, method: &Method, door: Door) -> Response<Body> {
@@ -215,64 +270,6 @@ fn not_routed(path: &str, method: &Method, door: Door) -> Response<Body> {
             &format!("no route for {path}"),
             None,
         ),
-    }
-}
-
-/// Why a body was not read.
-enum BodyRefused {
-    TooLarge(Response<Body>),
-    Unreadable(Response<Body>),
-}
-
-impl BodyRefused {
-    fn response(self) -> Response<Body> {
-        match self {
-            Self::TooLarge(response) | Self::Unreadable(response) => response,
-        }
-    }
-}
-
-/// A client has this long to send a request body.
-const BODY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
-
-/// Reads a body within `limit` bytes (the limit named by `key` in the error).
-async fn read_body(
-    request: Request<Incoming>,
-    limit: usize,
-    key: &str,
-) -> Result<Bytes, BodyRefused> {
-    let too_large = || {
-        BodyRefused::TooLarge(error(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            "too_large",
-            &format!("the body exceeds {key} ({limit} bytes)"),
-            None,
-        ))
-    };
-    let declared = request
-        .headers()
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<usize>().ok());
-    if declared.is_some_and(|length| length > limit) {
-        return Err(too_large());
-    }
-    let unreadable = |reason: String| {
-        BodyRefused::Unreadable(error(StatusCode::BAD_REQUEST, "bad_body", &reason, None))
-    };
-    match tokio::time::timeout(
-        BODY_TIMEOUT,
-        Limited::new(request.into_body(), limit).collect(),
-    )
-    .await
-    {
-        Err(_) => Err(unreadable(format!(
-            "the body did not arrive within {} s",
-            BODY_TIMEOUT.as_secs()
-        ))),
-        Ok(Ok(collected)) => Ok(collected.to_bytes()),
-        Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => Err(too_large()),
-        Ok(Err(e)) => Err(unreadable(format!("cannot read the body: {e}"))),
     }
 }
 

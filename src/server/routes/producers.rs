@@ -6,41 +6,13 @@ use hyper::header::{self, HeaderValue};
 use hyper::{Request, Response, StatusCode};
 use serde_json::{Value, json};
 
-use super::{Body, BodyRefused, broker_unavailable, error, json_response, media_type, read_body};
+use super::body::{self, BodyRefusal};
+use super::{Body, broker_unavailable, error, json_response, media_type};
 use crate::Gateway;
 use crate::ingest::{self, ItemResult};
-use crate::metrics::{Label, count};
+use crate::metrics::count;
 use crate::protocol::channel::check_id;
 use crate::protocol::run::RunTarget;
-
-/// Why a whole request body was refused, counted in `agentwire_events_rejected_total{reason}` beside
-/// the per-event refusal codes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum BodyRefusal {
-    InvalidBody,
-    TooLargeBody,
-    TooManyItems,
-    /// Not `application/json` nor `application/x-ndjson` (415).
-    MediaType,
-}
-
-impl Label for BodyRefusal {
-    const ALL: &'static [Self] = &[
-        Self::InvalidBody,
-        Self::TooLargeBody,
-        Self::TooManyItems,
-        Self::MediaType,
-    ];
-
-    fn as_str(self) -> &'static str {
-        match self {
-            Self::InvalidBody => "invalid_body",
-            Self::TooLargeBody => "too_large_body",
-            Self::TooManyItems => "too_many_items",
-            Self::MediaType => "media_type",
-        }
-    }
-}
 
 /// `producer` is the id of the key that posted (its `event_id`s are its own).
 pub(super) async fn events(
@@ -59,24 +31,22 @@ pub(super) async fn events(
             return unsupported_media_type("application/json or application/x-ndjson");
         }
     };
-    let body = match read_body(
+    let held = match body::read(
+        gateway,
         request,
         gateway.config.ingest.max_request_bytes,
         "ingest.max_request_bytes",
     )
     .await
     {
-        Ok(body) => body,
+        Ok(held) => held,
         Err(refused) => {
-            let reason = match refused {
-                BodyRefused::TooLarge(_) => BodyRefusal::TooLargeBody,
-                BodyRefused::Unreadable(_) => BodyRefusal::InvalidBody,
-            };
-            count(&gateway.metrics.events_rejected, reason);
-            return refused.response();
+            count(&gateway.metrics.events_rejected, refused.reason);
+            return refused.response;
         }
     };
-    let items = match ingest::split(&body, ndjson) {
+    let body = &held.bytes;
+    let items = match ingest::split(body, ndjson) {
         Ok(items) => items,
         Err(e) => {
             count(&gateway.metrics.events_rejected, BodyRefusal::InvalidBody);
@@ -142,17 +112,19 @@ pub(super) async fn runs(gateway: &Gateway, request: Request<Incoming>) -> Respo
     if media_type(&request).as_deref() != Some("application/json") {
         return unsupported_media_type("application/json");
     }
-    let body = match read_body(
+    let held = match body::read(
+        gateway,
         request,
         gateway.config.ingest.max_event_bytes,
         "ingest.max_event_bytes",
     )
     .await
     {
-        Ok(body) => body,
-        Err(refused) => return refused.response(),
+        Ok(held) => held,
+        Err(refused) => return refused.response,
     };
-    if let Some(key) = std::str::from_utf8(&body)
+    let body = &held.bytes;
+    if let Some(key) = std::str::from_utf8(body)
         .ok()
         .and_then(crate::protocol::json::duplicate_key)
     {
@@ -163,7 +135,7 @@ pub(super) async fn runs(gateway: &Gateway, request: Request<Incoming>) -> Respo
             Some(&key),
         );
     }
-    let Ok(Value::Object(fields)) = serde_json::from_slice::<Value>(&body) else {
+    let Ok(Value::Object(fields)) = serde_json::from_slice::<Value>(body) else {
         return error(
             StatusCode::BAD_REQUEST,
             "invalid_json",

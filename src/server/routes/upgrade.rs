@@ -3,6 +3,7 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use hyper::body::Incoming;
 use hyper::{Request, Response, StatusCode};
@@ -11,7 +12,9 @@ use tokio::net::TcpStream;
 
 use super::{Body, error};
 use crate::Gateway;
+use crate::limits::{self, ConnectionsFull};
 use crate::metrics::{self, Label};
+use crate::telemetry::Throttle;
 
 pub(super) fn upgrade(
     gateway: Arc<Gateway>,
@@ -31,6 +34,26 @@ pub(super) fn upgrade(
             None,
         );
     }
+    let forwarded = request
+        .headers()
+        .get("x-forwarded-for")
+        .and_then(|v| v.to_str().ok());
+    let client = limits::client_ip(peer.ip(), forwarded, &gateway.config.trusted_proxies);
+    let slot = match gateway.limits.connection(client) {
+        Ok(slot) => slot,
+        Err(full) => {
+            let refused = match full {
+                ConnectionsFull::Global => Refused::Connections,
+                ConnectionsFull::PerIp => Refused::ConnectionsPerIp,
+            };
+            metrics::count(&gateway.metrics.upgrades_refused, refused);
+            static FULL: Throttle = Throttle::every(Duration::from_secs(10));
+            if let Some(held_back) = FULL.allow() {
+                tracing::warn!(%client, reason = refused.as_str(), held_back, "Refused WebSocket upgrades: a connection budget is full.");
+            }
+            return refused.response();
+        }
+    };
     if !fastwebsockets::upgrade::is_upgrade_request(&request) {
         return error(
             StatusCode::BAD_REQUEST,
@@ -58,6 +81,8 @@ pub(super) fn upgrade(
     }
     let tracker = gateway.shutdown.tracker.clone();
     tracker.spawn(async move {
+        // The connection's place in the budgets, held until the session ends.
+        let _slot = slot;
         let ws = match upgraded.await {
             Ok(ws) => ws,
             Err(error) => return tracing::debug!(%error, "WebSocket upgrade did not complete."),
@@ -97,15 +122,26 @@ pub enum Refused {
     Origin,
     /// Protected mode: a peer that is not loopback, and nothing authenticates browsers.
     NotLoopback,
+    /// `session.max_connections` are open.
+    Connections,
+    /// The client's address holds `session.max_connections_per_ip`.
+    ConnectionsPerIp,
 }
 
 impl Label for Refused {
-    const ALL: &'static [Self] = &[Self::Origin, Self::NotLoopback];
+    const ALL: &'static [Self] = &[
+        Self::Origin,
+        Self::NotLoopback,
+        Self::Connections,
+        Self::ConnectionsPerIp,
+    ];
 
     fn as_str(self) -> &'static str {
         match self {
             Self::Origin => "origin",
             Self::NotLoopback => "not_loopback",
+            Self::Connections => "connections",
+            Self::ConnectionsPerIp => "connections_per_ip",
         }
     }
 }
@@ -125,8 +161,26 @@ impl Refused {
                 "browser authentication is not configured, so only loopback clients may connect; configure it, or set auth.insecure = true for a trusted network",
                 None,
             ),
+            Self::Connections => busy(
+                "too_many_connections",
+                "this replica holds session.max_connections; retry later or on another replica",
+            ),
+            Self::ConnectionsPerIp => busy(
+                "too_many_connections",
+                "this address holds session.max_connections_per_ip connections; close some first",
+            ),
         }
     }
+}
+
+/// 503 with `Retry-After`.
+fn busy(code: &str, message: &str) -> Response<Body> {
+    let mut response = error(StatusCode::SERVICE_UNAVAILABLE, code, message, None);
+    response.headers_mut().insert(
+        hyper::header::RETRY_AFTER,
+        hyper::header::HeaderValue::from_static("5"),
+    );
+    response
 }
 
 /// Who may upgrade: a browser page of an allowed origin (a client without `Origin` is not a

@@ -3,7 +3,8 @@
 
 use std::time::Duration;
 
-use serde_json::json;
+use hyper::StatusCode;
+use serde_json::{Value, json};
 
 use crate::support::{Gateway, assert_lines, event};
 
@@ -130,4 +131,52 @@ async fn each_lifecycle_violation_is_counted_once_and_delivered() {
     assert_eq!(run["state"], "completed");
     assert_eq!(run["violations"]["duplicate_start"], 1);
     assert_eq!(gateway.get("/v1/runs/run_nobody").await.0, 404);
+}
+
+/// A tool event of `run_id` on `t_big`.
+fn tool(kind: &str, run_id: &str, tool_call_id: &str) -> Value {
+    json!({"type": kind, "run_id": run_id, "thread_id": "t_big", "payload": {"tool_call_id": tool_call_id}})
+}
+
+#[tokio::test]
+async fn an_over_long_tool_call_id_is_refused_counted_and_not_delivered() {
+    let gateway = Gateway::start().await;
+    let mut client = gateway.client("u_1").await;
+    client.subscribe("t_big", None).await;
+    let (status, body) = gateway
+        .post(
+            "/v1/events",
+            &json!([
+                event("agent_started", "run_long", "t_big"),
+                tool("tool_executing", "run_long", &"c".repeat(257)),
+                tool("tool_executing", "run_long", &"c".repeat(256)),
+            ])
+            .to_string(),
+        )
+        .await;
+    assert_eq!(status, StatusCode::MULTI_STATUS, "{body}");
+    assert_eq!(
+        body["results"][1],
+        json!({"status": "error", "code": "invalid_field", "field": "payload.tool_call_id",
+               "reason": "must be at most 256 bytes"})
+    );
+    assert_eq!(
+        body["results"][2]["status"], "accepted",
+        "256 bytes is an id"
+    );
+    let delivered: Vec<Value> = client.events(2).await;
+    assert_eq!(delivered[1]["payload"]["tool_call_id"], "c".repeat(256));
+    client.silent_for(Duration::from_millis(300)).await;
+    assert_eq!(
+        gateway
+            .metric("agentwire_events_rejected_total{reason=\"invalid_field\"}")
+            .await,
+        1.0
+    );
+    let (_, run) = gateway.get("/v1/runs/run_long").await;
+    assert_eq!(
+        run["counts"],
+        json!({"agent_started": 1, "tool_executing": 1})
+    );
+    assert_eq!(gateway.channel("thread:t_big").await["emitted"], 2);
 }

@@ -40,10 +40,12 @@ pub async fn report_stalls(gateway: &Gateway) {
         if !gateway.config.watchdog.stalled_event {
             continue;
         }
-        // Published past the watchdog: the run is already ended as stalled.
+        // Published past the watchdog: the run is already ended as stalled. Sized like a
+        // producer's event, so that no subscriber's queue is too small for it.
+        let event = stalled.event(gateway.config.ingest.max_event_bytes);
         match gateway
             .broker
-            .publish(&stalled.channel, &stalled.event(), None, |_| None)
+            .publish(&stalled.channel, &event, None, |_| None)
             .await
         {
             Ok(_) => gateway.metrics.events_generated.inc(),

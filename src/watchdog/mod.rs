@@ -333,7 +333,8 @@ impl Watchdog {
                 run.open_tools.open(tool_call_id, &self.keys);
             }
             EventType::ToolCompleted => {
-                if !run.open_tools.close(tool_call_id, &self.keys) {
+                let was_open = run.open_tools.close(tool_call_id, &self.keys);
+                if !was_open {
                     violation(run, Violation::ToolCompletedWithoutExecuting);
                 }
             }

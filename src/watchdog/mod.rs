@@ -406,7 +406,13 @@ impl Watchdog {
         if !run.state.is_open() || idle <= self.config.run_idle_timeout {
             return None;
         }
-        tracing::warn!(%run_id, channel = %run.channel, thread_id = run.thread_id.as_deref(), idle_seconds = idle.as_secs_f64(), open_tools = run.open_tools.len(), "Run stalled.");
+        // Many runs can stall at once (a backend restart, or a producer starting runs it never
+        // ends): one line per interval, the rest counted in it and in the metrics.
+        tracing::debug!(%run_id, channel = %run.channel, thread_id = run.thread_id.as_deref(), idle_seconds = idle.as_secs_f64(), open_tools = run.open_tools.len(), "Run stalled.");
+        static STALLED: Throttle = Throttle::every(Duration::from_secs(10));
+        if let Some(held_back) = STALLED.allow() {
+            tracing::warn!(%run_id, channel = %run.channel, thread_id = run.thread_id.as_deref(), idle_seconds = idle.as_secs_f64(), open_tools = run.open_tools.len(), held_back, "Run stalled; held_back more runs stalled since the last line.");
+        }
         metrics.runs_stalled.inc();
         end(run, RunState::Stalled, RunOutcome::Stalled, now, metrics);
         let stalled = Stalled {

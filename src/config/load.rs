@@ -119,6 +119,15 @@ impl Config {
                 return fail(key, "must be longer than 0s");
             }
         }
+        if self.ingest.max_event_bytes < super::MIN_EVENT_BYTES {
+            return fail(
+                "ingest.max_event_bytes",
+                &format!(
+                    "must be at least {} (the gateway's own events must fit)",
+                    super::MIN_EVENT_BYTES
+                ),
+            );
+        }
         if self.ingest.max_event_bytes > self.ingest.max_request_bytes {
             return fail(
                 "ingest.max_event_bytes",
@@ -329,6 +338,12 @@ mod tests {
             jail.set_env("AGENTWIRE_LOG_LEVEL", "info,[[[");
             let error = Config::load(None).expect_err("must fail");
             assert_eq!(error.key, "log_level");
+            Ok(())
+        });
+        Jail::expect_with(|jail| {
+            jail.set_env("AGENTWIRE_INGEST__MAX_EVENT_BYTES", "2047");
+            let error = Config::load(None).expect_err("must fail");
+            assert_eq!(error.key, "ingest.max_event_bytes");
             Ok(())
         });
         Jail::expect_with(|jail| {

@@ -55,6 +55,10 @@ pub enum LogFormat {
     Json,
 }
 
+/// The smallest `ingest.max_event_bytes`: the gateway's own events (a stalled run's `agent_error`,
+/// whose ids are at most `protocol::channel::MAX_ID_LEN` bytes each) must fit it.
+pub const MIN_EVENT_BYTES: usize = 2048;
+
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct IngestConfig {

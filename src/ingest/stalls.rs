@@ -1,7 +1,10 @@
 //! Stalled runs told to their channel with a gateway-made `agent_error`, once across replicas.
 
+use std::time::Duration;
+
 use crate::Gateway;
 use crate::broker::Activity;
+use crate::telemetry::Throttle;
 
 /// Tells the channels of newly stalled runs, with a gateway-made `agent_error`. In Redis mode a
 /// run quiet here is first checked against what every replica saw of it (it may have gone on, or
@@ -40,15 +43,21 @@ pub async fn report_stalls(gateway: &Gateway) {
         if !gateway.config.watchdog.stalled_event {
             continue;
         }
-        // Published past the watchdog: the run is already ended as stalled.
+        // Published past the watchdog: the run is already ended as stalled. Sized like a
+        // producer's event, so that no subscriber's queue is too small for it.
+        let event = stalled.event(gateway.config.ingest.max_event_bytes);
         match gateway
             .broker
-            .publish(&stalled.channel, &stalled.event(), None, |_| None)
+            .publish(&stalled.channel, &event, None, |_| None)
             .await
         {
             Ok(_) => gateway.metrics.events_generated.inc(),
             Err(error) => {
-                tracing::warn!(%error, run_id = %stalled.run_id, "Cannot tell a stalled run's channel: Redis is unavailable.");
+                // Every stalled run of a sweep fails alike while Redis is away: one line per interval.
+                static UNAVAILABLE: Throttle = Throttle::every(Duration::from_secs(10));
+                if let Some(held_back) = UNAVAILABLE.allow() {
+                    tracing::warn!(%error, run_id = %stalled.run_id, held_back, "Cannot tell a stalled run's channel: Redis is unavailable; held_back more since the last line.");
+                }
             }
         }
     }

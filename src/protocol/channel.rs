@@ -3,7 +3,7 @@
 use std::fmt;
 use std::sync::Arc;
 
-/// Longest id (thread, user, run, event, connection) the gateway accepts, in bytes.
+/// Longest id (thread, user, run, event, tool call, connection) the gateway accepts, in bytes.
 pub const MAX_ID_LEN: usize = 256;
 
 /// Which kind of target a channel is.
@@ -76,7 +76,7 @@ impl fmt::Display for ChannelName {
 pub enum IdError {
     #[error("must not be empty")]
     Empty,
-    #[error("must be at most 256 bytes")]
+    #[error("must be at most {} bytes", MAX_ID_LEN)]
     TooLong,
     #[error("must not contain control characters, whitespace or invisible formatting characters")]
     BadCharacter,

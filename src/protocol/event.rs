@@ -245,13 +245,14 @@ pub fn from_value(value: Value) -> Result<Event, Refusal> {
         ));
     }
     if kind.is_tool() {
+        // The watchdog keeps open tool calls by this id and shows them, so it is held to the
+        // same rules as every other id.
         match payload.get("tool_call_id") {
-            Some(Value::String(id)) if !id.is_empty() => {}
+            Some(Value::String(id)) => {
+                check_id(id).map_err(|e| Refusal::invalid("payload.tool_call_id", e.to_string()))?
+            }
             Some(_) => {
-                return Err(Refusal::invalid(
-                    "payload.tool_call_id",
-                    "must be a non-empty string",
-                ));
+                return Err(Refusal::invalid("payload.tool_call_id", "must be a string"));
             }
             None => {
                 return Err(Refusal::missing(
@@ -306,6 +307,42 @@ mod tests {
         assert_eq!(got, expected, "{raw}");
     }
 
+    /// Every id of an event, `payload.tool_call_id` included, has the one length limit.
+    #[test]
+    fn every_id_has_the_same_length_limit() {
+        use super::super::channel::MAX_ID_LEN;
+        let longest = "i".repeat(MAX_ID_LEN);
+        let over = "i".repeat(MAX_ID_LEN + 1);
+        let event = |field: &str, id: &str| {
+            let mut event = serde_json::json!({
+                "type": "tool_executing", "run_id": "r1", "thread_id": "t1", "user_id": "u1",
+                "event_id": "e1", "payload": {"tool_call_id": "c1"}
+            });
+            match field.strip_prefix("payload.") {
+                Some(inner) => event["payload"][inner] = id.into(),
+                None => event[field] = id.into(),
+            }
+            event.to_string()
+        };
+        for field in [
+            "run_id",
+            "thread_id",
+            "user_id",
+            "event_id",
+            "payload.tool_call_id",
+        ] {
+            assert!(parse(&event(field, &longest), 4096).is_ok(), "{field}");
+            let refusal = parse(&event(field, &over), 4096).unwrap_err();
+            assert_eq!(refusal.code, RefusalCode::InvalidField, "{field}");
+            assert_eq!(refusal.field.as_deref(), Some(field));
+            assert_eq!(
+                refusal.reason,
+                format!("must be at most {MAX_ID_LEN} bytes"),
+                "{field}"
+            );
+        }
+    }
+
     #[test]
     fn validates_producer_events() {
         use RefusalCode::*;
@@ -333,6 +370,18 @@ mod tests {
         check(
             r#"{"type":"tool_completed","run_id":"r1","payload":{"tool_call_id":"c1"}}"#,
             Ok(EventType::ToolCompleted),
+        );
+        check(
+            r#"{"type":"tool_executing","run_id":"r1","payload":{"tool_call_id":""}}"#,
+            Err(("payload.tool_call_id", InvalidField)),
+        );
+        check(
+            r#"{"type":"tool_executing","run_id":"r1","payload":{"tool_call_id":7}}"#,
+            Err(("payload.tool_call_id", InvalidField)),
+        );
+        check(
+            r#"{"type":"tool_completed","run_id":"r1","payload":{"tool_call_id":"a\u0000b"}}"#,
+            Err(("payload.tool_call_id", InvalidField)),
         );
         check(
             r#"{"type":"agent_thinking","run_id":"r1","payload":[1]}"#,

@@ -1,9 +1,10 @@
 //! The run watchdog: a run that goes quiet is ended for the UI; out-of-order lifecycles are
-//! delivered as sent and counted.
+//! delivered as sent and counted; what it keeps and what it makes is bounded whatever producers send.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use serde_json::json;
+use hyper::StatusCode;
+use serde_json::{Value, json};
 
 use crate::support::{Gateway, assert_lines, event};
 
@@ -28,12 +29,14 @@ async fn a_run_that_goes_quiet_after_a_tool_call_is_ended_as_stalled() {
     );
     assert_eq!(stalled["run_id"], "run_s");
     assert_eq!(stalled["payload"]["reason"], "stalled");
-    assert_eq!(stalled["payload"]["open_tools"], json!(["call_1"]));
+    assert_eq!(stalled["payload"]["open_tools"], 1);
+    assert_eq!(stalled["payload"]["open_tool_ids"], json!(["call_1"]));
 
     let (status, run) = gateway.get("/v1/runs/run_s").await;
     assert_eq!(status, 200, "{run}");
     assert_eq!(run["state"], "stalled");
-    assert_eq!(run["open_tools"], json!(["call_1"]));
+    assert_eq!(run["open_tools"], 1);
+    assert_eq!(run["open_tool_ids"], json!(["call_1"]));
     assert_eq!(run["thread_id"], "t_1");
     assert_eq!(
         run["counts"],
@@ -130,4 +133,164 @@ async fn each_lifecycle_violation_is_counted_once_and_delivered() {
     assert_eq!(run["state"], "completed");
     assert_eq!(run["violations"]["duplicate_start"], 1);
     assert_eq!(gateway.get("/v1/runs/run_nobody").await.0, 404);
+}
+
+/// A tool event of `run_id` on `t_big`.
+fn tool(kind: &str, run_id: &str, tool_call_id: &str) -> Value {
+    json!({"type": kind, "run_id": run_id, "thread_id": "t_big", "payload": {"tool_call_id": tool_call_id}})
+}
+
+#[tokio::test]
+async fn a_stall_notice_of_a_run_with_many_long_open_tools_fits_and_is_received() {
+    let max_event_bytes = agentwire::config::MIN_EVENT_BYTES;
+    let gateway = Gateway::start_with(|c| {
+        c.watchdog.run_idle_timeout = Duration::from_millis(300);
+        c.ingest.max_event_bytes = max_event_bytes;
+        // A queue that holds a few events of the limit, not the whole list of open tools.
+        c.session.queue_bytes = 4 * max_event_bytes;
+    })
+    .await;
+    // The longest ids, of characters JSON escapes to two bytes each: every shown id costs ~512.
+    let id = |n: usize| format!("{n:03}{}", "\"".repeat(253));
+    let mut events = vec![event("agent_started", "run_big", "t_big")];
+    events.extend((0..300).map(|n| tool("tool_executing", "run_big", &id(n))));
+    gateway.publish(&events).await;
+
+    // Subscribed after the tools, so that only the stall notice is delivered.
+    let mut client = gateway.client("u_1").await;
+    client.subscribe("t_big", None).await;
+    let mut stalled = client.recv().await;
+    assert_eq!(stalled["type"], "agent_error", "{stalled}");
+    assert_eq!(stalled["payload"]["reason"], "stalled");
+    assert_eq!(stalled["payload"]["open_tools"], 256, "capped per run");
+    let shown = stalled["payload"]["open_tool_ids"]
+        .as_array()
+        .unwrap()
+        .clone();
+    assert!(
+        (1..=4).contains(&shown.len()),
+        "a few ids, as many as fit: {}",
+        shown.len()
+    );
+    for (n, shown) in shown.iter().enumerate() {
+        assert_eq!(shown.as_str(), Some(id(n).as_str()));
+    }
+    // The event as a producer would have sent it fits the producer's limit.
+    let object = stalled.as_object_mut().unwrap();
+    for position in ["seq", "channel", "thread_id", "epoch"] {
+        object.remove(position);
+    }
+    let size = stalled.to_string().len();
+    assert!(size <= max_event_bytes, "{size} bytes");
+    client.barrier().await;
+
+    let (_, run) = gateway.get("/v1/runs/run_big").await;
+    assert_eq!(run["state"], "stalled");
+    assert_eq!(run["open_tools"], 256);
+    assert_eq!(run["open_tool_ids"].as_array().unwrap().len(), 4);
+    let metrics = gateway.metrics().await;
+    assert_lines(
+        &metrics,
+        &[
+            "agentwire_runs_stalled_total 1",
+            "agentwire_events_generated_total 1",
+            "agentwire_slow_consumer_closes_total 0",
+        ],
+    );
+}
+
+#[tokio::test]
+async fn an_over_long_tool_call_id_is_refused_counted_and_not_delivered() {
+    let gateway = Gateway::start().await;
+    let mut client = gateway.client("u_1").await;
+    client.subscribe("t_big", None).await;
+    let (status, body) = gateway
+        .post(
+            "/v1/events",
+            &json!([
+                event("agent_started", "run_long", "t_big"),
+                tool("tool_executing", "run_long", &"c".repeat(257)),
+                tool("tool_executing", "run_long", &"c".repeat(256)),
+            ])
+            .to_string(),
+        )
+        .await;
+    assert_eq!(status, StatusCode::MULTI_STATUS, "{body}");
+    assert_eq!(
+        body["results"][1],
+        json!({"status": "error", "code": "invalid_field", "field": "payload.tool_call_id",
+               "reason": "must be at most 256 bytes"})
+    );
+    assert_eq!(
+        body["results"][2]["status"], "accepted",
+        "256 bytes is an id"
+    );
+    let delivered: Vec<Value> = client.events(2).await;
+    assert_eq!(delivered[1]["payload"]["tool_call_id"], "c".repeat(256));
+    client.silent_for(Duration::from_millis(300)).await;
+    assert_eq!(
+        gateway
+            .metric("agentwire_events_rejected_total{reason=\"invalid_field\"}")
+            .await,
+        1.0
+    );
+    let (_, run) = gateway.get("/v1/runs/run_long").await;
+    assert_eq!(
+        run["counts"],
+        json!({"agent_started": 1, "tool_executing": 1})
+    );
+    assert_eq!(gateway.channel("thread:t_big").await["emitted"], 2);
+}
+
+#[tokio::test]
+async fn a_flood_of_runs_evicts_counted_and_fast_and_evicted_runs_never_stall() {
+    let max_runs = 500;
+    let idle = Duration::from_secs(2);
+    let gateway = Gateway::start_with(|c| {
+        c.watchdog.max_runs = max_runs;
+        c.watchdog.run_idle_timeout = idle;
+    })
+    .await;
+    let flood = 5000;
+    let events: Vec<Value> = (0..flood)
+        .map(|n| event("agent_started", &format!("run_{n}"), "t_flood"))
+        .collect();
+    let started = Instant::now();
+    gateway.publish(&events).await;
+    let took = started.elapsed();
+    // Also keeps every run open while it is counted below.
+    assert!(took < idle / 2, "{flood} runs took {took:?}");
+
+    let followed = gateway.metric("agentwire_runs_active").await as usize;
+    let evicted = gateway.metric("agentwire_runs_evicted_total").await as usize;
+    // Each of the 16 shards holds max_runs / 16, rounded up.
+    assert!(followed <= max_runs.div_ceil(16) * 16, "{followed}");
+    assert_eq!(
+        followed + evicted,
+        flood,
+        "every run followed or evicted, counted"
+    );
+    assert_eq!(
+        gateway.get(&format!("/v1/runs/run_{}", flood - 1)).await.0,
+        StatusCode::OK,
+        "the newest run is followed"
+    );
+
+    // Only the followed runs stall: an evicted one never gets a gateway-made notice.
+    tokio::time::sleep(idle).await;
+    for _ in 0..100 {
+        if gateway.metric("agentwire_runs_active").await == 0.0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let metrics = gateway.metrics().await;
+    assert_lines(
+        &metrics,
+        &[
+            "agentwire_runs_active 0",
+            &format!("agentwire_runs_stalled_total {followed}"),
+            &format!("agentwire_events_generated_total {followed}"),
+        ],
+    );
 }

@@ -4,12 +4,16 @@
 //! `payload.reason = "stalled"` instead of an endless spinner.
 //!
 //! State is sharded by run id (no global lock on the event path) and bounded: each shard holds at
-//! most `max_runs / SHARDS` runs; a full shard evicts its least recently active run (counted).
+//! most `max_runs / SHARDS` runs; a full shard evicts its least recently active run, ended runs
+//! before open ones, in O(1) (`lru.rs`), counted. What a run keeps is bounded too: ids are at
+//! most `MAX_ID_LEN` bytes and its open tool calls are capped (`open_tools.rs`).
 //! Ended runs are kept for `watchdog.retain` so `GET /v1/runs/{run_id}` can still show them.
 
-use std::collections::hash_map::DefaultHasher;
-use std::collections::{BTreeMap, HashMap};
-use std::hash::{Hash, Hasher};
+mod lru;
+mod open_tools;
+
+use std::collections::BTreeMap;
+use std::hash::{BuildHasher, RandomState};
 use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -21,10 +25,11 @@ use crate::metrics::{Label, Metrics, count};
 use crate::protocol::ChannelName;
 use crate::protocol::event::{Event, EventType};
 use crate::telemetry::Throttle;
+use lru::{Lane, Lru};
+use open_tools::OpenTools;
+pub use open_tools::{MAX_OPEN_TOOLS, SHOWN_TOOL_IDS};
 
 const SHARDS: usize = 16;
-/// Open tool calls remembered per run.
-const MAX_OPEN_TOOLS: usize = 256;
 
 /// Where a run stands.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -41,6 +46,15 @@ pub enum RunState {
 impl RunState {
     fn is_open(self) -> bool {
         matches!(self, Self::Unstarted | Self::Running)
+    }
+
+    /// Where a run in this state stands in its shard's table: ended runs are evicted first.
+    fn lane(self) -> Lane {
+        if self.is_open() {
+            Lane::EvictLast
+        } else {
+            Lane::EvictFirst
+        }
     }
 }
 
@@ -106,8 +120,7 @@ struct Run {
     first_event: Instant,
     last_event: Instant,
     ended: Option<Instant>,
-    /// Open tool calls in the order they started.
-    open_tools: Vec<String>,
+    open_tools: OpenTools,
     counts: BTreeMap<&'static str, u64>,
     violations: BTreeMap<&'static str, u64>,
 }
@@ -121,7 +134,10 @@ pub struct RunReport {
     pub thread_id: Option<String>,
     pub user_id: Option<String>,
     pub counts: BTreeMap<&'static str, u64>,
-    pub open_tools: Vec<String>,
+    /// How many tool calls are open.
+    pub open_tools: usize,
+    /// The ids of at most [`SHOWN_TOOL_IDS`] of them.
+    pub open_tool_ids: Vec<String>,
     pub seconds_since_last_event: f64,
     pub duration_seconds: Option<f64>,
     pub violations: BTreeMap<&'static str, u64>,
@@ -133,18 +149,39 @@ pub struct Stalled {
     pub run_id: String,
     pub channel: ChannelName,
     pub user_id: Option<String>,
-    pub open_tools: Vec<String>,
+    /// How many tool calls were open.
+    pub open_tools: usize,
+    /// The ids of at most [`SHOWN_TOOL_IDS`] of them.
+    pub open_tool_ids: Vec<String>,
     pub idle: Duration,
 }
 
 impl Stalled {
-    /// The gateway-made `agent_error` that ends the run for the UI.
-    pub fn event(&self) -> Event {
+    /// The gateway-made `agent_error` that ends the run for the UI. It carries how many tool calls
+    /// were open and at most a few of their ids, dropped as needed so that the event fits
+    /// `max_event_bytes` like any producer's event (an event larger than a subscriber's queue
+    /// would close it with 4008 instead of telling it). Without ids it always fits
+    /// `config::MIN_EVENT_BYTES`: its other fields are bounded by the id limit.
+    pub fn event(&self, max_event_bytes: usize) -> Event {
+        let mut shown = self.open_tool_ids.len();
+        loop {
+            let event = self.event_with(&self.open_tool_ids[..shown]);
+            let fits = serde_json::to_vec(&event.to_json())
+                .is_ok_and(|bytes| bytes.len() <= max_event_bytes);
+            if fits || shown == 0 {
+                return event;
+            }
+            shown -= 1;
+        }
+    }
+
+    fn event_with(&self, open_tool_ids: &[String]) -> Event {
         let payload = json!({
             "reason": "stalled",
             "message": format!("no event from this run for {} s; the gateway ended it", self.idle.as_secs()),
             "idle_seconds": self.idle.as_secs_f64(),
             "open_tools": self.open_tools,
+            "open_tool_ids": open_tool_ids,
             "source": "agentwire",
         });
         Event {
@@ -164,21 +201,28 @@ impl Stalled {
     }
 }
 
+type Shard = Lru<Run>;
+
 pub struct Watchdog {
     config: WatchdogConfig,
-    shards: Box<[Mutex<HashMap<String, Run>>]>,
+    shards: Box<[Mutex<Shard>]>,
+    /// Keys the shard choice and the open tool hashes: a producer cannot aim its runs at one
+    /// shard, nor make two tool call ids collide.
+    keys: RandomState,
 }
 
 impl Watchdog {
     pub fn new(config: WatchdogConfig) -> Self {
-        let shards = (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect();
-        Self { config, shards }
+        let shards = (0..SHARDS).map(|_| Mutex::new(Lru::default())).collect();
+        Self {
+            config,
+            shards,
+            keys: RandomState::new(),
+        }
     }
 
-    fn shard(&self, run_id: &str) -> MutexGuard<'_, HashMap<String, Run>> {
-        let mut hasher = DefaultHasher::new();
-        run_id.hash(&mut hasher);
-        self.shards[(hasher.finish() as usize) % SHARDS]
+    fn shard(&self, run_id: &str) -> MutexGuard<'_, Shard> {
+        self.shards[(self.keys.hash_one(run_id) as usize) % SHARDS]
             .lock()
             .unwrap_or_else(|e| e.into_inner())
     }
@@ -188,51 +232,56 @@ impl Watchdog {
         let Some(run_id) = event.run_id.as_deref() else {
             return;
         };
+        let now = Instant::now();
+        let mut shard = self.shard(run_id);
         if event.kind == EventType::Custom {
             // Custom events keep a run alive but are not part of its lifecycle.
-            if let Some(run) = self.shard(run_id).get_mut(run_id) {
-                run.last_event = Instant::now();
+            if let Some(run) = shard.get_mut(run_id) {
+                run.last_event = now;
                 *run.counts.entry(event.kind.as_str()).or_default() += 1;
+                let lane = run.state.lane();
+                shard.touch(run_id, lane);
             }
             return;
         }
-        let now = Instant::now();
-        let mut shard = self.shard(run_id);
-        if !shard.contains_key(run_id) {
+        if !shard.contains(run_id) {
             self.make_room(&mut shard, metrics);
+            metrics.runs_active.inc();
             let state = if event.kind == EventType::AgentStarted {
                 metrics.runs_started.inc();
-                metrics.runs_active.inc();
                 RunState::Running
             } else {
-                metrics.runs_active.inc();
                 RunState::Unstarted
             };
-            shard.insert(
-                run_id.to_string(),
-                Run {
-                    state,
-                    channel: channel.clone(),
-                    thread_id: event.thread_id.clone(),
-                    user_id: event.user_id.clone(),
-                    first_event: now,
-                    last_event: now,
-                    ended: None,
-                    open_tools: Vec::new(),
-                    counts: BTreeMap::new(),
-                    violations: BTreeMap::new(),
-                },
-            );
+            let mut run = Run {
+                state,
+                channel: channel.clone(),
+                thread_id: event.thread_id.clone(),
+                user_id: event.user_id.clone(),
+                first_event: now,
+                last_event: now,
+                ended: None,
+                open_tools: OpenTools::default(),
+                counts: BTreeMap::new(),
+                violations: BTreeMap::new(),
+            };
             if event.kind == EventType::AgentStarted {
-                if let Some(run) = shard.get_mut(run_id) {
-                    *run.counts.entry(event.kind.as_str()).or_default() += 1;
-                }
+                *run.counts.entry(event.kind.as_str()).or_default() += 1;
+                shard.insert(run_id, run, state.lane());
                 return;
             }
+            shard.insert(run_id, run, state.lane());
         }
         let Some(run) = shard.get_mut(run_id) else {
             return;
         };
+        self.follow(run, run_id, event, now, metrics);
+        let lane = run.state.lane();
+        shard.touch(run_id, lane);
+    }
+
+    /// One lifecycle event of a followed run.
+    fn follow(&self, run: &mut Run, run_id: &str, event: &Event, now: Instant, metrics: &Metrics) {
         run.last_event = now;
         *run.counts.entry(event.kind.as_str()).or_default() += 1;
         if run.thread_id.is_none() {
@@ -272,29 +321,21 @@ impl Watchdog {
             }
             _ => {}
         }
-        let tool_call_id = || {
-            event
-                .payload
-                .get("tool_call_id")
-                .and_then(|v| v.as_str())
-                .map(str::to_string)
-        };
+        // Validated at ingest: a tool event's `tool_call_id` is an id (at most `MAX_ID_LEN` bytes).
+        let tool_call_id = event
+            .payload
+            .get("tool_call_id")
+            .and_then(|v| v.as_str())
+            .unwrap_or_default();
         match event.kind {
             EventType::ToolExecuting => {
-                if let Some(id) = tool_call_id() {
-                    // Bounded: the list is shown at /v1/runs and sent in the stall notice.
-                    if run.open_tools.len() < MAX_OPEN_TOOLS {
-                        run.open_tools.push(id);
-                    }
-                }
+                // Past the cap the call is not followed; its completion will count as a violation.
+                run.open_tools.open(tool_call_id, &self.keys);
             }
             EventType::ToolCompleted => {
-                let id = tool_call_id().unwrap_or_default();
-                match run.open_tools.iter().position(|open| *open == id) {
-                    Some(index) => {
-                        run.open_tools.remove(index);
-                    }
-                    None => violation(run, Violation::ToolCompletedWithoutExecuting),
+                let was_open = run.open_tools.close(tool_call_id, &self.keys);
+                if !was_open {
+                    violation(run, Violation::ToolCompletedWithoutExecuting);
                 }
             }
             EventType::AgentCompleted | EventType::AgentError => {
@@ -312,26 +353,20 @@ impl Watchdog {
         }
     }
 
-    /// Evicts the least recently active run of a full shard.
-    fn make_room(&self, shard: &mut HashMap<String, Run>, metrics: &Metrics) {
+    /// Evicts the least recently active runs of a full shard (ended ones first), in O(1) each.
+    fn make_room(&self, shard: &mut Shard, metrics: &Metrics) {
         let per_shard = self.config.max_runs.div_ceil(SHARDS).max(1);
         while shard.len() >= per_shard {
-            let Some(oldest) = shard
-                .iter()
-                .min_by_key(|(_, run)| (run.state.is_open(), run.last_event))
-                .map(|(id, _)| id.clone())
-            else {
+            let Some((run_id, run)) = shard.pop_oldest() else {
                 return;
             };
-            if let Some(run) = shard.remove(&oldest) {
-                if run.state.is_open() {
-                    metrics.runs_active.dec();
-                }
-                metrics.runs_evicted.inc();
-                static FULL: Throttle = Throttle::every(Duration::from_secs(10));
-                if let Some(held_back) = FULL.allow() {
-                    tracing::warn!(run_id = %oldest, state = ?run.state, held_back, "Watchdog is full: stopped following a run (watchdog.max_runs); held_back more since the last line.");
-                }
+            if run.state.is_open() {
+                metrics.runs_active.dec();
+            }
+            metrics.runs_evicted.inc();
+            static FULL: Throttle = Throttle::every(Duration::from_secs(10));
+            if let Some(held_back) = FULL.allow() {
+                tracing::warn!(%run_id, state = ?run.state, held_back, "Watchdog is full: stopped following a run (watchdog.max_runs); held_back more since the last line.");
             }
         }
     }
@@ -356,7 +391,7 @@ impl Watchdog {
                             && now.saturating_duration_since(run.last_event)
                                 > self.config.run_idle_timeout
                     })
-                    .map(|(run_id, _)| run_id.clone()),
+                    .map(|(run_id, _)| run_id.to_string()),
             );
         }
         quiet
@@ -371,23 +406,35 @@ impl Watchdog {
         if !run.state.is_open() || idle <= self.config.run_idle_timeout {
             return None;
         }
-        tracing::warn!(%run_id, channel = %run.channel, thread_id = run.thread_id.as_deref(), idle_seconds = idle.as_secs_f64(), open_tools = run.open_tools.len(), "Run stalled.");
+        // Many runs can stall at once (a backend restart, or a producer starting runs it never
+        // ends): one line per interval, the rest counted in it and in the metrics.
+        tracing::debug!(%run_id, channel = %run.channel, thread_id = run.thread_id.as_deref(), idle_seconds = idle.as_secs_f64(), open_tools = run.open_tools.len(), "Run stalled.");
+        static STALLED: Throttle = Throttle::every(Duration::from_secs(10));
+        if let Some(held_back) = STALLED.allow() {
+            tracing::warn!(%run_id, channel = %run.channel, thread_id = run.thread_id.as_deref(), idle_seconds = idle.as_secs_f64(), open_tools = run.open_tools.len(), held_back, "Run stalled; held_back more runs stalled since the last line.");
+        }
         metrics.runs_stalled.inc();
         end(run, RunState::Stalled, RunOutcome::Stalled, now, metrics);
-        Some(Stalled {
+        let stalled = Stalled {
             run_id: run_id.to_string(),
             channel: run.channel.clone(),
             user_id: run.user_id.clone(),
-            open_tools: run.open_tools.clone(),
+            open_tools: run.open_tools.len(),
+            open_tool_ids: run.open_tools.shown(),
             idle,
-        })
+        };
+        shard.touch(run_id, RunState::Stalled.lane());
+        Some(stalled)
     }
 
     /// Redis mode: another replica saw an event of this run `ago`: it is not quiet.
     pub fn seen_elsewhere(&self, run_id: &str, ago: Duration) {
-        if let Some(run) = self.shard(run_id).get_mut(run_id) {
+        let mut shard = self.shard(run_id);
+        if let Some(run) = shard.get_mut(run_id) {
             let at = Instant::now().checked_sub(ago).unwrap_or(run.last_event);
             run.last_event = run.last_event.max(at);
+            let lane = run.state.lane();
+            shard.touch(run_id, lane);
         }
     }
 
@@ -411,7 +458,8 @@ impl Watchdog {
             thread_id: run.thread_id.clone(),
             user_id: run.user_id.clone(),
             counts: run.counts.clone(),
-            open_tools: run.open_tools.clone(),
+            open_tools: run.open_tools.len(),
+            open_tool_ids: run.open_tools.shown(),
             seconds_since_last_event: now.saturating_duration_since(run.last_event).as_secs_f64(),
             duration_seconds: run.ended.map(|ended| {
                 ended
@@ -436,6 +484,7 @@ fn end(run: &mut Run, state: RunState, outcome: RunOutcome, now: Instant, metric
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::protocol::channel::MAX_ID_LEN;
     use crate::protocol::event;
 
     fn run_event(kind: &str, run: &str) -> Event {
@@ -474,6 +523,130 @@ mod tests {
         assert_eq!(metrics.runs_evicted.get() as usize, 100 - followed);
         assert_eq!(metrics.runs_active.get() as usize, followed);
         assert!(dog.report("run_99").is_some(), "the newest run is kept");
+    }
+
+    #[test]
+    fn a_full_shard_evicts_ended_runs_before_open_ones() {
+        let metrics = Metrics::new();
+        let dog = watchdog(SHARDS * 10, Duration::from_secs(60));
+        let channel = ChannelName::thread("t");
+        for n in 0..80 {
+            let run = format!("done_{n}");
+            dog.observe(&run_event("agent_started", &run), &channel, &metrics);
+            dog.observe(&run_event("agent_completed", &run), &channel, &metrics);
+        }
+        let open: Vec<String> = (0..120).map(|n| format!("open_{n}")).collect();
+        for run in &open {
+            dog.observe(&run_event("agent_started", run), &channel, &metrics);
+        }
+        assert!(metrics.runs_evicted.get() > 0, "the shards filled up");
+        let shard_of = |run: &str| (dog.keys.hash_one(run) as usize) % SHARDS;
+        for shard in 0..SHARDS {
+            let ended_left = (0..80)
+                .map(|n| format!("done_{n}"))
+                .any(|run| shard_of(&run) == shard && dog.report(&run).is_some());
+            let open_evicted = open
+                .iter()
+                .any(|run| shard_of(run) == shard && dog.report(run).is_none());
+            assert!(
+                !(ended_left && open_evicted),
+                "shard {shard} evicted an open run while an ended one was left"
+            );
+        }
+        assert!(dog.report("open_119").is_some(), "the newest run is kept");
+    }
+
+    #[test]
+    fn an_evicted_run_is_never_reported_stalled() {
+        let metrics = Metrics::new();
+        let dog = Watchdog::new(WatchdogConfig {
+            run_idle_timeout: Duration::from_millis(1),
+            stalled_event: true,
+            max_runs: SHARDS,
+            retain: Duration::from_secs(60),
+        });
+        let channel = ChannelName::thread("t");
+        for n in 0..200 {
+            dog.observe(
+                &run_event("agent_started", &format!("run_{n}")),
+                &channel,
+                &metrics,
+            );
+        }
+        let evicted: Vec<String> = (0..200)
+            .map(|n| format!("run_{n}"))
+            .filter(|run| dog.report(run).is_none())
+            .collect();
+        assert_eq!(evicted.len() as u64, metrics.runs_evicted.get());
+        std::thread::sleep(Duration::from_millis(5));
+        let quiet = dog.sweep();
+        assert!(quiet.len() <= SHARDS);
+        for run in &evicted {
+            assert!(!quiet.contains(run), "{run} was evicted");
+            assert!(dog.stall(run, &metrics).is_none(), "{run} was evicted");
+        }
+        let stalled = quiet
+            .iter()
+            .filter_map(|run| dog.stall(run, &metrics))
+            .count();
+        assert_eq!(stalled, quiet.len());
+        assert_eq!(metrics.runs_stalled.get() as usize, stalled);
+        assert_eq!(metrics.runs_active.get(), 0);
+    }
+
+    #[test]
+    fn open_tools_are_capped_and_the_stall_notice_fits_the_smallest_event() {
+        let metrics = Metrics::new();
+        let dog = Watchdog::new(WatchdogConfig {
+            run_idle_timeout: Duration::from_millis(1),
+            stalled_event: true,
+            max_runs: 100,
+            retain: Duration::from_secs(60),
+        });
+        // The longest ids, made of a character JSON escapes to two bytes.
+        let longest = |n: usize| format!("{n:03}{}", "\\".repeat(MAX_ID_LEN - 3));
+        let run_id = longest(0);
+        let channel = ChannelName::thread("t");
+        let observe = |event: serde_json::Value| {
+            let event = event::parse(&event.to_string(), 4096).unwrap();
+            dog.observe(&event, &channel, &metrics);
+        };
+        observe(serde_json::json!({
+            "type": "agent_started", "run_id": run_id, "thread_id": "t", "user_id": longest(1)
+        }));
+        for n in 0..MAX_OPEN_TOOLS + 10 {
+            observe(serde_json::json!({
+                "type": "tool_executing", "run_id": run_id, "payload": {"tool_call_id": longest(n)}
+            }));
+        }
+        let report = dog.report(&run_id).unwrap();
+        assert_eq!(report.open_tools, MAX_OPEN_TOOLS);
+        assert_eq!(report.open_tool_ids.len(), SHOWN_TOOL_IDS);
+
+        std::thread::sleep(Duration::from_millis(5));
+        let stalled = dog.stall(&run_id, &metrics).unwrap();
+        assert_eq!(stalled.open_tools, MAX_OPEN_TOOLS);
+        let size = |event: &Event| serde_json::to_vec(&event.to_json()).unwrap().len();
+        let roomy = stalled.event(64 * 1024);
+        assert_eq!(
+            roomy.payload["open_tool_ids"].as_array().unwrap().len(),
+            SHOWN_TOOL_IDS
+        );
+        let tight = stalled.event(crate::config::MIN_EVENT_BYTES);
+        assert!(
+            size(&tight) <= crate::config::MIN_EVENT_BYTES,
+            "{}",
+            size(&tight)
+        );
+        assert_eq!(tight.payload["open_tools"], MAX_OPEN_TOOLS);
+        assert_eq!(tight.payload["reason"], "stalled");
+        let none = stalled.event(0);
+        assert_eq!(none.payload["open_tool_ids"], serde_json::json!([]));
+        assert!(
+            size(&none) <= crate::config::MIN_EVENT_BYTES,
+            "without ids it fits the smallest limit: {}",
+            size(&none)
+        );
     }
 
     #[test]

@@ -1,0 +1,276 @@
+//! The watchdog's run table: entries keyed by run id, each in one of two recency lists (lanes),
+//! so that making room takes the least recently touched entry of the lane evicted first in O(1),
+//! however many entries there are. A slab of nodes linked by index (no `unsafe`, no per-touch
+//! allocation) holds the lists; a map finds a node by key.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+/// Which list an entry is in. Eviction empties [`Lane::EvictFirst`] before it touches
+/// [`Lane::EvictLast`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Lane {
+    EvictFirst,
+    EvictLast,
+}
+
+impl Lane {
+    fn index(self) -> usize {
+        match self {
+            Self::EvictFirst => 0,
+            Self::EvictLast => 1,
+        }
+    }
+}
+
+#[derive(Debug)]
+struct Node<V> {
+    key: Arc<str>,
+    value: V,
+    lane: Lane,
+    /// Toward the least recently touched end of its lane.
+    older: Option<usize>,
+    /// Toward the most recently touched end of its lane.
+    newer: Option<usize>,
+}
+
+/// The two ends of one lane.
+#[derive(Debug, Default, Clone, Copy)]
+struct Ends {
+    oldest: Option<usize>,
+    newest: Option<usize>,
+}
+
+#[derive(Debug)]
+pub struct Lru<V> {
+    index: HashMap<Arc<str>, usize>,
+    slots: Vec<Option<Node<V>>>,
+    /// Slots freed by a removal, reused before the slab grows.
+    free: Vec<usize>,
+    lanes: [Ends; 2],
+}
+
+impl<V> Default for Lru<V> {
+    fn default() -> Self {
+        Self {
+            index: HashMap::new(),
+            slots: Vec::new(),
+            free: Vec::new(),
+            lanes: [Ends::default(); 2],
+        }
+    }
+}
+
+impl<V> Lru<V> {
+    pub fn len(&self) -> usize {
+        self.index.len()
+    }
+
+    pub fn contains(&self, key: &str) -> bool {
+        self.index.contains_key(key)
+    }
+
+    pub fn get(&self, key: &str) -> Option<&V> {
+        let slot = *self.index.get(key)?;
+        self.node(slot).map(|node| &node.value)
+    }
+
+    /// The value, without changing its place (see [`Self::touch`]).
+    pub fn get_mut(&mut self, key: &str) -> Option<&mut V> {
+        let slot = *self.index.get(key)?;
+        self.slots
+            .get_mut(slot)
+            .and_then(Option::as_mut)
+            .map(|node| &mut node.value)
+    }
+
+    /// Inserts a new entry as the most recently touched of `lane`; an entry already under `key`
+    /// is replaced (and returned).
+    pub fn insert(&mut self, key: &str, value: V, lane: Lane) -> Option<V> {
+        let old = self.remove(key);
+        let key: Arc<str> = key.into();
+        let node = Node {
+            key: key.clone(),
+            value,
+            lane,
+            older: None,
+            newer: None,
+        };
+        let slot = match self.free.pop() {
+            Some(slot) => {
+                self.slots[slot] = Some(node);
+                slot
+            }
+            None => {
+                self.slots.push(Some(node));
+                self.slots.len() - 1
+            }
+        };
+        self.index.insert(key, slot);
+        self.link_newest(slot, lane);
+        old
+    }
+
+    /// Makes an entry the most recently touched of `lane` (moving it there from the other lane).
+    pub fn touch(&mut self, key: &str, lane: Lane) {
+        if let Some(&slot) = self.index.get(key) {
+            self.unlink(slot);
+            self.link_newest(slot, lane);
+        }
+    }
+
+    pub fn remove(&mut self, key: &str) -> Option<V> {
+        let slot = self.index.remove(key)?;
+        self.unlink(slot);
+        let node = self.slots.get_mut(slot)?.take()?;
+        self.free.push(slot);
+        Some(node.value)
+    }
+
+    /// Takes out the least recently touched entry of [`Lane::EvictFirst`], or if that lane is
+    /// empty of [`Lane::EvictLast`].
+    pub fn pop_oldest(&mut self) -> Option<(Arc<str>, V)> {
+        let slot = self.lanes[Lane::EvictFirst.index()]
+            .oldest
+            .or(self.lanes[Lane::EvictLast.index()].oldest)?;
+        let key = self.node(slot)?.key.clone();
+        let value = self.remove(&key)?;
+        Some((key, value))
+    }
+
+    /// Every entry, in no particular order.
+    pub fn iter(&self) -> impl Iterator<Item = (&str, &V)> {
+        self.slots
+            .iter()
+            .flatten()
+            .map(|node| (&*node.key, &node.value))
+    }
+
+    /// Keeps only the entries for which `keep` is true.
+    pub fn retain(&mut self, mut keep: impl FnMut(&str, &V) -> bool) {
+        let gone: Vec<Arc<str>> = self
+            .slots
+            .iter()
+            .flatten()
+            .filter(|node| !keep(&node.key, &node.value))
+            .map(|node| node.key.clone())
+            .collect();
+        for key in gone {
+            self.remove(&key);
+        }
+    }
+
+    fn node(&self, slot: usize) -> Option<&Node<V>> {
+        self.slots.get(slot).and_then(Option::as_ref)
+    }
+
+    fn node_mut(&mut self, slot: usize) -> Option<&mut Node<V>> {
+        self.slots.get_mut(slot).and_then(Option::as_mut)
+    }
+
+    /// Takes a node out of its lane's list (it stays in the slab and the index).
+    fn unlink(&mut self, slot: usize) {
+        let Some(node) = self.node_mut(slot) else {
+            return;
+        };
+        let (older, newer, lane) = (node.older.take(), node.newer.take(), node.lane);
+        match older.and_then(|older| self.node_mut(older)) {
+            Some(node) => node.newer = newer,
+            None => self.lanes[lane.index()].oldest = newer,
+        }
+        match newer.and_then(|newer| self.node_mut(newer)) {
+            Some(node) => node.older = older,
+            None => self.lanes[lane.index()].newest = older,
+        }
+    }
+
+    /// Puts an unlinked node at the most recently touched end of `lane`.
+    fn link_newest(&mut self, slot: usize, lane: Lane) {
+        let previous = self.lanes[lane.index()].newest;
+        if let Some(node) = self.node_mut(slot) {
+            node.lane = lane;
+            node.older = previous;
+            node.newer = None;
+        }
+        match previous.and_then(|previous| self.node_mut(previous)) {
+            Some(node) => node.newer = Some(slot),
+            None => self.lanes[lane.index()].oldest = Some(slot),
+        }
+        self.lanes[lane.index()].newest = Some(slot);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn keys(lru: &mut Lru<u32>) -> Vec<String> {
+        std::iter::from_fn(|| lru.pop_oldest().map(|(key, _)| key.to_string())).collect()
+    }
+
+    #[test]
+    fn evicts_the_least_recently_touched_first() {
+        let mut lru = Lru::default();
+        for (n, key) in ["a", "b", "c", "d"].iter().enumerate() {
+            lru.insert(key, n as u32, Lane::EvictLast);
+        }
+        lru.touch("a", Lane::EvictLast);
+        lru.touch("c", Lane::EvictLast);
+        assert_eq!(lru.remove("d"), Some(3));
+        assert_eq!(lru.len(), 3);
+        assert_eq!(keys(&mut lru), ["b", "a", "c"]);
+        assert_eq!(lru.len(), 0);
+    }
+
+    #[test]
+    fn the_first_lane_is_emptied_before_the_last() {
+        let mut lru = Lru::default();
+        lru.insert("open_1", 1, Lane::EvictLast);
+        lru.insert("ended_1", 2, Lane::EvictFirst);
+        lru.insert("open_2", 3, Lane::EvictLast);
+        // open_1 ends: it moves to the lane evicted first, as its most recent entry.
+        lru.touch("open_1", Lane::EvictFirst);
+        assert_eq!(keys(&mut lru), ["ended_1", "open_1", "open_2"]);
+    }
+
+    #[test]
+    fn slots_are_reused_and_lists_stay_consistent() {
+        let mut lru = Lru::default();
+        for round in 0..3u32 {
+            for n in 0..100u32 {
+                let lane = if n % 3 == 0 {
+                    Lane::EvictFirst
+                } else {
+                    Lane::EvictLast
+                };
+                lru.insert(&format!("k{n}"), round * 1000 + n, lane);
+            }
+            for n in (0..100u32).step_by(7) {
+                lru.remove(&format!("k{n}"));
+            }
+            lru.retain(|_, value| value % 5 != 0);
+            for n in (0..100u32).step_by(2) {
+                lru.touch(&format!("k{n}"), Lane::EvictLast);
+            }
+            let len = lru.len();
+            let popped = keys(&mut lru);
+            assert_eq!(popped.len(), len, "every entry is in exactly one lane");
+        }
+        assert!(lru.slots.len() <= 100, "freed slots are reused");
+        assert_eq!(lru.get("k1"), None);
+    }
+
+    #[test]
+    fn insert_replaces_and_get_finds() {
+        let mut lru = Lru::default();
+        assert_eq!(lru.insert("a", 1, Lane::EvictLast), None);
+        assert_eq!(lru.insert("a", 2, Lane::EvictFirst), Some(1));
+        assert_eq!(lru.get("a"), Some(&2));
+        if let Some(value) = lru.get_mut("a") {
+            *value = 3;
+        }
+        assert!(lru.contains("a"));
+        assert_eq!(lru.iter().collect::<Vec<_>>(), [("a", &3)]);
+        assert_eq!(lru.len(), 1);
+    }
+}

@@ -107,6 +107,10 @@ impl Config {
             ("session.write_timeout", self.session.write_timeout),
             ("resolve.registry_ttl", self.resolve.registry_ttl),
             ("watchdog.run_idle_timeout", self.watchdog.run_idle_timeout),
+            (
+                "broker.redis_reconcile_interval",
+                self.broker.redis_reconcile_interval,
+            ),
         ];
         for (key, value) in durations {
             if value.is_zero() {

@@ -81,6 +81,8 @@ impl Gateway {
         metrics::export::<auth::Decision>(&metrics.subscribe_webhook);
         metrics::export::<watchdog::RunOutcome>(&metrics.runs_completed);
         metrics::export::<upstream::HandOffOutcome>(&metrics.upstream_messages);
+        metrics::export::<broker::Refusal>(&metrics.broker_refused);
+        metrics::export::<broker::Reconciled>(&metrics.redis_subscriptions_reconciled);
         metrics.broker_up.set(i64::from(broker.is_up()));
         Ok(Self {
             metrics: Arc::new(metrics),

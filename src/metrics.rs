@@ -74,6 +74,8 @@ pub struct Metrics {
     pub client_errors: IntCounterVec,
     pub broker_up: IntGauge,
     pub broker_errors: IntCounter,
+    pub broker_refused: IntCounterVec,
+    pub redis_subscriptions_reconciled: IntCounterVec,
     pub broker_latency: Histogram,
     pub event_age: Histogram,
     pub runs_active: IntGauge,
@@ -238,6 +240,18 @@ impl Metrics {
                 r,
                 "agentwire_broker_errors_total",
                 "Broker operations that failed.",
+            ),
+            broker_refused: counter_vec(
+                r,
+                "agentwire_broker_refused_total",
+                "Publishes and registrations a reachable broker refused, by reason (oom: Redis at maxmemory); answered 503.",
+                "reason",
+            ),
+            redis_subscriptions_reconciled: counter_vec(
+                r,
+                "agentwire_redis_subscriptions_reconciled_total",
+                "Redis pub/sub subscriptions that did not match the watched channels and were fixed, by action (unsubscribed, subscribed).",
+                "action",
             ),
             broker_latency: histogram(
                 r,

@@ -13,7 +13,7 @@ pub mod redis;
 mod sequenced;
 mod upward;
 
-pub use error::BrokerError;
+pub use error::{BrokerError, Refusal};
 pub use sequenced::{Sequenced, Snapshot, now_ms};
 pub use upward::{Announcement, StreamEvent, Taken, Upward};
 
@@ -30,7 +30,7 @@ use crate::protocol::run::RunTarget;
 use crate::protocol::upstream::Outbound;
 use crate::upstream::Refused;
 
-pub use self::redis::RedisBroker;
+pub use self::redis::{Reconciled, RedisBroker, Registration};
 pub use channels::Channels;
 pub use embedded::Embedded;
 
@@ -167,10 +167,10 @@ impl Broker {
         }
     }
 
-    pub fn unsubscribe(&self, name: &ChannelName, outbox: &Arc<Outbox>) -> bool {
+    pub async fn unsubscribe(&self, name: &ChannelName, outbox: &Arc<Outbox>) -> bool {
         match self {
             Self::Memory(memory) => memory.channels.unsubscribe(name, outbox),
-            Self::Redis(redis) => redis.unsubscribe(name, outbox),
+            Self::Redis(redis) => redis.unsubscribe(name, outbox).await,
         }
     }
 
@@ -219,9 +219,9 @@ impl Broker {
         &self,
         run_id: &str,
         target: &RunTarget,
-    ) -> Result<Option<RunTarget>, BrokerError> {
+    ) -> Result<Registration, BrokerError> {
         match self {
-            Self::Memory(_) => Ok(None),
+            Self::Memory(_) => Ok(Registration::Done),
             Self::Redis(redis) => redis.register(run_id, target).await,
         }
     }

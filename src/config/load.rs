@@ -113,6 +113,10 @@ impl Config {
             ("session.frame_timeout", self.session.frame_timeout),
             ("resolve.registry_ttl", self.resolve.registry_ttl),
             ("watchdog.run_idle_timeout", self.watchdog.run_idle_timeout),
+            (
+                "broker.redis_reconcile_interval",
+                self.broker.redis_reconcile_interval,
+            ),
         ];
         for (key, value) in durations {
             if value.is_zero() {

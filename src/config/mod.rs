@@ -249,6 +249,10 @@ pub struct BrokerConfig {
     pub ui_events_stream: String,
     /// `ui_events_stream` is trimmed to about this many entries.
     pub ui_events_max_len: usize,
+    /// How often the pub/sub connection's subscriptions are compared with the watched channels
+    /// and fixed (Redis broker only).
+    #[serde(with = "humantime_serde")]
+    pub redis_reconcile_interval: Duration,
 }
 
 impl Default for BrokerConfig {
@@ -261,6 +265,7 @@ impl Default for BrokerConfig {
             claim_idle: Duration::from_secs(30),
             ui_events_stream: "ui_events".into(),
             ui_events_max_len: 100_000,
+            redis_reconcile_interval: Duration::from_secs(30),
         }
     }
 }

@@ -13,7 +13,7 @@ mod registration;
 mod stalls;
 mod upward;
 
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
@@ -24,12 +24,13 @@ pub use stalls::report_stalls;
 pub use upward::consume;
 
 use crate::Gateway;
-use crate::broker::{BrokerError, Outcome, Published};
+use crate::broker::{self, BrokerError, Outcome, Published};
+use crate::metrics::{self, Label};
 use crate::protocol::ChannelName;
 use crate::protocol::event::{self, Event, EventType, Refusal};
 use crate::protocol::run::RunTarget;
 use crate::resolve::{Held, NotHeld};
-use crate::telemetry;
+use crate::telemetry::{self, Throttle};
 use registration::{dead_letter, lost_unresolved, release};
 use tracing::{Instrument, Span};
 
@@ -106,10 +107,23 @@ pub async fn accept(gateway: &Gateway, event: Event, entry: Option<&str>) -> Ite
         Ok(result) => result,
         Err(error) => {
             gateway.metrics.broker_errors.inc();
+            if let BrokerError::Refused(reason, _) = &error {
+                refused(gateway, *reason, &error);
+            }
             ItemResult::Unavailable {
                 reason: error.to_string(),
             }
         }
+    }
+}
+
+/// A write the broker refused (Redis at `maxmemory`): counted by reason and logged at most once
+/// per interval, since a full Redis refuses every producer until it has room again.
+fn refused(gateway: &Gateway, reason: broker::Refusal, error: &BrokerError) {
+    static REFUSED: Throttle = Throttle::every(Duration::from_secs(10));
+    metrics::count(&gateway.metrics.broker_refused, reason);
+    if let Some(held_back) = REFUSED.allow() {
+        tracing::warn!(reason = reason.as_str(), held_back, %error, "The broker refused an event; producers get 503 until Redis has room (see docs/redis.md).");
     }
 }
 

@@ -4,7 +4,7 @@
 use std::time::Instant;
 
 use super::emit;
-use crate::broker::BrokerError;
+use crate::broker::{BrokerError, Registration};
 use crate::ledger::LostReason;
 use crate::metrics::{Label, count};
 use crate::protocol::event::Event;
@@ -57,10 +57,11 @@ pub async fn register(
     let refused = match gateway.resolver.admit(run_id, &target) {
         Err(Unregistrable::Full) => Some(RunRefusal::Full),
         Err(Unregistrable::Conflict) => Some(RunRefusal::Conflict),
-        Ok(()) if gateway.broker.register(run_id, &target).await?.is_some() => {
-            Some(RunRefusal::Conflict)
-        }
-        Ok(()) => None,
+        Ok(()) => match gateway.broker.register(run_id, &target).await? {
+            Registration::Done => None,
+            Registration::Taken(_) => Some(RunRefusal::Conflict),
+            Registration::Full => Some(RunRefusal::Full),
+        },
     };
     if let Some(refusal) = refused {
         count(&gateway.metrics.runs_refused, refusal);

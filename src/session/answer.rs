@@ -233,7 +233,12 @@ impl Session {
             }
             Ok(ClientFrame::Unsubscribe { thread_id }) => {
                 let channel = ChannelName::thread(&thread_id);
-                if self.gateway.broker.unsubscribe(&channel, &self.outbox) {
+                if self
+                    .gateway
+                    .broker
+                    .unsubscribe(&channel, &self.outbox)
+                    .await
+                {
                     self.channels.retain(|c| c != &channel);
                     self.gateway.metrics.subscriptions.dec();
                     self.outbox
@@ -348,9 +353,14 @@ impl Session {
             .push(Outgoing::Frame(server::error(code, message)));
     }
 
-    pub(super) fn leave_all(&mut self) {
-        for channel in self.channels.drain(..) {
-            if self.gateway.broker.unsubscribe(&channel, &self.outbox) {
+    pub(super) async fn leave_all(&mut self) {
+        for channel in std::mem::take(&mut self.channels) {
+            if self
+                .gateway
+                .broker
+                .unsubscribe(&channel, &self.outbox)
+                .await
+            {
                 self.gateway.metrics.subscriptions.dec();
             }
         }

@@ -85,7 +85,7 @@ pub async fn serve(
         };
         let ended = session.run().await;
         session.outbox.close();
-        session.leave_all();
+        session.leave_all().await;
         if ended == Ended::SlowConsumer {
             gateway.metrics.slow_consumer_closes.inc();
             tracing::info!(

@@ -8,6 +8,7 @@ mod bad_input;
 mod delivery;
 mod operations;
 mod process;
+mod redis_budgets;
 mod replicas;
 mod resolution;
 mod resume;

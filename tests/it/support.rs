@@ -29,6 +29,8 @@ pub struct Gateway {
     pub addr: SocketAddr,
     /// The internal door: `/v1/*`, `/metrics`, `/readyz`.
     pub internal: SocketAddr,
+    /// The gateway itself, when it runs in this process.
+    pub inner: Option<Arc<agentwire::Gateway>>,
     stop: CancellationToken,
 }
 
@@ -44,6 +46,7 @@ impl Gateway {
         Self {
             addr: process.addr,
             internal: process.internal,
+            inner: None,
             stop: CancellationToken::new(),
         }
     }
@@ -70,10 +73,15 @@ impl Gateway {
         let internal = doors.internal.local_addr().unwrap();
         let stop = CancellationToken::new();
         let gateway = Arc::new(agentwire::Gateway::new(config).unwrap());
-        tokio::spawn(agentwire::server::run(gateway, doors, stop.clone()));
+        tokio::spawn(agentwire::server::run(
+            Arc::clone(&gateway),
+            doors,
+            stop.clone(),
+        ));
         Self {
             addr,
             internal,
+            inner: Some(gateway),
             stop,
         }
     }
@@ -519,13 +527,19 @@ pub struct Redis {
 
 impl Redis {
     pub async fn start() -> Self {
-        Self::start_on(free_port()).await
+        Self::start_on(free_port(), &[]).await
     }
 
-    async fn start_on(port: u16) -> Self {
+    /// A server with extra arguments, e.g. `["--maxmemory", "4mb"]`.
+    pub async fn start_with(args: &[&str]) -> Self {
+        Self::start_on(free_port(), args).await
+    }
+
+    async fn start_on(port: u16, args: &[&str]) -> Self {
         let child = Command::new("redis-server")
             .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
             .args(["--save", "", "--appendonly", "no"])
+            .args(args)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -570,7 +584,7 @@ impl Redis {
     /// Starts an empty server on the same port again.
     pub async fn restart(&mut self) {
         self.stop();
-        *self = Self::start_on(self.port).await;
+        *self = Self::start_on(self.port, &[]).await;
     }
 }
 

@@ -60,7 +60,8 @@ impl Channels {
     /// Redis mode: brings the mirror up to `snapshot` (read from the stream). On a first load it
     /// takes the history and the live events kept aside; on a new epoch (Redis lost the channel)
     /// every local subscriber is told with a `subscribed` frame, `recovered: false`, and gets the
-    /// new epoch's history; otherwise it appends what the mirror missed.
+    /// new epoch's history; otherwise it appends what the mirror missed. A channel without an
+    /// epoch yet (nothing was published to it) takes its first epoch without a `subscribed` frame.
     pub fn merge(&self, name: &ChannelName, snapshot: Snapshot) {
         let mut shard = self.shard(name);
         let Some(channel) = shard.channels.get(name).cloned() else {
@@ -86,6 +87,10 @@ impl Channels {
             return;
         }
         let renewed = state.loading.is_none();
+        // A channel loaded before anything was published to it has no epoch yet: the first one
+        // is its continuation, not a loss. Its subscribers saw nothing, so the events of the new
+        // epoch reach them as live events, without a new `subscribed` frame.
+        let adopted = renewed && channel.epoch.is_empty() && state.last_seq == 0;
         let early = state.loading.take().unwrap_or_default();
         let feed = channel.feed.as_ref().map(|feed| {
             Arc::new(Feed {
@@ -106,6 +111,11 @@ impl Channels {
             .first()
             .map_or(snapshot.last_seq, |first| first.seq - 1);
         let outboxes = state.subscribers.take_all();
+        if adopted {
+            for outbox in &outboxes {
+                fresh_state.subscribers.add(outbox);
+            }
+        }
         for event in &snapshot.events {
             fresh.append(&mut fresh_state, event, &self.history);
         }
@@ -115,7 +125,7 @@ impl Channels {
             }
         }
         fresh_state.last_seq = fresh_state.last_seq.max(snapshot.last_seq);
-        if renewed {
+        if renewed && !adopted {
             tracing::warn!(channel = %name, old_epoch = %channel.epoch, epoch = %fresh.epoch, "Redis lost this channel's history: a new epoch starts.");
             let replay: Vec<Arc<StoredEvent>> = fresh_state.history.iter().cloned().collect();
             for event in &replay {
@@ -141,8 +151,10 @@ impl Channels {
                 }
             }
         }
-        for outbox in &outboxes {
-            fresh_state.subscribers.add(outbox);
+        if !adopted {
+            for outbox in &outboxes {
+                fresh_state.subscribers.add(outbox);
+            }
         }
         drop(fresh_state);
         state.retired = true;

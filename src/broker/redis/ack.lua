@@ -1,3 +1,4 @@
+#!lua
 -- A cumulative ack: moves acked_seq forward and counts the newly acked. Returns that count.
 -- KEYS: meta   ARGV: epoch, seq
 if redis.call('HGET', KEYS[1], 'epoch') ~= ARGV[1] then

@@ -1,3 +1,4 @@
+#!lua
 -- Records first deliveries: an entry still in the stream, of the same epoch, counts once across
 -- replicas. Returns how many were new.
 -- KEYS: log, meta, delivered   ARGV: epoch, seqs...

@@ -1,14 +1,19 @@
 //! Whose fault a Redis error is, read from its kind and code (never from its text): the link or
-//! a Redis that cannot serve now is `Unavailable` (503, retry); anything else, a script error or a
-//! reply of the wrong shape, is `Internal` (500, an `ERROR` log: an operator must look).
+//! a Redis that cannot serve now is `Unavailable` (503, retry); a Redis at `maxmemory` refusing a
+//! script at its start is `Refused` (503, counted `oom`); anything else, a script error or a reply
+//! of the wrong shape, is `Internal` (500, an `ERROR` log: an operator must look).
 
 use redis::{ErrorKind, RedisError, ServerErrorKind};
 
-use crate::broker::BrokerError;
+use crate::broker::{BrokerError, Refusal};
 
 impl From<RedisError> for BrokerError {
     fn from(error: RedisError) -> Self {
-        if is_unavailable(&error) {
+        // Every script declares its flags, so Redis checks memory before the first write and
+        // an OOM refusal means nothing of the operation was applied.
+        if error.code() == Some("OOM") {
+            Self::Refused(Refusal::Oom, error.to_string())
+        } else if is_unavailable(&error) {
             Self::Unavailable(error.to_string())
         } else {
             tracing::error!(%error, "Redis answered with an error that is ours to fix.");
@@ -20,7 +25,7 @@ impl From<RedisError> for BrokerError {
 fn is_unavailable(error: &RedisError) -> bool {
     // Replies the client library has no kind for: a script running too long, memory full, too
     // few replicas. Redis cannot serve now; a retry later can succeed.
-    matches!(error.code(), Some("BUSY" | "OOM" | "NOREPLICAS"))
+    matches!(error.code(), Some("BUSY" | "NOREPLICAS"))
         || error.is_io_error()
         || error.is_timeout()
         || error.is_connection_dropped()

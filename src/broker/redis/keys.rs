@@ -40,9 +40,10 @@ impl Keys {
 /// A stream entry as read: id and fields.
 pub(super) type Entry = (String, HashMap<String, Bytes>);
 
-pub(super) fn run_key(run_id: &str) -> String {
-    format!("aw:run:{{{run_id}}}")
-}
+/// The run registry: run id → its target as JSON (with its channel), and run id → when its
+/// registration expires (ms). One hash tag, so `register.lua` touches one Cluster slot.
+pub(super) const RUN_TARGETS: &str = "aw:{runs}:target";
+pub(super) const RUN_EXPIRY: &str = "aw:{runs}:expiry";
 
 pub(super) fn run_seen_key(run_id: &str) -> String {
     format!("aw:runseen:{{{run_id}}}")

@@ -111,7 +111,9 @@ impl RedisBroker {
                 .arg(1)
                 .query_async(&mut conn)
                 .await?;
-        if !meta.contains_key("epoch") {
+        let mirrored = self.mirror.report(name);
+        // A channel nobody published to has no keys; it exists while someone here watches it.
+        if !meta.contains_key("epoch") && mirrored.is_none() {
             return Ok(None);
         }
         let counts = counts_of(&meta);
@@ -122,7 +124,7 @@ impl RedisBroker {
             last_seq: field("last_seq"),
             first_retained_seq: first.first().and_then(|(id, _)| seq_of(id)),
             retained,
-            subscribers: self.mirror.report(name).map_or(0, |r| r.subscribers),
+            subscribers: mirrored.map_or(0, |r| r.subscribers),
             emitted: counts.emitted,
             delivered: counts.delivered,
             acked: counts.acked,

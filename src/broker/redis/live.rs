@@ -4,7 +4,14 @@
 //! every mirrored channel is read from its stream, so nothing published meanwhile is missed.
 //! Registrations go up to ingest as [`Announcement`]s through a bounded channel; when it is full
 //! the pub/sub reader waits (Redis buffers meanwhile), so none is dropped.
+//!
+//! The connection's subscriptions follow the attachments: every `broker.redis_reconcile_interval`
+//! the channels it is subscribed to are compared with the attached ones, the extra unsubscribed and
+//! the missing subscribed again (and read from their stream), each fix counted in
+//! `agentwire_redis_subscriptions_reconciled_total{action}`. A stale subscription would make Redis
+//! count its channel's events as offered (`expired_subscribed` instead of `expired_unseen`).
 
+use std::collections::HashSet;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
@@ -18,18 +25,45 @@ use super::RedisBroker;
 use super::keys::{Keys, REGISTERED};
 use super::registry::parse_target;
 use crate::broker::{Announcement, BrokerError};
-use crate::metrics::Metrics;
+use crate::metrics::{self, Label, Metrics};
 use crate::protocol::ChannelName;
+use crate::telemetry::Throttle;
 
 /// Announcements waiting for ingest.
 pub const ANNOUNCE_QUEUE: usize = 1024;
 
-/// What sessions ask of the pub/sub connection; handled in order, so an unsubscribe queued
-/// before a subscribe of the same channel never undoes it.
+/// What sessions ask of the pub/sub connection, handled in order.
 #[derive(Debug)]
 pub enum Command {
     Subscribe(ChannelName, oneshot::Sender<Result<(), BrokerError>>),
+    /// Sent when the last local subscription ends; done only if the channel is still not
+    /// attached when it is handled, so it never undoes a later subscribe, whatever the order.
     Unsubscribe(ChannelName),
+    /// Tests only: subscribes (`true`) or unsubscribes the connection behind the attachments'
+    /// back, which is what a lost command leaves, for reconciliation to repair.
+    #[doc(hidden)]
+    Stray(ChannelName, bool, oneshot::Sender<()>),
+}
+
+/// A subscription reconciliation fixed, counted in
+/// `agentwire_redis_subscriptions_reconciled_total{action}`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reconciled {
+    /// Subscribed to a channel nobody here watches: unsubscribed.
+    Unsubscribed,
+    /// Not subscribed to an attached channel: subscribed again and read from its stream.
+    Subscribed,
+}
+
+impl Label for Reconciled {
+    const ALL: &'static [Self] = &[Self::Unsubscribed, Self::Subscribed];
+
+    fn as_str(self) -> &'static str {
+        match self {
+            Self::Unsubscribed => "unsubscribed",
+            Self::Subscribed => "subscribed",
+        }
+    }
 }
 
 const ANSWER: Duration = Duration::from_secs(2);
@@ -67,6 +101,7 @@ pub async fn run(
     broker: &RedisBroker,
     mut commands: mpsc::Receiver<Command>,
     announce: mpsc::Sender<Announcement>,
+    metrics: &Metrics,
     stop: CancellationToken,
 ) {
     let mut backoff = Duration::from_millis(100);
@@ -75,9 +110,14 @@ pub async fn run(
             return;
         }
         match connect(broker, &announce, &stop).await {
-            Ok((sink, stream)) => {
+            Ok((sink, stream, subscribed)) => {
                 backoff = Duration::from_millis(100);
-                if serve(broker, &announce, sink, stream, &mut commands, &stop).await {
+                let link = Link {
+                    sink,
+                    subscribed,
+                    metrics,
+                };
+                if serve(broker, &announce, link, stream, &mut commands, &stop).await {
                     return;
                 }
                 tracing::warn!("Lost the Redis pub/sub connection; reconnecting.");
@@ -99,6 +139,9 @@ pub async fn run(
                         let _ = reply.send(Err(BrokerError::Unavailable("Redis pub/sub is reconnecting".into())));
                     }
                     Some(Command::Unsubscribe(_)) => {}
+                    Some(Command::Stray(_, _, done)) => {
+                        let _ = done.send(());
+                    }
                 },
             }
         }
@@ -112,7 +155,14 @@ async fn connect(
     broker: &RedisBroker,
     announce: &mpsc::Sender<Announcement>,
     stop: &CancellationToken,
-) -> Result<(redis::aio::PubSubSink, redis::aio::PubSubStream), BrokerError> {
+) -> Result<
+    (
+        redis::aio::PubSubSink,
+        redis::aio::PubSubStream,
+        HashSet<ChannelName>,
+    ),
+    BrokerError,
+> {
     let pubsub = timeout(ANSWER, broker.client.get_async_pubsub())
         .await
         .map_err(|_| BrokerError::Unavailable("connect timed out".into()))??;
@@ -137,44 +187,140 @@ async fn connect(
         _ = stop.cancelled() => {}
         _ = announce.send(Announcement::Resync) => {}
     }
-    Ok((sink, stream))
+    Ok((sink, stream, attached.into_iter().collect()))
+}
+
+/// The pub/sub connection's command side: the sink and the channels it is subscribed to.
+struct Link<'a> {
+    sink: redis::aio::PubSubSink,
+    subscribed: HashSet<ChannelName>,
+    metrics: &'a Metrics,
+}
+
+impl Link<'_> {
+    async fn subscribe(&mut self, name: &ChannelName) -> bool {
+        let done = matches!(
+            timeout(ANSWER, self.sink.subscribe(Keys::of(name).live)).await,
+            Ok(Ok(()))
+        );
+        if done {
+            self.subscribed.insert(name.clone());
+        }
+        done
+    }
+
+    async fn unsubscribe(&mut self, name: &ChannelName) -> bool {
+        let done = matches!(
+            timeout(ANSWER, self.sink.unsubscribe(Keys::of(name).live)).await,
+            Ok(Ok(()))
+        );
+        if done {
+            self.subscribed.remove(name);
+        }
+        done
+    }
+
+    /// Handles one command; `false` when the link failed.
+    async fn apply(&mut self, broker: &RedisBroker, command: Command) -> bool {
+        match command {
+            Command::Subscribe(name, reply) => {
+                let ok = self.subscribe(&name).await;
+                let _ = reply.send(if ok {
+                    Ok(())
+                } else {
+                    Err(BrokerError::Unavailable("pub/sub subscribe failed".into()))
+                });
+                ok
+            }
+            // Attached again since: its subscribe came (or comes) after this, and must hold.
+            Command::Unsubscribe(name) if broker.is_attached(&name) => true,
+            Command::Unsubscribe(name) => self.unsubscribe(&name).await,
+            Command::Stray(name, subscribe, done) => {
+                let ok = match subscribe {
+                    true => self.subscribe(&name).await,
+                    false => self.unsubscribe(&name).await,
+                };
+                let _ = done.send(());
+                ok
+            }
+        }
+    }
+
+    /// Makes the subscriptions match the attachments; `false` when the link failed.
+    async fn reconcile(
+        &mut self,
+        broker: &RedisBroker,
+        commands: &mut mpsc::Receiver<Command>,
+    ) -> bool {
+        // Commands already queued go first: a channel attached or released a moment ago is on
+        // its way, not a discrepancy.
+        while let Ok(command) = commands.try_recv() {
+            if !self.apply(broker, command).await {
+                return false;
+            }
+        }
+        // A channel still attaching may not be subscribed yet; one attached at all is not extra.
+        let (attached, loaded) = broker.attached_and_loaded();
+        let extra: Vec<ChannelName> = self.subscribed.difference(&attached).cloned().collect();
+        let missing: Vec<ChannelName> = loaded.difference(&self.subscribed).cloned().collect();
+        for name in extra {
+            if !self.unsubscribe(&name).await {
+                return false;
+            }
+            self.fixed(Reconciled::Unsubscribed, &name);
+        }
+        for name in missing {
+            if !self.subscribe(&name).await {
+                return false;
+            }
+            self.fixed(Reconciled::Subscribed, &name);
+            // Whatever was published while it was not subscribed.
+            if let Err(error) = broker.resync(&name).await {
+                tracing::warn!(%error, channel = %name, "Cannot read the channel's stream after resubscribing.");
+            }
+        }
+        true
+    }
+
+    fn fixed(&self, action: Reconciled, name: &ChannelName) {
+        static FIXED: Throttle = Throttle::every(Duration::from_secs(10));
+        metrics::count(&self.metrics.redis_subscriptions_reconciled, action);
+        if let Some(held_back) = FIXED.allow() {
+            tracing::warn!(action = action.as_str(), channel = %name, held_back, "The pub/sub subscriptions did not match the watched channels; fixed.");
+        }
+    }
 }
 
 /// Serves commands and messages; `true` when the gateway is stopping, `false` on a lost link.
 async fn serve(
     broker: &RedisBroker,
     announce: &mpsc::Sender<Announcement>,
-    mut sink: redis::aio::PubSubSink,
+    mut link: Link<'_>,
     mut stream: redis::aio::PubSubStream,
     commands: &mut mpsc::Receiver<Command>,
     stop: &CancellationToken,
 ) -> bool {
     // A half-open connection delivers nothing and reports no error: ping it.
     let mut ping = tokio::time::interval(Duration::from_secs(1));
+    let every = broker.config.redis_reconcile_interval;
+    let mut reconcile = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
     loop {
         tokio::select! {
             _ = stop.cancelled() => return true,
             _ = ping.tick() => {
-                if !matches!(timeout(ANSWER, sink.ping::<redis::Value>()).await, Ok(Ok(_))) {
+                if !matches!(timeout(ANSWER, link.sink.ping::<redis::Value>()).await, Ok(Ok(_))) {
+                    return false;
+                }
+            }
+            _ = reconcile.tick() => {
+                if !link.reconcile(broker, commands).await {
                     return false;
                 }
             }
             command = commands.recv() => match command {
                 None => return true,
-                Some(Command::Subscribe(name, reply)) => {
-                    let subscribed = timeout(ANSWER, sink.subscribe(Keys::of(&name).live)).await;
-                    let ok = matches!(subscribed, Ok(Ok(())));
-                    let _ = reply.send(if ok {
-                        Ok(())
-                    } else {
-                        Err(BrokerError::Unavailable("pub/sub subscribe failed".into()))
-                    });
-                    if !ok {
-                        return false;
-                    }
-                }
-                Some(Command::Unsubscribe(name)) => {
-                    if !matches!(timeout(ANSWER, sink.unsubscribe(Keys::of(&name).live)).await, Ok(Ok(()))) {
+                Some(command) => {
+                    if !link.apply(broker, command).await {
                         return false;
                     }
                 }

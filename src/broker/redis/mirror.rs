@@ -2,12 +2,12 @@
 //! local subscriber attaches a channel (pub/sub first, then the stream, merged by seq), the last one
 //! detaches it; live messages and resyncs after a gap keep the mirror in seq order.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, MutexGuard};
 
 use bytes::Bytes;
-use tokio::sync::OnceCell;
+use tokio::sync::{OnceCell, mpsc};
 
 use super::keys::{Entry, Keys, sequenced};
 use super::publish::new_epoch;
@@ -55,6 +55,37 @@ impl RedisBroker {
         self.attachments().keys().cloned().collect()
     }
 
+    pub(super) fn is_attached(&self, name: &ChannelName) -> bool {
+        self.attachments().contains_key(name)
+    }
+
+    /// The channels attached now, and those of them whose first load is done (their pub/sub
+    /// subscription was confirmed).
+    pub(super) fn attached_and_loaded(&self) -> (HashSet<ChannelName>, HashSet<ChannelName>) {
+        let attachments = self.attachments();
+        let loaded = attachments
+            .iter()
+            .filter(|(_, attachment)| attachment.ready.initialized())
+            .map(|(name, _)| name.clone())
+            .collect();
+        (attachments.keys().cloned().collect(), loaded)
+    }
+
+    /// Tests only: subscribes (`true`) or unsubscribes the pub/sub connection to `name` without
+    /// touching the attachments, as a lost command would; reconciliation is to repair it.
+    #[doc(hidden)]
+    pub async fn stray_subscription(&self, name: &ChannelName, subscribe: bool) {
+        let (done, handled) = tokio::sync::oneshot::channel();
+        if self
+            .live
+            .send(live::Command::Stray(name.clone(), subscribe, done))
+            .await
+            .is_ok()
+        {
+            let _ = handled.await;
+        }
+    }
+
     /// Subscribes a local connection: the first one here attaches the channel (pub/sub first,
     /// then the stream, merged by seq), later ones join the mirror at once.
     pub async fn subscribe(
@@ -75,12 +106,12 @@ impl RedisBroker {
             Arc::clone(&attachment.ready)
         };
         if let Err(error) = ready.get_or_try_init(|| self.attach(name)).await {
-            self.release(name);
+            self.release(name).await;
             return Err(error);
         }
         let subscribed = self.mirror.subscribe(name, since, outbox);
         if subscribed.is_none() {
-            self.release(name);
+            self.release(name).await;
         }
         Ok(subscribed)
     }
@@ -111,26 +142,35 @@ impl RedisBroker {
         Ok(())
     }
 
-    /// One local subscription fewer; the last one detaches the channel.
-    pub(super) fn release(&self, name: &ChannelName) {
-        let mut attachments = self.attachments();
-        let Some(attachment) = attachments.get_mut(name) else {
-            return;
-        };
-        attachment.users -= 1;
-        if attachment.users == 0 {
+    /// One local subscription fewer; the last one detaches the channel and unsubscribes the
+    /// pub/sub connection from it. That command is never dropped: when the queue is full it waits
+    /// for room (a stale subscription would count the channel's events as offered to someone).
+    pub(super) async fn release(&self, name: &ChannelName) {
+        let waiting = {
+            let mut attachments = self.attachments();
+            let Some(attachment) = attachments.get_mut(name) else {
+                return;
+            };
+            attachment.users -= 1;
+            if attachment.users > 0 {
+                return;
+            }
             attachments.remove(name);
             self.mirror.detach(name);
-            // Queued behind any earlier subscribe, so the order on the pub/sub connection holds.
-            // A full queue leaves a stale subscription, whose messages the mirror ignores.
-            let _ = self.live.try_send(live::Command::Unsubscribe(name.clone()));
-        }
+            match self.live.try_send(live::Command::Unsubscribe(name.clone())) {
+                Err(mpsc::error::TrySendError::Full(command)) => command,
+                // Queued, or the pub/sub task has stopped (and its connection with it).
+                Ok(()) | Err(mpsc::error::TrySendError::Closed(_)) => return,
+            }
+        };
+        // Out of order is harmless: the task unsubscribes only a channel still not attached.
+        let _ = self.live.send(waiting).await;
     }
 
-    pub fn unsubscribe(&self, name: &ChannelName, outbox: &Arc<Outbox>) -> bool {
+    pub async fn unsubscribe(&self, name: &ChannelName, outbox: &Arc<Outbox>) -> bool {
         let removed = self.mirror.unsubscribe(name, outbox);
         if removed {
-            self.release(name);
+            self.release(name).await;
         }
         removed
     }
@@ -147,29 +187,48 @@ impl RedisBroker {
         Ok(newly)
     }
 
-    /// The channel's epoch, last seq and entries from `from` on, read atomically.
+    /// The channel's epoch, last seq and entries from `from` on, read atomically. A channel
+    /// nobody published to has epoch `""`: reading it writes nothing. When Redis no longer holds
+    /// what this replica saw (the channel is gone, or its last seq went back), the channel gets a
+    /// new epoch first (`renew.lua`) and is read again from its start.
     pub(crate) async fn snapshot(
         &self,
         name: &ChannelName,
         from: u64,
     ) -> Result<Snapshot, BrokerError> {
+        let seen = self.mirror.position(name);
+        let snapshot = self.read(name, from).await?;
+        let Some((seen_epoch, seen_last)) = seen else {
+            return Ok(snapshot);
+        };
+        let lost = snapshot.epoch.is_empty()
+            || (snapshot.epoch == seen_epoch && snapshot.last_seq < seen_last);
+        if seen_epoch.is_empty() || !lost {
+            return Ok(snapshot);
+        }
+        let _epoch: String = self
+            .scripts
+            .renew
+            .key(Keys::of(name).meta)
+            .arg(&*seen_epoch)
+            .arg(seen_last)
+            .arg(new_epoch())
+            .arg(self.history.max_age.as_millis() as u64)
+            .invoke_async(&mut self.conn())
+            .await?;
+        self.read(name, 1).await
+    }
+
+    /// One read of the channel (`snapshot.lua`, read-only).
+    async fn read(&self, name: &ChannelName, from: u64) -> Result<Snapshot, BrokerError> {
         let keys = Keys::of(name);
-        let (seen_epoch, seen_last) = self
-            .mirror
-            .position(name)
-            .unwrap_or_else(|| (Arc::from(""), 0));
-        let mut conn = self.conn();
         let (epoch, last_seq, entries): (String, u64, Vec<Entry>) = self
             .scripts
             .snapshot
             .key(&keys.log)
             .key(&keys.meta)
             .arg(from)
-            .arg(new_epoch())
-            .arg(self.history.max_age.as_millis() as u64)
-            .arg(&*seen_epoch)
-            .arg(seen_last)
-            .invoke_async(&mut conn)
+            .invoke_async(&mut self.conn())
             .await?;
         let events = entries
             .into_iter()
@@ -200,7 +259,7 @@ impl RedisBroker {
             .position(name)
             .is_some_and(|(epoch, _)| epoch != snapshot.epoch)
         {
-            snapshot = self.snapshot(name, 1).await?;
+            snapshot = self.read(name, 1).await?;
         }
         self.mirror.merge(name, snapshot);
         Ok(())

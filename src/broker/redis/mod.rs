@@ -44,9 +44,12 @@ use crate::fanout::Delivered;
 use crate::metrics::Metrics;
 use crate::protocol::ChannelName;
 
+pub use live::Reconciled;
+pub use registry::Registration;
 pub use reports::Report;
 
-/// Pub/sub subscribe and unsubscribe requests waiting for the pub/sub task.
+/// Pub/sub subscribe and unsubscribe requests waiting for the pub/sub task (a full queue makes
+/// the sender wait).
 const LIVE_QUEUE: usize = 4096;
 /// Delivery and ack reports waiting to be written to Redis; past this a report is dropped
 /// (counted in `agentwire_broker_errors_total`) and the event stays pending in the ledger.
@@ -55,22 +58,35 @@ const REPORT_QUEUE: usize = 65_536;
 struct Scripts {
     publish: Script,
     snapshot: Script,
+    renew: Script,
     deliver: Script,
     ack: Script,
     sweep: Script,
     unindex: Script,
+    register: Script,
+}
+
+/// `script` with the `trim` function of `trim.lua` after its first line: the shebang that
+/// declares its flags must stay the first line.
+fn with_trim(script: &str) -> String {
+    let (shebang, body) = script.split_once('\n').unwrap_or((script, ""));
+    format!("{shebang}\n{}\n{body}", include_str!("trim.lua"))
 }
 
 impl Scripts {
+    /// Every script declares its flags (Redis 7: `#!lua flags=…`): without them Redis checks
+    /// `maxmemory` only at a script's first memory-growing write, and not at all after any write
+    /// before it, so a full Redis could take a publish half-way and go far past `maxmemory`.
     fn new() -> Self {
-        let trim = include_str!("trim.lua");
         Self {
-            publish: Script::new(&format!("{trim}\n{}", include_str!("publish.lua"))),
+            publish: Script::new(&with_trim(include_str!("publish.lua"))),
             snapshot: Script::new(include_str!("snapshot.lua")),
+            renew: Script::new(include_str!("renew.lua")),
             deliver: Script::new(include_str!("deliver.lua")),
             ack: Script::new(include_str!("ack.lua")),
-            sweep: Script::new(&format!("{trim}\n{}", include_str!("sweep.lua"))),
+            sweep: Script::new(&with_trim(include_str!("sweep.lua"))),
             unindex: Script::new(include_str!("unindex.lua")),
+            register: Script::new(include_str!("register.lua")),
         }
     }
 }
@@ -84,6 +100,8 @@ pub struct RedisBroker {
     dedupe_window: Duration,
     dedupe_capacity: usize,
     registry_ttl: Duration,
+    /// `resolve.registry_capacity`: live registrations the shared registry holds at most.
+    registry_capacity: usize,
     /// `broker.*`: the ingest stream and its group, the HLink stream and its length bound.
     config: BrokerConfig,
     /// `ingest.max_event_bytes`, for events read from the ingest stream.
@@ -140,6 +158,7 @@ impl RedisBroker {
             dedupe_window: config.ingest.dedupe_window,
             dedupe_capacity: config.ingest.dedupe_capacity,
             registry_ttl: config.resolve.registry_ttl,
+            registry_capacity: config.resolve.registry_capacity,
             config: config.broker.clone(),
             max_event_bytes: config.ingest.max_event_bytes,
             attachments: Mutex::default(),
@@ -196,10 +215,10 @@ pub fn start(
         }
     });
     if let Some(commands) = take(&redis.live_commands) {
-        let (b, s) = (with(broker), stop.clone());
+        let (b, m, s) = (with(broker), Arc::clone(&metrics), stop.clone());
         tracker.spawn(async move {
             if let Broker::Redis(redis) = &*b {
-                live::run(redis, commands, announce, s).await;
+                live::run(redis, commands, announce, &m, s).await;
             }
         });
     }

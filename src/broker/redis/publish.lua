@@ -1,3 +1,6 @@
+#!lua
+-- Declared (a shebang, no allow-oom), so Redis checks maxmemory before the script runs: at
+-- maxmemory it is refused whole (OOM) instead of stopping between its writes.
 -- Sequences one event into its channel, atomically: dedupe by the given ids, the next seq, the
 -- stream entry <seq>-0, the ledger counts, the live PUBLISH and the trim.
 -- KEYS: log, meta, seen, delivered, offered

@@ -1,4 +1,5 @@
-//! Runs across replicas: the shared registry (`aw:run:{run}`, announced on `aw:registered`), each
+//! Runs across replicas: the shared registry (`aw:{runs}:target` and `aw:{runs}:expiry`, bounded
+//! by `resolve.registry_ttl` and `resolve.registry_capacity`, announced on `aw:registered`), each
 //! run's last activity (`aw:runseen:{run}`), and the claim that lets one replica report a stall.
 
 use std::collections::HashMap;
@@ -7,7 +8,7 @@ use std::time::Duration;
 use redis::AsyncCommands;
 
 use super::RedisBroker;
-use super::keys::{REGISTERED, run_key, run_seen_key};
+use super::keys::{REGISTERED, RUN_EXPIRY, RUN_TARGETS, run_seen_key};
 use crate::broker::{Activity, BrokerError, now_ms};
 use crate::protocol::run::RunTarget;
 
@@ -21,51 +22,73 @@ pub fn parse_target(value: &str) -> Option<RunTarget> {
     })
 }
 
+/// What became of a registration in the shared registry.
+pub enum Registration {
+    /// Registered now, or the same registration again (it lives on from now).
+    Done,
+    /// The run is registered to another channel: that registration.
+    Taken(RunTarget),
+    /// The registry holds `resolve.registry_capacity` live registrations.
+    Full,
+}
+
 impl RedisBroker {
-    /// Records a run's target in the shared registry and tells every replica.
     /// Records a run's target in the shared registry and tells every replica. A run registered
-    /// to another channel is left as it is: its target is returned instead (`SET NX GET`, one
-    /// step, so two replicas cannot both win).
+    /// to another channel is left as it is (its target is returned), and a new run is refused
+    /// while the registry is full; both decided in one script, so two replicas cannot both win.
     pub async fn register(
         &self,
         run_id: &str,
         target: &RunTarget,
-    ) -> Result<Option<RunTarget>, BrokerError> {
-        let value = serde_json::json!({"thread_id": target.thread_id, "user_id": target.user_id})
-            .to_string();
-        let ttl = self.registry_ttl.as_millis() as u64;
+    ) -> Result<Registration, BrokerError> {
+        let channel = target
+            .channel()
+            .map(|c| c.as_str().to_string())
+            .unwrap_or_default();
+        let value = serde_json::json!({
+            "thread_id": target.thread_id,
+            "user_id": target.user_id,
+            "channel": channel,
+        })
+        .to_string();
         let mut conn = self.conn();
-        let existing: Option<String> = conn
-            .set_options(
-                run_key(run_id),
-                &value,
-                redis::SetOptions::default()
-                    .conditional_set(redis::ExistenceCheck::NX)
-                    .get(true)
-                    .with_expiration(redis::SetExpiry::PX(ttl)),
-            )
+        let (status, existing): (u8, String) = self
+            .scripts
+            .register
+            .key(RUN_TARGETS)
+            .key(RUN_EXPIRY)
+            .arg(run_id)
+            .arg(&value)
+            .arg(&channel)
+            .arg(now_ms())
+            .arg(self.registry_ttl.as_millis() as u64)
+            .arg(self.registry_capacity)
+            .invoke_async(&mut conn)
             .await?;
-        if let Some(existing) = existing.as_deref().and_then(parse_target)
-            && existing.channel() != target.channel()
-        {
-            return Ok(Some(existing));
+        match status {
+            0 => {
+                return Ok(parse_target(&existing).map_or(Registration::Full, Registration::Taken));
+            }
+            2 => return Ok(Registration::Full),
+            _ => {}
         }
-        let mut pipe = redis::pipe();
-        if existing.is_some() {
-            // The same registration again: it lives on from now.
-            pipe.pexpire(run_key(run_id), ttl as i64).ignore();
-        }
-        let () = pipe
+        let () = conn
             .publish(REGISTERED, format!("{run_id}\n{value}"))
-            .ignore()
-            .query_async(&mut conn)
             .await?;
-        Ok(None)
+        Ok(Registration::Done)
     }
 
     /// The registered target of a run, if any replica registered it within the TTL.
     pub async fn registered(&self, run_id: &str) -> Result<Option<RunTarget>, BrokerError> {
-        let value: Option<String> = self.conn().get(run_key(run_id)).await?;
+        let (value, until): (Option<String>, Option<f64>) = redis::pipe()
+            .hget(RUN_TARGETS, run_id)
+            .zscore(RUN_EXPIRY, run_id)
+            .query_async(&mut self.conn())
+            .await?;
+        // An expired registration stays until a later registration removes it.
+        if until.is_none_or(|until| until <= now_ms() as f64) {
+            return Ok(None);
+        }
         Ok(value.as_deref().and_then(parse_target))
     }
 

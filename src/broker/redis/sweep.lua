@@ -1,3 +1,6 @@
+#!lua flags=allow-oom
+-- Runs at maxmemory too: it only removes entries (and moves counters of existing channels), and it
+-- is how idle history leaves a Redis that is full, so publishes can be taken again.
 -- Trims a channel by age; once its stream is empty, its keys expire after retire_ms unless an
 -- event arrives (a later resume then sees a new epoch: recovered false).
 -- KEYS: log, meta, delivered, offered, seen   ARGV: max_events, min_t, retire_ms

@@ -277,7 +277,9 @@ fn not_routed(path: &str, method: &Method, door: Door) -> Response<Body> {
 /// A broker error, by whose fault: Redis unavailable (503, retry) or ours (500).
 fn broker_error(gateway: &Gateway, failure: &BrokerError) -> Response<Body> {
     match failure {
-        BrokerError::Unavailable(_) => broker_unavailable(gateway, &failure.to_string()),
+        BrokerError::Unavailable(_) | BrokerError::Refused(..) => {
+            broker_unavailable(gateway, &failure.to_string())
+        }
         BrokerError::Internal(_) => {
             gateway.metrics.broker_errors.inc();
             error(

@@ -1,0 +1,20 @@
+#!lua
+-- A new epoch for a channel a replica mirrored under seen_epoch when Redis no longer holds what it
+-- saw: the channel's keys are gone (Redis restarted without persistence, or retired the channel) or
+-- its last_seq went back (a failover lost the latest writes). No seq is ever reused in one epoch,
+-- and the subscribers are told, in the epoch the next event will carry, that they did not recover.
+-- Only called for a channel that had an epoch, so a channel nobody published to still gets no key;
+-- a renewed channel without events expires after retire_ms. Returns the channel's epoch now.
+-- KEYS: meta   ARGV: seen_epoch, seen_last_seq, new_epoch, retire_ms
+local epoch = redis.call('HGET', KEYS[1], 'epoch')
+if not epoch then
+  redis.call('HSET', KEYS[1], 'epoch', ARGV[3], 'last_seq', 0)
+  redis.call('PEXPIRE', KEYS[1], ARGV[4])
+  return ARGV[3]
+end
+if epoch == ARGV[1]
+    and tonumber(redis.call('HGET', KEYS[1], 'last_seq') or '0') < tonumber(ARGV[2]) then
+  redis.call('HSET', KEYS[1], 'epoch', ARGV[3])
+  return ARGV[3]
+end
+return epoch

@@ -15,7 +15,7 @@ use std::time::SystemTime;
 
 use serde::Serialize;
 
-use crate::protocol::event::Event;
+use crate::protocol::packed::PackedEvent;
 
 /// A dead letter's id: a counter in this process, or the entry id of the shared Redis stream.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -35,7 +35,8 @@ pub struct Entry {
     pub run_id: String,
     pub reason: String,
     pub lost_at: SystemTime,
-    pub event: Event,
+    /// Kept as its JSON text: a letter weighs what the producer sent.
+    pub event: PackedEvent,
 }
 
 impl Entry {
@@ -44,10 +45,10 @@ impl Entry {
             id: self.id.clone(),
             run_id: self.run_id.clone(),
             kind: self.event.kind.as_str(),
-            event_id: self.event.event_id.clone(),
+            event_id: self.event.event_id.as_deref().map(str::to_string),
             reason: self.reason.clone(),
             lost_at: humantime::format_rfc3339_millis(self.lost_at).to_string(),
-            event: self.event.to_json(),
+            event: self.event.raw_json(),
         }
     }
 }
@@ -62,5 +63,19 @@ pub struct EntryReport {
     pub event_id: Option<String>,
     pub reason: String,
     pub lost_at: String,
-    pub event: serde_json::Value,
+    pub event: Box<serde_json::value::RawValue>,
 }
+
+/// One page of `GET /v1/deadletter`: at most the asked number of letters after a given id,
+/// and the id to ask the next page after (`None` on the last page).
+#[derive(Debug, Serialize)]
+pub struct Page {
+    /// Letters kept in all.
+    pub total: usize,
+    pub events: Vec<EntryReport>,
+    pub next: Option<LetterId>,
+}
+
+/// Letters per page when the request does not say, and at most.
+pub const PAGE_DEFAULT: usize = 100;
+pub const PAGE_MAX: usize = 100;

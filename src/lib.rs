@@ -76,6 +76,7 @@ impl Gateway {
         let broker = Broker::new(&config)?;
         let metrics = Metrics::new();
         metrics::export::<watchdog::Violation>(&metrics.lifecycle_violations);
+        metrics::export::<resolve::PendingFull>(&metrics.pending_refused);
         metrics::export::<auth::Refusal>(&metrics.auth_refused);
         metrics::export::<auth::ApiRefusal>(&metrics.api_refused);
         metrics::export::<auth::Decision>(&metrics.subscribe_webhook);

@@ -41,6 +41,7 @@ pub struct Scraped {
     /// The broker's balanced sum of every channel's ledger.
     pub totals: Totals,
     pub pending_resolution: usize,
+    pub pending_resolution_bytes: usize,
     pub deadletters: usize,
     /// Bytes all channels' history holds, and the events `history.max_bytes` evicted.
     pub history: (usize, u64),
@@ -88,6 +89,9 @@ pub struct Metrics {
     deadletter_events: IntGauge,
     history_bytes: IntGauge,
     history_evicted: IntCounter,
+    pub deadletters_dropped: IntCounter,
+    pending_resolution_bytes: IntGauge,
+    pub pending_refused: IntCounterVec,
     pub events_redriven: IntCounter,
     pub events_generated: IntCounter,
     pub accept_errors: IntCounterVec,
@@ -308,6 +312,22 @@ impl Metrics {
                 "agentwire_deadletter_events",
                 "Unresolved events kept for GET /v1/deadletter and redrive.",
             ),
+            deadletters_dropped: counter(
+                r,
+                "agentwire_deadletters_dropped_total",
+                "Dead letters dropped, oldest first, because the kept ones reached deadletter.capacity or deadletter.max_bytes (embedded broker).",
+            ),
+            pending_resolution_bytes: gauge(
+                r,
+                "agentwire_events_pending_resolution_bytes",
+                "Bytes the events waiting for their run's registration weigh (resolve.max_pending_bytes).",
+            ),
+            pending_refused: counter_vec(
+                r,
+                "agentwire_pending_refused_total",
+                "Events that could not wait for their run's registration, by the budget that had no room (they are dead-lettered at once and counted lost unresolved).",
+                "reason",
+            ),
             history_bytes: gauge(
                 r,
                 "agentwire_history_bytes",
@@ -403,6 +423,7 @@ impl Metrics {
         let Scraped {
             totals,
             pending_resolution,
+            pending_resolution_bytes,
             deadletters,
             history,
         } = state();
@@ -410,6 +431,8 @@ impl Metrics {
         self.events_pending_resolution
             .set(to_i64(pending_resolution as u64));
         self.deadletter_events.set(to_i64(deadletters as u64));
+        self.pending_resolution_bytes
+            .set(to_i64(pending_resolution_bytes as u64));
         self.history_bytes.set(to_i64(history.0 as u64));
         raise(&self.history_evicted, history.1);
         raise(&self.events_emitted, totals.emitted);

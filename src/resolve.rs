@@ -3,6 +3,11 @@
 //! `thread_<thread_id>_run_<suffix>`; `user_id`. An event that resolves to nothing waits in a
 //! bounded pending set for `resolve.grace`; a late registration releases it, in arrival order.
 //! A run_id is never used as a channel.
+//!
+//! The pending set keeps events packed (their JSON text), within `resolve.max_pending` events and
+//! `resolve.max_pending_bytes`, and one run or one producer key holds at most its share of both
+//! (`resolve.run_share_percent`, `resolve.producer_share_percent`), so a flood of unknown runs from
+//! one producer cannot push another producer's early events out.
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -10,8 +15,10 @@ use std::sync::{Mutex, MutexGuard};
 use std::time::Instant;
 
 use crate::config::ResolveConfig;
+use crate::metrics::Label;
 use crate::protocol::ChannelName;
 use crate::protocol::event::Event;
+use crate::protocol::packed::PackedEvent;
 use crate::protocol::run::RunTarget;
 
 /// The thread id inside a standard run id `thread_<thread_id>_run_<suffix>`. The thread id ends
@@ -26,7 +33,38 @@ pub fn thread_of_standard_run_id(run_id: &str) -> Option<&str> {
 #[derive(Debug)]
 pub struct Held {
     pub run_id: String,
-    pub events: Vec<Event>,
+    pub events: Vec<PackedEvent>,
+}
+
+/// One run's events in the pending set, with what they weigh.
+struct Waiting {
+    since: Instant,
+    events: Vec<PackedEvent>,
+    bytes: usize,
+}
+
+/// Which budget of the pending set had no room for an event, counted in
+/// `agentwire_pending_refused_total{reason}`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PendingFull {
+    /// `resolve.max_pending` or `resolve.max_pending_bytes`.
+    Set,
+    /// The run holds `resolve.run_share_percent` of either.
+    RunShare,
+    /// The producer key holds `resolve.producer_share_percent` of either.
+    ProducerShare,
+}
+
+impl Label for PendingFull {
+    const ALL: &'static [Self] = &[Self::Set, Self::RunShare, Self::ProducerShare];
+
+    fn as_str(self) -> &'static str {
+        match self {
+            Self::Set => "full",
+            Self::RunShare => "run_share",
+            Self::ProducerShare => "producer_share",
+        }
+    }
 }
 
 /// Registry and pending set share one lock, so that a registration and a hold can never miss each
@@ -46,13 +84,33 @@ struct State {
     runs: HashMap<String, (RunTarget, Instant)>,
     /// Registration order, for expiry and the capacity bound (entries may be stale).
     order: VecDeque<(String, Instant)>,
-    pending: HashMap<String, (Instant, Vec<Event>)>,
+    pending: HashMap<String, Waiting>,
     pending_count: usize,
+    pending_bytes: usize,
+    /// What each producer key (`None`: posted without one) holds of the pending set: events, bytes.
+    producers: HashMap<Option<Box<str>>, (usize, usize)>,
     /// Runs whose held events are being published outside the lock.
     releasing: HashSet<String>,
 }
 
 impl State {
+    /// Takes a run's events out of the pending set, with their share of every count.
+    fn take(&mut self, run_id: &str) -> Option<Vec<PackedEvent>> {
+        let waiting = self.pending.remove(run_id)?;
+        self.pending_count -= waiting.events.len();
+        self.pending_bytes -= waiting.bytes;
+        for event in &waiting.events {
+            if let Some(usage) = self.producers.get_mut(&event.producer) {
+                usage.0 -= 1;
+                usage.1 -= event.weight();
+                if usage.0 == 0 {
+                    self.producers.remove(&event.producer);
+                }
+            }
+        }
+        Some(waiting.events)
+    }
+
     fn registered(
         &self,
         run_id: &str,
@@ -94,10 +152,17 @@ pub enum Unregistrable {
 
 /// An event [`Resolver::hold`] did not keep.
 #[derive(Debug)]
-pub struct NotHeld {
-    pub event: Box<Event>,
-    /// `Some` when its run was registered meanwhile: publish it there. `None`: the set is full.
-    pub channel: Option<ChannelName>,
+pub enum NotHeld {
+    /// Its run was registered meanwhile: publish it there.
+    Registered {
+        event: Box<Event>,
+        channel: ChannelName,
+    },
+    /// A budget of the pending set has no room for it (or it names no run to wait for).
+    Full {
+        event: Box<Event>,
+        full: PendingFull,
+    },
 }
 
 impl Resolver {
@@ -142,55 +207,86 @@ impl Resolver {
         if !state.releasing.contains(&run_id) {
             return Err(Box::new(event));
         }
-        self.keep(&mut state, run_id, event);
+        // Published as soon as the release reaches it: within the counts, but never refused, or
+        // it would overtake the events before it.
+        self.keep(&mut state, run_id, PackedEvent::pack(&event));
         Ok(())
     }
 
     /// Adds an event to its run's held events (lock held).
-    fn keep(&self, state: &mut State, run_id: String, event: Event) {
+    fn keep(&self, state: &mut State, run_id: String, event: PackedEvent) {
+        let weight = event.weight();
         state.pending_count += 1;
-        state
-            .pending
-            .entry(run_id)
-            .or_insert_with(|| (Instant::now(), Vec::new()))
-            .1
-            .push(event);
+        state.pending_bytes += weight;
+        let usage = state.producers.entry(event.producer.clone()).or_default();
+        usage.0 += 1;
+        usage.1 += weight;
+        let waiting = state.pending.entry(run_id).or_insert_with(|| Waiting {
+            since: Instant::now(),
+            events: Vec::new(),
+            bytes: 0,
+        });
+        waiting.bytes += weight;
+        waiting.events.push(event);
         self.count_waiting(state);
+    }
+
+    /// Which budget has no room for `event` of `run_id`, if any (lock held).
+    fn full(&self, state: &State, run_id: &str, event: &PackedEvent) -> Option<PendingFull> {
+        let config = &self.config;
+        let weight = event.weight();
+        let fits = |(count, bytes): (usize, usize), percent: u32| {
+            let share = |total: usize| (total as u128 * u128::from(percent) / 100) as usize;
+            count < share(config.max_pending).max(1)
+                && bytes + weight <= share(config.max_pending_bytes)
+        };
+        if !fits((state.pending_count, state.pending_bytes), 100) {
+            return Some(PendingFull::Set);
+        }
+        let run = state
+            .pending
+            .get(run_id)
+            .map_or((0, 0), |waiting| (waiting.events.len(), waiting.bytes));
+        if !fits(run, config.run_share_percent) {
+            return Some(PendingFull::RunShare);
+        }
+        let producer = state
+            .producers
+            .get(&event.producer)
+            .copied()
+            .unwrap_or_default();
+        if !fits(producer, config.producer_share_percent) {
+            return Some(PendingFull::ProducerShare);
+        }
+        None
     }
 
     /// Records the run and takes its held events to publish (with the lock released, since a
     /// publish may await Redis), in one critical section. Until [`Self::continue_release`] finds
     /// none left, later events of the run are held behind them. A run already being released
     /// gives nothing: the loop that releases it takes what waits.
-    pub fn begin_release(&self, run_id: &str, target: RunTarget) -> Vec<Event> {
+    pub fn begin_release(&self, run_id: &str, target: RunTarget) -> Vec<PackedEvent> {
         let channel = target.channel();
         let mut state = self.state();
         self.record(&mut state, run_id, target);
         if channel.is_none() || state.releasing.contains(run_id) {
             return Vec::new();
         }
-        let Some((_, events)) = state.pending.remove(run_id) else {
+        let Some(events) = state.take(run_id) else {
             return Vec::new();
         };
-        state.pending_count -= events.len();
         state.releasing.insert(run_id.to_string());
         self.count_waiting(&state);
         events
     }
 
     /// The events held behind a release meanwhile; none ends the release.
-    pub fn continue_release(&self, run_id: &str) -> Vec<Event> {
+    pub fn continue_release(&self, run_id: &str) -> Vec<PackedEvent> {
         let mut state = self.state();
-        let events = match state.pending.remove(run_id) {
-            Some((_, events)) => {
-                state.pending_count -= events.len();
-                events
-            }
-            None => {
-                state.releasing.remove(run_id);
-                Vec::new()
-            }
-        };
+        let events = state.take(run_id).unwrap_or_else(|| {
+            state.releasing.remove(run_id);
+            Vec::new()
+        });
         self.count_waiting(&state);
         events
     }
@@ -257,29 +353,31 @@ impl Resolver {
     /// they are being released.
     pub fn hold(&self, event: Event) -> Result<(), NotHeld> {
         let Some(run_id) = event.run_id.clone() else {
-            return Err(NotHeld {
+            return Err(NotHeld::Full {
                 event: Box::new(event),
-                channel: None,
+                full: PendingFull::Set,
             });
         };
+        // Packed before the lock is taken: only the counts change under it.
+        let packed = PackedEvent::pack(&event);
         let mut state = self.state();
         if state.releasing.contains(&run_id) {
-            self.keep(&mut state, run_id, event);
+            self.keep(&mut state, run_id, packed);
             return Ok(());
         }
         if let Some(channel) = state.registered(&run_id, self.config.registry_ttl, Instant::now()) {
-            return Err(NotHeld {
+            return Err(NotHeld::Registered {
                 event: Box::new(event),
-                channel: Some(channel),
+                channel,
             });
         }
-        if state.pending_count >= self.config.max_pending {
-            return Err(NotHeld {
+        if let Some(full) = self.full(&state, &run_id, &packed) {
+            return Err(NotHeld::Full {
                 event: Box::new(event),
-                channel: None,
+                full,
             });
         }
-        self.keep(&mut state, run_id, event);
+        self.keep(&mut state, run_id, packed);
         Ok(())
     }
 
@@ -293,6 +391,11 @@ impl Resolver {
         self.state().pending_count
     }
 
+    /// Bytes the held events weigh now.
+    pub fn pending_bytes(&self) -> usize {
+        self.state().pending_bytes
+    }
+
     /// Takes the runs whose first held event has waited longer than the grace period, and
     /// forgets registrations older than their TTL.
     pub fn expire(&self, now: Instant) -> Vec<Held> {
@@ -303,8 +406,8 @@ impl Resolver {
         let expired: Vec<String> = state
             .pending
             .iter()
-            .filter(|(run_id, (since, _))| {
-                now.saturating_duration_since(*since) > self.config.grace
+            .filter(|(run_id, waiting)| {
+                now.saturating_duration_since(waiting.since) > self.config.grace
                     && !state.releasing.contains(*run_id)
             })
             .map(|(run_id, _)| run_id.clone())
@@ -312,8 +415,7 @@ impl Resolver {
         let expired = expired
             .into_iter()
             .filter_map(|run_id| {
-                let (_, events) = state.pending.remove(&run_id)?;
-                state.pending_count -= events.len();
+                let events = state.take(&run_id)?;
                 Some(Held { run_id, events })
             })
             .collect();
@@ -338,6 +440,9 @@ mod tests {
             max_pending: 2,
             registry_ttl: Duration::from_secs(60),
             registry_capacity: 10,
+            run_share_percent: 100,
+            producer_share_percent: 100,
+            ..ResolveConfig::default()
         })
     }
 
@@ -415,6 +520,54 @@ mod tests {
     }
 
     #[test]
+    fn one_run_or_one_producer_holds_only_its_share() {
+        let r = Resolver::new(ResolveConfig {
+            max_pending: 10,
+            run_share_percent: 20,
+            producer_share_percent: 50,
+            ..ResolveConfig::default()
+        });
+        let from = |producer: &str, run: &str| {
+            let mut event = event(&format!(r#"{{"type":"agent_thinking","run_id":"{run}"}}"#));
+            event.producer = Some(producer.into());
+            event
+        };
+        let full = |result: Result<(), NotHeld>| match result {
+            Err(NotHeld::Full { full, .. }) => Some(full),
+            _ => None,
+        };
+        assert_eq!(full(r.hold(from("p1", "run_a"))), None);
+        assert_eq!(full(r.hold(from("p1", "run_a"))), None);
+        assert_eq!(
+            full(r.hold(from("p1", "run_a"))),
+            Some(PendingFull::RunShare)
+        );
+        for n in 0..3 {
+            assert_eq!(full(r.hold(from("p1", &format!("run_{n}")))), None);
+        }
+        assert_eq!(
+            full(r.hold(from("p1", "run_z"))),
+            Some(PendingFull::ProducerShare)
+        );
+        // Another producer still has its own share.
+        assert_eq!(full(r.hold(from("p2", "run_b"))), None);
+        assert_eq!(r.pending_count(), 6);
+        assert!(r.pending_bytes() > 0);
+        r.begin_release(
+            "run_a",
+            RunTarget {
+                thread_id: Some("t".into()),
+                user_id: None,
+            },
+        );
+        assert_eq!(
+            full(r.hold(from("p1", "run_z"))),
+            None,
+            "released: room again"
+        );
+    }
+
+    #[test]
     fn standard_run_ids() {
         assert_eq!(thread_of_standard_run_id("thread_t42_run_a1"), Some("t42"));
         assert_eq!(
@@ -438,10 +591,10 @@ mod tests {
                 r#"{{"type":"agent_thinking","run_id":"run_r","payload":{{"n":{n}}}}}"#
             ))
         };
-        let order = |events: &[Event]| -> Vec<u64> {
+        let order = |events: &[PackedEvent]| -> Vec<u64> {
             events
                 .iter()
-                .map(|e| e.payload["n"].as_u64().unwrap())
+                .map(|e| e.unpack().unwrap().payload["n"].as_u64().unwrap())
                 .collect()
         };
         assert!(r.hold_behind(n(0)).is_err(), "nothing held: no wait");
@@ -493,9 +646,9 @@ mod tests {
         let rescued = r
             .hold(late_event())
             .expect_err("registered meanwhile: not held");
-        assert_eq!(
-            rescued.channel.map(|c| c.to_string()).as_deref(),
-            Some("thread:t")
+        assert!(
+            matches!(&rescued, NotHeld::Registered { channel, .. } if channel.as_str() == "thread:t"),
+            "{rescued:?}"
         );
 
         r.hold(event(r#"{"type":"agent_thinking","run_id":"run_never"}"#))

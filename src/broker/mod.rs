@@ -24,7 +24,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::config::Config;
-use crate::deadletter::{Entry, EntryReport};
+use crate::deadletter::{Entry, Page};
 use crate::metrics::Metrics;
 use crate::protocol::run::RunTarget;
 use crate::protocol::upstream::Outbound;
@@ -39,6 +39,7 @@ use crate::ledger::{ChannelReport, Ranked, Totals};
 use crate::protocol::ChannelName;
 use crate::protocol::client::Since;
 use crate::protocol::event::Event;
+use crate::protocol::packed::PackedEvent;
 use crate::protocol::server::Subscribed;
 
 /// The broker this gateway runs, chosen once from `broker.redis_url`. A Redis that is down never
@@ -82,9 +83,10 @@ pub enum HandOffError {
     Broker(#[from] BrokerError),
 }
 
-/// `GET /v1/deadletter`: the letters, and in Redis mode the malformed ingest entries set aside.
+/// `GET /v1/deadletter`: a page of letters, and in Redis mode the malformed ingest entries set
+/// aside.
 pub struct DeadLetterList {
-    pub events: Vec<EntryReport>,
+    pub page: Page,
     pub malformed: Option<Vec<serde_json::Value>>,
 }
 
@@ -256,15 +258,16 @@ impl Broker {
     pub fn keep_dead_letter(
         &self,
         run_id: &str,
-        event: Event,
+        event: PackedEvent,
         why: &'static str,
         metrics: &Metrics,
     ) {
         match self {
             Self::Memory(memory) => memory.keep_dead_letter(run_id, event, why, metrics),
-            Self::Redis(redis) => {
-                redis.keep_dead_letter(RedisBroker::letter(run_id, why, &event, None), metrics)
-            }
+            Self::Redis(redis) => redis.keep_dead_letter(
+                RedisBroker::letter(run_id, why, event.json(), None),
+                metrics,
+            ),
         }
     }
 
@@ -273,7 +276,7 @@ impl Broker {
     pub async fn keep_dead_letter_now(
         &self,
         run_id: &str,
-        event: Event,
+        event: PackedEvent,
         why: &'static str,
         metrics: &Metrics,
     ) -> Result<(), BrokerError> {
@@ -283,7 +286,7 @@ impl Broker {
                 Ok(())
             }
             Self::Redis(redis) => {
-                let letter = RedisBroker::letter(run_id, why, &event, None);
+                let letter = RedisBroker::letter(run_id, why, event.json(), None);
                 redis
                     .store_dead_letters(std::slice::from_ref(&letter), metrics)
                     .await
@@ -320,39 +323,43 @@ impl Broker {
             Self::Redis(redis) => {
                 let origin = entry.origin.as_deref();
                 let letter =
-                    RedisBroker::letter(&entry.run_id, &entry.reason, &entry.event, origin);
+                    RedisBroker::letter(&entry.run_id, &entry.reason, entry.event.json(), origin);
                 redis.keep_dead_letter(letter, metrics);
             }
         }
     }
 
     /// Ends a redrive: the letters it did not rescue stay (embedded: they go back in order).
-    pub fn restore_dead_letters(&self, kept: Vec<Entry>) {
+    pub fn restore_dead_letters(&self, kept: Vec<Entry>, metrics: &Metrics) {
         match self {
-            Self::Memory(memory) => memory.restore_dead_letters(kept),
+            Self::Memory(memory) => memory.restore_dead_letters(kept, metrics),
             Self::Redis(_) => {}
         }
     }
 
-    /// `GET /v1/deadletter`.
-    pub async fn list_dead_letters(&self) -> Result<DeadLetterList, BrokerError> {
+    /// `GET /v1/deadletter`: up to `limit` letters after the id `after` (a number, or in Redis
+    /// mode a stream entry id), oldest first.
+    pub async fn list_dead_letters(
+        &self,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<DeadLetterList, BrokerError> {
         match self {
             Self::Memory(memory) => Ok(DeadLetterList {
-                events: memory.list_dead_letters(),
+                page: memory.dead_letter_page(after.and_then(|a| a.parse().ok()), limit),
                 malformed: None,
             }),
             Self::Redis(redis) => {
-                let entries = redis.dead_letters().await?;
+                let page = redis.dead_letter_page(after, limit).await?;
                 let malformed = redis.malformed().await?;
                 Ok(DeadLetterList {
-                    events: entries.iter().map(Entry::report).collect(),
+                    page,
                     malformed: Some(malformed),
                 })
             }
         }
     }
 
-    /// Dead letters kept: this process's, or the shared stream's (every replica shows the same).
     /// The bytes this replica's channel history holds, and the events `history.max_bytes` evicted.
     pub fn history_usage(&self) -> (usize, u64) {
         match self {
@@ -361,6 +368,7 @@ impl Broker {
         }
     }
 
+    /// Dead letters kept: this process's, or the shared stream's (every replica shows the same).
     pub fn dead_letter_count(&self) -> usize {
         match self {
             Self::Memory(memory) => memory.dead_letter_count(),

@@ -153,6 +153,30 @@ impl Config {
                 "must be between 1024 and session.max_frame_bytes",
             );
         }
+        for (key, percent) in [
+            ("resolve.run_share_percent", self.resolve.run_share_percent),
+            (
+                "resolve.producer_share_percent",
+                self.resolve.producer_share_percent,
+            ),
+        ] {
+            if !(1..=100).contains(&percent) {
+                return fail(key, "must be between 1 and 100");
+            }
+            let share = self.resolve.max_pending_bytes as u128 * u128::from(percent) / 100;
+            if share < self.ingest.max_event_bytes as u128 * 2 {
+                return fail(
+                    key,
+                    "must leave room for two events of ingest.max_event_bytes in resolve.max_pending_bytes",
+                );
+            }
+        }
+        if self.deadletter.max_bytes < self.ingest.max_event_bytes * 2 {
+            return fail(
+                "deadletter.max_bytes",
+                "must hold at least two events of ingest.max_event_bytes",
+            );
+        }
         if self.history.max_bytes_per_channel < self.ingest.max_event_bytes * 2 {
             return fail(
                 "history.max_bytes_per_channel",

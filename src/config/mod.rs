@@ -92,6 +92,13 @@ pub struct ResolveConfig {
     pub grace: Duration,
     /// How many events may wait for resolution at once; past that they are lost `unresolved`.
     pub max_pending: usize,
+    /// How many bytes the waiting events may weigh together (kept as their JSON text).
+    pub max_pending_bytes: usize,
+    /// The share (percent) of `max_pending` and `max_pending_bytes` one run may hold.
+    pub run_share_percent: u32,
+    /// The share (percent) of `max_pending` and `max_pending_bytes` one producer key may hold
+    /// (all producers without a key count as one).
+    pub producer_share_percent: u32,
     /// How long a run registration (run_id → thread, user) is kept.
     #[serde(with = "humantime_serde")]
     pub registry_ttl: Duration,
@@ -191,6 +198,8 @@ pub struct WatchdogConfig {
 pub struct DeadletterConfig {
     /// Unresolved events kept for `GET /v1/deadletter` and redrive; the oldest go first.
     pub capacity: usize,
+    /// Bytes the kept events may weigh together (embedded broker); the oldest go first.
+    pub max_bytes: usize,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -283,7 +292,10 @@ impl Default for WatchdogConfig {
 
 impl Default for DeadletterConfig {
     fn default() -> Self {
-        Self { capacity: 10_000 }
+        Self {
+            capacity: 10_000,
+            max_bytes: 64 * 1024 * 1024,
+        }
     }
 }
 
@@ -330,6 +342,9 @@ impl Default for ResolveConfig {
         Self {
             grace: Duration::from_secs(5),
             max_pending: 10_000,
+            max_pending_bytes: 64 * 1024 * 1024,
+            run_share_percent: 10,
+            producer_share_percent: 50,
             registry_ttl: Duration::from_secs(24 * 3600),
             registry_capacity: 100_000,
         }

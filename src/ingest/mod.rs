@@ -28,8 +28,9 @@ use crate::broker::{self, BrokerError, Outcome, Published};
 use crate::metrics::{self, Label};
 use crate::protocol::ChannelName;
 use crate::protocol::event::{self, Event, EventType, Refusal};
+use crate::protocol::packed::PackedEvent;
 use crate::protocol::run::RunTarget;
-use crate::resolve::{Held, NotHeld};
+use crate::resolve::{Held, NotHeld, PendingFull};
 use crate::telemetry::{self, Throttle};
 use registration::{dead_letter, lost_unresolved, release};
 use tracing::{Instrument, Span};
@@ -176,26 +177,32 @@ async fn accept_in(
             Ok(ItemResult::PendingResolution)
         }
         // Its run was registered between resolve and hold.
-        Err(NotHeld {
-            event,
-            channel: Some(channel),
-        }) => accepted(gateway, &channel, &event, entry, span).await,
-        Err(NotHeld {
-            event,
-            channel: None,
-        }) => {
+        Err(NotHeld::Registered { event, channel }) => {
+            accepted(gateway, &channel, &event, entry, span).await
+        }
+        Err(NotHeld::Full { event, full }) => {
+            metrics::count(&gateway.metrics.pending_refused, full);
             let run_id = event.run_id.clone().unwrap_or_default();
+            let (why, reason) = match full {
+                PendingFull::Set => ("pending set full", "pending_full"),
+                PendingFull::RunShare => (
+                    "the run's share of the pending set is full",
+                    "run_share_full",
+                ),
+                PendingFull::ProducerShare => (
+                    "the producer's share of the pending set is full",
+                    "producer_share_full",
+                ),
+            };
             dead_letter(
                 gateway,
                 Held {
                     run_id,
-                    events: vec![*event],
+                    events: vec![PackedEvent::pack(&event)],
                 },
-                "pending set full",
+                why,
             );
-            Ok(ItemResult::Unresolved {
-                reason: "pending_full",
-            })
+            Ok(ItemResult::Unresolved { reason })
         }
     }
 }

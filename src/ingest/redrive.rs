@@ -5,6 +5,7 @@ use serde::Serialize;
 use super::{emit, resolve};
 use crate::broker::{BrokerError, Outcome};
 use crate::protocol::ChannelName;
+use crate::protocol::event::Event;
 use crate::{Gateway, telemetry};
 
 /// What a redrive did with one dead letter.
@@ -35,8 +36,18 @@ pub async fn redrive(gateway: &Gateway) -> Result<Vec<Redriven>, BrokerError> {
     let mut kept = Vec::new();
     let mut report = Vec::new();
     for entry in letters {
-        let outcome = match resolve(gateway, &entry.event).await {
-            Ok(Some(channel)) => redrive_one(gateway, &entry, channel).await,
+        // A letter that cannot be read back stays for the operator to see.
+        let Some(event) = entry.event.unpack() else {
+            report.push(Redriven {
+                id: entry.id.clone(),
+                run_id: entry.run_id.clone(),
+                outcome: RedriveOutcome::Unresolved,
+            });
+            kept.push(entry);
+            continue;
+        };
+        let outcome = match resolve(gateway, &event).await {
+            Ok(Some(channel)) => redrive_one(gateway, &entry, &event, channel).await,
             Ok(None) => Err(None),
             Err(error) => Err(Some(error)),
         };
@@ -71,7 +82,7 @@ pub async fn redrive(gateway: &Gateway) -> Result<Vec<Redriven>, BrokerError> {
             outcome,
         });
     }
-    gateway.broker.restore_dead_letters(kept);
+    gateway.broker.restore_dead_letters(kept, &gateway.metrics);
     Ok(report)
 }
 
@@ -79,12 +90,13 @@ pub async fn redrive(gateway: &Gateway) -> Result<Vec<Redriven>, BrokerError> {
 async fn redrive_one(
     gateway: &Gateway,
     entry: &crate::deadletter::Entry,
+    event: &Event,
     channel: ChannelName,
 ) -> Result<Option<(ChannelName, Outcome)>, Option<BrokerError>> {
     if !gateway.broker.take_dead_letter(entry).await.map_err(Some)? {
         return Ok(None);
     }
-    if let Some(event_id) = entry.event.dedupe_id()
+    if let Some(event_id) = event.dedupe_id()
         && !gateway.broker.first_time(&event_id)
     {
         gateway.metrics.events_duplicate.inc();
@@ -92,16 +104,8 @@ async fn redrive_one(
     }
     // Its first id makes a second publish a duplicate (a publish whose answer was lost, then a
     // redrive of the letter put back).
-    let span = telemetry::ingest_span(&entry.event);
-    match emit(
-        gateway,
-        &channel,
-        &entry.event,
-        entry.origin.as_deref(),
-        &span,
-    )
-    .await
-    {
+    let span = telemetry::ingest_span(event);
+    match emit(gateway, &channel, event, entry.origin.as_deref(), &span).await {
         Ok(outcome) => Ok(Some((channel, outcome))),
         Err(error) => {
             gateway

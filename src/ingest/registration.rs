@@ -1,15 +1,16 @@
 //! Late registrations: a run registered here or announced by another replica releases the events
 //! held for it, in arrival order; runs that waited past `resolve.grace` are dead-lettered.
 
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use super::emit;
 use crate::broker::{BrokerError, Registration};
 use crate::ledger::LostReason;
 use crate::metrics::{Label, count};
-use crate::protocol::event::Event;
+use crate::protocol::packed::PackedEvent;
 use crate::protocol::run::RunTarget;
 use crate::resolve::{Held, Unregistrable};
+use crate::telemetry::Throttle;
 use crate::{Gateway, telemetry};
 
 /// Why a run was not registered, counted in `agentwire_runs_refused_total{reason}`.
@@ -67,14 +68,21 @@ pub async fn register(
         count(&gateway.metrics.runs_refused, refusal);
         return Err(match refusal {
             RunRefusal::Conflict => {
-                tracing::info!(run_id, "Refused to re-point a registered run.");
+                static CONFLICT: Throttle = Throttle::every(Duration::from_secs(10));
+                if let Some(held_back) = CONFLICT.allow() {
+                    tracing::info!(run_id, held_back, "Refused to re-point a registered run.");
+                }
                 RegisterError::Conflict
             }
             RunRefusal::Full => {
-                tracing::warn!(
-                    run_id,
-                    "Refused a registration: the run registry is full (resolve.registry_capacity)."
-                );
+                static FULL: Throttle = Throttle::every(Duration::from_secs(10));
+                if let Some(held_back) = FULL.allow() {
+                    tracing::warn!(
+                        run_id,
+                        held_back,
+                        "Refused a registration: the run registry is full (resolve.registry_capacity)."
+                    );
+                }
                 RegisterError::Full
             }
         });
@@ -94,18 +102,32 @@ pub(super) async fn release(gateway: &Gateway, run_id: &str, target: RunTarget) 
     };
     let mut released = 0;
     while !held.is_empty() {
-        for event in held {
+        for packed in held {
             released += 1;
-            let span = telemetry::ingest_span(&event);
-            if let Err(error) = emit(gateway, &channel, &event, None, &span).await {
-                tracing::warn!(%error, run_id, "A released event could not be published.");
+            let failed = match packed.unpack() {
+                Some(event) => {
+                    let span = telemetry::ingest_span(&event);
+                    match emit(gateway, &channel, &event, None, &span).await {
+                        Ok(_) => None,
+                        Err(error) => {
+                            static FAILED: Throttle = Throttle::every(Duration::from_secs(10));
+                            if let Some(held_back) = FAILED.allow() {
+                                tracing::warn!(%error, run_id, held_back, "A released event could not be published.");
+                            }
+                            Some("broker unavailable at release")
+                        }
+                    }
+                }
+                None => Some("held event could not be read back"),
+            };
+            if let Some(why) = failed {
                 dead_letter(
                     gateway,
                     Held {
                         run_id: run_id.to_string(),
-                        events: vec![event],
+                        events: vec![packed],
                     },
-                    "broker unavailable at release",
+                    why,
                 );
             }
         }
@@ -129,15 +151,21 @@ pub fn expire_pending(gateway: &Gateway) {
 }
 
 /// Logs and counts one event lost unresolved.
-pub(super) fn lost_unresolved(gateway: &Gateway, run_id: &str, event: &Event, why: &str) {
-    tracing::warn!(
-        target: "agentwire::deadletter",
-        run_id,
-        kind = event.kind.as_str(),
-        event_id = event.event_id.as_deref(),
-        why,
-        "Event lost: its run_id resolves to no channel."
-    );
+pub(super) fn lost_unresolved(gateway: &Gateway, run_id: &str, event: &PackedEvent, why: &str) {
+    // One line per interval: a flood of unknown runs must not flood the logs. Every letter is
+    // listed by `GET /v1/deadletter`.
+    static LOST: Throttle = Throttle::every(Duration::from_secs(10));
+    if let Some(held_back) = LOST.allow() {
+        tracing::warn!(
+            target: "agentwire::deadletter",
+            run_id,
+            kind = event.kind.as_str(),
+            event_id = event.event_id.as_deref(),
+            why,
+            held_back,
+            "Event lost: its run_id resolves to no channel (held_back more since the last line)."
+        );
+    }
     gateway
         .metrics
         .events_lost

@@ -11,6 +11,7 @@ use tokio_util::task::TaskTracker;
 
 use super::{RegisterError, emit, lost_unresolved, register_start, release, resolve};
 use crate::broker::{Announcement, BrokerError, StreamEvent, Taken, Upward, now_ms};
+use crate::protocol::packed::PackedEvent;
 use crate::{Gateway, telemetry};
 
 /// Releases running at once.
@@ -118,11 +119,12 @@ async fn take(
         None => {
             let run_id = event.run_id.clone().unwrap_or_default();
             let why = "no channel within resolve.grace";
+            let packed = PackedEvent::pack(&event);
             gateway
                 .broker
-                .keep_dead_letter_now(&run_id, event.clone(), why, &gateway.metrics)
+                .keep_dead_letter_now(&run_id, packed.clone(), why, &gateway.metrics)
                 .await?;
-            lost_unresolved(gateway, &run_id, &event, why);
+            lost_unresolved(gateway, &run_id, &packed, why);
             gateway.metrics.events_ingested.inc();
             Ok(Taken::Done)
         }

@@ -68,11 +68,10 @@ pub struct Event {
 impl Event {
     /// What dedupe remembers: the `event_id`, scoped by the producer key that sent it.
     pub fn dedupe_id(&self) -> Option<std::borrow::Cow<'_, str>> {
-        let event_id = self.event_id.as_deref()?;
-        Some(match &self.producer {
-            Some(producer) => format!("{producer}:{event_id}").into(),
-            None => event_id.into(),
-        })
+        Some(dedupe_id(
+            self.producer.as_deref(),
+            self.event_id.as_deref()?,
+        ))
     }
 
     /// The event as a producer would have sent it.
@@ -94,6 +93,14 @@ impl Event {
         }
         object.insert("payload".into(), Value::Object(self.payload.clone()));
         Value::Object(object)
+    }
+}
+
+/// What dedupe remembers of an event: its `event_id`, scoped by the producer key that sent it.
+pub fn dedupe_id<'a>(producer: Option<&str>, event_id: &'a str) -> std::borrow::Cow<'a, str> {
+    match producer {
+        Some(producer) => format!("{producer}:{event_id}").into(),
+        None => event_id.into(),
     }
 }
 

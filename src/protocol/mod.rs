@@ -5,6 +5,7 @@ pub mod channel;
 pub mod client;
 pub mod event;
 pub mod json;
+pub mod packed;
 pub mod run;
 pub mod server;
 pub mod upstream;

@@ -401,3 +401,216 @@ async fn all_history_holds_at_most_max_bytes_and_the_least_recently_active_go_fi
     // The client watching its own thread still gets its events, live.
     still_served(&gateway, &mut client, "t_watched", "run_watched").await;
 }
+
+const ALICE: &str = "producer-key-alice-0001";
+const MALLORY: &str = "producer-key-mallory-01";
+const OPERATOR: &str = "operator-key-abuse-00001";
+
+/// Posts `events` with a producer key; the answer's item statuses.
+async fn post_as(gateway: &Gateway, key: &str, events: &[serde_json::Value]) -> Vec<String> {
+    let bearer = format!("Bearer {key}");
+    let (_, text) = crate::support::http_with(
+        gateway.internal,
+        "POST",
+        "/v1/events",
+        &[("authorization", &bearer)],
+        Some((
+            "application/json",
+            &serde_json::Value::from(events.to_vec()).to_string(),
+        )),
+    )
+    .await;
+    let body: serde_json::Value = serde_json::from_str(&text).unwrap();
+    body["results"]
+        .as_array()
+        .unwrap_or_else(|| panic!("{body}"))
+        .iter()
+        .map(|r| {
+            let status = r["status"].as_str().unwrap_or_default();
+            match r["reason"].as_str() {
+                Some(reason) => format!("{status}:{reason}"),
+                None => status.to_string(),
+            }
+        })
+        .collect()
+}
+
+async fn operator_get(gateway: &Gateway, path: &str) -> serde_json::Value {
+    let bearer = format!("Bearer {OPERATOR}");
+    let (status, text) = crate::support::http_with(
+        gateway.internal,
+        "GET",
+        path,
+        &[("authorization", &bearer)],
+        None,
+    )
+    .await;
+    assert_eq!(status, 200, "{text}");
+    serde_json::from_str(&text).unwrap()
+}
+
+/// An event for a run nobody registered, `bytes` large and shaped to parse into many objects.
+fn unknown_run(run: &str, bytes: usize) -> serde_json::Value {
+    let mut event = json!({"type": "agent_thinking", "run_id": run});
+    event["payload"] = json!({"x": serde_json::from_str::<serde_json::Value>(
+        &format!("[{}]", vec!["{}"; bytes / 3].join(","))
+    ).unwrap()});
+    event
+}
+
+#[tokio::test]
+async fn one_producers_flood_of_unknown_runs_cannot_push_anothers_early_events_out() {
+    let gateway = Gateway::start_with(|c| {
+        c.auth.producer_keys = vec![ALICE.into(), MALLORY.into()];
+        c.auth.operator_keys = vec![OPERATOR.into()];
+        c.resolve.max_pending = 100;
+        c.resolve.grace = Duration::from_secs(30);
+    })
+    .await;
+    let mut client = bystander(&gateway, "t_alice").await;
+    // Mallory floods: 100 events for runs that never register, in one request.
+    let flood: Vec<_> = (0..100)
+        .map(|n| unknown_run(&format!("run_m{n}"), 30))
+        .collect();
+    let statuses = post_as(&gateway, MALLORY, &flood).await;
+    let held = statuses
+        .iter()
+        .filter(|s| *s == "pending_resolution")
+        .count();
+    assert_eq!(held, 50, "Mallory holds its share, no more: {statuses:?}");
+    assert!(statuses.contains(&"unresolved:producer_share_full".to_string()));
+    // Alice's early event still waits for its run, and is delivered when the run registers.
+    let early = json!({"type": "agent_thinking", "run_id": "run_alice", "payload": {"n": 1}});
+    assert_eq!(
+        post_as(&gateway, ALICE, &[early]).await,
+        ["pending_resolution"]
+    );
+    let register = json!({"run_id": "run_alice", "thread_id": "t_alice"}).to_string();
+    let bearer = format!("Bearer {ALICE}");
+    let (status, text) = crate::support::http_with(
+        gateway.internal,
+        "POST",
+        "/v1/runs",
+        &[("authorization", &bearer)],
+        Some(("application/json", &register)),
+    )
+    .await;
+    assert_eq!(status, 200, "{text}");
+    let got = client.recv().await;
+    assert_eq!(
+        (&got["run_id"], &got["payload"]["n"]),
+        (&json!("run_alice"), &json!(1))
+    );
+    assert_lines(
+        &gateway.metrics().await,
+        &[
+            "agentwire_pending_refused_total{reason=\"producer_share\"} 50",
+            "agentwire_events_pending_resolution 50",
+        ],
+    );
+}
+
+#[tokio::test]
+async fn held_and_dead_letters_weigh_what_was_sent_and_stay_within_their_bytes() {
+    let gateway = Gateway::start_with(|c| {
+        c.auth.operator_keys = vec![OPERATOR.into()];
+        c.auth.producer_keys = vec![MALLORY.into()];
+        c.ingest.max_event_bytes = 60_000;
+        c.resolve.max_pending_bytes = 1_000_000;
+        c.resolve.run_share_percent = 100;
+        c.resolve.producer_share_percent = 100;
+        c.resolve.grace = Duration::from_secs(2);
+        c.deadletter.max_bytes = 600_000;
+    })
+    .await;
+    // 40 events of 55 KB that parse into 18,000 objects each: 2.2 MB into a 1 MB pending set.
+    for n in 0..40 {
+        let statuses = post_as(
+            &gateway,
+            MALLORY,
+            &[unknown_run(&format!("run_u{n}"), 55_000)],
+        )
+        .await;
+        assert_ne!(statuses[0], "error", "{statuses:?}");
+    }
+    let metrics = gateway.metrics().await;
+    let pending =
+        crate::support::metric_value(&metrics, "agentwire_events_pending_resolution_bytes");
+    assert!(pending <= 1_000_000.0, "pending weighs {pending}");
+    let held = crate::support::metric_value(&metrics, "agentwire_events_pending_resolution");
+    let weight = pending / held;
+    assert!(
+        (55_000.0..57_000.0).contains(&weight),
+        "each is kept as its text (55 KB), not its parsed tree: {weight}"
+    );
+    assert!(
+        crate::support::metric_value(&metrics, "agentwire_pending_refused_total{reason=\"full\"}")
+            > 0.0
+    );
+    // After the grace they are letters, within deadletter.max_bytes; the oldest were dropped.
+    tokio::time::sleep(Duration::from_millis(3500)).await;
+    let metrics = gateway.metrics().await;
+    let kept = crate::support::metric_value(&metrics, "agentwire_deadletter_events");
+    assert!(kept <= 11.0, "600 KB hold 10 letters of 55 KB: {kept}");
+    let dropped = crate::support::metric_value(&metrics, "agentwire_deadletters_dropped_total");
+    assert_eq!(
+        kept + dropped,
+        40.0,
+        "every letter is kept or counted dropped"
+    );
+    assert_lines(
+        &metrics,
+        &["agentwire_events_lost_total{reason=\"unresolved\"} 40"],
+    );
+}
+
+#[tokio::test]
+async fn dead_letters_are_listed_page_by_page() {
+    let gateway = Gateway::start_with(|c| {
+        c.auth.operator_keys = vec![OPERATOR.into()];
+        c.auth.producer_keys = vec![MALLORY.into()];
+        c.resolve.grace = Duration::from_millis(200);
+        c.resolve.run_share_percent = 100;
+        c.resolve.producer_share_percent = 100;
+    })
+    .await;
+    let events: Vec<_> = (0..250)
+        .map(|n| unknown_run(&format!("run_p{n}"), 10))
+        .collect();
+    post_as(&gateway, MALLORY, &events).await;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let mut seen = Vec::new();
+    let mut path = "/v1/deadletter".to_string();
+    loop {
+        let page = operator_get(&gateway, &path).await;
+        assert_eq!(page["count"], 250);
+        let events = page["events"].as_array().unwrap();
+        assert!(events.len() <= 100);
+        seen.extend(
+            events
+                .iter()
+                .map(|e| e["run_id"].as_str().unwrap().to_string()),
+        );
+        match page["next"].as_u64() {
+            Some(next) => path = format!("/v1/deadletter?after={next}"),
+            None => break,
+        }
+    }
+    assert_eq!(seen.len(), 250);
+    seen.sort();
+    seen.dedup();
+    assert_eq!(seen.len(), 250, "every letter once");
+    let small = operator_get(&gateway, "/v1/deadletter?limit=7").await;
+    assert_eq!(small["events"].as_array().unwrap().len(), 7);
+    let bearer = format!("Bearer {OPERATOR}");
+    let (status, text) = crate::support::http_with(
+        gateway.internal,
+        "GET",
+        "/v1/deadletter?limit=100000",
+        &[("authorization", &bearer)],
+        None,
+    )
+    .await;
+    assert_eq!(status, 400, "{text}");
+    assert!(text.contains("\"field\":\"limit\""), "{text}");
+}

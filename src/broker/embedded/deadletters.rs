@@ -1,15 +1,17 @@
-//! The embedded broker's dead letters: kept in this process, bounded by `deadletter.capacity`
-//! (the oldest go first), with the run ids already counted as unresolved.
+//! The embedded broker's dead letters: kept in this process, packed, bounded by
+//! `deadletter.capacity` and `deadletter.max_bytes` (the oldest go first, counted), with the run
+//! ids already counted as unresolved.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Mutex;
 use std::time::{Duration, SystemTime};
 
-use crate::deadletter::{Entry, EntryReport, LetterId};
-use crate::protocol::event::Event;
+use crate::config::DeadletterConfig;
+use crate::deadletter::{Entry, LetterId, Page};
+use crate::protocol::packed::PackedEvent;
 
 pub struct DeadLetters {
-    capacity: usize,
+    config: DeadletterConfig,
     inner: Mutex<Inner>,
 }
 
@@ -17,17 +19,33 @@ pub struct DeadLetters {
 struct Inner {
     next_id: u64,
     entries: VecDeque<Entry>,
+    bytes: usize,
     /// Run ids already counted in `agentwire_unresolved_run_ids_total`, with when.
     counted: HashMap<String, SystemTime>,
+}
+
+impl Inner {
+    /// Drops the oldest letters past either bound; returns how many.
+    fn bound(&mut self, config: &DeadletterConfig) -> u64 {
+        let mut dropped = 0;
+        while self.entries.len() > config.capacity || self.bytes > config.max_bytes {
+            let Some(entry) = self.entries.pop_front() else {
+                break;
+            };
+            self.bytes -= entry.event.weight();
+            dropped += 1;
+        }
+        dropped
+    }
 }
 
 /// A run id counted as unresolved is not counted again within this time.
 const COUNT_ONCE_WITHIN: Duration = Duration::from_secs(3600);
 
 impl DeadLetters {
-    pub fn new(capacity: usize) -> Self {
+    pub fn new(config: DeadletterConfig) -> Self {
         Self {
-            capacity,
+            config,
             inner: Mutex::default(),
         }
     }
@@ -36,11 +54,12 @@ impl DeadLetters {
         self.inner.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Keeps an event; returns how many are kept now. The oldest go when full.
-    pub fn push(&self, run_id: &str, event: Event, reason: &'static str) -> usize {
+    /// Keeps an event; returns how many older letters it pushed out.
+    pub fn push(&self, run_id: &str, event: PackedEvent, reason: &'static str) -> u64 {
         let mut inner = self.lock();
         inner.next_id += 1;
         let id = inner.next_id;
+        inner.bytes += event.weight();
         inner.entries.push_back(Entry {
             id: LetterId::Local(id),
             origin: None,
@@ -49,42 +68,63 @@ impl DeadLetters {
             lost_at: SystemTime::now(),
             event,
         });
-        while inner.entries.len() > self.capacity {
-            inner.entries.pop_front();
-        }
-        inner.entries.len()
+        inner.bound(&self.config)
     }
 
-    pub fn list(&self) -> Vec<EntryReport> {
-        self.lock().entries.iter().map(Entry::report).collect()
+    /// Up to `limit` letters after the one with id `after`, oldest first. Only the page is copied
+    /// under the lock; it is turned into JSON after.
+    pub fn page(&self, after: Option<u64>, limit: usize) -> Page {
+        let (entries, more, total) = {
+            let inner = self.lock();
+            let start = after.map_or(0, |after| {
+                inner
+                    .entries
+                    .partition_point(|entry| matches!(entry.id, LetterId::Local(id) if id <= after))
+            });
+            let entries: Vec<Entry> = inner
+                .entries
+                .iter()
+                .skip(start)
+                .take(limit)
+                .cloned()
+                .collect();
+            let total = inner.entries.len();
+            (entries, start + limit < total, total)
+        };
+        Page {
+            total,
+            next: more.then(|| entries.last().map(|e| e.id.clone())).flatten(),
+            events: entries.iter().map(Entry::report).collect(),
+        }
     }
 
     /// Takes every entry out for a redrive; what is not rescued goes back with [`Self::restore`].
     pub fn take(&self) -> Vec<Entry> {
-        self.lock().entries.drain(..).collect()
+        let mut inner = self.lock();
+        inner.bytes = 0;
+        inner.entries.drain(..).collect()
     }
 
-    /// Puts entries back in front of any that arrived meanwhile, keeping their order.
-    pub fn restore(&self, entries: Vec<Entry>) -> usize {
+    /// Puts entries back in front of any that arrived meanwhile, keeping their order; returns how
+    /// many letters the bounds then pushed out.
+    pub fn restore(&self, entries: Vec<Entry>) -> u64 {
         let mut inner = self.lock();
         for entry in entries.into_iter().rev() {
+            inner.bytes += entry.event.weight();
             inner.entries.push_front(entry);
         }
-        while inner.entries.len() > self.capacity {
-            inner.entries.pop_front();
-        }
-        inner.entries.len()
+        inner.bound(&self.config)
     }
 
     /// `true` the first time (within an hour) a run id is dead-lettered.
     pub fn first_unresolved(&self, run_id: &str) -> bool {
         let now = SystemTime::now();
         let mut inner = self.lock();
-        if inner.counted.len() >= self.capacity {
+        if inner.counted.len() >= self.config.capacity {
             inner
                 .counted
                 .retain(|_, at| now.duration_since(*at).unwrap_or_default() < COUNT_ONCE_WITHIN);
-            if inner.counted.len() >= self.capacity {
+            if inner.counted.len() >= self.config.capacity {
                 inner.counted.clear();
             }
         }

@@ -3,6 +3,7 @@
 //! with another process, so run registration, run activity and stall claims are local no-ops.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -12,10 +13,11 @@ mod dedupe;
 
 use super::{Channels, HandOff, HandOffError};
 use crate::config::Config;
-use crate::deadletter::Entry;
+use crate::deadletter::{Entry, Page};
 use crate::metrics::Metrics;
-use crate::protocol::event::Event;
+use crate::protocol::packed::PackedEvent;
 use crate::protocol::upstream::Outbound;
+use crate::telemetry::Throttle;
 use crate::upstream::Upstream;
 use deadletters::DeadLetters;
 use dedupe::Dedupe;
@@ -32,7 +34,7 @@ impl Embedded {
         Ok(Self {
             channels: Channels::new(config.history.clone()),
             dedupe: Dedupe::new(config.ingest.dedupe_window, config.ingest.dedupe_capacity),
-            deadletters: DeadLetters::new(config.deadletter.capacity),
+            deadletters: DeadLetters::new(config.deadletter.clone()),
             upstream: Upstream::new(config.upstream.clone(), config.tls_ca_file.as_deref())?,
         })
     }
@@ -51,7 +53,7 @@ impl Embedded {
     pub fn keep_dead_letter(
         &self,
         run_id: &str,
-        event: Event,
+        event: PackedEvent,
         why: &'static str,
         metrics: &Metrics,
     ) {
@@ -59,7 +61,8 @@ impl Embedded {
         if let Some(event_id) = event.dedupe_id() {
             self.dedupe.forget(&event_id);
         }
-        self.deadletters.push(run_id, event, why);
+        let dropped = self.deadletters.push(run_id, event, why);
+        dropped_letters(dropped, metrics);
         if self.deadletters.first_unresolved(run_id) {
             metrics.unresolved_run_ids.inc();
         }
@@ -69,12 +72,12 @@ impl Embedded {
         self.deadletters.take()
     }
 
-    pub fn restore_dead_letters(&self, kept: Vec<Entry>) {
-        self.deadletters.restore(kept);
+    pub fn restore_dead_letters(&self, kept: Vec<Entry>, metrics: &Metrics) {
+        dropped_letters(self.deadletters.restore(kept), metrics);
     }
 
-    pub fn list_dead_letters(&self) -> Vec<crate::deadletter::EntryReport> {
-        self.deadletters.list()
+    pub fn dead_letter_page(&self, after: Option<u64>, limit: usize) -> Page {
+        self.deadletters.page(after, limit)
     }
 
     pub fn dead_letter_count(&self) -> usize {
@@ -89,5 +92,21 @@ impl Embedded {
     pub fn sweep(&self) {
         self.channels.sweep();
         self.dedupe.expire();
+    }
+}
+
+/// Letters the bounds pushed out: counted, and logged at most once per interval.
+fn dropped_letters(dropped: u64, metrics: &Metrics) {
+    if dropped == 0 {
+        return;
+    }
+    metrics.deadletters_dropped.inc_by(dropped);
+    static DROPPED: Throttle = Throttle::every(Duration::from_secs(10));
+    if let Some(held_back) = DROPPED.allow() {
+        tracing::warn!(
+            dropped,
+            held_back,
+            "Dead letters are full (deadletter.capacity or deadletter.max_bytes): the oldest were dropped."
+        );
     }
 }

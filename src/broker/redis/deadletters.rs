@@ -10,22 +10,23 @@ use super::keys::{DEADLETTERS, Entry, field};
 use super::reports::Report;
 use super::{RedisBroker, reports};
 use crate::broker::{BrokerError, now_ms};
+use crate::deadletter::Page;
 use crate::metrics::Metrics;
-use crate::protocol::event::Event;
+use crate::protocol::packed::PackedEvent;
 
 impl RedisBroker {
     /// A dead letter as it is stored.
     pub fn letter(
         run_id: &str,
         reason: &str,
-        event: &Event,
+        event_json: &str,
         origin: Option<&str>,
     ) -> reports::DeadLetter {
         reports::DeadLetter {
             run_id: run_id.to_string(),
             reason: reason.to_string(),
             lost_ms: now_ms(),
-            event: event.to_json().to_string(),
+            event: event_json.to_string(),
             origin: origin.map(str::to_string),
         }
     }
@@ -93,12 +94,42 @@ impl RedisBroker {
 
     /// The shared dead letters, oldest first (at most `deadletter.capacity`).
     pub async fn dead_letters(&self) -> Result<Vec<crate::deadletter::Entry>, BrokerError> {
+        self.read_dead_letters("-", self.deadletter_capacity).await
+    }
+
+    /// Up to `limit` shared dead letters after the entry `after`, oldest first.
+    pub async fn dead_letter_page(
+        &self,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Page, BrokerError> {
+        let start = after.map_or_else(|| "-".to_string(), |id| format!("({id}"));
+        // One more than asked says whether there is a next page.
+        let mut entries = self.read_dead_letters(&start, limit + 1).await?;
+        let more = entries.len() > limit;
+        entries.truncate(limit);
+        let total: usize = self.conn().xlen(DEADLETTERS).await?;
+        Ok(Page {
+            total,
+            next: more.then(|| entries.last().map(|e| e.id.clone())).flatten(),
+            events: entries
+                .iter()
+                .map(crate::deadletter::Entry::report)
+                .collect(),
+        })
+    }
+
+    async fn read_dead_letters(
+        &self,
+        start: &str,
+        count: usize,
+    ) -> Result<Vec<crate::deadletter::Entry>, BrokerError> {
         let entries: Vec<Entry> = redis::cmd("XRANGE")
             .arg(DEADLETTERS)
-            .arg("-")
+            .arg(start)
             .arg("+")
             .arg("COUNT")
-            .arg(self.deadletter_capacity)
+            .arg(count)
             .query_async(&mut self.conn())
             .await?;
         Ok(entries
@@ -112,8 +143,7 @@ impl RedisBroker {
                     run_id: text("run_id")?,
                     reason: text("reason")?,
                     lost_at: std::time::SystemTime::UNIX_EPOCH + Duration::from_millis(lost_ms),
-                    event: crate::protocol::event::parse(field(&fields, "event")?, usize::MAX)
-                        .ok()?,
+                    event: PackedEvent::from_json(field(&fields, "event")?)?,
                 })
             })
             .collect())

@@ -32,6 +32,7 @@ pub(super) fn metrics(gateway: &Gateway) -> Response<Body> {
     let text = gateway.metrics.render(|| crate::metrics::Scraped {
         totals: gateway.broker.totals(),
         pending_resolution: gateway.resolver.pending_count(),
+        pending_resolution_bytes: gateway.resolver.pending_bytes(),
         deadletters: gateway.broker.dead_letter_count(),
         history: gateway.broker.history_usage(),
     });

@@ -110,7 +110,7 @@ async fn internal(
         ("/v1/events", &Method::POST) => events(&gateway, request, producer.as_deref()).await,
         ("/v1/runs", &Method::POST) => runs(&gateway, request).await,
         (p, &Method::GET) if p.starts_with("/v1/runs/") => run(&gateway, &p["/v1/runs/".len()..]),
-        ("/v1/deadletter", &Method::GET) => dead_letters(&gateway).await,
+        ("/v1/deadletter", &Method::GET) => dead_letters(&gateway, request.uri().query()).await,
         // JSON only, like every POST: a page cannot send it without a CORS preflight.
         ("/v1/deadletter/redrive", &Method::POST)
             if media_type(&request).as_deref() != Some("application/json") =>

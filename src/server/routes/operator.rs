@@ -6,6 +6,7 @@ use serde_json::json;
 
 use super::{Body, broker_error, error, json_response, percent_decode};
 use crate::Gateway;
+use crate::deadletter;
 use crate::ingest;
 use crate::protocol::ChannelName;
 use crate::protocol::channel::check_id;
@@ -120,12 +121,56 @@ pub(super) async fn ledger(gateway: &Gateway, query: Option<&str>) -> Response<B
     )
 }
 
-/// `GET /v1/deadletter`: in Redis mode the shared letters, and the malformed ingest stream entries
-/// that were set aside.
-pub(super) async fn dead_letters(gateway: &Gateway) -> Response<Body> {
-    match gateway.broker.list_dead_letters().await {
+/// `GET /v1/deadletter?limit=N&after=ID`: one page of letters, oldest first (in Redis mode the
+/// shared letters, and the malformed ingest stream entries that were set aside).
+pub(super) async fn dead_letters(gateway: &Gateway, query: Option<&str>) -> Response<Body> {
+    let mut limit = deadletter::PAGE_DEFAULT;
+    let mut after = None;
+    for (key, value) in url::form_urlencoded::parse(query.unwrap_or_default().as_bytes()) {
+        match &*key {
+            "limit" => match value.parse::<usize>() {
+                Ok(n) if (1..=deadletter::PAGE_MAX).contains(&n) => limit = n,
+                _ => {
+                    return error(
+                        StatusCode::BAD_REQUEST,
+                        "invalid_query",
+                        &format!("limit must be a number from 1 to {}", deadletter::PAGE_MAX),
+                        Some("limit"),
+                    );
+                }
+            },
+            "after" => {
+                let letter_id =
+                    |part: &str| !part.is_empty() && part.bytes().all(|b| b.is_ascii_digit());
+                let valid = value.len() <= 64
+                    && match value.split_once('-') {
+                        Some((ms, seq)) => letter_id(ms) && letter_id(seq),
+                        None => letter_id(&value),
+                    };
+                if !valid {
+                    return error(
+                        StatusCode::BAD_REQUEST,
+                        "invalid_query",
+                        "after must be the id of a letter (as `next` gave it)",
+                        Some("after"),
+                    );
+                }
+                after = Some(value.into_owned());
+            }
+            _ => {}
+        }
+    }
+    match gateway
+        .broker
+        .list_dead_letters(after.as_deref(), limit)
+        .await
+    {
         Ok(list) => {
-            let mut body = json!({"count": list.events.len(), "events": list.events});
+            let mut body = json!({
+                "count": list.page.total,
+                "events": list.page.events,
+                "next": list.page.next,
+            });
             if let Some(malformed) = list.malformed {
                 body["malformed"] = malformed.into();
             }

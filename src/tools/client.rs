@@ -121,8 +121,17 @@ pub struct Http {
 
 impl Http {
     pub async fn open(target: &Target) -> anyhow::Result<Self> {
+        Self::over(target, target.connect().await?).await
+    }
+
+    /// A connection from a chosen local address (per-address budgets count each source apart).
+    pub async fn open_from(target: &Target, local: IpAddr) -> anyhow::Result<Self> {
+        Self::over(target, target.connect_from(local).await?).await
+    }
+
+    async fn over(target: &Target, stream: TcpStream) -> anyhow::Result<Self> {
         let (sender, connection) =
-            hyper::client::conn::http1::handshake(TokioIo::new(target.connect().await?)).await?;
+            hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
         tokio::spawn(connection);
         Ok(Self {
             sender,

@@ -614,3 +614,83 @@ async fn dead_letters_are_listed_page_by_page() {
     assert_eq!(status, 400, "{text}");
     assert!(text.contains("\"field\":\"limit\""), "{text}");
 }
+
+/// `agentwire bench abuse` cannot rot: every attack runs at a tiny scale against a gateway with
+/// small budgets, the legitimate client beside the attacker gets every one of its events, and the
+/// budgets the attacks reach say so in the report.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_abuse_bench_runs_every_attack_and_the_legitimate_client_gets_everything() {
+    let gateway = Gateway::start_with(|c| {
+        c.session.max_connections_per_ip = 50;
+        c.ingest.max_requests_per_ip = 4;
+        c.resolve.grace = Duration::from_millis(300);
+    })
+    .await;
+    let (url, api) = (
+        format!("http://{}", gateway.addr),
+        format!("http://{}", gateway.internal),
+    );
+    let result = crate::support::bench(&[
+        "bench",
+        "--url",
+        &url,
+        "--api-url",
+        &api,
+        "--sources",
+        "4",
+        "abuse",
+        "--scale",
+        "0.02",
+    ])
+    .await;
+    let attacks = result["attacks"].as_array().unwrap();
+    let names: Vec<&str> = attacks.iter().filter_map(|a| a["name"].as_str()).collect();
+    assert_eq!(
+        names,
+        [
+            "history",
+            "unknown-run",
+            "open-tools",
+            "connections",
+            "slow-bodies",
+            "run-flood",
+            "ledger-loop"
+        ]
+    );
+    for attack in attacks {
+        assert_eq!(attack["legit"]["missing"], 0, "{attack}");
+        assert!(attack["legit"]["sent"].as_u64() > Some(0), "{attack}");
+        assert!(
+            attack["server_rss_after_mib"].as_f64() > Some(0.0),
+            "{attack}"
+        );
+    }
+    let refused = |name: &str, series: &str| {
+        attacks.iter().find(|a| a["name"] == name).unwrap()["refusals"][series]
+            .as_f64()
+            .unwrap_or(0.0)
+    };
+    // 160 connections from one address against a share of 50.
+    assert_eq!(
+        refused(
+            "connections",
+            "agentwire_upgrades_refused_total{reason=\"connections_per_ip\"}"
+        ),
+        110.0
+    );
+    assert!(
+        refused(
+            "slow-bodies",
+            "agentwire_api_refused_total{reason=\"too_many_requests\"}"
+        ) > 0.0
+    );
+    assert_eq!(
+        refused(
+            "unknown-run",
+            "agentwire_events_lost_total{reason=\"unresolved\"}"
+        ),
+        40.0
+    );
+    let unknown = &attacks[1]["attack"]["deadletter"];
+    assert_eq!(unknown["status"], 200, "{unknown}");
+}

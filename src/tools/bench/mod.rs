@@ -3,6 +3,7 @@
 //! Server CPU and memory come from the gateway's `/metrics` or from `/proc/<pid>` with
 //! `--server-pid`. Every loop is bounded in count and time; traffic stays on 127.0.0.0/8.
 
+mod abuse;
 mod fanout;
 mod idle;
 
@@ -69,6 +70,9 @@ pub enum Scenario {
         #[command(flatten)]
         load: fanout::Load,
     },
+    /// The attacks the resource budgets answer, one after the other: server memory after each, its
+    /// refusals, and a legitimate client's latency during it.
+    Abuse(abuse::Abuse),
 }
 
 /// Runs a scenario; returns its JSON result (already printed with a summary).
@@ -114,12 +118,14 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<Value> {
             ];
             fanout::run(&servers, &sources, load, fanout::Mode::Redis).await?
         }
+        Scenario::Abuse(abuse) => abuse::run(&first[0], &sources, abuse).await?,
     };
     println!("{result}");
     Ok(result)
 }
 
 /// A gateway under test: its two doors, and its process for its own figures.
+#[derive(Clone)]
 struct Server {
     target: Target,
     api: Target,

@@ -7,7 +7,7 @@
 
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU8, Ordering};
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use serde::Serialize;
 
@@ -222,13 +222,41 @@ pub struct ChannelSummary {
     pub subscribers: usize,
 }
 
-#[derive(Debug, serde::Serialize)]
+/// The longest top list `GET /v1/ledger?top=` shows; a snapshot keeps this many of each.
+pub const MAX_TOP: usize = 1000;
+
+#[derive(Debug, Default, serde::Serialize)]
 pub struct Ranked {
     pub top_pending: Vec<ChannelSummary>,
     pub top_lost: Vec<ChannelSummary>,
 }
 
+/// The whole ledger at one moment: what `GET /v1/ledger` shows and, in memory mode, the totals
+/// `/metrics` exports. Computed at most once per `ledger.snapshot_interval` and shared.
+#[derive(Debug)]
+pub struct LedgerView {
+    pub totals: Totals,
+    /// The [`MAX_TOP`] worst channels of each list; a request shows its `top` of them.
+    pub ranked: Ranked,
+    /// Wall-clock time the computation started: what the view is "as of".
+    pub as_of: SystemTime,
+    /// Most channels one computation reads (Redis mode: the most recently published first);
+    /// `None` when every channel is read.
+    pub channel_limit: Option<u64>,
+    /// More channels exist than the computation read: the totals and lists cover only those read.
+    pub limit_reached: bool,
+}
+
 impl Ranked {
+    /// The first `n` of each list.
+    pub fn top(&self, n: usize) -> Self {
+        let first = |list: &[ChannelSummary]| list.iter().take(n).cloned().collect();
+        Self {
+            top_pending: first(&self.top_pending),
+            top_lost: first(&self.top_lost),
+        }
+    }
+
     /// The `n` channels with the most pending events and the `n` with the most lost ones.
     pub fn from_summaries(all: Vec<ChannelSummary>, n: usize) -> Self {
         let mut top_pending: Vec<_> = all.iter().filter(|c| c.pending > 0).cloned().collect();

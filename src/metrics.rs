@@ -3,11 +3,12 @@
 //! thread, run, user or connection id.
 //!
 //! The ledger totals (emitted, delivered, acked, pending, lost) are not counted here on the hot
-//! path: they are summed from the per-channel ledgers at scrape time (see [`Metrics::render`]), so
-//! the exposition always shows a balanced `emitted = delivered + pending + lost`.
+//! path: they are summed from the per-channel ledgers by a snapshot at most
+//! `ledger.snapshot_interval` old (see [`Metrics::render`]), so the exposition always shows a
+//! balanced `emitted = delivered + pending + lost`.
 
 use std::sync::Mutex;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use prometheus::{
     Encoder, Gauge, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec,
@@ -38,8 +39,10 @@ pub fn count<L: Label>(vec: &IntCounterVec, label: L) {
 
 /// What `/metrics` reads from the gateway's state at scrape time.
 pub struct Scraped {
-    /// The broker's balanced sum of every channel's ledger.
+    /// The broker's balanced sum of every channel's ledger, from a snapshot.
     pub totals: Totals,
+    /// When the computation of `totals` started.
+    pub totals_at: Instant,
     pub pending_resolution: usize,
     pub pending_resolution_bytes: usize,
     pub deadletters: usize,
@@ -49,7 +52,8 @@ pub struct Scraped {
 
 pub struct Metrics {
     registry: Registry,
-    scrape: Mutex<()>,
+    /// Held while a scrape renders; holds when the ledger totals shown were computed.
+    scrape: Mutex<Option<Instant>>,
     pub events_ingested: IntCounter,
     pub events_rejected: IntCounterVec,
     pub events_duplicate: IntCounter,
@@ -77,6 +81,7 @@ pub struct Metrics {
     pub broker_errors: IntCounter,
     pub broker_refused: IntCounterVec,
     pub redis_subscriptions_reconciled: IntCounterVec,
+    pub ledger_snapshots: IntCounterVec,
     pub broker_latency: Histogram,
     pub event_age: Histogram,
     pub runs_active: IntGauge,
@@ -257,6 +262,12 @@ impl Metrics {
                 "Redis pub/sub subscriptions that did not match the watched channels and were fixed, by action (unsubscribed, subscribed).",
                 "action",
             ),
+            ledger_snapshots: counter_vec(
+                r,
+                "agentwire_ledger_snapshots_total",
+                "Recomputations of the ledger snapshots behind GET /v1/ledger and /metrics, by view (ledger, replica); at most one per ledger.snapshot_interval each.",
+                "view",
+            ),
             broker_latency: histogram(
                 r,
                 "agentwire_broker_latency_seconds",
@@ -386,7 +397,7 @@ impl Metrics {
             ),
             events_offered_undelivered_oldest_age: register(r, Gauge::with_opts(Opts::new("agentwire_events_offered_undelivered_oldest_age_seconds", "Age of the oldest event queued to a subscriber and still not written to any socket (a stuck delivery).")).unwrap_or_else(|e| panic!("metric definition: {e}"))),
             registry,
-            scrape: Mutex::new(()),
+            scrape: Mutex::new(None),
         };
         let build = IntGaugeVec::new(
             Opts::new("agentwire_build_info", "Build of the running gateway."),
@@ -417,17 +428,19 @@ impl Metrics {
     }
 
     /// The exposition text. `totals` is the broker's balanced sum of every channel's ledger.
-    /// `state` is read under the scrape lock, so concurrent scrapes never mix old and new figures.
+    /// `state` is read under the scrape lock, and ledger totals older than those already shown are
+    /// not applied (two scrapes may get their snapshots in one order and render in the other), so
+    /// the ledger series always come from one snapshot and never mix old and new figures.
     pub fn render(&self, state: impl FnOnce() -> Scraped) -> String {
-        let _scrape = self.scrape.lock().unwrap_or_else(|e| e.into_inner());
+        let mut shown = self.scrape.lock().unwrap_or_else(|e| e.into_inner());
         let Scraped {
             totals,
+            totals_at,
             pending_resolution,
             pending_resolution_bytes,
             deadletters,
             history,
         } = state();
-        let totals = &totals;
         self.events_pending_resolution
             .set(to_i64(pending_resolution as u64));
         self.deadletter_events.set(to_i64(deadletters as u64));
@@ -435,6 +448,19 @@ impl Metrics {
             .set(to_i64(pending_resolution_bytes as u64));
         self.history_bytes.set(to_i64(history.0 as u64));
         raise(&self.history_evicted, history.1);
+        if shown.is_none_or(|at| at <= totals_at) {
+            *shown = Some(totals_at);
+            self.show_ledger(&totals);
+        }
+        let mut out = Vec::with_capacity(16 * 1024);
+        if let Err(error) = TextEncoder::new().encode(&self.registry.gather(), &mut out) {
+            tracing::error!(%error, "Cannot encode metrics.");
+        }
+        String::from_utf8(out).unwrap_or_default()
+    }
+
+    /// Sets the ledger series from one snapshot of the totals.
+    fn show_ledger(&self, totals: &Totals) {
         raise(&self.events_emitted, totals.emitted);
         raise(&self.events_delivered, totals.delivered);
         raise(&self.events_acked, totals.acked);
@@ -450,11 +476,6 @@ impl Metrics {
         self.events_offered_undelivered_oldest_age
             .set(totals.oldest_offered_pending_age.as_secs_f64());
         self.channels.set(to_i64(totals.channels));
-        let mut out = Vec::with_capacity(16 * 1024);
-        if let Err(error) = TextEncoder::new().encode(&self.registry.gather(), &mut out) {
-            tracing::error!(%error, "Cannot encode metrics.");
-        }
-        String::from_utf8(out).unwrap_or_default()
     }
 
     pub fn observe_delivery(&self, latency: Duration) {

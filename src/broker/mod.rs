@@ -11,14 +11,18 @@ mod embedded;
 mod error;
 pub mod redis;
 mod sequenced;
+mod single_flight;
 mod upward;
+mod views;
 
 pub use error::{BrokerError, Refusal};
 pub use sequenced::{Sequenced, Snapshot, now_ms};
+pub use single_flight::Computed;
 pub use upward::{Announcement, StreamEvent, Taken, Upward};
+pub use views::View;
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -35,7 +39,7 @@ pub use channels::Channels;
 pub use embedded::Embedded;
 
 use crate::fanout::Outbox;
-use crate::ledger::{ChannelReport, Ranked, Totals};
+use crate::ledger::{ChannelReport, LedgerView, Totals};
 use crate::protocol::ChannelName;
 use crate::protocol::client::Since;
 use crate::protocol::event::Event;
@@ -108,6 +112,7 @@ impl Broker {
         stop: CancellationToken,
         metrics: Arc<Metrics>,
     ) -> Option<Upward> {
+        crate::metrics::export::<View>(&metrics.ledger_snapshots);
         match &**self {
             Self::Memory(memory) => {
                 memory.start(tracker, stop, metrics);
@@ -190,19 +195,35 @@ impl Broker {
         }
     }
 
-    /// What `/metrics` exports: the whole ledger (memory), or what this replica did (Redis).
-    pub fn totals(&self) -> Totals {
+    /// What `/metrics` exports, and when its computation started: the whole ledger (memory), or
+    /// what this replica did (Redis). A snapshot at most `ledger.snapshot_interval` old.
+    pub async fn totals(&self, metrics: &Metrics) -> (Totals, Instant) {
         match self {
-            Self::Memory(memory) => memory.channels.totals(),
-            Self::Redis(redis) => redis.totals(),
+            Self::Memory(memory) => {
+                let view = memory
+                    .views
+                    .ledger(metrics, || memory.channels.view())
+                    .await
+                    .unwrap_or_else(|never| match never {});
+                (view.value.totals, view.at)
+            }
+            Self::Redis(redis) => {
+                let totals = redis.views.replica(metrics, || redis.totals()).await;
+                (*totals.value, totals.at)
+            }
         }
     }
 
-    /// The `GET /v1/ledger` view: every channel, across replicas in Redis mode.
-    pub async fn ledger(&self, top: usize) -> Result<(Totals, Ranked), BrokerError> {
+    /// The `GET /v1/ledger` view: every channel (Redis mode: across replicas, at most a fixed
+    /// number of channels), at most `ledger.snapshot_interval` old.
+    pub async fn ledger(&self, metrics: &Metrics) -> Result<Computed<LedgerView>, BrokerError> {
         match self {
-            Self::Memory(memory) => Ok((memory.channels.totals(), memory.channels.ranked(top))),
-            Self::Redis(redis) => redis.ledger(top).await,
+            Self::Memory(memory) => Ok(memory
+                .views
+                .ledger(metrics, || memory.channels.view())
+                .await
+                .unwrap_or_else(|never| match never {})),
+            Self::Redis(redis) => redis.views.ledger(metrics, || redis.read_ledger()).await,
         }
     }
 

@@ -45,6 +45,7 @@ pub struct Config {
     pub deadletter: DeadletterConfig,
     pub upstream: UpstreamConfig,
     pub broker: BrokerConfig,
+    pub ledger: LedgerConfig,
     pub auth: AuthConfig,
 }
 
@@ -204,6 +205,24 @@ pub struct DeadletterConfig {
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
+pub struct LedgerConfig {
+    /// How old the ledger totals and rankings behind `GET /v1/ledger` and `/metrics` may be before
+    /// a request recomputes them; concurrent requests share one recomputation. 0s: every request
+    /// recomputes (still one at a time).
+    #[serde(with = "humantime_serde")]
+    pub snapshot_interval: Duration,
+}
+
+impl Default for LedgerConfig {
+    fn default() -> Self {
+        Self {
+            snapshot_interval: Duration::from_secs(2),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
 pub struct UpstreamConfig {
     /// Where HLink messages from browsers are POSTed (`http://` or `https://`). Unset: they are
     /// refused.
@@ -317,6 +336,7 @@ impl Default for Config {
             deadletter: DeadletterConfig::default(),
             upstream: UpstreamConfig::default(),
             broker: BrokerConfig::default(),
+            ledger: LedgerConfig::default(),
             auth: AuthConfig::default(),
         }
     }

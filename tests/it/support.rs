@@ -64,6 +64,9 @@ impl Gateway {
         let mut config = Config::default();
         config.shutdown.drain_delay = Duration::ZERO;
         config.shutdown.close_window = Duration::ZERO;
+        // Tests read the ledger right after publishing: every read recomputes (still one at a
+        // time). The tests of the snapshot itself configure an interval.
+        config.ledger.snapshot_interval = Duration::ZERO;
         configure(&mut config);
         let doors = agentwire::server::Doors {
             public: tokio::net::TcpListener::bind(public).await.unwrap(),
@@ -474,6 +477,8 @@ impl Process {
                 "AGENTWIRE_INTERNAL_LISTEN",
                 format!("127.0.0.1:{internal_port}"),
             )
+            // As in-process gateways: the ledger read right after publishing is fresh.
+            .env("AGENTWIRE_LEDGER__SNAPSHOT_INTERVAL", "0s")
             .envs(env.iter().copied())
             .stdout(Stdio::null())
             .stderr(Stdio::null());

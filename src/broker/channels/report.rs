@@ -1,12 +1,19 @@
-//! What the channel store reports: one channel's ledger, the balanced totals behind `/metrics`, and
-//! the channels with the most pending and lost events.
+//! What the channel store reports: one channel's ledger, and one pass over every channel for the
+//! balanced totals behind `/metrics` and `GET /v1/ledger` and the lines its rankings are made of.
 
-use std::time::Instant;
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::{Instant, SystemTime};
 
 use super::Channels;
 use super::channel::Channel;
-use crate::ledger::{ChannelReport, ChannelSummary, LostReport, Ranked, Totals};
+use crate::ledger::{
+    ChannelReport, ChannelSummary, LedgerView, LostReport, MAX_TOP, Ranked, Totals,
+};
 use crate::protocol::ChannelName;
+
+/// Channels read between two yields of [`Channels::summarize`].
+const YIELD_EVERY: usize = 1024;
 
 impl Channels {
     /// The ledger of one channel, `None` if the broker holds no such channel.
@@ -33,55 +40,68 @@ impl Channels {
         })
     }
 
-    /// Sums every channel's ledger; each channel's snapshot balances, so the sum does too.
-    pub fn totals(&self) -> Totals {
+    /// The ledger view of every channel, at one pass (see [`Self::summarize`]).
+    pub async fn view(&self) -> Result<LedgerView, Infallible> {
+        let as_of = SystemTime::now();
+        let (totals, all) = self.summarize(true).await;
+        Ok(LedgerView {
+            totals,
+            ranked: Ranked::from_summaries(all, MAX_TOP),
+            as_of,
+            channel_limit: None,
+            limit_reached: false,
+        })
+    }
+
+    /// One pass over every channel: the sum of their ledgers (each channel's snapshot balances,
+    /// so the sum does too) and, with `summaries`, a line for each channel with pending or lost
+    /// events. Each shard's lock is held only to copy its list of channels, each channel's only
+    /// to read its oldest pending age and subscribers, and the pass yields to other tasks between
+    /// shards and every [`YIELD_EVERY`] channels, so publishes go on while it runs.
+    pub async fn summarize(&self, summaries: bool) -> (Totals, Vec<ChannelSummary>) {
         let now = Instant::now();
         let mut totals = Totals::default();
+        let mut all = Vec::new();
+        let mut copied: Vec<Arc<Channel>> = Vec::new();
         for shard in self.shards.iter() {
-            let shard = shard.lock().unwrap_or_else(|e| e.into_inner());
-            totals.add(&shard.retired);
-            for channel in shard.channels.values() {
+            {
+                let shard = shard.lock().unwrap_or_else(|e| e.into_inner());
+                // A channel retired after this copy is counted through the copy, not `retired`
+                // (both are read under this lock): once either way.
+                totals.add(&shard.retired);
+                copied.extend(shard.channels.values().cloned());
+            }
+            for (n, channel) in copied.drain(..).enumerate() {
+                if n > 0 && n % YIELD_EVERY == 0 {
+                    tokio::task::yield_now().await;
+                }
                 let counts = channel.ledger.snapshot();
                 totals.add(&counts);
                 totals.channels += 1;
-                if counts.pending > 0 {
-                    let state = channel.lock();
-                    if let Some(age) = Channel::oldest_pending_age(&state, now) {
-                        totals.oldest_pending_age = totals.oldest_pending_age.max(age);
-                    }
-                    if let Some(age) = Channel::oldest_offered_pending_age(&state, now) {
-                        totals.oldest_offered_pending_age =
-                            totals.oldest_offered_pending_age.max(age);
-                    }
-                }
-            }
-        }
-        totals
-    }
-
-    /// The `n` channels with the most pending events and the `n` with the most lost ones.
-    pub fn ranked(&self, n: usize) -> Ranked {
-        let now = Instant::now();
-        let mut all = Vec::new();
-        for shard in self.shards.iter() {
-            let shard = shard.lock().unwrap_or_else(|e| e.into_inner());
-            for channel in shard.channels.values() {
-                let counts = channel.ledger.snapshot();
                 if counts.pending == 0 && counts.lost_total() == 0 {
                     continue;
                 }
                 let state = channel.lock();
-                all.push(ChannelSummary {
-                    channel: channel.name.to_string(),
-                    pending: counts.pending,
-                    oldest_pending_age_seconds: Channel::oldest_pending_age(&state, now)
-                        .map(|a| a.as_secs_f64()),
-                    lost_total: counts.lost_total(),
-                    lost: LostReport::from_counts(&counts),
-                    subscribers: state.subscribers.len(),
-                });
+                let oldest = Channel::oldest_pending_age(&state, now);
+                if let Some(age) = oldest {
+                    totals.oldest_pending_age = totals.oldest_pending_age.max(age);
+                }
+                if let Some(age) = Channel::oldest_offered_pending_age(&state, now) {
+                    totals.oldest_offered_pending_age = totals.oldest_offered_pending_age.max(age);
+                }
+                if summaries {
+                    all.push(ChannelSummary {
+                        channel: channel.name.to_string(),
+                        pending: counts.pending,
+                        oldest_pending_age_seconds: oldest.map(|a| a.as_secs_f64()),
+                        lost_total: counts.lost_total(),
+                        lost: LostReport::from_counts(&counts),
+                        subscribers: state.subscribers.len(),
+                    });
+                }
             }
+            tokio::task::yield_now().await;
         }
-        Ranked::from_summaries(all, n)
+        (totals, all)
     }
 }

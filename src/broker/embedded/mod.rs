@@ -11,6 +11,7 @@ use tokio_util::task::TaskTracker;
 mod deadletters;
 mod dedupe;
 
+use super::views::Views;
 use super::{Channels, HandOff, HandOffError};
 use crate::config::Config;
 use crate::deadletter::{Entry, Page};
@@ -27,6 +28,7 @@ pub struct Embedded {
     dedupe: Dedupe,
     deadletters: DeadLetters,
     upstream: Upstream,
+    pub(super) views: Views,
 }
 
 impl Embedded {
@@ -36,6 +38,7 @@ impl Embedded {
             dedupe: Dedupe::new(config.ingest.dedupe_window, config.ingest.dedupe_capacity),
             deadletters: DeadLetters::new(config.deadletter.clone()),
             upstream: Upstream::new(config.upstream.clone(), config.tls_ca_file.as_deref())?,
+            views: Views::new(config.ledger.snapshot_interval),
         })
     }
 

@@ -1,9 +1,11 @@
 //! The shared ledger: deliveries and acks recorded by script (batched by the report task), the
 //! channel index, the per-channel and cluster-wide reads behind `GET /v1/channels` and
-//! `GET /v1/ledger`, this replica's own counts for `/metrics`, and the age sweep.
+//! `GET /v1/ledger` (served from a snapshot, see `broker/views.rs`), this replica's own counts for
+//! `/metrics`, and the age sweep.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::SystemTime;
 
 use redis::{AsyncCommands, Value};
 
@@ -11,12 +13,17 @@ use super::RedisBroker;
 use super::keys::{CHANNELS, DEADLETTERS, Keys, seq_of};
 use crate::broker::{BrokerError, now_ms};
 use crate::ledger::{
-    ChannelReport, ChannelSummary, Counts, LostReason, LostReport, Ranked, Totals,
+    ChannelReport, ChannelSummary, Counts, LedgerView, LostReason, LostReport, MAX_TOP, Ranked,
+    Totals,
 };
 use crate::protocol::ChannelName;
 
-/// Channels `GET /v1/ledger` reads at most.
-pub(super) const LEDGER_SCAN: isize = 10_000;
+/// Channels one recomputation of `GET /v1/ledger` reads at most: it costs at most this many
+/// `HGETALL`s and one `ZREVRANGE`, once per `ledger.snapshot_interval` whatever the callers.
+pub(super) const LEDGER_SCAN: usize = 10_000;
+
+/// `HGETALL`s sent in one pipeline.
+const LEDGER_BATCH: usize = 500;
 
 /// What this replica did, for `/metrics` (summed over replicas by the dashboards).
 #[derive(Default)]
@@ -138,9 +145,9 @@ impl RedisBroker {
 
     /// What this replica did: emitted by its ingest, delivered by its sockets, lost by its trims.
     /// Its pending is the signed rest; summed over replicas it is the cluster's.
-    /// The oldest-pending ages are of the channels mirrored here.
-    pub fn totals(&self) -> Totals {
-        let mirror = self.mirror.totals();
+    /// The oldest-pending ages are of the channels mirrored here (one pass over them).
+    pub(crate) async fn totals(&self) -> Totals {
+        let (mirror, _) = self.mirror.summarize(false).await;
         let c = &self.counters;
         let lost = std::array::from_fn(|i| c.lost[i].load(Ordering::Relaxed));
         let emitted = c.emitted.load(Ordering::Relaxed);
@@ -157,35 +164,50 @@ impl RedisBroker {
         }
     }
 
-    /// The cluster-wide ledger over the channels in the index (at most [`LEDGER_SCAN`]).
-    pub async fn ledger(&self, top: usize) -> Result<(Totals, Ranked), BrokerError> {
+    /// The cluster-wide ledger over the most recently published channels of the index, at most
+    /// [`LEDGER_SCAN`] of them: one `ZREVRANGE` and one `HGETALL` per channel, sent in pipelines
+    /// of [`LEDGER_BATCH`] so that publishes on the shared connection are not queued behind all
+    /// of them at once.
+    pub(crate) async fn read_ledger(&self) -> Result<LedgerView, BrokerError> {
+        let as_of = SystemTime::now();
         let mut conn = self.conn();
-        let names: Vec<String> = conn.zrevrange(CHANNELS, 0, LEDGER_SCAN - 1).await?;
-        let mut pipe = redis::pipe();
-        for name in &names {
-            if let Some(channel) = ChannelName::parse(name) {
-                pipe.hgetall(Keys::of(&channel).meta);
-            }
-        }
-        let metas: Vec<HashMap<String, String>> = pipe.query_async(&mut conn).await?;
+        // One more than the cap, to tell whether the cap was reached.
+        let mut names: Vec<String> = conn.zrevrange(CHANNELS, 0, LEDGER_SCAN as isize).await?;
+        let limit_reached = names.len() > LEDGER_SCAN;
+        names.truncate(LEDGER_SCAN);
+        let channels: Vec<ChannelName> =
+            names.iter().filter_map(|n| ChannelName::parse(n)).collect();
         let mut totals = Totals::default();
         let mut all = Vec::new();
-        for (name, meta) in names.iter().zip(&metas) {
-            let counts = counts_of(meta);
-            totals.add(&counts);
-            totals.channels += 1;
-            if counts.pending > 0 || counts.lost_total() > 0 {
-                all.push(ChannelSummary {
-                    channel: name.clone(),
-                    pending: counts.pending,
-                    oldest_pending_age_seconds: None,
-                    lost_total: counts.lost_total(),
-                    lost: LostReport::from_counts(&counts),
-                    subscribers: 0,
-                });
+        for batch in channels.chunks(LEDGER_BATCH) {
+            let mut pipe = redis::pipe();
+            for channel in batch {
+                pipe.hgetall(Keys::of(channel).meta);
+            }
+            let metas: Vec<HashMap<String, String>> = pipe.query_async(&mut conn).await?;
+            for (channel, meta) in batch.iter().zip(&metas) {
+                let counts = counts_of(meta);
+                totals.add(&counts);
+                totals.channels += 1;
+                if counts.pending > 0 || counts.lost_total() > 0 {
+                    all.push(ChannelSummary {
+                        channel: channel.to_string(),
+                        pending: counts.pending,
+                        oldest_pending_age_seconds: None,
+                        lost_total: counts.lost_total(),
+                        lost: LostReport::from_counts(&counts),
+                        subscribers: 0,
+                    });
+                }
             }
         }
-        Ok((totals, Ranked::from_summaries(all, top)))
+        Ok(LedgerView {
+            totals,
+            ranked: Ranked::from_summaries(all, MAX_TOP),
+            as_of,
+            channel_limit: Some(LEDGER_SCAN as u64),
+            limit_reached,
+        })
     }
 
     /// Trims channels idle for `history.max_age` (their entries are all that old) and retires

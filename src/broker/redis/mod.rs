@@ -30,6 +30,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use crate::broker::views::Views;
 use ledger::Counters;
 use mirror::Attachment;
 use redis::Script;
@@ -123,6 +124,7 @@ pub struct RedisBroker {
     deadletter_capacity: usize,
     deadletter_count: AtomicU64,
     counters: Counters,
+    pub(in crate::broker) views: Views,
 }
 
 impl RedisBroker {
@@ -173,6 +175,7 @@ impl RedisBroker {
             deadletter_capacity: config.deadletter.capacity,
             deadletter_count: AtomicU64::new(0),
             counters: Counters::default(),
+            views: Views::new(config.ledger.snapshot_interval),
         })
     }
 

@@ -28,9 +28,11 @@ pub(super) fn ready(gateway: &Gateway) -> Response<Body> {
     }
 }
 
-pub(super) fn metrics(gateway: &Gateway) -> Response<Body> {
+pub(super) async fn metrics(gateway: &Gateway) -> Response<Body> {
+    let (totals, totals_at) = gateway.broker.totals(&gateway.metrics).await;
     let text = gateway.metrics.render(|| crate::metrics::Scraped {
-        totals: gateway.broker.totals(),
+        totals,
+        totals_at,
         pending_resolution: gateway.resolver.pending_count(),
         pending_resolution_bytes: gateway.resolver.pending_bytes(),
         deadletters: gateway.broker.dead_letter_count(),

@@ -129,7 +129,7 @@ async fn internal(
         }
         ("/healthz", &Method::GET) => json_response(StatusCode::OK, &json!({"status": "ok"})),
         ("/readyz", &Method::GET) => ready(&gateway),
-        ("/metrics", &Method::GET) => metrics(&gateway),
+        ("/metrics", &Method::GET) => metrics(&gateway).await,
         _ => not_routed(path, method, Door::Internal),
     }
 }

@@ -70,17 +70,21 @@ pub(super) fn run(gateway: &Gateway, raw: &str) -> Response<Body> {
     }
 }
 
-/// The first page an operator opens when an alert fires: totals and the worst channels.
+/// The first page an operator opens when an alert fires: totals and the worst channels, from a
+/// snapshot at most `ledger.snapshot_interval` old (the ingest and run figures are live).
 pub(super) async fn ledger(gateway: &Gateway, query: Option<&str>) -> Response<Body> {
     let top = url::form_urlencoded::parse(query.unwrap_or_default().as_bytes())
         .find(|(key, _)| key == "top")
         .and_then(|(_, n)| n.parse::<usize>().ok())
         .unwrap_or(10)
-        .min(1000);
-    let (totals, ranked) = match gateway.broker.ledger(top).await {
-        Ok(ledger) => ledger,
+        .min(crate::ledger::MAX_TOP);
+    let view = match gateway.broker.ledger(&gateway.metrics).await {
+        Ok(view) => view,
         Err(e) => return broker_error(gateway, &e),
     };
+    let age = view.at.elapsed();
+    let view = &*view.value;
+    let (totals, ranked) = (&view.totals, view.ranked.top(top));
     let metrics = &gateway.metrics;
     let lost_unresolved = metrics
         .events_lost
@@ -117,6 +121,12 @@ pub(super) async fn ledger(gateway: &Gateway, query: Option<&str>) -> Response<B
             },
             "top_pending": ranked.top_pending,
             "top_lost": ranked.top_lost,
+            "snapshot": {
+                "as_of": humantime::format_rfc3339_millis(view.as_of).to_string(),
+                "age_seconds": age.as_secs_f64(),
+                "channel_limit": view.channel_limit,
+                "limit_reached": view.limit_reached,
+            },
         }),
     )
 }

@@ -118,6 +118,9 @@ impl Legit {
         let reader = {
             let (stats, ended) = (Arc::clone(&stats), Arc::clone(&ended));
             tokio::spawn(async move {
+                // Acks what it has shown, as a real client does: a client that never sends
+                // anything is closed after session.client_timeout.
+                let mut last_ack = std::time::Instant::now();
                 loop {
                     let frame = match next_text(&mut ws).await {
                         Ok(frame) => frame,
@@ -130,6 +133,17 @@ impl Legit {
                     let Ok(value) = serde_json::from_slice::<Value>(&frame) else {
                         continue;
                     };
+                    if let Some(seq) = value["seq"].as_u64()
+                        && last_ack.elapsed() > std::time::Duration::from_secs(5)
+                    {
+                        last_ack = std::time::Instant::now();
+                        let ack =
+                            json!({"type": "ack", "thread_id": value["thread_id"], "seq": seq});
+                        if let Err(e) = send(&mut ws, &ack).await {
+                            *lock(&ended) = Some(format!("{e:#}"));
+                            return;
+                        }
+                    }
                     let payload = &value["payload"];
                     let (Some(attack), Some(sent_us)) =
                         (payload["attack"].as_u64(), payload["sent_us"].as_u64())

@@ -245,15 +245,18 @@ def driven(live, baseline, gateway):
 
 @pytest.fixture(scope="session")
 def final_metrics(live, driven, work):
-    """The gateway's /metrics (internal door) once the unresolved event is dead-lettered and the stalled run
-    counted (resolve.grace is 1 s: at most 10 s), parsed."""
+    """The gateway's /metrics (internal door) once the unresolved event is dead-lettered, the stalled run
+    counted (resolve.grace is 1 s: at most 10 s) and the ledger series show the test's traffic (they come
+    from a snapshot at most ledger.snapshot_interval old), parsed."""
     _, internal, _ = live
     deadline = time.monotonic() + 10
     while True:
         text = d.get_text(internal + "/metrics")
         m = d.Exposition(text)
         if (m.value("agentwire_events_lost_total", reason="unresolved") or 0) >= 1 and \
-                (m.value("agentwire_runs_stalled_total") or 0) >= 1:
+                (m.value("agentwire_runs_stalled_total") or 0) >= 1 and \
+                m.value("agentwire_events_emitted_total") == driven["emitted"] and \
+                m.value("agentwire_events_lost_total", reason="expired_unseen") == driven["expired_unseen"]:
             break
         if time.monotonic() > deadline:
             break

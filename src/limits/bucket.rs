@@ -1,30 +1,29 @@
-//! A token bucket: a sustained rate with a burst.
+//! A token bucket: a sustained rate with a burst, in eight bytes (one per connection).
 
-use std::time::Instant;
-
-/// `rate` tokens per second, at most `burst` saved up. One per connection, so no lock.
+/// Tokens left and when it was last filled, in milliseconds of a clock the caller keeps (only
+/// differences count, so the clock may wrap). The rate and the burst are the caller's
+/// configuration, passed on each take, so the bucket holds nothing else.
 pub struct TokenBucket {
-    rate: f64,
-    burst: f64,
-    tokens: f64,
-    last: Instant,
+    tokens: f32,
+    last_ms: u32,
 }
 
 impl TokenBucket {
-    pub fn new(rate: u32, burst: u32, now: Instant) -> Self {
+    /// A full bucket at `now_ms`.
+    pub fn new(burst: u32, now_ms: u32) -> Self {
         Self {
-            rate: f64::from(rate),
-            burst: f64::from(burst),
-            tokens: f64::from(burst),
-            last: now,
+            tokens: burst as f32,
+            last_ms: now_ms,
         }
     }
 
-    /// Takes one token at `now`; `false` when none is left.
-    pub fn take(&mut self, now: Instant) -> bool {
-        let earned = now.saturating_duration_since(self.last).as_secs_f64() * self.rate;
-        self.tokens = (self.tokens + earned).min(self.burst);
-        self.last = now;
+    /// Takes one token at `now_ms`, `rate` tokens a second coming back up to `burst`; `false` when
+    /// none is left.
+    pub fn take(&mut self, rate: u32, burst: u32, now_ms: u32) -> bool {
+        let elapsed = now_ms.wrapping_sub(self.last_ms);
+        self.last_ms = now_ms;
+        let earned = elapsed as f32 / 1000.0 * rate as f32;
+        self.tokens = (self.tokens + earned).min(burst as f32);
         if self.tokens >= 1.0 {
             self.tokens -= 1.0;
             true
@@ -40,12 +39,13 @@ mod tests {
 
     #[test]
     fn allows_the_burst_then_the_rate() {
-        let start = Instant::now();
-        let mut bucket = TokenBucket::new(10, 3, start);
-        assert!((0..3).all(|_| bucket.take(start)));
-        assert!(!bucket.take(start));
-        let later = start + std::time::Duration::from_millis(100);
-        assert!(bucket.take(later));
-        assert!(!bucket.take(later));
+        let mut bucket = TokenBucket::new(3, 1_000);
+        assert!((0..3).all(|_| bucket.take(10, 3, 1_000)));
+        assert!(!bucket.take(10, 3, 1_000));
+        assert!(bucket.take(10, 3, 1_100), "100 ms at 10/s is one more");
+        assert!(!bucket.take(10, 3, 1_100));
+        let mut wrapped = TokenBucket::new(1, u32::MAX - 50);
+        assert!(wrapped.take(10, 1, u32::MAX - 50));
+        assert!(wrapped.take(10, 1, 60), "the clock wrapped; 111 ms passed");
     }
 }

@@ -16,21 +16,19 @@ pub use bucket::TokenBucket;
 pub use client_ip::client_ip;
 pub use per_ip::{PerIp, PerIpSlot};
 
+use per_ip::Full;
+
 use crate::config::Config;
 
 /// The gateway's admission budgets, built once from the configuration.
 pub struct Limits {
-    connections: Arc<Semaphore>,
-    connections_per_ip: PerIp,
-    requests_per_ip: PerIp,
+    connections: PerIp,
+    requests: PerIp,
     body_bytes: Arc<Semaphore>,
 }
 
 /// A WebSocket connection's place in both connection budgets; given back when dropped.
-pub struct ConnectionSlot {
-    _global: OwnedSemaphorePermit,
-    _per_ip: PerIpSlot,
-}
+pub type ConnectionSlot = PerIpSlot;
 
 /// Which connection budget is full.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -44,31 +42,26 @@ pub enum ConnectionsFull {
 impl Limits {
     pub fn new(config: &Config) -> Self {
         Self {
-            connections: Arc::new(Semaphore::new(config.session.max_connections)),
-            connections_per_ip: PerIp::new(config.session.max_connections_per_ip),
-            requests_per_ip: PerIp::new(config.ingest.max_requests_per_ip),
+            connections: PerIp::new(
+                config.session.max_connections_per_ip,
+                config.session.max_connections,
+            ),
+            requests: PerIp::new(config.ingest.max_requests_per_ip, usize::MAX),
             body_bytes: Arc::new(Semaphore::new(config.ingest.max_inflight_bytes)),
         }
     }
 
     /// A place for one more WebSocket connection from `ip`, or which budget is full.
     pub fn connection(&self, ip: IpAddr) -> Result<ConnectionSlot, ConnectionsFull> {
-        let global = Arc::clone(&self.connections)
-            .try_acquire_owned()
-            .map_err(|_| ConnectionsFull::Global)?;
-        let per_ip = self
-            .connections_per_ip
-            .acquire(ip)
-            .ok_or(ConnectionsFull::PerIp)?;
-        Ok(ConnectionSlot {
-            _global: global,
-            _per_ip: per_ip,
+        self.connections.acquire(ip).map_err(|full| match full {
+            Full::Total => ConnectionsFull::Global,
+            Full::Address => ConnectionsFull::PerIp,
         })
     }
 
     /// A place for one more request from `ip` on the internal door (`ingest.max_requests_per_ip`).
     pub fn request(&self, ip: IpAddr) -> Option<PerIpSlot> {
-        self.requests_per_ip.acquire(ip)
+        self.requests.acquire(ip).ok()
     }
 
     /// `bytes` more of request body held (`ingest.max_inflight_bytes`), added to `held`; `false`

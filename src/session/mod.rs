@@ -76,16 +76,14 @@ pub async fn serve(
             written: Vec::new(),
             closing: None,
             closed_cleanly: false,
-            bucket: TokenBucket::new(
-                config.message_rate,
-                config.message_burst,
-                std::time::Instant::now(),
-            ),
+            bucket: TokenBucket::new(config.message_burst, clock_ms()),
             partial_since: None,
         };
         let ended = session.run().await;
         session.outbox.close();
-        session.leave_all().await;
+        // Boxed: the unsubscribe may wait on the Redis broker's queue, and that state inline would
+        // grow every connection's task for its whole life, not just while it leaves.
+        Box::pin(session.leave_all()).await;
         if ended == Ended::SlowConsumer {
             gateway.metrics.slow_consumer_closes.inc();
             tracing::info!(
@@ -105,6 +103,12 @@ pub async fn serve(
     }
     .instrument(span)
     .await
+}
+
+/// Milliseconds of the process's clock, wrapping, for the connections' message rate.
+fn clock_ms() -> u32 {
+    static START: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+    START.get_or_init(Instant::now).elapsed().as_millis() as u32
 }
 
 /// When a connection's token runs out: `token_expiring` is sent at `warn_at`, and without a
@@ -317,7 +321,10 @@ impl Session {
                     return Some(self.close(1002, "protocol_error", Ended::ProtocolError));
                 }
             };
-            if !self.bucket.take(std::time::Instant::now()) {
+            if !self
+                .bucket
+                .take(config.message_rate, config.message_burst, clock_ms())
+            {
                 self.error(
                     ErrorCode::RateLimited,
                     "more messages than session.message_rate allows; reconnect later",

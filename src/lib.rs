@@ -77,6 +77,7 @@ impl Gateway {
         let metrics = Metrics::new();
         metrics::export::<watchdog::Violation>(&metrics.lifecycle_violations);
         metrics::export::<resolve::PendingFull>(&metrics.pending_refused);
+        metrics::export::<fanout::DroppedReport>(&metrics.reports_dropped);
         metrics::export::<auth::Refusal>(&metrics.auth_refused);
         metrics::export::<auth::ApiRefusal>(&metrics.api_refused);
         metrics::export::<auth::Decision>(&metrics.subscribe_webhook);

@@ -79,6 +79,7 @@ pub struct Metrics {
     pub client_errors: IntCounterVec,
     pub broker_up: IntGauge,
     pub broker_errors: IntCounter,
+    pub reports_dropped: IntCounterVec,
     pub broker_refused: IntCounterVec,
     pub redis_subscriptions_reconciled: IntCounterVec,
     pub ledger_snapshots: IntCounterVec,
@@ -249,6 +250,12 @@ impl Metrics {
                 r,
                 "agentwire_broker_errors_total",
                 "Broker operations that failed.",
+            ),
+            reports_dropped: counter_vec(
+                r,
+                "agentwire_reports_dropped_total",
+                "Reports to Redis (first deliveries, acks, dead letters) dropped because their queue was full, by report.",
+                "report",
             ),
             broker_refused: counter_vec(
                 r,
@@ -423,6 +430,7 @@ impl Metrics {
         for code in crate::protocol::server::ErrorCode::ALL {
             metrics.client_errors.with_label_values(&[code.as_str()]);
         }
+
         metrics.broker_up.set(1);
         metrics
     }

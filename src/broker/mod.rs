@@ -181,10 +181,16 @@ impl Broker {
         }
     }
 
-    pub fn ack(&self, name: &ChannelName, seq: u64, outbox: &Arc<Outbox>) -> Result<u64, AckError> {
+    pub fn ack(
+        &self,
+        name: &ChannelName,
+        seq: u64,
+        outbox: &Arc<Outbox>,
+        metrics: &Metrics,
+    ) -> Result<u64, AckError> {
         match self {
             Self::Memory(memory) => memory.channels.ack(name, seq, outbox),
-            Self::Redis(redis) => redis.ack(name, seq, outbox),
+            Self::Redis(redis) => redis.ack(name, seq, outbox, metrics),
         }
     }
 

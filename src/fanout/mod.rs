@@ -10,8 +10,10 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use bytes::Bytes;
 use tokio::sync::Notify;
 
+mod dropped;
 mod stored;
 
+pub use dropped::{DroppedReport, dropped_report};
 pub use stored::{Delivered, Feed, StoredEvent};
 
 /// What a connection writer is asked to write.

@@ -67,7 +67,7 @@ impl StoredEvent {
                     })
                     .is_err()
             {
-                metrics.broker_errors.inc();
+                super::dropped_report(metrics, super::DroppedReport::Delivered);
             }
             metrics.observe_delivery(self.emitted_at.elapsed());
             if let Some(age) = self

@@ -36,20 +36,14 @@ pub async fn redrive(gateway: &Gateway) -> Result<Vec<Redriven>, BrokerError> {
     let mut kept = Vec::new();
     let mut report = Vec::new();
     for entry in letters {
-        // A letter that cannot be read back stays for the operator to see.
-        let Some(event) = entry.event.unpack() else {
-            report.push(Redriven {
-                id: entry.id.clone(),
-                run_id: entry.run_id.clone(),
-                outcome: RedriveOutcome::Unresolved,
-            });
-            kept.push(entry);
-            continue;
-        };
-        let outcome = match resolve(gateway, &event).await {
-            Ok(Some(channel)) => redrive_one(gateway, &entry, &event, channel).await,
-            Ok(None) => Err(None),
-            Err(error) => Err(Some(error)),
+        let outcome = match entry.event.unpack() {
+            // A letter that cannot be read back stays for the operator to see.
+            None => Err(None),
+            Some(event) => match resolve(gateway, &event).await {
+                Ok(Some(channel)) => redrive_one(gateway, &entry, &event, channel).await,
+                Ok(None) => Err(None),
+                Err(error) => Err(Some(error)),
+            },
         };
         let outcome = match outcome {
             Ok(None) => continue,

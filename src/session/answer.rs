@@ -251,7 +251,11 @@ impl Session {
                 }
             }
             Ok(ClientFrame::Ack { channel, seq }) => {
-                if let Err(error) = self.gateway.broker.ack(&channel, seq, &self.outbox) {
+                if let Err(error) =
+                    self.gateway
+                        .broker
+                        .ack(&channel, seq, &self.outbox, &self.gateway.metrics)
+                {
                     self.error(ErrorCode::InvalidAck, &error.to_string());
                 }
             }

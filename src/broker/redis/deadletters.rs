@@ -11,8 +11,10 @@ use super::reports::Report;
 use super::{RedisBroker, reports};
 use crate::broker::{BrokerError, now_ms};
 use crate::deadletter::Page;
+use crate::fanout::{DroppedReport, dropped_report};
 use crate::metrics::Metrics;
 use crate::protocol::packed::PackedEvent;
+use crate::telemetry::Throttle;
 
 impl RedisBroker {
     /// A dead letter as it is stored.
@@ -32,16 +34,20 @@ impl RedisBroker {
     }
 
     /// Queues a dead letter for the shared stream (written by the report task, retried while Redis
-    /// is away). A full queue drops it: logged with the event and counted as a broker error.
+    /// is away). A full queue drops it: counted, and logged with the event at most once per
+    /// interval (the event is already counted lost `unresolved`).
     pub fn keep_dead_letter(&self, letter: reports::DeadLetter, metrics: &Metrics) {
         if let Err(refused) = self.reports.try_send(Report::DeadLetter(letter)) {
-            metrics.broker_errors.inc();
+            dropped_report(metrics, DroppedReport::DeadLetter);
             let why = match &refused {
                 TrySendError::Full(_) => "the report queue is full",
                 TrySendError::Closed(_) => "the report task has stopped (shutdown)",
             };
-            if let Report::DeadLetter(letter) = refused.into_inner() {
-                tracing::error!(target: "agentwire::deadletter", run_id = %letter.run_id, event = %letter.event, why, "Dead letter not kept.");
+            static NOT_KEPT: Throttle = Throttle::every(Duration::from_secs(10));
+            if let Report::DeadLetter(letter) = refused.into_inner()
+                && let Some(held_back) = NOT_KEPT.allow()
+            {
+                tracing::error!(target: "agentwire::deadletter", run_id = %letter.run_id, event = %letter.event, why, held_back, "Dead letter not kept.");
             }
         }
     }
@@ -104,11 +110,23 @@ impl RedisBroker {
         limit: usize,
     ) -> Result<Page, BrokerError> {
         let start = after.map_or_else(|| "-".to_string(), |id| format!("({id}"));
-        // One more than asked says whether there is a next page.
-        let mut entries = self.read_dead_letters(&start, limit + 1).await?;
+        // The page and the count in one transaction, so they agree. One more than asked says
+        // whether there is a next page.
+        let (entries, total): (Vec<Entry>, usize) = redis::pipe()
+            .atomic()
+            .cmd("XRANGE")
+            .arg(DEADLETTERS)
+            .arg(&start)
+            .arg("+")
+            .arg("COUNT")
+            .arg(limit + 1)
+            .cmd("XLEN")
+            .arg(DEADLETTERS)
+            .query_async(&mut self.conn())
+            .await?;
+        let mut entries = letters(entries);
         let more = entries.len() > limit;
         entries.truncate(limit);
-        let total: usize = self.conn().xlen(DEADLETTERS).await?;
         Ok(Page {
             total,
             next: more.then(|| entries.last().map(|e| e.id.clone())).flatten(),
@@ -132,21 +150,7 @@ impl RedisBroker {
             .arg(count)
             .query_async(&mut self.conn())
             .await?;
-        Ok(entries
-            .into_iter()
-            .filter_map(|(id, fields)| {
-                let text = |key| field(&fields, key).map(str::to_string);
-                let lost_ms: u64 = field(&fields, "lost_ms")?.parse().ok()?;
-                Some(crate::deadletter::Entry {
-                    origin: Some(text("origin").unwrap_or_else(|| id.clone())),
-                    id: crate::deadletter::LetterId::Stream(id),
-                    run_id: text("run_id")?,
-                    reason: text("reason")?,
-                    lost_at: std::time::SystemTime::UNIX_EPOCH + Duration::from_millis(lost_ms),
-                    event: PackedEvent::from_json(field(&fields, "event")?)?,
-                })
-            })
-            .collect())
+        Ok(letters(entries))
     }
 
     /// The newest malformed ingest entries set aside in `<ingest_stream>:dead` (at most 100),
@@ -180,4 +184,23 @@ impl RedisBroker {
     pub fn dead_letter_count(&self) -> usize {
         self.deadletter_count.load(Ordering::Relaxed) as usize
     }
+}
+
+/// Dead letters from their stream entries (an entry that is not one is skipped).
+fn letters(entries: Vec<Entry>) -> Vec<crate::deadletter::Entry> {
+    entries
+        .into_iter()
+        .filter_map(|(id, fields)| {
+            let text = |key| field(&fields, key).map(str::to_string);
+            let lost_ms: u64 = field(&fields, "lost_ms")?.parse().ok()?;
+            Some(crate::deadletter::Entry {
+                origin: Some(text("origin").unwrap_or_else(|| id.clone())),
+                id: crate::deadletter::LetterId::Stream(id),
+                run_id: text("run_id")?,
+                reason: text("reason")?,
+                lost_at: std::time::SystemTime::UNIX_EPOCH + Duration::from_millis(lost_ms),
+                event: PackedEvent::from_json(field(&fields, "event")?)?,
+            })
+        })
+        .collect()
 }

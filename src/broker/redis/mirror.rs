@@ -14,7 +14,8 @@ use super::publish::new_epoch;
 use super::reports::Report;
 use super::{RedisBroker, live};
 use crate::broker::{AckError, BrokerError, Sequenced, Snapshot};
-use crate::fanout::{Feed, Outbox};
+use crate::fanout::{DroppedReport, Feed, Outbox, dropped_report};
+use crate::metrics::Metrics;
 use crate::protocol::ChannelName;
 use crate::protocol::client::Since;
 use crate::protocol::server::Subscribed;
@@ -175,14 +176,21 @@ impl RedisBroker {
         removed
     }
 
-    pub fn ack(&self, name: &ChannelName, seq: u64, outbox: &Arc<Outbox>) -> Result<u64, AckError> {
+    pub fn ack(
+        &self,
+        name: &ChannelName,
+        seq: u64,
+        outbox: &Arc<Outbox>,
+        metrics: &Metrics,
+    ) -> Result<u64, AckError> {
         let newly = self.mirror.ack(name, seq, outbox)?;
         if newly > 0
             && let Some((epoch, _)) = self.mirror.position(name)
+            && let Err(mpsc::error::TrySendError::Full(_)) =
+                self.reports
+                    .try_send(Report::Acked(name.clone(), epoch, seq))
         {
-            let _ = self
-                .reports
-                .try_send(Report::Acked(name.clone(), epoch, seq));
+            dropped_report(metrics, DroppedReport::Acked);
         }
         Ok(newly)
     }

@@ -74,11 +74,16 @@ impl RedisBroker {
             event.kind,
             EventType::AgentCompleted | EventType::AgentError
         );
-        let _ = self.reports.try_send(Report::Published {
-            channel: name.clone(),
-            ms: now,
-            run: event.run_id.clone().map(|run_id| (run_id, ended)),
-        });
+        // Waits for room: a dropped one would let another replica call this run stalled. (The
+        // queue closes only at shutdown, after ingest has stopped.)
+        let _ = self
+            .reports
+            .send(Report::Published {
+                channel: name.clone(),
+                ms: now,
+                run: event.run_id.clone().map(|run_id| (run_id, ended)),
+            })
+            .await;
         Ok(Outcome::Published(Published {
             seq,
             epoch: epoch.into(),

@@ -186,3 +186,47 @@ async fn json_logs_carry_the_connection_id() {
     );
     assert_eq!(hello["user_id"], "u_logged");
 }
+
+/// Configuration that would start and do the wrong thing in silence stops the start with 64 and
+/// names what is wrong. (`agentwire config` loads exactly as `agentwire serve` does, and exits.)
+#[test]
+fn silent_misconfigurations_stop_the_start_with_64() {
+    for (env, named) in [
+        (("AGENTWIRE_LOG_LEVEL", "verbose"), "log_level"),
+        (("RUST_LOG", "verbose"), "RUST_LOG"),
+        (("AGENTWIRE_UPSTREAM__TIMEOUT", "0s"), "upstream.timeout"),
+        (
+            ("AGENTWIRE_BROKER__UI_EVENTS_MAX_LEN", "0"),
+            "broker.ui_events_max_len",
+        ),
+        (
+            (
+                "AGENTWIRE_UPSTREAM__WEBHOOK_URL",
+                "http://agent:99999/hlink",
+            ),
+            "upstream.webhook_url",
+        ),
+        (
+            ("AGENTWIRE_SESSION_HEARTBEAT", "5s"),
+            "did you mean AGENTWIRE_SESSION__HEARTBEAT?",
+        ),
+    ] {
+        let output = binary()
+            .arg("config")
+            .env_clear()
+            .env(env.0, env.1)
+            .current_dir(std::env::temp_dir())
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(
+            output.status.code(),
+            Some(64),
+            "{}={}: {stderr}",
+            env.0,
+            env.1
+        );
+        assert!(stderr.contains(named), "{}={}: {stderr}", env.0, env.1);
+    }
+}
+

@@ -230,3 +230,42 @@ fn silent_misconfigurations_stop_the_start_with_64() {
     }
 }
 
+#[tokio::test]
+async fn text_logs_to_a_pipe_have_no_colours() {
+    let port = free_port();
+    let child = binary()
+        .env_clear()
+        .env("AGENTWIRE_LISTEN", format!("127.0.0.1:{port}"))
+        .env(
+            "AGENTWIRE_INTERNAL_LISTEN",
+            format!("127.0.0.1:{}", free_port()),
+        )
+        .env("AGENTWIRE_SHUTDOWN__DRAIN_DELAY", "0s")
+        .env("AGENTWIRE_SHUTDOWN__CLOSE_WINDOW", "0s")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    for _ in 0..200 {
+        if tokio::net::TcpStream::connect(addr).await.is_ok() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let _ = std::process::Command::new("kill")
+        .arg("-TERM")
+        .arg(child.id().to_string())
+        .status();
+    let output = tokio::task::spawn_blocking(move || child.wait_with_output().unwrap())
+        .await
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("Listening."), "{stderr}");
+    assert!(
+        !stderr.contains("\x1b["),
+        "ANSI escapes in a pipe: {stderr:?}"
+    );
+}
+

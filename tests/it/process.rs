@@ -230,6 +230,20 @@ fn silent_misconfigurations_stop_the_start_with_64() {
     }
 }
 
+#[test]
+fn the_probe_refuses_a_configuration_file_it_would_not_read() {
+    let output = binary()
+        .args(["probe", "--config", "agentwire.toml", "--timeout", "1s"])
+        .env_clear()
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(64), "{output:?}");
+    assert!(
+        String::from_utf8_lossy(&output.stderr).contains("--config"),
+        "{output:?}"
+    );
+}
+
 #[tokio::test]
 async fn text_logs_to_a_pipe_have_no_colours() {
     let port = free_port();
@@ -269,3 +283,25 @@ async fn text_logs_to_a_pipe_have_no_colours() {
     );
 }
 
+#[tokio::test]
+async fn a_second_sigint_exits_at_once() {
+    let mut process = Process::start(&[
+        ("AGENTWIRE_SHUTDOWN__DRAIN_DELAY", "30s"),
+        ("AGENTWIRE_SHUTDOWN__CLOSE_WINDOW", "0s"),
+    ])
+    .await;
+    assert_eq!(http(process.internal, "GET", "/readyz", None).await.0, 200);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    process.signal("INT");
+    let mut draining = false;
+    for _ in 0..100 {
+        if http(process.internal, "GET", "/readyz", None).await.0 == 503 {
+            draining = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(draining, "the first SIGINT starts the drain");
+    process.signal("INT");
+    assert_eq!(process.exit_code(Duration::from_secs(3)).await, Some(130));
+}

@@ -22,7 +22,8 @@ const EXIT_CONFIG: u8 = 64;
     about = "WebSocket gateway for AI-agent execution events"
 )]
 struct Cli {
-    /// Configuration file (default: ./agentwire.toml when it exists).
+    /// The gateway's configuration file, for serve, config and token (default: ./agentwire.toml
+    /// when it exists). probe and bench refuse it: they reach a gateway from outside.
     #[arg(long, global = true, value_name = "FILE")]
     config: Option<PathBuf>,
     #[command(subcommand)]
@@ -82,6 +83,14 @@ fn main() -> ExitCode {
     agentwire::outbound::install_tls_provider();
     let cli = Cli::parse();
     match cli.command.unwrap_or(Command::Serve) {
+        // A file given to a command that does not read it would be ignored in silence.
+        Command::Probe { .. } | Command::Bench(_) if cli.config.is_some() => {
+            eprintln!(
+                "agentwire: --config is the gateway's configuration; probe and bench do not read it \
+                 (the probe takes --url, --api-url and AGENTWIRE_PROBE_*, see docs/operations.md)"
+            );
+            ExitCode::from(EXIT_CONFIG)
+        }
         // The probe is a client: it needs no gateway configuration.
         Command::Probe {
             url,
@@ -252,22 +261,33 @@ fn config_address(listener: &tokio::net::TcpListener) -> String {
         .map_or_else(|e| e.to_string(), |a| a.to_string())
 }
 
-/// Decides shutdown: the first SIGTERM or SIGINT starts the drain.
+/// Decides shutdown: the first SIGTERM or SIGINT starts the drain; a SIGINT during the drain (a
+/// second Ctrl-C) exits at once with 130.
 async fn signals(stop: CancellationToken) {
-    let terminate = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut signal) => {
-                signal.recv().await;
-            }
-            Err(error) => {
-                tracing::error!(%error, "Cannot listen for SIGTERM.");
-                std::future::pending::<()>().await;
-            }
+    use tokio::signal::unix::{SignalKind, signal};
+    let listen = |kind: SignalKind, name: &str| match signal(kind) {
+        Ok(signal) => Some(signal),
+        Err(error) => {
+            tracing::error!(%error, "Cannot listen for {name}.");
+            None
         }
     };
+    let mut terminate = listen(SignalKind::terminate(), "SIGTERM");
+    let mut interrupt = listen(SignalKind::interrupt(), "SIGINT");
+    async fn received(signal: &mut Option<tokio::signal::unix::Signal>) {
+        match signal {
+            Some(signal) => {
+                signal.recv().await;
+            }
+            None => std::future::pending::<()>().await,
+        }
+    }
     tokio::select! {
-        _ = terminate => tracing::info!("SIGTERM: shutting down."),
-        _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT: shutting down."),
+        _ = received(&mut terminate) => tracing::info!("SIGTERM: shutting down."),
+        _ = received(&mut interrupt) => tracing::info!("SIGINT: shutting down (SIGINT again to exit at once)."),
     }
     stop.cancel();
+    received(&mut interrupt).await;
+    tracing::warn!("SIGINT again: exiting now, without draining.");
+    std::process::exit(130);
 }

@@ -53,9 +53,13 @@ pub fn check_trusted_url(raw: &str) -> Result<(), String> {
     }
 }
 
-/// Whether `raw` is a URL the gateway can call: `http://` or `https://`, with a host.
+/// Whether `raw` is a URL the gateway can call: `http://` or `https://`, with a host and a port
+/// from 1 to 65535 (a larger one is refused by the parser, 0 here).
 pub fn check_url(raw: &str) -> Result<(), String> {
     let url = url::Url::parse(raw).map_err(|e| e.to_string())?;
+    if url.port() == Some(0) {
+        return Err("port 0: the port must be between 1 and 65535".into());
+    }
     match url.scheme() {
         "http" | "https" if url.has_host() => Ok(()),
         "http" | "https" => Err("no host".into()),

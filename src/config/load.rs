@@ -5,12 +5,17 @@
 use std::path::Path;
 
 use figment::Figment;
+use figment::error::Kind;
 use figment::providers::{Env, Format, Serialized, Toml};
+use figment::value::Value;
 
 use super::Config;
 
 /// An API key shorter than this is refused: it could be guessed.
 const MIN_API_KEY_BYTES: usize = 16;
+
+/// The levels a `log_level` (or `RUST_LOG`) directive may name.
+const LEVELS: [&str; 6] = ["trace", "debug", "info", "warn", "error", "off"];
 
 /// A configuration that cannot be used, with the key at fault.
 #[derive(Debug, thiserror::Error)]
@@ -29,18 +34,16 @@ impl Config {
             Some(path) => defaults.merge(Toml::file_exact(path)),
             None => defaults.merge(Toml::file("agentwire.toml")),
         };
-        // Kubernetes injects AGENTWIRE_SERVICE_HOST, AGENTWIRE_PORT_8000_TCP… into every pod of a
-        // namespace with a Service named `agentwire`, and AGENTWIRE_PROBE_* / AGENTWIRE_BENCH_*
-        // are the tools' own: none of those are configuration.
-        let env = Env::prefixed("AGENTWIRE_").split("__").filter(|key| {
-            let key = key.as_str().to_ascii_lowercase();
-            !(key.starts_with("service_")
-                || key == "port"
-                || key.starts_with("port_")
-                || key.starts_with("probe_")
-                || key.starts_with("bench_"))
-        });
-        with_file.merge(env)
+        with_file.merge(environment())
+    }
+
+    /// The log filter in force: `RUST_LOG` when it is set and not blank, else `log_level` (both
+    /// checked by [`Config::load`]).
+    pub fn log_filter(&self) -> String {
+        match std::env::var("RUST_LOG") {
+            Ok(filter) if !filter.trim().is_empty() => filter,
+            _ => self.log_level.clone(),
+        }
     }
 
     /// Extracts and validates; the error names the key.
@@ -69,7 +72,23 @@ impl Config {
                 reason: format!("file {} does not exist", path.display()),
             });
         }
-        Self::from_figment(&Self::figment(file))
+        check_environment()?;
+        let config = Self::from_figment(&Self::figment(file))?;
+        match std::env::var("RUST_LOG") {
+            Ok(filter) if filter.trim().is_empty() => {}
+            Ok(filter) => check_log_filter(&filter).map_err(|reason| ConfigError {
+                key: "RUST_LOG".into(),
+                reason,
+            })?,
+            Err(std::env::VarError::NotPresent) => {}
+            Err(std::env::VarError::NotUnicode(_)) => {
+                return Err(ConfigError {
+                    key: "RUST_LOG".into(),
+                    reason: "not UTF-8".into(),
+                });
+            }
+        }
+        Ok(config)
     }
 
     /// Rules that span keys or that serde cannot express.
@@ -80,7 +99,7 @@ impl Config {
                 reason: reason.to_string(),
             })
         };
-        let positive: [(&str, usize); 17] = [
+        let positive: [(&str, usize); 18] = [
             ("session.max_connections", self.session.max_connections),
             ("session.message_rate", self.session.message_rate as usize),
             ("session.message_burst", self.session.message_burst as usize),
@@ -98,6 +117,7 @@ impl Config {
             ("session.max_subscriptions", self.session.max_subscriptions),
             ("session.queue_events", self.session.queue_events),
             ("session.queue_bytes", self.session.queue_bytes),
+            ("broker.ui_events_max_len", self.broker.ui_events_max_len),
         ];
         for (key, value) in positive {
             if value == 0 {
@@ -113,6 +133,11 @@ impl Config {
             ("session.frame_timeout", self.session.frame_timeout),
             ("resolve.registry_ttl", self.resolve.registry_ttl),
             ("watchdog.run_idle_timeout", self.watchdog.run_idle_timeout),
+            ("upstream.timeout", self.upstream.timeout),
+            (
+                "auth.subscribe_webhook_timeout",
+                self.auth.subscribe_webhook_timeout,
+            ),
             (
                 "broker.redis_reconcile_interval",
                 self.broker.redis_reconcile_interval,
@@ -292,16 +317,99 @@ impl Config {
                 return fail(field, "must not be empty");
             }
         }
-        if let Err(error) = tracing_subscriber::EnvFilter::try_new(&self.log_level) {
-            return fail("log_level", &format!("not a tracing filter: {error}"));
+        if let Err(reason) = check_log_filter(&self.log_level) {
+            return fail("log_level", &reason);
         }
         Ok(())
     }
 }
 
+/// The `AGENTWIRE_*` variables that are configuration: not those Kubernetes injects into every pod
+/// of a namespace with a Service named `agentwire` (AGENTWIRE_SERVICE_HOST, AGENTWIRE_PORT_8000_TCP…),
+/// nor the tools' own (AGENTWIRE_PROBE_*, AGENTWIRE_BENCH_*).
+fn environment() -> Env {
+    Env::prefixed("AGENTWIRE_").split("__").filter(|key| {
+        let key = key.as_str().to_ascii_lowercase();
+        !(key.starts_with("service_")
+            || key == "port"
+            || key.starts_with("port_")
+            || key.starts_with("probe_")
+            || key.starts_with("bench_"))
+    })
+}
+
+/// An `AGENTWIRE_*` variable that names no key stops the start, named as the variable the operator
+/// set (not as a field of the merged configuration), with the variable meant when a single `_`
+/// stands where `__` should (`AGENTWIRE_SESSION_HEARTBEAT` → `AGENTWIRE_SESSION__HEARTBEAT`).
+fn check_environment() -> Result<(), ConfigError> {
+    // The environment alone: serde names the first variable no field takes. Any other error is
+    // the merged configuration's to report.
+    let Err(error) = Figment::from(environment()).extract::<Config>() else {
+        return Ok(());
+    };
+    let Kind::UnknownField(field, _) = &error.kind else {
+        return Ok(());
+    };
+    // figment's path ends with the unknown field itself; the sections are before it.
+    let mut path: Vec<&str> = error.path.iter().map(String::as_str).collect();
+    if path.last() == Some(&field.as_str()) {
+        path.pop();
+    }
+    let variable = |path: &[&str]| format!("AGENTWIRE_{}", path.join("__").to_ascii_uppercase());
+    let named = variable(&[path.as_slice(), &[field.as_str()]].concat());
+    let defaults = Figment::from(Serialized::defaults(Config::default()));
+    let meant = path.is_empty().then(|| {
+        field.match_indices('_').find_map(|(at, _)| {
+            let (section, key) = (&field[..at], &field[at + 1..]);
+            matches!(defaults.find_value(section), Ok(Value::Dict(..)))
+                .then(|| variable(&[section, key]))
+        })
+    });
+    let reason = match meant.flatten() {
+        Some(meant) => format!(
+            "not a configuration key; did you mean {meant}? (`__` separates a section from its key)"
+        ),
+        None => "not a configuration key (`__` separates a section from its key; \
+                 docs/configuration.md lists the keys)"
+            .to_string(),
+    };
+    Err(ConfigError { key: named, reason })
+}
+
+/// `log_level` and `RUST_LOG`: comma-separated directives, each a level or `target=level`, where
+/// the level is one of [`LEVELS`]. A bare word that is not a level would be read by `tracing` as
+/// a target to log everything of, and nothing else: it is refused.
+fn check_log_filter(filter: &str) -> Result<(), String> {
+    let directives: Vec<&str> = filter
+        .split(',')
+        .map(str::trim)
+        .filter(|d| !d.is_empty())
+        .collect();
+    if directives.is_empty() {
+        return Err("names no level (e.g. `info` or `info,agentwire=debug`)".into());
+    }
+    for directive in directives {
+        let level = directive
+            .rsplit_once('=')
+            .map_or(directive, |(_, level)| level);
+        if !LEVELS.iter().any(|l| l.eq_ignore_ascii_case(level.trim())) {
+            return Err(format!(
+                "`{directive}`: each directive is a level or `target=level`, the level one of {}",
+                LEVELS.join(", ")
+            ));
+        }
+    }
+    tracing_subscriber::EnvFilter::try_new(filter)
+        .map(drop)
+        .map_err(|error| format!("not a tracing filter: {error}"))
+}
+
 /// `redis://host…`, `rediss://host…` (TLS) or a Unix socket (`redis+unix://`, `unix://`).
 fn check_redis_url(raw: &str) -> Result<(), String> {
     let url = url::Url::parse(raw).map_err(|e| e.to_string())?;
+    if url.port() == Some(0) {
+        return Err("port 0: the port must be between 1 and 65535".into());
+    }
     match url.scheme() {
         "redis" | "rediss" if url.has_host() => Ok(()),
         "redis" | "rediss" => Err("no host".into()),
@@ -420,11 +528,132 @@ mod tests {
                 "",
                 "broker.ingest_stream",
             ),
+            ("AGENTWIRE_UPSTREAM__TIMEOUT", "0s", "upstream.timeout"),
+            (
+                "AGENTWIRE_AUTH__SUBSCRIBE_WEBHOOK_TIMEOUT",
+                "0s",
+                "auth.subscribe_webhook_timeout",
+            ),
+            (
+                "AGENTWIRE_BROKER__UI_EVENTS_MAX_LEN",
+                "0",
+                "broker.ui_events_max_len",
+            ),
+            ("AGENTWIRE_LOG_LEVEL", "verbose", "log_level"),
+            ("AGENTWIRE_LOG_LEVEL", "info,agentwire=loud", "log_level"),
+            ("AGENTWIRE_LOG_LEVEL", " , ", "log_level"),
         ] {
             Jail::expect_with(|jail| {
                 jail.set_env(key, value);
                 let error = Config::load(None).expect_err("must fail");
                 assert_eq!(error.key, named, "{key}={value}: {error}");
+                Ok(())
+            });
+        }
+    }
+
+    #[test]
+    fn log_filters_name_levels() {
+        for good in [
+            "info",
+            "WARN",
+            "off",
+            "info,agentwire=debug",
+            "agentwire::session=trace,hyper=warn",
+        ] {
+            assert!(check_log_filter(good).is_ok(), "{good}");
+        }
+        for bad in [
+            "verbose",
+            "agentwire",
+            "info,agentwire",
+            "agentwire=loud",
+            "",
+        ] {
+            assert!(check_log_filter(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn a_bad_rust_log_stops_the_start() {
+        Jail::expect_with(|jail| {
+            jail.set_env("RUST_LOG", "verbose");
+            let error = Config::load(None).expect_err("must fail");
+            assert_eq!(error.key, "RUST_LOG");
+            Ok(())
+        });
+        Jail::expect_with(|jail| {
+            jail.set_env("RUST_LOG", "agentwire=debug");
+            jail.set_env("AGENTWIRE_LOG_LEVEL", "warn");
+            let config = Config::load(None).map_err(|e| e.to_string())?;
+            assert_eq!(config.log_filter(), "agentwire=debug");
+            Ok(())
+        });
+        Jail::expect_with(|jail| {
+            jail.set_env("RUST_LOG", " ");
+            jail.set_env("AGENTWIRE_LOG_LEVEL", "warn");
+            let config = Config::load(None).map_err(|e| e.to_string())?;
+            assert_eq!(config.log_filter(), "warn");
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn url_ports_out_of_range_are_refused() {
+        for (variable, key, scheme) in [
+            (
+                "AGENTWIRE_UPSTREAM__WEBHOOK_URL",
+                "upstream.webhook_url",
+                "http",
+            ),
+            ("AGENTWIRE_AUTH__JWKS_URL", "auth.jwks_url", "https"),
+            (
+                "AGENTWIRE_AUTH__SUBSCRIBE_WEBHOOK",
+                "auth.subscribe_webhook",
+                "https",
+            ),
+            ("AGENTWIRE_BROKER__REDIS_URL", "broker.redis_url", "redis"),
+        ] {
+            for port in ["99999", "65536", "0"] {
+                Jail::expect_with(|jail| {
+                    jail.set_env(variable, format!("{scheme}://host:{port}/"));
+                    let error = Config::load(None).expect_err("must fail");
+                    assert_eq!(error.key, key, "{variable} port {port}: {error}");
+                    Ok(())
+                });
+            }
+            Jail::expect_with(|jail| {
+                jail.set_env(variable, format!("{scheme}://host:65535/"));
+                if let Err(error) = Config::load(None) {
+                    assert_ne!(error.key, key, "{error}");
+                }
+                Ok(())
+            });
+        }
+    }
+
+    #[test]
+    fn unknown_environment_variables_are_named() {
+        for (variable, hint) in [
+            (
+                "AGENTWIRE_SESSION_HEARTBEAT",
+                Some("did you mean AGENTWIRE_SESSION__HEARTBEAT?"),
+            ),
+            (
+                "AGENTWIRE_UPSTREAM_WEBHOOK_URL",
+                Some("did you mean AGENTWIRE_UPSTREAM__WEBHOOK_URL?"),
+            ),
+            ("AGENTWIRE_SESSION__HEARTBEATS", None),
+            ("AGENTWIRE_VERBOSE", None),
+        ] {
+            Jail::expect_with(|jail| {
+                jail.set_env(variable, "5s");
+                let error = Config::load(None).expect_err("must fail");
+                assert_eq!(error.key, variable, "{error}");
+                assert!(error.reason.contains("__"), "{error}");
+                if let Some(hint) = hint {
+                    assert!(error.reason.contains(hint), "{error}");
+                }
                 Ok(())
             });
         }

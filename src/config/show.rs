@@ -1,18 +1,125 @@
-//! `agentwire config`: the effective configuration as TOML, with secrets hidden.
+//! `agentwire config`: the effective configuration as TOML, with secrets hidden, and each optional
+//! key that is not set as a comment with its meaning, so that it can be found.
 
 use super::Config;
 
+/// The keys that have no default, by section (`""`: the top level), with what setting one does.
+/// `docs/configuration.md` lists the same keys as `unset` (tidy test).
+pub const OPTIONAL: [(&str, &str, &str); 11] = [
+    (
+        "",
+        "tls_ca_file",
+        "a PEM CA certificate the gateway's own HTTPS requests trust besides the system's",
+    ),
+    (
+        "upstream",
+        "webhook_url",
+        "where HLink messages are POSTed (http:// or https://); without it they are refused",
+    ),
+    (
+        "upstream",
+        "signing_secret",
+        "signs each webhook request (X-Agentwire-Signature); at least 16 bytes",
+    ),
+    (
+        "broker",
+        "redis_url",
+        "redis://[:password@]host:port[/db] or rediss://: the Redis broker, instead of the embedded one",
+    ),
+    (
+        "broker",
+        "redis_ca_file",
+        "a PEM CA certificate to verify a rediss:// server with, instead of the system's",
+    ),
+    (
+        "auth",
+        "jwt_secret",
+        "the HMAC secret browser tokens are signed with (at least 32 bytes)",
+    ),
+    (
+        "auth",
+        "jwt_public_key",
+        "the PEM public key browser tokens are verified with (RSA, EC or Ed25519)",
+    ),
+    (
+        "auth",
+        "jwks_url",
+        "the identity provider's JWKS: browser token keys fetched by their kid",
+    ),
+    (
+        "auth",
+        "jwt_issuer",
+        "when set, a token's iss must equal it",
+    ),
+    (
+        "auth",
+        "jwt_audience",
+        "when set, a token's aud must contain it",
+    ),
+    (
+        "auth",
+        "subscribe_webhook",
+        "asked whether a user may read a thread neither token allows",
+    ),
+];
+
 impl Config {
     /// The effective configuration as TOML, for `agentwire config`.
-    /// Secrets (a password in a URL, every [`super::Secret`]) are shown as `***`.
+    /// Secrets (a password in a URL, every [`super::Secret`]) are shown as `***`; each optional key
+    /// that is not set is a comment in its section: `# key = ""  # unset: what it does`.
     pub fn to_toml(&self) -> String {
         let mut shown = self.clone();
         shown.upstream.webhook_url = shown.upstream.webhook_url.as_deref().map(hide_password);
         shown.broker.redis_url = shown.broker.redis_url.as_deref().map(hide_password);
         shown.auth.jwks_url = shown.auth.jwks_url.as_deref().map(hide_password);
         shown.auth.subscribe_webhook = shown.auth.subscribe_webhook.as_deref().map(hide_password);
-        toml::to_string_pretty(&shown).unwrap_or_else(|e| format!("# cannot render: {e}\n"))
+        // The text keeps the fields' order; the table says which keys are set.
+        match (
+            toml::to_string_pretty(&shown),
+            toml::Table::try_from(&shown),
+        ) {
+            (Ok(text), Ok(table)) => with_unset_keys(&text, &table),
+            (Err(error), _) | (_, Err(error)) => format!("# cannot render: {error}\n"),
+        }
     }
+}
+
+/// `text` (TOML) with a comment for each key of [`OPTIONAL`] that `table` does not hold, at the end
+/// of its section.
+fn with_unset_keys(text: &str, table: &toml::Table) -> String {
+    let unset = |section: &str, key: &str| {
+        let holder = match section {
+            "" => Some(table),
+            section => table.get(section).and_then(toml::Value::as_table),
+        };
+        !holder.is_some_and(|holder| holder.contains_key(key))
+    };
+    let comments = |section: &str| -> String {
+        OPTIONAL
+            .iter()
+            .filter(|&&(s, key, _)| s == section && unset(s, key))
+            .map(|(_, key, meaning)| format!("# {key} = \"\"  # unset: {meaning}\n"))
+            .collect()
+    };
+    let mut out = String::new();
+    let mut section = String::new();
+    let mut blank = 0;
+    for line in text.lines() {
+        if line.is_empty() {
+            blank += 1;
+            continue;
+        }
+        if let Some(name) = line.strip_prefix('[').and_then(|l| l.strip_suffix(']')) {
+            out.push_str(&comments(&section));
+            section = name.to_string();
+        }
+        out.push_str(&"\n".repeat(blank));
+        blank = 0;
+        out.push_str(line);
+        out.push('\n');
+    }
+    out.push_str(&comments(&section));
+    out
 }
 
 /// `scheme://user:secret@host/…?key=value` → `scheme://user:***@host/…?key=***`: a URL's password
@@ -88,5 +195,38 @@ mod tests {
             !shown.contains("s3cret") && !shown.contains("abcdef-secret"),
             "{shown}"
         );
+    }
+
+    #[test]
+    fn unset_optional_keys_are_comments_in_their_section() {
+        let shown = Config::default().to_toml();
+        let parsed: toml::Table = toml::from_str(&shown).expect("still TOML");
+        assert_eq!(
+            parsed,
+            toml::Table::try_from(Config::default()).unwrap(),
+            "comments only"
+        );
+        for (section, key, _) in OPTIONAL {
+            // Uncommented, the line sets the key where it belongs.
+            let uncommented =
+                shown.replace(&format!("# {key} = \"\"  #"), &format!("{key} = \"x\" #"));
+            let parsed: toml::Table = toml::from_str(&uncommented).expect("still TOML");
+            let holder = match section {
+                "" => &parsed,
+                section => parsed[section].as_table().unwrap(),
+            };
+            assert_eq!(
+                holder.get(key).and_then(|v| v.as_str()),
+                Some("x"),
+                "{section}.{key}:\n{shown}"
+            );
+        }
+        let mut config = Config::default();
+        config.upstream.webhook_url = Some("http://agent:9000/hlink".into());
+        config.tls_ca_file = Some("/etc/ca.pem".into());
+        let shown = config.to_toml();
+        assert!(!shown.contains("# webhook_url"), "{shown}");
+        assert!(!shown.contains("# tls_ca_file"), "{shown}");
+        assert!(shown.contains("# redis_url = "), "{shown}");
     }
 }

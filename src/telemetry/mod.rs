@@ -9,6 +9,7 @@ mod throttle;
 
 pub use throttle::Throttle;
 
+use std::io::IsTerminal;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use opentelemetry::Context;
@@ -53,14 +54,16 @@ impl Telemetry {
     }
 }
 
-/// Installs the global subscriber. `RUST_LOG`, when set, wins over `log_level`. Must run outside
-/// the tokio runtime: the OTLP/HTTP exporter owns a blocking client.
+/// Installs the global subscriber. `RUST_LOG`, when set, wins over `log_level` (both were checked
+/// when the configuration was loaded). Text logs are coloured only when stderr is a terminal. Must
+/// run outside the tokio runtime: the OTLP/HTTP exporter owns a blocking client.
 pub fn init(config: &Config) -> Telemetry {
-    let directives = std::env::var("RUST_LOG").unwrap_or_else(|_| config.log_level.clone());
+    let directives = config.log_filter();
     let filter = EnvFilter::try_new(format!("{directives},{TRACE_TARGET}=off"))
         .unwrap_or_else(|_| EnvFilter::new(format!("info,{TRACE_TARGET}=off")));
     let logs = match config.log_format {
         LogFormat::Text => tracing_subscriber::fmt::layer()
+            .with_ansi(std::io::stderr().is_terminal())
             .with_writer(std::io::stderr)
             .boxed(),
         LogFormat::Json => tracing_subscriber::fmt::layer()

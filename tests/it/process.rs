@@ -186,3 +186,122 @@ async fn json_logs_carry_the_connection_id() {
     );
     assert_eq!(hello["user_id"], "u_logged");
 }
+
+/// Configuration that would start and do the wrong thing in silence stops the start with 64 and
+/// names what is wrong. (`agentwire config` loads exactly as `agentwire serve` does, and exits.)
+#[test]
+fn silent_misconfigurations_stop_the_start_with_64() {
+    for (env, named) in [
+        (("AGENTWIRE_LOG_LEVEL", "verbose"), "log_level"),
+        (("RUST_LOG", "verbose"), "RUST_LOG"),
+        (("AGENTWIRE_UPSTREAM__TIMEOUT", "0s"), "upstream.timeout"),
+        (
+            ("AGENTWIRE_BROKER__UI_EVENTS_MAX_LEN", "0"),
+            "broker.ui_events_max_len",
+        ),
+        (
+            (
+                "AGENTWIRE_UPSTREAM__WEBHOOK_URL",
+                "http://agent:99999/hlink",
+            ),
+            "upstream.webhook_url",
+        ),
+        (
+            ("AGENTWIRE_SESSION_HEARTBEAT", "5s"),
+            "did you mean AGENTWIRE_SESSION__HEARTBEAT?",
+        ),
+    ] {
+        let output = binary()
+            .arg("config")
+            .env_clear()
+            .env(env.0, env.1)
+            .current_dir(std::env::temp_dir())
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(
+            output.status.code(),
+            Some(64),
+            "{}={}: {stderr}",
+            env.0,
+            env.1
+        );
+        assert!(stderr.contains(named), "{}={}: {stderr}", env.0, env.1);
+    }
+}
+
+#[test]
+fn the_probe_refuses_a_configuration_file_it_would_not_read() {
+    let output = binary()
+        .args(["probe", "--config", "agentwire.toml", "--timeout", "1s"])
+        .env_clear()
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(64), "{output:?}");
+    assert!(
+        String::from_utf8_lossy(&output.stderr).contains("--config"),
+        "{output:?}"
+    );
+}
+
+#[tokio::test]
+async fn text_logs_to_a_pipe_have_no_colours() {
+    let port = free_port();
+    let child = binary()
+        .env_clear()
+        .env("AGENTWIRE_LISTEN", format!("127.0.0.1:{port}"))
+        .env(
+            "AGENTWIRE_INTERNAL_LISTEN",
+            format!("127.0.0.1:{}", free_port()),
+        )
+        .env("AGENTWIRE_SHUTDOWN__DRAIN_DELAY", "0s")
+        .env("AGENTWIRE_SHUTDOWN__CLOSE_WINDOW", "0s")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    for _ in 0..200 {
+        if tokio::net::TcpStream::connect(addr).await.is_ok() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let _ = std::process::Command::new("kill")
+        .arg("-TERM")
+        .arg(child.id().to_string())
+        .status();
+    let output = tokio::task::spawn_blocking(move || child.wait_with_output().unwrap())
+        .await
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("Listening."), "{stderr}");
+    assert!(
+        !stderr.contains("\x1b["),
+        "ANSI escapes in a pipe: {stderr:?}"
+    );
+}
+
+#[tokio::test]
+async fn a_second_sigint_exits_at_once() {
+    let mut process = Process::start(&[
+        ("AGENTWIRE_SHUTDOWN__DRAIN_DELAY", "30s"),
+        ("AGENTWIRE_SHUTDOWN__CLOSE_WINDOW", "0s"),
+    ])
+    .await;
+    assert_eq!(http(process.internal, "GET", "/readyz", None).await.0, 200);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    process.signal("INT");
+    let mut draining = false;
+    for _ in 0..100 {
+        if http(process.internal, "GET", "/readyz", None).await.0 == 503 {
+            draining = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(draining, "the first SIGINT starts the drain");
+    process.signal("INT");
+    assert_eq!(process.exit_code(Duration::from_secs(3)).await, Some(130));
+}

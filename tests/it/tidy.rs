@@ -228,7 +228,8 @@ fn module_dependencies_follow_the_documented_layers() {
     assert!(wrong.is_empty(), "{}", wrong.join("\n"));
 }
 
-/// `docs/configuration.md`'s table lists exactly the keys and defaults `agentwire config` prints.
+/// `docs/configuration.md`'s table lists exactly the keys and defaults `agentwire config` prints,
+/// and as `unset` exactly the optional keys it prints as comments (`# key = ""  # unset: …`).
 #[test]
 fn the_configuration_table_is_what_agentwire_config_prints() {
     let output = binary()
@@ -239,10 +240,15 @@ fn the_configuration_table_is_what_agentwire_config_prints() {
         .unwrap();
     assert!(output.status.success(), "{output:?}");
     let mut printed = BTreeMap::new();
+    let mut commented = BTreeSet::new();
     let mut section = String::new();
     for line in String::from_utf8(output.stdout).unwrap().lines() {
         let line = line.trim();
-        if let Some(name) = line.strip_prefix('[').and_then(|l| l.strip_suffix(']')) {
+        if let Some(comment) = line.strip_prefix('#') {
+            if let Some((key, _)) = comment.trim().split_once(" = ") {
+                commented.insert(format!("{section}{key}"));
+            }
+        } else if let Some(name) = line.strip_prefix('[').and_then(|l| l.strip_suffix(']')) {
             section = format!("{name}.");
         } else if let Some((key, value)) = line.split_once(" = ") {
             printed.insert(
@@ -253,17 +259,24 @@ fn the_configuration_table_is_what_agentwire_config_prints() {
     }
     let doc = std::fs::read_to_string(root().join("docs/configuration.md")).unwrap();
     let mut documented = BTreeMap::new();
+    let mut unset = BTreeSet::new();
     for row in doc.lines().filter(|l| l.starts_with("| `")) {
         let cells: Vec<&str> = row.split('|').map(str::trim).collect();
         let key = cells[1].trim_matches('`').to_string();
-        // Optional keys have no default and are not printed.
-        if cells[2] != "unset" {
+        // Optional keys have no default: printed as comments.
+        if cells[2] == "unset" {
+            unset.insert(key);
+        } else {
             documented.insert(key, cells[2].trim_matches('`').to_string());
         }
     }
     assert_eq!(
         documented, printed,
         "docs/configuration.md vs agentwire config"
+    );
+    assert_eq!(
+        unset, commented,
+        "docs/configuration.md's unset keys vs agentwire config's comments"
     );
 }
 

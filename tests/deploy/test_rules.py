@@ -7,7 +7,7 @@ import yaml
 
 import deploylib as d
 
-REQUIRED = ["AgentwireEventsLost", "AgentwireDeliveryErrorBudgetBurn", "AgentwireUnresolvedRunIds",
+REQUIRED = ["AgentwireDeliveryErrorBudgetBurn", "AgentwireUnresolvedRunIds",
             "AgentwireRunsStalled", "AgentwirePendingEventsOld", "AgentwireDeliveryLatencyHigh",
             "AgentwireSlowConsumerCloses", "AgentwireBrokerDown", "AgentwireLedgerImbalance",
             "AgentwireTargetAbsent"]

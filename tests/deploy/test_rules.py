@@ -8,7 +8,7 @@ import yaml
 import deploylib as d
 
 REQUIRED = ["AgentwireDeliveryErrorBudgetBurn", "AgentwireUnresolvedRunIds",
-            "AgentwireRunsStalled", "AgentwirePendingEventsOld", "AgentwireDeliveryLatencyHigh",
+            "AgentwireRunsStalled", "AgentwireDeliveryStuck", "AgentwireDeliveryLatencyHigh",
             "AgentwireSlowConsumerCloses", "AgentwireBrokerDown", "AgentwireLedgerImbalance",
             "AgentwireTargetAbsent"]
 

@@ -67,7 +67,8 @@ pub struct Metrics {
     pub unresolved_run_ids: IntCounter,
     pub runs_registered: IntCounter,
     pub runs_refused: IntCounterVec,
-    pub delivery_latency: Histogram,
+    pub live_delivery_latency: Histogram,
+    pub replay_age: Histogram,
     pub fanout_frames_sent: IntCounter,
     channels: IntGauge,
     pub connections: IntGauge,
@@ -107,6 +108,15 @@ pub struct Metrics {
     pub subscribe_webhook: IntCounterVec,
     pub upstream_messages: IntCounterVec,
     events_offered_undelivered_oldest_age: Gauge,
+}
+
+/// How an event reached the socket that first wrote it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeliveryPath {
+    /// Queued to the socket when the event was published.
+    Live,
+    /// Queued by a subscribe or a resume, from the channel's history.
+    Replay,
 }
 
 /// Run duration buckets from 100 ms to 1 h.
@@ -194,16 +204,17 @@ impl Metrics {
                 "Run registrations refused, by reason (conflict, full).",
                 "reason",
             ),
-            delivery_latency: register(
+            live_delivery_latency: histogram(
                 r,
-                Histogram::with_opts(
-                    HistogramOpts::new(
-                        "agentwire_delivery_latency_seconds",
-                        "Time from emit to the first socket write of an event.",
-                    )
-                    .buckets(LATENCY_BUCKETS.to_vec()),
-                )
-                .unwrap_or_else(|e| panic!("metric definition: {e}")),
+                "agentwire_live_delivery_latency_seconds",
+                "Time from emit to the first socket write, for events first written as a live delivery (queued to the socket when they were published).",
+                &LATENCY_BUCKETS,
+            ),
+            replay_age: histogram(
+                r,
+                "agentwire_replay_age_seconds",
+                "Time from emit to the first socket write, for events first written by a replay (queued by a subscribe or a resume).",
+                &DURATION_BUCKETS,
             ),
             fanout_frames_sent: counter(
                 r,
@@ -486,8 +497,15 @@ impl Metrics {
         self.channels.set(to_i64(totals.channels));
     }
 
-    pub fn observe_delivery(&self, latency: Duration) {
-        self.delivery_latency.observe(latency.as_secs_f64());
+    /// Records the first socket write of an event, `since_emit` after it was sequenced: a live
+    /// delivery's latency, or the age of an event a replay brought to a new subscriber (a user
+    /// coming back to a run nobody watched), kept apart so replays do not read as slow deliveries.
+    pub fn observe_delivery(&self, path: DeliveryPath, since_emit: Duration) {
+        match path {
+            DeliveryPath::Live => &self.live_delivery_latency,
+            DeliveryPath::Replay => &self.replay_age,
+        }
+        .observe(since_emit.as_secs_f64());
     }
 }
 

@@ -9,7 +9,7 @@ use bytes::Bytes;
 use tokio::sync::mpsc;
 
 use crate::ledger::{ChannelLedger, EventState};
-use crate::metrics::Metrics;
+use crate::metrics::{DeliveryPath, Metrics};
 use crate::protocol::ChannelName;
 
 /// Redis mode: where one channel's first deliveries on this replica are reported (batched into
@@ -55,8 +55,9 @@ impl StoredEvent {
         self.offered.load(Ordering::Relaxed)
     }
 
-    /// Records a socket write of this event; the first one counts as the delivery.
-    pub fn delivered(&self, metrics: &Metrics) {
+    /// Records a socket write of this event; the first one counts as the delivery, and its time
+    /// since emit is observed as live latency or replay age by `path`.
+    pub fn delivered(&self, metrics: &Metrics, path: DeliveryPath) {
         if self.state.deliver(&self.ledger) {
             if let Some(feed) = &self.feed
                 && feed
@@ -69,7 +70,7 @@ impl StoredEvent {
             {
                 super::dropped_report(metrics, super::DroppedReport::Delivered);
             }
-            metrics.observe_delivery(self.emitted_at.elapsed());
+            metrics.observe_delivery(path, self.emitted_at.elapsed());
             if let Some(age) = self
                 .produced_at
                 .and_then(|at| SystemTime::now().duration_since(at).ok())

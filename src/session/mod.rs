@@ -24,7 +24,7 @@ use crate::Gateway;
 use crate::auth::Identity;
 use crate::fanout::{Outbox, Outgoing, StoredEvent};
 use crate::limits::TokenBucket;
-use crate::metrics::Label;
+use crate::metrics::{DeliveryPath, Label};
 use crate::protocol::ChannelName;
 use crate::protocol::server::{self, ErrorCode, close};
 
@@ -177,8 +177,9 @@ struct Session {
     out: Vec<u8>,
     /// The rest of a replay that did not fit in one flush; written before anything queued after it.
     replay: VecDeque<Arc<StoredEvent>>,
-    /// Events in the current flush, marked delivered once it is written.
-    written: Vec<Arc<StoredEvent>>,
+    /// Events in the current flush, marked delivered once it is written, each with how it was
+    /// queued (live or replay).
+    written: Vec<(Arc<StoredEvent>, DeliveryPath)>,
     /// The close frame the session decided on; written after what is queued.
     closing: Option<(u16, &'static str)>,
     /// The close frame was written and our side shut down.

@@ -12,6 +12,7 @@ use tokio::time::timeout;
 use super::ended::Ended;
 use super::{FLUSH_BYTES, LINGER, Session, frame};
 use crate::fanout::Outgoing;
+use crate::metrics::DeliveryPath;
 use crate::protocol::server::close;
 
 impl Session {
@@ -41,13 +42,13 @@ impl Session {
         while self.out.len() < FLUSH_BYTES {
             if let Some(event) = self.replay.pop_front() {
                 frame::encode(&mut self.out, frame::TEXT, &event.frame);
-                self.written.push(event);
+                self.written.push((event, DeliveryPath::Replay));
                 continue;
             }
             match self.outbox.pop() {
                 Some(Outgoing::Event(event)) => {
                     frame::encode(&mut self.out, frame::TEXT, &event.frame);
-                    self.written.push(event);
+                    self.written.push((event, DeliveryPath::Live));
                 }
                 Some(Outgoing::Replay(events)) => self.replay.extend(events),
                 Some(Outgoing::Frame(bytes)) => frame::encode(&mut self.out, frame::TEXT, &bytes),
@@ -69,8 +70,8 @@ impl Session {
         }
         let metrics = &self.gateway.metrics;
         metrics.fanout_frames_sent.inc_by(self.written.len() as u64);
-        for event in self.written.drain(..) {
-            event.delivered(metrics);
+        for (event, path) in self.written.drain(..) {
+            event.delivered(metrics, path);
             if let Some(trace) = &event.trace {
                 crate::telemetry::delivered(trace, event.seq, &self.connection_id);
             }

@@ -465,9 +465,10 @@ def test_crd_manifests_and_optional_objects(rendered, work):
     text = json.dumps(rules)
     assert "(1 - 0.995)" in text and "(1 - 0.999)" not in text, "objective 0.995 substituted"
     assert all(rule["annotations"]["runbook_url"].startswith("https://runbooks.example.com/agentwire.md#") for rule in rules)
-    assert "AgentwirePendingEventsOld" not in text, "disabledAlerts"
+    assert "AgentwireSlowConsumerCloses" not in text, "disabledAlerts"
     assert all(rule["labels"]["team"] == "chat" for rule in rules)
-    assert 'job=\\"agentwire-prod\\"' in text, "jobName substituted"
+    assert 'job=\\"agentwire-prod\\",namespace=\\"' in text and 'service=\\"agentwire-internal\\"' in text, \
+        "jobName, the release's namespace and internal Service substituted"
     hr = docs[("HTTPRoute", "agentwire")]
     assert hr["apiVersion"] == "gateway.networking.k8s.io/v1" and hr["spec"]["parentRefs"][0]["name"] == "public"
     rule = hr["spec"]["rules"][0]

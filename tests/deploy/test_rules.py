@@ -7,8 +7,8 @@ import yaml
 
 import deploylib as d
 
-REQUIRED = ["AgentwireEventsLost", "AgentwireDeliveryErrorBudgetBurn", "AgentwireUnresolvedRunIds",
-            "AgentwireRunsStalled", "AgentwirePendingEventsOld", "AgentwireDeliveryLatencyHigh",
+REQUIRED = ["AgentwireDeliveryErrorBudgetBurn", "AgentwireUnresolvedRunIds",
+            "AgentwireRunsStalled", "AgentwireDeliveryStuck", "AgentwireDeliveryLatencyHigh",
             "AgentwireSlowConsumerCloses", "AgentwireBrokerDown", "AgentwireLedgerImbalance",
             "AgentwireTargetAbsent"]
 

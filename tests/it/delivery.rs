@@ -73,7 +73,42 @@ async fn five_lifecycle_events_arrive_in_order_and_balance() {
             "agentwire_subscriptions 2",
         ],
     );
-    crate::support::assert_lines(&metrics, &["agentwire_delivery_latency_seconds_count 5"]);
+    crate::support::assert_lines(
+        &metrics,
+        &["agentwire_live_delivery_latency_seconds_count 5"],
+    );
+}
+
+/// Events nobody watched, replayed to a user who comes back, are replay age, not delivery latency:
+/// only events queued to a socket when they were published are live.
+#[tokio::test]
+async fn replays_are_measured_apart_from_live_deliveries() {
+    let gateway = Gateway::start().await;
+    gateway
+        .publish(&[
+            event("agent_thinking", "r", "t_1"),
+            event("agent_thinking", "r", "t_1"),
+        ])
+        .await;
+    let mut client = gateway.client("u_1").await;
+    let subscribed = client.subscribe("t_1", Some(json!({"seq": 0}))).await;
+    assert_eq!(subscribed["replayed"], 2);
+    client.recv().await;
+    client.recv().await;
+    gateway
+        .publish(&[event("agent_thinking", "r", "t_1")])
+        .await;
+    assert_eq!(client.recv().await["seq"], 3);
+    client.barrier().await;
+    let metrics = gateway.metrics().await;
+    assert_lines(
+        &metrics,
+        &[
+            "agentwire_replay_age_seconds_count 2",
+            "agentwire_live_delivery_latency_seconds_count 1",
+            "agentwire_events_delivered_total 3",
+        ],
+    );
 }
 
 #[tokio::test]

@@ -162,7 +162,10 @@ async fn event_age_is_measured_from_the_producer_ts() {
     client.barrier().await;
     let metrics = gateway.metrics().await;
     crate::support::assert_lines(&metrics, &["agentwire_event_age_seconds_count 1"]);
-    crate::support::assert_lines(&metrics, &["agentwire_delivery_latency_seconds_count 2"]);
+    crate::support::assert_lines(
+        &metrics,
+        &["agentwire_live_delivery_latency_seconds_count 2"],
+    );
     assert!(crate::support::metric_value(&metrics, "agentwire_event_age_seconds_sum") >= 0.05);
 }
 

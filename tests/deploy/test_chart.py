@@ -396,28 +396,145 @@ def _policy_rules(np):
     return rules
 
 
-TEST_POD = {"podSelector": {"matchLabels": {"app.kubernetes.io/instance": "agentwire",
-                                            "app.kubernetes.io/component": "test"}}}
+# The chart's probe pods (the helm test pod, the probe CronJob's), as the NetworkPolicy names them.
+PROBE_PODS = {"podSelector": {"matchLabels": {"app.kubernetes.io/instance": "agentwire",
+                                              "app.kubernetes.io/name": "agentwire-probe"}}}
+# networkPolicy.prometheusFrom's default, added to the internal door with serviceMonitor.enabled.
+PROMETHEUS = [{"namespaceSelector": {}, "podSelector": {"matchLabels": {"app.kubernetes.io/name": "prometheus"}}}]
 
 
 def test_networkpolicy_restricts_the_internal_port(rendered, helm):
     """The public port is open to anywhere (or networkPolicy.publicFrom); the internal port only to
-    networkPolicy.internalFrom (default: the pods of the release's namespace) and the helm test pod, never
-    to any source; no rule opens a port it does not name."""
+    networkPolicy.internalFrom (default: the pods of the release's namespace), Prometheus with the
+    ServiceMonitor on, and the chart's probe pods, never to any source; no rule opens a port it does not
+    name."""
     proc = helm("--set", "networkPolicy.enabled=true", "--show-only", "templates/networkpolicy.yaml")
     assert proc.returncode == 0, d.output(proc)
     rules = _policy_rules(yaml.safe_load(proc.stdout))
     assert set(rules) == {"http", "internal"}, rules
     assert rules["http"] is None, "public door: any source by default"
-    assert rules["internal"] == [{"podSelector": {}}, TEST_POD], rules["internal"]
+    assert rules["internal"] == [{"podSelector": {}}, PROBE_PODS], rules["internal"]
     proc = helm("--set", "networkPolicy.enabled=true", "--set-json", "networkPolicy.internalFrom=[]",
                 "--show-only", "templates/networkpolicy.yaml")
     assert proc.returncode == 0, d.output(proc)
-    assert _policy_rules(yaml.safe_load(proc.stdout))["internal"] == [TEST_POD], "empty internalFrom: the test pod only"
+    assert _policy_rules(yaml.safe_load(proc.stdout))["internal"] == [PROBE_PODS], "empty internalFrom: the probe pods only"
     r = rendered["all-enabled-values"].require()
     values = yaml.safe_load((d.CHART / "ci" / "all-enabled-values.yaml").read_text())["networkPolicy"]
     rules = _policy_rules(r.by[("NetworkPolicy", "agentwire")])
-    assert rules == {"http": values["publicFrom"] + [TEST_POD], "internal": values["internalFrom"] + [TEST_POD]}, rules
+    assert rules == {"http": values["publicFrom"] + [PROBE_PODS],
+                     "internal": values["internalFrom"] + PROMETHEUS + [PROBE_PODS]}, rules
+
+
+def _matches(selector, labels):
+    return bool(selector) and all(labels.get(k) == v for k, v in selector.items())
+
+
+def _probe_pods(r):
+    """{name: labels} of the chart's probe pods as rendered: the helm test pod, the CronJob's pod."""
+    pods = {"helm test": r.by[("Pod", "agentwire-probe")]["metadata"]["labels"]}
+    cron = r.by.get(("CronJob", "agentwire-probe"))
+    if cron:
+        pods["probeCronJob"] = cron["spec"]["jobTemplate"]["spec"]["template"]["metadata"]["labels"]
+    return pods
+
+
+def _allows(peers, labels):
+    """Whether a rule's `from` lets in a pod of the release's namespace with these labels."""
+    if peers is None:
+        return True
+    for peer in peers:
+        if "namespaceSelector" in peer or "ipBlock" in peer:
+            continue
+        selector = peer.get("podSelector", {})
+        if selector == {} or _matches(selector.get("matchLabels"), labels):
+            return True
+    return False
+
+
+@pytest.mark.parametrize("values", d.CI_VALUES)
+def test_probe_pods_are_not_gateway_pods(rendered, values):
+    """The helm test pod and the probe CronJob's pods carry labels of their own: no selector of the gateway's
+    pods (Deployment, Services, PDB, the NetworkPolicy's podSelector, topologySpreadConstraints) matches
+    them, so a lingering failed test pod blocks no node drain, counts in no spread and is not subject to the
+    egress policy; and the NetworkPolicy still lets them reach both doors."""
+    r = rendered[values].require()
+    dep = r.by[("Deployment", "agentwire")]
+    gateway_pod = dep["spec"]["template"]["metadata"]["labels"]
+    selectors = {"Deployment": dep["spec"]["selector"]["matchLabels"]}
+    for name in ("agentwire", "agentwire-internal"):
+        selectors["Service " + name] = r.by[("Service", name)]["spec"]["selector"]
+    for n, t in enumerate(dep["spec"]["template"]["spec"]["topologySpreadConstraints"]):
+        selectors["topologySpreadConstraints[%d]" % n] = t["labelSelector"]["matchLabels"]
+    if ("PodDisruptionBudget", "agentwire") in r.by:
+        selectors["PodDisruptionBudget"] = r.by[("PodDisruptionBudget", "agentwire")]["spec"]["selector"]["matchLabels"]
+    np = r.by.get(("NetworkPolicy", "agentwire"))
+    if np:
+        selectors["NetworkPolicy"] = np["spec"]["podSelector"]["matchLabels"]
+    probes = _probe_pods(r)
+    errors = []
+    for what, selector in selectors.items():
+        if not _matches(selector, gateway_pod):
+            errors.append("%s does not select the gateway's pods: %s" % (what, selector))
+        for pod, labels in probes.items():
+            if _matches(selector, labels):
+                errors.append("%s selects the %s pod: %s" % (what, pod, selector))
+    if np:
+        rules = _policy_rules(np)
+        for pod, labels in probes.items():
+            for port in ("http", "internal"):
+                if not _allows(rules[port], labels):
+                    errors.append("the NetworkPolicy keeps the %s pod from port %s" % (pod, port))
+    assert not errors, "\n".join(errors)
+    if values == "all-enabled-values":
+        assert set(probes) == {"helm test", "probeCronJob"} and np, "all-enabled renders the CronJob and the policy"
+
+
+def test_egress_opens_the_ports_of_the_urls_the_gateway_calls(rendered, helm):
+    """With egress restricted, the ports of config.upstream.webhook_url, auth.subscribeWebhook and
+    auth.jwksUrl are open (the URL's port, else 443 / 80), to networkPolicy.egress.webhookTo when set; none
+    without those URLs."""
+    def egress(*args):
+        proc = helm("--set", "networkPolicy.enabled=true,networkPolicy.egress.enabled=true", *args,
+                    "--show-only", "templates/networkpolicy.yaml")
+        assert proc.returncode == 0, d.output(proc)
+        return yaml.safe_load(proc.stdout)["spec"]["egress"]
+
+    def ports(rules):
+        return sorted(p["port"] for rule in rules for p in rule["ports"])
+    assert ports(egress()) == [53, 53], "DNS only by default"
+    rules = egress("--set", "config.upstream.webhook_url=http://backend.agents:9000/hlink",
+                   "--set", "auth.subscribeWebhook=https://app.example.com/allow",
+                   "--set", "auth.jwtKeyType=none,auth.jwksUrl=https://idp.example.com:8443/jwks")
+    assert ports(rules) == [53, 53, 443, 8443, 9000], rules
+    assert all("to" not in rule for rule in rules), "no webhookTo: any destination"
+    rules = egress("--set", "config.upstream.webhook_url=http://backend.agents/hlink")
+    assert ports(rules) == [53, 53, 80], rules
+    r = rendered["all-enabled-values"].require()
+    values = yaml.safe_load((d.CHART / "ci" / "all-enabled-values.yaml").read_text())["networkPolicy"]["egress"]
+    rules = r.by[("NetworkPolicy", "agentwire")]["spec"]["egress"]
+    hooks = [rule for rule in rules if {p["port"] for p in rule["ports"]} == {443, 9000}]
+    assert len(hooks) == 1 and hooks[0]["to"] == values["webhookTo"], rules
+
+
+def test_probe_cronjob_off_by_default_and_runs_the_helm_test_probe(rendered):
+    """probeCronJob: nothing by default; when on, the helm test pod's container on a schedule, one attempt
+    per Job, within a deadline."""
+    for name in d.CI_VALUES:
+        r = rendered[name].require()
+        values = yaml.safe_load((d.CHART / "ci" / (name + ".yaml")).read_text()) or {}
+        on = values.get("probeCronJob", {}).get("enabled", False)
+        assert (("CronJob", "agentwire-probe") in r.by) == on, name
+    r = rendered["all-enabled-values"].require()
+    cron = r.by[("CronJob", "agentwire-probe")]
+    assert cron["spec"]["schedule"] == "*/2 * * * *" and cron["spec"]["concurrencyPolicy"] == "Forbid"
+    job = cron["spec"]["jobTemplate"]["spec"]
+    assert job["backoffLimit"] == 0 and job["activeDeadlineSeconds"] > 0, job
+    pod = job["template"]["spec"]
+    test_pod = r.by[("Pod", "agentwire-probe")]["spec"]
+    assert pod["containers"] == test_pod["containers"], "the same probe as helm test"
+    assert pod["restartPolicy"] == "Never" and pod["automountServiceAccountToken"] is False
+    env = {e["name"]: e["valueFrom"]["secretKeyRef"] for e in pod["containers"][0]["env"]}
+    assert env["AGENTWIRE_PROBE_TOKEN"] == {"name": "chat-gateway-auth", "key": "probe.jwt", "optional": True}, env
 
 
 def test_grace_period_shorter_than_drain_refused(helm):
@@ -481,7 +598,7 @@ def test_crd_manifests_and_optional_objects(rendered, work):
     assert kinds == ["Pods", "Resource"], kinds
     assert ("PodDisruptionBudget", "agentwire") in docs
     np = docs[("NetworkPolicy", "agentwire")]
-    assert all(TEST_POD in rule["from"] for rule in np["spec"]["ingress"]), "the helm test pod reaches both doors"
+    assert all(PROBE_PODS in rule["from"] for rule in np["spec"]["ingress"]), "the probe pods reach both doors"
     assert docs[("Pod", "agentwire-probe")]["metadata"]["labels"]["app.kubernetes.io/component"] == "test"
     dcm = docs[("ConfigMap", "agentwire-dashboards")]
     assert dcm["metadata"]["labels"]["grafana_dashboard"] == "1"

@@ -34,6 +34,83 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 app.kubernetes.io/part-of: agentwire
 {{- end }}
 
+{{/*
+The chart's probe pods (the helm test pod and the probe CronJob's): labels of their own, with another
+app.kubernetes.io/name, so that no selector of the gateway's pods (the Services, the PDB, the
+NetworkPolicy's podSelector, topologySpreadConstraints) counts or restricts them. The NetworkPolicy lets
+pods with these selector labels reach both doors.
+*/}}
+{{- define "agentwire.probeSelectorLabels" -}}
+app.kubernetes.io/name: {{ printf "%s-probe" (include "agentwire.name" .) | trunc 63 | trimSuffix "-" }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end }}
+
+{{- define "agentwire.probeLabels" -}}
+helm.sh/chart: {{ include "agentwire.chart" . }}
+{{ include "agentwire.probeSelectorLabels" . }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+app.kubernetes.io/part-of: agentwire
+{{- end }}
+
+{{/*
+The egress ports of the URLs the gateway calls (config.upstream.webhook_url, auth.subscribeWebhook,
+auth.jwksUrl): the URL's port, else 443 for https and 80 for http; one line per distinct port, sorted.
+*/}}
+{{- define "agentwire.webhookPorts" -}}
+{{- $ports := dict }}
+{{- range list .Values.config.upstream.webhook_url .Values.auth.subscribeWebhook .Values.auth.jwksUrl }}
+{{- if . }}
+{{- $u := urlParse . }}
+{{- $port := regexFind "[0-9]+$" (regexFind ":[0-9]+$" $u.host) }}
+{{- if not $port }}{{ $port = ternary "443" "80" (eq $u.scheme "https") }}{{ end }}
+{{- $_ := set $ports $port true }}
+{{- end }}
+{{- end }}
+{{- range keys $ports | sortAlpha }}
+{{ . }}
+{{- end }}
+{{- end }}
+
+{{/* The probe container: `agentwire probe` through both Services (the helm test pod, the CronJob). */}}
+{{- define "agentwire.probeContainer" -}}
+- name: probe
+  image: {{ default (include "agentwire.image" .) .Values.tests.image }}
+  imagePullPolicy: {{ .Values.image.pullPolicy }}
+  # A full five-event run through both Services: published over POST /v1/events on the internal one,
+  # received over /ws on the public one, in order, and the channel's ledger balanced. Exit 0 = healthy;
+  # any lost or undelivered event fails.
+  args:
+    - probe
+    - --url
+    - http://{{ include "agentwire.fullname" . }}:{{ .Values.service.port }}
+    - --api-url
+    - http://{{ include "agentwire.internalName" . }}:{{ .Values.internalService.port }}
+  {{- with .Values.auth.existingSecret }}
+  {{- $keys := $.Values.auth.existingSecretKeys }}
+  # The probe's producer key, operator key and browser token, from auth.existingSecret (never on the
+  # command line). Optional: without them the probe fails with 401 (keys) or unauthorized (token),
+  # which names what is missing.
+  env:
+    {{- range $name, $key := dict "AGENTWIRE_PROBE_PRODUCER_KEY" $keys.probeProducerKey "AGENTWIRE_PROBE_OPERATOR_KEY" $keys.probeOperatorKey "AGENTWIRE_PROBE_TOKEN" $keys.probeToken }}
+    - name: {{ $name }}
+      valueFrom:
+        secretKeyRef:
+          name: {{ $.Values.auth.existingSecret }}
+          key: {{ $key }}
+          optional: true
+    {{- end }}
+  {{- end }}
+  resources:
+    requests:
+      cpu: 10m
+      memory: 16Mi
+    limits:
+      memory: 64Mi
+  securityContext:
+    {{- toYaml .Values.securityContext | nindent 4 }}
+{{- end }}
+
 {{- define "agentwire.serviceAccountName" -}}
 {{- if .Values.serviceAccount.create }}
 {{- default (include "agentwire.fullname" .) .Values.serviceAccount.name }}

@@ -27,7 +27,11 @@ impl RedisBroker {
         &self,
         message: &crate::protocol::upstream::Outbound,
     ) -> Result<String, BrokerError> {
-        let json = serde_json::to_string(message).unwrap_or_default();
+        // Never an empty message answered `websocket_ack`: a failure is ours, and the client is
+        // told its message was not taken.
+        let json = serde_json::to_string(message).map_err(|e| {
+            BrokerError::Internal(format!("cannot serialise an HLink message: {e}"))
+        })?;
         let id: String = redis::cmd("XADD")
             .arg(&self.config.ui_events_stream)
             .arg("MAXLEN")

@@ -307,7 +307,17 @@ fn broker_unavailable(gateway: &Gateway, message: &str) -> Response<Body> {
 }
 
 fn json_response(status: StatusCode, value: &impl serde::Serialize) -> Response<Body> {
-    let body = serde_json::to_vec(value).unwrap_or_default();
+    // Never an empty body with the intended status: a failure is ours, and says so.
+    let (status, body) = match serde_json::to_vec(value) {
+        Ok(body) => (status, body),
+        Err(error) => {
+            tracing::error!(%error, "Cannot serialise an answer.");
+            (
+                StatusCode::INTERNAL_SERVER_ERROR,
+                br#"{"error":"internal","message":"the answer could not be serialised"}"#.to_vec(),
+            )
+        }
+    };
     let mut response = Response::new(Body::new(Bytes::from(body)));
     *response.status_mut() = status;
     response.headers_mut().insert(

@@ -602,7 +602,12 @@ def test_crd_manifests_and_optional_objects(rendered, work):
     assert docs[("Pod", "agentwire-probe")]["metadata"]["labels"]["app.kubernetes.io/component"] == "test"
     dcm = docs[("ConfigMap", "agentwire-dashboards")]
     assert dcm["metadata"]["labels"]["grafana_dashboard"] == "1"
-    assert dcm["data"]["agentwire.json"] == d.DASHBOARD.read_text(), "the ConfigMap carries the dashboard file byte for byte"
+    want = d.DASHBOARD.read_text().replace('"value": 0.999', '"value": 0.995')
+    assert dcm["data"]["agentwire.json"] == want, \
+        "the ConfigMap carries the dashboard file with only the delivery ratio's threshold set to prometheusRule.objective"
+    ratio = next(p for p in json.loads(dcm["data"]["agentwire.json"])["panels"] if p["title"] == "Delivery ratio (SLI)")
+    steps = ratio["fieldConfig"]["defaults"]["thresholds"]["steps"]
+    assert [s["value"] for s in steps] == [None, 0.995], steps
 
 
 def test_promtool_check_rendered_rules(rendered, work):

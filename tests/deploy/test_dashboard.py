@@ -9,7 +9,7 @@ import deploylib as d
 
 # Grafana unit ids used here (valueFormats categories)
 UNITS = {"short", "none", "s", "ms", "bytes", "percentunit", "eps", "ops", "cps", "reqps", "bool_yes_no"}
-ROWS = ["Delivery health", "Runs", "Latency", "Connections", "Broker", "Process"]
+ROWS = ["Delivery health", "Runs", "Latency", "Connections", "Broker", "Budgets and refusals", "Process"]
 
 
 def test_dashboard_uid_datasource_units_rate_intervals(dashboard):

@@ -156,7 +156,8 @@ def test_dashboard_and_alert_queries_name_only_exported_metrics(dashboard, rules
 
 def test_dashboard_and_alert_queries_evaluate_and_show_what_the_test_caused(live, driven, prom_final, dashboard, rules):
     """Every dashboard query and alert expression parses and evaluates in Prometheus; the delivery and
-    loss panels show what the test caused; loss, unresolved and stalled alerts fire, the others do not."""
+    loss panels show what the test caused; loss, unresolved and stalled alerts fire, the others (the budget
+    and refusal alerts included: the test refuses one foreign origin, nothing at a budget) do not."""
     _, _, prom = live
     exp = driven
     # Evaluate at the time of the last scrape: increase() then has no extrapolation past the last sample,
@@ -206,7 +207,11 @@ def test_dashboard_and_alert_queries_evaluate_and_show_what_the_test_caused(live
          "Lifecycle violations: %s" % vals("panel 'Lifecycle violations by kind' A", "kind"))
     want(near(vals("panel 'Stalled runs' A").get(None), 1), "Stalled runs: %s" % vals("panel 'Stalled runs' A"))
     for name, firing in (("AgentwireDeliveryErrorBudgetBurn", False), ("AgentwireUnresolvedRunIds", True), ("AgentwireRunsStalled", True),
-                         ("AgentwireLedgerImbalance", False), ("AgentwireBrokerDown", False), ("AgentwireTargetAbsent", False)):
+                         ("AgentwireLedgerImbalance", False), ("AgentwireBrokerDown", False), ("AgentwireTargetAbsent", False),
+                         ("AgentwireAcceptFdLimit", False), ("AgentwireBrokerOutOfMemory", False),
+                         ("AgentwireReportsDropped", False), ("AgentwireHistoryEvicting", False),
+                         ("AgentwirePendingRefused", False), ("AgentwireUpstreamFailing", False),
+                         ("AgentwireConnectionsRefused", False)):
         got = [s for w, r in results.items() if w.startswith("alert %s/" % name) for s in r]
         want(bool(got) == firing, "alert %s: expression %s, expected %s" % (
             name, "true" if got else "empty", "true" if firing else "empty"))

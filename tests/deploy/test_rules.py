@@ -10,7 +10,9 @@ import deploylib as d
 REQUIRED = ["AgentwireDeliveryErrorBudgetBurn", "AgentwireUnresolvedRunIds",
             "AgentwireRunsStalled", "AgentwireDeliveryStuck", "AgentwireDeliveryLatencyHigh",
             "AgentwireSlowConsumerCloses", "AgentwireBrokerDown", "AgentwireLedgerImbalance",
-            "AgentwireTargetAbsent"]
+            "AgentwireTargetAbsent", "AgentwireAcceptFdLimit", "AgentwireBrokerOutOfMemory",
+            "AgentwireReportsDropped", "AgentwireHistoryEvicting", "AgentwirePendingRefused",
+            "AgentwireUpstreamFailing", "AgentwireConnectionsRefused"]
 
 
 def test_promtool_check_rules():

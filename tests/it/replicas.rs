@@ -940,3 +940,56 @@ async fn redis_over_tls_with_a_configured_ca() {
     );
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[tokio::test]
+async fn a_publish_that_fails_by_our_fault_is_answered_internal_and_counted_lost() {
+    let redis = Redis::start().await;
+    let gateway = on_redis(&redis, |c| {
+        c.ledger.snapshot_interval = Duration::from_millis(10)
+    })
+    .await;
+    // The channel's stream key holds a string: XADD inside publish.lua fails with WRONGTYPE, an
+    // error that is ours (Internal), not Redis being away.
+    let mut conn = redis.conn().await;
+    let _: () = conn
+        .set("aw:{thread:t_bad}:log", "not a stream")
+        .await
+        .unwrap();
+
+    let body = Value::Array(vec![thinking("t_ok", 1), thinking("t_bad", 1)]).to_string();
+    let (status, answer) = gateway.post("/v1/events", &body).await;
+    assert_eq!(status, StatusCode::INTERNAL_SERVER_ERROR, "{answer}");
+    assert_eq!(answer["results"][0]["status"], "accepted", "{answer}");
+    assert_eq!(answer["results"][1]["status"], "error", "{answer}");
+    assert_eq!(answer["results"][1]["code"], "internal", "{answer}");
+    assert_eq!(answer["failed"], 1, "{answer}");
+    // Redis is up: readiness and ingest elsewhere are untouched.
+    assert_eq!(http(gateway.internal, "GET", "/readyz", None).await.0, 200);
+
+    let metrics = gateway.metrics().await;
+    let value = |series: &str| crate::support::metric_value(&metrics, series);
+    assert_eq!(
+        value("agentwire_events_lost_total{reason=\"internal\"}"),
+        1.0
+    );
+    // ingested + generated + redriven = emitted + pending_resolution + lost{unresolved}
+    //   + lost{internal} + duplicates
+    assert_eq!(value("agentwire_events_ingested_total"), 2.0);
+    assert_eq!(value("agentwire_events_emitted_total"), 1.0);
+    assert_eq!(
+        value("agentwire_events_ingested_total"),
+        value("agentwire_events_emitted_total")
+            + value("agentwire_events_pending_resolution")
+            + value("agentwire_events_lost_total{reason=\"unresolved\"}")
+            + value("agentwire_events_lost_total{reason=\"internal\"}")
+            + value("agentwire_events_duplicate_total")
+    );
+    // The channel ledgers balance without it: it never had a seq.
+    assert_eq!(
+        value("agentwire_events_emitted_total"),
+        value("agentwire_events_delivered_total")
+            + value("agentwire_events_pending")
+            + value("agentwire_events_lost_total{reason=\"expired_unseen\"}")
+            + value("agentwire_events_lost_total{reason=\"expired_subscribed\"}")
+    );
+}

@@ -8,6 +8,7 @@
 //! balanced `emitted = delivered + pending + lost`.
 
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use prometheus::{
@@ -61,6 +62,9 @@ pub struct Metrics {
     events_delivered: IntCounter,
     events_acked: IntCounter,
     pub events_lost: IntCounterVec,
+    /// Events taken for ingest that could not be emitted (a broker error that is ours): added to
+    /// the channel ledgers' own `internal` in `agentwire_events_lost_total{reason="internal"}`.
+    lost_internal_ingest: AtomicU64,
     events_pending: IntGauge,
     events_pending_oldest_age: Gauge,
     events_pending_resolution: IntGauge,
@@ -172,6 +176,7 @@ impl Metrics {
                 "Events that will never be delivered, by reason.",
                 "reason",
             ),
+            lost_internal_ingest: AtomicU64::new(0),
             events_pending: gauge(
                 r,
                 "agentwire_events_pending",
@@ -478,15 +483,26 @@ impl Metrics {
         String::from_utf8(out).unwrap_or_default()
     }
 
+    /// Counts an event taken for ingest that cannot be emitted because of a broker error that is
+    /// ours: shown in `agentwire_events_lost_total{reason="internal"}` from the next scrape on,
+    /// beside the channel ledgers' own `internal` (one sum, so the series never goes down).
+    pub fn lose_internal(&self) {
+        self.lost_internal_ingest.fetch_add(1, Ordering::Relaxed);
+    }
+
     /// Sets the ledger series from one snapshot of the totals.
     fn show_ledger(&self, totals: &Totals) {
         raise(&self.events_emitted, totals.emitted);
         raise(&self.events_delivered, totals.delivered);
         raise(&self.events_acked, totals.acked);
         for reason in LostReason::CHANNEL {
+            let mut lost = totals.lost[reason as usize];
+            if reason == LostReason::Internal {
+                lost += self.lost_internal_ingest.load(Ordering::Relaxed);
+            }
             raise(
                 &self.events_lost.with_label_values(&[reason.as_str()]),
-                totals.lost[reason as usize],
+                lost,
             );
         }
         self.events_pending.set(totals.pending);

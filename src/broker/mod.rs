@@ -129,6 +129,15 @@ impl Broker {
         }
     }
 
+    /// Whether the broker has answered at least once since start (a latch: `/readyz`). Through a
+    /// later outage it stays true while [`Broker::is_up`] is false.
+    pub fn has_answered(&self) -> bool {
+        match self {
+            Self::Memory(_) => true,
+            Self::Redis(redis) => redis.has_answered(),
+        }
+    }
+
     pub fn kind(&self) -> &'static str {
         match self {
             Self::Memory(_) => "memory",

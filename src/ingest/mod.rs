@@ -5,7 +5,12 @@
 //! Accounting before the channel stage:
 //! `ingested + generated + redriven = emitted + pending_resolution + lost{unresolved} + duplicates`,
 //! where `generated` counts the gateway's own events (a stalled run's `agent_error`) and `redriven`
-//! the dead letters a redrive emitted (see `deadletter`).
+//! the dead letters a redrive emitted (see `deadletter`). An item answered `unavailable` (Redis
+//! could not take it, the producer sends it again) is not counted in `ingested`; an item the broker
+//! failed on by our fault (`BrokerError::Internal`: a script error, a reply we cannot read) is
+//! counted in `ingested` and in `lost{internal}`, so the identity reads
+//! `… = emitted + pending_resolution + lost{unresolved} + lost{internal} + duplicates` (the channel
+//! ledgers never count `internal` themselves today).
 
 mod body;
 mod redrive;
@@ -55,6 +60,14 @@ pub enum ItemResult {
         reason: String,
     },
     Error(Refusal),
+    /// Not taken, by our fault (a broker script error, a reply we cannot read): answered
+    /// `{"status": "error", "code": "internal"}` and counted `lost{internal}`. A retry would fail
+    /// the same way until an operator fixes the cause, so the producer should not retry it.
+    #[serde(rename = "error")]
+    Internal {
+        code: &'static str,
+        reason: String,
+    },
 }
 
 impl ItemResult {
@@ -101,20 +114,42 @@ fn count_refusal(gateway: &Gateway, refusal: &Refusal) {
 /// Accepts one valid event: dedupe, register (for `agent_started` with a thread), resolve, publish.
 /// `entry` is the ingest stream entry id it came from, which makes a second publish a duplicate.
 pub async fn accept(gateway: &Gateway, event: Event, entry: Option<&str>) -> ItemResult {
-    gateway.metrics.events_ingested.inc();
     let span = telemetry::ingest_span(&event);
     let accepted = accept_in(gateway, event, entry, &span);
     match accepted.instrument(span.clone()).await {
-        Ok(result) => result,
+        Ok(result) => {
+            gateway.metrics.events_ingested.inc();
+            result
+        }
         Err(error) => {
             gateway.metrics.broker_errors.inc();
-            if let BrokerError::Refused(reason, _) = &error {
-                refused(gateway, *reason, &error);
+            match &error {
+                BrokerError::Internal(_) => {
+                    gateway.metrics.events_ingested.inc();
+                    lost_internal(gateway, &error);
+                    return ItemResult::Internal {
+                        code: "internal",
+                        reason: error.to_string(),
+                    };
+                }
+                BrokerError::Refused(reason, _) => refused(gateway, *reason, &error),
+                BrokerError::Unavailable(_) => {}
             }
             ItemResult::Unavailable {
                 reason: error.to_string(),
             }
         }
+    }
+}
+
+/// An event taken for ingest that the broker failed on by our fault: it is lost (nothing of it
+/// was emitted), counted `lost{internal}` and logged at most once per interval, since a broken
+/// script or key fails every event that reaches it.
+fn lost_internal(gateway: &Gateway, error: &BrokerError) {
+    static INTERNAL: Throttle = Throttle::every(Duration::from_secs(10));
+    gateway.metrics.lose_internal();
+    if let Some(held_back) = INTERNAL.allow() {
+        tracing::error!(held_back, %error, "Event lost: the broker failed on it by our fault; the producer is answered 500 `internal` (see docs/runbooks.md, AgentwireDeliveryErrorBudgetBurn).");
     }
 }
 

@@ -340,8 +340,20 @@ async fn redis_going_away_is_visible_survivable_and_honest_about_lost_history() 
     assert_eq!(client.events(3).await[2]["seq"], 3);
 
     redis.stop();
-    wait_ready(gateway.internal, StatusCode::SERVICE_UNAVAILABLE).await;
-    assert_eq!(gateway.metric("agentwire_broker_up").await, 0.0);
+    // Readiness stays on through the outage (Redis answered once since start): the Service
+    // keeps its endpoints, ingest answers 503 and agentwire_broker_up is the signal.
+    let mut down = false;
+    for _ in 0..200 {
+        if gateway.metric("agentwire_broker_up").await == 0.0 {
+            down = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(down, "agentwire_broker_up turns 0 while Redis is away");
+    let (status, text) = http(gateway.internal, "GET", "/readyz", None).await;
+    assert_eq!(status, StatusCode::OK, "{text}");
+    assert!(text.contains("\"broker_up\":false"), "{text}");
     let (status, text) = http(
         gateway.internal,
         "POST",
@@ -354,8 +366,16 @@ async fn redis_going_away_is_visible_survivable_and_honest_about_lost_history() 
     client.barrier().await;
 
     redis.restart().await;
-    wait_ready(gateway.internal, StatusCode::OK).await;
+    for _ in 0..200 {
+        if gateway.metric("agentwire_broker_up").await == 1.0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     assert_eq!(gateway.metric("agentwire_broker_up").await, 1.0);
+    let (status, text) = http(gateway.internal, "GET", "/readyz", None).await;
+    assert_eq!(status, StatusCode::OK, "{text}");
+    assert!(text.contains("\"broker_up\":true"), "{text}");
     // Redis kept nothing: the thread starts over in a new epoch, and the client is told so. Its
     // user channel never had an event, so it had no epoch to lose and is not renewed.
     let renewed = client.recv().await;
@@ -386,10 +406,15 @@ async fn a_gateway_whose_redis_is_down_at_start_is_not_ready_and_refuses_ingest(
     let (status, text) = http(gateway.internal, "GET", "/readyz", None).await;
     assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{text}");
     assert!(text.contains("\"broker\":\"redis\""), "{text}");
+    assert!(text.contains("\"status\":\"broker_unavailable\""), "{text}");
     let (status, _) = gateway
         .post("/v1/events", &thinking("t1", 1).to_string())
         .await;
     assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+
+    // The first answer makes it ready.
+    redis.restart().await;
+    wait_ready(gateway.internal, StatusCode::OK).await;
 }
 
 #[tokio::test]
@@ -914,4 +939,57 @@ async fn redis_over_tls_with_a_configured_ca() {
         "a server it cannot verify"
     );
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[tokio::test]
+async fn a_publish_that_fails_by_our_fault_is_answered_internal_and_counted_lost() {
+    let redis = Redis::start().await;
+    let gateway = on_redis(&redis, |c| {
+        c.ledger.snapshot_interval = Duration::from_millis(10)
+    })
+    .await;
+    // The channel's stream key holds a string: XADD inside publish.lua fails with WRONGTYPE, an
+    // error that is ours (Internal), not Redis being away.
+    let mut conn = redis.conn().await;
+    let _: () = conn
+        .set("aw:{thread:t_bad}:log", "not a stream")
+        .await
+        .unwrap();
+
+    let body = Value::Array(vec![thinking("t_ok", 1), thinking("t_bad", 1)]).to_string();
+    let (status, answer) = gateway.post("/v1/events", &body).await;
+    assert_eq!(status, StatusCode::INTERNAL_SERVER_ERROR, "{answer}");
+    assert_eq!(answer["results"][0]["status"], "accepted", "{answer}");
+    assert_eq!(answer["results"][1]["status"], "error", "{answer}");
+    assert_eq!(answer["results"][1]["code"], "internal", "{answer}");
+    assert_eq!(answer["failed"], 1, "{answer}");
+    // Redis is up: readiness and ingest elsewhere are untouched.
+    assert_eq!(http(gateway.internal, "GET", "/readyz", None).await.0, 200);
+
+    let metrics = gateway.metrics().await;
+    let value = |series: &str| crate::support::metric_value(&metrics, series);
+    assert_eq!(
+        value("agentwire_events_lost_total{reason=\"internal\"}"),
+        1.0
+    );
+    // ingested + generated + redriven = emitted + pending_resolution + lost{unresolved}
+    //   + lost{internal} + duplicates
+    assert_eq!(value("agentwire_events_ingested_total"), 2.0);
+    assert_eq!(value("agentwire_events_emitted_total"), 1.0);
+    assert_eq!(
+        value("agentwire_events_ingested_total"),
+        value("agentwire_events_emitted_total")
+            + value("agentwire_events_pending_resolution")
+            + value("agentwire_events_lost_total{reason=\"unresolved\"}")
+            + value("agentwire_events_lost_total{reason=\"internal\"}")
+            + value("agentwire_events_duplicate_total")
+    );
+    // The channel ledgers balance without it: it never had a seq.
+    assert_eq!(
+        value("agentwire_events_emitted_total"),
+        value("agentwire_events_delivered_total")
+            + value("agentwire_events_pending")
+            + value("agentwire_events_lost_total{reason=\"expired_unseen\"}")
+            + value("agentwire_events_lost_total{reason=\"expired_subscribed\"}")
+    );
 }

@@ -3,9 +3,12 @@
 //! script at its start is `Refused` (503, counted `oom`); anything else, a script error or a reply
 //! of the wrong shape, is `Internal` (500, an `ERROR` log: an operator must look).
 
+use std::time::Duration;
+
 use redis::{ErrorKind, RedisError, ServerErrorKind};
 
 use crate::broker::{BrokerError, Refusal};
+use crate::telemetry::Throttle;
 
 impl From<RedisError> for BrokerError {
     fn from(error: RedisError) -> Self {
@@ -16,7 +19,12 @@ impl From<RedisError> for BrokerError {
         } else if is_unavailable(&error) {
             Self::Unavailable(error.to_string())
         } else {
-            tracing::error!(%error, "Redis answered with an error that is ours to fix.");
+            // At most one line per interval: a broken script or key fails every call that
+            // reaches it, and each caller answers 500 and counts what it lost.
+            static INTERNAL: Throttle = Throttle::every(Duration::from_secs(10));
+            if let Some(held_back) = INTERNAL.allow() {
+                tracing::error!(%error, held_back, "Redis answered with an error that is ours to fix (held_back more since the last line).");
+            }
             Self::Internal(error.to_string())
         }
     }

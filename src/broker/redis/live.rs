@@ -68,7 +68,8 @@ impl Label for Reconciled {
 
 const ANSWER: Duration = Duration::from_secs(2);
 
-/// Pings Redis twice a second; readiness and `agentwire_broker_up` follow the answer.
+/// Pings Redis twice a second; `agentwire_broker_up` and ingest follow the answer, readiness only
+/// its first (the "has answered once" latch).
 pub async fn health(broker: &RedisBroker, metrics: &Metrics, stop: CancellationToken) {
     let mut interval = tokio::time::interval(Duration::from_millis(500));
     loop {
@@ -85,7 +86,9 @@ pub async fn health(broker: &RedisBroker, metrics: &Metrics, stop: CancellationT
             if answered {
                 tracing::info!("Redis is reachable.");
             } else {
-                tracing::error!("Redis is not answering: readiness is off and ingest answers 503.");
+                tracing::error!(
+                    "Redis is not answering: ingest answers 503 (readiness stays on once Redis has answered since start)."
+                );
             }
         }
         if !answered {

@@ -116,6 +116,8 @@ pub struct RedisBroker {
     pub(crate) report_queue: Mutex<Option<(mpsc::Receiver<Report>, mpsc::Receiver<Delivered>)>>,
     /// Last PING answered (set by the health task).
     up: AtomicBool,
+    /// Set at the first answer of Redis since start, never cleared: `/readyz` follows it.
+    answered_once: AtomicBool,
     /// Counts pub/sub (re)connections, so an attach can tell one happened while it read.
     pub(crate) generation: AtomicU64,
     /// How long a run's shared activity is kept: its idle timeout twice, at least `watchdog.retain`.
@@ -170,6 +172,7 @@ impl RedisBroker {
             deliveries,
             report_queue: Mutex::new(Some((report_queue, delivery_queue))),
             up: AtomicBool::new(false),
+            answered_once: AtomicBool::new(false),
             generation: AtomicU64::new(0),
             run_seen_ttl: (config.watchdog.run_idle_timeout * 2).max(config.watchdog.retain),
             deadletter_capacity: config.deadletter.capacity,
@@ -187,7 +190,16 @@ impl RedisBroker {
         self.up.load(Ordering::Acquire)
     }
 
+    /// Whether Redis has answered at least once since start: readiness (an outage later does not
+    /// make the replica unready, see docs/decisions.md).
+    pub fn has_answered(&self) -> bool {
+        self.answered_once.load(Ordering::Acquire)
+    }
+
     pub(crate) fn set_up(&self, up: bool) {
+        if up {
+            self.answered_once.store(true, Ordering::Release);
+        }
         self.up.store(up, Ordering::Release);
     }
 }

@@ -1,4 +1,4 @@
-//! Probes and scrapes: `/readyz` (draining, broker) and `/metrics`.
+//! Probes and scrapes: `/readyz` (draining, broker answered once since start) and `/metrics`.
 
 use bytes::Bytes;
 use hyper::header::{self, HeaderValue};
@@ -10,20 +10,24 @@ use crate::Gateway;
 
 pub(super) fn ready(gateway: &Gateway) -> Response<Body> {
     let broker = gateway.broker.kind();
+    let broker_up = gateway.broker.is_up();
     if gateway.shutdown.is_draining() {
         json_response(
             StatusCode::SERVICE_UNAVAILABLE,
-            &json!({"status": "draining", "broker": broker}),
+            &json!({"status": "draining", "broker": broker, "broker_up": broker_up}),
         )
-    } else if !gateway.broker.is_up() {
+    } else if !gateway.broker.has_answered() {
+        // Never reached Redis since start (a wrong URL, a closed egress): take no traffic. Once
+        // it has answered, an outage leaves readiness alone: Redis is shared by every replica,
+        // ingest answers 503 meanwhile and `AgentwireBrokerDown` is the signal.
         json_response(
             StatusCode::SERVICE_UNAVAILABLE,
-            &json!({"status": "broker_unavailable", "broker": broker}),
+            &json!({"status": "broker_unavailable", "broker": broker, "broker_up": broker_up}),
         )
     } else {
         json_response(
             StatusCode::OK,
-            &json!({"status": "ready", "broker": broker}),
+            &json!({"status": "ready", "broker": broker, "broker_up": broker_up}),
         )
     }
 }

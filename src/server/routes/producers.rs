@@ -7,7 +7,7 @@ use hyper::{Request, Response, StatusCode};
 use serde_json::{Value, json};
 
 use super::body::{self, BodyRefusal};
-use super::{Body, broker_unavailable, error, json_response, media_type};
+use super::{Body, broker_error, broker_unavailable, error, json_response, media_type};
 use crate::Gateway;
 use crate::ingest::{self, ItemResult};
 use crate::metrics::count;
@@ -84,8 +84,14 @@ pub(super) async fn events(
     let unavailable = results
         .iter()
         .any(|r| matches!(r, ItemResult::Unavailable { .. }));
+    let internal = results
+        .iter()
+        .any(|r| matches!(r, ItemResult::Internal { .. }));
+    // Retryable items first: a producer that retries sends the internal ones again too, and
+    // their `event_id`s make the accepted ones duplicates.
     let status = match ok {
         _ if unavailable => StatusCode::SERVICE_UNAVAILABLE,
+        _ if internal => StatusCode::INTERNAL_SERVER_ERROR,
         n if n == items.len() => StatusCode::OK,
         0 => StatusCode::BAD_REQUEST,
         _ => StatusCode::MULTI_STATUS,
@@ -208,10 +214,8 @@ pub(super) async fn runs(gateway: &Gateway, request: Request<Incoming>) -> Respo
                 Some("run_id"),
             );
         }
-        // A producer retries either way: it is answered 503 (an Internal error is also logged).
-        Err(ingest::RegisterError::Broker(e)) => {
-            return broker_unavailable(gateway, &e.to_string());
-        }
+        // By whose fault: 503 (Redis away, retry) or 500 `internal` (ours, logged at ERROR).
+        Err(ingest::RegisterError::Broker(e)) => return broker_error(gateway, &e),
     };
     json_response(
         StatusCode::OK,

@@ -396,6 +396,22 @@ impl Resolver {
         self.state().pending_bytes
     }
 
+    /// Takes every held event out of the pending set, those held behind a release included (at
+    /// shutdown: whatever a release would still publish is dead-lettered instead, and counted).
+    pub fn take_all(&self) -> Vec<Held> {
+        let mut state = self.state();
+        let runs: Vec<String> = state.pending.keys().cloned().collect();
+        let held = runs
+            .into_iter()
+            .filter_map(|run_id| {
+                let events = state.take(&run_id)?;
+                Some(Held { run_id, events })
+            })
+            .collect();
+        self.count_waiting(&state);
+        held
+    }
+
     /// Takes the runs whose first held event has waited longer than the grace period, and
     /// forgets registrations older than their TTL.
     pub fn expire(&self, now: Instant) -> Vec<Held> {

@@ -138,6 +138,12 @@ impl Broker {
         }
     }
 
+    /// Whether dead letters outlive this process: Redis keeps them in the shared stream, the
+    /// embedded broker's go with the process.
+    pub fn letters_outlive_the_process(&self) -> bool {
+        matches!(self, Self::Redis(_))
+    }
+
     pub fn kind(&self) -> &'static str {
         match self {
             Self::Memory(_) => "memory",

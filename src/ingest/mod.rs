@@ -24,7 +24,7 @@ use serde::Serialize;
 
 pub use body::{BodyError, split};
 pub use redrive::{RedriveOutcome, Redriven, redrive};
-pub use registration::{RegisterError, RunRefusal, expire_pending, register};
+pub use registration::{RegisterError, RunRefusal, dead_letter_held, expire_pending, register};
 pub use stalls::report_stalls;
 pub use upward::consume;
 

@@ -150,6 +150,54 @@ pub fn expire_pending(gateway: &Gateway) {
     }
 }
 
+/// Why an event still held for its run when the gateway stopped was dead-lettered.
+pub const SHUTDOWN: &str = "shutdown: still waiting for its run when the gateway stopped";
+
+/// At shutdown, once ingest has stopped: every event still held for its run (waiting for a
+/// registration, or behind a release that has not reached it) is dead-lettered and counted lost
+/// `unresolved`, so none leaves uncounted. Redis keeps the letters in the shared stream (written
+/// now); the embedded broker's go with the process, and the log says how many. Returns how many.
+pub async fn dead_letter_held(gateway: &Gateway) -> usize {
+    let held = gateway.resolver.take_all();
+    // Counted first, all of them: writing the letters to Redis may be cut by the shutdown bound.
+    let mut events = 0;
+    for held in &held {
+        for event in &held.events {
+            events += 1;
+            lost_unresolved(gateway, &held.run_id, event, SHUTDOWN);
+        }
+    }
+    if events == 0 {
+        return 0;
+    }
+    if gateway.broker.letters_outlive_the_process() {
+        tracing::warn!(
+            events,
+            "Shutdown: events still waiting for their run are dead-lettered (counted lost unresolved, kept in the shared dead-letter stream for redrive)."
+        );
+    } else {
+        tracing::warn!(
+            events,
+            "Shutdown: events still waiting for their run were dead-lettered and counted lost unresolved; the embedded broker's dead letters are gone with the process."
+        );
+    }
+    for held in held {
+        for event in held.events {
+            let kept = gateway
+                .broker
+                .keep_dead_letter_now(&held.run_id, event, SHUTDOWN, &gateway.metrics)
+                .await;
+            if let Err(error) = kept {
+                static UNKEPT: Throttle = Throttle::every(Duration::from_secs(10));
+                if let Some(held_back) = UNKEPT.allow() {
+                    tracing::warn!(%error, run_id = held.run_id.as_str(), held_back, "A held event's dead letter could not be written at shutdown; it stays counted lost.");
+                }
+            }
+        }
+    }
+    events
+}
+
 /// Logs and counts one event lost unresolved.
 pub(super) fn lost_unresolved(gateway: &Gateway, run_id: &str, event: &PackedEvent, why: &str) {
     // One line per interval: a flood of unknown runs must not flood the logs. Every letter is

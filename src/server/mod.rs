@@ -1,8 +1,10 @@
 //! The listener: HTTP/1.1 with upgrades on one port, background housekeeping, and graceful
 //! shutdown in three parts: decide (the caller's `stop` token), tell (readiness turns 503 at once,
 //! then after `shutdown.drain_delay` every session gets close 1012 at a random moment within
-//! `shutdown.close_window`), wait (the session tracker, bounded by `close_window + timeout`, then
-//! each stage's tracker: HTTP connections, housekeeping, the broker's tasks, ingest's consumer).
+//! `shutdown.close_window`), wait (the session tracker, bounded by `close_window + timeout`), then
+//! drain in the order events flow: ingest stops (HTTP connections, housekeeping), events still held
+//! for their run are dead-lettered, and the broker's tasks end (the webhook queue drained within
+//! `upstream::DRAIN`, the rest counted), then ingest's consumer.
 //! Hyper forgets upgraded connections, so sessions are tracked apart from HTTP connections.
 
 mod housekeeping;
@@ -142,28 +144,49 @@ pub async fn run(gateway: Arc<Gateway>, doors: Doors, stop: CancellationToken) {
             "Sessions did not end within shutdown.close_window + shutdown.timeout."
         );
     }
+    // Ingest stops: open HTTP requests finish (a registration's release with them) and
+    // housekeeping ends, so nothing takes an event in or holds one any more.
+    let deadline = tokio::time::Instant::now() + INGEST_BOUND;
+    for (stage, tracker) in [("http", &http), ("housekeeping", &housekeeping)] {
+        wait_stage(stage, tracker, deadline).await;
+    }
+    // What is still held for its run is dead-lettered, each event counted lost `unresolved`.
+    if tokio::time::timeout_at(deadline, crate::ingest::dead_letter_held(&gateway))
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            "Dead letters of held events were not all written within the bound (they are counted lost)."
+        );
+    }
+    // Then the broker's tasks: in Redis mode they write the last deliveries and acks, in
+    // embedded mode the webhook worker drains the HLink queue within `upstream::DRAIN` and counts
+    // what it could not deliver; ingest's consumer ends after them.
     broker_stop.cancel();
-    // The stages after the sessions share one bound, so the exit stays within the pod's grace.
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
-    for (stage, tracker) in [
-        ("http", &http),
-        ("housekeeping", &housekeeping),
-        ("broker", &broker),
-        ("ingest", &ingest),
-    ] {
-        tracker.close();
-        if tokio::time::timeout_at(deadline, tracker.wait())
-            .await
-            .is_err()
-        {
-            tracing::warn!(
-                stage,
-                left = tracker.len(),
-                "Tasks did not end within 2 s of the sessions."
-            );
-        }
+    let deadline = tokio::time::Instant::now() + crate::upstream::DRAIN + Duration::from_secs(1);
+    for (stage, tracker) in [("broker", &broker), ("ingest", &ingest)] {
+        wait_stage(stage, tracker, deadline).await;
     }
     tracing::info!("Stopped.");
+}
+
+/// How long open HTTP requests and housekeeping have, together with the dead-lettering of held
+/// events, once the sessions have ended.
+const INGEST_BOUND: Duration = Duration::from_secs(2);
+
+/// Closes a stage's tracker and waits for its tasks until `deadline`.
+async fn wait_stage(stage: &str, tracker: &TaskTracker, deadline: tokio::time::Instant) {
+    tracker.close();
+    if tokio::time::timeout_at(deadline, tracker.wait())
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            stage,
+            left = tracker.len(),
+            "Tasks did not end within the stage's shutdown bound."
+        );
+    }
 }
 
 async fn accept_until(

@@ -28,6 +28,8 @@ struct Lanes {
     /// Users with messages waiting, in the order they are served.
     turn: VecDeque<String>,
     len: usize,
+    /// Shutdown: the queue takes nothing more.
+    closed: bool,
 }
 
 impl FairQueue {
@@ -45,7 +47,7 @@ impl FairQueue {
     pub fn push(&self, message: Outbound) -> Result<(), Full> {
         let mut lanes = self.lanes.lock().unwrap_or_else(|e| e.into_inner());
         let waiting = lanes.by_user.get(&message.user_id).map_or(0, VecDeque::len);
-        if lanes.len >= self.capacity || waiting >= self.per_user {
+        if lanes.closed || lanes.len >= self.capacity || waiting >= self.per_user {
             return Err(Full);
         }
         if waiting == 0 {
@@ -71,6 +73,13 @@ impl FairQueue {
             }
             ready.await;
         }
+    }
+
+    /// Shutdown: refuses every later message and takes every queued one, in the order they would
+    /// have been served.
+    pub fn close(&self) -> Vec<Outbound> {
+        self.lanes.lock().unwrap_or_else(|e| e.into_inner()).closed = true;
+        std::iter::from_fn(|| self.take()).collect()
     }
 
     fn take(&self) -> Option<Outbound> {
@@ -129,5 +138,16 @@ mod tests {
             ("flood", "quiet")
         );
         assert_eq!(queue.pop().await.user_id, "flood");
+    }
+
+    #[test]
+    fn close_takes_what_waits_in_turn_and_refuses_more() {
+        let queue = FairQueue::new(10, 3);
+        for (user, n) in [("a", 0), ("a", 1), ("b", 0)] {
+            queue.push(message(user, n)).unwrap();
+        }
+        let left: Vec<_> = queue.close().into_iter().map(|m| m.user_id).collect();
+        assert_eq!(left, ["a", "b", "a"]);
+        assert!(queue.push(message("c", 0)).is_err(), "closed");
     }
 }

@@ -35,6 +35,9 @@ pub enum HandOffOutcome {
     Refused,
     /// The client's message was not a valid HLink message.
     Invalid,
+    /// Queued (the client was answered `websocket_ack`) but not delivered when the gateway
+    /// stopped: still queued, or still being tried, when the drain's deadline passed.
+    DroppedShutdown,
 }
 
 impl Label for HandOffOutcome {
@@ -44,6 +47,7 @@ impl Label for HandOffOutcome {
         Self::Busy,
         Self::Refused,
         Self::Invalid,
+        Self::DroppedShutdown,
     ];
 
     fn as_str(self) -> &'static str {
@@ -53,6 +57,7 @@ impl Label for HandOffOutcome {
             Self::Busy => "busy",
             Self::Refused => "refused",
             Self::Invalid => "invalid",
+            Self::DroppedShutdown => "dropped_shutdown",
         }
     }
 }
@@ -105,8 +110,10 @@ impl Upstream {
         })
     }
 
-    /// The worker that POSTs queued messages until `stop`, if a webhook is configured (called
-    /// once).
+    /// The worker that POSTs queued messages, if a webhook is configured (called once). After
+    /// `stop` it drains: the message being tried and then the queued ones are still POSTed, until
+    /// the queue is empty or [`DRAIN`] has passed; whatever is left then is counted
+    /// `dropped_shutdown` and logged. The queue refuses new messages from `stop` on (`busy`).
     pub fn worker(
         &self,
         metrics: Arc<Metrics>,
@@ -116,29 +123,105 @@ impl Upstream {
         let client = self.client.clone()?;
         let config = self.config.clone();
         Some(async move {
-            tokio::select! {
-                _ = stop.cancelled() => {}
-                _ = deliver(&queue, &client, config, &metrics) => {}
+            let poster = Poster {
+                client,
+                url: config.webhook_url.clone().unwrap_or_default(),
+                config,
+            };
+            // The message being tried when `stop` came, its attempt left running.
+            let mut cut = None;
+            loop {
+                let message = tokio::select! {
+                    _ = stop.cancelled() => break,
+                    message = queue.pop() => message,
+                };
+                let mut posting: Posting<'_> = Box::pin(poster.post(message));
+                tokio::select! {
+                    outcome = &mut posting => count(&metrics.upstream_messages, outcome),
+                    _ = stop.cancelled() => {
+                        cut = Some(posting);
+                        break;
+                    }
+                }
             }
+            drain(&queue, &poster, cut, &metrics).await;
         })
     }
 }
 
-async fn deliver(
-    queue: &FairQueue,
-    client: &reqwest::Client,
-    config: UpstreamConfig,
-    metrics: &Metrics,
-) {
-    let url = config.webhook_url.clone().unwrap_or_default();
+/// How long the webhook worker goes on POSTing queued messages after shutdown began.
+pub const DRAIN: Duration = Duration::from_secs(1);
+
+/// Shutdown: POSTs what is queued until the queue is empty or [`DRAIN`] has passed, then counts
+/// and logs what is left. `cut` is the attempt under way when the drain began.
+async fn drain(queue: &FairQueue, poster: &Poster, cut: Option<Posting<'_>>, metrics: &Metrics) {
+    let queued = queue.close();
+    let deadline = tokio::time::Instant::now() + DRAIN;
+    let mut dropped = queued.len();
+    let mut left = queued.into_iter();
+    let mut next = cut;
+    let mut delivered = 0usize;
     loop {
-        let message = queue.pop().await;
+        let posting: Posting<'_> = match next.take() {
+            Some(posting) => posting,
+            None => match left.next() {
+                Some(message) => {
+                    dropped -= 1;
+                    Box::pin(poster.post(message))
+                }
+                None => break,
+            },
+        };
+        match tokio::time::timeout_at(deadline, posting).await {
+            Ok(outcome) => {
+                delivered += usize::from(outcome == HandOffOutcome::Delivered);
+                count(&metrics.upstream_messages, outcome);
+            }
+            Err(_) => {
+                dropped += 1;
+                break;
+            }
+        }
+    }
+    if dropped > 0 {
+        metrics
+            .upstream_messages
+            .with_label_values(&[HandOffOutcome::DroppedShutdown.as_str()])
+            .inc_by(dropped as u64);
+        tracing::warn!(
+            dropped,
+            delivered,
+            drain = ?DRAIN,
+            "Shutdown: HLink messages already acknowledged to their clients were not delivered to the webhook in time and are dropped."
+        );
+    } else if delivered > 0 {
+        tracing::info!(
+            delivered,
+            "Shutdown: the HLink queue was drained to the webhook."
+        );
+    }
+}
+
+/// One message's delivery, its attempts and retries.
+type Posting<'a> = std::pin::Pin<Box<dyn Future<Output = HandOffOutcome> + Send + 'a>>;
+
+/// POSTs one message to the webhook, signed, with retries.
+struct Poster {
+    client: reqwest::Client,
+    url: String,
+    config: UpstreamConfig,
+}
+
+impl Poster {
+    async fn post(&self, message: Outbound) -> HandOffOutcome {
+        let config = &self.config;
         let body = serde_json::to_string(&message).unwrap_or_default();
         let mut backoff = Duration::from_millis(100);
         let mut attempt = 0;
-        let outcome = loop {
-            let mut request = client
-                .post(&url)
+        loop {
+            let mut request = self
+                .client
+                .post(&self.url)
                 .header(reqwest::header::CONTENT_TYPE, "application/json")
                 .body(body.clone());
             // Each attempt signs its own time.
@@ -149,19 +232,18 @@ async fn deliver(
             }
             // Errors are printed without the URL: its query or userinfo may hold a secret.
             let error = match request.send().await {
-                Ok(answer) if answer.status().is_success() => break HandOffOutcome::Delivered,
+                Ok(answer) if answer.status().is_success() => return HandOffOutcome::Delivered,
                 Ok(answer) => format!("answered {}", answer.status()),
                 Err(error) => error.without_url().to_string(),
             };
             if attempt >= config.retries {
                 tracing::warn!(message_id = %message.message_id, user_id = %message.user_id, %error, attempts = attempt + 1, "Upstream message not delivered to the webhook.");
-                break HandOffOutcome::Failed;
+                return HandOffOutcome::Failed;
             }
             tracing::debug!(message_id = %message.message_id, %error, attempt, "Webhook attempt failed; retrying.");
             tokio::time::sleep(backoff).await;
             backoff *= 2;
             attempt += 1;
-        };
-        count(&metrics.upstream_messages, outcome);
+        }
     }
 }

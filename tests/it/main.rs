@@ -14,6 +14,7 @@ mod replicas;
 mod resolution;
 mod resume;
 mod security;
+mod shutdown;
 mod slow_consumer;
 mod support;
 mod tidy;

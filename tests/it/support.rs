@@ -32,6 +32,8 @@ pub struct Gateway {
     /// The gateway itself, when it runs in this process.
     pub inner: Option<Arc<agentwire::Gateway>>,
     stop: CancellationToken,
+    /// The in-process gateway's `server::run`.
+    task: Option<tokio::task::JoinHandle<()>>,
 }
 
 impl Drop for Gateway {
@@ -48,6 +50,7 @@ impl Gateway {
             internal: process.internal,
             inner: None,
             stop: CancellationToken::new(),
+            task: None,
         }
     }
 
@@ -76,7 +79,7 @@ impl Gateway {
         let internal = doors.internal.local_addr().unwrap();
         let stop = CancellationToken::new();
         let gateway = Arc::new(agentwire::Gateway::new(config).unwrap());
-        tokio::spawn(agentwire::server::run(
+        let task = tokio::spawn(agentwire::server::run(
             Arc::clone(&gateway),
             doors,
             stop.clone(),
@@ -86,7 +89,20 @@ impl Gateway {
             internal,
             inner: Some(gateway),
             stop,
+            task: Some(task),
         }
+    }
+
+    /// Shuts the in-process gateway down as SIGTERM does and waits until its shutdown sequence
+    /// has ended; returns the gateway, whose counters are then final.
+    pub async fn shut_down(&mut self) -> Arc<agentwire::Gateway> {
+        self.stop.cancel();
+        let task = self.task.take().expect("an in-process gateway");
+        tokio::time::timeout(WAIT, task)
+            .await
+            .expect("the shutdown ends in time")
+            .unwrap();
+        Arc::clone(self.inner.as_ref().unwrap())
     }
 
     pub async fn post(&self, path: &str, body: &str) -> (StatusCode, Value) {

@@ -215,7 +215,15 @@ struct Poster {
 impl Poster {
     async fn post(&self, message: Outbound) -> HandOffOutcome {
         let config = &self.config;
-        let body = serde_json::to_string(&message).unwrap_or_default();
+        // Never an empty body posted for a message the client was told is queued: a failure is
+        // ours, counted failed and logged.
+        let body = match serde_json::to_string(&message) {
+            Ok(body) => body,
+            Err(error) => {
+                tracing::error!(message_id = %message.message_id, %error, "Cannot serialise an upstream message; not delivered.");
+                return HandOffOutcome::Failed;
+            }
+        };
         let mut backoff = Duration::from_millis(100);
         let mut attempt = 0;
         loop {

@@ -325,16 +325,18 @@ impl Config {
 }
 
 /// The `AGENTWIRE_*` variables that are configuration: not those Kubernetes injects into every pod
-/// of a namespace with a Service named `agentwire` (AGENTWIRE_SERVICE_HOST, AGENTWIRE_PORT_8000_TCP…),
-/// nor the tools' own (AGENTWIRE_PROBE_*, AGENTWIRE_BENCH_*).
+/// of a namespace with a Service whose name starts with `agentwire` (`AGENTWIRE_SERVICE_HOST`,
+/// `AGENTWIRE_PORT_8000_TCP`, and for a Service `agentwire-internal` `AGENTWIRE_INTERNAL_PORT`,
+/// `AGENTWIRE_INTERNAL_SERVICE_HOST`…: a top-level name with the word `port` or `service`, which no
+/// key has), nor the tools' own (`AGENTWIRE_PROBE_*`, `AGENTWIRE_BENCH_*`).
 fn environment() -> Env {
     Env::prefixed("AGENTWIRE_").split("__").filter(|key| {
         let key = key.as_str().to_ascii_lowercase();
-        !(key.starts_with("service_")
-            || key == "port"
-            || key.starts_with("port_")
-            || key.starts_with("probe_")
-            || key.starts_with("bench_"))
+        let service_link = !key.contains('.')
+            && key
+                .split('_')
+                .any(|word| word == "port" || word == "service");
+        !(service_link || key.starts_with("probe_") || key.starts_with("bench_"))
     })
 }
 
@@ -453,6 +455,11 @@ mod tests {
             jail.set_env("AGENTWIRE_SERVICE_HOST", "10.0.0.1");
             jail.set_env("AGENTWIRE_PORT", "tcp://10.0.0.1:8000");
             jail.set_env("AGENTWIRE_PORT_8000_TCP_PORT", "8000");
+            // A Service `agentwire-internal` (the chart's internal door, outside the chart).
+            jail.set_env("AGENTWIRE_INTERNAL_SERVICE_HOST", "10.0.0.2");
+            jail.set_env("AGENTWIRE_INTERNAL_SERVICE_PORT_INTERNAL", "8001");
+            jail.set_env("AGENTWIRE_INTERNAL_PORT", "tcp://10.0.0.2:8001");
+            jail.set_env("AGENTWIRE_INTERNAL_PORT_8001_TCP_ADDR", "10.0.0.2");
             jail.set_env("AGENTWIRE_PROBE_TOKEN", "a-token-for-the-probe");
             jail.set_env("AGENTWIRE_BENCH_JWT_SECRET", "a-secret-for-the-bench");
             jail.set_env("AGENTWIRE_HISTORY__MAX_EVENTS", "9");

@@ -111,6 +111,16 @@ impl State {
         Some(waiting.events)
     }
 
+    /// Takes these runs' events out of the pending set.
+    fn take_runs(&mut self, runs: Vec<String>) -> Vec<Held> {
+        runs.into_iter()
+            .filter_map(|run_id| {
+                let events = self.take(&run_id)?;
+                Some(Held { run_id, events })
+            })
+            .collect()
+    }
+
     fn registered(
         &self,
         run_id: &str,
@@ -401,13 +411,7 @@ impl Resolver {
     pub fn take_all(&self) -> Vec<Held> {
         let mut state = self.state();
         let runs: Vec<String> = state.pending.keys().cloned().collect();
-        let held = runs
-            .into_iter()
-            .filter_map(|run_id| {
-                let events = state.take(&run_id)?;
-                Some(Held { run_id, events })
-            })
-            .collect();
+        let held = state.take_runs(runs);
         self.count_waiting(&state);
         held
     }
@@ -428,13 +432,7 @@ impl Resolver {
             })
             .map(|(run_id, _)| run_id.clone())
             .collect();
-        let expired = expired
-            .into_iter()
-            .filter_map(|run_id| {
-                let events = state.take(&run_id)?;
-                Some(Held { run_id, events })
-            })
-            .collect();
+        let expired = state.take_runs(expired);
         self.count_waiting(&state);
         expired
     }

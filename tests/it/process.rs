@@ -146,12 +146,7 @@ async fn json_logs_carry_the_connection_id() {
         .spawn()
         .unwrap();
     let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
-    for _ in 0..200 {
-        if tokio::net::TcpStream::connect(addr).await.is_ok() {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
+    crate::support::wait_listening(addr).await;
     let client = Client::hello(addr, "u_logged").await;
     let connection_id = client.welcome["connection_id"]
         .as_str()
@@ -261,12 +256,7 @@ async fn text_logs_to_a_pipe_have_no_colours() {
         .spawn()
         .unwrap();
     let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
-    for _ in 0..200 {
-        if tokio::net::TcpStream::connect(addr).await.is_ok() {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
+    crate::support::wait_listening(addr).await;
     tokio::time::sleep(Duration::from_millis(200)).await;
     let _ = std::process::Command::new("kill")
         .arg("-TERM")

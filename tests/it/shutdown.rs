@@ -84,12 +84,7 @@ async fn after_sigterm_the_log_accounts_for_every_held_event() {
         .spawn()
         .unwrap();
     let internal: std::net::SocketAddr = format!("127.0.0.1:{internal_port}").parse().unwrap();
-    for _ in 0..200 {
-        if tokio::net::TcpStream::connect(internal).await.is_ok() {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
+    crate::support::wait_listening(internal).await;
     let body = Value::from(traffic()).to_string();
     let (status, _) = crate::support::http(
         internal,

@@ -470,6 +470,17 @@ impl Drop for Process {
     }
 }
 
+/// Waits (at most 5 s) until something listens on `addr`.
+pub async fn wait_listening(addr: SocketAddr) {
+    for _ in 0..200 {
+        if TcpStream::connect(addr).await.is_ok() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    panic!("nothing listens on {addr}");
+}
+
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
@@ -506,13 +517,8 @@ impl Process {
             addr,
             internal,
         };
-        for _ in 0..200 {
-            if TcpStream::connect(internal).await.is_ok() {
-                return process;
-            }
-            tokio::time::sleep(Duration::from_millis(25)).await;
-        }
-        panic!("the gateway process did not start listening");
+        wait_listening(internal).await;
+        process
     }
 
     /// Waits for the process to exit (panics after `limit`) and returns its exit code.

@@ -89,9 +89,22 @@ pub struct Totals {
     /// Of the pending events that were queued to a subscriber.
     pub oldest_offered_pending_age: Duration,
     pub channels: u64,
+    /// Channels whose own ledger did not balance in the snapshot: always 0 unless the
+    /// accounting has a bug (unlike a sum, one channel's surplus cannot hide another's deficit).
+    pub unbalanced: u64,
 }
 
 impl Totals {
+    /// Adds one channel's ledger, counting it in `channels` and, if it does not balance, in
+    /// `unbalanced`.
+    pub fn add_channel(&mut self, counts: &Counts) {
+        self.add(counts);
+        self.channels += 1;
+        if !counts.balanced() {
+            self.unbalanced += 1;
+        }
+    }
+
     pub fn add(&mut self, counts: &Counts) {
         self.emitted += counts.emitted;
         self.delivered += counts.delivered;
@@ -283,6 +296,31 @@ impl Ranked {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn one_channels_surplus_does_not_hide_anothers_deficit() {
+        let mut totals = Totals::default();
+        let surplus = Counts {
+            emitted: 3,
+            delivered: 1,
+            pending: 1,
+            ..Counts::default()
+        };
+        let deficit = Counts {
+            emitted: 1,
+            delivered: 1,
+            pending: 1,
+            ..Counts::default()
+        };
+        totals.add_channel(&surplus);
+        totals.add_channel(&deficit);
+        assert_eq!(
+            (totals.emitted, totals.delivered, totals.pending),
+            (4, 2, 2),
+            "the sums balance"
+        );
+        assert_eq!((totals.channels, totals.unbalanced), (2, 2));
+    }
 
     #[test]
     fn an_event_leaves_pending_once() {

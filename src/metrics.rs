@@ -9,7 +9,7 @@
 
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use prometheus::{
     Encoder, Gauge, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec,
@@ -49,6 +49,16 @@ pub struct Scraped {
     pub deadletters: usize,
     /// Bytes all channels' history holds, and the events `history.max_bytes` evicted.
     pub history: (usize, u64),
+    /// The cluster's ledger (embedded: this instance's), when it could be read for this scrape.
+    pub cluster: Option<ClusterLedger>,
+}
+
+/// The figures of the cluster-wide ledger view (`GET /v1/ledger`) a scrape shows: the same on
+/// every replica, so dashboards and alerts take `max()` over replicas, not `sum()`.
+pub struct ClusterLedger {
+    pub pending: i64,
+    pub unbalanced: u64,
+    pub as_of: SystemTime,
 }
 
 pub struct Metrics {
@@ -112,6 +122,9 @@ pub struct Metrics {
     pub subscribe_webhook: IntCounterVec,
     pub upstream_messages: IntCounterVec,
     events_offered_undelivered_oldest_age: Gauge,
+    cluster_events_pending: IntGauge,
+    cluster_unbalanced_channels: IntGauge,
+    cluster_ledger_timestamp: Gauge,
 }
 
 /// How an event reached the socket that first wrote it.
@@ -185,6 +198,22 @@ impl Metrics {
             events_pending_oldest_age: Gauge::with_opts(Opts::new(
                 "agentwire_events_pending_oldest_age_seconds",
                 "Age of the oldest pending event.",
+            ))
+            .map(|g| register(r, g))
+            .unwrap_or_else(|e| panic!("metric definition: {e}")),
+            cluster_events_pending: gauge(
+                r,
+                "agentwire_cluster_events_pending",
+                "Events pending across the cluster (every replica reads the same shared ledger).",
+            ),
+            cluster_unbalanced_channels: gauge(
+                r,
+                "agentwire_cluster_ledger_unbalanced_channels",
+                "Channels whose shared ledger does not balance: emitted != delivered + pending + lost.",
+            ),
+            cluster_ledger_timestamp: Gauge::with_opts(Opts::new(
+                "agentwire_cluster_ledger_timestamp_seconds",
+                "When the cluster figures shown were read (Unix time; 0 before the first read).",
             ))
             .map(|g| register(r, g))
             .unwrap_or_else(|e| panic!("metric definition: {e}")),
@@ -464,6 +493,7 @@ impl Metrics {
             pending_resolution_bytes,
             deadletters,
             history,
+            cluster,
         } = state();
         self.events_pending_resolution
             .set(to_i64(pending_resolution as u64));
@@ -475,6 +505,9 @@ impl Metrics {
         if shown.is_none_or(|at| at <= totals_at) {
             *shown = Some(totals_at);
             self.show_ledger(&totals);
+        }
+        if let Some(cluster) = cluster {
+            self.show_cluster(&cluster);
         }
         let mut out = Vec::with_capacity(16 * 1024);
         if let Err(error) = TextEncoder::new().encode(&self.registry.gather(), &mut out) {
@@ -488,6 +521,22 @@ impl Metrics {
     /// beside the channel ledgers' own `internal` (one sum, so the series never goes down).
     pub fn lose_internal(&self) {
         self.lost_internal_ingest.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Sets the cluster series from one ledger view, unless the ones shown are from a later one.
+    fn show_cluster(&self, cluster: &ClusterLedger) {
+        let at = cluster
+            .as_of
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_secs_f64();
+        if at < self.cluster_ledger_timestamp.get() {
+            return;
+        }
+        self.cluster_ledger_timestamp.set(at);
+        self.cluster_events_pending.set(cluster.pending);
+        self.cluster_unbalanced_channels
+            .set(to_i64(cluster.unbalanced));
     }
 
     /// Sets the ledger series from one snapshot of the totals.

@@ -11,7 +11,9 @@ use serde_json::{Value, json};
 
 use agentwire::config::Config;
 
-use crate::support::{Client, Gateway, Process, Redis, WAIT, event, http, wait_ready};
+use crate::support::{
+    Client, Gateway, Process, Redis, WAIT, event, http, metric_value, wait_ready,
+};
 
 /// A gateway process on `redis`, ready to serve.
 async fn replica(redis: &Redis, extra: &[(&str, &str)]) -> Process {
@@ -992,4 +994,57 @@ async fn a_publish_that_fails_by_our_fault_is_answered_internal_and_counted_lost
             + value("agentwire_events_lost_total{reason=\"expired_unseen\"}")
             + value("agentwire_events_lost_total{reason=\"expired_subscribed\"}")
     );
+}
+
+#[tokio::test]
+async fn every_replica_exports_the_clusters_balance_and_an_unbalanced_channel_shows_on_all() {
+    let redis = Redis::start().await;
+    let fast = |c: &mut Config| c.ledger.snapshot_interval = Duration::from_millis(50);
+    let a = on_redis(&redis, fast).await;
+    let b = on_redis(&redis, fast).await;
+    let mut client = b.client("u1").await;
+    client.subscribe("t_bal", None).await;
+    a.publish(&[thinking("t_bal", 1), thinking("t_bal", 2)])
+        .await;
+    client.events(2).await;
+    // Another channel nobody watches keeps its events pending.
+    a.publish(&[thinking("t_away", 1)]).await;
+    ledger_until(&a, "thread:t_bal", |l| l["delivered"] == 2).await;
+
+    // Both replicas show the same cluster figures, whoever emitted or delivered.
+    cluster_figures_until(&a, (1.0, 0.0)).await;
+    cluster_figures_until(&b, (1.0, 0.0)).await;
+
+    // A counting bug in the shared ledger (here: an emitted count nothing accounts for) shows on
+    // every replica, once: the cluster's figure, not a replica's share of it.
+    let mut conn = redis.conn().await;
+    let () = conn
+        .hincr("aw:{thread:t_bal}:meta", "emitted", 1)
+        .await
+        .expect("corrupt the ledger");
+    cluster_figures_until(&a, (1.0, 1.0)).await;
+    cluster_figures_until(&b, (1.0, 1.0)).await;
+    let (_, ledger) = b.get("/v1/ledger").await;
+    assert_eq!(ledger["channels"]["unbalanced"], 1, "{ledger}");
+    assert_eq!(ledger["channels"]["balanced"], false, "{ledger}");
+}
+
+/// Waits until `gateway`'s `/metrics` shows (cluster pending, unbalanced channels) = `want`.
+async fn cluster_figures_until(gateway: &Gateway, want: (f64, f64)) {
+    let deadline = std::time::Instant::now() + WAIT;
+    loop {
+        let exposition = gateway.metrics().await;
+        let got = (
+            metric_value(&exposition, "agentwire_cluster_events_pending"),
+            metric_value(&exposition, "agentwire_cluster_ledger_unbalanced_channels"),
+        );
+        if got == want {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{got:?}, not {want:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(60)).await;
+    }
 }

@@ -76,8 +76,7 @@ impl Channels {
                     tokio::task::yield_now().await;
                 }
                 let counts = channel.ledger.snapshot();
-                totals.add(&counts);
-                totals.channels += 1;
+                totals.add_channel(&counts);
                 if counts.pending == 0 && counts.lost_total() == 0 {
                     continue;
                 }

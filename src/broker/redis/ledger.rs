@@ -161,6 +161,9 @@ impl RedisBroker {
             oldest_pending_age: mirror.oldest_pending_age,
             oldest_offered_pending_age: mirror.oldest_offered_pending_age,
             channels: mirror.channels,
+            // A replica's share has no channels of its own to balance: the cluster's figure is
+            // `read_ledger`'s.
+            unbalanced: 0,
         }
     }
 
@@ -187,8 +190,7 @@ impl RedisBroker {
             let metas: Vec<HashMap<String, String>> = pipe.query_async(&mut conn).await?;
             for (channel, meta) in batch.iter().zip(&metas) {
                 let counts = counts_of(meta);
-                totals.add(&counts);
-                totals.channels += 1;
+                totals.add_channel(&counts);
                 if counts.pending > 0 || counts.lost_total() > 0 {
                     all.push(ChannelSummary {
                         channel: channel.to_string(),

@@ -1,5 +1,7 @@
 //! Probes and scrapes: `/readyz` (draining, broker answered once since start) and `/metrics`.
 
+use std::time::Duration;
+
 use bytes::Bytes;
 use hyper::header::{self, HeaderValue};
 use hyper::{Response, StatusCode};
@@ -32,8 +34,24 @@ pub(super) fn ready(gateway: &Gateway) -> Response<Body> {
     }
 }
 
+/// How long a scrape waits for the cluster's ledger view (Redis mode: a bounded read of Redis)
+/// before it renders without it, leaving the cluster series as the last read set them.
+const CLUSTER_READ: Duration = Duration::from_secs(2);
+
 pub(super) async fn metrics(gateway: &Gateway) -> Response<Body> {
     let (totals, totals_at) = gateway.broker.totals(&gateway.metrics).await;
+    // The same view `GET /v1/ledger` serves (memory mode: the one `totals` came from, so no
+    // second walk). Unreadable (a Redis outage): the cluster series keep their last values, and
+    // their timestamp says how old they are.
+    let cluster =
+        match tokio::time::timeout(CLUSTER_READ, gateway.broker.ledger(&gateway.metrics)).await {
+            Ok(Ok(view)) => Some(crate::metrics::ClusterLedger {
+                pending: view.value.totals.pending,
+                unbalanced: view.value.totals.unbalanced,
+                as_of: view.value.as_of,
+            }),
+            Ok(Err(_)) | Err(_) => None,
+        };
     let text = gateway.metrics.render(|| crate::metrics::Scraped {
         totals,
         totals_at,
@@ -41,6 +59,7 @@ pub(super) async fn metrics(gateway: &Gateway) -> Response<Body> {
         pending_resolution_bytes: gateway.resolver.pending_bytes(),
         deadletters: gateway.broker.dead_letter_count(),
         history: gateway.broker.history_usage(),
+        cluster,
     });
     let mut response = Response::new(Body::new(Bytes::from(text)));
     response.headers_mut().insert(

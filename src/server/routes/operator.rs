@@ -105,6 +105,7 @@ pub(super) async fn ledger(gateway: &Gateway, query: Option<&str>) -> Response<B
                 "balanced": i128::from(totals.emitted)
                     == i128::from(totals.delivered) + i128::from(totals.pending) + i128::from(lost_channel),
                 "count": totals.channels,
+                "unbalanced": totals.unbalanced,
             },
             "ingest": {
                 "ingested": metrics.events_ingested.get(),

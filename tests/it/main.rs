@@ -6,6 +6,7 @@ mod abuse;
 mod auth;
 mod bad_input;
 mod delivery;
+mod faults;
 mod ledger_snapshot;
 mod operations;
 mod process;

@@ -546,10 +546,13 @@ impl Process {
     }
 }
 
-/// A real `redis-server` on a free port, without persistence, stopped when dropped.
+/// A real `redis-server` on a free port, without persistence unless its arguments ask for it,
+/// stopped when dropped.
 pub struct Redis {
     child: Child,
     pub port: u16,
+    /// The extra arguments it was started with, used again by `restart`.
+    args: Vec<String>,
 }
 
 impl Redis {
@@ -563,15 +566,16 @@ impl Redis {
     }
 
     async fn start_on(port: u16, args: &[&str]) -> Self {
+        let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
         let child = Command::new("redis-server")
             .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
             .args(["--save", "", "--appendonly", "no"])
-            .args(args)
+            .args(&args)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
             .expect("redis-server must be installed (scripts/test installs it)");
-        let redis = Self { child, port };
+        let redis = Self { child, port, args };
         let client = redis.client();
         for _ in 0..200 {
             if let Ok(mut conn) = client.get_multiplexed_async_connection().await
@@ -602,16 +606,18 @@ impl Redis {
             .unwrap()
     }
 
-    /// Stops the server (everything it held is gone: no persistence).
+    /// Kills the server (SIGKILL: what it had not saved is gone).
     pub fn stop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
 
-    /// Starts an empty server on the same port again.
+    /// Kills the server and starts it again on the same port with the same arguments: empty
+    /// without persistence, from its last `SAVE` with a `--dir`.
     pub async fn restart(&mut self) {
         self.stop();
-        *self = Self::start_on(self.port, &[]).await;
+        let args: Vec<&str> = self.args.iter().map(String::as_str).collect();
+        *self = Self::start_on(self.port, &args).await;
     }
 }
 

@@ -41,12 +41,16 @@ enum Command {
     /// Check delivery end to end against a running gateway: exit 0 when a five-event run arrived
     /// in order and the ledger balanced, 1 otherwise.
     Probe {
-        /// The gateway's public door (`/ws`).
+        /// The gateway's public door (`/ws`): `http://` or `https://` (port 80 or 443 by default).
         #[arg(long, default_value = "http://127.0.0.1:8000")]
         url: String,
-        /// The gateway's internal door (`/v1/*`).
+        /// The gateway's internal door (`/v1/*`): `http://` or `https://`.
         #[arg(long, default_value = "http://127.0.0.1:8001")]
         api_url: String,
+        /// A PEM CA certificate to trust for `https://` doors, besides the system's CA
+        /// certificates (`SSL_CERT_FILE`/`SSL_CERT_DIR` when set): for a private CA.
+        #[arg(long, env = "AGENTWIRE_PROBE_CA_FILE", value_name = "PATH")]
+        ca_file: Option<PathBuf>,
         /// A producer key, when the gateway asks for one (from the environment: keys on a command
         /// line show in `ps`).
         #[arg(long, env = "AGENTWIRE_PROBE_PRODUCER_KEY", hide_env_values = true)]
@@ -98,6 +102,7 @@ fn main() -> ExitCode {
             producer_key,
             operator_key,
             token,
+            ca_file,
             timeout,
         } => probe(
             &agentwire::tools::probe::Doors {
@@ -106,6 +111,7 @@ fn main() -> ExitCode {
                 producer_key,
                 operator_key,
                 token,
+                ca_file,
             },
             timeout,
         ),

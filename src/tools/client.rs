@@ -1,8 +1,13 @@
 //! A minimal agentwire client over real sockets (HTTP/1.1 and WebSocket), used by
-//! `agentwire probe` and `agentwire bench`. Only `http://` targets: the tools run beside the
-//! gateway, and `tokio::spawn` here serves the tools only.
+//! `agentwire probe` and `agentwire bench`. A target is `http://` or `https://` (TLS with rustls,
+//! verifying the URL's host against the system's CA certificates plus an optional PEM CA file), as
+//! the probe may reach the gateway through a TLS-terminating ingress. The bench stays on `http://`:
+//! it binds chosen local addresses and runs beside the gateway. `tokio::spawn` here serves the tools
+//! only.
 
 use std::net::{IpAddr, SocketAddr};
+use std::path::Path;
+use std::sync::Arc;
 
 use anyhow::{Context, bail, ensure};
 use bytes::Bytes;
@@ -11,13 +16,23 @@ use http_body_util::{BodyExt, Empty, Full};
 use hyper::upgrade::Upgraded;
 use hyper::{Request, Uri};
 use hyper_util::rt::TokioIo;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, ServerName};
 use serde_json::Value;
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpSocket, TcpStream};
+use tokio_rustls::TlsConnector;
 
 pub type Socket = WebSocket<TokioIo<Upgraded>>;
 
+/// A connection to the gateway: plain TCP, or TLS over TCP. hyper and fastwebsockets take any of
+/// these, so both kinds go through the same HTTP and WebSocket code.
+pub trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}
+pub type Stream = Box<dyn Io>;
+
 /// Where the gateway listens.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct Target {
     pub host: String,
     pub port: u16,
@@ -25,26 +40,46 @@ pub struct Target {
     pub path: String,
     /// A key sent as `Authorization: Bearer` with every HTTP request.
     pub bearer: Option<String>,
+    /// For an `https://` target: the TLS client (its trusted CAs), built once.
+    tls: Option<TlsConnector>,
 }
 
 impl Target {
-    pub fn parse(url: &str) -> anyhow::Result<Self> {
+    /// An `http://` or `https://` URL (`ws://` and `wss://` mean the same: the WebSocket goes to
+    /// `/ws` on that door either way). For `https://` the gateway's certificate must chain to
+    /// one of the system's CA certificates (`SSL_CERT_FILE`/`SSL_CERT_DIR` when set) or to one
+    /// in `ca_file` (PEM), and name the URL's host.
+    pub fn parse(url: &str, ca_file: Option<&Path>) -> anyhow::Result<Self> {
         let uri: Uri = url
             .parse()
             .with_context(|| format!("`{url}` is not a URL"))?;
-        ensure!(
-            uri.scheme_str() == Some("http"),
-            "only http:// URLs are supported (got `{url}`)"
-        );
+        let (tls, default_port) = match uri.scheme_str() {
+            Some("http" | "ws") => (None, 80),
+            Some("https" | "wss") => (Some(tls_connector(ca_file)?), 443),
+            _ => bail!("only http:// and https:// URLs are supported (got `{url}`)"),
+        };
         let host = uri.host().context("the URL has no host")?.to_string();
         Ok(Self {
             host,
-            port: uri.port_u16().unwrap_or(80),
+            port: uri.port_u16().unwrap_or(default_port),
             path: uri
                 .path_and_query()
                 .map_or_else(|| "/".to_string(), |p| p.as_str().to_string()),
             bearer: None,
+            tls,
         })
+    }
+
+    /// An `http://` URL only: the bench connects over plain TCP from chosen local addresses.
+    pub fn parse_plain(url: &str) -> anyhow::Result<Self> {
+        let uri: Uri = url
+            .parse()
+            .with_context(|| format!("`{url}` is not a URL"))?;
+        ensure!(
+            matches!(uri.scheme_str(), Some("http" | "ws")),
+            "only http:// URLs are supported here (got `{url}`)"
+        );
+        Self::parse(url, None)
     }
 
     /// The same target, with a key for its HTTP requests.
@@ -59,14 +94,58 @@ impl Target {
         format!("{}:{}", self.host, self.port)
     }
 
-    pub async fn connect(&self) -> anyhow::Result<TcpStream> {
-        TcpStream::connect((self.host.as_str(), self.port))
+    /// The `Host` header: without the port when it is the scheme's own (what an ingress that
+    /// routes by host name expects).
+    fn host_header(&self) -> String {
+        match (&self.tls, self.port) {
+            (None, 80) | (Some(_), 443) => self.host.clone(),
+            _ => self.authority(),
+        }
+    }
+
+    /// A connection to the target: TCP, and TLS over it for an `https://` target.
+    pub async fn connect(&self) -> anyhow::Result<Stream> {
+        // The authority, not (host, port): an IPv6 host keeps its brackets in a URL.
+        let tcp = TcpStream::connect(self.authority())
             .await
-            .with_context(|| format!("cannot connect to {}", self.authority()))
+            .with_context(|| format!("cannot connect to {}", self.authority()))?;
+        let Some(tls) = &self.tls else {
+            return Ok(Box::new(tcp));
+        };
+        // What the certificate must name: a host name (also sent as SNI) or an IP address.
+        let name = self.host.trim_start_matches('[').trim_end_matches(']');
+        let name = ServerName::try_from(name.to_string())
+            .with_context(|| format!("`{name}` is not a host name TLS can verify"))?;
+        match tls.connect(name, tcp).await {
+            Ok(stream) => Ok(Box::new(stream)),
+            Err(error) => {
+                // rustls says why; an unknown issuer has a remedy worth naming.
+                let unknown_issuer = matches!(
+                    error
+                        .get_ref()
+                        .and_then(|inner| inner.downcast_ref::<rustls::Error>()),
+                    Some(rustls::Error::InvalidCertificate(
+                        rustls::CertificateError::UnknownIssuer
+                    ))
+                );
+                let hint = if unknown_issuer {
+                    " (its certificate is not signed by a CA the probe trusts: for a private CA, pass --ca-file)"
+                } else {
+                    ""
+                };
+                Err(error).with_context(|| {
+                    format!("TLS handshake with {} failed{hint}", self.authority())
+                })
+            }
+        }
     }
 
     /// Connects from a chosen local address (to spread sockets over 127.0.0.x sources).
     pub async fn connect_from(&self, local: IpAddr) -> anyhow::Result<TcpStream> {
+        ensure!(
+            self.tls.is_none(),
+            "connections from a chosen local address are plain TCP: an http:// target only"
+        );
         let remote: SocketAddr = tokio::net::lookup_host(self.authority())
             .await?
             .next()
@@ -93,10 +172,10 @@ impl Target {
     }
 
     /// Opens a WebSocket on `/ws` over `stream`.
-    pub async fn websocket(&self, stream: TcpStream) -> anyhow::Result<Socket> {
+    pub async fn websocket(&self, stream: impl Io + 'static) -> anyhow::Result<Socket> {
         let request = Request::builder()
             .uri("/ws")
-            .header("host", self.authority())
+            .header("host", self.host_header())
             .header("upgrade", "websocket")
             .header("connection", "upgrade")
             .header(
@@ -115,7 +194,7 @@ impl Target {
 /// A kept-alive HTTP/1.1 connection.
 pub struct Http {
     sender: hyper::client::conn::http1::SendRequest<Full<Bytes>>,
-    authority: String,
+    host: String,
     bearer: Option<String>,
 }
 
@@ -129,13 +208,13 @@ impl Http {
         Self::over(target, target.connect_from(local).await?).await
     }
 
-    async fn over(target: &Target, stream: TcpStream) -> anyhow::Result<Self> {
+    async fn over(target: &Target, stream: impl Io + 'static) -> anyhow::Result<Self> {
         let (sender, connection) =
             hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
         tokio::spawn(connection);
         Ok(Self {
             sender,
-            authority: target.authority(),
+            host: target.host_header(),
             bearer: target.bearer.clone(),
         })
     }
@@ -150,7 +229,7 @@ impl Http {
         let mut request = Request::builder()
             .method(method)
             .uri(path)
-            .header("host", &self.authority)
+            .header("host", &self.host)
             .header("content-type", "application/json");
         if let Some(key) = &self.bearer {
             request = request.header("authorization", format!("Bearer {key}"));
@@ -167,6 +246,48 @@ impl Http {
             .unwrap_or(Value::String(String::from_utf8_lossy(&bytes).into_owned()));
         Ok((status, value))
     }
+}
+
+/// A TLS client trusting the system's CA certificates and those in `ca_file`, with the process's
+/// provider (`ring`, as the gateway's own clients), speaking HTTP/1.1 only.
+fn tls_connector(ca_file: Option<&Path>) -> anyhow::Result<TlsConnector> {
+    crate::outbound::install_tls_provider();
+    let mut roots = rustls::RootCertStore::empty();
+    // What cannot be read or parsed is skipped: another root may still verify the gateway, and
+    // an empty set is refused below.
+    let system = rustls_native_certs::load_native_certs();
+    roots.add_parsable_certificates(system.certs);
+    if let Some(path) = ca_file {
+        let certs = CertificateDer::pem_file_iter(path)
+            .and_then(Iterator::collect::<Result<Vec<_>, _>>)
+            .with_context(|| format!("cannot read the CA file {}", path.display()))?;
+        ensure!(
+            !certs.is_empty(),
+            "the CA file {} holds no PEM certificate",
+            path.display()
+        );
+        for cert in certs {
+            roots
+                .add(cert)
+                .with_context(|| format!("a certificate in {} cannot be parsed", path.display()))?;
+        }
+    }
+    if roots.is_empty() {
+        let why: Vec<String> = system.errors.iter().map(ToString::to_string).collect();
+        bail!(
+            "no CA certificate to verify the gateway with: none found on this system ({}) and no --ca-file",
+            if why.is_empty() {
+                "no error".into()
+            } else {
+                why.join("; ")
+            }
+        );
+    }
+    let mut config = rustls::ClientConfig::builder()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(TlsConnector::from(Arc::new(config)))
 }
 
 struct SpawnExecutor;

@@ -1,8 +1,9 @@
-//! `agentwire probe --url http://host:8000`: a delivery check from the outside, through the
-//! public API only. It connects as a client to a private probe thread, publishes a full
-//! five-event run, checks that all five arrive in order, and that the gateway's ledger for that
+//! `agentwire probe --url http://host:8000` (or `https://`, through a TLS-terminating ingress): a
+//! delivery check from the outside, through the public API only. It connects as a client to a
+//! private probe thread, publishes a full five-event run, checks that all five arrive in order, and that the gateway's ledger for that
 //! channel balances with nothing lost. One line of output; exit 0 or 1.
 
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, ensure};
@@ -37,12 +38,14 @@ pub struct Doors {
     pub operator_key: Option<String>,
     /// A browser token that allows `agentwire-probe-*`.
     pub token: Option<String>,
+    /// A PEM CA certificate to trust besides the system's, for `https://` doors.
+    pub ca_file: Option<PathBuf>,
 }
 
-/// Runs the probe through both doors (http only), within `limit`.
+/// Runs the probe through both doors (`http://` or `https://`), within `limit`.
 pub async fn run(doors: &Doors, limit: Duration) -> anyhow::Result<Report> {
-    let target = Target::parse(&doors.url)?;
-    let api = Target::parse(&doors.api_url)?;
+    let target = Target::parse(&doors.url, doors.ca_file.as_deref())?;
+    let api = Target::parse(&doors.api_url, doors.ca_file.as_deref())?;
     let producer = api.with_bearer(doors.producer_key.as_deref());
     let operator = api.with_bearer(doors.operator_key.as_deref());
     let probed = probe(&target, &producer, &operator, doors.token.as_deref());

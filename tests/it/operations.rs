@@ -1,11 +1,14 @@
 //! What an operator uses when an alert fires: dead letters and redrive, the ledger overview,
 //! latency histograms, and the delivery probe.
 
+use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use serde_json::json;
+use tokio::net::{TcpListener, TcpStream};
 
-use crate::support::{Gateway, assert_lines, binary, event};
+use crate::support::{Certificates, Gateway, assert_lines, binary, event};
 
 #[tokio::test]
 async fn a_dead_letter_is_listed_and_redriven_after_registration() {
@@ -170,26 +173,140 @@ async fn event_age_is_measured_from_the_producer_ts() {
 }
 
 async fn probe(url: String, api_url: String) -> (Option<i32>, String) {
-    let output = tokio::task::spawn_blocking(move || {
-        binary()
-            .args([
-                "probe",
-                "--url",
-                &url,
-                "--api-url",
-                &api_url,
-                "--timeout",
-                "5s",
-            ])
-            .output()
-            .unwrap()
-    })
-    .await
-    .unwrap();
+    probe_with(url, api_url, &[], &[]).await
+}
+
+/// The probe as a process, with more arguments and environment.
+async fn probe_with(
+    url: String,
+    api_url: String,
+    args: &[&str],
+    env: &[(&str, &std::path::Path)],
+) -> (Option<i32>, String) {
+    let mut command = binary();
+    command
+        .args([
+            "probe",
+            "--url",
+            &url,
+            "--api-url",
+            &api_url,
+            "--timeout",
+            "5s",
+        ])
+        .args(args)
+        .envs(env.iter().copied());
+    let output = tokio::task::spawn_blocking(move || command.output().unwrap())
+        .await
+        .unwrap();
     (
         output.status.code(),
         String::from_utf8_lossy(&output.stdout).into_owned(),
     )
+}
+
+/// A TLS-terminating proxy on `ip` (an ingress) with `certificates`' server certificate,
+/// forwarding each connection over plain TCP to `upstream`; its port.
+async fn tls_proxy(certificates: &Certificates, ip: &str, upstream: SocketAddr) -> u16 {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+
+    agentwire::outbound::install_tls_provider();
+    let chain = CertificateDer::pem_file_iter(&certificates.cert)
+        .unwrap()
+        .collect::<Result<Vec<_>, _>>()
+        .unwrap();
+    let key = PrivateKeyDer::from_pem_file(&certificates.key).unwrap();
+    let config = rustls::ServerConfig::builder()
+        .with_no_client_auth()
+        .with_single_cert(chain, key)
+        .unwrap();
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+    let listener = TcpListener::bind((ip, 0)).await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            let acceptor = acceptor.clone();
+            tokio::spawn(async move {
+                // A client that refuses the certificate ends its connection in the handshake.
+                let Ok(mut tls) = acceptor.accept(tcp).await else {
+                    return;
+                };
+                let Ok(mut plain) = TcpStream::connect(upstream).await else {
+                    return;
+                };
+                let _ = tokio::io::copy_bidirectional(&mut tls, &mut plain).await;
+            });
+        }
+    });
+    port
+}
+
+/// Behind a TLS-terminating ingress both doors are `https://`: the probe passes when it trusts the
+/// ingress's CA (`--ca-file`, or the system's store), and fails on the certificate otherwise.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_probe_goes_through_https_and_trusts_only_a_verified_certificate() {
+    let certificates = Certificates::make();
+    let gateway = Gateway::start().await;
+    let public = tls_proxy(&certificates, "127.0.0.1", gateway.addr).await;
+    let internal = tls_proxy(&certificates, "127.0.0.1", gateway.internal).await;
+    let url = format!("https://localhost:{public}");
+    let api = format!("https://localhost:{internal}");
+    let ca = certificates.ca.to_string_lossy().into_owned();
+
+    let (code, out) = probe_with(url.clone(), api.clone(), &["--ca-file", &ca], &[]).await;
+    assert_eq!(code, Some(0), "{out}");
+    assert!(
+        out.starts_with("agentwire probe: ok: 5/5 events in order")
+            && out.contains("emitted 5, delivered 5, pending 0, lost 0"),
+        "{out}"
+    );
+
+    // The system's store (SSL_CERT_FILE) is trusted as well, without --ca-file; wss:// names the
+    // same door as https://.
+    let (code, out) = probe_with(
+        format!("wss://localhost:{public}"),
+        api.clone(),
+        &[],
+        &[("SSL_CERT_FILE", &certificates.ca)],
+    )
+    .await;
+    assert_eq!(code, Some(0), "{out}");
+
+    // Without --ca-file, the system's store does not hold the test CA: a FAIL on the certificate.
+    let (code, out) = probe_with(url.clone(), api.clone(), &[], &[]).await;
+    assert_eq!(code, Some(1), "{out}");
+    assert!(
+        out.starts_with("agentwire probe: FAIL:") && out.contains("certificate"),
+        "{out}"
+    );
+    // The same with a store that certainly has CAs, only not this one: the handshake refuses the
+    // unknown issuer, before anything is sent.
+    let other = certificates.another_ca();
+    let (code, out) = probe_with(url, api.clone(), &[], &[("SSL_CERT_FILE", &other)]).await;
+    assert_eq!(code, Some(1), "{out}");
+    assert!(
+        out.starts_with("agentwire probe: FAIL: TLS handshake with localhost:")
+            && out.contains("not signed by a CA the probe trusts")
+            && out.contains("UnknownIssuer"),
+        "{out}"
+    );
+
+    // The name is checked: the certificate is for localhost and 127.0.0.1, not for 127.0.0.2.
+    let elsewhere = tls_proxy(&certificates, "127.0.0.2", gateway.addr).await;
+    let (code, out) = probe_with(
+        format!("https://127.0.0.2:{elsewhere}"),
+        api,
+        &["--ca-file", &ca],
+        &[],
+    )
+    .await;
+    assert_eq!(code, Some(1), "{out}");
+    assert!(
+        out.contains("FAIL: TLS handshake")
+            && out.contains("certificate not valid for name \"127.0.0.2\""),
+        "{out}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

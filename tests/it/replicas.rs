@@ -830,68 +830,8 @@ async fn redis_over_tls_with_a_configured_ca() {
             let _ = self.0.wait();
         }
     }
-    let dir = std::env::temp_dir().join(format!("agentwire-tls-{}", crate::support::free_port()));
-    std::fs::create_dir_all(&dir).unwrap();
-    // A test CA, and a server certificate it signed for localhost.
-    let file = |name: &str| dir.join(name);
-    let (ca, cert, key) = (file("ca.pem"), file("cert.pem"), file("key.pem"));
-    std::fs::write(
-        file("ext.cnf"),
-        "subjectAltName=DNS:localhost,IP:127.0.0.1\nbasicConstraints=CA:FALSE\n",
-    )
-    .unwrap();
-    let openssl = |args: &[&str]| {
-        let made = std::process::Command::new("openssl")
-            .args(args)
-            .current_dir(&dir)
-            .output()
-            .unwrap();
-        assert!(made.status.success(), "openssl {args:?}: {made:?}");
-    };
-    openssl(&[
-        "req",
-        "-x509",
-        "-newkey",
-        "rsa:2048",
-        "-nodes",
-        "-days",
-        "1",
-        "-subj",
-        "/CN=agentwire-test-ca",
-        "-keyout",
-        "ca.key",
-        "-out",
-        "ca.pem",
-    ]);
-    openssl(&[
-        "req",
-        "-newkey",
-        "rsa:2048",
-        "-nodes",
-        "-subj",
-        "/CN=localhost",
-        "-keyout",
-        "key.pem",
-        "-out",
-        "req.csr",
-    ]);
-    openssl(&[
-        "x509",
-        "-req",
-        "-in",
-        "req.csr",
-        "-CA",
-        "ca.pem",
-        "-CAkey",
-        "ca.key",
-        "-CAcreateserial",
-        "-days",
-        "1",
-        "-extfile",
-        "ext.cnf",
-        "-out",
-        "cert.pem",
-    ]);
+    let certificates = crate::support::Certificates::make();
+    let (ca, cert, key) = (&certificates.ca, &certificates.cert, &certificates.key);
     let port = crate::support::free_port();
     let _redis = Stop(
         std::process::Command::new("redis-server")
@@ -904,9 +844,9 @@ async fn redis_over_tls_with_a_configured_ca() {
                 "127.0.0.1",
             ])
             .arg("--tls-cert-file")
-            .arg(&cert)
+            .arg(cert)
             .arg("--tls-key-file")
-            .arg(&key)
+            .arg(key)
             .args([
                 "--tls-auth-clients",
                 "no",
@@ -940,7 +880,6 @@ async fn redis_over_tls_with_a_configured_ca() {
         StatusCode::SERVICE_UNAVAILABLE,
         "a server it cannot verify"
     );
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[tokio::test]

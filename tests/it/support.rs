@@ -2,6 +2,7 @@
 //! WebSocket client and a real HTTP client.
 
 use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::Duration;
@@ -491,6 +492,120 @@ pub fn free_port() -> u16 {
 
 pub fn binary() -> Command {
     Command::new(env!("CARGO_BIN_EXE_agentwire"))
+}
+
+/// A test CA and a certificate it signed for `localhost` (and 127.0.0.1), made with `openssl` in a
+/// directory of their own, removed on drop.
+pub struct Certificates {
+    pub dir: PathBuf,
+    /// The CA's certificate (PEM): what a client must trust.
+    pub ca: PathBuf,
+    /// The server's certificate (PEM), and its key.
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+impl Certificates {
+    pub fn make() -> Self {
+        let dir = std::env::temp_dir().join(format!("agentwire-tls-{}", free_port()));
+        std::fs::create_dir_all(&dir).unwrap();
+        // A test CA, and a server certificate it signed for localhost.
+        let file = |name: &str| dir.join(name);
+        std::fs::write(
+            file("ext.cnf"),
+            "subjectAltName=DNS:localhost,IP:127.0.0.1\nbasicConstraints=CA:FALSE\n",
+        )
+        .unwrap();
+        let openssl = |args: &[&str]| openssl(&dir, args);
+        openssl(&[
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "1",
+            "-subj",
+            "/CN=agentwire-test-ca",
+            "-keyout",
+            "ca.key",
+            "-out",
+            "ca.pem",
+        ]);
+        openssl(&[
+            "req",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-subj",
+            "/CN=localhost",
+            "-keyout",
+            "key.pem",
+            "-out",
+            "req.csr",
+        ]);
+        openssl(&[
+            "x509",
+            "-req",
+            "-in",
+            "req.csr",
+            "-CA",
+            "ca.pem",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-days",
+            "1",
+            "-extfile",
+            "ext.cnf",
+            "-out",
+            "cert.pem",
+        ]);
+        Self {
+            ca: file("ca.pem"),
+            cert: file("cert.pem"),
+            key: file("key.pem"),
+            dir,
+        }
+    }
+
+    /// Another CA's certificate, which signed nothing here: a trust store without ours.
+    pub fn another_ca(&self) -> PathBuf {
+        openssl(
+            &self.dir,
+            &[
+                "req",
+                "-x509",
+                "-newkey",
+                "rsa:2048",
+                "-nodes",
+                "-days",
+                "1",
+                "-subj",
+                "/CN=agentwire-other-ca",
+                "-keyout",
+                "other.key",
+                "-out",
+                "other.pem",
+            ],
+        );
+        self.dir.join("other.pem")
+    }
+}
+
+impl Drop for Certificates {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn openssl(dir: &Path, args: &[&str]) {
+    let made = Command::new("openssl")
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .unwrap();
+    assert!(made.status.success(), "openssl {args:?}: {made:?}");
 }
 
 impl Process {

@@ -77,10 +77,10 @@ pub enum Scenario {
 
 /// Runs a scenario; returns its JSON result (already printed with a summary).
 pub async fn run(args: BenchArgs) -> anyhow::Result<Value> {
-    let target = Target::parse(&args.url)?;
+    let target = Target::parse_plain(&args.url)?;
     let server = Server {
         target: target.clone(),
-        api: Target::parse(&args.api_url)?,
+        api: Target::parse_plain(&args.api_url)?,
         pid: args.server_pid,
     };
     let first = [server];
@@ -111,8 +111,8 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<Value> {
             let servers = [
                 server,
                 Server {
-                    target: Target::parse(&second_url)?,
-                    api: Target::parse(&second_api_url)?,
+                    target: Target::parse_plain(&second_url)?,
+                    api: Target::parse_plain(&second_api_url)?,
                     pid: second_pid,
                 },
             ];

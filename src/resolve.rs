@@ -39,7 +39,7 @@ pub struct Held {
 /// One run's events in the pending set, with what they weigh.
 struct Waiting {
     since: Instant,
-    events: Vec<PackedEvent>,
+    events: VecDeque<PackedEvent>,
     bytes: usize,
 }
 
@@ -68,9 +68,12 @@ impl Label for PendingFull {
 }
 
 /// Registry and pending set share one lock, so that a registration and a hold can never miss each
-/// other (an event held just as its run registers). A registration takes the run's held events and
-/// marks the run as releasing in the same critical section, and until the release ends every later
-/// event of the run that reaches the resolver waits behind them, so held events are published first.
+/// other (an event held just as its run registers). A registration marks the run as releasing in
+/// the same critical section, and until the release ends every later event of the run that reaches
+/// the resolver waits behind the held ones, so held events are published first. A released event
+/// leaves the pending set only once it is published: a release cut at shutdown (its task dropped
+/// or left behind) leaves the rest where [`Resolver::take_all`] finds them, so none is lost
+/// uncounted.
 pub struct Resolver {
     config: ResolveConfig,
     state: Mutex<State>,
@@ -91,6 +94,8 @@ struct State {
     producers: HashMap<Option<Box<str>>, (usize, usize)>,
     /// Runs whose held events are being published outside the lock.
     releasing: HashSet<String>,
+    /// Set by [`Resolver::take_all`] at shutdown: nothing is held or released any more.
+    closed: bool,
 }
 
 impl State {
@@ -108,7 +113,31 @@ impl State {
                 }
             }
         }
-        Some(waiting.events)
+        Some(waiting.events.into())
+    }
+
+    /// Takes a run's first held event out of the pending set, with its share of every count.
+    fn take_first(&mut self, run_id: &str) {
+        let Some(waiting) = self.pending.get_mut(run_id) else {
+            return;
+        };
+        let Some(event) = waiting.events.pop_front() else {
+            return;
+        };
+        let weight = event.weight();
+        waiting.bytes -= weight;
+        if waiting.events.is_empty() {
+            self.pending.remove(run_id);
+        }
+        self.pending_count -= 1;
+        self.pending_bytes -= weight;
+        if let Some(usage) = self.producers.get_mut(&event.producer) {
+            usage.0 -= 1;
+            usage.1 -= weight;
+            if usage.0 == 0 {
+                self.producers.remove(&event.producer);
+            }
+        }
     }
 
     /// Takes these runs' events out of the pending set.
@@ -173,6 +202,8 @@ pub enum NotHeld {
         event: Box<Event>,
         full: PendingFull,
     },
+    /// The gateway is stopping: what was held has been dead-lettered, and so must this be.
+    Closed { event: Box<Event> },
 }
 
 impl Resolver {
@@ -214,7 +245,9 @@ impl Resolver {
             return Err(Box::new(event));
         };
         let mut state = self.state();
-        if !state.releasing.contains(&run_id) {
+        // Closed: the release behind which it would wait has been dead-lettered; it has its
+        // channel, so it is published.
+        if state.closed || !state.releasing.contains(&run_id) {
             return Err(Box::new(event));
         }
         // Published as soon as the release reaches it: within the counts, but never refused, or
@@ -233,11 +266,11 @@ impl Resolver {
         usage.1 += weight;
         let waiting = state.pending.entry(run_id).or_insert_with(|| Waiting {
             since: Instant::now(),
-            events: Vec::new(),
+            events: VecDeque::new(),
             bytes: 0,
         });
         waiting.bytes += weight;
-        waiting.events.push(event);
+        waiting.events.push_back(event);
         self.count_waiting(state);
     }
 
@@ -271,34 +304,56 @@ impl Resolver {
         None
     }
 
-    /// Records the run and takes its held events to publish (with the lock released, since a
-    /// publish may await Redis), in one critical section. Until [`Self::continue_release`] finds
-    /// none left, later events of the run are held behind them. A run already being released
-    /// gives nothing: the loop that releases it takes what waits.
-    pub fn begin_release(&self, run_id: &str, target: RunTarget) -> Vec<PackedEvent> {
+    /// Records the run and, if events are held for it, marks it as releasing, in one critical
+    /// section; `true` if the caller is to release them ([`Self::next_released`], then
+    /// [`Self::released`] once each is published, with the lock released since a publish may await
+    /// Redis). Until the release ends, later events of the run are held behind them. A run already
+    /// being released gives `false`: the loop that releases it takes what waits.
+    pub fn begin_release(&self, run_id: &str, target: RunTarget) -> bool {
         let channel = target.channel();
         let mut state = self.state();
         self.record(&mut state, run_id, target);
-        if channel.is_none() || state.releasing.contains(run_id) {
-            return Vec::new();
+        if state.closed
+            || channel.is_none()
+            || state.releasing.contains(run_id)
+            || !state.pending.contains_key(run_id)
+        {
+            return false;
         }
-        let Some(events) = state.take(run_id) else {
-            return Vec::new();
-        };
         state.releasing.insert(run_id.to_string());
         self.count_waiting(&state);
-        events
+        true
     }
 
-    /// The events held behind a release meanwhile; none ends the release.
-    pub fn continue_release(&self, run_id: &str) -> Vec<PackedEvent> {
+    /// The next event of a run being released (a copy: it stays in the pending set until
+    /// [`Self::released`]); `None` ends the release (nothing left, or taken at shutdown).
+    pub fn next_released(&self, run_id: &str) -> Option<PackedEvent> {
         let mut state = self.state();
-        let events = state.take(run_id).unwrap_or_else(|| {
+        if !state.releasing.contains(run_id) {
+            return None;
+        }
+        let next = state
+            .pending
+            .get(run_id)
+            .and_then(|waiting| waiting.events.front().cloned());
+        if next.is_none() {
             state.releasing.remove(run_id);
-            Vec::new()
-        });
+            self.count_waiting(&state);
+        }
+        next
+    }
+
+    /// The event [`Self::next_released`] gave has been published (or dead-lettered): it leaves the
+    /// pending set. `false` if the shutdown took it meanwhile ([`Self::take_all`]): it has been
+    /// dead-lettered and counted already.
+    pub fn released(&self, run_id: &str) -> bool {
+        let mut state = self.state();
+        if !state.releasing.contains(run_id) {
+            return false;
+        }
+        state.take_first(run_id);
         self.count_waiting(&state);
-        events
+        true
     }
 
     /// Whether `run_id` may be registered to `target` here: not when it is registered (within its
@@ -371,6 +426,11 @@ impl Resolver {
         // Packed before the lock is taken: only the counts change under it.
         let packed = PackedEvent::pack(&event);
         let mut state = self.state();
+        if state.closed {
+            return Err(NotHeld::Closed {
+                event: Box::new(event),
+            });
+        }
         if state.releasing.contains(&run_id) {
             self.keep(&mut state, run_id, packed);
             return Ok(());
@@ -406,10 +466,13 @@ impl Resolver {
         self.state().pending_bytes
     }
 
-    /// Takes every held event out of the pending set, those held behind a release included (at
-    /// shutdown: whatever a release would still publish is dead-lettered instead, and counted).
+    /// Takes every held event out of the pending set, those of a release under way included (at
+    /// shutdown: whatever a release has not published yet, the one it is publishing included, is
+    /// dead-lettered instead, and counted), and closes it: nothing is held or released after.
     pub fn take_all(&self) -> Vec<Held> {
         let mut state = self.state();
+        state.closed = true;
+        state.releasing.clear();
         let runs: Vec<String> = state.pending.keys().cloned().collect();
         let held = state.take_runs(runs);
         self.count_waiting(&state);
@@ -567,13 +630,14 @@ mod tests {
         assert_eq!(full(r.hold(from("p2", "run_b"))), None);
         assert_eq!(r.pending_count(), 6);
         assert!(r.pending_bytes() > 0);
-        r.begin_release(
+        assert!(r.begin_release(
             "run_a",
             RunTarget {
                 thread_id: Some("t".into()),
                 user_id: None,
             },
-        );
+        ));
+        assert_eq!(drain(&r, "run_a").len(), 2);
         assert_eq!(
             full(r.hold(from("p1", "run_z"))),
             None,
@@ -591,6 +655,16 @@ mod tests {
         assert_eq!(thread_of_standard_run_id("thread__run_x"), None);
         assert_eq!(thread_of_standard_run_id("thread_t42_run_"), None);
         assert_eq!(thread_of_standard_run_id("run_xyz789"), None);
+    }
+
+    /// Publishes (here: takes) every event of a release, as `ingest::release` does.
+    fn drain(r: &Resolver, run_id: &str) -> Vec<PackedEvent> {
+        let mut out = Vec::new();
+        while let Some(event) = r.next_released(run_id) {
+            assert!(r.released(run_id));
+            out.push(event);
+        }
+        out
     }
 
     fn late_event() -> Event {
@@ -621,19 +695,25 @@ mod tests {
             thread_id: Some("t".into()),
             user_id: None,
         };
-        let first = r.begin_release("run_r", target.clone());
-        assert_eq!(order(&first), [1]);
+        assert!(r.begin_release("run_r", target.clone()));
+        let first = r.next_released("run_r").unwrap();
+        assert_eq!(order(&[first]), [1]);
         // Arrives while the first is being published: it waits, and is not expired as unresolved.
         r.hold_behind(n(2)).unwrap();
         // One that found no channel before the registration, and reaches the pending set now.
         r.hold(n(3)).unwrap();
         // A second registration of the run (a retry, another replica's announcement) takes
         // nothing: the release under way publishes what waits, in order.
-        assert!(r.begin_release("run_r", target).is_empty());
+        assert!(!r.begin_release("run_r", target));
         assert!(r.is_waiting("run_r"));
         assert!(r.expire(Instant::now() + Duration::from_secs(1)).is_empty());
-        assert_eq!(order(&r.continue_release("run_r")), [2, 3]);
-        assert!(r.continue_release("run_r").is_empty());
+        assert_eq!(
+            r.pending_count(),
+            3,
+            "the one being published is still counted"
+        );
+        assert!(r.released("run_r"));
+        assert_eq!(order(&drain(&r, "run_r")), [2, 3]);
         assert!(!r.is_waiting("run_r"));
         assert!(r.hold_behind(n(4)).is_err(), "the release ended");
         assert_eq!(r.pending_count(), 0);
@@ -646,17 +726,18 @@ mod tests {
         r.hold(late.clone()).unwrap();
         r.hold(late.clone()).unwrap();
         assert!(r.hold(late).is_err(), "the pending set is bounded");
-        let released = r.begin_release(
+        assert!(r.begin_release(
             "run_late",
             RunTarget {
                 thread_id: Some("t".into()),
                 user_id: None,
             },
-        );
+        ));
+        let released = drain(&r, "run_late");
         assert_eq!(released.len(), 2);
         assert_eq!(released[0].run_id.as_deref(), Some("run_late"));
         assert_eq!(r.pending_count(), 0);
-        assert!(r.continue_release("run_late").is_empty());
+        assert!(r.next_released("run_late").is_none());
         let rescued = r
             .hold(late_event())
             .expect_err("registered meanwhile: not held");
@@ -671,5 +752,35 @@ mod tests {
         let expired = r.expire(Instant::now() + Duration::from_millis(100));
         assert_eq!(expired.len(), 1);
         assert_eq!(expired[0].run_id, "run_never");
+    }
+
+    #[test]
+    fn a_release_cut_at_shutdown_leaves_what_it_has_not_published_to_take_all() {
+        let r = resolver();
+        let n = |n: u64| {
+            event(&format!(
+                r#"{{"type":"agent_thinking","run_id":"run_cut","payload":{{"n":{n}}}}}"#
+            ))
+        };
+        r.hold(n(1)).unwrap();
+        r.hold(n(2)).unwrap();
+        let target = RunTarget {
+            thread_id: Some("t".into()),
+            user_id: None,
+        };
+        assert!(r.begin_release("run_cut", target.clone()));
+        // The first is being published when the shutdown takes everything: both are taken.
+        assert!(r.next_released("run_cut").is_some());
+        let taken = r.take_all();
+        assert_eq!(taken.len(), 1);
+        assert_eq!(taken[0].events.len(), 2, "the one being published included");
+        assert_eq!(r.pending_count(), 0);
+        // The release, if its task goes on, finds it taken: it was dead-lettered already.
+        assert!(!r.released("run_cut"));
+        assert!(r.next_released("run_cut").is_none());
+        // Closed: nothing is held or released any more.
+        assert!(matches!(r.hold(n(3)), Err(NotHeld::Closed { .. })));
+        assert!(!r.begin_release("run_cut", target));
+        assert_eq!(r.pending_count(), 0);
     }
 }

@@ -215,6 +215,19 @@ async fn accept_in(
         Err(NotHeld::Registered { event, channel }) => {
             accepted(gateway, &channel, &event, entry, span).await
         }
+        // The gateway is stopping and the held events were dead-lettered: this one too.
+        Err(NotHeld::Closed { event }) => {
+            let run_id = event.run_id.clone().unwrap_or_default();
+            dead_letter(
+                gateway,
+                Held {
+                    run_id,
+                    events: vec![PackedEvent::pack(&event)],
+                },
+                registration::SHUTDOWN,
+            );
+            Ok(ItemResult::Unresolved { reason: "shutdown" })
+        }
         Err(NotHeld::Full { event, full }) => {
             metrics::count(&gateway.metrics.pending_refused, full);
             let run_id = event.run_id.clone().unwrap_or_default();

@@ -93,45 +93,49 @@ pub async fn register(
 
 /// Records the run here and publishes the events held for it. They are published with the
 /// resolver's lock released (a publish may await Redis); events of the run that arrive meanwhile
-/// are held behind them and published by this loop, in order.
+/// are held behind them and published by this loop, in order. Each leaves the pending set only
+/// once it is published, so a release that shutdown cuts (its task dropped, or still awaiting a
+/// paused Redis) leaves the rest to `dead_letter_held`, counted.
 pub(super) async fn release(gateway: &Gateway, run_id: &str, target: RunTarget) -> usize {
     let channel = target.channel();
-    let mut held = gateway.resolver.begin_release(run_id, target);
+    if !gateway.resolver.begin_release(run_id, target) {
+        return 0;
+    }
     let Some(channel) = channel else {
         return 0;
     };
     let mut released = 0;
-    while !held.is_empty() {
-        for packed in held {
-            released += 1;
-            let failed = match packed.unpack() {
-                Some(event) => {
-                    let span = telemetry::ingest_span(&event);
-                    match emit(gateway, &channel, &event, None, &span).await {
-                        Ok(_) => None,
-                        Err(error) => {
-                            static FAILED: Throttle = Throttle::every(Duration::from_secs(10));
-                            if let Some(held_back) = FAILED.allow() {
-                                tracing::warn!(%error, run_id, held_back, "A released event could not be published.");
-                            }
-                            Some("broker unavailable at release")
+    while let Some(packed) = gateway.resolver.next_released(run_id) {
+        released += 1;
+        let failed = match packed.unpack() {
+            Some(event) => {
+                let span = telemetry::ingest_span(&event);
+                match emit(gateway, &channel, &event, None, &span).await {
+                    Ok(_) => None,
+                    Err(error) => {
+                        static FAILED: Throttle = Throttle::every(Duration::from_secs(10));
+                        if let Some(held_back) = FAILED.allow() {
+                            tracing::warn!(%error, run_id, held_back, "A released event could not be published.");
                         }
+                        Some("broker unavailable at release")
                     }
                 }
-                None => Some("held event could not be read back"),
-            };
-            if let Some(why) = failed {
-                dead_letter(
-                    gateway,
-                    Held {
-                        run_id: run_id.to_string(),
-                        events: vec![packed],
-                    },
-                    why,
-                );
             }
+            None => Some("held event could not be read back"),
+        };
+        // `false`: the shutdown took it meanwhile, already dead-lettered and counted.
+        if gateway.resolver.released(run_id)
+            && let Some(why) = failed
+        {
+            dead_letter(
+                gateway,
+                Held {
+                    run_id: run_id.to_string(),
+                    events: vec![packed],
+                },
+                why,
+            );
         }
-        held = gateway.resolver.continue_release(run_id);
     }
     if released > 0 {
         tracing::info!(run_id, released, "Late registration delivered held events.");
@@ -154,8 +158,9 @@ pub fn expire_pending(gateway: &Gateway) {
 pub const SHUTDOWN: &str = "shutdown: still waiting for its run when the gateway stopped";
 
 /// At shutdown, once ingest has stopped: every event still held for its run (waiting for a
-/// registration, or behind a release that has not reached it) is dead-lettered and counted lost
-/// `unresolved`, so none leaves uncounted. Redis keeps the letters in the shared stream (written
+/// registration, or in a release that has not published it, which the bound may have cut) is
+/// dead-lettered and counted lost `unresolved`, so none leaves uncounted. The resolver is closed
+/// after: an event that still reaches it is dead-lettered at once. Redis keeps the letters in the shared stream (written
 /// now); the embedded broker's go with the process, and the log says how many. Returns how many.
 pub async fn dead_letter_held(gateway: &Gateway) -> usize {
     let held = gateway.resolver.take_all();

@@ -5,6 +5,7 @@
 //! `POST /v1/events` items.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use tokio::sync::Semaphore;
 use tokio_util::task::TaskTracker;
@@ -12,6 +13,7 @@ use tokio_util::task::TaskTracker;
 use super::{RegisterError, emit, lost_unresolved, register_start, release, resolve};
 use crate::broker::{Announcement, BrokerError, StreamEvent, Taken, Upward, now_ms};
 use crate::protocol::packed::PackedEvent;
+use crate::telemetry::Throttle;
 use crate::{Gateway, telemetry};
 
 /// Releases running at once.
@@ -72,11 +74,74 @@ async fn announced(gateway: &Gateway, announcement: Announcement) {
     }
 }
 
-/// One valid ingest stream entry: published (the entry id makes a second publish a duplicate),
-/// left for later while its run is unregistered within `resolve.grace`, or dead-lettered after.
+/// Why an ingest stream entry the broker failed on by our fault was dead-lettered.
+const INTERNAL: &str = "internal: the broker failed on it by the gateway's fault";
+
+/// One valid ingest stream entry, settled by [`take_entry`]. An entry that fails by our fault (a
+/// script error, a reply of the wrong shape) would fail the same way on every retry: it is
+/// dead-lettered (kept for a redrive once the cause is fixed), counted `lost{internal}` once and
+/// acknowledged. An entry Redis could not take (unavailable, full) is left for later.
 async fn take(
     gateway: &Gateway,
     event: crate::protocol::event::Event,
+    entry_id: &str,
+    added_ms: u64,
+) -> Result<Taken, BrokerError> {
+    match take_entry(gateway, &event, entry_id, added_ms).await {
+        Err(error @ BrokerError::Internal(_)) => {
+            lost_internal(gateway, &event, entry_id, error).await
+        }
+        taken => taken,
+    }
+}
+
+/// An entry that failed by our fault: dead-lettered, then counted and acknowledged. If the
+/// letter cannot be written because Redis is unavailable, the entry is left for later and counted
+/// when it is settled, so it is counted once; if the letter fails by our fault too, it is
+/// acknowledged anyway (counted, logged): retrying would never end.
+async fn lost_internal(
+    gateway: &Gateway,
+    event: &crate::protocol::event::Event,
+    entry_id: &str,
+    error: BrokerError,
+) -> Result<Taken, BrokerError> {
+    let run_id = event.run_id.clone().unwrap_or_default();
+    let kept = gateway
+        .broker
+        .keep_dead_letter_now(
+            &run_id,
+            PackedEvent::pack(event),
+            INTERNAL,
+            &gateway.metrics,
+        )
+        .await;
+    let kept = match kept {
+        Ok(()) => true,
+        Err(BrokerError::Internal(_)) => false,
+        Err(unavailable) => return Err(unavailable),
+    };
+    gateway.metrics.events_ingested.inc();
+    gateway.metrics.lose_internal();
+    static LOST: Throttle = Throttle::every(Duration::from_secs(10));
+    if let Some(held_back) = LOST.allow() {
+        tracing::warn!(
+            target: "agentwire::deadletter",
+            entry_id,
+            run_id,
+            %error,
+            dead_lettered = kept,
+            held_back,
+            "Ingest entry lost: the broker failed on it by our fault; counted lost internal and acknowledged, not retried (see docs/redis.md)."
+        );
+    }
+    Ok(Taken::Done)
+}
+
+/// One valid ingest stream entry: published (the entry id makes a second publish a duplicate),
+/// left for later while its run is unregistered within `resolve.grace`, or dead-lettered after.
+async fn take_entry(
+    gateway: &Gateway,
+    event: &crate::protocol::event::Event,
     entry_id: &str,
     added_ms: u64,
 ) -> Result<Taken, BrokerError> {
@@ -86,7 +151,7 @@ async fn take(
     {
         return Ok(Taken::Later);
     }
-    match register_start(gateway, &event).await {
+    match register_start(gateway, event).await {
         // A full registry refuses the registration (counted), not the event: it names its thread.
         Ok(()) | Err(RegisterError::Full) => {}
         // Taken (acknowledged) and counted, not published: the run stays where it is registered.
@@ -106,10 +171,10 @@ async fn take(
         }
         Err(RegisterError::Broker(error)) => return Err(error),
     }
-    match resolve(gateway, &event).await? {
+    match resolve(gateway, event).await? {
         Some(channel) => {
-            let span = telemetry::ingest_span(&event);
-            emit(gateway, &channel, &event, Some(entry_id), &span).await?;
+            let span = telemetry::ingest_span(event);
+            emit(gateway, &channel, event, Some(entry_id), &span).await?;
             gateway.metrics.events_ingested.inc();
             Ok(Taken::Done)
         }
@@ -119,7 +184,7 @@ async fn take(
         None => {
             let run_id = event.run_id.clone().unwrap_or_default();
             let why = "no channel within resolve.grace";
-            let packed = PackedEvent::pack(&event);
+            let packed = PackedEvent::pack(event);
             gateway
                 .broker
                 .keep_dead_letter_now(&run_id, packed.clone(), why, &gateway.metrics)

@@ -987,3 +987,76 @@ async fn cluster_figures_until(gateway: &Gateway, want: (f64, f64)) {
         tokio::time::sleep(Duration::from_millis(60)).await;
     }
 }
+
+/// An ingest stream entry the broker fails on by our fault (its channel's stream key holds a
+/// string, so publish.lua fails with WRONGTYPE) would fail the same way forever: it is
+/// dead-lettered, counted `lost{internal}` once and acknowledged, and the entries around it are
+/// delivered.
+#[tokio::test]
+async fn an_ingest_entry_that_fails_by_our_fault_is_dead_lettered_counted_once_and_acked() {
+    let redis = Redis::start().await;
+    let gateway = on_redis(&redis, |_| {}).await;
+    let mut client = gateway.client("u1").await;
+    client.subscribe("t_fine", None).await;
+    let mut conn = redis.conn().await;
+    let _: () = conn
+        .set("aw:{thread:t_broken}:log", "not a stream")
+        .await
+        .unwrap();
+    for event in [
+        thinking("t_fine", 1),
+        thinking("t_broken", 1),
+        thinking("t_fine", 2),
+    ] {
+        let _: String = conn
+            .xadd("aw:ingest", "*", &[("event", event.to_string())])
+            .await
+            .unwrap();
+    }
+    let delivered: Vec<Value> = client
+        .events(2)
+        .await
+        .iter()
+        .map(|e| e["payload"]["n"].clone())
+        .collect();
+    assert_eq!(delivered, [json!(1), json!(2)]);
+
+    let deadline = std::time::Instant::now() + WAIT;
+    let letters = loop {
+        let (_, letters) = gateway.get("/v1/deadletter").await;
+        if letters["count"] == 1 {
+            break letters;
+        }
+        assert!(std::time::Instant::now() < deadline, "{letters}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(letters["events"][0]["run_id"], "run_t_broken", "{letters}");
+    assert!(
+        letters["events"][0]["reason"]
+            .as_str()
+            .unwrap()
+            .starts_with("internal"),
+        "{letters}"
+    );
+    // Acknowledged: nothing pending in the group, and past a retry pass (every second) it is
+    // still counted once.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let pending: redis::streams::StreamPendingReply =
+        conn.xpending("aw:ingest", "agentwire").await.unwrap();
+    assert_eq!(pending.count(), 0, "the entry is acknowledged");
+    let metrics = gateway.metrics().await;
+    let value = |series: &str| crate::support::metric_value(&metrics, series);
+    assert_eq!(
+        value("agentwire_events_lost_total{reason=\"internal\"}"),
+        1.0
+    );
+    assert_eq!(value("agentwire_events_ingested_total"), 3.0);
+    assert_eq!(
+        value("agentwire_events_ingested_total"),
+        value("agentwire_events_emitted_total")
+            + value("agentwire_events_pending_resolution")
+            + value("agentwire_events_lost_total{reason=\"unresolved\"}")
+            + value("agentwire_events_lost_total{reason=\"internal\"}")
+            + value("agentwire_events_duplicate_total")
+    );
+}

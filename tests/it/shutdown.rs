@@ -14,7 +14,9 @@ use hyper::{Request, Response};
 use hyper_util::rt::TokioIo;
 use serde_json::{Value, json};
 
-use crate::support::{Gateway, binary, event, free_port, metric_value};
+use hyper::StatusCode;
+
+use crate::support::{Gateway, Redis, binary, event, free_port, metric_value, wait_ready};
 
 /// Two events for a run nobody registers (held), around three with their thread and one retry.
 fn traffic() -> Vec<Value> {
@@ -217,4 +219,70 @@ async fn queued_hlink_messages_drain_to_a_slow_webhook_and_the_rest_are_counted(
         answered >= delivered,
         "{answered} answered, {delivered} counted"
     );
+}
+
+/// Redis mode: a registration announced by another replica releases the events held here, and
+/// Redis stops taking writes (`CLIENT PAUSE … WRITE`, sent in the same write as the announcement,
+/// so it applies before the first publish): the release waits on its first publish when the
+/// shutdown's bounds pass. Every held event must still be counted, dead-lettered by
+/// `dead_letter_held` (the one being published included), none left in a release's hands.
+#[tokio::test]
+async fn a_release_cut_at_shutdown_leaves_no_held_event_uncounted() {
+    const HELD: u64 = 20;
+    let redis = Redis::start().await;
+    let url = redis.url();
+    let mut gateway = Gateway::start_with(|c| {
+        c.broker.redis_url = Some(url);
+        c.resolve.grace = Duration::from_secs(60);
+    })
+    .await;
+    wait_ready(gateway.internal, StatusCode::OK).await;
+    let held: Vec<Value> = (0..HELD)
+        .map(|n| json!({"type": "agent_thinking", "run_id": "run_cut", "payload": {"n": n}}))
+        .collect();
+    gateway.publish(&held).await;
+    assert_eq!(
+        gateway.metric("agentwire_events_pending_resolution").await,
+        HELD as f64
+    );
+
+    let target = json!({"thread_id": "t_cut", "user_id": null, "channel": "thread:t_cut"});
+    let () = redis::pipe()
+        .cmd("PUBLISH")
+        .arg("aw:registered")
+        .arg(format!("run_cut\n{target}"))
+        .ignore()
+        .cmd("CLIENT")
+        .arg("PAUSE")
+        .arg(30_000)
+        .arg("WRITE")
+        .ignore()
+        .query_async(&mut redis.conn().await)
+        .await
+        .unwrap();
+    // The release has begun, and waits on Redis.
+    let resolver = &gateway.inner.as_ref().unwrap().resolver;
+    let deadline = std::time::Instant::now() + crate::support::WAIT;
+    while !resolver.is_waiting("run_cut") {
+        assert!(std::time::Instant::now() < deadline, "no release began");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(resolver.is_waiting("run_cut"), "the release is under way");
+
+    let stopped = gateway.shut_down().await;
+    let counted = &stopped.metrics;
+    let ingested = counted.events_ingested.get();
+    let duplicates = counted.events_duplicate.get();
+    let lost = counted.events_lost.with_label_values(&["unresolved"]).get();
+    let internal = counted.events_lost.with_label_values(&["internal"]).get();
+    let pending = stopped.resolver.pending_count() as u64;
+    let emitted = stopped.broker.totals(counted).await.0.emitted;
+    assert_eq!(ingested, HELD);
+    assert_eq!(
+        ingested,
+        emitted + pending + lost + internal + duplicates,
+        "0 uncounted: emitted {emitted}, pending {pending}, lost {lost}, internal {internal}, duplicates {duplicates}"
+    );
+    assert_eq!(pending, 0);
 }

@@ -9,6 +9,9 @@
 //! until `resolve.grace` after it was added; then it is dead-lettered like an HTTP event. Later
 //! entries of that run wait behind it, so a run's events keep their order. A malformed entry is
 //! moved to `<ingest_stream>:dead` with its reason and acknowledged, so it never blocks the group.
+//! An entry ingest fails on by our fault (`BrokerError::Internal`) is dead-lettered, counted and
+//! answered done by ingest (acknowledged here), since a retry would fail the same way forever; an
+//! unavailable Redis leaves the entry for later.
 //!
 //! The stream belongs to agentwire: entries the group has acknowledged are trimmed, and consumers
 //! of replicas gone for a while with nothing pending are removed.

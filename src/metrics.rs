@@ -90,7 +90,7 @@ pub struct Metrics {
     pub connections_closed: IntCounterVec,
     pub subscriptions: IntGauge,
     pub resumes: IntCounterVec,
-    pub slow_consumer_closes: IntCounter,
+    pub slow_consumer_closes: IntCounterVec,
     pub client_errors: IntCounterVec,
     pub broker_up: IntGauge,
     pub broker_errors: IntCounter,
@@ -279,10 +279,11 @@ impl Metrics {
                 "Subscriptions with `since`, by outcome (recovered, not_recovered).",
                 "outcome",
             ),
-            slow_consumer_closes: counter(
+            slow_consumer_closes: counter_vec(
                 r,
                 "agentwire_slow_consumer_closes_total",
-                "Connections closed with 4008 because their queue was full.",
+                "Connections closed as slow consumers (4008: a full queue or a timed-out write), by whether the close frame was written (sent) or the connection was cut (not_sent).",
+                "close",
             ),
             client_errors: counter_vec(
                 r,

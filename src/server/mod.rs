@@ -77,6 +77,7 @@ pub enum Door {
 pub async fn run(gateway: Arc<Gateway>, doors: Doors, stop: CancellationToken) {
     let counted = &gateway.metrics;
     metrics::export::<session::Ended>(&counted.connections_closed);
+    metrics::export::<session::CloseSent>(&counted.slow_consumer_closes);
     metrics::export::<session::Resume>(&counted.resumes);
     metrics::export::<routes::BodyRefusal>(&counted.events_rejected);
     metrics::export::<AcceptError>(&counted.accept_errors);

@@ -1,4 +1,5 @@
-//! Why a connection ended, counted in `agentwire_connections_closed_total{reason}`.
+//! Why a connection ended, counted in `agentwire_connections_closed_total{reason}`, and whether a
+//! slow consumer's 4008 reached its socket, counted in `agentwire_slow_consumer_closes_total{close}`.
 
 use crate::metrics::Label;
 
@@ -13,8 +14,11 @@ pub enum Ended {
     ClientTimeout,
     TooLarge,
     ProtocolError,
+    /// The client stopped taking what it is sent: its queue overflowed, or a write to its socket
+    /// did not finish within `session.write_timeout`. Closed with 4008 when the socket takes it.
     SlowConsumer,
     Shutdown,
+    /// The socket refused a write with an error (a reset, a broken pipe): no close is possible.
     WriteFailed,
     /// `hello`'s token was missing or refused (4003).
     Unauthorized,
@@ -60,6 +64,26 @@ impl Label for Ended {
             Self::TokenExpired => "token_expired",
             Self::FrameTimeout => "frame_timeout",
             Self::RateLimited => "rate_limited",
+        }
+    }
+}
+
+/// Whether a slow consumer's close frame (4008) was written to its socket, so the client reads it
+/// if it reads on, or the socket did not take it within `session.write_timeout` (or refused it) and
+/// the connection was reset (the client sees 1006).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CloseSent {
+    Sent,
+    NotSent,
+}
+
+impl Label for CloseSent {
+    const ALL: &'static [Self] = &[Self::Sent, Self::NotSent];
+
+    fn as_str(self) -> &'static str {
+        match self {
+            Self::Sent => "sent",
+            Self::NotSent => "not_sent",
         }
     }
 }

@@ -1,8 +1,12 @@
 //! One WebSocket connection, served by one task: it reads and parses the client's frames (hello,
 //! subscribe, ack…), and writes whatever fan-out queued in its [`Outbox`], every queued frame in one
 //! syscall. The connection holds no buffer while idle. It ends on the client's close, a protocol
-//! error, a full queue (4008), a missing hello (4001), silence (1001) or shutdown (1012); then its
-//! subscriptions are removed.
+//! error, a client that stops reading (a full queue or a timed-out write: 4008), a missing hello
+//! (4001), silence (1001) or shutdown (1012); then its subscriptions are removed.
+//!
+//! Liveness: the server pings every `session.heartbeat` whatever it writes (a listen-only browser
+//! proves it is there only by answering pings), and any frame from the client, a pong included,
+//! resets `session.client_timeout`. One timer per session covers all of it.
 
 mod answer;
 mod ended;
@@ -15,9 +19,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
-use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
-use tokio::time::{Instant, timeout};
+use tokio::time::Instant;
 use tracing::Instrument;
 
 use crate::Gateway;
@@ -29,7 +32,7 @@ use crate::protocol::ChannelName;
 use crate::protocol::server::{self, ErrorCode, close};
 
 pub use answer::Resume;
-pub use ended::Ended;
+pub use ended::{CloseSent, Ended};
 use frame::FrameError;
 use message::{AssemblyError, Reassembly};
 
@@ -75,7 +78,7 @@ pub async fn serve(
             replay: VecDeque::new(),
             written: Vec::new(),
             closing: None,
-            closed_cleanly: false,
+            close_sent: false,
             bucket: TokenBucket::new(config.message_burst, clock_ms()),
             partial_since: None,
         };
@@ -85,9 +88,14 @@ pub async fn serve(
         // grow every connection's task for its whole life, not just while it leaves.
         Box::pin(session.leave_all()).await;
         if ended == Ended::SlowConsumer {
-            gateway.metrics.slow_consumer_closes.inc();
+            let close = match session.close_sent {
+                true => CloseSent::Sent,
+                false => CloseSent::NotSent,
+            };
+            crate::metrics::count(&gateway.metrics.slow_consumer_closes, close);
             tracing::info!(
                 reason = ended.as_str(),
+                close = close.as_str(),
                 "Closed a slow consumer (4008); it can resume from history."
             );
         } else {
@@ -182,8 +190,8 @@ struct Session {
     written: Vec<(Arc<StoredEvent>, DeliveryPath)>,
     /// The close frame the session decided on; written after what is queued.
     closing: Option<(u16, &'static str)>,
-    /// The close frame was written and our side shut down.
-    closed_cleanly: bool,
+    /// The close frame was written to the socket (and our side shut down).
+    close_sent: bool,
     /// The client's message rate (`session.message_rate`, `session.message_burst`).
     bucket: TokenBucket,
     /// Since when a begun frame or fragmented message waits for its end (`session.frame_timeout`).
@@ -195,7 +203,14 @@ impl Session {
         let config = self.gateway.config.session.clone();
         let limit = config.write_timeout;
         let started = Instant::now();
-        let (mut last_read, mut last_write) = (started, started);
+        // `last_write`: the last data the client's application sees (pings are invisible to it);
+        // `last_ping`: the last WebSocket ping, due every heartbeat whatever was written.
+        let (mut last_read, mut last_write, mut last_ping) = (started, started, started);
+        // The session's one timer. It is moved earlier when a deadline comes closer, never later:
+        // a deadline pushed back by traffic lets it fire early, find nothing due and be set again,
+        // at most once a heartbeat, instead of being reset for every event.
+        let timer = tokio::time::sleep_until(started + config.hello_timeout);
+        tokio::pin!(timer);
         // On shutdown, each connection closes at its own random moment within the close window.
         let shutdown = self.gateway.shutdown.sessions.clone();
         let window = self.gateway.config.shutdown.close_window;
@@ -234,8 +249,8 @@ impl Session {
                 self.release_buffers();
             }
             let deadline = if self.user_id.is_some() {
-                let deadline =
-                    (last_write + config.heartbeat).min(last_read + config.client_timeout);
+                let deadline = (last_write.min(last_ping) + config.heartbeat)
+                    .min(last_read + config.client_timeout);
                 self.token_clock
                     .as_ref()
                     .map_or(deadline, |clock| deadline.min(clock.next()))
@@ -245,18 +260,25 @@ impl Session {
             let deadline = self
                 .partial_since
                 .map_or(deadline, |since| deadline.min(since + config.frame_timeout));
+            if timer.is_elapsed() || deadline < timer.deadline() {
+                timer.as_mut().reset(deadline);
+            }
             tokio::select! {
                 biased;
                 _ = &mut close_time => {
                     return self.close_now(close::RESTARTING, "restarting", Ended::Shutdown, limit).await;
                 }
-                _ = tokio::time::sleep_until(deadline) => {
+                () = &mut timer => {
+                    // The timer may fire early (see above): every check compares with now.
                     let now = Instant::now();
                     if self.partial_since.is_some_and(|since| now >= since + config.frame_timeout) {
                         return self.close_now(close::POLICY, "frame_timeout", Ended::FrameTimeout, limit).await;
                     }
                     if self.user_id.is_none() {
-                        return self.close_now(close::HELLO_MISSING, "hello_timeout", Ended::HelloTimeout, limit).await;
+                        if now >= started + config.hello_timeout {
+                            return self.close_now(close::HELLO_MISSING, "hello_timeout", Ended::HelloTimeout, limit).await;
+                        }
+                        continue;
                     }
                     if let Some(clock) = &mut self.token_clock {
                         if now >= clock.expires_at {
@@ -271,14 +293,22 @@ impl Session {
                     if now >= last_read + config.client_timeout {
                         return self.close_now(close::GOING_AWAY, "client_timeout", Ended::ClientTimeout, limit).await;
                     }
-                    if now >= last_write + config.heartbeat {
-                        let mut beat = Vec::with_capacity(32);
-                        frame::encode(&mut beat, frame::TEXT, &server::heartbeat());
-                        frame::encode(&mut beat, frame::PING, b"");
-                        if !matches!(timeout(limit, self.stream.write_all(&beat)).await, Ok(Ok(()))) {
-                            return Ended::WriteFailed;
+                    // The heartbeat frame keeps a quiet stream alive for proxies and lets the page
+                    // see the connection; the ping goes out every heartbeat, busy or not, so a
+                    // client that only listens can prove it is there by answering it.
+                    let quiet = now >= last_write + config.heartbeat;
+                    if quiet || now >= last_ping + config.heartbeat {
+                        if quiet {
+                            frame::encode(&mut self.out, frame::TEXT, &server::heartbeat());
                         }
-                        last_write = now;
+                        frame::encode(&mut self.out, frame::PING, b"");
+                        if let Err(ended) = self.write_out(limit).await {
+                            return ended;
+                        }
+                        if quiet {
+                            last_write = now;
+                        }
+                        last_ping = now;
                     }
                 }
                 readable = self.stream.readable() => {

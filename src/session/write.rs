@@ -1,6 +1,12 @@
 //! The session's writing side: what is queued is encoded into one buffer and written in one
 //! syscall per flush (64 KiB at most), deliveries are marked once written, and the close frame goes
 //! last, followed by a short linger for the client's close.
+//!
+//! A write that does not finish within `session.write_timeout` means the client stopped reading
+//! (its receive window is full): the session ends as a slow consumer. Its close frame (4008) then
+//! goes after the rest of the frame the stalled write had begun, with one more write timeout to
+//! get into the socket; if the socket does not take it, the connection is reset rather than left
+//! to the kernel with megabytes the client will never read.
 
 use std::collections::VecDeque;
 use std::time::Duration;
@@ -58,15 +64,9 @@ impl Session {
                 None => break,
             }
         }
-        let wrote = timeout(limit, self.stream.write_all(&self.out)).await;
-        self.out.clear();
-        if !matches!(wrote, Ok(Ok(()))) {
+        if let Err(ended) = self.write_out(limit).await {
             self.written.clear();
-            return Err(if self.outbox.is_overflowed() {
-                Ended::SlowConsumer
-            } else {
-                Ended::WriteFailed
-            });
+            return Err(ended);
         }
         let metrics = &self.gateway.metrics;
         metrics.fanout_frames_sent.inc_by(self.written.len() as u64);
@@ -96,7 +96,59 @@ impl Session {
         self.close_now(code, reason, ended, limit).await
     }
 
-    /// Writes a close frame ahead of anything queued, lets the client close its side, and ends.
+    /// Writes `out` (the frames encoded for this write) within `limit`. A write that times out
+    /// ends the session as a slow consumer, after trying to close it with 4008; a socket error
+    /// ends it as `write_failed`.
+    pub(super) async fn write_out(&mut self, limit: Duration) -> Result<(), Ended> {
+        match self.write_within(limit).await {
+            Ok(()) => Ok(()),
+            Err(Unwritten::Failed) => Err(Ended::WriteFailed),
+            Err(Unwritten::TimedOut) => Err(self
+                .close_now(
+                    close::SLOW_CONSUMER,
+                    "slow_consumer",
+                    Ended::SlowConsumer,
+                    limit,
+                )
+                .await),
+        }
+    }
+
+    /// Writes all of `out` within `limit`. On a timeout, `out` keeps what was not written: the
+    /// rest of a frame the client has the beginning of must go before any other frame.
+    async fn write_within(&mut self, limit: Duration) -> Result<(), Unwritten> {
+        let mut written = 0;
+        let (stream, out) = (&mut self.stream, &self.out);
+        let wrote = timeout(limit, async {
+            while written < out.len() {
+                match stream.write(&out[written..]).await {
+                    Ok(0) => return Err(()),
+                    Ok(n) => written += n,
+                    Err(_) => return Err(()),
+                }
+            }
+            Ok(())
+        })
+        .await;
+        match wrote {
+            Ok(Ok(())) => {
+                self.out.clear();
+                Ok(())
+            }
+            Ok(Err(())) => {
+                self.out.clear();
+                Err(Unwritten::Failed)
+            }
+            Err(_) => {
+                self.out.drain(..written);
+                Err(Unwritten::TimedOut)
+            }
+        }
+    }
+
+    /// Writes a close frame ahead of anything queued (after the rest of a frame a timed-out write
+    /// began), lets the client close its side, and ends. A close the socket does not take within
+    /// `limit` resets the connection.
     pub(super) async fn close_now(
         &mut self,
         code: u16,
@@ -105,24 +157,24 @@ impl Session {
         limit: Duration,
     ) -> Ended {
         self.outbox.close();
-        let mut out = Vec::with_capacity(32);
-        frame::encode_close(&mut out, code, reason);
-        let closed = async {
-            self.stream.write_all(&out).await?;
-            self.stream.shutdown().await
-        };
-        if !matches!(timeout(limit, closed).await, Ok(Ok(()))) {
+        frame::encode_close(&mut self.out, code, reason);
+        if self.write_within(limit).await.is_err() {
             tracing::debug!(code, "The close frame could not be written in time.");
+            // Unsent bytes would otherwise stay queued in the kernel, retried for minutes, for a
+            // client that does not read: a reset frees them now (the client sees 1006).
+            let _ = self.stream.set_zero_linger();
             return ended;
         }
-        self.closed_cleanly = true;
+        self.close_sent = true;
+        // Our FIN follows the close frame; the client answers with its own close.
+        let _ = timeout(limit, self.stream.shutdown()).await;
         ended
     }
 
     /// After a close frame: read until the client closes too (or briefly), so unread bytes do not
     /// make the kernel answer with a reset that would hide the close code.
     pub(super) async fn linger(&mut self) {
-        if !self.closed_cleanly {
+        if !self.close_sent {
             return;
         }
         let mut sink = [0u8; 512];
@@ -131,4 +183,12 @@ impl Session {
         })
         .await;
     }
+}
+
+/// Why a write did not finish.
+enum Unwritten {
+    /// The socket refused it with an error.
+    Failed,
+    /// The socket did not take it within the write timeout: the client is not reading.
+    TimedOut,
 }

@@ -233,6 +233,42 @@ async fn unsubscribe_stops_the_thread_and_quiet_connections_get_heartbeats() {
     );
 }
 
+/// A browser tab only listens: it answers pings but sends nothing of its own. On a thread busy enough
+/// that the connection is never quiet for `heartbeat`, the gateway must still ping it, or
+/// `client_timeout` cuts it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_listen_only_client_on_a_busy_thread_outlives_the_client_timeout() {
+    let gateway = Gateway::start_with(|c| {
+        c.session.heartbeat = Duration::from_millis(200);
+        c.session.client_timeout = Duration::from_secs(1);
+    })
+    .await;
+    let mut listener = gateway.client("u_listen").await;
+    listener.subscribe("t_busy", None).await;
+    // From here on the client only reads (tungstenite answers pings while it reads).
+    const EVENTS: u64 = 30;
+    let publish = async {
+        for _ in 0..EVENTS {
+            gateway
+                .publish(&[event("agent_thinking", "r_busy", "t_busy")])
+                .await;
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    };
+    let (_, events) = tokio::join!(publish, listener.events(EVENTS as usize));
+    let seqs: Vec<_> = events.iter().map(|e| e["seq"].as_u64().unwrap()).collect();
+    assert_eq!(
+        seqs,
+        (1..=EVENTS).collect::<Vec<_>>(),
+        "every event, 3 s long"
+    );
+    listener.barrier().await;
+    crate::support::assert_lines(
+        &gateway.metrics().await,
+        &["agentwire_connections_closed_total{reason=\"client_timeout\"} 0"],
+    );
+}
+
 #[tokio::test]
 async fn a_second_client_on_the_same_thread_gets_the_same_bytes() {
     let gateway = Gateway::start().await;

@@ -194,7 +194,8 @@ async fn a_stall_notice_of_a_run_with_many_long_open_tools_fits_and_is_received(
         &[
             "agentwire_runs_stalled_total 1",
             "agentwire_events_generated_total 1",
-            "agentwire_slow_consumer_closes_total 0",
+            "agentwire_slow_consumer_closes_total{close=\"sent\"} 0",
+            "agentwire_slow_consumer_closes_total{close=\"not_sent\"} 0",
         ],
     );
 }

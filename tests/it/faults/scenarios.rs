@@ -232,3 +232,87 @@ async fn faults_redis_failover_from_an_older_snapshot() {
     ingest_balances(&cluster).await;
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[tokio::test]
+async fn faults_listen_only_clients_on_busy_threads() {
+    // Browsers answer pings and never send their own: with events every ~66 ms per thread,
+    // liveness must not depend on the connection being idle.
+    let mut cluster = cluster(
+        &[
+            ("AGENTWIRE_SESSION__HEARTBEAT", "200ms"),
+            ("AGENTWIRE_SESSION__CLIENT_TIMEOUT", "1s"),
+        ],
+        &[],
+    )
+    .await;
+    let Scale { load, .. } = scale();
+    let row = run(
+        "listen-only clients on busy threads, client_timeout 1 s",
+        &mut cluster,
+        load,
+        async |_| tokio::time::sleep(Duration::from_millis(1500)).await,
+    )
+    .await;
+    assert!(row.closes.is_empty(), "no client was cut: {:?}", row.closes);
+}
+
+#[tokio::test]
+async fn faults_stalled_readers_beside_normal_ones() {
+    let mut cluster = cluster(&[("AGENTWIRE_SESSION__WRITE_TIMEOUT", "500ms")], &[]).await;
+    let Scale { load, .. } = scale();
+    // Stalled readers on a flooded thread (big events, so their socket buffers fill fast):
+    // subscribed, then never read again.
+    let flood = "fault_flood";
+    let mut stalled = Vec::new();
+    for (i, (public, _)) in (0..3).filter_map(|_| cluster.doors.pick()).enumerate() {
+        let ws = Client::connect_small_buffer(public).await;
+        let mut client = Client::hello_on(ws, &format!("stalled{i}"), None).await;
+        client.subscribe(flood, None).await;
+        stalled.push(client);
+    }
+    let (_, internal) = cluster.doors.pick().expect("a replica");
+    let stop = tokio_util::sync::CancellationToken::new();
+    let flooding = tokio::spawn({
+        let stop = stop.clone();
+        async move {
+            let text = "x".repeat(32 * 1024);
+            let mut posted = 0u64;
+            while !stop.is_cancelled() {
+                let event = serde_json::json!([{"type": "agent_thinking", "run_id": "run_flood",
+                    "thread_id": flood, "payload": {"text": text}}]);
+                if let Ok((hyper::StatusCode::OK, _)) =
+                    super::wire::request(internal, "POST", "/v1/events", Some(event.to_string()))
+                        .await
+                {
+                    posted += 1;
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            posted
+        }
+    });
+    run(
+        "stalled readers beside normal ones",
+        &mut cluster,
+        load,
+        async |_| tokio::time::sleep(Duration::from_secs(2)).await,
+    )
+    .await;
+    stop.cancel();
+    let posted = flooding.await.expect("flood");
+    assert!(posted > 0);
+    // Each stalled reader was cut, and counted as a slow consumer.
+    let mut slow = 0.0;
+    for internal in cluster.doors.internals() {
+        let (_, text) = crate::support::http(internal, "GET", "/metrics", None).await;
+        slow += metric_value(
+            &text,
+            "agentwire_connections_closed_total{reason=\"slow_consumer\"}",
+        );
+    }
+    assert_eq!(
+        slow,
+        stalled.len() as f64,
+        "stalled readers counted as slow consumers"
+    );
+}

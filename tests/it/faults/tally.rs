@@ -2,6 +2,7 @@
 //! and every miss split into named (the client was told `recovered: false` after the event was
 //! posted, so its reload covers it) and silent. A silent miss fails the scenario.
 
+use std::collections::BTreeMap;
 use std::io::Write;
 use std::time::Duration;
 
@@ -26,6 +27,8 @@ pub struct Row {
     pub unannounced_epochs: u64,
     pub balanced: bool,
     pub recover: Duration,
+    /// Every close the clients saw, by code (1006: no close frame).
+    pub closes: BTreeMap<u16, u64>,
 }
 
 impl Row {
@@ -60,7 +63,11 @@ impl Row {
                 .chain(seen.iter().map(|s| s.longest_interruption))
                 .max()
                 .unwrap_or_default(),
+            closes: BTreeMap::new(),
         };
+        for (code, n) in seen.iter().flat_map(|s| &s.closes) {
+            *row.closes.entry(*code).or_default() += n;
+        }
         for client in seen {
             let Some(thread) = produced.iter().find(|p| p.thread == client.thread) else {
                 continue;

@@ -2,6 +2,7 @@
 //! no seq is used twice in one epoch, and a subscriber gets every event or is told, with a
 //! `subscribed` frame (`recovered: false`, a new epoch), that its history was reset. Whatever the
 //! outage, so whatever the order in which the health ping and the pub/sub reconnect notice it.
+//! And a mirror that could not read its stream after a reconnect reads it again by itself.
 
 use std::collections::{BTreeSet, HashMap};
 use std::time::Duration;
@@ -201,4 +202,57 @@ async fn a_reload_after_a_five_second_outage_never_reuses_a_seq() {
 #[tokio::test]
 async fn a_reload_never_reuses_a_seq_on_a_replica_that_mirrors_nothing() {
     reload_that_lost_the_latest_writes(Duration::from_millis(1700), true).await;
+}
+
+#[tokio::test]
+async fn a_stream_read_that_failed_after_a_reconnect_is_retried_without_a_live_message() {
+    let redis = Redis::start().await;
+    let gateway = on_redis(&redis, |_| {}).await;
+    let mut client = gateway.client("u1").await;
+    let first = client.subscribe("t_retry", None).await;
+    assert_eq!(first["epoch"], "");
+    gateway
+        .publish(&[thinking("t_retry", 1), thinking("t_retry", 2)])
+        .await;
+    let events = client.events(2).await;
+    // The channel's meta cannot be read (wrong type) when the pub/sub link comes back.
+    let meta = "aw:{thread:t_retry}:meta";
+    let mut conn = redis.conn().await;
+    let () = redis::pipe()
+        .rename(meta, "aside")
+        .ignore()
+        .set(meta, "not a hash")
+        .ignore()
+        .cmd("CLIENT")
+        .arg("KILL")
+        .arg("TYPE")
+        .arg("pubsub")
+        .ignore()
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    // Long enough for the reconnect (100 ms) and its failed read.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    // Readable again, in another epoch: the mirror learns it from a retried read, as nothing
+    // is published.
+    let () = redis::pipe()
+        .del(meta)
+        .ignore()
+        .rename("aside", meta)
+        .ignore()
+        .hset(meta, "epoch", "0000000000000042")
+        .ignore()
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let renewed = client.recv().await;
+    assert_eq!(
+        (&renewed["type"], &renewed["recovered"], &renewed["epoch"]),
+        (
+            &json!("subscribed"),
+            &json!(false),
+            &json!("0000000000000042")
+        ),
+        "{renewed} after {events:?}"
+    );
 }

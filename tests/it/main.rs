@@ -6,6 +6,7 @@ mod abuse;
 mod auth;
 mod bad_input;
 mod delivery;
+mod failover;
 mod faults;
 mod ledger_snapshot;
 mod operations;

@@ -26,7 +26,7 @@ async fn replica(redis: &Redis, extra: &[(&str, &str)]) -> Process {
 }
 
 /// A gateway in this process on `redis`, ready to serve.
-async fn on_redis(redis: &Redis, configure: impl FnOnce(&mut Config)) -> Gateway {
+pub(crate) async fn on_redis(redis: &Redis, configure: impl FnOnce(&mut Config)) -> Gateway {
     let url = redis.url();
     let gateway = Gateway::start_with(|c| {
         c.broker.redis_url = Some(url);
@@ -37,7 +37,7 @@ async fn on_redis(redis: &Redis, configure: impl FnOnce(&mut Config)) -> Gateway
     gateway
 }
 
-fn thinking(thread: &str, n: usize) -> Value {
+pub(crate) fn thinking(thread: &str, n: usize) -> Value {
     let mut event = event("agent_thinking", &format!("run_{thread}"), thread);
     event["payload"]["n"] = n.into();
     event["event_id"] = format!("{thread}-{n}").into();
@@ -45,7 +45,11 @@ fn thinking(thread: &str, n: usize) -> Value {
 }
 
 /// Waits until the channel's ledger, read on `gateway`, satisfies `done`.
-async fn ledger_until(gateway: &Gateway, channel: &str, done: impl Fn(&Value) -> bool) -> Value {
+pub(crate) async fn ledger_until(
+    gateway: &Gateway,
+    channel: &str,
+    done: impl Fn(&Value) -> bool,
+) -> Value {
     let deadline = std::time::Instant::now() + WAIT;
     loop {
         let ledger = gateway.channel(channel).await;

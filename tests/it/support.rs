@@ -666,8 +666,10 @@ impl Process {
 pub struct Redis {
     child: Child,
     pub port: u16,
-    /// The extra arguments it was started with, used again by `restart`.
+    /// The extra arguments it was started with, used again by `restart` and `reload`.
     args: Vec<String>,
+    /// Its data directory, when it persists (removed on drop).
+    dir: Option<std::path::PathBuf>,
 }
 
 impl Redis {
@@ -680,6 +682,20 @@ impl Redis {
         Self::start_on(free_port(), args).await
     }
 
+    /// A server that keeps an RDB file in a directory of its own, written only by [`Self::save`]
+    /// (no automatic snapshots), and read again by [`Self::reload`].
+    pub async fn start_persistent() -> Self {
+        let port = free_port();
+        let dir =
+            std::env::temp_dir().join(format!("agentwire-redis-{}-{port}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.to_str().unwrap().to_string();
+        let mut redis = Self::start_on(port, &["--dir", &path, "--dbfilename", "dump.rdb"]).await;
+        redis.dir = Some(dir);
+        redis
+    }
+
     async fn start_on(port: u16, args: &[&str]) -> Self {
         let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
         let child = Command::new("redis-server")
@@ -690,7 +706,12 @@ impl Redis {
             .stderr(Stdio::null())
             .spawn()
             .expect("redis-server must be installed (scripts/test installs it)");
-        let redis = Self { child, port, args };
+        let redis = Self {
+            child,
+            port,
+            args,
+            dir: None,
+        };
         let client = redis.client();
         for _ in 0..200 {
             if let Ok(mut conn) = client.get_multiplexed_async_connection().await
@@ -730,15 +751,34 @@ impl Redis {
     /// Kills the server and starts it again on the same port with the same arguments: empty
     /// without persistence, from its last `SAVE` with a `--dir`.
     pub async fn restart(&mut self) {
+        self.reload(Duration::ZERO).await;
+    }
+
+    /// Writes the RDB file now (`SAVE`).
+    pub async fn save(&self) {
+        let mut conn = self.conn().await;
+        let () = redis::cmd("SAVE").query_async(&mut conn).await.unwrap();
+    }
+
+    /// Kills the server with SIGKILL (no final save), waits `outage`, and starts it again with the
+    /// same arguments, on the same port and directory: it loads the last [`Self::save`].
+    pub async fn reload(&mut self, outage: Duration) {
         self.stop();
-        let args: Vec<&str> = self.args.iter().map(String::as_str).collect();
+        tokio::time::sleep(outage).await;
+        let args: Vec<String> = self.args.clone();
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let dir = self.dir.take();
         *self = Self::start_on(self.port, &args).await;
+        self.dir = dir;
     }
 }
 
 impl Drop for Redis {
     fn drop(&mut self) {
         self.stop();
+        if let Some(dir) = &self.dir {
+            let _ = std::fs::remove_dir_all(dir);
+        }
     }
 }
 

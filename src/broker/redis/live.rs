@@ -113,11 +113,12 @@ pub async fn run(
             return;
         }
         match connect(broker, &announce, &stop).await {
-            Ok((sink, stream, subscribed)) => {
+            Ok((sink, stream, subscribed, unsynced)) => {
                 backoff = Duration::from_millis(100);
                 let link = Link {
                     sink,
                     subscribed,
+                    unsynced,
                     metrics,
                 };
                 if serve(broker, &announce, link, stream, &mut commands, &stop).await {
@@ -153,7 +154,8 @@ pub async fn run(
 }
 
 /// Opens the connection, subscribes to registrations and every mirrored channel, then reads
-/// each mirrored channel's stream from where its mirror stands.
+/// each mirrored channel's stream from where its mirror stands; the channels whose read failed
+/// come back with the link, to be read again.
 async fn connect(
     broker: &RedisBroker,
     announce: &mpsc::Sender<Announcement>,
@@ -162,6 +164,7 @@ async fn connect(
     (
         redis::aio::PubSubSink,
         redis::aio::PubSubStream,
+        HashSet<ChannelName>,
         HashSet<ChannelName>,
     ),
     BrokerError,
@@ -178,11 +181,13 @@ async fn connect(
         .map_err(|_| BrokerError::Unavailable("subscribe timed out".into()))??;
     broker.generation.fetch_add(1, Ordering::AcqRel);
     // Channels still loading read the stream after their subscription anyway (see `attach`).
+    let mut unsynced = HashSet::new();
     for name in &attached {
         if broker.mirror.position(name).is_some()
             && let Err(error) = broker.resync(name).await
         {
-            tracing::warn!(%error, channel = %name, "Cannot read the channel's stream after a reconnect.");
+            tracing::warn!(%error, channel = %name, "Cannot read the channel's stream after a reconnect; retrying.");
+            unsynced.insert(name.clone());
         }
     }
     // A registration announced while this replica was away must still release held events.
@@ -190,13 +195,17 @@ async fn connect(
         _ = stop.cancelled() => {}
         _ = announce.send(Announcement::Resync) => {}
     }
-    Ok((sink, stream, attached.into_iter().collect()))
+    Ok((sink, stream, attached.into_iter().collect(), unsynced))
 }
 
 /// The pub/sub connection's command side: the sink and the channels it is subscribed to.
 struct Link<'a> {
     sink: redis::aio::PubSubSink,
     subscribed: HashSet<ChannelName>,
+    /// Channels whose stream could not be read after a reconnect, a gap or a resubscribe: read
+    /// again every second until it works, not only when their next live message comes (there
+    /// may be none, and the mirror would keep a stale epoch).
+    unsynced: HashSet<ChannelName>,
     metrics: &'a Metrics,
 }
 
@@ -278,11 +287,37 @@ impl Link<'_> {
             }
             self.fixed(Reconciled::Subscribed, &name);
             // Whatever was published while it was not subscribed.
-            if let Err(error) = broker.resync(&name).await {
-                tracing::warn!(%error, channel = %name, "Cannot read the channel's stream after resubscribing.");
-            }
+            self.resync(broker, &name, "resubscribing").await;
         }
         true
+    }
+
+    /// Brings the mirror of `name` up to its stream; on failure keeps it for [`Self::retry`].
+    async fn resync(&mut self, broker: &RedisBroker, name: &ChannelName, after: &str) {
+        match broker.resync(name).await {
+            Ok(()) => {
+                self.unsynced.remove(name);
+            }
+            Err(error) => {
+                tracing::warn!(%error, channel = %name, after, "Cannot read the channel's stream; retrying.");
+                self.unsynced.insert(name.clone());
+            }
+        }
+    }
+
+    /// Reads again the streams that could not be read (those no longer mirrored are dropped). The
+    /// first failure ends the round: Redis is likely still away, and the live messages wait.
+    async fn retry(&mut self, broker: &RedisBroker) {
+        let names: Vec<ChannelName> = self.unsynced.iter().cloned().collect();
+        for name in names {
+            if broker.mirror.position(&name).is_some()
+                && let Err(error) = broker.resync(&name).await
+            {
+                tracing::debug!(%error, channel = %name, "Still cannot read the channel's stream.");
+                return;
+            }
+            self.unsynced.remove(&name);
+        }
     }
 
     fn fixed(&self, action: Reconciled, name: &ChannelName) {
@@ -314,6 +349,7 @@ async fn serve(
                 if !matches!(timeout(ANSWER, link.sink.ping::<redis::Value>()).await, Ok(Ok(_))) {
                     return false;
                 }
+                link.retry(broker).await;
             }
             _ = reconcile.tick() => {
                 if !link.reconcile(broker, commands).await {
@@ -340,9 +376,8 @@ async fn serve(
                     }
                 } else if let Some(name) = Keys::channel_of_live(channel)
                     && !broker.apply_live(&name, message.get_payload_bytes())
-                    && let Err(error) = broker.resync(&name).await
                 {
-                    tracing::warn!(%error, channel = %name, "Cannot read the channel's stream after a gap.");
+                    link.resync(broker, &name, "a gap").await;
                 }
             }
         }

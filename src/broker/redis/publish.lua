@@ -13,10 +13,19 @@ for i = 10, #ARGV do
     return {0, '', 0, 0, 0}
   end
 end
+-- An epoch belongs to the Redis process that wrote it (run_id, new at every start and on every
+-- failover): one that came back from an RDB or AOF file, or a promoted replica, may lack the latest
+-- writes, and some replica may already have delivered their seqs. Nothing here can tell, so the
+-- first publish in another process starts a new epoch rather than hand out those seqs again. A
+-- channel written before `run` existed adopts this process.
+local run = string.match(redis.call('INFO', 'server'), 'run_id:(%x+)')
 local epoch = redis.call('HGET', meta, 'epoch')
-if not epoch then
+local writer = redis.call('HGET', meta, 'run')
+if not epoch or (writer and writer ~= run) then
   epoch = ARGV[7]
-  redis.call('HSET', meta, 'epoch', epoch)
+  redis.call('HSET', meta, 'epoch', epoch, 'run', run)
+elseif not writer then
+  redis.call('HSET', meta, 'run', run)
 end
 local seq = redis.call('HINCRBY', meta, 'last_seq', 1)
 redis.call('XADD', log, seq .. '-0', 'b', ARGV[1], 't', ARGV[2], 'p', ARGV[3])

@@ -6,15 +6,17 @@
 -- Only called for a channel that had an epoch, so a channel nobody published to still gets no key;
 -- a renewed channel without events expires after retire_ms. Returns the channel's epoch now.
 -- KEYS: meta   ARGV: seen_epoch, seen_last_seq, new_epoch, retire_ms
+-- The new epoch belongs to this Redis process (see publish.lua).
+local run = string.match(redis.call('INFO', 'server'), 'run_id:(%x+)')
 local epoch = redis.call('HGET', KEYS[1], 'epoch')
 if not epoch then
-  redis.call('HSET', KEYS[1], 'epoch', ARGV[3], 'last_seq', 0)
+  redis.call('HSET', KEYS[1], 'epoch', ARGV[3], 'last_seq', 0, 'run', run)
   redis.call('PEXPIRE', KEYS[1], ARGV[4])
   return ARGV[3]
 end
 if epoch == ARGV[1]
     and tonumber(redis.call('HGET', KEYS[1], 'last_seq') or '0') < tonumber(ARGV[2]) then
-  redis.call('HSET', KEYS[1], 'epoch', ARGV[3])
+  redis.call('HSET', KEYS[1], 'epoch', ARGV[3], 'run', run)
   return ARGV[3]
 end
 return epoch

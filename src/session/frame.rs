@@ -140,11 +140,18 @@ pub fn encode_close(out: &mut Vec<u8>, code: u16, reason: &str) {
 }
 
 #[cfg(test)]
+mod decode;
+#[cfg(test)]
+mod differential;
+#[cfg(test)]
+mod properties;
+
+#[cfg(test)]
 mod tests {
     use super::*;
 
     /// A client frame as a browser sends it (masked).
-    fn client_frame(fin: bool, opcode: u8, payload: &[u8]) -> Vec<u8> {
+    pub(super) fn client_frame(fin: bool, opcode: u8, payload: &[u8]) -> Vec<u8> {
         let mask = [0x12, 0x34, 0x56, 0x78];
         let mut out = vec![if fin { 0x80 } else { 0 } | opcode];
         match payload.len() {

@@ -59,6 +59,14 @@ impl Reassembly {
         self.partial.is_some()
     }
 
+    /// Bytes held for a fragmented message, for tests of the limit.
+    #[cfg(test)]
+    pub fn held(&self) -> usize {
+        self.partial
+            .as_ref()
+            .map_or(0, |partial| partial.bytes.len())
+    }
+
     /// Takes one frame; `Some` once it completes a message.
     pub fn push(&mut self, raw: Raw, max_bytes: usize) -> Result<Option<Message>, AssemblyError> {
         let finish = |text: bool, bytes: Vec<u8>| {

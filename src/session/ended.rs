@@ -28,6 +28,8 @@ pub enum Ended {
     FrameTimeout,
     /// More messages than `session.message_rate` allows (4029).
     RateLimited,
+    /// A text message that is not UTF-8 (1007).
+    InvalidUtf8,
 }
 
 impl Label for Ended {
@@ -46,6 +48,7 @@ impl Label for Ended {
         Self::TokenExpired,
         Self::FrameTimeout,
         Self::RateLimited,
+        Self::InvalidUtf8,
     ];
 
     fn as_str(self) -> &'static str {
@@ -64,6 +67,7 @@ impl Label for Ended {
             Self::TokenExpired => "token_expired",
             Self::FrameTimeout => "frame_timeout",
             Self::RateLimited => "rate_limited",
+            Self::InvalidUtf8 => "invalid_utf8",
         }
     }
 }

@@ -96,14 +96,16 @@ pub fn parse(buf: &mut BytesMut, max_payload: usize) -> Result<Option<Raw>, Fram
 }
 
 /// The code of a client's close frame, to echo (1000 when it sent none); `Err` for a payload
-/// RFC 6455 forbids (one byte, a reserved code, a reason that is not UTF-8).
+/// RFC 6455 forbids (one byte, a code that may not be sent, a reason that is not UTF-8).
 pub fn close_code(payload: &[u8]) -> Result<u16, ()> {
     match payload {
         [] => Ok(1000),
         [_] => Err(()),
         [high, low, reason @ ..] => {
             let code = u16::from_be_bytes([*high, *low]);
-            let allowed = matches!(code, 1000..=1003 | 1007..=1011 | 3000..=4999);
+            // RFC 6455 §7.4 and IANA's registry: 1004 is reserved, 1005 and 1006 are never sent,
+            // 1015 is for TLS failures only, 1016–2999 are unassigned; 3000–4999 are free to use.
+            let allowed = matches!(code, 1000..=1003 | 1007..=1014 | 3000..=4999);
             if !allowed || std::str::from_utf8(reason).is_err() {
                 return Err(());
             }
@@ -138,11 +140,18 @@ pub fn encode_close(out: &mut Vec<u8>, code: u16, reason: &str) {
 }
 
 #[cfg(test)]
+mod decode;
+#[cfg(test)]
+mod differential;
+#[cfg(test)]
+mod properties;
+
+#[cfg(test)]
 mod tests {
     use super::*;
 
     /// A client frame as a browser sends it (masked).
-    fn client_frame(fin: bool, opcode: u8, payload: &[u8]) -> Vec<u8> {
+    pub(super) fn client_frame(fin: bool, opcode: u8, payload: &[u8]) -> Vec<u8> {
         let mask = [0x12, 0x34, 0x56, 0x78];
         let mut out = vec![if fin { 0x80 } else { 0 } | opcode];
         match payload.len() {
@@ -239,6 +248,28 @@ mod tests {
         assert_eq!(close_code(&[0x03]), Err(()));
         assert_eq!(close_code(&[0x03, 0xED]), Err(()), "1005 is reserved");
         assert_eq!(close_code(&[0x03, 0xE8, 0xFF]), Err(()), "reason not UTF-8");
+    }
+
+    #[test]
+    fn the_registered_close_codes_are_valid_and_the_others_are_not() {
+        let valid = |code: u16| close_code(&code.to_be_bytes()).is_ok();
+        for code in [1000, 1001, 1002, 1003, 1007, 1008, 1009, 1010, 1011] {
+            assert!(valid(code), "{code}");
+        }
+        for code in [1012, 1013, 1014] {
+            assert!(
+                valid(code),
+                "{code}: registered with IANA, a client may send it"
+            );
+        }
+        for code in [3000, 3999, 4000, 4999] {
+            assert!(valid(code), "{code}");
+        }
+        let reserved = [1004, 1005, 1006, 1015, 1016, 2000, 2999];
+        let out_of_range = [0, 1, 999, 5000, u16::MAX];
+        for code in reserved.into_iter().chain(out_of_range) {
+            assert!(!valid(code), "{code}");
+        }
     }
 
     #[test]

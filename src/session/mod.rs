@@ -371,6 +371,13 @@ impl Session {
                 Err(AssemblyError::Protocol) => {
                     return Some(self.close(1002, "protocol_error", Ended::ProtocolError));
                 }
+                Err(AssemblyError::InvalidUtf8) => {
+                    return Some(self.close(
+                        close::INVALID_DATA,
+                        "invalid_utf8",
+                        Ended::InvalidUtf8,
+                    ));
+                }
             };
             // Boxed: answering a message may await Redis (subscribe, HLink), and that state inline
             // would grow every connection's task for its whole life, not just while it answers.

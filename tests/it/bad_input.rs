@@ -291,6 +291,97 @@ async fn fragmented_messages_are_reassembled_and_bounded() {
     );
 }
 
+/// A text message is UTF-8 across its fragments: a character split between two is fine, a byte
+/// that cannot continue one closes with 1007 (RFC 6455 §8.1), counted as `invalid_utf8`.
+#[tokio::test]
+async fn text_that_is_not_utf8_across_fragments_closes_with_1007() {
+    use tokio_tungstenite::tungstenite::protocol::frame::coding::{Data, OpCode};
+    use tokio_tungstenite::tungstenite::protocol::frame::{Frame, FrameHeader};
+    let fragment = |opcode: OpCode, fin: bool, payload: &[u8]| {
+        Message::Frame(Frame::from_payload(
+            FrameHeader {
+                is_final: fin,
+                opcode,
+                ..FrameHeader::default()
+            },
+            payload.to_vec().into(),
+        ))
+    };
+    let gateway = Gateway::start().await;
+    let mut client = gateway.client("u_1").await;
+    // "€" is E2 82 AC: its first two bytes end one fragment, its last begins the next.
+    client
+        .send_raw(fragment(
+            OpCode::Data(Data::Text),
+            false,
+            b"{\"type\":\"ping\",\"x\":\"\xE2\x82",
+        ))
+        .await;
+    client
+        .send_raw(fragment(OpCode::Data(Data::Continue), true, b"\xAC\"}"))
+        .await;
+    assert_eq!(
+        client.recv().await["type"],
+        "pong",
+        "a split character is text"
+    );
+
+    // E2 82 begins a character; "(" cannot continue it.
+    client
+        .send_raw(fragment(
+            OpCode::Data(Data::Text),
+            false,
+            b"{\"type\":\"ping\",\"x\":\"\xE2\x82",
+        ))
+        .await;
+    client
+        .send_raw(fragment(OpCode::Data(Data::Continue), true, b"(\"}"))
+        .await;
+    assert_eq!(client.closed().await, 1007);
+    assert_eq!(
+        gateway
+            .metric("agentwire_connections_closed_total{reason=\"invalid_utf8\"}")
+            .await,
+        1.0
+    );
+    assert_eq!(
+        gateway
+            .metric("agentwire_connections_closed_total{reason=\"protocol_error\"}")
+            .await,
+        0.0
+    );
+}
+
+/// 1012, 1013 and 1014 are registered close codes a client may send: its close is echoed like
+/// any other, not refused with 1002.
+#[tokio::test]
+async fn a_client_closing_with_1012_to_1014_gets_its_close_echoed() {
+    use tokio_tungstenite::tungstenite::protocol::CloseFrame;
+    let gateway = Gateway::start().await;
+    for code in [1012, 1013, 1014] {
+        let mut client = gateway.client("u_1").await;
+        client
+            .send_raw(Message::Close(Some(CloseFrame {
+                code: code.into(),
+                reason: "".into(),
+            })))
+            .await;
+        assert_eq!(client.closed().await, code, "echoed");
+    }
+    assert_eq!(
+        gateway
+            .metric("agentwire_connections_closed_total{reason=\"client_closed\"}")
+            .await,
+        3.0
+    );
+    assert_eq!(
+        gateway
+            .metric("agentwire_connections_closed_total{reason=\"protocol_error\"}")
+            .await,
+        0.0
+    );
+}
+
 #[tokio::test]
 async fn a_silent_client_is_closed_with_1001() {
     let gateway = Gateway::start_with(|c| {

@@ -44,7 +44,38 @@ async fn run(
     let ledger = cluster.ledger().await;
     let row = Row::new(name, &produced, &seen, &ledger);
     row.check();
+    cluster_figures_are_the_ledgers(cluster).await;
     row
+}
+
+/// Every replica, restarted or not, exports the cluster's pending and balance as the shared
+/// ledger has them (a per-replica sum would not survive a restart).
+async fn cluster_figures_are_the_ledgers(cluster: &Cluster) {
+    for internal in cluster.doors.internals() {
+        // Another scenario's side load may still publish: compare reads taken close together.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            let before = cluster.ledger().await;
+            let (_, text) = crate::support::http(internal, "GET", "/metrics", None).await;
+            let after = cluster.ledger().await;
+            let exported = (
+                metric_value(&text, "agentwire_cluster_events_pending"),
+                metric_value(&text, "agentwire_cluster_ledger_unbalanced_channels"),
+            );
+            let pending = |l: &serde_json::Value| l["channels"]["pending"].as_f64().unwrap_or(-1.0);
+            if before["channels"]["pending"] == after["channels"]["pending"]
+                && exported == (pending(&after), 0.0)
+            {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "cluster figures on {internal}: {exported:?}, ledger {}",
+                after["channels"]
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
 }
 
 /// On each replica that lived through the scenario, every ingested event is in exactly one

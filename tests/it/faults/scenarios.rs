@@ -216,8 +216,9 @@ async fn faults_idle_connections_then_sigterm() {
     let codes = closes.await.expect("closes");
     let got_1012 = codes.get(&1012).copied().unwrap_or(0);
     super::tally::report(&format!(
-        "| {idle_connections} idle connections, then SIGTERM | – | {idle_connections} closes 1012 | {got_1012} | 0 | – | {} | – | – | – | – | exit {code:?} in {:.2} |",
+        "| {idle_connections} idle connections, then SIGTERM | – | {idle_connections} closes 1012 | {got_1012} | 0 | – | {} | – | – | – | – | exit {} in {:.2} |",
         idle_connections - got_1012,
+        code.map_or_else(|| "by a signal".to_string(), |c| c.to_string()),
         took.as_secs_f64()
     ));
     assert_eq!(code, Some(0));

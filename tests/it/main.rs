@@ -7,6 +7,7 @@ mod auth;
 mod bad_input;
 mod delivery;
 mod faults;
+mod held;
 mod ledger_snapshot;
 mod operations;
 mod process;

@@ -7,7 +7,9 @@
 //! The pending set keeps events packed (their JSON text), within `resolve.max_pending` events and
 //! `resolve.max_pending_bytes`, and one run or one producer key holds at most its share of both
 //! (`resolve.run_share_percent`, `resolve.producer_share_percent`), so a flood of unknown runs from
-//! one producer cannot push another producer's early events out.
+//! one producer cannot push another producer's early events out. In Redis mode each held event
+//! also carries its entry in this replica's journal (`PackedEvent::journal`), which the callers
+//! settle once it is published or dead-lettered.
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -18,7 +20,7 @@ use crate::config::ResolveConfig;
 use crate::metrics::Label;
 use crate::protocol::ChannelName;
 use crate::protocol::event::Event;
-use crate::protocol::packed::PackedEvent;
+use crate::protocol::packed::{Journaled, PackedEvent};
 use crate::protocol::run::RunTarget;
 
 /// The thread id inside a standard run id `thread_<thread_id>_run_<suffix>`. The thread id ends
@@ -237,7 +239,8 @@ impl Resolver {
     /// so it cannot overtake them; they are published in arrival order by [`Self::begin_release`]
     /// and [`Self::continue_release`]. `Err` gives it back otherwise. (An event that has its
     /// channel never waits for a run that is not registered: it could be dead-lettered.)
-    pub fn hold_behind(&self, event: Event) -> Result<(), Box<Event>> {
+    /// `journal` is where it is kept durably meanwhile (Redis mode).
+    pub fn hold_behind(&self, event: Event, journal: Option<Journaled>) -> Result<(), Box<Event>> {
         if self.waiting.load(Ordering::Acquire) == 0 {
             return Err(Box::new(event));
         }
@@ -252,7 +255,9 @@ impl Resolver {
         }
         // Published as soon as the release reaches it: within the counts, but never refused, or
         // it would overtake the events before it.
-        self.keep(&mut state, run_id, PackedEvent::pack(&event));
+        let mut packed = PackedEvent::pack(&event);
+        packed.journal = journal;
+        self.keep(&mut state, run_id, packed);
         Ok(())
     }
 
@@ -415,8 +420,8 @@ impl Resolver {
     }
 
     /// Holds an event until its run is registered, or behind the held events of its run while
-    /// they are being released.
-    pub fn hold(&self, event: Event) -> Result<(), NotHeld> {
+    /// they are being released. `journal` is where it is kept durably meanwhile (Redis mode).
+    pub fn hold(&self, event: Event, journal: Option<Journaled>) -> Result<(), NotHeld> {
         let Some(run_id) = event.run_id.clone() else {
             return Err(NotHeld::Full {
                 event: Box::new(event),
@@ -424,7 +429,8 @@ impl Resolver {
             });
         };
         // Packed before the lock is taken: only the counts change under it.
-        let packed = PackedEvent::pack(&event);
+        let mut packed = PackedEvent::pack(&event);
+        packed.journal = journal;
         let mut state = self.state();
         if state.closed {
             return Err(NotHeld::Closed {
@@ -613,21 +619,21 @@ mod tests {
             Err(NotHeld::Full { full, .. }) => Some(full),
             _ => None,
         };
-        assert_eq!(full(r.hold(from("p1", "run_a"))), None);
-        assert_eq!(full(r.hold(from("p1", "run_a"))), None);
+        assert_eq!(full(r.hold(from("p1", "run_a"), None)), None);
+        assert_eq!(full(r.hold(from("p1", "run_a"), None)), None);
         assert_eq!(
-            full(r.hold(from("p1", "run_a"))),
+            full(r.hold(from("p1", "run_a"), None)),
             Some(PendingFull::RunShare)
         );
         for n in 0..3 {
-            assert_eq!(full(r.hold(from("p1", &format!("run_{n}")))), None);
+            assert_eq!(full(r.hold(from("p1", &format!("run_{n}")), None)), None);
         }
         assert_eq!(
-            full(r.hold(from("p1", "run_z"))),
+            full(r.hold(from("p1", "run_z"), None)),
             Some(PendingFull::ProducerShare)
         );
         // Another producer still has its own share.
-        assert_eq!(full(r.hold(from("p2", "run_b"))), None);
+        assert_eq!(full(r.hold(from("p2", "run_b"), None)), None);
         assert_eq!(r.pending_count(), 6);
         assert!(r.pending_bytes() > 0);
         assert!(r.begin_release(
@@ -639,7 +645,7 @@ mod tests {
         ));
         assert_eq!(drain(&r, "run_a").len(), 2);
         assert_eq!(
-            full(r.hold(from("p1", "run_z"))),
+            full(r.hold(from("p1", "run_z"), None)),
             None,
             "released: room again"
         );
@@ -685,10 +691,10 @@ mod tests {
                 .map(|e| e.unpack().unwrap().payload["n"].as_u64().unwrap())
                 .collect()
         };
-        assert!(r.hold_behind(n(0)).is_err(), "nothing held: no wait");
-        r.hold(n(1)).unwrap();
+        assert!(r.hold_behind(n(0), None).is_err(), "nothing held: no wait");
+        r.hold(n(1), None).unwrap();
         assert!(
-            r.hold_behind(n(0)).is_err(),
+            r.hold_behind(n(0), None).is_err(),
             "held but not registered: an event with a channel does not wait"
         );
         let target = RunTarget {
@@ -699,9 +705,9 @@ mod tests {
         let first = r.next_released("run_r").unwrap();
         assert_eq!(order(&[first]), [1]);
         // Arrives while the first is being published: it waits, and is not expired as unresolved.
-        r.hold_behind(n(2)).unwrap();
+        r.hold_behind(n(2), None).unwrap();
         // One that found no channel before the registration, and reaches the pending set now.
-        r.hold(n(3)).unwrap();
+        r.hold(n(3), None).unwrap();
         // A second registration of the run (a retry, another replica's announcement) takes
         // nothing: the release under way publishes what waits, in order.
         assert!(!r.begin_release("run_r", target));
@@ -715,7 +721,7 @@ mod tests {
         assert!(r.released("run_r"));
         assert_eq!(order(&drain(&r, "run_r")), [2, 3]);
         assert!(!r.is_waiting("run_r"));
-        assert!(r.hold_behind(n(4)).is_err(), "the release ended");
+        assert!(r.hold_behind(n(4), None).is_err(), "the release ended");
         assert_eq!(r.pending_count(), 0);
     }
 
@@ -723,9 +729,9 @@ mod tests {
     fn holds_until_registered_or_expired() {
         let r = resolver();
         let late = event(r#"{"type":"agent_thinking","run_id":"run_late"}"#);
-        r.hold(late.clone()).unwrap();
-        r.hold(late.clone()).unwrap();
-        assert!(r.hold(late).is_err(), "the pending set is bounded");
+        r.hold(late.clone(), None).unwrap();
+        r.hold(late.clone(), None).unwrap();
+        assert!(r.hold(late, None).is_err(), "the pending set is bounded");
         assert!(r.begin_release(
             "run_late",
             RunTarget {
@@ -739,15 +745,18 @@ mod tests {
         assert_eq!(r.pending_count(), 0);
         assert!(r.next_released("run_late").is_none());
         let rescued = r
-            .hold(late_event())
+            .hold(late_event(), None)
             .expect_err("registered meanwhile: not held");
         assert!(
             matches!(&rescued, NotHeld::Registered { channel, .. } if channel.as_str() == "thread:t"),
             "{rescued:?}"
         );
 
-        r.hold(event(r#"{"type":"agent_thinking","run_id":"run_never"}"#))
-            .unwrap();
+        r.hold(
+            event(r#"{"type":"agent_thinking","run_id":"run_never"}"#),
+            None,
+        )
+        .unwrap();
         assert!(r.expire(Instant::now()).is_empty());
         let expired = r.expire(Instant::now() + Duration::from_millis(100));
         assert_eq!(expired.len(), 1);
@@ -762,8 +771,8 @@ mod tests {
                 r#"{{"type":"agent_thinking","run_id":"run_cut","payload":{{"n":{n}}}}}"#
             ))
         };
-        r.hold(n(1)).unwrap();
-        r.hold(n(2)).unwrap();
+        r.hold(n(1), None).unwrap();
+        r.hold(n(2), None).unwrap();
         let target = RunTarget {
             thread_id: Some("t".into()),
             user_id: None,
@@ -779,7 +788,7 @@ mod tests {
         assert!(!r.released("run_cut"));
         assert!(r.next_released("run_cut").is_none());
         // Closed: nothing is held or released any more.
-        assert!(matches!(r.hold(n(3)), Err(NotHeld::Closed { .. })));
+        assert!(matches!(r.hold(n(3), None), Err(NotHeld::Closed { .. })));
         assert!(!r.begin_release("run_cut", target));
         assert_eq!(r.pending_count(), 0);
     }

@@ -43,7 +43,7 @@ use crate::ledger::{ChannelReport, LedgerView, Totals};
 use crate::protocol::ChannelName;
 use crate::protocol::client::Since;
 use crate::protocol::event::Event;
-use crate::protocol::packed::PackedEvent;
+use crate::protocol::packed::{Journaled, PackedEvent};
 use crate::protocol::server::Subscribed;
 
 /// The broker this gateway runs, chosen once from `broker.redis_url`. A Redis that is down never
@@ -275,6 +275,36 @@ impl Broker {
         match self {
             Self::Memory(_) => Ok(None),
             Self::Redis(redis) => redis.registered(run_id).await,
+        }
+    }
+
+    /// Keeps an event that is about to be held for its run where another replica can adopt it if
+    /// this one dies (Redis: this replica's journal), before the producer is answered
+    /// `pending_resolution`. The embedded broker keeps nothing beyond the process: `None`.
+    pub async fn journal_held(
+        &self,
+        event: &PackedEvent,
+    ) -> Result<Option<Journaled>, BrokerError> {
+        match self {
+            Self::Memory(_) => Ok(None),
+            Self::Redis(redis) => redis.journal(event).await.map(Some),
+        }
+    }
+
+    /// A held event was published or dead-lettered: it leaves the journal (Redis, queued after
+    /// the dead letters queued before it).
+    pub fn settle_held(&self, journaled: Option<&Journaled>) {
+        if let (Self::Redis(redis), Some(journaled)) = (self, journaled) {
+            redis.settle(journaled);
+        }
+    }
+
+    /// Marks this replica alive and takes over the held events of replicas that stopped doing so
+    /// for `broker.claim_idle` (Redis); the embedded broker has no other replica.
+    pub async fn adopt_held(&self) -> Result<Vec<PackedEvent>, BrokerError> {
+        match self {
+            Self::Memory(_) => Ok(Vec::new()),
+            Self::Redis(redis) => redis.adopt().await,
         }
     }
 

@@ -10,7 +10,9 @@
 //! failed on by our fault (`BrokerError::Internal`: a script error, a reply we cannot read) is
 //! counted in `ingested` and in `lost{internal}`, so the identity reads
 //! `… = emitted + pending_resolution + lost{unresolved} + lost{internal} + duplicates` (the channel
-//! ledgers never count `internal` themselves today).
+//! ledgers never count `internal` themselves today). Redis mode: events a dead replica held are
+//! adopted by another ([`adopt_held`]), which counts each `ingested` again (the dead one's counts
+//! went with it).
 
 mod body;
 mod redrive;
@@ -33,7 +35,7 @@ use crate::broker::{self, BrokerError, Outcome, Published};
 use crate::metrics::{self, Label};
 use crate::protocol::ChannelName;
 use crate::protocol::event::{self, Event, EventType, Refusal};
-use crate::protocol::packed::PackedEvent;
+use crate::protocol::packed::{Journaled, PackedEvent};
 use crate::protocol::run::RunTarget;
 use crate::resolve::{Held, NotHeld, PendingFull};
 use crate::telemetry::{self, Throttle};
@@ -114,8 +116,22 @@ fn count_refusal(gateway: &Gateway, refusal: &Refusal) {
 /// Accepts one valid event: dedupe, register (for `agent_started` with a thread), resolve, publish.
 /// `entry` is the ingest stream entry id it came from, which makes a second publish a duplicate.
 pub async fn accept(gateway: &Gateway, event: Event, entry: Option<&str>) -> ItemResult {
+    accept_kept(gateway, event, entry, None, true).await
+}
+
+/// [`accept`], for an event that may already be in a journal of held events (`journal`: adopted
+/// from a replica presumed dead). `answered`: a producer waits for the answer and sends again what
+/// is answered `unavailable`, so such an event leaves the journal; an adopted one stays for the
+/// caller to dead-letter.
+async fn accept_kept(
+    gateway: &Gateway,
+    event: Event,
+    entry: Option<&str>,
+    journal: Option<Journaled>,
+    answered: bool,
+) -> ItemResult {
     let span = telemetry::ingest_span(&event);
-    let accepted = accept_in(gateway, event, entry, &span);
+    let accepted = accept_in(gateway, event, entry, journal, answered, &span);
     match accepted.instrument(span.clone()).await {
         Ok(result) => {
             gateway.metrics.events_ingested.inc();
@@ -138,6 +154,53 @@ pub async fn accept(gateway: &Gateway, event: Event, entry: Option<&str>) -> Ite
             ItemResult::Unavailable {
                 reason: error.to_string(),
             }
+        }
+    }
+}
+
+/// Redis mode, on each housekeeping tick: marks this replica alive and takes in the events that
+/// replicas presumed dead (silent for `broker.claim_idle`) held for their run, as if they had been
+/// posted here, in their order: counted `ingested` here, published if their run is registered,
+/// held otherwise (and dead-lettered after `resolve.grace`).
+pub async fn adopt_held(gateway: &Gateway) {
+    let adopted = match gateway.broker.adopt_held().await {
+        Ok(adopted) => adopted,
+        Err(error) => {
+            tracing::debug!(%error, "Cannot look for the held events of stopped replicas.");
+            return;
+        }
+    };
+    if adopted.is_empty() {
+        return;
+    }
+    tracing::warn!(
+        events = adopted.len(),
+        "Adopted events that a replica which stopped answering held for their run."
+    );
+    for packed in adopted {
+        let run_id = packed.run_id.as_deref().unwrap_or_default().to_string();
+        let Some(event) = packed.unpack() else {
+            continue;
+        };
+        match accept_kept(gateway, event, None, packed.journal.clone(), false).await {
+            // Nobody sends it again: dead-lettered (and counted here) like a release that failed.
+            ItemResult::Unavailable { .. } => {
+                gateway.metrics.events_ingested.inc();
+                dead_letter(
+                    gateway,
+                    Held {
+                        run_id,
+                        events: vec![packed],
+                    },
+                    "broker unavailable at adoption",
+                );
+            }
+            // Refused or lost by our fault (counted): a retry would end the same way.
+            ItemResult::Error(_) | ItemResult::Internal { .. } => {
+                gateway.broker.settle_held(packed.journal.as_ref());
+            }
+            // Published, a duplicate, held here or dead-lettered: the journal follows.
+            _ => {}
         }
     }
 }
@@ -167,6 +230,8 @@ async fn accept_in(
     gateway: &Gateway,
     event: Event,
     entry: Option<&str>,
+    journal: Option<Journaled>,
+    answered: bool,
     span: &Span,
 ) -> Result<ItemResult, BrokerError> {
     if let Some(event_id) = event.dedupe_id()
@@ -186,15 +251,43 @@ async fn accept_in(
         Err(RegisterError::Broker(error)) => return Err(error),
     }
     if let Some(channel) = resolve(gateway, &event).await? {
-        // Earlier events of its run are being released; it goes behind them.
-        let event = match gateway.resolver.hold_behind(event) {
-            Ok(()) => return Ok(ItemResult::PendingResolution),
-            Err(event) => *event,
+        // Earlier events of its run are being released; it goes behind them (kept in the journal
+        // meanwhile, like them).
+        let releasing =
+            (event.run_id.as_deref()).is_some_and(|run| gateway.resolver.is_waiting(run));
+        if !releasing {
+            return published(gateway, &channel, &event, entry, journal, answered, span).await;
+        }
+        let journal = match journal {
+            Some(journal) => Some(journal),
+            None => {
+                gateway
+                    .broker
+                    .journal_held(&PackedEvent::pack(&event))
+                    .await?
+            }
         };
-        return accepted(gateway, &channel, &event, entry, span).await;
+        return match gateway.resolver.hold_behind(event, journal.clone()) {
+            Ok(()) => Ok(ItemResult::PendingResolution),
+            Err(event) => {
+                published(gateway, &channel, &event, entry, journal, answered, span).await
+            }
+        };
     }
     let run_id = event.run_id.clone();
-    match gateway.resolver.hold(event) {
+    // Redis mode: kept where another replica can adopt it before it is answered
+    // `pending_resolution` (an event without a run is not held at all).
+    let journal = match journal {
+        Some(journal) => Some(journal),
+        None if run_id.is_some() => {
+            gateway
+                .broker
+                .journal_held(&PackedEvent::pack(&event))
+                .await?
+        }
+        None => None,
+    };
+    match gateway.resolver.hold(event, journal.clone()) {
         Ok(()) => {
             // Redis mode: a registration on another replica may have come between the two. The
             // event is held either way: a failed check must not make the producer send it twice.
@@ -213,7 +306,7 @@ async fn accept_in(
         }
         // Its run was registered between resolve and hold.
         Err(NotHeld::Registered { event, channel }) => {
-            accepted(gateway, &channel, &event, entry, span).await
+            published(gateway, &channel, &event, entry, journal, answered, span).await
         }
         // The gateway is stopping and the held events were dead-lettered: this one too.
         Err(NotHeld::Closed { event }) => {
@@ -222,7 +315,7 @@ async fn accept_in(
                 gateway,
                 Held {
                     run_id,
-                    events: vec![PackedEvent::pack(&event)],
+                    events: vec![kept(&event, journal)],
                 },
                 registration::SHUTDOWN,
             );
@@ -246,13 +339,51 @@ async fn accept_in(
                 gateway,
                 Held {
                     run_id,
-                    events: vec![PackedEvent::pack(&event)],
+                    events: vec![kept(&event, journal)],
                 },
                 why,
             );
             Ok(ItemResult::Unresolved { reason })
         }
     }
+}
+
+/// The event packed as it was kept, so that its dead letter takes it out of the journal.
+fn kept(event: &Event, journal: Option<Journaled>) -> PackedEvent {
+    let mut packed = PackedEvent::pack(event);
+    packed.journal = journal;
+    packed
+}
+
+/// Publishes an event that may be in the journal: with its first journal entry id as a dedupe
+/// id (a replica presumed dead may publish it too), then out of the journal, unless it was adopted
+/// and Redis could not take it (the caller dead-letters it, nobody sends it again).
+async fn published(
+    gateway: &Gateway,
+    channel: &ChannelName,
+    event: &Event,
+    entry: Option<&str>,
+    journal: Option<Journaled>,
+    answered: bool,
+    span: &Span,
+) -> Result<ItemResult, BrokerError> {
+    let origin = journal.as_ref().map(|journal| held_entry(&journal.origin));
+    let result = accepted(gateway, channel, event, origin.as_deref().or(entry), span).await;
+    if answered
+        || !matches!(
+            result,
+            Err(BrokerError::Unavailable(_) | BrokerError::Refused(..))
+        )
+    {
+        gateway.broker.settle_held(journal.as_ref());
+    }
+    result
+}
+
+/// The dedupe id a held event is published with: its first journal entry id, marked apart from
+/// the ingest stream's entry ids.
+pub(crate) fn held_entry(origin: &str) -> String {
+    format!("held:{origin}")
 }
 
 async fn accepted(

@@ -3,7 +3,7 @@
 
 use std::time::{Duration, Instant};
 
-use super::emit;
+use super::{emit, held_entry};
 use crate::broker::{BrokerError, Registration};
 use crate::ledger::LostReason;
 use crate::metrics::{Label, count};
@@ -110,7 +110,10 @@ pub(super) async fn release(gateway: &Gateway, run_id: &str, target: RunTarget) 
         let failed = match packed.unpack() {
             Some(event) => {
                 let span = telemetry::ingest_span(&event);
-                match emit(gateway, &channel, &event, None, &span).await {
+                // Its first journal entry id makes a second publish (by a replica that adopted
+                // it while this one did not answer) a duplicate.
+                let origin = packed.journal.as_ref().map(|j| held_entry(&j.origin));
+                match emit(gateway, &channel, &event, origin.as_deref(), &span).await {
                     Ok(_) => None,
                     Err(error) => {
                         static FAILED: Throttle = Throttle::every(Duration::from_secs(10));
@@ -124,17 +127,18 @@ pub(super) async fn release(gateway: &Gateway, run_id: &str, target: RunTarget) 
             None => Some("held event could not be read back"),
         };
         // `false`: the shutdown took it meanwhile, already dead-lettered and counted.
-        if gateway.resolver.released(run_id)
-            && let Some(why) = failed
-        {
-            dead_letter(
-                gateway,
-                Held {
-                    run_id: run_id.to_string(),
-                    events: vec![packed],
-                },
-                why,
-            );
+        if gateway.resolver.released(run_id) {
+            match failed {
+                Some(why) => dead_letter(
+                    gateway,
+                    Held {
+                        run_id: run_id.to_string(),
+                        events: vec![packed],
+                    },
+                    why,
+                ),
+                None => gateway.broker.settle_held(packed.journal.as_ref()),
+            }
         }
     }
     if released > 0 {
@@ -188,10 +192,13 @@ pub async fn dead_letter_held(gateway: &Gateway) -> usize {
     }
     for held in held {
         for event in held.events {
+            let journal = event.journal.clone();
             let kept = gateway
                 .broker
                 .keep_dead_letter_now(&held.run_id, event, SHUTDOWN, &gateway.metrics)
                 .await;
+            // Out of the journal after its letter, kept or not: it is counted lost already.
+            gateway.broker.settle_held(journal.as_ref());
             if let Err(error) = kept {
                 static UNKEPT: Throttle = Throttle::every(Duration::from_secs(10));
                 if let Some(held_back) = UNKEPT.allow() {
@@ -226,12 +233,15 @@ pub(super) fn lost_unresolved(gateway: &Gateway, run_id: &str, event: &PackedEve
         .inc();
 }
 
-/// The one place an unresolved event is logged, counted and kept.
+/// The one place an unresolved event is logged, counted and kept; a held event leaves the
+/// journal after its letter (both queued, in this order).
 pub(super) fn dead_letter(gateway: &Gateway, held: Held, why: &'static str) {
     for event in held.events {
         lost_unresolved(gateway, &held.run_id, &event, why);
+        let journal = event.journal.clone();
         gateway
             .broker
             .keep_dead_letter(&held.run_id, event, why, &gateway.metrics);
+        gateway.broker.settle_held(journal.as_ref());
     }
 }

@@ -17,6 +17,20 @@ pub struct PackedEvent {
     pub event_id: Option<Box<str>>,
     /// The producer key that posted it (not in the JSON, as on the wire).
     pub producer: Option<Box<str>>,
+    /// Redis mode: where it is kept durably while it waits for its run, so that another replica
+    /// can adopt it if this one dies (`None` once published, and in embedded mode).
+    pub journal: Option<Journaled>,
+}
+
+/// A held event's entry in its replica's journal (Redis mode).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Journaled {
+    /// The entry id in the journal of the replica holding it now.
+    pub id: Box<str>,
+    /// The id of its first journal entry, kept when another replica adopts it: published with it
+    /// as its dedupe id, so an event published by a replica presumed dead and again by the one
+    /// that adopted it is sequenced once.
+    pub origin: Box<str>,
 }
 
 impl PackedEvent {
@@ -27,6 +41,7 @@ impl PackedEvent {
             run_id: event.run_id.as_deref().map(Into::into),
             event_id: event.event_id.as_deref().map(Into::into),
             producer: event.producer.as_deref().map(Into::into),
+            journal: None,
         }
     }
 

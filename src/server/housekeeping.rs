@@ -1,5 +1,5 @@
-//! Housekeeping, on a tick: held events past `resolve.grace` are dead-lettered, stalled runs
-//! reported, and once a second history past its age, idle channels and old dedupe ids expire.
+//! Housekeeping, on a tick: held events past `resolve.grace` are dead-lettered, those of replicas
+//! presumed dead adopted (Redis mode), stalled runs reported, and once a second history past its age, idle channels and old dedupe ids expire.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -25,6 +25,7 @@ pub async fn run(gateway: Arc<Gateway>, stop: CancellationToken) {
             _ = interval.tick() => {}
         }
         crate::ingest::expire_pending(&gateway);
+        crate::ingest::adopt_held(&gateway).await;
         crate::ingest::report_stalls(&gateway).await;
         if last_sweep.elapsed() >= Duration::from_secs(1) {
             last_sweep = Instant::now();

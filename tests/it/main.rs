@@ -8,6 +8,7 @@ mod bad_input;
 mod delivery;
 mod failover;
 mod faults;
+mod held;
 mod ledger_snapshot;
 mod operations;
 mod process;

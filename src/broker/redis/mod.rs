@@ -15,6 +15,7 @@
 
 mod deadletters;
 mod error;
+mod held;
 mod ingest_stream;
 mod keys;
 mod ledger;
@@ -65,6 +66,7 @@ struct Scripts {
     sweep: Script,
     unindex: Script,
     register: Script,
+    adopt: Script,
 }
 
 /// `script` with the `trim` function of `trim.lua` after its first line: the shebang that
@@ -88,6 +90,7 @@ impl Scripts {
             sweep: Script::new(&with_trim(include_str!("sweep.lua"))),
             unindex: Script::new(include_str!("unindex.lua")),
             register: Script::new(include_str!("register.lua")),
+            adopt: Script::new(include_str!("adopt.lua")),
         }
     }
 }
@@ -127,6 +130,10 @@ pub struct RedisBroker {
     deadletter_count: AtomicU64,
     counters: Counters,
     pub(in crate::broker) views: Views,
+    /// This replica's name in the journal of held events (`held.rs`): unique per process.
+    replica: String,
+    /// When this replica last marked itself alive there (ms; 0 before the first time).
+    last_beat: AtomicU64,
 }
 
 impl RedisBroker {
@@ -179,6 +186,12 @@ impl RedisBroker {
             deadletter_count: AtomicU64::new(0),
             counters: Counters::default(),
             views: Views::new(config.ledger.snapshot_interval),
+            replica: format!(
+                "{}-{:08x}",
+                std::env::var("HOSTNAME").unwrap_or_else(|_| "agentwire".into()),
+                rand::random::<u32>()
+            ),
+            last_beat: AtomicU64::new(0),
         })
     }
 

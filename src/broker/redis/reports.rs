@@ -28,6 +28,8 @@ pub enum Report {
     },
     /// An unresolved event for the shared dead letters.
     DeadLetter(DeadLetter),
+    /// A held event published or dead-lettered: its journal entry goes (after the letters).
+    Settled(Box<str>),
 }
 
 /// A dead letter on its way to `aw:deadletters`.
@@ -92,6 +94,7 @@ pub async fn run(
         let mut acked: HashMap<(ChannelName, Arc<str>), u64> = HashMap::new();
         let mut published: HashMap<ChannelName, u64> = HashMap::new();
         let mut letters = Vec::new();
+        let mut settled = Vec::new();
         let mut runs: HashMap<String, (u64, bool)> = HashMap::new();
         for Delivered { feed, seq } in firsts.drain(..) {
             delivered
@@ -114,6 +117,7 @@ pub async fn run(
                     }
                 }
                 Report::DeadLetter(letter) => letters.push(letter),
+                Report::Settled(id) => settled.push(id),
             }
         }
         for ((channel, epoch), seqs) in delivered {
@@ -143,6 +147,16 @@ pub async fn run(
                 for letter in &letters {
                     tracing::error!(target: "agentwire::deadletter", run_id = %letter.run_id, event = %letter.event, "Dead letter not stored: Redis is unavailable at shutdown.");
                 }
+                break;
+            }
+        }
+        // After the letters: a held event leaves the journal only once its letter is kept.
+        while !settled.is_empty()
+            && let Err(error) = broker.settled(&settled).await
+        {
+            metrics.broker_errors.inc();
+            tracing::debug!(%error, "Cannot take settled events out of the journal yet; retrying.");
+            if stopping || retry_later(&stop).await {
                 break;
             }
         }

@@ -91,6 +91,11 @@ impl Cluster {
         (code, started.elapsed())
     }
 
+    /// The oldest replica's doors: the next one `terminate_oldest` or `kill_oldest` stops.
+    pub fn oldest(&self) -> (SocketAddr, SocketAddr) {
+        (self.replicas[0].addr, self.replicas[0].internal)
+    }
+
     /// SIGKILL to the oldest replica.
     pub fn kill_oldest(&mut self) {
         let mut process = self.replicas.remove(0);

@@ -348,3 +348,63 @@ async fn faults_stalled_readers_beside_normal_ones() {
         "stalled readers counted as slow consumers"
     );
 }
+
+#[tokio::test]
+async fn faults_sigkill_of_a_replica_holding_events_for_an_unregistered_run() {
+    let mut cluster = cluster(
+        &[
+            ("AGENTWIRE_BROKER__CLAIM_IDLE", "2s"),
+            ("AGENTWIRE_RESOLVE__GRACE", "1s"),
+        ],
+        &[],
+    )
+    .await;
+    let Scale { load, .. } = scale();
+    run(
+        "SIGKILL of a replica holding events for an unregistered run",
+        &mut cluster,
+        load,
+        async |cluster| {
+            // 20 events for a run nobody registered yet, answered `pending_resolution` by the
+            // replica about to die.
+            let (_, doomed) = cluster.oldest();
+            let events: Vec<serde_json::Value> = (1..=20)
+                .map(|n| {
+                    serde_json::json!({"type": "agent_thinking", "run_id": "run_fault_held",
+                        "event_id": format!("held-{n}"), "payload": {"n": n}})
+                })
+                .collect();
+            let (status, answer) = super::wire::request(
+                doomed,
+                "POST",
+                "/v1/events",
+                Some(serde_json::Value::from(events).to_string()),
+            )
+            .await
+            .expect("an answer");
+            assert_eq!(status, hyper::StatusCode::OK, "{answer}");
+            assert_eq!(answer["pending_resolution"], 20, "{answer}");
+            cluster.kill_oldest();
+            cluster.add_replica().await;
+            // The run registers on a survivor: a client there gets all 20, in order.
+            let (public, internal) = cluster.doors.pick().expect("a replica");
+            let mut client = Client::hello(public, "held_viewer").await;
+            client.subscribe("fault_held", None).await;
+            let register =
+                serde_json::json!({"run_id": "run_fault_held", "thread_id": "fault_held"});
+            let (status, answer) =
+                super::wire::request(internal, "POST", "/v1/runs", Some(register.to_string()))
+                    .await
+                    .expect("an answer");
+            assert_eq!(status, hyper::StatusCode::OK, "{answer}");
+            let ns: Vec<u64> = client
+                .events(20)
+                .await
+                .iter()
+                .map(|e| e["payload"]["n"].as_u64().unwrap_or(0))
+                .collect();
+            assert_eq!(ns, (1..=20).collect::<Vec<_>>());
+        },
+    )
+    .await;
+}

@@ -117,7 +117,9 @@ class Chart:
                       "--set", "auth.existingSecret=" + SECRET,
                       "--set", "containerPort=%d" % public, "--set", "internalPort=%d" % internal,
                       "--set", "image.repository=" + IMAGE.rsplit(":", 1)[0],
-                      "--set", "image.tag=" + IMAGE.rsplit(":", 1)[1]])
+                      "--set", "image.tag=" + IMAGE.rsplit(":", 1)[1],
+                      # More chart settings to try the image with, e.g. "--set podSecurityContext.runAsUser=1000".
+                      *os.environ.get("CHECK_IMAGE_HELM_ARGS", "").split()])
         assert proc.returncode == 0, d.output(proc)
         self.docs = [doc for doc in yaml.safe_load_all(proc.stdout) if doc]
         self.by = {(doc["kind"], doc["metadata"]["name"]): doc for doc in self.docs}

@@ -1064,3 +1064,46 @@ async fn an_ingest_entry_that_fails_by_our_fault_is_dead_lettered_counted_once_a
             + value("agentwire_events_duplicate_total")
     );
 }
+
+/// A new epoch's acks count even when an ack reached the old epoch past what the Redis process
+/// holds (a failover lost writes that a client had already acked).
+#[tokio::test]
+async fn acks_in_a_new_epoch_count_whatever_the_old_epoch_acked() {
+    let redis = Redis::start().await;
+    let gateway = on_redis(&redis, |_| {}).await;
+    let mut client = gateway.client("u1").await;
+    client.subscribe("t_ack", None).await;
+    gateway
+        .publish(&[
+            thinking("t_ack", 1),
+            thinking("t_ack", 2),
+            thinking("t_ack", 3),
+        ])
+        .await;
+    client.events(3).await;
+    client
+        .send(json!({"type": "ack", "thread_id": "t_ack", "seq": 3}))
+        .await;
+    ledger_until(&gateway, "thread:t_ack", |l| l["acked"] == 3).await;
+
+    // As after a failover: the channel was last written by another Redis process, and an ack
+    // for a seq this process never held (10) reached the old epoch.
+    let mut conn = redis.conn().await;
+    let () = conn
+        .hset_multiple(
+            "aw:{thread:t_ack}:meta",
+            &[("run", "0"), ("acked_seq", "10")],
+        )
+        .await
+        .unwrap();
+    gateway.publish(&[thinking("t_ack", 4)]).await;
+    // The new epoch is announced (`recovered: false`) and what Redis holds replayed in it.
+    let subscribed = client.recv().await;
+    assert_eq!(subscribed["recovered"], false, "{subscribed}");
+    let replayed = client.events(4).await;
+    assert_eq!(replayed[3]["seq"], 4, "{replayed:?}");
+    client
+        .send(json!({"type": "ack", "thread_id": "t_ack", "seq": 4}))
+        .await;
+    ledger_until(&gateway, "thread:t_ack", |l| l["acked"] == 4).await;
+}

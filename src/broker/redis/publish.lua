@@ -23,7 +23,10 @@ local epoch = redis.call('HGET', meta, 'epoch')
 local writer = redis.call('HGET', meta, 'run')
 if not epoch or (writer and writer ~= run) then
   epoch = ARGV[7]
-  redis.call('HSET', meta, 'epoch', epoch, 'run', run)
+  -- An ack that reached the old epoch past what this process holds must not hide the new
+  -- epoch's acks: they start above the last seq here.
+  local last = redis.call('HGET', meta, 'last_seq') or '0'
+  redis.call('HSET', meta, 'epoch', epoch, 'run', run, 'acked_seq', last)
 elseif not writer then
   redis.call('HSET', meta, 'run', run)
 end

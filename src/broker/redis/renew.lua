@@ -14,9 +14,10 @@ if not epoch then
   redis.call('PEXPIRE', KEYS[1], ARGV[4])
   return ARGV[3]
 end
-if epoch == ARGV[1]
-    and tonumber(redis.call('HGET', KEYS[1], 'last_seq') or '0') < tonumber(ARGV[2]) then
-  redis.call('HSET', KEYS[1], 'epoch', ARGV[3], 'run', run)
+local last = redis.call('HGET', KEYS[1], 'last_seq') or '0'
+if epoch == ARGV[1] and tonumber(last) < tonumber(ARGV[2]) then
+  -- The new epoch's acks start above the last seq here (see publish.lua).
+  redis.call('HSET', KEYS[1], 'epoch', ARGV[3], 'run', run, 'acked_seq', last)
   return ARGV[3]
 end
 return epoch

@@ -289,9 +289,11 @@ async fn faults_listen_only_clients_on_busy_threads() {
 }
 
 #[tokio::test]
-async fn faults_stalled_readers_beside_normal_ones() {
+async fn faults_slow_and_stalled_readers_beside_normal_ones() {
     let mut cluster = cluster(&[("AGENTWIRE_SESSION__WRITE_TIMEOUT", "500ms")], &[]).await;
-    let Scale { load, .. } = scale();
+    let Scale { mut load, .. } = scale();
+    // A quarter of the clients take 20 ms over each frame: slower, still keeping up.
+    load.slow_readers = load.clients / 4;
     // Stalled readers on a flooded thread (big events, so their socket buffers fill fast):
     // subscribed, then never read again.
     let flood = "fault_flood";
@@ -324,7 +326,7 @@ async fn faults_stalled_readers_beside_normal_ones() {
         }
     });
     run(
-        "stalled readers beside normal ones",
+        "slow and stalled readers beside normal ones",
         &mut cluster,
         load,
         async |_| tokio::time::sleep(Duration::from_secs(2)).await,

@@ -27,7 +27,12 @@ pub struct Load {
     pub rate: f64,
     /// Every event goes to every replica at once (same `event_id`): exactly one may be accepted.
     pub concurrent_retries: bool,
+    /// Clients that take [`SLOW_READ`] over each frame: slower than the others, still keeping up.
+    pub slow_readers: usize,
 }
+
+/// How long a slow reader takes over each frame.
+const SLOW_READ: Duration = Duration::from_millis(20);
 
 /// One event the producer got an answer for.
 #[derive(Debug, Clone)]
@@ -101,7 +106,7 @@ impl Workload {
             clients.spawn(follow(
                 doors.clone(),
                 thread,
-                format!("fu{c}"),
+                (format!("fu{c}"), c < load.slow_readers),
                 stop_clients.clone(),
                 ready_tx.clone(),
                 (Arc::clone(&progress), slot),
@@ -262,7 +267,7 @@ async fn produce(
 async fn follow(
     doors: Doors,
     thread: usize,
-    user: String,
+    (user, slow): (String, bool),
     stop: CancellationToken,
     ready: tokio::sync::mpsc::Sender<()>,
     (progress, slot): (Arc<Mutex<Vec<Vec<u64>>>>, usize),
@@ -315,6 +320,9 @@ async fn follow(
                 _ = stop.cancelled() => break,
                 message = ws.next() => message,
             };
+            if slow {
+                tokio::time::sleep(SLOW_READ).await;
+            }
             let frame: Value = match message {
                 Some(Ok(Message::Text(text))) => match serde_json::from_str(&text) {
                     Ok(frame) => frame,

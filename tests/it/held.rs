@@ -2,12 +2,12 @@
 //! `pending_resolution` being killed: another replica adopts them from the shared journal and
 //! releases them in order on registration, or dead-letters them (counted) when none comes.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use hyper::StatusCode;
 use serde_json::{Value, json};
 
-use crate::support::{Client, Gateway, Process, Redis, WAIT, wait_ready};
+use crate::support::{Client, Gateway, Process, Redis, eventually, wait_ready};
 
 /// A gateway process on `redis` with a short claim time, ready to serve.
 async fn replica(redis: &Redis) -> Process {
@@ -96,15 +96,14 @@ async fn events_held_by_a_killed_replica_whose_run_never_registers_are_dead_lett
     doomed.signal("KILL");
 
     let survivor = Gateway::at(&survivor);
-    let deadline = Instant::now() + WAIT;
-    let letters = loop {
+    let letters = eventually("three dead letters", async || {
         let (_, letters) = survivor.get("/v1/deadletter").await;
-        if letters["count"] == 3 {
-            break letters;
+        match letters["count"] == 3 {
+            true => Ok(letters),
+            false => Err(letters.to_string()),
         }
-        assert!(Instant::now() < deadline, "{letters}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    };
+    })
+    .await;
     let ns: Vec<&Value> = (0..3)
         .map(|i| &letters["events"][i]["event"]["payload"]["n"])
         .collect();
@@ -151,8 +150,7 @@ async fn held_events_released_on_their_own_replica_leave_the_journal() {
 /// Waits until no journal of held events keeps an entry (settled ones leave it).
 async fn journals_empty(redis: &Redis) {
     let mut conn = redis.conn().await;
-    let deadline = Instant::now() + WAIT;
-    loop {
+    eventually("every journal is empty", async || {
         let keys: Vec<String> = redis::cmd("KEYS")
             .arg("aw:{held}:*")
             .query_async(&mut conn)
@@ -167,10 +165,10 @@ async fn journals_empty(redis: &Redis) {
                 .unwrap();
             left += len;
         }
-        if left == 0 {
-            return;
+        match left {
+            0 => Ok(()),
+            _ => Err(format!("{left} entries left in {keys:?}")),
         }
-        assert!(Instant::now() < deadline, "{left} entries left in {keys:?}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    })
+    .await;
 }

@@ -13,7 +13,7 @@ use agentwire::broker::Broker;
 use agentwire::config::Config;
 use agentwire::protocol::ChannelName;
 
-use crate::support::{Gateway, Redis, WAIT, event, http, wait_ready};
+use crate::support::{Gateway, Redis, event, eventually, http, wait_ready};
 
 /// A gateway in this process on `redis`, ready to serve.
 async fn on_redis(redis: &Redis, configure: impl FnOnce(&mut Config)) -> Gateway {
@@ -45,15 +45,6 @@ async fn live_subscribers(redis: &Redis, thread: &str) -> u64 {
         .await
         .unwrap();
     counts[0].1
-}
-
-/// Polls until `done` holds (panics after [`WAIT`]).
-async fn until<F: std::future::Future<Output = bool>>(what: &str, mut done: impl FnMut() -> F) {
-    let deadline = std::time::Instant::now() + WAIT;
-    while !done().await {
-        assert!(std::time::Instant::now() < deadline, "never: {what}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
 }
 
 fn thinking(thread: &str, payload: Value) -> Value {
@@ -261,14 +252,17 @@ async fn many_clients_leaving_at_once_leave_no_pub_sub_subscription_behind() {
     }
     assert_eq!(live_subscribers(&redis, "t_churn_7_59").await, 1);
     drop(clients);
-    until("every pub/sub subscription is gone", || async {
+    eventually("every pub/sub subscription is gone", async || {
         let live: Vec<String> = redis::cmd("PUBSUB")
             .arg("CHANNELS")
             .arg("aw:{thread:*}:live")
             .query_async(&mut redis.conn().await)
             .await
             .unwrap();
-        live.is_empty()
+        match live.is_empty() {
+            true => Ok(()),
+            false => Err(format!("{live:?}")),
+        }
     })
     .await;
     // An event on one of them nobody watches is not counted as offered to anyone.
@@ -311,9 +305,15 @@ async fn reconciliation_drops_a_stale_subscription_and_restores_a_missing_one() 
         .publish(&[thinking("t_watched", json!({"n": 1}))])
         .await;
 
-    until("reconciliation fixed both", || async {
-        live_subscribers(&redis, "t_stale").await == 0
-            && live_subscribers(&redis, "t_watched").await == 1
+    eventually("reconciliation fixed both", async || {
+        let live = (
+            live_subscribers(&redis, "t_stale").await,
+            live_subscribers(&redis, "t_watched").await,
+        );
+        match live {
+            (0, 1) => Ok(()),
+            other => Err(format!("subscribers (t_stale, t_watched): {other:?}")),
+        }
     })
     .await;
     // What was published while it was not subscribed is read from the stream.

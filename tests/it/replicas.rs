@@ -12,7 +12,7 @@ use serde_json::{Value, json};
 use agentwire::config::Config;
 
 use crate::support::{
-    Client, Gateway, Process, Redis, WAIT, event, http, metric_value, wait_ready,
+    Client, Gateway, Process, Redis, WAIT, event, eventually, http, metric_value, wait_ready,
 };
 
 /// A gateway process on `redis`, ready to serve.
@@ -50,18 +50,14 @@ pub(crate) async fn ledger_until(
     channel: &str,
     done: impl Fn(&Value) -> bool,
 ) -> Value {
-    let deadline = std::time::Instant::now() + WAIT;
-    loop {
+    eventually("the ledger settles", async || {
         let ledger = gateway.channel(channel).await;
-        if done(&ledger) {
-            return ledger;
+        match done(&ledger) {
+            true => Ok(ledger),
+            false => Err(ledger.to_string()),
         }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "ledger never settled: {ledger}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    })
+    .await
 }
 
 #[tokio::test]
@@ -974,22 +970,18 @@ async fn every_replica_exports_the_clusters_balance_and_an_unbalanced_channel_sh
 
 /// Waits until `gateway`'s `/metrics` shows (cluster pending, unbalanced channels) = `want`.
 async fn cluster_figures_until(gateway: &Gateway, want: (f64, f64)) {
-    let deadline = std::time::Instant::now() + WAIT;
-    loop {
+    eventually("the cluster figures", async || {
         let exposition = gateway.metrics().await;
         let got = (
             metric_value(&exposition, "agentwire_cluster_events_pending"),
             metric_value(&exposition, "agentwire_cluster_ledger_unbalanced_channels"),
         );
-        if got == want {
-            return;
+        match got == want {
+            true => Ok(()),
+            false => Err(format!("{got:?}, not {want:?}")),
         }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "{got:?}, not {want:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(60)).await;
-    }
+    })
+    .await;
 }
 
 /// An ingest stream entry the broker fails on by our fault (its channel's stream key holds a

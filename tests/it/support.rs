@@ -517,21 +517,7 @@ impl Certificates {
         )
         .unwrap();
         let openssl = |args: &[&str]| openssl(&dir, args);
-        openssl(&[
-            "req",
-            "-x509",
-            "-newkey",
-            "rsa:2048",
-            "-nodes",
-            "-days",
-            "1",
-            "-subj",
-            "/CN=agentwire-test-ca",
-            "-keyout",
-            "ca.key",
-            "-out",
-            "ca.pem",
-        ]);
+        make_ca(&dir, "agentwire-test-ca", "ca");
         openssl(&[
             "req",
             "-newkey",
@@ -571,26 +557,22 @@ impl Certificates {
 
     /// Another CA's certificate, which signed nothing here: a trust store without ours.
     pub fn another_ca(&self) -> PathBuf {
-        openssl(
-            &self.dir,
-            &[
-                "req",
-                "-x509",
-                "-newkey",
-                "rsa:2048",
-                "-nodes",
-                "-days",
-                "1",
-                "-subj",
-                "/CN=agentwire-other-ca",
-                "-keyout",
-                "other.key",
-                "-out",
-                "other.pem",
-            ],
-        );
-        self.dir.join("other.pem")
+        make_ca(&self.dir, "agentwire-other-ca", "other")
     }
+}
+
+/// A self-signed CA in `dir` (`<stem>.pem`, key `<stem>.key`), valid for a day; its certificate.
+fn make_ca(dir: &Path, name: &str, stem: &str) -> PathBuf {
+    let (key, pem) = (format!("{stem}.key"), format!("{stem}.pem"));
+    let subject = format!("/CN={name}");
+    openssl(
+        dir,
+        &[
+            "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", &subject,
+            "-keyout", &key, "-out", &pem,
+        ],
+    );
+    dir.join(pem)
 }
 
 impl Drop for Certificates {
@@ -779,6 +761,22 @@ impl Drop for Redis {
         if let Some(dir) = &self.dir {
             let _ = std::fs::remove_dir_all(dir);
         }
+    }
+}
+
+/// Polls `check` every 50 ms until it gives a value; after [`WAIT`] fails naming `what` and the
+/// last thing `check` saw.
+pub async fn eventually<T>(what: &str, mut check: impl AsyncFnMut() -> Result<T, String>) -> T {
+    let deadline = std::time::Instant::now() + WAIT;
+    loop {
+        match check().await {
+            Ok(value) => return value,
+            Err(last) => assert!(
+                std::time::Instant::now() < deadline,
+                "never: {what}; last: {last}"
+            ),
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
 

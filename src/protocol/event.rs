@@ -4,6 +4,7 @@
 use serde::Serialize;
 use serde_json::{Map, Value};
 
+use super::agui::AguiEvent;
 use super::channel::{IdError, check_id};
 
 /// The closed set of event types. The five lifecycle types are what a UI relies on.
@@ -154,7 +155,7 @@ impl Refusal {
         }
     }
 
-    fn missing(field: &str, reason: impl Into<String>) -> Self {
+    pub(super) fn missing(field: &str, reason: impl Into<String>) -> Self {
         Self {
             code: RefusalCode::MissingField,
             field: Some(field.into()),
@@ -162,7 +163,7 @@ impl Refusal {
         }
     }
 
-    fn invalid(field: &str, reason: impl Into<String>) -> Self {
+    pub(super) fn invalid(field: &str, reason: impl Into<String>) -> Self {
         Self {
             code: RefusalCode::InvalidField,
             field: Some(field.into()),
@@ -204,19 +205,26 @@ pub fn from_value(value: Value) -> Result<Event, Refusal> {
             reason: "an event must be a JSON object".into(),
         });
     };
+    if let Some(Value::String(kind)) = fields.get("type")
+        && AguiEvent::is_type(kind)
+    {
+        return from_agui(fields);
+    }
     let kind_text = required_string(&mut fields, "type")?;
     let kind = EventType::parse(&kind_text).ok_or_else(|| {
         Refusal::invalid(
             "type",
-            format!("unknown type `{}`: expected agent_started, agent_thinking, tool_executing, tool_completed, agent_completed, agent_error or custom", super::excerpt(&kind_text)),
+            format!("unknown type `{}`: expected agent_started, agent_thinking, tool_executing, tool_completed, agent_completed, agent_error, custom or an AG-UI type", super::excerpt(&kind_text)),
         )
     })?;
-    let run_id = optional_id(&mut fields, "run_id")?;
-    let thread_id = optional_id(&mut fields, "thread_id")?;
-    let user_id = optional_id(&mut fields, "user_id")?;
-    let event_id = optional_id(&mut fields, "event_id")?;
-    let ts = optional_string(&mut fields, "ts")?;
-    let traceparent = optional_string(&mut fields, "traceparent")?;
+    let Gateway {
+        run_id,
+        thread_id,
+        user_id,
+        event_id,
+        ts,
+        traceparent,
+    } = Gateway::take(&mut fields)?;
     let payload = match fields.remove("payload") {
         None | Some(Value::Null) => Map::new(),
         Some(Value::Object(payload)) => payload,
@@ -278,6 +286,77 @@ pub fn from_value(value: Value) -> Result<Event, Refusal> {
         ts,
         traceparent,
         payload,
+        producer: None,
+    })
+}
+
+/// The gateway's own fields of an event, beside its type and payload.
+struct Gateway {
+    run_id: Option<String>,
+    thread_id: Option<String>,
+    user_id: Option<String>,
+    event_id: Option<String>,
+    ts: Option<String>,
+    traceparent: Option<String>,
+}
+
+impl Gateway {
+    fn take(fields: &mut Map<String, Value>) -> Result<Self, Refusal> {
+        Ok(Self {
+            run_id: optional_id(fields, "run_id")?,
+            thread_id: optional_id(fields, "thread_id")?,
+            user_id: optional_id(fields, "user_id")?,
+            event_id: optional_id(fields, "event_id")?,
+            ts: optional_string(fields, "ts")?,
+            traceparent: optional_string(fields, "traceparent")?,
+        })
+    }
+}
+
+/// An AG-UI event with the gateway's fields beside its own (`run_id`, `thread_id`, …, which
+/// AG-UI's open objects allow): validated against AG-UI's schema and kept in its native form.
+/// RUN_STARTED and RUN_FINISHED name their run and thread themselves; the gateway's fields, when
+/// also given, must agree.
+fn from_agui(mut fields: Map<String, Value>) -> Result<Event, Refusal> {
+    let Gateway {
+        mut run_id,
+        mut thread_id,
+        user_id,
+        event_id,
+        ts,
+        traceparent,
+    } = Gateway::take(&mut fields)?;
+    let event = AguiEvent::from_fields(fields)?;
+    for (own, ours, name) in [
+        ("runId", &mut run_id, "run_id"),
+        ("threadId", &mut thread_id, "thread_id"),
+    ] {
+        match (event.str(own), ours.as_deref()) {
+            (Some(theirs), Some(ours)) if theirs != ours => {
+                return Err(Refusal::invalid(
+                    name,
+                    format!("must equal the event's {own}"),
+                ));
+            }
+            (Some(theirs), None) => *ours = Some(theirs.to_string()),
+            _ => {}
+        }
+    }
+    if run_id.is_none() {
+        return Err(Refusal::missing(
+            "run_id",
+            format!("required for {}", event.type_name()),
+        ));
+    }
+    Ok(Event {
+        kind: event.kind.native(),
+        run_id,
+        thread_id,
+        user_id,
+        event_id,
+        ts,
+        traceparent,
+        payload: event.into_payload(),
         producer: None,
     })
 }

@@ -1,6 +1,7 @@
 //! The wire formats: producer events in, client frames in, server frames out.
 //! Everything here is pure: decoding and encoding, no I/O.
 
+pub mod agui;
 pub mod channel;
 pub mod client;
 pub mod event;

@@ -99,7 +99,7 @@ impl Config {
                 reason: reason.to_string(),
             })
         };
-        let positive: [(&str, usize); 18] = [
+        let positive: [(&str, usize); 20] = [
             ("session.max_connections", self.session.max_connections),
             ("session.message_rate", self.session.message_rate as usize),
             ("session.message_burst", self.session.message_burst as usize),
@@ -118,6 +118,8 @@ impl Config {
             ("session.queue_events", self.session.queue_events),
             ("session.queue_bytes", self.session.queue_bytes),
             ("broker.ui_events_max_len", self.broker.ui_events_max_len),
+            ("agui.max_streams", self.agui.max_streams),
+            ("agui.max_input_bytes", self.agui.max_input_bytes),
         ];
         for (key, value) in positive {
             if value == 0 {
@@ -142,6 +144,7 @@ impl Config {
                 "broker.redis_reconcile_interval",
                 self.broker.redis_reconcile_interval,
             ),
+            ("agui.stream_idle_timeout", self.agui.stream_idle_timeout),
         ];
         for (key, value) in durations {
             if value.is_zero() {
@@ -319,6 +322,9 @@ impl Config {
         }
         if let Err(reason) = check_log_filter(&self.log_level) {
             return fail("log_level", &reason);
+        }
+        if let Err((key, reason)) = self.agui.check() {
+            return fail(&key, &reason);
         }
         Ok(())
     }

@@ -76,6 +76,7 @@ impl Gateway {
         let broker = Broker::new(&config)?;
         let metrics = Metrics::new();
         metrics::export::<watchdog::Violation>(&metrics.lifecycle_violations);
+        metrics::export::<crate::protocol::agui::OrderViolation>(&metrics.lifecycle_violations);
         metrics::export::<resolve::PendingFull>(&metrics.pending_refused);
         metrics::export::<fanout::DroppedReport>(&metrics.reports_dropped);
         metrics::export::<auth::Refusal>(&metrics.auth_refused);

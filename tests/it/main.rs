@@ -3,6 +3,7 @@
 #![allow(clippy::unwrap_used)]
 
 mod abuse;
+mod agui_ws;
 mod auth;
 mod bad_input;
 mod delivery;

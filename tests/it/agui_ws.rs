@@ -151,3 +151,52 @@ async fn ag_ui_ordering_violations_are_counted_by_kind() {
     assert_eq!(count("ended_with_open_tools"), 0.0);
     assert_eq!(count("agui_after_run_error"), 0.0);
 }
+
+/// Redis mode: a run that an AG-UI client read part of on one replica resumes on another, with
+/// the prelude and exactly the missed events.
+#[tokio::test]
+async fn an_ag_ui_client_resumes_a_run_on_another_replica() {
+    let redis = crate::support::Redis::start().await;
+    let first = crate::replicas::on_redis(&redis, |_| {}).await;
+    let second = crate::replicas::on_redis(&redis, |_| {}).await;
+    let mut reader = agui_client(&first, "u1").await;
+    reader.subscribe("t3", None).await;
+    post(&first, json!([
+        {"type": "RUN_STARTED", "threadId": "t3", "runId": "r3"},
+        {"type": "TOOL_CALL_START", "run_id": "r3", "toolCallId": "c1", "toolCallName": "search"},
+        {"type": "TOOL_CALL_ARGS", "run_id": "r3", "toolCallId": "c1", "delta": "{\"q\":"},
+    ])).await;
+    let seen = reader.events(3).await;
+    drop(reader);
+    post(
+        &second,
+        json!([
+            {"type": "TOOL_CALL_ARGS", "run_id": "r3", "toolCallId": "c1", "delta": "1}"},
+            {"type": "TOOL_CALL_END", "run_id": "r3", "toolCallId": "c1"},
+            {"type": "RUN_FINISHED", "threadId": "t3", "runId": "r3"},
+        ]),
+    )
+    .await;
+    let mut resumed = agui_client(&second, "u1").await;
+    let since = json!({"epoch": seen[2]["epoch"], "seq": 3});
+    assert_eq!(
+        resumed.subscribe("t3", Some(since)).await["recovered"],
+        true
+    );
+    let prelude = resumed.recv().await;
+    assert_eq!(
+        prelude["events"],
+        json!([
+            {"type": "RUN_STARTED", "threadId": "t3", "runId": "r3"},
+            {"type": "TOOL_CALL_START", "toolCallId": "c1", "toolCallName": "search"},
+        ])
+    );
+    let rest = resumed.events(3).await;
+    assert_eq!(
+        rest.iter()
+            .map(|f| f["seq"].as_u64().unwrap())
+            .collect::<Vec<_>>(),
+        [4, 5, 6]
+    );
+    assert_eq!(types(&rest[2]), ["RUN_FINISHED"]);
+}

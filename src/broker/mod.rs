@@ -182,10 +182,11 @@ impl Broker {
         name: &ChannelName,
         since: Option<&Since>,
         outbox: &Arc<Outbox>,
+        run_context: bool,
     ) -> Result<Option<Subscribed>, BrokerError> {
         match self {
-            Self::Memory(memory) => Ok(memory.channels.subscribe(name, since, outbox)),
-            Self::Redis(redis) => redis.subscribe(name, since, outbox).await,
+            Self::Memory(memory) => Ok(memory.channels.subscribe(name, since, outbox, run_context)),
+            Self::Redis(redis) => redis.subscribe(name, since, outbox, run_context).await,
         }
     }
 

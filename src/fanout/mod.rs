@@ -10,9 +10,11 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use bytes::Bytes;
 use tokio::sync::Notify;
 
+mod agui;
 mod dropped;
 mod stored;
 
+pub use agui::AguiFrames;
 pub use dropped::{DroppedReport, dropped_report};
 pub use stored::{Delivered, Feed, StoredEvent};
 
@@ -23,6 +25,10 @@ pub enum Outgoing {
     Event(Arc<StoredEvent>),
     /// Retained history for a new subscription, written in order before anything queued after it.
     Replay(Vec<Arc<StoredEvent>>),
+    /// Asked for by AG-UI subscribers: the earlier events of the run open at the start of the
+    /// replay that follows, never written, read to tell the client what is open
+    /// (`protocol::agui::Sequence::prelude`).
+    Context(Vec<Arc<StoredEvent>>),
     /// A control frame (welcome, subscribed, error, pong…).
     Frame(Bytes),
     /// A WebSocket pong answering the client's ping.

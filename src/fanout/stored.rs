@@ -1,8 +1,8 @@
 //! An event as every subscriber and the history share it: its frame bytes, serialised once, and
 //! its place in the channel's ledger, which the first socket write moves to delivered.
 
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::time::{Instant, SystemTime};
 
 use bytes::Bytes;
@@ -11,6 +11,7 @@ use tokio::sync::mpsc;
 use crate::ledger::{ChannelLedger, EventState};
 use crate::metrics::{DeliveryPath, Metrics};
 use crate::protocol::ChannelName;
+use crate::protocol::server::Format;
 
 /// Redis mode: where one channel's first deliveries on this replica are reported (batched into
 /// Redis by the broker's report task, so a session never awaits Redis).
@@ -44,9 +45,25 @@ pub struct StoredEvent {
     pub(crate) feed: Option<Arc<Feed>>,
     /// Set once the event was queued to a subscriber (live or replay).
     pub(crate) offered: AtomicBool,
+    /// Its AG-UI form, made when the first AG-UI client needs it.
+    pub(crate) agui: OnceLock<super::AguiFrames>,
 }
 
 impl StoredEvent {
+    /// The bytes a client of `format` receives on `/ws`.
+    pub fn frame_in(&self, format: Format) -> &[u8] {
+        match format {
+            Format::Native => &self.frame,
+            Format::AgUi => &self.agui().frame,
+        }
+    }
+
+    /// The event as AG-UI clients receive it (rendered once, then shared).
+    pub fn agui(&self) -> &super::AguiFrames {
+        self.agui
+            .get_or_init(|| super::AguiFrames::render(&self.frame, self.seq))
+    }
+
     pub(crate) fn offer(&self) {
         self.offered.store(true, Ordering::Relaxed);
     }

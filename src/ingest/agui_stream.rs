@@ -270,24 +270,28 @@ impl<'g> RunStream<'g> {
         Ok(event)
     }
 
-    /// Checks the event against the run's ordering rules (a violation is counted, and refused
-    /// when `agui.strict`), then takes it in; the run's place moves on only if it was taken.
+    /// Checks the event against the run's ordering rules, then takes it in; the run's place
+    /// moves on only if it was taken. A violation is counted in
+    /// `agentwire_lifecycle_violations_total` once: by the watchdog when the event is published
+    /// (it judges AG-UI runs by the same rules), here when `agui.strict` refuses it.
     async fn ordered(&mut self, event: Event) -> Result<ItemResult, Refusal> {
         let mut next = self.sequence.clone();
         // `bound_event` took AG-UI events only, each kept with its fields under `payload.agui`.
         if let Some(Value::Object(fields)) = event.payload.get(PAYLOAD_KEY)
-            && let Ok(agui) = AguiEvent::from_fields(fields.clone())
-            && let Err(violation) = next.apply(&agui)
+            && let Err(violation) = next.apply_fields(fields)
         {
             self.summary.violations += 1;
-            metrics::count(&self.gateway.metrics.lifecycle_violations, violation);
             if self.gateway.config.agui.strict {
+                metrics::count(&self.gateway.metrics.lifecycle_violations, violation);
+                let kind = fields
+                    .get("type")
+                    .and_then(Value::as_str)
+                    .unwrap_or_default();
                 return Err(Refusal {
                     code: RefusalCode::OutOfOrder,
                     field: Some("type".into()),
                     reason: format!(
-                        "{} breaks AG-UI's ordering rules here ({})",
-                        agui.type_name(),
+                        "{kind} breaks AG-UI's ordering rules here ({})",
                         violation.as_str()
                     ),
                 });
@@ -325,8 +329,7 @@ impl<'g> RunStream<'g> {
                 let mut opened = Sequence::default();
                 if let Ok(event) = self.bound_event(start.clone())
                     && let Some(Value::Object(fields)) = event.payload.get(PAYLOAD_KEY)
-                    && let Ok(agui) = AguiEvent::from_fields(fields.clone())
-                    && opened.apply(&agui).is_ok()
+                    && opened.apply_fields(fields).is_ok()
                 {
                     events.push(start);
                     events.extend(opened.close(reason.as_str(), &message));

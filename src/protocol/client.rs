@@ -3,7 +3,7 @@
 use serde_json::{Map, Value};
 
 use super::channel::{ChannelName, check_id};
-use super::server::ErrorCode;
+use super::server::{ErrorCode, Format};
 
 /// A resume position: the last `(epoch, seq)` the client saw. `seq: 0` asks for all retained
 /// history, whatever the epoch.
@@ -21,6 +21,8 @@ pub enum ClientFrame {
         user_id: Option<String>,
         token: Option<String>,
         since: Option<Since>,
+        /// `protocol`: `"agentwire"` (the default) or `"ag-ui"`.
+        format: Format,
     },
     /// `token` is a subscription token for this thread (when the connection's token does not
     /// already allow it).
@@ -125,6 +127,17 @@ pub fn decode(text: &str) -> Result<ClientFrame, FrameError> {
             user_id: optional(&fields, "user_id", id)?,
             token: optional(&fields, "token", token)?,
             since: since(&fields)?,
+            format: match fields.get("protocol") {
+                None | Some(Value::Null) => Format::Native,
+                Some(Value::String(name)) if name == "agentwire" => Format::Native,
+                Some(Value::String(name)) if name == "ag-ui" => Format::AgUi,
+                Some(_) => {
+                    return Err(FrameError::field(
+                        "protocol",
+                        "must be \"agentwire\" or \"ag-ui\"",
+                    ));
+                }
+            },
         }),
         "subscribe" => Ok(ClientFrame::Subscribe {
             thread_id: id(&fields, "thread_id")?,
@@ -355,6 +368,7 @@ mod tests {
                 user_id: Some("u1".into()),
                 token: None,
                 since: None,
+                format: Format::Native,
             }),
         );
         check(

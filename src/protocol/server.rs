@@ -152,6 +152,44 @@ pub fn event_frame(body: &[u8], seq: u64, epoch: &str) -> Bytes {
     frame.freeze()
 }
 
+/// How a client receives events: the native frames, or AG-UI (`hello.protocol = "ag-ui"` on
+/// `/ws`, `format=agui` on the SSE endpoint).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Format {
+    #[default]
+    Native,
+    AgUi,
+}
+
+/// An AG-UI client's frame on `/ws`: the AG-UI events of one event with the gateway's cursor
+/// beside them (not in AG-UI's `metadata`, which AG-UI merges into messages). A `prelude` frame
+/// carries what a client joining mid-run must see first; its `seq` is the position it precedes,
+/// and it is not an event of the channel.
+pub fn agui_frame(
+    channel: &str,
+    epoch: &str,
+    seq: u64,
+    events: &[serde_json::Value],
+    prelude: bool,
+) -> Bytes {
+    let mut frame =
+        json!({"type": "agui", "channel": channel, "epoch": epoch, "seq": seq, "events": events});
+    if prelude {
+        frame["prelude"] = true.into();
+    }
+    self::frame(frame)
+}
+
+/// The `type` of an event frame made by [`event_frame`], read without parsing it: the body
+/// starts with its type, and the seq and epoch before it cannot contain a quote.
+pub fn frame_type(frame: &[u8]) -> Option<&str> {
+    const KEY: &[u8] = b"\"type\":\"";
+    let at = frame.windows(KEY.len()).position(|w| w == KEY)? + KEY.len();
+    let rest = frame.get(at..)?;
+    let end = rest.iter().position(|&b| b == b'"')?;
+    std::str::from_utf8(&rest[..end]).ok()
+}
+
 pub fn welcome(connection_id: &str, user_id: &str, heartbeat_ms: u64) -> Bytes {
     frame(
         json!({"type": "welcome", "connection_id": connection_id, "user_id": user_id, "heartbeat_ms": heartbeat_ms}),

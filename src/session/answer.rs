@@ -11,7 +11,7 @@ use crate::broker::{HandOff, HandOffError};
 use crate::fanout::Outgoing;
 use crate::metrics::{Label, count};
 use crate::protocol::client::{self, ClientFrame, Since, UpstreamMessage};
-use crate::protocol::server::{self, ErrorCode, close};
+use crate::protocol::server::{self, ErrorCode, Format, close};
 use crate::protocol::upstream::Outbound;
 use crate::protocol::{ChannelName, excerpt};
 use crate::upstream::{HandOffOutcome, Refused};
@@ -45,7 +45,11 @@ impl Session {
                     user_id,
                     token,
                     since,
-                }) => return self.hello(user_id, token, since).await,
+                    format,
+                }) => {
+                    self.format = format;
+                    return self.hello(user_id, token, since).await;
+                }
                 _ => {
                     self.error(
                         ErrorCode::HelloRequired,
@@ -318,7 +322,12 @@ impl Session {
         match self
             .gateway
             .broker
-            .subscribe(&channel, since.as_ref(), &self.outbox)
+            .subscribe(
+                &channel,
+                since.as_ref(),
+                &self.outbox,
+                self.format == Format::AgUi,
+            )
             .await
         {
             Err(error) => self.error(

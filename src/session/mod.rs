@@ -29,7 +29,7 @@ use crate::fanout::{Outbox, Outgoing, StoredEvent};
 use crate::limits::TokenBucket;
 use crate::metrics::{DeliveryPath, Label};
 use crate::protocol::ChannelName;
-use crate::protocol::server::{self, ErrorCode, close};
+use crate::protocol::server::{self, ErrorCode, Format, close};
 
 pub use answer::Resume;
 pub use ended::{CloseSent, Ended};
@@ -81,6 +81,7 @@ pub async fn serve(
             close_sent: false,
             bucket: TokenBucket::new(config.message_burst, clock_ms()),
             partial_since: None,
+            format: Format::Native,
         };
         let ended = session.run().await;
         session.outbox.close();
@@ -196,6 +197,8 @@ struct Session {
     bucket: TokenBucket,
     /// Since when a begun frame or fragmented message waits for its end (`session.frame_timeout`).
     partial_since: Option<Instant>,
+    /// Native frames or AG-UI (chosen by `hello.protocol`).
+    format: Format,
 }
 
 impl Session {

@@ -19,7 +19,8 @@ use super::ended::Ended;
 use super::{FLUSH_BYTES, LINGER, Session, frame};
 use crate::fanout::Outgoing;
 use crate::metrics::DeliveryPath;
-use crate::protocol::server::close;
+use crate::protocol::agui::Sequence;
+use crate::protocol::server::{self, close};
 
 impl Session {
     pub(super) fn has_output(&self) -> bool {
@@ -47,16 +48,21 @@ impl Session {
     pub(super) async fn flush(&mut self, limit: Duration) -> Result<(), Ended> {
         while self.out.len() < FLUSH_BYTES {
             if let Some(event) = self.replay.pop_front() {
-                frame::encode(&mut self.out, frame::TEXT, &event.frame);
+                frame::encode(&mut self.out, frame::TEXT, event.frame_in(self.format));
                 self.written.push((event, DeliveryPath::Replay));
                 continue;
             }
             match self.outbox.pop() {
                 Some(Outgoing::Event(event)) => {
-                    frame::encode(&mut self.out, frame::TEXT, &event.frame);
+                    frame::encode(&mut self.out, frame::TEXT, event.frame_in(self.format));
                     self.written.push((event, DeliveryPath::Live));
                 }
                 Some(Outgoing::Replay(events)) => self.replay.extend(events),
+                Some(Outgoing::Context(events)) => {
+                    if let Some(prelude) = agui_prelude(&events) {
+                        frame::encode(&mut self.out, frame::TEXT, &prelude);
+                    }
+                }
                 Some(Outgoing::Frame(bytes)) => frame::encode(&mut self.out, frame::TEXT, &bytes),
                 Some(Outgoing::Pong(payload)) => {
                     frame::encode(&mut self.out, frame::PONG, &payload)
@@ -191,4 +197,32 @@ enum Unwritten {
     Failed,
     /// The socket did not take it within the write timeout: the client is not reading.
     TimedOut,
+}
+
+/// What an AG-UI client joining at the end of `context` (the open run's earlier events) must see
+/// first: RUN_STARTED and a start for everything still open, in one `prelude` frame. Not an
+/// event of the channel: it is neither sequenced nor counted.
+fn agui_prelude(context: &[std::sync::Arc<crate::fanout::StoredEvent>]) -> Option<bytes::Bytes> {
+    let last = context.last()?;
+    let mut sequence = Sequence::default();
+    for event in context {
+        for agui in event.agui().events.iter() {
+            if let Ok(serde_json::Value::Object(fields)) = serde_json::from_slice(agui) {
+                // Violations were counted when the events came in.
+                let _ = sequence.apply_fields(&fields);
+            }
+        }
+    }
+    let prelude = sequence.prelude();
+    if prelude.is_empty() {
+        return None;
+    }
+    let frames = last.agui();
+    Some(server::agui_frame(
+        &frames.channel,
+        &frames.epoch,
+        last.seq,
+        &prelude,
+        true,
+    ))
 }

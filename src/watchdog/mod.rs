@@ -23,6 +23,7 @@ use serde_json::json;
 use crate::config::WatchdogConfig;
 use crate::metrics::{Label, Metrics, count};
 use crate::protocol::ChannelName;
+use crate::protocol::agui::{self, Sequence};
 use crate::protocol::event::{Event, EventType};
 use crate::telemetry::Throttle;
 use lru::{Lane, Lru};
@@ -111,6 +112,14 @@ impl crate::metrics::Label for Violation {
     }
 }
 
+impl crate::metrics::Label for agui::OrderViolation {
+    const ALL: &'static [Self] = agui::OrderViolation::ALL;
+
+    fn as_str(self) -> &'static str {
+        agui::OrderViolation::as_str(self)
+    }
+}
+
 #[derive(Debug)]
 struct Run {
     state: RunState,
@@ -123,6 +132,9 @@ struct Run {
     open_tools: OpenTools,
     counts: BTreeMap<&'static str, u64>,
     violations: BTreeMap<&'static str, u64>,
+    /// AG-UI runs only: where the run stands in AG-UI's ordering rules, which then judge its
+    /// order instead of the native ones.
+    agui: Option<Box<Sequence>>,
 }
 
 /// A run as `GET /v1/runs/{run_id}` shows it.
@@ -201,6 +213,11 @@ impl Stalled {
     }
 }
 
+/// The AG-UI event a native event was made from, if it was.
+fn agui_event(event: &Event) -> Option<&serde_json::Map<String, serde_json::Value>> {
+    event.payload.get(agui::PAYLOAD_KEY)?.as_object()
+}
+
 type Shard = Lru<Run>;
 
 pub struct Watchdog {
@@ -234,7 +251,7 @@ impl Watchdog {
         };
         let now = Instant::now();
         let mut shard = self.shard(run_id);
-        if event.kind == EventType::Custom {
+        if event.kind == EventType::Custom && agui_event(event).is_none() {
             // Custom events keep a run alive but are not part of its lifecycle.
             if let Some(run) = shard.get_mut(run_id) {
                 run.last_event = now;
@@ -264,8 +281,9 @@ impl Watchdog {
                 open_tools: OpenTools::default(),
                 counts: BTreeMap::new(),
                 violations: BTreeMap::new(),
+                agui: None,
             };
-            if event.kind == EventType::AgentStarted {
+            if event.kind == EventType::AgentStarted && agui_event(event).is_none() {
                 *run.counts.entry(event.kind.as_str()).or_default() += 1;
                 shard.insert(run_id, run, state.lane());
                 return;
@@ -290,13 +308,26 @@ impl Watchdog {
         if run.user_id.is_none() {
             run.user_id = event.user_id.clone();
         }
-        let violation = |run: &mut Run, kind: Violation| {
-            *run.violations.entry(kind.as_str()).or_default() += 1;
+        let agui = agui_event(event);
+        let violation = |run: &mut Run, kind: &'static str| {
+            *run.violations.entry(kind).or_default() += 1;
             metrics
                 .lifecycle_violations
-                .with_label_values(&[kind.as_str()])
+                .with_label_values(&[kind])
                 .inc();
-            tracing::debug!(run_id, channel = %run.channel, kind = kind.as_str(), "Lifecycle violation.");
+            tracing::debug!(run_id, channel = %run.channel, kind, "Lifecycle violation.");
+        };
+        if let Some(fields) = agui {
+            // AG-UI's rules judge an AG-UI run; its native lifecycle is still followed below.
+            let sequence = run.agui.get_or_insert_with(Box::default);
+            if let Err(kind) = sequence.apply_fields(fields) {
+                violation(run, kind.as_str());
+            }
+        }
+        let violation = |run: &mut Run, kind: Violation| {
+            if run.agui.is_none() {
+                violation(run, kind.as_str());
+            }
         };
         match run.state {
             RunState::Stalled => return violation(run, Violation::EventAfterStall),

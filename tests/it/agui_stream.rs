@@ -810,3 +810,41 @@ async fn shutdown_closes_the_runs_being_streamed() {
     );
     drop(stream);
 }
+
+#[tokio::test]
+async fn out_of_order_events_are_published_and_counted_once_without_strict_mode() {
+    let gateway = Gateway::start().await;
+    let mut viewer = viewer(&gateway, "u1", "t_loose").await;
+    let body = [
+        started("t_loose", "r_loose"),
+        json!({"type": "TEXT_MESSAGE_CONTENT", "messageId": "nope", "delta": "x"}),
+        json!({"type": "RUN_FINISHED", "threadId": "t_loose", "runId": "r_loose"}),
+    ]
+    .iter()
+    .map(|e| format!("{e}\n"))
+    .collect::<String>();
+    let (status, text) = http_with(
+        gateway.internal,
+        "POST",
+        "/v1/runs/r_loose/agui",
+        &[],
+        Some(("application/x-ndjson", &body)),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{text}");
+    let summary: Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(
+        (&summary["accepted"], &summary["violations"]),
+        (&json!(3), &json!(1))
+    );
+    assert_eq!(
+        types(&viewer.events(3).await),
+        ["RUN_STARTED", "TEXT_MESSAGE_CONTENT", "RUN_FINISHED"]
+    );
+    assert_eq!(
+        gateway
+            .metric(r#"agentwire_lifecycle_violations_total{kind="agui_not_started"}"#)
+            .await,
+        1.0
+    );
+}

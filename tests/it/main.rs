@@ -4,6 +4,7 @@
 
 mod abuse;
 mod agui_stream;
+mod agui_ws;
 mod auth;
 mod bad_input;
 mod delivery;

@@ -320,15 +320,20 @@ impl Client {
         user_id: &str,
         since: Option<Value>,
     ) -> Self {
+        let mut hello = json!({"type": "hello", "user_id": user_id});
+        if let Some(since) = since {
+            hello["since"] = since;
+        }
+        Self::hello_with(ws, hello).await
+    }
+
+    /// Sends `hello` as given (with `protocol`, say) and reads the welcome and the user channel.
+    pub async fn hello_with(ws: WebSocketStream<MaybeTlsStream<TcpStream>>, hello: Value) -> Self {
         let mut client = Self {
             ws,
             welcome: Value::Null,
             user_channel: Value::Null,
         };
-        let mut hello = json!({"type": "hello", "user_id": user_id});
-        if let Some(since) = since {
-            hello["since"] = since;
-        }
         client.send(hello).await;
         client.welcome = client.recv().await;
         assert_eq!(client.welcome["type"], "welcome", "{}", client.welcome);

@@ -81,6 +81,7 @@ impl Channel {
             ledger: Arc::clone(&self.ledger),
             feed: self.feed.clone(),
             offered: Default::default(),
+            agui: Default::default(),
         })
     }
 

@@ -198,18 +198,23 @@ impl Channels {
     /// Joins `outbox` to `channel`: under the channel lock it queues the `subscribed` frame and the
     /// replay, then registers for live events, so nothing falls between them and nothing comes twice.
     /// `None` when the connection is already subscribed.
+    /// Subscribes `outbox` from `since`. With `run_context` (AG-UI subscribers), a subscription
+    /// without `since` starts at the open run's first event, one that cannot resume at the start
+    /// of the latest run, and the open run's events before the replay go ahead of it as
+    /// [`Outgoing::Context`].
     pub fn subscribe(
         &self,
         name: &ChannelName,
         since: Option<&Since>,
         outbox: &Arc<Outbox>,
+        run_context: bool,
     ) -> Option<Subscribed> {
         self.with_channel(name, |channel, state| {
             if state.subscribers.contains(outbox) {
                 return None;
             }
             let first_retained = state.history.front().map_or(state.last_seq + 1, |e| e.seq);
-            let (from, recovered, missed) = match since {
+            let (mut from, recovered, missed) = match since {
                 None => (state.last_seq + 1, true, None),
                 Some(since) if since.seq == 0 => {
                     let missed = first_retained - 1;
@@ -226,6 +231,23 @@ impl Channels {
                     (since.seq + 1, missed == 0, Some(missed))
                 }
             };
+            let mut context = Vec::new();
+            if run_context {
+                let (start, open) = latest_run(&state.history);
+                match (since, start) {
+                    (None, Some(start)) if open => from = start,
+                    (Some(_), Some(start)) if !recovered => from = start,
+                    _ => {}
+                }
+                if let Some(start) = start.filter(|&start| start < from) {
+                    context = state
+                        .history
+                        .iter()
+                        .filter(|e| e.seq >= start && e.seq < from)
+                        .cloned()
+                        .collect();
+                }
+            }
             let replay: Vec<Arc<StoredEvent>> = state
                 .history
                 .iter()
@@ -246,6 +268,9 @@ impl Channels {
                 missed,
             };
             outbox.push(Outgoing::Frame(server::subscribed(&report)));
+            if !context.is_empty() {
+                outbox.push(Outgoing::Context(context));
+            }
             if !replay.is_empty() {
                 outbox.push(Outgoing::Replay(replay));
             }
@@ -335,6 +360,20 @@ impl Channels {
         }
         tracing::trace!(channels, "Swept channels.");
     }
+}
+
+/// The first seq of the latest run in `history` (its `agent_started`), and whether that run is
+/// still open (no `agent_completed` or `agent_error` after it).
+fn latest_run(history: &std::collections::VecDeque<Arc<StoredEvent>>) -> (Option<u64>, bool) {
+    let mut open = true;
+    for event in history.iter().rev() {
+        match server::frame_type(&event.frame) {
+            Some("agent_started") => return (Some(event.seq), open),
+            Some("agent_completed" | "agent_error") => open = false,
+            _ => {}
+        }
+    }
+    (None, false)
 }
 
 #[cfg(test)]

@@ -94,6 +94,7 @@ impl RedisBroker {
         name: &ChannelName,
         since: Option<&Since>,
         outbox: &Arc<Outbox>,
+        run_context: bool,
     ) -> Result<Option<Subscribed>, BrokerError> {
         let ready = {
             let mut attachments = self.attachments();
@@ -110,7 +111,7 @@ impl RedisBroker {
             self.release(name).await;
             return Err(error);
         }
-        let subscribed = self.mirror.subscribe(name, since, outbox);
+        let subscribed = self.mirror.subscribe(name, since, outbox, run_context);
         if subscribed.is_none() {
             self.release(name).await;
         }

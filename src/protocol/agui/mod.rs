@@ -46,7 +46,7 @@ pub enum Kind {
 }
 
 impl Kind {
-    fn of(name: &str) -> Self {
+    pub(super) fn of(name: &str) -> Self {
         match name {
             "RUN_STARTED" => Self::RunStarted,
             "RUN_FINISHED" => Self::RunFinished,

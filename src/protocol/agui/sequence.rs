@@ -1,14 +1,25 @@
 //! AG-UI's ordering rules for one run, as the official client's `verifyEvents` applies them after
 //! `transformChunks`: RUN_STARTED first; a message, tool call or step is started before its
 //! content and end, and not started twice; no RUN_FINISHED while one is open; nothing after
-//! RUN_ERROR but a new RUN_STARTED. A [`Sequence`] follows one run's events and says which rule
+//! RUN_ERROR but a new RUN_STARTED; RUN_ERROR at any time. A [`Sequence`] follows one run's events and says which rule
 //! an event broke, what a client joining at this point must be sent first ([`Sequence::prelude`]),
 //! and what closes the run for a client when its agent is gone ([`Sequence::close`]).
 
-use serde_json::{Value, json};
+use serde_json::{Map, Value, json};
 
 use super::{AguiEvent, Kind};
-use crate::metrics::Label;
+
+/// An event's kind and fields, borrowed.
+struct Fields<'a> {
+    kind: Kind,
+    fields: &'a Map<String, Value>,
+}
+
+impl Fields<'_> {
+    fn str(&self, name: &str) -> Option<&str> {
+        self.fields.get(name).and_then(Value::as_str)
+    }
+}
 
 /// How many open messages, tool calls and steps one run keeps; past it they are not followed
 /// (their ends then count as `not_started`).
@@ -32,8 +43,8 @@ pub enum OrderViolation {
     FinishedWhileOpen,
 }
 
-impl Label for OrderViolation {
-    const ALL: &'static [Self] = &[
+impl OrderViolation {
+    pub const ALL: &'static [Self] = &[
         Self::BeforeRunStarted,
         Self::RunStartedTwice,
         Self::AfterRunError,
@@ -42,7 +53,7 @@ impl Label for OrderViolation {
         Self::FinishedWhileOpen,
     ];
 
-    fn as_str(self) -> &'static str {
+    pub fn as_str(self) -> &'static str {
         match self {
             Self::BeforeRunStarted => "agui_before_run_started",
             Self::RunStartedTwice => "agui_run_started_twice",
@@ -108,6 +119,21 @@ impl Sequence {
     /// Follows `event`; an event that breaks a rule is still followed as far as it can be, so one
     /// violation is counted once and not again for every event after it.
     pub fn apply(&mut self, event: &AguiEvent) -> Result<(), OrderViolation> {
+        self.apply_fields(&event.fields)
+    }
+
+    /// [`Self::apply`] for a valid AG-UI event's fields (as a native event carries them under
+    /// `payload.agui`).
+    pub fn apply_fields(&mut self, event: &Map<String, Value>) -> Result<(), OrderViolation> {
+        let event = Fields {
+            kind: Kind::of(
+                event
+                    .get("type")
+                    .and_then(Value::as_str)
+                    .unwrap_or_default(),
+            ),
+            fields: event,
+        };
         if !matches!(
             event.kind,
             Kind::TextChunk | Kind::ToolChunk | Kind::ReasoningMessageChunk
@@ -116,7 +142,9 @@ impl Sequence {
         }
         let before = match (self.phase, event.kind) {
             (Phase::Running, Kind::RunStarted) => Err(OrderViolation::RunStartedTwice),
-            (Phase::Errored, Kind::RunStarted) | (_, Kind::RunStarted) => Ok(()),
+            (_, Kind::RunStarted) => Ok(()),
+            // RUN_ERROR may end anything, even a finished run or a stream that never started.
+            (Phase::Idle | Phase::Finished, Kind::RunError) => Ok(()),
             (Phase::Errored, _) => Err(OrderViolation::AfterRunError),
             (Phase::Idle | Phase::Finished, _) => Err(OrderViolation::BeforeRunStarted),
             (Phase::Running, _) => Ok(()),

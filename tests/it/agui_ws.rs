@@ -1,0 +1,202 @@
+//! AG-UI over `/ws`: AG-UI events posted in, AG-UI frames out (`hello.protocol = "ag-ui"`),
+//! native and AG-UI clients on one thread, and the prelude a client joining mid-run gets.
+
+use serde_json::{Value, json};
+
+use crate::support::{Client, Gateway, metric_value};
+
+async fn agui_client(gateway: &Gateway, user: &str) -> Client {
+    let hello = json!({"type": "hello", "user_id": user, "protocol": "ag-ui"});
+    Client::hello_with(Client::connect(gateway.addr).await, hello).await
+}
+
+fn types(frame: &Value) -> Vec<String> {
+    frame["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["type"].as_str().unwrap().to_string())
+        .collect()
+}
+
+async fn post(gateway: &Gateway, events: Value) {
+    let (status, body) = gateway.post("/v1/events", &events.to_string()).await;
+    assert_eq!(status, 200, "{body}");
+    for item in body["results"].as_array().unwrap() {
+        assert_eq!(item["status"], "accepted", "{body}");
+    }
+}
+
+#[tokio::test]
+async fn both_kinds_of_client_see_the_same_events_and_joiners_get_a_prelude() {
+    let gateway = Gateway::start_with(|_| {}).await;
+    let mut agui = agui_client(&gateway, "u1").await;
+    assert_eq!(agui.subscribe("t1", None).await["type"], "subscribed");
+    let mut native = Client::hello(gateway.addr, "u2").await;
+    native.subscribe("t1", None).await;
+
+    post(&gateway, json!([
+        {"type": "RUN_STARTED", "threadId": "t1", "runId": "r1"},
+        {"type": "TEXT_MESSAGE_START", "run_id": "r1", "messageId": "m1", "role": "assistant"},
+        {"type": "TEXT_MESSAGE_CONTENT", "run_id": "r1", "messageId": "m1", "delta": "Hel"},
+        {"type": "tool_executing", "run_id": "r1", "payload": {"tool_call_id": "c1", "tool_name": "search", "input": {"q": "x"}}},
+    ])).await;
+    let frames = agui.events(4).await;
+    assert_eq!(
+        frames
+            .iter()
+            .map(|f| f["seq"].as_u64().unwrap())
+            .collect::<Vec<_>>(),
+        [1, 2, 3, 4]
+    );
+    assert!(
+        frames
+            .iter()
+            .all(|f| f["type"] == "agui" && f["channel"] == "thread:t1" && f["epoch"].is_string())
+    );
+    assert_eq!(
+        frames[0]["events"],
+        json!([{"type": "RUN_STARTED", "threadId": "t1", "runId": "r1"}])
+    );
+    assert_eq!(frames[2]["events"][0]["delta"], "Hel");
+    assert_eq!(
+        types(&frames[3]),
+        ["TOOL_CALL_START", "TOOL_CALL_ARGS", "TOOL_CALL_END"]
+    );
+    let native_frames = native.events(4).await;
+    assert_eq!(
+        native_frames
+            .iter()
+            .map(|f| f["type"].as_str().unwrap())
+            .collect::<Vec<_>>(),
+        [
+            "agent_started",
+            "custom",
+            "agent_thinking",
+            "tool_executing"
+        ]
+    );
+    assert_eq!(native_frames[2]["payload"]["agui"]["delta"], "Hel");
+
+    // A viewer joining mid-run gets the run from its start.
+    let mut joiner = agui_client(&gateway, "u3").await;
+    let subscribed = joiner.subscribe("t1", None).await;
+    assert_eq!(subscribed["replayed"], 4, "{subscribed}");
+    assert_eq!(types(&joiner.events(1).await[0]), ["RUN_STARTED"]);
+
+    // A client resuming after the text started gets RUN_STARTED and the open message first.
+    let mut resumer = agui_client(&gateway, "u4").await;
+    let epoch = frames[0]["epoch"].clone();
+    resumer
+        .subscribe("t1", Some(json!({"epoch": epoch, "seq": 3})))
+        .await;
+    let prelude = resumer.recv().await;
+    assert_eq!(prelude["prelude"], true, "{prelude}");
+    assert_eq!(prelude["seq"], 3);
+    assert_eq!(
+        prelude["events"],
+        json!([
+            {"type": "RUN_STARTED", "threadId": "t1", "runId": "r1"},
+            {"type": "TEXT_MESSAGE_START", "messageId": "m1", "role": "assistant"},
+        ])
+    );
+    let next = resumer.recv().await;
+    assert_eq!(
+        (next["seq"].as_u64(), types(&next)[0].as_str()),
+        (Some(4), "TOOL_CALL_START")
+    );
+
+    post(
+        &gateway,
+        json!([
+            {"type": "TEXT_MESSAGE_END", "run_id": "r1", "messageId": "m1"},
+            {"type": "RUN_FINISHED", "threadId": "t1", "runId": "r1"},
+        ]),
+    )
+    .await;
+    for client in [&mut agui, &mut resumer] {
+        let done = client.events(2).await;
+        assert_eq!(types(&done[1]), ["RUN_FINISHED"]);
+    }
+    // The AG-UI writes are deliveries like any other.
+    agui.barrier().await;
+    let (_, ledger) = gateway.get("/v1/channels/thread:t1").await;
+    assert_eq!(ledger["pending"], 0, "{ledger}");
+    assert_eq!(ledger["delivered"], 6, "{ledger}");
+}
+
+#[tokio::test]
+async fn ag_ui_ordering_violations_are_counted_by_kind() {
+    let gateway = Gateway::start_with(|_| {}).await;
+    post(
+        &gateway,
+        json!([
+            {"type": "RUN_STARTED", "threadId": "t2", "runId": "r2"},
+            {"type": "TEXT_MESSAGE_CONTENT", "run_id": "r2", "messageId": "m9", "delta": "x"},
+            {"type": "TOOL_CALL_START", "run_id": "r2", "toolCallId": "c1", "toolCallName": "f"},
+            {"type": "RUN_FINISHED", "threadId": "t2", "runId": "r2"},
+        ]),
+    )
+    .await;
+    let metrics = gateway.metrics().await;
+    let count = |kind: &str| {
+        metric_value(
+            &metrics,
+            &format!("agentwire_lifecycle_violations_total{{kind=\"{kind}\"}}"),
+        )
+    };
+    assert_eq!(count("agui_not_started"), 1.0);
+    assert_eq!(count("agui_finished_while_open"), 1.0);
+    // The native rules do not judge an AG-UI run twice.
+    assert_eq!(count("ended_with_open_tools"), 0.0);
+    assert_eq!(count("agui_after_run_error"), 0.0);
+}
+
+/// Redis mode: a run that an AG-UI client read part of on one replica resumes on another, with
+/// the prelude and exactly the missed events.
+#[tokio::test]
+async fn an_ag_ui_client_resumes_a_run_on_another_replica() {
+    let redis = crate::support::Redis::start().await;
+    let first = crate::replicas::on_redis(&redis, |_| {}).await;
+    let second = crate::replicas::on_redis(&redis, |_| {}).await;
+    let mut reader = agui_client(&first, "u1").await;
+    reader.subscribe("t3", None).await;
+    post(&first, json!([
+        {"type": "RUN_STARTED", "threadId": "t3", "runId": "r3"},
+        {"type": "TOOL_CALL_START", "run_id": "r3", "toolCallId": "c1", "toolCallName": "search"},
+        {"type": "TOOL_CALL_ARGS", "run_id": "r3", "toolCallId": "c1", "delta": "{\"q\":"},
+    ])).await;
+    let seen = reader.events(3).await;
+    drop(reader);
+    post(
+        &second,
+        json!([
+            {"type": "TOOL_CALL_ARGS", "run_id": "r3", "toolCallId": "c1", "delta": "1}"},
+            {"type": "TOOL_CALL_END", "run_id": "r3", "toolCallId": "c1"},
+            {"type": "RUN_FINISHED", "threadId": "t3", "runId": "r3"},
+        ]),
+    )
+    .await;
+    let mut resumed = agui_client(&second, "u1").await;
+    let since = json!({"epoch": seen[2]["epoch"], "seq": 3});
+    assert_eq!(
+        resumed.subscribe("t3", Some(since)).await["recovered"],
+        true
+    );
+    let prelude = resumed.recv().await;
+    assert_eq!(
+        prelude["events"],
+        json!([
+            {"type": "RUN_STARTED", "threadId": "t3", "runId": "r3"},
+            {"type": "TOOL_CALL_START", "toolCallId": "c1", "toolCallName": "search"},
+        ])
+    );
+    let rest = resumed.events(3).await;
+    assert_eq!(
+        rest.iter()
+            .map(|f| f["seq"].as_u64().unwrap())
+            .collect::<Vec<_>>(),
+        [4, 5, 6]
+    );
+    assert_eq!(types(&rest[2]), ["RUN_FINISHED"]);
+}

@@ -476,6 +476,45 @@ mod tests {
     }
 
     #[test]
+    fn agents_and_their_headers_come_from_the_environment() {
+        Jail::expect_with(|jail| {
+            jail.set_env(
+                "AGENTWIRE_AGUI__AGENTS__RESEARCH__URL",
+                "http://agent:8123/run",
+            );
+            jail.set_env(
+                "AGENTWIRE_AGUI__AGENTS__RESEARCH__HEADERS",
+                r#"{x-api-key="k-1", authorization="Bearer b"}"#,
+            );
+            let config = Config::load(None).map_err(|e| e.to_string())?;
+            let agent = &config.agui.agents["research"];
+            assert_eq!(agent.url, "http://agent:8123/run");
+            assert_eq!(agent.headers["x-api-key"].expose(), "k-1");
+            assert_eq!(agent.headers["authorization"].expose(), "Bearer b");
+            Ok(())
+        });
+        Jail::expect_with(|jail| {
+            jail.set_env(
+                "AGENTWIRE_AGUI__AGENTS__RESEARCH__URL",
+                "http://agent:8123/run",
+            );
+            jail.set_env(
+                "AGENTWIRE_AGUI__AGENTS__RESEARCH__HEADERS",
+                r#"{content-type="text/plain"}"#,
+            );
+            let error = Config::load(None).expect_err("must fail");
+            assert_eq!(error.key, "agui.agents.research.headers.content-type");
+            Ok(())
+        });
+        Jail::expect_with(|jail| {
+            jail.set_env("AGENTWIRE_AGUI__AGENTS__RESEARCH__URL", "ftp://agent/run");
+            let error = Config::load(None).expect_err("must fail");
+            assert_eq!(error.key, "agui.agents.research.url");
+            Ok(())
+        });
+    }
+
+    #[test]
     fn bad_values_name_the_key() {
         Jail::expect_with(|jail| {
             jail.set_env("AGENTWIRE_SESSION__HEARTBEAT", "soon");

@@ -3,6 +3,8 @@
 #![allow(clippy::unwrap_used)]
 
 mod abuse;
+mod agui;
+mod agui_support;
 mod auth;
 mod bad_input;
 mod delivery;

@@ -193,3 +193,28 @@ async fn the_client_alone_cannot_tell_an_ended_stream_from_a_finished_run() {
     assert_eq!(out["ok"], true, "{out:#}");
     assert_scripted_messages(&out["messages"], "r2");
 }
+
+/// A stalled agent keeps the response open and sends nothing: a reader waits until it gives up.
+#[tokio::test]
+async fn a_stalled_agent_keeps_readers_waiting() {
+    let agent = AguiAgent::start(&["--delay-ms", "10", "--stall-after", "4"]);
+    let input = run_input("t-stall", "r1").to_string();
+    let out = node(
+        "sse-read.mjs",
+        &[
+            "--url",
+            &agent.url,
+            "--post-json",
+            &input,
+            "--until-end",
+            "--timeout-ms",
+            "1500",
+        ],
+    )
+    .await;
+    assert_eq!(out["ok"], false, "{out:#}");
+    assert_eq!(out["end"], "timeout", "{out:#}");
+    assert_eq!(out["events"].as_array().unwrap().len(), 4, "{out:#}");
+    assert_eq!(out["verified"], true, "{out:#}");
+    assert!(agent.stderr().contains("stalling after 4 events"));
+}

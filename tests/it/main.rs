@@ -4,6 +4,8 @@
 
 mod abuse;
 mod agui_ws;
+mod agui;
+mod agui_support;
 mod auth;
 mod bad_input;
 mod delivery;

@@ -200,3 +200,102 @@ async fn an_ag_ui_client_resumes_a_run_on_another_replica() {
     );
     assert_eq!(types(&rest[2]), ["RUN_FINISHED"]);
 }
+
+/// A real agent's run (the Python `ag-ui-protocol` agent) posted in two halves: an AG-UI viewer on
+/// `/ws` that joins mid-run and one that resumes mid-run both pass the official client's
+/// verification (`enforceEvents`, `transformChunks`, `verifyEvents`) and end with RUN_FINISHED.
+#[tokio::test]
+async fn viewers_joining_or_resuming_mid_run_pass_the_official_verification() {
+    use crate::agui_support::{AguiAgent, node, run_input};
+    let agent = AguiAgent::start(&[]);
+    let input = run_input("t-v", "r-v").to_string();
+    let direct = node(
+        "sse-read.mjs",
+        &["--url", &agent.url, "--post-json", &input, "--until-end"],
+    )
+    .await;
+    let mut events: Vec<Value> = direct["events"].as_array().unwrap().clone();
+    assert!(events.len() > 10, "{direct}");
+    for event in &mut events {
+        event["run_id"] = "r-v".into();
+    }
+    let gateway = Gateway::start_with(|_| {}).await;
+    let (first, rest) = events.split_at(9);
+    let (_, answer) = gateway
+        .post("/v1/events", &Value::Array(first.to_vec()).to_string())
+        .await;
+    let epoch = answer["results"][0]["epoch"].as_str().unwrap().to_string();
+
+    let url = format!("ws://{}/ws", gateway.addr);
+    let joiner = tokio::spawn({
+        let url = url.clone();
+        async move {
+            node(
+                "ws-read.mjs",
+                &["--url", &url, "--thread", "t-v", "--until-end"],
+            )
+            .await
+        }
+    });
+    let resumer = tokio::spawn({
+        let (url, epoch) = (url.clone(), epoch.clone());
+        async move {
+            node(
+                "ws-read.mjs",
+                &[
+                    "--url",
+                    &url,
+                    "--thread",
+                    "t-v",
+                    "--until-end",
+                    "--since-epoch",
+                    &epoch,
+                    "--since-seq",
+                    "5",
+                ],
+            )
+            .await
+        }
+    });
+    // Both viewers are subscribed (their user channels and the thread) before the rest comes.
+    crate::support::eventually("both viewers subscribe", async || {
+        match metric_value(&gateway.metrics().await, "agentwire_subscriptions") {
+            4.0 => Ok(()),
+            n => Err(format!("{n} subscriptions")),
+        }
+    })
+    .await;
+    let (status, answer) = gateway
+        .post("/v1/events", &Value::Array(rest.to_vec()).to_string())
+        .await;
+    assert_eq!(status, 200, "{answer}");
+
+    let joiner = joiner.await.unwrap();
+    assert!(
+        joiner["ok"].as_bool().unwrap() && joiner["verified"].as_bool().unwrap(),
+        "{joiner}"
+    );
+    assert_eq!(
+        joiner["events"].as_array().unwrap().len(),
+        events.len(),
+        "the whole run: {joiner}"
+    );
+    let resumer = resumer.await.unwrap();
+    assert!(
+        resumer["ok"].as_bool().unwrap() && resumer["verified"].as_bool().unwrap(),
+        "{resumer}"
+    );
+    assert_eq!(resumer["frames"][0]["prelude"], true, "{resumer}");
+    let resumed_seqs: Vec<u64> = resumer["frames"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .skip(1)
+        .map(|f| f["seq"].as_u64().unwrap())
+        .collect();
+    assert_eq!(
+        resumed_seqs,
+        (6..=events.len() as u64).collect::<Vec<_>>(),
+        "exactly the missed events"
+    );
+}

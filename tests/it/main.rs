@@ -3,9 +3,9 @@
 #![allow(clippy::unwrap_used)]
 
 mod abuse;
-mod agui_ws;
 mod agui;
 mod agui_support;
+mod agui_ws;
 mod auth;
 mod bad_input;
 mod delivery;

@@ -299,3 +299,33 @@ async fn viewers_joining_or_resuming_mid_run_pass_the_official_verification() {
         "exactly the missed events"
     );
 }
+
+/// A resume that cannot be recovered restarts the latest run from its first event: never a
+/// partial stream.
+#[tokio::test]
+async fn an_unrecoverable_resume_restarts_the_latest_run() {
+    let gateway = Gateway::start_with(|_| {}).await;
+    post(
+        &gateway,
+        json!([
+            {"type": "RUN_STARTED", "threadId": "t4", "runId": "r1"},
+            {"type": "RUN_FINISHED", "threadId": "t4", "runId": "r1"},
+            {"type": "RUN_STARTED", "threadId": "t4", "runId": "r2"},
+            {"type": "TEXT_MESSAGE_START", "run_id": "r2", "messageId": "m1"},
+        ]),
+    )
+    .await;
+    let mut client = agui_client(&gateway, "u1").await;
+    let subscribed = client
+        .subscribe("t4", Some(json!({"epoch": "not-this-one", "seq": 2})))
+        .await;
+    assert_eq!(subscribed["recovered"], false);
+    assert_eq!(subscribed["replayed"], 2, "{subscribed}");
+    let frames = client.events(2).await;
+    assert_eq!(
+        frames[0]["events"][0],
+        json!({"type": "RUN_STARTED", "threadId": "t4", "runId": "r2"})
+    );
+    assert_eq!(frames[0]["seq"], 3);
+    assert!(frames.iter().all(|f| f["prelude"].is_null()));
+}

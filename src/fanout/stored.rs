@@ -45,8 +45,9 @@ pub struct StoredEvent {
     pub(crate) feed: Option<Arc<Feed>>,
     /// Set once the event was queued to a subscriber (live or replay).
     pub(crate) offered: AtomicBool,
-    /// Its AG-UI form, made when the first AG-UI client needs it.
-    pub(crate) agui: OnceLock<super::AguiFrames>,
+    /// Its AG-UI form, made when the first AG-UI client needs it (boxed: a pointer's worth for
+    /// the events no AG-UI client reads).
+    pub(crate) agui: OnceLock<Box<super::AguiFrames>>,
 }
 
 impl StoredEvent {
@@ -61,7 +62,7 @@ impl StoredEvent {
     /// The event as AG-UI clients receive it (rendered once, then shared).
     pub fn agui(&self) -> &super::AguiFrames {
         self.agui
-            .get_or_init(|| super::AguiFrames::render(&self.frame, self.seq))
+            .get_or_init(|| Box::new(super::AguiFrames::render(&self.frame, self.seq)))
     }
 
     pub(crate) fn offer(&self) {

@@ -200,3 +200,165 @@ async fn an_ag_ui_client_resumes_a_run_on_another_replica() {
     );
     assert_eq!(types(&rest[2]), ["RUN_FINISHED"]);
 }
+
+/// A real agent's run (the Python `ag-ui-protocol` agent) posted in two halves: an AG-UI viewer on
+/// `/ws` that joins mid-run and one that resumes mid-run both pass the official client's
+/// verification (`enforceEvents`, `transformChunks`, `verifyEvents`) and end with RUN_FINISHED.
+#[tokio::test]
+async fn viewers_joining_or_resuming_mid_run_pass_the_official_verification() {
+    use crate::agui_support::{AguiAgent, node, run_input};
+    let agent = AguiAgent::start(&[]);
+    let input = run_input("t-v", "r-v").to_string();
+    let direct = node(
+        "sse-read.mjs",
+        &["--url", &agent.url, "--post-json", &input, "--until-end"],
+    )
+    .await;
+    let mut events: Vec<Value> = direct["events"].as_array().unwrap().clone();
+    assert!(events.len() > 10, "{direct}");
+    for event in &mut events {
+        event["run_id"] = "r-v".into();
+    }
+    let gateway = Gateway::start_with(|_| {}).await;
+    let (first, rest) = events.split_at(9);
+    let (_, answer) = gateway
+        .post("/v1/events", &Value::Array(first.to_vec()).to_string())
+        .await;
+    let epoch = answer["results"][0]["epoch"].as_str().unwrap().to_string();
+
+    let url = format!("ws://{}/ws", gateway.addr);
+    let joiner = tokio::spawn({
+        let url = url.clone();
+        async move {
+            node(
+                "ws-read.mjs",
+                &["--url", &url, "--thread", "t-v", "--until-end"],
+            )
+            .await
+        }
+    });
+    let resumer = tokio::spawn({
+        let (url, epoch) = (url.clone(), epoch.clone());
+        async move {
+            node(
+                "ws-read.mjs",
+                &[
+                    "--url",
+                    &url,
+                    "--thread",
+                    "t-v",
+                    "--until-end",
+                    "--since-epoch",
+                    &epoch,
+                    "--since-seq",
+                    "5",
+                ],
+            )
+            .await
+        }
+    });
+    // Both viewers are subscribed (their user channels and the thread) before the rest comes.
+    crate::support::eventually("both viewers subscribe", async || {
+        match metric_value(&gateway.metrics().await, "agentwire_subscriptions") {
+            4.0 => Ok(()),
+            n => Err(format!("{n} subscriptions")),
+        }
+    })
+    .await;
+    let (status, answer) = gateway
+        .post("/v1/events", &Value::Array(rest.to_vec()).to_string())
+        .await;
+    assert_eq!(status, 200, "{answer}");
+
+    let joiner = joiner.await.unwrap();
+    assert!(
+        joiner["ok"].as_bool().unwrap() && joiner["verified"].as_bool().unwrap(),
+        "{joiner}"
+    );
+    assert_eq!(
+        joiner["events"].as_array().unwrap().len(),
+        events.len(),
+        "the whole run: {joiner}"
+    );
+    let resumer = resumer.await.unwrap();
+    assert!(
+        resumer["ok"].as_bool().unwrap() && resumer["verified"].as_bool().unwrap(),
+        "{resumer}"
+    );
+    assert_eq!(resumer["frames"][0]["prelude"], true, "{resumer}");
+    let resumed_seqs: Vec<u64> = resumer["frames"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .skip(1)
+        .map(|f| f["seq"].as_u64().unwrap())
+        .collect();
+    assert_eq!(
+        resumed_seqs,
+        (6..=events.len() as u64).collect::<Vec<_>>(),
+        "exactly the missed events"
+    );
+}
+
+/// A resume that cannot be recovered restarts the latest run from its first event: never a
+/// partial stream.
+#[tokio::test]
+async fn an_unrecoverable_resume_restarts_the_latest_run() {
+    let gateway = Gateway::start_with(|_| {}).await;
+    post(
+        &gateway,
+        json!([
+            {"type": "RUN_STARTED", "threadId": "t4", "runId": "r1"},
+            {"type": "RUN_FINISHED", "threadId": "t4", "runId": "r1"},
+            {"type": "RUN_STARTED", "threadId": "t4", "runId": "r2"},
+            {"type": "TEXT_MESSAGE_START", "run_id": "r2", "messageId": "m1"},
+        ]),
+    )
+    .await;
+    let mut client = agui_client(&gateway, "u1").await;
+    let subscribed = client
+        .subscribe("t4", Some(json!({"epoch": "not-this-one", "seq": 2})))
+        .await;
+    assert_eq!(subscribed["recovered"], false);
+    assert_eq!(subscribed["replayed"], 2, "{subscribed}");
+    let frames = client.events(2).await;
+    assert_eq!(
+        frames[0]["events"][0],
+        json!({"type": "RUN_STARTED", "threadId": "t4", "runId": "r2"})
+    );
+    assert_eq!(frames[0]["seq"], 3);
+    assert!(frames.iter().all(|f| f["prelude"].is_null()));
+}
+
+/// A client that resumes inside a run that has ended since, with another run after it, gets the
+/// prelude of the run it was in.
+#[tokio::test]
+async fn a_resume_inside_an_earlier_run_gets_that_runs_prelude() {
+    let gateway = Gateway::start_with(|_| {}).await;
+    post(
+        &gateway,
+        json!([
+            {"type": "RUN_STARTED", "threadId": "t5", "runId": "r1"},
+            {"type": "TEXT_MESSAGE_START", "run_id": "r1", "messageId": "m1"},
+            {"type": "TEXT_MESSAGE_END", "run_id": "r1", "messageId": "m1"},
+            {"type": "RUN_FINISHED", "threadId": "t5", "runId": "r1"},
+            {"type": "RUN_STARTED", "threadId": "t5", "runId": "r2"},
+        ]),
+    )
+    .await;
+    let (_, ledger) = gateway.get("/v1/channels/thread:t5").await;
+    let mut client = agui_client(&gateway, "u1").await;
+    client
+        .subscribe("t5", Some(json!({"epoch": ledger["epoch"], "seq": 2})))
+        .await;
+    let prelude = client.recv().await;
+    assert_eq!(prelude["events"][0]["runId"], "r1", "{prelude}");
+    assert_eq!(types(&prelude), ["RUN_STARTED", "TEXT_MESSAGE_START"]);
+    let rest = client.events(3).await;
+    assert_eq!(
+        rest.iter()
+            .map(|f| f["seq"].as_u64().unwrap())
+            .collect::<Vec<_>>(),
+        [3, 4, 5]
+    );
+}

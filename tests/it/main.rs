@@ -3,7 +3,9 @@
 #![allow(clippy::unwrap_used)]
 
 mod abuse;
+mod agui;
 mod agui_stream;
+mod agui_support;
 mod agui_ws;
 mod auth;
 mod bad_input;

@@ -16,6 +16,7 @@ use serde_json::{Value, json};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
 
+use crate::agui_support::{AguiAgent, node, run_input};
 use crate::support::{Client, Gateway, WAIT, assert_lines, http_with};
 use agentwire::config::AgentConfig;
 
@@ -847,4 +848,126 @@ async fn out_of_order_events_are_published_and_counted_once_without_strict_mode(
             .await,
         1.0
     );
+}
+
+/// The real agent's run has 23 events (tests/agui/agent.py).
+const AGENT_EVENTS: usize = 23;
+
+#[tokio::test]
+async fn a_real_agent_gets_its_header_from_the_configuration_and_its_run_reaches_every_viewer() {
+    let agent = AguiAgent::start(&["--require-header", "x-agent-key:agent-key-1"]);
+    let (url, bare) = (agent.url.clone(), agent.url.clone());
+    let gateway = Gateway::start_with(move |c| {
+        c.agui.agents.insert(
+            "weather".into(),
+            agent_config(url, &[("x-agent-key", "agent-key-1")]),
+        );
+        c.agui.agents.insert("bare".into(), agent_config(bare, &[]));
+    })
+    .await;
+    let mut native = viewer(&gateway, "u1", "t-real").await;
+    let url = format!("ws://{}/ws", gateway.addr);
+    let agui_viewer = tokio::spawn(async move {
+        node(
+            "ws-read.mjs",
+            &["--url", &url, "--thread", "t-real", "--until-end"],
+        )
+        .await
+    });
+    crate::support::eventually("the AG-UI viewer subscribes", async || {
+        match crate::support::metric_value(&gateway.metrics().await, "agentwire_subscriptions") {
+            4.0 => Ok(()),
+            n => Err(format!("{n} subscriptions")),
+        }
+    })
+    .await;
+    let body = run_input("t-real", "r-real").to_string();
+    let (status, answer) = run_agent(&gateway, "weather", &body, &[]).await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{answer}");
+    let frames = native.events(AGENT_EVENTS).await;
+    assert_eq!(agui(&frames[0])["type"], "RUN_STARTED");
+    assert_eq!(agui(&frames[AGENT_EVENTS - 1])["type"], "RUN_FINISHED");
+    let read = agui_viewer.await.unwrap();
+    assert!(read["verified"].as_bool().unwrap(), "{read}");
+    assert_eq!(
+        read["events"].as_array().unwrap().len(),
+        AGENT_EVENTS,
+        "{read}"
+    );
+    let requests = agent.requests().await;
+    assert_eq!(
+        requests[0]["headers"]["x-agent-key"], "agent-key-1",
+        "{requests}"
+    );
+    assert_eq!(
+        requests[0]["body"], body,
+        "forwarded as received: {requests}"
+    );
+
+    // Without the header the agent answers 401: the run is started and closed for its viewers.
+    native.subscribe("t-bare", None).await;
+    let body = run_input("t-bare", "r-bare").to_string();
+    let (status, _) = run_agent(&gateway, "bare", &body, &[]).await;
+    assert_eq!(status, StatusCode::ACCEPTED);
+    let frames = native.events(2).await;
+    assert_eq!(types(&frames), ["RUN_STARTED", "RUN_ERROR"]);
+    assert_eq!(agui(&frames[1])["code"], "agent_unreachable");
+    assert_eq!(frames[1]["thread_id"], "t-bare");
+}
+
+#[tokio::test]
+async fn a_real_agent_dying_mid_stream_has_its_run_closed_for_every_viewer() {
+    // Dies with its first tool call's arguments streaming (after TOOL_CALL_START and one ARGS).
+    let agent = AguiAgent::start(&["--die-after", "9", "--delay-ms", "10"]);
+    let url = agent.url.clone();
+    let gateway = Gateway::start_with(move |c| {
+        c.agui
+            .agents
+            .insert("weather".into(), agent_config(url, &[]));
+    })
+    .await;
+    let mut first = viewer(&gateway, "u1", "t-die").await;
+    let mut second = viewer(&gateway, "u2", "t-die").await;
+    let url = format!("ws://{}/ws", gateway.addr);
+    let agui_viewer = tokio::spawn(async move {
+        node(
+            "ws-read.mjs",
+            &["--url", &url, "--thread", "t-die", "--until-end"],
+        )
+        .await
+    });
+    crate::support::eventually("the AG-UI viewer subscribes", async || {
+        match crate::support::metric_value(&gateway.metrics().await, "agentwire_subscriptions") {
+            6.0 => Ok(()),
+            n => Err(format!("{n} subscriptions")),
+        }
+    })
+    .await;
+    let body = run_input("t-die", "r-die").to_string();
+    let (status, _) = run_agent(&gateway, "weather", &body, &[]).await;
+    assert_eq!(status, StatusCode::ACCEPTED);
+    for viewer in [&mut first, &mut second] {
+        let frames = viewer.events(12).await;
+        assert_eq!(
+            types(&frames[9..]),
+            ["TOOL_CALL_END", "TOOL_CALL_RESULT", "RUN_ERROR"]
+        );
+        assert_eq!(agui(&frames[11])["code"], "agent_stream_ended");
+    }
+    let read = agui_viewer.await.unwrap();
+    assert!(read["verified"].as_bool().unwrap(), "{read}");
+    let events = read["events"].as_array().unwrap();
+    assert_eq!(events.last().unwrap()["type"], "RUN_ERROR", "{read}");
+    assert_eq!(
+        events.last().unwrap()["code"],
+        "agent_stream_ended",
+        "{read}"
+    );
+    assert_eq!(
+        gateway
+            .metric(r#"agentwire_agui_runs_closed_total{reason="agent_stream_ended"}"#)
+            .await,
+        1.0
+    );
+    assert_eq!(gateway.channel("thread:t-die").await["emitted"], 12);
 }

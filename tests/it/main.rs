@@ -19,6 +19,7 @@ mod resume;
 mod security;
 mod shutdown;
 mod slow_consumer;
+mod sse;
 mod support;
 mod tidy;
 mod traces;

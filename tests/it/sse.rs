@@ -666,3 +666,50 @@ async fn a_stream_on_one_redis_replica_gets_what_another_accepted() {
     assert_eq!(resumed.subscribed().await["recovered"], true);
     assert_eq!(seqs(&resumed.events(2).await), [9, 10]);
 }
+
+/// The subscribe webhook decides for a bearer whose token does not list the thread, as on `/ws`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_subscribe_webhook_decides_for_a_bearer() {
+    use http_body_util::Full;
+
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/may-read", listener.local_addr().unwrap());
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let service = hyper::service::service_fn(|request: Request<Incoming>| async move {
+                    let body = request.into_body().collect().await?.to_bytes();
+                    let asked: Value = serde_json::from_slice(&body).unwrap();
+                    let allow = asked["thread_id"] == "t_hook" && asked["user_id"] == "u_h";
+                    let answer = format!(r#"{{"allow":{allow}}}"#);
+                    Ok::<_, hyper::Error>(hyper::Response::new(Full::new(Bytes::from(answer))))
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(stream), service)
+                    .await;
+            });
+        }
+    });
+    let gateway = Gateway::start_with(|c| {
+        c.auth.jwt_secret = Some(SECRET.into());
+        c.auth.subscribe_webhook = Some(url);
+    })
+    .await;
+    let bearer = format!("Bearer {}", token("u_h", &[], None));
+    let headers = [("authorization", bearer.as_str())];
+    let mut stream = Stream::open(gateway.addr, "/v1/threads/t_hook/events", &headers).await;
+    stream.subscribed().await;
+    let Err((status, _)) =
+        Stream::try_open(gateway.addr, "/v1/threads/t_other/events", &headers).await
+    else {
+        panic!("the webhook's no opened a stream");
+    };
+    assert_eq!(status, StatusCode::FORBIDDEN);
+    let exposition = gateway.metrics().await;
+    for (series, value) in [
+        ("agentwire_subscribe_webhook_total{outcome=\"allow\"}", 1.0),
+        ("agentwire_subscribe_webhook_total{outcome=\"deny\"}", 1.0),
+    ] {
+        assert_eq!(metric_value(&exposition, series), value, "{series}");
+    }
+}

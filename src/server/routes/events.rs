@@ -15,7 +15,7 @@ use hyper::header::{self, HeaderValue};
 use hyper::{Method, Request, Response, StatusCode};
 use tokio_util::sync::CancellationToken;
 
-use super::upgrade::{MAX_BEARER_BYTES, admit, connection_slot};
+use super::upgrade::{MAX_BEARER_BYTES, Refused, admit, connection_slot};
 use super::{Body, broker_error, error, percent_decode};
 use crate::Gateway;
 use crate::auth::{Refusal, ThreadAccess};
@@ -118,6 +118,7 @@ async fn open(
         .and_then(|v| v.to_str().ok());
     if accept.is_some_and(|accept| !accept.contains("text/event-stream") && !accept.contains("*/*"))
     {
+        count(&gateway.metrics.upgrades_refused, Refused::InvalidRequest);
         return error(
             StatusCode::NOT_ACCEPTABLE,
             "not_acceptable",
@@ -127,37 +128,37 @@ async fn open(
     }
     let thread_id = match percent_decode(raw_thread) {
         Some(thread_id) => thread_id,
-        None => return invalid("thread_id", "is not UTF-8 once decoded"),
+        None => return invalid(gateway, "thread_id", "is not UTF-8 once decoded"),
     };
     if let Err(reason) = check_id(&thread_id) {
-        return invalid("thread_id", &reason.to_string());
+        return invalid(gateway, "thread_id", &reason.to_string());
     }
     let query = match Query::parse(request.uri().query()) {
         Ok(query) => query,
-        Err(field) => return invalid(field, "is given more than once"),
+        Err(field) => return invalid(gateway, field, "is given more than once"),
     };
     let format = match query.format.as_deref().map(Format::parse) {
         None => Format::Native,
         Some(Some(format)) => format,
-        Some(None) => return invalid("format", "must be native"),
+        Some(None) => return invalid(gateway, "format", "must be native"),
     };
     // EventSource reconnects to the same URL, `since` included, and adds `Last-Event-ID`: the
     // header is the newer position.
     let last_event_id = match request.headers().get("last-event-id") {
         Some(value) => match value.to_str() {
             Ok(value) => Some(value),
-            Err(_) => return invalid("last-event-id", "must be <epoch>:<seq> or 0"),
+            Err(_) => return invalid(gateway, "last-event-id", "must be <epoch>:<seq> or 0"),
         },
         None => None,
     };
     let since = match (last_event_id, query.since.as_deref()) {
         (Some(value), _) => match parse_position(value) {
             Some(since) => Some(since),
-            None => return invalid("last-event-id", "must be <epoch>:<seq> or 0"),
+            None => return invalid(gateway, "last-event-id", "must be <epoch>:<seq> or 0"),
         },
         (None, Some(value)) => match parse_position(value) {
             Some(since) => Some(since),
-            None => return invalid("since", "must be <epoch>:<seq> or 0"),
+            None => return invalid(gateway, "since", "must be <epoch>:<seq> or 0"),
         },
         (None, None) => None,
     };
@@ -210,6 +211,7 @@ async fn authorise(
     let bearer = super::bearer(request);
     for (token, field) in [(bearer, "authorization"), (query_token, "token")] {
         if token.is_some_and(|token| token.len() > MAX_BEARER_BYTES) {
+            count(&gateway.metrics.upgrades_refused, Refused::InvalidRequest);
             return Err(error(
                 StatusCode::BAD_REQUEST,
                 "invalid_token",
@@ -220,6 +222,7 @@ async fn authorise(
     }
     let identity = match (bearer, query_token) {
         (Some(_), Some(_)) => {
+            count(&gateway.metrics.upgrades_refused, Refused::InvalidRequest);
             return Err(error(
                 StatusCode::BAD_REQUEST,
                 "invalid_request",
@@ -276,7 +279,9 @@ fn refused(gateway: &Gateway, refusal: Refusal) -> Response<Body> {
     response
 }
 
-fn invalid(field: &str, reason: &str) -> Response<Body> {
+/// A malformed request: 400 naming the field, counted.
+fn invalid(gateway: &Gateway, field: &str, reason: &str) -> Response<Body> {
+    count(&gateway.metrics.upgrades_refused, Refused::InvalidRequest);
     error(
         StatusCode::BAD_REQUEST,
         &format!("invalid_{}", field.replace('-', "_")),

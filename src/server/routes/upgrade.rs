@@ -100,6 +100,8 @@ pub enum Refused {
     Connections,
     /// The client's address holds `session.max_connections_per_ip`.
     ConnectionsPerIp,
+    /// An event stream's request is malformed (400 naming the field, or 406).
+    InvalidRequest,
 }
 
 impl Label for Refused {
@@ -108,6 +110,7 @@ impl Label for Refused {
         Self::NotLoopback,
         Self::Connections,
         Self::ConnectionsPerIp,
+        Self::InvalidRequest,
     ];
 
     fn as_str(self) -> &'static str {
@@ -116,6 +119,7 @@ impl Label for Refused {
             Self::NotLoopback => "not_loopback",
             Self::Connections => "connections",
             Self::ConnectionsPerIp => "connections_per_ip",
+            Self::InvalidRequest => "invalid_request",
         }
     }
 }
@@ -142,6 +146,13 @@ impl Refused {
             Self::ConnectionsPerIp => busy(
                 "too_many_connections",
                 "this address holds session.max_connections_per_ip connections; close some first",
+            ),
+            // The route answers with the field at fault; this is what is left without one.
+            Self::InvalidRequest => error(
+                StatusCode::BAD_REQUEST,
+                "invalid_request",
+                "the request is malformed",
+                None,
             ),
         }
     }

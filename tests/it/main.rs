@@ -4,8 +4,8 @@
 
 mod abuse;
 mod agui;
+mod agui_delivery;
 mod agui_support;
-mod agui_ws;
 mod auth;
 mod bad_input;
 mod delivery;
@@ -22,6 +22,7 @@ mod resume;
 mod security;
 mod shutdown;
 mod slow_consumer;
+mod sse;
 mod support;
 mod tidy;
 mod traces;

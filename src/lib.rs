@@ -10,7 +10,8 @@
 //! - [`broker`]: per-channel seq, bounded history, replay: embedded in memory, or in Redis.
 //! - [`fanout`]: one event's bytes to every local subscriber's bounded queue.
 //! - [`auth`]: browser identity: the JWT in `hello`, thread authorisation.
-//! - [`session`]: one WebSocket connection: hello, subscriptions, acks, the writer task.
+//! - [`session`]: one client connection: a WebSocket (hello, subscriptions, acks, the writer task)
+//!   or a Server-Sent Events stream of one thread.
 //! - [`limits`]: connection, request and body-byte budgets, per process and per client address.
 //! - [`ledger`]: emitted / delivered / acked / pending / lost, per channel.
 //! - [`watchdog`]: every run from start to end; stalls and lifecycle violations.

@@ -86,6 +86,7 @@ pub struct Metrics {
     pub fanout_frames_sent: IntCounter,
     channels: IntGauge,
     pub connections: IntGauge,
+    pub sse_streams: IntGauge,
     pub connections_opened: IntCounter,
     pub connections_closed: IntCounterVec,
     pub subscriptions: IntGauge,
@@ -259,7 +260,16 @@ impl Metrics {
                 "Event frames written to sockets, every subscriber and replay counted.",
             ),
             channels: gauge(r, "agentwire_channels", "Channels held in the broker."),
-            connections: gauge(r, "agentwire_connections", "Open WebSocket connections."),
+            connections: gauge(
+                r,
+                "agentwire_connections",
+                "Open client connections: WebSockets and Server-Sent Events streams.",
+            ),
+            sse_streams: gauge(
+                r,
+                "agentwire_sse_streams",
+                "Open Server-Sent Events streams (also counted in agentwire_connections).",
+            ),
             connections_opened: counter(
                 r,
                 "agentwire_connections_opened_total",

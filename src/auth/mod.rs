@@ -60,6 +60,9 @@ pub enum Refusal {
     UserMismatch,
     /// Neither the connection's token nor a subscription token allows the thread.
     Thread,
+    /// A connection token in an event stream's query (`?token=`): only a subscription token for
+    /// the thread may travel in a URL, which ends up in access logs and browser history.
+    QueryConnectionToken,
 }
 
 impl Label for Refusal {
@@ -70,6 +73,7 @@ impl Label for Refusal {
         Self::Invalid,
         Self::UserMismatch,
         Self::Thread,
+        Self::QueryConnectionToken,
     ];
 
     fn as_str(self) -> &'static str {
@@ -80,6 +84,7 @@ impl Label for Refusal {
             Self::Invalid => "invalid",
             Self::UserMismatch => "user_mismatch",
             Self::Thread => "thread",
+            Self::QueryConnectionToken => "query_connection_token",
         }
     }
 }
@@ -94,6 +99,9 @@ impl Refusal {
             Self::Invalid => "the token is not valid for this gateway",
             Self::UserMismatch => "user_id differs from the token's sub",
             Self::Thread => "not allowed to read this thread",
+            Self::QueryConnectionToken => {
+                "a token in the URL must be a subscription token for this thread (connection tokens go in the Authorization header)"
+            }
         }
     }
 }
@@ -193,6 +201,30 @@ impl Verifier {
             return Err(Refusal::Thread);
         }
         Ok(())
+    }
+}
+
+impl Verifier {
+    /// The identity a subscription token for `thread_id` proves, when it is the only credential
+    /// (an event stream's `?token=`): its `sub` is the user, and it allows that one thread.
+    pub async fn subscription_identity(
+        &self,
+        token: &str,
+        thread_id: &str,
+    ) -> Result<Identity, Refusal> {
+        let claims = self.claims(token).await?;
+        match claims.thread_id.as_deref() {
+            None => return Err(Refusal::QueryConnectionToken),
+            Some(allowed) if allowed != thread_id => return Err(Refusal::Thread),
+            Some(_) => {}
+        }
+        Ok(Identity {
+            user_id: claims.sub,
+            threads: vec![thread_id.to_string()],
+            expires: SystemTime::UNIX_EPOCH
+                .checked_add(Duration::from_secs(claims.exp))
+                .ok_or(Refusal::Invalid)?,
+        })
     }
 }
 

@@ -133,6 +133,8 @@ impl Config {
             ("session.client_timeout", self.session.client_timeout),
             ("session.write_timeout", self.session.write_timeout),
             ("session.frame_timeout", self.session.frame_timeout),
+            ("sse.heartbeat", self.sse.heartbeat),
+            ("sse.retry", self.sse.retry),
             ("resolve.registry_ttl", self.resolve.registry_ttl),
             ("watchdog.run_idle_timeout", self.watchdog.run_idle_timeout),
             ("upstream.timeout", self.upstream.timeout),

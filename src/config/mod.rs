@@ -42,6 +42,7 @@ pub struct Config {
     pub resolve: ResolveConfig,
     pub history: HistoryConfig,
     pub session: SessionConfig,
+    pub sse: SseConfig,
     pub shutdown: ShutdownConfig,
     pub watchdog: WatchdogConfig,
     pub deadletter: DeadletterConfig,
@@ -164,6 +165,30 @@ pub struct SessionConfig {
     pub queue_events: usize,
     /// Bytes waiting for one socket.
     pub queue_bytes: usize,
+}
+
+/// Server-Sent Events streams (`GET /v1/threads/{thread_id}/events`); their queue, write
+/// timeout and connection budgets are the `session.*` ones.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SseConfig {
+    /// A stream that wrote nothing for this long gets a `: heartbeat` comment, so proxies that
+    /// cut quiet responses (often after 60 to 100 s) keep it open.
+    #[serde(with = "humantime_serde")]
+    pub heartbeat: Duration,
+    /// The reconnection delay a stream announces first (`retry:`): how long an `EventSource`
+    /// waits before it reconnects and resumes with `Last-Event-ID`.
+    #[serde(with = "humantime_serde")]
+    pub retry: Duration,
+}
+
+impl Default for SseConfig {
+    fn default() -> Self {
+        Self {
+            heartbeat: Duration::from_secs(15),
+            retry: Duration::from_secs(1),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -334,6 +359,7 @@ impl Default for Config {
             resolve: ResolveConfig::default(),
             history: HistoryConfig::default(),
             session: SessionConfig::default(),
+            sse: SseConfig::default(),
             shutdown: ShutdownConfig::default(),
             watchdog: WatchdogConfig::default(),
             deadletter: DeadletterConfig::default(),

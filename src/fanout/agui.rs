@@ -5,8 +5,27 @@
 use bytes::Bytes;
 use serde_json::Value;
 
-use crate::protocol::agui;
+use std::sync::Arc;
+
+use super::StoredEvent;
+use crate::protocol::agui::{self, Sequence};
 use crate::protocol::server;
+
+/// What an AG-UI client joining at the end of `context` (the earlier events of the run open
+/// where its replay starts) must see first so that the rest passes AG-UI's verification:
+/// RUN_STARTED and a start for everything still open. Empty when nothing is open.
+pub fn prelude(context: &[Arc<StoredEvent>]) -> Vec<Value> {
+    let mut sequence = Sequence::default();
+    for event in context {
+        for agui in event.agui().events.iter() {
+            if let Ok(Value::Object(fields)) = serde_json::from_slice(agui) {
+                // Violations were counted when the events came in.
+                let _ = sequence.apply_fields(&fields);
+            }
+        }
+    }
+    sequence.prelude()
+}
 
 /// One event's AG-UI form.
 #[derive(Debug)]

@@ -14,7 +14,7 @@ mod agui;
 mod dropped;
 mod stored;
 
-pub use agui::AguiFrames;
+pub use agui::{AguiFrames, prelude};
 pub use dropped::{DroppedReport, dropped_report};
 pub use stored::{Delivered, Feed, StoredEvent};
 

@@ -161,6 +161,17 @@ pub enum Format {
     AgUi,
 }
 
+impl Format {
+    /// The format the SSE endpoint's `format` parameter names: `native` or `agui`.
+    pub fn parse(value: &str) -> Option<Self> {
+        match value {
+            "native" => Some(Self::Native),
+            "agui" => Some(Self::AgUi),
+            _ => None,
+        }
+    }
+}
+
 /// An AG-UI client's frame on `/ws`: the AG-UI events of one event with the gateway's cursor
 /// beside them (not in AG-UI's `metadata`, which AG-UI merges into messages). A `prelude` frame
 /// carries what a client joining mid-run must see first; its `seq` is the position it precedes,
@@ -188,6 +199,16 @@ pub fn frame_type(frame: &[u8]) -> Option<&str> {
     let rest = frame.get(at..)?;
     let end = rest.iter().position(|&b| b == b'"')?;
     std::str::from_utf8(&rest[..end]).ok()
+}
+
+/// The epoch an [`event_frame`] carries, read back from its fixed prefix (`{"seq":N,"epoch":"E",`)
+/// without parsing the event: an event stream's `id:` line names the epoch of every event.
+pub fn event_frame_epoch(frame: &[u8]) -> Option<&str> {
+    let rest = frame.strip_prefix(b"{\"seq\":")?;
+    let digits = rest.iter().take_while(|b| b.is_ascii_digit()).count();
+    let rest = rest.get(digits..)?.strip_prefix(b",\"epoch\":\"")?;
+    let end = rest.iter().position(|&b| b == b'"')?;
+    std::str::from_utf8(rest.get(..end)?).ok()
 }
 
 pub fn welcome(connection_id: &str, user_id: &str, heartbeat_ms: u64) -> Bytes {
@@ -264,6 +285,14 @@ fn frame(value: serde_json::Value) -> Bytes {
 mod tests {
     use super::*;
     use crate::protocol::event;
+
+    #[test]
+    fn an_event_frame_gives_its_epoch_back() {
+        let frame = event_frame(br#"{"type":"custom","payload":{}}"#, 42, "0123abcd");
+        assert_eq!(event_frame_epoch(&frame), Some("0123abcd"));
+        assert_eq!(event_frame_epoch(br#"{"type":"subscribed"}"#), None);
+        assert_eq!(event_frame_epoch(br#"{"seq":1,"epoch":"e"#), None);
+    }
 
     #[test]
     fn event_frame_is_the_flattened_event_with_its_position() {

@@ -232,10 +232,16 @@ async fn accept_until(
         let _ = stream.set_nodelay(true);
         let gateway = Arc::clone(gateway);
         let http_stop = http_stop.clone();
+        // Cancelled by an event stream that ended: its connection closes (see below).
+        let cut = CancellationToken::new();
         http.spawn(async move {
-            let service = service_fn(move |request| {
-                routes::handle(Arc::clone(&gateway), door, peer, request)
-            });
+            let write_timeout = gateway.config.session.write_timeout;
+            let service = {
+                let cut = cut.clone();
+                service_fn(move |request| {
+                    routes::handle(Arc::clone(&gateway), door, peer, cut.clone(), request)
+                })
+            };
             // A timer is what makes hyper enforce the header read timeout at all.
             let connection = http1::Builder::new()
                 .timer(hyper_util::rt::TokioTimer::new())
@@ -248,6 +254,13 @@ async fn accept_until(
                 _ = http_stop.cancelled() => {
                     connection.as_mut().graceful_shutdown();
                     let _ = connection.await;
+                }
+                // An event stream ended: the response ends, then the connection closes. A client
+                // that does not read what is left within `session.write_timeout` (a slow consumer)
+                // has its connection dropped, so neither it nor its unread bytes stay held here.
+                _ = cut.cancelled() => {
+                    connection.as_mut().graceful_shutdown();
+                    let _ = tokio::time::timeout(write_timeout, connection).await;
                 }
             }
         });

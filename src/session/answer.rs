@@ -6,7 +6,7 @@ use tokio::time::Instant;
 use super::ended::Ended;
 use super::message::Message;
 use super::{Session, TokenClock};
-use crate::auth::{Identity, Refusal};
+use crate::auth::{Identity, Refusal, ThreadAccess};
 use crate::broker::{HandOff, HandOffError};
 use crate::fanout::Outgoing;
 use crate::metrics::{Label, count};
@@ -176,38 +176,20 @@ impl Session {
     }
 
     /// Whether this connection may read `thread_id`: always without browser authentication;
-    /// with it, when the connection's token lists the thread, `token` is a subscription token of
-    /// this user for it, or the application's subscribe webhook says so.
+    /// with it, as [`ThreadAccess::may_read`] decides for this connection's identity.
     async fn may_read(&self, thread_id: &str, token: Option<&str>) -> Result<(), Refusal> {
         let Some(verifier) = &self.gateway.verifier else {
             return Ok(());
         };
-        if self
-            .identity
-            .as_ref()
-            .is_some_and(|identity| identity.may_read(thread_id))
-        {
-            return Ok(());
-        }
+        let access = ThreadAccess {
+            verifier,
+            webhook: self.gateway.subscribe_webhook.as_ref(),
+            metrics: &self.gateway.metrics,
+        };
         let user_id = self.user_id.as_deref().unwrap_or_default();
-        if let Some(token) = token
-            && verifier
-                .subscription(token, user_id, thread_id)
-                .await
-                .is_ok()
-        {
-            return Ok(());
-        }
-        match &self.gateway.subscribe_webhook {
-            Some(webhook)
-                if webhook
-                    .allows(user_id, thread_id, &self.gateway.metrics)
-                    .await =>
-            {
-                Ok(())
-            }
-            _ => Err(Refusal::Thread),
-        }
+        access
+            .may_read(self.identity.as_deref(), user_id, thread_id, token)
+            .await
     }
 
     pub(super) async fn frame(&mut self, text: &str) {

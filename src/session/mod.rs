@@ -1,6 +1,7 @@
-//! One WebSocket connection, served by one task: it reads and parses the client's frames (hello,
-//! subscribe, ack…), and writes whatever fan-out queued in its [`Outbox`], every queued frame in one
-//! syscall. The connection holds no buffer while idle. It ends on the client's close, a protocol
+//! One client connection, served by one task: a Server-Sent Events stream of one thread
+//! ([`sse`]), or a WebSocket (the rest of this module). A WebSocket session reads and parses the
+//! client's frames (hello, subscribe, ack…), and writes whatever fan-out queued in its [`Outbox`],
+//! every queued frame in one syscall. The connection holds no buffer while idle. It ends on the client's close, a protocol
 //! error, a client that stops reading (a full queue or a timed-out write: 4008), a missing hello
 //! (4001), silence (1001) or shutdown (1012); then its subscriptions are removed.
 //!
@@ -12,6 +13,7 @@ mod answer;
 mod ended;
 mod frame;
 mod message;
+pub mod sse;
 mod write;
 
 use std::collections::VecDeque;
@@ -114,6 +116,17 @@ pub async fn serve(
     .await
 }
 
+/// When a connection closes at shutdown: each at its own random moment within
+/// `shutdown.close_window`, so that thousands of clients do not reconnect in the same millisecond.
+fn close_time(gateway: &Gateway) -> impl Future<Output = ()> + use<> {
+    let shutdown = gateway.shutdown.sessions.clone();
+    let window = gateway.config.shutdown.close_window;
+    async move {
+        shutdown.cancelled().await;
+        tokio::time::sleep(window.mul_f64(rand::random::<f64>())).await;
+    }
+}
+
 /// Milliseconds of the process's clock, wrapping, for the connections' message rate.
 fn clock_ms() -> u32 {
     static START: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
@@ -214,13 +227,7 @@ impl Session {
         // at most once a heartbeat, instead of being reset for every event.
         let timer = tokio::time::sleep_until(started + config.hello_timeout);
         tokio::pin!(timer);
-        // On shutdown, each connection closes at its own random moment within the close window.
-        let shutdown = self.gateway.shutdown.sessions.clone();
-        let window = self.gateway.config.shutdown.close_window;
-        let close_time = async move {
-            shutdown.cancelled().await;
-            tokio::time::sleep(window.mul_f64(rand::random::<f64>())).await;
-        };
+        let close_time = close_time(&self.gateway);
         tokio::pin!(close_time);
         loop {
             let ended = self.read_messages().await;

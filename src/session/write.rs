@@ -19,7 +19,6 @@ use super::ended::Ended;
 use super::{FLUSH_BYTES, LINGER, Session, frame};
 use crate::fanout::Outgoing;
 use crate::metrics::DeliveryPath;
-use crate::protocol::agui::Sequence;
 use crate::protocol::server::{self, close};
 
 impl Session {
@@ -199,21 +198,11 @@ enum Unwritten {
     TimedOut,
 }
 
-/// What an AG-UI client joining at the end of `context` (the open run's earlier events) must see
-/// first: RUN_STARTED and a start for everything still open, in one `prelude` frame. Not an
-/// event of the channel: it is neither sequenced nor counted.
+/// The `prelude` frame an AG-UI client joining at the end of `context` gets first (see
+/// [`crate::fanout::prelude`]). Not an event of the channel: neither sequenced nor counted.
 fn agui_prelude(context: &[std::sync::Arc<crate::fanout::StoredEvent>]) -> Option<bytes::Bytes> {
     let last = context.last()?;
-    let mut sequence = Sequence::default();
-    for event in context {
-        for agui in event.agui().events.iter() {
-            if let Ok(serde_json::Value::Object(fields)) = serde_json::from_slice(agui) {
-                // Violations were counted when the events came in.
-                let _ = sequence.apply_fields(&fields);
-            }
-        }
-    }
-    let prelude = sequence.prelude();
+    let prelude = crate::fanout::prelude(context);
     if prelude.is_empty() {
         return None;
     }

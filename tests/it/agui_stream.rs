@@ -623,6 +623,24 @@ async fn run_agent(
     )
 }
 
+/// The SSE events of an answer body: each event's `id:` (if any) and its `data:` as JSON.
+fn sse_events(body: &Value) -> Vec<(Option<String>, Value)> {
+    let text = body.as_str().unwrap_or_default();
+    let mut events = Vec::new();
+    for block in text.split("\n\n") {
+        let mut id = None;
+        for line in block.lines() {
+            if let Some(value) = line.strip_prefix("id: ") {
+                id = Some(value.to_string());
+            }
+            if let Some(data) = line.strip_prefix("data: ") {
+                events.push((id.clone(), serde_json::from_str(data).unwrap()));
+            }
+        }
+    }
+    events
+}
+
 fn agent_config(url: String, headers: &[(&str, &str)]) -> AgentConfig {
     AgentConfig {
         url,
@@ -646,7 +664,26 @@ async fn the_proxy_forwards_a_run_with_the_configured_headers_and_ingests_the_an
     .await;
     let mut viewer = viewer(&gateway, "u1", "t_px").await;
     let (status, body) = run_agent(&gateway, "scripted", &input("t_px", "r_px"), &[]).await;
-    assert_eq!(status, StatusCode::ACCEPTED, "{body}");
+    assert_eq!(status, StatusCode::OK, "{body}");
+    // The answer is the thread's AG-UI stream from this run's start to its end, with ids.
+    let answer = sse_events(&body);
+    let sent: Vec<&str> = answer
+        .iter()
+        .map(|(_, e)| e["type"].as_str().unwrap())
+        .collect();
+    let script_types: Vec<String> = script("t_px", "r_px")
+        .iter()
+        .map(|e| e["type"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(sent, script_types, "{body}");
+    let seqs: Vec<u64> = answer
+        .iter()
+        .map(|(id, _)| {
+            let id = id.as_deref().expect("every event has an id");
+            id.rsplit_once(':').unwrap().1.parse().unwrap()
+        })
+        .collect();
+    assert_eq!(seqs, (1..=9).collect::<Vec<u64>>(), "{body}");
     let frames = viewer.events(9).await;
     let expected: Vec<String> = script("t_px", "r_px")
         .iter()
@@ -734,7 +771,7 @@ async fn the_proxy_authorises_the_thread_like_a_subscription() {
     let bearer = format!("Bearer {allowed}");
     let (status, answer) =
         run_agent(&gateway, "scripted", &body, &[("authorization", &bearer)]).await;
-    assert_eq!(status, StatusCode::ACCEPTED, "{answer}");
+    assert_eq!(status, StatusCode::OK, "{answer}");
     crate::support::eventually("the run's events in the ledger", async || {
         let (_, channel) = gateway.get("/v1/channels/thread:t_auth").await;
         match channel["emitted"].as_u64() {
@@ -768,7 +805,7 @@ async fn an_agent_that_dies_mid_run_or_cannot_be_reached_has_its_run_closed() {
     .await;
     let mut viewer = viewer(&gateway, "u1", "t_die").await;
     let (status, _) = run_agent(&gateway, "dying", &input("t_die", "r_die"), &[]).await;
-    assert_eq!(status, StatusCode::ACCEPTED);
+    assert_eq!(status, StatusCode::OK);
     let frames = viewer.events(8).await;
     assert_eq!(
         types(&frames[5..]),
@@ -779,7 +816,7 @@ async fn an_agent_that_dies_mid_run_or_cannot_be_reached_has_its_run_closed() {
     let mut viewer = crate::support::Client::hello(gateway.addr, "u2").await;
     viewer.subscribe("t_away", None).await;
     let (status, _) = run_agent(&gateway, "away", &input("t_away", "r_away"), &[]).await;
-    assert_eq!(status, StatusCode::ACCEPTED);
+    assert_eq!(status, StatusCode::OK);
     let frames = viewer.events(2).await;
     assert_eq!(types(&frames), ["RUN_STARTED", "RUN_ERROR"]);
     assert_eq!(agui(&frames[1])["code"], "agent_unreachable");
@@ -883,7 +920,7 @@ async fn a_real_agent_gets_its_header_from_the_configuration_and_its_run_reaches
     .await;
     let body = run_input("t-real", "r-real").to_string();
     let (status, answer) = run_agent(&gateway, "weather", &body, &[]).await;
-    assert_eq!(status, StatusCode::ACCEPTED, "{answer}");
+    assert_eq!(status, StatusCode::OK, "{answer}");
     let frames = native.events(AGENT_EVENTS).await;
     assert_eq!(agui(&frames[0])["type"], "RUN_STARTED");
     assert_eq!(agui(&frames[AGENT_EVENTS - 1])["type"], "RUN_FINISHED");
@@ -908,7 +945,7 @@ async fn a_real_agent_gets_its_header_from_the_configuration_and_its_run_reaches
     native.subscribe("t-bare", None).await;
     let body = run_input("t-bare", "r-bare").to_string();
     let (status, _) = run_agent(&gateway, "bare", &body, &[]).await;
-    assert_eq!(status, StatusCode::ACCEPTED);
+    assert_eq!(status, StatusCode::OK);
     let frames = native.events(2).await;
     assert_eq!(types(&frames), ["RUN_STARTED", "RUN_ERROR"]);
     assert_eq!(agui(&frames[1])["code"], "agent_unreachable");
@@ -945,7 +982,7 @@ async fn a_real_agent_dying_mid_stream_has_its_run_closed_for_every_viewer() {
     .await;
     let body = run_input("t-die", "r-die").to_string();
     let (status, _) = run_agent(&gateway, "weather", &body, &[]).await;
-    assert_eq!(status, StatusCode::ACCEPTED);
+    assert_eq!(status, StatusCode::OK);
     for viewer in [&mut first, &mut second] {
         let frames = viewer.events(12).await;
         assert_eq!(
@@ -970,4 +1007,123 @@ async fn a_real_agent_dying_mid_stream_has_its_run_closed_for_every_viewer() {
         1.0
     );
     assert_eq!(gateway.channel("thread:t-die").await["emitted"], 12);
+}
+
+#[tokio::test]
+async fn http_agent_through_the_gateway_assembles_what_it_assembles_from_the_agent() {
+    const SECRET: &str = "0123456789abcdef0123456789abcdef";
+    let agent = AguiAgent::start(&["--require-header", "x-agent-key:agent-key-1"]);
+    let url = agent.url.clone();
+    let gateway = Gateway::start_with(move |c| {
+        c.auth.jwt_secret = Some(SECRET.into());
+        c.agui.agents.insert(
+            "weather".into(),
+            agent_config(url, &[("x-agent-key", "agent-key-1")]),
+        );
+    })
+    .await;
+    let direct = node(
+        "run-agent.mjs",
+        &[
+            "--url",
+            &agent.url,
+            "--thread",
+            "t-http",
+            "--run",
+            "r-direct",
+            "--header",
+            "x-agent-key: agent-key-1",
+        ],
+    )
+    .await;
+    assert!(direct["ok"].as_bool().unwrap(), "{direct}");
+    let token = agentwire::auth::mint(
+        SECRET,
+        "u1",
+        &["t-http".into()],
+        None,
+        Duration::from_secs(60),
+    )
+    .unwrap();
+    let through = node(
+        "run-agent.mjs",
+        &[
+            "--url",
+            &format!("http://{}/agui/weather", gateway.addr),
+            "--thread",
+            "t-http",
+            "--run",
+            "r-direct",
+            "--header",
+            &format!("Authorization: Bearer {token}"),
+        ],
+    )
+    .await;
+    assert!(through["ok"].as_bool().unwrap(), "{through}");
+    assert!(through["finished"].as_bool().unwrap(), "{through}");
+    assert_eq!(through["messages"], direct["messages"]);
+    assert_eq!(through["state"], direct["state"]);
+    assert_eq!(through["types"], direct["types"]);
+    assert_eq!(through["result"], direct["result"]);
+    // Without a token the gateway forwards nothing.
+    let refused = node(
+        "run-agent.mjs",
+        &[
+            "--url",
+            &format!("http://{}/agui/weather", gateway.addr),
+            "--thread",
+            "t-http",
+            "--run",
+            "r-2",
+        ],
+    )
+    .await;
+    assert!(!refused["ok"].as_bool().unwrap(), "{refused}");
+    assert_eq!(agent.requests().await.as_array().unwrap().len(), 2);
+}
+
+#[tokio::test]
+async fn http_agent_sees_the_run_closed_when_the_agent_dies() {
+    let agent = AguiAgent::start(&["--die-after", "9"]);
+    let url = agent.url.clone();
+    let gateway = Gateway::start_with(move |c| {
+        c.agui
+            .agents
+            .insert("weather".into(), agent_config(url, &[]));
+    })
+    .await;
+    let mut native = viewer(&gateway, "u1", "t-hd").await;
+    let through = node(
+        "run-agent.mjs",
+        &[
+            "--url",
+            &format!("http://{}/agui/weather", gateway.addr),
+            "--thread",
+            "t-hd",
+            "--run",
+            "r-hd",
+        ],
+    )
+    .await;
+    assert!(!through["finished"].as_bool().unwrap(), "{through}");
+    let types: Vec<&str> = through["types"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t.as_str().unwrap())
+        .collect();
+    assert_eq!(
+        types[types.len() - 3..],
+        ["TOOL_CALL_END", "TOOL_CALL_RESULT", "RUN_ERROR"],
+        "{through}"
+    );
+    // The open tool call was answered with an error, so the client's messages are whole.
+    let result = &through["messages"][1];
+    assert_eq!(result["toolCallId"], "r-hd-tc1", "{through}");
+    assert!(
+        result["content"].as_str().unwrap().starts_with("error: "),
+        "{through}"
+    );
+    let frames = native.events(12).await;
+    assert_eq!(agui(&frames[11])["code"], "agent_stream_ended");
 }

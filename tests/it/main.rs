@@ -4,9 +4,9 @@
 
 mod abuse;
 mod agui;
+mod agui_delivery;
 mod agui_stream;
 mod agui_support;
-mod agui_ws;
 mod auth;
 mod bad_input;
 mod delivery;
@@ -23,6 +23,7 @@ mod resume;
 mod security;
 mod shutdown;
 mod slow_consumer;
+mod sse;
 mod support;
 mod tidy;
 mod traces;

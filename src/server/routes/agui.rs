@@ -14,16 +14,24 @@ use hyper::header::{self, HeaderValue};
 use hyper::{Method, Request, Response, StatusCode};
 use serde_json::json;
 
+use tokio_util::sync::CancellationToken;
+
 use super::body::{self, BodyRefusal};
-use super::upgrade::{MAX_BEARER_BYTES, admit};
-use super::{Body, broker_unavailable, error, json_response, media_type, percent_decode};
+use super::events::authorise;
+use super::upgrade::{admit, connection_slot};
+use super::{
+    Body, broker_error, broker_unavailable, error, json_response, media_type, percent_decode,
+};
 use crate::Gateway;
-use crate::auth::{Refusal, ThreadAccess};
 use crate::ingest::agui_proxy::{self, ProxiedRun};
 use crate::ingest::agui_stream::{self, Bound, Format};
 use crate::metrics::{self, Label};
+use crate::protocol::ChannelName;
 use crate::protocol::agui::RunAgentInput;
 use crate::protocol::channel::check_id;
+use crate::protocol::client::Since;
+use crate::protocol::server;
+use crate::session::sse;
 
 /// Why an AG-UI stream or agent run was refused, counted in `agentwire_agui_refused_total{reason}`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -221,18 +229,18 @@ pub(super) async fn proxy(
     gateway: Arc<Gateway>,
     peer: SocketAddr,
     raw_agent: &str,
+    cut: CancellationToken,
     request: Request<Incoming>,
 ) -> Response<Body> {
+    // Admitted like `/ws` and the event streams: origin, protected mode, draining (counted there).
     if let Err(refusal) = admit(&gateway, peer, &request) {
-        metrics::count(&gateway.metrics.upgrades_refused, refusal);
-        tracing::debug!(%peer, reason = refusal.as_str(), "Refused an AG-UI run.");
         return refusal.response();
     }
     // `admit` let the origin in: a page of it may read the answer, whatever it is.
     let origin = request.headers().get(header::ORIGIN).cloned();
     let mut response = match *request.method() {
         Method::OPTIONS => preflight(origin.is_some()),
-        _ => run(&gateway, raw_agent, request).await,
+        _ => run(&gateway, peer, raw_agent, cut, request).await,
     };
     if let Some(origin) = origin {
         let headers = response.headers_mut();
@@ -244,7 +252,7 @@ pub(super) async fn proxy(
 
 /// The CORS preflight of `HttpAgent`: a JSON POST with `Authorization`.
 fn preflight(cors: bool) -> Response<Body> {
-    let mut response = Response::new(Body::default());
+    let mut response = Response::new(super::full(bytes::Bytes::new()));
     *response.status_mut() = StatusCode::NO_CONTENT;
     let headers = response.headers_mut();
     headers.insert(header::ALLOW, HeaderValue::from_static("POST, OPTIONS"));
@@ -267,7 +275,9 @@ fn preflight(cors: bool) -> Response<Body> {
 
 async fn run(
     gateway: &Arc<Gateway>,
+    peer: SocketAddr,
     raw_agent: &str,
+    cut: CancellationToken,
     request: Request<Incoming>,
 ) -> Response<Body> {
     let agent = match percent_decode(raw_agent) {
@@ -292,17 +302,11 @@ async fn run(
         return refused(gateway, AguiRefusal::MediaType, answer);
     }
     let bearer = super::bearer(&request).map(str::to_string);
-    if bearer
-        .as_ref()
-        .is_some_and(|token| token.len() > MAX_BEARER_BYTES)
-    {
-        return error(
-            StatusCode::BAD_REQUEST,
-            "invalid_token",
-            "the token is larger than 8192 bytes",
-            Some("authorization"),
-        );
-    }
+    // The connection budgets, like any stream of the public door: held while the answer streams.
+    let slot = match connection_slot(gateway, peer, &request) {
+        Ok(slot) => slot,
+        Err(refused) => return refused.response(),
+    };
     let limit = gateway.config.agui.max_input_bytes;
     let held = match body::read(gateway, request, limit, "agui.max_input_bytes").await {
         Ok(held) => held,
@@ -319,72 +323,197 @@ async fn run(
             return refused(gateway, AguiRefusal::InvalidInput, answer);
         }
     };
-    if let Err(answer) = authorise(gateway, bearer.as_deref(), &input.thread_id).await {
-        return answer;
-    }
+    // Authorised like a reader of the thread (the event streams' rule, with the bearer only).
+    let expires = match authorise(gateway, bearer.as_deref(), None, &input.thread_id).await {
+        Ok(expires) => expires,
+        Err(answer) => return answer,
+    };
     let place = match place(gateway) {
         Ok(place) => place,
         Err(reason) => return busy(gateway, reason),
     };
-    let channel = format!("thread:{}", input.thread_id);
+    // The answer starts after what the thread holds now, so it begins with this run; it is
+    // subscribed before the agent is asked, so nothing of the run can be missed.
+    let since = match gateway
+        .broker
+        .report(&ChannelName::thread(&input.thread_id))
+        .await
+    {
+        Ok(Some(report)) if !report.epoch.is_empty() => Since {
+            epoch: Some(report.epoch),
+            seq: report.last_seq,
+        },
+        Ok(_) => Since {
+            epoch: None,
+            seq: 0,
+        },
+        Err(failure) => return broker_error(gateway, &failure),
+    };
+    let stream = sse::Request {
+        thread_id: input.thread_id.clone(),
+        since: Some(since),
+        format: server::Format::AgUi,
+        expires,
+        cut,
+    };
+    let events = match sse::open(Arc::clone(gateway), stream, slot).await {
+        Ok(events) => events,
+        Err(failure) => return broker_error(gateway, &failure),
+    };
     let run = ProxiedRun {
         agent,
-        thread_id: input.thread_id.clone(),
+        thread_id: input.thread_id,
         run_id: input.run_id.clone(),
         input: held.bytes.clone(),
     };
     agui_proxy::start(gateway, run, place);
-    json_response(
-        StatusCode::ACCEPTED,
-        &json!({"thread_id": input.thread_id, "run_id": input.run_id, "channel": channel}),
-    )
+    let mut response = Response::new(UntilRunEnds::new(events, &input.run_id).boxed_unsync());
+    let headers = response.headers_mut();
+    headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/event-stream"),
+    );
+    headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    headers.insert("x-accel-buffering", HeaderValue::from_static("no"));
+    // The stream's task cuts its connection when it ends, which may be after this answer ended
+    // with the run: the connection is not reused for another request.
+    headers.insert(header::CONNECTION, HeaderValue::from_static("close"));
+    response
 }
 
-/// Who may start a run on the thread, with browser authentication: `Authorization: Bearer` with a
-/// connection token whose `threads` allow it (or a subscription token for it, or the subscribe
-/// webhook's yes), as for a `/ws` subscription. Without browser authentication anyone admitted
-/// may, as on `/ws`.
-async fn authorise(
-    gateway: &Gateway,
-    bearer: Option<&str>,
-    thread_id: &str,
-) -> Result<(), Response<Body>> {
-    let Some(verifier) = &gateway.verifier else {
-        return Ok(());
-    };
-    let Some(token) = bearer else {
-        return Err(unauthorised(gateway, Refusal::Missing));
-    };
-    let identity = verifier
-        .connection(token, None)
-        .await
-        .map_err(|refusal| unauthorised(gateway, refusal))?;
-    let access = ThreadAccess {
-        verifier,
-        webhook: gateway.subscribe_webhook.as_ref(),
-        metrics: &gateway.metrics,
-    };
-    access
-        .may_read(Some(&identity), &identity.user_id, thread_id, Some(token))
-        .await
-        .map_err(|refusal| unauthorised(gateway, refusal))
+/// The thread's AG-UI event stream, ended right after this run's end (RUN_FINISHED naming it, or a
+/// RUN_ERROR after its RUN_STARTED): what `HttpAgent` reads from the agent itself, whose
+/// `runAgent` resolves when the response ends. The stream is the SSE endpoint's, which writes
+/// whole SSE events per chunk; a chunk is cut after the event that ends the run.
+pub(super) struct UntilRunEnds<B> {
+    inner: B,
+    run_id: String,
+    started: bool,
+    done: bool,
+    /// The end of a line a chunk ended in the middle of (bounded: a longer line is not looked at).
+    partial: Vec<u8>,
 }
 
-/// Counted like `/ws`'s refusals; 403 when the token is good but does not allow the thread, 401
-/// (with `WWW-Authenticate`) otherwise.
-fn unauthorised(gateway: &Gateway, refusal: Refusal) -> Response<Body> {
-    metrics::count(&gateway.metrics.auth_refused, refusal);
-    tracing::debug!(reason = refusal.as_str(), "Refused an AG-UI run.");
-    if refusal == Refusal::Thread {
-        return error(StatusCode::FORBIDDEN, "forbidden", refusal.message(), None);
+/// A line longer than this is not read for the run's end (no AG-UI event the gateway stores is).
+const MAX_LINE: usize = 4 * 1024 * 1024;
+
+impl<B> UntilRunEnds<B> {
+    pub(super) fn new(inner: B, run_id: &str) -> Self {
+        Self {
+            inner,
+            run_id: run_id.to_string(),
+            started: false,
+            done: false,
+            partial: Vec::new(),
+        }
     }
-    let message = match refusal {
-        Refusal::Missing => "this endpoint needs Authorization: Bearer <token>",
-        _ => refusal.message(),
-    };
-    let mut response = error(StatusCode::UNAUTHORIZED, "unauthorized", message, None);
-    response
-        .headers_mut()
-        .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
-    response
+
+    /// Reads `chunk`'s lines; `Some(n)` when the run's end is in it, `n` the bytes up to the end of
+    /// that SSE event.
+    fn scan(&mut self, chunk: &[u8]) -> Option<usize> {
+        let mut start = 0;
+        let mut ends_at = None;
+        while let Some(at) = chunk[start..].iter().position(|b| *b == b'\n') {
+            let end = start + at;
+            let line: std::borrow::Cow<'_, [u8]> = if self.partial.is_empty() {
+                chunk[start..end].into()
+            } else {
+                let mut whole = std::mem::take(&mut self.partial);
+                whole.extend_from_slice(&chunk[start..end]);
+                whole.into()
+            };
+            start = end + 1;
+            if ends_at.is_some() {
+                // The blank line that ends the terminal event.
+                if line.iter().all(|b| *b == b'\r') {
+                    return Some(start);
+                }
+                continue;
+            }
+            if let Some(data) = line.strip_prefix(b"data:") {
+                ends_at = self.ends_run(data).then_some(start);
+            }
+        }
+        if self.partial.len() + (chunk.len() - start) <= MAX_LINE {
+            self.partial.extend_from_slice(&chunk[start..]);
+        } else {
+            self.partial.clear();
+        }
+        ends_at.map(|_| chunk.len())
+    }
+
+    fn ends_run(&mut self, data: &[u8]) -> bool {
+        let Ok(event) = serde_json::from_slice::<serde_json::Value>(data) else {
+            return false;
+        };
+        let ours = event.get("runId").and_then(serde_json::Value::as_str) == Some(&self.run_id);
+        match event.get("type").and_then(serde_json::Value::as_str) {
+            Some("RUN_STARTED") if ours => {
+                self.started = true;
+                false
+            }
+            Some("RUN_FINISHED") => ours,
+            Some("RUN_ERROR") => self.started,
+            _ => false,
+        }
+    }
+}
+
+impl<B> hyper::body::Body for UntilRunEnds<B>
+where
+    B: hyper::body::Body<Data = bytes::Bytes> + Unpin,
+{
+    type Data = bytes::Bytes;
+    type Error = B::Error;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<bytes::Bytes>, Self::Error>>> {
+        use std::task::Poll;
+        if self.done {
+            return Poll::Ready(None);
+        }
+        let frame = match std::pin::Pin::new(&mut self.inner).poll_frame(cx) {
+            Poll::Ready(Some(Ok(frame))) => frame,
+            other => return other,
+        };
+        let Some(chunk) = frame.data_ref() else {
+            return Poll::Ready(Some(Ok(frame)));
+        };
+        match self.scan(chunk) {
+            Some(end) => {
+                self.done = true;
+                let chunk = chunk.slice(..end);
+                Poll::Ready(Some(Ok(hyper::body::Frame::data(chunk))))
+            }
+            None => Poll::Ready(Some(Ok(frame))),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_stream_ends_after_the_runs_end() {
+        let mut until = UntilRunEnds::new((), "r1");
+        let chunk = b"retry: 1000\n\nid: e:1\ndata: {\"type\":\"RUN_FINISHED\",\"threadId\":\"t\",\"runId\":\"r0\"}\n\n";
+        assert_eq!(until.scan(chunk), None, "another run's end");
+        let chunk = b"id: e:2\ndata: {\"type\":\"RUN_STARTED\",\"threadId\":\"t\",\"runId\":\"r1\"}\n\nid: e:3\ndata: {\"type\":\"TEXT_MESSAGE_CHUNK\",";
+        assert_eq!(until.scan(chunk), None);
+        assert!(until.started);
+        let rest = b"\"delta\":\"x\"}\n\nid: e:4\ndata: {\"type\":\"RUN_ERROR\",\"message\":\"m\"}\n\nid: e:5\ndata: {}\n\n";
+        let end = until.scan(rest).unwrap();
+        assert!(
+            rest[..end].ends_with(b"\"m\"}\n\n"),
+            "{:?}",
+            String::from_utf8_lossy(&rest[..end])
+        );
+        let mut until = UntilRunEnds::new((), "r1");
+        let chunk = b"id: e:9\r\ndata: {\"type\":\"RUN_FINISHED\",\"threadId\":\"t\",\"runId\":\"r1\"}\r\n\r\n: hb\n";
+        let end = until.scan(chunk).unwrap();
+        assert_eq!(&chunk[end..], b": hb\n");
+    }
 }

@@ -61,7 +61,7 @@ pub(super) async fn metrics(gateway: &Gateway) -> Response<Body> {
         history: gateway.broker.history_usage(),
         cluster,
     });
-    let mut response = Response::new(Body::new(Bytes::from(text)));
+    let mut response = Response::new(super::full(Bytes::from(text)));
     response.headers_mut().insert(
         header::CONTENT_TYPE,
         HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),

@@ -1,12 +1,14 @@
-//! The HTTP surface: `/ws`, `/agui/{agent}`, `/v1/events`, `/v1/runs`, `/v1/runs/{run_id}/agui`,
-//! `/v1/channels/{channel}`, `/healthz`, `/readyz`, `/metrics`. Every error is JSON: `{"error": code, "message": …, "field": …}`.
+//! The HTTP surface: `/ws`, `/v1/threads/{thread_id}/events`, `/agui/{agent}`, `/v1/events`,
+//! `/v1/runs`, `/v1/runs/{run_id}/agui`, `/v1/channels/{channel}`, `/healthz`, `/readyz`, `/metrics`.
+//! Every error is JSON: `{"error": code, "message": …, "field": …}`.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
 use bytes::Bytes;
-use http_body_util::Full;
+use http_body_util::combinators::UnsyncBoxBody;
+use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use hyper::header::{self, HeaderValue};
 use hyper::{Method, Request, Response, StatusCode};
@@ -17,9 +19,11 @@ use crate::Gateway;
 use crate::auth::{ApiRefusal, Role};
 use crate::broker::BrokerError;
 use crate::metrics::{self, Label};
+use tokio_util::sync::CancellationToken;
 
 mod agui;
 mod body;
+mod events;
 mod health;
 mod operator;
 mod producers;
@@ -33,20 +37,28 @@ use producers::{events, runs};
 pub use upgrade::Refused as UpgradeRefused;
 use upgrade::upgrade;
 
-type Body = Full<Bytes>;
+/// Every answer's body: whole (`full`) or, for an event stream, the stream's chunks.
+type Body = UnsyncBoxBody<Bytes, Infallible>;
 
-/// Answers one request that came through `door` from `peer`. The public door knows only `/ws` and
-/// `/healthz`; everything else is on the internal door.
+/// A whole body.
+fn full(bytes: Bytes) -> Body {
+    Full::new(bytes).boxed_unsync()
+}
+
+/// Answers one request that came through `door` from `peer`. The public door knows only `/ws`,
+/// the event streams and `/healthz`; everything else is on the internal door. Cancelling `cut`
+/// closes the request's connection (an event stream that ended does).
 pub async fn handle(
     gateway: Arc<Gateway>,
     door: Door,
     peer: SocketAddr,
+    cut: CancellationToken,
     request: Request<Incoming>,
 ) -> Result<Response<Body>, Infallible> {
     let path = request.uri().path().to_string();
     let method = request.method().clone();
     let response = match door {
-        Door::Public => public(gateway, peer, &path, &method, request).await,
+        Door::Public => public(gateway, peer, &path, &method, cut, request).await,
         Door::Internal => internal(gateway, peer, &path, &method, request).await,
     };
     Ok(response)
@@ -57,12 +69,18 @@ async fn public(
     peer: SocketAddr,
     path: &str,
     method: &Method,
+    cut: CancellationToken,
     request: Request<Incoming>,
 ) -> Response<Body> {
+    if let Some(thread) = events::thread_in(path)
+        && matches!(method, &Method::GET | &Method::OPTIONS)
+    {
+        return events::events(gateway, peer, thread, cut, request).await;
+    }
     if let Some(agent) = agui::agent_in(path)
         && matches!(method, &Method::POST | &Method::OPTIONS)
     {
-        return agui::proxy(gateway, peer, agent, request).await;
+        return agui::proxy(gateway, peer, agent, cut, request).await;
     }
     match (path, method) {
         ("/ws", &Method::GET) => upgrade(gateway, peer, request),
@@ -254,6 +272,7 @@ fn too_many_requests(gateway: &Gateway) -> Response<Body> {
 fn not_routed(path: &str, method: &Method, door: Door) -> Response<Body> {
     let allow = match (door, path) {
         (Door::Public, "/ws" | "/healthz") => Some("GET"),
+        (Door::Public, p) if events::thread_in(p).is_some() => Some("GET, OPTIONS"),
         (Door::Public, p) if agui::agent_in(p).is_some() => Some("POST, OPTIONS"),
         (Door::Public, _) => None,
         (Door::Internal, "/healthz" | "/readyz" | "/metrics") => Some("GET"),
@@ -331,7 +350,7 @@ fn json_response(status: StatusCode, value: &impl serde::Serialize) -> Response<
             )
         }
     };
-    let mut response = Response::new(Body::new(Bytes::from(body)));
+    let mut response = Response::new(full(Bytes::from(body)));
     *response.status_mut() = status;
     response.headers_mut().insert(
         header::CONTENT_TYPE,

@@ -12,7 +12,7 @@ use tokio::net::TcpStream;
 
 use super::{Body, error};
 use crate::Gateway;
-use crate::limits::{self, ConnectionsFull};
+use crate::limits::{self, ConnectionSlot, ConnectionsFull};
 use crate::metrics::{self, Label};
 use crate::telemetry::Throttle;
 
@@ -22,37 +22,11 @@ pub(super) fn upgrade(
     mut request: Request<Incoming>,
 ) -> Response<Body> {
     if let Err(refused) = admit(&gateway, peer, &request) {
-        metrics::count(&gateway.metrics.upgrades_refused, refused);
-        tracing::debug!(%peer, reason = refused.as_str(), "Refused a WebSocket upgrade.");
         return refused.response();
     }
-    if gateway.shutdown.is_draining() {
-        return error(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "draining",
-            "this replica is shutting down; connect to another",
-            None,
-        );
-    }
-    let forwarded = request
-        .headers()
-        .get("x-forwarded-for")
-        .and_then(|v| v.to_str().ok());
-    let client = limits::client_ip(peer.ip(), forwarded, &gateway.config.trusted_proxies);
-    let slot = match gateway.limits.connection(client) {
+    let slot = match connection_slot(&gateway, peer, &request) {
         Ok(slot) => slot,
-        Err(full) => {
-            let refused = match full {
-                ConnectionsFull::Global => Refused::Connections,
-                ConnectionsFull::PerIp => Refused::ConnectionsPerIp,
-            };
-            metrics::count(&gateway.metrics.upgrades_refused, refused);
-            static FULL: Throttle = Throttle::every(Duration::from_secs(10));
-            if let Some(held_back) = FULL.allow() {
-                tracing::warn!(%client, reason = refused.as_str(), held_back, "Refused WebSocket upgrades: a connection budget is full.");
-            }
-            return refused.response();
-        }
+        Err(refused) => return refused.response(),
     };
     if !fastwebsockets::upgrade::is_upgrade_request(&request) {
         return error(
@@ -108,13 +82,13 @@ pub(super) fn upgrade(
         }
     });
     let (parts, _) = response.into_parts();
-    Response::from_parts(parts, Body::default())
+    Response::from_parts(parts, super::full(bytes::Bytes::new()))
 }
 
-/// A token sent with the upgrade is at most this large, like `hello.token`.
+/// A token sent with the upgrade (or to an event stream) is at most this large, like `hello.token`.
 pub(super) const MAX_BEARER_BYTES: usize = 8 * 1024;
 
-/// Why an upgrade was refused before any session state existed, counted in
+/// Why an upgrade or an event stream was refused before any session state existed, counted in
 /// `agentwire_upgrades_refused_total{reason}`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Refused {
@@ -126,6 +100,8 @@ pub enum Refused {
     Connections,
     /// The client's address holds `session.max_connections_per_ip`.
     ConnectionsPerIp,
+    /// An event stream's request is malformed (400 naming the field, or 406).
+    InvalidRequest,
 }
 
 impl Label for Refused {
@@ -134,6 +110,7 @@ impl Label for Refused {
         Self::NotLoopback,
         Self::Connections,
         Self::ConnectionsPerIp,
+        Self::InvalidRequest,
     ];
 
     fn as_str(self) -> &'static str {
@@ -142,6 +119,7 @@ impl Label for Refused {
             Self::NotLoopback => "not_loopback",
             Self::Connections => "connections",
             Self::ConnectionsPerIp => "connections_per_ip",
+            Self::InvalidRequest => "invalid_request",
         }
     }
 }
@@ -152,13 +130,13 @@ impl Refused {
             Self::Origin => error(
                 StatusCode::FORBIDDEN,
                 "origin_not_allowed",
-                "this page's origin may not open /ws; the gateway's operator lists allowed origins in auth.allowed_origins",
+                "this page's origin may not connect to this gateway (/ws, event streams); the gateway's operator lists allowed origins in auth.allowed_origins",
                 None,
             ),
             Self::NotLoopback => error(
                 StatusCode::FORBIDDEN,
                 "protected_mode",
-                "browser authentication is not configured, so only loopback clients may connect; configure it, or set auth.insecure = true for a trusted network",
+                "browser authentication is not configured, so only loopback clients may connect (/ws, event streams); configure it, or set auth.insecure = true for a trusted network",
                 None,
             ),
             Self::Connections => busy(
@@ -168,6 +146,13 @@ impl Refused {
             Self::ConnectionsPerIp => busy(
                 "too_many_connections",
                 "this address holds session.max_connections_per_ip connections; close some first",
+            ),
+            // The route answers with the field at fault; this is what is left without one.
+            Self::InvalidRequest => error(
+                StatusCode::BAD_REQUEST,
+                "invalid_request",
+                "the request is malformed",
+                None,
             ),
         }
     }
@@ -183,9 +168,74 @@ fn busy(code: &str, message: &str) -> Response<Body> {
     response
 }
 
-/// Who may upgrade: a browser page of an allowed origin (a client without `Origin` is not a
-/// browser page), and in protected mode only a loopback peer.
+/// Why a connection was not admitted.
+pub(super) enum NotAdmitted {
+    /// Refused, and counted.
+    Refused(Refused),
+    /// The replica is shutting down: the client connects to another.
+    Draining,
+}
+
+impl NotAdmitted {
+    pub(super) fn response(self) -> Response<Body> {
+        match self {
+            Self::Refused(refused) => refused.response(),
+            Self::Draining => error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "draining",
+                "this replica is shutting down; connect to another",
+                None,
+            ),
+        }
+    }
+}
+
+/// Who may open a connection (a WebSocket or an event stream): a browser page of an allowed
+/// origin (a client without `Origin` is not a browser page), in protected mode only a loopback
+/// peer, and nobody once the replica drains. A refusal is counted.
 pub(super) fn admit(
+    gateway: &Gateway,
+    peer: SocketAddr,
+    request: &Request<Incoming>,
+) -> Result<(), NotAdmitted> {
+    if let Err(refused) = allowed(gateway, peer, request) {
+        metrics::count(&gateway.metrics.upgrades_refused, refused);
+        tracing::debug!(%peer, reason = refused.as_str(), "Refused a connection.");
+        return Err(NotAdmitted::Refused(refused));
+    }
+    if gateway.shutdown.is_draining() {
+        return Err(NotAdmitted::Draining);
+    }
+    Ok(())
+}
+
+/// A place in the connection budgets (`session.max_connections`, per address
+/// `session.max_connections_per_ip`), held until the connection ends; a full one is counted.
+pub(super) fn connection_slot(
+    gateway: &Gateway,
+    peer: SocketAddr,
+    request: &Request<Incoming>,
+) -> Result<ConnectionSlot, Refused> {
+    let forwarded = request
+        .headers()
+        .get("x-forwarded-for")
+        .and_then(|v| v.to_str().ok());
+    let client = limits::client_ip(peer.ip(), forwarded, &gateway.config.trusted_proxies);
+    gateway.limits.connection(client).map_err(|full| {
+        let refused = match full {
+            ConnectionsFull::Global => Refused::Connections,
+            ConnectionsFull::PerIp => Refused::ConnectionsPerIp,
+        };
+        metrics::count(&gateway.metrics.upgrades_refused, refused);
+        static FULL: Throttle = Throttle::every(Duration::from_secs(10));
+        if let Some(held_back) = FULL.allow() {
+            tracing::warn!(%client, reason = refused.as_str(), held_back, "Refused connections: a connection budget is full.");
+        }
+        refused
+    })
+}
+
+fn allowed(
     gateway: &Gateway,
     peer: SocketAddr,
     request: &Request<Incoming>,

@@ -1,4 +1,5 @@
-//! AG-UI over `/ws`: AG-UI events posted in, AG-UI frames out (`hello.protocol = "ag-ui"`),
+//! AG-UI delivery: AG-UI events posted in, AG-UI out on `/ws` (`hello.protocol = "ag-ui"`) and on
+//! the SSE endpoint (`format=agui`),
 //! native and AG-UI clients on one thread, and the prelude a client joining mid-run gets.
 
 use serde_json::{Value, json};
@@ -360,5 +361,64 @@ async fn a_resume_inside_an_earlier_run_gets_that_runs_prelude() {
             .map(|f| f["seq"].as_u64().unwrap())
             .collect::<Vec<_>>(),
         [3, 4, 5]
+    );
+}
+
+/// SSE with `format=agui`, read by the official client's stages: a reader that drops mid-run and
+/// comes back with `Last-Event-ID` gets a prelude and exactly the missed events, and both reads
+/// pass verification; every data line is an AG-UI event and only event ends carry ids.
+#[tokio::test]
+async fn an_sse_reader_drops_and_resumes_with_last_event_id() {
+    use crate::agui_support::{AguiAgent, node, run_input};
+    let agent = AguiAgent::start(&[]);
+    let input = run_input("t-s", "r-s").to_string();
+    let direct = node(
+        "sse-read.mjs",
+        &["--url", &agent.url, "--post-json", &input, "--until-end"],
+    )
+    .await;
+    let mut events: Vec<Value> = direct["events"].as_array().unwrap().clone();
+    for event in &mut events {
+        event["run_id"] = "r-s".into();
+    }
+    let gateway = Gateway::start_with(|_| {}).await;
+    post(&gateway, Value::Array(events.clone())).await;
+    let url = format!(
+        "http://{}/v1/threads/t-s/events?format=agui&since=0",
+        gateway.addr
+    );
+
+    let first = node("sse-read.mjs", &["--url", &url, "--stop-after", "8"]).await;
+    assert!(first["verified"].as_bool().unwrap(), "{first}");
+    assert_eq!(
+        first["other"],
+        json!([]),
+        "control frames are comments: {first}"
+    );
+    // The id of the last event it handled (the parser may have read further into its buffer).
+    let last_id = first["ids"][7].as_str().unwrap().to_string();
+    assert!(last_id.ends_with(":8"), "{first}");
+
+    let second = node(
+        "sse-read.mjs",
+        &["--url", &url, "--last-event-id", &last_id, "--until-end"],
+    )
+    .await;
+    assert!(
+        second["ok"].as_bool().unwrap() && second["verified"].as_bool().unwrap(),
+        "{second}"
+    );
+    let got = second["events"].as_array().unwrap();
+    let prelude = second["ids"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .take_while(|id| id.is_null())
+        .count();
+    assert!(prelude >= 1 && got[0]["type"] == "RUN_STARTED", "{second}");
+    assert_eq!(
+        &got[prelude..],
+        &direct["events"].as_array().unwrap()[8..],
+        "exactly the missed events, as the agent sent them"
     );
 }

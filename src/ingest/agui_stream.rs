@@ -29,7 +29,7 @@ use crate::protocol::event::{self, Event, Refusal, RefusalCode};
 const MAX_ERRORS: usize = 10;
 
 /// What an SSE line may hold beyond its event's JSON: the field name (`data: `).
-const SSE_LINE_SLACK: usize = 16;
+pub const SSE_LINE_SLACK: usize = 16;
 
 /// How a stream's body is framed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

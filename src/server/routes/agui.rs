@@ -192,7 +192,7 @@ pub(super) async fn stream(
     };
     // What one stream holds of `ingest.max_inflight_bytes`: one line, however long it streams.
     let mut budget = None;
-    let line = gateway.config.ingest.max_event_bytes + 16;
+    let line = gateway.config.ingest.max_event_bytes + agui_stream::SSE_LINE_SLACK;
     if !gateway.limits.hold_body_bytes(&mut budget, line) {
         let mut answer = error(
             StatusCode::SERVICE_UNAVAILABLE,

@@ -232,14 +232,8 @@ pub fn from_value(value: Value) -> Result<Event, Refusal> {
             format!("unknown type `{}`: expected agent_started, agent_thinking, tool_executing, tool_completed, agent_completed, agent_error, custom or an AG-UI type", super::excerpt(&kind_text)),
         )
     })?;
-    let Gateway {
-        run_id,
-        thread_id,
-        user_id,
-        event_id,
-        ts,
-        traceparent,
-    } = Gateway::take(&mut fields)?;
+    let gateway = Gateway::take(&mut fields)?;
+    let (run_id, thread_id, user_id) = (&gateway.run_id, &gateway.thread_id, &gateway.user_id);
     let payload = match fields.remove("payload") {
         None | Some(Value::Null) => Map::new(),
         Some(Value::Object(payload)) => payload,
@@ -292,17 +286,7 @@ pub fn from_value(value: Value) -> Result<Event, Refusal> {
             }
         }
     }
-    Ok(Event {
-        kind,
-        run_id,
-        thread_id,
-        user_id,
-        event_id,
-        ts,
-        traceparent,
-        payload,
-        producer: None,
-    })
+    Ok(gateway.into_event(kind, payload))
 }
 
 /// The gateway's own fields of an event, beside its type and payload.
@@ -326,6 +310,20 @@ impl Gateway {
             traceparent: optional_string(fields, "traceparent")?,
         })
     }
+
+    fn into_event(self, kind: EventType, payload: Map<String, Value>) -> Event {
+        Event {
+            kind,
+            run_id: self.run_id,
+            thread_id: self.thread_id,
+            user_id: self.user_id,
+            event_id: self.event_id,
+            ts: self.ts,
+            traceparent: self.traceparent,
+            payload,
+            producer: None,
+        }
+    }
 }
 
 /// An AG-UI event with the gateway's fields beside its own (`run_id`, `thread_id`, …, which
@@ -333,18 +331,11 @@ impl Gateway {
 /// RUN_STARTED and RUN_FINISHED name their run and thread themselves; the gateway's fields, when
 /// also given, must agree.
 fn from_agui(mut fields: Map<String, Value>) -> Result<Event, Refusal> {
-    let Gateway {
-        mut run_id,
-        mut thread_id,
-        user_id,
-        event_id,
-        ts,
-        traceparent,
-    } = Gateway::take(&mut fields)?;
+    let mut gateway = Gateway::take(&mut fields)?;
     let event = AguiEvent::from_fields(fields)?;
     for (own, ours, name) in [
-        ("runId", &mut run_id, "run_id"),
-        ("threadId", &mut thread_id, "thread_id"),
+        ("runId", &mut gateway.run_id, "run_id"),
+        ("threadId", &mut gateway.thread_id, "thread_id"),
     ] {
         match (event.str(own), ours.as_deref()) {
             (Some(theirs), Some(ours)) if theirs != ours => {
@@ -357,23 +348,13 @@ fn from_agui(mut fields: Map<String, Value>) -> Result<Event, Refusal> {
             _ => {}
         }
     }
-    if run_id.is_none() {
+    if gateway.run_id.is_none() {
         return Err(Refusal::missing(
             "run_id",
             format!("required for {}", event.type_name()),
         ));
     }
-    Ok(Event {
-        kind: event.kind.native(),
-        run_id,
-        thread_id,
-        user_id,
-        event_id,
-        ts,
-        traceparent,
-        payload: event.into_payload(),
-        producer: None,
-    })
+    Ok(gateway.into_event(event.kind.native(), event.into_payload()))
 }
 
 fn optional_string(fields: &mut Map<String, Value>, name: &str) -> Result<Option<String>, Refusal> {

@@ -397,3 +397,20 @@ impl Session {
         }
     }
 }
+
+/// Marks the events of a write that the client's socket (or SSE response) took as delivered:
+/// the first write of each is its delivery in the ledger.
+fn delivered(
+    gateway: &Gateway,
+    written: &mut Vec<(Arc<StoredEvent>, DeliveryPath)>,
+    connection_id: &str,
+) {
+    let metrics = &gateway.metrics;
+    metrics.fanout_frames_sent.inc_by(written.len() as u64);
+    for (event, path) in written.drain(..) {
+        event.delivered(metrics, path);
+        if let Some(trace) = &event.trace {
+            crate::telemetry::delivered(trace, event.seq, connection_id);
+        }
+    }
+}

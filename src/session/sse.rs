@@ -378,14 +378,7 @@ impl Stream {
             self.written.clear();
             return Err(untaken);
         }
-        let metrics = &self.gateway.metrics;
-        metrics.fanout_frames_sent.inc_by(self.written.len() as u64);
-        for (event, path) in self.written.drain(..) {
-            event.delivered(metrics, path);
-            if let Some(trace) = &event.trace {
-                crate::telemetry::delivered(trace, event.seq, &self.connection_id);
-            }
-        }
+        super::delivered(&self.gateway, &mut self.written, &self.connection_id);
         Ok(())
     }
 

@@ -1127,3 +1127,74 @@ async fn http_agent_sees_the_run_closed_when_the_agent_dies() {
     let frames = native.events(12).await;
     assert_eq!(agui(&frames[11])["code"], "agent_stream_ended");
 }
+
+#[tokio::test]
+async fn a_caller_that_drops_mid_run_leaves_the_run_going_and_resumes_with_last_event_id() {
+    let agent = AguiAgent::start(&["--delay-ms", "40"]);
+    let url = agent.url.clone();
+    let gateway = Gateway::start_with(move |c| {
+        c.agui
+            .agents
+            .insert("weather".into(), agent_config(url, &[]));
+    })
+    .await;
+    let input = run_input("t-drop", "r-drop").to_string();
+    let first = node(
+        "sse-read.mjs",
+        &[
+            "--url",
+            &format!("http://{}/agui/weather", gateway.addr),
+            "--post-json",
+            &input,
+            "--stop-after",
+            "8",
+        ],
+    )
+    .await;
+    assert!(first["verified"].as_bool().unwrap(), "{first}");
+    assert_eq!(first["end"], "stopped", "{first}");
+    let last_id = first["last_id"].as_str().unwrap().to_string();
+    // The gateway reads the agent to the run's end without the caller.
+    crate::support::eventually("the whole run in the thread", async || {
+        let (_, channel) = gateway.get("/v1/channels/thread:t-drop").await;
+        match channel["emitted"].as_u64() {
+            Some(n) if n == AGENT_EVENTS as u64 => Ok(()),
+            other => Err(format!("{other:?}")),
+        }
+    })
+    .await;
+    let rest = node(
+        "sse-read.mjs",
+        &[
+            "--url",
+            &format!(
+                "http://{}/v1/threads/t-drop/events?format=agui",
+                gateway.addr
+            ),
+            "--last-event-id",
+            &last_id,
+            "--until-end",
+        ],
+    )
+    .await;
+    assert!(rest["verified"].as_bool().unwrap(), "{rest}");
+    let ids = |read: &Value| -> Vec<String> {
+        read["ids"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter_map(|id| id.as_str().map(str::to_string))
+            .collect()
+    };
+    let mut seen = ids(&first);
+    seen.extend(ids(&rest));
+    let distinct: std::collections::BTreeSet<&String> = seen.iter().collect();
+    assert_eq!(
+        distinct.len(),
+        AGENT_EVENTS,
+        "every event once: {first} {rest}"
+    );
+    assert_eq!(seen.len(), AGENT_EVENTS, "none twice: {first} {rest}");
+    let events = rest["events"].as_array().unwrap();
+    assert_eq!(events.last().unwrap()["type"], "RUN_FINISHED", "{rest}");
+}

@@ -1198,3 +1198,33 @@ async fn a_caller_that_drops_mid_run_leaves_the_run_going_and_resumes_with_last_
     let events = rest["events"].as_array().unwrap();
     assert_eq!(events.last().unwrap()["type"], "RUN_FINISHED", "{rest}");
 }
+
+#[tokio::test]
+async fn redis_mode_a_stream_into_one_replica_is_seen_and_closed_on_another() {
+    let redis = crate::support::Redis::start().await;
+    let url = redis.url();
+    let (a_url, b_url) = (url.clone(), url);
+    let producer_side = Gateway::start_with(move |c| c.broker.redis_url = Some(a_url)).await;
+    let viewer_side = Gateway::start_with(move |c| c.broker.redis_url = Some(b_url)).await;
+    let mut remote = viewer(&viewer_side, "u1", "t_redis").await;
+    let stream = Streaming::open(
+        &producer_side,
+        "/v1/runs/r_redis/agui",
+        "application/x-ndjson",
+    )
+    .await;
+    stream.line(started("t_redis", "r_redis")).await;
+    stream
+        .line(json!({"type": "TEXT_MESSAGE_START", "messageId": "m1", "role": "assistant"}))
+        .await;
+    assert_eq!(
+        types(&remote.events(2).await),
+        ["RUN_STARTED", "TEXT_MESSAGE_START"]
+    );
+    let (status, summary) = stream.finish().await;
+    assert_eq!(status, StatusCode::OK, "{summary}");
+    assert_eq!(summary["closed"], "agent_stream_ended", "{summary}");
+    let frames = remote.events(2).await;
+    assert_eq!(types(&frames), ["TEXT_MESSAGE_END", "RUN_ERROR"]);
+    assert_eq!(agui(&frames[1])["code"], "agent_stream_ended");
+}

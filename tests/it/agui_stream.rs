@@ -1228,3 +1228,51 @@ async fn redis_mode_a_stream_into_one_replica_is_seen_and_closed_on_another() {
     assert_eq!(types(&frames), ["TEXT_MESSAGE_END", "RUN_ERROR"]);
     assert_eq!(agui(&frames[1])["code"], "agent_stream_ended");
 }
+
+#[tokio::test]
+async fn a_stalled_agent_has_its_run_closed_and_the_caller_sees_it_end() {
+    let agent = AguiAgent::start(&["--stall-after", "3"]);
+    let url = agent.url.clone();
+    let gateway = Gateway::start_with(move |c| {
+        c.agui.stream_idle_timeout = Duration::from_millis(500);
+        c.agui
+            .agents
+            .insert("weather".into(), agent_config(url, &[]));
+    })
+    .await;
+    let through = node(
+        "run-agent.mjs",
+        &[
+            "--url",
+            &format!("http://{}/agui/weather", gateway.addr),
+            "--thread",
+            "t-stall",
+            "--run",
+            "r-stall",
+        ],
+    )
+    .await;
+    let types: Vec<&str> = through["types"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t.as_str().unwrap())
+        .collect();
+    assert_eq!(
+        types,
+        [
+            "RUN_STARTED",
+            "TEXT_MESSAGE_START",
+            "TEXT_MESSAGE_CONTENT",
+            "TEXT_MESSAGE_END",
+            "RUN_ERROR"
+        ],
+        "{through}"
+    );
+    assert_eq!(
+        gateway
+            .metric(r#"agentwire_agui_runs_closed_total{reason="agent_stalled"}"#)
+            .await,
+        1.0
+    );
+}

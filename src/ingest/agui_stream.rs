@@ -271,7 +271,8 @@ impl<'g> RunStream<'g> {
     }
 
     /// Checks the event against the run's ordering rules, then takes it in; the run's place
-    /// moves on only if it was taken. A violation is counted in
+    /// moves on only if it was published or held (a duplicate was followed the first time). A
+    /// violation is counted in
     /// `agentwire_lifecycle_violations_total` once: by the watchdog when the event is published
     /// (it judges AG-UI runs by the same rules), here when `agui.strict` refuses it.
     async fn ordered(&mut self, event: Event) -> Result<ItemResult, Refusal> {
@@ -300,7 +301,10 @@ impl<'g> RunStream<'g> {
         let started = event.kind == event::EventType::AgentStarted;
         let thread_id = event.thread_id.clone();
         let result = accept(self.gateway, event, None).await;
-        if result.is_ok() {
+        if matches!(
+            result,
+            ItemResult::Accepted { .. } | ItemResult::PendingResolution
+        ) {
             self.sequence = next;
             if started {
                 self.started = true;

@@ -354,7 +354,7 @@ async fn every_bench_scenario_completes_with_nothing_lost() {
     let gateway = Gateway::start().await;
     let url = format!("http://{}", gateway.addr);
     let api = format!("http://{}", gateway.internal);
-    let scenarios: [&[&str]; 3] = [
+    let scenarios: [&[&str]; 4] = [
         &["idle", "--connections", "200", "--settle", "100ms"],
         &[
             "fanout",
@@ -379,6 +379,17 @@ async fn every_bench_scenario_completes_with_nothing_lost() {
             "1000",
             "--max-time",
             "30s",
+        ],
+        &[
+            "tokens",
+            "--runs",
+            "4",
+            "--duration",
+            "1s",
+            "--producer",
+            "post",
+            "--producer-connections",
+            "2",
         ],
     ];
     for scenario in scenarios {

@@ -68,6 +68,9 @@ pub struct Gateway {
     pub watchdog: Watchdog,
     pub limits: limits::Limits,
     pub shutdown: Shutdown,
+    /// The client AG-UI agents are called with (`POST /agui/{agent}`): their answers stream for
+    /// as long as a run lasts.
+    pub agui_client: reqwest::Client,
 }
 
 impl Gateway {
@@ -101,18 +104,24 @@ impl Gateway {
             watchdog: Watchdog::new(config.watchdog.clone()),
             limits: limits::Limits::new(&config),
             shutdown: Shutdown::default(),
+            agui_client: outbound::streaming_client(
+                config.agui.stream_idle_timeout,
+                config.tls_ca_file.as_deref(),
+            )?,
             config,
         })
     }
 }
 
 /// The three parts of shutdown: the draining flag (readiness, new upgrades), the token that
-/// tells sessions to close with 1012, and the tracker that waits for them.
+/// tells sessions to close with 1012, and the tracker that waits for them; and the tracker of the
+/// AG-UI streams being read, which the same token tells to close their runs.
 #[derive(Default)]
 pub struct Shutdown {
     draining: AtomicBool,
     pub sessions: CancellationToken,
     pub tracker: TaskTracker,
+    pub agui_streams: TaskTracker,
 }
 
 impl Shutdown {

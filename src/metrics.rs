@@ -107,6 +107,9 @@ pub struct Metrics {
     pub runs_evicted: IntCounter,
     pub run_duration: Histogram,
     pub lifecycle_violations: IntCounterVec,
+    pub agui_runs_closed: IntCounterVec,
+    pub agui_refused: IntCounterVec,
+    pub agui_streams: IntGauge,
     deadletter_events: IntGauge,
     history_bytes: IntGauge,
     history_evicted: IntCounter,
@@ -370,6 +373,23 @@ impl Metrics {
                 "agentwire_lifecycle_violations_total",
                 "Out-of-order or unpaired lifecycle events, by kind (delivered as sent).",
                 "kind",
+            ),
+            agui_runs_closed: counter_vec(
+                r,
+                "agentwire_agui_runs_closed_total",
+                "AG-UI runs the gateway closed for their viewers because their stream ended while they were open, by reason.",
+                "reason",
+            ),
+            agui_refused: counter_vec(
+                r,
+                "agentwire_agui_refused_total",
+                "AG-UI streams and agent runs refused before anything was read or forwarded, by reason.",
+                "reason",
+            ),
+            agui_streams: gauge(
+                r,
+                "agentwire_agui_streams",
+                "AG-UI streams being read now (producer streams and agent runs).",
             ),
             deadletter_events: gauge(
                 r,

@@ -1,4 +1,5 @@
-//! The gateway's own outbound HTTP requests (HLink webhooks, the subscribe webhook, JWKS):
+//! The gateway's own outbound HTTP requests (HLink webhooks, the subscribe webhook, JWKS, AG-UI
+//! agents):
 //! `http://` or `https://`, with rustls (the `ring` provider), the system's CA certificates and the
 //! optional `tls_ca_file`.
 
@@ -23,10 +24,31 @@ pub fn install_tls_provider() {
 /// and, when given, the PEM CA certificate at `ca_file` (`tls_ca_file`). Built once per use at
 /// start; an error (an unreadable CA, no TLS roots) stops the start.
 pub fn client(timeout: Duration, ca_file: Option<&Path>) -> anyhow::Result<reqwest::Client> {
+    build(
+        reqwest::Client::builder()
+            .timeout(timeout)
+            .connect_timeout(timeout),
+        ca_file,
+    )
+}
+
+/// A client for answers that stream for as long as a run lasts (an AG-UI agent's SSE): no bound
+/// on a whole request, only on connecting; the caller bounds the silence between chunks.
+pub fn streaming_client(
+    connect_timeout: Duration,
+    ca_file: Option<&Path>,
+) -> anyhow::Result<reqwest::Client> {
+    build(
+        reqwest::Client::builder().connect_timeout(connect_timeout),
+        ca_file,
+    )
+}
+
+fn build(
+    mut builder: reqwest::ClientBuilder,
+    ca_file: Option<&Path>,
+) -> anyhow::Result<reqwest::Client> {
     install_tls_provider();
-    let mut builder = reqwest::Client::builder()
-        .timeout(timeout)
-        .connect_timeout(timeout);
     if let Some(path) = ca_file {
         let pem = std::fs::read(path)
             .with_context(|| format!("cannot read tls_ca_file {}", path.display()))?;
@@ -65,4 +87,29 @@ pub fn check_url(raw: &str) -> Result<(), String> {
         "http" | "https" => Err("no host".into()),
         other => Err(format!("the scheme is {other}, not http or https")),
     }
+}
+
+/// Headers the gateway sets itself on a request it forwards: a configured one may not replace them.
+const OWN_HEADERS: [&str; 6] = [
+    "host",
+    "content-type",
+    "content-length",
+    "transfer-encoding",
+    "connection",
+    "accept",
+];
+
+/// Whether `name: value` is a header the gateway may add to its requests (an agent's API key).
+/// The reason never repeats the value, which is a secret.
+pub fn check_header(name: &str, value: &str) -> Result<(), &'static str> {
+    if reqwest::header::HeaderName::from_bytes(name.as_bytes()).is_err() {
+        return Err("not a header name");
+    }
+    if OWN_HEADERS.iter().any(|own| own.eq_ignore_ascii_case(name)) {
+        return Err("set by the gateway itself");
+    }
+    if reqwest::header::HeaderValue::from_str(value).is_err() {
+        return Err("the value is not a valid header value (visible ASCII)");
+    }
+    Ok(())
 }

@@ -20,7 +20,7 @@ use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
 use crate::config::{AuthConfig, Secret};
-use crate::metrics::Label;
+use crate::metrics::{Label, Metrics};
 use crate::protocol::channel::check_id;
 
 /// Verifies browser tokens; present when `[auth]` configures a key.
@@ -193,6 +193,44 @@ impl Verifier {
             return Err(Refusal::Thread);
         }
         Ok(())
+    }
+}
+
+/// What decides whether a user may read a thread, with browser authentication: the verifier, the
+/// application's subscribe webhook, and where the webhook's answers are counted.
+pub struct ThreadAccess<'a> {
+    pub verifier: &'a Verifier,
+    pub webhook: Option<&'a SubscribeWebhook>,
+    pub metrics: &'a Metrics,
+}
+
+impl ThreadAccess<'_> {
+    /// Whether `user_id` may read `thread_id`: when its connection token (`identity`) lists the
+    /// thread, `token` is a subscription token of this user for it, or the application's
+    /// subscribe webhook says so. Both `/ws` subscriptions and event streams ask here.
+    pub async fn may_read(
+        &self,
+        identity: Option<&Identity>,
+        user_id: &str,
+        thread_id: &str,
+        token: Option<&str>,
+    ) -> Result<(), Refusal> {
+        if identity.is_some_and(|identity| identity.may_read(thread_id)) {
+            return Ok(());
+        }
+        if let Some(token) = token
+            && self
+                .verifier
+                .subscription(token, user_id, thread_id)
+                .await
+                .is_ok()
+        {
+            return Ok(());
+        }
+        match self.webhook {
+            Some(webhook) if webhook.allows(user_id, thread_id, self.metrics).await => Ok(()),
+            _ => Err(Refusal::Thread),
+        }
     }
 }
 

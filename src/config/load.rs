@@ -99,7 +99,7 @@ impl Config {
                 reason: reason.to_string(),
             })
         };
-        let positive: [(&str, usize); 18] = [
+        let positive: [(&str, usize); 20] = [
             ("session.max_connections", self.session.max_connections),
             ("session.message_rate", self.session.message_rate as usize),
             ("session.message_burst", self.session.message_burst as usize),
@@ -118,6 +118,8 @@ impl Config {
             ("session.queue_events", self.session.queue_events),
             ("session.queue_bytes", self.session.queue_bytes),
             ("broker.ui_events_max_len", self.broker.ui_events_max_len),
+            ("agui.max_streams", self.agui.max_streams),
+            ("agui.max_input_bytes", self.agui.max_input_bytes),
         ];
         for (key, value) in positive {
             if value == 0 {
@@ -142,6 +144,7 @@ impl Config {
                 "broker.redis_reconcile_interval",
                 self.broker.redis_reconcile_interval,
             ),
+            ("agui.stream_idle_timeout", self.agui.stream_idle_timeout),
         ];
         for (key, value) in durations {
             if value.is_zero() {
@@ -320,6 +323,9 @@ impl Config {
         if let Err(reason) = check_log_filter(&self.log_level) {
             return fail("log_level", &reason);
         }
+        if let Err((key, reason)) = self.agui.check() {
+            return fail(&key, &reason);
+        }
         Ok(())
     }
 }
@@ -465,6 +471,45 @@ mod tests {
             jail.set_env("AGENTWIRE_HISTORY__MAX_EVENTS", "9");
             let config = Config::load(None).map_err(|e| e.to_string())?;
             assert_eq!(config.history.max_events, 9);
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn agents_and_their_headers_come_from_the_environment() {
+        Jail::expect_with(|jail| {
+            jail.set_env(
+                "AGENTWIRE_AGUI__AGENTS__RESEARCH__URL",
+                "http://agent:8123/run",
+            );
+            jail.set_env(
+                "AGENTWIRE_AGUI__AGENTS__RESEARCH__HEADERS",
+                r#"{x-api-key="k-1", authorization="Bearer b"}"#,
+            );
+            let config = Config::load(None).map_err(|e| e.to_string())?;
+            let agent = &config.agui.agents["research"];
+            assert_eq!(agent.url, "http://agent:8123/run");
+            assert_eq!(agent.headers["x-api-key"].expose(), "k-1");
+            assert_eq!(agent.headers["authorization"].expose(), "Bearer b");
+            Ok(())
+        });
+        Jail::expect_with(|jail| {
+            jail.set_env(
+                "AGENTWIRE_AGUI__AGENTS__RESEARCH__URL",
+                "http://agent:8123/run",
+            );
+            jail.set_env(
+                "AGENTWIRE_AGUI__AGENTS__RESEARCH__HEADERS",
+                r#"{content-type="text/plain"}"#,
+            );
+            let error = Config::load(None).expect_err("must fail");
+            assert_eq!(error.key, "agui.agents.research.headers.content-type");
+            Ok(())
+        });
+        Jail::expect_with(|jail| {
+            jail.set_env("AGENTWIRE_AGUI__AGENTS__RESEARCH__URL", "ftp://agent/run");
+            let error = Config::load(None).expect_err("must fail");
+            assert_eq!(error.key, "agui.agents.research.url");
             Ok(())
         });
     }

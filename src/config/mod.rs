@@ -1,6 +1,7 @@
 //! Configuration: built-in defaults < `agentwire.toml` (or `--config FILE`) < `AGENTWIRE_*`
 //! environment variables (`__` for nesting). Read and validated once at start.
 
+mod agui;
 mod auth;
 mod load;
 mod secret;
@@ -11,6 +12,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+pub use agui::{AgentConfig, AguiConfig};
 pub use auth::AuthConfig;
 pub use load::ConfigError;
 pub use secret::Secret;
@@ -47,6 +49,7 @@ pub struct Config {
     pub broker: BrokerConfig,
     pub ledger: LedgerConfig,
     pub auth: AuthConfig,
+    pub agui: AguiConfig,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -338,6 +341,7 @@ impl Default for Config {
             broker: BrokerConfig::default(),
             ledger: LedgerConfig::default(),
             auth: AuthConfig::default(),
+            agui: AguiConfig::default(),
         }
     }
 }

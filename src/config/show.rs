@@ -73,6 +73,9 @@ impl Config {
         shown.broker.redis_url = shown.broker.redis_url.as_deref().map(hide_password);
         shown.auth.jwks_url = shown.auth.jwks_url.as_deref().map(hide_password);
         shown.auth.subscribe_webhook = shown.auth.subscribe_webhook.as_deref().map(hide_password);
+        for agent in shown.agui.agents.values_mut() {
+            agent.url = hide_password(&agent.url);
+        }
         // The text keeps the fields' order; the table says which keys are set.
         match (
             toml::to_string_pretty(&shown),
@@ -190,11 +193,19 @@ mod tests {
         config.auth.jwt_secret = Some("0123456789abcdef0123456789abcdef-secret".into());
         config.auth.producer_keys = vec!["producer-s3cret".into()];
         config.auth.operator_keys = vec!["operator-s3cret".into()];
+        config.agui.agents.insert(
+            "research".into(),
+            crate::config::AgentConfig {
+                url: "http://agent:s3cret@agent:8123/run".into(),
+                headers: [("x-api-key".to_string(), "agent-s3cret".into())].into(),
+            },
+        );
         let shown = config.to_toml();
         assert!(
             !shown.contains("s3cret") && !shown.contains("abcdef-secret"),
             "{shown}"
         );
+        assert!(shown.contains("[agui.agents.research.headers]"), "{shown}");
     }
 
     #[test]

@@ -14,6 +14,8 @@
 //! adopted by another ([`adopt_held`]), which counts each `ingested` again (the dead one's counts
 //! went with it).
 
+pub mod agui_proxy;
+pub mod agui_stream;
 mod body;
 mod redrive;
 mod registration;

@@ -1,6 +1,7 @@
 //! Admission budgets that are not a queue's own: how many WebSocket connections the process and
 //! each client address may hold, how many requests one address may have in flight on the internal
-//! door, and how many request-body bytes may be held at once. Each is checked before the resource
+//! door, how many request-body bytes may be held at once, and how many AG-UI streams may be read
+//! at once. Each is checked before the resource
 //! is taken; the caller answers a refusal and counts it.
 
 mod bucket;
@@ -25,6 +26,7 @@ pub struct Limits {
     connections: PerIp,
     requests: PerIp,
     body_bytes: Arc<Semaphore>,
+    agui_streams: Arc<Semaphore>,
 }
 
 /// A WebSocket connection's place in both connection budgets; given back when dropped.
@@ -48,6 +50,7 @@ impl Limits {
             ),
             requests: PerIp::new(config.ingest.max_requests_per_ip, usize::MAX),
             body_bytes: Arc::new(Semaphore::new(config.ingest.max_inflight_bytes)),
+            agui_streams: Arc::new(Semaphore::new(config.agui.max_streams)),
         }
     }
 
@@ -62,6 +65,11 @@ impl Limits {
     /// A place for one more request from `ip` on the internal door (`ingest.max_requests_per_ip`).
     pub fn request(&self, ip: IpAddr) -> Option<PerIpSlot> {
         self.requests.acquire(ip).ok()
+    }
+
+    /// A place for one more AG-UI stream (`agui.max_streams`), held while it is read.
+    pub fn agui_stream(&self) -> Option<OwnedSemaphorePermit> {
+        Arc::clone(&self.agui_streams).try_acquire_owned().ok()
     }
 
     /// `bytes` more of request body held (`ingest.max_inflight_bytes`), added to `held`; `false`

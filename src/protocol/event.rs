@@ -123,15 +123,18 @@ pub enum RefusalCode {
     InvalidField,
     /// An `agent_started` whose run is registered to another thread or user.
     RunConflict,
+    /// An AG-UI event that breaks AG-UI's ordering rules, refused by a strict stream.
+    OutOfOrder,
 }
 
 impl RefusalCode {
-    pub const ALL: [RefusalCode; 5] = [
+    pub const ALL: [RefusalCode; 6] = [
         Self::InvalidJson,
         Self::TooLarge,
         Self::MissingField,
         Self::InvalidField,
         Self::RunConflict,
+        Self::OutOfOrder,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -141,6 +144,7 @@ impl RefusalCode {
             Self::MissingField => "missing_field",
             Self::InvalidField => "invalid_field",
             Self::RunConflict => "run_conflict",
+            Self::OutOfOrder => "out_of_order",
         }
     }
 }
@@ -174,12 +178,23 @@ impl Refusal {
 
 /// Decodes and validates one event from its JSON text.
 pub fn parse(raw: &str, max_bytes: usize) -> Result<Event, Refusal> {
+    from_value(decode(raw, max_bytes)?)
+}
+
+/// The refusal of an event of `bytes` over `max_bytes`.
+pub fn too_large(bytes: usize, max_bytes: usize) -> Refusal {
+    Refusal {
+        code: RefusalCode::TooLarge,
+        field: None,
+        reason: format!("event is {bytes} bytes, the limit is {max_bytes}"),
+    }
+}
+
+/// Decodes one event's JSON text, not yet validated: within `max_bytes`, JSON, no key twice in an
+/// object. A caller that adds fields (a stream bound to one run) validates with [`from_value`].
+pub fn decode(raw: &str, max_bytes: usize) -> Result<Value, Refusal> {
     if raw.len() > max_bytes {
-        return Err(Refusal {
-            code: RefusalCode::TooLarge,
-            field: None,
-            reason: format!("event is {} bytes, the limit is {max_bytes}", raw.len()),
-        });
+        return Err(too_large(raw.len(), max_bytes));
     }
     let value: Value = serde_json::from_str(raw).map_err(|e| Refusal {
         code: RefusalCode::InvalidJson,
@@ -193,7 +208,7 @@ pub fn parse(raw: &str, max_bytes: usize) -> Result<Event, Refusal> {
             reason: format!("the key `{key}` appears twice in one object"),
         });
     }
-    from_value(value)
+    Ok(value)
 }
 
 /// Validates one already decoded event.

@@ -84,7 +84,8 @@ def test_secrets(gateway_cmd):
     """The Secrets the ci values files and the checks name, as `kubectl create secret generic` would hold
     them ({name: {key: text}}): agentwire-auth with the default key names (the HMAC secret, and a probe
     token minted by `agentwire token` as the chart's README says), chat-gateway-auth with the key names of
-    all-enabled-values (a PEM public key), agentwire-redis with ha-redis-values' URL."""
+    all-enabled-values (a PEM public key), agentwire-redis with ha-redis-values' URL, research-agent with the
+    headers of all-enabled-values' AG-UI agent."""
     proc = gateway_cmd("token", "--user", "probe", "--thread", "agentwire-probe-*", "--ttl", "8760h",
                        env={"AGENTWIRE_AUTH__JWT_SECRET": d.JWT_SECRET})
     if proc.returncode != 0:
@@ -98,6 +99,7 @@ def test_secrets(gateway_cmd):
                               "operators.json": keys["operator"], "probe.producer": d.PRODUCER_KEYS[0],
                               "probe.operator": d.OPERATOR_KEYS[0]},
         "agentwire-redis": {"url": "redis://redis-master.redis.svc:6379/0"},
+        "research-agent": {"headers": '{x-api-key="research-agent-key-1"}'},
     }
 
 

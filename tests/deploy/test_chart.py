@@ -490,8 +490,8 @@ def test_probe_pods_are_not_gateway_pods(rendered, values):
 
 
 def test_egress_opens_the_ports_of_the_urls_the_gateway_calls(rendered, helm):
-    """With egress restricted, the ports of config.upstream.webhook_url, auth.subscribeWebhook and
-    auth.jwksUrl are open (the URL's port, else 443 / 80), to networkPolicy.egress.webhookTo when set; none
+    """With egress restricted, the ports of config.upstream.webhook_url, auth.subscribeWebhook,
+    auth.jwksUrl and the AG-UI agents' URLs are open (the URL's port, else 443 / 80), to networkPolicy.egress.webhookTo when set; none
     without those URLs."""
     def egress(*args):
         proc = helm("--set", "networkPolicy.enabled=true,networkPolicy.egress.enabled=true", *args,
@@ -509,10 +509,12 @@ def test_egress_opens_the_ports_of_the_urls_the_gateway_calls(rendered, helm):
     assert all("to" not in rule for rule in rules), "no webhookTo: any destination"
     rules = egress("--set", "config.upstream.webhook_url=http://backend.agents/hlink")
     assert ports(rules) == [53, 53, 80], rules
+    rules = egress("--set", "config.agui.agents.research.url=http://langgraph.agents:8123/agent")
+    assert ports(rules) == [53, 53, 8123], rules
     r = rendered["all-enabled-values"].require()
     values = yaml.safe_load((d.CHART / "ci" / "all-enabled-values.yaml").read_text())["networkPolicy"]["egress"]
     rules = r.by[("NetworkPolicy", "agentwire")]["spec"]["egress"]
-    hooks = [rule for rule in rules if {p["port"] for p in rule["ports"]} == {443, 9000}]
+    hooks = [rule for rule in rules if {p["port"] for p in rule["ports"]} == {443, 4000, 8123, 9000}]
     assert len(hooks) == 1 and hooks[0]["to"] == values["webhookTo"], rules
 
 
@@ -649,6 +651,13 @@ def test_gateway_loads_rendered_agentwire_toml(rendered, gateway_cmd, test_secre
             assert shown["jwt_public_key"].strip() == d.JWT_PUBLIC_KEY.strip() and "jwt_secret" not in shown
         else:
             assert shown["jwt_secret"] == "***" and "jwt_public_key" not in shown, proc.stdout
+        agents = tomllib.loads(proc.stdout).get("agui", {}).get("agents", {})
+        for name, agent in agents.items():
+            # An agent's headers come from its Secret and are shown hidden.
+            assert set(agent.get("headers", {}).values()) <= {"***"}, proc.stdout
+        if "research" in agents:
+            assert agents["research"]["headers"] == {"x-api-key": "***"}, proc.stdout
+            assert "research-agent-key-1" not in r.text, "an agent's headers in the manifests"
         bare = {k: v for k, v in env.items() if not k.startswith("AGENTWIRE_AUTH__")}
         proc = gateway_cmd("config", "--config", path, env=bare)
         assert proc.returncode == 64 and "auth.producer_keys" in proc.stderr, d.output(proc)

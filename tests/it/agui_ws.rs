@@ -329,3 +329,36 @@ async fn an_unrecoverable_resume_restarts_the_latest_run() {
     assert_eq!(frames[0]["seq"], 3);
     assert!(frames.iter().all(|f| f["prelude"].is_null()));
 }
+
+/// A client that resumes inside a run that has ended since, with another run after it, gets the
+/// prelude of the run it was in.
+#[tokio::test]
+async fn a_resume_inside_an_earlier_run_gets_that_runs_prelude() {
+    let gateway = Gateway::start_with(|_| {}).await;
+    post(
+        &gateway,
+        json!([
+            {"type": "RUN_STARTED", "threadId": "t5", "runId": "r1"},
+            {"type": "TEXT_MESSAGE_START", "run_id": "r1", "messageId": "m1"},
+            {"type": "TEXT_MESSAGE_END", "run_id": "r1", "messageId": "m1"},
+            {"type": "RUN_FINISHED", "threadId": "t5", "runId": "r1"},
+            {"type": "RUN_STARTED", "threadId": "t5", "runId": "r2"},
+        ]),
+    )
+    .await;
+    let (_, ledger) = gateway.get("/v1/channels/thread:t5").await;
+    let mut client = agui_client(&gateway, "u1").await;
+    client
+        .subscribe("t5", Some(json!({"epoch": ledger["epoch"], "seq": 2})))
+        .await;
+    let prelude = client.recv().await;
+    assert_eq!(prelude["events"][0]["runId"], "r1", "{prelude}");
+    assert_eq!(types(&prelude), ["RUN_STARTED", "TEXT_MESSAGE_START"]);
+    let rest = client.events(3).await;
+    assert_eq!(
+        rest.iter()
+            .map(|f| f["seq"].as_u64().unwrap())
+            .collect::<Vec<_>>(),
+        [3, 4, 5]
+    );
+}

@@ -4,6 +4,7 @@
 
 mod abuse;
 mod agui;
+mod agui_stream;
 mod agui_support;
 mod agui_ws;
 mod auth;

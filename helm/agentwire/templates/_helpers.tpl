@@ -59,7 +59,9 @@ auth.jwksUrl): the URL's port, else 443 for https and 80 for http; one line per 
 */}}
 {{- define "agentwire.webhookPorts" -}}
 {{- $ports := dict }}
-{{- range list .Values.config.upstream.webhook_url .Values.auth.subscribeWebhook .Values.auth.jwksUrl }}
+{{- $urls := list .Values.config.upstream.webhook_url .Values.auth.subscribeWebhook .Values.auth.jwksUrl }}
+{{- range $agent := .Values.config.agui.agents }}{{ $urls = append $urls $agent.url }}{{ end }}
+{{- range $urls }}
 {{- if . }}
 {{- $u := urlParse . }}
 {{- $port := regexFind "[0-9]+$" (regexFind ":[0-9]+$" $u.host) }}

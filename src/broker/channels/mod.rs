@@ -200,8 +200,8 @@ impl Channels {
     /// `None` when the connection is already subscribed.
     /// Subscribes `outbox` from `since`. With `run_context` (AG-UI subscribers), a subscription
     /// without `since` starts at the open run's first event, one that cannot resume at the start
-    /// of the latest run, and the open run's events before the replay go ahead of it as
-    /// [`Outgoing::Context`].
+    /// of the latest run, and the earlier events of the run open where the replay starts go ahead
+    /// of it as [`Outgoing::Context`].
     pub fn subscribe(
         &self,
         name: &ChannelName,
@@ -233,13 +233,15 @@ impl Channels {
             };
             let mut context = Vec::new();
             if run_context {
-                let (start, open) = latest_run(&state.history);
-                match (since, start) {
-                    (None, Some(start)) if open => from = start,
-                    (Some(_), Some(start)) if !recovered => from = start,
+                let next = state.last_seq + 1;
+                match (since, run_start(&state.history, next)) {
+                    (None, (Some(start), true)) => from = start,
+                    (Some(_), (Some(start), _)) if !recovered => from = start,
                     _ => {}
                 }
-                if let Some(start) = start.filter(|&start| start < from) {
+                if let (Some(start), true) = run_start(&state.history, from)
+                    && start < from
+                {
                     context = state
                         .history
                         .iter()
@@ -362,11 +364,14 @@ impl Channels {
     }
 }
 
-/// The first seq of the latest run in `history` (its `agent_started`), and whether that run is
-/// still open (no `agent_completed` or `agent_error` after it).
-fn latest_run(history: &std::collections::VecDeque<Arc<StoredEvent>>) -> (Option<u64>, bool) {
+/// The first seq (its `agent_started`) of the latest run that began before seq `before`, and
+/// whether that run was still open at `before` (no `agent_completed` or `agent_error` between).
+fn run_start(
+    history: &std::collections::VecDeque<Arc<StoredEvent>>,
+    before: u64,
+) -> (Option<u64>, bool) {
     let mut open = true;
-    for event in history.iter().rev() {
+    for event in history.iter().rev().skip_while(|e| e.seq >= before) {
         match server::frame_type(&event.frame) {
             Some("agent_started") => return (Some(event.seq), open),
             Some("agent_completed" | "agent_error") => open = false,

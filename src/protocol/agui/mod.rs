@@ -2,14 +2,17 @@
 //! event a producer sends is validated against AG-UI's schema ([`schema`]) and kept in its native
 //! form (the mapped native type, the AG-UI event itself under `payload.agui`); [`render`] turns
 //! any stored event back into AG-UI for AG-UI clients; [`Sequence`] follows AG-UI's ordering rules
-//! for one run (violations, the prelude a resuming client needs, the events that close a dead run).
+//! for one run (violations, the prelude a resuming client needs, the events that close a dead run);
+//! [`RunAgentInput`] is what a client sends to start a run.
 
+mod input;
 mod render;
 mod schema;
 mod sequence;
 
 use serde_json::{Map, Value};
 
+pub use input::RunAgentInput;
 pub use render::render;
 pub use sequence::{OrderViolation, Sequence};
 

@@ -1,5 +1,5 @@
-//! The HTTP surface: `/ws`, `/v1/events`, `/v1/runs`, `/v1/channels/{channel}`, `/healthz`,
-//! `/readyz`, `/metrics`. Every error is JSON: `{"error": code, "message": …, "field": …}`.
+//! The HTTP surface: `/ws`, `/agui/{agent}`, `/v1/events`, `/v1/runs`, `/v1/runs/{run_id}/agui`,
+//! `/v1/channels/{channel}`, `/healthz`, `/readyz`, `/metrics`. Every error is JSON: `{"error": code, "message": …, "field": …}`.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -18,12 +18,14 @@ use crate::auth::{ApiRefusal, Role};
 use crate::broker::BrokerError;
 use crate::metrics::{self, Label};
 
+mod agui;
 mod body;
 mod health;
 mod operator;
 mod producers;
 mod upgrade;
 
+pub use agui::AguiRefusal;
 pub use body::BodyRefusal;
 use health::{metrics, ready};
 use operator::{channel, dead_letters, ledger, redrive, run};
@@ -57,6 +59,11 @@ async fn public(
     method: &Method,
     request: Request<Incoming>,
 ) -> Response<Body> {
+    if let Some(agent) = agui::agent_in(path)
+        && matches!(method, &Method::POST | &Method::OPTIONS)
+    {
+        return agui::proxy(gateway, peer, agent, request).await;
+    }
     match (path, method) {
         ("/ws", &Method::GET) => upgrade(gateway, peer, request),
         ("/healthz", &Method::GET) => json_response(StatusCode::OK, &json!({"status": "ok"})),
@@ -74,6 +81,7 @@ async fn internal(
     // The producer and operator API needs a key of its role; probes and scrapes need none.
     let role = match (path, method) {
         ("/v1/events" | "/v1/runs", &Method::POST) => Some(Role::Producer),
+        (p, &Method::POST) if agui::run_in(p).is_some() => Some(Role::Producer),
         (p, _) if p.starts_with("/v1/") => Some(Role::Operator),
         _ => None,
     };
@@ -109,6 +117,10 @@ async fn internal(
     match (path, method) {
         ("/v1/events", &Method::POST) => events(&gateway, request, producer.as_deref()).await,
         ("/v1/runs", &Method::POST) => runs(&gateway, request).await,
+        (p, &Method::POST) if agui::run_in(p).is_some() => {
+            let run = agui::run_in(p).unwrap_or_default();
+            agui::stream(&gateway, run, request, producer.as_deref()).await
+        }
         (p, &Method::GET) if p.starts_with("/v1/runs/") => run(&gateway, &p["/v1/runs/".len()..]),
         ("/v1/deadletter", &Method::GET) => dead_letters(&gateway, request.uri().query()).await,
         // JSON only, like every POST: a page cannot send it without a CORS preflight.
@@ -242,6 +254,7 @@ fn too_many_requests(gateway: &Gateway) -> Response<Body> {
 fn not_routed(path: &str, method: &Method, door: Door) -> Response<Body> {
     let allow = match (door, path) {
         (Door::Public, "/ws" | "/healthz") => Some("GET"),
+        (Door::Public, p) if agui::agent_in(p).is_some() => Some("POST, OPTIONS"),
         (Door::Public, _) => None,
         (Door::Internal, "/healthz" | "/readyz" | "/metrics") => Some("GET"),
         (Door::Internal, "/v1/events" | "/v1/runs" | "/v1/deadletter/redrive") => Some("POST"),

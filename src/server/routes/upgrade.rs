@@ -112,7 +112,7 @@ pub(super) fn upgrade(
 }
 
 /// A token sent with the upgrade is at most this large, like `hello.token`.
-const MAX_BEARER_BYTES: usize = 8 * 1024;
+pub(super) const MAX_BEARER_BYTES: usize = 8 * 1024;
 
 /// Why an upgrade was refused before any session state existed, counted in
 /// `agentwire_upgrades_refused_total{reason}`.
@@ -147,7 +147,7 @@ impl Label for Refused {
 }
 
 impl Refused {
-    fn response(self) -> Response<Body> {
+    pub(super) fn response(self) -> Response<Body> {
         match self {
             Self::Origin => error(
                 StatusCode::FORBIDDEN,
@@ -185,7 +185,11 @@ fn busy(code: &str, message: &str) -> Response<Body> {
 
 /// Who may upgrade: a browser page of an allowed origin (a client without `Origin` is not a
 /// browser page), and in protected mode only a loopback peer.
-fn admit(gateway: &Gateway, peer: SocketAddr, request: &Request<Incoming>) -> Result<(), Refused> {
+pub(super) fn admit(
+    gateway: &Gateway,
+    peer: SocketAddr,
+    request: &Request<Incoming>,
+) -> Result<(), Refused> {
     let auth = &gateway.config.auth;
     let header = |name| request.headers().get(name).and_then(|v| v.to_str().ok());
     if let Some(origin) = request.headers().get(hyper::header::ORIGIN)

@@ -255,7 +255,9 @@ pub(super) async fn run(
         }
     }
     let after = usage(std::slice::from_ref(server)).await?;
-    let ledger = Ledger::of(&server.api, (0..args.runs).map(|k| runs.thread(k))).await?;
+    // A thread exists only once an event of its run was accepted: a refused run has no ledger.
+    let used = (0..args.runs).filter(|&k| accepted[k] > 0);
+    let ledger = Ledger::of(&server.api, used.map(|k| runs.thread(k))).await?;
 
     let events_in: u64 = accepted.iter().sum();
     let delivering = last

@@ -24,6 +24,8 @@ use crate::tools::client::{Http, Upload};
 
 /// Connections being set up at once (viewers, then the streams).
 const CONCURRENT_HANDSHAKES: usize = 256;
+/// How long the gateway may take to answer a stream once its body ended (it answers at once).
+const SUMMARY_TIMEOUT: Duration = Duration::from_secs(10);
 /// The run's last event, which tells its viewer it has everything.
 const LAST: &[u8] = b"\"RUN_FINISHED\"";
 
@@ -396,9 +398,11 @@ async fn stream(
                 }
                 produced.sent += 1;
             }
-            let (status, summary) = tokio::time::timeout_at(deadline, upload.finish())
+            let (status, summary) = tokio::time::timeout(SUMMARY_TIMEOUT, upload.finish())
                 .await
-                .context("the stream's summary did not come before the deadline")?
+                .with_context(|| {
+                    format!("no summary of run {k}'s stream within {SUMMARY_TIMEOUT:?} of its end")
+                })?
                 .with_context(|| format!("stream of run {k}"))?;
             let accepted = summary["accepted"].as_u64().unwrap_or(0);
             produced.accepted.push((k, accepted));

@@ -5,9 +5,12 @@
 //! it binds chosen local addresses and runs beside the gateway. `tokio::spawn` here serves the tools
 //! only.
 
+use std::convert::Infallible;
 use std::net::{IpAddr, SocketAddr};
 use std::path::Path;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context as Task, Poll};
 
 use anyhow::{Context, bail, ensure};
 use bytes::Bytes;
@@ -21,6 +24,7 @@ use rustls::pki_types::{CertificateDer, ServerName};
 use serde_json::Value;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpSocket, TcpStream};
+use tokio::sync::mpsc;
 use tokio_rustls::TlsConnector;
 
 pub type Socket = WebSocket<TokioIo<Upgraded>>;
@@ -240,11 +244,96 @@ impl Http {
             .send_request(request)
             .await
             .with_context(|| format!("{method} {path}"))?;
-        let status = response.status().as_u16();
-        let bytes = response.into_body().collect().await?.to_bytes();
-        let value = serde_json::from_slice(&bytes)
-            .unwrap_or(Value::String(String::from_utf8_lossy(&bytes).into_owned()));
-        Ok((status, value))
+        answer(response).await
+    }
+}
+
+/// A response's status and body, as JSON (or as a string if it is not JSON).
+async fn answer(response: hyper::Response<hyper::body::Incoming>) -> anyhow::Result<(u16, Value)> {
+    let status = response.status().as_u16();
+    let bytes = response.into_body().collect().await?.to_bytes();
+    let value = serde_json::from_slice(&bytes)
+        .unwrap_or(Value::String(String::from_utf8_lossy(&bytes).into_owned()));
+    Ok((status, value))
+}
+
+/// Pieces an [`Upload`] writes before the writer waits for the socket.
+const UPLOAD_QUEUE: usize = 16;
+
+/// A `POST` whose body is written piece by piece as it is produced (`Transfer-Encoding:
+/// chunked`), answered when the body ends: a producer's long-lived event stream.
+pub struct Upload {
+    body: mpsc::Sender<Bytes>,
+    answer: tokio::task::JoinHandle<anyhow::Result<(u16, Value)>>,
+}
+
+impl Upload {
+    /// Sends the request's head from `local` (plain TCP); the body follows with [`Upload::send`].
+    pub async fn start(
+        target: &Target,
+        local: IpAddr,
+        path: &str,
+        content_type: &str,
+    ) -> anyhow::Result<Self> {
+        let stream = target.connect_from(local).await?;
+        // Each piece is one small write that should leave at once, not wait for the previous
+        // one's ACK (Nagle's algorithm against a delayed ACK would add up to 40 ms).
+        stream.set_nodelay(true)?;
+        let (mut sender, connection) =
+            hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
+        tokio::spawn(connection);
+        let (body, pieces) = mpsc::channel(UPLOAD_QUEUE);
+        let mut request = Request::builder()
+            .method("POST")
+            .uri(path)
+            .header("host", target.host_header())
+            .header("content-type", content_type);
+        if let Some(key) = &target.bearer {
+            request = request.header("authorization", format!("Bearer {key}"));
+        }
+        let request = request.body(Pieces(pieces))?;
+        let path = path.to_string();
+        let answer = tokio::spawn(async move {
+            let response = sender
+                .send_request(request)
+                .await
+                .with_context(|| format!("POST {path}"))?;
+            answer(response).await
+        });
+        Ok(Self { body, answer })
+    }
+
+    /// Writes one piece of the body; an error once the server has answered (it reads no more)
+    /// or the connection broke: [`Upload::finish`] says which.
+    pub async fn send(&self, piece: Bytes) -> anyhow::Result<()> {
+        self.body
+            .send(piece)
+            .await
+            .ok()
+            .context("the body is no longer read")
+    }
+
+    /// Ends the body and waits for the answer.
+    pub async fn finish(self) -> anyhow::Result<(u16, Value)> {
+        drop(self.body);
+        self.answer.await?
+    }
+}
+
+/// The body of an [`Upload`]: what its sender queues, then its end when the sender is dropped.
+struct Pieces(mpsc::Receiver<Bytes>);
+
+impl hyper::body::Body for Pieces {
+    type Data = Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Task<'_>,
+    ) -> Poll<Option<Result<hyper::body::Frame<Bytes>, Infallible>>> {
+        self.0
+            .poll_recv(cx)
+            .map(|piece| piece.map(|piece| Ok(hyper::body::Frame::data(piece))))
     }
 }
 

@@ -354,7 +354,7 @@ async fn every_bench_scenario_completes_with_nothing_lost() {
     let gateway = Gateway::start().await;
     let url = format!("http://{}", gateway.addr);
     let api = format!("http://{}", gateway.internal);
-    let scenarios: [&[&str]; 3] = [
+    let scenarios: [&[&str]; 5] = [
         &["idle", "--connections", "200", "--settle", "100ms"],
         &[
             "fanout",
@@ -380,6 +380,18 @@ async fn every_bench_scenario_completes_with_nothing_lost() {
             "--max-time",
             "30s",
         ],
+        &[
+            "tokens",
+            "--runs",
+            "4",
+            "--duration",
+            "1s",
+            "--producer",
+            "post",
+            "--producer-connections",
+            "2",
+        ],
+        &["tokens", "--runs", "4", "--duration", "1s"],
     ];
     for scenario in scenarios {
         let mut args = vec!["bench", "--url", &url, "--api-url", &api, "--sources", "4"];

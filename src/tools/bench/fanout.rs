@@ -7,15 +7,15 @@
 use std::net::IpAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, ensure};
-use hdrhistogram::Histogram;
 use serde_json::{Value, json};
 use tokio::sync::Semaphore;
 
-use super::{Server, run_tag};
-use crate::tools::client::{Http, Socket, expect_type, next_text, send};
+use super::viewer::{self, Latency, Ledger, Until};
+use super::{Server, now_us, run_tag, usage};
+use crate::tools::client::Http;
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct Load {
@@ -53,12 +53,6 @@ pub enum Mode {
     Redis,
 }
 
-struct Received {
-    count: u64,
-    latency_us: Histogram<u64>,
-    last: Option<Instant>,
-}
-
 pub(super) async fn run(
     servers: &[Server],
     sources: &[IpAddr],
@@ -92,30 +86,18 @@ pub(super) async fn run(
         );
         opening.push(tokio::spawn(async move {
             let _permit = gate.acquire_owned().await?;
-            let mut ws = target.websocket(target.connect_from(source).await?).await?;
-            send(
-                &mut ws,
-                &json!({"type": "hello", "user_id": format!("{thread_id}-c{i}")}),
-            )
-            .await?;
-            expect_type(&mut ws, "welcome").await?;
-            expect_type(&mut ws, "subscribed").await?;
-            send(
-                &mut ws,
-                &json!({"type": "subscribe", "thread_id": thread_id}),
-            )
-            .await?;
-            expect_type(&mut ws, "subscribed").await?;
-            anyhow::Ok(ws)
+            let hello = json!({"type": "hello", "user_id": format!("{thread_id}-c{i}")});
+            viewer::open(&target, source, &hello, &thread_id).await
         }));
     }
     let mut readers = Vec::with_capacity(load.connections);
     for (i, task) in opening.into_iter().enumerate() {
         let ws = task.await?.with_context(|| format!("connection {i}"))?;
-        readers.push(tokio::spawn(receive(
+        readers.push(tokio::spawn(viewer::receive(
             ws,
-            expected_for(watched(i)),
+            Until::Count(expected_for(watched(i))),
             deadline,
+            None,
         )));
     }
 
@@ -177,12 +159,12 @@ pub(super) async fn run(
     }
     let published_in = started.elapsed();
 
-    let mut latency = Histogram::<u64>::new_with_bounds(1, 120_000_000, 3)?;
+    let mut latency = Latency::new()?;
     let (mut received, mut last) = (0u64, started);
     for reader in readers {
         let r = reader.await??;
         received += r.count;
-        latency.add(&r.latency_us)?;
+        latency.add(&r.latency)?;
         if let Some(at) = r.last {
             last = last.max(at);
         }
@@ -191,29 +173,12 @@ pub(super) async fn run(
     let expected: u64 = (0..load.connections)
         .map(|i| expected_for(watched(i)))
         .sum();
-    let (mut emitted, mut delivered, mut pending, mut lost, mut balanced) =
-        (0u64, 0u64, 0u64, 0u64, true);
-    for k in 0..load.threads {
-        let (status, ledger) = api
-            .http("GET", &format!("/v1/channels/thread:{}", thread(k)), None)
-            .await?;
-        ensure!(
-            status == 200,
-            "GET /v1/channels/thread:{} answered {status}",
-            thread(k)
-        );
-        emitted += ledger["emitted"].as_u64().unwrap_or(0);
-        delivered += ledger["delivered"].as_u64().unwrap_or(0);
-        pending += ledger["pending"].as_u64().unwrap_or(0);
-        lost += ledger["lost_total"].as_u64().unwrap_or(0);
-        balanced &= ledger["balanced"] == true;
-    }
+    let ledger = Ledger::of(api, (0..load.threads).map(thread)).await?;
     let delivering = last
         .saturating_duration_since(started)
         .as_secs_f64()
         .max(1e-9);
     let cpu = after.cpu_seconds - before.cpu_seconds;
-    let percentile = |q: f64| latency.value_at_quantile(q) as f64 / 1000.0;
     let name = match mode {
         Mode::Rate => "fanout",
         Mode::Saturate => "saturate",
@@ -230,21 +195,17 @@ pub(super) async fn run(
         "deliveries_received": received,
         "publish_seconds": published_in.as_secs_f64(),
         "deliveries_per_second": (received as f64 / delivering).round(),
-        "latency_ms": {"p50": percentile(0.5), "p90": percentile(0.9), "p99": percentile(0.99), "p99_9": percentile(0.999), "max": latency.max() as f64 / 1000.0},
+        "latency_ms": latency.json(),
         "server_cpu_seconds": cpu,
         "server_cpu_us_per_delivery": if received > 0 { cpu * 1e6 / received as f64 } else { 0.0 },
         "server_rss_before_bytes": before.rss_bytes,
         "server_rss_after_bytes": after.rss_bytes,
-        "ledger": {"emitted": emitted, "delivered": delivered, "pending": pending, "lost": lost, "balanced": balanced},
+        "ledger": ledger.json(),
     });
     eprintln!(
-        "{name}: {received}/{expected} deliveries ({:.0}/s); latency ms p50 {:.2} p90 {:.2} p99 {:.2} p99.9 {:.2} max {:.2}; server CPU {:.2} µs/delivery; RSS {:.1} -> {:.1} MiB; ledger emitted {emitted} delivered {delivered} pending {pending} lost {lost}{}",
+        "{name}: {received}/{expected} deliveries ({:.0}/s); {}; server CPU {:.2} µs/delivery; RSS {:.1} -> {:.1} MiB; {}",
         received as f64 / delivering,
-        percentile(0.5),
-        percentile(0.9),
-        percentile(0.99),
-        percentile(0.999),
-        latency.max() as f64 / 1000.0,
+        latency.summary(),
         if received > 0 {
             cpu * 1e6 / received as f64
         } else {
@@ -252,7 +213,7 @@ pub(super) async fn run(
         },
         before.rss_bytes / 1048576.0,
         after.rss_bytes / 1048576.0,
-        if balanced { "" } else { " UNBALANCED" },
+        ledger.summary(),
     );
     ensure!(
         received == expected,
@@ -260,24 +221,10 @@ pub(super) async fn run(
         expected - received
     );
     ensure!(
-        balanced && lost == 0,
+        ledger.balanced && ledger.lost == 0,
         "the ledger reports lost events or does not balance"
     );
     Ok(result)
-}
-
-/// CPU and memory summed over the replicas.
-async fn usage(servers: &[Server]) -> anyhow::Result<super::Usage> {
-    let mut sum = super::Usage {
-        cpu_seconds: 0.0,
-        rss_bytes: 0.0,
-    };
-    for server in servers {
-        let usage = server.usage().await?;
-        sum.cpu_seconds += usage.cpu_seconds;
-        sum.rss_bytes += usage.rss_bytes;
-    }
-    Ok(sum)
 }
 
 /// Builds request bodies: event n goes to thread n % T and carries its send time.
@@ -289,10 +236,7 @@ struct Events {
 
 impl Events {
     fn body(&self, from: usize, to: usize) -> String {
-        let sent_us = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .unwrap_or_default()
-            .as_micros();
+        let sent_us = now_us();
         let (tag, pad) = (&self.tag, &self.pad);
         let events: Vec<String> = (from..to)
             .map(|n| {
@@ -310,48 +254,4 @@ async fn post(http: &mut Http, body: String) -> anyhow::Result<()> {
     let (status, answer) = http.request("POST", "/v1/events", Some(body)).await?;
     ensure!(status == 200, "POST /v1/events answered {status}: {answer}");
     Ok(())
-}
-
-/// Reads event frames until `expected` arrived or the deadline passed.
-async fn receive(mut ws: Socket, expected: u64, deadline: Instant) -> anyhow::Result<Received> {
-    let mut received = Received {
-        count: 0,
-        latency_us: Histogram::new_with_bounds(1, 120_000_000, 3)?,
-        last: None,
-    };
-    while received.count < expected {
-        let remaining = deadline.saturating_duration_since(Instant::now());
-        let Ok(frame) = tokio::time::timeout(remaining, next_text(&mut ws)).await else {
-            break;
-        };
-        let frame = frame?;
-        if !frame.starts_with(b"{\"seq\":") {
-            continue;
-        }
-        let now_us = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .unwrap_or_default()
-            .as_micros() as u64;
-        if let Some(sent_us) = sent_us(&frame) {
-            received
-                .latency_us
-                .saturating_record(now_us.saturating_sub(sent_us).max(1));
-        }
-        received.count += 1;
-        received.last = Some(Instant::now());
-    }
-    Ok(received)
-}
-
-fn sent_us(frame: &[u8]) -> Option<u64> {
-    const KEY: &[u8] = b"\"sent_us\":";
-    let at = frame.windows(KEY.len()).position(|w| w == KEY)? + KEY.len();
-    let digits = frame[at..]
-        .iter()
-        .take_while(|b| b.is_ascii_digit())
-        .count();
-    std::str::from_utf8(&frame[at..at + digits])
-        .ok()?
-        .parse()
-        .ok()
 }

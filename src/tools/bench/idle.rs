@@ -10,8 +10,8 @@ use anyhow::Context;
 use serde_json::{Value, json};
 use tokio::sync::Semaphore;
 
-use super::{Server, run_tag};
-use crate::tools::client::{Socket, Target, expect_type, send};
+use super::{Server, run_tag, viewer};
+use crate::tools::client::{Socket, Target};
 
 /// Connections being set up at once.
 const CONCURRENT_HANDSHAKES: usize = 256;
@@ -98,7 +98,7 @@ pub(super) async fn run(
         );
         tasks.push(tokio::spawn(async move {
             let _permit = gate.acquire_owned().await?;
-            open(&target, source, &hello, &format!("bench-{tag}-{i}"))
+            viewer::open(&target, source, &hello, &format!("bench-{tag}-{i}"))
                 .await
                 .with_context(|| format!("connection {i}"))
         }));
@@ -136,14 +136,4 @@ pub(super) async fn run(
         cpu_us
     );
     Ok(result)
-}
-
-async fn open(target: &Target, source: IpAddr, hello: &Value, id: &str) -> anyhow::Result<Socket> {
-    let mut ws = target.websocket(target.connect_from(source).await?).await?;
-    send(&mut ws, hello).await?;
-    expect_type(&mut ws, "welcome").await?;
-    expect_type(&mut ws, "subscribed").await?;
-    send(&mut ws, &json!({"type": "subscribe", "thread_id": id})).await?;
-    expect_type(&mut ws, "subscribed").await?;
-    Ok(ws)
 }

@@ -6,9 +6,11 @@
 mod abuse;
 mod fanout;
 mod idle;
+mod tokens;
+mod viewer;
 
 use std::net::{IpAddr, Ipv4Addr};
-use std::time::Duration;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, ensure};
 use serde_json::Value;
@@ -70,6 +72,10 @@ pub enum Scenario {
         #[command(flatten)]
         load: fanout::Load,
     },
+    /// N runs, each on its own thread with one AG-UI viewer, streaming TEXT_MESSAGE_CONTENT
+    /// deltas at a fixed rate as an agent's tokens: CPU per event in and per delivery out,
+    /// latency, and nothing lost.
+    Tokens(tokens::Tokens),
     /// The attacks the resource budgets answer, one after the other: server memory after each, its
     /// refusals, and a legitimate client's latency during it.
     Abuse(abuse::Abuse),
@@ -118,6 +124,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<Value> {
             ];
             fanout::run(&servers, &sources, load, fanout::Mode::Redis).await?
         }
+        Scenario::Tokens(tokens) => tokens::run(&first[0], &sources, tokens).await?,
         Scenario::Abuse(abuse) => abuse::run(&first[0], &sources, abuse).await?,
     };
     println!("{result}");
@@ -153,6 +160,20 @@ impl Server {
             }
         }
     }
+}
+
+/// CPU and memory summed over the replicas.
+async fn usage(servers: &[Server]) -> anyhow::Result<Usage> {
+    let mut sum = Usage {
+        cpu_seconds: 0.0,
+        rss_bytes: 0.0,
+    };
+    for server in servers {
+        let usage = server.usage().await?;
+        sum.cpu_seconds += usage.cpu_seconds;
+        sum.rss_bytes += usage.rss_bytes;
+    }
+    Ok(sum)
 }
 
 fn exposition_value(text: &str, name: &str) -> anyhow::Result<f64> {
@@ -192,6 +213,37 @@ fn proc_usage(pid: u32) -> anyhow::Result<Usage> {
         cpu_seconds: ticks / 100.0,
         rss_bytes: rss_kib * 1024.0,
     })
+}
+
+/// Wall-clock microseconds: the send time events carry, compared with the receive time on the
+/// same machine.
+fn now_us() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_micros() as u64
+}
+
+/// Raises this process's open-file limit to its hard limit if it needs more than `needed`.
+fn ensure_open_files(needed: u64) -> anyhow::Result<()> {
+    use rustix::process::{Resource, getrlimit, setrlimit};
+    let limit = getrlimit(Resource::Nofile);
+    let current = limit.current.unwrap_or(u64::MAX);
+    if current < needed {
+        let _ = setrlimit(
+            Resource::Nofile,
+            rustix::process::Rlimit {
+                current: limit.maximum,
+                maximum: limit.maximum,
+            },
+        );
+    }
+    let current = getrlimit(Resource::Nofile).current.unwrap_or(u64::MAX);
+    ensure!(
+        current >= needed,
+        "this scenario needs {needed} open files and this process may hold {current} (ulimit -n)"
+    );
+    Ok(())
 }
 
 /// A short random tag so that runs against one gateway do not share threads.

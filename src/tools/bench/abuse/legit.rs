@@ -15,8 +15,8 @@ use serde_json::{Value, json};
 use tokio::task::JoinHandle;
 
 use super::now_us;
-use crate::tools::bench::Server;
-use crate::tools::client::{Http, Target, expect_type, next_text, send};
+use crate::tools::bench::{Server, viewer};
+use crate::tools::client::{Http, Target, next_text, send};
 
 /// Between two events of the producer.
 const EVERY: Duration = Duration::from_millis(10);
@@ -83,13 +83,8 @@ impl Legit {
             format!("bench-{tag}-legit"),
             format!("bench-{tag}-legit-run"),
         );
-        let target = &server.target;
-        let mut ws = target.websocket(target.connect_from(source).await?).await?;
-        send(&mut ws, &json!({"type": "hello", "user_id": thread})).await?;
-        expect_type(&mut ws, "welcome").await?;
-        expect_type(&mut ws, "subscribed").await?;
-        send(&mut ws, &json!({"type": "subscribe", "thread_id": thread})).await?;
-        expect_type(&mut ws, "subscribed").await?;
+        let hello = json!({"type": "hello", "user_id": thread});
+        let mut ws = viewer::open(&server.target, source, &hello, &thread).await?;
         let (status, answer) = server
             .api
             .http(

@@ -13,12 +13,12 @@ use std::collections::BTreeMap;
 use std::net::IpAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, ensure};
 use serde_json::{Map, Value, json};
 
-use super::{Server, run_tag};
+use super::{Server, ensure_open_files, now_us, run_tag};
 use crate::tools::client::Target;
 
 #[derive(Debug, Clone, clap::Args)]
@@ -229,28 +229,6 @@ pub(super) async fn run(server: &Server, sources: &[IpAddr], args: Abuse) -> any
     Ok(result)
 }
 
-/// Raises this process's open-file limit to its hard limit if it needs more than `needed`.
-fn ensure_open_files(needed: u64) -> anyhow::Result<()> {
-    use rustix::process::{Resource, getrlimit, setrlimit};
-    let limit = getrlimit(Resource::Nofile);
-    let current = limit.current.unwrap_or(u64::MAX);
-    if current < needed {
-        let _ = setrlimit(
-            Resource::Nofile,
-            rustix::process::Rlimit {
-                current: limit.maximum,
-                maximum: limit.maximum,
-            },
-        );
-    }
-    let current = getrlimit(Resource::Nofile).current.unwrap_or(u64::MAX);
-    ensure!(
-        current >= needed,
-        "the attacks need {needed} open files and this process may hold {current} (ulimit -n)"
-    );
-    Ok(())
-}
-
 /// Every sample of `/metrics`, keyed by name and labels as exposed (`name{label="value"}`).
 async fn counters(server: &Server) -> anyhow::Result<BTreeMap<String, f64>> {
     let (status, text) = server.api.http("GET", "/metrics", None).await?;
@@ -269,13 +247,6 @@ async fn counters(server: &Server) -> anyhow::Result<BTreeMap<String, f64>> {
 
 fn family_of(key: &str) -> &str {
     key.split_once('{').map_or(key, |(family, _)| family)
-}
-
-fn now_us() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap_or_default()
-        .as_micros() as u64
 }
 
 /// Reads the server's resident memory every 200 ms during an attack; its highest value.

@@ -93,7 +93,10 @@ pub async fn ingest(gateway: &Gateway, items: &[&str], producer: Option<&str>) -
             match event::parse(raw, gateway.config.ingest.max_event_bytes) {
                 Ok(mut event) => {
                     event.producer = producer.map(str::to_string);
-                    accept(gateway, event, None).await
+                    match strictly_ordered(gateway, &event) {
+                        Ok(()) => accept(gateway, event, None).await,
+                        Err(refusal) => ItemResult::Error(refusal),
+                    }
                 }
                 Err(refusal) => {
                     count_refusal(gateway, &refusal);
@@ -103,6 +106,39 @@ pub async fn ingest(gateway: &Gateway, items: &[&str], producer: Option<&str>) -
         );
     }
     results
+}
+
+/// With `agui.strict`, an AG-UI event that breaks AG-UI's ordering rules where its run stands
+/// (as the watchdog follows it) is refused `out_of_order`, counted as that violation and as a
+/// refused event. Without it the event is published and the watchdog counts the violation.
+fn strictly_ordered(gateway: &Gateway, event: &Event) -> Result<(), Refusal> {
+    if !gateway.config.agui.strict {
+        return Ok(());
+    }
+    let (Some(run_id), Some(serde_json::Value::Object(fields))) = (
+        event.run_id.as_deref(),
+        event.payload.get(crate::protocol::agui::PAYLOAD_KEY),
+    ) else {
+        return Ok(());
+    };
+    let Err(violation) = gateway.watchdog.agui_order(run_id, fields) else {
+        return Ok(());
+    };
+    metrics::count(&gateway.metrics.lifecycle_violations, violation);
+    let refusal = Refusal {
+        code: event::RefusalCode::OutOfOrder,
+        field: Some("type".into()),
+        reason: format!(
+            "{} breaks AG-UI's ordering rules here ({})",
+            fields
+                .get("type")
+                .and_then(serde_json::Value::as_str)
+                .unwrap_or_default(),
+            violation.as_str()
+        ),
+    };
+    count_refusal(gateway, &refusal);
+    Err(refusal)
 }
 
 /// The one place a refused event is counted and logged.

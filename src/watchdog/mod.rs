@@ -384,6 +384,21 @@ impl Watchdog {
         }
     }
 
+    /// Whether an AG-UI event (its fields) keeps AG-UI's ordering rules where its run stands, without
+    /// following it (`agui.strict` asks before publishing). A run not followed yet starts idle.
+    pub fn agui_order(
+        &self,
+        run_id: &str,
+        fields: &serde_json::Map<String, serde_json::Value>,
+    ) -> Result<(), agui::OrderViolation> {
+        let mut sequence = self
+            .shard(run_id)
+            .get(run_id)
+            .and_then(|run| run.agui.as_deref().cloned())
+            .unwrap_or_default();
+        sequence.apply_fields(fields)
+    }
+
     /// Evicts the least recently active runs of a full shard (ended ones first), in O(1) each.
     fn make_room(&self, shard: &mut Shard, metrics: &Metrics) {
         let per_shard = self.config.max_runs.div_ceil(SHARDS).max(1);

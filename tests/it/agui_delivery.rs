@@ -422,3 +422,55 @@ async fn an_sse_reader_drops_and_resumes_with_last_event_id() {
         "exactly the missed events, as the agent sent them"
     );
 }
+
+/// `agui.strict` on `POST /v1/events`: an AG-UI event out of order where its run stands is refused
+/// `out_of_order`, counted once, and reaches no viewer; the events beside it are taken.
+#[tokio::test]
+async fn strict_mode_refuses_out_of_order_ag_ui_events_on_post() {
+    let gateway = Gateway::start_with(|c| c.agui.strict = true).await;
+    let mut viewer = Client::hello(gateway.addr, "u1").await;
+    viewer.subscribe("t6", None).await;
+    let (status, body) = gateway
+        .post(
+            "/v1/events",
+            &json!([
+                {"type": "RUN_STARTED", "threadId": "t6", "runId": "r6"},
+                {"type": "TEXT_MESSAGE_CONTENT", "run_id": "r6", "messageId": "m1", "delta": "x"},
+                {"type": "TEXT_MESSAGE_START", "run_id": "r6", "messageId": "m1"},
+                {"type": "TEXT_MESSAGE_CONTENT", "run_id": "r6", "messageId": "m1", "delta": "y"},
+            ])
+            .to_string(),
+        )
+        .await;
+    assert_eq!(status, 207, "some items refused: {body}");
+    let statuses: Vec<&str> = body["results"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["status"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        statuses,
+        ["accepted", "error", "accepted", "accepted"],
+        "{body}"
+    );
+    assert_eq!(body["results"][1]["code"], "out_of_order", "{body}");
+    let seen = viewer.events(3).await;
+    assert_eq!(seen[1]["payload"]["agui"]["type"], "TEXT_MESSAGE_START");
+    viewer.barrier().await;
+    let metrics = gateway.metrics().await;
+    assert_eq!(
+        metric_value(
+            &metrics,
+            "agentwire_lifecycle_violations_total{kind=\"agui_not_started\"}"
+        ),
+        1.0
+    );
+    assert_eq!(
+        metric_value(
+            &metrics,
+            "agentwire_events_rejected_total{reason=\"out_of_order\"}"
+        ),
+        1.0
+    );
+}

@@ -351,34 +351,40 @@ def test_same_port_for_both_doors_refused(helm):
     assert "need a port each" in proc.stdout + proc.stderr, d.output(proc)
 
 
-def _routes_only_ws_to_the_public_service(ing, hr):
+PUBLIC_ROUTES = [("/ws", "Exact"), ("/v1/threads", "Prefix"), ("/agui", "Prefix")]
+
+
+def _routes_only_the_public_door(ing, hr):
     errors = []
     for rule in ing["spec"]["rules"]:
+        routed = [(p["path"], p["pathType"]) for p in rule["http"]["paths"]]
+        if routed != PUBLIC_ROUTES:
+            errors.append("Ingress routes %s" % routed)
         for p in rule["http"]["paths"]:
-            if (p["path"], p["pathType"]) != ("/ws", "Exact"):
-                errors.append("Ingress routes %s %s" % (p["pathType"], p["path"]))
             if p["backend"] != {"service": {"name": "agentwire", "port": {"name": "http"}}}:
                 errors.append("Ingress backend %s" % p["backend"])
     for rule in hr["spec"]["rules"]:
-        if rule["matches"] != [{"path": {"type": "Exact", "value": "/ws"}}]:
+        matches = [(m["path"]["value"], m["path"]["type"].replace("PathPrefix", "Prefix")) for m in rule["matches"]]
+        if matches != PUBLIC_ROUTES:
             errors.append("HTTPRoute matches %s" % rule["matches"])
         if [b["name"] for b in rule["backendRefs"]] != ["agentwire"]:
             errors.append("HTTPRoute backends %s" % rule["backendRefs"])
     return errors
 
 
-def test_ingress_and_httproute_route_only_ws(rendered, helm):
-    """The Ingress and the HTTPRoute route /ws, exactly, to the public Service and nothing else; the
-    internal Service is routed by nothing (with the chart's defaults and with every part on)."""
+def test_ingress_and_httproute_route_only_the_public_door(rendered, helm):
+    """The Ingress and the HTTPRoute route /ws exactly, the event streams and the AG-UI proxy to the public
+    Service and nothing else; the internal Service is routed by nothing (with the chart's defaults and with
+    every part on)."""
     proc = helm("--set", "ingress.enabled=true,httpRoute.enabled=true",
                 "--set-json", 'httpRoute.parentRefs=[{"name":"public"}]',
                 "--show-only", "templates/ingress.yaml", "--show-only", "templates/httproute.yaml")
     assert proc.returncode == 0, d.output(proc)
     docs = {doc["kind"]: doc for doc in yaml.safe_load_all(proc.stdout) if doc}
-    errors = _routes_only_ws_to_the_public_service(docs["Ingress"], docs["HTTPRoute"])
+    errors = _routes_only_the_public_door(docs["Ingress"], docs["HTTPRoute"])
     r = rendered["all-enabled-values"].require()
     ing, hr = r.by[("Ingress", "agentwire")], r.by[("HTTPRoute", "agentwire")]
-    errors += ["all-enabled: " + e for e in _routes_only_ws_to_the_public_service(ing, hr)]
+    errors += ["all-enabled: " + e for e in _routes_only_the_public_door(ing, hr)]
     svc = r.by[("Service", "agentwire")]
     assert hr["spec"]["rules"][0]["backendRefs"][0]["port"] == svc["spec"]["ports"][0]["port"]
     assert "agentwire-internal" not in json.dumps([ing, hr]), "the internal Service is routed"

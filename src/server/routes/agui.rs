@@ -17,6 +17,7 @@ use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
 use super::body::{self, BodyRefusal};
+use super::cors;
 use super::events::authorise;
 use super::upgrade::{admit, connection_slot};
 use super::{
@@ -239,39 +240,18 @@ pub(super) async fn proxy(
     // `admit` let the origin in: a page of it may read the answer, whatever it is.
     let origin = request.headers().get(header::ORIGIN).cloned();
     let mut response = match *request.method() {
-        Method::OPTIONS => preflight(origin.is_some()),
+        Method::OPTIONS => cors::preflight(&ALLOWED, origin.is_some()),
         _ => run(&gateway, peer, raw_agent, cut, request).await,
     };
-    if let Some(origin) = origin {
-        let headers = response.headers_mut();
-        headers.insert(header::ACCESS_CONTROL_ALLOW_ORIGIN, origin);
-        headers.insert(header::VARY, HeaderValue::from_static("Origin"));
-    }
+    cors::allow_origin(&mut response, origin);
     response
 }
 
-/// The CORS preflight of `HttpAgent`: a JSON POST with `Authorization`.
-fn preflight(cors: bool) -> Response<Body> {
-    let mut response = Response::new(super::full(bytes::Bytes::new()));
-    *response.status_mut() = StatusCode::NO_CONTENT;
-    let headers = response.headers_mut();
-    headers.insert(header::ALLOW, HeaderValue::from_static("POST, OPTIONS"));
-    if cors {
-        headers.insert(
-            header::ACCESS_CONTROL_ALLOW_METHODS,
-            HeaderValue::from_static("POST"),
-        );
-        headers.insert(
-            header::ACCESS_CONTROL_ALLOW_HEADERS,
-            HeaderValue::from_static("Authorization, Content-Type, Accept"),
-        );
-        headers.insert(
-            header::ACCESS_CONTROL_MAX_AGE,
-            HeaderValue::from_static("600"),
-        );
-    }
-    response
-}
+/// What a page may send cross-origin: `HttpAgent`: a JSON POST with `Authorization`.
+const ALLOWED: cors::Allowed = cors::Allowed {
+    method: "POST",
+    headers: "Authorization, Content-Type, Accept",
+};
 
 async fn run(
     gateway: &Arc<Gateway>,

@@ -15,6 +15,7 @@ use hyper::header::{self, HeaderValue};
 use hyper::{Method, Request, Response, StatusCode};
 use tokio_util::sync::CancellationToken;
 
+use super::cors;
 use super::upgrade::{MAX_BEARER_BYTES, Refused, admit, connection_slot};
 use super::{Body, broker_error, error, percent_decode};
 use crate::Gateway;
@@ -45,39 +46,18 @@ pub(super) async fn events(
     // `admit` let the origin in: a page of it may read the answer, whatever it is.
     let origin = request.headers().get(header::ORIGIN).cloned();
     let mut response = match *request.method() {
-        Method::OPTIONS => preflight(origin.is_some()),
+        Method::OPTIONS => cors::preflight(&ALLOWED, origin.is_some()),
         _ => open(&gateway, peer, raw_thread, cut, &request).await,
     };
-    if let Some(origin) = origin {
-        let headers = response.headers_mut();
-        headers.insert(header::ACCESS_CONTROL_ALLOW_ORIGIN, origin);
-        headers.insert(header::VARY, HeaderValue::from_static("Origin"));
-    }
+    cors::allow_origin(&mut response, origin);
     response
 }
 
-/// The CORS preflight of a fetch-based client: it may send `Authorization` and `Last-Event-ID`.
-fn preflight(cors: bool) -> Response<Body> {
-    let mut response = Response::new(super::full(bytes::Bytes::new()));
-    *response.status_mut() = StatusCode::NO_CONTENT;
-    let headers = response.headers_mut();
-    headers.insert(header::ALLOW, HeaderValue::from_static("GET, OPTIONS"));
-    if cors {
-        headers.insert(
-            header::ACCESS_CONTROL_ALLOW_METHODS,
-            HeaderValue::from_static("GET"),
-        );
-        headers.insert(
-            header::ACCESS_CONTROL_ALLOW_HEADERS,
-            HeaderValue::from_static("Authorization, Last-Event-ID, Accept, Cache-Control"),
-        );
-        headers.insert(
-            header::ACCESS_CONTROL_MAX_AGE,
-            HeaderValue::from_static("600"),
-        );
-    }
-    response
-}
+/// What a page may send cross-origin: a fetch-based client: it may send `Authorization` and `Last-Event-ID`.
+const ALLOWED: cors::Allowed = cors::Allowed {
+    method: "GET",
+    headers: "Authorization, Last-Event-ID, Accept, Cache-Control",
+};
 
 /// What the query says; unknown parameters are ignored (a client may add a cache buster).
 #[derive(Default)]

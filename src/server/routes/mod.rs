@@ -23,6 +23,7 @@ use tokio_util::sync::CancellationToken;
 
 mod agui;
 mod body;
+mod cors;
 mod events;
 mod health;
 mod operator;

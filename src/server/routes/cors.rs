@@ -1,0 +1,51 @@
+//! CORS for the public door's browser endpoints other than `/ws` (the event streams and the AG-UI
+//! proxy): an origin `upgrade::admit` let in may read the answer, and its preflight is answered.
+
+use hyper::header::{self, HeaderValue};
+use hyper::{Response, StatusCode};
+
+use super::Body;
+
+/// What one endpoint allows a cross-origin page to send.
+pub(super) struct Allowed {
+    /// `GET` or `POST`.
+    pub method: &'static str,
+    /// The request headers a page may set.
+    pub headers: &'static str,
+}
+
+/// The answer to an `OPTIONS` preflight; `cors`: the request came from a page (it has an `Origin`).
+pub(super) fn preflight(allowed: &Allowed, cors: bool) -> Response<Body> {
+    let mut response = Response::new(super::full(bytes::Bytes::new()));
+    *response.status_mut() = StatusCode::NO_CONTENT;
+    let headers = response.headers_mut();
+    let allow = match allowed.method {
+        "GET" => "GET, OPTIONS",
+        _ => "POST, OPTIONS",
+    };
+    headers.insert(header::ALLOW, HeaderValue::from_static(allow));
+    if cors {
+        headers.insert(
+            header::ACCESS_CONTROL_ALLOW_METHODS,
+            HeaderValue::from_static(allowed.method),
+        );
+        headers.insert(
+            header::ACCESS_CONTROL_ALLOW_HEADERS,
+            HeaderValue::from_static(allowed.headers),
+        );
+        headers.insert(
+            header::ACCESS_CONTROL_MAX_AGE,
+            HeaderValue::from_static("600"),
+        );
+    }
+    response
+}
+
+/// Lets the admitted `origin` read `response`, whatever it is.
+pub(super) fn allow_origin(response: &mut Response<Body>, origin: Option<HeaderValue>) {
+    if let Some(origin) = origin {
+        let headers = response.headers_mut();
+        headers.insert(header::ACCESS_CONTROL_ALLOW_ORIGIN, origin);
+        headers.insert(header::VARY, HeaderValue::from_static("Origin"));
+    }
+}

@@ -125,6 +125,7 @@ type Listeners = {
   state: (state: State) => void;
   reset: (reset: Reset) => void;
   error: (error: ClientError) => void;
+  subscribed: (frame: Subscribed) => void;
 };
 
 interface Channel {
@@ -301,6 +302,7 @@ export class Client {
     const name = THREAD + sub.threadId;
     const channel = this.#channels.get(name);
     if (!channel?.subs.delete(sub) || channel.subs.size) return;
+    this.#ackOne(name, channel); // what was shown is acked before leaving
     this.#channels.delete(name);
     if (this.state === "connected") this.#send({ type: "unsubscribe", thread_id: sub.threadId });
   }
@@ -396,6 +398,7 @@ export class Client {
         // Live from here, or after the events this answer replays.
         if (!channel.pos || !frame.recovered)
           channel.pos = { epoch: frame.epoch, seq: Math.max(0, frame.seq - (frame.replayed || 0)) };
+        this.#emit("subscribed", frame);
         this.#flushSoon(channel);
         return;
       }
@@ -438,24 +441,22 @@ export class Client {
   /** Sends each channel's highest seq to ack, on channels subscribed on this connection. */
   #flush(): void {
     this.#ackTimer = undefined;
-    if (this.state !== "connected") return;
-    for (const [name, channel] of this.#channels) {
-      const { ack, acked, pos } = channel;
-      if (!ack || !channel.live) continue;
-      // An ack of another epoch than the channel's current one is of no use (and would be refused).
-      if (pos && ack.epoch !== pos.epoch) {
-        channel.ack = undefined;
-        continue;
-      }
-      if (!acked || acked.epoch !== ack.epoch || acked.seq < ack.seq)
-        this.#send(
-          name.startsWith(THREAD)
-            ? { type: "ack", thread_id: name.slice(THREAD.length), seq: ack.seq }
-            : { type: "ack", channel: name, seq: ack.seq },
-        );
-      channel.acked = ack;
-      channel.ack = undefined;
-    }
+    for (const [name, channel] of this.#channels) this.#ackOne(name, channel);
+  }
+
+  #ackOne(name: string, channel: Channel): void {
+    const { ack, acked, pos } = channel;
+    if (!ack || !channel.live || this.state !== "connected") return;
+    channel.ack = undefined;
+    // An ack of another epoch than the channel's current one is of no use (and would be refused).
+    if (pos && ack.epoch !== pos.epoch) return;
+    if (!acked || acked.epoch !== ack.epoch || acked.seq < ack.seq)
+      this.#send(
+        name.startsWith(THREAD)
+          ? { type: "ack", thread_id: name.slice(THREAD.length), seq: ack.seq }
+          : { type: "ack", channel: name, seq: ack.seq },
+      );
+    channel.acked = ack;
   }
 
   /** Detaches the current socket and closes it: cleanly (1000), or at once without waiting for anything. */

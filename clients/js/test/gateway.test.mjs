@@ -1,0 +1,121 @@
+// One integration test against a real gateway process (AGENTWIRE_BIN, e.g. target/debug/agentwire; skipped
+// without it): events posted to the internal door arrive in order and are acked (the ledger shows the
+// acks); the gateway is stopped with SIGTERM mid-way (1012), a new one starts on the same ports, and the
+// client reconnects by itself, is told `reset` (the embedded broker's history went with the old process)
+// and receives the new gateway's events.
+import { test } from "node:test";
+import assert from "node:assert/strict";
+import { spawn } from "node:child_process";
+import { createServer } from "node:net";
+import { resolve } from "node:path";
+import WebSocket from "ws";
+import { connect } from "../dist/index.js";
+
+const BIN = process.env.AGENTWIRE_BIN ? resolve(process.env.AGENTWIRE_BIN) : undefined;
+
+function freePort() {
+  return new Promise((done, fail) => {
+    const server = createServer().listen(0, "127.0.0.1", () => {
+      const { port } = server.address();
+      server.close(() => done(port));
+    });
+    server.on("error", fail);
+  });
+}
+
+const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
+async function until(check, what, ms = 10000) {
+  const deadline = Date.now() + ms;
+  for (;;) {
+    const value = await check();
+    if (value) return value;
+    if (Date.now() > deadline) throw new Error(`timed out waiting for ${what}`);
+    await sleep(20);
+  }
+}
+
+function gateway(port, internal) {
+  const child = spawn(BIN, [], {
+    env: {
+      PATH: process.env.PATH,
+      AGENTWIRE_LISTEN: `127.0.0.1:${port}`,
+      AGENTWIRE_INTERNAL_LISTEN: `127.0.0.1:${internal}`,
+      AGENTWIRE_LEDGER__SNAPSHOT_INTERVAL: "0s",
+      AGENTWIRE_SHUTDOWN__DRAIN_DELAY: "100ms",
+      AGENTWIRE_SHUTDOWN__CLOSE_WINDOW: "100ms",
+      AGENTWIRE_SESSION__HEARTBEAT: "1s",
+    },
+    stdio: ["ignore", "ignore", "pipe"],
+  });
+  let stderr = "";
+  child.stderr.on("data", (d) => (stderr = (stderr + d).slice(-4000)));
+  const exited = new Promise((done) => child.on("exit", (code, signal) => done({ code, signal })));
+  return { child, exited, stderr: () => stderr };
+}
+
+async function ready(internal) {
+  await until(
+    () => fetch(`http://127.0.0.1:${internal}/readyz`).then((r) => r.ok, () => false),
+    "the gateway to be ready",
+  );
+}
+
+async function post(internal, thread, from, to) {
+  const events = [];
+  for (let i = from; i <= to; i++) events.push({ type: "custom", thread_id: thread, payload: { name: "n", i } });
+  const response = await fetch(`http://127.0.0.1:${internal}/v1/events`, {
+    method: "POST",
+    headers: { "Content-Type": "application/json" },
+    body: JSON.stringify(events),
+  });
+  assert.equal(response.status, 200, await response.text());
+}
+
+test("a real gateway: in order, acked in the ledger; SIGTERM (1012) → reconnect, reset, go on", { skip: !BIN && "AGENTWIRE_BIN is not set" }, async (t) => {
+  const [port, internal] = [await freePort(), await freePort()];
+  let gw = gateway(port, internal);
+  t.after(() => gw.child.kill("SIGKILL"));
+  await ready(internal);
+
+  const client = connect(`ws://127.0.0.1:${port}/ws`, { WebSocket, userId: "it-user", backoff: { baseMs: 100, maxMs: 1000 } });
+  t.after(() => client.close());
+  const seen = [];
+  const resets = [];
+  const states = [];
+  client.on("reset", (r) => resets.push(r));
+  client.on("state", (s) => states.push(s));
+  const subscribed = new Promise((done) => client.on("subscribed", (f) => f.thread_id === "it1" && done(f)));
+  client.subscribe("it1", (event) => {
+    seen.push(`${event.epoch}:${event.seq}:${event.payload.i}`);
+    client.ack(event);
+  });
+  await subscribed;
+
+  await post(internal, "it1", 1, 5);
+  await until(() => seen.length === 5, "five events");
+  const epoch = seen[0].split(":")[0];
+  assert.deepEqual(seen, [1, 2, 3, 4, 5].map((i) => `${epoch}:${i}:${i}`));
+  const ledger = await until(async () => {
+    const l = await (await fetch(`http://127.0.0.1:${internal}/v1/channels/thread:it1`)).json();
+    return l.acked === 5 && l;
+  }, "the ledger to show five acks");
+  assert.equal(ledger.delivered, 5);
+  assert.equal(ledger.balanced, true);
+
+  // SIGTERM: the gateway closes the socket with 1012 and exits; a new one takes the same ports.
+  gw.child.kill("SIGTERM");
+  const { code } = await gw.exited;
+  assert.equal(code, 0, gw.stderr());
+  await until(() => client.state !== "connected", "the client to notice the restart");
+  gw = gateway(port, internal);
+  await ready(internal);
+  await until(() => client.state === "connected" && resets.length === 1, "a reconnect and a reset");
+  assert.equal(resets[0].threadId, "it1");
+  await sleep(100);
+  await post(internal, "it1", 6, 8);
+  await until(() => seen.length === 8, "the new gateway's events");
+  const after = seen.slice(5).map((s) => s.split(":").slice(1).join(":"));
+  assert.deepEqual(after, ["1:6", "2:7", "3:8"]);
+  assert.notEqual(seen[5].split(":")[0], epoch, "a new epoch after the store was lost");
+  assert.ok(states.includes("disconnected"));
+});

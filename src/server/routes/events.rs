@@ -148,16 +148,27 @@ async fn open(
         Ok(expires) => expires,
         Err(response) => return response,
     };
-    let slot = match connection_slot(gateway, peer, request) {
-        Ok(slot) => slot,
-        Err(refused) => return refused.response(),
-    };
     let stream = sse::Request {
         thread_id,
         since,
         format,
         expires,
         cut,
+    };
+    serve(gateway, peer, request, stream).await
+}
+
+/// Opens a checked stream, within the connection budgets, as the response: the public door's
+/// event streams and the internal door's operator tail (`GET /v1/threads/{thread_id}/tail`).
+pub(super) async fn serve(
+    gateway: &Arc<Gateway>,
+    peer: SocketAddr,
+    request: &Request<Incoming>,
+    stream: sse::Request,
+) -> Response<Body> {
+    let slot = match connection_slot(gateway, peer, request) {
+        Ok(slot) => slot,
+        Err(refused) => return refused.response(),
     };
     match sse::open(Arc::clone(gateway), stream, slot).await {
         Ok(body) => {

@@ -296,11 +296,12 @@ impl Summaries {
     /// Whether a channel with these counts makes a line: checked before the line is made, which
     /// may take the channel's lock.
     pub fn wants(&self, counts: &Counts) -> bool {
-        Self::attention(counts) || self.busy_enough(counts.emitted)
+        Self::attention(counts.pending, counts.lost_total()) || self.busy_enough(counts.emitted)
     }
 
-    fn attention(counts: &Counts) -> bool {
-        counts.pending > 0 || counts.lost_total() > 0
+    /// A channel with pending or lost events is in the `top_pending` / `top_lost` candidates.
+    fn attention(pending: u64, lost_total: u64) -> bool {
+        pending > 0 || lost_total > 0
     }
 
     fn busy_enough(&self, emitted: u64) -> bool {
@@ -321,7 +322,7 @@ impl Summaries {
                 self.busiest.pop();
             }
         }
-        if summary.pending > 0 || summary.lost_total > 0 {
+        if Self::attention(summary.pending, summary.lost_total) {
             self.attention.push(summary);
         }
     }

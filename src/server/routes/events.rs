@@ -16,7 +16,7 @@ use hyper::{Method, Request, Response, StatusCode};
 use tokio_util::sync::CancellationToken;
 
 use super::cors;
-use super::upgrade::{MAX_BEARER_BYTES, Refused, admit, connection_slot};
+use super::upgrade::{MAX_BEARER_BYTES, NotAdmitted, Refused, admit, connection_slot};
 use super::{Body, broker_error, error, percent_decode};
 use crate::Gateway;
 use crate::auth::{Refusal, ThreadAccess};
@@ -166,6 +166,10 @@ pub(super) async fn serve(
     request: &Request<Incoming>,
     stream: sse::Request,
 ) -> Response<Body> {
+    // The public door's `admit` checked it already; the operator tail has no other check.
+    if gateway.shutdown.is_draining() {
+        return NotAdmitted::Draining.response();
+    }
     let slot = match connection_slot(gateway, peer, request) {
         Ok(slot) => slot,
         Err(refused) => return refused.response(),

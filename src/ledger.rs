@@ -228,11 +228,104 @@ impl LostReport {
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct ChannelSummary {
     pub channel: String,
+    pub emitted: u64,
+    pub delivered: u64,
     pub pending: u64,
     pub oldest_pending_age_seconds: Option<f64>,
     pub lost_total: u64,
     pub lost: LostReport,
     pub subscribers: usize,
+    pub balanced: bool,
+}
+
+impl ChannelSummary {
+    pub fn new(
+        channel: String,
+        counts: &Counts,
+        oldest_pending_age_seconds: Option<f64>,
+        subscribers: usize,
+    ) -> Self {
+        Self {
+            channel,
+            emitted: counts.emitted,
+            delivered: counts.delivered,
+            pending: counts.pending,
+            oldest_pending_age_seconds,
+            lost_total: counts.lost_total(),
+            lost: LostReport::from_counts(counts),
+            subscribers,
+            balanced: counts.balanced(),
+        }
+    }
+}
+
+/// What one pass over the channels keeps for the rankings: a line for every channel with pending
+/// or lost events, and the [`MAX_TOP`] busiest channels (most emitted) whatever their state, kept
+/// in a min-heap while passing so that a pass over a million quiet channels holds 1000 lines.
+#[derive(Debug, Default)]
+pub struct Summaries {
+    pub attention: Vec<ChannelSummary>,
+    busiest: std::collections::BinaryHeap<std::cmp::Reverse<Busy>>,
+}
+
+/// A line ordered by how busy its channel is (ties: the name first in order ranks higher).
+#[derive(Debug)]
+struct Busy(ChannelSummary);
+
+impl Ord for Busy {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        self.0
+            .emitted
+            .cmp(&other.0.emitted)
+            .then_with(|| other.0.channel.cmp(&self.0.channel))
+    }
+}
+impl PartialOrd for Busy {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+impl PartialEq for Busy {
+    fn eq(&self, other: &Self) -> bool {
+        self.cmp(other).is_eq()
+    }
+}
+impl Eq for Busy {}
+
+impl Summaries {
+    /// Whether a channel with these counts makes a line: checked before the line is made, which
+    /// may take the channel's lock.
+    pub fn wants(&self, counts: &Counts) -> bool {
+        Self::attention(counts.pending, counts.lost_total()) || self.busy_enough(counts.emitted)
+    }
+
+    /// A channel with pending or lost events is in the `top_pending` / `top_lost` candidates.
+    fn attention(pending: u64, lost_total: u64) -> bool {
+        pending > 0 || lost_total > 0
+    }
+
+    fn busy_enough(&self, emitted: u64) -> bool {
+        emitted > 0
+            && (self.busiest.len() < MAX_TOP
+                || self
+                    .busiest
+                    .peek()
+                    .is_some_and(|least| emitted > least.0.0.emitted))
+    }
+
+    /// Keeps the line where it ranks.
+    pub fn add(&mut self, summary: ChannelSummary) {
+        if self.busy_enough(summary.emitted) {
+            let busy = summary.clone();
+            self.busiest.push(std::cmp::Reverse(Busy(busy)));
+            if self.busiest.len() > MAX_TOP {
+                self.busiest.pop();
+            }
+        }
+        if Self::attention(summary.pending, summary.lost_total) {
+            self.attention.push(summary);
+        }
+    }
 }
 
 /// The longest top list `GET /v1/ledger?top=` shows; a snapshot keeps this many of each.
@@ -240,6 +333,8 @@ pub const MAX_TOP: usize = 1000;
 
 #[derive(Debug, Default, serde::Serialize)]
 pub struct Ranked {
+    /// The channels that emitted the most events, with their whole ledger line.
+    pub busiest: Vec<ChannelSummary>,
     pub top_pending: Vec<ChannelSummary>,
     pub top_lost: Vec<ChannelSummary>,
 }
@@ -265,13 +360,24 @@ impl Ranked {
     pub fn top(&self, n: usize) -> Self {
         let first = |list: &[ChannelSummary]| list.iter().take(n).cloned().collect();
         Self {
+            busiest: first(&self.busiest),
             top_pending: first(&self.top_pending),
             top_lost: first(&self.top_lost),
         }
     }
 
-    /// The `n` channels with the most pending events and the `n` with the most lost ones.
-    pub fn from_summaries(all: Vec<ChannelSummary>, n: usize) -> Self {
+    /// The `n` busiest channels, the `n` with the most pending events and the `n` with the most
+    /// lost ones.
+    pub fn from_summaries(summaries: Summaries, n: usize) -> Self {
+        // Ascending in `Reverse` order is the busiest first.
+        let mut busiest: Vec<ChannelSummary> = summaries
+            .busiest
+            .into_sorted_vec()
+            .into_iter()
+            .map(|busy| busy.0.0)
+            .collect();
+        busiest.truncate(n);
+        let all = summaries.attention;
         let mut top_pending: Vec<_> = all.iter().filter(|c| c.pending > 0).cloned().collect();
         top_pending.sort_by(|a, b| {
             b.pending
@@ -287,6 +393,7 @@ impl Ranked {
         });
         top_lost.truncate(n);
         Self {
+            busiest,
             top_pending,
             top_lost,
         }

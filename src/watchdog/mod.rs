@@ -517,6 +517,83 @@ impl Watchdog {
     }
 }
 
+/// The most runs `GET /v1/runs` lists.
+pub const MAX_LISTED: usize = 100;
+
+/// Every followed run counted by state, and the most recently active ones (`GET /v1/runs`).
+#[derive(Debug, Serialize)]
+pub struct RunList {
+    /// How many followed runs are in each state (every state named, 0 included).
+    pub counts: BTreeMap<&'static str, u64>,
+    /// How many runs the watchdog follows (bounded by `watchdog.max_runs`).
+    pub followed: u64,
+    /// At most the asked number (and [`MAX_LISTED`]), most recently active first.
+    pub runs: Vec<RunReport>,
+}
+
+impl RunState {
+    const ALL: [Self; 5] = [
+        Self::Unstarted,
+        Self::Running,
+        Self::Completed,
+        Self::Errored,
+        Self::Stalled,
+    ];
+
+    fn as_str(self) -> &'static str {
+        match self {
+            Self::Unstarted => "unstarted",
+            Self::Running => "running",
+            Self::Completed => "completed",
+            Self::Errored => "errored",
+            Self::Stalled => "stalled",
+        }
+    }
+}
+
+impl Watchdog {
+    /// Counts every followed run by state and reports the `limit` most recently active (at most
+    /// [`MAX_LISTED`]). One pass over the runs, one shard locked at a time; what it keeps while
+    /// passing is bounded by `limit` (a min-heap of the most recent), so its cost is the walk, not
+    /// memory.
+    pub fn list(&self, limit: usize) -> RunList {
+        use std::cmp::Reverse;
+        use std::collections::BinaryHeap;
+        let limit = limit.min(MAX_LISTED);
+        let mut counts: BTreeMap<&'static str, u64> =
+            RunState::ALL.iter().map(|s| (s.as_str(), 0)).collect();
+        let mut followed = 0;
+        let mut recent: BinaryHeap<Reverse<(Instant, String)>> = BinaryHeap::new();
+        for shard in self.shards.iter() {
+            let shard = shard.lock().unwrap_or_else(|e| e.into_inner());
+            for (run_id, run) in shard.iter() {
+                followed += 1;
+                *counts.entry(run.state.as_str()).or_default() += 1;
+                let newer = recent
+                    .peek()
+                    .is_none_or(|Reverse((oldest, _))| run.last_event > *oldest);
+                if limit > 0 && (recent.len() < limit || newer) {
+                    recent.push(Reverse((run.last_event, run_id.to_string())));
+                    if recent.len() > limit {
+                        recent.pop();
+                    }
+                }
+            }
+        }
+        // Newest first; a run forgotten between the pass and its report is left out.
+        let runs = recent
+            .into_sorted_vec()
+            .into_iter()
+            .filter_map(|Reverse((_, run_id))| self.report(&run_id))
+            .collect();
+        RunList {
+            counts,
+            followed,
+            runs,
+        }
+    }
+}
+
 fn end(run: &mut Run, state: RunState, outcome: RunOutcome, now: Instant, metrics: &Metrics) {
     run.state = state;
     run.ended = Some(now);

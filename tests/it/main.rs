@@ -13,6 +13,7 @@ mod delivery;
 mod failover;
 mod faults;
 mod held;
+mod inspect;
 mod ledger_snapshot;
 mod operations;
 mod process;

@@ -21,22 +21,22 @@ const SECRET: &str = "a-test-secret-of-at-least-32-bytes!!";
 
 /// One SSE event block as the client parsed it.
 #[derive(Debug, Default, Clone)]
-struct Block {
-    id: Option<String>,
-    event: Option<String>,
-    data: Option<String>,
+pub(crate) struct Block {
+    pub(crate) id: Option<String>,
+    pub(crate) event: Option<String>,
+    pub(crate) data: Option<String>,
     retry: Option<u64>,
     comment: Option<String>,
 }
 
 impl Block {
-    fn json(&self) -> Value {
+    pub(crate) fn json(&self) -> Value {
         serde_json::from_str(self.data.as_deref().unwrap()).unwrap()
     }
 }
 
 /// A client reading one event stream.
-struct Stream {
+pub(crate) struct Stream {
     body: Incoming,
     buffer: Vec<u8>,
 }
@@ -70,14 +70,14 @@ async fn request(
 }
 
 impl Stream {
-    async fn open(addr: SocketAddr, path: &str, headers: &[(&str, &str)]) -> Self {
+    pub(crate) async fn open(addr: SocketAddr, path: &str, headers: &[(&str, &str)]) -> Self {
         match Self::try_open(addr, path, headers).await {
             Ok(stream) => stream,
             Err((status, body)) => panic!("{path}: {status} {body}"),
         }
     }
 
-    async fn try_open(
+    pub(crate) async fn try_open(
         addr: SocketAddr,
         path: &str,
         headers: &[(&str, &str)],
@@ -106,7 +106,7 @@ impl Stream {
     }
 
     /// The next block; `None` when the stream ended.
-    async fn next(&mut self) -> Option<Block> {
+    pub(crate) async fn next(&mut self) -> Option<Block> {
         loop {
             if let Some(end) = self.buffer.windows(2).position(|w| w == b"\n\n") {
                 let block: Vec<u8> = self.buffer.drain(..end + 2).collect();
@@ -146,7 +146,7 @@ impl Stream {
     }
 
     /// The stream's start: `retry:`, then the `subscribed` event.
-    async fn subscribed(&mut self) -> Value {
+    pub(crate) async fn subscribed(&mut self) -> Value {
         let retry = self.next().await.unwrap();
         assert_eq!(retry.retry, Some(1000), "{retry:?}");
         let subscribed = self.next().await.unwrap();
@@ -160,7 +160,7 @@ impl Stream {
     }
 
     /// The next `n` events (comments skipped).
-    async fn events(&mut self, n: usize) -> Vec<Block> {
+    pub(crate) async fn events(&mut self, n: usize) -> Vec<Block> {
         let mut events = Vec::new();
         while events.len() < n {
             let block = self.next().await.expect("the stream goes on");

@@ -7,9 +7,7 @@ use std::time::{Instant, SystemTime};
 
 use super::Channels;
 use super::channel::Channel;
-use crate::ledger::{
-    ChannelReport, ChannelSummary, LedgerView, LostReport, MAX_TOP, Ranked, Totals,
-};
+use crate::ledger::{ChannelReport, LedgerView, LostReport, MAX_TOP, Ranked, Summaries, Totals};
 use crate::protocol::ChannelName;
 
 /// Channels read between two yields of [`Channels::summarize`].
@@ -55,13 +53,13 @@ impl Channels {
 
     /// One pass over every channel: the sum of their ledgers (each channel's snapshot balances,
     /// so the sum does too) and, with `summaries`, a line for each channel with pending or lost
-    /// events. Each shard's lock is held only to copy its list of channels, each channel's only
+    /// events and for the busiest channels ([`Summaries`]). Each shard's lock is held only to copy its list of channels, each channel's only
     /// to read its oldest pending age and subscribers, and the pass yields to other tasks between
     /// shards and every [`YIELD_EVERY`] channels, so publishes go on while it runs.
-    pub async fn summarize(&self, summaries: bool) -> (Totals, Vec<ChannelSummary>) {
+    pub async fn summarize(&self, summaries: bool) -> (Totals, Summaries) {
         let now = Instant::now();
         let mut totals = Totals::default();
-        let mut all = Vec::new();
+        let mut all = Summaries::default();
         let mut copied: Vec<Arc<Channel>> = Vec::new();
         for shard in self.shards.iter() {
             {
@@ -77,7 +75,13 @@ impl Channels {
                 }
                 let counts = channel.ledger.snapshot();
                 totals.add_channel(&counts);
-                if counts.pending == 0 && counts.lost_total() == 0 {
+                // A channel with nothing pending or lost has no pending age: it is read only when
+                // it is among the busiest.
+                let wanted = match summaries {
+                    true => all.wants(&counts),
+                    false => counts.pending > 0 || counts.lost_total() > 0,
+                };
+                if !wanted {
                     continue;
                 }
                 let state = channel.lock();
@@ -89,14 +93,12 @@ impl Channels {
                     totals.oldest_offered_pending_age = totals.oldest_offered_pending_age.max(age);
                 }
                 if summaries {
-                    all.push(ChannelSummary {
-                        channel: channel.name.to_string(),
-                        pending: counts.pending,
-                        oldest_pending_age_seconds: oldest.map(|a| a.as_secs_f64()),
-                        lost_total: counts.lost_total(),
-                        lost: LostReport::from_counts(&counts),
-                        subscribers: state.subscribers.len(),
-                    });
+                    all.add(crate::ledger::ChannelSummary::new(
+                        channel.name.to_string(),
+                        &counts,
+                        oldest.map(|a| a.as_secs_f64()),
+                        state.subscribers.len(),
+                    ));
                 }
             }
             tokio::task::yield_now().await;

@@ -14,7 +14,7 @@ use super::keys::{CHANNELS, DEADLETTERS, Keys, seq_of};
 use crate::broker::{BrokerError, now_ms};
 use crate::ledger::{
     ChannelReport, ChannelSummary, Counts, LedgerView, LostReason, LostReport, MAX_TOP, Ranked,
-    Totals,
+    Summaries, Totals,
 };
 use crate::protocol::ChannelName;
 
@@ -181,7 +181,7 @@ impl RedisBroker {
         let channels: Vec<ChannelName> =
             names.iter().filter_map(|n| ChannelName::parse(n)).collect();
         let mut totals = Totals::default();
-        let mut all = Vec::new();
+        let mut all = Summaries::default();
         for batch in channels.chunks(LEDGER_BATCH) {
             let mut pipe = redis::pipe();
             for channel in batch {
@@ -191,15 +191,8 @@ impl RedisBroker {
             for (channel, meta) in batch.iter().zip(&metas) {
                 let counts = counts_of(meta);
                 totals.add_channel(&counts);
-                if counts.pending > 0 || counts.lost_total() > 0 {
-                    all.push(ChannelSummary {
-                        channel: channel.to_string(),
-                        pending: counts.pending,
-                        oldest_pending_age_seconds: None,
-                        lost_total: counts.lost_total(),
-                        lost: LostReport::from_counts(&counts),
-                        subscribers: 0,
-                    });
+                if all.wants(&counts) {
+                    all.add(ChannelSummary::new(channel.to_string(), &counts, None, 0));
                 }
             }
         }

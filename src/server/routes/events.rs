@@ -16,7 +16,7 @@ use hyper::{Method, Request, Response, StatusCode};
 use tokio_util::sync::CancellationToken;
 
 use super::cors;
-use super::upgrade::{MAX_BEARER_BYTES, Refused, admit, connection_slot};
+use super::upgrade::{MAX_BEARER_BYTES, NotAdmitted, Refused, admit, connection_slot};
 use super::{Body, broker_error, error, percent_decode};
 use crate::Gateway;
 use crate::auth::{Refusal, ThreadAccess};
@@ -148,16 +148,31 @@ async fn open(
         Ok(expires) => expires,
         Err(response) => return response,
     };
-    let slot = match connection_slot(gateway, peer, request) {
-        Ok(slot) => slot,
-        Err(refused) => return refused.response(),
-    };
     let stream = sse::Request {
         thread_id,
         since,
         format,
         expires,
         cut,
+    };
+    serve(gateway, peer, request, stream).await
+}
+
+/// Opens a checked stream, within the connection budgets, as the response: the public door's
+/// event streams and the internal door's operator tail (`GET /v1/threads/{thread_id}/tail`).
+pub(super) async fn serve(
+    gateway: &Arc<Gateway>,
+    peer: SocketAddr,
+    request: &Request<Incoming>,
+    stream: sse::Request,
+) -> Response<Body> {
+    // The public door's `admit` checked it already; the operator tail has no other check.
+    if gateway.shutdown.is_draining() {
+        return NotAdmitted::Draining.response();
+    }
+    let slot = match connection_slot(gateway, peer, request) {
+        Ok(slot) => slot,
+        Err(refused) => return refused.response(),
     };
     match sse::open(Arc::clone(gateway), stream, slot).await {
         Ok(body) => {

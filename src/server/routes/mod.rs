@@ -1,5 +1,6 @@
 //! The HTTP surface: `/ws`, `/v1/threads/{thread_id}/events`, `/agui/{agent}`, `/v1/events`,
-//! `/v1/runs`, `/v1/runs/{run_id}/agui`, `/v1/channels/{channel}`, `/healthz`, `/readyz`, `/metrics`.
+//! `/v1/runs`, `/v1/runs/{run_id}/agui`, `/v1/channels/{channel}`, `/v1/threads/{thread_id}/tail`,
+//! `/inspect`, `/healthz`, `/readyz`, `/metrics`.
 //! Every error is JSON: `{"error": code, "message": …, "field": …}`.
 
 use std::convert::Infallible;
@@ -26,6 +27,7 @@ mod body;
 mod cors;
 mod events;
 mod health;
+mod inspect;
 mod operator;
 mod producers;
 mod upgrade;
@@ -60,7 +62,7 @@ pub async fn handle(
     let method = request.method().clone();
     let response = match door {
         Door::Public => public(gateway, peer, &path, &method, cut, request).await,
-        Door::Internal => internal(gateway, peer, &path, &method, request).await,
+        Door::Internal => internal(gateway, peer, &path, &method, cut, request).await,
     };
     Ok(response)
 }
@@ -95,6 +97,7 @@ async fn internal(
     peer: SocketAddr,
     path: &str,
     method: &Method,
+    cut: CancellationToken,
     request: Request<Incoming>,
 ) -> Response<Body> {
     // The producer and operator API needs a key of its role; probes and scrapes need none.
@@ -140,7 +143,12 @@ async fn internal(
             let run = agui::run_in(p).unwrap_or_default();
             agui::stream(&gateway, run, request, producer.as_deref()).await
         }
+        ("/v1/runs", &Method::GET) => inspect::runs(&gateway, request.uri().query()),
         (p, &Method::GET) if p.starts_with("/v1/runs/") => run(&gateway, &p["/v1/runs/".len()..]),
+        (p, &Method::GET) if inspect::tail_in(p).is_some() => {
+            let thread = inspect::tail_in(p).unwrap_or_default();
+            inspect::tail(&gateway, peer, thread, cut, &request).await
+        }
         ("/v1/deadletter", &Method::GET) => dead_letters(&gateway, request.uri().query()).await,
         // JSON only, like every POST: a page cannot send it without a CORS preflight.
         ("/v1/deadletter/redrive", &Method::POST)
@@ -160,6 +168,8 @@ async fn internal(
         }
         ("/healthz", &Method::GET) => json_response(StatusCode::OK, &json!({"status": "ok"})),
         ("/readyz", &Method::GET) => ready(&gateway),
+        // The page holds no data: it asks for the operator key and sends it on its fetches.
+        ("/inspect", &Method::GET) => inspect::page(),
         ("/metrics", &Method::GET) => metrics(&gateway).await,
         _ => not_routed(path, method, Door::Internal),
     }
@@ -276,10 +286,15 @@ fn not_routed(path: &str, method: &Method, door: Door) -> Response<Body> {
         (Door::Public, p) if events::thread_in(p).is_some() => Some("GET, OPTIONS"),
         (Door::Public, p) if agui::agent_in(p).is_some() => Some("POST, OPTIONS"),
         (Door::Public, _) => None,
-        (Door::Internal, "/healthz" | "/readyz" | "/metrics") => Some("GET"),
-        (Door::Internal, "/v1/events" | "/v1/runs" | "/v1/deadletter/redrive") => Some("POST"),
+        (Door::Internal, "/healthz" | "/readyz" | "/metrics" | "/inspect") => Some("GET"),
+        (Door::Internal, "/v1/runs") => Some("GET, POST"),
+        (Door::Internal, "/v1/events" | "/v1/deadletter/redrive") => Some("POST"),
         (Door::Internal, "/v1/deadletter" | "/v1/ledger") => Some("GET"),
-        (Door::Internal, p) if p.starts_with("/v1/channels/") || p.starts_with("/v1/runs/") => {
+        (Door::Internal, p)
+            if p.starts_with("/v1/channels/")
+                || p.starts_with("/v1/runs/")
+                || inspect::tail_in(p).is_some() =>
+        {
             Some("GET")
         }
         (Door::Internal, _) => None,

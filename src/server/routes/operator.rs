@@ -120,6 +120,7 @@ pub(super) async fn ledger(gateway: &Gateway, query: Option<&str>) -> Response<B
                 "active": metrics.runs_active.get(),
                 "stalled_total": metrics.runs_stalled.get(),
             },
+            "busiest": ranked.busiest,
             "top_pending": ranked.top_pending,
             "top_lost": ranked.top_lost,
             "snapshot": {

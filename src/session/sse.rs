@@ -137,6 +137,9 @@ pub struct Request {
     /// Closes the stream's HTTP connection once the stream ended, so a client that stopped reading
     /// does not keep it (and its unread bytes) open.
     pub cut: CancellationToken,
+    /// Whether what the stream writes counts as delivered: `false` for the operator's tail, which
+    /// watches a thread without being one of its viewers (the ledger says what viewers got).
+    pub delivers: bool,
 }
 
 /// The response body of an open stream: what the stream's task hands over, one chunk at a time.
@@ -202,6 +205,7 @@ pub async fn open(
         outbox,
         channel,
         format: request.format,
+        delivers: request.delivers,
         body,
         out: Vec::new(),
         replay: VecDeque::new(),
@@ -226,6 +230,7 @@ struct Stream {
     outbox: Arc<Outbox>,
     channel: ChannelName,
     format: Format,
+    delivers: bool,
     /// Where chunks go to the response.
     body: mpsc::Sender<Bytes>,
     /// When the stream's credential expires (its `exp` plus `auth.jwt_leeway`).
@@ -378,7 +383,11 @@ impl Stream {
             self.written.clear();
             return Err(untaken);
         }
-        super::delivered(&self.gateway, &mut self.written, &self.connection_id);
+        if self.delivers {
+            super::delivered(&self.gateway, &mut self.written, &self.connection_id);
+        } else {
+            self.written.clear();
+        }
         Ok(())
     }
 

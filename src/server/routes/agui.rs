@@ -335,6 +335,7 @@ async fn run(
         format: server::Format::AgUi,
         expires,
         cut,
+        delivers: true,
     };
     let events = match sse::open(Arc::clone(gateway), stream, slot).await {
         Ok(events) => events,

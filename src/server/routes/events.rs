@@ -154,6 +154,7 @@ async fn open(
         format,
         expires,
         cut,
+        delivers: true,
     };
     serve(gateway, peer, request, stream).await
 }

@@ -114,8 +114,8 @@ pub(super) fn tail_in(path: &str) -> Option<&str> {
 }
 
 /// `GET /v1/threads/{thread_id}/tail?since=<epoch>:<seq>|0`: the thread's events in the native
-/// format, as the public door's stream writes them (the same task, budgets and delivery marking:
-/// the tail is a subscriber like any other). Without `since`, only what is published from now on.
+/// format, as the public door's stream writes them (the same task and budgets), without counting as a
+/// delivery. Without `since`, only what is published from now on.
 pub(super) async fn tail(
     gateway: &Arc<Gateway>,
     peer: SocketAddr,
@@ -153,6 +153,9 @@ pub(super) async fn tail(
         // The operator key does not expire; the stream ends with the client or the gateway.
         expires: None,
         cut,
+        // An operator watching is not a viewer: what the tail shows stays pending until a viewer
+        // gets it, so the ledger keeps saying what users saw.
+        delivers: false,
     };
     events::serve(gateway, peer, request, stream).await
 }

@@ -1,8 +1,9 @@
 // The client (clients/js/dist) in the distribution's headless Chromium under faults, against real gateway
 // processes, through tests/browser/fault-page.html (the client, one thread, what it saw on window.__faults):
 // a connection that goes silent without a close frame (heartbeat detection), a refused token (an error, no
-// retry), a token that expires mid-run (refreshed through getToken on the same connection), and a restarted
-// memory-mode gateway (a new epoch: `reset`). Connections are counted by a TCP proxy between page and gateway.
+// retry), a token that expires mid-run (refreshed through getToken on the same connection), a restarted
+// memory-mode gateway (a new epoch: `reset`), and a slow-consumer close (4008) made deterministic by a proxy
+// that stops forwarding the gateway's bytes while a burst overflows a 4-frame session queue. Connections are counted by a TCP proxy between page and gateway.
 import { test } from "node:test";
 import assert from "node:assert/strict";
 import { createHmac } from "node:crypto";
@@ -54,6 +55,22 @@ async function proxy(t, target) {
         pair.upstream.unpipe(pair.client);
         pair.client.pause();
         pair.upstream.pause();
+      }
+    },
+    /** Stops forwarding gateway → page on the open connections (the page's frames still go through). */
+    stall() {
+      for (const pair of pairs) {
+        pair.stalled = true;
+        pair.upstream.unpipe(pair.client);
+        pair.upstream.pause();
+      }
+    },
+    /** Forwards again what the stalled connections hold. */
+    unstall() {
+      for (const pair of pairs.filter((p) => p.stalled)) {
+        pair.stalled = false;
+        pair.upstream.pipe(pair.client);
+        pair.upstream.resume();
       }
     },
     destroyFrozen() { pairs.filter((p) => p.frozen).forEach(({ client, upstream }) => { client.destroy(); upstream.destroy(); }); },
@@ -192,4 +209,51 @@ test("a restarted memory-mode gateway (a new epoch): recovered:false reaches the
   assert.notEqual(epochA, epochB, "a new epoch");
   assert.deepEqual(g.seqs, [...expectedSeqs(epochA, 3), ...expectedSeqs(epochB, 2)]);
   assert.deepEqual(unexpected(problems), []);
+});
+
+test("a 4008 slow-consumer close: the page resumes with no gap and no duplicate", { skip }, async (t) => {
+  const web = await pageServer(t);
+  const [port, internal] = [await freePort(), await freePort()];
+  const gw = gateway(port, internal, {
+    AGENTWIRE_AUTH__ALLOWED_ORIGINS: JSON.stringify([web.origin]),
+    AGENTWIRE_SESSION__QUEUE_EVENTS: "4",
+    AGENTWIRE_SESSION__WRITE_TIMEOUT: "1s",
+    AGENTWIRE_SESSION__HEARTBEAT: "30s", // the stalled path must not be taken for a dead one
+    AGENTWIRE_HISTORY__MAX_BYTES_PER_CHANNEL: String(256 * 1024 * 1024),
+  });
+  t.after(() => gw.child.kill("SIGKILL"));
+  await ready(internal);
+  const lb = await proxy(t, port);
+  const { problems, faults } = await faultPage(t, web, { url: `ws://127.0.0.1:${lb.port}/ws`, thread: "tf6", userId: "u_f6" });
+  await until(async () => (await faults()).subscribed.includes("thread:tf6"), "the page to join thread:tf6");
+  await postEvents(internal, run("run_f6", "tf6", "u_f6", 2));
+  await until(async () => (await faults()).seqs.length === 2, "the first two events");
+
+  // The page stops reading (the proxy holds the gateway's bytes): bursts of large events fill the socket
+  // buffers, then the connection's queue (4 frames) or a write outlasts write_timeout: 4008.
+  lb.stall();
+  const big = "x".repeat(60000);
+  let posted = 2;
+  const slow = async () => /agentwire_connections_closed_total\{reason="slow_consumer"\} [1-9]/.test(await (await fetch(`http://127.0.0.1:${internal}/metrics`)).text());
+  await until(async () => {
+    if (await slow()) return true;
+    const n = 15;
+    await postEvents(internal, Array.from({ length: n }, (_, i) => ({ type: "agent_thinking", run_id: "run_f6", payload: { text: big, i: posted + i } })));
+    posted += n;
+    return false;
+  }, "the gateway to close the page's connection as a slow consumer", 60000);
+  lb.unstall();
+  const f = await until(async () => { const x = await faults(); return x.seqs.length >= posted && x; }, `all ${posted} events after the resume`, 60000);
+  await postEvents(internal, [{ type: "agent_completed", run_id: "run_f6", payload: {} }]);
+  posted += 1;
+  await until(async () => (await faults()).seqs.length >= posted, "the last event");
+  await sleep(300);
+  const g = await faults();
+  const epoch = f.seqs[0].split(":")[0];
+  assert.deepEqual(g.seqs, expectedSeqs(epoch, posted), "no gap, no duplicate");
+  assert.deepEqual(g.resets, []);
+  assert.ok(lb.opened() >= 2, "a new connection");
+  assert.deepEqual(g.closes, [4008], "the page read the gateway's 4008 once the proxy forwarded again");
+  assert.deepEqual(unexpected(problems), []);
+  t.diagnostic(`events: ${posted}, closes seen by the page: ${JSON.stringify(g.closes)}`);
 });

@@ -177,8 +177,17 @@ impl Target {
 
     /// Opens a WebSocket on `/ws` over `stream`.
     pub async fn websocket(&self, stream: impl Io + 'static) -> anyhow::Result<Socket> {
+        self.websocket_at(stream, "/ws").await
+    }
+
+    /// Opens a WebSocket on `path` over `stream`.
+    pub async fn websocket_at(
+        &self,
+        stream: impl Io + 'static,
+        path: &str,
+    ) -> anyhow::Result<Socket> {
         let request = Request::builder()
-            .uri("/ws")
+            .uri(path)
             .header("host", self.host_header())
             .header("upgrade", "websocket")
             .header("connection", "upgrade")
@@ -190,7 +199,7 @@ impl Target {
             .body(Empty::<Bytes>::new())?;
         let (ws, _) = fastwebsockets::handshake::client(&SpawnExecutor, request, stream)
             .await
-            .context("WebSocket upgrade on /ws failed")?;
+            .with_context(|| format!("WebSocket upgrade on {path} failed"))?;
         Ok(ws)
     }
 }

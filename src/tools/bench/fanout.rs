@@ -14,7 +14,7 @@ use serde_json::{Value, json};
 use tokio::sync::Semaphore;
 
 use super::viewer::{self, Latency, Ledger, Until};
-use super::{Server, now_us, run_tag, usage};
+use super::{Protocol, Server, now_us, run_tag, usage};
 use crate::tools::client::Http;
 
 #[derive(Debug, Clone, clap::Args)]
@@ -64,6 +64,11 @@ pub(super) async fn run(
         "need connections >= threads > 0"
     );
     let api = &servers[0].api;
+    let protocol = servers[0].protocol;
+    ensure!(
+        protocol == Protocol::Agentwire || load.batch == 1,
+        "the floor takes one event per POST: --batch 1"
+    );
     let tag = run_tag();
     let deadline = Instant::now() + load.max_time;
     let thread = |k: usize| format!("bench-{tag}-t{k}");
@@ -78,8 +83,8 @@ pub(super) async fn run(
     let gate = Arc::new(Semaphore::new(256));
     let mut opening = Vec::with_capacity(load.connections);
     for i in 0..load.connections {
-        let (target, source, gate, thread_id) = (
-            servers[i % servers.len()].target.clone(),
+        let (server, source, gate, thread_id) = (
+            servers[i % servers.len()].clone(),
             sources[i % sources.len()],
             Arc::clone(&gate),
             thread(watched(i)),
@@ -87,7 +92,7 @@ pub(super) async fn run(
         opening.push(tokio::spawn(async move {
             let _permit = gate.acquire_owned().await?;
             let hello = json!({"type": "hello", "user_id": format!("{thread_id}-c{i}")});
-            viewer::open(&target, source, &hello, &thread_id).await
+            server.viewer(source, &hello, &thread_id).await
         }));
     }
     let mut readers = Vec::with_capacity(load.connections);
@@ -104,6 +109,7 @@ pub(super) async fn run(
     let before = usage(servers).await?;
     let started = Instant::now();
     let events = Arc::new(Events {
+        protocol,
         tag: tag.clone(),
         threads: load.threads,
         pad: "x".repeat(load.payload.saturating_sub(40)),
@@ -126,7 +132,7 @@ pub(super) async fn run(
                     let to = (sent + load.batch.min(per_tick - n)).min(load.events);
                     let http = &mut https[posts % servers.len()];
                     posts += 1;
-                    post(http, events.body(sent, to)).await?;
+                    events.post(http, sent, to).await?;
                     n += to - sent;
                     sent = to;
                 }
@@ -148,7 +154,9 @@ pub(super) async fn run(
                         if from >= total || Instant::now() >= deadline {
                             return anyhow::Ok(());
                         }
-                        post(&mut http, events.body(from, (from + batch).min(total))).await?;
+                        events
+                            .post(&mut http, from, (from + batch).min(total))
+                            .await?;
                     }
                 }));
             }
@@ -173,7 +181,11 @@ pub(super) async fn run(
     let expected: u64 = (0..load.connections)
         .map(|i| expected_for(watched(i)))
         .sum();
-    let ledger = Ledger::of(api, (0..load.threads).map(thread)).await?;
+    // The floor keeps no ledger: what it delivered is what the viewers counted.
+    let ledger = match protocol {
+        Protocol::Agentwire => Some(Ledger::of(api, (0..load.threads).map(thread)).await?),
+        Protocol::Floor => None,
+    };
     let delivering = last
         .saturating_duration_since(started)
         .as_secs_f64()
@@ -186,6 +198,8 @@ pub(super) async fn run(
     };
     let result = json!({
         "scenario": name,
+        "protocol": protocol,
+        "batch": load.batch,
         "connections": load.connections,
         "threads": load.threads,
         "events": load.events,
@@ -200,10 +214,11 @@ pub(super) async fn run(
         "server_cpu_us_per_delivery": if received > 0 { cpu * 1e6 / received as f64 } else { 0.0 },
         "server_rss_before_bytes": before.rss_bytes,
         "server_rss_after_bytes": after.rss_bytes,
-        "ledger": ledger.json(),
+        "ledger": ledger.as_ref().map(Ledger::json),
     });
     eprintln!(
-        "{name}: {received}/{expected} deliveries ({:.0}/s); {}; server CPU {:.2} µs/delivery; RSS {:.1} -> {:.1} MiB; {}",
+        "{name} ({protocol:?}, {} per POST): {received}/{expected} deliveries ({:.0}/s); {}; server CPU {:.2} µs/delivery; RSS {:.1} -> {:.1} MiB; {}",
+        load.batch,
         received as f64 / delivering,
         latency.summary(),
         if received > 0 {
@@ -213,7 +228,7 @@ pub(super) async fn run(
         },
         before.rss_bytes / 1048576.0,
         after.rss_bytes / 1048576.0,
-        ledger.summary(),
+        ledger.as_ref().map_or("no ledger".into(), Ledger::summary),
     );
     ensure!(
         received == expected,
@@ -221,37 +236,51 @@ pub(super) async fn run(
         expected - received
     );
     ensure!(
-        ledger.balanced && ledger.lost == 0,
+        ledger.is_none_or(|ledger| ledger.balanced && ledger.lost == 0),
         "the ledger reports lost events or does not balance"
     );
     Ok(result)
 }
 
-/// Builds request bodies: event n goes to thread n % T and carries its send time.
+/// Builds requests: event n goes to thread n % T and carries its send time.
 struct Events {
+    protocol: Protocol,
     tag: String,
     threads: usize,
     pad: String,
 }
 
 impl Events {
-    fn body(&self, from: usize, to: usize) -> String {
-        let sent_us = now_us();
-        let (tag, pad) = (&self.tag, &self.pad);
-        let events: Vec<String> = (from..to)
-            .map(|n| {
-                let k = n % self.threads;
-                format!(
-                    r#"{{"type":"agent_thinking","run_id":"bench-{tag}-r{k}","thread_id":"bench-{tag}-t{k}","payload":{{"sent_us":{sent_us},"pad":"{pad}"}}}}"#
-                )
-            })
-            .collect();
-        format!("[{}]", events.join(","))
+    fn event(&self, n: usize, sent_us: u64) -> String {
+        let (tag, pad, k) = (&self.tag, &self.pad, n % self.threads);
+        format!(
+            r#"{{"type":"agent_thinking","run_id":"bench-{tag}-r{k}","thread_id":"bench-{tag}-t{k}","payload":{{"sent_us":{sent_us},"pad":"{pad}"}}}}"#
+        )
     }
-}
 
-async fn post(http: &mut Http, body: String) -> anyhow::Result<()> {
-    let (status, answer) = http.request("POST", "/v1/events", Some(body)).await?;
-    ensure!(status == 200, "POST /v1/events answered {status}: {answer}");
-    Ok(())
+    /// POSTs events `from..to`: one object when there is one, else an array (agentwire); one
+    /// event to its thread's path (the floor).
+    async fn post(&self, http: &mut Http, from: usize, to: usize) -> anyhow::Result<()> {
+        let sent_us = now_us();
+        let (path, body, accepted) = match self.protocol {
+            Protocol::Floor => (
+                format!("/events/bench-{}-t{}", self.tag, from % self.threads),
+                self.event(from, sent_us),
+                202,
+            ),
+            Protocol::Agentwire if to - from == 1 => {
+                ("/v1/events".into(), self.event(from, sent_us), 200)
+            }
+            Protocol::Agentwire => {
+                let events: Vec<String> = (from..to).map(|n| self.event(n, sent_us)).collect();
+                ("/v1/events".into(), format!("[{}]", events.join(",")), 200)
+            }
+        };
+        let (status, answer) = http.request("POST", &path, Some(body)).await?;
+        ensure!(
+            status == accepted,
+            "POST {path} answered {status}: {answer}"
+        );
+        Ok(())
+    }
 }

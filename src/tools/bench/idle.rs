@@ -10,8 +10,8 @@ use anyhow::Context;
 use serde_json::{Value, json};
 use tokio::sync::Semaphore;
 
-use super::{Server, run_tag, viewer};
-use crate::tools::client::{Socket, Target};
+use super::{Server, run_tag};
+use crate::tools::client::Socket;
 
 /// Connections being set up at once.
 const CONCURRENT_HANDSHAKES: usize = 256;
@@ -65,7 +65,6 @@ impl Signer {
 }
 
 pub(super) async fn run(
-    target: &Target,
     server: &Server,
     sources: &[IpAddr],
     n: usize,
@@ -90,15 +89,16 @@ pub(super) async fn run(
     let gate = Arc::new(Semaphore::new(CONCURRENT_HANDSHAKES));
     let mut tasks = Vec::with_capacity(n);
     for (i, hello) in hellos.into_iter().enumerate() {
-        let (target, source, gate, tag) = (
-            target.clone(),
+        let (server, source, gate, tag) = (
+            server.clone(),
             sources[i % sources.len()],
             Arc::clone(&gate),
             tag.clone(),
         );
         tasks.push(tokio::spawn(async move {
             let _permit = gate.acquire_owned().await?;
-            viewer::open(&target, source, &hello, &format!("bench-{tag}-{i}"))
+            server
+                .viewer(source, &hello, &format!("bench-{tag}-{i}"))
                 .await
                 .with_context(|| format!("connection {i}"))
         }));
@@ -118,6 +118,7 @@ pub(super) async fn run(
 
     let result = json!({
         "scenario": "idle",
+        "protocol": server.protocol,
         "connections": n,
         "connect_seconds": connected_in.as_secs_f64(),
         "server_rss_before_bytes": before.rss_bytes,

@@ -33,6 +33,21 @@ pub struct BenchArgs {
     /// Client sockets are spread over 127.0.0.1 ..= 127.0.0.N (each source has ~28k ports).
     #[arg(long, global = true, default_value_t = 8)]
     pub sources: u8,
+    /// What the server under test speaks (`idle`, `fanout` and `saturate` take both).
+    #[arg(long, global = true, value_enum, default_value = "agentwire")]
+    pub protocol: Protocol,
+}
+
+/// The protocol of the server under test: agentwire's, or the floor's, so that one load
+/// generator measures both in the same run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Protocol {
+    /// `hello` and `subscribe` on `/ws`; events POSTed to the internal door's `/v1/events`.
+    Agentwire,
+    /// The bare fan-out server in `bench/floor/`: `GET /ws/{thread}`, and `POST /events/{thread}`
+    /// with one event, which every socket of the thread receives as it was posted.
+    Floor,
 }
 
 #[derive(Debug, clap::Subcommand)]
@@ -88,11 +103,20 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<Value> {
         target: target.clone(),
         api: Target::parse_plain(&args.api_url)?,
         pid: args.server_pid,
+        protocol: args.protocol,
     };
     let first = [server];
     let sources: Vec<IpAddr> = (1..=args.sources.max(1))
         .map(|n| IpAddr::V4(Ipv4Addr::new(127, 0, 0, n)))
         .collect();
+    ensure!(
+        args.protocol == Protocol::Agentwire
+            || matches!(
+                args.scenario,
+                Scenario::Idle { .. } | Scenario::Fanout(_) | Scenario::Saturate(_)
+            ),
+        "only idle, fanout and saturate run against the floor"
+    );
     let result = match args.scenario {
         Scenario::Idle {
             connections,
@@ -101,7 +125,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<Value> {
             jwt_private_key,
         } => {
             let signer = idle::Signer::new(jwt_secret.as_deref(), jwt_private_key.as_deref())?;
-            idle::run(&target, &first[0], &sources, connections, settle, signer).await?
+            idle::run(&first[0], &sources, connections, settle, signer).await?
         }
         Scenario::Fanout(load) => fanout::run(&first, &sources, load, fanout::Mode::Rate).await?,
         Scenario::Saturate(load) => {
@@ -120,6 +144,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<Value> {
                     target: Target::parse_plain(&second_url)?,
                     api: Target::parse_plain(&second_api_url)?,
                     pid: second_pid,
+                    protocol: args.protocol,
                 },
             ];
             fanout::run(&servers, &sources, load, fanout::Mode::Redis).await?
@@ -137,6 +162,7 @@ struct Server {
     target: Target,
     api: Target,
     pid: Option<u32>,
+    protocol: Protocol,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -146,6 +172,24 @@ struct Usage {
 }
 
 impl Server {
+    /// A WebSocket from `source` that receives `thread_id`'s events from now on; `hello` says who
+    /// it is (agentwire only).
+    async fn viewer(
+        &self,
+        source: IpAddr,
+        hello: &Value,
+        thread_id: &str,
+    ) -> anyhow::Result<crate::tools::client::Socket> {
+        match self.protocol {
+            Protocol::Agentwire => viewer::open(&self.target, source, hello, thread_id).await,
+            Protocol::Floor => {
+                let stream = self.target.connect_from(source).await?;
+                let path = format!("/ws/{thread_id}");
+                self.target.websocket_at(stream, &path).await
+            }
+        }
+    }
+
     async fn usage(&self) -> anyhow::Result<Usage> {
         match self.pid {
             Some(pid) => proc_usage(pid),

@@ -150,10 +150,11 @@ pub(super) async fn receive(
     Ok(received)
 }
 
-/// An event of the channel: a native event frame, or an AG-UI one that is not a prelude (which
-/// stands for a position, not an event).
+/// An event of the channel: a native event frame, an AG-UI one that is not a prelude (which
+/// stands for a position, not an event), or the floor's copy of an event as it was posted.
 fn is_event(frame: &[u8]) -> bool {
     frame.starts_with(b"{\"seq\":")
+        || frame.starts_with(b"{\"type\":\"agent_thinking\"")
         || (frame.starts_with(b"{\"type\":\"agui\"") && !contains(frame, b"\"prelude\":true"))
 }
 

@@ -1,5 +1,6 @@
 //! Frames a client sends on `/ws`, decoded once into a closed enum.
 
+use super::json::JsonError;
 use serde_json::{Map, Value};
 
 use super::channel::{ChannelName, check_id};
@@ -103,14 +104,12 @@ impl FrameError {
 }
 
 pub fn decode(text: &str) -> Result<ClientFrame, FrameError> {
-    let value: Value = serde_json::from_str(text)
-        .map_err(|e| FrameError::new(ErrorCode::InvalidJson, format!("not JSON: {e}")))?;
-    if let Some(key) = super::json::duplicate_key(text) {
-        return Err(FrameError::new(
-            ErrorCode::InvalidJson,
-            format!("the key `{key}` appears twice in one object"),
-        ));
-    }
+    let value = super::json::parse(text).map_err(|error| match error {
+        JsonError::Invalid(e) => FrameError::new(ErrorCode::InvalidJson, format!("not JSON: {e}")),
+        repeated @ JsonError::DuplicateKey(_) => {
+            FrameError::new(ErrorCode::InvalidJson, repeated.to_string())
+        }
+    })?;
     let Value::Object(fields) = value else {
         return Err(FrameError::new(
             ErrorCode::InvalidFrame,

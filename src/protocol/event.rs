@@ -196,19 +196,18 @@ pub fn decode(raw: &str, max_bytes: usize) -> Result<Value, Refusal> {
     if raw.len() > max_bytes {
         return Err(too_large(raw.len(), max_bytes));
     }
-    let value: Value = serde_json::from_str(raw).map_err(|e| Refusal {
-        code: RefusalCode::InvalidJson,
-        field: None,
-        reason: e.to_string(),
-    })?;
-    if let Some(key) = super::json::duplicate_key(raw) {
-        return Err(Refusal {
+    super::json::parse(raw).map_err(|error| match error {
+        super::json::JsonError::Invalid(e) => Refusal {
             code: RefusalCode::InvalidJson,
-            field: Some(key.clone()),
+            field: None,
+            reason: e.to_string(),
+        },
+        super::json::JsonError::DuplicateKey(key) => Refusal {
+            code: RefusalCode::InvalidJson,
             reason: format!("the key `{key}` appears twice in one object"),
-        });
-    }
-    Ok(value)
+            field: Some(key),
+        },
+    })
 }
 
 /// Validates one already decoded event.

@@ -7,6 +7,7 @@ use serde_json::Value;
 
 use crate::protocol::channel::check_id;
 use crate::protocol::event::{Refusal, RefusalCode};
+use crate::protocol::json::JsonError;
 
 /// A valid input's run and thread.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -23,18 +24,13 @@ impl RunAgentInput {
             field: field.map(str::to_string),
             reason,
         };
-        if let Some(key) = std::str::from_utf8(body)
-            .ok()
-            .and_then(crate::protocol::json::duplicate_key)
-        {
-            return Err(refusal(
-                RefusalCode::InvalidJson,
-                Some(&key),
-                format!("the key `{key}` appears twice in one object"),
-            ));
-        }
-        let value: Value = serde_json::from_slice(body)
-            .map_err(|e| refusal(RefusalCode::InvalidJson, None, e.to_string()))?;
+        let value = crate::protocol::json::parse_slice(body).map_err(|error| {
+            let field = match &error {
+                JsonError::DuplicateKey(key) => Some(key.as_str()),
+                JsonError::Invalid(_) => None,
+            };
+            refusal(RefusalCode::InvalidJson, field, error.to_string())
+        })?;
         let Value::Object(fields) = value else {
             return Err(refusal(
                 RefusalCode::InvalidJson,

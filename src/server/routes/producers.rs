@@ -12,6 +12,7 @@ use crate::Gateway;
 use crate::ingest::{self, ItemResult};
 use crate::metrics::count;
 use crate::protocol::channel::check_id;
+use crate::protocol::json::JsonError;
 use crate::protocol::run::RunTarget;
 
 /// `producer` is the id of the key that posted (its `event_id`s are its own).
@@ -74,13 +75,13 @@ pub(super) async fn events(
     let results = ingest::ingest(gateway, &items, producer).await;
     let ok = results.iter().filter(|r| r.is_ok()).count();
     let count = |f: fn(&ItemResult) -> bool| results.iter().filter(|r| f(r)).count();
-    let summary = json!({
-        "accepted": count(|r| matches!(r, ItemResult::Accepted { .. })),
-        "pending_resolution": count(|r| matches!(r, ItemResult::PendingResolution)),
-        "duplicate": count(|r| matches!(r, ItemResult::Duplicate)),
-        "failed": results.len() - ok,
-        "results": results,
-    });
+    let summary = Summary {
+        accepted: count(|r| matches!(r, ItemResult::Accepted { .. })),
+        pending_resolution: count(|r| matches!(r, ItemResult::PendingResolution)),
+        duplicate: count(|r| matches!(r, ItemResult::Duplicate)),
+        failed: results.len() - ok,
+        results: &results,
+    };
     let unavailable = results
         .iter()
         .any(|r| matches!(r, ItemResult::Unavailable { .. }));
@@ -103,6 +104,16 @@ pub(super) async fn events(
             .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
     }
     response
+}
+
+/// The answer to `POST /v1/events`, serialised straight from the results.
+#[derive(serde::Serialize)]
+struct Summary<'a> {
+    accepted: usize,
+    pending_resolution: usize,
+    duplicate: usize,
+    failed: usize,
+    results: &'a [ItemResult],
 }
 
 fn unsupported_media_type(allowed: &str) -> Response<Body> {
@@ -130,18 +141,16 @@ pub(super) async fn runs(gateway: &Gateway, request: Request<Incoming>) -> Respo
         Err(refused) => return refused.response,
     };
     let body = &held.bytes;
-    if let Some(key) = std::str::from_utf8(body)
-        .ok()
-        .and_then(crate::protocol::json::duplicate_key)
-    {
+    let parsed = crate::protocol::json::parse_slice(body);
+    if let Err(JsonError::DuplicateKey(key)) = &parsed {
         return error(
             StatusCode::BAD_REQUEST,
             "invalid_json",
             &format!("the key `{key}` appears twice in one object"),
-            Some(&key),
+            Some(key),
         );
     }
-    let Ok(Value::Object(fields)) = serde_json::from_slice::<Value>(body) else {
+    let Ok(Value::Object(fields)) = parsed else {
         return error(
             StatusCode::BAD_REQUEST,
             "invalid_json",

@@ -126,7 +126,7 @@ impl Session {
         self.user_id = Some(user_id.to_string());
         let heartbeat_ms = self.gateway.config.session.heartbeat.as_millis() as u64;
         self.outbox.push(Outgoing::Frame(server::welcome(
-            &self.connection_id,
+            &self.connection_id.to_string(),
             user_id,
             heartbeat_ms,
         )));
@@ -268,7 +268,7 @@ impl Session {
     pub(super) async fn upstream(&mut self, message: UpstreamMessage) {
         let client_id = message.id.clone();
         let user_id = self.user_id.clone().unwrap_or_default();
-        let outbound = Outbound::new(message, &user_id, &self.connection_id);
+        let outbound = Outbound::new(message, &user_id, &self.connection_id.to_string());
         let message_id = outbound.message_id.clone();
         match self
             .gateway

@@ -48,82 +48,70 @@ const LINGER: Duration = Duration::from_secs(1);
 /// Serves one upgraded connection until it ends. `read` holds bytes the client sent right after
 /// its handshake, before the upgrade completed; `bearer` is a token sent with the upgrade
 /// (`Authorization: Bearer`), used when `hello` carries none.
-pub async fn serve(
+///
+/// The session is built before the task's future, which then holds it once: arguments moved into
+/// an `async` body keep their own slots beside it for the connection's whole life.
+pub fn serve(
     gateway: Arc<Gateway>,
     stream: TcpStream,
     read: Bytes,
-    connection_id: String,
+    connection_id: ConnectionId,
     bearer: Option<String>,
-) {
+) -> impl Future<Output = ()> {
     let span = tracing::info_span!("connection", %connection_id);
-    async move {
-        gateway.metrics.connections.inc();
-        gateway.metrics.connections_opened.inc();
-        let config = &gateway.config.session;
-        let outbox = Outbox::new(config.queue_events, config.queue_bytes);
-        // `read` shares hyper's whole read buffer: copy what the client sent, then let it go.
-        let inbox = BytesMut::from(&read[..]);
-        drop(read);
-        let mut session = Session {
-            gateway: Arc::clone(&gateway),
-            connection_id,
-            outbox,
-            channels: Vec::new(),
-            user_id: None,
-            identity: None,
-            bearer,
-            token_clock: None,
-            stream,
-            inbox,
-            reassembly: Reassembly::default(),
-            out: Vec::new(),
-            replay: VecDeque::new(),
-            written: Vec::new(),
-            closing: None,
-            close_sent: false,
-            bucket: TokenBucket::new(config.message_burst, clock_ms()),
-            partial_since: None,
-            format: Format::Native,
-        };
-        let ended = session.run().await;
-        session.outbox.close();
-        // Boxed: the unsubscribe may wait on the Redis broker's queue, and that state inline would
-        // grow every connection's task for its whole life, not just while it leaves.
-        Box::pin(session.leave_all()).await;
-        if ended == Ended::SlowConsumer {
-            let close = match session.close_sent {
-                true => CloseSent::Sent,
-                false => CloseSent::NotSent,
-            };
-            crate::metrics::count(&gateway.metrics.slow_consumer_closes, close);
-            tracing::info!(
-                reason = ended.as_str(),
-                close = close.as_str(),
-                "Closed a slow consumer (4008); it can resume from history."
-            );
-        } else {
-            tracing::debug!(reason = ended.as_str(), "Connection ended.");
-        }
-        gateway
-            .metrics
-            .connections_closed
-            .with_label_values(&[ended.as_str()])
-            .inc();
-        gateway.metrics.connections.dec();
-        session.linger().await;
-    }
-    .instrument(span)
-    .await
+    gateway.metrics.connections.inc();
+    gateway.metrics.connections_opened.inc();
+    let config = &gateway.config.session;
+    let outbox = Outbox::new(config.queue_events, config.queue_bytes);
+    // `read` shares hyper's whole read buffer: copy what the client sent, then let it go.
+    let inbox = BytesMut::from(&read[..]);
+    drop(read);
+    let session = Session {
+        bucket: TokenBucket::new(config.message_burst, clock_ms()),
+        gateway,
+        connection_id,
+        outbox,
+        channels: Vec::new(),
+        user_id: None,
+        identity: None,
+        bearer,
+        token_clock: None,
+        stream,
+        inbox,
+        reassembly: Reassembly::default(),
+        out: Vec::new(),
+        replay: VecDeque::new(),
+        written: Vec::new(),
+        closing: None,
+        close_sent: false,
+        partial_since: None,
+        format: Format::Native,
+    };
+    session.serve().instrument(span)
 }
 
 /// When a connection closes at shutdown: each at its own random moment within
-/// `shutdown.close_window`, so that thousands of clients do not reconnect in the same millisecond.
-fn close_time(gateway: &Gateway) -> impl Future<Output = ()> + use<> {
-    let shutdown = gateway.shutdown.sessions.clone();
+/// `shutdown.close_window` (on the connection's own timer), so that thousands of clients do not
+/// reconnect in the same millisecond.
+fn closing_moment(gateway: &Gateway) -> Instant {
     let window = gateway.config.shutdown.close_window;
-    async move {
-        shutdown.cancelled().await;
-        tokio::time::sleep(window.mul_f64(rand::random::<f64>())).await;
+    Instant::now() + window.mul_f64(rand::random::<f64>())
+}
+
+/// A connection's id, random, shown as 16 hex digits (in `welcome`, logs and traces). Kept as
+/// its number: as text it would be one more allocation held by every connection.
+#[derive(Debug, Clone, Copy)]
+pub struct ConnectionId(u64);
+
+impl ConnectionId {
+    pub fn random() -> Self {
+        Self(rand::random())
+    }
+}
+
+impl std::fmt::Display for ConnectionId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:016x}", self.0)
     }
 }
 
@@ -179,7 +167,7 @@ impl TokenClock {
 
 struct Session {
     gateway: Arc<Gateway>,
-    connection_id: String,
+    connection_id: ConnectionId,
     outbox: Arc<Outbox>,
     /// The user channel (first, once hello is done) and the subscribed threads.
     channels: Vec<ChannelName>,
@@ -215,20 +203,67 @@ struct Session {
 }
 
 impl Session {
+    /// Not `async fn serve(mut self)`: that would keep the session twice in the future (the
+    /// argument and its `mut` binding); the block below holds the one it captured.
+    #[expect(
+        clippy::manual_async_fn,
+        reason = "`async fn` with `mut self` holds the session twice"
+    )]
+    fn serve(mut self) -> impl Future<Output = ()> {
+        async move { self.serve_to_end().await }
+    }
+
+    async fn serve_to_end(&mut self) {
+        let gateway = Arc::clone(&self.gateway);
+        let ended = self.run().await;
+        self.outbox.close();
+        // Boxed: the unsubscribe may wait on the Redis broker's queue, and that state inline would
+        // grow every connection's task for its whole life, not just while it leaves.
+        Box::pin(self.leave_all()).await;
+        if ended == Ended::SlowConsumer {
+            let close = match self.close_sent {
+                true => CloseSent::Sent,
+                false => CloseSent::NotSent,
+            };
+            crate::metrics::count(&gateway.metrics.slow_consumer_closes, close);
+            tracing::info!(
+                reason = ended.as_str(),
+                close = close.as_str(),
+                "Closed a slow consumer (4008); it can resume from history."
+            );
+        } else {
+            tracing::debug!(reason = ended.as_str(), "Connection ended.");
+        }
+        gateway
+            .metrics
+            .connections_closed
+            .with_label_values(&[ended.as_str()])
+            .inc();
+        gateway.metrics.connections.dec();
+        // Boxed for the same reason: it runs once, after everything else.
+        Box::pin(self.linger()).await;
+    }
+
     async fn run(&mut self) -> Ended {
-        let config = self.gateway.config.session.clone();
+        // A clone of the handle, not of the configuration: the task holds it for its whole life.
+        let gateway = Arc::clone(&self.gateway);
+        let config = &gateway.config.session;
         let limit = config.write_timeout;
         let started = Instant::now();
         // `last_write`: the last data the client's application sees (pings are invisible to it);
         // `last_ping`: the last WebSocket ping, due every heartbeat whatever was written.
         let (mut last_read, mut last_write, mut last_ping) = (started, started, started);
+        // The ends of a connection (`finish`, `close_now`) are boxed where they are awaited: they
+        // run once, and inline they would size the task for its whole life.
         // The session's one timer. It is moved earlier when a deadline comes closer, never later:
         // a deadline pushed back by traffic lets it fire early, find nothing due and be set again,
         // at most once a heartbeat, instead of being reset for every event.
         let timer = tokio::time::sleep_until(started + config.hello_timeout);
         tokio::pin!(timer);
-        let close_time = close_time(&self.gateway);
-        tokio::pin!(close_time);
+        // At shutdown the connection closes at its `closing_moment`.
+        let shutdown = gateway.shutdown.sessions.cancelled();
+        tokio::pin!(shutdown);
+        let mut closing_at: Option<Instant> = None;
         loop {
             let ended = self.read_messages().await;
             self.partial_since = match !self.inbox.is_empty() || self.reassembly.in_progress() {
@@ -236,17 +271,16 @@ impl Session {
                 false => None,
             };
             if self.outbox.is_overflowed() {
-                return self
-                    .close_now(
-                        close::SLOW_CONSUMER,
-                        "slow_consumer",
-                        Ended::SlowConsumer,
-                        limit,
-                    )
-                    .await;
+                return Box::pin(self.close_now(
+                    close::SLOW_CONSUMER,
+                    "slow_consumer",
+                    Ended::SlowConsumer,
+                    limit,
+                ))
+                .await;
             }
             if let Some(ended) = ended {
-                return self.finish(ended, limit).await;
+                return Box::pin(self.finish(ended, limit)).await;
             }
             if self.has_output() {
                 match self.flush(limit).await {
@@ -270,29 +304,33 @@ impl Session {
             let deadline = self
                 .partial_since
                 .map_or(deadline, |since| deadline.min(since + config.frame_timeout));
+            let deadline = closing_at.map_or(deadline, |at| deadline.min(at));
             if timer.is_elapsed() || deadline < timer.deadline() {
                 timer.as_mut().reset(deadline);
             }
             tokio::select! {
                 biased;
-                _ = &mut close_time => {
-                    return self.close_now(close::RESTARTING, "restarting", Ended::Shutdown, limit).await;
+                () = &mut shutdown, if closing_at.is_none() => {
+                    closing_at = Some(closing_moment(&gateway));
                 }
                 () = &mut timer => {
                     // The timer may fire early (see above): every check compares with now.
                     let now = Instant::now();
+                    if closing_at.is_some_and(|at| now >= at) {
+                        return Box::pin(self.close_now(close::RESTARTING, "restarting", Ended::Shutdown, limit)).await;
+                    }
                     if self.partial_since.is_some_and(|since| now >= since + config.frame_timeout) {
-                        return self.close_now(close::POLICY, "frame_timeout", Ended::FrameTimeout, limit).await;
+                        return Box::pin(self.close_now(close::POLICY, "frame_timeout", Ended::FrameTimeout, limit)).await;
                     }
                     if self.user_id.is_none() {
                         if now >= started + config.hello_timeout {
-                            return self.close_now(close::HELLO_MISSING, "hello_timeout", Ended::HelloTimeout, limit).await;
+                            return Box::pin(self.close_now(close::HELLO_MISSING, "hello_timeout", Ended::HelloTimeout, limit)).await;
                         }
                         continue;
                     }
                     if let Some(clock) = &mut self.token_clock {
                         if now >= clock.expires_at {
-                            return self.close_now(close::TOKEN_EXPIRED, "token_expired", Ended::TokenExpired, limit).await;
+                            return Box::pin(self.close_now(close::TOKEN_EXPIRED, "token_expired", Ended::TokenExpired, limit)).await;
                         }
                         if !clock.warned && now >= clock.warn_at {
                             clock.warned = true;
@@ -301,7 +339,7 @@ impl Session {
                         }
                     }
                     if now >= last_read + config.client_timeout {
-                        return self.close_now(close::GOING_AWAY, "client_timeout", Ended::ClientTimeout, limit).await;
+                        return Box::pin(self.close_now(close::GOING_AWAY, "client_timeout", Ended::ClientTimeout, limit)).await;
                     }
                     // The heartbeat frame keeps a quiet stream alive for proxies and lets the page
                     // see the connection; the ping goes out every heartbeat, busy or not, so a
@@ -403,7 +441,7 @@ impl Session {
 fn delivered(
     gateway: &Gateway,
     written: &mut Vec<(Arc<StoredEvent>, DeliveryPath)>,
-    connection_id: &str,
+    connection_id: ConnectionId,
 ) {
     let metrics = &gateway.metrics;
     metrics.fanout_frames_sent.inc_by(written.len() as u64);

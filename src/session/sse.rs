@@ -25,7 +25,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use super::ended::{CloseSent, Ended};
-use super::{FLUSH_BYTES, Resume, TokenClock, close_time};
+use super::{FLUSH_BYTES, Resume, TokenClock, closing_moment};
 use crate::Gateway;
 use crate::broker::BrokerError;
 use crate::fanout::{Outbox, Outgoing, StoredEvent};
@@ -193,7 +193,7 @@ pub async fn open(
         count(&gateway.metrics.resumes, outcome);
     }
     let (body, chunks) = mpsc::channel(1);
-    let connection_id = format!("{:016x}", rand::random::<u64>());
+    let connection_id = super::ConnectionId::random();
     let span = tracing::info_span!("sse", %connection_id, thread_id = %request.thread_id);
     let leeway = gateway.config.auth.jwt_leeway;
     let stream = Stream {
@@ -226,7 +226,7 @@ pub async fn open(
 
 struct Stream {
     gateway: Arc<Gateway>,
-    connection_id: String,
+    connection_id: super::ConnectionId,
     outbox: Arc<Outbox>,
     channel: ChannelName,
     format: Format,
@@ -289,8 +289,10 @@ impl Stream {
         let mut last_write = Instant::now();
         let timer = tokio::time::sleep_until(last_write + heartbeat);
         tokio::pin!(timer);
-        let close_time = close_time(&self.gateway);
-        tokio::pin!(close_time);
+        let gateway = Arc::clone(&self.gateway);
+        let shutdown = gateway.shutdown.sessions.cancelled();
+        tokio::pin!(shutdown);
+        let mut closing_at: Option<Instant> = None;
         loop {
             if self.outbox.is_overflowed() {
                 return self.slow_consumer(limit).await;
@@ -306,20 +308,24 @@ impl Stream {
             if !more {
                 self.release_buffers();
             }
-            let deadline = self
-                .expires_at
-                .map_or(last_write + heartbeat, |at| at.min(last_write + heartbeat));
+            let deadline = [self.expires_at, closing_at]
+                .into_iter()
+                .flatten()
+                .fold(last_write + heartbeat, Instant::min);
             timer.as_mut().reset(deadline);
             tokio::select! {
                 biased;
-                _ = &mut close_time => {
-                    // EventSource reconnects by itself after `retry:`; the load balancer sends it
-                    // to a replica that is not shutting down.
-                    self.last(Control::Restart, limit).await;
-                    return Ended::Shutdown;
+                () = &mut shutdown, if closing_at.is_none() => {
+                    closing_at = Some(closing_moment(&gateway));
                 }
                 () = &mut timer => {
                     let now = Instant::now();
+                    if closing_at.is_some_and(|at| now >= at) {
+                        // EventSource reconnects by itself after `retry:`; the load balancer sends
+                        // it to a replica that is not shutting down.
+                        self.last(Control::Restart, limit).await;
+                        return Ended::Shutdown;
+                    }
                     if self.expires_at.is_some_and(|at| now >= at) {
                         self.last(Control::TokenExpired, limit).await;
                         return Ended::TokenExpired;
@@ -384,7 +390,7 @@ impl Stream {
             return Err(untaken);
         }
         if self.delivers {
-            super::delivered(&self.gateway, &mut self.written, &self.connection_id);
+            super::delivered(&self.gateway, &mut self.written, self.connection_id);
         } else {
             self.written.clear();
         }

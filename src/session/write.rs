@@ -73,7 +73,7 @@ impl Session {
             self.written.clear();
             return Err(ended);
         }
-        super::delivered(&self.gateway, &mut self.written, &self.connection_id);
+        super::delivered(&self.gateway, &mut self.written, self.connection_id);
         Ok(())
     }
 
@@ -101,14 +101,14 @@ impl Session {
         match self.write_within(limit).await {
             Ok(()) => Ok(()),
             Err(Unwritten::Failed) => Err(Ended::WriteFailed),
-            Err(Unwritten::TimedOut) => Err(self
-                .close_now(
-                    close::SLOW_CONSUMER,
-                    "slow_consumer",
-                    Ended::SlowConsumer,
-                    limit,
-                )
-                .await),
+            // Boxed: it runs once, and inline it would size every connection's task.
+            Err(Unwritten::TimedOut) => Err(Box::pin(self.close_now(
+                close::SLOW_CONSUMER,
+                "slow_consumer",
+                Ended::SlowConsumer,
+                limit,
+            ))
+            .await),
         }
     }
 

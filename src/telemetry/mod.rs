@@ -171,7 +171,7 @@ pub fn published(
 }
 
 /// One span per socket write of a traced event, as a child of the producer's span.
-pub fn delivered(info: &TraceInfo, seq: u64, connection_id: &str) {
+pub fn delivered(info: &TraceInfo, seq: u64, connection_id: impl std::fmt::Display) {
     let span = tracing::info_span!(
         target: TRACE_TARGET,
         "agentwire.deliver",
@@ -179,7 +179,7 @@ pub fn delivered(info: &TraceInfo, seq: u64, connection_id: &str) {
         thread_id = thread_id(&info.channel),
         channel = info.channel.as_str(),
         seq,
-        connection_id,
+        %connection_id,
     );
     let _ = span.set_parent(Context::new().with_remote_span_context(info.parent.clone()));
 }

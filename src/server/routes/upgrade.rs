@@ -55,31 +55,30 @@ pub(super) fn upgrade(
     }
     let tracker = gateway.shutdown.tracker.clone();
     tracker.spawn(async move {
-        // The connection's place in the budgets, held until the session ends.
-        let _slot = slot;
         let ws = match upgraded.await {
             Ok(ws) => ws,
             Err(error) => return tracing::debug!(%error, "WebSocket upgrade did not complete."),
         };
         // Take the TCP stream back from hyper: its upgraded wrapper keeps a read buffer per socket.
-        match ws
+        let Ok(parts) = ws
             .into_inner()
             .into_inner()
             .downcast::<TokioIo<TcpStream>>()
-        {
-            Ok(parts) => {
-                let connection_id = format!("{:016x}", rand::random::<u64>());
-                crate::session::serve(
-                    gateway,
-                    parts.io.into_inner(),
-                    parts.read_buf,
-                    connection_id,
-                    bearer,
-                )
-                .await;
-            }
-            Err(_) => tracing::error!("An upgraded connection is not a TCP stream; closing it."),
-        }
+        else {
+            return tracing::error!("An upgraded connection is not a TCP stream; closing it.");
+        };
+        let connection_id = crate::session::ConnectionId::random();
+        let session = crate::session::serve(
+            gateway,
+            parts.io.into_inner(),
+            parts.read_buf,
+            connection_id,
+            bearer,
+        );
+        session.await;
+        // The connection's place in the budgets, held until the session ends (dropped with the
+        // task on the early returns). Not moved into a local: that would hold it twice.
+        drop(slot);
     });
     let (parts, _) = response.into_parts();
     Response::from_parts(parts, super::full(bytes::Bytes::new()))

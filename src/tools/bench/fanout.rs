@@ -49,8 +49,8 @@ pub struct Load {
 pub enum Mode {
     Rate,
     Saturate,
-    /// At the fixed rate, across replicas.
-    Redis,
+    /// At the fixed rate, across replicas; with redis-server's pid, its CPU is measured too.
+    Redis(Option<u32>),
 }
 
 pub(super) async fn run(
@@ -106,6 +106,11 @@ pub(super) async fn run(
         )));
     }
 
+    let redis_pid = match mode {
+        Mode::Redis(pid) => pid,
+        _ => None,
+    };
+    let redis_before = redis_pid.map(super::proc_usage).transpose()?;
     let before = usage(servers).await?;
     let started = Instant::now();
     let events = Arc::new(Events {
@@ -115,7 +120,7 @@ pub(super) async fn run(
         pad: "x".repeat(load.payload.saturating_sub(40)),
     });
     match mode {
-        Mode::Rate | Mode::Redis => {
+        Mode::Rate | Mode::Redis(_) => {
             let mut https = Vec::with_capacity(servers.len());
             for server in servers {
                 https.push(Http::open(&server.api).await?);
@@ -178,6 +183,11 @@ pub(super) async fn run(
         }
     }
     let after = usage(servers).await?;
+    // Redis's own CPU per published event: how many events one Redis core carries.
+    let redis_cpu = match (redis_pid, redis_before) {
+        (Some(pid), Some(before)) => Some(super::proc_usage(pid)?.cpu_seconds - before.cpu_seconds),
+        _ => None,
+    };
     let expected: u64 = (0..load.connections)
         .map(|i| expected_for(watched(i)))
         .sum();
@@ -194,7 +204,7 @@ pub(super) async fn run(
     let name = match mode {
         Mode::Rate => "fanout",
         Mode::Saturate => "saturate",
-        Mode::Redis => "redis",
+        Mode::Redis(_) => "redis",
     };
     let result = json!({
         "scenario": name,
@@ -212,6 +222,8 @@ pub(super) async fn run(
         "latency_ms": latency.json(),
         "server_cpu_seconds": cpu,
         "server_cpu_us_per_delivery": if received > 0 { cpu * 1e6 / received as f64 } else { 0.0 },
+        "redis_cpu_seconds": redis_cpu,
+        "redis_cpu_us_per_event": redis_cpu.map(|cpu| cpu * 1e6 / load.events as f64),
         "server_rss_before_bytes": before.rss_bytes,
         "server_rss_after_bytes": after.rss_bytes,
         "ledger": ledger.as_ref().map(Ledger::json),
@@ -230,6 +242,12 @@ pub(super) async fn run(
         after.rss_bytes / 1048576.0,
         ledger.as_ref().map_or("no ledger".into(), Ledger::summary),
     );
+    if let Some(cpu) = redis_cpu {
+        eprintln!(
+            "  redis-server CPU {:.2} µs per published event",
+            cpu * 1e6 / load.events as f64
+        );
+    }
     ensure!(
         received == expected,
         "{} deliveries missing",

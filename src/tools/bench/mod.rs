@@ -84,6 +84,9 @@ pub enum Scenario {
         /// The second replica's pid, for its CPU and memory from /proc.
         #[arg(long)]
         second_pid: Option<u32>,
+        /// redis-server's pid, for its CPU per published event from /proc.
+        #[arg(long)]
+        redis_pid: Option<u32>,
         #[command(flatten)]
         load: fanout::Load,
     },
@@ -135,6 +138,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<Value> {
             second_url,
             second_api_url,
             second_pid,
+            redis_pid,
             load,
         } => {
             let [server] = first;
@@ -147,7 +151,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<Value> {
                     protocol: args.protocol,
                 },
             ];
-            fanout::run(&servers, &sources, load, fanout::Mode::Redis).await?
+            fanout::run(&servers, &sources, load, fanout::Mode::Redis(redis_pid)).await?
         }
         Scenario::Tokens(tokens) => tokens::run(&first[0], &sources, tokens).await?,
         Scenario::Abuse(abuse) => abuse::run(&first[0], &sources, abuse).await?,

@@ -14,7 +14,7 @@ use serde::{Deserialize, Serialize};
 
 pub use agui::{AgentConfig, AguiConfig};
 pub use auth::AuthConfig;
-pub use load::ConfigError;
+pub use load::{ConfigError, cluster_seeds};
 pub use secret::Secret;
 
 /// The whole effective configuration.

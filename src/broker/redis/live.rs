@@ -15,7 +15,6 @@ use std::collections::HashSet;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use futures_util::StreamExt;
 use redis::AsyncCommands;
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::timeout;
@@ -23,6 +22,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::RedisBroker;
 use super::keys::{Keys, REGISTERED};
+use super::pubsub::{self, Incoming, Messages, Sink};
 use super::registry::parse_target;
 use crate::broker::{Announcement, BrokerError};
 use crate::metrics::{self, Label, Metrics};
@@ -160,19 +160,10 @@ async fn connect(
     broker: &RedisBroker,
     announce: &mpsc::Sender<Announcement>,
     stop: &CancellationToken,
-) -> Result<
-    (
-        redis::aio::PubSubSink,
-        redis::aio::PubSubStream,
-        HashSet<ChannelName>,
-        HashSet<ChannelName>,
-    ),
-    BrokerError,
-> {
-    let pubsub = timeout(ANSWER, broker.client.get_async_pubsub())
+) -> Result<(Sink, Messages, HashSet<ChannelName>, HashSet<ChannelName>), BrokerError> {
+    let (mut sink, stream) = timeout(ANSWER, pubsub::open(&broker.backend))
         .await
         .map_err(|_| BrokerError::Unavailable("connect timed out".into()))??;
-    let (mut sink, stream) = pubsub.split();
     let attached = broker.attached();
     let mut channels = vec![REGISTERED.to_string()];
     channels.extend(attached.iter().map(|name| Keys::of(name).live));
@@ -200,7 +191,7 @@ async fn connect(
 
 /// The pub/sub connection's command side: the sink and the channels it is subscribed to.
 struct Link<'a> {
-    sink: redis::aio::PubSubSink,
+    sink: Sink,
     subscribed: HashSet<ChannelName>,
     /// Channels whose stream could not be read after a reconnect, a gap or a resubscribe: read
     /// again every second until it works, not only when their next live message comes (there
@@ -212,7 +203,7 @@ struct Link<'a> {
 impl Link<'_> {
     async fn subscribe(&mut self, name: &ChannelName) -> bool {
         let done = matches!(
-            timeout(ANSWER, self.sink.subscribe(Keys::of(name).live)).await,
+            timeout(ANSWER, self.sink.subscribe(vec![Keys::of(name).live])).await,
             Ok(Ok(()))
         );
         if done {
@@ -334,7 +325,7 @@ async fn serve(
     broker: &RedisBroker,
     announce: &mpsc::Sender<Announcement>,
     mut link: Link<'_>,
-    mut stream: redis::aio::PubSubStream,
+    mut stream: Messages,
     commands: &mut mpsc::Receiver<Command>,
     stop: &CancellationToken,
 ) -> bool {
@@ -346,7 +337,7 @@ async fn serve(
         tokio::select! {
             _ = stop.cancelled() => return true,
             _ = ping.tick() => {
-                if !matches!(timeout(ANSWER, link.sink.ping::<redis::Value>()).await, Ok(Ok(_))) {
+                if !matches!(timeout(ANSWER, link.sink.ping()).await, Ok(Ok(()))) {
                     return false;
                 }
                 link.retry(broker).await;
@@ -364,23 +355,85 @@ async fn serve(
                     }
                 }
             },
-            message = stream.next() => {
-                let Some(message) = message else { return false };
-                let channel = message.get_channel_name();
-                if channel == REGISTERED {
-                    if let Some(registered) = registered(message.get_payload_bytes()) {
-                        tokio::select! {
-                            _ = stop.cancelled() => return true,
-                            _ = announce.send(registered) => {}
+            incoming = stream.next() => match incoming {
+                None => return false,
+                Some(Incoming::Message { channel, payload }) => {
+                    if channel == REGISTERED {
+                        if let Some(registered) = registered(&payload) {
+                            tokio::select! {
+                                _ = stop.cancelled() => return true,
+                                _ = announce.send(registered) => {}
+                            }
+                        }
+                    } else if let Some(name) = Keys::channel_of_live(&channel)
+                        && !broker.apply_live(&name, &payload)
+                    {
+                        link.resync(broker, &name, "a gap").await;
+                    }
+                }
+                // Cluster: subscribed again after a reconnect or a failover; what was published
+                // meanwhile is in the stream (or in the registry).
+                Some(Incoming::Resubscribed(channel)) => {
+                    if channel == REGISTERED {
+                        if !resync_registrations(announce, stop).await {
+                            return true;
+                        }
+                    } else if let Some(name) = Keys::channel_of_live(&channel)
+                        && broker.mirror.position(&name).is_some()
+                    {
+                        link.resync(broker, &name, "a resubscription").await;
+                    }
+                }
+                // Cluster: a node gave the slot up (a failover, a migration) and ended the
+                // subscription: subscribe where the slot is now, then read what was missed. An
+                // unsubscription this task asked for is no longer in `subscribed`.
+                Some(Incoming::Unsubscribed(channel)) => {
+                    if channel == REGISTERED {
+                        let again = timeout(ANSWER, link.sink.subscribe(vec![channel])).await;
+                        if !matches!(again, Ok(Ok(()))) {
+                            return false;
+                        }
+                        if !resync_registrations(announce, stop).await {
+                            return true;
+                        }
+                    } else if let Some(name) = Keys::channel_of_live(&channel)
+                        && link.subscribed.contains(&name)
+                    {
+                        link.subscribed.remove(&name);
+                        if broker.is_attached(&name) {
+                            if !link.subscribe(&name).await {
+                                return false;
+                            }
+                            link.resync(broker, &name, "a moved slot").await;
                         }
                     }
-                } else if let Some(name) = Keys::channel_of_live(channel)
-                    && !broker.apply_live(&name, message.get_payload_bytes())
-                {
-                    link.resync(broker, &name, "a gap").await;
                 }
-            }
+                // Cluster: messages were dropped: read every mirrored stream, every registration.
+                Some(Incoming::Overflowed) => {
+                    static OVERFLOWED: Throttle = Throttle::every(Duration::from_secs(10));
+                    if let Some(held_back) = OVERFLOWED.allow() {
+                        tracing::warn!(held_back, "Redis pub/sub messages came faster than they were read; reading every watched channel's stream instead.");
+                    }
+                    link.unsynced.extend(broker.attached());
+                    if !resync_registrations(announce, stop).await {
+                        return true;
+                    }
+                }
+                Some(Incoming::NodeLost) => return false,
+                Some(Incoming::Other) => {}
+            },
         }
+    }
+}
+
+/// Asks ingest to look up the runs it holds events for; `false` when the gateway is stopping.
+async fn resync_registrations(
+    announce: &mpsc::Sender<Announcement>,
+    stop: &CancellationToken,
+) -> bool {
+    tokio::select! {
+        _ = stop.cancelled() => false,
+        _ = announce.send(Announcement::Resync) => true,
     }
 }
 

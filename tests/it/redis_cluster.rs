@@ -1,0 +1,166 @@
+//! The Redis broker on a real Redis Cluster (three masters started by the test, `redis-cli
+//! --cluster create`): replicas share channels that live on different shards, live messages
+//! travel by sharded pub/sub, and what spans channels (the ledger view, the registry, the dead
+//! letters) works across slots. The failover of a master is in the fault suite.
+
+use std::time::Duration;
+
+use hyper::StatusCode;
+use serde_json::{Value, json};
+
+use crate::replicas::{ledger_until, thinking};
+use crate::support::{Client, Gateway, RedisCluster, eventually, wait_ready};
+
+/// A gateway in this process on `cluster`, ready to serve.
+async fn on_cluster(cluster: &RedisCluster) -> Gateway {
+    let url = cluster.url();
+    let gateway = Gateway::start_with(|c| {
+        c.broker.redis_url = Some(url);
+        c.resolve.grace = Duration::from_millis(300);
+    })
+    .await;
+    wait_ready(gateway.internal, StatusCode::OK).await;
+    gateway
+}
+
+/// One thread per master: channels whose slots three different masters serve.
+async fn a_thread_per_master(cluster: &RedisCluster) -> Vec<(String, u16)> {
+    let mut picked: Vec<(String, u16)> = Vec::new();
+    for i in 0.. {
+        let thread = format!("c{i}");
+        let master = cluster
+            .master_of(&format!("aw:{{thread:{thread}}}:log"))
+            .await;
+        if picked.iter().all(|(_, m)| *m != master) {
+            picked.push((thread, master));
+        }
+        if picked.len() == 3 {
+            return picked;
+        }
+    }
+    unreachable!()
+}
+
+#[tokio::test]
+async fn two_replicas_on_a_cluster_share_channels_of_every_shard() {
+    let cluster = RedisCluster::start(3, 0).await;
+    let threads = a_thread_per_master(&cluster).await;
+    let (a, b) = (on_cluster(&cluster).await, on_cluster(&cluster).await);
+
+    // Viewers on b; events posted on a.
+    let mut viewers = Vec::new();
+    for (thread, _) in &threads {
+        let mut viewer = Client::hello(b.addr, &format!("v_{thread}")).await;
+        viewer.subscribe(thread, None).await;
+        viewers.push(viewer);
+    }
+    for n in 1..=10 {
+        for (thread, _) in &threads {
+            let answer = a.publish(&[thinking(thread, n)]).await;
+            assert_eq!(answer["results"][0]["seq"], n, "{answer}");
+        }
+    }
+    let mut epochs = Vec::new();
+    for (viewer, (thread, _)) in viewers.iter_mut().zip(&threads) {
+        let events = viewer.events(10).await;
+        let seqs: Vec<u64> = events.iter().map(|e| e["seq"].as_u64().unwrap()).collect();
+        assert_eq!(seqs, (1..=10).collect::<Vec<_>>(), "{thread}");
+        epochs.push(events[0]["epoch"].as_str().unwrap().to_string());
+    }
+
+    // The live channels are sharded: each is a shard channel of the master that owns its
+    // slot, and a plain channel nowhere (nothing is broadcast to every node).
+    for (thread, master) in &threads {
+        let live = format!("aw:{{thread:{thread}}}:live");
+        let shard: Vec<String> = redis::cmd("PUBSUB")
+            .arg("SHARDCHANNELS")
+            .query_async(&mut cluster.node(*master).await)
+            .await
+            .unwrap();
+        assert!(shard.contains(&live), "{live} on {master}: {shard:?}");
+        for port in cluster.running() {
+            let plain: Vec<String> = redis::cmd("PUBSUB")
+                .arg("CHANNELS")
+                .query_async(&mut cluster.node(port).await)
+                .await
+                .unwrap();
+            assert!(plain.is_empty(), "plain pub/sub on {port}: {plain:?}");
+        }
+    }
+
+    // Every channel's ledger balances, read on either replica; the cluster view reads every
+    // shard.
+    for (thread, _) in &threads {
+        let channel = format!("thread:{thread}");
+        let ledger = ledger_until(&a, &channel, |l| l["delivered"] == 10).await;
+        assert_eq!(
+            (&ledger["emitted"], &ledger["pending"], &ledger["balanced"]),
+            (&json!(10), &json!(0), &json!(true)),
+            "{ledger}"
+        );
+    }
+    let view = eventually("the cluster ledger counts every shard", async || {
+        let (_, view) = b.get("/v1/ledger").await;
+        match view["channels"]["delivered"] == 30 {
+            true => Ok(view),
+            false => Err(view.to_string()),
+        }
+    })
+    .await;
+    assert_eq!(view["channels"]["balanced"], true, "{view}");
+
+    // Resume on the other replica, from the last position seen.
+    drop(viewers);
+    let (thread, _) = &threads[1];
+    for n in 11..=15 {
+        a.publish(&[thinking(thread, n)]).await;
+    }
+    let mut back = Client::hello(a.addr, "back").await;
+    let subscribed = back
+        .subscribe(thread, Some(json!({"epoch": epochs[1], "seq": 10})))
+        .await;
+    assert_eq!(subscribed["recovered"], true, "{subscribed}");
+    let seqs: Vec<u64> = back
+        .events(5)
+        .await
+        .iter()
+        .map(|e| e["seq"].as_u64().unwrap())
+        .collect();
+    assert_eq!(seqs, (11..=15).collect::<Vec<_>>());
+}
+
+#[tokio::test]
+async fn registrations_and_dead_letters_span_the_shards() {
+    let cluster = RedisCluster::start(3, 0).await;
+    let (a, b) = (on_cluster(&cluster).await, on_cluster(&cluster).await);
+
+    // A run registered on a is resolved on b, whatever slots its keys are in.
+    let mut viewer = Client::hello(b.addr, "reg").await;
+    viewer.subscribe("t_reg", None).await;
+    let register = json!({"run_id": "run_reg", "thread_id": "t_reg"}).to_string();
+    assert_eq!(a.post("/v1/runs", &register).await.0, StatusCode::OK);
+    let only_run = json!([{"type": "agent_thinking", "run_id": "run_reg", "payload": {}}]);
+    let (status, answer) = b.post("/v1/events", &only_run.to_string()).await;
+    assert_eq!(status, StatusCode::OK, "{answer}");
+    assert_eq!(viewer.events(1).await[0]["run_id"], "run_reg");
+
+    // Events of runs nobody registers become dead letters, visible on every replica.
+    let lost: Vec<Value> = (0..4)
+        .map(|i| json!({"type": "agent_thinking", "run_id": format!("run_lost{i}"), "payload": {"n": i}}))
+        .collect();
+    let (status, answer) = a.post("/v1/events", &Value::from(lost).to_string()).await;
+    assert_eq!(status, StatusCode::OK, "{answer}");
+    eventually("four dead letters", async || {
+        let (_, letters) = b.get("/v1/deadletter").await;
+        match letters["count"] == 4 {
+            true => Ok(()),
+            false => Err(letters.to_string()),
+        }
+    })
+    .await;
+    assert_eq!(
+        a.metric("agentwire_unresolved_run_ids_total").await,
+        4.0,
+        "each run counted once"
+    );
+}

@@ -1,7 +1,8 @@
 //! The Redis broker on a real Redis Cluster (three masters started by the test, `redis-cli
 //! --cluster create`): replicas share channels that live on different shards, live messages
 //! travel by sharded pub/sub, and what spans channels (the ledger view, the registry, the dead
-//! letters) works across slots. The failover of a master is in the fault suite.
+//! letters) works across slots. A graceful failover moves the subscriptions with the slot; the
+//! failover of a killed master is in the fault suite.
 
 use std::time::Duration;
 
@@ -163,4 +164,79 @@ async fn registrations_and_dead_letters_span_the_shards() {
         4.0,
         "each run counted once"
     );
+}
+
+#[tokio::test]
+async fn a_graceful_failover_moves_the_subscriptions_with_the_slot() {
+    let cluster = RedisCluster::start(3, 1).await;
+    let (a, b) = (on_cluster(&cluster).await, on_cluster(&cluster).await);
+    let key = "aw:{thread:t_moved}:log";
+    let master = cluster.master_of(key).await;
+    let mut viewer = Client::hello(b.addr, "moved").await;
+    viewer.subscribe("t_moved", None).await;
+    a.publish(&[thinking("t_moved", 1)]).await;
+    assert_eq!(viewer.events(1).await[0]["seq"], 1);
+
+    // The replica takes over with the master's consent: the old master ends its shard
+    // subscriptions (a sunsubscribe), and the gateway subscribes where the slot went.
+    let replica = cluster.replica_of(master).await;
+    let () = redis::cmd("CLUSTER")
+        .arg("FAILOVER")
+        .query_async(&mut cluster.node(replica).await)
+        .await
+        .unwrap();
+    eventually("the replica serves the slot", async || {
+        match cluster.master_of(key).await {
+            port if port == replica => Ok(()),
+            port => Err(format!("still {port}")),
+        }
+    })
+    .await;
+    for n in 2..=5 {
+        let body = Value::from(vec![thinking("t_moved", n)]).to_string();
+        eventually("the event is accepted", async || {
+            match a.post("/v1/events", &body).await {
+                (StatusCode::OK, _) => Ok(()),
+                (status, answer) => Err(format!("{status}: {answer}")),
+            }
+        })
+        .await;
+    }
+    // Another Redis process now: a new epoch, announced, then every event after the first.
+    let mut shown = Vec::new();
+    while !shown.contains(&5) {
+        let frame = match tokio::time::timeout(Duration::from_secs(4), viewer.recv()).await {
+            Ok(frame) => frame,
+            // Where each node holds the gateway's shard subscriptions, to tell why.
+            Err(_) => {
+                let mut nodes = String::new();
+                for port in cluster.running() {
+                    let mut conn = cluster.node(port).await;
+                    let shard: Vec<String> = redis::cmd("PUBSUB")
+                        .arg("SHARDCHANNELS")
+                        .query_async(&mut conn)
+                        .await
+                        .unwrap();
+                    let role: String = redis::cmd("INFO")
+                        .arg("replication")
+                        .query_async(&mut conn)
+                        .await
+                        .unwrap();
+                    let role = role.lines().nth(1).unwrap_or_default();
+                    nodes += &format!("{port} {role} {shard:?}\n");
+                }
+                panic!(
+                    "no event after the failover of {master} to {replica}; shown {shown:?}\n{nodes}"
+                );
+            }
+        };
+        if frame["type"] == "subscribed" {
+            assert_eq!(frame["recovered"], false, "{frame}");
+        } else if let Some(n) = frame["payload"]["n"].as_u64() {
+            shown.push(n);
+        }
+    }
+    for n in 2..=5 {
+        assert!(shown.contains(&n), "{n} in {shown:?}");
+    }
 }

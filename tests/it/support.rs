@@ -964,6 +964,36 @@ impl RedisCluster {
         panic!("no master serves slot {slot}");
     }
 
+    /// The port of a replica of the master on `master`.
+    pub async fn replica_of(&self, master: u16) -> u16 {
+        let nodes: String = redis::cmd("CLUSTER")
+            .arg("NODES")
+            .query_async(&mut self.node(master).await)
+            .await
+            .unwrap();
+        let port_of = |line: &str| -> u16 {
+            let address = line.split(' ').nth(1).unwrap();
+            let port = address
+                .split('@')
+                .next()
+                .unwrap()
+                .rsplit(':')
+                .next()
+                .unwrap();
+            port.parse().unwrap()
+        };
+        let id = nodes
+            .lines()
+            .find(|line| line.contains("myself"))
+            .and_then(|line| line.split(' ').next())
+            .unwrap();
+        let replica = nodes
+            .lines()
+            .find(|line| line.split(' ').nth(3) == Some(id))
+            .unwrap_or_else(|| panic!("no replica of {master}: {nodes}"));
+        port_of(replica)
+    }
+
     /// SIGKILL to one node.
     pub fn kill(&mut self, port: u16) {
         for (p, child) in &mut self.nodes {

@@ -385,27 +385,17 @@ async fn serve(
                     }
                 }
                 // Cluster: a node gave the slot up (a failover, a migration) and ended the
-                // subscription: subscribe where the slot is now, then read what was missed. An
-                // unsubscription this task asked for is no longer in `subscribed`.
+                // subscription. The redis crate may not know yet where the slot went (subscribed
+                // again now, the channel can land on the old master, a replica by then, which gets
+                // none of the slot's messages), so the connection is made again, after the usual
+                // pause: it learns where every slot is, subscribes everything there and reads every
+                // watched stream. An unsubscription this task asked for is no longer in `subscribed`.
                 Some(Incoming::Unsubscribed(channel)) => {
-                    if channel == REGISTERED {
-                        let again = timeout(ANSWER, link.sink.subscribe(vec![channel])).await;
-                        if !matches!(again, Ok(Ok(()))) {
-                            return false;
-                        }
-                        if !resync_registrations(announce, stop).await {
-                            return true;
-                        }
-                    } else if let Some(name) = Keys::channel_of_live(&channel)
-                        && link.subscribed.contains(&name)
+                    if channel == REGISTERED
+                        || Keys::channel_of_live(&channel)
+                            .is_some_and(|name| link.subscribed.contains(&name))
                     {
-                        link.subscribed.remove(&name);
-                        if broker.is_attached(&name) {
-                            if !link.subscribe(&name).await {
-                                return false;
-                            }
-                            link.resync(broker, &name, "a moved slot").await;
-                        }
+                        return false;
                     }
                 }
                 // Cluster: messages were dropped: read every mirrored stream, every registration.

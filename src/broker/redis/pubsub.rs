@@ -43,7 +43,8 @@ pub(super) enum Incoming {
     /// Cluster: the redis crate subscribed to `channel` again (a node reconnected, or its slot
     /// moved to another master), so what was published meanwhile must be read from the stream.
     Resubscribed(String),
-    /// Cluster: a node ended the subscription to `channel` (its slot left that node).
+    /// Cluster: a node ended the subscription to `channel` (its slot left that node), or
+    /// confirmed an unsubscription asked for.
     Unsubscribed(String),
     /// Cluster: pushes were dropped on a full queue: every mirrored stream must be read.
     Overflowed,
@@ -144,6 +145,9 @@ impl Messages {
 }
 
 fn incoming(push: PushInfo) -> Incoming {
+    if push.kind != PushKind::SMessage {
+        tracing::debug!(kind = ?push.kind, data = ?push.data, "A Redis Cluster push.");
+    }
     let text = |value: Option<&Value>| match value {
         Some(Value::BulkString(bytes)) => String::from_utf8(bytes.clone()).ok(),
         _ => None,

@@ -240,3 +240,51 @@ async fn a_graceful_failover_moves_the_subscriptions_with_the_slot() {
         assert!(shown.contains(&n), "{n} in {shown:?}");
     }
 }
+
+/// The ids of the pub/sub clients every node serves.
+async fn pubsub_clients(cluster: &RedisCluster) -> Vec<String> {
+    let mut ids = Vec::new();
+    for port in cluster.running() {
+        let list: String = redis::cmd("CLIENT")
+            .arg("LIST")
+            .arg("TYPE")
+            .arg("pubsub")
+            .query_async(&mut cluster.node(port).await)
+            .await
+            .unwrap();
+        ids.extend(
+            list.lines()
+                .filter_map(|l| l.split(' ').next())
+                .map(str::to_string),
+        );
+    }
+    ids.sort();
+    ids
+}
+
+#[tokio::test]
+async fn watching_and_leaving_a_channel_again_and_again_keeps_the_pubsub_connection() {
+    let cluster = RedisCluster::start(3, 0).await;
+    let gateway = on_cluster(&cluster).await;
+    let mut viewer = Client::hello(gateway.addr, "churn").await;
+    viewer.barrier().await;
+    let before = pubsub_clients(&cluster).await;
+    // Each unsubscription's confirmation comes back as a push, like the one a node sends when
+    // its slot moves: only the latter may remake the connection.
+    for _ in 0..20 {
+        viewer.subscribe("t_churn", None).await;
+        viewer
+            .send(json!({"type": "unsubscribe", "thread_id": "t_churn"}))
+            .await;
+        assert_eq!(viewer.recv().await["type"], "unsubscribed");
+    }
+    viewer.subscribe("t_churn", None).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    gateway.publish(&[thinking("t_churn", 1)]).await;
+    assert_eq!(viewer.events(1).await[0]["payload"]["n"], 1);
+    assert_eq!(
+        pubsub_clients(&cluster).await,
+        before,
+        "the same connections"
+    );
+}

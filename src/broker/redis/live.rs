@@ -11,7 +11,7 @@
 //! `agentwire_redis_subscriptions_reconciled_total{action}`. A stale subscription would make Redis
 //! count its channel's events as offered (`expired_subscribed` instead of `expired_unseen`).
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
@@ -119,6 +119,7 @@ pub async fn run(
                     sink,
                     subscribed,
                     unsynced,
+                    unsubscribing: HashMap::new(),
                     metrics,
                 };
                 if serve(broker, &announce, link, stream, &mut commands, &stop).await {
@@ -193,6 +194,9 @@ async fn connect(
 struct Link<'a> {
     sink: Sink,
     subscribed: HashSet<ChannelName>,
+    /// Cluster: the unsubscriptions this task asked for whose confirmation (a push, like the
+    /// unsubscriptions a node makes when its slot moves) has not been read yet.
+    unsubscribing: HashMap<ChannelName, usize>,
     /// Channels whose stream could not be read after a reconnect, a gap or a resubscribe: read
     /// again every second until it works, not only when their next live message comes (there
     /// may be none, and the mirror would keep a stale epoch).
@@ -213,6 +217,10 @@ impl Link<'_> {
     }
 
     async fn unsubscribe(&mut self, name: &ChannelName) -> bool {
+        // Counted before it is sent: its confirmation is read by this task, after this returns.
+        if self.sink.confirms_by_push() {
+            *self.unsubscribing.entry(name.clone()).or_default() += 1;
+        }
         let done = matches!(
             timeout(ANSWER, self.sink.unsubscribe(Keys::of(name).live)).await,
             Ok(Ok(()))
@@ -221,6 +229,16 @@ impl Link<'_> {
             self.subscribed.remove(name);
         }
         done
+    }
+
+    /// An unsubscription this task asked for is confirmed.
+    fn confirmed(&mut self, name: &ChannelName) {
+        if let Some(asked) = self.unsubscribing.get_mut(name) {
+            *asked -= 1;
+            if *asked == 0 {
+                self.unsubscribing.remove(name);
+            }
+        }
     }
 
     /// Handles one command; `false` when the link failed.
@@ -389,15 +407,14 @@ async fn serve(
                 // again now, the channel can land on the old master, a replica by then, which gets
                 // none of the slot's messages), so the connection is made again, after the usual
                 // pause: it learns where every slot is, subscribes everything there and reads every
-                // watched stream. An unsubscription this task asked for is no longer in `subscribed`.
-                Some(Incoming::Unsubscribed(channel)) => {
-                    if channel == REGISTERED
-                        || Keys::channel_of_live(&channel)
-                            .is_some_and(|name| link.subscribed.contains(&name))
-                    {
-                        return false;
-                    }
-                }
+                // watched stream. The confirmation of an unsubscription this task asked for is not
+                // such a loss.
+                Some(Incoming::Unsubscribed(channel)) => match Keys::channel_of_live(&channel) {
+                    Some(name) if link.unsubscribing.contains_key(&name) => link.confirmed(&name),
+                    Some(_) => return false,
+                    None if channel == REGISTERED => return false,
+                    None => {}
+                },
                 // Cluster: messages were dropped: read every mirrored stream, every registration.
                 Some(Incoming::Overflowed) => {
                     static OVERFLOWED: Throttle = Throttle::every(Duration::from_secs(10));

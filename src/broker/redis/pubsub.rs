@@ -102,6 +102,12 @@ impl Sink {
         }
     }
 
+    /// Whether (un)subscriptions are confirmed on the message side (Cluster: RESP3 pushes, as are
+    /// those a node makes on its own).
+    pub(super) fn confirms_by_push(&self) -> bool {
+        matches!(self, Self::Cluster(_))
+    }
+
     pub(super) async fn unsubscribe(&mut self, channel: String) -> RedisResult<()> {
         match self {
             Self::Server(sink) => sink.unsubscribe(channel).await,

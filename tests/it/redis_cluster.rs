@@ -131,7 +131,7 @@ async fn two_replicas_on_a_cluster_share_channels_of_every_shard() {
 }
 
 #[tokio::test]
-async fn registrations_and_dead_letters_span_the_shards() {
+async fn registrations_dead_letters_and_the_ingest_stream_span_the_shards() {
     let cluster = RedisCluster::start(3, 0).await;
     let (a, b) = (on_cluster(&cluster).await, on_cluster(&cluster).await);
 
@@ -144,6 +144,20 @@ async fn registrations_and_dead_letters_span_the_shards() {
     let (status, answer) = b.post("/v1/events", &only_run.to_string()).await;
     assert_eq!(status, StatusCode::OK, "{answer}");
     assert_eq!(viewer.events(1).await[0]["run_id"], "run_reg");
+
+    // An event a producer adds to the ingest stream, on the master that owns it, is read by a
+    // replica through the consumer group and reaches the viewer.
+    let event = json!({"type": "agent_thinking", "run_id": "run_reg", "thread_id": "t_reg",
+        "event_id": "from-the-stream", "payload": {"n": 2}});
+    let _: String = redis::cmd("XADD")
+        .arg("aw:ingest")
+        .arg("*")
+        .arg("event")
+        .arg(event.to_string())
+        .query_async(&mut cluster.node(cluster.master_of("aw:ingest").await).await)
+        .await
+        .unwrap();
+    assert_eq!(viewer.events(1).await[0]["payload"]["n"], 2);
 
     // Events of runs nobody registers become dead letters, visible on every replica.
     let lost: Vec<Value> = (0..4)

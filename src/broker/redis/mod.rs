@@ -8,7 +8,8 @@
 //! - `:meta` hash: `epoch`, `last_seq`, `run` (the Redis `run_id` that wrote the epoch), `emitted`,
 //!   `pending`, `delivered`, `acked`, `acked_seq`, `lost_expired_unseen`, `lost_expired_subscribed`;
 //! - `:delivered` and `:offered` sets of retained seqs; `:seen` sorted set of dedupe ids;
-//! - `:live` pub/sub channel carrying each new entry to the replicas that watch the channel.
+//! - `:live` pub/sub channel carrying each new entry to the replicas that watch the channel (on a
+//!   Redis Cluster a shard channel of the same slot, see `conn.rs`).
 //!
 //! This replica mirrors the channels its clients watch into a [`Channels`] (see [`live`]),
 //! which does the local fan-out and replay exactly as in embedded mode.

@@ -1,9 +1,10 @@
 //! The connection to Redis: one server, or a Redis Cluster (`redis+cluster://` seed nodes). The
-//! rest of the broker speaks to [`Conn`], a `ConnectionLike` either way; in Cluster mode the redis
-//! crate routes each command by its first key, follows `MOVED` and `ASK`, and refreshes its slot map
-//! when a master fails over. What differs is here: a pipeline must stay in one slot
-//! ([`Conn::each`] sends commands that span slots), and live messages travel by sharded pub/sub
-//! (`SPUBLISH`, `SSUBSCRIBE`), which keeps each message on the shard that owns its channel.
+//! rest of the broker speaks to [`Conn`], a `ConnectionLike` either way; on a Cluster the redis
+//! crate routes each command by its first key, follows `MOVED` and `ASK`, and refreshes its slot
+//! map when a master fails over. What differs is here: a pipeline must stay in one slot
+//! ([`Conn::each`] sends commands that span slots), and the pub/sub connection is the crate's
+//! RESP3 cluster connection (`pubsub.rs`: sharded pub/sub, each message on the shard that owns its
+//! channel).
 
 use std::time::Duration;
 

@@ -112,16 +112,9 @@ pub async fn run(
         if stop.is_cancelled() {
             return;
         }
-        match connect(broker, &announce, &stop).await {
-            Ok((sink, stream, subscribed, unsynced)) => {
+        match connect(broker, &announce, metrics, &stop).await {
+            Ok((link, stream)) => {
                 backoff = Duration::from_millis(100);
-                let link = Link {
-                    sink,
-                    subscribed,
-                    unsynced,
-                    unsubscribing: HashMap::new(),
-                    metrics,
-                };
                 if serve(broker, &announce, link, stream, &mut commands, &stop).await {
                     return;
                 }
@@ -157,17 +150,26 @@ pub async fn run(
 /// Opens the connection, subscribes to registrations and every mirrored channel, then reads
 /// each mirrored channel's stream from where its mirror stands; the channels whose read failed
 /// come back with the link, to be read again.
-async fn connect(
+async fn connect<'a>(
     broker: &RedisBroker,
     announce: &mpsc::Sender<Announcement>,
+    metrics: &'a Metrics,
     stop: &CancellationToken,
-) -> Result<(Sink, Messages, HashSet<ChannelName>, HashSet<ChannelName>), BrokerError> {
+) -> Result<(Link<'a>, Messages), BrokerError> {
     let (mut sink, stream) = timeout(ANSWER, pubsub::open(&broker.backend))
         .await
         .map_err(|_| BrokerError::Unavailable("connect timed out".into()))??;
     let attached = broker.attached();
     let mut channels = vec![REGISTERED.to_string()];
     channels.extend(attached.iter().map(|name| Keys::of(name).live));
+    // Their confirmations are not resubscriptions (see `Incoming::Resubscribed`).
+    let subscribing = match sink.confirms_by_push() {
+        true => channels
+            .iter()
+            .map(|channel| (channel.clone(), 1))
+            .collect(),
+        false => HashMap::new(),
+    };
     timeout(ANSWER, sink.subscribe(channels))
         .await
         .map_err(|_| BrokerError::Unavailable("subscribe timed out".into()))??;
@@ -187,13 +189,24 @@ async fn connect(
         _ = stop.cancelled() => {}
         _ = announce.send(Announcement::Resync) => {}
     }
-    Ok((sink, stream, attached.into_iter().collect(), unsynced))
+    let link = Link {
+        sink,
+        subscribed: attached.into_iter().collect(),
+        unsynced,
+        subscribing,
+        unsubscribing: HashMap::new(),
+        metrics,
+    };
+    Ok((link, stream))
 }
 
 /// The pub/sub connection's command side: the sink and the channels it is subscribed to.
 struct Link<'a> {
     sink: Sink,
     subscribed: HashSet<ChannelName>,
+    /// Cluster: the subscriptions this task asked for (pub/sub channel names) whose confirmation
+    /// (a push, like the resubscriptions the redis crate makes by itself) has not been read yet.
+    subscribing: HashMap<String, usize>,
     /// Cluster: the unsubscriptions this task asked for whose confirmation (a push, like the
     /// unsubscriptions a node makes when its slot moves) has not been read yet.
     unsubscribing: HashMap<ChannelName, usize>,
@@ -206,8 +219,12 @@ struct Link<'a> {
 
 impl Link<'_> {
     async fn subscribe(&mut self, name: &ChannelName) -> bool {
+        let live = Keys::of(name).live;
+        if self.sink.confirms_by_push() {
+            *self.subscribing.entry(live.clone()).or_default() += 1;
+        }
         let done = matches!(
-            timeout(ANSWER, self.sink.subscribe(vec![Keys::of(name).live])).await,
+            timeout(ANSWER, self.sink.subscribe(vec![live])).await,
             Ok(Ok(()))
         );
         if done {
@@ -229,6 +246,18 @@ impl Link<'_> {
             self.subscribed.remove(name);
         }
         done
+    }
+
+    /// Whether a subscription confirmed now is one this task asked for (counted off if so).
+    fn asked_for(&mut self, channel: &str) -> bool {
+        let Some(asked) = self.subscribing.get_mut(channel) else {
+            return false;
+        };
+        *asked -= 1;
+        if *asked == 0 {
+            self.subscribing.remove(channel);
+        }
+        true
     }
 
     /// An unsubscription this task asked for is confirmed.
@@ -389,10 +418,13 @@ async fn serve(
                         link.resync(broker, &name, "a gap").await;
                     }
                 }
-                // Cluster: subscribed again after a reconnect or a failover; what was published
-                // meanwhile is in the stream (or in the registry).
+                // Cluster: the redis crate subscribed again by itself (it reconnected to a node);
+                // what was published meanwhile is in the stream (or in the registry). The
+                // confirmation of a subscription this task asked for is not that.
                 Some(Incoming::Resubscribed(channel)) => {
-                    if channel == REGISTERED {
+                    if link.asked_for(&channel) {
+                        // Whoever asked reads the stream after it (attach, connect, reconcile).
+                    } else if channel == REGISTERED {
                         if !resync_registrations(announce, stop).await {
                             return true;
                         }

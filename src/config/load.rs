@@ -414,8 +414,12 @@ fn check_log_filter(filter: &str) -> Result<(), String> {
         .map_err(|error| format!("not a tracing filter: {error}"))
 }
 
-/// `redis://host…`, `rediss://host…` (TLS) or a Unix socket (`redis+unix://`, `unix://`).
+/// `redis://host…`, `rediss://host…` (TLS) or a Unix socket (`redis+unix://`, `unix://`); or
+/// the seed nodes of a Redis Cluster (`redis+cluster://`, `rediss+cluster://`).
 fn check_redis_url(raw: &str) -> Result<(), String> {
+    if let Some(nodes) = cluster_seeds(raw)? {
+        return nodes.iter().try_for_each(|node| check_redis_url(node));
+    }
     let url = url::Url::parse(raw).map_err(|e| e.to_string())?;
     if url.port() == Some(0) {
         return Err("port 0: the port must be between 1 and 65535".into());
@@ -425,9 +429,42 @@ fn check_redis_url(raw: &str) -> Result<(), String> {
         "redis" | "rediss" => Err("no host".into()),
         "redis+unix" | "unix" => Ok(()),
         other => Err(format!(
-            "the scheme is {other}, not redis, rediss or redis+unix"
+            "the scheme is {other}, not redis, rediss, redis+unix, redis+cluster or rediss+cluster"
         )),
     }
+}
+
+/// The seed nodes of a Redis Cluster URL, each as a `redis://` (or `rediss://`) URL with the
+/// same credentials: `redis+cluster://[user[:password]@]host:port[,host:port…][/]`. `None` for
+/// any other URL. A Cluster has one database, so the URL names none.
+pub fn cluster_seeds(raw: &str) -> Result<Option<Vec<String>>, String> {
+    let Some((scheme, rest)) = raw.split_once("://") else {
+        return Ok(None);
+    };
+    let scheme = match scheme {
+        "redis+cluster" => "redis",
+        "rediss+cluster" => "rediss",
+        _ => return Ok(None),
+    };
+    let rest = rest.strip_suffix('/').unwrap_or(rest);
+    if rest.contains(['/', '?', '#']) {
+        return Err("a cluster URL has no database, path or query".into());
+    }
+    let (userinfo, hosts) = match rest.rsplit_once('@') {
+        Some((userinfo, hosts)) => (format!("{userinfo}@"), hosts),
+        None => (String::new(), rest),
+    };
+    let nodes: Vec<String> = hosts
+        .split(',')
+        .map(|host| format!("{scheme}://{userinfo}{}/", host.trim()))
+        .collect();
+    for (node, host) in nodes.iter().zip(hosts.split(',')) {
+        let url = url::Url::parse(node).map_err(|e| format!("`{}`: {e}", host.trim()))?;
+        if url.port().is_none() {
+            return Err(format!("`{}`: each seed node names its port", host.trim()));
+        }
+    }
+    Ok(Some(nodes))
 }
 
 #[cfg(test)]
@@ -710,6 +747,27 @@ mod tests {
                 }
                 Ok(())
             });
+        }
+    }
+
+    #[test]
+    fn a_cluster_url_lists_its_seed_nodes_with_the_same_credentials() {
+        assert_eq!(
+            cluster_seeds("rediss+cluster://u:pw@a:7000, b:7001/"),
+            Ok(Some(vec![
+                "rediss://u:pw@a:7000/".to_string(),
+                "rediss://u:pw@b:7001/".to_string()
+            ]))
+        );
+        assert_eq!(cluster_seeds("redis://a:6379/0"), Ok(None));
+        assert!(check_redis_url("redis+cluster://a:7000").is_ok());
+        for wrong in [
+            "redis+cluster://a:7000/1",
+            "redis+cluster://a",
+            "redis+cluster://a:7000,",
+            "redis+cluster://a:0",
+        ] {
+            assert!(check_redis_url(wrong).is_err(), "{wrong}");
         }
     }
 }

@@ -14,7 +14,7 @@ use serde::{Deserialize, Serialize};
 
 pub use agui::{AgentConfig, AguiConfig};
 pub use auth::AuthConfig;
-pub use load::ConfigError;
+pub use load::{ConfigError, cluster_seeds};
 pub use secret::Secret;
 
 /// The whole effective configuration.
@@ -286,11 +286,13 @@ impl Default for UpstreamConfig {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct BrokerConfig {
-    /// Selects the Redis broker (`redis://[:password@]host:port[/db]`, or `rediss://` for TLS);
-    /// unset, the embedded one.
+    /// Selects the Redis broker (`redis://[:password@]host:port[/db]`, or `rediss://` for TLS; a
+    /// Redis Cluster: `redis+cluster://[:password@]host:port[,host:port…]`, its seed nodes, or
+    /// `rediss+cluster://`); unset, the embedded one.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub redis_url: Option<String>,
-    /// A PEM CA certificate to verify a `rediss://` server with, instead of the system's.
+    /// A PEM CA certificate to verify a `rediss://` (or `rediss+cluster://`) server with, instead of
+    /// the system's.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub redis_ca_file: Option<std::path::PathBuf>,
     /// The stream producers may `XADD` events to (Redis broker only).

@@ -24,12 +24,12 @@ pub const OPTIONAL: [(&str, &str, &str); 11] = [
     (
         "broker",
         "redis_url",
-        "redis://[:password@]host:port[/db] or rediss://: the Redis broker, instead of the embedded one",
+        "redis://[:password@]host:port[/db] or rediss://, or redis+cluster://host:port,host:port for a Redis Cluster: the Redis broker, instead of the embedded one",
     ),
     (
         "broker",
         "redis_ca_file",
-        "a PEM CA certificate to verify a rediss:// server with, instead of the system's",
+        "a PEM CA certificate to verify a rediss:// (or rediss+cluster://) server with, instead of the system's",
     ),
     (
         "auth",

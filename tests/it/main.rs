@@ -18,6 +18,7 @@ mod ledger_snapshot;
 mod operations;
 mod process;
 mod redis_budgets;
+mod redis_cluster;
 mod replicas;
 mod resolution;
 mod resume;

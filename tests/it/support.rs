@@ -821,3 +821,236 @@ pub async fn bench(args: &[&str]) -> Value {
     }
     result
 }
+
+/// A real Redis Cluster: `masters` masters with `replicas` replicas each, `redis-server
+/// --cluster-enabled yes` processes on free ports in a temporary directory, joined by `redis-cli
+/// --cluster create`; killed (and the directory removed) on drop.
+pub struct RedisCluster {
+    nodes: Vec<(u16, Option<Child>)>,
+    dir: PathBuf,
+}
+
+impl RedisCluster {
+    pub async fn start(masters: usize, replicas: usize) -> Self {
+        let count = masters * (1 + replicas);
+        let dir = std::env::temp_dir().join(format!(
+            "agentwire-cluster-{}-{}",
+            std::process::id(),
+            rand::random::<u32>()
+        ));
+        std::fs::create_dir_all(&dir).unwrap();
+        let mut cluster = Self {
+            nodes: Vec::new(),
+            dir,
+        };
+        for _ in 0..count {
+            let port = free_cluster_port();
+            let child = Command::new("redis-server")
+                .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+                .args(["--save", "", "--appendonly", "no"])
+                .args(["--cluster-enabled", "yes"])
+                .args(["--cluster-config-file", &format!("nodes-{port}.conf")])
+                // A master unreachable for a second is failed over, by a replica however long
+                // ago it last heard from it.
+                .args(["--cluster-node-timeout", "1000"])
+                .args(["--cluster-replica-validity-factor", "0"])
+                .args(["--dir", cluster.dir.to_str().unwrap()])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("redis-server must be installed (scripts/test installs it)");
+            cluster.nodes.push((port, Some(child)));
+        }
+        for &(port, _) in &cluster.nodes {
+            let client = node_client(port);
+            eventually("a cluster node answers", async || {
+                let mut conn = client
+                    .get_multiplexed_async_connection()
+                    .await
+                    .map_err(|e| e.to_string())?;
+                redis::cmd("PING")
+                    .query_async::<String>(&mut conn)
+                    .await
+                    .map_err(|e| e.to_string())
+            })
+            .await;
+        }
+        let created = Command::new("redis-cli")
+            .args(["--cluster", "create"])
+            .args(
+                cluster
+                    .nodes
+                    .iter()
+                    .map(|(port, _)| format!("127.0.0.1:{port}")),
+            )
+            .args(["--cluster-replicas", &replicas.to_string(), "--cluster-yes"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .expect("redis-cli must be installed");
+        assert!(created.success(), "redis-cli --cluster create failed");
+        cluster.wait_ok(masters).await;
+        // Every replica in sync with its master, so that a failover has one to promote.
+        for port in cluster.running() {
+            eventually("the replicas are in sync", async || {
+                let info: String = redis::cmd("INFO")
+                    .arg("replication")
+                    .query_async(&mut cluster.node(port).await)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                match info.contains("role:master") || info.contains("master_link_status:up") {
+                    true => Ok(()),
+                    false => Err(info),
+                }
+            })
+            .await;
+        }
+        cluster
+    }
+
+    /// `redis+cluster://` with every node as seed.
+    pub fn url(&self) -> String {
+        let seeds: Vec<String> = self
+            .nodes
+            .iter()
+            .map(|(port, _)| format!("127.0.0.1:{port}"))
+            .collect();
+        format!("redis+cluster://{}/", seeds.join(","))
+    }
+
+    /// A connection to one node.
+    pub async fn node(&self, port: u16) -> redis::aio::MultiplexedConnection {
+        node_client(port)
+            .get_multiplexed_async_connection()
+            .await
+            .unwrap()
+    }
+
+    /// Ports of the nodes still running.
+    pub fn running(&self) -> Vec<u16> {
+        self.nodes
+            .iter()
+            .filter(|(_, child)| child.is_some())
+            .map(|(port, _)| *port)
+            .collect()
+    }
+
+    /// The port of the master that serves `key`'s slot, as a running node sees it.
+    pub async fn master_of(&self, key: &str) -> u16 {
+        let mut conn = self.node(self.running()[0]).await;
+        let slot: i64 = redis::cmd("CLUSTER")
+            .arg("KEYSLOT")
+            .arg(key)
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        let ranges: Vec<Vec<redis::Value>> = redis::cmd("CLUSTER")
+            .arg("SLOTS")
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        for range in ranges {
+            let number = |v: &redis::Value| match v {
+                redis::Value::Int(n) => *n,
+                _ => -1,
+            };
+            if number(&range[0]) <= slot && slot <= number(&range[1]) {
+                let redis::Value::Array(master) = &range[2] else {
+                    panic!("CLUSTER SLOTS: {range:?}");
+                };
+                return number(&master[1]) as u16;
+            }
+        }
+        panic!("no master serves slot {slot}");
+    }
+
+    /// The port of a replica of the master on `master`.
+    pub async fn replica_of(&self, master: u16) -> u16 {
+        let nodes: String = redis::cmd("CLUSTER")
+            .arg("NODES")
+            .query_async(&mut self.node(master).await)
+            .await
+            .unwrap();
+        let port_of = |line: &str| -> u16 {
+            let address = line.split(' ').nth(1).unwrap();
+            let port = address
+                .split('@')
+                .next()
+                .unwrap()
+                .rsplit(':')
+                .next()
+                .unwrap();
+            port.parse().unwrap()
+        };
+        let id = nodes
+            .lines()
+            .find(|line| line.contains("myself"))
+            .and_then(|line| line.split(' ').next())
+            .unwrap();
+        let replica = nodes
+            .lines()
+            .find(|line| line.split(' ').nth(3) == Some(id))
+            .unwrap_or_else(|| panic!("no replica of {master}: {nodes}"));
+        port_of(replica)
+    }
+
+    /// SIGKILL to one node.
+    pub fn kill(&mut self, port: u16) {
+        for (p, child) in &mut self.nodes {
+            if *p == port
+                && let Some(mut child) = child.take()
+            {
+                let _ = child.kill();
+                let _ = child.wait();
+            }
+        }
+    }
+
+    /// Waits until every running node says `cluster_state:ok` and `masters` masters serve the
+    /// slots.
+    pub async fn wait_ok(&self, masters: usize) {
+        for port in self.running() {
+            eventually("the cluster is ok", async || {
+                let mut conn = self.node(port).await;
+                let info: String = redis::cmd("CLUSTER")
+                    .arg("INFO")
+                    .query_async(&mut conn)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                let ok = info.contains("cluster_state:ok")
+                    && info.contains(&format!("cluster_size:{masters}"));
+                match ok {
+                    true => Ok(()),
+                    false => Err(info),
+                }
+            })
+            .await;
+        }
+    }
+}
+
+impl Drop for RedisCluster {
+    fn drop(&mut self) {
+        for (_, child) in &mut self.nodes {
+            if let Some(mut child) = child.take() {
+                let _ = child.kill();
+                let _ = child.wait();
+            }
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn node_client(port: u16) -> redis::Client {
+    redis::Client::open(format!("redis://127.0.0.1:{port}/")).unwrap()
+}
+
+/// A free port whose cluster bus port (10000 above it) is free too.
+fn free_cluster_port() -> u16 {
+    loop {
+        let port = free_port();
+        if port < 55_000 && std::net::TcpListener::bind(("127.0.0.1", port + 10_000)).is_ok() {
+            return port;
+        }
+    }
+}

@@ -59,11 +59,10 @@ impl RedisBroker {
         letters: &[reports::DeadLetter],
         metrics: &Metrics,
     ) -> Result<(), BrokerError> {
-        let mut pipe = redis::pipe();
+        let mut commands = Vec::with_capacity(letters.len() * 2);
         for letter in letters {
-            let command = pipe
-                .cmd("XADD")
-                .arg(DEADLETTERS)
+            let mut add = redis::cmd("XADD");
+            add.arg(DEADLETTERS)
                 .arg("MAXLEN")
                 .arg(self.deadletter_capacity)
                 .arg("*")
@@ -76,24 +75,30 @@ impl RedisBroker {
                 .arg("event")
                 .arg(&letter.event);
             if let Some(origin) = &letter.origin {
-                command.arg("origin").arg(origin);
+                add.arg("origin").arg(origin);
             }
-            command.ignore();
+            commands.push(add);
         }
         let mut runs: Vec<&str> = letters.iter().map(|l| l.run_id.as_str()).collect();
         runs.sort_unstable();
         runs.dedup();
         for run_id in &runs {
-            pipe.set_options(
-                format!("aw:unresolved:{{{run_id}}}"),
-                1,
-                redis::SetOptions::default()
-                    .conditional_set(redis::ExistenceCheck::NX)
-                    .with_expiration(redis::SetExpiry::PX(3_600_000)),
-            );
+            let mut claim = redis::cmd("SET");
+            claim
+                .arg(format!("aw:unresolved:{{{run_id}}}"))
+                .arg(1)
+                .arg("NX")
+                .arg("PX")
+                .arg(3_600_000);
+            commands.push(claim);
         }
-        let first: Vec<Option<String>> = pipe.query_async(&mut self.conn()).await?;
-        let new_runs = first.iter().filter(|set| set.is_some()).count();
+        // One pipeline on one server; on a Cluster the claims are in many slots (`Conn::each`).
+        let replies: Vec<redis::Value> = self.conn().each(commands).await?;
+        let first = &replies[letters.len().min(replies.len())..];
+        let new_runs = first
+            .iter()
+            .filter(|set| !matches!(set, redis::Value::Nil))
+            .count();
         metrics.unresolved_run_ids.inc_by(new_runs as u64);
         Ok(())
     }

@@ -22,7 +22,6 @@
 use std::collections::HashSet;
 use std::time::{Duration, Instant};
 
-use redis::aio::ConnectionManager;
 use redis::streams::{
     StreamAutoClaimReply, StreamId, StreamInfoConsumersReply, StreamInfoGroupsReply,
     StreamPendingReply, StreamReadOptions, StreamReadReply,
@@ -32,6 +31,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
 use super::RedisBroker;
+use super::conn::Conn;
 use crate::broker::{BrokerError, StreamEvent, Taken};
 use crate::config::BrokerConfig;
 use crate::metrics::Metrics;
@@ -68,11 +68,7 @@ pub async fn run(
         rand::random::<u32>()
     );
     // Its own connection: a blocking XREADGROUP must not hold up the publishes behind it.
-    let manager = redis::aio::ConnectionManagerConfig::new()
-        .set_connection_timeout(Some(Duration::from_secs(1)))
-        .set_response_timeout(Some(Duration::from_secs(3)))
-        .set_number_of_retries(1);
-    let mut conn = match ConnectionManager::new_lazy_with_config(redis.client.clone(), manager) {
+    let mut conn = match redis.backend.connect_lazily(Duration::from_secs(3), 1) {
         Ok(conn) => conn,
         Err(error) => {
             tracing::error!(%error, "Cannot read the ingest stream.");
@@ -158,7 +154,7 @@ pub async fn run(
     }
 }
 
-async fn create_group(conn: &mut ConnectionManager, stream: &str, group: &str) -> RedisResult<()> {
+async fn create_group(conn: &mut Conn, stream: &str, group: &str) -> RedisResult<()> {
     let created: RedisResult<()> = conn.xgroup_create_mkstream(stream, group, "0").await;
     match created {
         Err(error) if error.code() == Some("BUSYGROUP") => Ok(()),
@@ -167,7 +163,7 @@ async fn create_group(conn: &mut ConnectionManager, stream: &str, group: &str) -
 }
 
 async fn read(
-    conn: &mut ConnectionManager,
+    conn: &mut Conn,
     config: &BrokerConfig,
     consumer: &str,
     from: &str,
@@ -190,11 +186,7 @@ async fn read(
 }
 
 /// Trims what the group has acknowledged and removes long-gone consumers with nothing pending.
-async fn tidy(
-    conn: &mut ConnectionManager,
-    config: &BrokerConfig,
-    consumer: &str,
-) -> RedisResult<()> {
+async fn tidy(conn: &mut Conn, config: &BrokerConfig, consumer: &str) -> RedisResult<()> {
     let (stream, group) = (&config.ingest_stream, &config.ingest_group);
     // The last delivered id is read before the pending list: an entry delivered in between is
     // after it (kept), or in the pending list (kept from its id on).
@@ -240,7 +232,7 @@ fn next_id(id: &str) -> String {
 
 async fn take_all(
     reader: &Reader<'_>,
-    conn: &mut ConnectionManager,
+    conn: &mut Conn,
     entries: Vec<StreamId>,
     blocked: &mut HashSet<String>,
 ) -> Result<(), redis::RedisError> {
@@ -269,7 +261,7 @@ async fn take_all(
 
 async fn take(
     reader: &Reader<'_>,
-    conn: &mut ConnectionManager,
+    conn: &mut Conn,
     entry: &StreamId,
     blocked: &mut HashSet<String>,
 ) -> Result<Taken, BrokerError> {
@@ -337,7 +329,7 @@ async fn take(
 /// Moves a malformed entry to `<ingest_stream>:dead` with its reason.
 async fn set_aside(
     redis: &RedisBroker,
-    conn: &mut ConnectionManager,
+    conn: &mut Conn,
     entry: &StreamId,
     raw: &str,
     reason: &str,

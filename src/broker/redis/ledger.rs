@@ -183,11 +183,15 @@ impl RedisBroker {
         let mut totals = Totals::default();
         let mut all = Summaries::default();
         for batch in channels.chunks(LEDGER_BATCH) {
-            let mut pipe = redis::pipe();
-            for channel in batch {
-                pipe.hgetall(Keys::of(channel).meta);
-            }
-            let metas: Vec<HashMap<String, String>> = pipe.query_async(&mut conn).await?;
+            let reads = batch
+                .iter()
+                .map(|channel| {
+                    let mut read = redis::cmd("HGETALL");
+                    read.arg(Keys::of(channel).meta);
+                    read
+                })
+                .collect();
+            let metas: Vec<HashMap<String, String>> = conn.each(reads).await?;
             for (channel, meta) in batch.iter().zip(&metas) {
                 let counts = counts_of(meta);
                 totals.add_channel(&counts);

@@ -11,11 +11,10 @@
 //! `agentwire_redis_subscriptions_reconciled_total{action}`. A stale subscription would make Redis
 //! count its channel's events as offered (`expired_subscribed` instead of `expired_unseen`).
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use futures_util::StreamExt;
 use redis::AsyncCommands;
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::timeout;
@@ -23,6 +22,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::RedisBroker;
 use super::keys::{Keys, REGISTERED};
+use super::pubsub::{self, Incoming, Messages, Sink};
 use super::registry::parse_target;
 use crate::broker::{Announcement, BrokerError};
 use crate::metrics::{self, Label, Metrics};
@@ -112,15 +112,9 @@ pub async fn run(
         if stop.is_cancelled() {
             return;
         }
-        match connect(broker, &announce, &stop).await {
-            Ok((sink, stream, subscribed, unsynced)) => {
+        match connect(broker, &announce, metrics, &stop).await {
+            Ok((link, stream)) => {
                 backoff = Duration::from_millis(100);
-                let link = Link {
-                    sink,
-                    subscribed,
-                    unsynced,
-                    metrics,
-                };
                 if serve(broker, &announce, link, stream, &mut commands, &stop).await {
                     return;
                 }
@@ -156,26 +150,26 @@ pub async fn run(
 /// Opens the connection, subscribes to registrations and every mirrored channel, then reads
 /// each mirrored channel's stream from where its mirror stands; the channels whose read failed
 /// come back with the link, to be read again.
-async fn connect(
+async fn connect<'a>(
     broker: &RedisBroker,
     announce: &mpsc::Sender<Announcement>,
+    metrics: &'a Metrics,
     stop: &CancellationToken,
-) -> Result<
-    (
-        redis::aio::PubSubSink,
-        redis::aio::PubSubStream,
-        HashSet<ChannelName>,
-        HashSet<ChannelName>,
-    ),
-    BrokerError,
-> {
-    let pubsub = timeout(ANSWER, broker.client.get_async_pubsub())
+) -> Result<(Link<'a>, Messages), BrokerError> {
+    let (mut sink, stream) = timeout(ANSWER, pubsub::open(&broker.backend))
         .await
         .map_err(|_| BrokerError::Unavailable("connect timed out".into()))??;
-    let (mut sink, stream) = pubsub.split();
     let attached = broker.attached();
     let mut channels = vec![REGISTERED.to_string()];
     channels.extend(attached.iter().map(|name| Keys::of(name).live));
+    // Their confirmations are not resubscriptions (see `Incoming::Resubscribed`).
+    let subscribing = match sink.confirms_by_push() {
+        true => channels
+            .iter()
+            .map(|channel| (channel.clone(), 1))
+            .collect(),
+        false => HashMap::new(),
+    };
     timeout(ANSWER, sink.subscribe(channels))
         .await
         .map_err(|_| BrokerError::Unavailable("subscribe timed out".into()))??;
@@ -195,13 +189,27 @@ async fn connect(
         _ = stop.cancelled() => {}
         _ = announce.send(Announcement::Resync) => {}
     }
-    Ok((sink, stream, attached.into_iter().collect(), unsynced))
+    let link = Link {
+        sink,
+        subscribed: attached.into_iter().collect(),
+        unsynced,
+        subscribing,
+        unsubscribing: HashMap::new(),
+        metrics,
+    };
+    Ok((link, stream))
 }
 
 /// The pub/sub connection's command side: the sink and the channels it is subscribed to.
 struct Link<'a> {
-    sink: redis::aio::PubSubSink,
+    sink: Sink,
     subscribed: HashSet<ChannelName>,
+    /// Cluster: the subscriptions this task asked for (pub/sub channel names) whose confirmation
+    /// (a push, like the resubscriptions the redis crate makes by itself) has not been read yet.
+    subscribing: HashMap<String, usize>,
+    /// Cluster: the unsubscriptions this task asked for whose confirmation (a push, like the
+    /// unsubscriptions a node makes when its slot moves) has not been read yet.
+    unsubscribing: HashMap<ChannelName, usize>,
     /// Channels whose stream could not be read after a reconnect, a gap or a resubscribe: read
     /// again every second until it works, not only when their next live message comes (there
     /// may be none, and the mirror would keep a stale epoch).
@@ -211,8 +219,12 @@ struct Link<'a> {
 
 impl Link<'_> {
     async fn subscribe(&mut self, name: &ChannelName) -> bool {
+        let live = Keys::of(name).live;
+        if self.sink.confirms_by_push() {
+            *self.subscribing.entry(live.clone()).or_default() += 1;
+        }
         let done = matches!(
-            timeout(ANSWER, self.sink.subscribe(Keys::of(name).live)).await,
+            timeout(ANSWER, self.sink.subscribe(vec![live])).await,
             Ok(Ok(()))
         );
         if done {
@@ -222,6 +234,10 @@ impl Link<'_> {
     }
 
     async fn unsubscribe(&mut self, name: &ChannelName) -> bool {
+        // Counted before it is sent: its confirmation is read by this task, after this returns.
+        if self.sink.confirms_by_push() {
+            *self.unsubscribing.entry(name.clone()).or_default() += 1;
+        }
         let done = matches!(
             timeout(ANSWER, self.sink.unsubscribe(Keys::of(name).live)).await,
             Ok(Ok(()))
@@ -230,6 +246,28 @@ impl Link<'_> {
             self.subscribed.remove(name);
         }
         done
+    }
+
+    /// Whether a subscription confirmed now is one this task asked for (counted off if so).
+    fn asked_for(&mut self, channel: &str) -> bool {
+        let Some(asked) = self.subscribing.get_mut(channel) else {
+            return false;
+        };
+        *asked -= 1;
+        if *asked == 0 {
+            self.subscribing.remove(channel);
+        }
+        true
+    }
+
+    /// An unsubscription this task asked for is confirmed.
+    fn confirmed(&mut self, name: &ChannelName) {
+        if let Some(asked) = self.unsubscribing.get_mut(name) {
+            *asked -= 1;
+            if *asked == 0 {
+                self.unsubscribing.remove(name);
+            }
+        }
     }
 
     /// Handles one command; `false` when the link failed.
@@ -334,7 +372,7 @@ async fn serve(
     broker: &RedisBroker,
     announce: &mpsc::Sender<Announcement>,
     mut link: Link<'_>,
-    mut stream: redis::aio::PubSubStream,
+    mut stream: Messages,
     commands: &mut mpsc::Receiver<Command>,
     stop: &CancellationToken,
 ) -> bool {
@@ -346,7 +384,7 @@ async fn serve(
         tokio::select! {
             _ = stop.cancelled() => return true,
             _ = ping.tick() => {
-                if !matches!(timeout(ANSWER, link.sink.ping::<redis::Value>()).await, Ok(Ok(_))) {
+                if !matches!(timeout(ANSWER, link.sink.ping()).await, Ok(Ok(()))) {
                     return false;
                 }
                 link.retry(broker).await;
@@ -364,23 +402,77 @@ async fn serve(
                     }
                 }
             },
-            message = stream.next() => {
-                let Some(message) = message else { return false };
-                let channel = message.get_channel_name();
-                if channel == REGISTERED {
-                    if let Some(registered) = registered(message.get_payload_bytes()) {
-                        tokio::select! {
-                            _ = stop.cancelled() => return true,
-                            _ = announce.send(registered) => {}
+            incoming = stream.next() => match incoming {
+                None => return false,
+                Some(Incoming::Message { channel, payload }) => {
+                    if channel == REGISTERED {
+                        if let Some(registered) = registered(&payload) {
+                            tokio::select! {
+                                _ = stop.cancelled() => return true,
+                                _ = announce.send(registered) => {}
+                            }
                         }
+                    } else if let Some(name) = Keys::channel_of_live(&channel)
+                        && !broker.apply_live(&name, &payload)
+                    {
+                        link.resync(broker, &name, "a gap").await;
                     }
-                } else if let Some(name) = Keys::channel_of_live(channel)
-                    && !broker.apply_live(&name, message.get_payload_bytes())
-                {
-                    link.resync(broker, &name, "a gap").await;
                 }
-            }
+                // Cluster: the redis crate subscribed again by itself (it reconnected to a node);
+                // what was published meanwhile is in the stream (or in the registry). The
+                // confirmation of a subscription this task asked for is not that.
+                Some(Incoming::Resubscribed(channel)) => {
+                    if link.asked_for(&channel) {
+                        // Whoever asked reads the stream after it (attach, connect, reconcile).
+                    } else if channel == REGISTERED {
+                        if !resync_registrations(announce, stop).await {
+                            return true;
+                        }
+                    } else if let Some(name) = Keys::channel_of_live(&channel)
+                        && broker.mirror.position(&name).is_some()
+                    {
+                        link.resync(broker, &name, "a resubscription").await;
+                    }
+                }
+                // Cluster: a node gave the slot up (a failover, a migration) and ended the
+                // subscription. The redis crate may not know yet where the slot went (subscribed
+                // again now, the channel can land on the old master, a replica by then, which gets
+                // none of the slot's messages), so the connection is made again, after the usual
+                // pause: it learns where every slot is, subscribes everything there and reads every
+                // watched stream. The confirmation of an unsubscription this task asked for is not
+                // such a loss.
+                Some(Incoming::Unsubscribed(channel)) => match Keys::channel_of_live(&channel) {
+                    Some(name) if link.unsubscribing.contains_key(&name) => link.confirmed(&name),
+                    Some(_) => return false,
+                    None if channel == REGISTERED => return false,
+                    None => {}
+                },
+                // Cluster: messages were dropped: read every mirrored stream, every registration.
+                Some(Incoming::Overflowed) => {
+                    static OVERFLOWED: Throttle = Throttle::every(Duration::from_secs(10));
+                    if let Some(held_back) = OVERFLOWED.allow() {
+                        tracing::warn!(held_back, "Redis pub/sub messages came faster than they were read; reading every watched channel's stream instead.");
+                    }
+                    link.unsynced.extend(broker.attached());
+                    if !resync_registrations(announce, stop).await {
+                        return true;
+                    }
+                }
+                Some(Incoming::NodeLost) => return false,
+                Some(Incoming::Other) => {}
+            },
         }
+    }
+}
+
+/// Asks ingest to look up the runs it holds events for; `false` when the gateway is stopping.
+async fn resync_registrations(
+    announce: &mpsc::Sender<Announcement>,
+    stop: &CancellationToken,
+) -> bool {
+    tokio::select! {
+        _ = stop.cancelled() => false,
+        _ = announce.send(Announcement::Resync) => true,
     }
 }
 

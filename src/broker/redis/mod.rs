@@ -8,11 +8,13 @@
 //! - `:meta` hash: `epoch`, `last_seq`, `run` (the Redis `run_id` that wrote the epoch), `emitted`,
 //!   `pending`, `delivered`, `acked`, `acked_seq`, `lost_expired_unseen`, `lost_expired_subscribed`;
 //! - `:delivered` and `:offered` sets of retained seqs; `:seen` sorted set of dedupe ids;
-//! - `:live` pub/sub channel carrying each new entry to the replicas that watch the channel.
+//! - `:live` pub/sub channel carrying each new entry to the replicas that watch the channel (on a
+//!   Redis Cluster a shard channel of the same slot, see `conn.rs`).
 //!
 //! This replica mirrors the channels its clients watch into a [`Channels`] (see [`live`]),
 //! which does the local fan-out and replay exactly as in embedded mode.
 
+mod conn;
 mod deadletters;
 mod error;
 mod held;
@@ -22,6 +24,7 @@ mod ledger;
 pub mod live;
 mod mirror;
 mod publish;
+mod pubsub;
 mod registry;
 pub mod reports;
 mod ui_events;
@@ -32,10 +35,10 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use crate::broker::views::Views;
+use conn::{Backend, Conn};
 use ledger::Counters;
 use mirror::Attachment;
 use redis::Script;
-use redis::aio::ConnectionManager;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -96,8 +99,8 @@ impl Scripts {
 }
 
 pub struct RedisBroker {
-    pub(crate) client: redis::Client,
-    conn: ConnectionManager,
+    pub(crate) backend: Backend,
+    conn: Conn,
     scripts: Scripts,
     pub(crate) mirror: Channels,
     history: crate::config::HistoryConfig,
@@ -139,29 +142,18 @@ pub struct RedisBroker {
 impl RedisBroker {
     pub fn new(config: &Config, url: &str) -> anyhow::Result<Self> {
         crate::outbound::install_tls_provider();
-        let client = match &config.broker.redis_ca_file {
-            // Checked at load: a readable PEM certificate.
-            Some(path) => redis::Client::build_with_tls(
-                url,
-                redis::TlsCertificates {
-                    client_tls: None,
-                    root_cert: Some(std::fs::read(path)?),
-                },
-            )?,
-            None => redis::Client::open(url)?,
+        // Checked at load: a readable PEM certificate.
+        let ca = match &config.broker.redis_ca_file {
+            Some(path) => Some(std::fs::read(path)?),
+            None => None,
         };
-        // Fail fast while Redis is away: callers answer 503 instead of hanging.
-        let manager = redis::aio::ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(Duration::from_secs(1)))
-            .set_response_timeout(Some(Duration::from_secs(2)))
-            .set_number_of_retries(1)
-            .set_max_delay(Duration::from_millis(500));
-        let conn = ConnectionManager::new_lazy_with_config(client.clone(), manager)?;
+        let backend = Backend::new(url, ca)?;
+        let conn = backend.connect_lazily(Duration::from_secs(2), 1)?;
         let (live, live_commands) = mpsc::channel(LIVE_QUEUE);
         let (reports, report_queue) = mpsc::channel(REPORT_QUEUE);
         let (deliveries, delivery_queue) = mpsc::channel(REPORT_QUEUE);
         Ok(Self {
-            client,
+            backend,
             conn,
             scripts: Scripts::new(),
             mirror: Channels::new(config.history.clone()),
@@ -195,8 +187,18 @@ impl RedisBroker {
         })
     }
 
-    pub(crate) fn conn(&self) -> ConnectionManager {
+    pub(crate) fn conn(&self) -> Conn {
         self.conn.clone()
+    }
+
+    /// `PUBLISH` on one server; `SPUBLISH` on a Cluster, so a message goes only to the shard
+    /// that owns its channel's slot instead of to every node.
+    pub(super) fn publish_command(&self) -> &'static str {
+        if self.backend.is_cluster() {
+            "SPUBLISH"
+        } else {
+            "PUBLISH"
+        }
     }
 
     pub fn is_up(&self) -> bool {

@@ -53,7 +53,8 @@ impl RedisBroker {
             .arg(now.saturating_sub(self.dedupe_window.as_millis() as u64))
             .arg(new_epoch())
             .arg(&keys.live)
-            .arg(self.dedupe_capacity.max(1));
+            .arg(self.dedupe_capacity.max(1))
+            .arg(self.publish_command());
         if let Some(event_id) = event.dedupe_id() {
             invocation.arg(format!("e:{event_id}"));
         }

@@ -72,8 +72,10 @@ impl RedisBroker {
             2 => return Ok(Registration::Full),
             _ => {}
         }
-        let () = conn
-            .publish(REGISTERED, format!("{run_id}\n{value}"))
+        let () = redis::cmd(self.publish_command())
+            .arg(REGISTERED)
+            .arg(format!("{run_id}\n{value}"))
+            .query_async(&mut conn)
             .await?;
         Ok(Registration::Done)
     }
@@ -97,21 +99,21 @@ impl RedisBroker {
         runs: &HashMap<String, (u64, bool)>,
     ) -> Result<(), BrokerError> {
         let ttl = self.run_seen_ttl.as_millis().max(1) as u64;
-        let mut pipe = redis::pipe();
-        for (run_id, (ms, ended)) in runs {
-            let value = if *ended {
-                format!("end:{ms}")
-            } else {
-                ms.to_string()
-            };
-            pipe.set_options(
-                run_seen_key(run_id),
-                value,
-                redis::SetOptions::default().with_expiration(redis::SetExpiry::PX(ttl)),
-            )
-            .ignore();
-        }
-        let () = pipe.query_async(&mut self.conn()).await?;
+        // One key per run: on a Cluster they are in many slots (see `Conn::each`).
+        let sets = runs
+            .iter()
+            .map(|(run_id, (ms, ended))| {
+                let value = if *ended {
+                    format!("end:{ms}")
+                } else {
+                    ms.to_string()
+                };
+                let mut set = redis::cmd("SET");
+                set.arg(run_seen_key(run_id)).arg(value).arg("PX").arg(ttl);
+                set
+            })
+            .collect();
+        let _: Vec<redis::Value> = self.conn().each(sets).await?;
         Ok(())
     }
 

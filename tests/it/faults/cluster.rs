@@ -1,5 +1,5 @@
-//! The system under fault: gateway processes on one real `redis-server`, and the doors the
-//! workload may use (a replica leaves them when it is told to stop, as a Service endpoint does
+//! The system under fault: gateway processes on one real `redis-server` (or a real Redis
+//! Cluster), and the doors the workload may use (a replica leaves them when it is told to stop, as a Service endpoint does
 //! when its readiness fails).
 
 use std::net::SocketAddr;
@@ -41,8 +41,9 @@ impl Doors {
     }
 }
 
-pub struct Cluster {
-    pub redis: Redis,
+/// The gateway replicas, on `redis`: a [`Redis`], or a [`crate::support::RedisCluster`].
+pub struct Cluster<R = Redis> {
+    pub redis: R,
     replicas: Vec<Process>,
     env: Vec<(String, String)>,
     pub doors: Doors,
@@ -52,11 +53,19 @@ impl Cluster {
     /// `n` replicas on a fresh `redis-server` started with `redis_args`, each with `env`.
     pub async fn start(n: usize, redis_args: &[&str], env: &[(&str, &str)]) -> Self {
         let redis = Redis::start_with(redis_args).await;
+        let url = redis.url();
+        Cluster::on(redis, &url, n, env).await
+    }
+}
+
+impl<R> Cluster<R> {
+    /// `n` replicas on `redis`, reached at `url`, each with `env`.
+    pub async fn on(redis: R, url: &str, n: usize, env: &[(&str, &str)]) -> Self {
         let mut cluster = Self {
             env: env
                 .iter()
                 .map(|(k, v)| (k.to_string(), v.to_string()))
-                .chain([("AGENTWIRE_BROKER__REDIS_URL".into(), redis.url())])
+                .chain([("AGENTWIRE_BROKER__REDIS_URL".into(), url.to_string())])
                 .collect(),
             redis,
             replicas: Vec::new(),

@@ -1,7 +1,7 @@
-//! The fault suite: real gateway processes on a real `redis-server`, a retrying producer and
-//! resuming clients (see `workload`), one fault per scenario, and one row per scenario (see
-//! `tally`): a silent miss, an event out of order, an event accepted twice or an unbalanced
-//! ledger fails it. `cargo test` runs the short version (a few seconds each);
+//! The fault suite: real gateway processes on a real `redis-server` (or a real Redis Cluster), a
+//! retrying producer and resuming clients (see `workload`), one fault per scenario, and one row per
+//! scenario (see `tally`): a silent miss, an event out of order, an event accepted twice or an
+//! unbalanced ledger fails it. `cargo test` runs the short version (a few seconds each);
 //! `scripts/faults` runs the full one (`FAULTS_FULL=1`: the load of docs/reliability.md) and
 //! prints the rows as one table.
 

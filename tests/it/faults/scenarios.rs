@@ -10,7 +10,7 @@ use super::cluster::Cluster;
 use super::tally::Row;
 use super::workload::{Load, Workload};
 use super::{Scale, scale};
-use crate::support::{Client, metric_value};
+use crate::support::{Client, RedisCluster, eventually, metric_value};
 
 /// Every replica: no per-address caps (every client is 127.0.0.1) and short drains.
 const REPLICA_ENV: &[(&str, &str)] = &[
@@ -29,11 +29,11 @@ async fn cluster(extra_env: &[(&str, &str)], redis_args: &[&str]) -> Cluster {
 }
 
 /// Runs the workload on `cluster`: `scale.before`, then `fault`, then `scale.after`; the row.
-async fn run(
+async fn run<R>(
     name: &'static str,
-    cluster: &mut Cluster,
+    cluster: &mut Cluster<R>,
     load: Load,
-    fault: impl AsyncFnOnce(&mut Cluster),
+    fault: impl AsyncFnOnce(&mut Cluster<R>),
 ) -> Row {
     let scale = scale();
     let workload = Workload::start(&cluster.doors, load).await;
@@ -50,7 +50,7 @@ async fn run(
 
 /// Every replica, restarted or not, exports the cluster's pending and balance as the shared
 /// ledger has them (a per-replica sum would not survive a restart).
-async fn cluster_figures_are_the_ledgers(cluster: &Cluster) {
+async fn cluster_figures_are_the_ledgers<R>(cluster: &Cluster<R>) {
     for internal in cluster.doors.internals() {
         // Another scenario's side load may still publish: compare reads taken close together.
         let deadline = Instant::now() + Duration::from_secs(5);
@@ -81,7 +81,7 @@ async fn cluster_figures_are_the_ledgers(cluster: &Cluster) {
 /// On each replica that lived through the scenario, every ingested event is in exactly one
 /// bucket: `ingested + generated + redriven = emitted + pending_resolution + lost{unresolved} +
 /// lost{internal} + duplicates`.
-async fn ingest_balances(cluster: &Cluster) {
+async fn ingest_balances<R>(cluster: &Cluster<R>) {
     for internal in cluster.doors.internals() {
         let (_, text) = crate::support::http(internal, "GET", "/metrics", None).await;
         let m = |series: &str| metric_value(&text, series);
@@ -409,4 +409,36 @@ async fn faults_sigkill_of_a_replica_holding_events_for_an_unregistered_run() {
         },
     )
     .await;
+}
+
+#[tokio::test]
+async fn faults_redis_cluster_master_failover() {
+    // Three masters with a replica each; the master of one thread's slot is killed mid-stream
+    // and its replica promoted. Redis Cluster refuses every slot until then (full coverage), the
+    // promoted replica may lack the last writes (a new epoch, announced), and the pub/sub
+    // subscriptions move to it.
+    let redis = RedisCluster::start(3, 1).await;
+    let url = redis.url();
+    let mut cluster = Cluster::on(redis, &url, 3, REPLICA_ENV).await;
+    let Scale { load, .. } = scale();
+    run(
+        "Redis Cluster: a master killed, its replica promoted",
+        &mut cluster,
+        load,
+        async |cluster| {
+            let key = "aw:{thread:fault_t0}:log";
+            let master = cluster.redis.master_of(key).await;
+            cluster.redis.kill(master);
+            eventually("a replica takes the slot over", async || {
+                match cluster.redis.master_of(key).await {
+                    port if port == master => Err(format!("still {port}")),
+                    _ => Ok(()),
+                }
+            })
+            .await;
+            cluster.redis.wait_ok(3).await;
+        },
+    )
+    .await;
+    ingest_balances(&cluster).await;
 }

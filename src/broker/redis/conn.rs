@@ -1,0 +1,217 @@
+//! The connection to Redis: one server, or a Redis Cluster (`redis+cluster://` seed nodes). The
+//! rest of the broker speaks to [`Conn`], a `ConnectionLike` either way; on a Cluster the redis
+//! crate routes each command by its first key, follows `MOVED` and `ASK`, and refreshes its slot
+//! map when a master fails over. What differs is here: a pipeline must stay in one slot
+//! ([`Conn::each`] sends commands that span slots), and the pub/sub connection is the crate's
+//! RESP3 cluster connection (`pubsub.rs`: sharded pub/sub, each message on the shard that owns its
+//! channel).
+
+use std::time::Duration;
+
+use futures_util::{StreamExt, TryStreamExt, stream};
+use redis::aio::{ConnectionLike, ConnectionManager};
+use redis::cluster::{ClusterClient, ClusterClientBuilder, ClusterConfig};
+use redis::cluster_async::ClusterConnection;
+use redis::cluster_routing::Slot;
+use redis::{Arg, Cmd, FromRedisValue, Pipeline, RedisFuture, RedisResult, Value};
+
+/// Commands of [`Conn::each`] in flight at once, in Cluster mode.
+const IN_FLIGHT: usize = 64;
+
+/// Where the broker connects, chosen once from `broker.redis_url`.
+pub(crate) enum Backend {
+    Server(redis::Client),
+    Cluster {
+        client: Box<ClusterClient>,
+        /// The seed nodes and the CA certificate, for the pub/sub connection's own client.
+        seeds: Vec<String>,
+        ca: Option<Vec<u8>>,
+    },
+}
+
+/// How long a connection may take, and an answer: fail fast while Redis is away, so callers
+/// answer 503 instead of hanging.
+const CONNECT: Duration = Duration::from_secs(1);
+
+impl Backend {
+    pub(crate) fn new(url: &str, ca: Option<Vec<u8>>) -> anyhow::Result<Self> {
+        if let Some(seeds) = crate::config::cluster_seeds(url).map_err(anyhow::Error::msg)? {
+            let client = cluster_builder(&seeds, ca.clone())
+                // A failover takes seconds: a few quick retries (MOVED, TRYAGAIN, a lost node),
+                // then the caller answers 503 and its producer retries.
+                .retries(3)
+                .min_retry_wait(50)
+                .max_retry_wait(500)
+                .overall_response_timeout(Some(Duration::from_secs(3)))
+                .build()?;
+            return Ok(Self::Cluster {
+                client: Box::new(client),
+                seeds,
+                ca,
+            });
+        }
+        Ok(Self::Server(match ca {
+            Some(root_cert) => redis::Client::build_with_tls(
+                url,
+                redis::TlsCertificates {
+                    client_tls: None,
+                    root_cert: Some(root_cert),
+                },
+            )?,
+            None => redis::Client::open(url)?,
+        }))
+    }
+
+    pub(crate) fn is_cluster(&self) -> bool {
+        matches!(self, Self::Cluster { .. })
+    }
+
+    /// A command connection, made lazily (a Redis down at start only shows as not ready), that
+    /// reconnects by itself. `answer` bounds each reply; `retries` applies to one server.
+    pub(crate) fn connect_lazily(&self, answer: Duration, retries: usize) -> RedisResult<Conn> {
+        Ok(match self {
+            Self::Server(client) => {
+                let manager = redis::aio::ConnectionManagerConfig::new()
+                    .set_connection_timeout(Some(CONNECT))
+                    .set_response_timeout(Some(answer))
+                    .set_number_of_retries(retries)
+                    .set_max_delay(Duration::from_millis(500));
+                Conn::Server(ConnectionManager::new_lazy_with_config(
+                    client.clone(),
+                    manager,
+                )?)
+            }
+            Self::Cluster { client, .. } => {
+                let config = ClusterConfig::new()
+                    .set_connection_timeout(CONNECT)
+                    .set_response_timeout(answer);
+                Conn::Cluster(client.get_pending_async_connection_with_config(config))
+            }
+        })
+    }
+
+    /// The Cluster's pub/sub connection (RESP3): subscriptions and messages arrive as pushes on
+    /// `pushes`; the redis crate subscribes again by itself after a reconnect or a failover.
+    pub(crate) async fn cluster_pubsub(
+        seeds: &[String],
+        ca: Option<Vec<u8>>,
+        pushes: impl redis::aio::AsyncPushSender,
+    ) -> RedisResult<ClusterConnection> {
+        let client = cluster_builder(seeds, ca)
+            .use_protocol(redis::ProtocolVersion::RESP3)
+            .retries(3)
+            .min_retry_wait(50)
+            .max_retry_wait(500)
+            .build()?;
+        let config = ClusterConfig::new()
+            .set_connection_timeout(CONNECT)
+            .set_response_timeout(Duration::from_secs(2))
+            .set_push_sender(pushes);
+        client.get_async_connection_with_config(config).await
+    }
+}
+
+fn cluster_builder(seeds: &[String], ca: Option<Vec<u8>>) -> ClusterClientBuilder {
+    let builder = ClusterClientBuilder::new(seeds.to_vec());
+    match ca {
+        Some(root_cert) => builder.certs(redis::TlsCertificates {
+            client_tls: None,
+            root_cert: Some(root_cert),
+        }),
+        None => builder,
+    }
+}
+
+/// A command connection to one server or to a Cluster; cheap to clone (both multiplex).
+#[derive(Clone)]
+pub(crate) enum Conn {
+    Server(ConnectionManager),
+    Cluster(ClusterConnection),
+}
+
+impl Conn {
+    /// Sends `commands`, each of which names its key first, and returns their replies in order:
+    /// one pipeline on one server; on a Cluster one pipeline per slot (a pipeline must stay in
+    /// one slot), in order within it, a few slots at a time.
+    pub(crate) async fn each<T: FromRedisValue>(
+        &mut self,
+        commands: Vec<Cmd>,
+    ) -> RedisResult<Vec<T>> {
+        let conn = match self {
+            Self::Server(conn) => {
+                let mut pipe = redis::pipe();
+                for command in commands {
+                    pipe.add_command(command);
+                }
+                return pipe.query_async(conn).await;
+            }
+            Self::Cluster(conn) => conn,
+        };
+        let count = commands.len();
+        let mut slots: Vec<(Slot, Vec<usize>, Pipeline)> = Vec::new();
+        for (i, command) in commands.into_iter().enumerate() {
+            let slot = match command.args_iter().nth(1) {
+                Some(Arg::Simple(key)) => Slot::for_key(key),
+                _ => Slot::for_key(""),
+            };
+            let at = match slots.iter().position(|(s, _, _)| *s == slot) {
+                Some(at) => at,
+                None => {
+                    slots.push((slot, Vec::new(), redis::pipe()));
+                    slots.len() - 1
+                }
+            };
+            slots[at].1.push(i);
+            slots[at].2.add_command(command);
+        }
+        let replies: Vec<(Vec<usize>, Vec<Value>)> = stream::iter(slots)
+            .map(|(_, indices, pipe)| {
+                let mut conn = conn.clone();
+                async move {
+                    let values: Vec<Value> = pipe.query_async(&mut conn).await?;
+                    Ok::<_, redis::RedisError>((indices, values))
+                }
+            })
+            .buffer_unordered(IN_FLIGHT)
+            .try_collect()
+            .await?;
+        let mut ordered = vec![Value::Nil; count];
+        for (indices, values) in replies {
+            for (i, value) in indices.into_iter().zip(values) {
+                ordered[i] = value;
+            }
+        }
+        ordered
+            .into_iter()
+            .map(|value| T::from_redis_value(value).map_err(Into::into))
+            .collect()
+    }
+}
+
+impl ConnectionLike for Conn {
+    fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
+        match self {
+            Self::Server(conn) => conn.req_packed_command(cmd),
+            Self::Cluster(conn) => conn.req_packed_command(cmd),
+        }
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        pipeline: &'a Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> RedisFuture<'a, Vec<Value>> {
+        match self {
+            Self::Server(conn) => conn.req_packed_commands(pipeline, offset, count),
+            Self::Cluster(conn) => conn.req_packed_commands(pipeline, offset, count),
+        }
+    }
+
+    fn get_db(&self) -> i64 {
+        match self {
+            Self::Server(conn) => conn.get_db(),
+            Self::Cluster(conn) => conn.get_db(),
+        }
+    }
+}

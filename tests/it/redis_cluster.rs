@@ -1,0 +1,304 @@
+//! The Redis broker on a real Redis Cluster (three masters started by the test, `redis-cli
+//! --cluster create`): replicas share channels that live on different shards, live messages
+//! travel by sharded pub/sub, and what spans channels (the ledger view, the registry, the dead
+//! letters) works across slots. A graceful failover moves the subscriptions with the slot; the
+//! failover of a killed master is in the fault suite.
+
+use std::time::Duration;
+
+use hyper::StatusCode;
+use serde_json::{Value, json};
+
+use crate::replicas::{ledger_until, thinking};
+use crate::support::{Client, Gateway, RedisCluster, eventually, wait_ready};
+
+/// A gateway in this process on `cluster`, ready to serve.
+async fn on_cluster(cluster: &RedisCluster) -> Gateway {
+    let url = cluster.url();
+    let gateway = Gateway::start_with(|c| {
+        c.broker.redis_url = Some(url);
+        c.resolve.grace = Duration::from_millis(300);
+    })
+    .await;
+    wait_ready(gateway.internal, StatusCode::OK).await;
+    gateway
+}
+
+/// One thread per master: channels whose slots three different masters serve.
+async fn a_thread_per_master(cluster: &RedisCluster) -> Vec<(String, u16)> {
+    let mut picked: Vec<(String, u16)> = Vec::new();
+    for i in 0.. {
+        let thread = format!("c{i}");
+        let master = cluster
+            .master_of(&format!("aw:{{thread:{thread}}}:log"))
+            .await;
+        if picked.iter().all(|(_, m)| *m != master) {
+            picked.push((thread, master));
+        }
+        if picked.len() == 3 {
+            return picked;
+        }
+    }
+    unreachable!()
+}
+
+#[tokio::test]
+async fn two_replicas_on_a_cluster_share_channels_of_every_shard() {
+    let cluster = RedisCluster::start(3, 0).await;
+    let threads = a_thread_per_master(&cluster).await;
+    let (a, b) = (on_cluster(&cluster).await, on_cluster(&cluster).await);
+
+    // Viewers on b; events posted on a.
+    let mut viewers = Vec::new();
+    for (thread, _) in &threads {
+        let mut viewer = Client::hello(b.addr, &format!("v_{thread}")).await;
+        viewer.subscribe(thread, None).await;
+        viewers.push(viewer);
+    }
+    for n in 1..=10 {
+        for (thread, _) in &threads {
+            let answer = a.publish(&[thinking(thread, n)]).await;
+            assert_eq!(answer["results"][0]["seq"], n, "{answer}");
+        }
+    }
+    let mut epochs = Vec::new();
+    for (viewer, (thread, _)) in viewers.iter_mut().zip(&threads) {
+        let events = viewer.events(10).await;
+        let seqs: Vec<u64> = events.iter().map(|e| e["seq"].as_u64().unwrap()).collect();
+        assert_eq!(seqs, (1..=10).collect::<Vec<_>>(), "{thread}");
+        epochs.push(events[0]["epoch"].as_str().unwrap().to_string());
+    }
+
+    // The live channels are sharded: each is a shard channel of the master that owns its
+    // slot, and a plain channel nowhere (nothing is broadcast to every node).
+    for (thread, master) in &threads {
+        let live = format!("aw:{{thread:{thread}}}:live");
+        let shard: Vec<String> = redis::cmd("PUBSUB")
+            .arg("SHARDCHANNELS")
+            .query_async(&mut cluster.node(*master).await)
+            .await
+            .unwrap();
+        assert!(shard.contains(&live), "{live} on {master}: {shard:?}");
+        for port in cluster.running() {
+            let plain: Vec<String> = redis::cmd("PUBSUB")
+                .arg("CHANNELS")
+                .query_async(&mut cluster.node(port).await)
+                .await
+                .unwrap();
+            assert!(plain.is_empty(), "plain pub/sub on {port}: {plain:?}");
+        }
+    }
+
+    // Every channel's ledger balances, read on either replica; the cluster view reads every
+    // shard.
+    for (thread, _) in &threads {
+        let channel = format!("thread:{thread}");
+        let ledger = ledger_until(&a, &channel, |l| l["delivered"] == 10).await;
+        assert_eq!(
+            (&ledger["emitted"], &ledger["pending"], &ledger["balanced"]),
+            (&json!(10), &json!(0), &json!(true)),
+            "{ledger}"
+        );
+    }
+    let view = eventually("the cluster ledger counts every shard", async || {
+        let (_, view) = b.get("/v1/ledger").await;
+        match view["channels"]["delivered"] == 30 {
+            true => Ok(view),
+            false => Err(view.to_string()),
+        }
+    })
+    .await;
+    assert_eq!(view["channels"]["balanced"], true, "{view}");
+
+    // Resume on the other replica, from the last position seen.
+    drop(viewers);
+    let (thread, _) = &threads[1];
+    for n in 11..=15 {
+        a.publish(&[thinking(thread, n)]).await;
+    }
+    let mut back = Client::hello(a.addr, "back").await;
+    let subscribed = back
+        .subscribe(thread, Some(json!({"epoch": epochs[1], "seq": 10})))
+        .await;
+    assert_eq!(subscribed["recovered"], true, "{subscribed}");
+    let seqs: Vec<u64> = back
+        .events(5)
+        .await
+        .iter()
+        .map(|e| e["seq"].as_u64().unwrap())
+        .collect();
+    assert_eq!(seqs, (11..=15).collect::<Vec<_>>());
+}
+
+#[tokio::test]
+async fn registrations_dead_letters_and_the_ingest_stream_span_the_shards() {
+    let cluster = RedisCluster::start(3, 0).await;
+    let (a, b) = (on_cluster(&cluster).await, on_cluster(&cluster).await);
+
+    // A run registered on a is resolved on b, whatever slots its keys are in.
+    let mut viewer = Client::hello(b.addr, "reg").await;
+    viewer.subscribe("t_reg", None).await;
+    let register = json!({"run_id": "run_reg", "thread_id": "t_reg"}).to_string();
+    assert_eq!(a.post("/v1/runs", &register).await.0, StatusCode::OK);
+    let only_run = json!([{"type": "agent_thinking", "run_id": "run_reg", "payload": {}}]);
+    let (status, answer) = b.post("/v1/events", &only_run.to_string()).await;
+    assert_eq!(status, StatusCode::OK, "{answer}");
+    assert_eq!(viewer.events(1).await[0]["run_id"], "run_reg");
+
+    // An event a producer adds to the ingest stream, on the master that owns it, is read by a
+    // replica through the consumer group and reaches the viewer.
+    let event = json!({"type": "agent_thinking", "run_id": "run_reg", "thread_id": "t_reg",
+        "event_id": "from-the-stream", "payload": {"n": 2}});
+    let _: String = redis::cmd("XADD")
+        .arg("aw:ingest")
+        .arg("*")
+        .arg("event")
+        .arg(event.to_string())
+        .query_async(&mut cluster.node(cluster.master_of("aw:ingest").await).await)
+        .await
+        .unwrap();
+    assert_eq!(viewer.events(1).await[0]["payload"]["n"], 2);
+
+    // Events of runs nobody registers become dead letters, visible on every replica.
+    let lost: Vec<Value> = (0..4)
+        .map(|i| json!({"type": "agent_thinking", "run_id": format!("run_lost{i}"), "payload": {"n": i}}))
+        .collect();
+    let (status, answer) = a.post("/v1/events", &Value::from(lost).to_string()).await;
+    assert_eq!(status, StatusCode::OK, "{answer}");
+    eventually("four dead letters", async || {
+        let (_, letters) = b.get("/v1/deadletter").await;
+        match letters["count"] == 4 {
+            true => Ok(()),
+            false => Err(letters.to_string()),
+        }
+    })
+    .await;
+    assert_eq!(
+        a.metric("agentwire_unresolved_run_ids_total").await,
+        4.0,
+        "each run counted once"
+    );
+}
+
+#[tokio::test]
+async fn a_graceful_failover_moves_the_subscriptions_with_the_slot() {
+    let cluster = RedisCluster::start(3, 1).await;
+    let (a, b) = (on_cluster(&cluster).await, on_cluster(&cluster).await);
+    let key = "aw:{thread:t_moved}:log";
+    let master = cluster.master_of(key).await;
+    let mut viewer = Client::hello(b.addr, "moved").await;
+    viewer.subscribe("t_moved", None).await;
+    a.publish(&[thinking("t_moved", 1)]).await;
+    assert_eq!(viewer.events(1).await[0]["seq"], 1);
+
+    // The replica takes over with the master's consent: the old master ends its shard
+    // subscriptions (a sunsubscribe), and the gateway subscribes where the slot went.
+    let replica = cluster.replica_of(master).await;
+    let () = redis::cmd("CLUSTER")
+        .arg("FAILOVER")
+        .query_async(&mut cluster.node(replica).await)
+        .await
+        .unwrap();
+    eventually("the replica serves the slot", async || {
+        match cluster.master_of(key).await {
+            port if port == replica => Ok(()),
+            port => Err(format!("still {port}")),
+        }
+    })
+    .await;
+    for n in 2..=5 {
+        let body = Value::from(vec![thinking("t_moved", n)]).to_string();
+        eventually("the event is accepted", async || {
+            match a.post("/v1/events", &body).await {
+                (StatusCode::OK, _) => Ok(()),
+                (status, answer) => Err(format!("{status}: {answer}")),
+            }
+        })
+        .await;
+    }
+    // Another Redis process now: a new epoch, announced, then every event after the first.
+    let mut shown = Vec::new();
+    while !shown.contains(&5) {
+        let frame = match tokio::time::timeout(Duration::from_secs(4), viewer.recv()).await {
+            Ok(frame) => frame,
+            // Where each node holds the gateway's shard subscriptions, to tell why.
+            Err(_) => {
+                let mut nodes = String::new();
+                for port in cluster.running() {
+                    let mut conn = cluster.node(port).await;
+                    let shard: Vec<String> = redis::cmd("PUBSUB")
+                        .arg("SHARDCHANNELS")
+                        .query_async(&mut conn)
+                        .await
+                        .unwrap();
+                    let role: String = redis::cmd("INFO")
+                        .arg("replication")
+                        .query_async(&mut conn)
+                        .await
+                        .unwrap();
+                    let role = role.lines().nth(1).unwrap_or_default();
+                    nodes += &format!("{port} {role} {shard:?}\n");
+                }
+                panic!(
+                    "no event after the failover of {master} to {replica}; shown {shown:?}\n{nodes}"
+                );
+            }
+        };
+        if frame["type"] == "subscribed" {
+            assert_eq!(frame["recovered"], false, "{frame}");
+        } else if let Some(n) = frame["payload"]["n"].as_u64() {
+            shown.push(n);
+        }
+    }
+    for n in 2..=5 {
+        assert!(shown.contains(&n), "{n} in {shown:?}");
+    }
+}
+
+/// The ids of the pub/sub clients every node serves.
+async fn pubsub_clients(cluster: &RedisCluster) -> Vec<String> {
+    let mut ids = Vec::new();
+    for port in cluster.running() {
+        let list: String = redis::cmd("CLIENT")
+            .arg("LIST")
+            .arg("TYPE")
+            .arg("pubsub")
+            .query_async(&mut cluster.node(port).await)
+            .await
+            .unwrap();
+        ids.extend(
+            list.lines()
+                .filter_map(|l| l.split(' ').next())
+                .map(str::to_string),
+        );
+    }
+    ids.sort();
+    ids
+}
+
+#[tokio::test]
+async fn watching_and_leaving_a_channel_again_and_again_keeps_the_pubsub_connection() {
+    let cluster = RedisCluster::start(3, 0).await;
+    let gateway = on_cluster(&cluster).await;
+    let mut viewer = Client::hello(gateway.addr, "churn").await;
+    viewer.barrier().await;
+    let before = pubsub_clients(&cluster).await;
+    // Each unsubscription's confirmation comes back as a push, like the one a node sends when
+    // its slot moves: only the latter may remake the connection.
+    for _ in 0..20 {
+        viewer.subscribe("t_churn", None).await;
+        viewer
+            .send(json!({"type": "unsubscribe", "thread_id": "t_churn"}))
+            .await;
+        assert_eq!(viewer.recv().await["type"], "unsubscribed");
+    }
+    viewer.subscribe("t_churn", None).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    gateway.publish(&[thinking("t_churn", 1)]).await;
+    assert_eq!(viewer.events(1).await[0]["payload"]["n"], 1);
+    assert_eq!(
+        pubsub_clients(&cluster).await,
+        before,
+        "the same connections"
+    );
+}

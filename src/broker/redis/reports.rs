@@ -14,6 +14,9 @@ use crate::fanout::Delivered;
 use crate::metrics::Metrics;
 use crate::protocol::ChannelName;
 
+/// How long a batch of reports waits for more once its first report arrived.
+const LINGER: Duration = Duration::from_millis(100);
+
 /// One thing a session reports.
 #[derive(Debug)]
 pub enum Report {
@@ -78,6 +81,12 @@ pub async fn run(
             while queue.recv_many(&mut batch, 4096).await > 0 {}
             while deliveries.recv_many(&mut firsts, 4096).await > 0 {}
         } else {
+            // Reports wait a moment for more of their kind: a channel's deliveries become one
+            // script call instead of one per event.
+            tokio::select! {
+                _ = stop.cancelled() => {}
+                _ = tokio::time::sleep(LINGER) => {}
+            }
             // Whatever else is waiting joins this batch.
             while batch.len() < 4096
                 && let Ok(report) = queue.try_recv()

@@ -250,24 +250,12 @@ impl Link<'_> {
 
     /// Whether a subscription confirmed now is one this task asked for (counted off if so).
     fn asked_for(&mut self, channel: &str) -> bool {
-        let Some(asked) = self.subscribing.get_mut(channel) else {
-            return false;
-        };
-        *asked -= 1;
-        if *asked == 0 {
-            self.subscribing.remove(channel);
-        }
-        true
+        count_off(&mut self.subscribing, channel)
     }
 
-    /// An unsubscription this task asked for is confirmed.
-    fn confirmed(&mut self, name: &ChannelName) {
-        if let Some(asked) = self.unsubscribing.get_mut(name) {
-            *asked -= 1;
-            if *asked == 0 {
-                self.unsubscribing.remove(name);
-            }
-        }
+    /// Whether an unsubscription confirmed now is one this task asked for (counted off if so).
+    fn confirmed(&mut self, name: &ChannelName) -> bool {
+        count_off(&mut self.unsubscribing, name)
     }
 
     /// Handles one command; `false` when the link failed.
@@ -442,7 +430,7 @@ async fn serve(
                 // watched stream. The confirmation of an unsubscription this task asked for is not
                 // such a loss.
                 Some(Incoming::Unsubscribed(channel)) => match Keys::channel_of_live(&channel) {
-                    Some(name) if link.unsubscribing.contains_key(&name) => link.confirmed(&name),
+                    Some(name) if link.confirmed(&name) => {}
                     Some(_) => return false,
                     None if channel == REGISTERED => return false,
                     None => {}
@@ -463,6 +451,22 @@ async fn serve(
             },
         }
     }
+}
+
+/// Takes one off `key`'s count of confirmations awaited; `false` when none was awaited.
+fn count_off<K, Q>(awaited: &mut HashMap<K, usize>, key: &Q) -> bool
+where
+    K: std::borrow::Borrow<Q> + std::hash::Hash + Eq,
+    Q: std::hash::Hash + Eq + ?Sized,
+{
+    let Some(count) = awaited.get_mut(key) else {
+        return false;
+    };
+    *count -= 1;
+    if *count == 0 {
+        awaited.remove(key);
+    }
+    true
 }
 
 /// Asks ingest to look up the runs it holds events for; `false` when the gateway is stopping.

@@ -193,7 +193,7 @@ pub(super) async fn run(
         .sum();
     // The replicas' delivery reports reach Redis in batches that wait 100 ms (docs/redis.md): the
     // ledger is read once they are in, so `pending` is not the batching's lag.
-    if redis_pid.is_some() || servers.len() > 1 {
+    if matches!(mode, Mode::Redis(_)) {
         tokio::time::sleep(Duration::from_millis(300)).await;
     }
     // The floor keeps no ledger: what it delivered is what the viewers counted.

@@ -688,7 +688,7 @@ mod tests {
         let order = |events: &[PackedEvent]| -> Vec<u64> {
             events
                 .iter()
-                .map(|e| e.unpack().unwrap().payload["n"].as_u64().unwrap())
+                .map(|e| e.unpack().unwrap().payload.value()["n"].as_u64().unwrap())
                 .collect()
         };
         assert!(r.hold_behind(n(0), None).is_err(), "nothing held: no wait");

@@ -22,7 +22,7 @@ use tokio::sync::oneshot;
 use super::{ItemResult, accept, count_refusal};
 use crate::Gateway;
 use crate::metrics::{self, Label};
-use crate::protocol::agui::{AguiEvent, PAYLOAD_KEY, Sequence};
+use crate::protocol::agui::{AguiEvent, Sequence};
 use crate::protocol::event::{self, Event, Refusal, RefusalCode};
 
 /// How many item errors a summary lists (with their line); `failed` counts them all.
@@ -278,7 +278,7 @@ impl<'g> RunStream<'g> {
     async fn ordered(&mut self, event: Event) -> Result<ItemResult, Refusal> {
         let mut next = self.sequence.clone();
         // `bound_event` took AG-UI events only, each kept with its fields under `payload.agui`.
-        if let Some(Value::Object(fields)) = event.payload.get(PAYLOAD_KEY)
+        if let Some(fields) = event.payload.agui()
             && let Err(violation) = next.apply_fields(fields)
         {
             self.summary.violations += 1;
@@ -332,7 +332,7 @@ impl<'g> RunStream<'g> {
                 });
                 let mut opened = Sequence::default();
                 if let Ok(event) = self.bound_event(start.clone())
-                    && let Some(Value::Object(fields)) = event.payload.get(PAYLOAD_KEY)
+                    && let Some(fields) = event.payload.agui()
                     && opened.apply_fields(fields).is_ok()
                 {
                     events.push(start);

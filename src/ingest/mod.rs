@@ -115,10 +115,7 @@ fn strictly_ordered(gateway: &Gateway, event: &Event) -> Result<(), Refusal> {
     if !gateway.config.agui.strict {
         return Ok(());
     }
-    let (Some(run_id), Some(serde_json::Value::Object(fields))) = (
-        event.run_id.as_deref(),
-        event.payload.get(crate::protocol::agui::PAYLOAD_KEY),
-    ) else {
+    let (Some(run_id), Some(fields)) = (event.run_id.as_deref(), event.payload.agui()) else {
         return Ok(());
     };
     let Err(violation) = gateway.watchdog.agui_order(run_id, fields) else {

@@ -1,11 +1,18 @@
 //! Producer events: decoded from JSON once, validated field by field, so that a
 //! refusal always names the field and the reason.
 
+use std::borrow::Cow;
+use std::fmt;
+use std::marker::PhantomData;
+
 use serde::Serialize;
+use serde::de::{DeserializeSeed, Deserializer, MapAccess, SeqAccess, Visitor};
+use serde_json::value::RawValue;
 use serde_json::{Map, Value};
 
-use super::agui::AguiEvent;
+use super::agui::{AguiEvent, PAYLOAD_KEY};
 use super::channel::{IdError, check_id};
+use super::json::{Checked, Key, Keys};
 
 /// The closed set of event types. The five lifecycle types are what a UI relies on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -60,7 +67,7 @@ pub struct Event {
     pub event_id: Option<String>,
     pub ts: Option<String>,
     pub traceparent: Option<String>,
-    pub payload: Map<String, Value>,
+    pub payload: Payload,
     /// The id of the producer key that posted it (not on the wire): its `event_id`s are its own,
     /// so one producer's id never makes another's event a duplicate.
     pub producer: Option<String>,
@@ -76,24 +83,102 @@ impl Event {
     }
 
     /// The event as a producer would have sent it.
-    pub fn to_json(&self) -> Value {
-        let mut object = Map::new();
-        object.insert("type".into(), self.kind.as_str().into());
-        let optional = [
-            ("run_id", &self.run_id),
-            ("thread_id", &self.thread_id),
-            ("user_id", &self.user_id),
-            ("event_id", &self.event_id),
-            ("ts", &self.ts),
-            ("traceparent", &self.traceparent),
-        ];
-        for (name, value) in optional {
-            if let Some(value) = value {
-                object.insert(name.into(), value.clone().into());
-            }
+    pub fn to_text(&self) -> String {
+        #[derive(Serialize)]
+        struct Wire<'a> {
+            #[serde(rename = "type")]
+            kind: &'static str,
+            #[serde(skip_serializing_if = "Option::is_none")]
+            run_id: Option<&'a str>,
+            #[serde(skip_serializing_if = "Option::is_none")]
+            thread_id: Option<&'a str>,
+            #[serde(skip_serializing_if = "Option::is_none")]
+            user_id: Option<&'a str>,
+            #[serde(skip_serializing_if = "Option::is_none")]
+            event_id: Option<&'a str>,
+            #[serde(skip_serializing_if = "Option::is_none")]
+            ts: Option<&'a str>,
+            #[serde(skip_serializing_if = "Option::is_none")]
+            traceparent: Option<&'a str>,
+            payload: &'a RawValue,
         }
-        object.insert("payload".into(), Value::Object(self.payload.clone()));
-        Value::Object(object)
+        let wire = Wire {
+            kind: self.kind.as_str(),
+            run_id: self.run_id.as_deref(),
+            thread_id: self.thread_id.as_deref(),
+            user_id: self.user_id.as_deref(),
+            event_id: self.event_id.as_deref(),
+            ts: self.ts.as_deref(),
+            traceparent: self.traceparent.as_deref(),
+            payload: self.payload.json(),
+        };
+        // Strings and JSON text always serialise.
+        serde_json::to_string(&wire).unwrap_or_default()
+    }
+}
+
+/// An event's payload: the JSON object as the producer sent it, kept as its text (the gateway
+/// forwards it and never changes it, so it is not parsed into a tree), with the parts the gateway
+/// itself reads.
+#[derive(Debug, Clone)]
+pub struct Payload {
+    json: Box<RawValue>,
+    /// A tool event's `tool_call_id` (an id, checked), which the watchdog follows.
+    tool_call_id: Option<String>,
+    /// The AG-UI event a native event was made from (`payload.agui`), which the watchdog and a
+    /// strict stream hold to AG-UI's ordering rules.
+    agui: Option<Map<String, Value>>,
+}
+
+impl Default for Payload {
+    fn default() -> Self {
+        Self {
+            json: RawValue::from_string("{}".to_string()).expect("`{}` is JSON"),
+            tool_call_id: None,
+            agui: None,
+        }
+    }
+}
+
+impl Payload {
+    /// The payload made of an object the gateway built (an AG-UI event's, a stall notice).
+    pub fn from_map(mut map: Map<String, Value>) -> Self {
+        // An object of strings and values always serialises.
+        let json = serde_json::value::to_raw_value(&map).unwrap_or_default();
+        let tool_call_id = map
+            .get("tool_call_id")
+            .and_then(Value::as_str)
+            .map(str::to_string);
+        let agui = match map.remove(PAYLOAD_KEY) {
+            Some(Value::Object(agui)) => Some(agui),
+            _ => None,
+        };
+        Self {
+            json,
+            tool_call_id,
+            agui,
+        }
+    }
+
+    /// The payload's JSON text, as the producer sent it.
+    pub fn json(&self) -> &RawValue {
+        &self.json
+    }
+
+    /// A tool event's `tool_call_id`.
+    pub fn tool_call_id(&self) -> Option<&str> {
+        self.tool_call_id.as_deref()
+    }
+
+    /// The AG-UI event this event was made from (`payload.agui`), if it was.
+    pub fn agui(&self) -> Option<&Map<String, Value>> {
+        self.agui.as_ref()
+    }
+
+    /// The payload as a tree, for tests to look into.
+    #[cfg(test)]
+    pub fn value(&self) -> Value {
+        serde_json::from_str(self.json.get()).unwrap_or_default()
     }
 }
 
@@ -176,9 +261,26 @@ impl Refusal {
     }
 }
 
-/// Decodes and validates one event from its JSON text.
+/// Decodes and validates one event from its JSON text, in one pass that builds no tree: the
+/// gateway's fields are read as strings and the payload is kept as its text (an AG-UI event,
+/// checked against AG-UI's schema, is read as a tree: [`from_value`]).
 pub fn parse(raw: &str, max_bytes: usize) -> Result<Event, Refusal> {
-    from_value(decode(raw, max_bytes)?)
+    if raw.len() > max_bytes {
+        return Err(too_large(raw.len(), max_bytes));
+    }
+    let read: Option<Fields<'_>> = super::json::read(raw, |deserializer, checked| {
+        ObjectSeed::new(checked).deserialize(deserializer)
+    })
+    .map_err(json_refusal)?;
+    let Some(fields) = read else {
+        return Err(not_an_object());
+    };
+    if let Text::Str(kind) = &fields.kind
+        && AguiEvent::is_type(kind)
+    {
+        return from_value(decode(raw, max_bytes)?);
+    }
+    validate(fields)
 }
 
 /// The refusal of an event of `bytes` over `max_bytes`.
@@ -190,13 +292,18 @@ pub fn too_large(bytes: usize, max_bytes: usize) -> Refusal {
     }
 }
 
-/// Decodes one event's JSON text, not yet validated: within `max_bytes`, JSON, no key twice in an
-/// object. A caller that adds fields (a stream bound to one run) validates with [`from_value`].
+/// Decodes one event's JSON text into a tree, not yet validated: within `max_bytes`, JSON, no key
+/// twice in an object. A caller that adds fields (a stream bound to one run) validates with
+/// [`from_value`].
 pub fn decode(raw: &str, max_bytes: usize) -> Result<Value, Refusal> {
     if raw.len() > max_bytes {
         return Err(too_large(raw.len(), max_bytes));
     }
-    super::json::parse(raw).map_err(|error| match error {
+    super::json::parse(raw).map_err(json_refusal)
+}
+
+fn json_refusal(error: super::json::JsonError) -> Refusal {
+    match error {
         super::json::JsonError::Invalid(e) => Refusal {
             code: RefusalCode::InvalidJson,
             field: None,
@@ -207,51 +314,87 @@ pub fn decode(raw: &str, max_bytes: usize) -> Result<Value, Refusal> {
             reason: format!("the key `{key}` appears twice in one object"),
             field: Some(key),
         },
-    })
+    }
+}
+
+fn not_an_object() -> Refusal {
+    Refusal {
+        code: RefusalCode::InvalidField,
+        field: None,
+        reason: "an event must be a JSON object".into(),
+    }
 }
 
 /// Validates one already decoded event.
 pub fn from_value(value: Value) -> Result<Event, Refusal> {
     let Value::Object(mut fields) = value else {
-        return Err(Refusal {
-            code: RefusalCode::InvalidField,
-            field: None,
-            reason: "an event must be a JSON object".into(),
-        });
+        return Err(not_an_object());
     };
     if let Some(Value::String(kind)) = fields.get("type")
         && AguiEvent::is_type(kind)
     {
         return from_agui(fields);
     }
-    let kind_text = required_string(&mut fields, "type")?;
+    let mut take = |name: &str| Text::of(fields.remove(name));
+    let read = Fields {
+        kind: take("type"),
+        run_id: take("run_id"),
+        thread_id: take("thread_id"),
+        user_id: take("user_id"),
+        event_id: take("event_id"),
+        ts: take("ts"),
+        traceparent: take("traceparent"),
+        // A tree of strings and values always serialises.
+        payload: fields.remove("payload").map(|payload| {
+            Cow::Owned(serde_json::value::to_raw_value(&payload).unwrap_or_default())
+        }),
+    };
+    validate(read)
+}
+
+/// The rules of a native event, on its fields as read.
+fn validate(fields: Fields<'_>) -> Result<Event, Refusal> {
+    let kind_text = fields
+        .kind
+        .string("type")?
+        .ok_or_else(|| Refusal::missing("type", "required"))?;
     let kind = EventType::parse(&kind_text).ok_or_else(|| {
         Refusal::invalid(
             "type",
             format!("unknown type `{}`: expected agent_started, agent_thinking, tool_executing, tool_completed, agent_completed, agent_error, custom or an AG-UI type", super::excerpt(&kind_text)),
         )
     })?;
-    let gateway = Gateway::take(&mut fields)?;
+    let gateway = Gateway {
+        run_id: fields.run_id.id("run_id")?,
+        thread_id: fields.thread_id.id("thread_id")?,
+        user_id: fields.user_id.id("user_id")?,
+        event_id: fields.event_id.id("event_id")?,
+        ts: fields.ts.string("ts")?,
+        traceparent: fields.traceparent.string("traceparent")?,
+    };
     let (run_id, thread_id, user_id) = (&gateway.run_id, &gateway.thread_id, &gateway.user_id);
-    let payload = match fields.remove("payload") {
-        None | Some(Value::Null) => Map::new(),
-        Some(Value::Object(payload)) => payload,
-        Some(_) => return Err(Refusal::invalid("payload", "must be an object")),
+    let scanned = match &fields.payload {
+        None => None,
+        Some(raw) => scan_payload(raw)?,
+    };
+    let (tool_call_id, name) = match &scanned {
+        Some(scanned) => (&scanned.tool_call_id, &scanned.name),
+        None => (&Text::Absent, &Text::Absent),
     };
 
     if kind == EventType::Custom {
-        match payload.get("name") {
-            Some(Value::String(name)) if !name.is_empty() => {}
-            Some(_) => {
-                return Err(Refusal::invalid(
-                    "payload.name",
-                    "must be a non-empty string",
-                ));
-            }
-            None => {
+        match name {
+            Text::Str(name) if !name.is_empty() => {}
+            Text::Absent => {
                 return Err(Refusal::missing(
                     "payload.name",
                     "required for custom events",
+                ));
+            }
+            _ => {
+                return Err(Refusal::invalid(
+                    "payload.name",
+                    "must be a non-empty string",
                 ));
             }
         }
@@ -267,23 +410,40 @@ pub fn from_value(value: Value) -> Result<Event, Refusal> {
             format!("required for {}", kind.as_str()),
         ));
     }
+    let mut payload = Payload::default();
     if kind.is_tool() {
         // The watchdog keeps open tool calls by this id and shows them, so it is held to the
         // same rules as every other id.
-        match payload.get("tool_call_id") {
-            Some(Value::String(id)) => {
-                check_id(id).map_err(|e| Refusal::invalid("payload.tool_call_id", e.to_string()))?
+        match tool_call_id {
+            Text::Str(id) => {
+                check_id(id)
+                    .map_err(|e| Refusal::invalid("payload.tool_call_id", e.to_string()))?;
+                payload.tool_call_id = Some(id.to_string());
             }
-            Some(_) => {
-                return Err(Refusal::invalid("payload.tool_call_id", "must be a string"));
-            }
-            None => {
+            Text::Absent => {
                 return Err(Refusal::missing(
                     "payload.tool_call_id",
                     format!("required for {}", kind.as_str()),
                 ));
             }
+            _ => {
+                return Err(Refusal::invalid("payload.tool_call_id", "must be a string"));
+            }
         }
+    }
+    // A `null` payload is kept as `{}`, as is a missing one.
+    let object = scanned.is_some();
+    let agui = scanned.is_some_and(|scanned| scanned.agui);
+    if let Some(raw) = fields.payload.filter(|_| object) {
+        if agui {
+            // Rare (a native event carrying an AG-UI event): the object is read again as a tree.
+            if let Ok(Value::Object(mut tree)) = super::json::parse(raw.get())
+                && let Some(Value::Object(agui)) = tree.remove(PAYLOAD_KEY)
+            {
+                payload.agui = Some(agui);
+            }
+        }
+        payload.json = raw.into_owned();
     }
     Ok(gateway.into_event(kind, payload))
 }
@@ -300,17 +460,18 @@ struct Gateway {
 
 impl Gateway {
     fn take(fields: &mut Map<String, Value>) -> Result<Self, Refusal> {
+        let mut take = |name: &str| Text::of(fields.remove(name));
         Ok(Self {
-            run_id: optional_id(fields, "run_id")?,
-            thread_id: optional_id(fields, "thread_id")?,
-            user_id: optional_id(fields, "user_id")?,
-            event_id: optional_id(fields, "event_id")?,
-            ts: optional_string(fields, "ts")?,
-            traceparent: optional_string(fields, "traceparent")?,
+            run_id: take("run_id").id("run_id")?,
+            thread_id: take("thread_id").id("thread_id")?,
+            user_id: take("user_id").id("user_id")?,
+            event_id: take("event_id").id("event_id")?,
+            ts: take("ts").string("ts")?,
+            traceparent: take("traceparent").string("traceparent")?,
         })
     }
 
-    fn into_event(self, kind: EventType, payload: Map<String, Value>) -> Event {
+    fn into_event(self, kind: EventType, payload: Payload) -> Event {
         Event {
             kind,
             run_id: self.run_id,
@@ -353,27 +514,243 @@ fn from_agui(mut fields: Map<String, Value>) -> Result<Event, Refusal> {
             format!("required for {}", event.type_name()),
         ));
     }
-    Ok(gateway.into_event(event.kind.native(), event.into_payload()))
+    let kind = event.kind.native();
+    Ok(gateway.into_event(kind, Payload::from_map(event.into_payload())))
 }
 
-fn optional_string(fields: &mut Map<String, Value>, name: &str) -> Result<Option<String>, Refusal> {
-    match fields.remove(name) {
-        None | Some(Value::Null) => Ok(None),
-        Some(Value::String(text)) => Ok(Some(text)),
-        Some(_) => Err(Refusal::invalid(name, "must be a string")),
+/// One field as read: the gateway's fields are strings, so anything else is only checked (no
+/// key twice) and refused by name once the whole event is read.
+#[derive(Default)]
+enum Text<'de> {
+    #[default]
+    Absent,
+    Null,
+    Str(Cow<'de, str>),
+    Other,
+}
+
+impl<'de> Text<'de> {
+    fn of(value: Option<Value>) -> Self {
+        match value {
+            None => Self::Absent,
+            Some(Value::Null) => Self::Null,
+            Some(Value::String(text)) => Self::Str(Cow::Owned(text)),
+            Some(_) => Self::Other,
+        }
+    }
+
+    /// An optional string field: absent or `null` is `None`.
+    fn string(self, name: &str) -> Result<Option<String>, Refusal> {
+        match self {
+            Self::Absent | Self::Null => Ok(None),
+            Self::Str(text) => Ok(Some(text.into_owned())),
+            Self::Other => Err(Refusal::invalid(name, "must be a string")),
+        }
+    }
+
+    /// An optional id field.
+    fn id(self, name: &str) -> Result<Option<String>, Refusal> {
+        let Some(id) = self.string(name)? else {
+            return Ok(None);
+        };
+        check_id(&id).map_err(|e: IdError| Refusal::invalid(name, e.to_string()))?;
+        Ok(Some(id))
     }
 }
 
-fn required_string(fields: &mut Map<String, Value>, name: &str) -> Result<String, Refusal> {
-    optional_string(fields, name)?.ok_or_else(|| Refusal::missing(name, "required"))
+/// Reads one field as a [`Text`].
+struct TextSeed<'c>(Checked<'c>);
+
+impl<'de> DeserializeSeed<'de> for TextSeed<'_> {
+    type Value = Text<'de>;
+
+    fn deserialize<D: Deserializer<'de>>(self, deserializer: D) -> Result<Text<'de>, D::Error> {
+        deserializer.deserialize_any(self)
+    }
 }
 
-fn optional_id(fields: &mut Map<String, Value>, name: &str) -> Result<Option<String>, Refusal> {
-    let Some(id) = optional_string(fields, name)? else {
+impl<'de> Visitor<'de> for TextSeed<'_> {
+    type Value = Text<'de>;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("JSON")
+    }
+    fn visit_borrowed_str<E>(self, v: &'de str) -> Result<Text<'de>, E> {
+        Ok(Text::Str(Cow::Borrowed(v)))
+    }
+    fn visit_str<E>(self, v: &str) -> Result<Text<'de>, E> {
+        Ok(Text::Str(Cow::Owned(v.to_owned())))
+    }
+    fn visit_unit<E>(self) -> Result<Text<'de>, E> {
+        Ok(Text::Null)
+    }
+    fn visit_bool<E>(self, _: bool) -> Result<Text<'de>, E> {
+        Ok(Text::Other)
+    }
+    fn visit_i64<E>(self, _: i64) -> Result<Text<'de>, E> {
+        Ok(Text::Other)
+    }
+    fn visit_u64<E>(self, _: u64) -> Result<Text<'de>, E> {
+        Ok(Text::Other)
+    }
+    fn visit_f64<E>(self, _: f64) -> Result<Text<'de>, E> {
+        Ok(Text::Other)
+    }
+    fn visit_seq<A: SeqAccess<'de>>(self, seq: A) -> Result<Text<'de>, A::Error> {
+        self.0.visit_seq(seq).map(|()| Text::Other)
+    }
+    fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<Text<'de>, A::Error> {
+        self.0.visit_map(map).map(|()| Text::Other)
+    }
+}
+
+/// An event's fields as read from its text, before any rule is applied.
+#[derive(Default)]
+struct Fields<'de> {
+    kind: Text<'de>,
+    run_id: Text<'de>,
+    thread_id: Text<'de>,
+    user_id: Text<'de>,
+    event_id: Text<'de>,
+    ts: Text<'de>,
+    traceparent: Text<'de>,
+    /// Kept as its text; [`scan_payload`] reads what the gateway needs of it.
+    payload: Option<Cow<'de, RawValue>>,
+}
+
+/// An object read key by key into `Self`: the keys it knows are read, every other value only
+/// checked.
+trait ReadObject<'de>: Default {
+    fn read<A: MapAccess<'de>>(
+        &mut self,
+        key: &str,
+        map: &mut A,
+        checked: Checked<'_>,
+    ) -> Result<(), A::Error>;
+}
+
+impl<'de> ReadObject<'de> for Fields<'de> {
+    fn read<A: MapAccess<'de>>(
+        &mut self,
+        key: &str,
+        map: &mut A,
+        checked: Checked<'_>,
+    ) -> Result<(), A::Error> {
+        let text = TextSeed(checked);
+        match key {
+            "type" => self.kind = map.next_value_seed(text)?,
+            "run_id" => self.run_id = map.next_value_seed(text)?,
+            "thread_id" => self.thread_id = map.next_value_seed(text)?,
+            "user_id" => self.user_id = map.next_value_seed(text)?,
+            "event_id" => self.event_id = map.next_value_seed(text)?,
+            "ts" => self.ts = map.next_value_seed(text)?,
+            "traceparent" => self.traceparent = map.next_value_seed(text)?,
+            "payload" => self.payload = Some(Cow::Borrowed(map.next_value()?)),
+            _ => map.next_value_seed(checked)?,
+        }
+        Ok(())
+    }
+}
+
+/// What the gateway reads of a payload object.
+#[derive(Default)]
+struct Scanned<'de> {
+    tool_call_id: Text<'de>,
+    name: Text<'de>,
+    /// Whether it has an `agui` key.
+    agui: bool,
+}
+
+impl<'de> ReadObject<'de> for Scanned<'de> {
+    fn read<A: MapAccess<'de>>(
+        &mut self,
+        key: &str,
+        map: &mut A,
+        checked: Checked<'_>,
+    ) -> Result<(), A::Error> {
+        match key {
+            "tool_call_id" => self.tool_call_id = map.next_value_seed(TextSeed(checked))?,
+            "name" => self.name = map.next_value_seed(TextSeed(checked))?,
+            PAYLOAD_KEY => {
+                self.agui = true;
+                map.next_value_seed(checked)?;
+            }
+            _ => map.next_value_seed(checked)?,
+        }
+        Ok(())
+    }
+}
+
+/// Reads an object with its [`ReadObject`], refusing a key twice; `None` for any other value.
+struct ObjectSeed<'c, T>(Checked<'c>, PhantomData<T>);
+
+impl<'c, T> ObjectSeed<'c, T> {
+    fn new(checked: Checked<'c>) -> Self {
+        Self(checked, PhantomData)
+    }
+}
+
+impl<'de, T: ReadObject<'de>> DeserializeSeed<'de> for ObjectSeed<'_, T> {
+    type Value = Option<T>;
+
+    fn deserialize<D: Deserializer<'de>>(self, deserializer: D) -> Result<Option<T>, D::Error> {
+        deserializer.deserialize_any(self)
+    }
+}
+
+impl<'de, T: ReadObject<'de>> Visitor<'de> for ObjectSeed<'_, T> {
+    type Value = Option<T>;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("a JSON object")
+    }
+    fn visit_bool<E>(self, _: bool) -> Result<Option<T>, E> {
+        Ok(None)
+    }
+    fn visit_i64<E>(self, _: i64) -> Result<Option<T>, E> {
+        Ok(None)
+    }
+    fn visit_u64<E>(self, _: u64) -> Result<Option<T>, E> {
+        Ok(None)
+    }
+    fn visit_f64<E>(self, _: f64) -> Result<Option<T>, E> {
+        Ok(None)
+    }
+    fn visit_str<E>(self, _: &str) -> Result<Option<T>, E> {
+        Ok(None)
+    }
+    fn visit_unit<E>(self) -> Result<Option<T>, E> {
+        Ok(None)
+    }
+    fn visit_seq<A: SeqAccess<'de>>(self, seq: A) -> Result<Option<T>, A::Error> {
+        self.0.visit_seq(seq).map(|()| None)
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Option<T>, A::Error> {
+        let mut object = T::default();
+        let mut keys = Keys::default();
+        while let Some(key) = map.next_key_seed(Key)? {
+            if !keys.insert(key.clone()) {
+                return Err(self.0.repeated(&key));
+            }
+            object.read(&key, &mut map, self.0)?;
+        }
+        Ok(Some(object))
+    }
+}
+
+/// Reads a payload's text: `None` for `null`, the fields the gateway reads for an object (with
+/// no key twice anywhere in it), refused otherwise.
+fn scan_payload<'de>(raw: &'de RawValue) -> Result<Option<Scanned<'de>>, Refusal> {
+    if raw.get() == "null" {
         return Ok(None);
-    };
-    check_id(&id).map_err(|e: IdError| Refusal::invalid(name, e.to_string()))?;
-    Ok(Some(id))
+    }
+    super::json::read(raw.get(), |deserializer, checked| {
+        ObjectSeed::new(checked).deserialize(deserializer)
+    })
+    .map_err(json_refusal)?
+    .map(Some)
+    .ok_or_else(|| Refusal::invalid("payload", "must be an object"))
 }
 
 #[cfg(test)]
@@ -421,6 +798,56 @@ mod tests {
                 format!("must be at most {MAX_ID_LEN} bytes"),
                 "{field}"
             );
+        }
+    }
+
+    /// The one-pass read takes and refuses the same events as the tree read, the same way.
+    #[test]
+    fn reading_in_one_pass_agrees_with_the_tree() {
+        let corpus = [
+            r#"{"type":"agent_thinking","run_id":"r1","payload":{"a":[1,{"b":null}],"c":"\u00e9"}}"#,
+            r#"{ "type" : "agent_thinking" , "run_id" : "r1" , "payload" : { "x" : 18446744073709551616 } }"#,
+            r#"{"type":"agent_thinking","run_id":"r1","payload":null}"#,
+            r#"{"type":"agent_thinking","run_id":"r1","payload" :  null }"#,
+            r#"{"type":"agent_thinking","run_id":"r1","payload":"text"}"#,
+            r#"{"type":"agent_thinking","run_id":"r1","payload":{"a":1,"a":2}}"#,
+            r#"{"type":"agent_thinking","run_id":"r1","payload":{"x":{"k":1,"k":2}}}"#,
+            r#"{"type":"agent_thinking","run_id":"r1","other":{"k":1,"k":2}}"#,
+            r#"{"type":"agent_thinking","run_id":"r1","run_id":"r2"}"#,
+            r#"{"typ\u0065":"agent_thinking","run_id":"r1"}"#,
+            r#"{"type":"agent_thinking","run_id":"r1","ts":5}"#,
+            r#"{"type":"agent_thinking","run_id":"r1","traceparent":null,"user_id":null}"#,
+            r#"{"type":"agent_thinking","run_id":"r1","payload":{"s":"\ud800"}}"#,
+            r#"{"type":"agent_thinking","run_id":"r1","payload":{"n":1e400}}"#,
+            r#"{"type":"tool_executing","run_id":"r1","payload":{"tool_call_id":"c1"}}"#,
+            r#"{"type":"tool_executing","run_id":"r1","payload":{"tool_c\u0061ll_id":"c1"}}"#,
+            r#"{"type":"tool_completed","run_id":"r1","payload":{"tool_call_id":["c1"]}}"#,
+            r#"{"type":"custom","user_id":"u1","payload":{"name":""}}"#,
+            r#"{"type":"custom","user_id":"u1","payload":{"name":{"x":1}}}"#,
+            r#"{"type":"agent_thinking","run_id":"r1","payload":{"agui":{"type":"TEXT_MESSAGE_START","messageId":"m1"}}}"#,
+            r#"{"type":"TEXT_MESSAGE_CONTENT","run_id":"r1","messageId":"m1","delta":"hi"}"#,
+            r#"{"type":"TOOL_CALL_START","run_id":"r1","toolCallId":"c1","toolCallName":"t"}"#,
+            r#"[{"type":"agent_thinking"}]"#,
+            r#"[{"a":1,"a":2}]"#,
+            "7",
+            "{",
+        ];
+        for raw in corpus {
+            let fast = parse(raw, 4096);
+            let tree = decode(raw, 4096).and_then(from_value);
+            match (fast, tree) {
+                (Ok(fast), Ok(tree)) => {
+                    let value =
+                        |event: &Event| serde_json::from_str::<Value>(&event.to_text()).unwrap();
+                    assert_eq!(value(&fast), value(&tree), "{raw}");
+                    assert_eq!(fast.payload.tool_call_id(), tree.payload.tool_call_id());
+                    assert_eq!(fast.payload.agui(), tree.payload.agui(), "{raw}");
+                }
+                (Err(fast), Err(tree)) => {
+                    assert_eq!((fast.code, fast.field), (tree.code, tree.field), "{raw}")
+                }
+                (fast, tree) => panic!("{raw}: {fast:?} against {tree:?}"),
+            }
         }
     }
 

@@ -1,7 +1,9 @@
 //! JSON that means one thing: an object with the same key twice is refused, because two readers
 //! (the gateway, a backend, a browser) may each take a different one of the two values.
 
+use std::borrow::Cow;
 use std::cell::RefCell;
+use std::collections::HashSet;
 use std::fmt;
 
 use serde::de::{self, DeserializeSeed, Deserializer, MapAccess, SeqAccess, Visitor};
@@ -48,6 +50,153 @@ fn parse_with(
         Some(key) => JsonError::DuplicateKey(super::excerpt(&key)),
         None => JsonError::Invalid(error),
     })
+}
+
+/// Reads `text` with a reader of its own (one that builds no tree), which reads what it does not
+/// keep with [`Checked`] and notes its own repeated keys with [`Checked::repeated`]: the same
+/// rule as [`parse`], without the allocations of a [`Value`].
+pub fn read<'de, T>(
+    text: &'de str,
+    reader: impl FnOnce(
+        &mut serde_json::Deserializer<serde_json::de::StrRead<'de>>,
+        Checked<'_>,
+    ) -> Result<T, serde_json::Error>,
+) -> Result<T, JsonError> {
+    let repeated = RefCell::new(None);
+    let mut deserializer = serde_json::Deserializer::from_str(text);
+    reader(
+        &mut deserializer,
+        Checked {
+            repeated: &repeated,
+        },
+    )
+    .and_then(|value| deserializer.end().map(|()| value))
+    .map_err(|error| match repeated.take() {
+        Some(key) => JsonError::DuplicateKey(super::excerpt(&key)),
+        None => JsonError::Invalid(error),
+    })
+}
+
+/// Reads one value only to check it: nothing is built, and no object may have a key twice.
+#[derive(Clone, Copy)]
+pub struct Checked<'a> {
+    repeated: &'a RefCell<Option<String>>,
+}
+
+impl Checked<'_> {
+    /// Notes `key` as the repeated one, and the error that stops the read.
+    pub fn repeated<E: de::Error>(self, key: &str) -> E {
+        *self.repeated.borrow_mut() = Some(key.to_string());
+        E::custom(format_args!("duplicate key `{key}`"))
+    }
+}
+
+impl<'de> DeserializeSeed<'de> for Checked<'_> {
+    type Value = ();
+
+    fn deserialize<D: Deserializer<'de>>(self, deserializer: D) -> Result<(), D::Error> {
+        deserializer.deserialize_any(self)
+    }
+}
+
+impl<'de> Visitor<'de> for Checked<'_> {
+    type Value = ();
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("JSON")
+    }
+
+    fn visit_bool<E>(self, _: bool) -> Result<(), E> {
+        Ok(())
+    }
+    fn visit_i64<E>(self, _: i64) -> Result<(), E> {
+        Ok(())
+    }
+    fn visit_u64<E>(self, _: u64) -> Result<(), E> {
+        Ok(())
+    }
+    fn visit_f64<E>(self, _: f64) -> Result<(), E> {
+        Ok(())
+    }
+    fn visit_str<E>(self, _: &str) -> Result<(), E> {
+        Ok(())
+    }
+    fn visit_unit<E>(self) -> Result<(), E> {
+        Ok(())
+    }
+
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
+        while seq.next_element_seed(self)?.is_some() {}
+        Ok(())
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
+        let mut keys = Keys::default();
+        while let Some(key) = map.next_key_seed(Key)? {
+            if !keys.insert(key.clone()) {
+                return Err(self.repeated(&key));
+            }
+            map.next_value_seed(self)?;
+        }
+        Ok(())
+    }
+}
+
+/// An object's key, borrowed from the text unless it had to be unescaped.
+pub struct Key;
+
+impl<'de> DeserializeSeed<'de> for Key {
+    type Value = Cow<'de, str>;
+
+    fn deserialize<D: Deserializer<'de>>(self, deserializer: D) -> Result<Self::Value, D::Error> {
+        deserializer.deserialize_str(self)
+    }
+}
+
+impl<'de> Visitor<'de> for Key {
+    type Value = Cow<'de, str>;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("a key")
+    }
+    fn visit_borrowed_str<E>(self, v: &'de str) -> Result<Self::Value, E> {
+        Ok(Cow::Borrowed(v))
+    }
+    fn visit_str<E>(self, v: &str) -> Result<Self::Value, E> {
+        Ok(Cow::Owned(v.to_owned()))
+    }
+    fn visit_string<E>(self, v: String) -> Result<Self::Value, E> {
+        Ok(Cow::Owned(v))
+    }
+}
+
+/// The keys seen in one object. A few are compared one by one (no allocation for the small
+/// objects events are made of); past [`Keys::FEW`] they are hashed, so that an object of
+/// thousands of keys costs no more than its length.
+#[derive(Default)]
+pub struct Keys<'de> {
+    few: Vec<Cow<'de, str>>,
+    many: HashSet<Cow<'de, str>>,
+}
+
+impl<'de> Keys<'de> {
+    const FEW: usize = 16;
+
+    /// Whether `key` is new in this object.
+    /// (A key borrowed from the text is cloned for nothing; an unescaped one is copied.)
+    pub fn insert(&mut self, key: Cow<'de, str>) -> bool {
+        if self.many.is_empty() {
+            if self.few.contains(&key) {
+                return false;
+            }
+            if self.few.len() < Self::FEW {
+                self.few.push(key);
+                return true;
+            }
+            self.many.extend(self.few.drain(..));
+        }
+        self.many.insert(key)
+    }
 }
 
 /// Builds a [`Value`] as serde_json's own does, and fails on a repeated key (kept in `repeated`).
@@ -125,7 +274,8 @@ impl<'de> Visitor<'de> for Unique<'_> {
 
 #[cfg(test)]
 mod tests {
-    use super::{JsonError, parse};
+    use super::{Checked, JsonError, parse, read};
+    use serde::de::DeserializeSeed;
 
     fn repeated(text: &str) -> Option<String> {
         match parse(text) {
@@ -145,6 +295,36 @@ mod tests {
         assert_eq!(repeated(r#"[{"a":1},{"a":2}]"#), None, "two objects");
         assert!(matches!(parse("not json"), Err(JsonError::Invalid(_))));
         assert!(matches!(parse("{} x"), Err(JsonError::Invalid(_))));
+    }
+
+    /// [`read`] with [`Checked`] refuses what [`parse`] refuses, with the same answer.
+    #[test]
+    fn checking_without_building_refuses_the_same() {
+        let many: Vec<String> = (0..40).map(|n| format!(r#""k{n}":{n}"#)).collect();
+        let many = format!("{{{}}}", many.join(","));
+        let many_repeated = many.replace(r#""k39""#, r#""k3""#);
+        for text in [
+            r#"{"a":1,"b":2}"#,
+            r#"{"a":1,"a":2}"#,
+            r#"{"p":{"x":[{"k":1,"k":2}]}}"#,
+            r#"{"a\u0062":1,"ab":2}"#,
+            r#"[{"a":1},{"a":2}]"#,
+            "not json",
+            "{} x",
+            &many,
+            &many_repeated,
+        ] {
+            let checked = read(text, |de, checked: Checked<'_>| checked.deserialize(de));
+            let parsed = parse(text);
+            match (&checked, &parsed) {
+                (Ok(()), Ok(_)) => {}
+                (Err(JsonError::DuplicateKey(a)), Err(JsonError::DuplicateKey(b))) => {
+                    assert_eq!(a, b, "{text}")
+                }
+                (Err(JsonError::Invalid(_)), Err(JsonError::Invalid(_))) => {}
+                _ => panic!("{text}: {checked:?} against {parsed:?}"),
+            }
+        }
     }
 
     #[test]

@@ -36,7 +36,7 @@ pub struct Journaled {
 impl PackedEvent {
     pub fn pack(event: &Event) -> Self {
         Self {
-            json: event.to_json().to_string().into(),
+            json: event.to_text().into(),
             kind: event.kind,
             run_id: event.run_id.as_deref().map(Into::into),
             event_id: event.event_id.as_deref().map(Into::into),
@@ -104,7 +104,7 @@ mod tests {
         let packed = PackedEvent::pack(&event);
         assert!(packed.weight() < text.len() + 200, "{}", packed.weight());
         let back = packed.unpack().unwrap();
-        assert_eq!(back.to_json(), event.to_json());
+        assert_eq!(back.to_text(), event.to_text());
         assert_eq!(back.producer.as_deref(), Some("p1"));
         assert_eq!(packed.dedupe_id().as_deref(), Some("p1:e1"));
         assert_eq!(packed.raw_json().get(), packed.json());

@@ -112,7 +112,7 @@ struct EventFields<'a> {
     ts: Option<&'a str>,
     #[serde(skip_serializing_if = "Option::is_none")]
     traceparent: Option<&'a str>,
-    payload: &'a serde_json::Map<String, serde_json::Value>,
+    payload: &'a serde_json::value::RawValue,
 }
 
 /// `{"type":…,"channel":…,…}`: everything but the seq and the epoch, which the broker adds (in
@@ -131,7 +131,7 @@ pub fn event_body(event: &Event, channel: &ChannelName) -> Vec<u8> {
         event_id: event.event_id.as_deref(),
         ts: event.ts.as_deref(),
         traceparent: event.traceparent.as_deref(),
-        payload: &event.payload,
+        payload: event.payload.json(),
     };
     // Serialising a struct of strings and a JSON map into a Vec cannot fail.
     serde_json::to_vec(&fields).unwrap_or_else(|_| b"{}".to_vec())

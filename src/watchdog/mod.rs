@@ -24,7 +24,7 @@ use crate::config::WatchdogConfig;
 use crate::metrics::{Label, Metrics, count};
 use crate::protocol::ChannelName;
 use crate::protocol::agui::{self, Sequence};
-use crate::protocol::event::{Event, EventType};
+use crate::protocol::event::{Event, EventType, Payload};
 use crate::telemetry::Throttle;
 use lru::{Lane, Lru};
 use open_tools::OpenTools;
@@ -178,8 +178,7 @@ impl Stalled {
         let mut shown = self.open_tool_ids.len();
         loop {
             let event = self.event_with(&self.open_tool_ids[..shown]);
-            let fits = serde_json::to_vec(&event.to_json())
-                .is_ok_and(|bytes| bytes.len() <= max_event_bytes);
+            let fits = event.to_text().len() <= max_event_bytes;
             if fits || shown == 0 {
                 return event;
             }
@@ -205,8 +204,8 @@ impl Stalled {
             ts: None,
             traceparent: None,
             payload: match payload {
-                serde_json::Value::Object(map) => map,
-                _ => serde_json::Map::new(),
+                serde_json::Value::Object(map) => Payload::from_map(map),
+                _ => Payload::default(),
             },
             producer: None,
         }
@@ -215,7 +214,7 @@ impl Stalled {
 
 /// The AG-UI event a native event was made from, if it was.
 fn agui_event(event: &Event) -> Option<&serde_json::Map<String, serde_json::Value>> {
-    event.payload.get(agui::PAYLOAD_KEY)?.as_object()
+    event.payload.agui()
 }
 
 type Shard = Lru<Run>;
@@ -353,11 +352,7 @@ impl Watchdog {
             _ => {}
         }
         // Validated at ingest: a tool event's `tool_call_id` is an id (at most `MAX_ID_LEN` bytes).
-        let tool_call_id = event
-            .payload
-            .get("tool_call_id")
-            .and_then(|v| v.as_str())
-            .unwrap_or_default();
+        let tool_call_id = event.payload.tool_call_id().unwrap_or_default();
         match event.kind {
             EventType::ToolExecuting => {
                 // Past the cap the call is not followed; its completion will count as a violation.
@@ -749,10 +744,13 @@ mod tests {
         std::thread::sleep(Duration::from_millis(5));
         let stalled = dog.stall(&run_id, &metrics).unwrap();
         assert_eq!(stalled.open_tools, MAX_OPEN_TOOLS);
-        let size = |event: &Event| serde_json::to_vec(&event.to_json()).unwrap().len();
+        let size = |event: &Event| event.to_text().len();
         let roomy = stalled.event(64 * 1024);
         assert_eq!(
-            roomy.payload["open_tool_ids"].as_array().unwrap().len(),
+            roomy.payload.value()["open_tool_ids"]
+                .as_array()
+                .unwrap()
+                .len(),
             SHOWN_TOOL_IDS
         );
         let tight = stalled.event(crate::config::MIN_EVENT_BYTES);
@@ -761,10 +759,10 @@ mod tests {
             "{}",
             size(&tight)
         );
-        assert_eq!(tight.payload["open_tools"], MAX_OPEN_TOOLS);
-        assert_eq!(tight.payload["reason"], "stalled");
+        assert_eq!(tight.payload.value()["open_tools"], MAX_OPEN_TOOLS);
+        assert_eq!(tight.payload.value()["reason"], "stalled");
         let none = stalled.event(0);
-        assert_eq!(none.payload["open_tool_ids"], serde_json::json!([]));
+        assert_eq!(none.payload.value()["open_tool_ids"], serde_json::json!([]));
         assert!(
             size(&none) <= crate::config::MIN_EVENT_BYTES,
             "without ids it fits the smallest limit: {}",

@@ -230,6 +230,10 @@ fn next_id(id: &str) -> String {
     format!("{ms}-{}", seq.parse::<u64>().unwrap_or(0).saturating_add(1))
 }
 
+/// Takes `entries` in order, then acknowledges the ones done in one `XACK` (also when a round ends
+/// early): an entry published but not acknowledged yet, if this replica dies, is claimed by
+/// another and answered a duplicate by the publish script, so acknowledging a batch at once loses
+/// nothing and saves a round trip per entry.
 async fn take_all(
     reader: &Reader<'_>,
     conn: &mut Conn,
@@ -237,26 +241,30 @@ async fn take_all(
     blocked: &mut HashSet<String>,
 ) -> Result<(), redis::RedisError> {
     let config = &reader.redis.config;
-    for entry in entries {
-        let taken = match take(reader, conn, &entry, blocked).await {
-            Ok(taken) => taken,
+    let mut done = Vec::with_capacity(entries.len());
+    let mut stopped = None;
+    for entry in &entries {
+        match take(reader, conn, entry, blocked).await {
+            Ok(Taken::Done) => done.push(entry.id.as_str()),
+            Ok(Taken::Later) => {}
             // Left pending; the round ends so that nothing after it overtakes it.
             Err(error) => {
                 tracing::debug!(id = %entry.id, %error, "Ingest entry left for later.");
-                return Err(redis::RedisError::from((
+                stopped = Some(redis::RedisError::from((
                     redis::ErrorKind::Io,
                     "broker unavailable",
                     error.to_string(),
                 )));
+                break;
             }
-        };
-        if let Taken::Done = taken {
-            let () = conn
-                .xack(&config.ingest_stream, &config.ingest_group, &[&entry.id])
-                .await?;
         }
     }
-    Ok(())
+    if !done.is_empty() {
+        let () = conn
+            .xack(&config.ingest_stream, &config.ingest_group, &done)
+            .await?;
+    }
+    stopped.map_or(Ok(()), Err)
 }
 
 async fn take(

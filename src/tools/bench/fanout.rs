@@ -3,6 +3,10 @@
 //! replicas (connection i and POST j go to replica i % 2 and j % 2, and every thread has watchers on
 //! both). Latency is publish → receive,
 //! read from the send time each event carries. Server CPU is summed over the replicas.
+//!
+//! With `--events-to FIFO` the events are written there instead, one JSON object a line, for a
+//! script to add to a Redis-mode gateway's ingest stream (`scripts/bench xadd` pipes them through
+//! `redis-cli --pipe` as `XADD`s): the same load, measured the same way, on the `XADD` path.
 
 use std::net::IpAddr;
 use std::sync::Arc;
@@ -43,6 +47,43 @@ pub struct Load {
     /// The run stops after this long, finished or not.
     #[arg(long, default_value = "120s", value_parser = humantime::parse_duration)]
     pub max_time: Duration,
+    /// Write the events to this named pipe, one JSON object a line, instead of POSTing them (a
+    /// script turns them into `XADD`s on a Redis-mode gateway's ingest stream). One writer, so
+    /// `--in-flight` does not apply; the ledger is read as in Redis mode.
+    #[arg(long)]
+    pub events_to: Option<std::path::PathBuf>,
+}
+
+/// Where the events go: POSTs on a kept-alive connection, or lines on a named pipe.
+enum Producer {
+    Post(Http),
+    Pipe(tokio::net::unix::pipe::Sender),
+}
+
+impl Producer {
+    /// One producer per door, or the pipe.
+    async fn open(load: &Load, api: &crate::tools::client::Target) -> anyhow::Result<Self> {
+        let Some(path) = &load.events_to else {
+            return Ok(Self::Post(Http::open(api).await?));
+        };
+        // The reader opens its end when it starts: wait for it (ENXIO until then).
+        const ENXIO: i32 = 6;
+        let started = Instant::now();
+        loop {
+            match tokio::net::unix::pipe::OpenOptions::new().open_sender(path) {
+                Ok(sender) => return Ok(Self::Pipe(sender)),
+                Err(error)
+                    if error.raw_os_error() == Some(ENXIO)
+                        && started.elapsed() < Duration::from_secs(10) =>
+                {
+                    tokio::time::sleep(Duration::from_millis(20)).await
+                }
+                Err(error) => {
+                    return Err(error).with_context(|| format!("cannot open {}", path.display()));
+                }
+            }
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -121,9 +162,12 @@ pub(super) async fn run(
     });
     match mode {
         Mode::Rate | Mode::Redis(_) => {
-            let mut https = Vec::with_capacity(servers.len());
+            let mut producers = Vec::with_capacity(servers.len());
             for server in servers {
-                https.push(Http::open(&server.api).await?);
+                producers.push(Producer::open(&load, &server.api).await?);
+                if load.events_to.is_some() {
+                    break;
+                }
             }
             let mut posts = 0usize;
             // A POST every millisecond: a fixed rate, not bursts of a hundredth of a second.
@@ -135,9 +179,10 @@ pub(super) async fn run(
                 let mut n = 0;
                 while n < per_tick && sent < load.events {
                     let to = (sent + load.batch.min(per_tick - n)).min(load.events);
-                    let http = &mut https[posts % servers.len()];
+                    let which = posts % producers.len();
+                    let producer = &mut producers[which];
                     posts += 1;
-                    events.post(http, sent, to).await?;
+                    events.send(producer, sent, to).await?;
                     n += to - sent;
                     sent = to;
                 }
@@ -146,11 +191,15 @@ pub(super) async fn run(
         Mode::Saturate => {
             let next = Arc::new(AtomicUsize::new(0));
             let mut publishers = Vec::new();
-            for _ in 0..load.in_flight.max(1) {
-                let (next, events, mut http) = (
+            let writers = match load.events_to {
+                Some(_) => 1,
+                None => load.in_flight.max(1),
+            };
+            for _ in 0..writers {
+                let (next, events, mut producer) = (
                     Arc::clone(&next),
                     Arc::clone(&events),
-                    Http::open(api).await?,
+                    Producer::open(&load, api).await?,
                 );
                 let (batch, total) = (load.batch, load.events);
                 publishers.push(tokio::spawn(async move {
@@ -160,7 +209,7 @@ pub(super) async fn run(
                             return anyhow::Ok(());
                         }
                         events
-                            .post(&mut http, from, (from + batch).min(total))
+                            .send(&mut producer, from, (from + batch).min(total))
                             .await?;
                     }
                 }));
@@ -193,7 +242,7 @@ pub(super) async fn run(
         .sum();
     // The replicas' delivery reports reach Redis in batches that wait 100 ms (docs/redis.md): the
     // ledger is read once they are in, so `pending` is not the batching's lag.
-    if matches!(mode, Mode::Redis(_)) {
+    if matches!(mode, Mode::Redis(_)) || load.events_to.is_some() {
         tokio::time::sleep(Duration::from_millis(300)).await;
     }
     // The floor keeps no ledger: what it delivered is what the viewers counted.
@@ -214,6 +263,7 @@ pub(super) async fn run(
     let result = json!({
         "scenario": name,
         "protocol": protocol,
+        "producer": if load.events_to.is_some() { "pipe" } else { "post" },
         "batch": load.batch,
         "connections": load.connections,
         "threads": load.threads,
@@ -279,6 +329,23 @@ impl Events {
         format!(
             r#"{{"type":"agent_thinking","run_id":"bench-{tag}-r{k}","thread_id":"bench-{tag}-t{k}","payload":{{"sent_us":{sent_us},"pad":"{pad}"}}}}"#
         )
+    }
+
+    /// Sends events `from..to` with `producer`.
+    async fn send(&self, producer: &mut Producer, from: usize, to: usize) -> anyhow::Result<()> {
+        match producer {
+            Producer::Post(http) => self.post(http, from, to).await,
+            Producer::Pipe(pipe) => {
+                use tokio::io::AsyncWriteExt;
+                let sent_us = now_us();
+                let mut lines = String::new();
+                for n in from..to {
+                    lines.push_str(&self.event(n, sent_us));
+                    lines.push('\n');
+                }
+                pipe.write_all(lines.as_bytes()).await.context("the events pipe")
+            }
+        }
     }
 
     /// POSTs events `from..to`: one object when there is one, else an array (agentwire); one

@@ -130,7 +130,8 @@ pub(crate) enum Conn {
 }
 
 impl Conn {
-    /// Sends `commands`, each of which names its key first, and returns their replies in order:
+    /// Sends `commands`, each of which names its key first (a script call, `EVALSHA`, its first
+    /// key), and returns their replies in order:
     /// one pipeline on one server; on a Cluster one pipeline per slot (a pipeline must stay in
     /// one slot), in order within it, a few slots at a time.
     pub(crate) async fn each<T: FromRedisValue>(
@@ -150,7 +151,11 @@ impl Conn {
         let count = commands.len();
         let mut slots: Vec<(Slot, Vec<usize>, Pipeline)> = Vec::new();
         for (i, command) in commands.into_iter().enumerate() {
-            let slot = match command.args_iter().nth(1) {
+            let key_at = match command.args_iter().next() {
+                Some(Arg::Simple(b"EVALSHA")) => 3,
+                _ => 1,
+            };
+            let slot = match command.args_iter().nth(key_at) {
                 Some(Arg::Simple(key)) => Slot::for_key(key),
                 _ => Slot::for_key(""),
             };

@@ -4,10 +4,11 @@
 //! `/metrics`, and the age sweep.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::SystemTime;
 
-use redis::{AsyncCommands, Value};
+use redis::{AsyncCommands, Cmd, ErrorKind, FromRedisValue, Script, ServerErrorKind, Value};
 
 use super::RedisBroker;
 use super::keys::{CHANNELS, DEADLETTERS, Keys, seq_of};
@@ -48,27 +49,53 @@ pub(super) fn counts_of(meta: &HashMap<String, String>) -> Counts {
     }
 }
 
+/// A channel in one of its epochs: what a delivery or an ack is counted against.
+pub(crate) type ChannelEpoch = (ChannelName, Arc<str>);
+
 impl RedisBroker {
-    /// Records first deliveries of one channel; returns how many were new cluster-wide.
+    /// Records first deliveries, per channel and epoch, in one round trip (one per slot on a
+    /// Cluster); returns how many were new cluster-wide. Safe to send again: a seq counts once.
     pub(crate) async fn delivered(
         &self,
-        name: &ChannelName,
-        epoch: &str,
-        seqs: &[u64],
+        deliveries: &[(ChannelEpoch, Vec<u64>)],
     ) -> Result<u64, BrokerError> {
-        let keys = Keys::of(name);
-        let mut invocation = self.scripts.deliver.prepare_invoke();
-        invocation
-            .key(&keys.log)
-            .key(&keys.meta)
-            .key(&keys.delivered)
-            .arg(epoch);
-        for seq in seqs {
-            invocation.arg(seq);
-        }
-        let count: u64 = invocation.invoke_async(&mut self.conn()).await?;
+        let calls = || {
+            deliveries
+                .iter()
+                .map(|((name, epoch), seqs)| {
+                    let keys = Keys::of(name);
+                    let mut call = evalsha(
+                        &self.scripts.deliver,
+                        &[&keys.log, &keys.meta, &keys.delivered],
+                    );
+                    call.arg(&**epoch).arg(seqs);
+                    call
+                })
+                .collect()
+        };
+        let counts: Vec<u64> = self.invoke_each(&self.scripts.deliver, calls).await?;
+        let count = counts.iter().sum();
         self.counters.delivered.fetch_add(count, Ordering::Relaxed);
         Ok(count)
+    }
+
+    /// Sends `calls` (of `script`, made by [`evalsha`]) in one round trip (per slot on a Cluster).
+    /// A server without the script (restarted, or a replica just promoted: the script cache is
+    /// not replicated) answers `NOSCRIPT`: the script is loaded and the calls sent once more, as
+    /// the redis crate does for one call. Only for scripts that may run twice.
+    async fn invoke_each<T: FromRedisValue>(
+        &self,
+        script: &Script,
+        calls: impl Fn() -> Vec<Cmd>,
+    ) -> Result<Vec<T>, BrokerError> {
+        let mut conn = self.conn();
+        match conn.each(calls()).await {
+            Err(error) if error.kind() == ErrorKind::Server(ServerErrorKind::NoScript) => {
+                script.prepare_invoke().load_async(&mut conn).await?;
+                Ok(conn.each(calls()).await?)
+            }
+            replies => Ok(replies?),
+        }
     }
 
     /// Moves channels' last-publish times forward in the index.
@@ -85,21 +112,25 @@ impl RedisBroker {
         Ok(())
     }
 
+    /// Records cumulative acks, per channel and epoch, in one round trip (one per slot on a
+    /// Cluster). Safe to send again: an ack only moves forward.
     pub(crate) async fn acked(
         &self,
-        name: &ChannelName,
-        epoch: &str,
-        seq: u64,
+        acks: &[(ChannelEpoch, u64)],
     ) -> Result<(), BrokerError> {
-        let count: u64 = self
-            .scripts
-            .ack
-            .key(Keys::of(name).meta)
-            .arg(epoch)
-            .arg(seq)
-            .invoke_async(&mut self.conn())
-            .await?;
-        self.counters.acked.fetch_add(count, Ordering::Relaxed);
+        let calls = || {
+            acks.iter()
+                .map(|((name, epoch), seq)| {
+                    let mut call = evalsha(&self.scripts.ack, &[&Keys::of(name).meta]);
+                    call.arg(&**epoch).arg(seq);
+                    call
+                })
+                .collect()
+        };
+        let counts: Vec<u64> = self.invoke_each(&self.scripts.ack, calls).await?;
+        self.counters
+            .acked
+            .fetch_add(counts.iter().sum(), Ordering::Relaxed);
         Ok(())
     }
 
@@ -272,4 +303,12 @@ impl RedisBroker {
             }
         }
     }
+}
+
+/// A call of `script` with `keys` (arguments follow), as one command of a pipeline: `EVALSHA`, so
+/// the keys come after the hash and their count (where [`super::conn::Conn::each`] finds them).
+fn evalsha(script: &Script, keys: &[&str]) -> Cmd {
+    let mut call = redis::cmd("EVALSHA");
+    call.arg(script.get_hash()).arg(keys.len()).arg(keys);
+    call
 }

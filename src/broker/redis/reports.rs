@@ -10,6 +10,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use super::RedisBroker;
+use super::ledger::ChannelEpoch;
 use crate::fanout::Delivered;
 use crate::metrics::Metrics;
 use crate::protocol::ChannelName;
@@ -99,8 +100,8 @@ pub async fn run(
                 firsts.push(delivered);
             }
         }
-        let mut delivered: HashMap<(ChannelName, Arc<str>), Vec<u64>> = HashMap::new();
-        let mut acked: HashMap<(ChannelName, Arc<str>), u64> = HashMap::new();
+        let mut delivered: HashMap<ChannelEpoch, Vec<u64>> = HashMap::new();
+        let mut acked: HashMap<ChannelEpoch, u64> = HashMap::new();
         let mut published: HashMap<ChannelName, u64> = HashMap::new();
         let mut letters = Vec::new();
         let mut settled = Vec::new();
@@ -129,22 +130,25 @@ pub async fn run(
                 Report::Settled(id) => settled.push(id),
             }
         }
-        for ((channel, epoch), seqs) in delivered {
-            while let Err(error) = broker.delivered(&channel, &epoch, &seqs).await {
-                metrics.broker_errors.inc();
-                tracing::debug!(%error, %channel, "Cannot record deliveries yet; retrying.");
-                if stopping || retry_later(&stop).await {
-                    break;
-                }
+        // Every channel's deliveries, then acks, in one round trip each (per slot on a Cluster).
+        let delivered: Vec<_> = delivered.into_iter().collect();
+        while !delivered.is_empty()
+            && let Err(error) = broker.delivered(&delivered).await
+        {
+            metrics.broker_errors.inc();
+            tracing::debug!(%error, channels = delivered.len(), "Cannot record deliveries yet; retrying.");
+            if stopping || retry_later(&stop).await {
+                break;
             }
         }
-        for ((channel, epoch), seq) in acked {
-            while let Err(error) = broker.acked(&channel, &epoch, seq).await {
-                metrics.broker_errors.inc();
-                tracing::debug!(%error, %channel, "Cannot record an ack yet; retrying.");
-                if stopping || retry_later(&stop).await {
-                    break;
-                }
+        let acked: Vec<_> = acked.into_iter().collect();
+        while !acked.is_empty()
+            && let Err(error) = broker.acked(&acked).await
+        {
+            metrics.broker_errors.inc();
+            tracing::debug!(%error, channels = acked.len(), "Cannot record acks yet; retrying.");
+            if stopping || retry_later(&stop).await {
+                break;
             }
         }
         while !letters.is_empty()

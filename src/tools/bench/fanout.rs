@@ -343,7 +343,9 @@ impl Events {
                     lines.push_str(&self.event(n, sent_us));
                     lines.push('\n');
                 }
-                pipe.write_all(lines.as_bytes()).await.context("the events pipe")
+                pipe.write_all(lines.as_bytes())
+                    .await
+                    .context("the events pipe")
             }
         }
     }

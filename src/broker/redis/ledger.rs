@@ -114,10 +114,7 @@ impl RedisBroker {
 
     /// Records cumulative acks, per channel and epoch, in one round trip (one per slot on a
     /// Cluster). Safe to send again: an ack only moves forward.
-    pub(crate) async fn acked(
-        &self,
-        acks: &[(ChannelEpoch, u64)],
-    ) -> Result<(), BrokerError> {
+    pub(crate) async fn acked(&self, acks: &[(ChannelEpoch, u64)]) -> Result<(), BrokerError> {
         let calls = || {
             acks.iter()
                 .map(|((name, epoch), seq)| {

@@ -6,7 +6,7 @@ use bytes::{BufMut, Bytes, BytesMut};
 use serde::Serialize;
 use serde_json::json;
 
-use super::channel::{ChannelKind, ChannelName};
+use super::channel::ChannelName;
 use super::event::Event;
 
 /// Machine-readable codes of `{"type":"error"}` frames.
@@ -94,47 +94,12 @@ pub mod close {
     pub const RATE_LIMITED: u16 = 4029;
 }
 
-/// The fields of an event frame except `seq`, serialised before the channel lock is taken.
-#[derive(Serialize)]
-struct EventFields<'a> {
-    #[serde(rename = "type")]
-    kind: &'static str,
-    channel: &'a str,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    thread_id: Option<&'a str>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    user_id: Option<&'a str>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    run_id: Option<&'a str>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    event_id: Option<&'a str>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    ts: Option<&'a str>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    traceparent: Option<&'a str>,
-    payload: &'a serde_json::value::RawValue,
-}
-
 /// `{"type":…,"channel":…,…}`: everything but the seq and the epoch, which the broker adds (in
-/// Redis mode the epoch is known only once the event is sequenced).
+/// Redis mode the epoch is known only once the event is sequenced); serialised before the channel
+/// lock is taken.
 pub fn event_body(event: &Event, channel: &ChannelName) -> Vec<u8> {
-    let thread_id = match channel.kind() {
-        ChannelKind::Thread => Some(channel.id()),
-        ChannelKind::User => None,
-    };
-    let fields = EventFields {
-        kind: event.kind.as_str(),
-        channel: channel.as_str(),
-        thread_id,
-        user_id: event.user_id.as_deref(),
-        run_id: event.run_id.as_deref(),
-        event_id: event.event_id.as_deref(),
-        ts: event.ts.as_deref(),
-        traceparent: event.traceparent.as_deref(),
-        payload: event.payload.json(),
-    };
-    // Serialising a struct of strings and a JSON map into a Vec cannot fail.
-    serde_json::to_vec(&fields).unwrap_or_else(|_| b"{}".to_vec())
+    // Serialising strings and JSON text into a Vec cannot fail.
+    serde_json::to_vec(&event.wire(Some(channel))).unwrap_or_else(|_| b"{}".to_vec())
 }
 
 /// The frame a subscriber receives: `{"seq":N,"epoch":E,` followed by the body without its `{`.

@@ -11,7 +11,7 @@ use serde_json::value::RawValue;
 use serde_json::{Map, Value};
 
 use super::agui::{AguiEvent, PAYLOAD_KEY};
-use super::channel::check_id;
+use super::channel::{ChannelKind, ChannelName, check_id};
 use read::{Fields, ObjectSeed, Text, scan_payload};
 
 /// The closed set of event types. The five lifecycle types are what a UI relies on.
@@ -82,39 +82,56 @@ impl Event {
         ))
     }
 
-    /// The event as a producer would have sent it.
-    pub fn to_text(&self) -> String {
-        #[derive(Serialize)]
-        struct Wire<'a> {
-            #[serde(rename = "type")]
-            kind: &'static str,
-            #[serde(skip_serializing_if = "Option::is_none")]
-            run_id: Option<&'a str>,
-            #[serde(skip_serializing_if = "Option::is_none")]
-            thread_id: Option<&'a str>,
-            #[serde(skip_serializing_if = "Option::is_none")]
-            user_id: Option<&'a str>,
-            #[serde(skip_serializing_if = "Option::is_none")]
-            event_id: Option<&'a str>,
-            #[serde(skip_serializing_if = "Option::is_none")]
-            ts: Option<&'a str>,
-            #[serde(skip_serializing_if = "Option::is_none")]
-            traceparent: Option<&'a str>,
-            payload: &'a RawValue,
-        }
-        let wire = Wire {
+    /// The event's fields to write: as its producer sent it (`None`), or in a frame of `channel`,
+    /// where the channel and the thread it names (not the producer's `thread_id`) are written.
+    pub fn wire<'a>(&'a self, channel: Option<&'a ChannelName>) -> Wire<'a> {
+        let thread_id = match channel {
+            None => self.thread_id.as_deref(),
+            Some(channel) => match channel.kind() {
+                ChannelKind::Thread => Some(channel.id()),
+                ChannelKind::User => None,
+            },
+        };
+        Wire {
             kind: self.kind.as_str(),
-            run_id: self.run_id.as_deref(),
-            thread_id: self.thread_id.as_deref(),
+            channel: channel.map(ChannelName::as_str),
+            thread_id,
             user_id: self.user_id.as_deref(),
+            run_id: self.run_id.as_deref(),
             event_id: self.event_id.as_deref(),
             ts: self.ts.as_deref(),
             traceparent: self.traceparent.as_deref(),
             payload: self.payload.json(),
-        };
-        // Strings and JSON text always serialise.
-        serde_json::to_string(&wire).unwrap_or_default()
+        }
     }
+
+    /// The event as a producer would have sent it.
+    pub fn to_text(&self) -> String {
+        // Strings and JSON text always serialise.
+        serde_json::to_string(&self.wire(None)).unwrap_or_default()
+    }
+}
+
+/// An event's fields as they are written ([`Event::wire`]).
+#[derive(Serialize)]
+pub struct Wire<'a> {
+    #[serde(rename = "type")]
+    kind: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    channel: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    thread_id: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    user_id: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    run_id: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    event_id: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    ts: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    traceparent: Option<&'a str>,
+    payload: &'a RawValue,
 }
 
 /// An event's payload: the JSON object as the producer sent it, kept as its text (the gateway

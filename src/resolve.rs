@@ -13,7 +13,7 @@
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Mutex, MutexGuard};
+use std::sync::{RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::time::Instant;
 
 use crate::config::ResolveConfig;
@@ -78,7 +78,7 @@ impl Label for PendingFull {
 /// uncounted.
 pub struct Resolver {
     config: ResolveConfig,
-    state: Mutex<State>,
+    state: RwLock<State>,
     /// Runs held or being released, read without the lock: while it is 0 no event
     /// needs to wait behind another, and the hot path takes no lock.
     waiting: AtomicUsize,
@@ -212,13 +212,20 @@ impl Resolver {
     pub fn new(config: ResolveConfig) -> Self {
         Self {
             config,
-            state: Mutex::default(),
+            state: RwLock::default(),
             waiting: AtomicUsize::new(0),
         }
     }
 
-    fn state(&self) -> MutexGuard<'_, State> {
-        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    /// The state to change: excludes every other reader and writer.
+    fn state(&self) -> RwLockWriteGuard<'_, State> {
+        self.state.write().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The state to read: a resolve (every event that names only its run) shares it with the
+    /// others, so publishes on different workers do not wait for one another here.
+    fn read(&self) -> RwLockReadGuard<'_, State> {
+        self.state.read().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Called with the lock held after the pending set or the releasing set changed.
@@ -232,7 +239,7 @@ impl Resolver {
     /// Whether the held events of `run_id` are being released (a later event of the run must wait
     /// behind them).
     pub fn is_waiting(&self, run_id: &str) -> bool {
-        self.waiting.load(Ordering::Acquire) > 0 && self.state().releasing.contains(run_id)
+        self.waiting.load(Ordering::Acquire) > 0 && self.read().releasing.contains(run_id)
     }
 
     /// Holds `event` behind the earlier events of its run that are being released,
@@ -395,7 +402,7 @@ impl Resolver {
         }
         if let Some(run_id) = &event.run_id {
             if let Some(channel) =
-                self.state()
+                self.read()
                     .registered(run_id, self.config.registry_ttl, Instant::now())
             {
                 return Some(channel);
@@ -459,17 +466,17 @@ impl Resolver {
 
     /// The runs with events held now.
     pub fn held_runs(&self) -> Vec<String> {
-        self.state().pending.keys().cloned().collect()
+        self.read().pending.keys().cloned().collect()
     }
 
     /// Events held now.
     pub fn pending_count(&self) -> usize {
-        self.state().pending_count
+        self.read().pending_count
     }
 
     /// Bytes the held events weigh now.
     pub fn pending_bytes(&self) -> usize {
-        self.state().pending_bytes
+        self.read().pending_bytes
     }
 
     /// Takes every held event out of the pending set, those of a release under way included (at

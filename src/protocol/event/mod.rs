@@ -12,7 +12,7 @@ use serde_json::{Map, Value};
 
 use super::agui::{AguiEvent, PAYLOAD_KEY};
 use super::channel::{ChannelKind, ChannelName, check_id};
-use read::{Fields, ObjectSeed, Text, scan_payload};
+use read::{Fields, ObjectSeed, Own, Text, scan_payload};
 
 /// The closed set of event types. The five lifecycle types are what a UI relies on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -352,15 +352,9 @@ pub fn from_value(value: Value) -> Result<Event, Refusal> {
     {
         return from_agui(fields);
     }
-    let mut take = |name: &str| Text::of(fields.remove(name));
     let read = Fields {
-        kind: take("type"),
-        run_id: take("run_id"),
-        thread_id: take("thread_id"),
-        user_id: take("user_id"),
-        event_id: take("event_id"),
-        ts: take("ts"),
-        traceparent: take("traceparent"),
+        kind: Text::of(fields.remove("type")),
+        own: Own::take(&mut fields),
         // A tree of strings and values always serialises.
         payload: fields.remove("payload").map(|payload| {
             Cow::Owned(serde_json::value::to_raw_value(&payload).unwrap_or_default())
@@ -371,24 +365,18 @@ pub fn from_value(value: Value) -> Result<Event, Refusal> {
 
 /// The rules of a native event, on its fields as read.
 fn validate(fields: Fields<'_>) -> Result<Event, Refusal> {
-    let kind_text = fields
-        .kind
-        .string("type")?
-        .ok_or_else(|| Refusal::missing("type", "required"))?;
-    let kind = EventType::parse(&kind_text).ok_or_else(|| {
+    let kind_text = match &fields.kind {
+        Text::Str(text) => text,
+        Text::Absent | Text::Null => return Err(Refusal::missing("type", "required")),
+        Text::Other => return Err(Refusal::invalid("type", "must be a string")),
+    };
+    let kind = EventType::parse(kind_text).ok_or_else(|| {
         Refusal::invalid(
             "type",
-            format!("unknown type `{}`: expected agent_started, agent_thinking, tool_executing, tool_completed, agent_completed, agent_error, custom or an AG-UI type", super::excerpt(&kind_text)),
+            format!("unknown type `{}`: expected agent_started, agent_thinking, tool_executing, tool_completed, agent_completed, agent_error, custom or an AG-UI type", super::excerpt(kind_text)),
         )
     })?;
-    let gateway = Gateway {
-        run_id: fields.run_id.id("run_id")?,
-        thread_id: fields.thread_id.id("thread_id")?,
-        user_id: fields.user_id.id("user_id")?,
-        event_id: fields.event_id.id("event_id")?,
-        ts: fields.ts.string("ts")?,
-        traceparent: fields.traceparent.string("traceparent")?,
-    };
+    let gateway = Gateway::of(fields.own)?;
     let (run_id, thread_id, user_id) = (&gateway.run_id, &gateway.thread_id, &gateway.user_id);
     let scanned = match &fields.payload {
         None => None,
@@ -427,7 +415,7 @@ fn validate(fields: Fields<'_>) -> Result<Event, Refusal> {
             format!("required for {}", kind.as_str()),
         ));
     }
-    let mut payload = Payload::default();
+    let mut tool_call = None;
     if kind.is_tool() {
         // The watchdog keeps open tool calls by this id and shows them, so it is held to the
         // same rules as every other id.
@@ -435,7 +423,7 @@ fn validate(fields: Fields<'_>) -> Result<Event, Refusal> {
             Text::Str(id) => {
                 check_id(id)
                     .map_err(|e| Refusal::invalid("payload.tool_call_id", e.to_string()))?;
-                payload.tool_call_id = Some(id.to_string());
+                tool_call = Some(id.to_string());
             }
             Text::Absent => {
                 return Err(Refusal::missing(
@@ -448,20 +436,33 @@ fn validate(fields: Fields<'_>) -> Result<Event, Refusal> {
             }
         }
     }
-    // A `null` payload is kept as `{}`, as is a missing one.
-    let object = scanned.is_some();
-    let agui = scanned.is_some_and(|scanned| scanned.agui);
-    if let Some(raw) = fields.payload.filter(|_| object) {
-        if agui {
-            // Rare (a native event carrying an AG-UI event): the object is read again as a tree.
-            if let Ok(Value::Object(mut tree)) = super::json::parse(raw.get())
-                && let Some(Value::Object(agui)) = tree.remove(PAYLOAD_KEY)
-            {
-                payload.agui = Some(agui);
+    // Read before the payload's text moves: what was scanned borrows it.
+    let (object, agui) = (
+        scanned.is_some(),
+        scanned.is_some_and(|scanned| scanned.agui),
+    );
+    let payload = match fields.payload.filter(|_| object) {
+        Some(raw) => {
+            // Rare (a native event carrying an AG-UI event): that object is read again as a tree.
+            let agui = match agui.then(|| super::json::parse(raw.get())) {
+                Some(Ok(mut tree)) => match tree.get_mut(PAYLOAD_KEY).map(Value::take) {
+                    Some(Value::Object(agui)) => Some(agui),
+                    _ => None,
+                },
+                _ => None,
+            };
+            Payload {
+                json: raw.into_owned(),
+                tool_call_id: tool_call,
+                agui,
             }
         }
-        payload.json = raw.into_owned();
-    }
+        // A `null` payload is kept as `{}`, as is a missing one.
+        None => Payload {
+            tool_call_id: tool_call,
+            ..Payload::default()
+        },
+    };
     Ok(gateway.into_event(kind, payload))
 }
 
@@ -476,15 +477,15 @@ struct Gateway {
 }
 
 impl Gateway {
-    fn take(fields: &mut Map<String, Value>) -> Result<Self, Refusal> {
-        let mut take = |name: &str| Text::of(fields.remove(name));
+    /// The rules of the gateway's own fields: ids, and strings.
+    fn of(own: Own<'_>) -> Result<Self, Refusal> {
         Ok(Self {
-            run_id: take("run_id").id("run_id")?,
-            thread_id: take("thread_id").id("thread_id")?,
-            user_id: take("user_id").id("user_id")?,
-            event_id: take("event_id").id("event_id")?,
-            ts: take("ts").string("ts")?,
-            traceparent: take("traceparent").string("traceparent")?,
+            run_id: own.run_id.id("run_id")?,
+            thread_id: own.thread_id.id("thread_id")?,
+            user_id: own.user_id.id("user_id")?,
+            event_id: own.event_id.id("event_id")?,
+            ts: own.ts.string("ts")?,
+            traceparent: own.traceparent.string("traceparent")?,
         })
     }
 
@@ -508,7 +509,7 @@ impl Gateway {
 /// RUN_STARTED and RUN_FINISHED name their run and thread themselves; the gateway's fields, when
 /// also given, must agree.
 fn from_agui(mut fields: Map<String, Value>) -> Result<Event, Refusal> {
-    let mut gateway = Gateway::take(&mut fields)?;
+    let mut gateway = Gateway::of(Own::take(&mut fields))?;
     let event = AguiEvent::from_fields(fields)?;
     for (own, ours, name) in [
         ("runId", &mut gateway.run_id, "run_id"),

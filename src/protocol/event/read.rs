@@ -105,14 +105,35 @@ impl<'de> Visitor<'de> for TextSeed<'_> {
 #[derive(Default)]
 pub(super) struct Fields<'de> {
     pub(super) kind: Text<'de>,
+    pub(super) own: Own<'de>,
+    /// Kept as its text; [`scan_payload`] reads what the gateway needs of it.
+    pub(super) payload: Option<Cow<'de, RawValue>>,
+}
+
+/// The gateway's own fields of an event (beside its type and payload), as read.
+#[derive(Default)]
+pub(super) struct Own<'de> {
     pub(super) run_id: Text<'de>,
     pub(super) thread_id: Text<'de>,
     pub(super) user_id: Text<'de>,
     pub(super) event_id: Text<'de>,
     pub(super) ts: Text<'de>,
     pub(super) traceparent: Text<'de>,
-    /// Kept as its text; [`scan_payload`] reads what the gateway needs of it.
-    pub(super) payload: Option<Cow<'de, RawValue>>,
+}
+
+impl Own<'_> {
+    /// Takes them out of an event read as a tree (an AG-UI event, a stream's event).
+    pub(super) fn take(fields: &mut serde_json::Map<String, Value>) -> Self {
+        let mut take = |name: &str| Text::of(fields.remove(name));
+        Self {
+            run_id: take("run_id"),
+            thread_id: take("thread_id"),
+            user_id: take("user_id"),
+            event_id: take("event_id"),
+            ts: take("ts"),
+            traceparent: take("traceparent"),
+        }
+    }
 }
 
 /// An object read key by key into `Self`: the keys it knows are read, every other value only
@@ -136,12 +157,12 @@ impl<'de> ReadObject<'de> for Fields<'de> {
         let text = TextSeed(checked);
         match key {
             "type" => self.kind = map.next_value_seed(text)?,
-            "run_id" => self.run_id = map.next_value_seed(text)?,
-            "thread_id" => self.thread_id = map.next_value_seed(text)?,
-            "user_id" => self.user_id = map.next_value_seed(text)?,
-            "event_id" => self.event_id = map.next_value_seed(text)?,
-            "ts" => self.ts = map.next_value_seed(text)?,
-            "traceparent" => self.traceparent = map.next_value_seed(text)?,
+            "run_id" => self.own.run_id = map.next_value_seed(text)?,
+            "thread_id" => self.own.thread_id = map.next_value_seed(text)?,
+            "user_id" => self.own.user_id = map.next_value_seed(text)?,
+            "event_id" => self.own.event_id = map.next_value_seed(text)?,
+            "ts" => self.own.ts = map.next_value_seed(text)?,
+            "traceparent" => self.own.traceparent = map.next_value_seed(text)?,
             "payload" => self.payload = Some(Cow::Borrowed(map.next_value()?)),
             _ => map.next_value_seed(checked)?,
         }

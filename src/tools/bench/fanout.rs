@@ -110,6 +110,10 @@ pub(super) async fn run(
         protocol == Protocol::Agentwire || load.batch == 1,
         "the floor takes one event per POST: --batch 1"
     );
+    ensure!(
+        protocol == Protocol::Agentwire || load.events_to.is_none(),
+        "--events-to feeds agentwire's ingest stream; the floor has none"
+    );
     let tag = run_tag();
     let deadline = Instant::now() + load.max_time;
     let thread = |k: usize| format!("bench-{tag}-t{k}");

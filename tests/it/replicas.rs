@@ -1099,3 +1099,37 @@ async fn acks_in_a_new_epoch_count_whatever_the_old_epoch_acked() {
         .await;
     ledger_until(&gateway, "thread:t_ack", |l| l["acked"] == 4).await;
 }
+
+/// Redis forgot its scripts (`SCRIPT FLUSH`: as after a restart, or on a replica just promoted,
+/// whose script cache was never replicated). The next batch of delivery reports is answered
+/// `NOSCRIPT`; the script is loaded and the batch sent again, and every delivery is counted once,
+/// in Redis's ledger and in the replica's own counter.
+#[tokio::test]
+async fn delivery_reports_survive_redis_forgetting_its_scripts_and_count_each_delivery_once() {
+    let redis = Redis::start().await;
+    let gateway = on_redis(&redis, |_| {}).await;
+    let mut client = Client::hello(gateway.addr, "u_flush").await;
+    client.subscribe("t_flush", None).await;
+    gateway.publish(&[thinking("t_flush", 1)]).await;
+    client.events(1).await;
+    ledger_until(&gateway, "thread:t_flush", |l| l["delivered"] == 1).await;
+    let () = redis::cmd("SCRIPT")
+        .arg("FLUSH")
+        .query_async(&mut redis.conn().await)
+        .await
+        .unwrap();
+    gateway
+        .publish(&(2..=3).map(|n| thinking("t_flush", n)).collect::<Vec<_>>())
+        .await;
+    client.events(2).await;
+    let ledger = ledger_until(&gateway, "thread:t_flush", |l| l["delivered"] == 3).await;
+    assert_eq!(
+        (&ledger["pending"], &ledger["balanced"]),
+        (&json!(0), &json!(true)),
+        "{ledger}"
+    );
+    assert_eq!(
+        gateway.metric("agentwire_events_delivered_total").await,
+        3.0
+    );
+}

@@ -131,16 +131,29 @@ pub(crate) enum Conn {
 
 impl Conn {
     /// Sends `commands`, each of which names its key first (a script call, `EVALSHA`, its first
-    /// key), and returns their replies in order:
-    /// one pipeline on one server; on a Cluster one pipeline per slot (a pipeline must stay in
-    /// one slot), in order within it, a few slots at a time.
+    /// key), and returns their replies in order, failing on the first that is an error.
     pub(crate) async fn each<T: FromRedisValue>(
         &mut self,
         commands: Vec<Cmd>,
     ) -> RedisResult<Vec<T>> {
+        self.each_reply(commands)
+            .await?
+            .into_iter()
+            .map(|value| match value {
+                Value::ServerError(error) => Err(error.into()),
+                value => T::from_redis_value(value).map_err(Into::into),
+            })
+            .collect()
+    }
+
+    /// [`Self::each`], with each command's error among the replies (`Value::ServerError`), so a
+    /// caller learns which commands ran: one pipeline on one server; on a Cluster one pipeline
+    /// per slot (a pipeline must stay in one slot), in order within it, a few slots at a time.
+    pub(crate) async fn each_reply(&mut self, commands: Vec<Cmd>) -> RedisResult<Vec<Value>> {
         let conn = match self {
             Self::Server(conn) => {
                 let mut pipe = redis::pipe();
+                pipe.ignore_errors();
                 for command in commands {
                     pipe.add_command(command);
                 }
@@ -162,7 +175,9 @@ impl Conn {
             let at = match slots.iter().position(|(s, _, _)| *s == slot) {
                 Some(at) => at,
                 None => {
-                    slots.push((slot, Vec::new(), redis::pipe()));
+                    let mut pipe = redis::pipe();
+                    pipe.ignore_errors();
+                    slots.push((slot, Vec::new(), pipe));
                     slots.len() - 1
                 }
             };
@@ -186,10 +201,7 @@ impl Conn {
                 ordered[i] = value;
             }
         }
-        ordered
-            .into_iter()
-            .map(|value| T::from_redis_value(value).map_err(Into::into))
-            .collect()
+        Ok(ordered)
     }
 }
 

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::SystemTime;
 
-use redis::{AsyncCommands, Cmd, ErrorKind, FromRedisValue, Script, ServerErrorKind, Value};
+use redis::{AsyncCommands, Cmd, FromRedisValue, Script, ServerErrorKind, Value};
 
 use super::RedisBroker;
 use super::keys::{CHANNELS, DEADLETTERS, Keys, seq_of};
@@ -73,28 +73,61 @@ impl RedisBroker {
                 })
                 .collect()
         };
-        let counts: Vec<u64> = self.invoke_each(&self.scripts.deliver, calls).await?;
-        let count = counts.iter().sum();
-        self.counters.delivered.fetch_add(count, Ordering::Relaxed);
-        Ok(count)
+        self.invoke_each(&self.scripts.deliver, calls, &self.counters.delivered)
+            .await
     }
 
-    /// Sends `calls` (of `script`, made by [`evalsha`]) in one round trip (per slot on a Cluster).
-    /// A server without the script (restarted, or a replica just promoted: the script cache is
-    /// not replicated) answers `NOSCRIPT`: the script is loaded and the calls sent once more, as
-    /// the redis crate does for one call. Only for scripts that may run twice.
-    async fn invoke_each<T: FromRedisValue>(
+    /// Sends `calls` (of `script`, made by [`evalsha`]) in one round trip (per slot on a Cluster),
+    /// adds the counts they return to `counter` and returns their sum. A server without the script
+    /// (restarted, or a replica just promoted: the script cache is not replicated) answers
+    /// `NOSCRIPT` to its calls: the script is loaded and those calls alone sent again, as the redis
+    /// crate does for one call. Any other error fails the whole after the counts that did come are
+    /// added, so a retry (which counts only what is new) leaves `counter` exact.
+    async fn invoke_each(
         &self,
         script: &Script,
         calls: impl Fn() -> Vec<Cmd>,
-    ) -> Result<Vec<T>, BrokerError> {
+        counter: &AtomicU64,
+    ) -> Result<u64, BrokerError> {
         let mut conn = self.conn();
-        match conn.each(calls()).await {
-            Err(error) if error.kind() == ErrorKind::Server(ServerErrorKind::NoScript) => {
-                script.prepare_invoke().load_async(&mut conn).await?;
-                Ok(conn.each(calls()).await?)
+        let mut replies = conn.each_reply(calls()).await?;
+        let lacking: Vec<bool> = replies
+            .iter()
+            .map(|reply| {
+                matches!(reply, Value::ServerError(error)
+                    if error.kind() == Some(ServerErrorKind::NoScript))
+            })
+            .collect();
+        if lacking.contains(&true) {
+            script.prepare_invoke().load_async(&mut conn).await?;
+            let again = calls()
+                .into_iter()
+                .zip(&lacking)
+                .filter(|(_, lacking)| **lacking)
+                .map(|(call, _)| call)
+                .collect();
+            let slots = replies
+                .iter_mut()
+                .zip(&lacking)
+                .filter(|(_, lacking)| **lacking);
+            for ((slot, _), reply) in slots.zip(conn.each_reply(again).await?) {
+                *slot = reply;
             }
-            replies => Ok(replies?),
+        }
+        let (mut sum, mut failed) = (0, None);
+        for reply in replies {
+            match reply {
+                Value::ServerError(error) => failed = Some(redis::RedisError::from(error)),
+                reply => match u64::from_redis_value(reply) {
+                    Ok(count) => sum += count,
+                    Err(error) => failed = Some(error.into()),
+                },
+            }
+        }
+        counter.fetch_add(sum, Ordering::Relaxed);
+        match failed {
+            Some(error) => Err(error.into()),
+            None => Ok(sum),
         }
     }
 
@@ -124,10 +157,8 @@ impl RedisBroker {
                 })
                 .collect()
         };
-        let counts: Vec<u64> = self.invoke_each(&self.scripts.ack, calls).await?;
-        self.counters
-            .acked
-            .fetch_add(counts.iter().sum(), Ordering::Relaxed);
+        self.invoke_each(&self.scripts.ack, calls, &self.counters.acked)
+            .await?;
         Ok(())
     }
 

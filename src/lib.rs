@@ -106,7 +106,7 @@ impl Gateway {
             limits: limits::Limits::new(&config),
             shutdown: Shutdown::default(),
             agui_client: outbound::streaming_client(
-                config.agui.stream_idle_timeout,
+                config.ingest.stream_idle_timeout,
                 config.tls_ca_file.as_deref(),
             )?,
             config,
@@ -122,7 +122,7 @@ pub struct Shutdown {
     draining: AtomicBool,
     pub sessions: CancellationToken,
     pub tracker: TaskTracker,
-    pub agui_streams: TaskTracker,
+    pub run_streams: TaskTracker,
 }
 
 impl Shutdown {

@@ -108,9 +108,9 @@ pub struct Metrics {
     pub runs_evicted: IntCounter,
     pub run_duration: Histogram,
     pub lifecycle_violations: IntCounterVec,
-    pub agui_runs_closed: IntCounterVec,
-    pub agui_refused: IntCounterVec,
-    pub agui_streams: IntGauge,
+    pub runs_closed: IntCounterVec,
+    pub run_streams_refused: IntCounterVec,
+    pub run_streams: IntGauge,
     deadletter_events: IntGauge,
     history_bytes: IntGauge,
     history_evicted: IntCounter,
@@ -384,22 +384,22 @@ impl Metrics {
                 "Out-of-order or unpaired lifecycle events, by kind (delivered as sent).",
                 "kind",
             ),
-            agui_runs_closed: counter_vec(
+            runs_closed: counter_vec(
                 r,
-                "agentwire_agui_runs_closed_total",
-                "AG-UI runs the gateway closed for their viewers because their stream ended while they were open, by reason.",
+                "agentwire_runs_closed_total",
+                "Runs the gateway closed for their viewers because the stream bound to them (native or AG-UI) ended while they were open, by reason.",
                 "reason",
             ),
-            agui_refused: counter_vec(
+            run_streams_refused: counter_vec(
                 r,
-                "agentwire_agui_refused_total",
-                "AG-UI streams and agent runs refused before anything was read or forwarded, by reason.",
+                "agentwire_run_streams_refused_total",
+                "Streams bound to one run (native and AG-UI) and AG-UI agent runs refused before anything was read or forwarded, by reason.",
                 "reason",
             ),
-            agui_streams: gauge(
+            run_streams: gauge(
                 r,
-                "agentwire_agui_streams",
-                "AG-UI streams being read now (producer streams and agent runs).",
+                "agentwire_run_streams",
+                "Streams bound to one run being read now (native and AG-UI producer streams, AG-UI agent runs).",
             ),
             deadletter_events: gauge(
                 r,

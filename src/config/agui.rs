@@ -1,8 +1,7 @@
-//! `[agui]`: AG-UI event streams bound to one run (`POST /v1/runs/{run_id}/agui`) and the agents
-//! the public `POST /agui/{agent}` forwards a run to.
+//! `[agui]`: AG-UI's rules for its events and streams, and the agents the public
+//! `POST /agui/{agent}` forwards a run to.
 
 use std::collections::BTreeMap;
-use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
@@ -11,12 +10,6 @@ use super::Secret;
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct AguiConfig {
-    /// A stream (a producer's body, or an agent's answer) that sends nothing for this long ends,
-    /// and its run, if still open, is closed with `agent_stalled`.
-    #[serde(with = "humantime_serde")]
-    pub stream_idle_timeout: Duration,
-    /// AG-UI streams read at once (producer streams and agent runs together); more get 503.
-    pub max_streams: usize,
     /// An event that breaks AG-UI's ordering rules is refused (`out_of_order`) instead of
     /// published.
     pub strict: bool,
@@ -42,8 +35,6 @@ pub struct AgentConfig {
 impl Default for AguiConfig {
     fn default() -> Self {
         Self {
-            stream_idle_timeout: Duration::from_secs(60),
-            max_streams: 1000,
             strict: false,
             max_input_bytes: 1024 * 1024,
             agents: BTreeMap::new(),

@@ -118,7 +118,7 @@ impl Config {
             ("session.queue_events", self.session.queue_events),
             ("session.queue_bytes", self.session.queue_bytes),
             ("broker.ui_events_max_len", self.broker.ui_events_max_len),
-            ("agui.max_streams", self.agui.max_streams),
+            ("ingest.max_streams", self.ingest.max_streams),
             ("agui.max_input_bytes", self.agui.max_input_bytes),
         ];
         for (key, value) in positive {
@@ -146,7 +146,10 @@ impl Config {
                 "broker.redis_reconcile_interval",
                 self.broker.redis_reconcile_interval,
             ),
-            ("agui.stream_idle_timeout", self.agui.stream_idle_timeout),
+            (
+                "ingest.stream_idle_timeout",
+                self.ingest.stream_idle_timeout,
+            ),
         ];
         for (key, value) in durations {
             if value.is_zero() {

@@ -87,6 +87,14 @@ pub struct IngestConfig {
     /// Slowest accepted upload, in bytes per second, after a 2 s start; a body that trickles more
     /// slowly is cut with 408.
     pub min_upload_rate: usize,
+    /// A stream bound to one run (a producer's body on `POST /v1/runs/{run_id}/events` or
+    /// `/agui`, or an AG-UI agent's answer) that sends nothing for this long ends, and its run,
+    /// if still open, is closed with `agent_stalled`.
+    #[serde(with = "humantime_serde")]
+    pub stream_idle_timeout: Duration,
+    /// Streams bound to one run read at once (native and AG-UI producer streams and AG-UI agent
+    /// runs together); more get 503.
+    pub max_streams: usize,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -385,6 +393,8 @@ impl Default for IngestConfig {
             max_inflight_bytes: 64 * 1024 * 1024,
             max_requests_per_ip: 64,
             min_upload_rate: 16 * 1024,
+            stream_idle_timeout: Duration::from_secs(60),
+            max_streams: 1000,
         }
     }
 }

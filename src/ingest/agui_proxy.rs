@@ -11,7 +11,8 @@ use bytes::Bytes;
 use reqwest::header;
 use tokio::sync::OwnedSemaphorePermit;
 
-use super::agui_stream::{Bound, Ending, Format, RunStream, read};
+use super::run_stream::agui::Agui;
+use super::run_stream::{Bound, Ending, Format, RunStream, read};
 use crate::Gateway;
 
 /// A run a browser asked for, checked and authorised.
@@ -25,11 +26,11 @@ pub struct ProxiedRun {
     pub input: Bytes,
 }
 
-/// Starts the run on `Shutdown::agui_streams`, holding `place` (in `agui.max_streams`) until
+/// Starts the run on `Shutdown::run_streams`, holding `place` (in `ingest.max_streams`) until
 /// the agent's stream has been read to its end.
 pub fn start(gateway: &Arc<Gateway>, run: ProxiedRun, place: OwnedSemaphorePermit) {
     let owned = Arc::clone(gateway);
-    gateway.shutdown.agui_streams.spawn(async move {
+    gateway.shutdown.run_streams.spawn(async move {
         let _place = place;
         forward(&owned, run).await;
     });
@@ -42,7 +43,7 @@ async fn forward(gateway: &Gateway, run: ProxiedRun) {
         producer: None,
         opened_by_gateway: true,
     };
-    let stream = RunStream::new(gateway, bound);
+    let stream = RunStream::new(gateway, bound, Agui::default());
     let Some(agent) = gateway.config.agui.agents.get(&run.agent) else {
         // The route checked the name against this same configuration.
         stream.end(Ending::Unreachable).await;
@@ -57,7 +58,7 @@ async fn forward(gateway: &Gateway, run: ProxiedRun) {
     for (name, value) in &agent.headers {
         request = request.header(name.as_str(), value.expose());
     }
-    let idle = gateway.config.agui.stream_idle_timeout;
+    let idle = gateway.config.ingest.stream_idle_timeout;
     let sent = tokio::select! {
         biased;
         () = gateway.shutdown.sessions.cancelled() => {
@@ -80,7 +81,7 @@ async fn forward(gateway: &Gateway, run: ProxiedRun) {
             return;
         }
         Err(_) => {
-            tracing::warn!(agent = %run.agent, run_id = %run.run_id, timeout = ?idle, "An AG-UI agent did not answer within agui.stream_idle_timeout.");
+            tracing::warn!(agent = %run.agent, run_id = %run.run_id, timeout = ?idle, "An AG-UI agent did not answer within ingest.stream_idle_timeout.");
             stream.end(Ending::Unreachable).await;
             return;
         }
@@ -102,7 +103,7 @@ async fn forward(gateway: &Gateway, run: ProxiedRun) {
         },
     ));
     let summary = read(gateway, stream, format, body).await;
-    tracing::debug!(agent = %run.agent, run_id = %run.run_id, accepted = summary.accepted, failed = summary.failed, violations = summary.violations, ended = ?summary.ended, closed = summary.closed, "An AG-UI agent's run ended.");
+    tracing::debug!(agent = %run.agent, run_id = %run.run_id, accepted = summary.accepted, failed = summary.failed, violations = ?summary.violations, ended = ?summary.ended, closed = summary.closed, "An AG-UI agent's run ended.");
     if summary.failed > 0 {
         tracing::warn!(agent = %run.agent, run_id = %run.run_id, failed = summary.failed, first = ?summary.errors.first(), "An AG-UI agent sent events the gateway refused.");
     }

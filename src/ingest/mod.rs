@@ -15,10 +15,10 @@
 //! went with it).
 
 pub mod agui_proxy;
-pub mod agui_stream;
 mod body;
 mod redrive;
 mod registration;
+pub mod run_stream;
 mod stalls;
 mod upward;
 

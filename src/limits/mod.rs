@@ -26,7 +26,7 @@ pub struct Limits {
     connections: PerIp,
     requests: PerIp,
     body_bytes: Arc<Semaphore>,
-    agui_streams: Arc<Semaphore>,
+    run_streams: Arc<Semaphore>,
 }
 
 /// A WebSocket connection's place in both connection budgets; given back when dropped.
@@ -50,7 +50,7 @@ impl Limits {
             ),
             requests: PerIp::new(config.ingest.max_requests_per_ip, usize::MAX),
             body_bytes: Arc::new(Semaphore::new(config.ingest.max_inflight_bytes)),
-            agui_streams: Arc::new(Semaphore::new(config.agui.max_streams)),
+            run_streams: Arc::new(Semaphore::new(config.ingest.max_streams)),
         }
     }
 
@@ -67,9 +67,9 @@ impl Limits {
         self.requests.acquire(ip).ok()
     }
 
-    /// A place for one more AG-UI stream (`agui.max_streams`), held while it is read.
-    pub fn agui_stream(&self) -> Option<OwnedSemaphorePermit> {
-        Arc::clone(&self.agui_streams).try_acquire_owned().ok()
+    /// A place for one more stream bound to one run (`ingest.max_streams`), held while it is read.
+    pub fn run_stream(&self) -> Option<OwnedSemaphorePermit> {
+        Arc::clone(&self.run_streams).try_acquire_owned().ok()
     }
 
     /// `bytes` more of request body held (`ingest.max_inflight_bytes`), added to `held`; `false`

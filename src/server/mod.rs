@@ -84,8 +84,8 @@ pub async fn run(gateway: Arc<Gateway>, doors: Doors, stop: CancellationToken) {
     metrics::export::<crate::ingest::RunRefusal>(&counted.runs_refused);
     metrics::export::<routes::UpgradeRefused>(&counted.upgrades_refused);
     metrics::export::<routes::RequestRefusal>(&counted.api_refused);
-    metrics::export::<routes::AguiRefusal>(&counted.agui_refused);
-    metrics::export::<crate::ingest::agui_stream::CloseReason>(&counted.agui_runs_closed);
+    metrics::export::<routes::StreamRefusal>(&counted.run_streams_refused);
+    metrics::export::<crate::ingest::run_stream::CloseReason>(&counted.runs_closed);
     if gateway.config.auth.authenticates_browsers() {
         tracing::info!("Browsers authenticate with a JWT in hello.");
     } else if gateway.config.auth.insecure {
@@ -149,10 +149,10 @@ pub async fn run(gateway: Arc<Gateway>, doors: Doors, stop: CancellationToken) {
     }
     // Ingest stops: open HTTP requests finish (a registration's release with them) and
     // housekeeping ends, so nothing takes an event in or holds one any more.
-    // AG-UI streams were told with the sessions and close their open runs, through ingest.
+    // Streams bound to one run were told with the sessions and close their open runs, through ingest.
     let deadline = tokio::time::Instant::now() + INGEST_BOUND;
     for (stage, tracker) in [
-        ("agui", &gateway.shutdown.agui_streams),
+        ("run streams", &gateway.shutdown.run_streams),
         ("http", &http),
         ("housekeeping", &housekeeping),
     ] {

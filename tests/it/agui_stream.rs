@@ -13,82 +13,12 @@ use hyper::body::{Bytes, Frame};
 use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
 use serde_json::{Value, json};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpListener;
 use tokio::sync::mpsc;
 
 use crate::agui_support::{AguiAgent, node, run_input};
-use crate::support::{Client, Gateway, WAIT, assert_lines, http_with};
+use crate::support::{Client, Gateway, Streaming, assert_lines, http_with};
 use agentwire::config::AgentConfig;
-
-type Chunk = Result<Frame<Bytes>, Infallible>;
-
-/// A request whose body is sent piece by piece while the gateway reads it.
-struct Streaming {
-    body: Option<mpsc::Sender<Chunk>>,
-    connection: tokio::task::JoinHandle<()>,
-    answer: tokio::task::JoinHandle<(StatusCode, Value)>,
-}
-
-impl Streaming {
-    async fn open(gateway: &Gateway, path: &str, content_type: &str) -> Self {
-        let stream = TcpStream::connect(gateway.internal).await.unwrap();
-        let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-            .await
-            .unwrap();
-        let connection = tokio::spawn(async move {
-            let _ = connection.await;
-        });
-        let (body, chunks) = mpsc::channel::<Chunk>(16);
-        let chunks = futures_util::stream::unfold(chunks, |mut chunks| async move {
-            chunks.recv().await.map(|chunk| (chunk, chunks))
-        });
-        let request = Request::builder()
-            .method("POST")
-            .uri(path)
-            .header("host", gateway.internal.to_string())
-            .header("content-type", content_type)
-            .body(StreamBody::new(chunks))
-            .unwrap();
-        let answer = tokio::spawn(async move {
-            let response = sender.send_request(request).await.unwrap();
-            let status = response.status();
-            let bytes = response.into_body().collect().await.unwrap().to_bytes();
-            (
-                status,
-                serde_json::from_slice(&bytes).unwrap_or(Value::Null),
-            )
-        });
-        Self {
-            body: Some(body),
-            connection,
-            answer,
-        }
-    }
-
-    async fn send(&self, text: &str) {
-        let chunk = Ok(Frame::data(Bytes::from(text.to_string())));
-        self.body.as_ref().unwrap().send(chunk).await.unwrap();
-    }
-
-    /// One NDJSON line.
-    async fn line(&self, event: Value) {
-        self.send(&format!("{event}\n")).await;
-    }
-
-    /// Ends the body; the gateway's answer.
-    async fn finish(mut self) -> (StatusCode, Value) {
-        self.body = None;
-        self.answer().await
-    }
-
-    /// The answer, without ending the body (the gateway ends the stream).
-    async fn answer(self) -> (StatusCode, Value) {
-        tokio::time::timeout(WAIT, self.answer)
-            .await
-            .expect("an answer in time")
-            .unwrap()
-    }
-}
 
 /// The AG-UI event a native frame carries.
 fn agui(frame: &Value) -> &Value {
@@ -241,7 +171,7 @@ async fn an_oversized_event_is_refused_and_the_stream_goes_on() {
 #[tokio::test]
 async fn a_silent_stream_ends_and_its_run_is_closed_for_every_viewer() {
     let gateway =
-        Gateway::start_with(|c| c.agui.stream_idle_timeout = Duration::from_millis(300)).await;
+        Gateway::start_with(|c| c.ingest.stream_idle_timeout = Duration::from_millis(300)).await;
     let mut first = viewer(&gateway, "u1", "t_idle").await;
     let mut second = viewer(&gateway, "u2", "t_idle").await;
     let stream = Streaming::open(&gateway, "/v1/runs/r_idle/agui", "application/x-ndjson").await;
@@ -274,7 +204,7 @@ async fn a_silent_stream_ends_and_its_run_is_closed_for_every_viewer() {
     }
     assert_eq!(
         gateway
-            .metric(r#"agentwire_agui_runs_closed_total{reason="agent_stalled"}"#)
+            .metric(r#"agentwire_runs_closed_total{reason="agent_stalled"}"#)
             .await,
         1.0
     );
@@ -294,7 +224,7 @@ async fn a_stream_that_ends_mid_run_closes_the_run() {
         "gateway_shutdown",
     ] {
         zero.push(format!(
-            r#"agentwire_agui_runs_closed_total{{reason="{reason}"}} 0"#
+            r#"agentwire_runs_closed_total{{reason="{reason}"}} 0"#
         ));
     }
     for kind in [
@@ -352,7 +282,7 @@ async fn a_stream_that_ends_mid_run_closes_the_run() {
     }
     assert_eq!(
         gateway
-            .metric(r#"agentwire_agui_runs_closed_total{reason="agent_stream_ended"}"#)
+            .metric(r#"agentwire_runs_closed_total{reason="agent_stream_ended"}"#)
             .await,
         1.0
     );
@@ -376,7 +306,7 @@ async fn a_producer_that_goes_away_mid_run_has_its_run_closed() {
 
 #[tokio::test]
 async fn streams_past_the_limit_are_refused() {
-    let gateway = Gateway::start_with(|c| c.agui.max_streams = 1).await;
+    let gateway = Gateway::start_with(|c| c.ingest.max_streams = 1).await;
     let mut viewer = viewer(&gateway, "u1", "t_lim").await;
     let stream = Streaming::open(&gateway, "/v1/runs/r_lim/agui", "application/x-ndjson").await;
     stream.line(started("t_lim", "r_lim")).await;
@@ -393,7 +323,7 @@ async fn streams_past_the_limit_are_refused() {
     assert!(body.contains("too_many_streams"), "{body}");
     assert_eq!(
         gateway
-            .metric(r#"agentwire_agui_refused_total{reason="too_many_streams"}"#)
+            .metric(r#"agentwire_run_streams_refused_total{reason="too_many_streams"}"#)
             .await,
         1.0
     );
@@ -721,7 +651,7 @@ async fn the_proxy_forwards_a_run_with_the_configured_headers_and_ingests_the_an
     );
     assert_eq!(
         gateway
-            .metric(r#"agentwire_agui_refused_total{reason="unknown_agent"}"#)
+            .metric(r#"agentwire_run_streams_refused_total{reason="unknown_agent"}"#)
             .await,
         1.0
     );
@@ -824,8 +754,8 @@ async fn an_agent_that_dies_mid_run_or_cannot_be_reached_has_its_run_closed() {
     assert_lines(
         &exposition,
         &[
-            r#"agentwire_agui_runs_closed_total{reason="agent_stream_ended"} 1"#,
-            r#"agentwire_agui_runs_closed_total{reason="agent_unreachable"} 1"#,
+            r#"agentwire_runs_closed_total{reason="agent_stream_ended"} 1"#,
+            r#"agentwire_runs_closed_total{reason="agent_unreachable"} 1"#,
         ],
     );
 }
@@ -841,7 +771,7 @@ async fn shutdown_closes_the_runs_being_streamed() {
     assert_eq!(
         inner
             .metrics
-            .agui_runs_closed
+            .runs_closed
             .with_label_values(&["gateway_shutdown"])
             .get(),
         1
@@ -1002,7 +932,7 @@ async fn a_real_agent_dying_mid_stream_has_its_run_closed_for_every_viewer() {
     );
     assert_eq!(
         gateway
-            .metric(r#"agentwire_agui_runs_closed_total{reason="agent_stream_ended"}"#)
+            .metric(r#"agentwire_runs_closed_total{reason="agent_stream_ended"}"#)
             .await,
         1.0
     );
@@ -1234,7 +1164,7 @@ async fn a_stalled_agent_has_its_run_closed_and_the_caller_sees_it_end() {
     let agent = AguiAgent::start(&["--stall-after", "3"]);
     let url = agent.url.clone();
     let gateway = Gateway::start_with(move |c| {
-        c.agui.stream_idle_timeout = Duration::from_millis(500);
+        c.ingest.stream_idle_timeout = Duration::from_millis(500);
         c.agui
             .agents
             .insert("weather".into(), agent_config(url, &[]));
@@ -1271,7 +1201,7 @@ async fn a_stalled_agent_has_its_run_closed_and_the_caller_sees_it_end() {
     );
     assert_eq!(
         gateway
-            .metric(r#"agentwire_agui_runs_closed_total{reason="agent_stalled"}"#)
+            .metric(r#"agentwire_runs_closed_total{reason="agent_stalled"}"#)
             .await,
         1.0
     );

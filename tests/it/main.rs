@@ -22,6 +22,7 @@ mod redis_cluster;
 mod replicas;
 mod resolution;
 mod resume;
+mod run_stream;
 mod security;
 mod shutdown;
 mod slow_consumer;

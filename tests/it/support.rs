@@ -1,6 +1,7 @@
 //! Test support: a real gateway on 127.0.0.1:0 (in this process, or as a child process), a real
 //! WebSocket client and a real HTTP client.
 
+use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -8,12 +9,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
-use http_body_util::{BodyExt, Full};
-use hyper::body::Bytes;
+use http_body_util::{BodyExt, Full, StreamBody};
+use hyper::body::{Bytes, Frame};
 use hyper::{Request, StatusCode};
 use hyper_util::rt::TokioIo;
 use serde_json::{Value, json};
 use tokio::net::{TcpSocket, TcpStream};
+use tokio::sync::mpsc;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
@@ -1052,5 +1054,75 @@ fn free_cluster_port() -> u16 {
         if port < 55_000 && std::net::TcpListener::bind(("127.0.0.1", port + 10_000)).is_ok() {
             return port;
         }
+    }
+}
+
+type Chunk = Result<Frame<Bytes>, Infallible>;
+
+/// A request whose body is sent piece by piece while the gateway reads it.
+pub struct Streaming {
+    body: Option<mpsc::Sender<Chunk>>,
+    pub connection: tokio::task::JoinHandle<()>,
+    answer: tokio::task::JoinHandle<(StatusCode, Value)>,
+}
+
+impl Streaming {
+    pub async fn open(gateway: &Gateway, path: &str, content_type: &str) -> Self {
+        let stream = TcpStream::connect(gateway.internal).await.unwrap();
+        let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+            .await
+            .unwrap();
+        let connection = tokio::spawn(async move {
+            let _ = connection.await;
+        });
+        let (body, chunks) = mpsc::channel::<Chunk>(16);
+        let chunks = futures_util::stream::unfold(chunks, |mut chunks| async move {
+            chunks.recv().await.map(|chunk| (chunk, chunks))
+        });
+        let request = Request::builder()
+            .method("POST")
+            .uri(path)
+            .header("host", gateway.internal.to_string())
+            .header("content-type", content_type)
+            .body(StreamBody::new(chunks))
+            .unwrap();
+        let answer = tokio::spawn(async move {
+            let response = sender.send_request(request).await.unwrap();
+            let status = response.status();
+            let bytes = response.into_body().collect().await.unwrap().to_bytes();
+            (
+                status,
+                serde_json::from_slice(&bytes).unwrap_or(Value::Null),
+            )
+        });
+        Self {
+            body: Some(body),
+            connection,
+            answer,
+        }
+    }
+
+    pub async fn send(&self, text: &str) {
+        let chunk = Ok(Frame::data(Bytes::from(text.to_string())));
+        self.body.as_ref().unwrap().send(chunk).await.unwrap();
+    }
+
+    /// One NDJSON line.
+    pub async fn line(&self, event: Value) {
+        self.send(&format!("{event}\n")).await;
+    }
+
+    /// Ends the body; the gateway's answer.
+    pub async fn finish(mut self) -> (StatusCode, Value) {
+        self.body = None;
+        self.answer().await
+    }
+
+    /// The answer, without ending the body (the gateway ends the stream).
+    pub async fn answer(self) -> (StatusCode, Value) {
+        tokio::time::timeout(WAIT, self.answer)
+            .await
+            .expect("an answer in time")
+            .unwrap()
     }
 }

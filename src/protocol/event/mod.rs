@@ -282,6 +282,55 @@ impl Refusal {
 /// gateway's fields are read as strings and the payload is kept as its text (an AG-UI event,
 /// checked against AG-UI's schema, is read as a tree: [`from_value`]).
 pub fn parse(raw: &str, max_bytes: usize) -> Result<Event, Refusal> {
+    let fields = read_fields(raw, max_bytes)?;
+    if let Text::Str(kind) = &fields.kind
+        && AguiEvent::is_type(kind)
+    {
+        return from_value(decode(raw, max_bytes)?);
+    }
+    validate(fields)
+}
+
+/// The run a stream's events belong to, filled in where an event leaves it out.
+pub struct InRun<'a> {
+    pub run_id: &'a str,
+    /// Filled in once known (the stream named it, or its run's start did).
+    pub thread_id: Option<&'a str>,
+}
+
+/// [`parse`] for a native event of a stream bound to `run`: its `run_id` and `thread_id` are
+/// filled in when it leaves them out (`null` counts as left out); a `run_id` naming another run
+/// is refused, and so is an AG-UI event (AG-UI has its own stream).
+pub fn parse_in_run(raw: &str, max_bytes: usize, run: InRun<'_>) -> Result<Event, Refusal> {
+    let mut fields = read_fields(raw, max_bytes)?;
+    if let Text::Str(kind) = &fields.kind
+        && AguiEvent::is_type(kind)
+    {
+        return Err(Refusal::invalid(
+            "type",
+            "this stream takes native events only; AG-UI events go to /v1/runs/{run_id}/agui",
+        ));
+    }
+    match &fields.own.run_id {
+        Text::Absent | Text::Null => {
+            fields.own.run_id = Text::Str(Cow::Owned(run.run_id.to_string()));
+        }
+        Text::Str(run_id) if run_id.as_ref() == run.run_id => {}
+        _ => {
+            return Err(Refusal::invalid(
+                "run_id",
+                "differs from the run this stream is bound to",
+            ));
+        }
+    }
+    if let (Text::Absent | Text::Null, Some(thread_id)) = (&fields.own.thread_id, run.thread_id) {
+        fields.own.thread_id = Text::Str(Cow::Owned(thread_id.to_string()));
+    }
+    validate(fields)
+}
+
+/// An event's fields read in one pass: within `max_bytes`, JSON, no key twice, an object.
+fn read_fields(raw: &str, max_bytes: usize) -> Result<Fields<'_>, Refusal> {
     if raw.len() > max_bytes {
         return Err(too_large(raw.len(), max_bytes));
     }
@@ -289,15 +338,7 @@ pub fn parse(raw: &str, max_bytes: usize) -> Result<Event, Refusal> {
         ObjectSeed::new(checked).deserialize(deserializer)
     })
     .map_err(json_refusal)?;
-    let Some(fields) = read else {
-        return Err(not_an_object());
-    };
-    if let Text::Str(kind) = &fields.kind
-        && AguiEvent::is_type(kind)
-    {
-        return from_value(decode(raw, max_bytes)?);
-    }
-    validate(fields)
+    read.ok_or_else(not_an_object)
 }
 
 /// The refusal of an event of `bytes` over `max_bytes`.

@@ -1,9 +1,8 @@
-//! AG-UI's two doors. Internal: `POST /v1/runs/{run_id}/agui`, a producer's AG-UI stream bound to
-//! one run (SSE or NDJSON), answered with a summary when its body ends. Public:
-//! `POST /agui/{agent}`, a browser's `RunAgentInput` (what `HttpAgent` sends), admitted like `/ws`
-//! (origin, protected mode, draining), authorised like a thread subscription, and forwarded to the
-//! configured agent by a detached run ([`crate::ingest::agui_proxy`]). Every refusal is JSON,
-//! counted, and neither forwards nor creates anything.
+//! AG-UI's public door: `POST /agui/{agent}`, a browser's `RunAgentInput` (what `HttpAgent`
+//! sends), admitted like `/ws` (origin, protected mode, draining), authorised like a thread
+//! subscription, and forwarded to the configured agent by a detached run
+//! ([`crate::ingest::agui_proxy`]). Every refusal is JSON, counted, and neither forwards nor
+//! creates anything.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -16,213 +15,24 @@ use serde_json::json;
 
 use tokio_util::sync::CancellationToken;
 
-use super::body::{self, BodyRefusal};
+use super::body;
 use super::cors;
 use super::events::authorise;
+use super::run_stream::{StreamRefusal, busy, place, refused};
 use super::upgrade::{admit, connection_slot};
-use super::{
-    Body, broker_error, broker_unavailable, error, json_response, media_type, percent_decode,
-};
+use super::{Body, broker_error, error, json_response, media_type, percent_decode};
 use crate::Gateway;
 use crate::ingest::agui_proxy::{self, ProxiedRun};
-use crate::ingest::agui_stream::{self, Bound, Format};
-use crate::metrics::{self, Label};
 use crate::protocol::ChannelName;
 use crate::protocol::agui::RunAgentInput;
-use crate::protocol::channel::check_id;
 use crate::protocol::client::Since;
 use crate::protocol::server;
 use crate::session::sse;
-
-/// Why an AG-UI stream or agent run was refused, counted in `agentwire_agui_refused_total{reason}`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum AguiRefusal {
-    /// `agui.max_streams` streams are being read (503).
-    TooManyStreams,
-    /// The replica is shutting down (503).
-    Draining,
-    /// A body of the wrong `Content-Type` (415).
-    MediaType,
-    /// A run id, thread id or agent name that is not one (400).
-    InvalidTarget,
-    /// No agent of that name is configured (404).
-    UnknownAgent,
-    /// A `RunAgentInput` that is not one (400, naming the field).
-    InvalidInput,
-    /// A body that could not be read within its budgets (413, 408, 503, 400).
-    Body,
-}
-
-impl Label for AguiRefusal {
-    const ALL: &'static [Self] = &[
-        Self::TooManyStreams,
-        Self::Draining,
-        Self::MediaType,
-        Self::InvalidTarget,
-        Self::UnknownAgent,
-        Self::InvalidInput,
-        Self::Body,
-    ];
-
-    fn as_str(self) -> &'static str {
-        match self {
-            Self::TooManyStreams => "too_many_streams",
-            Self::Draining => "draining",
-            Self::MediaType => "media_type",
-            Self::InvalidTarget => "invalid_target",
-            Self::UnknownAgent => "unknown_agent",
-            Self::InvalidInput => "invalid_input",
-            Self::Body => "body",
-        }
-    }
-}
-
-fn refused(gateway: &Gateway, reason: AguiRefusal, response: Response<Body>) -> Response<Body> {
-    metrics::count(&gateway.metrics.agui_refused, reason);
-    tracing::debug!(reason = reason.as_str(), "Refused an AG-UI request.");
-    response
-}
-
-/// The raw run id of `/v1/runs/{run_id}/agui`.
-pub(super) fn run_in(path: &str) -> Option<&str> {
-    path.strip_prefix("/v1/runs/")?
-        .strip_suffix("/agui")
-        .filter(|run| !run.contains('/'))
-}
 
 /// The raw agent name of `/agui/{agent}`.
 pub(super) fn agent_in(path: &str) -> Option<&str> {
     path.strip_prefix("/agui/")
         .filter(|agent| !agent.contains('/'))
-}
-
-/// The stream's place in `agui.max_streams`; a refusal is answered by [`busy`].
-fn place(gateway: &Gateway) -> Result<tokio::sync::OwnedSemaphorePermit, AguiRefusal> {
-    if gateway.shutdown.is_draining() {
-        return Err(AguiRefusal::Draining);
-    }
-    gateway
-        .limits
-        .agui_stream()
-        .ok_or(AguiRefusal::TooManyStreams)
-}
-
-/// 503 (with `Retry-After` when retrying here may work), counted.
-fn busy(gateway: &Gateway, reason: AguiRefusal) -> Response<Body> {
-    let answer = match reason {
-        AguiRefusal::Draining => error(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "draining",
-            "this replica is shutting down; use another",
-            None,
-        ),
-        _ => {
-            let mut answer = error(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "too_many_streams",
-                "this replica reads agui.max_streams AG-UI streams; retry later or on another replica",
-                None,
-            );
-            answer
-                .headers_mut()
-                .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
-            answer
-        }
-    };
-    refused(gateway, reason, answer)
-}
-
-fn invalid_target(gateway: &Gateway, field: &str, reason: &str) -> Response<Body> {
-    let answer = error(
-        StatusCode::BAD_REQUEST,
-        &format!("invalid_{field}"),
-        &format!("{field} {reason}"),
-        Some(field),
-    );
-    refused(gateway, AguiRefusal::InvalidTarget, answer)
-}
-
-/// `POST /v1/runs/{run_id}/agui`: reads the body as it arrives, each event taken in at once;
-/// answered with the stream's summary when the body ends (or falls silent, or the gateway stops).
-pub(super) async fn stream(
-    gateway: &Arc<Gateway>,
-    raw_run: &str,
-    request: Request<Incoming>,
-    producer: Option<&str>,
-) -> Response<Body> {
-    if !gateway.broker.is_up() {
-        return broker_unavailable(gateway, "Redis is unavailable; nothing was accepted");
-    }
-    let format = match media_type(&request).as_deref() {
-        Some("text/event-stream") => Format::Sse,
-        Some("application/x-ndjson") => Format::Ndjson,
-        _ => {
-            let answer = error(
-                StatusCode::UNSUPPORTED_MEDIA_TYPE,
-                "unsupported_media_type",
-                "Content-Type must be text/event-stream or application/x-ndjson",
-                Some("content-type"),
-            );
-            return refused(gateway, AguiRefusal::MediaType, answer);
-        }
-    };
-    let run_id = match percent_decode(raw_run) {
-        Some(run_id) => run_id,
-        None => return invalid_target(gateway, "run_id", "is not UTF-8 once decoded"),
-    };
-    if let Err(reason) = check_id(&run_id) {
-        return invalid_target(gateway, "run_id", &reason.to_string());
-    }
-    let mut thread_id = None;
-    for (name, value) in url::form_urlencoded::parse(request.uri().query().unwrap_or("").as_bytes())
-    {
-        if name != "thread_id" {
-            continue;
-        }
-        if thread_id.is_some() {
-            return invalid_target(gateway, "thread_id", "is given more than once");
-        }
-        if let Err(reason) = check_id(&value) {
-            return invalid_target(gateway, "thread_id", &reason.to_string());
-        }
-        thread_id = Some(value.into_owned());
-    }
-    let place = match place(gateway) {
-        Ok(place) => place,
-        Err(reason) => return busy(gateway, reason),
-    };
-    // What one stream holds of `ingest.max_inflight_bytes`: one line, however long it streams.
-    let mut budget = None;
-    let line = gateway.config.ingest.max_event_bytes + agui_stream::SSE_LINE_SLACK;
-    if !gateway.limits.hold_body_bytes(&mut budget, line) {
-        let mut answer = error(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "ingest_busy",
-            "the gateway holds ingest.max_inflight_bytes of request bodies; retry",
-            None,
-        );
-        answer
-            .headers_mut()
-            .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
-        metrics::count(&gateway.metrics.events_rejected, BodyRefusal::IngestBusy);
-        return answer;
-    }
-    let bound = Bound {
-        run_id,
-        thread_id,
-        producer: producer.map(str::to_string),
-        opened_by_gateway: false,
-    };
-    let body = request.into_body().into_data_stream();
-    match agui_stream::detached(Arc::clone(gateway), bound, format, body, (place, budget)).await {
-        Some(summary) => json_response(StatusCode::OK, &summary),
-        None => error(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            "internal",
-            "the stream's task ended without a summary",
-            None,
-        ),
-    }
 }
 
 /// `POST /agui/{agent}` (and its CORS preflight) on the public door.
@@ -269,7 +79,7 @@ async fn run(
                 "no agent of this name is configured (agui.agents)",
                 Some("agent"),
             );
-            return refused(gateway, AguiRefusal::UnknownAgent, answer);
+            return refused(gateway, StreamRefusal::UnknownAgent, answer);
         }
     };
     if media_type(&request).as_deref() != Some("application/json") {
@@ -279,7 +89,7 @@ async fn run(
             "Content-Type must be application/json",
             Some("content-type"),
         );
-        return refused(gateway, AguiRefusal::MediaType, answer);
+        return refused(gateway, StreamRefusal::MediaType, answer);
     }
     let bearer = super::bearer(&request).map(str::to_string);
     // The connection budgets, like any stream of the public door: held while the answer streams.
@@ -290,7 +100,7 @@ async fn run(
     let limit = gateway.config.agui.max_input_bytes;
     let held = match body::read(gateway, request, limit, "agui.max_input_bytes").await {
         Ok(held) => held,
-        Err(refusal) => return refused(gateway, AguiRefusal::Body, refusal.response),
+        Err(refusal) => return refused(gateway, StreamRefusal::Body, refusal.response),
     };
     let input = match RunAgentInput::check(&held.bytes) {
         Ok(input) => input,
@@ -300,7 +110,7 @@ async fn run(
                 body["field"] = field.as_str().into();
             }
             let answer = json_response(StatusCode::BAD_REQUEST, &body);
-            return refused(gateway, AguiRefusal::InvalidInput, answer);
+            return refused(gateway, StreamRefusal::InvalidInput, answer);
         }
     };
     // Authorised like a reader of the thread (the event streams' rule, with the bearer only).

@@ -1,5 +1,5 @@
 //! The HTTP surface: `/ws`, `/v1/threads/{thread_id}/events`, `/agui/{agent}`, `/v1/events`,
-//! `/v1/runs`, `/v1/runs/{run_id}/agui`, `/v1/channels/{channel}`, `/v1/threads/{thread_id}/tail`,
+//! `/v1/runs`, `/v1/runs/{run_id}/events`, `/v1/runs/{run_id}/agui`, `/v1/channels/{channel}`, `/v1/threads/{thread_id}/tail`,
 //! `/inspect`, `/healthz`, `/readyz`, `/metrics`.
 //! Every error is JSON: `{"error": code, "message": …, "field": …}`.
 
@@ -30,13 +30,14 @@ mod health;
 mod inspect;
 mod operator;
 mod producers;
+mod run_stream;
 mod upgrade;
 
-pub use agui::AguiRefusal;
 pub use body::BodyRefusal;
 use health::{metrics, ready};
 use operator::{channel, dead_letters, ledger, redrive, run};
 use producers::{events, runs};
+pub use run_stream::StreamRefusal;
 pub use upgrade::Refused as UpgradeRefused;
 use upgrade::upgrade;
 
@@ -103,7 +104,7 @@ async fn internal(
     // The producer and operator API needs a key of its role; probes and scrapes need none.
     let role = match (path, method) {
         ("/v1/events" | "/v1/runs", &Method::POST) => Some(Role::Producer),
-        (p, &Method::POST) if agui::run_in(p).is_some() => Some(Role::Producer),
+        (p, &Method::POST) if run_stream::run_in(p).is_some() => Some(Role::Producer),
         (p, _) if p.starts_with("/v1/") => Some(Role::Operator),
         _ => None,
     };
@@ -139,9 +140,8 @@ async fn internal(
     match (path, method) {
         ("/v1/events", &Method::POST) => events(&gateway, request, producer.as_deref()).await,
         ("/v1/runs", &Method::POST) => runs(&gateway, request).await,
-        (p, &Method::POST) if agui::run_in(p).is_some() => {
-            let run = agui::run_in(p).unwrap_or_default();
-            agui::stream(&gateway, run, request, producer.as_deref()).await
+        (p, &Method::POST) if let Some(target) = run_stream::run_in(p) => {
+            run_stream::stream(&gateway, target, request, producer.as_deref()).await
         }
         ("/v1/runs", &Method::GET) => inspect::runs(&gateway, request.uri().query()),
         (p, &Method::GET) if p.starts_with("/v1/runs/") => run(&gateway, &p["/v1/runs/".len()..]),

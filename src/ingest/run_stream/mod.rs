@@ -21,6 +21,7 @@ use bytes::Bytes;
 use futures_util::{Stream, StreamExt};
 use serde::Serialize;
 use tokio::sync::oneshot;
+use tokio::time::Instant;
 
 use super::{ItemResult, accept, count_refusal};
 use crate::Gateway;
@@ -343,23 +344,38 @@ pub async fn read<R: Rules, E: Display>(
     });
     let mut sse = SseEvent::default();
     let mut ready = Vec::new();
+    // Made once for the whole stream: a token stream sends a chunk every few milliseconds, and
+    // neither the cancellation's waiter nor the timer needs to be set again for each. The timer
+    // is moved on only when it fires early (something arrived since it was set).
+    let cancelled = gateway.shutdown.sessions.cancelled();
+    tokio::pin!(cancelled);
+    let mut last = Instant::now();
+    let silence = tokio::time::sleep_until(last + idle);
+    tokio::pin!(silence);
     let ending = loop {
         let next = tokio::select! {
             biased;
-            () = gateway.shutdown.sessions.cancelled() => break Ending::Shutdown,
-            next = tokio::time::timeout(idle, body.next()) => next,
+            () = &mut cancelled => break Ending::Shutdown,
+            next = body.next() => next,
+            () = &mut silence => {
+                if last.elapsed() >= idle {
+                    break Ending::IdleTimeout;
+                }
+                silence.as_mut().reset(last + idle);
+                continue;
+            }
         };
+        last = Instant::now();
         match next {
-            Err(_) => break Ending::IdleTimeout,
-            Ok(None) => {
+            None => {
                 lines.finish(&mut ready);
                 break Ending::End;
             }
-            Ok(Some(Err(error))) => {
+            Some(Err(error)) => {
                 tracing::debug!(run_id = %stream.bound.run_id, %error, "A stream bound to a run broke.");
                 break Ending::Broken;
             }
-            Ok(Some(Ok(chunk))) => lines.push(&chunk, &mut ready),
+            Some(Ok(chunk)) => lines.push(&chunk, &mut ready),
         }
         for line in ready.drain(..) {
             lines::take(&mut stream, format, &mut sse, line, max).await;

@@ -1,12 +1,13 @@
-//! `bench tokens`: N concurrent AG-UI runs, each on its own thread with one viewer (`hello` with
-//! `"protocol":"ag-ui"`), each streaming `TEXT_MESSAGE_CONTENT` deltas of a few bytes at a fixed
-//! rate as an agent's token stream does, framed by RUN_STARTED, TEXT_MESSAGE_START …
-//! TEXT_MESSAGE_END, RUN_FINISHED. Two producers: `stream`, one long-lived
-//! `POST /v1/runs/{run_id}/agui` NDJSON body per run, an event per line as it is produced (what an
-//! agent does); `post`, one keep-alive `POST /v1/events` per event over a bounded pool of
-//! connections. Every event carries its send time (in AG-UI's `rawEvent`, which the gateway and
-//! AG-UI clients pass through), so latency is publish → receive. Lost: events the gateway accepted
-//! that the run's viewer had not received by the deadline.
+//! `bench tokens`: N concurrent runs, each on its own thread with one viewer, each streaming
+//! deltas of a few bytes at a fixed rate as an agent's token stream does. Two protocols: `agui`
+//! (`TEXT_MESSAGE_CONTENT` framed by RUN_STARTED, TEXT_MESSAGE_START … TEXT_MESSAGE_END,
+//! RUN_FINISHED, to a viewer that says `"protocol":"ag-ui"`) and `native` (`agent_thinking`
+//! framed by `agent_started` … `agent_completed`, to a native viewer). Two producers: `stream`,
+//! one long-lived `POST /v1/runs/{run_id}/agui` or `/events` NDJSON body per run, an event per
+//! line as it is produced (what an agent does); `post`, one keep-alive `POST /v1/events` per event
+//! over a bounded pool of connections. Every event carries its send time (in AG-UI's `rawEvent`,
+//! or the native payload, which the gateway passes through), so latency is publish → receive.
+//! Lost: events the gateway accepted that the run's viewer had not received by the deadline.
 
 use std::net::IpAddr;
 use std::sync::Arc;
@@ -26,8 +27,6 @@ use crate::tools::client::{Http, Upload};
 const CONCURRENT_HANDSHAKES: usize = 256;
 /// How long the gateway may take to answer a stream once its body ended (it answers at once).
 const SUMMARY_TIMEOUT: Duration = Duration::from_secs(10);
-/// The run's last event, which tells its viewer it has everything.
-const LAST: &[u8] = b"\"RUN_FINISHED\"";
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct Tokens {
@@ -46,6 +45,9 @@ pub struct Tokens {
     /// How the runs reach the gateway.
     #[arg(long, value_enum, default_value_t = Producer::Stream)]
     pub producer: Producer,
+    /// Which events the runs are made of.
+    #[arg(long, value_enum, default_value_t = Events::Agui)]
+    pub events: Events,
     /// Keep-alive HTTP connections the runs share (`--producer post`).
     #[arg(long, default_value_t = 64)]
     pub producer_connections: usize,
@@ -63,9 +65,44 @@ pub enum Producer {
     Post,
 }
 
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Events {
+    /// AG-UI events, streamed to `POST /v1/runs/{run_id}/agui`, read by AG-UI viewers.
+    Agui,
+    /// Native events, streamed to `POST /v1/runs/{run_id}/events`, read by native viewers.
+    Native,
+}
+
+impl Events {
+    fn as_str(self) -> &'static str {
+        match self {
+            Self::Agui => "agui",
+            Self::Native => "native",
+        }
+    }
+
+    /// The run's last event, which tells its viewer it has everything.
+    fn last(self) -> &'static [u8] {
+        match self {
+            Self::Agui => b"\"RUN_FINISHED\"",
+            Self::Native => b"\"agent_completed\"",
+        }
+    }
+
+    /// Events around the deltas: RUN_STARTED, TEXT_MESSAGE_START … TEXT_MESSAGE_END,
+    /// RUN_FINISHED; or `agent_started` … `agent_completed`.
+    fn framing(self) -> usize {
+        match self {
+            Self::Agui => 4,
+            Self::Native => 2,
+        }
+    }
+}
+
 /// The runs of one bench: names, events, and when each is due.
 struct Runs {
     tag: String,
+    kind: Events,
     count: usize,
     deltas: usize,
     period: Duration,
@@ -81,10 +118,18 @@ impl Runs {
         format!("bench-{}-r{k}", self.tag)
     }
 
-    /// Events of each run: RUN_STARTED, TEXT_MESSAGE_START, the deltas, TEXT_MESSAGE_END,
-    /// RUN_FINISHED.
+    /// Events of each run: the deltas and their framing.
     fn events(&self) -> usize {
-        self.deltas + 4
+        self.deltas + self.kind.framing()
+    }
+
+    /// Where run `k` is streamed (`--producer stream`).
+    fn stream_path(&self, k: usize) -> String {
+        let (run, thread) = (self.run(k), self.thread(k));
+        match self.kind {
+            Events::Agui => format!("/v1/runs/{run}/agui?thread_id={thread}"),
+            Events::Native => format!("/v1/runs/{run}/events?thread_id={thread}"),
+        }
     }
 
     /// When event `i` of run `k` is due after the start: one every period, the runs' phases
@@ -93,10 +138,24 @@ impl Runs {
         self.period.mul_f64(i as f64 + k as f64 / self.count as f64)
     }
 
-    /// Event `i` of run `k` as AG-UI JSON, carrying its send time; with `beside`, the gateway's
+    /// Event `i` of run `k` as JSON, carrying its send time; with `beside`, the gateway's
     /// `run_id` and `thread_id` next to it (what `POST /v1/events` needs).
     fn event(&self, k: usize, i: usize, beside: bool) -> String {
         let (thread, run) = (self.thread(k), self.run(k));
+        if self.kind == Events::Native {
+            let sent = json!({"sent_us": now_us()});
+            let mut event = match i {
+                0 => json!({"type": "agent_started", "payload": sent}),
+                i if i <= self.deltas => json!({"type": "agent_thinking",
+                    "payload": {"delta": self.delta, "sent_us": sent["sent_us"]}}),
+                _ => json!({"type": "agent_completed", "payload": sent}),
+            };
+            if beside {
+                event["run_id"] = run.into();
+                event["thread_id"] = thread.into();
+            }
+            return event.to_string();
+        }
         let mut event = match i {
             0 => json!({"type": "RUN_STARTED", "threadId": thread, "runId": run}),
             1 => json!({"type": "TEXT_MESSAGE_START", "messageId": "m", "role": "assistant"}),
@@ -179,6 +238,7 @@ pub(super) async fn run(
     let period = Duration::from_secs(1) / args.rate_per_run;
     let runs = Arc::new(Runs {
         tag: run_tag(),
+        kind: args.events,
         count: args.runs,
         deltas: (args.duration.as_secs_f64() * f64::from(args.rate_per_run)).round() as usize,
         period,
@@ -192,6 +252,7 @@ pub(super) async fn run(
     // Every viewer subscribed before its run starts, so it reads the run from RUN_STARTED.
     let gate = Arc::new(Semaphore::new(CONCURRENT_HANDSHAKES));
     let mut opening = Vec::with_capacity(args.runs);
+    let kind = args.events;
     for k in 0..args.runs {
         let (target, source, gate, thread) = (
             server.target.clone(),
@@ -201,8 +262,10 @@ pub(super) async fn run(
         );
         opening.push(tokio::spawn(async move {
             let _permit = gate.acquire_owned().await?;
-            let hello =
-                json!({"type": "hello", "user_id": format!("{thread}-v"), "protocol": "ag-ui"});
+            let mut hello = json!({"type": "hello", "user_id": format!("{thread}-v")});
+            if kind == Events::Agui {
+                hello["protocol"] = "ag-ui".into();
+            }
             viewer::open(&target, source, &hello, &thread).await
         }));
     }
@@ -225,7 +288,7 @@ pub(super) async fn run(
         .map(|(k, ws)| {
             tokio::spawn(viewer::receive(
                 ws,
-                Until::Holds(LAST),
+                Until::Holds(runs.kind.last()),
                 deadline,
                 Some(runs.thread(k)),
             ))
@@ -275,6 +338,7 @@ pub(super) async fn run(
     let result = json!({
         "scenario": "tokens",
         "producer": producer,
+        "events": args.events.as_str(),
         "runs": args.runs,
         "rate_per_run": args.rate_per_run,
         "delta_bytes": args.delta_bytes,
@@ -302,7 +366,8 @@ pub(super) async fn run(
         "ledger": ledger.json(),
     });
     eprintln!(
-        "tokens ({producer}): {} runs × {} events in {:.1} s; {events_in} events in ({:.0}/s), {received} deliveries out, {lost} lost, {} refused, {} unsent; producer lag max {:.1} ms; {}; server CPU {:.2} µs/event in, {:.2} µs/delivery out; RSS {:.1} -> {:.1} MiB; {}",
+        "tokens ({}, {producer}): {} runs × {} events in {:.1} s; {events_in} events in ({:.0}/s), {received} deliveries out, {lost} lost, {} refused, {} unsent; producer lag max {:.1} ms; {}; server CPU {:.2} µs/event in, {:.2} µs/delivery out; RSS {:.1} -> {:.1} MiB; {}",
+        args.events.as_str(),
         args.runs,
         runs.events(),
         produced_in.as_secs_f64(),
@@ -356,7 +421,7 @@ async fn open_streams(
             sources[k % sources.len()],
             Arc::clone(&gate),
         );
-        let path = format!("/v1/runs/{}/agui?thread_id={}", runs.run(k), runs.thread(k));
+        let path = runs.stream_path(k);
         opening.push(tokio::spawn(async move {
             let _permit = gate.acquire_owned().await?;
             Upload::start(&api, source, &path, "application/x-ndjson").await

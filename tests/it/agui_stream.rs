@@ -17,7 +17,7 @@ use tokio::net::TcpListener;
 use tokio::sync::mpsc;
 
 use crate::agui_support::{AguiAgent, node, run_input};
-use crate::support::{Client, Gateway, Streaming, assert_lines, http_with};
+use crate::support::{Gateway, Streaming, assert_lines, http_with};
 use agentwire::config::AgentConfig;
 
 /// The AG-UI event a native frame carries.
@@ -32,13 +32,6 @@ fn types(frames: &[Value]) -> Vec<String> {
         .collect()
 }
 
-/// A viewer of `thread_id` on `/ws`.
-async fn viewer(gateway: &Gateway, user: &str, thread_id: &str) -> Client {
-    let mut client = gateway.client(user).await;
-    client.subscribe(thread_id, None).await;
-    client
-}
-
 fn started(thread_id: &str, run_id: &str) -> Value {
     json!({"type": "RUN_STARTED", "threadId": thread_id, "runId": run_id})
 }
@@ -46,7 +39,7 @@ fn started(thread_id: &str, run_id: &str) -> Value {
 #[tokio::test]
 async fn ndjson_events_are_published_as_they_arrive() {
     let gateway = Gateway::start().await;
-    let mut viewer = viewer(&gateway, "u1", "t_nd").await;
+    let mut viewer = gateway.viewer("u1", "t_nd").await;
     let stream = Streaming::open(&gateway, "/v1/runs/r_nd/agui", "application/x-ndjson").await;
     stream.line(started("t_nd", "r_nd")).await;
     let frame = viewer.recv().await;
@@ -95,7 +88,7 @@ async fn ndjson_events_are_published_as_they_arrive() {
 #[tokio::test]
 async fn sse_bodies_take_data_lines_and_ignore_the_other_fields() {
     let gateway = Gateway::start().await;
-    let mut viewer = viewer(&gateway, "u1", "t_sse").await;
+    let mut viewer = gateway.viewer("u1", "t_sse").await;
     // The thread is named by the query: events before RUN_STARTED have a channel too.
     let stream = Streaming::open(
         &gateway,
@@ -139,7 +132,7 @@ async fn sse_bodies_take_data_lines_and_ignore_the_other_fields() {
 #[tokio::test]
 async fn an_oversized_event_is_refused_and_the_stream_goes_on() {
     let gateway = Gateway::start_with(|c| c.ingest.max_event_bytes = 2048).await;
-    let mut viewer = viewer(&gateway, "u1", "t_big").await;
+    let mut viewer = gateway.viewer("u1", "t_big").await;
     let stream = Streaming::open(&gateway, "/v1/runs/r_big/agui", "application/x-ndjson").await;
     stream.line(started("t_big", "r_big")).await;
     let big = json!({"type": "CUSTOM", "name": "x", "value": "a".repeat(5000)}).to_string();
@@ -172,8 +165,8 @@ async fn an_oversized_event_is_refused_and_the_stream_goes_on() {
 async fn a_silent_stream_ends_and_its_run_is_closed_for_every_viewer() {
     let gateway =
         Gateway::start_with(|c| c.ingest.stream_idle_timeout = Duration::from_millis(300)).await;
-    let mut first = viewer(&gateway, "u1", "t_idle").await;
-    let mut second = viewer(&gateway, "u2", "t_idle").await;
+    let mut first = gateway.viewer("u1", "t_idle").await;
+    let mut second = gateway.viewer("u2", "t_idle").await;
     let stream = Streaming::open(&gateway, "/v1/runs/r_idle/agui", "application/x-ndjson").await;
     stream.line(started("t_idle", "r_idle")).await;
     stream
@@ -242,8 +235,8 @@ async fn a_stream_that_ends_mid_run_closes_the_run() {
     let zero: Vec<&str> = zero.iter().map(String::as_str).collect();
     assert_lines(&exposition, &zero);
 
-    let mut first = viewer(&gateway, "u1", "t_eof").await;
-    let mut second = viewer(&gateway, "u2", "t_eof").await;
+    let mut first = gateway.viewer("u1", "t_eof").await;
+    let mut second = gateway.viewer("u2", "t_eof").await;
     let stream = Streaming::open(&gateway, "/v1/runs/r_eof/agui", "application/x-ndjson").await;
     stream.line(started("t_eof", "r_eof")).await;
     stream
@@ -293,7 +286,7 @@ async fn a_stream_that_ends_mid_run_closes_the_run() {
 #[tokio::test]
 async fn a_producer_that_goes_away_mid_run_has_its_run_closed() {
     let gateway = Gateway::start().await;
-    let mut viewer = viewer(&gateway, "u1", "t_gone").await;
+    let mut viewer = gateway.viewer("u1", "t_gone").await;
     let stream = Streaming::open(&gateway, "/v1/runs/r_gone/agui", "application/x-ndjson").await;
     stream.line(started("t_gone", "r_gone")).await;
     assert_eq!(types(&viewer.events(1).await), ["RUN_STARTED"]);
@@ -307,7 +300,7 @@ async fn a_producer_that_goes_away_mid_run_has_its_run_closed() {
 #[tokio::test]
 async fn streams_past_the_limit_are_refused() {
     let gateway = Gateway::start_with(|c| c.ingest.max_streams = 1).await;
-    let mut viewer = viewer(&gateway, "u1", "t_lim").await;
+    let mut viewer = gateway.viewer("u1", "t_lim").await;
     let stream = Streaming::open(&gateway, "/v1/runs/r_lim/agui", "application/x-ndjson").await;
     stream.line(started("t_lim", "r_lim")).await;
     viewer.events(1).await;
@@ -359,7 +352,7 @@ async fn streams_past_the_limit_are_refused() {
 #[tokio::test]
 async fn strict_mode_refuses_what_breaks_the_order() {
     let gateway = Gateway::start_with(|c| c.agui.strict = true).await;
-    let mut viewer = viewer(&gateway, "u1", "t_strict").await;
+    let mut viewer = gateway.viewer("u1", "t_strict").await;
     let stream = Streaming::open(&gateway, "/v1/runs/r_strict/agui", "application/x-ndjson").await;
     stream.line(started("t_strict", "r_strict")).await;
     stream
@@ -592,7 +585,7 @@ async fn the_proxy_forwards_a_run_with_the_configured_headers_and_ingests_the_an
         );
     })
     .await;
-    let mut viewer = viewer(&gateway, "u1", "t_px").await;
+    let mut viewer = gateway.viewer("u1", "t_px").await;
     let (status, body) = run_agent(&gateway, "scripted", &input("t_px", "r_px"), &[]).await;
     assert_eq!(status, StatusCode::OK, "{body}");
     // The answer is the thread's AG-UI stream from this run's start to its end, with ids.
@@ -733,7 +726,7 @@ async fn an_agent_that_dies_mid_run_or_cannot_be_reached_has_its_run_closed() {
             .insert("away".into(), agent_config(closed, &[]));
     })
     .await;
-    let mut viewer = viewer(&gateway, "u1", "t_die").await;
+    let mut viewer = gateway.viewer("u1", "t_die").await;
     let (status, _) = run_agent(&gateway, "dying", &input("t_die", "r_die"), &[]).await;
     assert_eq!(status, StatusCode::OK);
     let frames = viewer.events(8).await;
@@ -763,7 +756,7 @@ async fn an_agent_that_dies_mid_run_or_cannot_be_reached_has_its_run_closed() {
 #[tokio::test]
 async fn shutdown_closes_the_runs_being_streamed() {
     let mut gateway = Gateway::start().await;
-    let mut viewer = viewer(&gateway, "u1", "t_stop").await;
+    let mut viewer = gateway.viewer("u1", "t_stop").await;
     let stream = Streaming::open(&gateway, "/v1/runs/r_stop/agui", "application/x-ndjson").await;
     stream.line(started("t_stop", "r_stop")).await;
     viewer.events(1).await;
@@ -782,7 +775,7 @@ async fn shutdown_closes_the_runs_being_streamed() {
 #[tokio::test]
 async fn out_of_order_events_are_published_and_counted_once_without_strict_mode() {
     let gateway = Gateway::start().await;
-    let mut viewer = viewer(&gateway, "u1", "t_loose").await;
+    let mut viewer = gateway.viewer("u1", "t_loose").await;
     let body = [
         started("t_loose", "r_loose"),
         json!({"type": "TEXT_MESSAGE_CONTENT", "messageId": "nope", "delta": "x"}),
@@ -832,7 +825,7 @@ async fn a_real_agent_gets_its_header_from_the_configuration_and_its_run_reaches
         c.agui.agents.insert("bare".into(), agent_config(bare, &[]));
     })
     .await;
-    let mut native = viewer(&gateway, "u1", "t-real").await;
+    let mut native = gateway.viewer("u1", "t-real").await;
     let url = format!("ws://{}/ws", gateway.addr);
     let agui_viewer = tokio::spawn(async move {
         node(
@@ -893,8 +886,8 @@ async fn a_real_agent_dying_mid_stream_has_its_run_closed_for_every_viewer() {
             .insert("weather".into(), agent_config(url, &[]));
     })
     .await;
-    let mut first = viewer(&gateway, "u1", "t-die").await;
-    let mut second = viewer(&gateway, "u2", "t-die").await;
+    let mut first = gateway.viewer("u1", "t-die").await;
+    let mut second = gateway.viewer("u2", "t-die").await;
     let url = format!("ws://{}/ws", gateway.addr);
     let agui_viewer = tokio::spawn(async move {
         node(
@@ -1022,7 +1015,7 @@ async fn http_agent_sees_the_run_closed_when_the_agent_dies() {
             .insert("weather".into(), agent_config(url, &[]));
     })
     .await;
-    let mut native = viewer(&gateway, "u1", "t-hd").await;
+    let mut native = gateway.viewer("u1", "t-hd").await;
     let through = node(
         "run-agent.mjs",
         &[
@@ -1136,7 +1129,7 @@ async fn redis_mode_a_stream_into_one_replica_is_seen_and_closed_on_another() {
     let (a_url, b_url) = (url.clone(), url);
     let producer_side = Gateway::start_with(move |c| c.broker.redis_url = Some(a_url)).await;
     let viewer_side = Gateway::start_with(move |c| c.broker.redis_url = Some(b_url)).await;
-    let mut remote = viewer(&viewer_side, "u1", "t_redis").await;
+    let mut remote = viewer_side.viewer("u1", "t_redis").await;
     let stream = Streaming::open(
         &producer_side,
         "/v1/runs/r_redis/agui",

@@ -7,15 +7,9 @@ use std::time::Duration;
 use hyper::StatusCode;
 use serde_json::{Value, json};
 
-use crate::support::{Client, Gateway, Streaming, assert_lines, http_with};
+use crate::support::{Gateway, Streaming, assert_lines, http_with};
 
 const NDJSON: &str = "application/x-ndjson";
-
-async fn viewer(gateway: &Gateway, user: &str, thread_id: &str) -> Client {
-    let mut client = gateway.client(user).await;
-    client.subscribe(thread_id, None).await;
-    client
-}
 
 fn types(frames: &[Value]) -> Vec<&str> {
     frames
@@ -27,7 +21,7 @@ fn types(frames: &[Value]) -> Vec<&str> {
 #[tokio::test]
 async fn events_are_published_as_they_arrive_with_their_run_and_thread_filled_in() {
     let gateway = Gateway::start().await;
-    let mut viewer = viewer(&gateway, "u1", "t_ns").await;
+    let mut viewer = gateway.viewer("u1", "t_ns").await;
     let stream = Streaming::open(&gateway, "/v1/runs/r_ns/events?thread_id=t_ns", NDJSON).await;
     stream.line(json!({"type": "agent_started"})).await;
     let frame = viewer.recv().await;
@@ -64,8 +58,8 @@ async fn events_are_published_as_they_arrive_with_their_run_and_thread_filled_in
 #[tokio::test]
 async fn a_stream_that_ends_mid_run_closes_the_run_for_every_viewer() {
     let gateway = Gateway::start().await;
-    let mut first = viewer(&gateway, "u1", "t_nx").await;
-    let mut second = viewer(&gateway, "u2", "t_nx").await;
+    let mut first = gateway.viewer("u1", "t_nx").await;
+    let mut second = gateway.viewer("u2", "t_nx").await;
     // No `?thread_id=`: the run's start names its thread, which the closing event then carries.
     let stream = Streaming::open(&gateway, "/v1/runs/r_nx/events", NDJSON).await;
     stream
@@ -118,7 +112,7 @@ async fn a_stream_that_ends_mid_run_closes_the_run_for_every_viewer() {
 async fn a_silent_or_abandoned_stream_closes_its_run() {
     let gateway =
         Gateway::start_with(|c| c.ingest.stream_idle_timeout = Duration::from_millis(300)).await;
-    let mut viewer = viewer(&gateway, "u1", "t_nq").await;
+    let mut viewer = gateway.viewer("u1", "t_nq").await;
     let silent = Streaming::open(&gateway, "/v1/runs/r_nq/events?thread_id=t_nq", NDJSON).await;
     silent.line(json!({"type": "agent_started"})).await;
     let frames = viewer.events(2).await;
@@ -157,7 +151,7 @@ async fn a_silent_or_abandoned_stream_closes_its_run() {
 #[tokio::test]
 async fn refused_lines_are_answered_with_their_line_and_stop_nothing_beside_them() {
     let gateway = Gateway::start_with(|c| c.ingest.max_event_bytes = 1024).await;
-    let mut viewer = viewer(&gateway, "u1", "t_nr").await;
+    let mut viewer = gateway.viewer("u1", "t_nr").await;
     let stream = Streaming::open(&gateway, "/v1/runs/r_nr/events?thread_id=t_nr", NDJSON).await;
     stream.line(json!({"type": "agent_started"})).await;
     // Another run, an AG-UI event, too long, not JSON, a key twice, a tool without its id.
@@ -228,7 +222,7 @@ async fn refused_lines_are_answered_with_their_line_and_stop_nothing_beside_them
 #[tokio::test]
 async fn sse_bodies_and_the_stream_budget() {
     let gateway = Gateway::start_with(|c| c.ingest.max_streams = 1).await;
-    let mut viewer = viewer(&gateway, "u1", "t_nb").await;
+    let mut viewer = gateway.viewer("u1", "t_nb").await;
     let stream = Streaming::open(
         &gateway,
         "/v1/runs/r_nb/events?thread_id=t_nb",

@@ -183,6 +183,13 @@ impl Gateway {
     pub async fn client(&self, user_id: &str) -> Client {
         Client::hello(self.addr, user_id).await
     }
+
+    /// A client of `user_id` on `/ws`, subscribed to `thread_id`.
+    pub async fn viewer(&self, user_id: &str, thread_id: &str) -> Client {
+        let mut client = self.client(user_id).await;
+        client.subscribe(thread_id, None).await;
+        client
+    }
 }
 
 /// Asserts that each line appears, exactly, in a `/metrics` exposition.

@@ -465,3 +465,39 @@ async fn a_slot_moved_to_another_master_under_load_loses_nothing_and_says_so_onc
         "{ledger}"
     );
 }
+
+/// `rediss+cluster://`: every node speaks only TLS (clients, the cluster bus, replication); the
+/// gateway verifies each node it is sent to with `broker.redis_ca_file`, and channels of every
+/// shard work as on a plain Cluster.
+#[tokio::test]
+async fn a_cluster_over_tls_with_a_configured_ca() {
+    let certificates = crate::support::Certificates::make();
+    let ca = certificates.ca.clone();
+    let cluster = RedisCluster::start_tls(3, certificates).await;
+    let threads = a_thread_per_master(&cluster).await;
+    let url = cluster.url();
+    assert!(url.starts_with("rediss+cluster://"), "{url}");
+    let gateway = Gateway::start_with(|c| {
+        c.broker.redis_url = Some(url.clone());
+        c.broker.redis_ca_file = Some(ca.clone());
+    })
+    .await;
+    wait_ready(gateway.internal, StatusCode::OK).await;
+    let mut viewers = Vec::new();
+    for (thread, _) in &threads {
+        viewers.push(gateway.viewer(&format!("v_{thread}"), thread).await);
+    }
+    for (thread, _) in &threads {
+        gateway.publish(&[thinking(thread, 1)]).await;
+    }
+    for (viewer, (thread, _)) in viewers.iter_mut().zip(&threads) {
+        let frame = viewer.recv().await;
+        assert_eq!(frame["channel"], format!("thread:{thread}"), "{frame}");
+    }
+
+    // Without the CA, no node is trusted: not ready, nothing taken in.
+    let untrusting = Gateway::start_with(|c| c.broker.redis_url = Some(url)).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let (status, _) = crate::support::http(untrusting.internal, "GET", "/readyz", None).await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+}

@@ -837,10 +837,23 @@ pub async fn bench(args: &[&str]) -> Value {
 pub struct RedisCluster {
     nodes: Vec<(u16, Option<Child>)>,
     dir: PathBuf,
+    /// Every node speaks TLS only (clients, the cluster bus and replication), with this
+    /// server certificate.
+    tls: Option<Certificates>,
 }
 
 impl RedisCluster {
     pub async fn start(masters: usize, replicas: usize) -> Self {
+        Self::start_with(masters, replicas, None).await
+    }
+
+    /// A cluster whose nodes speak only TLS, with a server certificate for 127.0.0.1 that the
+    /// test CA signed (`Certificates::ca`).
+    pub async fn start_tls(masters: usize, certificates: Certificates) -> Self {
+        Self::start_with(masters, 0, Some(certificates)).await
+    }
+
+    async fn start_with(masters: usize, replicas: usize, tls: Option<Certificates>) -> Self {
         let count = masters * (1 + replicas);
         let dir = std::env::temp_dir().join(format!(
             "agentwire-cluster-{}-{}",
@@ -851,11 +864,26 @@ impl RedisCluster {
         let mut cluster = Self {
             nodes: Vec::new(),
             dir,
+            tls,
         };
         for _ in 0..count {
             let port = free_cluster_port();
-            let child = Command::new("redis-server")
-                .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+            let mut command = Command::new("redis-server");
+            match &cluster.tls {
+                None => command.args(["--port", &port.to_string()]),
+                Some(tls) => command
+                    .args(["--port", "0", "--tls-port", &port.to_string()])
+                    .args(["--tls-cluster", "yes", "--tls-replication", "yes"])
+                    .args(["--tls-auth-clients", "no"])
+                    .arg("--tls-cert-file")
+                    .arg(&tls.cert)
+                    .arg("--tls-key-file")
+                    .arg(&tls.key)
+                    .arg("--tls-ca-cert-file")
+                    .arg(&tls.ca),
+            };
+            let child = command
+                .args(["--bind", "127.0.0.1"])
                 .args(["--save", "", "--appendonly", "no"])
                 .args(["--cluster-enabled", "yes"])
                 .args(["--cluster-config-file", &format!("nodes-{port}.conf")])
@@ -871,7 +899,7 @@ impl RedisCluster {
             cluster.nodes.push((port, Some(child)));
         }
         for &(port, _) in &cluster.nodes {
-            let client = node_client(port);
+            let client = cluster.client(port);
             eventually("a cluster node answers", async || {
                 let mut conn = client
                     .get_multiplexed_async_connection()
@@ -884,7 +912,11 @@ impl RedisCluster {
             })
             .await;
         }
-        let created = Command::new("redis-cli")
+        let mut create = Command::new("redis-cli");
+        if let Some(tls) = &cluster.tls {
+            create.arg("--tls").arg("--cacert").arg(&tls.ca);
+        }
+        let created = create
             .args(["--cluster", "create"])
             .args(
                 cluster
@@ -917,22 +949,44 @@ impl RedisCluster {
         cluster
     }
 
-    /// `redis+cluster://` with every node as seed.
+    /// `redis+cluster://` (`rediss+cluster://` with TLS) with every node as seed.
     pub fn url(&self) -> String {
         let seeds: Vec<String> = self
             .nodes
             .iter()
             .map(|(port, _)| format!("127.0.0.1:{port}"))
             .collect();
-        format!("redis+cluster://{}/", seeds.join(","))
+        let scheme = match self.tls {
+            None => "redis+cluster",
+            Some(_) => "rediss+cluster",
+        };
+        format!("{scheme}://{}/", seeds.join(","))
     }
 
     /// A connection to one node.
     pub async fn node(&self, port: u16) -> redis::aio::MultiplexedConnection {
-        node_client(port)
+        self.client(port)
             .get_multiplexed_async_connection()
             .await
             .unwrap()
+    }
+
+    /// A client of one node (with TLS, trusting the test CA).
+    fn client(&self, port: u16) -> redis::Client {
+        match &self.tls {
+            None => redis::Client::open(format!("redis://127.0.0.1:{port}/")).unwrap(),
+            Some(tls) => {
+                let _ = rustls::crypto::ring::default_provider().install_default();
+                redis::Client::build_with_tls(
+                    format!("rediss://127.0.0.1:{port}/"),
+                    redis::TlsCertificates {
+                        client_tls: None,
+                        root_cert: Some(std::fs::read(&tls.ca).unwrap()),
+                    },
+                )
+                .unwrap()
+            }
+        }
     }
 
     /// Ports of the nodes still running.
@@ -1048,10 +1102,6 @@ impl Drop for RedisCluster {
         }
         let _ = std::fs::remove_dir_all(&self.dir);
     }
-}
-
-fn node_client(port: u16) -> redis::Client {
-    redis::Client::open(format!("redis://127.0.0.1:{port}/")).unwrap()
 }
 
 /// A free port whose cluster bus port (10000 above it) is free too.

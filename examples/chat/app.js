@@ -73,7 +73,9 @@ function render(event) {
     case "agent_started":
       break;
     case "agent_thinking":
-      r.thinking.textContent += (r.thinking.textContent ? "\n" : "") + text(p.text ?? p.delta ?? p);
+      // A token stream's deltas join into one text; whole thoughts go on lines of their own.
+      if (typeof p.delta === "string" && p.text === undefined) r.thinking.textContent += p.delta;
+      else r.thinking.textContent += (r.thinking.textContent ? "\n" : "") + text(p.text ?? p);
       break;
     case "tool_executing": {
       const li = el("li", "tool");
@@ -99,10 +101,13 @@ function render(event) {
       endRun(r, "completed", "completed ✓");
       break;
     case "agent_error": {
+      // The gateway's own (`source: "agentwire"`): the watchdog's stall notice, or a run whose
+      // stream ended before the run did.
       const stalled = p.reason === "stalled";
+      const byGateway = p.source === "agentwire";
       endRun(r, stalled ? "stalled" : "error", stalled ? "stalled ✗" : "error ✗");
       const message = p.message || p.reason || p.error || "the agent failed";
-      r.node.append(el("p", "error", stalled ? `The gateway ended this run: ${message}` : `Error: ${text(message)}`));
+      r.node.append(el("p", "error", byGateway ? `The gateway ended this run: ${message}` : `Error: ${text(message)}`));
       break;
     }
   }

@@ -1,5 +1,6 @@
 // The example page (examples/chat) in the distribution's headless Chromium against real gateway processes:
-// a scripted run rendered up to its final state (the gateway's own stall notice included), screenshots in
+// a scripted run rendered up to its final state (the gateway's own stall notice included), a run streamed
+// token by token and cut mid-run (the gateway's close), screenshots in
 // target/browser-artifacts/, the ledger's acks; and in Redis mode a SIGTERM (1012) mid-run, the page
 // reconnecting to a new replica on the same port and resuming with no gap and no duplicate.
 import { test } from "node:test";
@@ -82,6 +83,47 @@ test("the example page renders a completed run and a run the gateway declares st
   assert.equal(ledger.emitted, 13);
   assert.equal(ledger.delivered, 13);
   assert.equal(ledger.balanced, true);
+  assert.deepEqual(problems, []);
+});
+
+test("a run streamed token by token shows as it is written, and a stream cut mid-run ends its spinner", { skip }, async (t) => {
+  const web = await pageServer(t);
+  const [port, internal] = [await freePort(), await freePort()];
+  const gw = gateway(port, internal, { AGENTWIRE_AUTH__ALLOWED_ORIGINS: JSON.stringify([web.origin]) });
+  t.after(() => gw.child.kill("SIGKILL"));
+  await ready(internal);
+  const { page, problems } = await browserPage(t);
+  await page.goto(pageUrl(web.origin, port, "u_b3", "tb3"));
+  await subscribed(page, "tb3");
+
+  // One request carries the run (POST /v1/runs/{run_id}/events): each line is published as it is
+  // written, long before the body ends.
+  let body;
+  const stream = new ReadableStream({ start(controller) { body = controller; } });
+  const answer = fetch(`http://127.0.0.1:${internal}/v1/runs/run_s1/events?thread_id=tb3`, {
+    method: "POST",
+    headers: { "Content-Type": "application/x-ndjson" },
+    body: stream,
+    duplex: "half",
+  });
+  const line = (event) => body.enqueue(new TextEncoder().encode(`${JSON.stringify(event)}\n`));
+  line({ type: "agent_started" });
+  for (const delta of ["Hel", "lo, ", "wor", "ld"]) line({ type: "agent_thinking", payload: { delta } });
+  line({ type: "tool_executing", payload: { tool_call_id: "c9", tool_name: "lookup" } });
+  await page.waitForSelector('.tool[data-tool-call-id="c9"] .spinner', { timeout: 20000 });
+  assert.equal(await page.textContent('.run[data-run-id="run_s1"] .thinking'), "Hello, world");
+
+  // The agent dies: its body ends without agent_completed. The gateway ends the run for the page.
+  body.close();
+  const summary = await (await answer).json();
+  assert.equal(summary.accepted, 6, JSON.stringify(summary));
+  assert.equal(summary.closed, "agent_stream_ended", JSON.stringify(summary));
+  await page.waitForSelector('.run[data-run-id="run_s1"][data-state="error"]', { timeout: 20000 });
+  assert.equal(await page.locator(".spinner").count(), 0, "no spinner left");
+  assert.match(await page.textContent('.run[data-run-id="run_s1"] .error'), /The gateway ended this run/);
+  const last = await hook(page, `window.__agentwire.events.at(-1)`);
+  assert.deepEqual([last.type, last.payload.reason, last.payload.source], ["agent_error", "agent_stream_ended", "agentwire"]);
+  await page.screenshot({ path: screenshotPath("chat-stream-cut.png"), fullPage: true });
   assert.deepEqual(problems, []);
 });
 

@@ -290,6 +290,7 @@ fn not_routed(path: &str, method: &Method, door: Door) -> Response<Body> {
         (Door::Internal, "/v1/runs") => Some("GET, POST"),
         (Door::Internal, "/v1/events" | "/v1/deadletter/redrive") => Some("POST"),
         (Door::Internal, "/v1/deadletter" | "/v1/ledger") => Some("GET"),
+        (Door::Internal, p) if run_stream::run_in(p).is_some() => Some("POST"),
         (Door::Internal, p)
             if p.starts_with("/v1/channels/")
                 || p.starts_with("/v1/runs/")

@@ -269,6 +269,7 @@ pub(super) async fn run(
         "protocol": protocol,
         "producer": if load.events_to.is_some() { "pipe" } else { "post" },
         "batch": load.batch,
+        "payload_bytes": load.payload,
         "connections": load.connections,
         "threads": load.threads,
         "events": load.events,

@@ -10,7 +10,7 @@ use std::sync::Arc;
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use hyper::header::{self, HeaderValue};
-use hyper::{Method, Request, Response, StatusCode};
+use hyper::{Request, Response, StatusCode};
 use serde_json::json;
 
 use tokio_util::sync::CancellationToken;
@@ -19,7 +19,7 @@ use super::body;
 use super::cors;
 use super::events::authorise;
 use super::run_stream::{StreamRefusal, busy, place, refused};
-use super::upgrade::{admit, connection_slot};
+use super::upgrade::connection_slot;
 use super::{Body, broker_error, error, json_response, media_type, percent_decode};
 use crate::Gateway;
 use crate::ingest::agui_proxy::{self, ProxiedRun};
@@ -43,18 +43,10 @@ pub(super) async fn proxy(
     cut: CancellationToken,
     request: Request<Incoming>,
 ) -> Response<Body> {
-    // Admitted like `/ws` and the event streams: origin, protected mode, draining (counted there).
-    if let Err(refusal) = admit(&gateway, peer, &request) {
-        return refusal.response();
-    }
-    // `admit` let the origin in: a page of it may read the answer, whatever it is.
-    let origin = request.headers().get(header::ORIGIN).cloned();
-    let mut response = match *request.method() {
-        Method::OPTIONS => cors::preflight(&ALLOWED, origin.is_some()),
-        _ => run(&gateway, peer, raw_agent, cut, request).await,
-    };
-    cors::allow_origin(&mut response, origin);
-    response
+    cors::admitted(&gateway, peer, request, &ALLOWED, async |request| {
+        run(&gateway, peer, raw_agent, cut, request).await
+    })
+    .await
 }
 
 /// What a page may send cross-origin: `HttpAgent`: a JSON POST with `Authorization`.

@@ -12,11 +12,11 @@ use std::time::SystemTime;
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use hyper::header::{self, HeaderValue};
-use hyper::{Method, Request, Response, StatusCode};
+use hyper::{Request, Response, StatusCode};
 use tokio_util::sync::CancellationToken;
 
 use super::cors;
-use super::upgrade::{MAX_BEARER_BYTES, NotAdmitted, Refused, admit, connection_slot};
+use super::upgrade::{MAX_BEARER_BYTES, NotAdmitted, Refused, connection_slot};
 use super::{Body, broker_error, error, percent_decode};
 use crate::Gateway;
 use crate::auth::{Refusal, ThreadAccess};
@@ -40,17 +40,10 @@ pub(super) async fn events(
     cut: CancellationToken,
     request: Request<Incoming>,
 ) -> Response<Body> {
-    if let Err(refused) = admit(&gateway, peer, &request) {
-        return refused.response();
-    }
-    // `admit` let the origin in: a page of it may read the answer, whatever it is.
-    let origin = request.headers().get(header::ORIGIN).cloned();
-    let mut response = match *request.method() {
-        Method::OPTIONS => cors::preflight(&ALLOWED, origin.is_some()),
-        _ => open(&gateway, peer, raw_thread, cut, &request).await,
-    };
-    cors::allow_origin(&mut response, origin);
-    response
+    cors::admitted(&gateway, peer, request, &ALLOWED, async |request| {
+        open(&gateway, peer, raw_thread, cut, &request).await
+    })
+    .await
 }
 
 /// What a page may send cross-origin: a fetch-based client: it may send `Authorization` and `Last-Event-ID`.

@@ -308,3 +308,48 @@ async fn a_stream_needs_a_producer_key_when_keys_are_set() {
     assert_eq!(status, StatusCode::OK, "{answer}");
     assert!(answer.contains("\"accepted\":1"), "{answer}");
 }
+
+#[tokio::test]
+async fn redis_mode_a_stream_on_one_replica_is_seen_and_closed_on_another() {
+    let redis = crate::support::Redis::start().await;
+    let url = redis.url();
+    let (a_url, b_url) = (url.clone(), url);
+    let producer_side = Gateway::start_with(move |c| c.broker.redis_url = Some(a_url)).await;
+    let viewer_side = Gateway::start_with(move |c| c.broker.redis_url = Some(b_url)).await;
+    let mut remote = viewer_side.viewer("u1", "t_nredis").await;
+    // No `?thread_id=`: the first token waits for its run, which the `agent_started` after it
+    // registers (in Redis, for every replica); the held token is released first, as it came first.
+    let stream = Streaming::open(&producer_side, "/v1/runs/r_nredis/events", NDJSON).await;
+    stream
+        .line(json!({"type": "agent_thinking", "payload": {"delta": "early"}}))
+        .await;
+    stream
+        .line(json!({"type": "agent_started", "thread_id": "t_nredis"}))
+        .await;
+    assert_eq!(
+        types(&remote.events(2).await),
+        ["agent_thinking", "agent_started"]
+    );
+    // The producer goes away mid-run: the replica reading its stream closes the run, and the
+    // viewer on the other replica sees it end.
+    stream.connection.abort();
+    let frame = remote.recv().await;
+    assert_eq!(
+        (
+            &frame["type"],
+            &frame["run_id"],
+            &frame["payload"]["reason"]
+        ),
+        (
+            &json!("agent_error"),
+            &json!("r_nredis"),
+            &json!("agent_stream_ended")
+        ),
+        "{frame}"
+    );
+    let ledger = crate::replicas::ledger_until(&viewer_side, "thread:t_nredis", |l| {
+        l["delivered"] == 3 && l["pending"] == 0
+    })
+    .await;
+    assert_eq!(ledger["balanced"], true, "{ledger}");
+}

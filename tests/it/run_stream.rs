@@ -88,6 +88,15 @@ async fn a_stream_that_ends_mid_run_closes_the_run_for_every_viewer() {
         );
         assert_eq!(error["payload"]["reason"], "agent_stream_ended", "{error}");
         assert_eq!(error["payload"]["source"], "agentwire");
+        // The tool call the run left open is named, as in the watchdog's stall notice.
+        assert_eq!(
+            (
+                &error["payload"]["open_tools"],
+                &error["payload"]["open_tool_ids"]
+            ),
+            (&json!(1), &json!(["c1"])),
+            "{error}"
+        );
     }
     assert_lines(
         &gateway.metrics().await,

@@ -56,7 +56,9 @@ impl Rules for Native {
         };
     }
 
-    /// One `agent_error` shaped like the watchdog's (`payload.reason`, `message`, `source`).
+    /// One `agent_error` shaped like the watchdog's stall notice (`payload.reason`, `message`,
+    /// the run's open tool calls as the watchdog follows them, `source`). At most
+    /// `SHOWN_TOOL_IDS` ids of 256 bytes each: it fits `config::MIN_EVENT_BYTES`.
     fn close(
         &self,
         gateway: &Gateway,
@@ -68,9 +70,19 @@ impl Rules for Native {
         if self.state != State::Open {
             return Vec::new();
         }
+        let (open_tools, open_tool_ids) = gateway
+            .watchdog
+            .report(&bound.run_id)
+            .map_or((0, Vec::new()), |run| (run.open_tools, run.open_tool_ids));
         let error = json!({
             "type": "agent_error",
-            "payload": {"reason": reason.as_str(), "message": message, "source": "agentwire"},
+            "payload": {
+                "reason": reason.as_str(),
+                "message": message,
+                "open_tools": open_tools,
+                "open_tool_ids": open_tool_ids,
+                "source": "agentwire",
+            },
         })
         .to_string();
         vec![self.event(gateway, bound, &error)]

@@ -440,7 +440,7 @@ impl Metrics {
             events_generated: counter(
                 r,
                 "agentwire_events_generated_total",
-                "Events the gateway made itself (the agent_error of a stalled run).",
+                "Events the gateway made itself (the agent_error of a stalled run, the events that close a run whose stream ended while it was open).",
             ),
             accept_errors: counter_vec(
                 r,

@@ -4,7 +4,8 @@
 //!
 //! Accounting before the channel stage:
 //! `ingested + generated + redriven = emitted + pending_resolution + lost{unresolved} + duplicates`,
-//! where `generated` counts the gateway's own events (a stalled run's `agent_error`) and `redriven`
+//! where `generated` counts the gateway's own events (a stalled run's `agent_error`, the events that
+//! close a run whose stream ended while it was open: [`accept_generated`]) and `redriven`
 //! the dead letters a redrive emitted (see `deadletter`). An item answered `unavailable` (Redis
 //! could not take it, the producer sends it again) is not counted in `ingested`; an item the broker
 //! failed on by our fault (`BrokerError::Internal`: a script error, a reply we cannot read) is
@@ -151,32 +152,41 @@ fn count_refusal(gateway: &Gateway, refusal: &Refusal) {
 /// Accepts one valid event: dedupe, register (for `agent_started` with a thread), resolve, publish.
 /// `entry` is the ingest stream entry id it came from, which makes a second publish a duplicate.
 pub async fn accept(gateway: &Gateway, event: Event, entry: Option<&str>) -> ItemResult {
-    accept_kept(gateway, event, entry, None, true).await
+    let ingested = &gateway.metrics.events_ingested;
+    accept_kept(gateway, event, entry, None, true, ingested).await
+}
+
+/// [`accept`] for an event the gateway made itself (the close of a run whose stream ended while
+/// it was open): counted `generated`, not `ingested`, since no producer sent it.
+pub async fn accept_generated(gateway: &Gateway, event: Event) -> ItemResult {
+    let generated = &gateway.metrics.events_generated;
+    accept_kept(gateway, event, None, None, true, generated).await
 }
 
 /// [`accept`], for an event that may already be in a journal of held events (`journal`: adopted
 /// from a replica presumed dead). `answered`: a producer waits for the answer and sends again what
 /// is answered `unavailable`, so such an event leaves the journal; an adopted one stays for the
-/// caller to dead-letter.
+/// caller to dead-letter. `taken` counts it once it is taken (`ingested` or `generated`).
 async fn accept_kept(
     gateway: &Gateway,
     event: Event,
     entry: Option<&str>,
     journal: Option<Journaled>,
     answered: bool,
+    taken: &prometheus::IntCounter,
 ) -> ItemResult {
     let span = telemetry::ingest_span(&event);
     let accepted = accept_in(gateway, event, entry, journal, answered, &span);
     match accepted.instrument(span.clone()).await {
         Ok(result) => {
-            gateway.metrics.events_ingested.inc();
+            taken.inc();
             result
         }
         Err(error) => {
             gateway.metrics.broker_errors.inc();
             match &error {
                 BrokerError::Internal(_) => {
-                    gateway.metrics.events_ingested.inc();
+                    taken.inc();
                     lost_internal(gateway, &error);
                     return ItemResult::Internal {
                         code: "internal",
@@ -217,7 +227,17 @@ pub async fn adopt_held(gateway: &Gateway) {
         let Some(event) = packed.unpack() else {
             continue;
         };
-        match accept_kept(gateway, event, None, packed.journal.clone(), false).await {
+        let ingested = &gateway.metrics.events_ingested;
+        match accept_kept(
+            gateway,
+            event,
+            None,
+            packed.journal.clone(),
+            false,
+            ingested,
+        )
+        .await
+        {
             // Nobody sends it again: dead-lettered (and counted here) like a release that failed.
             ItemResult::Unavailable { .. } => {
                 gateway.metrics.events_ingested.inc();

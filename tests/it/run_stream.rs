@@ -103,6 +103,9 @@ async fn a_stream_that_ends_mid_run_closes_the_run_for_every_viewer() {
         &[
             r#"agentwire_runs_closed_total{reason="agent_stream_ended"} 1"#,
             "agentwire_run_streams 0",
+            // The producer's two events; the close is the gateway's own.
+            "agentwire_events_ingested_total 2",
+            "agentwire_events_generated_total 1",
         ],
     );
     // The watchdog saw the run end: nothing is left running to stall later.
@@ -296,15 +299,15 @@ async fn a_stream_needs_a_producer_key_when_keys_are_set() {
     )
     .await;
     assert_eq!(status, StatusCode::UNAUTHORIZED, "{answer}");
-    let (status, _) = http_with(
-        gateway.internal,
-        "GET",
-        "/v1/channels/thread:t_nk",
-        &[],
-        None,
-    )
-    .await;
-    assert_ne!(status, StatusCode::OK, "nothing was taken in");
+    // Nothing of it was read or taken in; the refusal is counted.
+    assert_lines(
+        &gateway.metrics().await,
+        &[
+            r#"agentwire_api_refused_total{reason="missing"} 1"#,
+            "agentwire_events_ingested_total 0",
+            "agentwire_run_streams 0",
+        ],
+    );
     let bearer = format!("Bearer {PRODUCER}");
     let (status, answer) = http_with(
         gateway.internal,
@@ -316,6 +319,15 @@ async fn a_stream_needs_a_producer_key_when_keys_are_set() {
     .await;
     assert_eq!(status, StatusCode::OK, "{answer}");
     assert!(answer.contains("\"accepted\":1"), "{answer}");
+    // The producer's one event, and the gateway's close of its run: the refused stream left
+    // nothing behind.
+    assert_lines(
+        &gateway.metrics().await,
+        &[
+            "agentwire_events_ingested_total 1",
+            "agentwire_events_generated_total 1",
+        ],
+    );
 }
 
 #[tokio::test]

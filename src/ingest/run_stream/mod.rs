@@ -23,7 +23,7 @@ use serde::Serialize;
 use tokio::sync::oneshot;
 use tokio::time::Instant;
 
-use super::{ItemResult, accept, count_refusal};
+use super::{ItemResult, accept, accept_generated, count_refusal};
 use crate::Gateway;
 use crate::metrics::{self, Label};
 use crate::protocol::event::{Event, EventType, Refusal};
@@ -271,7 +271,12 @@ impl<'g, R: Rules> RunStream<'g, R> {
     async fn take(&mut self, event: Event) -> Result<ItemResult, Refusal> {
         self.rules.check(self.gateway, &event)?;
         let started = event.kind == EventType::AgentStarted;
-        let thread_id = event.thread_id.clone();
+        // Kept only from the run's start, which is what names its thread to the stream.
+        let thread_id = if started {
+            event.thread_id.clone()
+        } else {
+            None
+        };
         let result = accept(self.gateway, event, None).await;
         let taken = matches!(
             result,
@@ -313,7 +318,7 @@ impl<'g, R: Rules> RunStream<'g, R> {
             let result = match event {
                 Ok(mut event) => {
                     event.producer.clone_from(&self.bound.producer);
-                    accept(self.gateway, event, None).await
+                    accept_generated(self.gateway, event).await
                 }
                 Err(refusal) => ItemResult::Error(refusal),
             };

@@ -6,7 +6,7 @@ use crate::metrics::Label;
 /// (I/O, timeout: answer 503, the caller retries); `Refused` is a reachable broker that cannot
 /// take a write now (answer 503, counted by reason); `Internal` is ours (a script error, a reply
 /// we cannot read: answer 500 and log an `ERROR`).
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum BrokerError {
     #[error("the broker (Redis) is unavailable: {0}")]
     Unavailable(String),

@@ -173,8 +173,78 @@ impl Broker {
             Self::Memory(memory) => Ok(Outcome::Published(
                 memory.channels.publish(name, event, trace),
             )),
-            Self::Redis(redis) => redis.publish(name, event, entry).await,
+            Self::Redis(redis) => redis
+                .publish(name, &[(event, entry)])
+                .await?
+                .pop()
+                .ok_or_else(|| BrokerError::Internal("the publish script answered nothing".into())),
         }
+    }
+
+    /// Sequences the events of one request, each into its channel, in their order there: in
+    /// Redis mode one script call per channel, the channels' calls sent at once so that they
+    /// share their round trips. One result per event, in the order given; `trace` is
+    /// [`Self::publish`]'s for the event at that index.
+    pub async fn publish_all(
+        &self,
+        events: &[(&ChannelName, &Event)],
+        trace: impl Fn(usize, u64) -> Option<Box<crate::telemetry::TraceInfo>>,
+    ) -> Vec<Result<Outcome, BrokerError>> {
+        let redis = match self {
+            Self::Memory(memory) => {
+                return (events.iter().enumerate())
+                    .map(|(i, (name, event))| {
+                        let trace = |seq| trace(i, seq);
+                        Ok(Outcome::Published(
+                            memory.channels.publish(name, event, trace),
+                        ))
+                    })
+                    .collect();
+            }
+            Self::Redis(redis) => redis,
+        };
+        let mut channels: Vec<(&ChannelName, Vec<usize>)> = Vec::new();
+        let mut index: std::collections::HashMap<&ChannelName, usize> =
+            std::collections::HashMap::new();
+        for (i, (name, _)) in events.iter().enumerate() {
+            let at = *index.entry(name).or_insert_with(|| {
+                channels.push((name, Vec::new()));
+                channels.len() - 1
+            });
+            channels[at].1.push(i);
+        }
+        let calls = channels.iter().map(|(name, indices)| {
+            let batch: Vec<(&Event, Option<&str>)> =
+                indices.iter().map(|&i| (events[i].1, None)).collect();
+            async move { redis.publish(name, &batch).await }
+        });
+        let answers = futures_util::future::join_all(calls).await;
+        let mut results: Vec<Option<Result<Outcome, BrokerError>>> =
+            (0..events.len()).map(|_| None).collect();
+        for ((_, indices), answer) in channels.iter().zip(answers) {
+            match answer {
+                Ok(outcomes) => {
+                    for (&i, outcome) in indices.iter().zip(outcomes) {
+                        results[i] = Some(Ok(outcome));
+                    }
+                }
+                Err(error) => {
+                    for &i in indices {
+                        results[i] = Some(Err(error.clone()));
+                    }
+                }
+            }
+        }
+        results
+            .into_iter()
+            .map(|result| {
+                result.unwrap_or_else(|| {
+                    Err(BrokerError::Internal(
+                        "an event got no publish answer".into(),
+                    ))
+                })
+            })
+            .collect()
     }
 
     pub async fn subscribe(

@@ -16,6 +16,7 @@
 //! went with it).
 
 pub mod agui_proxy;
+mod batch;
 mod body;
 mod redrive;
 mod registration;
@@ -89,23 +90,33 @@ impl ItemResult {
 /// (`None` without producer keys): it scopes their `event_id`s.
 pub async fn ingest(gateway: &Gateway, items: &[&str], producer: Option<&str>) -> Vec<ItemResult> {
     let mut results = Vec::with_capacity(items.len());
+    let mut batch = batch::Batch::default();
     for raw in items {
-        results.push(
-            match event::parse(raw, gateway.config.ingest.max_event_bytes) {
-                Ok(mut event) => {
-                    event.producer = producer.map(str::to_string);
-                    match strictly_ordered(gateway, &event) {
-                        Ok(()) => accept(gateway, event, None).await,
-                        Err(refusal) => ItemResult::Error(refusal),
-                    }
-                }
-                Err(refusal) => {
-                    count_refusal(gateway, &refusal);
-                    ItemResult::Error(refusal)
-                }
-            },
-        );
+        let mut event = match event::parse(raw, gateway.config.ingest.max_event_bytes) {
+            Ok(event) => event,
+            Err(refusal) => {
+                count_refusal(gateway, &refusal);
+                batch.publish(gateway, &mut results).await;
+                results.push(ItemResult::Error(refusal));
+                continue;
+            }
+        };
+        event.producer = producer.map(str::to_string);
+        // The ordering rules read the watchdog, which a kept event reaches once published.
+        if gateway.config.agui.strict {
+            batch.publish(gateway, &mut results).await;
+        }
+        if let Err(refusal) = strictly_ordered(gateway, &event) {
+            batch.publish(gateway, &mut results).await;
+            results.push(ItemResult::Error(refusal));
+            continue;
+        }
+        if let Some(event) = batch.keep(gateway, event) {
+            batch.publish(gateway, &mut results).await;
+            results.push(accept(gateway, event, None).await);
+        }
     }
+    batch.publish(gateway, &mut results).await;
     results
 }
 
@@ -182,24 +193,28 @@ async fn accept_kept(
             taken.inc();
             result
         }
-        Err(error) => {
-            gateway.metrics.broker_errors.inc();
-            match &error {
-                BrokerError::Internal(_) => {
-                    taken.inc();
-                    lost_internal(gateway, &error);
-                    return ItemResult::Internal {
-                        code: "internal",
-                        reason: error.to_string(),
-                    };
-                }
-                BrokerError::Refused(reason, _) => refused(gateway, *reason, &error),
-                BrokerError::Unavailable(_) => {}
-            }
-            ItemResult::Unavailable {
+        Err(error) => failed(gateway, error, taken),
+    }
+}
+
+/// The answer for an event the broker could not take, counted: `taken` (`ingested` or
+/// `generated`) only when it is lost by our fault (a retry is not taken twice).
+fn failed(gateway: &Gateway, error: BrokerError, taken: &prometheus::IntCounter) -> ItemResult {
+    gateway.metrics.broker_errors.inc();
+    match &error {
+        BrokerError::Internal(_) => {
+            taken.inc();
+            lost_internal(gateway, &error);
+            return ItemResult::Internal {
+                code: "internal",
                 reason: error.to_string(),
-            }
+            };
         }
+        BrokerError::Refused(reason, _) => refused(gateway, *reason, &error),
+        BrokerError::Unavailable(_) => {}
+    }
+    ItemResult::Unavailable {
+        reason: error.to_string(),
     }
 }
 

@@ -149,6 +149,96 @@ async fn two_replicas_publishing_to_one_thread_at_once_get_seqs_without_gap_or_d
     assert_eq!(seqs, (1..=200).collect::<Vec<_>>());
 }
 
+/// One request's events, interleaved over two threads with a run's start, a retry of an event
+/// of the same request and an invalid item between them: published per channel together (one
+/// script call per channel in Redis mode, docs/redis.md), yet answered item by item in order, the
+/// retry not published twice and nothing else lost or reordered. The embedded gateway answers
+/// the same.
+async fn one_request_over_two_threads(gateway: &Gateway) {
+    let mut viewer = gateway.viewer("u1", "t_a").await;
+    viewer.subscribe("t_b", None).await;
+    let mut started = event("agent_started", "run_b", "t_b");
+    started["event_id"] = "t_b-0".into();
+    let items = Value::from(vec![
+        thinking("t_a", 1),
+        thinking("t_b", 1),
+        thinking("t_a", 2),
+        thinking("t_a", 1),
+        started,
+        thinking("t_b", 2),
+        json!({"type": "agent_thinking", "thread_id": "t_a", "payload": "not an object"}),
+        thinking("t_a", 3),
+        thinking("t_b", 3),
+    ]);
+    let (status, answer) = gateway.post("/v1/events", &items.to_string()).await;
+    assert_eq!(status, StatusCode::MULTI_STATUS, "{answer}");
+    let answers: Vec<(String, Value)> = answer["results"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|result| {
+            let status = result["status"].as_str().unwrap().to_string();
+            (status, result["seq"].clone())
+        })
+        .collect();
+    let accepted = |seq: u64| ("accepted".to_string(), Value::from(seq));
+    let other = |status: &str| (status.to_string(), Value::Null);
+    assert_eq!(
+        answers,
+        [
+            accepted(1),
+            accepted(1),
+            accepted(2),
+            other("duplicate"),
+            accepted(2),
+            accepted(3),
+            other("error"),
+            accepted(3),
+            accepted(4),
+        ],
+        "{answer}"
+    );
+    let received: Vec<(String, u64)> = viewer
+        .events(7)
+        .await
+        .iter()
+        .map(|frame| {
+            let channel = frame["channel"].as_str().unwrap().to_string();
+            (channel, frame["seq"].as_u64().unwrap())
+        })
+        .collect();
+    let of = |channel: &str| -> Vec<u64> {
+        (received.iter())
+            .filter(|(name, _)| name == channel)
+            .map(|(_, seq)| *seq)
+            .collect()
+    };
+    assert_eq!(of("thread:t_a"), [1, 2, 3], "{received:?}");
+    assert_eq!(of("thread:t_b"), [1, 2, 3, 4], "{received:?}");
+    viewer.silent_for(Duration::from_millis(300)).await;
+    for (channel, emitted) in [("thread:t_a", 3), ("thread:t_b", 4)] {
+        let ledger = ledger_until(gateway, channel, |ledger| ledger["pending"] == 0).await;
+        assert_eq!(ledger["emitted"], emitted, "{ledger}");
+        assert_eq!(ledger["delivered"], emitted, "{ledger}");
+    }
+    let metrics = gateway.metrics().await;
+    assert_eq!(
+        metric_value(&metrics, "agentwire_events_ingested_total"),
+        8.0
+    );
+    assert_eq!(
+        metric_value(&metrics, "agentwire_events_duplicate_total"),
+        1.0
+    );
+}
+
+#[tokio::test]
+async fn one_request_is_published_per_channel_and_answered_item_by_item_in_order() {
+    let redis = Redis::start().await;
+    one_request_over_two_threads(&on_redis(&redis, |_| {}).await).await;
+    one_request_over_two_threads(&Gateway::start().await).await;
+}
+
 #[tokio::test]
 async fn a_client_resumes_on_another_replica_with_exactly_what_it_missed() {
     let redis = Redis::start().await;

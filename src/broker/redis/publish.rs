@@ -1,6 +1,8 @@
-//! Publishing into a channel: one script sequences the event, appends it to `:log`, updates the
-//! `:meta` ledger, dedupes by `event_id` and ingest entry id, trims, and `PUBLISH`es it to `:live`.
+//! Publishing into a channel: one script call sequences events of one request for it, in order,
+//! each deduped by `event_id` and ingest entry id, appended to `:log`, counted in the `:meta`
+//! ledger and `PUBLISH`ed to `:live`; then the channel is trimmed.
 
+use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
 use super::RedisBroker;
@@ -17,27 +19,36 @@ pub(super) fn new_epoch() -> String {
     format!("{:016x}", rand::rng().random::<u64>())
 }
 
+/// Events sequenced into one channel by one script call: the script blocks Redis while it runs,
+/// so a request's many events for one channel go in calls of at most this many, one after the
+/// other (in order).
+const PER_CALL: usize = 100;
+
 impl RedisBroker {
+    /// Sequences `events` into `name`, in their order: one script call per [`PER_CALL`] events,
+    /// one outcome per event. `entry` is the ingest stream entry id an event came from.
     pub async fn publish(
         &self,
         name: &ChannelName,
-        event: &Event,
-        entry: Option<&str>,
-    ) -> Result<Outcome, BrokerError> {
+        events: &[(&Event, Option<&str>)],
+    ) -> Result<Vec<Outcome>, BrokerError> {
+        let mut outcomes = Vec::with_capacity(events.len());
+        for chunk in events.chunks(PER_CALL) {
+            outcomes.extend(self.publish_call(name, chunk).await?);
+        }
+        Ok(outcomes)
+    }
+
+    async fn publish_call(
+        &self,
+        name: &ChannelName,
+        events: &[(&Event, Option<&str>)],
+    ) -> Result<Vec<Outcome>, BrokerError> {
         if !self.is_up() {
             return Err(BrokerError::Unavailable("Redis is not answering".into()));
         }
         let keys = Keys::of(name);
         let now = now_ms();
-        let produced = event
-            .ts
-            .as_deref()
-            .filter(|ts| ts.ends_with('Z'))
-            .and_then(|ts| humantime::parse_rfc3339_weak(ts).ok())
-            .and_then(|at| at.duration_since(std::time::SystemTime::UNIX_EPOCH).ok())
-            .map(|d| d.as_millis().to_string())
-            .unwrap_or_default();
-        let body = server::event_body(event, name);
         let mut invocation = self.scripts.publish.prepare_invoke();
         invocation
             .key(&keys.log)
@@ -45,9 +56,7 @@ impl RedisBroker {
             .key(&keys.seen)
             .key(&keys.delivered)
             .key(&keys.offered)
-            .arg(body)
             .arg(now)
-            .arg(produced)
             .arg(self.history.max_events)
             .arg(now.saturating_sub(self.history.max_age.as_millis() as u64))
             .arg(now.saturating_sub(self.dedupe_window.as_millis() as u64))
@@ -55,40 +64,68 @@ impl RedisBroker {
             .arg(&keys.live)
             .arg(self.dedupe_capacity.max(1))
             .arg(self.publish_command());
-        if let Some(event_id) = event.dedupe_id() {
-            invocation.arg(format!("e:{event_id}"));
-        }
-        if let Some(entry) = entry {
-            invocation.arg(format!("x:{entry}"));
+        for (event, entry) in events {
+            let produced = event
+                .ts
+                .as_deref()
+                .filter(|ts| ts.ends_with('Z'))
+                .and_then(|ts| humantime::parse_rfc3339_weak(ts).ok())
+                .and_then(|at| at.duration_since(std::time::SystemTime::UNIX_EPOCH).ok())
+                .map(|d| d.as_millis().to_string())
+                .unwrap_or_default();
+            let dedupe_id = event.dedupe_id();
+            invocation
+                .arg(server::event_body(event, name))
+                .arg(produced)
+                .arg(usize::from(dedupe_id.is_some()) + usize::from(entry.is_some()));
+            if let Some(event_id) = dedupe_id {
+                invocation.arg(format!("e:{event_id}"));
+            }
+            if let Some(entry) = entry {
+                invocation.arg(format!("x:{entry}"));
+            }
         }
         let mut conn = self.conn();
-        let (status, epoch, seq, unseen, subscribed): (u8, String, u64, u64, u64) =
+        let (epoch, unseen, subscribed, seqs): (String, u64, u64, Vec<u64>) =
             invocation.invoke_async(&mut conn).await?;
-        if status == 0 {
-            return Ok(Outcome::Duplicate);
+        if seqs.len() != events.len() {
+            return Err(BrokerError::Internal(format!(
+                "the publish script answered {} seqs for {} events",
+                seqs.len(),
+                events.len()
+            )));
         }
-        self.counters.emitted.fetch_add(1, Ordering::Relaxed);
         self.count_lost(name, unseen, subscribed);
-        // The channel index and the run's activity are not in the script: they span channels
-        // (Redis Cluster slots). One report, batched by the report task.
-        let ended = matches!(
-            event.kind,
-            EventType::AgentCompleted | EventType::AgentError
-        );
-        // Waits for room: a dropped one would let another replica call this run stalled. (The
-        // queue closes only at shutdown, after ingest has stopped.)
-        let _ = self
-            .reports
-            .send(Report::Published {
-                channel: name.clone(),
-                ms: now,
-                run: event.run_id.clone().map(|run_id| (run_id, ended)),
-            })
-            .await;
-        Ok(Outcome::Published(Published {
-            seq,
-            epoch: epoch.into(),
-        }))
+        let epoch: Arc<str> = epoch.into();
+        let mut outcomes = Vec::with_capacity(events.len());
+        for ((event, _), seq) in events.iter().zip(seqs) {
+            if seq == 0 {
+                outcomes.push(Outcome::Duplicate);
+                continue;
+            }
+            self.counters.emitted.fetch_add(1, Ordering::Relaxed);
+            // The channel index and the run's activity are not in the script: they span channels
+            // (Redis Cluster slots). One report, batched by the report task.
+            let ended = matches!(
+                event.kind,
+                EventType::AgentCompleted | EventType::AgentError
+            );
+            // Waits for room: a dropped one would let another replica call this run stalled. (The
+            // queue closes only at shutdown, after ingest has stopped.)
+            let _ = self
+                .reports
+                .send(Report::Published {
+                    channel: name.clone(),
+                    ms: now,
+                    run: event.run_id.clone().map(|run_id| (run_id, ended)),
+                })
+                .await;
+            outcomes.push(Outcome::Published(Published {
+                seq,
+                epoch: Arc::clone(&epoch),
+            }));
+        }
+        Ok(outcomes)
     }
 
     pub(super) fn count_lost(&self, name: &ChannelName, unseen: u64, subscribed: u64) {

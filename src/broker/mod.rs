@@ -18,7 +18,7 @@ mod views;
 pub use error::{BrokerError, Refusal};
 pub use sequenced::{Sequenced, Snapshot, now_ms};
 pub use single_flight::Computed;
-pub use upward::{Announcement, StreamEvent, Taken, Upward};
+pub use upward::{Announcement, StreamEvent, StreamEvents, Taken, Upward};
 pub use views::View;
 
 use std::sync::Arc;
@@ -173,27 +173,28 @@ impl Broker {
             Self::Memory(memory) => Ok(Outcome::Published(
                 memory.channels.publish(name, event, trace),
             )),
-            Self::Redis(redis) => redis
-                .publish(name, &[(event, entry)])
-                .await?
-                .pop()
-                .ok_or_else(|| BrokerError::Internal("the publish script answered nothing".into())),
+            Self::Redis(redis) => match redis.publish(name, &[(event, entry)]).await {
+                (_, Some(error)) => Err(error),
+                (mut outcomes, None) => outcomes.pop().ok_or_else(|| {
+                    BrokerError::Internal("the publish script answered nothing".into())
+                }),
+            },
         }
     }
 
-    /// Sequences the events of one request, each into its channel, in their order there: in
-    /// Redis mode one script call per channel, the channels' calls sent at once so that they
-    /// share their round trips. One result per event, in the order given; `trace` is
-    /// [`Self::publish`]'s for the event at that index.
+    /// Sequences the events of one request (or one read of the ingest stream, with each entry
+    /// id), each into its channel, in their order there: in Redis mode one script call per
+    /// channel, the channels' calls sent at once so that they share their round trips. One result
+    /// per event, in the order given; `trace` is [`Self::publish`]'s for the event at that index.
     pub async fn publish_all(
         &self,
-        events: &[(&ChannelName, &Event)],
+        events: &[(&ChannelName, &Event, Option<&str>)],
         trace: impl Fn(usize, u64) -> Option<Box<crate::telemetry::TraceInfo>>,
     ) -> Vec<Result<Outcome, BrokerError>> {
         let redis = match self {
             Self::Memory(memory) => {
                 return (events.iter().enumerate())
-                    .map(|(i, (name, event))| {
+                    .map(|(i, (name, event, _))| {
                         let trace = |seq| trace(i, seq);
                         Ok(Outcome::Published(
                             memory.channels.publish(name, event, trace),
@@ -206,7 +207,7 @@ impl Broker {
         let mut channels: Vec<(&ChannelName, Vec<usize>)> = Vec::new();
         let mut index: std::collections::HashMap<&ChannelName, usize> =
             std::collections::HashMap::new();
-        for (i, (name, _)) in events.iter().enumerate() {
+        for (i, (name, _, _)) in events.iter().enumerate() {
             let at = *index.entry(name).or_insert_with(|| {
                 channels.push((name, Vec::new()));
                 channels.len() - 1
@@ -214,24 +215,23 @@ impl Broker {
             channels[at].1.push(i);
         }
         let calls = channels.iter().map(|(name, indices)| {
-            let batch: Vec<(&Event, Option<&str>)> =
-                indices.iter().map(|&i| (events[i].1, None)).collect();
+            let batch: Vec<(&Event, Option<&str>)> = indices
+                .iter()
+                .map(|&i| (events[i].1, events[i].2))
+                .collect();
             async move { redis.publish(name, &batch).await }
         });
         let answers = futures_util::future::join_all(calls).await;
         let mut results: Vec<Option<Result<Outcome, BrokerError>>> =
             (0..events.len()).map(|_| None).collect();
-        for ((_, indices), answer) in channels.iter().zip(answers) {
-            match answer {
-                Ok(outcomes) => {
-                    for (&i, outcome) in indices.iter().zip(outcomes) {
-                        results[i] = Some(Ok(outcome));
-                    }
-                }
-                Err(error) => {
-                    for &i in indices {
-                        results[i] = Some(Err(error.clone()));
-                    }
+        for ((_, indices), (outcomes, error)) in channels.iter().zip(answers) {
+            let sequenced = outcomes.len();
+            for (&i, outcome) in indices.iter().zip(outcomes) {
+                results[i] = Some(Ok(outcome));
+            }
+            if let Some(error) = error {
+                for &i in &indices[sequenced.min(indices.len())..] {
+                    results[i] = Some(Err(error.clone()));
                 }
             }
         }

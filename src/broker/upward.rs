@@ -1,5 +1,5 @@
 //! What flows up from the broker to ingest (Redis mode), through bounded channels: registrations
-//! announced by any replica, and the events read from the ingest stream, each answered.
+//! announced by any replica, and the events read from the ingest stream, answered per entry.
 
 use tokio::sync::{mpsc, oneshot};
 
@@ -10,7 +10,7 @@ use crate::protocol::run::RunTarget;
 /// Messages that flow up from the broker to ingest, through bounded channels (Redis mode).
 pub struct Upward {
     pub announcements: mpsc::Receiver<Announcement>,
-    pub stream: mpsc::Receiver<StreamEvent>,
+    pub stream: mpsc::Receiver<StreamEvents>,
 }
 
 /// What the broker tells ingest about runs.
@@ -22,8 +22,17 @@ pub enum Announcement {
     Resync,
 }
 
-/// One valid event read from the Redis ingest stream, for ingest to take; the reader
-/// acknowledges the entry once the answer is [`Taken::Done`].
+/// The valid events of one read of the Redis ingest stream, in stream order, for ingest to take
+/// together; the reader acknowledges each entry answered [`Taken::Done`].
+#[derive(Debug)]
+pub struct StreamEvents {
+    pub entries: Vec<StreamEvent>,
+    /// One answer per entry, in order, up to the first error: the entries after it are left for
+    /// later.
+    pub reply: oneshot::Sender<Vec<Result<Taken, BrokerError>>>,
+}
+
+/// One valid event read from the Redis ingest stream.
 #[derive(Debug)]
 pub struct StreamEvent {
     pub event: Event,
@@ -31,7 +40,6 @@ pub struct StreamEvent {
     pub entry_id: String,
     /// When the entry was added (wall-clock ms).
     pub added_ms: u64,
-    pub reply: oneshot::Sender<Result<Taken, BrokerError>>,
 }
 
 /// What became of one ingest stream entry.

@@ -1,29 +1,43 @@
-//! The events of one request that need nothing but their publish, gathered and published
-//! together: in Redis mode one script call per channel, the channels' calls at once, instead of a
-//! round trip per event. An event qualifies when its channel is its thread's, it registers no
-//! run, no earlier event of its run is being released and it is no retry; any other item ends
-//! the batch (it is published first), so every channel sees the request's events in their order.
+//! The events of one request (or one read of the ingest stream) that need nothing but their
+//! publish, gathered and published together: in Redis mode one script call per channel, the
+//! channels' calls at once, instead of a round trip per event. An event qualifies when its channel
+//! is its thread's, it registers no run, no earlier event of its run is being released and it is
+//! no retry the embedded dedupe saw; any other item ends the batch (it is published first), so
+//! every channel sees the events in their order.
 
 use std::time::Instant;
 
 use tracing::Span;
 
-use super::{ItemResult, emitted, failed};
+use super::emitted;
 use crate::Gateway;
-use crate::broker::Outcome;
+use crate::broker::{BrokerError, Outcome};
 use crate::protocol::ChannelName;
 use crate::protocol::event::{Event, EventType};
 use crate::telemetry;
 
+/// An event kept for the batch's publish.
+pub(super) struct Kept {
+    pub channel: ChannelName,
+    pub event: Event,
+    /// The ingest stream entry id it came from.
+    pub entry: Option<String>,
+}
+
 #[derive(Default)]
 pub(super) struct Batch {
-    events: Vec<(ChannelName, Event)>,
+    kept: Vec<Kept>,
 }
 
 impl Batch {
     /// Keeps `event` for the next [`Self::publish`] when it needs nothing else; gives it back
     /// when it does.
-    pub(super) fn keep(&mut self, gateway: &Gateway, event: Event) -> Option<Event> {
+    pub(super) fn keep(
+        &mut self,
+        gateway: &Gateway,
+        event: Event,
+        entry: Option<&str>,
+    ) -> Option<Event> {
         let Some(thread) = event.thread_id.as_deref() else {
             return Some(event);
         };
@@ -38,50 +52,54 @@ impl Batch {
         {
             return Some(event);
         }
-        self.events.push((ChannelName::thread(thread), event));
+        self.kept.push(Kept {
+            channel: ChannelName::thread(thread),
+            event,
+            entry: entry.map(str::to_string),
+        });
         None
     }
 
-    /// Publishes what is kept and appends each event's answer to `results`, in order. Each is
-    /// counted `ingested` as [`super::accept`] counts it.
-    pub(super) async fn publish(&mut self, gateway: &Gateway, results: &mut Vec<ItemResult>) {
-        if self.events.is_empty() {
-            return;
+    /// Publishes what is kept: each event with its outcome, in order. A published event goes on
+    /// to the watchdog; a published one and a duplicate are counted `ingested` (and a duplicate
+    /// as one), as [`super::accept`] counts them; an error is the caller's to answer and count.
+    pub(super) async fn publish(
+        &mut self,
+        gateway: &Gateway,
+    ) -> Vec<(Kept, Result<Outcome, BrokerError>)> {
+        if self.kept.is_empty() {
+            return Vec::new();
         }
-        let events = std::mem::take(&mut self.events);
-        let spans: Vec<Span> = (events.iter())
-            .map(|(_, event)| telemetry::ingest_span(event))
+        let kept = std::mem::take(&mut self.kept);
+        let spans: Vec<Span> = (kept.iter())
+            .map(|kept| telemetry::ingest_span(&kept.event))
             .collect();
         let started = Instant::now();
-        let pairs: Vec<(&ChannelName, &Event)> = (events.iter())
-            .map(|(channel, event)| (channel, event))
+        let events: Vec<(&ChannelName, &Event, Option<&str>)> = (kept.iter())
+            .map(|kept| (&kept.channel, &kept.event, kept.entry.as_deref()))
             .collect();
         let outcomes = gateway
             .broker
-            .publish_all(&pairs, |i, seq| {
-                telemetry::published(&spans[i], &events[i].1, &events[i].0, seq)
+            .publish_all(&events, |i, seq| {
+                telemetry::published(&spans[i], &kept[i].event, &kept[i].channel, seq)
             })
             .await;
+        drop(events);
         let ingested = &gateway.metrics.events_ingested;
-        for (((channel, event), span), outcome) in events.iter().zip(&spans).zip(outcomes) {
+        for ((kept, span), outcome) in kept.iter().zip(&spans).zip(&outcomes) {
             let _entered = span.enter();
-            results.push(match outcome {
+            match outcome {
                 Ok(Outcome::Published(published)) => {
                     ingested.inc();
-                    emitted(gateway, channel, event, &published, started);
-                    ItemResult::Accepted {
-                        channel: channel.to_string(),
-                        seq: published.seq,
-                        epoch: published.epoch.to_string(),
-                    }
+                    emitted(gateway, &kept.channel, &kept.event, published, started);
                 }
                 Ok(Outcome::Duplicate) => {
                     ingested.inc();
                     gateway.metrics.events_duplicate.inc();
-                    ItemResult::Duplicate
                 }
-                Err(error) => failed(gateway, error, ingested),
-            });
+                Err(_) => {}
+            }
         }
+        kept.into_iter().zip(outcomes).collect()
     }
 }

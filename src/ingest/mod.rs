@@ -96,7 +96,7 @@ pub async fn ingest(gateway: &Gateway, items: &[&str], producer: Option<&str>) -
             Ok(event) => event,
             Err(refusal) => {
                 count_refusal(gateway, &refusal);
-                batch.publish(gateway, &mut results).await;
+                publish_kept(gateway, &mut batch, &mut results).await;
                 results.push(ItemResult::Error(refusal));
                 continue;
             }
@@ -104,20 +104,35 @@ pub async fn ingest(gateway: &Gateway, items: &[&str], producer: Option<&str>) -
         event.producer = producer.map(str::to_string);
         // The ordering rules read the watchdog, which a kept event reaches once published.
         if gateway.config.agui.strict {
-            batch.publish(gateway, &mut results).await;
+            publish_kept(gateway, &mut batch, &mut results).await;
         }
         if let Err(refusal) = strictly_ordered(gateway, &event) {
-            batch.publish(gateway, &mut results).await;
+            publish_kept(gateway, &mut batch, &mut results).await;
             results.push(ItemResult::Error(refusal));
             continue;
         }
-        if let Some(event) = batch.keep(gateway, event) {
-            batch.publish(gateway, &mut results).await;
+        if let Some(event) = batch.keep(gateway, event, None) {
+            publish_kept(gateway, &mut batch, &mut results).await;
             results.push(accept(gateway, event, None).await);
         }
     }
-    batch.publish(gateway, &mut results).await;
+    publish_kept(gateway, &mut batch, &mut results).await;
     results
+}
+
+/// Publishes what `batch` kept and appends each event's answer to `results`.
+async fn publish_kept(gateway: &Gateway, batch: &mut batch::Batch, results: &mut Vec<ItemResult>) {
+    for (kept, outcome) in batch.publish(gateway).await {
+        results.push(match outcome {
+            Ok(Outcome::Published(published)) => ItemResult::Accepted {
+                channel: kept.channel.to_string(),
+                seq: published.seq,
+                epoch: published.epoch.to_string(),
+            },
+            Ok(Outcome::Duplicate) => ItemResult::Duplicate,
+            Err(error) => failed(gateway, error, &gateway.metrics.events_ingested),
+        });
+    }
 }
 
 /// With `agui.strict`, an AG-UI event that breaks AG-UI's ordering rules where its run stands

@@ -1,17 +1,19 @@
 //! What comes up from the broker (Redis mode), each through a bounded channel and consumed by one
 //! task that ingest owns: registrations announced by any replica release the events held here (each
 //! release in a task of its own, at most [`RELEASES`] at once, so a slow one does not hold up the
-//! pub/sub reader behind it), and ingest stream entries are taken one by one like
-//! `POST /v1/events` items.
+//! pub/sub reader behind it), and ingest stream entries are taken a read at a time like the items
+//! of a `POST /v1/events`.
 
+use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::Semaphore;
 use tokio_util::task::TaskTracker;
 
+use super::batch::Batch;
 use super::{RegisterError, emit, lost_unresolved, register_start, release, resolve};
-use crate::broker::{Announcement, BrokerError, StreamEvent, Taken, Upward, now_ms};
+use crate::broker::{Announcement, BrokerError, StreamEvent, StreamEvents, Taken, Upward, now_ms};
 use crate::protocol::packed::PackedEvent;
 use crate::telemetry::Throttle;
 use crate::{Gateway, telemetry};
@@ -45,11 +47,9 @@ pub fn consume(gateway: Arc<Gateway>, upward: Upward, tracker: &TaskTracker) {
                     }
                     None => announcing = false,
                 },
-                entry = stream.recv(), if streaming => match entry {
-                    Some(entry) => {
-                        let StreamEvent { event, entry_id, added_ms, reply } = entry;
-                        let taken = take(&gateway, event, &entry_id, added_ms).await;
-                        let _ = reply.send(taken);
+                read = stream.recv(), if streaming => match read {
+                    Some(StreamEvents { entries, reply }) => {
+                        let _ = reply.send(take_read(&gateway, entries).await);
                     }
                     None => streaming = false,
                 },
@@ -72,6 +72,75 @@ async fn announced(gateway: &Gateway, announcement: Announcement) {
             }
         }
     }
+}
+
+/// The entries of one read, in stream order: those that need nothing but their publish are
+/// published together (`batch.rs`), any other is taken alone once those before it are published.
+/// One answer per entry, up to the first error (the reader leaves the rest for later).
+async fn take_read(
+    gateway: &Gateway,
+    entries: Vec<StreamEvent>,
+) -> Vec<Result<Taken, BrokerError>> {
+    let mut answers = Vec::with_capacity(entries.len());
+    let mut batch = Batch::default();
+    // Runs with an entry left for later in this read: their entries after it wait too.
+    let mut later: HashSet<String> = HashSet::new();
+    for StreamEvent {
+        event,
+        entry_id,
+        added_ms,
+    } in entries
+    {
+        let waits = (event.run_id.as_ref()).is_some_and(|run_id| later.contains(run_id));
+        let event = match waits {
+            true => None,
+            false => batch.keep(gateway, event, Some(&entry_id)),
+        };
+        if (waits || event.is_some()) && !publish_kept(gateway, &mut batch, &mut answers).await {
+            return answers;
+        }
+        let Some(event) = event else {
+            if waits {
+                answers.push(Ok(Taken::Later));
+            }
+            continue;
+        };
+        let run_id = event.run_id.clone();
+        let taken = take(gateway, event, &entry_id, added_ms).await;
+        if let (Ok(Taken::Later), Some(run_id)) = (&taken, run_id) {
+            later.insert(run_id);
+        }
+        let failed = taken.is_err();
+        answers.push(taken);
+        if failed {
+            return answers;
+        }
+    }
+    publish_kept(gateway, &mut batch, &mut answers).await;
+    answers
+}
+
+/// Publishes what `batch` kept and appends each entry's answer (an entry failed by our fault is
+/// settled as [`take`] settles it); `false` when one is an error.
+async fn publish_kept(
+    gateway: &Gateway,
+    batch: &mut Batch,
+    answers: &mut Vec<Result<Taken, BrokerError>>,
+) -> bool {
+    let mut all_taken = true;
+    for (kept, outcome) in batch.publish(gateway).await {
+        let entry_id = kept.entry.as_deref().unwrap_or_default();
+        let answer = match outcome {
+            Ok(_) => Ok(Taken::Done),
+            Err(error @ BrokerError::Internal(_)) => {
+                lost_internal(gateway, &kept.event, entry_id, error).await
+            }
+            Err(error) => Err(error),
+        };
+        all_taken &= answer.is_ok();
+        answers.push(answer);
+    }
+    all_taken
 }
 
 /// Why an ingest stream entry the broker failed on by our fault was dead-lettered.

@@ -373,6 +373,83 @@ async fn ingest_stream_entries_are_published_once_when_a_replica_is_killed_midwa
     }
 }
 
+/// One read of the ingest stream over two threads, with a malformed entry and two entries of a run
+/// nobody registered yet between them: the threads' entries are published together, in order;
+/// the run's wait, in order, until its registration, and come after it.
+#[tokio::test]
+async fn one_read_of_the_ingest_stream_is_published_per_channel_and_a_waiting_run_keeps_its_order()
+{
+    let redis = Redis::start().await;
+    let gateway = on_redis(&redis, |_| {}).await;
+    let mut viewer = gateway.viewer("u1", "t_a").await;
+    viewer.subscribe("t_b", None).await;
+    viewer.subscribe("t_w", None).await;
+    let waiting = |n: usize| {
+        let mut event = json!({"type": "agent_thinking", "run_id": "r_wait", "payload": {"n": n}});
+        event["event_id"] = format!("w-{n}").into();
+        event
+    };
+    let entries = [
+        thinking("t_a", 1),
+        waiting(1),
+        thinking("t_b", 1),
+        json!({"type": "agent_thinking"}),
+        waiting(2),
+        thinking("t_a", 2),
+        thinking("t_b", 2),
+    ];
+    let mut pipe = redis::pipe();
+    pipe.atomic();
+    for entry in &entries {
+        pipe.xadd("aw:ingest", "*", &[("event", entry.to_string())])
+            .ignore();
+    }
+    let mut conn = redis.conn().await;
+    let () = pipe.query_async(&mut conn).await.unwrap();
+    let received: Vec<(String, u64, u64)> = viewer
+        .events(4)
+        .await
+        .iter()
+        .map(|frame| {
+            let channel = frame["channel"].as_str().unwrap().to_string();
+            let n = frame["payload"]["n"].as_u64().unwrap();
+            (channel, frame["seq"].as_u64().unwrap(), n)
+        })
+        .collect();
+    let of = |channel: &str| -> Vec<(u64, u64)> {
+        (received.iter())
+            .filter(|(name, _, _)| name == channel)
+            .map(|(_, seq, n)| (*seq, *n))
+            .collect()
+    };
+    assert_eq!(of("thread:t_a"), [(1, 1), (2, 2)], "{received:?}");
+    assert_eq!(of("thread:t_b"), [(1, 1), (2, 2)], "{received:?}");
+    viewer.silent_for(Duration::from_millis(300)).await;
+    let mut started = event("agent_started", "r_wait", "t_w");
+    started["payload"]["n"] = 0.into();
+    gateway.publish(&[started]).await;
+    let run: Vec<(u64, u64)> = viewer
+        .events(3)
+        .await
+        .iter()
+        .map(|frame| {
+            assert_eq!(frame["channel"], "thread:t_w", "{frame}");
+            let n = frame["payload"]["n"].as_u64().unwrap();
+            (frame["seq"].as_u64().unwrap(), n)
+        })
+        .collect();
+    assert_eq!(run, [(1, 0), (2, 1), (3, 2)]);
+    viewer.silent_for(Duration::from_millis(300)).await;
+    let metrics = gateway.metrics().await;
+    assert_eq!(
+        metric_value(&metrics, "agentwire_events_ingested_total"),
+        7.0
+    );
+    let pending: redis::streams::StreamPendingReply =
+        conn.xpending("aw:ingest", "agentwire").await.unwrap();
+    assert_eq!(pending.count(), 0, "every entry acknowledged");
+}
+
 #[tokio::test]
 async fn a_malformed_ingest_entry_is_set_aside_with_its_reason_and_does_not_block() {
     let redis = Redis::start().await;

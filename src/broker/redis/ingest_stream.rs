@@ -17,7 +17,7 @@
 //! of replicas gone for a while with nothing pending are removed.
 //!
 //! This reader speaks Redis; what becomes of a valid event is ingest's decision, asked through a
-//! bounded channel ([`StreamEvent`]) and answered per entry.
+//! bounded channel, the valid entries of a read at once ([`StreamEvents`]), and answered per entry.
 
 use std::collections::HashSet;
 use std::time::{Duration, Instant};
@@ -32,27 +32,27 @@ use tokio_util::sync::CancellationToken;
 
 use super::RedisBroker;
 use super::conn::Conn;
-use crate::broker::{BrokerError, StreamEvent, Taken};
+use crate::broker::{BrokerError, StreamEvent, StreamEvents, Taken};
 use crate::config::BrokerConfig;
 use crate::metrics::Metrics;
 use crate::protocol::event;
 
 const BATCH: usize = 100;
-/// Entries on their way to ingest. The reader waits for each answer before it sends the next, so
+/// Reads on their way to ingest. The reader waits for each answer before it sends the next, so
 /// at most one is ever queued; the bound only has to be at least one.
 pub const QUEUE: usize = 1;
 
 /// What the reader needs besides its connection.
 struct Reader<'a> {
     redis: &'a RedisBroker,
-    ingest: mpsc::Sender<StreamEvent>,
+    ingest: mpsc::Sender<StreamEvents>,
     metrics: &'a Metrics,
 }
 
 /// Reads the ingest stream until `stop`.
 pub async fn run(
     redis: &RedisBroker,
-    ingest: mpsc::Sender<StreamEvent>,
+    ingest: mpsc::Sender<StreamEvents>,
     metrics: &Metrics,
     stop: CancellationToken,
 ) {
@@ -233,7 +233,8 @@ fn next_id(id: &str) -> String {
 /// Takes `entries` in order, then acknowledges the ones done in one `XACK` (also when a round ends
 /// early): an entry published but not acknowledged yet, if this replica dies, is claimed by
 /// another and answered a duplicate by the publish script, so acknowledging a batch at once loses
-/// nothing and saves a round trip per entry.
+/// nothing and saves a round trip per entry. Malformed entries are set aside first; the valid ones
+/// go to ingest together, which publishes what it can of them at once.
 async fn take_all(
     reader: &Reader<'_>,
     conn: &mut Conn,
@@ -242,20 +243,51 @@ async fn take_all(
 ) -> Result<(), redis::RedisError> {
     let config = &reader.redis.config;
     let mut done = Vec::with_capacity(entries.len());
+    let mut valid = Vec::with_capacity(entries.len());
     let mut stopped = None;
     for entry in &entries {
-        match take(reader, conn, entry, blocked).await {
-            Ok(Taken::Done) => done.push(entry.id.as_str()),
-            Ok(Taken::Later) => {}
-            // Left pending; the round ends so that nothing after it overtakes it.
+        match valid_event(reader, conn, entry).await {
+            Ok(None) => done.push(entry.id.as_str()),
+            // An earlier entry of this run waits for its registration: keep the run's order.
+            Ok(Some(event))
+                if (event.run_id.as_ref()).is_some_and(|run_id| blocked.contains(run_id)) => {}
+            Ok(Some(event)) => valid.push((
+                entry.id.as_str(),
+                StreamEvent {
+                    event,
+                    entry_id: entry.id.clone(),
+                    added_ms: added_ms(&entry.id),
+                },
+            )),
             Err(error) => {
-                tracing::debug!(id = %entry.id, %error, "Ingest entry left for later.");
-                stopped = Some(redis::RedisError::from((
-                    redis::ErrorKind::Io,
-                    "broker unavailable",
-                    error.to_string(),
-                )));
+                stopped = Some(error);
                 break;
+            }
+        }
+    }
+    if stopped.is_none() && !valid.is_empty() {
+        let runs: Vec<Option<String>> = (valid.iter())
+            .map(|(_, entry)| entry.event.run_id.clone())
+            .collect();
+        let (ids, entries): (Vec<&str>, Vec<StreamEvent>) = valid.into_iter().unzip();
+        let answers = ask(reader, entries).await;
+        for (i, id) in ids.iter().enumerate() {
+            match answers.get(i) {
+                Some(Ok(Taken::Done)) => done.push(id),
+                Some(Ok(Taken::Later)) => {
+                    if let Some(run_id) = &runs[i] {
+                        blocked.insert(run_id.clone());
+                    }
+                }
+                // Left pending; the round ends so that nothing after it overtakes it.
+                Some(Err(error)) => {
+                    stopped = Some(error.clone());
+                    break;
+                }
+                None => {
+                    stopped = Some(BrokerError::Unavailable("ingest stopped".into()));
+                    break;
+                }
             }
         }
     }
@@ -264,15 +296,35 @@ async fn take_all(
             .xack(&config.ingest_stream, &config.ingest_group, &done)
             .await?;
     }
-    stopped.map_or(Ok(()), Err)
+    match stopped {
+        None => Ok(()),
+        Some(error) => {
+            tracing::debug!(%error, "Ingest entries left for later.");
+            Err(redis::RedisError::from((
+                redis::ErrorKind::Io,
+                "broker unavailable",
+                error.to_string(),
+            )))
+        }
+    }
 }
 
-async fn take(
+/// Ingest's answers for `entries`, in order, up to the first error (none when ingest stopped).
+async fn ask(reader: &Reader<'_>, entries: Vec<StreamEvent>) -> Vec<Result<Taken, BrokerError>> {
+    let (reply, answer) = oneshot::channel();
+    let sent = reader.ingest.send(StreamEvents { entries, reply }).await;
+    match sent {
+        Ok(()) => answer.await.unwrap_or_default(),
+        Err(_) => Vec::new(),
+    }
+}
+
+/// The entry's event, or `None` once a malformed entry was set aside (counted).
+async fn valid_event(
     reader: &Reader<'_>,
     conn: &mut Conn,
     entry: &StreamId,
-    blocked: &mut HashSet<String>,
-) -> Result<Taken, BrokerError> {
+) -> Result<Option<event::Event>, BrokerError> {
     let rejected = |code: &str| {
         reader
             .metrics
@@ -281,7 +333,7 @@ async fn take(
             .inc();
     };
     let text: Option<String> = entry.get("event");
-    let event = match text.as_deref() {
+    match text.as_deref() {
         None => {
             rejected("missing_field");
             set_aside(
@@ -292,10 +344,10 @@ async fn take(
                 "the entry has no `event` field",
             )
             .await?;
-            return Ok(Taken::Done);
+            Ok(None)
         }
         Some(text) => match event::parse(text, reader.redis.max_event_bytes) {
-            Ok(event) => event,
+            Ok(event) => Ok(Some(event)),
             Err(refusal) => {
                 rejected(refusal.code.as_str());
                 let reason = match &refusal.field {
@@ -303,35 +355,10 @@ async fn take(
                     None => refusal.reason.to_string(),
                 };
                 set_aside(reader.redis, conn, entry, text, &reason).await?;
-                return Ok(Taken::Done);
+                Ok(None)
             }
         },
-    };
-    // An earlier entry of this run waits for its registration: keep the run's order.
-    let run_id = event.run_id.clone();
-    if run_id
-        .as_ref()
-        .is_some_and(|run_id| blocked.contains(run_id))
-    {
-        return Ok(Taken::Later);
     }
-    let (reply, answer) = oneshot::channel();
-    let stopped = || BrokerError::Unavailable("ingest stopped".into());
-    reader
-        .ingest
-        .send(StreamEvent {
-            event,
-            entry_id: entry.id.clone(),
-            added_ms: added_ms(&entry.id),
-            reply,
-        })
-        .await
-        .map_err(|_| stopped())?;
-    let taken = answer.await.map_err(|_| stopped())??;
-    if let (Taken::Later, Some(run_id)) = (taken, run_id) {
-        blocked.insert(run_id);
-    }
-    Ok(taken)
 }
 
 /// Moves a malformed entry to `<ingest_stream>:dead` with its reason.

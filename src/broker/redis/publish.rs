@@ -25,18 +25,22 @@ pub(super) fn new_epoch() -> String {
 const PER_CALL: usize = 100;
 
 impl RedisBroker {
-    /// Sequences `events` into `name`, in their order: one script call per [`PER_CALL`] events,
-    /// one outcome per event. `entry` is the ingest stream entry id an event came from.
+    /// Sequences `events` into `name`, in their order: one script call per [`PER_CALL`] events.
+    /// The outcomes of the events sequenced, in order, and the error that stopped the rest (none
+    /// of them was sequenced). `entry` is the ingest stream entry id an event came from.
     pub async fn publish(
         &self,
         name: &ChannelName,
         events: &[(&Event, Option<&str>)],
-    ) -> Result<Vec<Outcome>, BrokerError> {
+    ) -> (Vec<Outcome>, Option<BrokerError>) {
         let mut outcomes = Vec::with_capacity(events.len());
         for chunk in events.chunks(PER_CALL) {
-            outcomes.extend(self.publish_call(name, chunk).await?);
+            match self.publish_call(name, chunk).await {
+                Ok(sequenced) => outcomes.extend(sequenced),
+                Err(error) => return (outcomes, Some(error)),
+            }
         }
-        Ok(outcomes)
+        (outcomes, None)
     }
 
     async fn publish_call(

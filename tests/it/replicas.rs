@@ -450,6 +450,54 @@ async fn one_read_of_the_ingest_stream_is_published_per_channel_and_a_waiting_ru
     assert_eq!(pending.count(), 0, "every entry acknowledged");
 }
 
+/// A delivery counts only for an entry the stream still holds: after `meta.trimmed` and up to
+/// `last_seq`. A channel trimmed before `trimmed` was kept learns it from its first entry.
+#[tokio::test]
+async fn deliveries_count_only_what_the_stream_holds_also_on_a_channel_trimmed_before_trimmed_was_kept()
+ {
+    let redis = Redis::start().await;
+    let gateway = on_redis(&redis, |c| c.history.max_events = 2).await;
+    gateway
+        .publish(&[
+            thinking("t_trim", 1),
+            thinking("t_trim", 2),
+            thinking("t_trim", 3),
+        ])
+        .await;
+    let mut conn = redis.conn().await;
+    let meta = "aw:{thread:t_trim}:meta";
+    let trimmed: Option<String> = conn.hget(meta, "trimmed").await.unwrap();
+    assert_eq!(trimmed.as_deref(), Some("1"));
+    let () = conn.hdel(meta, "trimmed").await.unwrap();
+    let mut viewer = gateway.client("u1").await;
+    viewer.subscribe("t_trim", Some(json!({"seq": 0}))).await;
+    let seqs: Vec<u64> = (viewer.events(2).await.iter())
+        .map(|frame| frame["seq"].as_u64().unwrap())
+        .collect();
+    assert_eq!(seqs, [2, 3]);
+    let ledger = ledger_until(&gateway, "thread:t_trim", |l| l["delivered"] == 2).await;
+    assert_eq!(ledger["emitted"], 3, "{ledger}");
+    assert_eq!(ledger["pending"], 0, "{ledger}");
+    assert_eq!(ledger["lost"]["expired_unseen"], 1, "{ledger}");
+    assert_eq!(ledger["balanced"], true, "{ledger}");
+    let trimmed: Option<String> = conn.hget(meta, "trimmed").await.unwrap();
+    assert_eq!(trimmed.as_deref(), Some("1"));
+    // A report for a seq the stream does not hold (trimmed, or past `last_seq`) counts nothing.
+    let delivered: u64 = redis::cmd("EVAL")
+        .arg(include_str!("../../src/broker/redis/deliver.lua"))
+        .arg(3)
+        .arg("aw:{thread:t_trim}:log")
+        .arg(meta)
+        .arg("aw:{thread:t_trim}:delivered")
+        .arg(ledger["epoch"].as_str().unwrap())
+        .arg(1)
+        .arg(4)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(delivered, 0);
+}
+
 #[tokio::test]
 async fn a_malformed_ingest_entry_is_set_aside_with_its_reason_and_does_not_block() {
     let redis = Redis::start().await;

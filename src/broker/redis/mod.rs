@@ -5,7 +5,8 @@
 //! channel and every script touches one slot:
 //!
 //! - `:log` stream, entry id `<seq>-0`, fields `b` (frame body), `t` (publish ms), `p` (producer ms);
-//! - `:meta` hash: `epoch`, `last_seq`, `run` (the Redis `run_id` that wrote the epoch), `emitted`,
+//! - `:meta` hash: `epoch`, `last_seq`, `trimmed` (the last seq trimmed from `:log`), `run` (the
+//!   Redis `run_id` that wrote the epoch), `emitted`,
 //!   `pending`, `delivered`, `acked`, `acked_seq`, `lost_expired_unseen`, `lost_expired_subscribed`;
 //! - `:delivered` and `:offered` sets of retained seqs; `:seen` sorted set of dedupe ids;
 //! - `:live` pub/sub channel carrying each new entry to the replicas that watch the channel (on a

@@ -78,7 +78,10 @@ end
 redis.call('HINCRBY', meta, 'emitted', published)
 redis.call('HINCRBY', meta, 'pending', published)
 local unseen, subscribed = trim(log, meta, delivered, offered, tonumber(ARGV[2]), tonumber(ARGV[3]))
-for _, key in ipairs(KEYS) do
-  redis.call('PERSIST', key)
+-- An idle channel's keys were given a TTL together (sweep.lua): this one is in use again.
+if redis.call('PTTL', meta) >= 0 then
+  for _, key in ipairs(KEYS) do
+    redis.call('PERSIST', key)
+  end
 end
 return {epoch, unseen, subscribed, seqs}

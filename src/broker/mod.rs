@@ -191,60 +191,17 @@ impl Broker {
         events: &[(&ChannelName, &Event, Option<&str>)],
         trace: impl Fn(usize, u64) -> Option<Box<crate::telemetry::TraceInfo>>,
     ) -> Vec<Result<Outcome, BrokerError>> {
-        let redis = match self {
-            Self::Memory(memory) => {
-                return (events.iter().enumerate())
-                    .map(|(i, (name, event, _))| {
-                        let trace = |seq| trace(i, seq);
-                        Ok(Outcome::Published(
-                            memory.channels.publish(name, event, trace),
-                        ))
-                    })
-                    .collect();
-            }
-            Self::Redis(redis) => redis,
-        };
-        let mut channels: Vec<(&ChannelName, Vec<usize>)> = Vec::new();
-        let mut index: std::collections::HashMap<&ChannelName, usize> =
-            std::collections::HashMap::new();
-        for (i, (name, _, _)) in events.iter().enumerate() {
-            let at = *index.entry(name).or_insert_with(|| {
-                channels.push((name, Vec::new()));
-                channels.len() - 1
-            });
-            channels[at].1.push(i);
-        }
-        let calls = channels.iter().map(|(name, indices)| {
-            let batch: Vec<(&Event, Option<&str>)> = indices
-                .iter()
-                .map(|&i| (events[i].1, events[i].2))
-                .collect();
-            async move { redis.publish(name, &batch).await }
-        });
-        let answers = futures_util::future::join_all(calls).await;
-        let mut results: Vec<Option<Result<Outcome, BrokerError>>> =
-            (0..events.len()).map(|_| None).collect();
-        for ((_, indices), (outcomes, error)) in channels.iter().zip(answers) {
-            let sequenced = outcomes.len();
-            for (&i, outcome) in indices.iter().zip(outcomes) {
-                results[i] = Some(Ok(outcome));
-            }
-            if let Some(error) = error {
-                for &i in &indices[sequenced.min(indices.len())..] {
-                    results[i] = Some(Err(error.clone()));
-                }
-            }
-        }
-        results
-            .into_iter()
-            .map(|result| {
-                result.unwrap_or_else(|| {
-                    Err(BrokerError::Internal(
-                        "an event got no publish answer".into(),
+        match self {
+            Self::Memory(memory) => (events.iter().enumerate())
+                .map(|(i, (name, event, _))| {
+                    let trace = |seq| trace(i, seq);
+                    Ok(Outcome::Published(
+                        memory.channels.publish(name, event, trace),
                     ))
                 })
-            })
-            .collect()
+                .collect(),
+            Self::Redis(redis) => redis.publish_all(events).await,
+        }
     }
 
     pub async fn subscribe(

@@ -2,6 +2,7 @@
 //! each deduped by `event_id` and ingest entry id, appended to `:log`, counted in the `:meta`
 //! ledger and `PUBLISH`ed to `:live`; then the channel is trimmed.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
@@ -41,6 +42,53 @@ impl RedisBroker {
             }
         }
         (outcomes, None)
+    }
+
+    /// Sequences the events of one request or read, each into its channel: one [`Self::publish`]
+    /// per channel, all at once, so that the channels' calls share their round trips (on a
+    /// Cluster, go to their nodes in parallel). One result per event, in the order given.
+    pub async fn publish_all(
+        &self,
+        events: &[(&ChannelName, &Event, Option<&str>)],
+    ) -> Vec<Result<Outcome, BrokerError>> {
+        let mut channels: Vec<(&ChannelName, Vec<usize>)> = Vec::new();
+        let mut index: HashMap<&ChannelName, usize> = HashMap::new();
+        for (i, (name, _, _)) in events.iter().enumerate() {
+            let at = *index.entry(name).or_insert_with(|| {
+                channels.push((name, Vec::new()));
+                channels.len() - 1
+            });
+            channels[at].1.push(i);
+        }
+        let calls = channels.iter().map(|(name, indices)| {
+            let batch: Vec<(&Event, Option<&str>)> = (indices.iter())
+                .map(|&i| (events[i].1, events[i].2))
+                .collect();
+            async move { self.publish(name, &batch).await }
+        });
+        let answers = futures_util::future::join_all(calls).await;
+        let mut results: Vec<Option<Result<Outcome, BrokerError>>> =
+            (0..events.len()).map(|_| None).collect();
+        for ((_, indices), (outcomes, error)) in channels.iter().zip(answers) {
+            let sequenced = outcomes.len();
+            for (&i, outcome) in indices.iter().zip(outcomes) {
+                results[i] = Some(Ok(outcome));
+            }
+            if let Some(error) = error {
+                for &i in &indices[sequenced.min(indices.len())..] {
+                    results[i] = Some(Err(error.clone()));
+                }
+            }
+        }
+        (results.into_iter())
+            .map(|result| {
+                result.unwrap_or_else(|| {
+                    Err(BrokerError::Internal(
+                        "an event got no publish answer".into(),
+                    ))
+                })
+            })
+            .collect()
     }
 
     async fn publish_call(

@@ -84,7 +84,6 @@ impl Batch {
                 telemetry::published(&spans[i], &kept[i].event, &kept[i].channel, seq)
             })
             .await;
-        drop(events);
         let ingested = &gateway.metrics.events_ingested;
         for ((kept, span), outcome) in kept.iter().zip(&spans).zip(&outcomes) {
             let _entered = span.enter();

@@ -102,12 +102,12 @@ pub async fn ingest(gateway: &Gateway, items: &[&str], producer: Option<&str>) -
             }
         };
         event.producer = producer.map(str::to_string);
-        // The ordering rules read the watchdog, which a kept event reaches once published.
+        // The ordering rules (strict mode only) read the watchdog, which a kept event reaches
+        // once published.
         if gateway.config.agui.strict {
             publish_kept(gateway, &mut batch, &mut results).await;
         }
         if let Err(refusal) = strictly_ordered(gateway, &event) {
-            publish_kept(gateway, &mut batch, &mut results).await;
             results.push(ItemResult::Error(refusal));
             continue;
         }

@@ -91,20 +91,20 @@ async fn take_read(
         added_ms,
     } in entries
     {
-        let waits = (event.run_id.as_ref()).is_some_and(|run_id| later.contains(run_id));
-        let event = match waits {
-            true => None,
-            false => batch.keep(gateway, event, Some(&entry_id)),
-        };
-        if (waits || event.is_some()) && !publish_kept(gateway, &mut batch, &mut answers).await {
-            return answers;
-        }
-        let Some(event) = event else {
-            if waits {
-                answers.push(Ok(Taken::Later));
+        if (event.run_id.as_ref()).is_some_and(|run_id| later.contains(run_id)) {
+            if !publish_kept(gateway, &mut batch, &mut answers).await {
+                return answers;
             }
+            answers.push(Ok(Taken::Later));
+            continue;
+        }
+        // A kept entry is answered once its batch is published.
+        let Some(event) = batch.keep(gateway, event, Some(&entry_id)) else {
             continue;
         };
+        if !publish_kept(gateway, &mut batch, &mut answers).await {
+            return answers;
+        }
         let run_id = event.run_id.clone();
         let taken = take(gateway, event, &entry_id, added_ms).await;
         if let (Ok(Taken::Later), Some(run_id)) = (&taken, run_id) {

@@ -35,7 +35,7 @@ local function current_epoch()
 end
 
 local epoch = nil
-local seqs = {}
+local seqs, published = {}, 0
 local i = 9
 while i <= #ARGV do
   local body, produced, first, last = ARGV[i], ARGV[i + 1], i + 3, i + 2 + tonumber(ARGV[i + 2])
@@ -64,16 +64,11 @@ while i <= #ARGV do
       redis.call('SADD', offered, seq)
     end
     seqs[#seqs + 1] = seq
+    published = published + 1
   end
 end
 if not epoch then
   return {'', 0, 0, seqs}
-end
-local published = 0
-for _, seq in ipairs(seqs) do
-  if seq ~= 0 then
-    published = published + 1
-  end
 end
 redis.call('HINCRBY', meta, 'emitted', published)
 redis.call('HINCRBY', meta, 'pending', published)

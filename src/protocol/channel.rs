@@ -23,14 +23,14 @@ pub struct ChannelName {
 impl ChannelName {
     pub fn thread(thread_id: &str) -> Self {
         Self {
-            full: format!("thread:{thread_id}").into(),
+            full: joined("thread:", thread_id),
             kind: ChannelKind::Thread,
         }
     }
 
     pub fn user(user_id: &str) -> Self {
         Self {
-            full: format!("user:{user_id}").into(),
+            full: joined("user:", user_id),
             kind: ChannelKind::User,
         }
     }
@@ -90,13 +90,27 @@ pub fn check_id(id: &str) -> Result<(), IdError> {
     if id.len() > MAX_ID_LEN {
         return Err(IdError::TooLong);
     }
-    if id
-        .chars()
-        .any(|c| c.is_control() || c.is_whitespace() || is_format(c))
-    {
+    // Ids are nearly always ASCII, where control, whitespace and format characters are exactly
+    // the bytes that are not graphic; the per-char checks are for the rest.
+    let bad = if id.is_ascii() {
+        !id.bytes().all(|b| b.is_ascii_graphic())
+    } else {
+        id.chars()
+            .any(|c| c.is_control() || c.is_whitespace() || is_format(c))
+    };
+    if bad {
         return Err(IdError::BadCharacter);
     }
     Ok(())
+}
+
+/// `prefix` and `id` in one allocation: a name is made per event, and `format!` costs several
+/// times the copy.
+fn joined(prefix: &str, id: &str) -> Arc<str> {
+    let mut full = String::with_capacity(prefix.len() + id.len());
+    full.push_str(prefix);
+    full.push_str(id);
+    full.into()
 }
 
 /// Unicode format characters (category Cf) that change how an id looks without being seen: bidi
@@ -133,6 +147,18 @@ mod tests {
             assert_eq!(check_id(id), Err(IdError::BadCharacter), "{id:?}");
         }
         assert_eq!(check_id("thread-ü-日本"), Ok(()));
+    }
+
+    #[test]
+    fn an_ascii_byte_is_judged_as_the_char_checks_judge_it() {
+        for b in 0u8..=0x7f {
+            let c = char::from(b);
+            let printable = !(c.is_control() || c.is_whitespace() || is_format(c));
+            let id = format!("a{c}b");
+            assert_eq!(check_id(&id).is_ok(), printable, "{b:#04x}");
+            // The same byte beside a non-ASCII char takes the per-char path.
+            assert_eq!(check_id(&format!("{id}ü")).is_ok(), printable, "{b:#04x}");
+        }
     }
 
     #[test]

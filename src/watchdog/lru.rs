@@ -66,6 +66,7 @@ impl<V> Lru<V> {
         self.index.len()
     }
 
+    #[cfg(test)]
     pub fn contains(&self, key: &str) -> bool {
         self.index.contains_key(key)
     }
@@ -82,6 +83,18 @@ impl<V> Lru<V> {
             .get_mut(slot)
             .and_then(Option::as_mut)
             .map(|node| &mut node.value)
+    }
+
+    /// Changes the entry under `key` with `change`, which says the lane it belongs in now, and
+    /// makes it the most recently touched of that lane: [`Self::get_mut`] and [`Self::touch`] with
+    /// one lookup. `None` when there is no such entry.
+    pub fn update<R>(&mut self, key: &str, change: impl FnOnce(&mut V) -> (R, Lane)) -> Option<R> {
+        let slot = *self.index.get(key)?;
+        let node = self.slots.get_mut(slot)?.as_mut()?;
+        let (result, lane) = change(&mut node.value);
+        self.unlink(slot);
+        self.link_newest(slot, lane);
+        Some(result)
     }
 
     /// Inserts a new entry as the most recently touched of `lane`; an entry already under `key`

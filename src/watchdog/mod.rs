@@ -252,15 +252,18 @@ impl Watchdog {
         let mut shard = self.shard(run_id);
         if event.kind == EventType::Custom && agui_event(event).is_none() {
             // Custom events keep a run alive but are not part of its lifecycle.
-            if let Some(run) = shard.get_mut(run_id) {
+            shard.update(run_id, |run| {
                 run.last_event = now;
                 *run.counts.entry(event.kind.as_str()).or_default() += 1;
-                let lane = run.state.lane();
-                shard.touch(run_id, lane);
-            }
+                ((), run.state.lane())
+            });
             return;
         }
-        if !shard.contains(run_id) {
+        let follow = |run: &mut Run| {
+            self.follow(run, run_id, event, now, metrics);
+            ((), run.state.lane())
+        };
+        if shard.update(run_id, follow).is_none() {
             self.make_room(&mut shard, metrics);
             metrics.runs_active.inc();
             let state = if event.kind == EventType::AgentStarted {
@@ -288,13 +291,8 @@ impl Watchdog {
                 return;
             }
             shard.insert(run_id, run, state.lane());
+            shard.update(run_id, follow);
         }
-        let Some(run) = shard.get_mut(run_id) else {
-            return;
-        };
-        self.follow(run, run_id, event, now, metrics);
-        let lane = run.state.lane();
-        shard.touch(run_id, lane);
     }
 
     /// One lifecycle event of a followed run.

@@ -134,6 +134,25 @@ pub struct Wire<'a> {
     payload: &'a RawValue,
 }
 
+impl Wire<'_> {
+    /// About the bytes it serialises to (its text plus the keys and quotes), so the buffer it is
+    /// written into is allocated once: growing it from serde_json's default cost more than the
+    /// serialisation.
+    pub fn size_hint(&self) -> usize {
+        let texts = [
+            self.channel,
+            self.thread_id,
+            self.user_id,
+            self.run_id,
+            self.event_id,
+            self.ts,
+            self.traceparent,
+        ];
+        let text: usize = texts.iter().flatten().map(|t| t.len() + 16).sum();
+        text + self.kind.len() + self.payload.get().len() + 32
+    }
+}
+
 /// An event's payload: the JSON object as the producer sent it, kept as its text (the gateway
 /// forwards it and never changes it, so it is not parsed into a tree), with the parts the gateway
 /// itself reads.

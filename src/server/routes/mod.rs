@@ -357,8 +357,10 @@ fn broker_unavailable(gateway: &Gateway, message: &str) -> Response<Body> {
 
 fn json_response(status: StatusCode, value: &impl serde::Serialize) -> Response<Body> {
     // Never an empty body with the intended status: a failure is ours, and says so.
-    let (status, body) = match serde_json::to_vec(value) {
-        Ok(body) => (status, body),
+    // Most answers are one item's: a buffer of that size is not grown while it is written.
+    let mut body = Vec::with_capacity(256);
+    let (status, body) = match serde_json::to_writer(&mut body, value) {
+        Ok(()) => (status, body),
         Err(error) => {
             tracing::error!(%error, "Cannot serialise an answer.");
             (

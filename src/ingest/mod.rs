@@ -24,6 +24,7 @@ pub mod run_stream;
 mod stalls;
 mod upward;
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde::Serialize;
@@ -51,9 +52,9 @@ use tracing::{Instrument, Span};
 #[serde(tag = "status", rename_all = "snake_case")]
 pub enum ItemResult {
     Accepted {
-        channel: String,
+        channel: ChannelName,
         seq: u64,
-        epoch: String,
+        epoch: Arc<str>,
     },
     PendingResolution,
     Duplicate,
@@ -125,9 +126,9 @@ async fn publish_kept(gateway: &Gateway, batch: &mut batch::Batch, results: &mut
     for (kept, outcome) in batch.publish(gateway).await {
         results.push(match outcome {
             Ok(Outcome::Published(published)) => ItemResult::Accepted {
-                channel: kept.channel.to_string(),
+                channel: kept.channel,
                 seq: published.seq,
-                epoch: published.epoch.to_string(),
+                epoch: published.epoch,
             },
             Ok(Outcome::Duplicate) => ItemResult::Duplicate,
             Err(error) => failed(gateway, error, &gateway.metrics.events_ingested),
@@ -480,9 +481,9 @@ async fn accepted(
 ) -> Result<ItemResult, BrokerError> {
     Ok(match emit(gateway, channel, event, entry, span).await? {
         Outcome::Published(published) => ItemResult::Accepted {
-            channel: channel.to_string(),
+            channel: channel.clone(),
             seq: published.seq,
-            epoch: published.epoch.to_string(),
+            epoch: published.epoch,
         },
         Outcome::Duplicate => ItemResult::Duplicate,
     })

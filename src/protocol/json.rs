@@ -170,30 +170,35 @@ impl<'de> Visitor<'de> for Key {
     }
 }
 
-/// The keys seen in one object. A few are compared one by one (no allocation for the small
-/// objects events are made of); past [`Keys::FEW`] they are hashed, so that an object of
-/// thousands of keys costs no more than its length.
+/// The keys seen in one object. A few are kept in place and compared one by one (no allocation
+/// for the small objects events are made of); past [`FEW_KEYS`] they are hashed, so that an
+/// object of thousands of keys costs no more than its length.
 #[derive(Default)]
 pub struct Keys<'de> {
-    few: Vec<Cow<'de, str>>,
+    few: [Cow<'de, str>; FEW_KEYS],
+    /// How many of `few` are keys.
+    len: usize,
     many: HashSet<Cow<'de, str>>,
 }
 
-impl<'de> Keys<'de> {
-    const FEW: usize = 16;
+/// How many keys of an object [`Keys`] compares one by one before it hashes them.
+const FEW_KEYS: usize = 16;
 
+impl<'de> Keys<'de> {
     /// Whether `key` is new in this object.
     /// (A key borrowed from the text is cloned for nothing; an unescaped one is copied.)
     pub fn insert(&mut self, key: Cow<'de, str>) -> bool {
         if self.many.is_empty() {
-            if self.few.contains(&key) {
+            if self.few[..self.len].contains(&key) {
                 return false;
             }
-            if self.few.len() < Self::FEW {
-                self.few.push(key);
+            if let Some(free) = self.few.get_mut(self.len) {
+                *free = key;
+                self.len += 1;
                 return true;
             }
-            self.many.extend(self.few.drain(..));
+            self.many.extend(self.few.iter_mut().map(std::mem::take));
+            self.len = 0;
         }
         self.many.insert(key)
     }

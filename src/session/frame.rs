@@ -116,6 +116,8 @@ pub fn close_code(payload: &[u8]) -> Result<u16, ()> {
 
 /// Appends one unmasked, unfragmented server frame to `out`.
 pub fn encode(out: &mut Vec<u8>, opcode: u8, payload: &[u8]) {
+    // One allocation for an empty buffer (an idle session keeps none), not one per push.
+    out.reserve(payload.len() + 10);
     out.push(0x80 | opcode);
     match payload.len() {
         n if n < 126 => out.push(n as u8),

@@ -18,6 +18,9 @@ pub use agui::{AguiFrames, prelude};
 pub use dropped::{DroppedReport, dropped_report};
 pub use stored::{Delivered, Feed, StoredEvent};
 
+/// Slots of an emptied queue kept for the next event until the connection goes quiet.
+const KEEP_ITEMS: usize = 16;
+
 /// What a connection writer is asked to write.
 #[derive(Debug)]
 pub enum Outgoing {
@@ -36,7 +39,9 @@ pub enum Outgoing {
 }
 
 /// The bounded queue in front of one connection's writer. A plain deque under a small lock, so an
-/// idle connection holds no queue memory at all (a channel library preallocates blocks).
+/// idle connection holds no queue memory at all (a channel library preallocates blocks): a deque
+/// that empties is freed when it grew past [`KEEP_ITEMS`], and otherwise when its writer says the
+/// connection went quiet ([`Outbox::release`]), so a busy one is not allocated for every event.
 #[derive(Debug)]
 pub struct Outbox {
     queue: Mutex<Queue>,
@@ -119,10 +124,18 @@ impl Outbox {
         if let Outgoing::Event(event) = &item {
             queue.bytes -= event.frame.len();
         }
-        if queue.items.is_empty() {
+        if queue.items.is_empty() && queue.items.capacity() > KEEP_ITEMS {
             queue.items = VecDeque::new();
         }
         Some(item)
+    }
+
+    /// The connection went quiet: an empty queue gives its memory back.
+    pub fn release(&self) {
+        let mut queue = self.lock();
+        if queue.items.is_empty() && queue.items.capacity() > 0 {
+            queue.items = VecDeque::new();
+        }
     }
 
     /// Waits until something is queued or the queue overflowed.
@@ -187,5 +200,43 @@ impl Subscribers {
 
     pub fn is_empty(&self) -> bool {
         self.outboxes.is_empty()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn capacity(outbox: &Outbox) -> usize {
+        outbox.lock().items.capacity()
+    }
+
+    #[test]
+    fn an_emptied_queue_is_kept_small_until_its_connection_is_quiet() {
+        let outbox = Outbox::new(1000, 1 << 20);
+        outbox.push(Outgoing::Frame(Bytes::from_static(b"a")));
+        assert!(outbox.pop().is_some());
+        let kept = capacity(&outbox);
+        assert!(kept > 0 && kept <= KEEP_ITEMS, "{kept}");
+        outbox.release();
+        assert_eq!(capacity(&outbox), 0);
+    }
+
+    #[test]
+    fn an_emptied_queue_that_grew_is_freed_at_once() {
+        let outbox = Outbox::new(1000, 1 << 20);
+        for _ in 0..=KEEP_ITEMS {
+            outbox.push(Outgoing::Frame(Bytes::from_static(b"a")));
+        }
+        while outbox.pop().is_some() {}
+        assert_eq!(capacity(&outbox), 0);
+    }
+
+    #[test]
+    fn a_queue_with_items_is_not_released() {
+        let outbox = Outbox::new(1000, 1 << 20);
+        outbox.push(Outgoing::Frame(Bytes::from_static(b"a")));
+        outbox.release();
+        assert!(outbox.pop().is_some());
     }
 }

@@ -1,9 +1,11 @@
 //! One client connection, served by one task: a Server-Sent Events stream of one thread
 //! ([`sse`]), or a WebSocket (the rest of this module). A WebSocket session reads and parses the
 //! client's frames (hello, subscribe, ack…), and writes whatever fan-out queued in its [`Outbox`],
-//! every queued frame in one syscall. The connection holds no buffer while idle. It ends on the client's close, a protocol
-//! error, a client that stops reading (a full queue or a timed-out write: 4008), a missing hello
-//! (4001), silence (1001) or shutdown (1012); then its subscriptions are removed.
+//! every queued frame in one syscall. The connection holds no buffer while idle (small ones are
+//! kept between events until its timer finds it quiet, at most a heartbeat). It ends on the
+//! client's close, a protocol error, a client that stops reading (a full queue or a timed-out
+//! write: 4008), a missing hello (4001), silence (1001) or shutdown (1012); then its subscriptions
+//! are removed.
 //!
 //! Liveness: the server pings every `session.heartbeat` whatever it writes (a listen-only browser
 //! proves it is there only by answering pings), and any frame from the client, a pong included,
@@ -290,7 +292,7 @@ impl Session {
             }
             let more = self.has_output();
             if !more {
-                self.release_buffers();
+                self.trim_buffers();
             }
             let deadline = if self.user_id.is_some() {
                 let deadline = (last_write.min(last_ping) + config.heartbeat)
@@ -316,6 +318,11 @@ impl Session {
                 () = &mut timer => {
                     // The timer may fire early (see above): every check compares with now.
                     let now = Instant::now();
+                    // It fires at least once a heartbeat: what a busy connection kept goes back
+                    // once it is quiet.
+                    if !self.has_output() {
+                        self.release_buffers();
+                    }
                     if closing_at.is_some_and(|at| now >= at) {
                         return Box::pin(self.close_now(close::RESTARTING, "restarting", Ended::Shutdown, limit)).await;
                     }

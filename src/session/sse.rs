@@ -320,6 +320,10 @@ impl Stream {
                 }
                 () = &mut timer => {
                     let now = Instant::now();
+                    // At least once a heartbeat: the queue a busy stream kept goes back.
+                    if !self.has_output() {
+                        self.outbox.release();
+                    }
                     if closing_at.is_some_and(|at| now >= at) {
                         // EventSource reconnects by itself after `retry:`; the load balancer sends
                         // it to a replica that is not shutting down.

@@ -17,6 +17,11 @@ use tokio::time::timeout;
 
 use super::ended::Ended;
 use super::{FLUSH_BYTES, LINGER, Session, frame};
+
+/// The write buffer kept between events until the connection goes quiet: a few frames' worth.
+const KEEP_BYTES: usize = 4096;
+/// Written-and-not-yet-marked slots kept the same way.
+const KEEP_FRAMES: usize = 16;
 use crate::fanout::Outgoing;
 use crate::metrics::DeliveryPath;
 use crate::protocol::server::{self, close};
@@ -26,12 +31,15 @@ impl Session {
         !self.replay.is_empty() || !self.outbox.is_empty()
     }
 
-    /// An idle connection keeps no buffer.
-    pub(super) fn release_buffers(&mut self) {
-        if self.out.capacity() > 0 {
+    /// After a flush that left nothing queued: buffers past the size one event needs are freed
+    /// at once, small ones are kept for the next event until the connection goes quiet
+    /// ([`Self::release_buffers`]), so a connection that receives an event every few milliseconds
+    /// does not allocate and free them for each.
+    pub(super) fn trim_buffers(&mut self) {
+        if self.out.capacity() > KEEP_BYTES {
             self.out = Vec::new();
         }
-        if self.written.capacity() > 0 {
+        if self.written.capacity() > KEEP_FRAMES {
             self.written = Vec::new();
         }
         if self.replay.capacity() > 0 {
@@ -40,6 +48,18 @@ impl Session {
         if self.inbox.is_empty() && self.inbox.capacity() > 0 {
             self.inbox = BytesMut::new();
         }
+    }
+
+    /// A quiet connection (its timer found nothing queued) keeps no buffer.
+    pub(super) fn release_buffers(&mut self) {
+        self.trim_buffers();
+        if self.out.capacity() > 0 {
+            self.out = Vec::new();
+        }
+        if self.written.capacity() > 0 {
+            self.written = Vec::new();
+        }
+        self.outbox.release();
     }
 
     /// Encodes queued frames (a replay first) up to [`FLUSH_BYTES`] and writes them with one

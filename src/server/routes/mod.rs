@@ -3,6 +3,7 @@
 //! `/inspect`, `/healthz`, `/readyz`, `/metrics`.
 //! Every error is JSON: `{"error": code, "message": …, "field": …}`.
 
+use std::borrow::Cow;
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -196,13 +197,14 @@ fn bearer(request: &Request<Incoming>) -> Option<&str> {
 /// The request's media type, lower-case, without parameters. Only the JSON types are taken: a
 /// browser may send `text/plain` or a form to any address without asking first (no CORS
 /// preflight), so a web page could otherwise post into a gateway on the visitor's localhost.
-fn media_type(request: &Request<Incoming>) -> Option<String> {
-    request
-        .headers()
-        .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.split(';').next())
-        .map(|v| v.trim().to_ascii_lowercase())
+fn media_type(request: &Request<Incoming>) -> Option<Cow<'_, str>> {
+    let value = request.headers().get(header::CONTENT_TYPE)?.to_str().ok()?;
+    let name = value.split(';').next()?.trim();
+    // Lowercase already, as nearly every client sends it: nothing to copy.
+    Some(match name.bytes().any(|b| b.is_ascii_uppercase()) {
+        true => Cow::Owned(name.to_ascii_lowercase()),
+        false => Cow::Borrowed(name),
+    })
 }
 
 /// Whether a `Host` header names this machine: `localhost`, `127.0.0.1` or `[::1]`, any port.

@@ -157,6 +157,7 @@ pub(super) async fn run(
     };
     let redis_before = redis_pid.map(super::proc_usage).transpose()?;
     let before = usage(servers).await?;
+    let machine_before = super::machine_times();
     let started = Instant::now();
     let events = Arc::new(Events {
         protocol,
@@ -236,6 +237,7 @@ pub(super) async fn run(
         }
     }
     let after = usage(servers).await?;
+    let steal = super::steal_percent(machine_before, super::machine_times());
     // Redis's own CPU per published event: how many events one Redis core carries.
     let redis_cpu = match (redis_pid, redis_before) {
         (Some(pid), Some(before)) => Some(super::proc_usage(pid)?.cpu_seconds - before.cpu_seconds),
@@ -284,6 +286,7 @@ pub(super) async fn run(
         "server_cpu_us_per_delivery": if received > 0 { cpu * 1e6 / received as f64 } else { 0.0 },
         "redis_cpu_seconds": redis_cpu,
         "redis_cpu_us_per_event": redis_cpu.map(|cpu| cpu * 1e6 / load.events as f64),
+        "machine_steal_percent": steal,
         "server_rss_before_bytes": before.rss_bytes,
         "server_rss_after_bytes": after.rss_bytes,
         "ledger": ledger.as_ref().map(Ledger::json),
@@ -302,6 +305,9 @@ pub(super) async fn run(
         after.rss_bytes / 1048576.0,
         ledger.as_ref().map_or("no ledger".into(), Ledger::summary),
     );
+    if let Some(steal) = steal.filter(|steal| *steal >= 1.0) {
+        eprintln!("  the hypervisor took {steal}% of this machine's CPU time during the run");
+    }
     if let Some(cpu) = redis_cpu {
         eprintln!(
             "  redis-server CPU {:.2} µs per published event",

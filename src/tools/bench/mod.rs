@@ -263,6 +263,31 @@ fn proc_usage(pid: u32) -> anyhow::Result<Usage> {
     })
 }
 
+/// Time the hypervisor gave this machine's CPUs to other guests (`steal` in /proc/stat), and the
+/// CPUs' time in all, in seconds summed over them; `None` off Linux. A run that saw much of it
+/// measured a contended machine, whatever its CPU figures say.
+fn machine_times() -> Option<(f64, f64)> {
+    let stat = std::fs::read_to_string("/proc/stat").ok()?;
+    let ticks: Vec<f64> = stat
+        .lines()
+        .next()?
+        .strip_prefix("cpu ")?
+        .split_whitespace()
+        .filter_map(|t| t.parse().ok())
+        .collect();
+    let steal = *ticks.get(7)?;
+    // user, nice, system, idle, iowait, irq, softirq, steal (guest time is already in user).
+    let all: f64 = ticks.iter().take(8).sum();
+    Some((steal / 100.0, all / 100.0))
+}
+
+/// The share of the machine's CPU time stolen between two [`machine_times`] readings, in percent.
+fn steal_percent(before: Option<(f64, f64)>, after: Option<(f64, f64)>) -> Option<f64> {
+    let ((steal_before, all_before), (steal_after, all_after)) = (before?, after?);
+    let all = all_after - all_before;
+    (all > 0.0).then(|| ((steal_after - steal_before) / all * 1000.0).round() / 10.0)
+}
+
 /// Wall-clock microseconds: the send time events carry, compared with the receive time on the
 /// same machine.
 fn now_us() -> u64 {

@@ -1,8 +1,8 @@
 //! One client connection, served by one task: a Server-Sent Events stream of one thread
 //! ([`sse`]), or a WebSocket (the rest of this module). A WebSocket session reads and parses the
 //! client's frames (hello, subscribe, ack…), and writes whatever fan-out queued in its [`Outbox`],
-//! every queued frame in one syscall. The connection holds no buffer while idle (small ones are
-//! kept between events until its timer finds it quiet, at most a heartbeat). It ends on the
+//! every queued frame in one syscall. The connection holds no buffer while idle (a busy one keeps
+//! small ones between its events until its timer finds it quiet, at most a heartbeat). It ends on the
 //! client's close, a protocol error, a client that stops reading (a full queue or a timed-out
 //! write: 4008), a missing hello (4001), silence (1001) or shutdown (1012); then its subscriptions
 //! are removed.
@@ -255,6 +255,8 @@ impl Session {
         // `last_write`: the last data the client's application sees (pings are invisible to it);
         // `last_ping`: the last WebSocket ping, due every heartbeat whatever was written.
         let (mut last_read, mut last_write, mut last_ping) = (started, started, started);
+        // The last write that held an event: events close together keep the buffers (`BUSY`).
+        let mut last_event: Option<Instant> = None;
         // The ends of a connection (`finish`, `close_now`) are boxed where they are awaited: they
         // run once, and inline they would size the task for its whole life.
         // The session's one timer. It is moved earlier when a deadline comes closer, never later:
@@ -284,15 +286,25 @@ impl Session {
             if let Some(ended) = ended {
                 return Box::pin(self.finish(ended, limit)).await;
             }
+            let mut busy = false;
             if self.has_output() {
                 match self.flush(limit).await {
-                    Ok(()) => last_write = Instant::now(),
+                    Ok(events) => {
+                        let now = Instant::now();
+                        busy = events && last_event.is_some_and(|at| now - at < write::BUSY);
+                        if events {
+                            last_event = Some(now);
+                        }
+                        last_write = now;
+                    }
                     Err(ended) => return ended,
                 }
             }
             let more = self.has_output();
-            if !more {
-                self.trim_buffers();
+            match (more, busy) {
+                (true, _) => {}
+                (false, true) => self.trim_buffers(),
+                (false, false) => self.release_buffers(),
             }
             let deadline = if self.user_id.is_some() {
                 let deadline = (last_write.min(last_ping) + config.heartbeat)

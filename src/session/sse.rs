@@ -320,10 +320,6 @@ impl Stream {
                 }
                 () = &mut timer => {
                     let now = Instant::now();
-                    // At least once a heartbeat: the queue a busy stream kept goes back.
-                    if !self.has_output() {
-                        self.outbox.release();
-                    }
                     if closing_at.is_some_and(|at| now >= at) {
                         // EventSource reconnects by itself after `retry:`; the load balancer sends
                         // it to a replica that is not shutting down.
@@ -361,6 +357,7 @@ impl Stream {
         if self.replay.capacity() > 0 {
             self.replay = VecDeque::new();
         }
+        self.outbox.release();
     }
 
     /// Renders queued events (a replay first) up to [`FLUSH_BYTES`] into one chunk and hands it

@@ -18,6 +18,9 @@ use tokio::time::timeout;
 use super::ended::Ended;
 use super::{FLUSH_BYTES, LINGER, Session, frame};
 
+/// A connection whose events come at most this far apart keeps its small buffers between them;
+/// one that gets an event now and then, or only control frames, frees them after each write.
+pub(super) const BUSY: Duration = Duration::from_secs(1);
 /// The write buffer kept between events until the connection goes quiet: a few frames' worth.
 const KEEP_BYTES: usize = 4096;
 /// Written-and-not-yet-marked slots kept the same way.
@@ -31,10 +34,10 @@ impl Session {
         !self.replay.is_empty() || !self.outbox.is_empty()
     }
 
-    /// After a flush that left nothing queued: buffers past the size one event needs are freed
-    /// at once, small ones are kept for the next event until the connection goes quiet
-    /// ([`Self::release_buffers`]), so a connection that receives an event every few milliseconds
-    /// does not allocate and free them for each.
+    /// After a flush of events that came close after the last one ([`BUSY`]) and left nothing
+    /// queued: buffers past the size one event needs are freed at once, small ones are kept for
+    /// the next event until the connection goes quiet ([`Self::release_buffers`]), so a connection
+    /// that receives an event every few milliseconds does not allocate and free them for each.
     pub(super) fn trim_buffers(&mut self) {
         if self.out.capacity() > KEEP_BYTES {
             self.out = Vec::new();
@@ -63,8 +66,9 @@ impl Session {
     }
 
     /// Encodes queued frames (a replay first) up to [`FLUSH_BYTES`] and writes them with one
-    /// write; the events in it are marked delivered once it is written.
-    pub(super) async fn flush(&mut self, limit: Duration) -> Result<(), Ended> {
+    /// write; the events in it are marked delivered once it is written. `true` when it held an
+    /// event (not only control frames).
+    pub(super) async fn flush(&mut self, limit: Duration) -> Result<bool, Ended> {
         while self.out.len() < FLUSH_BYTES {
             if let Some(event) = self.replay.pop_front() {
                 frame::encode(&mut self.out, frame::TEXT, event.frame_in(self.format));
@@ -93,8 +97,9 @@ impl Session {
             self.written.clear();
             return Err(ended);
         }
+        let events = !self.written.is_empty();
         super::delivered(&self.gateway, &mut self.written, self.connection_id);
-        Ok(())
+        Ok(events)
     }
 
     /// Decides the close frame; it is written after what is queued (see [`Self::finish`]).

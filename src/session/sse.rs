@@ -320,6 +320,11 @@ impl Stream {
                 }
                 () = &mut timer => {
                     let now = Instant::now();
+                    // A heartbeat after the last write: the small queue a stream keeps between
+                    // events goes back (freeing it after every write took its lock once more).
+                    if !self.has_output() {
+                        self.outbox.release();
+                    }
                     if closing_at.is_some_and(|at| now >= at) {
                         // EventSource reconnects by itself after `retry:`; the load balancer sends
                         // it to a replica that is not shutting down.
@@ -357,7 +362,6 @@ impl Stream {
         if self.replay.capacity() > 0 {
             self.replay = VecDeque::new();
         }
-        self.outbox.release();
     }
 
     /// Renders queued events (a replay first) up to [`FLUSH_BYTES`] into one chunk and hands it

@@ -145,13 +145,9 @@ impl Session {
         // one that has to wait (arming and cancelling it was a fifth of a delivery's work).
         while written < self.out.len() {
             match self.stream.try_write(&self.out[written..]) {
-                Ok(0) => {
-                    self.out.clear();
-                    return Err(Unwritten::Failed);
-                }
-                Ok(n) => written += n,
+                Ok(n) if n > 0 => written += n,
                 Err(error) if error.kind() == std::io::ErrorKind::WouldBlock => break,
-                Err(_) => {
+                _ => {
                     self.out.clear();
                     return Err(Unwritten::Failed);
                 }

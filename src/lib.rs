@@ -5,6 +5,7 @@
 //!
 //! - [`config`]: the configuration, read once (figment: defaults < file < `AGENTWIRE_*` env).
 //! - [`server`]: the listener, HTTP routes, WebSocket upgrade and graceful shutdown.
+//! - [`shutdown`]: the draining flag, the signal that closes sessions, the trackers that wait.
 //! - [`ingest`]: `POST /v1/events` bodies → validated events, deduplicated by `event_id`.
 //! - [`resolve`]: which channel an event belongs to; the run registry and the pending set.
 //! - [`broker`]: per-channel seq, bounded history, replay: embedded in memory, or in Redis.
@@ -36,21 +37,19 @@ pub mod protocol;
 pub mod resolve;
 pub mod server;
 pub mod session;
+pub mod shutdown;
 pub mod telemetry;
 pub mod tools;
 pub mod upstream;
 pub mod watchdog;
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
-
-use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
 
 use broker::Broker;
 use config::Config;
 use metrics::Metrics;
 use resolve::Resolver;
+use shutdown::Shutdown;
 use watchdog::Watchdog;
 
 /// Everything a running gateway shares between its tasks. Built once, passed as `Arc<Gateway>`
@@ -111,26 +110,5 @@ impl Gateway {
             )?,
             config,
         })
-    }
-}
-
-/// The three parts of shutdown: the draining flag (readiness, new upgrades), the token that
-/// tells sessions to close with 1012, and the tracker that waits for them; and the tracker of the
-/// AG-UI streams being read, which the same token tells to close their runs.
-#[derive(Default)]
-pub struct Shutdown {
-    draining: AtomicBool,
-    pub sessions: CancellationToken,
-    pub tracker: TaskTracker,
-    pub run_streams: TaskTracker,
-}
-
-impl Shutdown {
-    pub fn is_draining(&self) -> bool {
-        self.draining.load(Ordering::Acquire)
-    }
-
-    pub fn start_draining(&self) {
-        self.draining.store(true, Ordering::Release);
     }
 }

@@ -6,9 +6,9 @@
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::task::{Poll, Waker};
 
 use bytes::Bytes;
-use tokio::sync::Notify;
 
 mod agui;
 mod dropped;
@@ -42,10 +42,11 @@ pub enum Outgoing {
 /// idle connection holds no queue memory at all (a channel library preallocates blocks): a deque
 /// that empties is freed when it grew past [`KEEP_ITEMS`], and otherwise when its writer says the
 /// connection went quiet ([`Outbox::release`]), so a busy one is not allocated for every event.
+/// The writer's waker sits under the same lock: a push wakes it with the lock it takes anyway, and
+/// the writer checks for work and registers in one lock ([`Outbox::ready`]).
 #[derive(Debug)]
 pub struct Outbox {
     queue: Mutex<Queue>,
-    ready: Notify,
     max_events: usize,
     max_bytes: usize,
     overflow: AtomicBool,
@@ -57,13 +58,14 @@ struct Queue {
     /// Bytes of live events waiting.
     bytes: usize,
     closed: bool,
+    /// The writer waiting in [`Outbox::ready`], woken by the next push.
+    writer: Option<Waker>,
 }
 
 impl Outbox {
     pub fn new(max_events: usize, max_bytes: usize) -> Arc<Self> {
         Arc::new(Self {
             queue: Mutex::default(),
-            ready: Notify::new(),
             max_events,
             max_bytes,
             overflow: AtomicBool::new(false),
@@ -83,14 +85,13 @@ impl Outbox {
             return false;
         }
         if queue.items.len() >= self.max_events || queue.bytes + len > self.max_bytes {
-            drop(queue);
-            self.overflowed();
+            self.overflow.store(true, Ordering::Release);
+            wake(queue);
             return false;
         }
         queue.bytes += len;
         queue.items.push_back(Outgoing::Event(Arc::clone(event)));
-        drop(queue);
-        self.ready.notify_one();
+        wake(queue);
         true
     }
 
@@ -102,32 +103,28 @@ impl Outbox {
             return false;
         }
         if queue.items.len() >= self.max_events {
-            drop(queue);
-            self.overflowed();
+            self.overflow.store(true, Ordering::Release);
+            wake(queue);
             return false;
         }
         queue.items.push_back(item);
-        drop(queue);
-        self.ready.notify_one();
+        wake(queue);
         true
     }
 
-    fn overflowed(&self) {
-        self.overflow.store(true, Ordering::Release);
-        self.ready.notify_one();
-    }
-
-    /// Takes the oldest queued item. An emptied queue gives its memory back.
-    pub fn pop(&self) -> Option<Outgoing> {
+    /// Takes the oldest queued item, and whether more is queued behind it. An emptied queue gives
+    /// its memory back.
+    pub fn pop(&self) -> Option<(Outgoing, bool)> {
         let mut queue = self.lock();
         let item = queue.items.pop_front()?;
         if let Outgoing::Event(event) = &item {
             queue.bytes -= event.frame.len();
         }
-        if queue.items.is_empty() && queue.items.capacity() > KEEP_ITEMS {
+        let more = !queue.items.is_empty();
+        if !more && queue.items.capacity() > KEEP_ITEMS {
             queue.items = VecDeque::new();
         }
-        Some(item)
+        Some((item, more))
     }
 
     /// The connection went quiet: an empty queue gives its memory back.
@@ -138,9 +135,21 @@ impl Outbox {
         }
     }
 
-    /// Waits until something is queued or the queue overflowed.
+    /// Waits until something is queued or the queue overflowed (at once if it already is). One
+    /// writer waits at a time: the latest to poll is the one woken.
     pub async fn ready(&self) {
-        self.ready.notified().await;
+        std::future::poll_fn(|cx| {
+            let mut queue = self.lock();
+            if !queue.items.is_empty() || self.overflow.load(Ordering::Acquire) {
+                return Poll::Ready(());
+            }
+            match &mut queue.writer {
+                Some(waker) => waker.clone_from(cx.waker()),
+                writer => *writer = Some(cx.waker().clone()),
+            }
+            Poll::Pending
+        })
+        .await
     }
 
     pub fn is_empty(&self) -> bool {
@@ -158,6 +167,16 @@ impl Outbox {
         queue.closed = true;
         queue.items = VecDeque::new();
         queue.bytes = 0;
+        queue.writer = None;
+    }
+}
+
+/// Wakes the writer, if it waits, after letting go of the queue's lock.
+fn wake(mut queue: MutexGuard<'_, Queue>) {
+    let writer = queue.writer.take();
+    drop(queue);
+    if let Some(writer) = writer {
+        writer.wake();
     }
 }
 
@@ -230,6 +249,41 @@ mod tests {
         }
         while outbox.pop().is_some() {}
         assert_eq!(capacity(&outbox), 0);
+    }
+
+    #[test]
+    fn the_last_item_says_nothing_is_queued_behind_it() {
+        let outbox = Outbox::new(1000, 1 << 20);
+        outbox.push(Outgoing::Frame(Bytes::from_static(b"a")));
+        outbox.push(Outgoing::Frame(Bytes::from_static(b"b")));
+        assert!(matches!(outbox.pop(), Some((_, true))));
+        assert!(matches!(outbox.pop(), Some((_, false))));
+        assert!(outbox.pop().is_none());
+    }
+
+    #[tokio::test]
+    async fn a_waiting_writer_is_woken_by_a_push_and_sees_an_overflow() {
+        let outbox = Outbox::new(1, 1 << 20);
+        let wait = std::time::Duration::from_secs(5);
+        let push = async {
+            tokio::task::yield_now().await;
+            outbox.push(Outgoing::Frame(Bytes::from_static(b"a")));
+        };
+        tokio::time::timeout(wait, async { tokio::join!(outbox.ready(), push) })
+            .await
+            .expect("the push woke the writer");
+        // Still queued: ready at once, and a second push overflows.
+        tokio::time::timeout(wait, outbox.ready()).await.unwrap();
+        assert!(outbox.pop().is_some());
+        let overflow = async {
+            tokio::task::yield_now().await;
+            outbox.push(Outgoing::Frame(Bytes::from_static(b"b")));
+            outbox.push(Outgoing::Frame(Bytes::from_static(b"c")));
+        };
+        tokio::time::timeout(wait, async { tokio::join!(outbox.ready(), overflow) })
+            .await
+            .expect("the pushes woke the writer");
+        assert!(outbox.is_overflowed());
     }
 
     #[test]

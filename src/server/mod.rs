@@ -134,7 +134,7 @@ pub async fn run(gateway: Arc<Gateway>, doors: Doors, stop: CancellationToken) {
     let sessions = &gateway.shutdown;
     let window = gateway.config.shutdown.close_window;
     tracing::info!(sessions = sessions.tracker.len(), close_window = ?window, "Closing sessions with 1012.");
-    sessions.sessions.cancel();
+    sessions.sessions.raise();
     http_stop.cancel();
     sessions.tracker.close();
     let bound = window + gateway.config.shutdown.timeout;

@@ -265,7 +265,7 @@ impl Session {
         let timer = tokio::time::sleep_until(started + config.hello_timeout);
         tokio::pin!(timer);
         // At shutdown the connection closes at its `closing_moment`.
-        let shutdown = gateway.shutdown.sessions.cancelled();
+        let shutdown = gateway.shutdown.sessions.raised();
         tokio::pin!(shutdown);
         let mut closing_at: Option<Instant> = None;
         loop {
@@ -286,21 +286,20 @@ impl Session {
             if let Some(ended) = ended {
                 return Box::pin(self.finish(ended, limit)).await;
             }
+            let flushed = match self.flush(limit).await {
+                Ok(flushed) => flushed,
+                Err(ended) => return ended,
+            };
             let mut busy = false;
-            if self.has_output() {
-                match self.flush(limit).await {
-                    Ok(events) => {
-                        let now = Instant::now();
-                        busy = events && last_event.is_some_and(|at| now - at < write::BUSY);
-                        if events {
-                            last_event = Some(now);
-                        }
-                        last_write = now;
-                    }
-                    Err(ended) => return ended,
+            if flushed.wrote {
+                let now = Instant::now();
+                busy = flushed.events && last_event.is_some_and(|at| now - at < write::BUSY);
+                if flushed.events {
+                    last_event = Some(now);
                 }
+                last_write = now;
             }
-            let more = self.has_output();
+            let more = flushed.more;
             match (more, busy) {
                 (true, _) => {}
                 (false, true) => self.trim_buffers(),
@@ -378,7 +377,8 @@ impl Session {
                         last_ping = now;
                     }
                 }
-                readable = self.stream.readable() => {
+                // The socket's one reader slot, not a waiter list: no registration to undo.
+                readable = std::future::poll_fn(|cx| self.stream.poll_read_ready(cx)) => {
                     if readable.is_err() {
                         return Ended::ClientGone;
                     }

@@ -290,7 +290,7 @@ impl Stream {
         let timer = tokio::time::sleep_until(last_write + heartbeat);
         tokio::pin!(timer);
         let gateway = Arc::clone(&self.gateway);
-        let shutdown = gateway.shutdown.sessions.cancelled();
+        let shutdown = gateway.shutdown.sessions.raised();
         tokio::pin!(shutdown);
         let mut closing_at: Option<Instant> = None;
         loop {
@@ -373,7 +373,7 @@ impl Stream {
                 self.written.push((event, DeliveryPath::Replay));
                 continue;
             }
-            match self.outbox.pop() {
+            match self.outbox.pop().map(|(item, _)| item) {
                 Some(Outgoing::Event(event)) => {
                     render_event(self.format, &event, &mut self.out);
                     self.written.push((event, DeliveryPath::Live));

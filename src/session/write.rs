@@ -66,40 +66,54 @@ impl Session {
     }
 
     /// Encodes queued frames (a replay first) up to [`FLUSH_BYTES`] and writes them with one
-    /// write; the events in it are marked delivered once it is written. `true` when it held an
-    /// event (not only control frames).
-    pub(super) async fn flush(&mut self, limit: Duration) -> Result<bool, Ended> {
+    /// write; the events in it are marked delivered once it is written. Takes the queue's lock
+    /// once per item: the last item says the queue is empty, so nothing is taken to find out.
+    pub(super) async fn flush(&mut self, limit: Duration) -> Result<Flushed, Ended> {
+        // Whether the outbox may hold more; known once an item says it was the last.
+        let mut queued = true;
         while self.out.len() < FLUSH_BYTES {
             if let Some(event) = self.replay.pop_front() {
                 frame::encode(&mut self.out, frame::TEXT, event.frame_in(self.format));
                 self.written.push((event, DeliveryPath::Replay));
                 continue;
             }
-            match self.outbox.pop() {
-                Some(Outgoing::Event(event)) => {
+            if !queued {
+                break;
+            }
+            let Some((item, more)) = self.outbox.pop() else {
+                queued = false;
+                break;
+            };
+            queued = more;
+            match item {
+                Outgoing::Event(event) => {
                     frame::encode(&mut self.out, frame::TEXT, event.frame_in(self.format));
                     self.written.push((event, DeliveryPath::Live));
                 }
-                Some(Outgoing::Replay(events)) => self.replay.extend(events),
-                Some(Outgoing::Context(events)) => {
+                Outgoing::Replay(events) => self.replay.extend(events),
+                Outgoing::Context(events) => {
                     if let Some(prelude) = agui_prelude(&events) {
                         frame::encode(&mut self.out, frame::TEXT, &prelude);
                     }
                 }
-                Some(Outgoing::Frame(bytes)) => frame::encode(&mut self.out, frame::TEXT, &bytes),
-                Some(Outgoing::Pong(payload)) => {
-                    frame::encode(&mut self.out, frame::PONG, &payload)
-                }
-                None => break,
+                Outgoing::Frame(bytes) => frame::encode(&mut self.out, frame::TEXT, &bytes),
+                Outgoing::Pong(payload) => frame::encode(&mut self.out, frame::PONG, &payload),
             }
+        }
+        let flushed = Flushed {
+            wrote: !self.out.is_empty(),
+            events: !self.written.is_empty(),
+            more: queued || !self.replay.is_empty(),
+        };
+        if !flushed.wrote {
+            return Ok(flushed);
         }
         if let Err(ended) = self.write_out(limit).await {
             self.written.clear();
             return Err(ended);
         }
-        let events = !self.written.is_empty();
         super::delivered(&self.gateway, &mut self.written, self.connection_id);
-        Ok(events)
+        Ok(flushed)
     }
 
     /// Decides the close frame; it is written after what is queued (see [`Self::finish`]).
@@ -110,9 +124,7 @@ impl Session {
 
     /// Writes what is queued (one flush at most), then the close frame, and ends.
     pub(super) async fn finish(&mut self, ended: Ended, limit: Duration) -> Ended {
-        if self.has_output()
-            && let Err(by_writer) = self.flush(limit).await
-        {
+        if let Err(by_writer) = self.flush(limit).await {
             return by_writer;
         }
         let (code, reason) = self.closing.unwrap_or((close::NORMAL, ""));
@@ -222,6 +234,17 @@ impl Session {
         })
         .await;
     }
+}
+
+/// What a flush did.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Flushed {
+    /// Something was written.
+    pub wrote: bool,
+    /// What was written held an event (not only control frames).
+    pub events: bool,
+    /// More is queued than one flush takes (or may be: the last item taken did not say).
+    pub more: bool,
 }
 
 /// Why a write did not finish.

@@ -29,7 +29,7 @@ use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
-pub use body::{BodyError, split};
+pub use body::{BodyError, Items, split};
 pub use redrive::{RedriveOutcome, Redriven, redrive};
 pub use registration::{RegisterError, RunRefusal, dead_letter_held, expire_pending, register};
 pub use stalls::report_stalls;
@@ -88,14 +88,27 @@ impl ItemResult {
 }
 
 /// Validates and accepts every item, in order. `producer` is the id of the key that posted them
-/// (`None` without producer keys): it scopes their `event_id`s.
-pub async fn ingest(gateway: &Gateway, items: &[&str], producer: Option<&str>) -> Vec<ItemResult> {
+/// (`None` without producer keys): it scopes their `event_id`s. A body of one object that is not
+/// JSON at all is refused whole, as [`split`] refuses any other.
+pub async fn ingest(
+    gateway: &Gateway,
+    items: Items<'_>,
+    producer: Option<&str>,
+) -> Result<Vec<ItemResult>, BodyError> {
+    // A single object's body, checked only if its event is refused.
+    let (items, whole) = match &items {
+        Items::One { item, body } => (std::slice::from_ref(item), Some(*body)),
+        Items::Many(items) => (items.as_slice(), None),
+    };
     let mut results = Vec::with_capacity(items.len());
     let mut batch = batch::Batch::default();
     for raw in items {
         let mut event = match event::parse(raw, gateway.config.ingest.max_event_bytes) {
             Ok(event) => event,
             Err(refusal) => {
+                if let Some(body) = whole {
+                    body::check(body)?;
+                }
                 count_refusal(gateway, &refusal);
                 publish_kept(gateway, &mut batch, &mut results).await;
                 results.push(ItemResult::Error(refusal));
@@ -118,7 +131,7 @@ pub async fn ingest(gateway: &Gateway, items: &[&str], producer: Option<&str>) -
         }
     }
     publish_kept(gateway, &mut batch, &mut results).await;
-    results
+    Ok(results)
 }
 
 /// Publishes what `batch` kept and appends each event's answer to `results`.

@@ -181,6 +181,30 @@ async fn bad_bodies_and_routes_get_json_errors() {
         (status.as_u16(), body["error"].as_str()),
         (400, Some("invalid_json"))
     );
+    // One object is checked by its event's parse, not scanned first: a valid event followed by
+    // anything, or an invalid one in a body that is not JSON, is still refused whole, and
+    // nothing is published.
+    let valid = event("agent_thinking", "r_whole", "t_whole").to_string();
+    for body in [
+        format!("{valid} x"),
+        format!("{valid}{valid}"),
+        r#"{"type": 5, "run_id": "r_whole", "#.to_string(),
+        format!("\u{a0}{valid}"),
+    ] {
+        let (status, answer) = gateway.post("/v1/events", &body).await;
+        assert_eq!(
+            (status.as_u16(), answer["error"].as_str()),
+            (400, Some("invalid_json")),
+            "{body}: {answer}"
+        );
+    }
+    assert_eq!(gateway.get("/v1/channels/thread:t_whole").await.0, 404);
+    crate::support::assert_lines(
+        &gateway.metrics().await,
+        &["agentwire_events_rejected_total{reason=\"invalid_body\"} 5"],
+    );
+    let (status, _) = gateway.post("/v1/events", &format!(" \n{valid}\r\n")).await;
+    assert_eq!(status, 200, "whitespace around one object");
     let huge = format!(
         "[{}]",
         vec![event("agent_thinking", "r", "t").to_string(); 2000].join(",")

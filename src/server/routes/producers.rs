@@ -47,32 +47,36 @@ pub(super) async fn events(
         }
     };
     let body = &held.bytes;
+    let invalid_body = |e: ingest::BodyError| {
+        count(&gateway.metrics.events_rejected, BodyRefusal::InvalidBody);
+        error(
+            StatusCode::BAD_REQUEST,
+            "invalid_json",
+            &e.to_string(),
+            None,
+        )
+    };
     let items = match ingest::split(body, ndjson) {
         Ok(items) => items,
-        Err(e) => {
-            count(&gateway.metrics.events_rejected, BodyRefusal::InvalidBody);
-            return error(
-                StatusCode::BAD_REQUEST,
-                "invalid_json",
-                &e.to_string(),
-                None,
-            );
-        }
+        Err(e) => return invalid_body(e),
     };
-    if items.len() > gateway.config.ingest.max_items {
+    let len = items.count();
+    if len > gateway.config.ingest.max_items {
         count(&gateway.metrics.events_rejected, BodyRefusal::TooManyItems);
         return error(
             StatusCode::PAYLOAD_TOO_LARGE,
             "too_many_items",
             &format!(
-                "{} events in one request; ingest.max_items is {}",
-                items.len(),
+                "{len} events in one request; ingest.max_items is {}",
                 gateway.config.ingest.max_items
             ),
             None,
         );
     }
-    let results = ingest::ingest(gateway, &items, producer).await;
+    let results = match ingest::ingest(gateway, items, producer).await {
+        Ok(results) => results,
+        Err(e) => return invalid_body(e),
+    };
     let ok = results.iter().filter(|r| r.is_ok()).count();
     let count = |f: fn(&ItemResult) -> bool| results.iter().filter(|r| f(r)).count();
     let summary = Summary {
@@ -93,7 +97,7 @@ pub(super) async fn events(
     let status = match ok {
         _ if unavailable => StatusCode::SERVICE_UNAVAILABLE,
         _ if internal => StatusCode::INTERNAL_SERVER_ERROR,
-        n if n == items.len() => StatusCode::OK,
+        n if n == len => StatusCode::OK,
         0 => StatusCode::BAD_REQUEST,
         _ => StatusCode::MULTI_STATUS,
     };

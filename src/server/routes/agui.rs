@@ -7,7 +7,7 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use http_body_util::BodyExt;
+use http_body_util::{BodyExt, Either};
 use hyper::body::Incoming;
 use hyper::header::{self, HeaderValue};
 use hyper::{Request, Response, StatusCode};
@@ -150,7 +150,9 @@ async fn run(
         input: held.bytes.clone(),
     };
     agui_proxy::start(gateway, run, place);
-    let mut response = Response::new(UntilRunEnds::new(events, &input.run_id).boxed_unsync());
+    let mut response = Response::new(Either::Right(
+        UntilRunEnds::new(events, &input.run_id).boxed_unsync(),
+    ));
     let headers = response.headers_mut();
     headers.insert(
         header::CONTENT_TYPE,

@@ -9,7 +9,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::SystemTime;
 
-use http_body_util::BodyExt;
+use http_body_util::{BodyExt, Either};
 use hyper::body::Incoming;
 use hyper::header::{self, HeaderValue};
 use hyper::{Request, Response, StatusCode};
@@ -170,7 +170,7 @@ pub(super) async fn serve(
     };
     match sse::open(Arc::clone(gateway), stream, slot).await {
         Ok(body) => {
-            let mut response = Response::new(body.boxed_unsync());
+            let mut response = Response::new(Either::Right(body.boxed_unsync()));
             let headers = response.headers_mut();
             headers.insert(
                 header::CONTENT_TYPE,

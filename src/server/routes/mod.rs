@@ -10,7 +10,7 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use http_body_util::combinators::UnsyncBoxBody;
-use http_body_util::{BodyExt, Full};
+use http_body_util::{Either, Full};
 use hyper::body::Incoming;
 use hyper::header::{self, HeaderValue};
 use hyper::{Method, Request, Response, StatusCode};
@@ -42,12 +42,13 @@ pub use run_stream::StreamRefusal;
 pub use upgrade::Refused as UpgradeRefused;
 use upgrade::upgrade;
 
-/// Every answer's body: whole (`full`) or, for an event stream, the stream's chunks.
-type Body = UnsyncBoxBody<Bytes, Infallible>;
+/// Every answer's body: whole (`full`, not boxed: most answers are one event's) or, for an event
+/// stream, the stream's chunks.
+type Body = Either<Full<Bytes>, UnsyncBoxBody<Bytes, Infallible>>;
 
 /// A whole body.
 fn full(bytes: Bytes) -> Body {
-    Full::new(bytes).boxed_unsync()
+    Either::Left(Full::new(bytes))
 }
 
 /// Answers one request that came through `door` from `peer`. The public door knows only `/ws`,
@@ -358,11 +359,17 @@ fn broker_unavailable(gateway: &Gateway, message: &str) -> Response<Body> {
 }
 
 fn json_response(status: StatusCode, value: &impl serde::Serialize) -> Response<Body> {
-    // Never an empty body with the intended status: a failure is ours, and says so.
     // Most answers are one item's: a buffer of that size is not grown while it is written.
     let mut body = Vec::with_capacity(256);
-    let (status, body) = match serde_json::to_writer(&mut body, value) {
-        Ok(()) => (status, body),
+    let written = serde_json::to_writer(&mut body, value).map(|()| body);
+    json_written(status, written)
+}
+
+/// An answer whose JSON was written into a buffer, or failed to be.
+fn json_written(status: StatusCode, written: serde_json::Result<Vec<u8>>) -> Response<Body> {
+    // Never an empty body with the intended status: a failure is ours, and says so.
+    let (status, body) = match written {
+        Ok(body) => (status, body),
         Err(error) => {
             tracing::error!(%error, "Cannot serialise an answer.");
             (

@@ -46,6 +46,15 @@ use crate::protocol::event::Event;
 use crate::protocol::packed::{Journaled, PackedEvent};
 use crate::protocol::server::Subscribed;
 
+/// One event of a [`Broker::publish_all`], as its caller keeps it (no list is built to hand them
+/// over).
+pub trait ToPublish {
+    fn channel(&self) -> &ChannelName;
+    fn event(&self) -> &Event;
+    /// The ingest stream entry it came from.
+    fn entry(&self) -> Option<&str>;
+}
+
 /// The broker this gateway runs, chosen once from `broker.redis_url`. A Redis that is down never
 /// turns into the memory broker.
 pub enum Broker {
@@ -188,16 +197,18 @@ impl Broker {
     /// per event, in the order given; `trace` is [`Self::publish`]'s for the event at that index.
     pub async fn publish_all(
         &self,
-        events: &[(&ChannelName, &Event, Option<&str>)],
+        events: &[impl ToPublish],
         trace: impl Fn(usize, u64) -> Option<Box<crate::telemetry::TraceInfo>>,
     ) -> Vec<Result<Outcome, BrokerError>> {
         match self {
             Self::Memory(memory) => (events.iter().enumerate())
-                .map(|(i, (name, event, _))| {
+                .map(|(i, item)| {
                     let trace = |seq| trace(i, seq);
-                    Ok(Outcome::Published(
-                        memory.channels.publish(name, event, trace),
-                    ))
+                    Ok(Outcome::Published(memory.channels.publish(
+                        item.channel(),
+                        item.event(),
+                        trace,
+                    )))
                 })
                 .collect(),
             Self::Redis(redis) => redis.publish_all(events).await,

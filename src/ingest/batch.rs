@@ -11,7 +11,7 @@ use tracing::Span;
 
 use super::emitted;
 use crate::Gateway;
-use crate::broker::{BrokerError, Outcome};
+use crate::broker::{BrokerError, Outcome, ToPublish};
 use crate::protocol::ChannelName;
 use crate::protocol::event::{Event, EventType};
 use crate::telemetry;
@@ -22,6 +22,21 @@ pub(super) struct Kept {
     pub event: Event,
     /// The ingest stream entry id it came from.
     pub entry: Option<String>,
+    span: Span,
+}
+
+impl ToPublish for Kept {
+    fn channel(&self) -> &ChannelName {
+        &self.channel
+    }
+
+    fn event(&self) -> &Event {
+        &self.event
+    }
+
+    fn entry(&self) -> Option<&str> {
+        self.entry.as_deref()
+    }
 }
 
 #[derive(Default)]
@@ -54,6 +69,7 @@ impl Batch {
         }
         self.kept.push(Kept {
             channel: ChannelName::thread(thread),
+            span: telemetry::ingest_span(&event),
             event,
             entry: entry.map(str::to_string),
         });
@@ -66,27 +82,23 @@ impl Batch {
     pub(super) async fn publish(
         &mut self,
         gateway: &Gateway,
-    ) -> Vec<(Kept, Result<Outcome, BrokerError>)> {
-        if self.kept.is_empty() {
-            return Vec::new();
-        }
+    ) -> impl Iterator<Item = (Kept, Result<Outcome, BrokerError>)> {
         let kept = std::mem::take(&mut self.kept);
-        let spans: Vec<Span> = (kept.iter())
-            .map(|kept| telemetry::ingest_span(&kept.event))
-            .collect();
         let started = Instant::now();
-        let events: Vec<(&ChannelName, &Event, Option<&str>)> = (kept.iter())
-            .map(|kept| (&kept.channel, &kept.event, kept.entry.as_deref()))
-            .collect();
-        let outcomes = gateway
-            .broker
-            .publish_all(&events, |i, seq| {
-                telemetry::published(&spans[i], &kept[i].event, &kept[i].channel, seq)
-            })
-            .await;
+        let outcomes = match kept.is_empty() {
+            true => Vec::new(),
+            false => {
+                (gateway.broker)
+                    .publish_all(&kept, |i, seq| {
+                        let kept = &kept[i];
+                        telemetry::published(&kept.span, &kept.event, &kept.channel, seq)
+                    })
+                    .await
+            }
+        };
         let ingested = &gateway.metrics.events_ingested;
-        for ((kept, span), outcome) in kept.iter().zip(&spans).zip(&outcomes) {
-            let _entered = span.enter();
+        for (kept, outcome) in kept.iter().zip(&outcomes) {
+            let _entered = kept.span.enter();
             match outcome {
                 Ok(Outcome::Published(published)) => {
                     ingested.inc();
@@ -99,6 +111,6 @@ impl Batch {
                 Err(_) => {}
             }
         }
-        kept.into_iter().zip(outcomes).collect()
+        kept.into_iter().zip(outcomes)
     }
 }

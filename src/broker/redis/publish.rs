@@ -9,7 +9,7 @@ use std::sync::atomic::Ordering;
 use super::RedisBroker;
 use super::keys::Keys;
 use super::reports::Report;
-use crate::broker::{BrokerError, Outcome, Published, now_ms};
+use crate::broker::{BrokerError, Outcome, Published, ToPublish, now_ms};
 use crate::ledger::LostReason;
 use crate::protocol::ChannelName;
 use crate::protocol::event::{Event, EventType};
@@ -49,11 +49,12 @@ impl RedisBroker {
     /// Cluster, go to their nodes in parallel). One result per event, in the order given.
     pub async fn publish_all(
         &self,
-        events: &[(&ChannelName, &Event, Option<&str>)],
+        events: &[impl ToPublish],
     ) -> Vec<Result<Outcome, BrokerError>> {
         let mut channels: Vec<(&ChannelName, Vec<usize>)> = Vec::new();
         let mut index: HashMap<&ChannelName, usize> = HashMap::new();
-        for (i, (name, _, _)) in events.iter().enumerate() {
+        for (i, item) in events.iter().enumerate() {
+            let name = item.channel();
             let at = *index.entry(name).or_insert_with(|| {
                 channels.push((name, Vec::new()));
                 channels.len() - 1
@@ -62,7 +63,7 @@ impl RedisBroker {
         }
         let calls = channels.iter().map(|(name, indices)| {
             let batch: Vec<(&Event, Option<&str>)> = (indices.iter())
-                .map(|&i| (events[i].1, events[i].2))
+                .map(|&i| (events[i].event(), events[i].entry()))
                 .collect();
             async move { self.publish(name, &batch).await }
         });

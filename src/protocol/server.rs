@@ -109,16 +109,22 @@ pub fn event_body(event: &Event, channel: &ChannelName) -> Vec<u8> {
 
 /// The frame a subscriber receives: `{"seq":N,"epoch":E,` followed by the body without its `{`.
 pub fn event_frame(body: &[u8], seq: u64, epoch: &str) -> Bytes {
+    const PREFIX: &[u8] = b"{\"seq\":";
+    const EPOCH: &[u8] = b",\"epoch\":\"";
     let mut digits = itoa::Buffer::new();
     let digits = digits.format(seq);
-    let mut frame = BytesMut::with_capacity(body.len() + digits.len() + epoch.len() + 20);
-    frame.put_slice(b"{\"seq\":");
+    let rest = body.get(1..).unwrap_or_default();
+    // Exactly its size: a buffer with room to spare becomes `Bytes` through a second allocation.
+    let len = PREFIX.len() + digits.len() + EPOCH.len() + epoch.len() + 2 + rest.len();
+    let mut frame = BytesMut::with_capacity(len);
+    frame.put_slice(PREFIX);
     frame.put_slice(digits.as_bytes());
     // Epochs are hex digits: nothing to escape.
-    frame.put_slice(b",\"epoch\":\"");
+    frame.put_slice(EPOCH);
     frame.put_slice(epoch.as_bytes());
     frame.put_slice(b"\",");
-    frame.put_slice(body.get(1..).unwrap_or_default());
+    frame.put_slice(rest);
+    debug_assert_eq!(frame.len(), len);
     frame.freeze()
 }
 

@@ -485,9 +485,10 @@ impl Drop for Process {
     }
 }
 
-/// Waits (at most 5 s) until something listens on `addr`.
+/// Waits (at most 15 s: a debug build starting while the rest of the suite loads both cores once
+/// took more than 5) until something listens on `addr`.
 pub async fn wait_listening(addr: SocketAddr) {
-    for _ in 0..200 {
+    for _ in 0..600 {
         if TcpStream::connect(addr).await.is_ok() {
             return;
         }

@@ -305,9 +305,7 @@ pub(super) async fn run(
         after.rss_bytes / 1048576.0,
         ledger.as_ref().map_or("no ledger".into(), Ledger::summary),
     );
-    if let Some(steal) = steal.filter(|steal| *steal >= 1.0) {
-        eprintln!("  the hypervisor took {steal}% of this machine's CPU time during the run");
-    }
+    super::say_steal(steal);
     if let Some(cpu) = redis_cpu {
         eprintln!(
             "  redis-server CPU {:.2} µs per published event",

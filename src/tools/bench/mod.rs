@@ -288,6 +288,13 @@ fn steal_percent(before: Option<(f64, f64)>, after: Option<(f64, f64)>) -> Optio
     (all > 0.0).then(|| ((steal_after - steal_before) / all * 1000.0).round() / 10.0)
 }
 
+/// Says on stderr when the hypervisor took 1% or more of the machine during a run.
+fn say_steal(steal: Option<f64>) {
+    if let Some(steal) = steal.filter(|steal| *steal >= 1.0) {
+        eprintln!("  the hypervisor took {steal}% of this machine's CPU time during the run");
+    }
+}
+
 /// Wall-clock microseconds: the send time events carry, compared with the receive time on the
 /// same machine.
 fn now_us() -> u64 {

@@ -279,6 +279,7 @@ pub(super) async fn run(
     };
 
     let before = usage(std::slice::from_ref(server)).await?;
+    let machine_before = super::machine_times();
     let started = Clock::now();
     let last_due = runs.due(args.runs - 1, runs.events() - 1);
     let deadline = (started + last_due + args.grace).into_std();
@@ -320,6 +321,7 @@ pub(super) async fn run(
         }
     }
     let after = usage(std::slice::from_ref(server)).await?;
+    let steal = super::steal_percent(machine_before, super::machine_times());
     // A thread exists only once an event of its run was accepted: a refused run has no ledger.
     let used = (0..args.runs).filter(|&k| accepted[k] > 0);
     let ledger = Ledger::of(&server.api, used.map(|k| runs.thread(k))).await?;
@@ -363,6 +365,7 @@ pub(super) async fn run(
         "server_cpu_us_per_delivery_out": per(received),
         "server_rss_before_bytes": before.rss_bytes,
         "server_rss_after_bytes": after.rss_bytes,
+        "machine_steal_percent": steal,
         "ledger": ledger.json(),
     });
     eprintln!(
@@ -382,6 +385,7 @@ pub(super) async fn run(
         after.rss_bytes / 1048576.0,
         ledger.summary(),
     );
+    super::say_steal(steal);
     ensure!(
         produced.refusals == 0 && produced.unsent == 0,
         "{} answers refused events and {} events were not sent (first refusal: {})",

@@ -45,7 +45,7 @@ impl Signal {
         self.notify.notify_waiters();
     }
 
-    pub fn is_raised(&self) -> bool {
+    fn is_raised(&self) -> bool {
         self.raised.load(Ordering::Acquire)
     }
 

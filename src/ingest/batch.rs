@@ -84,18 +84,16 @@ impl Batch {
         gateway: &Gateway,
     ) -> impl Iterator<Item = (Kept, Result<Outcome, BrokerError>)> {
         let kept = std::mem::take(&mut self.kept);
+        if kept.is_empty() {
+            return kept.into_iter().zip(Vec::new());
+        }
         let started = Instant::now();
-        let outcomes = match kept.is_empty() {
-            true => Vec::new(),
-            false => {
-                (gateway.broker)
-                    .publish_all(&kept, |i, seq| {
-                        let kept = &kept[i];
-                        telemetry::published(&kept.span, &kept.event, &kept.channel, seq)
-                    })
-                    .await
-            }
-        };
+        let outcomes = (gateway.broker)
+            .publish_all(&kept, |i, seq| {
+                let kept = &kept[i];
+                telemetry::published(&kept.span, &kept.event, &kept.channel, seq)
+            })
+            .await;
         let ingested = &gateway.metrics.events_ingested;
         for (kept, outcome) in kept.iter().zip(&outcomes) {
             let _entered = kept.span.enter();

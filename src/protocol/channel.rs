@@ -111,8 +111,6 @@ pub fn check_id(id: &str) -> Result<(), IdError> {
     Ok(())
 }
 
-/// `prefix` and `id` in one allocation: a name is made per event, and `format!` costs several
-/// times the copy.
 /// `prefix` and `id` in one shared text. Joined on the stack and copied once, into the `Arc`: a
 /// `String` turned into an `Arc<str>` is a second allocation, and a name is made for every event.
 fn joined(prefix: &str, id: &str) -> Arc<str> {

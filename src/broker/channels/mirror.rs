@@ -26,16 +26,16 @@ impl Channels {
 
     /// Redis mode: a live event from pub/sub. `false` when the mirror must read the stream again
     /// (a gap in seqs, or a new epoch) before it can go on.
-    pub fn apply(&self, name: &ChannelName, epoch: &Arc<str>, event: Sequenced) -> bool {
+    pub fn apply(&self, name: &ChannelName, epoch: &str, event: Sequenced) -> bool {
         let Some(channel) = self.existing(name) else {
             return true;
         };
         let mut state = channel.lock();
         if let Some(early) = &mut state.loading {
-            early.push((Arc::clone(epoch), event));
+            early.push((epoch.into(), event));
             return true;
         }
-        if *epoch != channel.epoch {
+        if epoch != &*channel.epoch {
             return false;
         }
         if event.seq <= state.last_seq {

@@ -20,14 +20,22 @@ pub struct Keys {
 
 impl Keys {
     pub fn of(name: &ChannelName) -> Self {
-        let tag = format!("aw:{{{}}}", name.as_str());
+        // Built at their size: `format!` grows each key several times, and a publish builds six.
+        let key = |suffix: &str| {
+            let mut key = String::with_capacity(name.as_str().len() + suffix.len() + 6);
+            key.push_str("aw:{");
+            key.push_str(name.as_str());
+            key.push_str("}:");
+            key.push_str(suffix);
+            key
+        };
         Self {
-            log: format!("{tag}:log"),
-            meta: format!("{tag}:meta"),
-            seen: format!("{tag}:seen"),
-            delivered: format!("{tag}:delivered"),
-            offered: format!("{tag}:offered"),
-            live: format!("{tag}:live"),
+            log: key("log"),
+            meta: key("meta"),
+            seen: key("seen"),
+            delivered: key("delivered"),
+            offered: key("offered"),
+            live: key("live"),
         }
     }
 

@@ -8,10 +8,10 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::SystemTime;
 
-use redis::{AsyncCommands, Cmd, FromRedisValue, Script, ServerErrorKind, Value};
+use redis::{AsyncCommands, Cmd, FromRedisValue, Script, Value};
 
-use super::RedisBroker;
 use super::keys::{CHANNELS, DEADLETTERS, Keys, seq_of};
+use super::{RedisBroker, evalsha};
 use crate::broker::{BrokerError, now_ms};
 use crate::ledger::{
     ChannelReport, ChannelSummary, Counts, LedgerView, LostReason, LostReport, MAX_TOP, Ranked,
@@ -67,6 +67,8 @@ impl RedisBroker {
                     let mut call = evalsha(
                         &self.scripts.deliver,
                         &[&keys.log, &keys.meta, &keys.delivered],
+                        1 + seqs.len(),
+                        epoch.len() + 20 * seqs.len(),
                     );
                     call.arg(&**epoch).arg(seqs);
                     call
@@ -77,43 +79,16 @@ impl RedisBroker {
             .await
     }
 
-    /// Sends `calls` (of `script`, made by [`evalsha`]) in one round trip (per slot on a Cluster),
-    /// adds the counts they return to `counter` and returns their sum. A server without the script
-    /// (restarted, or a replica just promoted: the script cache is not replicated) answers
-    /// `NOSCRIPT` to its calls: the script is loaded and those calls alone sent again, as the redis
-    /// crate does for one call. Any other error fails the whole after the counts that did come are
-    /// added, so a retry (which counts only what is new) leaves `counter` exact.
+    /// Sends `calls` (of `script`, made by [`evalsha`]) with [`Self::call_each`], adds the counts
+    /// they return to `counter` and returns their sum. An error fails the whole after the counts
+    /// that did come are added, so a retry (which counts only what is new) leaves `counter` exact.
     async fn invoke_each(
         &self,
         script: &Script,
         calls: impl Fn() -> Vec<Cmd>,
         counter: &AtomicU64,
     ) -> Result<u64, BrokerError> {
-        let mut conn = self.conn();
-        let mut replies = conn.each_reply(calls()).await?;
-        let lacking: Vec<bool> = replies
-            .iter()
-            .map(|reply| {
-                matches!(reply, Value::ServerError(error)
-                    if error.kind() == Some(ServerErrorKind::NoScript))
-            })
-            .collect();
-        if lacking.contains(&true) {
-            script.prepare_invoke().load_async(&mut conn).await?;
-            let again = calls()
-                .into_iter()
-                .zip(&lacking)
-                .filter(|(_, lacking)| **lacking)
-                .map(|(call, _)| call)
-                .collect();
-            let slots = replies
-                .iter_mut()
-                .zip(&lacking)
-                .filter(|(_, lacking)| **lacking);
-            for ((slot, _), reply) in slots.zip(conn.each_reply(again).await?) {
-                *slot = reply;
-            }
-        }
+        let replies = self.call_each(script, calls).await?;
         let (mut sum, mut failed) = (0, None);
         for reply in replies {
             match reply {
@@ -151,7 +126,7 @@ impl RedisBroker {
         let calls = || {
             acks.iter()
                 .map(|((name, epoch), seq)| {
-                    let mut call = evalsha(&self.scripts.ack, &[&Keys::of(name).meta]);
+                    let mut call = evalsha(&self.scripts.ack, &[&Keys::of(name).meta], 2, 40);
                     call.arg(&**epoch).arg(seq);
                     call
                 })
@@ -331,12 +306,4 @@ impl RedisBroker {
             }
         }
     }
-}
-
-/// A call of `script` with `keys` (arguments follow), as one command of a pipeline: `EVALSHA`, so
-/// the keys come after the hash and their count (where [`super::conn::Conn::each`] finds them).
-fn evalsha(script: &Script, keys: &[&str]) -> Cmd {
-    let mut call = redis::cmd("EVALSHA");
-    call.arg(script.get_hash()).arg(keys.len()).arg(keys);
-    call
 }

@@ -368,9 +368,13 @@ async fn serve(
     let mut ping = tokio::time::interval(Duration::from_secs(1));
     let every = broker.config.redis_reconcile_interval;
     let mut reconcile = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+    // Made once: a wait made afresh each turn enters and leaves the token's waiter list, a lock
+    // shared with every other task waiting on it, once per message.
+    let stopping = stop.cancelled();
+    tokio::pin!(stopping);
     loop {
         tokio::select! {
-            _ = stop.cancelled() => return true,
+            _ = &mut stopping => return true,
             _ = ping.tick() => {
                 if !matches!(timeout(ANSWER, link.sink.ping()).await, Ok(Ok(()))) {
                     return false;

@@ -27,16 +27,17 @@ pub(super) struct Attachment {
 }
 
 /// `epoch \n seq \n emitted_ms \n produced_ms \n body`, as the publish script sends it.
-pub(super) fn parse_live(payload: &[u8]) -> Option<(Arc<str>, Sequenced)> {
+pub(super) fn parse_live(payload: &Bytes) -> Option<(&str, Sequenced)> {
     let mut parts = payload.splitn(5, |b| *b == b'\n');
     let epoch = std::str::from_utf8(parts.next()?).ok()?;
     let number = |raw: &[u8]| std::str::from_utf8(raw).ok()?.parse::<u64>().ok();
     let seq = number(parts.next()?)?;
     let emitted_ms = number(parts.next()?)?;
     let produced_ms = number(parts.next()?);
-    let body = Bytes::copy_from_slice(parts.next()?);
+    // The body is the message's tail, shared rather than copied.
+    let body = payload.slice_ref(parts.next()?);
     Some((
-        epoch.into(),
+        epoch,
         Sequenced {
             seq,
             body,
@@ -251,12 +252,12 @@ impl RedisBroker {
     }
 
     /// Applies one live pub/sub message to the mirror; `false` when the stream must be read.
-    pub(crate) fn apply_live(&self, name: &ChannelName, payload: &[u8]) -> bool {
+    pub(crate) fn apply_live(&self, name: &ChannelName, payload: &Bytes) -> bool {
         let Some((epoch, event)) = parse_live(payload) else {
             tracing::warn!(channel = %name, "Ignored a malformed live message.");
             return true;
         };
-        self.mirror.apply(name, &epoch, event)
+        self.mirror.apply(name, epoch, event)
     }
 
     /// Brings the mirror of `name` up to the stream (after a gap, a new epoch or a reconnect).

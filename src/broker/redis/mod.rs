@@ -35,11 +35,12 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use crate::broker::BrokerError;
 use crate::broker::views::Views;
 use conn::{Backend, Conn};
 use ledger::Counters;
 use mirror::Attachment;
-use redis::Script;
+use redis::{Cmd, Script, ServerErrorKind, Value};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -218,6 +219,58 @@ impl RedisBroker {
         }
         self.up.store(up, Ordering::Release);
     }
+}
+
+impl RedisBroker {
+    /// Sends `calls` (of `script`, made by [`evalsha`]) in one round trip (one per slot on a
+    /// Cluster) and returns each call's reply, a call's error among them (`Value::ServerError`).
+    /// A server without the script (restarted, or a replica just promoted: the script cache is not
+    /// replicated) answers `NOSCRIPT` to its calls: the script is loaded and those calls alone sent
+    /// again, as the redis crate does for one call.
+    async fn call_each(
+        &self,
+        script: &Script,
+        calls: impl Fn() -> Vec<Cmd>,
+    ) -> Result<Vec<Value>, BrokerError> {
+        let mut conn = self.conn();
+        let mut replies = conn.each_reply(calls()).await?;
+        let lacking: Vec<bool> = replies
+            .iter()
+            .map(|reply| {
+                matches!(reply, Value::ServerError(error)
+                    if error.kind() == Some(ServerErrorKind::NoScript))
+            })
+            .collect();
+        if lacking.contains(&true) {
+            script.prepare_invoke().load_async(&mut conn).await?;
+            let again = calls()
+                .into_iter()
+                .zip(&lacking)
+                .filter(|(_, lacking)| **lacking)
+                .map(|(call, _)| call)
+                .collect();
+            let slots = replies
+                .iter_mut()
+                .zip(&lacking)
+                .filter(|(_, lacking)| **lacking);
+            for ((slot, _), reply) in slots.zip(conn.each_reply(again).await?) {
+                *slot = reply;
+            }
+        }
+        Ok(replies)
+    }
+}
+
+/// A call of `script` with `keys`, as one command of a pipeline: `EVALSHA`, so the keys come after
+/// the hash and their count (where [`conn::Conn::each`] finds them). Room is made for `args`
+/// further arguments of `bytes` in all, so that adding them does not grow the command again and
+/// again.
+fn evalsha(script: &Script, keys: &[&str], args: usize, bytes: usize) -> Cmd {
+    let hash = script.get_hash();
+    let room = keys.iter().map(|key| key.len()).sum::<usize>() + hash.len() + 16 + bytes;
+    let mut call = Cmd::with_capacity(3 + keys.len() + args, room);
+    call.arg("EVALSHA").arg(hash).arg(keys.len()).arg(keys);
+    call
 }
 
 /// Starts the Redis broker's tasks on `tracker` (health, pub/sub, delivery reports, the ingest

@@ -1,10 +1,13 @@
-//! Publishing into a channel: one script call sequences events of one request for it, in order,
-//! each deduped by `event_id` and ingest entry id, appended to `:log`, counted in the `:meta`
-//! ledger and `PUBLISH`ed to `:live`; then the channel is trimmed.
+//! Publishing into channels: one script call sequences events of one request for one channel, in
+//! order, each deduped by `event_id` and ingest entry id, appended to `:log`, counted in the `:meta`
+//! ledger and `PUBLISH`ed to `:live`; then the channel is trimmed. A request's calls for its
+//! channels go in one pipeline (one per slot on a Cluster).
 
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
+
+use redis::{Cmd, FromRedisValue, Value};
 
 use super::RedisBroker;
 use super::keys::Keys;
@@ -25,6 +28,33 @@ pub(super) fn new_epoch() -> String {
 /// other (in order).
 const PER_CALL: usize = 100;
 
+/// One channel's events in a publish, and what became of them so far.
+struct Channel<'a> {
+    name: &'a ChannelName,
+    events: Vec<(&'a Event, Option<&'a str>)>,
+    outcomes: Vec<Outcome>,
+    /// What stopped the channel's calls: none of its events from there on was sequenced.
+    error: Option<BrokerError>,
+}
+
+impl<'a> Channel<'a> {
+    fn new(name: &'a ChannelName) -> Self {
+        Self {
+            name,
+            events: Vec::new(),
+            outcomes: Vec::new(),
+            error: None,
+        }
+    }
+
+    /// The events of call `round`, if it has them and nothing stopped it.
+    fn chunk(&self, round: usize) -> Option<&[(&'a Event, Option<&'a str>)]> {
+        let from = round * PER_CALL;
+        (self.error.is_none() && from < self.events.len())
+            .then(|| &self.events[from..self.events.len().min(from + PER_CALL)])
+    }
+}
+
 impl RedisBroker {
     /// Sequences `events` into `name`, in their order: one script call per [`PER_CALL`] events.
     /// The outcomes of the events sequenced, in order, and the error that stopped the rest (none
@@ -34,113 +64,175 @@ impl RedisBroker {
         name: &ChannelName,
         events: &[(&Event, Option<&str>)],
     ) -> (Vec<Outcome>, Option<BrokerError>) {
-        let mut outcomes = Vec::with_capacity(events.len());
-        for chunk in events.chunks(PER_CALL) {
-            match self.publish_call(name, chunk).await {
-                Ok(sequenced) => outcomes.extend(sequenced),
-                Err(error) => return (outcomes, Some(error)),
-            }
-        }
-        (outcomes, None)
+        let mut channel = Channel::new(name);
+        channel.events.extend_from_slice(events);
+        let mut channels = [channel];
+        self.sequence(&mut channels).await;
+        let [channel] = channels;
+        (channel.outcomes, channel.error)
     }
 
-    /// Sequences the events of one request or read, each into its channel: one [`Self::publish`]
-    /// per channel, all at once, so that the channels' calls share their round trips (on a
-    /// Cluster, go to their nodes in parallel). One result per event, in the order given.
+    /// Sequences the events of one request or read, each into its channel, in their order there.
+    /// One result per event, in the order given.
     pub async fn publish_all(
         &self,
         events: &[impl ToPublish],
     ) -> Vec<Result<Outcome, BrokerError>> {
-        let mut channels: Vec<(&ChannelName, Vec<usize>)> = Vec::new();
+        let mut channels: Vec<Channel> = Vec::new();
+        let mut at: Vec<usize> = Vec::with_capacity(events.len());
         let mut index: HashMap<&ChannelName, usize> = HashMap::new();
-        for (i, item) in events.iter().enumerate() {
+        for item in events {
             let name = item.channel();
-            let at = *index.entry(name).or_insert_with(|| {
-                channels.push((name, Vec::new()));
+            let c = *index.entry(name).or_insert_with(|| {
+                channels.push(Channel::new(name));
                 channels.len() - 1
             });
-            channels[at].1.push(i);
+            channels[c].events.push((item.event(), item.entry()));
+            at.push(c);
         }
-        let calls = channels.iter().map(|(name, indices)| {
-            let batch: Vec<(&Event, Option<&str>)> = (indices.iter())
-                .map(|&i| (events[i].event(), events[i].entry()))
-                .collect();
-            async move { self.publish(name, &batch).await }
-        });
-        let answers = futures_util::future::join_all(calls).await;
-        let mut results: Vec<Option<Result<Outcome, BrokerError>>> =
-            (0..events.len()).map(|_| None).collect();
-        for ((_, indices), (outcomes, error)) in channels.iter().zip(answers) {
-            let sequenced = outcomes.len();
-            for (&i, outcome) in indices.iter().zip(outcomes) {
-                results[i] = Some(Ok(outcome));
-            }
-            if let Some(error) = error {
-                for &i in &indices[sequenced.min(indices.len())..] {
-                    results[i] = Some(Err(error.clone()));
+        self.sequence(&mut channels).await;
+        let mut outcomes: Vec<_> = channels
+            .into_iter()
+            .map(|channel| (channel.outcomes.into_iter(), channel.error))
+            .collect();
+        (at.into_iter())
+            .map(|c| {
+                let (sequenced, error) = &mut outcomes[c];
+                match sequenced.next() {
+                    Some(outcome) => Ok(outcome),
+                    None => Err(error.clone().unwrap_or_else(|| {
+                        BrokerError::Internal("an event got no publish answer".into())
+                    })),
                 }
-            }
-        }
-        (results.into_iter())
-            .map(|result| {
-                result.unwrap_or_else(|| {
-                    Err(BrokerError::Internal(
-                        "an event got no publish answer".into(),
-                    ))
-                })
             })
             .collect()
     }
 
-    async fn publish_call(
+    /// The script calls of every channel, in rounds: each channel's first call in one pipeline,
+    /// then the second calls of the channels that have more (a channel whose call failed stops).
+    async fn sequence(&self, channels: &mut [Channel<'_>]) {
+        if !self.is_up() {
+            for channel in channels.iter_mut() {
+                channel.error = Some(BrokerError::Unavailable("Redis is not answering".into()));
+            }
+            return;
+        }
+        let now = now_ms();
+        let epoch = new_epoch();
+        for round in 0.. {
+            let calling: Vec<usize> = (0..channels.len())
+                .filter(|&c| channels[c].chunk(round).is_some())
+                .collect();
+            if calling.is_empty() {
+                return;
+            }
+            let calls = || {
+                (calling.iter())
+                    .filter_map(|&c| {
+                        let channel = &channels[c];
+                        Some(self.publish_call(channel.name, channel.chunk(round)?, now, &epoch))
+                    })
+                    .collect()
+            };
+            let mut replies = self
+                .call_each(&self.scripts.publish, calls)
+                .await
+                .map(Vec::into_iter);
+            for &c in &calling {
+                let reply = match &mut replies {
+                    Ok(replies) => replies.next().ok_or_else(|| {
+                        BrokerError::Internal("a publish call got no answer".into())
+                    }),
+                    Err(error) => Err(error.clone()),
+                };
+                let channel = &mut channels[c];
+                let answered = match reply {
+                    Ok(reply) => self.sequenced(channel, round, now, reply).await,
+                    Err(error) => Err(error),
+                };
+                if let Err(error) = answered {
+                    channel.error = Some(error);
+                }
+            }
+        }
+    }
+
+    fn publish_call(
         &self,
         name: &ChannelName,
         events: &[(&Event, Option<&str>)],
-    ) -> Result<Vec<Outcome>, BrokerError> {
-        if !self.is_up() {
-            return Err(BrokerError::Unavailable("Redis is not answering".into()));
-        }
+        now: u64,
+        epoch: &str,
+    ) -> Cmd {
         let keys = Keys::of(name);
-        let now = now_ms();
-        let mut invocation = self.scripts.publish.prepare_invoke();
-        invocation
-            .key(&keys.log)
-            .key(&keys.meta)
-            .key(&keys.seen)
-            .key(&keys.delivered)
-            .key(&keys.offered)
-            .arg(now)
+        let bodies: Vec<Vec<u8>> = (events.iter())
+            .map(|(event, _)| server::event_body(event, name))
+            .collect();
+        // The arguments below: eight, then per event its body and up to four more (its produced
+        // time, how many ids and the ids: usually under a hundred bytes; longer grow the command).
+        let bytes =
+            64 + keys.live.len() + bodies.iter().map(|body| body.len() + 100).sum::<usize>();
+        let mut call = super::evalsha(
+            &self.scripts.publish,
+            &[
+                &keys.log,
+                &keys.meta,
+                &keys.seen,
+                &keys.delivered,
+                &keys.offered,
+            ],
+            8 + 5 * events.len(),
+            bytes,
+        );
+        call.arg(now)
             .arg(self.history.max_events)
             .arg(now.saturating_sub(self.history.max_age.as_millis() as u64))
             .arg(now.saturating_sub(self.dedupe_window.as_millis() as u64))
-            .arg(new_epoch())
+            .arg(epoch)
             .arg(&keys.live)
             .arg(self.dedupe_capacity.max(1))
             .arg(self.publish_command());
-        for (event, entry) in events {
+        for ((event, entry), body) in events.iter().zip(bodies) {
             let produced = event
                 .ts
                 .as_deref()
                 .filter(|ts| ts.ends_with('Z'))
                 .and_then(|ts| humantime::parse_rfc3339_weak(ts).ok())
                 .and_then(|at| at.duration_since(std::time::SystemTime::UNIX_EPOCH).ok())
-                .map(|d| d.as_millis().to_string())
-                .unwrap_or_default();
+                .map(|d| d.as_millis() as u64);
             let dedupe_id = event.dedupe_id();
-            invocation
-                .arg(server::event_body(event, name))
-                .arg(produced)
-                .arg(usize::from(dedupe_id.is_some()) + usize::from(entry.is_some()));
+            call.arg(body);
+            match produced {
+                Some(ms) => call.arg(ms),
+                None => call.arg(""),
+            };
+            call.arg(usize::from(dedupe_id.is_some()) + usize::from(entry.is_some()));
             if let Some(event_id) = dedupe_id {
-                invocation.arg(format!("e:{event_id}"));
+                call.arg(format!("e:{event_id}"));
             }
             if let Some(entry) = entry {
-                invocation.arg(format!("x:{entry}"));
+                call.arg(format!("x:{entry}"));
             }
         }
-        let mut conn = self.conn();
-        let (epoch, unseen, subscribed, seqs): (String, u64, u64, Vec<u64>) =
-            invocation.invoke_async(&mut conn).await?;
+        call
+    }
+
+    /// Reads the answer to `channel`'s call `round` into its outcomes.
+    async fn sequenced(
+        &self,
+        channel: &mut Channel<'_>,
+        round: usize,
+        now: u64,
+        reply: Value,
+    ) -> Result<(), BrokerError> {
+        if let Value::ServerError(error) = reply {
+            return Err(redis::RedisError::from(error).into());
+        }
+        let (epoch, unseen, subscribed, seqs) =
+            <(String, u64, u64, Vec<u64>)>::from_redis_value(reply)
+                .map_err(redis::RedisError::from)?;
+        let from = round * PER_CALL;
+        let events = &channel.events[from..channel.events.len().min(from + PER_CALL)];
         if seqs.len() != events.len() {
             return Err(BrokerError::Internal(format!(
                 "the publish script answered {} seqs for {} events",
@@ -148,37 +240,37 @@ impl RedisBroker {
                 events.len()
             )));
         }
-        self.count_lost(name, unseen, subscribed);
+        self.count_lost(channel.name, unseen, subscribed);
         let epoch: Arc<str> = epoch.into();
-        let mut outcomes = Vec::with_capacity(events.len());
         for ((event, _), seq) in events.iter().zip(seqs) {
             if seq == 0 {
-                outcomes.push(Outcome::Duplicate);
+                channel.outcomes.push(Outcome::Duplicate);
                 continue;
             }
             self.counters.emitted.fetch_add(1, Ordering::Relaxed);
             // The channel index and the run's activity are not in the script: they span channels
-            // (Redis Cluster slots). One report, batched by the report task.
-            let ended = matches!(
-                event.kind,
-                EventType::AgentCompleted | EventType::AgentError
-            );
-            // Waits for room: a dropped one would let another replica call this run stalled. (The
-            // queue closes only at shutdown, after ingest has stopped.)
-            let _ = self
-                .reports
+            // (Redis Cluster slots). One report, batched by the report task. Waits for room: a
+            // dropped one would let another replica call this run stalled. (The queue closes
+            // only at shutdown, after ingest has stopped.)
+            let _ = (self.reports)
                 .send(Report::Published {
-                    channel: name.clone(),
+                    channel: channel.name.clone(),
                     ms: now,
-                    run: event.run_id.clone().map(|run_id| (run_id, ended)),
+                    run: event.run_id.clone().map(|run_id| {
+                        let ended = matches!(
+                            event.kind,
+                            EventType::AgentCompleted | EventType::AgentError
+                        );
+                        (run_id, ended)
+                    }),
                 })
                 .await;
-            outcomes.push(Outcome::Published(Published {
+            channel.outcomes.push(Outcome::Published(Published {
                 seq,
                 epoch: Arc::clone(&epoch),
             }));
         }
-        Ok(outcomes)
+        Ok(())
     }
 
     pub(super) fn count_lost(&self, name: &ChannelName, unseen: u64, subscribed: u64) {

@@ -5,6 +5,7 @@
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
+use bytes::Bytes;
 use futures_util::{StreamExt, TryStreamExt, stream};
 use redis::aio::{PubSubSink, PubSubStream};
 use redis::cluster_async::ClusterConnection;
@@ -39,7 +40,7 @@ pub(super) enum Messages {
 /// What came in on the connection.
 pub(super) enum Incoming {
     /// A message published to `channel`.
-    Message { channel: String, payload: Vec<u8> },
+    Message { channel: String, payload: Bytes },
     /// Cluster: the redis crate subscribed to `channel` again (a node reconnected, or its slot
     /// moved to another master), so what was published meanwhile must be read from the stream.
     Resubscribed(String),
@@ -135,7 +136,7 @@ impl Messages {
                 let message = stream.next().await?;
                 Some(Incoming::Message {
                     channel: message.get_channel_name().to_string(),
-                    payload: message.get_payload_bytes().to_vec(),
+                    payload: Bytes::copy_from_slice(message.get_payload_bytes()),
                 })
             }
             Self::Cluster { pushes, overflowed } => {
@@ -162,7 +163,10 @@ fn incoming(push: PushInfo) -> Incoming {
     let channel = text(data.next().as_ref());
     match (push.kind, channel) {
         (PushKind::SMessage | PushKind::Message, Some(channel)) => match data.next() {
-            Some(Value::BulkString(payload)) => Incoming::Message { channel, payload },
+            Some(Value::BulkString(payload)) => Incoming::Message {
+                channel,
+                payload: payload.into(),
+            },
             _ => Incoming::Other,
         },
         (PushKind::SSubscribe, Some(channel)) => Incoming::Resubscribed(channel),

@@ -20,22 +20,13 @@ pub struct Keys {
 
 impl Keys {
     pub fn of(name: &ChannelName) -> Self {
-        // Built at their size: `format!` grows each key several times, and a publish builds six.
-        let key = |suffix: &str| {
-            let mut key = String::with_capacity(name.as_str().len() + suffix.len() + 6);
-            key.push_str("aw:{");
-            key.push_str(name.as_str());
-            key.push_str("}:");
-            key.push_str(suffix);
-            key
-        };
         Self {
-            log: key("log"),
-            meta: key("meta"),
-            seen: key("seen"),
-            delivered: key("delivered"),
-            offered: key("offered"),
-            live: key("live"),
+            log: key(name, "log"),
+            meta: key(name, "meta"),
+            seen: key(name, "seen"),
+            delivered: key(name, "delivered"),
+            offered: key(name, "offered"),
+            live: key(name, "live"),
         }
     }
 
@@ -43,6 +34,17 @@ impl Keys {
     pub fn channel_of_live(live: &str) -> Option<ChannelName> {
         ChannelName::parse(live.strip_prefix("aw:{")?.strip_suffix("}:live")?)
     }
+}
+
+/// One key of a channel (`suffix` is one of [`Keys`]' field names), for a caller that needs only
+/// it. Built at its size: `format!` grows a key several times, and a publish builds six.
+pub fn key(name: &ChannelName, suffix: &str) -> String {
+    let mut key = String::with_capacity(name.as_str().len() + suffix.len() + 6);
+    key.push_str("aw:{");
+    key.push_str(name.as_str());
+    key.push_str("}:");
+    key.push_str(suffix);
+    key
 }
 
 /// A stream entry as read: id and fields.
@@ -54,7 +56,11 @@ pub(super) const RUN_TARGETS: &str = "aw:{runs}:target";
 pub(super) const RUN_EXPIRY: &str = "aw:{runs}:expiry";
 
 pub(super) fn run_seen_key(run_id: &str) -> String {
-    format!("aw:runseen:{{{run_id}}}")
+    let mut key = String::with_capacity(run_id.len() + 13);
+    key.push_str("aw:runseen:{");
+    key.push_str(run_id);
+    key.push('}');
+    key
 }
 
 /// Pub/sub channel on which a registration is announced to every replica.

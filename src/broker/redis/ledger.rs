@@ -10,7 +10,7 @@ use std::time::SystemTime;
 
 use redis::{AsyncCommands, Cmd, FromRedisValue, Script, Value};
 
-use super::keys::{CHANNELS, DEADLETTERS, Keys, seq_of};
+use super::keys::{CHANNELS, DEADLETTERS, Keys, key, seq_of};
 use super::{RedisBroker, evalsha};
 use crate::broker::{BrokerError, now_ms};
 use crate::ledger::{
@@ -63,10 +63,10 @@ impl RedisBroker {
             deliveries
                 .iter()
                 .map(|((name, epoch), seqs)| {
-                    let keys = Keys::of(name);
+                    let keys = [key(name, "log"), key(name, "meta"), key(name, "delivered")];
                     let mut call = evalsha(
                         &self.scripts.deliver,
-                        &[&keys.log, &keys.meta, &keys.delivered],
+                        &[&keys[0], &keys[1], &keys[2]],
                         1 + seqs.len(),
                         epoch.len() + 20 * seqs.len(),
                     );
@@ -126,7 +126,7 @@ impl RedisBroker {
         let calls = || {
             acks.iter()
                 .map(|((name, epoch), seq)| {
-                    let mut call = evalsha(&self.scripts.ack, &[&Keys::of(name).meta], 2, 40);
+                    let mut call = evalsha(&self.scripts.ack, &[&key(name, "meta")], 2, 40);
                     call.arg(&**epoch).arg(seq);
                     call
                 })
@@ -221,7 +221,7 @@ impl RedisBroker {
                 .iter()
                 .map(|channel| {
                     let mut read = redis::cmd("HGETALL");
-                    read.arg(Keys::of(channel).meta);
+                    read.arg(key(channel, "meta"));
                     read
                 })
                 .collect();

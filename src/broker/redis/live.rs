@@ -21,7 +21,7 @@ use tokio::time::timeout;
 use tokio_util::sync::CancellationToken;
 
 use super::RedisBroker;
-use super::keys::{Keys, REGISTERED};
+use super::keys::{Keys, REGISTERED, key};
 use super::pubsub::{self, Incoming, Messages, Sink};
 use super::registry::parse_target;
 use crate::broker::{Announcement, BrokerError};
@@ -161,7 +161,7 @@ async fn connect<'a>(
         .map_err(|_| BrokerError::Unavailable("connect timed out".into()))??;
     let attached = broker.attached();
     let mut channels = vec![REGISTERED.to_string()];
-    channels.extend(attached.iter().map(|name| Keys::of(name).live));
+    channels.extend(attached.iter().map(|name| key(name, "live")));
     // Their confirmations are not resubscriptions (see `Incoming::Resubscribed`).
     let subscribing = match sink.confirms_by_push() {
         true => channels
@@ -219,7 +219,7 @@ struct Link<'a> {
 
 impl Link<'_> {
     async fn subscribe(&mut self, name: &ChannelName) -> bool {
-        let live = Keys::of(name).live;
+        let live = key(name, "live");
         if self.sink.confirms_by_push() {
             *self.subscribing.entry(live.clone()).or_default() += 1;
         }
@@ -239,7 +239,7 @@ impl Link<'_> {
             *self.unsubscribing.entry(name.clone()).or_default() += 1;
         }
         let done = matches!(
-            timeout(ANSWER, self.sink.unsubscribe(Keys::of(name).live)).await,
+            timeout(ANSWER, self.sink.unsubscribe(key(name, "live"))).await,
             Ok(Ok(()))
         );
         if done {

@@ -9,7 +9,7 @@ use std::sync::{Arc, MutexGuard};
 use bytes::Bytes;
 use tokio::sync::{OnceCell, mpsc};
 
-use super::keys::{Entry, Keys, sequenced};
+use super::keys::{Entry, Keys, key, sequenced};
 use super::publish::new_epoch;
 use super::reports::Report;
 use super::{RedisBroker, live};
@@ -219,7 +219,7 @@ impl RedisBroker {
         let _epoch: String = self
             .scripts
             .renew
-            .key(Keys::of(name).meta)
+            .key(key(name, "meta"))
             .arg(&*seen_epoch)
             .arg(seen_last)
             .arg(new_epoch())

@@ -103,13 +103,17 @@ impl RedisBroker {
         let sets = runs
             .iter()
             .map(|(run_id, (ms, ended))| {
-                let value = if *ended {
-                    format!("end:{ms}")
-                } else {
-                    ms.to_string()
+                let mut digits = itoa::Buffer::new();
+                let ms = digits.format(*ms);
+                let key = run_seen_key(run_id);
+                // Five arguments, allocated once.
+                let mut set = redis::Cmd::with_capacity(5, key.len() + ms.len() + 32);
+                set.arg("SET").arg(key);
+                match ended {
+                    true => set.arg([b"end:", ms.as_bytes()].concat()),
+                    false => set.arg(ms),
                 };
-                let mut set = redis::cmd("SET");
-                set.arg(run_seen_key(run_id)).arg(value).arg("PX").arg(ttl);
+                set.arg("PX").arg(ttl);
                 set
             })
             .collect();

@@ -2,22 +2,39 @@
 
 use std::collections::HashMap;
 use std::net::IpAddr;
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+/// Shards of the per-address counts. A one-event `POST` takes and gives back a place per event, so
+/// addresses are spread over locks of their own (by the address's last byte: a client that picks
+/// its addresses can at worst put them all in one shard, which is one lock, as before sharding).
+const SHARDS: usize = 16;
 
 /// Counts per address and in total; an address's entry exists only while it holds something.
-/// Taken on a connection's or request's start and end only, never per event.
+/// Taken at a connection's or a request's start and given back at its end.
 pub struct PerIp {
     /// Per address; 0: no cap.
     limit: usize,
     /// All addresses together.
     total_limit: usize,
-    held: Arc<Mutex<Held>>,
+    held: Arc<Held>,
 }
 
-#[derive(Default)]
 struct Held {
-    by_ip: HashMap<IpAddr, usize>,
-    total: usize,
+    by_ip: [Mutex<HashMap<IpAddr, usize>>; SHARDS],
+    total: AtomicUsize,
+}
+
+impl Held {
+    fn shard(&self, ip: IpAddr) -> MutexGuard<'_, HashMap<IpAddr, usize>> {
+        let last = match ip {
+            IpAddr::V4(ip) => ip.octets()[3],
+            IpAddr::V6(ip) => ip.octets()[15],
+        };
+        self.by_ip[usize::from(last) % SHARDS]
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+    }
 }
 
 /// Which cap refused.
@@ -29,7 +46,7 @@ pub enum Full {
 
 /// One unit held by an address; given back when dropped.
 pub struct PerIpSlot {
-    held: Arc<Mutex<Held>>,
+    held: Arc<Held>,
     ip: IpAddr,
 }
 
@@ -38,23 +55,33 @@ impl PerIp {
         Self {
             limit,
             total_limit,
-            held: Arc::default(),
+            held: Arc::new(Held {
+                by_ip: std::array::from_fn(|_| Mutex::default()),
+                total: AtomicUsize::new(0),
+            }),
         }
     }
 
-    /// One more unit for `ip`, or which cap is reached.
+    /// One more unit for `ip`, or which cap is reached (the total first).
     pub fn acquire(&self, ip: IpAddr) -> Result<PerIpSlot, Full> {
         let ip = ip.to_canonical();
-        let mut held = self.held.lock().unwrap_or_else(|e| e.into_inner());
-        if held.total >= self.total_limit {
+        let total = &self.held.total;
+        let room = |held: usize| (held < self.total_limit).then_some(held + 1);
+        if total
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, room)
+            .is_err()
+        {
             return Err(Full::Total);
         }
-        let count = held.by_ip.entry(ip).or_default();
+        let mut shard = self.held.shard(ip);
+        let count = shard.entry(ip).or_default();
         if self.limit != 0 && *count >= self.limit {
+            drop(shard);
+            total.fetch_sub(1, Ordering::AcqRel);
             return Err(Full::Address);
         }
         *count += 1;
-        held.total += 1;
+        drop(shard);
         Ok(PerIpSlot {
             held: Arc::clone(&self.held),
             ip,
@@ -63,24 +90,23 @@ impl PerIp {
 
     /// Addresses holding anything (for tests and diagnostics).
     pub fn addresses(&self) -> usize {
-        self.held
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .by_ip
-            .len()
+        (self.held.by_ip.iter())
+            .map(|shard| shard.lock().unwrap_or_else(|e| e.into_inner()).len())
+            .sum()
     }
 }
 
 impl Drop for PerIpSlot {
     fn drop(&mut self) {
-        let mut held = self.held.lock().unwrap_or_else(|e| e.into_inner());
-        held.total -= 1;
-        if let Some(count) = held.by_ip.get_mut(&self.ip) {
+        let mut shard = self.held.shard(self.ip);
+        if let Some(count) = shard.get_mut(&self.ip) {
             *count -= 1;
             if *count == 0 {
-                held.by_ip.remove(&self.ip);
+                shard.remove(&self.ip);
             }
         }
+        drop(shard);
+        self.held.total.fetch_sub(1, Ordering::AcqRel);
     }
 }
 
@@ -106,5 +132,53 @@ mod tests {
             PerIp::new(0, usize::MAX).acquire(a).is_ok(),
             "0 means no cap"
         );
+    }
+
+    #[test]
+    fn threads_taking_and_giving_back_never_pass_the_caps_and_leave_nothing_behind() {
+        let per_ip = PerIp::new(2, 4);
+        let held = AtomicUsize::new(0);
+        let by_ip: [AtomicUsize; 3] = Default::default();
+        let most = AtomicUsize::new(0);
+        let most_by_ip = AtomicUsize::new(0);
+        std::thread::scope(|scope| {
+            for t in 0..8u8 {
+                let (per_ip, held, by_ip) = (&per_ip, &held, &by_ip);
+                let (most, most_by_ip) = (&most, &most_by_ip);
+                scope.spawn(move || {
+                    for n in 0..2_000u32 {
+                        let which = (u32::from(t) + n) as usize % 3;
+                        let ip = IpAddr::from([10, 0, 0, which as u8]);
+                        if let Ok(slot) = per_ip.acquire(ip) {
+                            most.fetch_max(
+                                held.fetch_add(1, Ordering::AcqRel) + 1,
+                                Ordering::AcqRel,
+                            );
+                            let mine = by_ip[which].fetch_add(1, Ordering::AcqRel) + 1;
+                            most_by_ip.fetch_max(mine, Ordering::AcqRel);
+                            std::thread::yield_now();
+                            by_ip[which].fetch_sub(1, Ordering::AcqRel);
+                            held.fetch_sub(1, Ordering::AcqRel);
+                            drop(slot);
+                        }
+                    }
+                });
+            }
+        });
+        assert!(most.load(Ordering::Acquire) <= 4, "the total cap held");
+        assert!(
+            most_by_ip.load(Ordering::Acquire) <= 2,
+            "each address's cap held"
+        );
+        assert_eq!(per_ip.addresses(), 0);
+        let slots: Vec<_> = (0..4u8)
+            .map(|n| per_ip.acquire(IpAddr::from([10, 0, 0, n])).unwrap())
+            .collect();
+        assert_eq!(
+            per_ip.acquire(IpAddr::from([10, 0, 1, 1])).err(),
+            Some(Full::Total),
+            "every place was given back, and all of them can be taken again"
+        );
+        drop(slots);
     }
 }

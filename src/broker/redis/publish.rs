@@ -29,7 +29,7 @@ pub(super) fn new_epoch() -> String {
 const PER_CALL: usize = 100;
 
 /// One channel's events in a publish, and what became of them so far.
-struct Channel<'a> {
+struct ChannelPublish<'a> {
     name: &'a ChannelName,
     events: Vec<(&'a Event, Option<&'a str>)>,
     outcomes: Vec<Outcome>,
@@ -37,7 +37,7 @@ struct Channel<'a> {
     error: Option<BrokerError>,
 }
 
-impl<'a> Channel<'a> {
+impl<'a> ChannelPublish<'a> {
     fn new(name: &'a ChannelName) -> Self {
         Self {
             name,
@@ -64,7 +64,7 @@ impl RedisBroker {
         name: &ChannelName,
         events: &[(&Event, Option<&str>)],
     ) -> (Vec<Outcome>, Option<BrokerError>) {
-        let mut channel = Channel::new(name);
+        let mut channel = ChannelPublish::new(name);
         channel.events.extend_from_slice(events);
         let mut channels = [channel];
         self.sequence(&mut channels).await;
@@ -78,13 +78,13 @@ impl RedisBroker {
         &self,
         events: &[impl ToPublish],
     ) -> Vec<Result<Outcome, BrokerError>> {
-        let mut channels: Vec<Channel> = Vec::new();
+        let mut channels: Vec<ChannelPublish> = Vec::new();
         let mut at: Vec<usize> = Vec::with_capacity(events.len());
         let mut index: HashMap<&ChannelName, usize> = HashMap::new();
         for item in events {
             let name = item.channel();
             let c = *index.entry(name).or_insert_with(|| {
-                channels.push(Channel::new(name));
+                channels.push(ChannelPublish::new(name));
                 channels.len() - 1
             });
             channels[c].events.push((item.event(), item.entry()));
@@ -110,7 +110,7 @@ impl RedisBroker {
 
     /// The script calls of every channel, in rounds: each channel's first call in one pipeline,
     /// then the second calls of the channels that have more (a channel whose call failed stops).
-    async fn sequence(&self, channels: &mut [Channel<'_>]) {
+    async fn sequence(&self, channels: &mut [ChannelPublish<'_>]) {
         if !self.is_up() {
             for channel in channels.iter_mut() {
                 channel.error = Some(BrokerError::Unavailable("Redis is not answering".into()));
@@ -118,7 +118,6 @@ impl RedisBroker {
             return;
         }
         let now = now_ms();
-        let epoch = new_epoch();
         for round in 0.. {
             let calling: Vec<usize> = (0..channels.len())
                 .filter(|&c| channels[c].chunk(round).is_some())
@@ -130,7 +129,7 @@ impl RedisBroker {
                 (calling.iter())
                     .filter_map(|&c| {
                         let channel = &channels[c];
-                        Some(self.publish_call(channel.name, channel.chunk(round)?, now, &epoch))
+                        Some(self.publish_call(channel.name, channel.chunk(round)?, now))
                     })
                     .collect()
             };
@@ -157,13 +156,7 @@ impl RedisBroker {
         }
     }
 
-    fn publish_call(
-        &self,
-        name: &ChannelName,
-        events: &[(&Event, Option<&str>)],
-        now: u64,
-        epoch: &str,
-    ) -> Cmd {
+    fn publish_call(&self, name: &ChannelName, events: &[(&Event, Option<&str>)], now: u64) -> Cmd {
         let keys = Keys::of(name);
         let bodies: Vec<Vec<u8>> = (events.iter())
             .map(|(event, _)| server::event_body(event, name))
@@ -188,7 +181,9 @@ impl RedisBroker {
             .arg(self.history.max_events)
             .arg(now.saturating_sub(self.history.max_age.as_millis() as u64))
             .arg(now.saturating_sub(self.dedupe_window.as_millis() as u64))
-            .arg(epoch)
+            // Fresh for every call, so a later call that lands on another Redis process (a
+            // failover between two calls of one request) starts a different epoch.
+            .arg(new_epoch())
             .arg(&keys.live)
             .arg(self.dedupe_capacity.max(1))
             .arg(self.publish_command());
@@ -220,7 +215,7 @@ impl RedisBroker {
     /// Reads the answer to `channel`'s call `round` into its outcomes.
     async fn sequenced(
         &self,
-        channel: &mut Channel<'_>,
+        channel: &mut ChannelPublish<'_>,
         round: usize,
         now: u64,
         reply: Value,

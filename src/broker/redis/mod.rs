@@ -219,9 +219,7 @@ impl RedisBroker {
         }
         self.up.store(up, Ordering::Release);
     }
-}
 
-impl RedisBroker {
     /// Sends `calls` (of `script`, made by [`evalsha`]) in one round trip (one per slot on a
     /// Cluster) and returns each call's reply, a call's error among them (`Value::ServerError`).
     /// A server without the script (restarted, or a replica just promoted: the script cache is not

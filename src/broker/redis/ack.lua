@@ -1,14 +1,17 @@
 #!lua
--- A cumulative ack: moves acked_seq forward and counts the newly acked. Returns that count.
--- KEYS: meta   ARGV: epoch, seq
-if redis.call('HGET', KEYS[1], 'epoch') ~= ARGV[1] then
-  return 0
+-- Cumulative acks, for one or more channels of one slot: each moves its channel's acked_seq forward
+-- and counts the newly acked. Returns how many were newly acked in all.
+-- KEYS: meta of each channel   ARGV: epoch, seq of each channel in turn
+local count = 0
+for k = 1, #KEYS do
+  local meta, epoch, seq = KEYS[k], ARGV[2 * k - 1], tonumber(ARGV[2 * k])
+  if redis.call('HGET', meta, 'epoch') == epoch then
+    local acked = tonumber(redis.call('HGET', meta, 'acked_seq') or '0')
+    if seq > acked then
+      redis.call('HSET', meta, 'acked_seq', seq)
+      redis.call('HINCRBY', meta, 'acked', seq - acked)
+      count = count + seq - acked
+    end
+  end
 end
-local seq = tonumber(ARGV[2])
-local acked = tonumber(redis.call('HGET', KEYS[1], 'acked_seq') or '0')
-if seq <= acked then
-  return 0
-end
-redis.call('HSET', KEYS[1], 'acked_seq', seq)
-redis.call('HINCRBY', KEYS[1], 'acked', seq - acked)
-return seq - acked
+return count

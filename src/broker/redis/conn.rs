@@ -6,6 +6,7 @@
 //! RESP3 cluster connection (`pubsub.rs`: sharded pub/sub, each message on the shard that owns its
 //! channel).
 
+use std::collections::HashMap;
 use std::time::Duration;
 
 use futures_util::{StreamExt, TryStreamExt, stream};
@@ -64,6 +65,34 @@ impl Backend {
 
     pub(crate) fn is_cluster(&self) -> bool {
         matches!(self, Self::Cluster { .. })
+    }
+
+    /// Splits the channels of a report into the calls of a script that takes several at once: a
+    /// script touches one slot, so on a Cluster a call takes channels of one slot; on one server
+    /// any. At most `most` channels a call. `keys` is one key of each channel; the answer is the
+    /// indexes each call takes, in their order.
+    pub(crate) fn script_calls<'k>(
+        &self,
+        keys: impl Iterator<Item = &'k str>,
+        most: usize,
+    ) -> Vec<Vec<usize>> {
+        let mut calls: Vec<Vec<usize>> = Vec::new();
+        // The call still filling for each slot (one slot stands for all on one server).
+        let mut open: HashMap<Slot, usize> = HashMap::new();
+        for (i, key) in keys.enumerate() {
+            let slot = match self {
+                Self::Server(_) => Slot::for_key(""),
+                Self::Cluster { .. } => Slot::for_key(key),
+            };
+            match open.get(&slot) {
+                Some(&call) if calls[call].len() < most => calls[call].push(i),
+                _ => {
+                    open.insert(slot, calls.len());
+                    calls.push(vec![i]);
+                }
+            }
+        }
+        calls
     }
 
     /// A command connection, made lazily (a Redis down at start only shows as not ready), that
@@ -230,5 +259,32 @@ impl ConnectionLike for Conn {
             Self::Server(conn) => conn.get_db(),
             Self::Cluster(conn) => conn.get_db(),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Backend;
+
+    #[test]
+    fn a_script_call_takes_channels_of_one_slot_on_a_cluster_and_any_on_one_server() {
+        // `{a}` and `{b}` hash to different slots; the key around a tag does not matter.
+        let keys = [
+            "aw:{a}:meta",
+            "aw:{b}:meta",
+            "aw:{a}:log",
+            "x{a}",
+            "aw:{b}:log",
+        ];
+        let server = Backend::new("redis://127.0.0.1:1/", None).unwrap();
+        assert_eq!(
+            server.script_calls(keys.into_iter(), 2),
+            [vec![0, 1], vec![2, 3], vec![4]]
+        );
+        let cluster = Backend::new("redis+cluster://127.0.0.1:1,127.0.0.1:2", None).unwrap();
+        assert_eq!(
+            cluster.script_calls(keys.into_iter(), 2),
+            [vec![0, 2], vec![1, 4], vec![3]]
+        );
     }
 }

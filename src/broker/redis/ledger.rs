@@ -11,7 +11,7 @@ use std::time::SystemTime;
 use redis::{AsyncCommands, Cmd, FromRedisValue, Script, Value};
 
 use super::keys::{CHANNELS, DEADLETTERS, Keys, key, seq_of};
-use super::{RedisBroker, evalsha};
+use super::{PER_REPORT_CALL, RedisBroker, evalsha};
 use crate::broker::{BrokerError, now_ms};
 use crate::ledger::{
     ChannelReport, ChannelSummary, Counts, LedgerView, LostReason, LostReport, MAX_TOP, Ranked,
@@ -53,24 +53,36 @@ pub(super) fn counts_of(meta: &HashMap<String, String>) -> Counts {
 pub(crate) type ChannelEpoch = (ChannelName, Arc<str>);
 
 impl RedisBroker {
-    /// Records first deliveries, per channel and epoch, in one round trip (one per slot on a
-    /// Cluster); returns how many were new cluster-wide. Safe to send again: a seq counts once.
+    /// Records first deliveries, per channel and epoch: a script call per [`PER_REPORT_CALL`] channels
+    /// (of one slot on a Cluster), all in one round trip (one per slot on a Cluster); returns how
+    /// many were new cluster-wide. Safe to send again: a seq counts once.
     pub(crate) async fn delivered(
         &self,
         deliveries: &[(ChannelEpoch, Vec<u64>)],
     ) -> Result<u64, BrokerError> {
+        let keys: Vec<[String; 3]> = (deliveries.iter())
+            .map(|((name, _), _)| [key(name, "log"), key(name, "meta"), key(name, "delivered")])
+            .collect();
+        let groups =
+            (self.backend).script_calls(keys.iter().map(|k| k[1].as_str()), PER_REPORT_CALL);
         let calls = || {
-            deliveries
-                .iter()
-                .map(|((name, epoch), seqs)| {
-                    let keys = [key(name, "log"), key(name, "meta"), key(name, "delivered")];
-                    let mut call = evalsha(
-                        &self.scripts.deliver,
-                        &[&keys[0], &keys[1], &keys[2]],
-                        1 + seqs.len(),
-                        epoch.len() + 20 * seqs.len(),
-                    );
-                    call.arg(&**epoch).arg(seqs);
+            (groups.iter())
+                .map(|group| {
+                    let names: Vec<&str> = (group.iter())
+                        .flat_map(|&i| keys[i].iter().map(String::as_str))
+                        .collect();
+                    let (args, bytes) = group.iter().fold((0, 0), |(args, bytes), &i| {
+                        let ((_, epoch), seqs) = &deliveries[i];
+                        (
+                            args + 2 + seqs.len(),
+                            bytes + epoch.len() + 20 * (1 + seqs.len()),
+                        )
+                    });
+                    let mut call = evalsha(&self.scripts.deliver, &names, args, bytes);
+                    for &i in group {
+                        let ((_, epoch), seqs) = &deliveries[i];
+                        call.arg(&**epoch).arg(seqs.len()).arg(seqs);
+                    }
                     call
                 })
                 .collect()
@@ -120,14 +132,22 @@ impl RedisBroker {
         Ok(())
     }
 
-    /// Records cumulative acks, per channel and epoch, in one round trip (one per slot on a
-    /// Cluster). Safe to send again: an ack only moves forward.
+    /// Records cumulative acks, per channel and epoch, as deliveries are recorded. Safe to send again: an ack only moves forward.
     pub(crate) async fn acked(&self, acks: &[(ChannelEpoch, u64)]) -> Result<(), BrokerError> {
+        let keys: Vec<String> = (acks.iter())
+            .map(|((name, _), _)| key(name, "meta"))
+            .collect();
+        let groups = (self.backend).script_calls(keys.iter().map(String::as_str), PER_REPORT_CALL);
         let calls = || {
-            acks.iter()
-                .map(|((name, epoch), seq)| {
-                    let mut call = evalsha(&self.scripts.ack, &[&key(name, "meta")], 2, 40);
-                    call.arg(&**epoch).arg(seq);
+            (groups.iter())
+                .map(|group| {
+                    let names: Vec<&str> = group.iter().map(|&i| keys[i].as_str()).collect();
+                    let mut call =
+                        evalsha(&self.scripts.ack, &names, 2 * group.len(), 40 * group.len());
+                    for &i in group {
+                        let ((_, epoch), seq) = &acks[i];
+                        call.arg(&**epoch).arg(seq);
+                    }
                     call
                 })
                 .collect()

@@ -68,6 +68,7 @@ struct Scripts {
     renew: Script,
     deliver: Script,
     ack: Script,
+    seen: Script,
     sweep: Script,
     unindex: Script,
     register: Script,
@@ -92,6 +93,7 @@ impl Scripts {
             renew: Script::new(include_str!("renew.lua")),
             deliver: Script::new(include_str!("deliver.lua")),
             ack: Script::new(include_str!("ack.lua")),
+            seen: Script::new(include_str!("seen.lua")),
             sweep: Script::new(&with_trim(include_str!("sweep.lua"))),
             unindex: Script::new(include_str!("unindex.lua")),
             register: Script::new(include_str!("register.lua")),
@@ -258,6 +260,10 @@ impl RedisBroker {
         Ok(replies)
     }
 }
+
+/// Channels (or runs) one script call of the reports takes at most: a script blocks Redis while it
+/// runs.
+const PER_REPORT_CALL: usize = 100;
 
 /// A call of `script` with `keys`, as one command of a pipeline: `EVALSHA`, so the keys come after
 /// the hash and their count (where [`conn::Conn::each`] finds them). Room is made for `args`

@@ -7,8 +7,8 @@ use std::time::Duration;
 
 use redis::AsyncCommands;
 
-use super::RedisBroker;
 use super::keys::{REGISTERED, RUN_EXPIRY, RUN_TARGETS, run_seen_key};
+use super::{PER_REPORT_CALL, RedisBroker, evalsha};
 use crate::broker::{Activity, BrokerError, now_ms};
 use crate::protocol::run::RunTarget;
 
@@ -94,31 +94,48 @@ impl RedisBroker {
         Ok(value.as_deref().and_then(parse_target))
     }
 
+    /// Records what this replica last saw of `runs` (last publish ms, and whether it ended), for
+    /// other replicas' watchdogs: a script call per [`PER_REPORT_CALL`] runs (of one slot on a
+    /// Cluster), all in one round trip (one per slot on a Cluster).
     pub(crate) async fn runs_seen(
         &self,
         runs: &HashMap<String, (u64, bool)>,
     ) -> Result<(), BrokerError> {
         let ttl = self.run_seen_ttl.as_millis().max(1) as u64;
-        // One key per run: on a Cluster they are in many slots (see `Conn::each`).
-        let sets = runs
-            .iter()
+        let runs: Vec<(String, String)> = (runs.iter())
             .map(|(run_id, (ms, ended))| {
-                let mut digits = itoa::Buffer::new();
-                let ms = digits.format(*ms);
-                let key = run_seen_key(run_id);
-                // Five arguments, allocated once.
-                let mut set = redis::Cmd::with_capacity(5, key.len() + ms.len() + 32);
-                set.arg("SET").arg(key);
-                match ended {
-                    true => set.arg([b"end:", ms.as_bytes()].concat()),
-                    false => set.arg(ms),
+                let value = match ended {
+                    true => format!("end:{ms}"),
+                    false => ms.to_string(),
                 };
-                set.arg("PX").arg(ttl);
-                set
+                (run_seen_key(run_id), value)
             })
             .collect();
-        let _: Vec<redis::Value> = self.conn().each(sets).await?;
-        Ok(())
+        // One key per run: on a Cluster they are in many slots.
+        let groups =
+            (self.backend).script_calls(runs.iter().map(|(key, _)| key.as_str()), PER_REPORT_CALL);
+        let calls = || {
+            (groups.iter())
+                .map(|group| {
+                    let keys: Vec<&str> = group.iter().map(|&i| runs[i].0.as_str()).collect();
+                    let bytes = group.iter().map(|&i| runs[i].1.len()).sum::<usize>() + 20;
+                    let mut call = evalsha(&self.scripts.seen, &keys, 1 + group.len(), bytes);
+                    call.arg(ttl);
+                    for &i in group {
+                        call.arg(&runs[i].1);
+                    }
+                    call
+                })
+                .collect()
+        };
+        let replies = self.call_each(&self.scripts.seen, calls).await?;
+        match replies.into_iter().find_map(|reply| match reply {
+            redis::Value::ServerError(error) => Some(error),
+            _ => None,
+        }) {
+            Some(error) => Err(redis::RedisError::from(error).into()),
+            None => Ok(()),
+        }
     }
 
     /// What the replicas last saw of a run; `None` when nothing is recorded.

@@ -1,6 +1,6 @@
 //! Deliveries, acks and channel-index updates travel to Redis through one task per replica: a
-//! session never awaits Redis, many reports of a channel become one script call, and a publish
-//! does not pay a second round trip for the index.
+//! session never awaits Redis, the reports of a batch become one script call per hundred
+//! channels (per slot on a Cluster), and a publish does not pay a second round trip for the index.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -60,6 +60,11 @@ pub async fn run(
 ) {
     let mut batch = Vec::with_capacity(1024);
     let mut firsts = Vec::with_capacity(1024);
+    // Emptied by each batch and kept with their room for the next.
+    let mut delivered: HashMap<ChannelEpoch, Vec<u64>> = HashMap::new();
+    let mut acked: HashMap<ChannelEpoch, u64> = HashMap::new();
+    let mut published: HashMap<ChannelName, u64> = HashMap::new();
+    let mut runs: HashMap<String, (u64, bool)> = HashMap::new();
     loop {
         let stopping = tokio::select! {
             _ = stop.cancelled() => true,
@@ -82,7 +87,7 @@ pub async fn run(
             while queue.recv_many(&mut batch, 4096).await > 0 {}
             while deliveries.recv_many(&mut firsts, 4096).await > 0 {}
         } else {
-            // Reports wait a moment for more of their kind: a channel's deliveries become one
+            // Reports wait a moment for more of their kind: many channels' deliveries become one
             // script call instead of one per event.
             tokio::select! {
                 _ = stop.cancelled() => {}
@@ -100,12 +105,8 @@ pub async fn run(
                 firsts.push(delivered);
             }
         }
-        let mut delivered: HashMap<ChannelEpoch, Vec<u64>> = HashMap::new();
-        let mut acked: HashMap<ChannelEpoch, u64> = HashMap::new();
-        let mut published: HashMap<ChannelName, u64> = HashMap::new();
         let mut letters = Vec::new();
         let mut settled = Vec::new();
-        let mut runs: HashMap<String, (u64, bool)> = HashMap::new();
         for Delivered { feed, seq } in firsts.drain(..) {
             delivered
                 .entry((feed.channel.clone(), Arc::clone(&feed.epoch)))
@@ -131,22 +132,22 @@ pub async fn run(
             }
         }
         // Every channel's deliveries, then acks, in one round trip each (per slot on a Cluster).
-        let delivered: Vec<_> = delivered.into_iter().collect();
-        while !delivered.is_empty()
-            && let Err(error) = broker.delivered(&delivered).await
+        let deliveries: Vec<_> = delivered.drain().collect();
+        while !deliveries.is_empty()
+            && let Err(error) = broker.delivered(&deliveries).await
         {
             metrics.broker_errors.inc();
-            tracing::debug!(%error, channels = delivered.len(), "Cannot record deliveries yet; retrying.");
+            tracing::debug!(%error, channels = deliveries.len(), "Cannot record deliveries yet; retrying.");
             if stopping || retry_later(&stop).await {
                 break;
             }
         }
-        let acked: Vec<_> = acked.into_iter().collect();
-        while !acked.is_empty()
-            && let Err(error) = broker.acked(&acked).await
+        let acks: Vec<_> = acked.drain().collect();
+        while !acks.is_empty()
+            && let Err(error) = broker.acked(&acks).await
         {
             metrics.broker_errors.inc();
-            tracing::debug!(%error, channels = acked.len(), "Cannot record acks yet; retrying.");
+            tracing::debug!(%error, channels = acks.len(), "Cannot record acks yet; retrying.");
             if stopping || retry_later(&stop).await {
                 break;
             }
@@ -180,6 +181,7 @@ pub async fn run(
             metrics.broker_errors.inc();
             tracing::debug!(%error, "Cannot record run activity.");
         }
+        runs.clear();
         // The index only steers the age sweep: one attempt, no retry.
         if !published.is_empty()
             && let Err(error) = broker.index(&published).await
@@ -187,6 +189,7 @@ pub async fn run(
             metrics.broker_errors.inc();
             tracing::debug!(%error, "Cannot update the channel index.");
         }
+        published.clear();
         if stopping {
             return;
         }

@@ -8,6 +8,7 @@ use std::hash::{Hash, Hasher};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
+pub(crate) use channel::new_epoch;
 use channel::{Channel, ChannelState, Trimmed};
 use history::HistoryBytes;
 
@@ -394,6 +395,22 @@ mod tests {
             1024,
         )
         .unwrap()
+    }
+
+    #[test]
+    fn an_epoch_is_sixteen_hex_digits_of_a_random_number() {
+        let epochs: Vec<String> = (0..64).map(|_| new_epoch()).collect();
+        for epoch in &epochs {
+            assert_eq!(epoch.len(), 16, "{epoch}");
+            assert!(u64::from_str_radix(epoch, 16).is_ok(), "{epoch}");
+            assert_eq!(epoch, &epoch.to_ascii_lowercase());
+        }
+        // Every digit place takes more than one value: no digit is written from a fixed part.
+        for place in 0..16 {
+            let digits: std::collections::HashSet<u8> =
+                epochs.iter().map(|epoch| epoch.as_bytes()[place]).collect();
+            assert!(digits.len() > 1, "place {place}: {epochs:?}");
+        }
     }
 
     #[test]

@@ -10,9 +10,9 @@ use bytes::Bytes;
 use tokio::sync::{OnceCell, mpsc};
 
 use super::keys::{Entry, Keys, key, sequenced};
-use super::publish::new_epoch;
 use super::reports::Report;
 use super::{RedisBroker, live};
+use crate::broker::channels::new_epoch;
 use crate::broker::{AckError, BrokerError, Sequenced, Snapshot};
 use crate::fanout::{DroppedReport, Feed, Outbox, dropped_report};
 use crate::metrics::Metrics;

@@ -12,16 +12,12 @@ use redis::{Cmd, FromRedisValue, Value};
 use super::RedisBroker;
 use super::keys::Keys;
 use super::reports::Report;
+use crate::broker::channels::new_epoch;
 use crate::broker::{BrokerError, Outcome, Published, ToPublish, now_ms};
 use crate::ledger::LostReason;
 use crate::protocol::ChannelName;
 use crate::protocol::event::{Event, EventType};
 use crate::protocol::server;
-
-pub(super) fn new_epoch() -> String {
-    use rand::Rng;
-    format!("{:016x}", rand::rng().random::<u64>())
-}
 
 /// Events sequenced into one channel by one script call: the script blocks Redis while it runs,
 /// so a request's many events for one channel go in calls of at most this many, one after the

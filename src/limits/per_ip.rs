@@ -1,6 +1,7 @@
 //! How many of something each client address holds, and all addresses together, with caps.
 
 use std::collections::HashMap;
+use std::collections::hash_map::Entry;
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -99,10 +100,11 @@ impl PerIp {
 impl Drop for PerIpSlot {
     fn drop(&mut self) {
         let mut shard = self.held.shard(self.ip);
-        if let Some(count) = shard.get_mut(&self.ip) {
-            *count -= 1;
-            if *count == 0 {
-                shard.remove(&self.ip);
+        // One lookup: an address that gives back its last unit is removed through its entry.
+        if let Entry::Occupied(mut count) = shard.entry(self.ip) {
+            *count.get_mut() -= 1;
+            if *count.get() == 0 {
+                count.remove();
             }
         }
         drop(shard);

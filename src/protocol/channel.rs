@@ -1,6 +1,8 @@
 //! Channel names: `thread:<thread_id>` and `user:<user_id>`, the only two kinds of target.
 
+use std::borrow::Borrow;
 use std::fmt;
+use std::hash::{Hash, Hasher};
 use std::sync::Arc;
 
 /// Longest id (thread, user, run, event, tool call, connection) the gateway accepts, in bytes.
@@ -13,11 +15,33 @@ pub enum ChannelKind {
     User,
 }
 
-/// A channel name such as `thread:t_42`. Cheap to clone: the text is shared.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+/// A channel name such as `thread:t_42`. Cheap to clone: the text is shared. Equal, hashed and
+/// borrowed as its text (its kind follows from the text), so a map of channels can be read with a
+/// name as received, without making a `ChannelName` of it.
+#[derive(Debug, Clone)]
 pub struct ChannelName {
     full: Arc<str>,
     kind: ChannelKind,
+}
+
+impl PartialEq for ChannelName {
+    fn eq(&self, other: &Self) -> bool {
+        self.full == other.full
+    }
+}
+
+impl Eq for ChannelName {}
+
+impl Hash for ChannelName {
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        self.full.hash(state);
+    }
+}
+
+impl Borrow<str> for ChannelName {
+    fn borrow(&self) -> &str {
+        &self.full
+    }
 }
 
 impl ChannelName {

@@ -26,7 +26,8 @@ impl Channels {
 
     /// Redis mode: a live event from pub/sub. `false` when the mirror must read the stream again
     /// (a gap in seqs, or a new epoch) before it can go on.
-    pub fn apply(&self, name: &ChannelName, epoch: &str, event: Sequenced) -> bool {
+    /// `name` is the channel's name as text, as pub/sub gave it.
+    pub fn apply(&self, name: &str, epoch: &str, event: Sequenced) -> bool {
         let Some(channel) = self.existing(name) else {
             return true;
         };

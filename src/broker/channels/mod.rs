@@ -112,7 +112,8 @@ impl Channels {
         }
     }
 
-    fn shard(&self, name: &ChannelName) -> MutexGuard<'_, Shard> {
+    /// The shard of a channel, by its name or its name's text (both hash alike).
+    fn shard<Name: Hash + ?Sized>(&self, name: &Name) -> MutexGuard<'_, Shard> {
         let mut hasher = DefaultHasher::new();
         name.hash(&mut hasher);
         let index = (hasher.finish() as usize) % SHARDS;
@@ -129,7 +130,11 @@ impl Channels {
         )
     }
 
-    fn existing(&self, name: &ChannelName) -> Option<Arc<Channel>> {
+    fn existing<Name>(&self, name: &Name) -> Option<Arc<Channel>>
+    where
+        Name: Hash + Eq + ?Sized,
+        ChannelName: std::borrow::Borrow<Name>,
+    {
         self.shard(name).channels.get(name).cloned()
     }
 

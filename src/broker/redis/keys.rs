@@ -32,7 +32,12 @@ impl Keys {
 
     /// The channel a `:live` pub/sub name belongs to.
     pub fn channel_of_live(live: &str) -> Option<ChannelName> {
-        ChannelName::parse(live.strip_prefix("aw:{")?.strip_suffix("}:live")?)
+        ChannelName::parse(Self::name_of_live(live)?)
+    }
+
+    /// The text of that channel's name, not checked: for a lookup among the channels watched.
+    pub fn name_of_live(live: &str) -> Option<&str> {
+        live.strip_prefix("aw:{")?.strip_suffix("}:live")
     }
 }
 

@@ -404,8 +404,9 @@ async fn serve(
                                 _ = announce.send(registered) => {}
                             }
                         }
-                    } else if let Some(name) = Keys::channel_of_live(&channel)
-                        && !broker.apply_live(&name, &payload)
+                    } else if let Some(name) = Keys::name_of_live(&channel)
+                        && !broker.apply_live(name, &payload)
+                        && let Some(name) = ChannelName::parse(name)
                     {
                         link.resync(broker, &name, "a gap").await;
                     }

@@ -252,7 +252,7 @@ impl RedisBroker {
     }
 
     /// Applies one live pub/sub message to the mirror; `false` when the stream must be read.
-    pub(crate) fn apply_live(&self, name: &ChannelName, payload: &Bytes) -> bool {
+    pub(crate) fn apply_live(&self, name: &str, payload: &Bytes) -> bool {
         let Some((epoch, event)) = parse_live(payload) else {
             tracing::warn!(channel = %name, "Ignored a malformed live message.");
             return true;

@@ -77,12 +77,12 @@ impl Backend {
         most: usize,
     ) -> Vec<Vec<usize>> {
         let mut calls: Vec<Vec<usize>> = Vec::new();
-        // The call still filling for each slot (one slot stands for all on one server).
-        let mut open: HashMap<Slot, usize> = HashMap::new();
+        // The call still filling for each slot (`None`: one server, where any keys go together).
+        let mut open: HashMap<Option<Slot>, usize> = HashMap::new();
         for (i, key) in keys.enumerate() {
             let slot = match self {
-                Self::Server(_) => Slot::for_key(""),
-                Self::Cluster { .. } => Slot::for_key(key),
+                Self::Server(_) => None,
+                Self::Cluster { .. } => Some(Slot::for_key(key)),
             };
             match open.get(&slot) {
                 Some(&call) if calls[call].len() < most => calls[call].push(i),

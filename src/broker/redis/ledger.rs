@@ -63,8 +63,9 @@ impl RedisBroker {
         let keys: Vec<[String; 3]> = (deliveries.iter())
             .map(|((name, _), _)| [key(name, "log"), key(name, "meta"), key(name, "delivered")])
             .collect();
-        let groups =
-            (self.backend).script_calls(keys.iter().map(|k| k[1].as_str()), PER_REPORT_CALL);
+        let groups = self
+            .backend
+            .script_calls(keys.iter().map(|k| k[1].as_str()), PER_REPORT_CALL);
         let calls = || {
             (groups.iter())
                 .map(|group| {
@@ -132,12 +133,15 @@ impl RedisBroker {
         Ok(())
     }
 
-    /// Records cumulative acks, per channel and epoch, as deliveries are recorded. Safe to send again: an ack only moves forward.
+    /// Records cumulative acks, per channel and epoch, in calls as [`Self::delivered`] makes
+    /// them. Safe to send again: an ack only moves forward.
     pub(crate) async fn acked(&self, acks: &[(ChannelEpoch, u64)]) -> Result<(), BrokerError> {
         let keys: Vec<String> = (acks.iter())
             .map(|((name, _), _)| key(name, "meta"))
             .collect();
-        let groups = (self.backend).script_calls(keys.iter().map(String::as_str), PER_REPORT_CALL);
+        let groups = self
+            .backend
+            .script_calls(keys.iter().map(String::as_str), PER_REPORT_CALL);
         let calls = || {
             (groups.iter())
                 .map(|group| {

@@ -45,10 +45,15 @@ impl<'a> ChannelPublish<'a> {
 
     /// The events of call `round`, if it has them and nothing stopped it.
     fn chunk(&self, round: usize) -> Option<&[(&'a Event, Option<&'a str>)]> {
-        let from = round * PER_CALL;
-        (self.error.is_none() && from < self.events.len())
-            .then(|| &self.events[from..self.events.len().min(from + PER_CALL)])
+        let events = round_of(&self.events, round);
+        (self.error.is_none() && !events.is_empty()).then_some(events)
     }
+}
+
+/// The events of call `round` among `events` (none past the last call).
+fn round_of<T>(events: &[T], round: usize) -> &[T] {
+    let from = (round * PER_CALL).min(events.len());
+    &events[from..events.len().min(from + PER_CALL)]
 }
 
 impl RedisBroker {
@@ -222,8 +227,7 @@ impl RedisBroker {
         let (epoch, unseen, subscribed, seqs) =
             <(String, u64, u64, Vec<u64>)>::from_redis_value(reply)
                 .map_err(redis::RedisError::from)?;
-        let from = round * PER_CALL;
-        let events = &channel.events[from..channel.events.len().min(from + PER_CALL)];
+        let events = round_of(&channel.events, round);
         if seqs.len() != events.len() {
             return Err(BrokerError::Internal(format!(
                 "the publish script answered {} seqs for {} events",
@@ -243,7 +247,8 @@ impl RedisBroker {
             // (Redis Cluster slots). One report, batched by the report task. Waits for room: a
             // dropped one would let another replica call this run stalled. (The queue closes
             // only at shutdown, after ingest has stopped.)
-            let _ = (self.reports)
+            let _ = self
+                .reports
                 .send(Report::Published {
                     channel: channel.name.clone(),
                     ms: now,

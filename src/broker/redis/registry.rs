@@ -112,8 +112,9 @@ impl RedisBroker {
             })
             .collect();
         // One key per run: on a Cluster they are in many slots.
-        let groups =
-            (self.backend).script_calls(runs.iter().map(|(key, _)| key.as_str()), PER_REPORT_CALL);
+        let groups = self
+            .backend
+            .script_calls(runs.iter().map(|(key, _)| key.as_str()), PER_REPORT_CALL);
         let calls = || {
             (groups.iter())
                 .map(|group| {

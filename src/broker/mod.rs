@@ -397,10 +397,8 @@ impl Broker {
                 Ok(())
             }
             Self::Redis(redis) => {
-                let letter = RedisBroker::letter(run_id, why, event.json(), None);
-                redis
-                    .store_dead_letters(std::slice::from_ref(&letter), metrics)
-                    .await
+                let mut letter = vec![RedisBroker::letter(run_id, why, event.json(), None)];
+                redis.store_dead_letters(&mut letter, metrics).await
             }
         }
     }

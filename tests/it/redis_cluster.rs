@@ -131,6 +131,93 @@ async fn two_replicas_on_a_cluster_share_channels_of_every_shard() {
 }
 
 #[tokio::test]
+async fn a_request_across_shards_is_answered_shard_by_shard_when_one_master_stops_answering() {
+    let cluster = RedisCluster::start(3, 0).await;
+    let threads = a_thread_per_master(&cluster).await;
+    let gateway = on_cluster(&cluster).await;
+    let mut viewers = Vec::new();
+    for (thread, _) in &threads {
+        let mut viewer = Client::hello(gateway.addr, &format!("v_{thread}")).await;
+        viewer.subscribe(thread, None).await;
+        viewers.push(viewer);
+    }
+
+    // The second thread's master takes no writes for longer than the gateway waits for an
+    // answer; it still answers PING, so the gateway stays up and sends the request's calls.
+    let paused = threads[1].1;
+    let () = redis::cmd("CLIENT")
+        .arg("PAUSE")
+        .arg(6_000)
+        .arg("WRITE")
+        .query_async(&mut cluster.node(paused).await)
+        .await
+        .unwrap();
+    let events: Vec<Value> = threads.iter().map(|(t, _)| thinking(t, 1)).collect();
+    let (status, answer) = gateway
+        .post("/v1/events", &Value::from(events.clone()).to_string())
+        .await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{answer}");
+    let results = &answer["results"];
+    for i in [0, 2] {
+        assert_eq!(
+            (&results[i]["status"], &results[i]["seq"]),
+            (&json!("accepted"), &json!(1)),
+            "the other shards' events were sequenced and say so: {answer}"
+        );
+    }
+    assert_eq!(results[1]["status"], "unavailable", "{answer}");
+    for i in [0, 2] {
+        let event = viewers[i].recv().await;
+        assert_eq!(
+            (&event["type"], &event["seq"]),
+            (&json!("agent_thinking"), &json!(1)),
+            "{event}"
+        );
+    }
+
+    // The paused master may still run the call it held once it takes writes again (the gateway
+    // cannot know): the producer's retry with the same event_ids is answered duplicate there, and
+    // nothing is shown twice.
+    let () = redis::cmd("CLIENT")
+        .arg("UNPAUSE")
+        .query_async(&mut cluster.node(paused).await)
+        .await
+        .unwrap();
+    let body = Value::from(events).to_string();
+    let again = eventually(
+        "the retry is taken once the master answers",
+        async || match gateway.post("/v1/events", &body).await {
+            (StatusCode::OK, again) => Ok(again),
+            (_, again) => Err(again.to_string()),
+        },
+    )
+    .await;
+    for i in [0, 2] {
+        assert_eq!(again["results"][i]["status"], "duplicate", "{again}");
+    }
+    let status = &again["results"][1]["status"];
+    assert!(status == "accepted" || status == "duplicate", "{again}");
+    let event = viewers[1].recv().await;
+    assert_eq!(
+        (&event["type"], &event["seq"]),
+        (&json!("agent_thinking"), &json!(1)),
+        "{event}"
+    );
+    for viewer in &mut viewers {
+        viewer.silent_for(Duration::from_millis(300)).await;
+    }
+    for (thread, _) in &threads {
+        let channel = format!("thread:{thread}");
+        let ledger = ledger_until(&gateway, &channel, |l| l["delivered"] == 1).await;
+        assert_eq!(
+            (&ledger["emitted"], &ledger["balanced"]),
+            (&json!(1), &json!(true)),
+            "{ledger}"
+        );
+    }
+}
+
+#[tokio::test]
 async fn registrations_dead_letters_and_the_ingest_stream_span_the_shards() {
     let cluster = RedisCluster::start(3, 0).await;
     let (a, b) = (on_cluster(&cluster).await, on_cluster(&cluster).await);

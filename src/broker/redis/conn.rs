@@ -9,12 +9,12 @@
 use std::collections::HashMap;
 use std::time::Duration;
 
-use futures_util::{StreamExt, TryStreamExt, stream};
+use futures_util::{StreamExt, stream};
 use redis::aio::{ConnectionLike, ConnectionManager};
 use redis::cluster::{ClusterClient, ClusterClientBuilder, ClusterConfig};
 use redis::cluster_async::ClusterConnection;
 use redis::cluster_routing::Slot;
-use redis::{Arg, Cmd, FromRedisValue, Pipeline, RedisFuture, RedisResult, Value};
+use redis::{Arg, Cmd, FromRedisValue, Pipeline, RedisError, RedisFuture, RedisResult, Value};
 
 /// Commands of [`Conn::each`] in flight at once, in Cluster mode.
 const IN_FLIGHT: usize = 64;
@@ -165,20 +165,18 @@ impl Conn {
         &mut self,
         commands: Vec<Cmd>,
     ) -> RedisResult<Vec<T>> {
-        self.each_reply(commands)
-            .await?
-            .into_iter()
-            .map(|value| match value {
-                Value::ServerError(error) => Err(error.into()),
-                value => T::from_redis_value(value).map_err(Into::into),
-            })
+        (self.each_reply(commands).await.into_iter())
+            .map(|reply| reply.and_then(|value| T::from_redis_value(value).map_err(Into::into)))
             .collect()
     }
 
-    /// [`Self::each`], with each command's error among the replies (`Value::ServerError`), so a
-    /// caller learns which commands ran: one pipeline on one server; on a Cluster one pipeline
-    /// per slot (a pipeline must stay in one slot), in order within it, a few slots at a time.
-    pub(crate) async fn each_reply(&mut self, commands: Vec<Cmd>) -> RedisResult<Vec<Value>> {
+    /// [`Self::each`], with each command's own result, so a caller learns which commands ran:
+    /// one pipeline on one server; on a Cluster one pipeline per slot (a pipeline must stay in one
+    /// slot), in order within it, a few slots at a time. A command's error is its own (a server
+    /// error) or its pipeline's (the link failed): on a Cluster a slot whose node failed fails its
+    /// commands only, and the other slots' replies stand.
+    pub(crate) async fn each_reply(&mut self, commands: Vec<Cmd>) -> Vec<RedisResult<Value>> {
+        let count = commands.len();
         let conn = match self {
             Self::Server(conn) => {
                 let mut pipe = redis::pipe();
@@ -186,11 +184,10 @@ impl Conn {
                 for command in commands {
                     pipe.add_command(command);
                 }
-                return pipe.query_async(conn).await;
+                return replies_of(pipe.query_async(conn).await, count);
             }
             Self::Cluster(conn) => conn,
         };
-        let count = commands.len();
         let mut slots: Vec<(Slot, Vec<usize>, Pipeline)> = Vec::new();
         for (i, command) in commands.into_iter().enumerate() {
             let key_at = match command.args_iter().next() {
@@ -213,25 +210,50 @@ impl Conn {
             slots[at].1.push(i);
             slots[at].2.add_command(command);
         }
-        let replies: Vec<(Vec<usize>, Vec<Value>)> = stream::iter(slots)
+        let mut ordered: Vec<RedisResult<Value>> = (0..count).map(|_| Err(unanswered())).collect();
+        let mut replies = stream::iter(slots)
             .map(|(_, indices, pipe)| {
                 let mut conn = conn.clone();
                 async move {
-                    let values: Vec<Value> = pipe.query_async(&mut conn).await?;
-                    Ok::<_, redis::RedisError>((indices, values))
+                    let replies = replies_of(pipe.query_async(&mut conn).await, indices.len());
+                    (indices, replies)
                 }
             })
-            .buffer_unordered(IN_FLIGHT)
-            .try_collect()
-            .await?;
-        let mut ordered = vec![Value::Nil; count];
-        for (indices, values) in replies {
-            for (i, value) in indices.into_iter().zip(values) {
-                ordered[i] = value;
+            .buffer_unordered(IN_FLIGHT);
+        while let Some((indices, replies)) = replies.next().await {
+            for (i, reply) in indices.into_iter().zip(replies) {
+                ordered[i] = reply;
             }
         }
-        Ok(ordered)
+        ordered
     }
+}
+
+/// The `count` results of one pipeline's commands: each reply, a server error as its command's
+/// error; the pipeline's own error (the link failed: which of its commands ran is unknown) as
+/// every command's.
+fn replies_of(pipeline: RedisResult<Vec<Value>>, count: usize) -> Vec<RedisResult<Value>> {
+    match pipeline {
+        Ok(values) => {
+            let mut replies: Vec<RedisResult<Value>> = (values.into_iter())
+                .map(|value| match value {
+                    Value::ServerError(error) => Err(error.into()),
+                    value => Ok(value),
+                })
+                .collect();
+            replies.resize_with(count, || Err(unanswered()));
+            replies
+        }
+        Err(error) => vec![Err(error); count],
+    }
+}
+
+/// A command a pipeline's answer left out (a reply of the wrong shape: ours to look at).
+fn unanswered() -> RedisError {
+    RedisError::from((
+        redis::ErrorKind::UnexpectedReturnType,
+        "a command of a pipeline got no reply",
+    ))
 }
 
 impl ConnectionLike for Conn {

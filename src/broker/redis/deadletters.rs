@@ -53,14 +53,15 @@ impl RedisBroker {
     }
 
     /// Writes dead letters, and counts each run id in `agentwire_unresolved_run_ids_total` once an
-    /// hour across replicas (`aw:unresolved:{run}`, set only by the first).
+    /// hour across replicas (`aw:unresolved:{run}`, set only by the first). The letters stored
+    /// leave `letters`; on an error those left are for a retry.
     pub(crate) async fn store_dead_letters(
         &self,
-        letters: &[reports::DeadLetter],
+        letters: &mut Vec<reports::DeadLetter>,
         metrics: &Metrics,
     ) -> Result<(), BrokerError> {
         let mut commands = Vec::with_capacity(letters.len() * 2);
-        for letter in letters {
+        for letter in letters.iter() {
             let mut add = redis::cmd("XADD");
             add.arg(DEADLETTERS)
                 .arg("MAXLEN")
@@ -92,15 +93,34 @@ impl RedisBroker {
                 .arg(3_600_000);
             commands.push(claim);
         }
-        // One pipeline on one server; on a Cluster the claims are in many slots (`Conn::each`).
-        let replies: Vec<redis::Value> = self.conn().each(commands).await?;
-        let first = &replies[letters.len().min(replies.len())..];
-        let new_runs = first
-            .iter()
-            .filter(|set| !matches!(set, redis::Value::Nil))
-            .count();
-        metrics.unresolved_run_ids.inc_by(new_runs as u64);
-        Ok(())
+        // One pipeline on one server; on a Cluster the claims are in many slots, each its own
+        // pipeline that may fail alone (`Conn::each_reply`).
+        let mut replies = self.conn().each_reply(commands).await.into_iter();
+        let mut failed = None;
+        let mut stored = Vec::with_capacity(letters.len());
+        for reply in replies.by_ref().take(letters.len()) {
+            stored.push(reply.map_err(|error| failed = Some(error)).is_ok());
+        }
+        let mut new_runs = 0;
+        for claim in replies {
+            match claim {
+                Ok(redis::Value::Nil) => {}
+                Ok(_) => new_runs += 1,
+                // The run's letters are kept; only this count misses it.
+                Err(error) => {
+                    metrics.broker_errors.inc();
+                    tracing::debug!(%error, "Cannot count an unresolved run id.");
+                }
+            }
+        }
+        metrics.unresolved_run_ids.inc_by(new_runs);
+        // A letter stored is not sent again (it would be kept twice).
+        let mut stored = stored.into_iter();
+        letters.retain(|_| !stored.next().unwrap_or(false));
+        match failed {
+            Some(error) => Err(error.into()),
+            None => Ok(()),
+        }
     }
 
     /// The shared dead letters, oldest first (at most `deadletter.capacity`).

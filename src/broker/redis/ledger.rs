@@ -101,15 +101,11 @@ impl RedisBroker {
         calls: impl Fn() -> Vec<Cmd>,
         counter: &AtomicU64,
     ) -> Result<u64, BrokerError> {
-        let replies = self.call_each(script, calls).await?;
         let (mut sum, mut failed) = (0, None);
-        for reply in replies {
-            match reply {
-                Value::ServerError(error) => failed = Some(redis::RedisError::from(error)),
-                reply => match u64::from_redis_value(reply) {
-                    Ok(count) => sum += count,
-                    Err(error) => failed = Some(error.into()),
-                },
+        for reply in self.call_each(script, calls).await {
+            match reply.and_then(|reply| u64::from_redis_value(reply).map_err(Into::into)) {
+                Ok(count) => sum += count,
+                Err(error) => failed = Some(error),
             }
         }
         counter.fetch_add(sum, Ordering::Relaxed);

@@ -35,12 +35,11 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use crate::broker::BrokerError;
 use crate::broker::views::Views;
 use conn::{Backend, Conn};
 use ledger::Counters;
 use mirror::Attachment;
-use redis::{Cmd, Script, ServerErrorKind, Value};
+use redis::{Cmd, ErrorKind, RedisError, RedisResult, Script, ServerErrorKind, Value};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -223,42 +222,46 @@ impl RedisBroker {
     }
 
     /// Sends `calls` (of `script`, made by [`evalsha`]) in one round trip (one per slot on a
-    /// Cluster) and returns each call's reply, a call's error among them (`Value::ServerError`).
-    /// A server without the script (restarted, or a replica just promoted: the script cache is not
-    /// replicated) answers `NOSCRIPT` to its calls: the script is loaded and those calls alone sent
-    /// again, as the redis crate does for one call.
+    /// Cluster) and returns each call's own result ([`Conn::each_reply`]). A server without the
+    /// script (restarted, or a replica just promoted: the script cache is not replicated) answers
+    /// `NOSCRIPT` to its calls: the script is loaded and those calls alone sent again, as the redis
+    /// crate does for one call.
     async fn call_each(
         &self,
         script: &Script,
         calls: impl Fn() -> Vec<Cmd>,
-    ) -> Result<Vec<Value>, BrokerError> {
+    ) -> Vec<RedisResult<Value>> {
         let mut conn = self.conn();
-        let mut replies = conn.each_reply(calls()).await?;
-        let lacking: Vec<bool> = replies
-            .iter()
-            .map(|reply| {
-                matches!(reply, Value::ServerError(error)
-                    if error.kind() == Some(ServerErrorKind::NoScript))
-            })
+        let mut replies = conn.each_reply(calls()).await;
+        let lacking: Vec<bool> = (replies.iter())
+            .map(|reply| matches!(reply, Err(error) if is_noscript(error)))
             .collect();
-        if lacking.contains(&true) {
-            script.prepare_invoke().load_async(&mut conn).await?;
-            let again = calls()
-                .into_iter()
-                .zip(&lacking)
-                .filter(|(_, lacking)| **lacking)
-                .map(|(call, _)| call)
-                .collect();
-            let slots = replies
-                .iter_mut()
-                .zip(&lacking)
-                .filter(|(_, lacking)| **lacking);
-            for ((slot, _), reply) in slots.zip(conn.each_reply(again).await?) {
-                *slot = reply;
-            }
+        if !lacking.contains(&true) {
+            return replies;
         }
-        Ok(replies)
+        // On a Cluster the script goes to every master, and one that does not answer fails the
+        // load although the others took it: the calls are sent again either way, and a call still
+        // refused for the script gets the load's error.
+        let loaded = script.prepare_invoke().load_async(&mut conn).await;
+        let calls = calls().into_iter().zip(&lacking);
+        let again = calls.filter(|(_, lacking)| **lacking).map(|(call, _)| call);
+        let again = conn.each_reply(again.collect()).await;
+        let refused = replies
+            .iter_mut()
+            .zip(&lacking)
+            .filter(|(_, lacking)| **lacking);
+        for ((reply, _), answer) in refused.zip(again) {
+            *reply = match (answer, &loaded) {
+                (Err(error), Err(load)) if is_noscript(&error) => Err(load.clone()),
+                (answer, _) => answer,
+            };
+        }
+        replies
     }
+}
+
+fn is_noscript(error: &RedisError) -> bool {
+    error.kind() == ErrorKind::Server(ServerErrorKind::NoScript)
 }
 
 /// Channels (or runs) one script call of the reports takes at most: a script blocks Redis while it

@@ -134,21 +134,14 @@ impl RedisBroker {
                     })
                     .collect()
             };
-            let mut replies = self
-                .call_each(&self.scripts.publish, calls)
-                .await
-                .map(Vec::into_iter);
-            for &c in &calling {
-                let reply = match &mut replies {
-                    Ok(replies) => replies.next().ok_or_else(|| {
-                        BrokerError::Internal("a publish call got no answer".into())
-                    }),
-                    Err(error) => Err(error.clone()),
-                };
+            // Each call answers for its channel alone: on a Cluster a slot whose node failed
+            // fails its channels, and the channels of the other slots were sequenced.
+            let replies = self.call_each(&self.scripts.publish, calls).await;
+            for (&c, reply) in calling.iter().zip(replies) {
                 let channel = &mut channels[c];
                 let answered = match reply {
                     Ok(reply) => self.sequenced(channel, round, now, reply).await,
-                    Err(error) => Err(error),
+                    Err(error) => Err(error.into()),
                 };
                 if let Err(error) = answered {
                     channel.error = Some(error);
@@ -221,9 +214,6 @@ impl RedisBroker {
         now: u64,
         reply: Value,
     ) -> Result<(), BrokerError> {
-        if let Value::ServerError(error) = reply {
-            return Err(redis::RedisError::from(error).into());
-        }
         let (epoch, unseen, subscribed, seqs) =
             <(String, u64, u64, Vec<u64>)>::from_redis_value(reply)
                 .map_err(redis::RedisError::from)?;

@@ -129,12 +129,9 @@ impl RedisBroker {
                 })
                 .collect()
         };
-        let replies = self.call_each(&self.scripts.seen, calls).await?;
-        match replies.into_iter().find_map(|reply| match reply {
-            redis::Value::ServerError(error) => Some(error),
-            _ => None,
-        }) {
-            Some(error) => Err(redis::RedisError::from(error).into()),
+        let replies = self.call_each(&self.scripts.seen, calls).await;
+        match replies.into_iter().find_map(Result::err) {
+            Some(error) => Err(error.into()),
             None => Ok(()),
         }
     }

@@ -153,7 +153,7 @@ pub async fn run(
             }
         }
         while !letters.is_empty()
-            && let Err(error) = broker.store_dead_letters(&letters, metrics).await
+            && let Err(error) = broker.store_dead_letters(&mut letters, metrics).await
         {
             metrics.broker_errors.inc();
             tracing::warn!(%error, letters = letters.len(), "Cannot store dead letters in Redis yet; retrying.");

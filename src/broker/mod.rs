@@ -397,8 +397,8 @@ impl Broker {
                 Ok(())
             }
             Self::Redis(redis) => {
-                let mut letter = vec![RedisBroker::letter(run_id, why, event.json(), None)];
-                redis.store_dead_letters(&mut letter, metrics).await
+                let mut letters = vec![RedisBroker::letter(run_id, why, event.json(), None)];
+                redis.store_dead_letters(&mut letters, metrics).await
             }
         }
     }

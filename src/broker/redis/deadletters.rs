@@ -99,7 +99,13 @@ impl RedisBroker {
         let mut failed = None;
         let mut stored = Vec::with_capacity(letters.len());
         for reply in replies.by_ref().take(letters.len()) {
-            stored.push(reply.map_err(|error| failed = Some(error)).is_ok());
+            match reply {
+                Ok(_) => stored.push(true),
+                Err(error) => {
+                    failed = Some(error);
+                    stored.push(false);
+                }
+            }
         }
         let mut new_runs = 0;
         for claim in replies {

@@ -47,6 +47,8 @@ fn is_unavailable(error: &RedisError) -> bool {
                         | ServerErrorKind::ClusterDown
                         | ServerErrorKind::MasterDown
                         | ServerErrorKind::ReadOnly
+                        // Still refused after the script was loaded: a failover in between.
+                        | ServerErrorKind::NoScript
                         | ServerErrorKind::Moved
                         | ServerErrorKind::Ask
                 )

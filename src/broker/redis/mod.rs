@@ -233,13 +233,13 @@ impl RedisBroker {
     ) -> Vec<RedisResult<Value>> {
         let mut conn = self.conn();
         let mut replies = conn.each_reply(calls()).await;
-        let lacking: Vec<bool> = (replies.iter())
-            .map(|reply| matches!(reply, Err(error) if is_noscript(error)))
-            .collect();
-        if !lacking.contains(&true) {
+        let refused =
+            |reply: &RedisResult<Value>| matches!(reply, Err(error) if is_noscript(error));
+        if !replies.iter().any(refused) {
             return replies;
         }
-        // On a Cluster the script goes to every master, and one that does not answer fails the
+        let lacking: Vec<bool> = replies.iter().map(refused).collect();
+        // On a Cluster the script goes to every node, and one that does not answer fails the
         // load although the others took it: the calls are sent again either way, and a call still
         // refused for the script gets the load's error.
         let loaded = script.prepare_invoke().load_async(&mut conn).await;

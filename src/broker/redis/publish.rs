@@ -29,7 +29,8 @@ struct ChannelPublish<'a> {
     name: &'a ChannelName,
     events: Vec<(&'a Event, Option<&'a str>)>,
     outcomes: Vec<Outcome>,
-    /// What stopped the channel's calls: none of its events from there on was sequenced.
+    /// What stopped the channel's calls: none of its events from there on was answered sequenced
+    /// (a call whose answer timed out may still have run: see `event_id`).
     error: Option<BrokerError>,
 }
 
@@ -59,7 +60,7 @@ fn round_of<T>(events: &[T], round: usize) -> &[T] {
 impl RedisBroker {
     /// Sequences `events` into `name`, in their order: one script call per [`PER_CALL`] events.
     /// The outcomes of the events sequenced, in order, and the error that stopped the rest (none
-    /// of them was sequenced). `entry` is the ingest stream entry id an event came from.
+    /// of them was answered sequenced). `entry` is the ingest stream entry id an event came from.
     pub async fn publish(
         &self,
         name: &ChannelName,

@@ -164,8 +164,10 @@ pub async fn run(
                 break;
             }
         }
-        // After the letters: a held event leaves the journal only once its letter is kept.
-        while !settled.is_empty()
+        // After the letters: a held event leaves the journal only once its letter is kept (at
+        // shutdown, with letters left unstored, the journal keeps them all for another replica).
+        while letters.is_empty()
+            && !settled.is_empty()
             && let Err(error) = broker.settled(&settled).await
         {
             metrics.broker_errors.inc();

@@ -185,18 +185,17 @@ async fn faults_idle_connections_then_sigterm() {
     } = scale();
     let mut cluster = Cluster::start(1, &[], REPLICA_ENV).await;
     let (public, _) = cluster.doors.pick().expect("a replica");
-    let mut clients = Vec::with_capacity(idle_connections);
+    // Each connection is read from its hello on, as a browser does. Left unread while the others
+    // connect (tens of seconds), a connection holds pings (one each `session.heartbeat`) ahead of
+    // its close frame; read late, each ping makes the client library write a pong, and one written
+    // after the gateway let the socket go (a second after its close frame) fails with a broken
+    // pipe, which the library returns instead of the close frame it already holds (1006).
+    let mut reads = Vec::with_capacity(idle_connections);
     for c in 0..idle_connections {
-        clients.push(
-            Client::hello(public, &format!("idle{c}"))
-                .await
-                .into_inner(),
-        );
-    }
-    let started = Instant::now();
-    let closes = tokio::spawn(async move {
-        let mut codes = std::collections::BTreeMap::<u16, usize>::new();
-        let reads = clients.into_iter().map(|mut ws| async move {
+        let mut ws = Client::hello(public, &format!("idle{c}"))
+            .await
+            .into_inner();
+        reads.push(tokio::spawn(async move {
             loop {
                 match ws.next().await {
                     Some(Ok(Message::Close(frame))) => {
@@ -206,9 +205,13 @@ async fn faults_idle_connections_then_sigterm() {
                     _ => return 1006,
                 }
             }
-        });
+        }));
+    }
+    let started = Instant::now();
+    let closes = tokio::spawn(async move {
+        let mut codes = std::collections::BTreeMap::<u16, usize>::new();
         for code in futures_util::future::join_all(reads).await {
-            *codes.entry(code).or_default() += 1;
+            *codes.entry(code.expect("a reader")).or_default() += 1;
         }
         codes
     });

@@ -409,7 +409,7 @@ impl Metrics {
             deadletters_dropped: counter(
                 r,
                 "agentwire_deadletters_dropped_total",
-                "Dead letters dropped, oldest first, because the kept ones reached deadletter.capacity or deadletter.max_bytes (embedded broker).",
+                "Dead letters dropped, oldest first, because the kept ones reached deadletter.capacity or deadletter.max_bytes (embedded broker), or trimmed from the shared stream past deadletter.capacity (Redis).",
             ),
             pending_resolution_bytes: gauge(
                 r,

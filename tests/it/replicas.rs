@@ -936,6 +936,44 @@ async fn dead_letters_are_shared_and_a_redrive_on_any_replica_delivers_them_once
 }
 
 #[tokio::test]
+async fn dead_letters_past_the_capacity_are_trimmed_oldest_first_and_counted() {
+    let redis = Redis::start().await;
+    let gateway = on_redis(&redis, |c| {
+        c.resolve.grace = Duration::from_millis(200);
+        c.deadletter.capacity = 3;
+    })
+    .await;
+    // One at a time, so the letters are written in this order (one expiry's are in any order).
+    for n in 1..=5 {
+        let lost = json!({"type": "agent_thinking", "run_id": format!("r_gone{n}"), "payload": {}});
+        let answer = gateway.publish(&[lost]).await;
+        assert_eq!(answer["results"][0]["status"], "pending_resolution");
+        eventually("the letter written", async || {
+            let (_, letters) = gateway.get("/v1/deadletter").await;
+            let runs = letters["events"].as_array().cloned().unwrap_or_default();
+            match runs.iter().any(|l| l["run_id"] == format!("r_gone{n}")) {
+                true => Ok(()),
+                false => Err(letters.to_string()),
+            }
+        })
+        .await;
+    }
+    let letters = eventually("five letters written, three kept", async || {
+        let dropped = gateway.metric("agentwire_deadletters_dropped_total").await;
+        let (_, letters) = gateway.get("/v1/deadletter").await;
+        match (dropped, &letters["count"]) {
+            (2.0, count) if count == 3 => Ok(letters),
+            _ => Err(format!("dropped {dropped}: {letters}")),
+        }
+    })
+    .await;
+    let runs: Vec<&str> = (letters["events"].as_array().unwrap().iter())
+        .map(|letter| letter["run_id"].as_str().unwrap())
+        .collect();
+    assert_eq!(runs, ["r_gone3", "r_gone4", "r_gone5"], "{letters}");
+}
+
+#[tokio::test]
 async fn a_run_that_goes_on_or_ends_through_another_replica_is_not_called_stalled() {
     let redis = Redis::start().await;
     let quick = |c: &mut Config| {

@@ -52,9 +52,11 @@ impl RedisBroker {
         }
     }
 
-    /// Writes dead letters, and counts each run id in `agentwire_unresolved_run_ids_total` once an
-    /// hour across replicas (`aw:unresolved:{run}`, set only by the first). The letters stored
-    /// leave `letters`; on an error those left are for a retry.
+    /// Writes dead letters, trims the stream to `deadletter.capacity` (what the trim removes is
+    /// counted in `agentwire_deadletters_dropped_total`), and counts each run id in
+    /// `agentwire_unresolved_run_ids_total` once an hour across replicas (`aw:unresolved:{run}`,
+    /// set only by the first). The letters stored leave `letters`; on an error those left are for
+    /// a retry.
     pub(crate) async fn store_dead_letters(
         &self,
         letters: &mut Vec<reports::DeadLetter>,
@@ -64,8 +66,6 @@ impl RedisBroker {
         for letter in letters.iter() {
             let mut add = redis::cmd("XADD");
             add.arg(DEADLETTERS)
-                .arg("MAXLEN")
-                .arg(self.deadletter_capacity)
                 .arg("*")
                 .arg("run_id")
                 .arg(&letter.run_id)
@@ -80,6 +80,13 @@ impl RedisBroker {
             }
             commands.push(add);
         }
+        // Apart from the adds, because `XTRIM` says how many it removed (`XADD … MAXLEN` does
+        // not): the oldest letters pushed out are counted, as the embedded broker counts them.
+        let mut trim = redis::cmd("XTRIM");
+        trim.arg(DEADLETTERS)
+            .arg("MAXLEN")
+            .arg(self.deadletter_capacity);
+        commands.push(trim);
         let mut runs: Vec<&str> = letters.iter().map(|l| l.run_id.as_str()).collect();
         runs.sort_unstable();
         runs.dedup();
@@ -106,6 +113,13 @@ impl RedisBroker {
                     stored.push(false);
                 }
             }
+        }
+        match replies.next() {
+            Some(Ok(redis::Value::Int(trimmed))) => {
+                metrics.deadletters_dropped.inc_by(trimmed.max(0) as u64);
+            }
+            // A trim that did not run leaves the stream longer for a while; the next one counts.
+            _ => metrics.broker_errors.inc(),
         }
         let mut new_runs = 0;
         for claim in replies {

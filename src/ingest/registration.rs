@@ -197,12 +197,16 @@ pub async fn dead_letter_held(gateway: &Gateway) -> usize {
                 .broker
                 .keep_dead_letter_now(&held.run_id, event, SHUTDOWN, &gateway.metrics)
                 .await;
-            // Out of the journal after its letter, kept or not: it is counted lost already.
-            gateway.broker.settle_held(journal.as_ref());
-            if let Err(error) = kept {
-                static UNKEPT: Throttle = Throttle::every(Duration::from_secs(10));
-                if let Some(held_back) = UNKEPT.allow() {
-                    tracing::warn!(%error, run_id = held.run_id.as_str(), held_back, "A held event's dead letter could not be written at shutdown; it stays counted lost.");
+            match kept {
+                // Out of the journal once its letter is kept.
+                Ok(()) => gateway.broker.settle_held(journal.as_ref()),
+                // Left in the journal, the event's only copy: another replica adopts it (it stays
+                // counted lost here, even if that replica then publishes it).
+                Err(error) => {
+                    static UNKEPT: Throttle = Throttle::every(Duration::from_secs(10));
+                    if let Some(held_back) = UNKEPT.allow() {
+                        tracing::warn!(%error, run_id = held.run_id.as_str(), held_back, "A held event's dead letter could not be written at shutdown; it stays in the journal for another replica to adopt, counted lost here.");
+                    }
                 }
             }
         }

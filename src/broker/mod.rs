@@ -169,6 +169,14 @@ impl Broker {
         }
     }
 
+    /// Forgets a sighting [`Self::first_time`] recorded for an event then refused, so that the
+    /// producer's corrected retry is not taken for a duplicate.
+    pub fn forget(&self, event_id: &str) {
+        if let Self::Memory(memory) = self {
+            memory.forget(event_id);
+        }
+    }
+
     /// Sequences and stores `event` in `channel`. In Redis mode its `event_id` and the ingest
     /// stream `entry` id it came from make a second publish a duplicate.
     pub async fn publish(

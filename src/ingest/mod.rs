@@ -343,6 +343,9 @@ async fn accept_in(
         // A full registry refuses the registration (counted), not the event: it names its thread.
         Ok(()) | Err(RegisterError::Full) => {}
         Err(RegisterError::Conflict) => {
+            if let Some(event_id) = event.dedupe_id() {
+                gateway.broker.forget(&event_id);
+            }
             let refusal = Refusal::run_conflict();
             count_refusal(gateway, &refusal);
             return Ok(ItemResult::Error(refusal));

@@ -282,6 +282,36 @@ async fn a_registered_run_cannot_be_re_pointed() {
     );
 }
 
+/// A refused event's `event_id` is not remembered: its corrected retry is taken, not answered
+/// `duplicate` (and dropped).
+#[tokio::test]
+async fn an_event_refused_for_a_run_conflict_can_be_sent_again_corrected() {
+    let gateway = Gateway::start().await;
+    let register = serde_json::json!({"run_id": "run_fix", "thread_id": "t_fix"}).to_string();
+    assert_eq!(gateway.post("/v1/runs", &register).await.0, 200);
+    let mut viewer = gateway.client("u_fix").await;
+    viewer.subscribe("t_fix", None).await;
+    let started = |thread: &str| {
+        let mut started = event("agent_started", "run_fix", thread);
+        started["event_id"] = "run_fix:0".into();
+        started.to_string()
+    };
+    let (status, body) = gateway.post("/v1/events", &started("t_wrong")).await;
+    assert_eq!(status, 400, "{body}");
+    assert_eq!(body["results"][0]["code"], "run_conflict", "{body}");
+    let (status, body) = gateway.post("/v1/events", &started("t_fix")).await;
+    assert_eq!(
+        (status.as_u16(), &body["results"][0]["status"]),
+        (200, &serde_json::json!("accepted")),
+        "{body}"
+    );
+    assert_eq!(viewer.events(1).await[0]["type"], "agent_started");
+    assert_eq!(
+        gateway.metric("agentwire_events_duplicate_total").await,
+        0.0
+    );
+}
+
 /// One producer's `event_id` never makes another producer's event a duplicate.
 #[tokio::test]
 async fn event_ids_are_scoped_by_producer_key() {

@@ -53,6 +53,10 @@ impl Embedded {
         self.dedupe.first_time(event_id)
     }
 
+    pub fn forget(&self, event_id: &str) {
+        self.dedupe.forget(event_id);
+    }
+
     pub fn keep_dead_letter(
         &self,
         run_id: &str,
@@ -62,7 +66,7 @@ impl Embedded {
     ) {
         // A producer's retry of this event must not be taken for a duplicate.
         if let Some(event_id) = event.dedupe_id() {
-            self.dedupe.forget(&event_id);
+            self.forget(&event_id);
         }
         let dropped = self.deadletters.push(run_id, event, why);
         dropped_letters(dropped, metrics);

@@ -32,7 +32,7 @@ use serde::Serialize;
 pub use body::{BodyError, Items, split};
 pub use redrive::{RedriveOutcome, Redriven, redrive};
 pub use registration::{RegisterError, RunRefusal, dead_letter_held, expire_pending, register};
-pub use stalls::report_stalls;
+pub use stalls::{Untold, report_stalls};
 pub use upward::consume;
 
 use crate::Gateway;

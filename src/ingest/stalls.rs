@@ -1,15 +1,38 @@
 //! Stalled runs told to their channel with a gateway-made `agent_error`, once across replicas.
 
-use std::time::Duration;
+use std::collections::VecDeque;
+use std::time::{Duration, Instant};
 
 use crate::Gateway;
 use crate::broker::Activity;
+use crate::protocol::ChannelName;
+use crate::protocol::event::Event;
 use crate::telemetry::Throttle;
+
+/// Stalled runs' `agent_error`s waiting to be published again, at most this many.
+const UNTOLD: usize = 1_000;
+
+/// The `agent_error`s of stalled runs the broker did not take (Redis away, or refusing): the run
+/// was claimed and counted stalled here, so no other replica tells its channel. Published again on
+/// each tick, oldest first, for `watchdog.retain`; owned by the housekeeping task.
+#[derive(Default)]
+pub struct Untold(VecDeque<(ChannelName, Event, Instant)>);
+
+impl Untold {
+    /// At shutdown: what is still waiting is never told, each counted and logged.
+    pub fn abandon(self, gateway: &Gateway) {
+        for (_, event, _) in self.0 {
+            let run_id = event.run_id.as_deref().unwrap_or_default();
+            given_up(gateway, run_id, "the gateway is stopping");
+        }
+    }
+}
 
 /// Tells the channels of newly stalled runs, with a gateway-made `agent_error`. In Redis mode a
 /// run quiet here is first checked against what every replica saw of it (it may have gone on, or
 /// ended, through another replica), and one replica wins the report, so its channel is told once.
-pub async fn report_stalls(gateway: &Gateway) {
+pub async fn report_stalls(gateway: &Gateway, untold: &mut Untold) {
+    tell_again(gateway, untold).await;
     for run_id in gateway.watchdog.sweep() {
         match gateway.broker.run_activity(&run_id).await {
             Ok(Some(Activity::Ended)) => {
@@ -54,11 +77,58 @@ pub async fn report_stalls(gateway: &Gateway) {
             Ok(_) => gateway.metrics.events_generated.inc(),
             Err(error) => {
                 // Every stalled run of a sweep fails alike while Redis is away: one line per interval.
-                static UNAVAILABLE: Throttle = Throttle::every(Duration::from_secs(10));
-                if let Some(held_back) = UNAVAILABLE.allow() {
-                    tracing::warn!(%error, run_id = %stalled.run_id, held_back, "Cannot tell a stalled run's channel: Redis is unavailable; held_back more since the last line.");
+                static FAILED: Throttle = Throttle::every(Duration::from_secs(10));
+                if let Some(held_back) = FAILED.allow() {
+                    tracing::warn!(%error, run_id = %stalled.run_id, held_back, "Cannot tell a stalled run's channel yet: the broker did not take its agent_error (tried again on each tick); held_back more since the last line.");
                 }
+                keep_untold(gateway, untold, stalled.channel, event);
             }
         }
+    }
+}
+
+/// Publishes the waiting `agent_error`s, oldest first, until one fails (the rest would too).
+async fn tell_again(gateway: &Gateway, untold: &mut Untold) {
+    while let Some((channel, event, since)) = untold.0.front() {
+        if since.elapsed() > gateway.config.watchdog.retain {
+            let run_id = event.run_id.as_deref().unwrap_or_default();
+            given_up(gateway, run_id, "still not taken after watchdog.retain");
+            untold.0.pop_front();
+            continue;
+        }
+        if gateway
+            .broker
+            .publish(channel, event, None, |_| None)
+            .await
+            .is_err()
+        {
+            return;
+        }
+        gateway.metrics.events_generated.inc();
+        untold.0.pop_front();
+    }
+}
+
+fn keep_untold(gateway: &Gateway, untold: &mut Untold, channel: ChannelName, event: Event) {
+    if untold.0.len() >= UNTOLD
+        && let Some((_, oldest, _)) = untold.0.pop_front()
+    {
+        let run_id = oldest.run_id.as_deref().unwrap_or_default();
+        given_up(gateway, run_id, "too many waiting");
+    }
+    untold.0.push_back((channel, event, Instant::now()));
+}
+
+/// A stalled run whose channel is never told: counted as a failed broker operation, logged.
+fn given_up(gateway: &Gateway, run_id: &str, why: &'static str) {
+    gateway.metrics.broker_errors.inc();
+    static GIVEN_UP: Throttle = Throttle::every(Duration::from_secs(10));
+    if let Some(held_back) = GIVEN_UP.allow() {
+        tracing::error!(
+            run_id,
+            why,
+            held_back,
+            "A stalled run's channel was never told (its agent_error was not published); held_back more since the last line."
+        );
     }
 }

@@ -19,14 +19,15 @@ pub async fn run(gateway: Arc<Gateway>, stop: CancellationToken) {
     let tick = (shortest / 5).clamp(Duration::from_millis(10), Duration::from_secs(1));
     let mut interval = tokio::time::interval(tick);
     let mut last_sweep = Instant::now();
+    let mut untold = crate::ingest::Untold::default();
     loop {
         tokio::select! {
-            _ = stop.cancelled() => return,
+            _ = stop.cancelled() => return untold.abandon(&gateway),
             _ = interval.tick() => {}
         }
         crate::ingest::expire_pending(&gateway);
         crate::ingest::adopt_held(&gateway).await;
-        crate::ingest::report_stalls(&gateway).await;
+        crate::ingest::report_stalls(&gateway, &mut untold).await;
         if last_sweep.elapsed() >= Duration::from_secs(1) {
             last_sweep = Instant::now();
             gateway.broker.sweep().await;

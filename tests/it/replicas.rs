@@ -753,6 +753,55 @@ async fn a_run_stalled_on_two_replicas_is_reported_to_its_channel_once() {
     );
 }
 
+#[tokio::test]
+async fn a_stalled_runs_agent_error_the_broker_did_not_take_is_published_once_it_does() {
+    let redis = Redis::start().await;
+    let gateway = on_redis(&redis, |c| {
+        c.watchdog.run_idle_timeout = Duration::from_secs(1);
+    })
+    .await;
+    let mut client = gateway.client("u1").await;
+    client.subscribe("t_untold", None).await;
+    gateway
+        .publish(&[event("agent_started", "run_untold", "t_untold")])
+        .await;
+    assert_eq!(client.events(1).await[0]["type"], "agent_started");
+    // The channel's stream key holds a string: the publish script fails (WRONGTYPE) while the
+    // stall's claim, another key, succeeds.
+    let mut conn = redis.conn().await;
+    let _: () = conn.del("aw:{thread:t_untold}:log").await.unwrap();
+    let _: () = conn
+        .set("aw:{thread:t_untold}:log", "not a stream")
+        .await
+        .unwrap();
+    eventually("the run counted stalled", async || {
+        match gateway.metric("agentwire_runs_stalled_total").await {
+            1.0 => Ok(()),
+            other => Err(other.to_string()),
+        }
+    })
+    .await;
+    client.silent_for(Duration::from_millis(500)).await;
+    assert_eq!(
+        gateway.metric("agentwire_events_generated_total").await,
+        0.0
+    );
+
+    // Once the broker takes it, the channel is told, once.
+    let _: () = conn.del("aw:{thread:t_untold}:log").await.unwrap();
+    let told = client.recv().await;
+    assert_eq!(
+        (&told["type"], &told["payload"]["reason"]),
+        (&json!("agent_error"), &json!("stalled")),
+        "{told}"
+    );
+    client.silent_for(Duration::from_millis(500)).await;
+    assert_eq!(
+        gateway.metric("agentwire_events_generated_total").await,
+        1.0
+    );
+}
+
 /// The `redis` bench scenario cannot rot: small, two in-process replicas, nothing lost.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_redis_bench_scenario_completes_with_nothing_lost() {

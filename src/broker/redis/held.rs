@@ -128,8 +128,28 @@ impl RedisBroker {
             .arg(REPLICAS)
             .query_async(&mut conn)
             .await?;
-        let mine = journal(&self.replica);
         let mut adopted = Vec::new();
+        if let Err(error) = self.adopt_from(&dead, now, &mut adopted).await {
+            // What earlier calls moved is in this replica's journal now: it is held here all the
+            // same (a later tick goes on).
+            if adopted.is_empty() {
+                return Err(error);
+            }
+            tracing::debug!(%error, adopted = adopted.len(), "Adoption stopped early; the events moved so far are held here.");
+        }
+        Ok(adopted)
+    }
+
+    /// Moves the journals of the `dead` replicas into this one's, adding what it moved to
+    /// `adopted` as it goes (so an error keeps what was moved before it).
+    async fn adopt_from(
+        &self,
+        dead: &[String],
+        now: u64,
+        adopted: &mut Vec<PackedEvent>,
+    ) -> Result<(), BrokerError> {
+        let mut conn = self.conn();
+        let mine = journal(&self.replica);
         for replica in dead.iter().filter(|r| **r != self.replica) {
             while adopted.len() < PER_CALL {
                 let moved: Vec<Vec<String>> = self
@@ -151,9 +171,12 @@ impl RedisBroker {
                     match adopted_event(entry) {
                         Some(event) => adopted.push(event),
                         // Not made by `journal` (someone wrote to the key): nothing to hold.
+                        // Not `?`: the entries after it were moved too and must be held.
                         None => {
                             tracing::warn!(replica, id, "An unreadable journal entry was dropped.");
-                            self.settled(&[id.into()]).await?;
+                            if let Err(error) = self.settled(&[id.into()]).await {
+                                tracing::debug!(%error, "The unreadable entry stays in the journal.");
+                            }
                         }
                     }
                 }
@@ -162,7 +185,7 @@ impl RedisBroker {
                 }
             }
         }
-        Ok(adopted)
+        Ok(())
     }
 }
 

@@ -498,19 +498,26 @@ impl Resolver {
         let ttl = self.config.registry_ttl;
         let mut state = self.state();
         state.forget_oldest(|_, at| now.saturating_duration_since(at) <= ttl);
+        let expired = self.past_grace(&state, now);
+        let expired = state.take_runs(expired);
+        self.count_waiting(&state);
+        expired
+    }
+
+    /// The runs [`Self::expire`] would take at `now`, left in place.
+    pub fn expiring(&self, now: Instant) -> Vec<String> {
+        self.past_grace(&self.state(), now)
+    }
+
+    fn past_grace(&self, state: &State, now: Instant) -> Vec<String> {
         // Events held behind a release have their run: they are not waiting for one.
-        let expired: Vec<String> = state
-            .pending
-            .iter()
+        (state.pending.iter())
             .filter(|(run_id, waiting)| {
                 now.saturating_duration_since(waiting.since) > self.config.grace
                     && !state.releasing.contains(*run_id)
             })
             .map(|(run_id, _)| run_id.clone())
-            .collect();
-        let expired = state.take_runs(expired);
-        self.count_waiting(&state);
-        expired
+            .collect()
     }
 }
 

@@ -147,9 +147,21 @@ pub(super) async fn release(gateway: &Gateway, run_id: &str, target: RunTarget) 
     released
 }
 
-/// Moves the runs that waited past the grace period to the dead-letter log.
-pub fn expire_pending(gateway: &Gateway) {
-    let expired = gateway.resolver.expire(Instant::now());
+/// Moves the runs that waited past the grace period to the dead-letter log. In Redis mode each is
+/// first looked up in the shared registry once more: a registration whose announcement this
+/// replica missed (a pub/sub outage and a failed lookup after it) releases its events instead.
+pub async fn expire_pending(gateway: &Gateway) {
+    let now = Instant::now();
+    for run_id in gateway.resolver.expiring(now) {
+        if let Ok(Some(target)) = gateway.broker.registered(&run_id).await {
+            tracing::info!(
+                run_id,
+                "Held events found their run's registration at the end of resolve.grace."
+            );
+            release(gateway, &run_id, target).await;
+        }
+    }
+    let expired = gateway.resolver.expire(now);
     if expired.is_empty() {
         return;
     }

@@ -25,7 +25,7 @@ pub async fn run(gateway: Arc<Gateway>, stop: CancellationToken) {
             _ = stop.cancelled() => return untold.abandon(&gateway),
             _ = interval.tick() => {}
         }
-        crate::ingest::expire_pending(&gateway);
+        crate::ingest::expire_pending(&gateway).await;
         crate::ingest::adopt_held(&gateway).await;
         crate::ingest::report_stalls(&gateway, &mut untold).await;
         if last_sweep.elapsed() >= Duration::from_secs(1) {

@@ -802,6 +802,54 @@ async fn a_stalled_runs_agent_error_the_broker_did_not_take_is_published_once_it
     );
 }
 
+#[tokio::test]
+async fn held_events_whose_registration_was_never_announced_here_find_it_at_the_end_of_the_grace() {
+    let redis = Redis::start().await;
+    let gateway = on_redis(&redis, |c| {
+        c.resolve.grace = Duration::from_millis(300);
+    })
+    .await;
+    let mut client = gateway.client("u1").await;
+    client.subscribe("t_quiet", None).await;
+    let answer = gateway
+        .publish(&[json!({"type": "agent_thinking", "run_id": "run_quiet", "payload": {}})])
+        .await;
+    assert_eq!(answer["results"][0]["status"], "pending_resolution");
+    // Registered in the shared registry without the announcement (as if this replica's pub/sub
+    // connection was away, and its lookup after reconnecting failed).
+    let mut conn = redis.conn().await;
+    let _: () = conn
+        .hset(
+            "aw:{runs}:target",
+            "run_quiet",
+            json!({"thread_id": "t_quiet"}).to_string(),
+        )
+        .await
+        .unwrap();
+    let until = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64
+        + 60_000;
+    let _: () = conn
+        .zadd("aw:{runs}:expiry", "run_quiet", until)
+        .await
+        .unwrap();
+    let event = client.recv().await;
+    assert_eq!(
+        (&event["run_id"], &event["seq"]),
+        (&json!("run_quiet"), &json!(1)),
+        "{event}"
+    );
+    assert_eq!(
+        gateway
+            .metric("agentwire_events_lost_total{reason=\"unresolved\"}")
+            .await,
+        0.0
+    );
+    assert_eq!(gateway.get("/v1/deadletter").await.1["count"], 0);
+}
+
 /// The `redis` bench scenario cannot rot: small, two in-process replicas, nothing lost.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_redis_bench_scenario_completes_with_nothing_lost() {

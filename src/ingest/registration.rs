@@ -152,13 +152,30 @@ pub(super) async fn release(gateway: &Gateway, run_id: &str, target: RunTarget) 
 /// replica missed (a pub/sub outage and a failed lookup after it) releases its events instead.
 pub async fn expire_pending(gateway: &Gateway) {
     let now = Instant::now();
-    for run_id in gateway.resolver.expiring(now) {
-        if let Ok(Some(target)) = gateway.broker.registered(&run_id).await {
-            tracing::info!(
-                run_id,
-                "Held events found their run's registration at the end of resolve.grace."
-            );
-            release(gateway, &run_id, target).await;
+    if gateway.broker.is_up() {
+        // At once, and a bounded number a tick: a flood of unknown runs must not hold up the
+        // housekeeping (past the bound they are dead-lettered without asking, as before).
+        let mut expiring = gateway.resolver.expiring(now);
+        expiring.truncate(LAST_LOOKUPS);
+        let lookups = expiring
+            .iter()
+            .map(|run_id| gateway.broker.registered(run_id));
+        let found = futures_util::future::join_all(lookups).await;
+        for (run_id, found) in expiring.iter().zip(found) {
+            match found {
+                Ok(Some(target)) => {
+                    tracing::info!(
+                        run_id,
+                        "Held events found their run's registration at the end of resolve.grace."
+                    );
+                    release(gateway, run_id, target).await;
+                }
+                Ok(None) => {}
+                Err(error) => {
+                    gateway.metrics.broker_errors.inc();
+                    tracing::debug!(%error, run_id, "Cannot look up a run at the end of its grace.");
+                }
+            }
         }
     }
     let expired = gateway.resolver.expire(now);
@@ -169,6 +186,9 @@ pub async fn expire_pending(gateway: &Gateway) {
         dead_letter(gateway, held, "no channel within resolve.grace");
     }
 }
+
+/// Runs past `resolve.grace` looked up in the shared registry per tick, at most.
+const LAST_LOOKUPS: usize = 64;
 
 /// Why an event still held for its run when the gateway stopped was dead-lettered.
 pub const SHUTDOWN: &str = "shutdown: still waiting for its run when the gateway stopped";

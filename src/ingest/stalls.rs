@@ -4,7 +4,7 @@ use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
 use crate::Gateway;
-use crate::broker::Activity;
+use crate::broker::{Activity, BrokerError, Outcome};
 use crate::protocol::ChannelName;
 use crate::protocol::event::Event;
 use crate::telemetry::Throttle;
@@ -69,12 +69,13 @@ pub async fn report_stalls(gateway: &Gateway, untold: &mut Untold) {
         // Published past the watchdog: the run is already ended as stalled. Sized like a
         // producer's event, so that no subscriber's queue is too small for it.
         let event = stalled.event(gateway.config.ingest.max_event_bytes);
-        match gateway
-            .broker
-            .publish(&stalled.channel, &event, None, |_| None)
-            .await
-        {
+        match publish(gateway, &stalled.channel, &event).await {
             Ok(_) => gateway.metrics.events_generated.inc(),
+            // A retry would fail the same way until an operator fixes the cause, and each would
+            // take a seq (as for a producer's event answered `internal`).
+            Err(BrokerError::Internal(_)) => {
+                given_up(gateway, &stalled.run_id, "the broker failed it")
+            }
             Err(error) => {
                 // Every stalled run of a sweep fails alike while Redis is away: one line per interval.
                 static FAILED: Throttle = Throttle::every(Duration::from_secs(10));
@@ -87,24 +88,33 @@ pub async fn report_stalls(gateway: &Gateway, untold: &mut Untold) {
     }
 }
 
-/// Publishes the waiting `agent_error`s, oldest first, until one fails (the rest would too).
+/// Publishes a stalled run's `agent_error` with a dedupe id of its run (Redis mode), so that a
+/// retry after an answer that was lost, though the publish ran, is a duplicate.
+async fn publish(
+    gateway: &Gateway,
+    channel: &ChannelName,
+    event: &Event,
+) -> Result<Outcome, BrokerError> {
+    let stall = format!("stalled:{}", event.run_id.as_deref().unwrap_or_default());
+    (gateway.broker)
+        .publish(channel, event, Some(&stall), |_| None)
+        .await
+}
+
+/// Publishes the waiting `agent_error`s, oldest first, until Redis is away or refusing (the rest
+/// would fail too); one that fails by our fault (its channel's keys) is given up on.
 async fn tell_again(gateway: &Gateway, untold: &mut Untold) {
     while let Some((channel, event, since)) = untold.0.front() {
+        let run_id = event.run_id.as_deref().unwrap_or_default();
         if since.elapsed() > gateway.config.watchdog.retain {
-            let run_id = event.run_id.as_deref().unwrap_or_default();
             given_up(gateway, run_id, "still not taken after watchdog.retain");
-            untold.0.pop_front();
-            continue;
+        } else {
+            match publish(gateway, channel, event).await {
+                Ok(_) => gateway.metrics.events_generated.inc(),
+                Err(BrokerError::Internal(_)) => given_up(gateway, run_id, "the broker failed it"),
+                Err(BrokerError::Unavailable(_) | BrokerError::Refused(..)) => return,
+            }
         }
-        if gateway
-            .broker
-            .publish(channel, event, None, |_| None)
-            .await
-            .is_err()
-        {
-            return;
-        }
-        gateway.metrics.events_generated.inc();
         untold.0.pop_front();
     }
 }

@@ -227,6 +227,82 @@ async fn a_request_across_shards_is_answered_shard_by_shard_when_one_master_stop
 }
 
 #[tokio::test]
+async fn a_stalled_runs_agent_error_held_up_by_its_master_reaches_the_channel_once() {
+    let cluster = RedisCluster::start(3, 0).await;
+    let url = cluster.url();
+    let gateway = Gateway::start_with(|c| {
+        c.broker.redis_url = Some(url);
+        c.watchdog.run_idle_timeout = Duration::from_secs(1);
+    })
+    .await;
+    wait_ready(gateway.internal, StatusCode::OK).await;
+    // The run's keys (its stall claim) on another master than its channel's.
+    let channel_master = cluster.master_of("aw:{thread:t_held}:log").await;
+    let mut run = 0;
+    while cluster
+        .master_of(&format!("aw:stalled:{{run_h{run}}}"))
+        .await
+        == channel_master
+    {
+        run += 1;
+    }
+    let run_id = format!("run_h{run}");
+    let mut client = Client::hello(gateway.addr, "u_held").await;
+    client.subscribe("t_held", None).await;
+    let started =
+        json!({"type": "agent_started", "run_id": run_id, "thread_id": "t_held", "payload": {}});
+    gateway.publish(&[started]).await;
+    assert_eq!(client.recv().await["type"], "agent_started");
+
+    // The channel's master takes no writes: the stall is claimed (elsewhere) and counted, and
+    // its agent_error waits.
+    let () = redis::cmd("CLIENT")
+        .arg("PAUSE")
+        .arg(30_000)
+        .arg("WRITE")
+        .query_async(&mut cluster.node(channel_master).await)
+        .await
+        .unwrap();
+    eventually("the run counted stalled", async || {
+        match gateway.metric("agentwire_runs_stalled_total").await {
+            1.0 => Ok(()),
+            other => Err(other.to_string()),
+        }
+    })
+    .await;
+    client.silent_for(Duration::from_secs(4)).await;
+    assert_eq!(
+        gateway.metric("agentwire_events_generated_total").await,
+        0.0
+    );
+
+    // Writes again: the held call runs or the retry publishes it; either way it is shown once.
+    let () = redis::cmd("CLIENT")
+        .arg("UNPAUSE")
+        .query_async(&mut cluster.node(channel_master).await)
+        .await
+        .unwrap();
+    let told = client.recv().await;
+    assert_eq!(
+        (&told["type"], &told["payload"]["reason"], &told["seq"]),
+        (&json!("agent_error"), &json!("stalled"), &json!(2)),
+        "{told}"
+    );
+    eventually("the agent_error counted once", async || {
+        match gateway.metric("agentwire_events_generated_total").await {
+            1.0 => Ok(()),
+            other => Err(other.to_string()),
+        }
+    })
+    .await;
+    client.silent_for(Duration::from_secs(2)).await;
+    assert_eq!(
+        gateway.metric("agentwire_events_generated_total").await,
+        1.0
+    );
+}
+
+#[tokio::test]
 async fn registrations_dead_letters_and_the_ingest_stream_span_the_shards() {
     let cluster = RedisCluster::start(3, 0).await;
     let (a, b) = (on_cluster(&cluster).await, on_cluster(&cluster).await);

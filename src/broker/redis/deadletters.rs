@@ -119,7 +119,9 @@ impl RedisBroker {
                 metrics.deadletters_dropped.inc_by(trimmed.max(0) as u64);
             }
             // A trim that did not run leaves the stream longer for a while; the next one counts.
-            _ => metrics.broker_errors.inc(),
+            // Counted here only when the letters went in (the caller counts a failed round).
+            _ if failed.is_none() => metrics.broker_errors.inc(),
+            _ => {}
         }
         let mut new_runs = 0;
         for claim in replies {

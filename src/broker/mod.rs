@@ -177,8 +177,9 @@ impl Broker {
         }
     }
 
-    /// Sequences and stores `event` in `channel`. In Redis mode its `event_id` and the ingest
-    /// stream `entry` id it came from make a second publish a duplicate.
+    /// Sequences and stores `event` in `channel`. In Redis mode its `event_id` and `entry` make a
+    /// second publish a duplicate: `entry` names where the event came from (the ingest stream
+    /// entry id, or `stalled:<run_id>` for a stalled run's `agent_error`).
     pub async fn publish(
         &self,
         name: &ChannelName,

@@ -60,7 +60,7 @@ fn round_of<T>(events: &[T], round: usize) -> &[T] {
 impl RedisBroker {
     /// Sequences `events` into `name`, in their order: one script call per [`PER_CALL`] events.
     /// The outcomes of the events sequenced, in order, and the error that stopped the rest (none
-    /// of them was answered sequenced). `entry` is the ingest stream entry id an event came from.
+    /// of them was answered sequenced). `entry` names where an event came from ([`crate::broker::Broker::publish`]).
     pub async fn publish(
         &self,
         name: &ChannelName,

@@ -98,6 +98,7 @@ pub struct Metrics {
     pub reports_dropped: IntCounterVec,
     pub broker_refused: IntCounterVec,
     pub redis_subscriptions_reconciled: IntCounterVec,
+    pub redis_connections_replaced: IntCounter,
     pub ledger_snapshots: IntCounterVec,
     pub broker_latency: Histogram,
     pub event_age: Histogram,
@@ -327,6 +328,11 @@ impl Metrics {
                 "agentwire_redis_subscriptions_reconciled_total",
                 "Redis pub/sub subscriptions that did not match the watched channels and were fixed, by action (unsubscribed, subscribed).",
                 "action",
+            ),
+            redis_connections_replaced: counter(
+                r,
+                "agentwire_redis_connections_replaced_total",
+                "Redis command connections that stopped answering while a fresh one answered, and were replaced by it.",
             ),
             ledger_snapshots: counter_vec(
                 r,

@@ -12,7 +12,8 @@ use serde_json::{Value, json};
 use agentwire::config::Config;
 
 use crate::support::{
-    Client, Gateway, Process, Redis, WAIT, event, eventually, http, metric_value, wait_ready,
+    Client, Gateway, Process, Redis, SilencingProxy, WAIT, event, eventually, http, metric_value,
+    wait_ready,
 };
 
 /// A gateway process on `redis`, ready to serve.
@@ -610,6 +611,65 @@ async fn redis_going_away_is_visible_survivable_and_honest_about_lost_history() 
     assert_eq!(
         (&event["seq"], &event["epoch"]),
         (&json!(1), &renewed["epoch"])
+    );
+}
+
+#[tokio::test]
+async fn a_redis_connection_gone_silent_is_replaced_and_nothing_is_lost_or_shown_twice() {
+    // Between the gateway and Redis, a proxy that can make its connections go silent, as a NAT
+    // or load balancer that forgot them: no error, no close, no answer. The redis crate repairs
+    // lost connections, not silent ones.
+    let redis = Redis::start().await;
+    let proxy = SilencingProxy::start(redis.port).await;
+    let url = format!("redis://127.0.0.1:{}/", proxy.port);
+    let gateway = Gateway::start_with(|c| c.broker.redis_url = Some(url)).await;
+    wait_ready(gateway.internal, StatusCode::OK).await;
+    let mut client = gateway.client("u1").await;
+    client.subscribe("t_silent", None).await;
+    gateway.publish(&[thinking("t_silent", 1)]).await;
+    assert_eq!(client.events(1).await[0]["seq"], 1);
+
+    proxy.silence();
+    // Redis still answers a fresh connection: ingest comes back by itself, the producer
+    // retrying as it would after a 503.
+    let retried = thinking("t_silent", 2).to_string();
+    eventually("ingest accepts again", async || {
+        let (status, text) = http(
+            gateway.internal,
+            "POST",
+            "/v1/events",
+            Some(("application/json", &retried)),
+        )
+        .await;
+        match (status, text.contains("\"accepted\"")) {
+            (StatusCode::OK, true) => Ok(()),
+            _ => Err(format!("{status} {text}")),
+        }
+    })
+    .await;
+    assert!(
+        gateway
+            .metric("agentwire_redis_connections_replaced_total")
+            .await
+            >= 1.0
+    );
+    gateway.publish(&[thinking("t_silent", 3)]).await;
+    // The viewer's pub/sub link went silent too; it is made again and reads the stream.
+    let shown = client.events(2).await;
+    assert_eq!(
+        shown
+            .iter()
+            .map(|e| (e["seq"].clone(), e["payload"]["n"].clone()))
+            .collect::<Vec<_>>(),
+        vec![(json!(2), json!(2)), (json!(3), json!(3))]
+    );
+    // Nothing shown twice, nothing lost.
+    client.barrier().await;
+    let ledger = ledger_until(&gateway, "thread:t_silent", |l| l["delivered"] == 3).await;
+    assert_eq!(
+        (&ledger["emitted"], &ledger["lost_total"]),
+        (&json!(3), &json!(0)),
+        "{ledger}"
     );
 }
 

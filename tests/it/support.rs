@@ -621,6 +621,14 @@ impl Process {
             .envs(env.iter().copied())
             .stdout(Stdio::null())
             .stderr(Stdio::null());
+        // To read what a gateway process logged: each writes `gateway-<port>.log` there.
+        if let Some(dir) = std::env::var_os("AGENTWIRE_TEST_LOGS") {
+            let log = Path::new(&dir).join(format!("gateway-{port}.log"));
+            command.stderr(std::fs::File::create(log).unwrap());
+            if let Some(filter) = std::env::var_os("RUST_LOG") {
+                command.env("RUST_LOG", filter);
+            }
+        }
         let child = command.spawn().unwrap();
         let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
         let internal: SocketAddr = format!("127.0.0.1:{internal_port}").parse().unwrap();
@@ -776,6 +784,97 @@ impl Drop for Redis {
         if let Some(dir) = &self.dir {
             let _ = std::fs::remove_dir_all(dir);
         }
+    }
+}
+
+/// A TCP proxy in front of `upstream` whose connections can be made to go silent, as a NAT or a
+/// load balancer that forgot them: nothing is passed on either way any more, nothing is closed.
+/// Connections made afterwards pass as before. Stopped when dropped.
+pub struct SilencingProxy {
+    pub port: u16,
+    /// Connections numbered below this are silent.
+    silent_below: Arc<std::sync::atomic::AtomicU64>,
+    /// Connections accepted so far.
+    accepted: Arc<std::sync::atomic::AtomicU64>,
+    stop: CancellationToken,
+}
+
+impl SilencingProxy {
+    pub async fn start(upstream: u16) -> Self {
+        use std::sync::atomic::{AtomicU64, Ordering};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let silent_below = Arc::new(AtomicU64::new(0));
+        let accepted = Arc::new(AtomicU64::new(0));
+        let stop = CancellationToken::new();
+        let (silent, count, stopped) = (
+            Arc::clone(&silent_below),
+            Arc::clone(&accepted),
+            stop.clone(),
+        );
+        tokio::spawn(async move {
+            for n in 0u64.. {
+                let (client, _) = tokio::select! {
+                    _ = stopped.cancelled() => return,
+                    accepted = listener.accept() => match accepted {
+                        Ok(accepted) => accepted,
+                        Err(_) => continue,
+                    },
+                };
+                count.store(n + 1, Ordering::Release);
+                let Ok(server) = TcpStream::connect(("127.0.0.1", upstream)).await else {
+                    continue;
+                };
+                let (silent, stopped) = (Arc::clone(&silent), stopped.clone());
+                tokio::spawn(async move {
+                    let (mut client_read, mut client_write) = client.into_split();
+                    let (mut server_read, mut server_write) = server.into_split();
+                    let pass =
+                        async |from: &mut tokio::net::tcp::OwnedReadHalf,
+                               to: &mut tokio::net::tcp::OwnedWriteHalf| {
+                            use tokio::io::{AsyncReadExt, AsyncWriteExt};
+                            let mut buffer = vec![0; 16 * 1024];
+                            loop {
+                                let read = from.read(&mut buffer).await.unwrap_or(0);
+                                if read == 0 {
+                                    return;
+                                }
+                                if n < silent.load(Ordering::Acquire) {
+                                    // Swallowed, and everything after it: the socket stays open.
+                                    std::future::pending::<()>().await;
+                                }
+                                if to.write_all(&buffer[..read]).await.is_err() {
+                                    return;
+                                }
+                            }
+                        };
+                    tokio::select! {
+                        _ = stopped.cancelled() => {}
+                        _ = pass(&mut client_read, &mut server_write) => {}
+                        _ = pass(&mut server_read, &mut client_write) => {}
+                    }
+                });
+            }
+        });
+        Self {
+            port,
+            silent_below,
+            accepted,
+            stop,
+        }
+    }
+
+    /// Every connection made so far goes silent.
+    pub fn silence(&self) {
+        use std::sync::atomic::Ordering;
+        self.silent_below
+            .store(self.accepted.load(Ordering::Acquire), Ordering::Release);
+    }
+}
+
+impl Drop for SilencingProxy {
+    fn drop(&mut self) {
+        self.stop.cancel();
     }
 }
 

@@ -4,10 +4,15 @@
 //! map when a master fails over. What differs is here: a pipeline must stay in one slot
 //! ([`Conn::each`] sends commands that span slots), and the pub/sub connection is the crate's
 //! RESP3 cluster connection (`pubsub.rs`: sharded pub/sub, each message on the shard that owns its
-//! channel).
+//! channel). A command connection that stops answering while a fresh one answers is replaced
+//! ([`Healing`]).
 
 use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
+
+use arc_swap::ArcSwap;
 
 use futures_util::{StreamExt, stream};
 use redis::aio::{ConnectionLike, ConnectionManager};
@@ -15,6 +20,7 @@ use redis::cluster::{ClusterClient, ClusterClientBuilder, ClusterConfig};
 use redis::cluster_async::ClusterConnection;
 use redis::cluster_routing::Slot;
 use redis::{Arg, Cmd, FromRedisValue, Pipeline, RedisError, RedisFuture, RedisResult, Value};
+use tokio::time::timeout;
 
 /// Commands of [`Conn::each`] in flight at once, in Cluster mode.
 const IN_FLIGHT: usize = 64;
@@ -99,23 +105,28 @@ impl Backend {
     /// reconnects by itself. `answer` bounds each reply; `retries` applies to one server.
     pub(crate) fn connect_lazily(&self, answer: Duration, retries: usize) -> RedisResult<Conn> {
         Ok(match self {
-            Self::Server(client) => {
-                let manager = redis::aio::ConnectionManagerConfig::new()
-                    .set_connection_timeout(Some(CONNECT))
-                    .set_response_timeout(Some(answer))
-                    .set_number_of_retries(retries)
-                    .set_max_delay(Duration::from_millis(500));
-                Conn::Server(ConnectionManager::new_lazy_with_config(
-                    client.clone(),
-                    manager,
-                )?)
-            }
-            Self::Cluster { client, .. } => {
-                let config = ClusterConfig::new()
-                    .set_connection_timeout(CONNECT)
-                    .set_response_timeout(answer);
-                Conn::Cluster(client.get_pending_async_connection_with_config(config))
-            }
+            Self::Server(client) => Conn::Server(ConnectionManager::new_lazy_with_config(
+                client.clone(),
+                manager_config(answer, retries),
+            )?),
+            Self::Cluster { client, .. } => Conn::Cluster(
+                client.get_pending_async_connection_with_config(cluster_config(answer)),
+            ),
+        })
+    }
+
+    /// A command connection made now, as [`Self::connect_lazily`] makes them.
+    async fn connect(&self, answer: Duration, retries: usize) -> RedisResult<Conn> {
+        Ok(match self {
+            Self::Server(client) => Conn::Server(
+                ConnectionManager::new_with_config(client.clone(), manager_config(answer, retries))
+                    .await?,
+            ),
+            Self::Cluster { client, .. } => Conn::Cluster(
+                client
+                    .get_async_connection_with_config(cluster_config(answer))
+                    .await?,
+            ),
         })
     }
 
@@ -132,12 +143,23 @@ impl Backend {
             .min_retry_wait(50)
             .max_retry_wait(500)
             .build()?;
-        let config = ClusterConfig::new()
-            .set_connection_timeout(CONNECT)
-            .set_response_timeout(Duration::from_secs(2))
-            .set_push_sender(pushes);
+        let config = cluster_config(Duration::from_secs(2)).set_push_sender(pushes);
         client.get_async_connection_with_config(config).await
     }
+}
+
+fn manager_config(answer: Duration, retries: usize) -> redis::aio::ConnectionManagerConfig {
+    redis::aio::ConnectionManagerConfig::new()
+        .set_connection_timeout(Some(CONNECT))
+        .set_response_timeout(Some(answer))
+        .set_number_of_retries(retries)
+        .set_max_delay(Duration::from_millis(500))
+}
+
+fn cluster_config(answer: Duration) -> ClusterConfig {
+    ClusterConfig::new()
+        .set_connection_timeout(CONNECT)
+        .set_response_timeout(answer)
 }
 
 fn cluster_builder(seeds: &[String], ca: Option<Vec<u8>>) -> ClusterClientBuilder {
@@ -149,6 +171,81 @@ fn cluster_builder(seeds: &[String], ca: Option<Vec<u8>>) -> ClusterClientBuilde
         }),
         None => builder,
     }
+}
+
+/// Failed checks in a row before a fresh connection is tried.
+const FAILED_BEFORE_RENEWAL: u32 = 2;
+
+/// A command connection that is replaced when it stops answering while a fresh one answers.
+/// The redis crate repairs lost connections, not wedged ones: its Cluster connection can stay
+/// for good in the slot refresh that follows a failover (every later command times out while
+/// the other replicas' connections have recovered), and a connection whose packets vanish
+/// (a NAT or load balancer that forgot it) times out without ever being called lost.
+pub(crate) struct Healing {
+    current: ArcSwap<Conn>,
+    answer: Duration,
+    retries: usize,
+    /// Checks failed in a row.
+    failed: AtomicU32,
+}
+
+/// What [`Healing::check`] found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Health {
+    Answered,
+    /// The connection did not answer; a fresh one did, and took its place.
+    Replaced,
+    /// Neither answered: Redis is away (or still failing over).
+    Away,
+}
+
+impl Healing {
+    /// Made lazily, as [`Backend::connect_lazily`].
+    pub(crate) fn new(backend: &Backend, answer: Duration, retries: usize) -> RedisResult<Self> {
+        Ok(Self {
+            current: ArcSwap::from_pointee(backend.connect_lazily(answer, retries)?),
+            answer,
+            retries,
+            failed: AtomicU32::new(0),
+        })
+    }
+
+    /// The connection now.
+    pub(crate) fn get(&self) -> Conn {
+        Conn::clone(&self.current.load())
+    }
+
+    /// Pings Redis, each step within `within`. From the second failure in a row, a fresh
+    /// connection is made and pinged too; if it answers, it replaces this one (requests in
+    /// flight on the old one end as they would have).
+    pub(crate) async fn check(&self, backend: &Backend, within: Duration) -> Health {
+        if ping(&mut self.get(), within).await {
+            self.failed.store(0, Ordering::Relaxed);
+            return Health::Answered;
+        }
+        if self.failed.fetch_add(1, Ordering::Relaxed) + 1 < FAILED_BEFORE_RENEWAL {
+            return Health::Away;
+        }
+        let Ok(Ok(mut fresh)) = timeout(within, backend.connect(self.answer, self.retries)).await
+        else {
+            return Health::Away;
+        };
+        if !ping(&mut fresh, within).await {
+            return Health::Away;
+        }
+        self.current.store(Arc::new(fresh));
+        self.failed.store(0, Ordering::Relaxed);
+        Health::Replaced
+    }
+}
+
+/// Whether `conn` answers a `PING` within `within` (Cluster: every master answers).
+async fn ping(conn: &mut Conn, within: Duration) -> bool {
+    let ping = redis::cmd("PING");
+    matches!(
+        timeout(within, ping.query_async::<String>(conn)).await,
+        Ok(Ok(_))
+    )
 }
 
 /// A command connection to one server or to a Cluster; cheap to clone (both multiplex).

@@ -30,8 +30,8 @@ use redis::{AsyncCommands, RedisResult};
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
-use super::RedisBroker;
-use super::conn::Conn;
+use super::conn::{Conn, Healing, Health};
+use super::{RedisBroker, live};
 use crate::broker::{BrokerError, StreamEvent, StreamEvents, Taken};
 use crate::config::BrokerConfig;
 use crate::metrics::Metrics;
@@ -68,8 +68,8 @@ pub async fn run(
         rand::random::<u32>()
     );
     // Its own connection: a blocking XREADGROUP must not hold up the publishes behind it.
-    let mut conn = match redis.backend.connect_lazily(Duration::from_secs(3), 1) {
-        Ok(conn) => conn,
+    let healing = match Healing::new(&redis.backend, Duration::from_secs(3), 1) {
+        Ok(healing) => healing,
         Err(error) => {
             tracing::error!(%error, "Cannot read the ingest stream.");
             return;
@@ -87,6 +87,7 @@ pub async fn run(
         if stop.is_cancelled() {
             return;
         }
+        let mut conn = healing.get();
         let round = async {
             if !group_ready {
                 create_group(&mut conn, &config.ingest_stream, &config.ingest_group).await?;
@@ -146,6 +147,9 @@ pub async fn run(
         };
         if let Some(error) = wait {
             tracing::debug!(%error, "Ingest stream read failed; retrying.");
+            if healing.check(&redis.backend, Duration::from_secs(1)).await == Health::Replaced {
+                live::replaced(metrics, "the ingest stream's connection");
+            }
             tokio::select! {
                 _ = stop.cancelled() => return,
                 _ = tokio::time::sleep(Duration::from_millis(500)) => {}

@@ -15,12 +15,12 @@ use std::collections::{HashMap, HashSet};
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use redis::AsyncCommands;
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::timeout;
 use tokio_util::sync::CancellationToken;
 
 use super::RedisBroker;
+use super::conn::Health;
 use super::keys::{Keys, REGISTERED, key};
 use super::pubsub::{self, Incoming, Messages, Sink};
 use super::registry::parse_target;
@@ -69,19 +69,24 @@ impl Label for Reconciled {
 const ANSWER: Duration = Duration::from_secs(2);
 
 /// Pings Redis twice a second; `agentwire_broker_up` and ingest follow the answer, readiness only
-/// its first (the "has answered once" latch).
+/// its first (the "has answered once" latch). A command connection that stops answering while a
+/// fresh one answers is replaced (see [`Healing`](super::conn::Healing)).
 pub async fn health(broker: &RedisBroker, metrics: &Metrics, stop: CancellationToken) {
     let mut interval = tokio::time::interval(Duration::from_millis(500));
+    interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
             _ = stop.cancelled() => return,
             _ = interval.tick() => {}
         }
-        let mut conn = broker.conn();
-        let answered = matches!(
-            timeout(Duration::from_secs(1), conn.ping::<String>()).await,
-            Ok(Ok(_))
-        );
+        let health = broker
+            .conn
+            .check(&broker.backend, Duration::from_secs(1))
+            .await;
+        if health == Health::Replaced {
+            replaced(metrics, "the shared command connection");
+        }
+        let answered = health != Health::Away;
         if answered != broker.is_up() {
             if answered {
                 tracing::info!("Redis is reachable.");
@@ -97,6 +102,15 @@ pub async fn health(broker: &RedisBroker, metrics: &Metrics, stop: CancellationT
         broker.set_up(answered);
         metrics.broker_up.set(i64::from(answered));
     }
+}
+
+/// Counts and logs a command connection [`Healing`](super::conn::Healing) replaced.
+pub(super) fn replaced(metrics: &Metrics, which: &'static str) {
+    metrics.redis_connections_replaced.inc();
+    tracing::warn!(
+        connection = which,
+        "A Redis connection stopped answering while a fresh one answered; replaced it."
+    );
 }
 
 /// Runs the pub/sub connection until `stop`, reconnecting whenever it is lost.

@@ -36,7 +36,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use crate::broker::views::Views;
-use conn::{Backend, Conn};
+use conn::{Backend, Conn, Healing};
 use ledger::Counters;
 use mirror::Attachment;
 use redis::{Cmd, ErrorKind, RedisError, RedisResult, Script, ServerErrorKind, Value};
@@ -103,7 +103,8 @@ impl Scripts {
 
 pub struct RedisBroker {
     pub(crate) backend: Backend,
-    conn: Conn,
+    /// The command connection shared by every caller.
+    pub(crate) conn: Healing,
     scripts: Scripts,
     pub(crate) mirror: Channels,
     history: crate::config::HistoryConfig,
@@ -151,7 +152,7 @@ impl RedisBroker {
             None => None,
         };
         let backend = Backend::new(url, ca)?;
-        let conn = backend.connect_lazily(Duration::from_secs(2), 1)?;
+        let conn = Healing::new(&backend, Duration::from_secs(2), 1)?;
         let (live, live_commands) = mpsc::channel(LIVE_QUEUE);
         let (reports, report_queue) = mpsc::channel(REPORT_QUEUE);
         let (deliveries, delivery_queue) = mpsc::channel(REPORT_QUEUE);
@@ -191,7 +192,7 @@ impl RedisBroker {
     }
 
     pub(crate) fn conn(&self) -> Conn {
-        self.conn.clone()
+        self.conn.get()
     }
 
     /// `PUBLISH` on one server; `SPUBLISH` on a Cluster, so a message goes only to the shard

@@ -1,6 +1,7 @@
 //! The session's writing side: what is queued is encoded into one buffer and written in one
-//! syscall per flush (64 KiB at most), deliveries are marked once written, and the close frame goes
-//! last, followed by a short linger for the client's close.
+//! syscall per flush (64 KiB at most), deliveries are marked once written (a stalled write's
+//! frames once its close frame went out after them), and the close frame goes last, followed by a
+//! short linger for the client's close.
 //!
 //! A write that does not finish within `session.write_timeout` means the client stopped reading
 //! (its receive window is full): the session ends as a slow consumer. Its close frame (4008) then
@@ -109,7 +110,14 @@ impl Session {
             return Ok(flushed);
         }
         if let Err(ended) = self.write_out(limit).await {
-            self.written.clear();
+            // A slow consumer's close frame went out after the whole of this write, so the
+            // socket took every frame in it, ahead of the close. Without it (a socket error, or
+            // a reset because the close did not fit) what the socket took may never arrive.
+            if self.close_sent {
+                super::delivered(&self.gateway, &mut self.written, self.connection_id);
+            } else {
+                self.written.clear();
+            }
             return Err(ended);
         }
         super::delivered(&self.gateway, &mut self.written, self.connection_id);

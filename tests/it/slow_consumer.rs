@@ -242,9 +242,13 @@ async fn a_stalled_reader_gets_4008_when_it_reads_again() {
     };
     assert_eq!(code, 4008);
     assert!(last_seen < EVENTS, "the write stalled before the end");
+    // Every frame it read was counted as written to it, the stalled write's too: they went
+    // ahead of the close frame.
+    let sent = format!("agentwire_fanout_frames_sent_total {}", EVENTS + last_seen);
     wait_lines(
         &gateway,
         &[
+            &sent,
             "agentwire_connections_closed_total{reason=\"slow_consumer\"} 1",
             "agentwire_connections_closed_total{reason=\"write_failed\"} 0",
             "agentwire_slow_consumer_closes_total{close=\"sent\"} 1",

@@ -96,6 +96,9 @@ struct State {
     producers: HashMap<Option<Box<str>>, (usize, usize)>,
     /// Runs whose held events are being published outside the lock.
     releasing: HashSet<String>,
+    /// Releases that stopped on an event the broker could not take yet (Redis away), to be
+    /// resumed: still releasing (later events wait behind), their events still held.
+    paused: HashMap<String, ChannelName>,
     /// Set by [`Resolver::take_all`] at shutdown: nothing is held or released any more.
     closed: bool,
 }
@@ -243,8 +246,8 @@ impl Resolver {
     }
 
     /// Holds `event` behind the earlier events of its run that are being released,
-    /// so it cannot overtake them; they are published in arrival order by [`Self::begin_release`]
-    /// and [`Self::continue_release`]. `Err` gives it back otherwise. (An event that has its
+    /// so it cannot overtake them; they are published in arrival order by the release that
+    /// [`Self::begin_release`] began (see [`Self::next_released`]). `Err` gives it back otherwise. (An event that has its
     /// channel never waits for a run that is not registered: it could be dead-lettered.)
     /// `journal` is where it is kept durably meanwhile (Redis mode).
     pub fn hold_behind(&self, event: Event, journal: Option<Journaled>) -> Result<(), Box<Event>> {
@@ -353,6 +356,31 @@ impl Resolver {
             self.count_waiting(&state);
         }
         next
+    }
+
+    /// The release of `run_id` stops at the event [`Self::next_released`] gave, which the broker
+    /// could not take yet: it stays first in line, the run stays releasing, and
+    /// [`Self::take_paused`] gives it back to be resumed. `false` if the shutdown took it meanwhile.
+    pub fn pause_release(&self, run_id: &str, channel: ChannelName) -> bool {
+        let mut state = self.state();
+        if !state.releasing.contains(run_id) {
+            return false;
+        }
+        state.paused.insert(run_id.to_string(), channel);
+        true
+    }
+
+    /// Takes at most `most` paused releases, for the caller to resume ([`Self::next_released`]
+    /// on).
+    pub fn take_paused(&self, most: usize) -> Vec<(String, ChannelName)> {
+        if self.read().paused.is_empty() {
+            return Vec::new();
+        }
+        let mut state = self.state();
+        let runs: Vec<String> = state.paused.keys().take(most).cloned().collect();
+        runs.into_iter()
+            .filter_map(|run_id| state.paused.remove_entry(&run_id))
+            .collect()
     }
 
     /// The event [`Self::next_released`] gave has been published (or dead-lettered): it leaves the
@@ -486,6 +514,7 @@ impl Resolver {
         let mut state = self.state();
         state.closed = true;
         state.releasing.clear();
+        state.paused.clear();
         let runs: Vec<String> = state.pending.keys().cloned().collect();
         let held = state.take_runs(runs);
         self.count_waiting(&state);

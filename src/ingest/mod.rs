@@ -31,7 +31,9 @@ use serde::Serialize;
 
 pub use body::{BodyError, Items, split};
 pub use redrive::{RedriveOutcome, Redriven, redrive};
-pub use registration::{RegisterError, RunRefusal, dead_letter_held, expire_pending, register};
+pub use registration::{
+    RegisterError, RunRefusal, dead_letter_held, expire_pending, register, resume_releases,
+};
 pub use stalls::{Untold, report_stalls};
 pub use upward::consume;
 
@@ -307,7 +309,7 @@ pub async fn adopt_held(gateway: &Gateway) {
 /// An event taken for ingest that the broker failed on by our fault: it is lost (nothing of it
 /// was emitted), counted `lost{internal}` and logged at most once per interval, since a broken
 /// script or key fails every event that reaches it.
-fn lost_internal(gateway: &Gateway, error: &BrokerError) {
+pub(super) fn lost_internal(gateway: &Gateway, error: &BrokerError) {
     static INTERNAL: Throttle = Throttle::every(Duration::from_secs(10));
     gateway.metrics.lose_internal();
     if let Some(held_back) = INTERNAL.allow() {

@@ -7,6 +7,7 @@ use super::{emit, held_entry};
 use crate::broker::{BrokerError, Registration};
 use crate::ledger::LostReason;
 use crate::metrics::{Label, count};
+use crate::protocol::ChannelName;
 use crate::protocol::packed::PackedEvent;
 use crate::protocol::run::RunTarget;
 use crate::resolve::{Held, Unregistrable};
@@ -104,32 +105,67 @@ pub(super) async fn release(gateway: &Gateway, run_id: &str, target: RunTarget) 
     let Some(channel) = channel else {
         return 0;
     };
+    publish_released(gateway, run_id, channel).await
+}
+
+/// On each housekeeping tick while the broker answers: resumes the releases that stopped on an
+/// event Redis could not take, from that event on; at once, and a bounded number a tick, since
+/// each may wait for Redis.
+pub async fn resume_releases(gateway: &Gateway) {
+    if !gateway.broker.is_up() {
+        return;
+    }
+    let paused = gateway.resolver.take_paused(LAST_LOOKUPS);
+    let resumed = paused.into_iter().map(|(run_id, channel)| async move {
+        publish_released(gateway, &run_id, channel).await;
+    });
+    futures_util::future::join_all(resumed).await;
+}
+
+/// Publishes the held events of a run being released, in order, until none is left. An event
+/// the broker cannot take now (Redis away, or full) pauses the release there, for
+/// [`resume_releases`]: the run has its channel, so the event is not lost, only late, and the
+/// events behind it wait. One the broker failed on by our fault is dead-lettered and counted
+/// `lost{internal}` (a retry would fail the same way).
+async fn publish_released(gateway: &Gateway, run_id: &str, channel: ChannelName) -> usize {
     let mut released = 0;
     while let Some(packed) = gateway.resolver.next_released(run_id) {
-        released += 1;
         let failed = match packed.unpack() {
             Some(event) => {
                 let span = telemetry::ingest_span(&event);
                 // Its first journal entry id makes a second publish (by a replica that adopted
-                // it while this one did not answer) a duplicate.
+                // it while this one did not answer, or a resumed release after a call that ran
+                // unanswered) a duplicate.
                 let origin = packed.journal.as_ref().map(|j| held_entry(&j.origin));
                 match emit(gateway, &channel, &event, origin.as_deref(), &span).await {
                     Ok(_) => None,
+                    Err(error @ BrokerError::Internal(_)) => {
+                        gateway.metrics.broker_errors.inc();
+                        super::lost_internal(gateway, &error);
+                        Some(None)
+                    }
                     Err(error) => {
-                        static FAILED: Throttle = Throttle::every(Duration::from_secs(10));
-                        if let Some(held_back) = FAILED.allow() {
-                            tracing::warn!(%error, run_id, held_back, "A released event could not be published.");
+                        gateway.metrics.broker_errors.inc();
+                        static PAUSED: Throttle = Throttle::every(Duration::from_secs(10));
+                        if let Some(held_back) = PAUSED.allow() {
+                            tracing::warn!(%error, run_id, held_back, "A released event could not be published yet; its run's release goes on once Redis takes it.");
                         }
-                        Some("broker unavailable at release")
+                        gateway.resolver.pause_release(run_id, channel);
+                        return released;
                     }
                 }
             }
-            None => Some("held event could not be read back"),
+            None => Some(Some("held event could not be read back")),
         };
+        released += 1;
         // `false`: the shutdown took it meanwhile, already dead-lettered and counted.
         if gateway.resolver.released(run_id) {
             match failed {
-                Some(why) => dead_letter(
+                // Counted lost{internal}; its letter is kept for a redrive once fixed.
+                Some(None) => {
+                    keep_letter(gateway, run_id, packed, "the broker failed it at release")
+                }
+                Some(Some(why)) => dead_letter(
                     gateway,
                     Held {
                         run_id: run_id.to_string(),
@@ -187,7 +223,8 @@ pub async fn expire_pending(gateway: &Gateway) {
     }
 }
 
-/// Runs past `resolve.grace` looked up in the shared registry per tick, at most.
+/// Runs past `resolve.grace` looked up in the shared registry per tick, at most; paused releases
+/// resumed per tick, at most.
 const LAST_LOOKUPS: usize = 64;
 
 /// Why an event still held for its run when the gateway stopped was dead-lettered.
@@ -274,10 +311,15 @@ pub(super) fn lost_unresolved(gateway: &Gateway, run_id: &str, event: &PackedEve
 pub(super) fn dead_letter(gateway: &Gateway, held: Held, why: &'static str) {
     for event in held.events {
         lost_unresolved(gateway, &held.run_id, &event, why);
-        let journal = event.journal.clone();
-        gateway
-            .broker
-            .keep_dead_letter(&held.run_id, event, why, &gateway.metrics);
-        gateway.broker.settle_held(journal.as_ref());
+        keep_letter(gateway, &held.run_id, event, why);
     }
+}
+
+/// Keeps an event counted lost as a dead letter; a held event leaves the journal after it.
+fn keep_letter(gateway: &Gateway, run_id: &str, event: PackedEvent, why: &'static str) {
+    let journal = event.journal.clone();
+    gateway
+        .broker
+        .keep_dead_letter(run_id, event, why, &gateway.metrics);
+    gateway.broker.settle_held(journal.as_ref());
 }

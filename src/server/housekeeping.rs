@@ -1,4 +1,5 @@
-//! Housekeeping, on a tick: held events past `resolve.grace` are dead-lettered, those of replicas
+//! Housekeeping, on a tick: releases of held events that Redis paused are resumed, held events
+//! past `resolve.grace` are dead-lettered, those of replicas
 //! presumed dead adopted (Redis mode), stalled runs reported, and once a second history past its age, idle channels and old dedupe ids expire.
 
 use std::sync::Arc;
@@ -8,8 +9,8 @@ use tokio_util::sync::CancellationToken;
 
 use crate::Gateway;
 
-/// Expires held events past the grace period, reports stalled runs, expires history past its
-/// age, idle channels and old dedupe ids.
+/// Resumes paused releases, expires held events past the grace period, reports stalled runs,
+/// expires history past its age, idle channels and old dedupe ids.
 pub async fn run(gateway: Arc<Gateway>, stop: CancellationToken) {
     let shortest = gateway
         .config
@@ -25,6 +26,7 @@ pub async fn run(gateway: Arc<Gateway>, stop: CancellationToken) {
             _ = stop.cancelled() => return untold.abandon(&gateway),
             _ = interval.tick() => {}
         }
+        crate::ingest::resume_releases(&gateway).await;
         crate::ingest::expire_pending(&gateway).await;
         crate::ingest::adopt_held(&gateway).await;
         crate::ingest::report_stalls(&gateway, &mut untold).await;

@@ -673,3 +673,80 @@ async fn a_cluster_over_tls_with_a_configured_ca() {
     let (status, _) = crate::support::http(untrusting.internal, "GET", "/readyz", None).await;
     assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_release_redis_cannot_take_yet_goes_on_once_it_can_and_nothing_is_called_lost() {
+    // The run's channel on a master of its own: the registry (`{runs}`) and the journal of held
+    // events (`{held}`) answer while that master holds every write.
+    let cluster = RedisCluster::start(3, 0).await;
+    let elsewhere = [
+        cluster.master_of("aw:{runs}:target").await,
+        cluster.master_of("aw:{held}:alive").await,
+    ];
+    let (thread, paused) = a_thread_per_master(&cluster)
+        .await
+        .into_iter()
+        .find(|(_, master)| !elsewhere.contains(master))
+        .expect("a master apart from the registry's and the journal's");
+    let url = cluster.url();
+    let gateway = Gateway::start_with(|c| {
+        c.broker.redis_url = Some(url);
+        c.resolve.grace = Duration::from_secs(60);
+    })
+    .await;
+    wait_ready(gateway.internal, StatusCode::OK).await;
+    let mut viewer = Client::hello(gateway.addr, "v").await;
+    viewer.subscribe(&thread, None).await;
+    let early =
+        |n: u64| json!({"type": "agent_thinking", "run_id": "run_late", "payload": {"n": n}});
+    let answer = gateway.publish(&[early(1)]).await;
+    assert_eq!(answer["results"][0]["status"], "pending_resolution");
+
+    // The run registers while its channel's master takes no writes: the release cannot publish.
+    let () = redis::cmd("CLIENT")
+        .arg("PAUSE")
+        .arg(30_000)
+        .arg("WRITE")
+        .query_async(&mut cluster.node(paused).await)
+        .await
+        .unwrap();
+    let register = json!({"run_id": "run_late", "thread_id": thread}).to_string();
+    let (status, text) = gateway.post("/v1/runs", &register).await;
+    assert_eq!(status, StatusCode::OK, "{text}");
+    // A later event of the run waits behind the held one rather than overtake it.
+    let answer = gateway.publish(&[early(2)]).await;
+    assert_eq!(
+        answer["results"][0]["status"], "pending_resolution",
+        "{answer}"
+    );
+    viewer.silent_for(Duration::from_millis(300)).await;
+
+    let () = redis::cmd("CLIENT")
+        .arg("UNPAUSE")
+        .query_async(&mut cluster.node(paused).await)
+        .await
+        .unwrap();
+    // Both arrive, in order, once: the call held by the pause ran when it ended, and the resumed
+    // release's publish of it is answered duplicate.
+    let shown: Vec<Value> = viewer.events(2).await;
+    assert_eq!(
+        shown
+            .iter()
+            .map(|e| (e["seq"].clone(), e["payload"]["n"].clone()))
+            .collect::<Vec<_>>(),
+        vec![(json!(1), json!(1)), (json!(2), json!(2))]
+    );
+    viewer.silent_for(Duration::from_millis(300)).await;
+    let channel = format!("thread:{thread}");
+    let ledger = ledger_until(&gateway, &channel, |l| l["delivered"] == 2).await;
+    assert_eq!(ledger["emitted"], 2, "{ledger}");
+    // Late, not lost: no dead letter, nothing counted lost, nothing left held.
+    assert_eq!(gateway.get("/v1/deadletter").await.1["count"], 0);
+    for series in [
+        "agentwire_events_lost_total{reason=\"unresolved\"}",
+        "agentwire_events_lost_total{reason=\"internal\"}",
+        "agentwire_events_pending_resolution",
+    ] {
+        assert_eq!(gateway.metric(series).await, 0.0, "{series}");
+    }
+}

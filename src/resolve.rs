@@ -492,6 +492,34 @@ impl Resolver {
         Ok(())
     }
 
+    /// Holds an event that was taken but that the broker could not publish yet (one adopted from
+    /// a replica presumed dead): it waits for its run's registration like any held event, or, its
+    /// run being registered here, as the next event of a paused release ([`Self::take_paused`]),
+    /// behind a release under way if there is one. Late, not lost.
+    pub fn hold_unpublished(
+        &self,
+        event: Event,
+        journal: Option<Journaled>,
+    ) -> Result<(), NotHeld> {
+        let (event, channel) = match self.hold(event, journal.clone()) {
+            Err(NotHeld::Registered { event, channel }) => (event, channel),
+            other => return other,
+        };
+        let mut state = self.state();
+        let Some(run_id) = event.run_id.clone().filter(|_| !state.closed) else {
+            return Err(NotHeld::Closed { event });
+        };
+        let mut packed = PackedEvent::pack(&event);
+        packed.journal = journal;
+        // Within the counts but never refused: its run's later events may already be published.
+        self.keep(&mut state, run_id.clone(), packed);
+        if state.releasing.insert(run_id.clone()) {
+            state.paused.insert(run_id, channel);
+        }
+        self.count_waiting(&state);
+        Ok(())
+    }
+
     /// The runs with events held now.
     pub fn held_runs(&self) -> Vec<String> {
         self.read().pending.keys().cloned().collect()
@@ -624,6 +652,42 @@ mod tests {
             r#"{"type":"agent_thinking","run_id":"run_xyz789"}"#,
             None,
         );
+    }
+
+    #[test]
+    fn an_unpublished_event_of_a_registered_run_waits_as_a_paused_release_that_later_ones_queue_behind()
+     {
+        let r = resolver();
+        let target = RunTarget {
+            thread_id: Some("t_late".into()),
+            user_id: None,
+        };
+        assert!(!r.begin_release("run_late", target), "nothing held yet");
+        let first = r#"{"type":"agent_thinking","run_id":"run_late","event_id":"e1"}"#;
+        let second = r#"{"type":"agent_thinking","run_id":"run_late","event_id":"e2"}"#;
+        assert!(r.hold_unpublished(event(first), None).is_ok());
+        // Registered here, but it must not overtake the one waiting.
+        assert!(r.is_waiting("run_late"));
+        assert!(r.hold_behind(event(second), None).is_ok());
+        assert_eq!(r.pending_count(), 2);
+        assert!(
+            r.expiring(Instant::now() + Duration::from_secs(1))
+                .is_empty()
+        );
+        let paused = r.take_paused(64);
+        assert_eq!(paused.len(), 1);
+        assert_eq!(
+            (paused[0].0.as_str(), paused[0].1.as_str()),
+            ("run_late", "thread:t_late")
+        );
+        assert!(r.take_paused(64).is_empty(), "taken once");
+        for id in ["e1", "e2"] {
+            let next = r.next_released("run_late").expect("in order");
+            assert_eq!(next.event_id.as_deref(), Some(id));
+            assert!(r.released("run_late"));
+        }
+        assert!(r.next_released("run_late").is_none());
+        assert!(!r.is_waiting("run_late"));
     }
 
     #[test]

@@ -284,17 +284,11 @@ pub async fn adopt_held(gateway: &Gateway) {
         )
         .await
         {
-            // Nobody sends it again: dead-lettered (and counted here) like a release that failed.
+            // Nobody sends it again: held here (counted `ingested` here), for its registration or
+            // a paused release to publish once Redis takes it.
             ItemResult::Unavailable { .. } => {
                 gateway.metrics.events_ingested.inc();
-                dead_letter(
-                    gateway,
-                    Held {
-                        run_id,
-                        events: vec![packed],
-                    },
-                    "broker unavailable at adoption",
-                );
+                hold_adopted(gateway, run_id, packed);
             }
             // Refused or lost by our fault (counted): a retry would end the same way.
             ItemResult::Error(_) | ItemResult::Internal { .. } => {
@@ -304,6 +298,32 @@ pub async fn adopt_held(gateway: &Gateway) {
             _ => {}
         }
     }
+}
+
+/// An adopted event the broker could not take yet stays held here, as if this replica had taken
+/// it: late, not lost. Only with no room for it (or at shutdown) is it dead-lettered.
+fn hold_adopted(gateway: &Gateway, run_id: String, packed: PackedEvent) {
+    let why = match packed.unpack() {
+        Some(event) => match gateway
+            .resolver
+            .hold_unpublished(event, packed.journal.clone())
+        {
+            Ok(()) => return,
+            Err(NotHeld::Closed { .. }) => registration::SHUTDOWN,
+            Err(NotHeld::Full { .. } | NotHeld::Registered { .. }) => {
+                "no room to hold it after adoption"
+            }
+        },
+        None => "held event could not be read back",
+    };
+    dead_letter(
+        gateway,
+        Held {
+            run_id,
+            events: vec![packed],
+        },
+        why,
+    );
 }
 
 /// An event taken for ingest that the broker failed on by our fault: it is lost (nothing of it

@@ -7,7 +7,9 @@ use std::time::Duration;
 use hyper::StatusCode;
 use serde_json::{Value, json};
 
-use crate::support::{Client, Gateway, Process, Redis, eventually, wait_ready};
+use crate::support::{
+    Client, Gateway, Process, Redis, RedisCluster, eventually, metric_value, wait_ready,
+};
 
 /// A gateway process on `redis` with a short claim time, ready to serve.
 async fn replica(redis: &Redis) -> Process {
@@ -171,4 +173,92 @@ async fn journals_empty(redis: &Redis) {
         }
     })
     .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn adopted_events_redis_cannot_take_yet_wait_and_arrive_in_order() {
+    // A Redis Cluster, so that the run's channel has a master of its own: the registry and the
+    // journals answer while that master holds every write.
+    let cluster = RedisCluster::start(3, 0).await;
+    let elsewhere = [
+        cluster.master_of("aw:{runs}:target").await,
+        cluster.master_of("aw:{held}:alive").await,
+    ];
+    let mut thread = String::new();
+    let mut paused = 0;
+    for i in 0.. {
+        thread = format!("t_adopt{i}");
+        paused = cluster
+            .master_of(&format!("aw:{{thread:{thread}}}:log"))
+            .await;
+        if !elsewhere.contains(&paused) {
+            break;
+        }
+    }
+    let url = cluster.url();
+    let env = [
+        ("AGENTWIRE_BROKER__REDIS_URL", url.as_str()),
+        ("AGENTWIRE_BROKER__CLAIM_IDLE", "2s"),
+        ("AGENTWIRE_RESOLVE__GRACE", "1s"),
+    ];
+    let doomed = Process::start(&env).await;
+    wait_ready(doomed.internal, StatusCode::OK).await;
+    let survivor = Process::start(&env).await;
+    wait_ready(survivor.internal, StatusCode::OK).await;
+    let mut client = Client::hello(survivor.addr, "u1").await;
+    client.subscribe(&thread, None).await;
+    hold(&Gateway::at(&doomed), "r_adopt", 3).await;
+    doomed.signal("KILL");
+
+    // The run registers; then its channel's master holds writes while the survivor adopts.
+    let survivor_api = Gateway::at(&survivor);
+    let register = json!({"run_id": "r_adopt", "thread_id": thread}).to_string();
+    let (status, text) = survivor_api.post("/v1/runs", &register).await;
+    assert_eq!(status, StatusCode::OK, "{text}");
+    let pause = |command: &'static [&'static str]| {
+        let cluster = &cluster;
+        async move {
+            let () = redis::cmd("CLIENT")
+                .arg(command)
+                .query_async(&mut cluster.node(paused).await)
+                .await
+                .unwrap();
+        }
+    };
+    pause(&["PAUSE", "30000", "WRITE"]).await;
+    // All three taken in, none published: the first waits for Redis, the others behind it.
+    eventually("the survivor holds what it adopted", async || {
+        let metrics = survivor_api.metrics().await;
+        let held = metric_value(&metrics, "agentwire_events_pending_resolution");
+        let ingested = metric_value(&metrics, "agentwire_events_ingested_total");
+        match (ingested, held) {
+            (3.0, 3.0) => Ok(()),
+            other => Err(format!("{other:?}")),
+        }
+    })
+    .await;
+    pause(&["UNPAUSE"]).await;
+
+    let events = client.events(3).await;
+    let shown: Vec<(Value, Value)> = events
+        .iter()
+        .map(|e| (e["seq"].clone(), e["payload"]["n"].clone()))
+        .collect();
+    assert_eq!(
+        shown,
+        [
+            (json!(1), json!(1)),
+            (json!(2), json!(2)),
+            (json!(3), json!(3))
+        ],
+        "late, in order, once"
+    );
+    client.silent_for(Duration::from_millis(500)).await;
+    assert_eq!(survivor_api.get("/v1/deadletter").await.1["count"], 0);
+    assert_eq!(
+        survivor_api
+            .metric("agentwire_events_lost_total{reason=\"unresolved\"}")
+            .await,
+        0.0
+    );
 }

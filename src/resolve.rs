@@ -211,6 +211,19 @@ pub enum NotHeld {
     Closed { event: Box<Event> },
 }
 
+/// Why [`Resolver::hold_behind`] did not hold an event.
+#[derive(Debug)]
+pub enum NotBehind {
+    /// Its run's events are not being released (any more): it is published.
+    Free(Box<Event>),
+    /// Its run's release is paused (Redis cannot take the next event yet) and a budget of the
+    /// pending set has no room: the producer sends it again later.
+    Full {
+        event: Box<Event>,
+        full: PendingFull,
+    },
+}
+
 impl Resolver {
     pub fn new(config: ResolveConfig) -> Self {
         Self {
@@ -250,23 +263,32 @@ impl Resolver {
     /// [`Self::begin_release`] began (see [`Self::next_released`]). `Err` gives it back otherwise. (An event that has its
     /// channel never waits for a run that is not registered: it could be dead-lettered.)
     /// `journal` is where it is kept durably meanwhile (Redis mode).
-    pub fn hold_behind(&self, event: Event, journal: Option<Journaled>) -> Result<(), Box<Event>> {
+    pub fn hold_behind(&self, event: Event, journal: Option<Journaled>) -> Result<(), NotBehind> {
         if self.waiting.load(Ordering::Acquire) == 0 {
-            return Err(Box::new(event));
+            return Err(NotBehind::Free(Box::new(event)));
         }
         let Some(run_id) = event.run_id.clone() else {
-            return Err(Box::new(event));
+            return Err(NotBehind::Free(Box::new(event)));
         };
         let mut state = self.state();
         // Closed: the release behind which it would wait has been dead-lettered; it has its
         // channel, so it is published.
         if state.closed || !state.releasing.contains(&run_id) {
-            return Err(Box::new(event));
+            return Err(NotBehind::Free(Box::new(event)));
         }
-        // Published as soon as the release reaches it: within the counts, but never refused, or
-        // it would overtake the events before it.
         let mut packed = PackedEvent::pack(&event);
         packed.journal = journal;
+        // A release under way publishes it in a moment: within the counts, but never refused, or
+        // it would overtake the events before it. One paused for Redis may wait for long: past
+        // its budgets the producer is told to send it again later.
+        if state.paused.contains_key(&run_id)
+            && let Some(full) = self.full(&state, &run_id, &packed)
+        {
+            return Err(NotBehind::Full {
+                event: Box::new(event),
+                full,
+            });
+        }
         self.keep(&mut state, run_id, packed);
         Ok(())
     }
@@ -669,6 +691,16 @@ mod tests {
         // Registered here, but it must not overtake the one waiting.
         assert!(r.is_waiting("run_late"));
         assert!(r.hold_behind(event(second), None).is_ok());
+        assert_eq!(r.pending_count(), 2);
+        // Paused, it may wait for long: past the budget (2 here) the producer sends it later.
+        let third = r#"{"type":"agent_thinking","run_id":"run_late","event_id":"e3"}"#;
+        assert!(matches!(
+            r.hold_behind(event(third), None),
+            Err(NotBehind::Full {
+                full: PendingFull::Set,
+                ..
+            })
+        ));
         assert_eq!(r.pending_count(), 2);
         assert!(
             r.expiring(Instant::now() + Duration::from_secs(1))

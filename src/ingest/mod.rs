@@ -44,7 +44,7 @@ use crate::protocol::ChannelName;
 use crate::protocol::event::{self, Event, EventType, Refusal};
 use crate::protocol::packed::{Journaled, PackedEvent};
 use crate::protocol::run::RunTarget;
-use crate::resolve::{Held, NotHeld, PendingFull};
+use crate::resolve::{Held, NotBehind, NotHeld, PendingFull};
 use crate::telemetry::{self, Throttle};
 use registration::{dead_letter, lost_unresolved, release};
 use tracing::{Instrument, Span};
@@ -382,19 +382,33 @@ async fn accept_in(
         if !releasing {
             return published(gateway, &channel, &event, entry, journal, answered, span).await;
         }
-        let journal = match journal {
-            Some(journal) => Some(journal),
+        let (journal, journaled_here) = match journal {
+            Some(journal) => (Some(journal), false),
             None => {
-                gateway
-                    .broker
+                let journal = (gateway.broker)
                     .journal_held(&PackedEvent::pack(&event))
-                    .await?
+                    .await?;
+                (journal, true)
             }
         };
         return match gateway.resolver.hold_behind(event, journal.clone()) {
             Ok(()) => Ok(ItemResult::PendingResolution),
-            Err(event) => {
+            Err(NotBehind::Free(event)) => {
                 published(gateway, &channel, &event, entry, journal, answered, span).await
+            }
+            // Not taken: out of the journal, and its event_id free for the producer's retry.
+            Err(NotBehind::Full { event, full }) => {
+                if journaled_here {
+                    gateway.broker.settle_held(journal.as_ref());
+                }
+                if let Some(event_id) = event.dedupe_id() {
+                    gateway.broker.forget(&event_id);
+                }
+                metrics::count(&gateway.metrics.pending_refused, full);
+                Err(BrokerError::Unavailable(
+                    "its run's release waits for Redis and holds its share of the pending set"
+                        .into(),
+                ))
             }
         };
     }

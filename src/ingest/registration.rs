@@ -105,31 +105,51 @@ pub(super) async fn release(gateway: &Gateway, run_id: &str, target: RunTarget) 
     let Some(channel) = channel else {
         return 0;
     };
-    publish_released(gateway, run_id, channel).await
+    publish_released(gateway, run_id, channel, None).await
 }
 
 /// On each housekeeping tick while the broker answers: resumes the releases that stopped on an
-/// event Redis could not take, from that event on; at once, and a bounded number a tick, since
-/// each may wait for Redis.
+/// event Redis could not take, from that event on; at once, a bounded number of runs and of
+/// events each a tick (what is left waits for the next tick), since each may wait for Redis and
+/// the tick also marks this replica alive.
 pub async fn resume_releases(gateway: &Gateway) {
     if !gateway.broker.is_up() {
         return;
     }
     let paused = gateway.resolver.take_paused(LAST_LOOKUPS);
     let resumed = paused.into_iter().map(|(run_id, channel)| async move {
-        publish_released(gateway, &run_id, channel).await;
+        publish_released(gateway, &run_id, channel, Some(RESUMED_PER_TICK)).await;
     });
     futures_util::future::join_all(resumed).await;
 }
 
-/// Publishes the held events of a run being released, in order, until none is left. An event
-/// the broker cannot take now (Redis away, or full) pauses the release there, for
-/// [`resume_releases`]: the run has its channel, so the event is not lost, only late, and the
-/// events behind it wait. One the broker failed on by our fault is dead-lettered and counted
-/// `lost{internal}` (a retry would fail the same way).
-async fn publish_released(gateway: &Gateway, run_id: &str, channel: ChannelName) -> usize {
+/// Events a resumed release publishes per tick, at most.
+const RESUMED_PER_TICK: usize = 100;
+
+/// Publishes the held events of a run being released, in order, until none is left (or `most`
+/// are published: the release is paused, to go on at the next tick). An event the broker cannot
+/// take now (Redis away, or full) pauses the release there, for [`resume_releases`]: the run has
+/// its channel, so the event is not lost, only late, and the events behind it wait. So does a
+/// release whose task is dropped midway. One the
+/// broker failed on by our fault is dead-lettered and counted `lost{internal}` (a retry would
+/// fail the same way).
+async fn publish_released(
+    gateway: &Gateway,
+    run_id: &str,
+    channel: ChannelName,
+    most: Option<usize>,
+) -> usize {
+    let mut unfinished = Unfinished {
+        gateway,
+        run_id,
+        channel: Some(channel.clone()),
+    };
     let mut released = 0;
     while let Some(packed) = gateway.resolver.next_released(run_id) {
+        if most.is_some_and(|most| released >= most) {
+            // Paused by `unfinished` as it drops: the rest goes on at the next tick.
+            return released;
+        }
         let failed = match packed.unpack() {
             Some(event) => {
                 let span = telemetry::ingest_span(&event);
@@ -139,48 +159,72 @@ async fn publish_released(gateway: &Gateway, run_id: &str, channel: ChannelName)
                 let origin = packed.journal.as_ref().map(|j| held_entry(&j.origin));
                 match emit(gateway, &channel, &event, origin.as_deref(), &span).await {
                     Ok(_) => None,
-                    Err(error @ BrokerError::Internal(_)) => {
-                        gateway.metrics.broker_errors.inc();
-                        super::lost_internal(gateway, &error);
-                        Some(None)
-                    }
+                    Err(error @ BrokerError::Internal(_)) => Some(Failed::Internal(error)),
                     Err(error) => {
                         gateway.metrics.broker_errors.inc();
                         static PAUSED: Throttle = Throttle::every(Duration::from_secs(10));
                         if let Some(held_back) = PAUSED.allow() {
                             tracing::warn!(%error, run_id, held_back, "A released event could not be published yet; its run's release goes on once Redis takes it.");
                         }
-                        gateway.resolver.pause_release(run_id, channel);
                         return released;
                     }
                 }
             }
-            None => Some(Some("held event could not be read back")),
+            None => Some(Failed::Unreadable),
         };
         released += 1;
         // `false`: the shutdown took it meanwhile, already dead-lettered and counted.
         if gateway.resolver.released(run_id) {
             match failed {
                 // Counted lost{internal}; its letter is kept for a redrive once fixed.
-                Some(None) => {
-                    keep_letter(gateway, run_id, packed, "the broker failed it at release")
+                Some(Failed::Internal(error)) => {
+                    gateway.metrics.broker_errors.inc();
+                    super::lost_internal(gateway, &error);
+                    keep_letter(gateway, run_id, packed, "the broker failed it at release");
                 }
-                Some(Some(why)) => dead_letter(
+                Some(Failed::Unreadable) => dead_letter(
                     gateway,
                     Held {
                         run_id: run_id.to_string(),
                         events: vec![packed],
                     },
-                    why,
+                    "held event could not be read back",
                 ),
                 None => gateway.broker.settle_held(packed.journal.as_ref()),
             }
         }
     }
+    // Ended: nothing left to pause.
+    unfinished.channel = None;
     if released > 0 {
         tracing::info!(run_id, released, "Late registration delivered held events.");
     }
     released
+}
+
+/// Why a released event was not published, and will not be.
+enum Failed {
+    Internal(BrokerError),
+    Unreadable,
+}
+
+/// A release under way: dropped before it ended (paused by Redis, cut by its budget, or its task
+/// dropped), it is paused, so [`resume_releases`] takes it up; else its run would stay releasing
+/// with nobody publishing, and every later event of the run would wait behind it for good.
+struct Unfinished<'a> {
+    gateway: &'a Gateway,
+    run_id: &'a str,
+    /// `None` once the release ended.
+    channel: Option<ChannelName>,
+}
+
+impl Drop for Unfinished<'_> {
+    fn drop(&mut self) {
+        if let Some(channel) = self.channel.take() {
+            // `false` at shutdown: what it held was taken and dead-lettered.
+            self.gateway.resolver.pause_release(self.run_id, channel);
+        }
+    }
 }
 
 /// Moves the runs that waited past the grace period to the dead-letter log. In Redis mode each is

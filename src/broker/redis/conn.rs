@@ -8,9 +8,9 @@
 //! ([`Healing`]).
 
 use std::collections::HashMap;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
-use std::time::Duration;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
 
@@ -175,6 +175,10 @@ fn cluster_builder(seeds: &[String], ca: Option<Vec<u8>>) -> ClusterClientBuilde
 
 /// Failed checks in a row before a fresh connection is tried.
 const FAILED_BEFORE_RENEWAL: u32 = 2;
+/// Replacements at most this often: a master that holds writes (`CLIENT PAUSE … WRITE`) makes every
+/// connection's `PING` wait behind a held call, fresh ones too once they carry one, and replacing
+/// each time would flip the broker up and down every tick and reload the topology for nothing.
+const RENEWAL_GAP: Duration = Duration::from_secs(10);
 
 /// A command connection that is replaced when it stops answering while a fresh one answers.
 /// The redis crate repairs lost connections, not wedged ones: its Cluster connection can stay
@@ -187,6 +191,8 @@ pub(crate) struct Healing {
     retries: usize,
     /// Checks failed in a row.
     failed: AtomicU32,
+    /// When a fresh connection last took this one's place.
+    replaced_at: Mutex<Option<Instant>>,
 }
 
 /// What [`Healing::check`] found.
@@ -207,6 +213,7 @@ impl Healing {
             answer,
             retries,
             failed: AtomicU32::new(0),
+            replaced_at: Mutex::new(None),
         })
     }
 
@@ -217,13 +224,18 @@ impl Healing {
 
     /// Pings Redis, each step within `within`. From the second failure in a row, a fresh
     /// connection is made and pinged too; if it answers, it replaces this one (requests in
-    /// flight on the old one end as they would have).
+    /// flight on the old one end as they would have). At most one replacement per
+    /// [`RENEWAL_GAP`].
     pub(crate) async fn check(&self, backend: &Backend, within: Duration) -> Health {
         if ping(&mut self.get(), within).await {
             self.failed.store(0, Ordering::Relaxed);
             return Health::Answered;
         }
         if self.failed.fetch_add(1, Ordering::Relaxed) + 1 < FAILED_BEFORE_RENEWAL {
+            return Health::Away;
+        }
+        let recently = |at: &Option<Instant>| at.is_some_and(|at| at.elapsed() < RENEWAL_GAP);
+        if recently(&self.replaced_at.lock().unwrap_or_else(|e| e.into_inner())) {
             return Health::Away;
         }
         let Ok(Ok(mut fresh)) = timeout(within, backend.connect(self.answer, self.retries)).await
@@ -235,6 +247,7 @@ impl Healing {
         }
         self.current.store(Arc::new(fresh));
         self.failed.store(0, Ordering::Relaxed);
+        *self.replaced_at.lock().unwrap_or_else(|e| e.into_inner()) = Some(Instant::now());
         Health::Replaced
     }
 }

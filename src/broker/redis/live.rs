@@ -106,11 +106,15 @@ pub async fn health(broker: &RedisBroker, metrics: &Metrics, stop: CancellationT
 
 /// Counts and logs a command connection [`Healing`](super::conn::Healing) replaced.
 pub(super) fn replaced(metrics: &Metrics, which: &'static str) {
+    static REPLACED: Throttle = Throttle::every(Duration::from_secs(10));
     metrics.redis_connections_replaced.inc();
-    tracing::warn!(
-        connection = which,
-        "A Redis connection stopped answering while a fresh one answered; replaced it."
-    );
+    if let Some(held_back) = REPLACED.allow() {
+        tracing::warn!(
+            connection = which,
+            held_back,
+            "A Redis connection stopped answering while a fresh one answered; replaced it."
+        );
+    }
 }
 
 /// Runs the pub/sub connection until `stop`, reconnecting whenever it is lost.

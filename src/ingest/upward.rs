@@ -76,7 +76,8 @@ async fn announced(gateway: &Gateway, announcement: Announcement) {
 
 /// The entries of one read, in stream order: those that need nothing but their publish are
 /// published together (`batch.rs`), any other is taken alone once those before it are published.
-/// One answer per entry, up to the first error (the reader leaves the rest for later).
+/// One answer per entry, up to the first error and the rest of the batch it was published in (the
+/// reader leaves what follows for later).
 async fn take_read(
     gateway: &Gateway,
     entries: Vec<StreamEvent>,

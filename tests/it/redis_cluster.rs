@@ -750,3 +750,85 @@ async fn a_release_redis_cannot_take_yet_goes_on_once_it_can_and_nothing_is_call
         assert_eq!(gateway.metric(series).await, 0.0, "{series}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ingest_entries_published_beside_one_a_master_held_up_are_acknowledged() {
+    // Two threads on two masters, neither the one that holds the ingest stream; one of them
+    // takes no writes while a read of the stream carries an entry for each.
+    let cluster = RedisCluster::start(3, 0).await;
+    let stream_master = cluster.master_of("aw:ingest").await;
+    let threads: Vec<(String, u16)> = a_thread_per_master(&cluster)
+        .await
+        .into_iter()
+        .filter(|(_, master)| *master != stream_master)
+        .collect();
+    let [(held_up, paused), (beside, _)] = &threads[..] else {
+        panic!("two masters besides the stream's: {threads:?}");
+    };
+    let gateway = on_cluster(&cluster).await;
+    let mut viewer = Client::hello(gateway.addr, "v").await;
+    viewer.subscribe(beside, None).await;
+    // A first event each, so both masters have the publish script.
+    gateway
+        .publish(&[thinking(held_up, 1), thinking(beside, 1)])
+        .await;
+    assert_eq!(viewer.recv().await["seq"], 1);
+
+    let () = redis::cmd("CLIENT")
+        .arg("PAUSE")
+        .arg(30_000)
+        .arg("WRITE")
+        .query_async(&mut cluster.node(*paused).await)
+        .await
+        .unwrap();
+    // Added in one transaction, so that one read of the stream carries both.
+    let mut stream = cluster.node(stream_master).await;
+    let mut both = redis::pipe();
+    both.atomic();
+    for event in [thinking(held_up, 2), thinking(beside, 2)] {
+        both.cmd("XADD")
+            .arg("aw:ingest")
+            .arg("*")
+            .arg("event")
+            .arg(event.to_string());
+    }
+    let _: Vec<String> = both.query_async(&mut stream).await.unwrap();
+    assert_eq!(
+        viewer.recv().await["seq"],
+        2,
+        "published beside the held-up one"
+    );
+    // Acknowledged although the entry before it is not: only the held-up one stays pending.
+    eventually("only the held-up entry is pending", async || {
+        let pending: Vec<redis::Value> = redis::cmd("XPENDING")
+            .arg("aw:ingest")
+            .arg("agentwire")
+            .query_async(&mut stream)
+            .await
+            .unwrap();
+        match &pending[0] {
+            redis::Value::Int(1) => Ok(()),
+            other => Err(format!("{other:?}")),
+        }
+    })
+    .await;
+    let () = redis::cmd("CLIENT")
+        .arg("UNPAUSE")
+        .query_async(&mut cluster.node(*paused).await)
+        .await
+        .unwrap();
+    eventually("nothing is pending", async || {
+        let pending: Vec<redis::Value> = redis::cmd("XPENDING")
+            .arg("aw:ingest")
+            .arg("agentwire")
+            .query_async(&mut stream)
+            .await
+            .unwrap();
+        match &pending[0] {
+            redis::Value::Int(0) => Ok(()),
+            other => Err(format!("{other:?}")),
+        }
+    })
+    .await;
+    viewer.silent_for(Duration::from_millis(300)).await;
+}

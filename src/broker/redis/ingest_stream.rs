@@ -283,13 +283,16 @@ async fn take_all(
                         blocked.insert(run_id.clone());
                     }
                 }
-                // Left pending; the round ends so that nothing after it overtakes it.
+                // Left pending, and the round ends after this read so that nothing read later
+                // overtakes it. Entries of the read after it that ingest did publish (on a
+                // Cluster, other slots answer for themselves) are acknowledged all the same:
+                // read again, each would count once more as ingested, then as a duplicate.
                 Some(Err(error)) => {
-                    stopped = Some(error.clone());
-                    break;
+                    stopped.get_or_insert_with(|| error.clone());
                 }
                 None => {
-                    stopped = Some(BrokerError::Unavailable("ingest stopped".into()));
+                    stopped
+                        .get_or_insert_with(|| BrokerError::Unavailable("ingest stopped".into()));
                     break;
                 }
             }

@@ -1,8 +1,9 @@
 //! Resolution: which channel an event belongs to, decided here and nowhere else, in this order:
 //! explicit `thread_id`; the run registry (run_id → thread, user); a run_id of the standard form
 //! `thread_<thread_id>_run_<suffix>`; `user_id`. An event that resolves to nothing waits in a
-//! bounded pending set for `resolve.grace`; a late registration releases it, in arrival order.
-//! A run_id is never used as a channel.
+//! bounded pending set for `resolve.grace`; a late registration releases it, in arrival order. A
+//! release that Redis cannot take yet is paused, its events still held, until the caller resumes
+//! it. A run_id is never used as a channel.
 //!
 //! The pending set keeps events packed (their JSON text), within `resolve.max_pending` events and
 //! `resolve.max_pending_bytes`, and one run or one producer key holds at most its share of both

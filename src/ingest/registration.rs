@@ -1,5 +1,6 @@
 //! Late registrations: a run registered here or announced by another replica releases the events
-//! held for it, in arrival order; runs that waited past `resolve.grace` are dead-lettered.
+//! held for it, in arrival order (a release Redis cannot take yet is paused and resumed on the
+//! housekeeping tick); runs that waited past `resolve.grace` are dead-lettered.
 
 use std::time::{Duration, Instant};
 
@@ -130,9 +131,8 @@ const RESUMED_PER_TICK: usize = 100;
 /// are published: the release is paused, to go on at the next tick). An event the broker cannot
 /// take now (Redis away, or full) pauses the release there, for [`resume_releases`]: the run has
 /// its channel, so the event is not lost, only late, and the events behind it wait. So does a
-/// release whose task is dropped midway. One the
-/// broker failed on by our fault is dead-lettered and counted `lost{internal}` (a retry would
-/// fail the same way).
+/// release whose task is dropped midway. One the broker failed on by our fault is dead-lettered
+/// and counted `lost{internal}` (a retry would fail the same way).
 async fn publish_released(
     gateway: &Gateway,
     run_id: &str,

@@ -29,6 +29,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::config::Config;
 use crate::deadletter::{Entry, Page};
+use crate::ledger::LostReason;
 use crate::metrics::Metrics;
 use crate::protocol::run::RunTarget;
 use crate::protocol::upstream::Outbound;
@@ -372,20 +373,24 @@ impl Broker {
         }
     }
 
-    /// Keeps an unresolved event (already counted lost) as a dead letter, and counts its run id
-    /// once in `agentwire_unresolved_run_ids_total`. In Redis mode the letter goes through the
-    /// report task; a full queue drops it with an `ERROR` log and a broker error count.
+    /// Keeps an event already counted lost (`lost`: `Unresolved`, or `Internal` for one the broker
+    /// failed by our fault) as a dead letter; an unresolved one's run id counts once in
+    /// `agentwire_unresolved_run_ids_total`. In Redis mode the letter goes through the report
+    /// task; a full queue drops it with an `ERROR` log and a broker error count.
     pub fn keep_dead_letter(
         &self,
         run_id: &str,
         event: PackedEvent,
-        why: &'static str,
+        (why, lost): (&'static str, LostReason),
         metrics: &Metrics,
     ) {
+        let unresolved = lost == LostReason::Unresolved;
         match self {
-            Self::Memory(memory) => memory.keep_dead_letter(run_id, event, why, metrics),
+            Self::Memory(memory) => {
+                memory.keep_dead_letter(run_id, event, why, unresolved, metrics)
+            }
             Self::Redis(redis) => redis.keep_dead_letter(
-                RedisBroker::letter(run_id, why, event.json(), None),
+                RedisBroker::letter(run_id, why, event.json(), None, unresolved),
                 metrics,
             ),
         }
@@ -397,16 +402,18 @@ impl Broker {
         &self,
         run_id: &str,
         event: PackedEvent,
-        why: &'static str,
+        (why, lost): (&'static str, LostReason),
         metrics: &Metrics,
     ) -> Result<(), BrokerError> {
+        let unresolved = lost == LostReason::Unresolved;
         match self {
             Self::Memory(memory) => {
-                memory.keep_dead_letter(run_id, event, why, metrics);
+                memory.keep_dead_letter(run_id, event, why, unresolved, metrics);
                 Ok(())
             }
             Self::Redis(redis) => {
-                let mut letters = vec![RedisBroker::letter(run_id, why, event.json(), None)];
+                let letter = RedisBroker::letter(run_id, why, event.json(), None, unresolved);
+                let mut letters = vec![letter];
                 redis.store_dead_letters(&mut letters, metrics).await
             }
         }
@@ -440,8 +447,13 @@ impl Broker {
             Self::Memory(_) => {}
             Self::Redis(redis) => {
                 let origin = entry.origin.as_deref();
-                let letter =
-                    RedisBroker::letter(&entry.run_id, &entry.reason, entry.event.json(), origin);
+                let letter = RedisBroker::letter(
+                    &entry.run_id,
+                    &entry.reason,
+                    entry.event.json(),
+                    origin,
+                    false,
+                );
                 redis.keep_dead_letter(letter, metrics);
             }
         }

@@ -180,7 +180,8 @@ async fn publish_released(
                 Some(Failed::Internal(error)) => {
                     gateway.metrics.broker_errors.inc();
                     super::lost_internal(gateway, &error);
-                    keep_letter(gateway, run_id, packed, "the broker failed it at release");
+                    let why = ("the broker failed it at release", LostReason::Internal);
+                    keep_letter(gateway, run_id, packed, why);
                 }
                 Some(Failed::Unreadable) => dead_letter(
                     gateway,
@@ -308,7 +309,12 @@ pub async fn dead_letter_held(gateway: &Gateway) -> usize {
             let journal = event.journal.clone();
             let kept = gateway
                 .broker
-                .keep_dead_letter_now(&held.run_id, event, SHUTDOWN, &gateway.metrics)
+                .keep_dead_letter_now(
+                    &held.run_id,
+                    event,
+                    (SHUTDOWN, LostReason::Unresolved),
+                    &gateway.metrics,
+                )
                 .await;
             match kept {
                 // Out of the journal once its letter is kept.
@@ -355,12 +361,17 @@ pub(super) fn lost_unresolved(gateway: &Gateway, run_id: &str, event: &PackedEve
 pub(super) fn dead_letter(gateway: &Gateway, held: Held, why: &'static str) {
     for event in held.events {
         lost_unresolved(gateway, &held.run_id, &event, why);
-        keep_letter(gateway, &held.run_id, event, why);
+        keep_letter(gateway, &held.run_id, event, (why, LostReason::Unresolved));
     }
 }
 
 /// Keeps an event counted lost as a dead letter; a held event leaves the journal after it.
-fn keep_letter(gateway: &Gateway, run_id: &str, event: PackedEvent, why: &'static str) {
+fn keep_letter(
+    gateway: &Gateway,
+    run_id: &str,
+    event: PackedEvent,
+    why: (&'static str, LostReason),
+) {
     let journal = event.journal.clone();
     gateway
         .broker

@@ -14,6 +14,7 @@ use tokio_util::task::TaskTracker;
 use super::batch::Batch;
 use super::{RegisterError, emit, lost_unresolved, register_start, release, resolve};
 use crate::broker::{Announcement, BrokerError, StreamEvent, StreamEvents, Taken, Upward, now_ms};
+use crate::ledger::LostReason;
 use crate::protocol::packed::PackedEvent;
 use crate::telemetry::Throttle;
 use crate::{Gateway, telemetry};
@@ -181,7 +182,7 @@ async fn lost_internal(
         .keep_dead_letter_now(
             &run_id,
             PackedEvent::pack(event),
-            INTERNAL,
+            (INTERNAL, LostReason::Internal),
             &gateway.metrics,
         )
         .await;
@@ -257,7 +258,12 @@ async fn take_entry(
             let packed = PackedEvent::pack(event);
             gateway
                 .broker
-                .keep_dead_letter_now(&run_id, packed.clone(), why, &gateway.metrics)
+                .keep_dead_letter_now(
+                    &run_id,
+                    packed.clone(),
+                    (why, LostReason::Unresolved),
+                    &gateway.metrics,
+                )
                 .await?;
             lost_unresolved(gateway, &run_id, &packed, why);
             gateway.metrics.events_ingested.inc();

@@ -1449,6 +1449,8 @@ async fn an_ingest_entry_that_fails_by_our_fault_is_dead_lettered_counted_once_a
         value("agentwire_events_lost_total{reason=\"internal\"}"),
         1.0
     );
+    // Its run had a channel: not counted among the runs that found none.
+    assert_eq!(value("agentwire_unresolved_run_ids_total"), 0.0);
     assert_eq!(value("agentwire_events_ingested_total"), 3.0);
     assert_eq!(
         value("agentwire_events_ingested_total"),

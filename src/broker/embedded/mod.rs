@@ -62,6 +62,7 @@ impl Embedded {
         run_id: &str,
         event: PackedEvent,
         why: &'static str,
+        unresolved: bool,
         metrics: &Metrics,
     ) {
         // A producer's retry of this event must not be taken for a duplicate.
@@ -70,7 +71,7 @@ impl Embedded {
         }
         let dropped = self.deadletters.push(run_id, event, why);
         dropped_letters(dropped, metrics);
-        if self.deadletters.first_unresolved(run_id) {
+        if unresolved && self.deadletters.first_unresolved(run_id) {
             metrics.unresolved_run_ids.inc();
         }
     }

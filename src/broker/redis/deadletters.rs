@@ -23,6 +23,7 @@ impl RedisBroker {
         reason: &str,
         event_json: &str,
         origin: Option<&str>,
+        unresolved: bool,
     ) -> reports::DeadLetter {
         reports::DeadLetter {
             run_id: run_id.to_string(),
@@ -30,6 +31,7 @@ impl RedisBroker {
             lost_ms: now_ms(),
             event: event_json.to_string(),
             origin: origin.map(str::to_string),
+            unresolved,
         }
     }
 
@@ -53,8 +55,8 @@ impl RedisBroker {
     }
 
     /// Writes dead letters, trims the stream to `deadletter.capacity` (what the trim removes is
-    /// counted in `agentwire_deadletters_dropped_total`), and counts each run id in
-    /// `agentwire_unresolved_run_ids_total` once an hour across replicas (`aw:unresolved:{run}`,
+    /// counted in `agentwire_deadletters_dropped_total`), and counts the run id of each unresolved
+    /// letter in `agentwire_unresolved_run_ids_total` once an hour across replicas (`aw:unresolved:{run}`,
     /// set only by the first). The letters stored leave `letters`; on an error those left are for
     /// a retry.
     pub(crate) async fn store_dead_letters(
@@ -87,7 +89,10 @@ impl RedisBroker {
             .arg("MAXLEN")
             .arg(self.deadletter_capacity);
         commands.push(trim);
-        let mut runs: Vec<&str> = letters.iter().map(|l| l.run_id.as_str()).collect();
+        let mut runs: Vec<&str> = (letters.iter())
+            .filter(|l| l.unresolved)
+            .map(|l| l.run_id.as_str())
+            .collect();
         runs.sort_unstable();
         runs.dedup();
         for run_id in &runs {

@@ -46,6 +46,9 @@ pub struct DeadLetter {
     pub event: String,
     /// The letter's first stream id, when a failed redrive puts it back.
     pub origin: Option<String>,
+    /// Its run found no channel: the run id counts in `agentwire_unresolved_run_ids_total` (not
+    /// for an event lost by our fault, nor a letter a failed redrive puts back).
+    pub unresolved: bool,
 }
 
 /// Batches reports into Redis until `stop`, then writes what is still queued once. While Redis is

@@ -100,11 +100,21 @@ struct State {
     /// Releases that stopped on an event the broker could not take yet (Redis away), to be
     /// resumed: still releasing (later events wait behind), their events still held.
     paused: HashMap<String, ChannelName>,
+    /// The paused runs in the order they paused, so each is resumed in turn: one that pauses
+    /// again goes to the back, and runs whose Redis master is down cannot starve the others.
+    paused_order: VecDeque<String>,
     /// Set by [`Resolver::take_all`] at shutdown: nothing is held or released any more.
     closed: bool,
 }
 
 impl State {
+    /// Records a paused release, behind those paused before it.
+    fn pause(&mut self, run_id: String, channel: ChannelName) {
+        if self.paused.insert(run_id.clone(), channel).is_none() {
+            self.paused_order.push_back(run_id);
+        }
+    }
+
     /// Takes a run's events out of the pending set, with their share of every count.
     fn take(&mut self, run_id: &str) -> Option<Vec<PackedEvent>> {
         let waiting = self.pending.remove(run_id)?;
@@ -389,7 +399,7 @@ impl Resolver {
         if !state.releasing.contains(run_id) {
             return false;
         }
-        state.paused.insert(run_id.to_string(), channel);
+        state.pause(run_id.to_string(), channel);
         true
     }
 
@@ -400,10 +410,13 @@ impl Resolver {
             return Vec::new();
         }
         let mut state = self.state();
-        let runs: Vec<String> = state.paused.keys().take(most).cloned().collect();
-        runs.into_iter()
-            .filter_map(|run_id| state.paused.remove_entry(&run_id))
-            .collect()
+        let mut taken = Vec::with_capacity(most.min(state.paused.len()));
+        while taken.len() < most
+            && let Some(run_id) = state.paused_order.pop_front()
+        {
+            taken.extend(state.paused.remove_entry(&run_id));
+        }
+        taken
     }
 
     /// The event [`Self::next_released`] gave has been published (or dead-lettered): it leaves the
@@ -537,7 +550,7 @@ impl Resolver {
         // Within the counts but never refused: its run's later events may already be published.
         self.keep(&mut state, run_id.clone(), packed);
         if state.releasing.insert(run_id.clone()) {
-            state.paused.insert(run_id, channel);
+            state.pause(run_id, channel);
         }
         self.count_waiting(&state);
         Ok(())
@@ -566,6 +579,7 @@ impl Resolver {
         state.closed = true;
         state.releasing.clear();
         state.paused.clear();
+        state.paused_order.clear();
         let runs: Vec<String> = state.pending.keys().cloned().collect();
         let held = state.take_runs(runs);
         self.count_waiting(&state);
@@ -721,6 +735,31 @@ mod tests {
         }
         assert!(r.next_released("run_late").is_none());
         assert!(!r.is_waiting("run_late"));
+    }
+
+    #[test]
+    fn paused_releases_are_resumed_in_turn() {
+        let r = resolver();
+        for run in ["run_a", "run_b", "run_c"] {
+            let json = format!(r#"{{"type":"agent_thinking","run_id":"{run}"}}"#);
+            r.begin_release(
+                run,
+                RunTarget {
+                    thread_id: Some(format!("t_{run}")),
+                    user_id: None,
+                },
+            );
+            assert!(r.hold_unpublished(event(&json), None).is_ok());
+        }
+        let first: Vec<String> = r.take_paused(2).into_iter().map(|(run, _)| run).collect();
+        assert_eq!(first, ["run_a", "run_b"]);
+        // Both fail again: they go behind the one not tried yet.
+        for run in &first {
+            let channel = ChannelName::thread(&format!("t_{run}"));
+            assert!(r.pause_release(run, channel));
+        }
+        let next: Vec<String> = r.take_paused(2).into_iter().map(|(run, _)| run).collect();
+        assert_eq!(next, ["run_c", "run_a"]);
     }
 
     #[test]

@@ -180,21 +180,7 @@ async fn adopted_events_redis_cannot_take_yet_wait_and_arrive_in_order() {
     // A Redis Cluster, so that the run's channel has a master of its own: the registry and the
     // journals answer while that master holds every write.
     let cluster = RedisCluster::start(3, 0).await;
-    let elsewhere = [
-        cluster.master_of("aw:{runs}:target").await,
-        cluster.master_of("aw:{held}:alive").await,
-    ];
-    let mut thread = String::new();
-    let mut paused = 0;
-    for i in 0.. {
-        thread = format!("t_adopt{i}");
-        paused = cluster
-            .master_of(&format!("aw:{{thread:{thread}}}:log"))
-            .await;
-        if !elsewhere.contains(&paused) {
-            break;
-        }
-    }
+    let (thread, paused) = cluster.thread_apart_from_the_registry("t_adopt").await;
     let url = cluster.url();
     let env = [
         ("AGENTWIRE_BROKER__REDIS_URL", url.as_str()),
@@ -215,17 +201,7 @@ async fn adopted_events_redis_cannot_take_yet_wait_and_arrive_in_order() {
     let register = json!({"run_id": "r_adopt", "thread_id": thread}).to_string();
     let (status, text) = survivor_api.post("/v1/runs", &register).await;
     assert_eq!(status, StatusCode::OK, "{text}");
-    let pause = |command: &'static [&'static str]| {
-        let cluster = &cluster;
-        async move {
-            let () = redis::cmd("CLIENT")
-                .arg(command)
-                .query_async(&mut cluster.node(paused).await)
-                .await
-                .unwrap();
-        }
-    };
-    pause(&["PAUSE", "30000", "WRITE"]).await;
+    cluster.hold_writes(paused).await;
     // All three taken in, none published: the first waits for Redis, the others behind it.
     eventually("the survivor holds what it adopted", async || {
         let metrics = survivor_api.metrics().await;
@@ -237,7 +213,7 @@ async fn adopted_events_redis_cannot_take_yet_wait_and_arrive_in_order() {
         }
     })
     .await;
-    pause(&["UNPAUSE"]).await;
+    cluster.take_writes(paused).await;
 
     let events = client.events(3).await;
     let shown: Vec<(Value, Value)> = events

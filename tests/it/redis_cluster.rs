@@ -152,13 +152,7 @@ async fn a_request_across_shards_is_answered_shard_by_shard_when_one_master_stop
     // The second thread's master takes no writes (until told to): the request's call to it is
     // held past the gateway's wait (3 s), while the other masters answer at once.
     let paused = threads[1].1;
-    let () = redis::cmd("CLIENT")
-        .arg("PAUSE")
-        .arg(30_000)
-        .arg("WRITE")
-        .query_async(&mut cluster.node(paused).await)
-        .await
-        .unwrap();
+    cluster.hold_writes(paused).await;
     let events: Vec<Value> = threads.iter().map(|(t, _)| thinking(t, 2)).collect();
     let (status, answer) = gateway
         .post("/v1/events", &Value::from(events.clone()).to_string())
@@ -186,11 +180,7 @@ async fn a_request_across_shards_is_answered_shard_by_shard_when_one_master_stop
     // know): the producer's retry with the same event_ids is answered duplicate there, and nothing
     // is shown twice. Meanwhile the health ping, held behind that call, took the gateway down:
     // the retry waits for it to come back.
-    let () = redis::cmd("CLIENT")
-        .arg("UNPAUSE")
-        .query_async(&mut cluster.node(paused).await)
-        .await
-        .unwrap();
+    cluster.take_writes(paused).await;
     let body = Value::from(events).to_string();
     let again = eventually(
         "the retry is taken once the master answers",
@@ -256,13 +246,7 @@ async fn a_stalled_runs_agent_error_held_up_by_its_master_reaches_the_channel_on
 
     // The channel's master takes no writes: the stall is claimed (elsewhere) and counted, and
     // its agent_error waits.
-    let () = redis::cmd("CLIENT")
-        .arg("PAUSE")
-        .arg(30_000)
-        .arg("WRITE")
-        .query_async(&mut cluster.node(channel_master).await)
-        .await
-        .unwrap();
+    cluster.hold_writes(channel_master).await;
     eventually("the run counted stalled", async || {
         match gateway.metric("agentwire_runs_stalled_total").await {
             1.0 => Ok(()),
@@ -277,11 +261,7 @@ async fn a_stalled_runs_agent_error_held_up_by_its_master_reaches_the_channel_on
     );
 
     // Writes again: the held call runs or the retry publishes it; either way it is shown once.
-    let () = redis::cmd("CLIENT")
-        .arg("UNPAUSE")
-        .query_async(&mut cluster.node(channel_master).await)
-        .await
-        .unwrap();
+    cluster.take_writes(channel_master).await;
     let told = client.recv().await;
     assert_eq!(
         (&told["type"], &told["payload"]["reason"], &told["seq"]),
@@ -679,15 +659,7 @@ async fn a_release_redis_cannot_take_yet_goes_on_once_it_can_and_nothing_is_call
     // The run's channel on a master of its own: the registry (`{runs}`) and the journal of held
     // events (`{held}`) answer while that master holds every write.
     let cluster = RedisCluster::start(3, 0).await;
-    let elsewhere = [
-        cluster.master_of("aw:{runs}:target").await,
-        cluster.master_of("aw:{held}:alive").await,
-    ];
-    let (thread, paused) = a_thread_per_master(&cluster)
-        .await
-        .into_iter()
-        .find(|(_, master)| !elsewhere.contains(master))
-        .expect("a master apart from the registry's and the journal's");
+    let (thread, paused) = cluster.thread_apart_from_the_registry("t_late").await;
     let url = cluster.url();
     let gateway = Gateway::start_with(|c| {
         c.broker.redis_url = Some(url);
@@ -703,13 +675,7 @@ async fn a_release_redis_cannot_take_yet_goes_on_once_it_can_and_nothing_is_call
     assert_eq!(answer["results"][0]["status"], "pending_resolution");
 
     // The run registers while its channel's master takes no writes: the release cannot publish.
-    let () = redis::cmd("CLIENT")
-        .arg("PAUSE")
-        .arg(30_000)
-        .arg("WRITE")
-        .query_async(&mut cluster.node(paused).await)
-        .await
-        .unwrap();
+    cluster.hold_writes(paused).await;
     let register = json!({"run_id": "run_late", "thread_id": thread}).to_string();
     let (status, text) = gateway.post("/v1/runs", &register).await;
     assert_eq!(status, StatusCode::OK, "{text}");
@@ -721,11 +687,7 @@ async fn a_release_redis_cannot_take_yet_goes_on_once_it_can_and_nothing_is_call
     );
     viewer.silent_for(Duration::from_millis(300)).await;
 
-    let () = redis::cmd("CLIENT")
-        .arg("UNPAUSE")
-        .query_async(&mut cluster.node(paused).await)
-        .await
-        .unwrap();
+    cluster.take_writes(paused).await;
     // Both arrive, in order, once: the call held by the pause ran when it ended, and the resumed
     // release's publish of it is answered duplicate.
     let shown: Vec<Value> = viewer.events(2).await;
@@ -774,13 +736,7 @@ async fn ingest_entries_published_beside_one_a_master_held_up_are_acknowledged()
         .await;
     assert_eq!(viewer.recv().await["seq"], 1);
 
-    let () = redis::cmd("CLIENT")
-        .arg("PAUSE")
-        .arg(30_000)
-        .arg("WRITE")
-        .query_async(&mut cluster.node(*paused).await)
-        .await
-        .unwrap();
+    cluster.hold_writes(*paused).await;
     // Added in one transaction, so that one read of the stream carries both.
     let mut stream = cluster.node(stream_master).await;
     let mut both = redis::pipe();
@@ -799,36 +755,23 @@ async fn ingest_entries_published_beside_one_a_master_held_up_are_acknowledged()
         "published beside the held-up one"
     );
     // Acknowledged although the entry before it is not: only the held-up one stays pending.
-    eventually("only the held-up entry is pending", async || {
-        let pending: Vec<redis::Value> = redis::cmd("XPENDING")
-            .arg("aw:ingest")
-            .arg("agentwire")
-            .query_async(&mut stream)
-            .await
-            .unwrap();
-        match &pending[0] {
-            redis::Value::Int(1) => Ok(()),
-            other => Err(format!("{other:?}")),
-        }
-    })
-    .await;
-    let () = redis::cmd("CLIENT")
-        .arg("UNPAUSE")
-        .query_async(&mut cluster.node(*paused).await)
+    let pending_until = async |stream: &mut redis::aio::MultiplexedConnection, want: usize| {
+        eventually(&format!("{want} ingest entries pending"), async || {
+            let pending: redis::streams::StreamPendingReply = redis::cmd("XPENDING")
+                .arg("aw:ingest")
+                .arg("agentwire")
+                .query_async(stream)
+                .await
+                .unwrap();
+            match pending.count() {
+                count if count == want => Ok(()),
+                other => Err(other.to_string()),
+            }
+        })
         .await
-        .unwrap();
-    eventually("nothing is pending", async || {
-        let pending: Vec<redis::Value> = redis::cmd("XPENDING")
-            .arg("aw:ingest")
-            .arg("agentwire")
-            .query_async(&mut stream)
-            .await
-            .unwrap();
-        match &pending[0] {
-            redis::Value::Int(0) => Ok(()),
-            other => Err(format!("{other:?}")),
-        }
-    })
-    .await;
+    };
+    pending_until(&mut stream, 1).await;
+    cluster.take_writes(*paused).await;
+    pending_until(&mut stream, 0).await;
     viewer.silent_for(Duration::from_millis(300)).await;
 }

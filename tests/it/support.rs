@@ -1098,6 +1098,45 @@ impl RedisCluster {
             .collect()
     }
 
+    /// Makes the node on `port` hold every write (`CLIENT PAUSE 30000 WRITE`; reads and `PING`
+    /// are answered) until [`Self::take_writes`].
+    pub async fn hold_writes(&self, port: u16) {
+        let () = redis::cmd("CLIENT")
+            .arg("PAUSE")
+            .arg(30_000)
+            .arg("WRITE")
+            .query_async(&mut self.node(port).await)
+            .await
+            .unwrap();
+    }
+
+    /// Ends [`Self::hold_writes`]: the calls it held run.
+    pub async fn take_writes(&self, port: u16) {
+        let () = redis::cmd("CLIENT")
+            .arg("UNPAUSE")
+            .query_async(&mut self.node(port).await)
+            .await
+            .unwrap();
+    }
+
+    /// A thread (named `<prefix><n>`) whose channel's master serves neither the run registry
+    /// (`{runs}`) nor the journals of held events (`{held}`), so it can hold writes while those
+    /// answer; with that master's port.
+    pub async fn thread_apart_from_the_registry(&self, prefix: &str) -> (String, u16) {
+        let elsewhere = [
+            self.master_of("aw:{runs}:target").await,
+            self.master_of("aw:{held}:alive").await,
+        ];
+        for n in 0..1000 {
+            let thread = format!("{prefix}{n}");
+            let master = self.master_of(&format!("aw:{{thread:{thread}}}:log")).await;
+            if !elsewhere.contains(&master) {
+                return (thread, master);
+            }
+        }
+        panic!("no master apart from the registry's and the journals'");
+    }
+
     /// The port of the master that serves `key`'s slot, as a running node sees it.
     pub async fn master_of(&self, key: &str) -> u16 {
         let mut conn = self.node(self.running()[0]).await;

@@ -98,13 +98,7 @@ pub mod close {
 /// Redis mode the epoch is known only once the event is sequenced); serialised before the channel
 /// lock is taken.
 pub fn event_body(event: &Event, channel: &ChannelName) -> Vec<u8> {
-    let wire = event.wire(Some(channel));
-    let mut body = Vec::with_capacity(wire.size_hint());
-    // Serialising strings and JSON text into a Vec cannot fail.
-    match serde_json::to_writer(&mut body, &wire) {
-        Ok(()) => body,
-        Err(_) => b"{}".to_vec(),
-    }
+    event.wire(Some(channel)).to_vec()
 }
 
 /// The frame a subscriber receives: `{"seq":N,"epoch":E,` followed by the body without its `{`.

@@ -107,49 +107,59 @@ impl Event {
 
     /// The event as a producer would have sent it.
     pub fn to_text(&self) -> String {
-        // Strings and JSON text always serialise.
-        serde_json::to_string(&self.wire(None)).unwrap_or_default()
+        // Written from strings and JSON text: UTF-8.
+        String::from_utf8(self.wire(None).to_vec()).unwrap_or_default()
     }
 }
 
-/// An event's fields as they are written ([`Event::wire`]).
-#[derive(Serialize)]
+/// An event's fields as they are written ([`Event::wire`]), in this order, the absent ones left
+/// out: `type`, `channel`, `thread_id`, `user_id`, `run_id`, `event_id`, `ts`, `traceparent`,
+/// `payload`.
 pub struct Wire<'a> {
-    #[serde(rename = "type")]
     kind: &'static str,
-    #[serde(skip_serializing_if = "Option::is_none")]
     channel: Option<&'a str>,
-    #[serde(skip_serializing_if = "Option::is_none")]
     thread_id: Option<&'a str>,
-    #[serde(skip_serializing_if = "Option::is_none")]
     user_id: Option<&'a str>,
-    #[serde(skip_serializing_if = "Option::is_none")]
     run_id: Option<&'a str>,
-    #[serde(skip_serializing_if = "Option::is_none")]
     event_id: Option<&'a str>,
-    #[serde(skip_serializing_if = "Option::is_none")]
     ts: Option<&'a str>,
-    #[serde(skip_serializing_if = "Option::is_none")]
     traceparent: Option<&'a str>,
     payload: &'a RawValue,
 }
 
 impl Wire<'_> {
-    /// About the bytes it serialises to (its text plus the keys and quotes), so the buffer it is
-    /// written into is allocated once: growing it from serde_json's default cost more than the
-    /// serialisation.
-    pub fn size_hint(&self) -> usize {
+    /// Its JSON text, written into one buffer sized for it.
+    pub fn to_vec(&self) -> Vec<u8> {
         let texts = [
-            self.channel,
-            self.thread_id,
-            self.user_id,
-            self.run_id,
-            self.event_id,
-            self.ts,
-            self.traceparent,
+            (&b",\"channel\":"[..], self.channel),
+            (b",\"thread_id\":", self.thread_id),
+            (b",\"user_id\":", self.user_id),
+            (b",\"run_id\":", self.run_id),
+            (b",\"event_id\":", self.event_id),
+            (b",\"ts\":", self.ts),
+            (b",\"traceparent\":", self.traceparent),
         ];
-        let text: usize = texts.iter().flatten().map(|t| t.len() + 16).sum();
-        text + self.kind.len() + self.payload.get().len() + 32
+        // Keys and quotes included; an escaped text may still grow it.
+        let size: usize = texts
+            .iter()
+            .filter_map(|(key, text)| Some(key.len() + (*text)?.len() + 2))
+            .sum();
+        let payload = self.payload.get().as_bytes();
+        let mut out = Vec::with_capacity(size + self.kind.len() + payload.len() + 24);
+        // The type is one of a closed set of names: nothing to escape.
+        out.extend_from_slice(b"{\"type\":\"");
+        out.extend_from_slice(self.kind.as_bytes());
+        out.push(b'"');
+        for (key, text) in texts {
+            if let Some(text) = text {
+                out.extend_from_slice(key);
+                super::json::write_str(&mut out, text);
+            }
+        }
+        out.extend_from_slice(b",\"payload\":");
+        out.extend_from_slice(payload);
+        out.push(b'}');
+        out
     }
 }
 

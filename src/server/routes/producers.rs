@@ -14,7 +14,7 @@ use crate::Gateway;
 use crate::ingest::{self, ItemResult};
 use crate::metrics::count;
 use crate::protocol::channel::check_id;
-use crate::protocol::json::JsonError;
+use crate::protocol::json::{JsonError, write_str};
 use crate::protocol::run::RunTarget;
 
 /// `producer` is the id of the key that posted (its `event_id`s are its own).
@@ -125,7 +125,7 @@ struct Summary<'a> {
 impl Summary<'_> {
     /// The answer's JSON: `{"accepted":…,"pending_resolution":…,"duplicate":…,"failed":…,
     /// "results":[…]}`. An accepted item, nearly every one, is written here field by field (its
-    /// strings escaped by serde_json); the others by their `Serialize`, the same text (unit test).
+    /// strings by `json::write_str`); the others by their `Serialize`, the same text (unit test).
     /// Serde's internally tagged enum cost as much as the rest of a one-event answer.
     fn write(&self, out: &mut Vec<u8>) -> serde_json::Result<()> {
         let mut number = itoa::Buffer::new();
@@ -150,11 +150,11 @@ impl Summary<'_> {
                     epoch,
                 } => {
                     out.extend_from_slice(b"{\"status\":\"accepted\",\"channel\":");
-                    serde_json::to_writer(&mut *out, channel)?;
+                    write_str(out, channel.as_str());
                     out.extend_from_slice(b",\"seq\":");
                     out.extend_from_slice(number.format(*seq).as_bytes());
                     out.extend_from_slice(b",\"epoch\":");
-                    serde_json::to_writer(&mut *out, &**epoch)?;
+                    write_str(out, epoch);
                     out.push(b'}');
                 }
                 other => serde_json::to_writer(&mut *out, other)?,

@@ -24,59 +24,77 @@ pub enum JsonError {
 /// (unit test). Every event's frame and answer writes a few short ids this way; serde_json's
 /// serialiser, a generic writer checking one byte at a time, cost more than the rest of the frame.
 pub fn write_str(out: &mut Vec<u8>, text: &str) {
-    const ONES: u64 = u64::from_ne_bytes([0x01; 8]);
-    const HIGH: u64 = u64::from_ne_bytes([0x80; 8]);
-    // Whether any byte of `word` is zero (exact as a yes or no).
-    let has_zero = |word: u64| word.wrapping_sub(ONES) & !word & HIGH != 0;
     let bytes = text.as_bytes();
     out.reserve(bytes.len() + 2);
     out.push(b'"');
-    let (mut from, mut at) = (0, 0);
-    while at < bytes.len() {
-        // Eight bytes at a time while none is a control character, a quote or a backslash.
-        if let Some(chunk) = bytes
-            .get(at..at + 8)
-            .and_then(|c| <[u8; 8]>::try_from(c).ok())
-        {
-            let word = u64::from_ne_bytes(chunk);
-            let control = word.wrapping_sub(ONES * 0x20) & !word & HIGH != 0;
-            if !control
-                && !has_zero(word ^ (ONES * u64::from(b'"')))
-                && !has_zero(word ^ (ONES * u64::from(b'\\')))
-            {
-                at += 8;
+    let plain = plain_len(bytes);
+    out.extend_from_slice(&bytes[..plain]);
+    let mut from = plain;
+    for (at, &byte) in bytes.iter().enumerate().skip(plain) {
+        let escaped: &[u8] = match byte {
+            b'"' => b"\\\"",
+            b'\\' => b"\\\\",
+            b'\n' => b"\\n",
+            b'\r' => b"\\r",
+            b'\t' => b"\\t",
+            0x08 => b"\\b",
+            0x0c => b"\\f",
+            0x00..=0x1f => {
+                const HEX: &[u8; 16] = b"0123456789abcdef";
+                out.extend_from_slice(&bytes[from..at]);
+                out.extend_from_slice(b"\\u00");
+                out.push(HEX[usize::from(byte >> 4)]);
+                out.push(HEX[usize::from(byte & 0xf)]);
+                from = at + 1;
                 continue;
             }
-        }
-        let end = (at + 8).min(bytes.len());
-        for (i, &byte) in bytes.iter().enumerate().take(end).skip(at) {
-            let escaped: &[u8] = match byte {
-                b'"' => b"\\\"",
-                b'\\' => b"\\\\",
-                b'\n' => b"\\n",
-                b'\r' => b"\\r",
-                b'\t' => b"\\t",
-                0x08 => b"\\b",
-                0x0c => b"\\f",
-                0x00..=0x1f => {
-                    const HEX: &[u8; 16] = b"0123456789abcdef";
-                    out.extend_from_slice(&bytes[from..i]);
-                    out.extend_from_slice(b"\\u00");
-                    out.push(HEX[usize::from(byte >> 4)]);
-                    out.push(HEX[usize::from(byte & 0xf)]);
-                    from = i + 1;
-                    continue;
-                }
-                _ => continue,
-            };
-            out.extend_from_slice(&bytes[from..i]);
-            out.extend_from_slice(escaped);
-            from = i + 1;
-        }
-        at = end;
+            _ => continue,
+        };
+        out.extend_from_slice(&bytes[from..at]);
+        out.extend_from_slice(escaped);
+        from = at + 1;
     }
     out.extend_from_slice(&bytes[from..]);
     out.push(b'"');
+}
+
+/// How many bytes at the start of `bytes` a JSON string holds as they are: up to the first
+/// control character, quote or backslash. Read eight bytes at a time.
+pub fn plain_len(bytes: &[u8]) -> usize {
+    const ONES: u64 = u64::from_le_bytes([0x01; 8]);
+    const HIGH: u64 = u64::from_le_bytes([0x80; 8]);
+    // The high bit of each byte below 0x20, quote or backslash: the lowest one set is exact (a
+    // false one can only follow a true one), so it says where the first such byte is.
+    let special = |word: u64| {
+        let zero = |word: u64| word.wrapping_sub(ONES) & !word & HIGH;
+        let control = word.wrapping_sub(ONES * 0x20) & !word & HIGH;
+        control | zero(word ^ (ONES * u64::from(b'"'))) | zero(word ^ (ONES * u64::from(b'\\')))
+    };
+    let first = |mask: u64| (mask.trailing_zeros() / 8) as usize;
+    let word = |chunk: &[u8]| <[u8; 8]>::try_from(chunk).map(u64::from_le_bytes).ok();
+    let mut at = 0;
+    while let Some(word) = bytes.get(at..at + 8).and_then(word) {
+        let mask = special(word);
+        if mask != 0 {
+            return at + first(mask);
+        }
+        at += 8;
+    }
+    if at == bytes.len() {
+        return at;
+    }
+    // Fewer than eight left: the last eight bytes as one word (those before `at` are plain).
+    if let Some(start) = bytes.len().checked_sub(8)
+        && let Some(last) = word(&bytes[start..])
+    {
+        let mask = special(last);
+        return match mask {
+            0 => bytes.len(),
+            _ => start + first(mask),
+        };
+    }
+    let special = |&byte: &u8| byte < 0x20 || byte == b'"' || byte == b'\\';
+    bytes.iter().position(special).unwrap_or(bytes.len())
 }
 
 /// Parses `text` in one pass, refusing an object with a key twice.
@@ -421,7 +439,20 @@ mod tests {
             ]
             .map(String::from),
         );
+        // Every length around the eight-byte steps, with one byte to escape at each place.
+        for len in 0..20 {
+            for at in 0..len {
+                for special in ['"', '\\', '\n', '\u{1}', '\u{1f}'] {
+                    let mut text: Vec<char> = "abcdefghijklmnopqrst".chars().take(len).collect();
+                    text[at] = special;
+                    texts.push(text.into_iter().collect());
+                }
+            }
+        }
         for text in texts {
+            let special = |&b: &u8| b < 0x20 || b == b'"' || b == b'\\';
+            let plain = text.bytes().position(|b| special(&b)).unwrap_or(text.len());
+            assert_eq!(super::plain_len(text.as_bytes()), plain, "{text:?}");
             let mut ours = Vec::new();
             write_str(&mut ours, &text);
             let theirs = serde_json::to_vec(&text).expect("a string serialises");

@@ -1,8 +1,9 @@
 //! Frames the gateway sends on `/ws`. Control frames are small and built per use; an event frame
-//! is serialised once per event ([`event_body`] outside the channel lock, [`event_frame`] adds
-//! the seq inside it) and its bytes are shared by every subscriber.
+//! is serialised once per event ([`Unsequenced`] outside the channel lock, its seq and epoch
+//! written before it inside the lock; [`event_body`] and [`event_frame`] where the body crosses
+//! Redis) and its bytes are shared by every subscriber.
 
-use bytes::{BufMut, Bytes, BytesMut};
+use bytes::{Buf, Bytes};
 use serde::Serialize;
 use serde_json::json;
 
@@ -95,31 +96,76 @@ pub mod close {
 }
 
 /// `{"type":…,"channel":…,…}`: everything but the seq and the epoch, which the broker adds (in
-/// Redis mode the epoch is known only once the event is sequenced); serialised before the channel
-/// lock is taken.
+/// Redis mode the epoch is known only once the event is sequenced).
 pub fn event_body(event: &Event, channel: &ChannelName) -> Vec<u8> {
     event.wire(Some(channel)).to_vec()
 }
 
 /// The frame a subscriber receives: `{"seq":N,"epoch":E,` followed by the body without its `{`.
 pub fn event_frame(body: &[u8], seq: u64, epoch: &str) -> Bytes {
-    const PREFIX: &[u8] = b"{\"seq\":";
-    const EPOCH: &[u8] = b",\"epoch\":\"";
     let mut digits = itoa::Buffer::new();
-    let digits = digits.format(seq);
+    let prefix = prefix(digits.format(seq), epoch);
     let rest = body.get(1..).unwrap_or_default();
     // Exactly its size: a buffer with room to spare becomes `Bytes` through a second allocation.
-    let len = PREFIX.len() + digits.len() + EPOCH.len() + epoch.len() + 2 + rest.len();
-    let mut frame = BytesMut::with_capacity(len);
-    frame.put_slice(PREFIX);
-    frame.put_slice(digits.as_bytes());
+    let mut frame =
+        Vec::with_capacity(prefix.iter().map(|part| part.len()).sum::<usize>() + rest.len());
+    for part in prefix {
+        frame.extend_from_slice(part);
+    }
+    frame.extend_from_slice(rest);
+    Bytes::from(frame)
+}
+
+/// `{"seq":N,"epoch":"E",` in its parts.
+fn prefix<'a>(digits: &'a str, epoch: &'a str) -> [&'a [u8]; 5] {
     // Epochs are hex digits: nothing to escape.
-    frame.put_slice(EPOCH);
-    frame.put_slice(epoch.as_bytes());
-    frame.put_slice(b"\",");
-    frame.put_slice(rest);
-    debug_assert_eq!(frame.len(), len);
-    frame.freeze()
+    [
+        b"{\"seq\":",
+        digits.as_bytes(),
+        b",\"epoch\":\"",
+        epoch.as_bytes(),
+        b"\",",
+    ]
+}
+
+/// An event's body written after room for its seq and epoch, so that its frame is made where it
+/// lies ([`Self::into_frame`]) instead of copied: the embedded broker serialises it before the
+/// channel lock and learns the seq inside it.
+pub struct Unsequenced(Vec<u8>);
+
+/// `{"seq":` with the longest seq, `,"epoch":"` with an epoch of 16 digits and `",`, less the
+/// body's `{` the last of them takes the place of.
+const ROOM: usize = 7 + 20 + 10 + 16 + 2 - 1;
+
+impl Unsequenced {
+    pub fn new(event: &Event, channel: &ChannelName) -> Self {
+        let wire = event.wire(Some(channel));
+        let mut text = Vec::with_capacity(ROOM + wire.written_len());
+        text.resize(ROOM, b' ');
+        wire.write(&mut text);
+        Self(text)
+    }
+
+    /// The frame [`event_frame`] makes, made in this buffer: not copied, and shared as it is
+    /// when the body took the size foreseen (no text needed escaping).
+    pub fn into_frame(self, seq: u64, epoch: &str) -> Bytes {
+        let mut digits = itoa::Buffer::new();
+        let prefix = prefix(digits.format(seq), epoch);
+        let len: usize = prefix.iter().map(|part| part.len()).sum();
+        let Some(start) = (ROOM + 1).checked_sub(len) else {
+            // An epoch longer than foreseen leaves no room: a copy.
+            return event_frame(&self.0[ROOM..], seq, epoch);
+        };
+        let mut text = self.0;
+        let mut at = start;
+        for part in prefix {
+            text[at..at + part.len()].copy_from_slice(part);
+            at += part.len();
+        }
+        let mut frame = Bytes::from(text);
+        frame.advance(start);
+        frame
+    }
 }
 
 /// How a client receives events: the native frames, or AG-UI (`hello.protocol = "ag-ui"` on
@@ -271,7 +317,8 @@ mod tests {
             1024,
         )
         .unwrap();
-        let body = event_body(&event, &ChannelName::thread("t_42"));
+        let channel = ChannelName::thread("t_42");
+        let body = event_body(&event, &channel);
         let frame: serde_json::Value =
             serde_json::from_slice(&event_frame(&body, 42, "e1")).unwrap();
         assert_eq!(
@@ -279,5 +326,15 @@ mod tests {
             json!({"type": "tool_executing", "channel": "thread:t_42", "thread_id": "t_42", "seq": 42,
                    "epoch": "e1", "run_id": "r1", "payload": {"tool_call_id": "c1"}})
         );
+        // Made in place, the same bytes, whatever the lengths of seq and epoch.
+        for (seq, epoch) in [
+            (1, "0123456789abcdef"),
+            (u64::MAX, "0123456789abcdef"),
+            (42, "e1"),
+            (u64::MAX, "an epoch longer than the room kept for one"),
+        ] {
+            let in_place = Unsequenced::new(&event, &channel).into_frame(seq, epoch);
+            assert_eq!(in_place, event_frame(&body, seq, epoch));
+        }
     }
 }

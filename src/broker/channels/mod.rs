@@ -167,7 +167,7 @@ impl Channels {
             .filter(|ts| ts.ends_with('Z'))
             .and_then(|ts| humantime::parse_rfc3339_weak(ts).ok());
         // Serialise before taking the channel lock: only the seq is written under it.
-        let body = server::event_body(event, name);
+        let body = server::Unsequenced::new(event, name);
         loop {
             let channel = self.channel(name);
             let mut state = channel.lock();
@@ -178,7 +178,7 @@ impl Channels {
             let seq = state.last_seq;
             let stored = channel.store(
                 seq,
-                server::event_frame(&body, seq, &channel.epoch),
+                body.into_frame(seq, &channel.epoch),
                 Instant::now(),
                 produced_at,
                 trace(seq),

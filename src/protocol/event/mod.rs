@@ -2,12 +2,12 @@
 //! refusal always names the field and the reason.
 
 mod read;
+mod scan;
 
 use std::borrow::Cow;
 
 use serde::Serialize;
 use serde::de::DeserializeSeed;
-use serde_json::value::RawValue;
 use serde_json::{Map, Value};
 
 use super::agui::{AguiEvent, PAYLOAD_KEY};
@@ -124,42 +124,53 @@ pub struct Wire<'a> {
     event_id: Option<&'a str>,
     ts: Option<&'a str>,
     traceparent: Option<&'a str>,
-    payload: &'a RawValue,
+    payload: &'a str,
 }
 
 impl Wire<'_> {
-    /// Its JSON text, written into one buffer sized for it.
+    /// Its JSON text, in a buffer of its size.
     pub fn to_vec(&self) -> Vec<u8> {
-        let texts = [
-            (&b",\"channel\":"[..], self.channel),
+        let mut out = Vec::with_capacity(self.written_len());
+        self.write(&mut out);
+        out
+    }
+
+    /// The bytes [`Self::write`] writes, unless a text needs escaping.
+    pub fn written_len(&self) -> usize {
+        let texts: usize = (self.texts().iter())
+            .filter_map(|(key, text)| Some(key.len() + (*text)?.len() + 2))
+            .sum();
+        // `{"type":"` and `"`, `,"payload":` and `}`.
+        texts + self.kind.len() + self.payload.len() + 22
+    }
+
+    /// Appends its JSON text to `out`.
+    pub fn write(&self, out: &mut Vec<u8>) {
+        // The type is one of a closed set of names: nothing to escape.
+        out.extend_from_slice(b"{\"type\":\"");
+        out.extend_from_slice(self.kind.as_bytes());
+        out.push(b'"');
+        for (key, text) in self.texts() {
+            if let Some(text) = text {
+                out.extend_from_slice(key);
+                super::json::write_str(out, text);
+            }
+        }
+        out.extend_from_slice(b",\"payload\":");
+        out.extend_from_slice(self.payload.as_bytes());
+        out.push(b'}');
+    }
+
+    fn texts(&self) -> [(&'static [u8], Option<&str>); 7] {
+        [
+            (b",\"channel\":", self.channel),
             (b",\"thread_id\":", self.thread_id),
             (b",\"user_id\":", self.user_id),
             (b",\"run_id\":", self.run_id),
             (b",\"event_id\":", self.event_id),
             (b",\"ts\":", self.ts),
             (b",\"traceparent\":", self.traceparent),
-        ];
-        // Keys and quotes included; an escaped text may still grow it.
-        let size: usize = texts
-            .iter()
-            .filter_map(|(key, text)| Some(key.len() + (*text)?.len() + 2))
-            .sum();
-        let payload = self.payload.get().as_bytes();
-        let mut out = Vec::with_capacity(size + self.kind.len() + payload.len() + 24);
-        // The type is one of a closed set of names: nothing to escape.
-        out.extend_from_slice(b"{\"type\":\"");
-        out.extend_from_slice(self.kind.as_bytes());
-        out.push(b'"');
-        for (key, text) in texts {
-            if let Some(text) = text {
-                out.extend_from_slice(key);
-                super::json::write_str(&mut out, text);
-            }
-        }
-        out.extend_from_slice(b",\"payload\":");
-        out.extend_from_slice(payload);
-        out.push(b'}');
-        out
+        ]
     }
 }
 
@@ -168,7 +179,8 @@ impl Wire<'_> {
 /// itself reads.
 #[derive(Debug, Clone)]
 pub struct Payload {
-    json: Box<RawValue>,
+    /// JSON text: an object.
+    json: Box<str>,
     /// A tool event's `tool_call_id` (an id, checked), which the watchdog follows.
     tool_call_id: Option<String>,
     /// The AG-UI event a native event was made from (`payload.agui`), which the watchdog and a
@@ -179,7 +191,7 @@ pub struct Payload {
 impl Default for Payload {
     fn default() -> Self {
         Self {
-            json: RawValue::from_string("{}".to_string()).expect("`{}` is JSON"),
+            json: "{}".into(),
             tool_call_id: None,
             agui: None,
         }
@@ -190,7 +202,9 @@ impl Payload {
     /// The payload made of an object the gateway built (an AG-UI event's, a stall notice).
     pub fn from_map(mut map: Map<String, Value>) -> Self {
         // An object of strings and values always serialises.
-        let json = serde_json::value::to_raw_value(&map).unwrap_or_default();
+        let json = serde_json::to_string(&map)
+            .unwrap_or_else(|_| "{}".to_string())
+            .into();
         let tool_call_id = map
             .get("tool_call_id")
             .and_then(Value::as_str)
@@ -207,7 +221,7 @@ impl Payload {
     }
 
     /// The payload's JSON text, as the producer sent it.
-    pub fn json(&self) -> &RawValue {
+    pub fn json(&self) -> &str {
         &self.json
     }
 
@@ -224,7 +238,7 @@ impl Payload {
     /// The payload as a tree, for tests to look into.
     #[cfg(test)]
     pub fn value(&self) -> Value {
-        serde_json::from_str(self.json.get()).unwrap_or_default()
+        serde_json::from_str(&self.json).unwrap_or_default()
     }
 }
 
@@ -363,6 +377,13 @@ fn read_fields(raw: &str, max_bytes: usize) -> Result<Fields<'_>, Refusal> {
     if raw.len() > max_bytes {
         return Err(too_large(raw.len(), max_bytes));
     }
+    // Nearly every event is taken by the one pass over its bytes; serde_json reads the others,
+    // and its error names what is wrong.
+    scan::fields(raw).map_or_else(|| read_by_serde(raw), Ok)
+}
+
+/// [`read_fields`] through serde_json.
+fn read_by_serde(raw: &str) -> Result<Fields<'_>, Refusal> {
     let read: Option<Fields<'_>> = super::json::read(raw, |deserializer, checked| {
         ObjectSeed::new(checked).deserialize(deserializer)
     })
@@ -427,8 +448,9 @@ pub fn from_value(value: Value) -> Result<Event, Refusal> {
         own: Own::take(&mut fields),
         // A tree of strings and values always serialises.
         payload: fields.remove("payload").map(|payload| {
-            Cow::Owned(serde_json::value::to_raw_value(&payload).unwrap_or_default())
+            Cow::Owned(serde_json::to_string(&payload).unwrap_or_else(|_| "null".into()))
         }),
+        scanned: None,
     };
     validate(read)
 }
@@ -448,9 +470,10 @@ fn validate(fields: Fields<'_>) -> Result<Event, Refusal> {
     })?;
     let gateway = Gateway::of(fields.own)?;
     let (run_id, thread_id, user_id) = (&gateway.run_id, &gateway.thread_id, &gateway.user_id);
-    let scanned = match &fields.payload {
-        None => None,
-        Some(raw) => scan_payload(raw)?,
+    let scanned = match (fields.scanned, &fields.payload) {
+        (Some(scanned), _) => scanned,
+        (None, None) => None,
+        (None, Some(raw)) => scan_payload(raw)?,
     };
     let (tool_call_id, name) = match &scanned {
         Some(scanned) => (&scanned.tool_call_id, &scanned.name),
@@ -514,7 +537,7 @@ fn validate(fields: Fields<'_>) -> Result<Event, Refusal> {
     let payload = match fields.payload.filter(|_| object) {
         Some(raw) => {
             // Rare (a native event carrying an AG-UI event): that object is read again as a tree.
-            let agui = match agui.then(|| super::json::parse(raw.get())) {
+            let agui = match agui.then(|| super::json::parse(&raw)) {
                 Some(Ok(mut tree)) => match tree.get_mut(PAYLOAD_KEY).map(Value::take) {
                     Some(Value::Object(agui)) => Some(agui),
                     _ => None,
@@ -522,7 +545,7 @@ fn validate(fields: Fields<'_>) -> Result<Event, Refusal> {
                 _ => None,
             };
             Payload {
-                json: raw.into_owned(),
+                json: raw.into(),
                 tool_call_id: tool_call,
                 agui,
             }

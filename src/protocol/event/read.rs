@@ -17,7 +17,7 @@ use crate::protocol::json::{Checked, Key, Keys};
 
 /// One field as read: the gateway's fields are strings, so anything else is only checked (no
 /// key twice) and refused by name once the whole event is read.
-#[derive(Default)]
+#[derive(Debug, Default, PartialEq)]
 pub(super) enum Text<'de> {
     #[default]
     Absent,
@@ -102,16 +102,19 @@ impl<'de> Visitor<'de> for TextSeed<'_> {
 }
 
 /// An event's fields as read from its text, before any rule is applied.
-#[derive(Default)]
+#[derive(Debug, Default, PartialEq)]
 pub(super) struct Fields<'de> {
     pub(super) kind: Text<'de>,
     pub(super) own: Own<'de>,
     /// Kept as its text; [`scan_payload`] reads what the gateway needs of it.
-    pub(super) payload: Option<Cow<'de, RawValue>>,
+    pub(super) payload: Option<Cow<'de, str>>,
+    /// What [`scan_payload`] reads, when the read of the fields read it already: `Some(None)` for
+    /// a payload that is `null` or absent.
+    pub(super) scanned: Option<Option<Scanned<'de>>>,
 }
 
 /// The gateway's own fields of an event (beside its type and payload), as read.
-#[derive(Default)]
+#[derive(Debug, Default, PartialEq)]
 pub(super) struct Own<'de> {
     pub(super) run_id: Text<'de>,
     pub(super) thread_id: Text<'de>,
@@ -163,7 +166,10 @@ impl<'de> ReadObject<'de> for Fields<'de> {
             "event_id" => self.own.event_id = map.next_value_seed(text)?,
             "ts" => self.own.ts = map.next_value_seed(text)?,
             "traceparent" => self.own.traceparent = map.next_value_seed(text)?,
-            "payload" => self.payload = Some(Cow::Borrowed(map.next_value()?)),
+            "payload" => {
+                let raw: &'de RawValue = map.next_value()?;
+                self.payload = Some(Cow::Borrowed(raw.get()));
+            }
             _ => map.next_value_seed(checked)?,
         }
         Ok(())
@@ -171,7 +177,7 @@ impl<'de> ReadObject<'de> for Fields<'de> {
 }
 
 /// What the gateway reads of a payload object.
-#[derive(Default)]
+#[derive(Debug, Default, PartialEq)]
 pub(super) struct Scanned<'de> {
     pub(super) tool_call_id: Text<'de>,
     pub(super) name: Text<'de>,
@@ -259,11 +265,11 @@ impl<'de, T: ReadObject<'de>> Visitor<'de> for ObjectSeed<'_, T> {
 
 /// Reads a payload's text: `None` for `null`, the fields the gateway reads for an object (with
 /// no key twice anywhere in it), refused otherwise.
-pub(super) fn scan_payload<'de>(raw: &'de RawValue) -> Result<Option<Scanned<'de>>, Refusal> {
-    if raw.get() == "null" {
+pub(super) fn scan_payload<'de>(raw: &'de str) -> Result<Option<Scanned<'de>>, Refusal> {
+    if raw == "null" {
         return Ok(None);
     }
-    crate::protocol::json::read(raw.get(), |deserializer, checked| {
+    crate::protocol::json::read(raw, |deserializer, checked| {
         ObjectSeed::new(checked).deserialize(deserializer)
     })
     .map_err(json_refusal)?

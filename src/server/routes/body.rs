@@ -119,11 +119,14 @@ pub(super) async fn read(
     let min_rate = gateway.config.ingest.min_upload_rate as f64;
     let start = Instant::now();
     let mut body = request.into_body();
-    let mut bytes = BytesMut::with_capacity(declared.unwrap_or(0));
+    // A body that comes in one piece, nearly every one, is kept as hyper read it; one in many is
+    // gathered in `bytes`, sized for what it declared.
+    let mut first: Option<Bytes> = None;
+    let mut bytes = BytesMut::new();
     loop {
         // The moment by which one more byte must have arrived to keep up the minimum rate.
-        let due =
-            start + UPLOAD_GRACE + Duration::from_secs_f64((bytes.len() + 1) as f64 / min_rate);
+        let received = first.as_ref().map_or(bytes.len(), Bytes::len);
+        let due = start + UPLOAD_GRACE + Duration::from_secs_f64((received + 1) as f64 / min_rate);
         let frame = match tokio::time::timeout_at(due, body.frame()).await {
             Err(_) => {
                 return Err(refused(
@@ -150,6 +153,10 @@ pub(super) async fn read(
         let Ok(data) = frame.into_data() else {
             continue;
         };
+        if let Some(first) = first.take() {
+            bytes.reserve(declared.unwrap_or(0).max(first.len() + data.len()));
+            bytes.extend_from_slice(&first);
+        }
         if bytes.len() + data.len() > limit {
             return Err(too_large());
         }
@@ -159,10 +166,13 @@ pub(super) async fn read(
         if !gateway.limits.hold_body_bytes(&mut budget, beyond) {
             return Err(busy());
         }
-        bytes.extend_from_slice(&data);
+        match bytes.is_empty() {
+            true => first = Some(data),
+            false => bytes.extend_from_slice(&data),
+        }
     }
     Ok(HeldBody {
-        bytes: bytes.freeze(),
+        bytes: first.unwrap_or_else(|| bytes.freeze()),
         _budget: budget,
     })
 }

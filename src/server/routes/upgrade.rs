@@ -12,7 +12,7 @@ use tokio::net::TcpStream;
 
 use super::{Body, error};
 use crate::Gateway;
-use crate::limits::{self, ConnectionSlot, ConnectionsFull};
+use crate::limits::{ConnectionSlot, ConnectionsFull};
 use crate::metrics::{self, Label};
 use crate::telemetry::Throttle;
 
@@ -215,11 +215,7 @@ pub(super) fn connection_slot(
     peer: SocketAddr,
     request: &Request<Incoming>,
 ) -> Result<ConnectionSlot, Refused> {
-    let forwarded = request
-        .headers()
-        .get("x-forwarded-for")
-        .and_then(|v| v.to_str().ok());
-    let client = limits::client_ip(peer.ip(), forwarded, &gateway.config.trusted_proxies);
+    let client = super::client_ip(gateway, peer, request);
     gateway.limits.connection(client).map_err(|full| {
         let refused = match full {
             ConnectionsFull::Global => Refused::Connections,

@@ -147,7 +147,9 @@ async fn run(
         agent,
         thread_id: input.thread_id,
         run_id: input.run_id.clone(),
-        input: held.bytes.clone(),
+        // A copy of its own: a body that came in one piece is a slice of the connection's read
+        // buffer, which the run would otherwise keep whole for as long as it lasts.
+        input: bytes::Bytes::copy_from_slice(&held.bytes),
     };
     agui_proxy::start(gateway, run, place);
     let mut response = Response::new(Either::Right(

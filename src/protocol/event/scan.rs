@@ -381,6 +381,8 @@ mod tests {
         "agui",
         "a",
         "",
+        "\\ud83d\\ude00",
+        "😀",
     ];
     const SPACES: &[&str] = &["", "", "", " ", "\n\t ", "\r"];
 
@@ -461,6 +463,31 @@ mod tests {
                 };
                 a + &object + &b
             })
+    }
+
+    /// Nesting past the scanner's depth is read by serde_json: taken up to serde_json's own
+    /// limit, refused past it, as before.
+    #[test]
+    fn deep_nesting_is_left_to_serde_json() {
+        let nested = |depth: usize| {
+            format!(
+                r#"{{"type":"agent_thinking","run_id":"r1","payload":{{"a":{}1{}}}}}"#,
+                "[".repeat(depth),
+                "]".repeat(depth)
+            )
+        };
+        let shallow = nested(60);
+        assert!(fields(&shallow).is_some());
+        let deep = nested(100);
+        assert!(fields(&deep).is_none());
+        let event = super::super::parse(&deep, 1 << 20).expect("serde_json takes it");
+        assert_eq!(
+            event.payload.json(),
+            format!("{{\"a\":{}1{}}}", "[".repeat(100), "]".repeat(100))
+        );
+        let deeper = nested(200);
+        assert!(fields(&deeper).is_none());
+        assert!(super::super::parse(&deeper, 1 << 20).is_err());
     }
 
     proptest! {

@@ -134,7 +134,8 @@ fn prefix<'a>(digits: &'a str, epoch: &'a str) -> [&'a [u8]; 5] {
 pub struct Unsequenced(Vec<u8>);
 
 /// `{"seq":` with the longest seq, `,"epoch":"` with an epoch of 16 digits and `",`, less the
-/// body's `{` the last of them takes the place of.
+/// body's `{` the last of them takes the place of. A frame keeps what its prefix leaves unused
+/// (19 bytes at most), which history weighs with it.
 const ROOM: usize = 7 + 20 + 10 + 16 + 2 - 1;
 
 impl Unsequenced {

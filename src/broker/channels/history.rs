@@ -9,8 +9,9 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use crate::fanout::StoredEvent;
 
 /// What one event weighs in history besides its frame: the stored event, its `Arc` and its slot
-/// (measured size, rounded up).
-const OVERHEAD: usize = 160;
+/// (measured size, rounded up: 160), and the room before a frame made where its body was written
+/// that its seq and epoch left unused (`protocol::server::Unsequenced`: at most 19 bytes).
+const OVERHEAD: usize = 160 + 19;
 
 /// The bytes every channel's history in one store holds, and the events the store-wide budget
 /// evicted.

@@ -85,31 +85,44 @@ impl<'a> Scanner<'a> {
         depth: usize,
         mut member: impl FnMut(&mut Self, Cow<'a, str>) -> Option<()>,
     ) -> Option<()> {
-        if depth > MAX_DEPTH {
-            return None;
-        }
-        self.eat(b'{')?;
-        self.space();
-        if self.eat(b'}').is_some() {
-            return Some(());
-        }
         let mut keys = Keys::default();
-        loop {
-            let key = self.string()?;
+        self.list(depth, b'{', b'}', |scan| {
+            let key = scan.string()?;
             if !keys.insert(key.clone()) {
                 return None;
             }
-            self.space();
-            self.eat(b':')?;
-            self.space();
-            member(self, key)?;
+            scan.space();
+            scan.eat(b':')?;
+            scan.space();
+            member(scan, key)
+        })
+    }
+
+    /// An object's members or an array's items, from `open` to `close`, separated by commas.
+    fn list(
+        &mut self,
+        depth: usize,
+        open: u8,
+        close: u8,
+        mut item: impl FnMut(&mut Self) -> Option<()>,
+    ) -> Option<()> {
+        if depth > MAX_DEPTH {
+            return None;
+        }
+        self.eat(open)?;
+        self.space();
+        if self.eat(close).is_some() {
+            return Some(());
+        }
+        loop {
+            item(self)?;
             self.space();
             match self.peek()? {
                 b',' => {
                     self.at += 1;
                     self.space();
                 }
-                b'}' => {
+                byte if byte == close => {
                     self.at += 1;
                     return Some(());
                 }
@@ -152,39 +165,13 @@ impl<'a> Scanner<'a> {
     fn value(&mut self, depth: usize) -> Option<()> {
         match self.peek()? {
             b'{' => self.object(depth, |scan, _| scan.value(depth + 1)),
-            b'[' => self.array(depth),
+            b'[' => self.list(depth, b'[', b']', |scan| scan.value(depth + 1)),
             b'"' => self.string().map(drop),
             b't' => self.literal("true"),
             b'f' => self.literal("false"),
             b'n' => self.literal("null"),
             b'-' | b'0'..=b'9' => self.number(),
             _ => None,
-        }
-    }
-
-    fn array(&mut self, depth: usize) -> Option<()> {
-        if depth > MAX_DEPTH {
-            return None;
-        }
-        self.eat(b'[')?;
-        self.space();
-        if self.eat(b']').is_some() {
-            return Some(());
-        }
-        loop {
-            self.value(depth + 1)?;
-            self.space();
-            match self.peek()? {
-                b',' => {
-                    self.at += 1;
-                    self.space();
-                }
-                b']' => {
-                    self.at += 1;
-                    return Some(());
-                }
-                _ => return None,
-            }
         }
     }
 

@@ -1,5 +1,6 @@
 //! Shutdown's shared state: the draining flag (readiness, new upgrades), the [`Signal`] that tells
-//! sessions and run streams to close, and the trackers that wait for them.
+//! sessions, event streams, run streams and HTTP connections to close, and the trackers that wait
+//! for them.
 
 use std::pin::pin;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -9,12 +10,13 @@ use tokio::sync::Notify;
 use tokio_util::task::TaskTracker;
 
 /// The three parts of shutdown: the draining flag, the signal that tells sessions to close with
-/// 1012, and the tracker that waits for them; and the tracker of the AG-UI streams being read,
-/// which the same signal tells to close their runs.
+/// 1012 (and HTTP connections to close once their request is answered), and the tracker that
+/// waits for the sessions; and the tracker of the AG-UI streams being read, which the same signal
+/// tells to close their runs.
 #[derive(Default)]
 pub struct Shutdown {
     draining: AtomicBool,
-    pub sessions: Signal,
+    pub close: Signal,
     pub tracker: TaskTracker,
     pub run_streams: TaskTracker,
 }

@@ -61,7 +61,7 @@ async fn forward(gateway: &Gateway, run: ProxiedRun) {
     let idle = gateway.config.ingest.stream_idle_timeout;
     let sent = tokio::select! {
         biased;
-        () = gateway.shutdown.sessions.raised() => {
+        () = gateway.shutdown.close.raised() => {
             stream.end(Ending::Shutdown).await;
             return;
         }

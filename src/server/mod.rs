@@ -23,6 +23,7 @@ use tokio_util::task::TaskTracker;
 use crate::Gateway;
 use crate::metrics;
 use crate::session;
+use crate::shutdown::Signal;
 
 /// Raises the open-file soft limit to the hard limit (each connection is a file) and returns it.
 pub fn raise_file_limit() -> Option<u64> {
@@ -99,11 +100,11 @@ pub async fn run(gateway: Arc<Gateway>, doors: Doors, stop: CancellationToken) {
     }
     // One tracker per stage, each drained at shutdown in the order the data flows.
     let http = TaskTracker::new();
-    let http_stop = CancellationToken::new();
     let housekeeping = TaskTracker::new();
+    let housekeeping_stop = CancellationToken::new();
     housekeeping.spawn(self::housekeeping::run(
         Arc::clone(&gateway),
-        http_stop.clone(),
+        housekeeping_stop.clone(),
     ));
     // Stopped only once the sessions have ended, so their last deliveries are recorded.
     let broker = TaskTracker::new();
@@ -117,7 +118,7 @@ pub async fn run(gateway: Arc<Gateway>, doors: Doors, stop: CancellationToken) {
         crate::ingest::consume(Arc::clone(&gateway), upward, &ingest);
     }
 
-    accept_until(&gateway, &doors, &http, &http_stop, stop.cancelled()).await;
+    accept_until(&gateway, &doors, &http, stop.cancelled()).await;
 
     gateway.shutdown.start_draining();
     tracing::info!(drain_delay = ?gateway.config.shutdown.drain_delay, "Draining: /readyz is 503, new WebSocket upgrades are refused.");
@@ -125,7 +126,6 @@ pub async fn run(gateway: Arc<Gateway>, doors: Doors, stop: CancellationToken) {
         &gateway,
         &doors,
         &http,
-        &http_stop,
         tokio::time::sleep(gateway.config.shutdown.drain_delay),
     )
     .await;
@@ -134,8 +134,10 @@ pub async fn run(gateway: Arc<Gateway>, doors: Doors, stop: CancellationToken) {
     let sessions = &gateway.shutdown;
     let window = gateway.config.shutdown.close_window;
     tracing::info!(sessions = sessions.tracker.len(), close_window = ?window, "Closing sessions with 1012.");
-    sessions.sessions.raise();
-    http_stop.cancel();
+    // Sessions, event streams and HTTP connections alike: an idle keep-alive connection closes,
+    // a request being answered is answered first.
+    sessions.close.raise();
+    housekeeping_stop.cancel();
     sessions.tracker.close();
     let bound = window + gateway.config.shutdown.timeout;
     if tokio::time::timeout(bound, sessions.tracker.wait())
@@ -201,7 +203,6 @@ async fn accept_until(
     gateway: &Arc<Gateway>,
     doors: &Doors,
     http: &TaskTracker,
-    http_stop: &CancellationToken,
     until: impl Future<Output = ()>,
 ) {
     tokio::pin!(until);
@@ -231,15 +232,17 @@ async fn accept_until(
         };
         let _ = stream.set_nodelay(true);
         let gateway = Arc::clone(gateway);
-        let http_stop = http_stop.clone();
-        // Cancelled by an event stream that ended: its connection closes (see below).
-        let cut = CancellationToken::new();
+        // Raised by an event stream that ended: its connection closes (see below). A `Signal`,
+        // not a `CancellationToken`: the connection's task polls both waits on every request it
+        // reads, and a token's wait takes its locks each time (the shutdown one shared by every
+        // connection), where a `Signal`'s reads a flag.
+        let cut = Arc::new(Signal::default());
         http.spawn(async move {
             let write_timeout = gateway.config.session.write_timeout;
             let service = {
-                let cut = cut.clone();
+                let (gateway, cut) = (Arc::clone(&gateway), Arc::clone(&cut));
                 service_fn(move |request| {
-                    routes::handle(Arc::clone(&gateway), door, peer, cut.clone(), request)
+                    routes::handle(Arc::clone(&gateway), door, peer, Arc::clone(&cut), request)
                 })
             };
             // A timer is what makes hyper enforce the header read timeout at all.
@@ -251,14 +254,14 @@ async fn accept_until(
             tokio::pin!(connection);
             tokio::select! {
                 _ = connection.as_mut() => {}
-                _ = http_stop.cancelled() => {
+                () = gateway.shutdown.close.raised() => {
                     connection.as_mut().graceful_shutdown();
                     let _ = connection.await;
                 }
                 // An event stream ended: the response ends, then the connection closes. A client
                 // that does not read what is left within `session.write_timeout` (a slow consumer)
                 // has its connection dropped, so neither it nor its unread bytes stay held here.
-                _ = cut.cancelled() => {
+                () = cut.raised() => {
                     connection.as_mut().graceful_shutdown();
                     let _ = tokio::time::timeout(write_timeout, connection).await;
                 }

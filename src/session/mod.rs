@@ -265,7 +265,7 @@ impl Session {
         let timer = tokio::time::sleep_until(started + config.hello_timeout);
         tokio::pin!(timer);
         // At shutdown the connection closes at its `closing_moment`.
-        let shutdown = gateway.shutdown.sessions.raised();
+        let shutdown = gateway.shutdown.close.raised();
         tokio::pin!(shutdown);
         let mut closing_at: Option<Instant> = None;
         loop {

@@ -17,11 +17,11 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{Duration, SystemTime};
 
+use crate::shutdown::Signal;
 use bytes::Bytes;
 use hyper::body::Frame;
 use tokio::sync::mpsc;
 use tokio::time::{Instant, timeout};
-use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use super::ended::{CloseSent, Ended};
@@ -136,7 +136,7 @@ pub struct Request {
     pub expires: Option<SystemTime>,
     /// Closes the stream's HTTP connection once the stream ended, so a client that stopped reading
     /// does not keep it (and its unread bytes) open.
-    pub cut: CancellationToken,
+    pub cut: Arc<Signal>,
     /// Whether what the stream writes counts as delivered: `false` for the operator's tail, which
     /// watches a thread without being one of its viewers (the ledger says what viewers got).
     pub delivers: bool,
@@ -217,7 +217,7 @@ pub async fn open(
             // The stream's place in the connection budgets, held until it ends.
             let _slot = slot;
             stream.serve().await;
-            cut.cancel();
+            cut.raise();
         }
         .instrument(span),
     );
@@ -290,7 +290,7 @@ impl Stream {
         let timer = tokio::time::sleep_until(last_write + heartbeat);
         tokio::pin!(timer);
         let gateway = Arc::clone(&self.gateway);
-        let shutdown = gateway.shutdown.sessions.raised();
+        let shutdown = gateway.shutdown.close.raised();
         tokio::pin!(shutdown);
         let mut closing_at: Option<Instant> = None;
         loop {

@@ -352,7 +352,7 @@ pub async fn read<R: Rules, E: Display>(
     // Made once for the whole stream: a token stream sends a chunk every few milliseconds, and
     // neither the cancellation's waiter nor the timer needs to be set again for each. The timer
     // is moved on only when it fires early (something arrived since it was set).
-    let cancelled = gateway.shutdown.sessions.raised();
+    let cancelled = gateway.shutdown.close.raised();
     tokio::pin!(cancelled);
     let mut last = Instant::now();
     let silence = tokio::time::sleep_until(last + idle);

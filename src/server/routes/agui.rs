@@ -13,7 +13,7 @@ use hyper::header::{self, HeaderValue};
 use hyper::{Request, Response, StatusCode};
 use serde_json::json;
 
-use tokio_util::sync::CancellationToken;
+use crate::shutdown::Signal;
 
 use super::body;
 use super::cors;
@@ -40,7 +40,7 @@ pub(super) async fn proxy(
     gateway: Arc<Gateway>,
     peer: SocketAddr,
     raw_agent: &str,
-    cut: CancellationToken,
+    cut: Arc<Signal>,
     request: Request<Incoming>,
 ) -> Response<Body> {
     cors::admitted(&gateway, peer, request, &ALLOWED, async |request| {
@@ -59,7 +59,7 @@ async fn run(
     gateway: &Arc<Gateway>,
     peer: SocketAddr,
     raw_agent: &str,
-    cut: CancellationToken,
+    cut: Arc<Signal>,
     request: Request<Incoming>,
 ) -> Response<Body> {
     let agent = match percent_decode(raw_agent) {

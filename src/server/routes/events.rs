@@ -9,11 +9,11 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::SystemTime;
 
+use crate::shutdown::Signal;
 use http_body_util::{BodyExt, Either};
 use hyper::body::Incoming;
 use hyper::header::{self, HeaderValue};
 use hyper::{Request, Response, StatusCode};
-use tokio_util::sync::CancellationToken;
 
 use super::cors;
 use super::upgrade::{MAX_BEARER_BYTES, NotAdmitted, Refused, connection_slot};
@@ -37,7 +37,7 @@ pub(super) async fn events(
     gateway: Arc<Gateway>,
     peer: SocketAddr,
     raw_thread: &str,
-    cut: CancellationToken,
+    cut: Arc<Signal>,
     request: Request<Incoming>,
 ) -> Response<Body> {
     cors::admitted(&gateway, peer, request, &ALLOWED, async |request| {
@@ -83,7 +83,7 @@ async fn open(
     gateway: &Arc<Gateway>,
     peer: SocketAddr,
     raw_thread: &str,
-    cut: CancellationToken,
+    cut: Arc<Signal>,
     request: &Request<Incoming>,
 ) -> Response<Body> {
     let accept = request

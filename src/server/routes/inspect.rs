@@ -12,12 +12,12 @@
 use std::net::SocketAddr;
 use std::sync::{Arc, LazyLock};
 
+use crate::shutdown::Signal;
 use base64::Engine;
 use hyper::body::Incoming;
 use hyper::header::{self, HeaderValue};
 use hyper::{Request, Response, StatusCode};
 use sha2::{Digest, Sha256};
-use tokio_util::sync::CancellationToken;
 
 use super::{Body, error, events, full, json_response, percent_decode};
 use crate::Gateway;
@@ -120,7 +120,7 @@ pub(super) async fn tail(
     gateway: &Arc<Gateway>,
     peer: SocketAddr,
     raw_thread: &str,
-    cut: CancellationToken,
+    cut: Arc<Signal>,
     request: &Request<Incoming>,
 ) -> Response<Body> {
     let Some(thread_id) = percent_decode(raw_thread).filter(|id| check_id(id).is_ok()) else {

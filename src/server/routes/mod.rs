@@ -21,7 +21,7 @@ use crate::Gateway;
 use crate::auth::{ApiRefusal, Role};
 use crate::broker::BrokerError;
 use crate::metrics::{self, Label};
-use tokio_util::sync::CancellationToken;
+use crate::shutdown::Signal;
 
 mod agui;
 mod body;
@@ -58,7 +58,7 @@ pub async fn handle(
     gateway: Arc<Gateway>,
     door: Door,
     peer: SocketAddr,
-    cut: CancellationToken,
+    cut: Arc<Signal>,
     request: Request<Incoming>,
 ) -> Result<Response<Body>, Infallible> {
     let path = request.uri().path().to_string();
@@ -75,7 +75,7 @@ async fn public(
     peer: SocketAddr,
     path: &str,
     method: &Method,
-    cut: CancellationToken,
+    cut: Arc<Signal>,
     request: Request<Incoming>,
 ) -> Response<Body> {
     if let Some(thread) = events::thread_in(path)
@@ -100,7 +100,7 @@ async fn internal(
     peer: SocketAddr,
     path: &str,
     method: &Method,
-    cut: CancellationToken,
+    cut: Arc<Signal>,
     request: Request<Incoming>,
 ) -> Response<Body> {
     // The producer and operator API needs a key of its role; probes and scrapes need none.

@@ -129,7 +129,7 @@ pub async fn ingest(
         }
         if let Some(event) = batch.keep(gateway, event, None) {
             publish_kept(gateway, &mut batch, &mut results).await;
-            results.push(accept(gateway, event, None).await);
+            results.push(accept_each(gateway, event).await);
         }
     }
     publish_kept(gateway, &mut batch, &mut results).await;
@@ -139,15 +139,20 @@ pub async fn ingest(
 /// Publishes what `batch` kept and appends each event's answer to `results`.
 async fn publish_kept(gateway: &Gateway, batch: &mut batch::Batch, results: &mut Vec<ItemResult>) {
     for (kept, outcome) in batch.publish(gateway).await {
-        results.push(match outcome {
-            Ok(Outcome::Published(published)) => ItemResult::Accepted {
-                channel: kept.channel,
-                seq: published.seq,
-                epoch: published.epoch,
-            },
-            Ok(Outcome::Duplicate) => ItemResult::Duplicate,
-            Err(error) => failed(gateway, error, &gateway.metrics.events_ingested),
-        });
+        results.push(answer(gateway, kept, outcome));
+    }
+}
+
+/// The answer for an event the batch published.
+fn answer(gateway: &Gateway, kept: batch::Kept, outcome: Result<Outcome, BrokerError>) -> ItemResult {
+    match outcome {
+        Ok(Outcome::Published(published)) => ItemResult::Accepted {
+            channel: kept.channel,
+            seq: published.seq,
+            epoch: published.epoch,
+        },
+        Ok(Outcome::Duplicate) => ItemResult::Duplicate,
+        Err(error) => failed(gateway, error, &gateway.metrics.events_ingested),
     }
 }
 
@@ -192,17 +197,31 @@ fn count_refusal(gateway: &Gateway, refusal: &Refusal) {
 }
 
 /// Accepts one valid event: dedupe, register (for `agent_started` with a thread), resolve, publish.
-/// `entry` is the ingest stream entry id it came from, which makes a second publish a duplicate.
-pub async fn accept(gateway: &Gateway, event: Event, entry: Option<&str>) -> ItemResult {
+/// An event that needs nothing but its publish (nearly every event of a run's stream) is published
+/// as a batch of one, the path of `POST /v1/events`; the others take [`accept_each`].
+pub async fn accept(gateway: &Gateway, event: Event) -> ItemResult {
+    let mut batch = batch::Batch::default();
+    let Some(event) = batch.keep(gateway, event, None) else {
+        return match batch.publish(gateway).await.next() {
+            Some((kept, outcome)) => answer(gateway, kept, outcome),
+            None => unreachable!("a kept event is published"),
+        };
+    };
+    accept_each(gateway, event).await
+}
+
+/// [`accept`]'s whole path, for an event that [`batch::Batch::keep`] gave back: a run's start, an
+/// event behind its run's release, a retry, an event without a thread.
+async fn accept_each(gateway: &Gateway, event: Event) -> ItemResult {
     let ingested = &gateway.metrics.events_ingested;
-    accept_kept(gateway, event, entry, None, true, ingested).await
+    accept_kept(gateway, event, None, true, ingested).await
 }
 
 /// [`accept`] for an event the gateway made itself (the close of a run whose stream ended while
 /// it was open): counted `generated`, not `ingested`, since no producer sent it.
 pub async fn accept_generated(gateway: &Gateway, event: Event) -> ItemResult {
     let generated = &gateway.metrics.events_generated;
-    accept_kept(gateway, event, None, None, true, generated).await
+    accept_kept(gateway, event, None, true, generated).await
 }
 
 /// [`accept`], for an event that may already be in a journal of held events (`journal`: adopted
@@ -212,13 +231,12 @@ pub async fn accept_generated(gateway: &Gateway, event: Event) -> ItemResult {
 async fn accept_kept(
     gateway: &Gateway,
     event: Event,
-    entry: Option<&str>,
     journal: Option<Journaled>,
     answered: bool,
     taken: &prometheus::IntCounter,
 ) -> ItemResult {
     let span = telemetry::ingest_span(&event);
-    let accepted = accept_in(gateway, event, entry, journal, answered, &span);
+    let accepted = accept_in(gateway, event, journal, answered, &span);
     match accepted.instrument(span.clone()).await {
         Ok(result) => {
             taken.inc();
@@ -274,15 +292,7 @@ pub async fn adopt_held(gateway: &Gateway) {
             continue;
         };
         let ingested = &gateway.metrics.events_ingested;
-        match accept_kept(
-            gateway,
-            event,
-            None,
-            packed.journal.clone(),
-            false,
-            ingested,
-        )
-        .await
+        match accept_kept(gateway, event, packed.journal.clone(), false, ingested).await
         {
             // Nobody sends it again: held here (counted `ingested` here), for its registration or
             // a paused release to publish once Redis takes it.
@@ -350,7 +360,6 @@ fn refused(gateway: &Gateway, reason: broker::Refusal, error: &BrokerError) {
 async fn accept_in(
     gateway: &Gateway,
     event: Event,
-    entry: Option<&str>,
     journal: Option<Journaled>,
     answered: bool,
     span: &Span,
@@ -380,7 +389,7 @@ async fn accept_in(
         let releasing =
             (event.run_id.as_deref()).is_some_and(|run| gateway.resolver.is_waiting(run));
         if !releasing {
-            return published(gateway, &channel, &event, entry, journal, answered, span).await;
+            return published(gateway, &channel, &event, None, journal, answered, span).await;
         }
         let (journal, journaled_here) = match journal {
             Some(journal) => (Some(journal), false),
@@ -394,7 +403,7 @@ async fn accept_in(
         return match gateway.resolver.hold_behind(event, journal.clone()) {
             Ok(()) => Ok(ItemResult::PendingResolution),
             Err(NotBehind::Free(event)) => {
-                published(gateway, &channel, &event, entry, journal, answered, span).await
+                published(gateway, &channel, &event, None, journal, answered, span).await
             }
             // Not taken: out of the journal, and its event_id free for the producer's retry.
             Err(NotBehind::Full { event, full }) => {
@@ -444,7 +453,7 @@ async fn accept_in(
         }
         // Its run was registered between resolve and hold.
         Err(NotHeld::Registered { event, channel }) => {
-            published(gateway, &channel, &event, entry, journal, answered, span).await
+            published(gateway, &channel, &event, None, journal, answered, span).await
         }
         // The gateway is stopping and the held events were dead-lettered: this one too.
         Err(NotHeld::Closed { event }) => {

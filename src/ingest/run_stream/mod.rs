@@ -277,7 +277,7 @@ impl<'g, R: Rules> RunStream<'g, R> {
         } else {
             None
         };
-        let result = accept(self.gateway, event, None).await;
+        let result = accept(self.gateway, event).await;
         let taken = matches!(
             result,
             ItemResult::Accepted { .. } | ItemResult::PendingResolution

@@ -144,7 +144,11 @@ async fn publish_kept(gateway: &Gateway, batch: &mut batch::Batch, results: &mut
 }
 
 /// The answer for an event the batch published.
-fn answer(gateway: &Gateway, kept: batch::Kept, outcome: Result<Outcome, BrokerError>) -> ItemResult {
+fn answer(
+    gateway: &Gateway,
+    kept: batch::Kept,
+    outcome: Result<Outcome, BrokerError>,
+) -> ItemResult {
     match outcome {
         Ok(Outcome::Published(published)) => ItemResult::Accepted {
             channel: kept.channel,
@@ -292,8 +296,7 @@ pub async fn adopt_held(gateway: &Gateway) {
             continue;
         };
         let ingested = &gateway.metrics.events_ingested;
-        match accept_kept(gateway, event, packed.journal.clone(), false, ingested).await
-        {
+        match accept_kept(gateway, event, packed.journal.clone(), false, ingested).await {
             // Nobody sends it again: held here (counted `ingested` here), for its registration or
             // a paused release to publish once Redis takes it.
             ItemResult::Unavailable { .. } => {

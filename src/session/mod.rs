@@ -367,29 +367,64 @@ impl Session {
                         self.release_buffers();
                     }
                     if closing_at.is_some_and(|at| now >= at) {
-                        return Box::pin(self.close_now(close::RESTARTING, "restarting", Ended::Shutdown, limit)).await;
+                        return Box::pin(self.close_now(
+                            close::RESTARTING,
+                            "restarting",
+                            Ended::Shutdown,
+                            limit,
+                        ))
+                        .await;
                     }
-                    if self.partial_since.is_some_and(|since| now >= since + config.frame_timeout) {
-                        return Box::pin(self.close_now(close::POLICY, "frame_timeout", Ended::FrameTimeout, limit)).await;
+                    if self
+                        .partial_since
+                        .is_some_and(|since| now >= since + config.frame_timeout)
+                    {
+                        return Box::pin(self.close_now(
+                            close::POLICY,
+                            "frame_timeout",
+                            Ended::FrameTimeout,
+                            limit,
+                        ))
+                        .await;
                     }
                     if self.user_id.is_none() {
                         if now >= started + config.hello_timeout {
-                            return Box::pin(self.close_now(close::HELLO_MISSING, "hello_timeout", Ended::HelloTimeout, limit)).await;
+                            return Box::pin(self.close_now(
+                                close::HELLO_MISSING,
+                                "hello_timeout",
+                                Ended::HelloTimeout,
+                                limit,
+                            ))
+                            .await;
                         }
                         continue;
                     }
                     if let Some(clock) = &mut self.token_clock {
                         if now >= clock.expires_at {
-                            return Box::pin(self.close_now(close::TOKEN_EXPIRED, "token_expired", Ended::TokenExpired, limit)).await;
+                            return Box::pin(self.close_now(
+                                close::TOKEN_EXPIRED,
+                                "token_expired",
+                                Ended::TokenExpired,
+                                limit,
+                            ))
+                            .await;
                         }
                         if !clock.warned && now >= clock.warn_at {
                             clock.warned = true;
                             let left = clock.expires_at.saturating_duration_since(now);
-                            self.outbox.push(Outgoing::Frame(server::token_expiring(left.as_millis() as u64)));
+                            self.outbox.push(Outgoing::Frame(server::token_expiring(
+                                left.as_millis() as u64,
+                            )));
                         }
                     }
                     if now >= last_read + config.client_timeout {
-                        return Box::pin(self.close_now(close::GOING_AWAY, "client_timeout", Ended::ClientTimeout, limit)).await;
+                        return Box::pin(self.close_now(
+                            close::GOING_AWAY,
+                            "client_timeout",
+                            Ended::ClientTimeout,
+                            limit,
+                        ))
+                        .await;
                     }
                     // The heartbeat frame keeps a quiet stream alive for proxies and lets the page
                     // see the connection; the ping goes out every heartbeat, busy or not, so a

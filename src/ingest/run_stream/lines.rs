@@ -33,7 +33,7 @@ impl Lines {
 
     pub(super) fn push(&mut self, mut chunk: &[u8], out: &mut Vec<Line>) {
         while !chunk.is_empty() {
-            let (part, rest, ended) = match chunk.iter().position(|b| *b == b'\n') {
+            let (part, rest, ended) = match memchr::memchr(b'\n', chunk) {
                 Some(at) => (&chunk[..at], &chunk[at + 1..], true),
                 None => (chunk, &[][..], false),
             };

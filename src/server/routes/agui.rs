@@ -200,7 +200,7 @@ impl<B> UntilRunEnds<B> {
     fn scan(&mut self, chunk: &[u8]) -> Option<usize> {
         let mut start = 0;
         let mut ends_at = None;
-        while let Some(at) = chunk[start..].iter().position(|b| *b == b'\n') {
+        while let Some(at) = memchr::memchr(b'\n', &chunk[start..]) {
             let end = start + at;
             let line: std::borrow::Cow<'_, [u8]> = if self.partial.is_empty() {
                 chunk[start..end].into()

@@ -269,6 +269,10 @@ impl Session {
         let shutdown = gateway.shutdown.close.raised();
         tokio::pin!(shutdown);
         let mut closing_at: Option<Instant> = None;
+        // Whether the deadlines are to be looked at again. What brings one closer (a message read,
+        // the timer firing, shutdown) comes through a wake other than the queue's; after a wake by
+        // the queue alone they only moved later, and the timer (never moved later) stands.
+        let mut rearm = true;
         loop {
             let ended = self.read_messages().await;
             self.partial_since = match !self.inbox.is_empty() || self.reassembly.in_progress() {
@@ -306,21 +310,23 @@ impl Session {
                 (false, true) => self.trim_buffers(),
                 (false, false) => self.release_buffers(),
             }
-            let deadline = if self.user_id.is_some() {
-                let deadline = (last_write.min(last_ping) + config.heartbeat)
-                    .min(last_read + config.client_timeout);
-                self.token_clock
-                    .as_ref()
-                    .map_or(deadline, |clock| deadline.min(clock.next()))
-            } else {
-                started + config.hello_timeout
-            };
-            let deadline = self
-                .partial_since
-                .map_or(deadline, |since| deadline.min(since + config.frame_timeout));
-            let deadline = closing_at.map_or(deadline, |at| deadline.min(at));
-            if timer.is_elapsed() || deadline < timer.deadline() {
-                timer.as_mut().reset(deadline);
+            if rearm || timer.is_elapsed() {
+                let deadline = if self.user_id.is_some() {
+                    let deadline = (last_write.min(last_ping) + config.heartbeat)
+                        .min(last_read + config.client_timeout);
+                    self.token_clock
+                        .as_ref()
+                        .map_or(deadline, |clock| deadline.min(clock.next()))
+                } else {
+                    started + config.hello_timeout
+                };
+                let deadline = self
+                    .partial_since
+                    .map_or(deadline, |since| deadline.min(since + config.frame_timeout));
+                let deadline = closing_at.map_or(deadline, |at| deadline.min(at));
+                if timer.is_elapsed() || deadline < timer.deadline() {
+                    timer.as_mut().reset(deadline);
+                }
             }
             let woke = {
                 let queued = self.outbox.ready();
@@ -354,6 +360,7 @@ impl Session {
                 })
                 .await
             };
+            rearm = !matches!(woke, Woke::Queued);
             match woke {
                 Woke::Shutdown => {
                     closing_at = Some(closing_moment(&gateway));

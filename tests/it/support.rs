@@ -497,12 +497,24 @@ pub async fn wait_listening(addr: SocketAddr) {
     panic!("nothing listens on {addr}");
 }
 
+/// Ports handed out in this process. The tests run at once, each binding its ports a moment after
+/// asking for them, and the kernel may give a port it just gave to one test to another in between:
+/// two servers on one port (a Redis node answering for another test's cluster) fail at random.
+static GIVEN: std::sync::LazyLock<std::sync::Mutex<std::collections::HashSet<u16>>> =
+    std::sync::LazyLock::new(Default::default);
+
+/// A port nothing listens on and no other test of this process was given.
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    loop {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        if GIVEN.lock().unwrap().insert(port) {
+            return port;
+        }
+    }
 }
 
 pub fn binary() -> Command {
@@ -1247,7 +1259,11 @@ impl Drop for RedisCluster {
 fn free_cluster_port() -> u16 {
     loop {
         let port = free_port();
-        if port < 55_000 && std::net::TcpListener::bind(("127.0.0.1", port + 10_000)).is_ok() {
+        // The node's cluster bus listens on its port + 10000: given to nobody else either.
+        if port < 55_000
+            && std::net::TcpListener::bind(("127.0.0.1", port + 10_000)).is_ok()
+            && GIVEN.lock().unwrap().insert(port + 10_000)
+        {
             return port;
         }
     }

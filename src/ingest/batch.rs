@@ -1,9 +1,9 @@
 //! The events of one request (or one read of the ingest stream; or one event of a run's stream,
-//! alone) that need nothing but their publish, gathered and published together: in Redis mode one script call per channel, the
-//! channels' calls at once, instead of a round trip per event. An event qualifies when its channel
-//! is its thread's, it registers no run, no earlier event of its run is being released and it is
-//! no retry the embedded dedupe saw; any other item ends the batch (it is published first), so
-//! every channel sees the events in their order.
+//! alone) that need nothing but their publish, gathered and published together: in Redis mode one
+//! script call per channel, the channels' calls at once, instead of a round trip per event. An
+//! event qualifies when its channel is its thread's, it registers no run, no earlier event of its
+//! run is being released and it is no retry the embedded dedupe saw; any other item ends the batch
+//! (it is published first), so every channel sees the events in their order.
 
 use std::time::Instant;
 

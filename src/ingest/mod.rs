@@ -392,7 +392,7 @@ async fn accept_in(
         let releasing =
             (event.run_id.as_deref()).is_some_and(|run| gateway.resolver.is_waiting(run));
         if !releasing {
-            return published(gateway, &channel, &event, None, journal, answered, span).await;
+            return published(gateway, &channel, &event, journal, answered, span).await;
         }
         let (journal, journaled_here) = match journal {
             Some(journal) => (Some(journal), false),
@@ -406,7 +406,7 @@ async fn accept_in(
         return match gateway.resolver.hold_behind(event, journal.clone()) {
             Ok(()) => Ok(ItemResult::PendingResolution),
             Err(NotBehind::Free(event)) => {
-                published(gateway, &channel, &event, None, journal, answered, span).await
+                published(gateway, &channel, &event, journal, answered, span).await
             }
             // Not taken: out of the journal, and its event_id free for the producer's retry.
             Err(NotBehind::Full { event, full }) => {
@@ -456,7 +456,7 @@ async fn accept_in(
         }
         // Its run was registered between resolve and hold.
         Err(NotHeld::Registered { event, channel }) => {
-            published(gateway, &channel, &event, None, journal, answered, span).await
+            published(gateway, &channel, &event, journal, answered, span).await
         }
         // The gateway is stopping and the held events were dead-lettered: this one too.
         Err(NotHeld::Closed { event }) => {
@@ -512,13 +512,12 @@ async fn published(
     gateway: &Gateway,
     channel: &ChannelName,
     event: &Event,
-    entry: Option<&str>,
     journal: Option<Journaled>,
     answered: bool,
     span: &Span,
 ) -> Result<ItemResult, BrokerError> {
     let origin = journal.as_ref().map(|journal| held_entry(&journal.origin));
-    let result = accepted(gateway, channel, event, origin.as_deref().or(entry), span).await;
+    let result = accepted(gateway, channel, event, origin.as_deref(), span).await;
     if answered
         || !matches!(
             result,

@@ -9,7 +9,6 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::SystemTime;
 
-use crate::shutdown::Signal;
 use http_body_util::{BodyExt, Either};
 use hyper::body::Incoming;
 use hyper::header::{self, HeaderValue};
@@ -24,6 +23,7 @@ use crate::metrics::{Label, count};
 use crate::protocol::channel::check_id;
 use crate::protocol::server::Format;
 use crate::session::sse::{self, parse_position};
+use crate::shutdown::Signal;
 
 const PREFIX: &str = "/v1/threads/";
 const SUFFIX: &str = "/events";

@@ -12,7 +12,6 @@
 use std::net::SocketAddr;
 use std::sync::{Arc, LazyLock};
 
-use crate::shutdown::Signal;
 use base64::Engine;
 use hyper::body::Incoming;
 use hyper::header::{self, HeaderValue};
@@ -24,6 +23,7 @@ use crate::Gateway;
 use crate::protocol::channel::check_id;
 use crate::protocol::server::Format;
 use crate::session::sse::{self, parse_position};
+use crate::shutdown::Signal;
 
 /// The page: HTML, CSS and script in one file, no build step.
 const PAGE: &str = include_str!("inspect.html");

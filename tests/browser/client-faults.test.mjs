@@ -99,7 +99,7 @@ test("a connection cut without a close frame: heartbeat detection reconnects and
   // heartbeat 1 s (lib.mjs): the client drops a connection silent for 2 s.
   const gw = gateway(port, internal, { AGENTWIRE_AUTH__ALLOWED_ORIGINS: JSON.stringify([web.origin]) });
   t.after(() => gw.child.kill("SIGKILL"));
-  await ready(internal);
+  await ready(gw);
   const lb = await proxy(t, port);
   const { page, problems, faults } = await faultPage(t, web, { url: `ws://127.0.0.1:${lb.port}/ws`, thread: "tf1", userId: "u_f1" });
   await until(async () => (await faults()).subscribed.includes("thread:tf1"), "the page to join thread:tf1");
@@ -133,7 +133,7 @@ test("a refused token surfaces a fatal error and the client stops retrying", { s
     AGENTWIRE_AUTH__JWT_SECRET: SECRET,
   });
   t.after(() => gw.child.kill("SIGKILL"));
-  await ready(internal);
+  await ready(gw);
   const lb = await proxy(t, port);
   const bad = jwt({ sub: "u_f2", exp: now() + 600, threads: ["tf2"] }, "another-secret-that-is-32-bytes-long!!");
   const { page, problems, faults } = await faultPage(t, web, { url: `ws://127.0.0.1:${lb.port}/ws`, thread: "tf2", tokens: [bad] });
@@ -158,7 +158,7 @@ test("a token that expires mid-run is refreshed through getToken on the same con
     AGENTWIRE_AUTH__JWT_LEEWAY: "0s",
   });
   t.after(() => gw.child.kill("SIGKILL"));
-  await ready(internal);
+  await ready(gw);
   const lb = await proxy(t, port);
   // The first token lives 6 s (token_expiring at half its remaining life), the second ten minutes.
   const firstExpiry = now() + 6;
@@ -188,7 +188,7 @@ test("a restarted memory-mode gateway (a new epoch): recovered:false reaches the
   const env = { AGENTWIRE_AUTH__ALLOWED_ORIGINS: JSON.stringify([web.origin]) };
   let gw = gateway(port, internalA, env);
   t.after(() => gw.child.kill("SIGKILL"));
-  await ready(internalA);
+  await ready(gw);
   const { problems, faults } = await faultPage(t, web, { url: `ws://127.0.0.1:${port}/ws`, thread: "tf4", userId: "u_f4" });
   await until(async () => (await faults()).subscribed.includes("thread:tf4"), "the page to join thread:tf4");
   await postEvents(internalA, run("run_f4", "tf4", "u_f4", 3));
@@ -198,7 +198,7 @@ test("a restarted memory-mode gateway (a new epoch): recovered:false reaches the
   gw.child.kill("SIGTERM");
   assert.equal((await gw.exited).code, 0, gw.stderr());
   gw = gateway(port, internalB, env);
-  await ready(internalB);
+  await ready(gw);
   const f = await until(async () => { const x = await faults(); return x.resets.length > 0 && x; }, "the page to see reset", 30000);
   assert.equal(f.resets[0].threadId, "tf4", JSON.stringify(f.resets));
   await until(async () => (await faults()).states.at(-1) === "connected", "the page to be connected again");
@@ -222,7 +222,7 @@ test("a 4008 slow-consumer close: the page resumes with no gap and no duplicate"
     AGENTWIRE_HISTORY__MAX_BYTES_PER_CHANNEL: String(256 * 1024 * 1024),
   });
   t.after(() => gw.child.kill("SIGKILL"));
-  await ready(internal);
+  await ready(gw);
   const lb = await proxy(t, port);
   const { problems, faults } = await faultPage(t, web, { url: `ws://127.0.0.1:${lb.port}/ws`, thread: "tf6", userId: "u_f6" });
   await until(async () => (await faults()).subscribed.includes("thread:tf6"), "the page to join thread:tf6");

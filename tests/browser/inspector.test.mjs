@@ -20,7 +20,7 @@ test("the inspector shows the ledger's totals, the run and the thread's tail aft
     AGENTWIRE_AUTH__OPERATOR_KEYS: JSON.stringify([KEY]),
   });
   t.after(() => gw.child.kill("SIGKILL"));
-  await ready(internal);
+  await ready(gw);
   const { browser, page: viewer, problems: viewerProblems } = await browserPage(t);
 
   // One viewer: the example page on the thread.

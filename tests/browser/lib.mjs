@@ -16,14 +16,24 @@ export const CHROMIUM = process.env.CHROMIUM || "/usr/bin/chromium";
 export const REDIS = spawnSync("redis-server", ["--version"]).status === 0;
 export const ARTIFACTS = resolve(ROOT, "target/browser-artifacts");
 
-export function freePort() {
-  return new Promise((done, fail) => {
-    const server = createServer().listen(0, "127.0.0.1", () => {
-      const { port } = server.address();
-      server.close(() => done(port));
+// Ports handed out by this process: the kernel may give a just-closed port again, and two handed out
+// before either is bound would make a gateway fail to bind its second door.
+const given = new Set();
+
+export async function freePort() {
+  for (;;) {
+    const port = await new Promise((done, fail) => {
+      const server = createServer().listen(0, "127.0.0.1", () => {
+        const { port } = server.address();
+        server.close(() => done(port));
+      });
+      server.on("error", fail);
     });
-    server.on("error", fail);
-  });
+    if (!given.has(port)) {
+      given.add(port);
+      return port;
+    }
+  }
 }
 
 export const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
@@ -60,8 +70,20 @@ export function gateway(port, internal, extra = {}) {
   return { child, exited, stderr: () => stderr, internal };
 }
 
-export async function ready(internal) {
-  await until(() => fetch(`http://127.0.0.1:${internal}/readyz`).then((r) => r.ok, () => false), "the gateway to be ready");
+/** Waits until the gateway `g` (from `gateway()`) answers /readyz; fails at once if it exits first (a
+ * port taken, a bad setting), and either failure carries the end of its stderr. */
+export async function ready(g) {
+  let exit;
+  g.exited.then((e) => (exit = e));
+  try {
+    await until(async () => {
+      if (exit) throw new Error(`the gateway exited before it was ready: ${JSON.stringify(exit)}`);
+      return fetch(`http://127.0.0.1:${g.internal}/readyz`).then((r) => r.ok, () => false);
+    }, "the gateway to be ready");
+  } catch (error) {
+    error.message += `; its stderr ends: ${g.stderr() || "(nothing)"}`;
+    throw error;
+  }
 }
 
 export async function postEvents(internal, events) {

@@ -30,7 +30,7 @@ test("the example page renders a completed run and a run the gateway declares st
     AGENTWIRE_WATCHDOG__RUN_IDLE_TIMEOUT: "2s",
   });
   t.after(() => gw.child.kill("SIGKILL"));
-  await ready(internal);
+  await ready(gw);
   const { page, problems } = await browserPage(t);
   await page.goto(pageUrl(web.origin, port, "u_b1", "tb1"));
   await subscribed(page, "tb1");
@@ -91,7 +91,7 @@ test("a run streamed token by token shows as it is written, and a stream cut mid
   const [port, internal] = [await freePort(), await freePort()];
   const gw = gateway(port, internal, { AGENTWIRE_AUTH__ALLOWED_ORIGINS: JSON.stringify([web.origin]) });
   t.after(() => gw.child.kill("SIGKILL"));
-  await ready(internal);
+  await ready(gw);
   const { page, problems } = await browserPage(t);
   await page.goto(pageUrl(web.origin, port, "u_b3", "tb3"));
   await subscribed(page, "tb3");
@@ -136,8 +136,8 @@ test("Redis mode: SIGTERM mid-run (1012), the page resumes on a new replica with
   const producer = gateway(portP, internalP, broker);
   t.after(() => replica.child.kill("SIGKILL"));
   t.after(() => producer.child.kill("SIGKILL"));
-  await ready(internalA);
-  await ready(internalP);
+  await ready(replica);
+  await ready(producer);
   const { page, problems } = await browserPage(t);
   await page.goto(pageUrl(web.origin, port, "u_b2", "tb2"));
   await subscribed(page, "tb2");

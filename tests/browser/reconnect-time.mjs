@@ -40,7 +40,7 @@ export async function measureReconnect(N = 20) {
       const [port, internal] = [await freePort(), await freePort()];
       const g = gateway(port, internal, env);
       cleanups.push(() => g.child.kill("SIGKILL"));
-      await ready(internal);
+      await ready(g);
       return { ...g, port };
     };
     const producer = await start();

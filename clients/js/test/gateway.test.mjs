@@ -16,14 +16,22 @@ import { AgentwireAgent } from "../dist/agui.js";
 
 const BIN = process.env.AGENTWIRE_BIN ? resolve(process.env.AGENTWIRE_BIN) : undefined;
 
-function freePort() {
-  return new Promise((done, fail) => {
-    const server = createServer().listen(0, "127.0.0.1", () => {
-      const { port } = server.address();
-      server.close(() => done(port));
+// Ports handed out by this process: two picked before either is bound must not be the same one.
+const given = new Set();
+async function freePort() {
+  for (;;) {
+    const port = await new Promise((done, fail) => {
+      const server = createServer().listen(0, "127.0.0.1", () => {
+        const { port } = server.address();
+        server.close(() => done(port));
+      });
+      server.on("error", fail);
     });
-    server.on("error", fail);
-  });
+    if (!given.has(port)) {
+      given.add(port);
+      return port;
+    }
+  }
 }
 
 const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
@@ -54,14 +62,22 @@ function gateway(port, internal, extra = {}) {
   let stderr = "";
   child.stderr.on("data", (d) => (stderr = (stderr + d).slice(-4000)));
   const exited = new Promise((done) => child.on("exit", (code, signal) => done({ code, signal })));
-  return { child, exited, stderr: () => stderr };
+  return { child, exited, stderr: () => stderr, internal };
 }
 
-async function ready(internal) {
-  await until(
-    () => fetch(`http://127.0.0.1:${internal}/readyz`).then((r) => r.ok, () => false),
-    "the gateway to be ready",
-  );
+/** Waits for the gateway's /readyz; fails at once if it exits first, with the end of its stderr. */
+async function ready(g) {
+  let exit;
+  g.exited.then((e) => (exit = e));
+  try {
+    await until(async () => {
+      if (exit) throw new Error(`the gateway exited before it was ready: ${JSON.stringify(exit)}`);
+      return fetch(`http://127.0.0.1:${g.internal}/readyz`).then((r) => r.ok, () => false);
+    }, "the gateway to be ready");
+  } catch (error) {
+    error.message += `; its stderr ends: ${g.stderr() || "(nothing)"}`;
+    throw error;
+  }
 }
 
 async function post(internal, thread, from, to) {
@@ -83,7 +99,7 @@ test("a real gateway: in order, acked in the ledger; SIGTERM (1012) → reconnec
   const [port, internal] = [await freePort(), await freePort()];
   let gw = gateway(port, internal);
   t.after(() => gw.child.kill("SIGKILL"));
-  await ready(internal);
+  await ready(gw);
 
   const client = connect(`ws://127.0.0.1:${port}/ws`, { WebSocket, userId: "it-user", backoff: { baseMs: 100, maxMs: 1000 } });
   t.after(() => client.close());
@@ -116,7 +132,7 @@ test("a real gateway: in order, acked in the ledger; SIGTERM (1012) → reconnec
   assert.equal(code, 0, gw.stderr());
   await until(() => client.state !== "connected", "the client to notice the restart");
   gw = gateway(port, internal);
-  await ready(internal);
+  await ready(gw);
   await until(() => client.state === "connected" && resets.length === 1, "a reconnect and a reset");
   assert.equal(resets[0].threadId, "it1");
   await sleep(100);
@@ -141,8 +157,8 @@ test("Redis mode: SIGTERM (1012) mid-stream, a new replica, resumed with no gap,
   const producer = gateway(portP, internalP, broker);
   t.after(() => replica.child.kill("SIGKILL"));
   t.after(() => producer.child.kill("SIGKILL"));
-  await ready(internalA);
-  await ready(internalP);
+  await ready(replica);
+  await ready(producer);
 
   const client = connect(`ws://127.0.0.1:${port}/ws`, { WebSocket, userId: "it-user", backoff: { baseMs: 100, maxMs: 1000 } });
   t.after(() => client.close());
@@ -179,7 +195,7 @@ test("AgentwireAgent on a real gateway: runAgent() follows a run posted as AG-UI
   const [port, internal] = [await freePort(), await freePort()];
   const gw = gateway(port, internal);
   t.after(() => gw.child.kill("SIGKILL"));
-  await ready(internal);
+  await ready(gw);
   const agent = new AgentwireAgent({ url: `ws://127.0.0.1:${port}/ws`, threadId: "ag1", userId: "it-user", WebSocket });
   t.after(() => agent.disconnect());
   const subscribed = new Promise((done) => agent.client.on("subscribed", (f) => f.thread_id === "ag1" && done(f)));

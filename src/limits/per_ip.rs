@@ -48,7 +48,8 @@ pub enum Full {
 /// One unit held by an address; given back when dropped.
 pub struct PerIpSlot {
     held: Arc<Held>,
-    ip: IpAddr,
+    /// `None` without a per-address cap: only the total counts it.
+    ip: Option<IpAddr>,
 }
 
 impl PerIp {
@@ -74,9 +75,17 @@ impl PerIp {
         {
             return Err(Full::Total);
         }
+        // Without a per-address cap nothing reads an address's count: only the total is kept
+        // (a one-event POST would otherwise hash its address twice for nothing).
+        if self.limit == 0 {
+            return Ok(PerIpSlot {
+                held: Arc::clone(&self.held),
+                ip: None,
+            });
+        }
         let mut shard = self.held.shard(ip);
         let count = shard.entry(ip).or_default();
-        if self.limit != 0 && *count >= self.limit {
+        if *count >= self.limit {
             drop(shard);
             total.fetch_sub(1, Ordering::AcqRel);
             return Err(Full::Address);
@@ -85,7 +94,7 @@ impl PerIp {
         drop(shard);
         Ok(PerIpSlot {
             held: Arc::clone(&self.held),
-            ip,
+            ip: Some(ip),
         })
     }
 
@@ -99,15 +108,16 @@ impl PerIp {
 
 impl Drop for PerIpSlot {
     fn drop(&mut self) {
-        let mut shard = self.held.shard(self.ip);
-        // One lookup: an address that gives back its last unit is removed through its entry.
-        if let Entry::Occupied(mut count) = shard.entry(self.ip) {
-            *count.get_mut() -= 1;
-            if *count.get() == 0 {
-                count.remove();
+        if let Some(ip) = self.ip {
+            let mut shard = self.held.shard(ip);
+            // One lookup: an address that gives back its last unit is removed through its entry.
+            if let Entry::Occupied(mut count) = shard.entry(ip) {
+                *count.get_mut() -= 1;
+                if *count.get() == 0 {
+                    count.remove();
+                }
             }
         }
-        drop(shard);
         self.held.total.fetch_sub(1, Ordering::AcqRel);
     }
 }
@@ -130,10 +140,16 @@ mod tests {
         let fourth = per_ip.acquire(a).unwrap();
         drop((second, third, fourth));
         assert_eq!(per_ip.addresses(), 0);
-        assert!(
-            PerIp::new(0, usize::MAX).acquire(a).is_ok(),
-            "0 means no cap"
+        let uncapped = PerIp::new(0, 2);
+        let held = [uncapped.acquire(a).unwrap(), uncapped.acquire(a).unwrap()];
+        assert_eq!(
+            uncapped.acquire(b).err(),
+            Some(Full::Total),
+            "0 means no cap per address"
         );
+        assert_eq!(uncapped.addresses(), 0, "and no address is tracked");
+        drop(held);
+        assert!(uncapped.acquire(b).is_ok(), "the total was given back");
     }
 
     #[test]

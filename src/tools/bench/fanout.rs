@@ -261,6 +261,11 @@ pub(super) async fn run(
         .as_secs_f64()
         .max(1e-9);
     let cpu = after.cpu_seconds - before.cpu_seconds;
+    let kernel = (after.kernel_seconds.zip(before.kernel_seconds)).map(|(a, b)| a - b);
+    let per_delivery = |seconds: f64| match received {
+        0 => 0.0,
+        n => seconds * 1e6 / n as f64,
+    };
     let name = match mode {
         Mode::Rate => "fanout",
         Mode::Saturate => "saturate",
@@ -283,7 +288,8 @@ pub(super) async fn run(
         "deliveries_per_second": (received as f64 / delivering).round(),
         "latency_ms": latency.json(),
         "server_cpu_seconds": cpu,
-        "server_cpu_us_per_delivery": if received > 0 { cpu * 1e6 / received as f64 } else { 0.0 },
+        "server_cpu_us_per_delivery": per_delivery(cpu),
+        "server_kernel_cpu_us_per_delivery": kernel.map(per_delivery),
         "redis_cpu_seconds": redis_cpu,
         "redis_cpu_us_per_event": redis_cpu.map(|cpu| cpu * 1e6 / load.events as f64),
         "machine_steal_percent": steal,
@@ -296,11 +302,7 @@ pub(super) async fn run(
         load.batch,
         received as f64 / delivering,
         latency.summary(),
-        if received > 0 {
-            cpu * 1e6 / received as f64
-        } else {
-            0.0
-        },
+        per_delivery(cpu),
         before.rss_bytes / 1048576.0,
         after.rss_bytes / 1048576.0,
         ledger.as_ref().map_or("no ledger".into(), Ledger::summary),

@@ -172,6 +172,8 @@ struct Server {
 #[derive(Debug, Clone, Copy)]
 struct Usage {
     cpu_seconds: f64,
+    /// The kernel's part of `cpu_seconds` (stime), where /proc tells it (not through /metrics).
+    kernel_seconds: Option<f64>,
     rss_bytes: f64,
 }
 
@@ -203,6 +205,7 @@ impl Server {
                 let text = text.as_str().unwrap_or_default();
                 Ok(Usage {
                     cpu_seconds: exposition_value(text, "process_cpu_seconds_total")?,
+                    kernel_seconds: None,
                     rss_bytes: exposition_value(text, "process_resident_memory_bytes")?,
                 })
             }
@@ -214,11 +217,16 @@ impl Server {
 async fn usage(servers: &[Server]) -> anyhow::Result<Usage> {
     let mut sum = Usage {
         cpu_seconds: 0.0,
+        kernel_seconds: Some(0.0),
         rss_bytes: 0.0,
     };
     for server in servers {
         let usage = server.usage().await?;
         sum.cpu_seconds += usage.cpu_seconds;
+        sum.kernel_seconds = sum
+            .kernel_seconds
+            .zip(usage.kernel_seconds)
+            .map(|(a, b)| a + b);
         sum.rss_bytes += usage.rss_bytes;
     }
     Ok(sum)
@@ -245,12 +253,11 @@ fn proc_usage(pid: u32) -> anyhow::Result<Usage> {
         .map(|(_, rest)| rest)
         .context("unexpected /proc stat")?;
     let fields: Vec<&str> = after_name.split_whitespace().collect();
-    let ticks: f64 = fields
-        .get(11..13)
-        .context("short /proc stat")?
-        .iter()
-        .filter_map(|f| f.parse::<f64>().ok())
-        .sum();
+    let ticks = |field: usize| -> anyhow::Result<f64> {
+        let value = fields.get(field).context("short /proc stat")?;
+        value.parse().context("unexpected /proc stat")
+    };
+    let (user, kernel) = (ticks(11)?, ticks(12)?);
     let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
     let rss_kib: f64 = status
         .lines()
@@ -258,7 +265,8 @@ fn proc_usage(pid: u32) -> anyhow::Result<Usage> {
         .and_then(|v| v.split_whitespace().next()?.parse().ok())
         .context("no VmRSS")?;
     Ok(Usage {
-        cpu_seconds: ticks / 100.0,
+        cpu_seconds: (user + kernel) / 100.0,
+        kernel_seconds: Some(kernel / 100.0),
         rss_bytes: rss_kib * 1024.0,
     })
 }

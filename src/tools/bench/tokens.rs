@@ -332,6 +332,11 @@ pub(super) async fn run(
         .as_secs_f64()
         .max(1e-9);
     let cpu = after.cpu_seconds - before.cpu_seconds;
+    let kernel = (after.kernel_seconds.zip(before.kernel_seconds)).map(|(a, b)| a - b);
+    let per_in = |seconds: f64| match events_in {
+        0 => 0.0,
+        n => seconds * 1e6 / n as f64,
+    };
     let per = |n: u64| if n > 0 { cpu * 1e6 / n as f64 } else { 0.0 };
     let producer = match args.producer {
         Producer::Stream => "stream",
@@ -362,6 +367,7 @@ pub(super) async fn run(
         "latency_ms": latency.json(),
         "server_cpu_seconds": cpu,
         "server_cpu_us_per_event_in": per(events_in),
+        "server_kernel_cpu_us_per_event_in": kernel.map(per_in),
         "server_cpu_us_per_delivery_out": per(received),
         "server_rss_before_bytes": before.rss_bytes,
         "server_rss_after_bytes": after.rss_bytes,

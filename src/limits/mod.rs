@@ -10,6 +10,7 @@ mod per_ip;
 
 use std::net::IpAddr;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
@@ -25,8 +26,34 @@ use crate::config::Config;
 pub struct Limits {
     connections: PerIp,
     requests: PerIp,
-    body_bytes: Arc<Semaphore>,
+    body_bytes: Arc<BodyBytes>,
     run_streams: Arc<Semaphore>,
+}
+
+/// Request-body bytes held at once (`ingest.max_inflight_bytes`). A counter, not a semaphore:
+/// nothing waits for room (a full budget refuses at once), and a semaphore's release takes a lock
+/// on every request.
+struct BodyBytes {
+    held: AtomicUsize,
+    limit: usize,
+}
+
+/// Body bytes held in `ingest.max_inflight_bytes`; given back when dropped.
+pub struct HeldBytes {
+    budget: Arc<BodyBytes>,
+    bytes: usize,
+}
+
+impl HeldBytes {
+    pub fn bytes(&self) -> usize {
+        self.bytes
+    }
+}
+
+impl Drop for HeldBytes {
+    fn drop(&mut self) {
+        self.budget.held.fetch_sub(self.bytes, Ordering::AcqRel);
+    }
 }
 
 /// A WebSocket connection's place in both connection budgets; given back when dropped.
@@ -49,7 +76,10 @@ impl Limits {
                 config.session.max_connections,
             ),
             requests: PerIp::new(config.ingest.max_requests_per_ip, usize::MAX),
-            body_bytes: Arc::new(Semaphore::new(config.ingest.max_inflight_bytes)),
+            body_bytes: Arc::new(BodyBytes {
+                held: AtomicUsize::new(0),
+                limit: config.ingest.max_inflight_bytes,
+            }),
             run_streams: Arc::new(Semaphore::new(config.ingest.max_streams)),
         }
     }
@@ -74,22 +104,57 @@ impl Limits {
 
     /// `bytes` more of request body held (`ingest.max_inflight_bytes`), added to `held`; `false`
     /// when the budget has no room for them.
-    pub fn hold_body_bytes(&self, held: &mut Option<OwnedSemaphorePermit>, bytes: usize) -> bool {
+    pub fn hold_body_bytes(&self, held: &mut Option<HeldBytes>, bytes: usize) -> bool {
         if bytes == 0 {
             return true;
         }
-        let Ok(bytes) = u32::try_from(bytes) else {
-            return false;
+        let budget = &self.body_bytes;
+        let room = |now: usize| {
+            now.checked_add(bytes)
+                .filter(|&after| after <= budget.limit)
         };
-        match Arc::clone(&self.body_bytes).try_acquire_many_owned(bytes) {
-            Ok(permit) => {
-                match held {
-                    Some(held) => held.merge(permit),
-                    None => *held = Some(permit),
-                }
-                true
-            }
-            Err(_) => false,
+        if (budget.held)
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, room)
+            .is_err()
+        {
+            return false;
         }
+        match held {
+            Some(held) => held.bytes += bytes,
+            None => {
+                *held = Some(HeldBytes {
+                    budget: Arc::clone(budget),
+                    bytes,
+                });
+            }
+        }
+        true
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn body_bytes_are_held_up_to_the_budget_and_given_back_when_dropped() {
+        let mut config = Config::default();
+        config.ingest.max_inflight_bytes = 100;
+        let limits = Limits::new(&config);
+        let (mut first, mut second) = (None, None);
+        assert!(limits.hold_body_bytes(&mut first, 60));
+        assert!(!limits.hold_body_bytes(&mut second, 41), "past the budget");
+        assert!(second.is_none(), "a refusal holds nothing");
+        assert!(
+            limits.hold_body_bytes(&mut first, 40),
+            "added to what is held"
+        );
+        assert_eq!(first.as_ref().map(HeldBytes::bytes), Some(100));
+        assert!(!limits.hold_body_bytes(&mut second, 1));
+        drop(first);
+        assert!(
+            limits.hold_body_bytes(&mut second, 100),
+            "all of it given back"
+        );
     }
 }

@@ -20,7 +20,7 @@ use super::cors;
 use super::events::authorise;
 use super::run_stream::{StreamRefusal, busy, place, refused};
 use super::upgrade::connection_slot;
-use super::{Body, broker_error, error, json_response, media_type, percent_decode};
+use super::{Body, broker_error, error, json_response, media_type_is, percent_decode};
 use crate::Gateway;
 use crate::ingest::agui_proxy::{self, ProxiedRun};
 use crate::protocol::ChannelName;
@@ -74,7 +74,7 @@ async fn run(
             return refused(gateway, StreamRefusal::UnknownAgent, answer);
         }
     };
-    if media_type(&request).as_deref() != Some("application/json") {
+    if !media_type_is(&request, "application/json") {
         let answer = error(
             StatusCode::UNSUPPORTED_MEDIA_TYPE,
             "unsupported_media_type",

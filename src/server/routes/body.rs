@@ -10,17 +10,17 @@ use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use hyper::header::{self, HeaderValue};
 use hyper::{Request, Response, StatusCode};
-use tokio::sync::OwnedSemaphorePermit;
 use tokio::time::Instant;
 
 use super::{Body, error};
 use crate::Gateway;
+use crate::limits::HeldBytes;
 use crate::metrics::Label;
 
 /// A body read whole, with its share of `ingest.max_inflight_bytes`.
 pub(super) struct HeldBody {
     pub bytes: Bytes,
-    _budget: Option<OwnedSemaphorePermit>,
+    _budget: Option<HeldBytes>,
 }
 
 /// Why a body was not read, counted in `agentwire_events_rejected_total{reason}` on `/v1/events`.
@@ -161,7 +161,7 @@ pub(super) async fn read(
             return Err(too_large());
         }
         // Bytes beyond the declared length (none, with a correct one) are held as they come.
-        let held = budget.as_ref().map_or(0, |b| b.num_permits());
+        let held = budget.as_ref().map_or(0, HeldBytes::bytes);
         let beyond = (bytes.len() + data.len()).saturating_sub(held);
         if !gateway.limits.hold_body_bytes(&mut budget, beyond) {
             return Err(busy());

@@ -8,7 +8,7 @@ use serde_json::{Value, json};
 
 use super::body::{self, BodyRefusal};
 use super::{
-    Body, broker_error, broker_unavailable, error, json_response, json_written, media_type,
+    Body, broker_error, broker_unavailable, error, json_response, json_written, media_type_is,
 };
 use crate::Gateway;
 use crate::ingest::{self, ItemResult};
@@ -26,9 +26,9 @@ pub(super) async fn events(
     if !gateway.broker.is_up() {
         return broker_unavailable(gateway, "Redis is unavailable; nothing was accepted");
     }
-    let ndjson = match media_type(&request).as_deref() {
-        Some("application/json") => false,
-        Some("application/x-ndjson") => true,
+    let ndjson = match () {
+        _ if media_type_is(&request, "application/json") => false,
+        _ if media_type_is(&request, "application/x-ndjson") => true,
         _ => {
             count(&gateway.metrics.events_rejected, BodyRefusal::MediaType);
             return unsupported_media_type("application/json or application/x-ndjson");
@@ -175,7 +175,7 @@ fn unsupported_media_type(allowed: &str) -> Response<Body> {
 }
 
 pub(super) async fn runs(gateway: &Gateway, request: Request<Incoming>) -> Response<Body> {
-    if media_type(&request).as_deref() != Some("application/json") {
+    if !media_type_is(&request, "application/json") {
         return unsupported_media_type("application/json");
     }
     let held = match body::read(

@@ -12,7 +12,7 @@ use hyper::header::{self, HeaderValue};
 use hyper::{Request, Response, StatusCode};
 
 use super::body::BodyRefusal;
-use super::{Body, broker_unavailable, error, json_response, media_type, percent_decode};
+use super::{Body, broker_unavailable, error, json_response, media_type_is, percent_decode};
 use crate::Gateway;
 use crate::ingest::run_stream::agui::Agui;
 use crate::ingest::run_stream::native::Native;
@@ -151,9 +151,9 @@ pub(super) async fn stream(
     if !gateway.broker.is_up() {
         return broker_unavailable(gateway, "Redis is unavailable; nothing was accepted");
     }
-    let format = match media_type(&request).as_deref() {
-        Some("text/event-stream") => Format::Sse,
-        Some("application/x-ndjson") => Format::Ndjson,
+    let format = match () {
+        _ if media_type_is(&request, "text/event-stream") => Format::Sse,
+        _ if media_type_is(&request, "application/x-ndjson") => Format::Ndjson,
         _ => {
             let answer = error(
                 StatusCode::UNSUPPORTED_MEDIA_TYPE,

@@ -39,12 +39,19 @@ impl ToPublish for Kept {
     }
 }
 
-#[derive(Default)]
 pub(super) struct Batch {
     kept: Vec<Kept>,
 }
 
 impl Batch {
+    /// A batch for up to `events` events, its room taken once (a batch of one would otherwise
+    /// allocate room for four).
+    pub(super) fn with_capacity(events: usize) -> Self {
+        Self {
+            kept: Vec::with_capacity(events),
+        }
+    }
+
     /// Keeps `event` for the next [`Self::publish`] when it needs nothing else; gives it back
     /// when it does.
     pub(super) fn keep(

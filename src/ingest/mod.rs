@@ -103,7 +103,7 @@ pub async fn ingest(
         Items::Many(items) => (items.as_slice(), None),
     };
     let mut results = Vec::with_capacity(items.len());
-    let mut batch = batch::Batch::default();
+    let mut batch = batch::Batch::with_capacity(items.len());
     for raw in items {
         let mut event = match event::parse(raw, gateway.config.ingest.max_event_bytes) {
             Ok(event) => event,
@@ -204,7 +204,7 @@ fn count_refusal(gateway: &Gateway, refusal: &Refusal) {
 /// An event that needs nothing but its publish (nearly every event of a run's stream) is published
 /// as a batch of one, the path of `POST /v1/events`; the others take [`accept_each`].
 pub async fn accept(gateway: &Gateway, event: Event) -> ItemResult {
-    let mut batch = batch::Batch::default();
+    let mut batch = batch::Batch::with_capacity(1);
     let Some(event) = batch.keep(gateway, event, None) else {
         return match batch.publish(gateway).await.next() {
             Some((kept, outcome)) => answer(gateway, kept, outcome),

@@ -84,7 +84,7 @@ async fn take_read(
     entries: Vec<StreamEvent>,
 ) -> Vec<Result<Taken, BrokerError>> {
     let mut answers = Vec::with_capacity(entries.len());
-    let mut batch = Batch::default();
+    let mut batch = Batch::with_capacity(entries.len());
     // Runs with an entry left for later in this read: their entries after it wait too.
     let mut later: HashSet<String> = HashSet::new();
     for StreamEvent {

@@ -25,9 +25,12 @@ export async function measureReconnect(N = 20) {
   let target;
   const proxy = createServer((inbound) => {
     const outbound = connect(target, "127.0.0.1");
+    // An end is passed on as an end (pipe), after what came before it. Destroying the other side when
+    // one closed could drop the replica's close frame while it still sat in Node's write buffer: the
+    // page then saw a connection lost (1006), not the 1012 the replica sent. Only an error resets both.
     inbound.pipe(outbound).pipe(inbound);
-    const end = () => { inbound.destroy(); outbound.destroy(); };
-    inbound.on("error", end); outbound.on("error", end); inbound.on("close", end); outbound.on("close", end);
+    const reset = () => { inbound.destroy(); outbound.destroy(); };
+    inbound.on("error", reset); outbound.on("error", reset);
   });
   const proxyPort = await freePort();
   await new Promise((done) => proxy.listen(proxyPort, "127.0.0.1", done));
@@ -35,7 +38,12 @@ export async function measureReconnect(N = 20) {
 
   try {
     const web = await pageServer(t);
-    const env = { AGENTWIRE_BROKER__REDIS_URL: await redisServer(t), AGENTWIRE_AUTH__ALLOWED_ORIGINS: JSON.stringify([web.origin]) };
+    const env = {
+      AGENTWIRE_BROKER__REDIS_URL: await redisServer(t),
+      AGENTWIRE_AUTH__ALLOWED_ORIGINS: JSON.stringify([web.origin]),
+      // How each connection ended, in the stderr an unexpected close code is reported with.
+      AGENTWIRE_LOG_LEVEL: "info,agentwire::session=debug",
+    };
     const start = async () => {
       const [port, internal] = [await freePort(), await freePort()];
       const g = gateway(port, internal, env);
@@ -63,7 +71,7 @@ export async function measureReconnect(N = 20) {
       await postEvents(producer.internal, [{ type: "agent_thinking", run_id: "run_rt", payload: { text: `step ${i}` } }]);
       await until(() => page.evaluate(`window.__agentwire.seqs.length === ${before + 1}`), "the event after the reconnect");
       const { code, ms } = await page.evaluate(`({ code: window.__agentwire.closes.at(-1), ms: window.__agentwire.receivedAt - window.__agentwire.closedAt })`);
-      assert.equal(code, 1012);
+      assert.equal(code, 1012, `restart ${i}: the page's closes ${JSON.stringify(await page.evaluate("window.__agentwire.closes"))}; the replica's stderr ends: ${replica.stderr()}`);
       times.push(ms);
       assert.equal((await replica.exited).code, 0, replica.stderr());
       replica = next;

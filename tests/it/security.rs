@@ -204,6 +204,8 @@ async fn only_json_bodies_are_taken() {
         "text/plain",
         "application/x-www-form-urlencoded",
         "multipart/form-data",
+        // Not a JSON type that starts like one.
+        "application/jsonp",
     ] {
         let (status, answer) =
             http(gateway.internal, "POST", "/v1/events", Some((media, &body))).await;
@@ -223,18 +225,16 @@ async fn only_json_bodies_are_taken() {
     assert_lines(
         &gateway.metrics().await,
         &[
-            "agentwire_events_rejected_total{reason=\"media_type\"} 4",
+            "agentwire_events_rejected_total{reason=\"media_type\"} 5",
             "agentwire_events_ingested_total 0",
         ],
     );
-    let (status, _) = http(
-        gateway.internal,
-        "POST",
-        "/v1/events",
-        Some(("application/json; charset=utf-8", &body)),
-    )
-    .await;
-    assert_eq!(status, 200);
+    // The type's case and its parameters do not matter.
+    for media in ["application/json; charset=utf-8", "Application/JSON"] {
+        let (status, answer) =
+            http(gateway.internal, "POST", "/v1/events", Some((media, &body))).await;
+        assert_eq!(status, 200, "{media}: {answer}");
+    }
 }
 
 #[tokio::test]

@@ -26,13 +26,13 @@ pub(super) async fn events(
     if !gateway.broker.is_up() {
         return broker_unavailable(gateway, "Redis is unavailable; nothing was accepted");
     }
-    let ndjson = match () {
-        _ if media_type_is(&request, "application/json") => false,
-        _ if media_type_is(&request, "application/x-ndjson") => true,
-        _ => {
-            count(&gateway.metrics.events_rejected, BodyRefusal::MediaType);
-            return unsupported_media_type("application/json or application/x-ndjson");
-        }
+    let ndjson = if media_type_is(&request, "application/json") {
+        false
+    } else if media_type_is(&request, "application/x-ndjson") {
+        true
+    } else {
+        count(&gateway.metrics.events_rejected, BodyRefusal::MediaType);
+        return unsupported_media_type("application/json or application/x-ndjson");
     };
     let held = match body::read(
         gateway,

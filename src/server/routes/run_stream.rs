@@ -151,18 +151,18 @@ pub(super) async fn stream(
     if !gateway.broker.is_up() {
         return broker_unavailable(gateway, "Redis is unavailable; nothing was accepted");
     }
-    let format = match () {
-        _ if media_type_is(&request, "text/event-stream") => Format::Sse,
-        _ if media_type_is(&request, "application/x-ndjson") => Format::Ndjson,
-        _ => {
-            let answer = error(
-                StatusCode::UNSUPPORTED_MEDIA_TYPE,
-                "unsupported_media_type",
-                "Content-Type must be text/event-stream or application/x-ndjson",
-                Some("content-type"),
-            );
-            return refused(gateway, StreamRefusal::MediaType, answer);
-        }
+    let format = if media_type_is(&request, "text/event-stream") {
+        Format::Sse
+    } else if media_type_is(&request, "application/x-ndjson") {
+        Format::Ndjson
+    } else {
+        let answer = error(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "unsupported_media_type",
+            "Content-Type must be text/event-stream or application/x-ndjson",
+            Some("content-type"),
+        );
+        return refused(gateway, StreamRefusal::MediaType, answer);
     };
     let run_id = match percent_decode(raw_run) {
         Some(run_id) => run_id,

@@ -262,10 +262,6 @@ pub(super) async fn run(
         .max(1e-9);
     let cpu = after.cpu_seconds - before.cpu_seconds;
     let kernel = (after.kernel_seconds.zip(before.kernel_seconds)).map(|(a, b)| a - b);
-    let per_delivery = |seconds: f64| match received {
-        0 => 0.0,
-        n => seconds * 1e6 / n as f64,
-    };
     let name = match mode {
         Mode::Rate => "fanout",
         Mode::Saturate => "saturate",
@@ -288,8 +284,8 @@ pub(super) async fn run(
         "deliveries_per_second": (received as f64 / delivering).round(),
         "latency_ms": latency.json(),
         "server_cpu_seconds": cpu,
-        "server_cpu_us_per_delivery": per_delivery(cpu),
-        "server_kernel_cpu_us_per_delivery": kernel.map(per_delivery),
+        "server_cpu_us_per_delivery": super::us_per(cpu, received),
+        "server_kernel_cpu_us_per_delivery": kernel.map(|kernel| super::us_per(kernel, received)),
         "redis_cpu_seconds": redis_cpu,
         "redis_cpu_us_per_event": redis_cpu.map(|cpu| cpu * 1e6 / load.events as f64),
         "machine_steal_percent": steal,
@@ -302,7 +298,7 @@ pub(super) async fn run(
         load.batch,
         received as f64 / delivering,
         latency.summary(),
-        per_delivery(cpu),
+        super::us_per(cpu, received),
         before.rss_bytes / 1048576.0,
         after.rss_bytes / 1048576.0,
         ledger.as_ref().map_or("no ledger".into(), Ledger::summary),

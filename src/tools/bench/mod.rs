@@ -244,6 +244,14 @@ fn exposition_value(text: &str, name: &str) -> anyhow::Result<f64> {
         .with_context(|| format!("{name} is not in /metrics (process metrics need Linux)"))
 }
 
+/// `seconds` of CPU as microseconds for each of `n` (events, deliveries); 0 for none.
+fn us_per(seconds: f64, n: u64) -> f64 {
+    match n {
+        0 => 0.0,
+        n => seconds * 1e6 / n as f64,
+    }
+}
+
 /// CPU from /proc/<pid>/stat (utime + stime, in USER_HZ = 100 ticks/s on Linux) and VmRSS.
 fn proc_usage(pid: u32) -> anyhow::Result<Usage> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))

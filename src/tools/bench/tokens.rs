@@ -333,11 +333,7 @@ pub(super) async fn run(
         .max(1e-9);
     let cpu = after.cpu_seconds - before.cpu_seconds;
     let kernel = (after.kernel_seconds.zip(before.kernel_seconds)).map(|(a, b)| a - b);
-    let per_in = |seconds: f64| match events_in {
-        0 => 0.0,
-        n => seconds * 1e6 / n as f64,
-    };
-    let per = |n: u64| if n > 0 { cpu * 1e6 / n as f64 } else { 0.0 };
+    let per = |n: u64| super::us_per(cpu, n);
     let producer = match args.producer {
         Producer::Stream => "stream",
         Producer::Post => "post",
@@ -367,7 +363,7 @@ pub(super) async fn run(
         "latency_ms": latency.json(),
         "server_cpu_seconds": cpu,
         "server_cpu_us_per_event_in": per(events_in),
-        "server_kernel_cpu_us_per_event_in": kernel.map(per_in),
+        "server_kernel_cpu_us_per_event_in": kernel.map(|kernel| super::us_per(kernel, events_in)),
         "server_cpu_us_per_delivery_out": per(received),
         "server_rss_before_bytes": before.rss_bytes,
         "server_rss_after_bytes": after.rss_bytes,

@@ -28,6 +28,7 @@ pub mod broker;
 pub mod config;
 pub mod deadletter;
 pub mod fanout;
+pub mod hashed;
 pub mod ingest;
 pub mod ledger;
 pub mod limits;

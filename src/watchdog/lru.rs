@@ -1,10 +1,14 @@
 //! The watchdog's run table: entries keyed by run id, each in one of two recency lists (lanes),
 //! so that making room takes the least recently touched entry of the lane evicted first in O(1),
 //! however many entries there are. A slab of nodes linked by index (no `unsafe`, no per-touch
-//! allocation) holds the lists; a map finds a node by key.
+//! allocation) holds the lists; a table finds a node by the key's hash, computed once by the
+//! caller, who chose the shard with it (`crate::hashed`).
 
-use std::collections::HashMap;
 use std::sync::Arc;
+
+use hashbrown::HashTable;
+
+use crate::hashed::Hashed;
 
 /// Which list an entry is in. Eviction empties [`Lane::EvictFirst`] before it touches
 /// [`Lane::EvictLast`].
@@ -26,6 +30,7 @@ impl Lane {
 #[derive(Debug)]
 struct Node<V> {
     key: Arc<str>,
+    hash: u64,
     value: V,
     lane: Lane,
     /// Toward the least recently touched end of its lane.
@@ -43,7 +48,8 @@ struct Ends {
 
 #[derive(Debug)]
 pub struct Lru<V> {
-    index: HashMap<Arc<str>, usize>,
+    /// Each node's slot, with its key's hash.
+    index: HashTable<(u64, usize)>,
     slots: Vec<Option<Node<V>>>,
     /// Slots freed by a removal, reused before the slab grows.
     free: Vec<usize>,
@@ -53,7 +59,7 @@ pub struct Lru<V> {
 impl<V> Default for Lru<V> {
     fn default() -> Self {
         Self {
-            index: HashMap::new(),
+            index: HashTable::new(),
             slots: Vec::new(),
             free: Vec::new(),
             lanes: [Ends::default(); 2],
@@ -67,30 +73,31 @@ impl<V> Lru<V> {
     }
 
     #[cfg(test)]
-    pub fn contains(&self, key: &str) -> bool {
-        self.index.contains_key(key)
+    pub fn contains(&self, key: Hashed<'_>) -> bool {
+        self.find(key).is_some()
     }
 
-    pub fn get(&self, key: &str) -> Option<&V> {
-        let slot = *self.index.get(key)?;
+    pub fn get(&self, key: Hashed<'_>) -> Option<&V> {
+        let slot = self.find(key)?;
         self.node(slot).map(|node| &node.value)
     }
 
     /// The value, without changing its place (see [`Self::touch`]).
-    pub fn get_mut(&mut self, key: &str) -> Option<&mut V> {
-        let slot = *self.index.get(key)?;
-        self.slots
-            .get_mut(slot)
-            .and_then(Option::as_mut)
-            .map(|node| &mut node.value)
+    pub fn get_mut(&mut self, key: Hashed<'_>) -> Option<&mut V> {
+        let slot = self.find(key)?;
+        self.node_mut(slot).map(|node| &mut node.value)
     }
 
     /// Changes the entry under `key` with `change`, which says the lane it belongs in now, and
     /// makes it the most recently touched of that lane: [`Self::get_mut`] and [`Self::touch`] with
     /// one lookup. `None` when there is no such entry.
-    pub fn update<R>(&mut self, key: &str, change: impl FnOnce(&mut V) -> (R, Lane)) -> Option<R> {
-        let slot = *self.index.get(key)?;
-        let node = self.slots.get_mut(slot)?.as_mut()?;
+    pub fn update<R>(
+        &mut self,
+        key: Hashed<'_>,
+        change: impl FnOnce(&mut V) -> (R, Lane),
+    ) -> Option<R> {
+        let slot = self.find(key)?;
+        let node = self.node_mut(slot)?;
         let (result, lane) = change(&mut node.value);
         self.unlink(slot);
         self.link_newest(slot, lane);
@@ -99,11 +106,11 @@ impl<V> Lru<V> {
 
     /// Inserts a new entry as the most recently touched of `lane`; an entry already under `key`
     /// is replaced (and returned).
-    pub fn insert(&mut self, key: &str, value: V, lane: Lane) -> Option<V> {
+    pub fn insert(&mut self, key: Hashed<'_>, value: V, lane: Lane) -> Option<V> {
         let old = self.remove(key);
-        let key: Arc<str> = key.into();
         let node = Node {
-            key: key.clone(),
+            key: key.key.into(),
+            hash: key.hash,
             value,
             lane,
             older: None,
@@ -119,25 +126,23 @@ impl<V> Lru<V> {
                 self.slots.len() - 1
             }
         };
-        self.index.insert(key, slot);
+        self.index
+            .insert_unique(key.hash, (key.hash, slot), |&(hash, _)| hash);
         self.link_newest(slot, lane);
         old
     }
 
     /// Makes an entry the most recently touched of `lane` (moving it there from the other lane).
-    pub fn touch(&mut self, key: &str, lane: Lane) {
-        if let Some(&slot) = self.index.get(key) {
+    pub fn touch(&mut self, key: Hashed<'_>, lane: Lane) {
+        if let Some(slot) = self.find(key) {
             self.unlink(slot);
             self.link_newest(slot, lane);
         }
     }
 
-    pub fn remove(&mut self, key: &str) -> Option<V> {
-        let slot = self.index.remove(key)?;
-        self.unlink(slot);
-        let node = self.slots.get_mut(slot)?.take()?;
-        self.free.push(slot);
-        Some(node.value)
+    pub fn remove(&mut self, key: Hashed<'_>) -> Option<V> {
+        let slot = self.find(key)?;
+        self.remove_slot(slot).map(|node| node.value)
     }
 
     /// Takes out the least recently touched entry of [`Lane::EvictFirst`], or if that lane is
@@ -146,9 +151,8 @@ impl<V> Lru<V> {
         let slot = self.lanes[Lane::EvictFirst.index()]
             .oldest
             .or(self.lanes[Lane::EvictLast.index()].oldest)?;
-        let key = self.node(slot)?.key.clone();
-        let value = self.remove(&key)?;
-        Some((key, value))
+        let node = self.remove_slot(slot)?;
+        Some((node.key, node.value))
     }
 
     /// Every entry, in no particular order.
@@ -161,16 +165,37 @@ impl<V> Lru<V> {
 
     /// Keeps only the entries for which `keep` is true.
     pub fn retain(&mut self, mut keep: impl FnMut(&str, &V) -> bool) {
-        let gone: Vec<Arc<str>> = self
-            .slots
-            .iter()
-            .flatten()
-            .filter(|node| !keep(&node.key, &node.value))
-            .map(|node| node.key.clone())
+        let gone: Vec<usize> = (self.slots.iter().enumerate())
+            .filter_map(|(slot, node)| Some((slot, node.as_ref()?)))
+            .filter(|(_, node)| !keep(&node.key, &node.value))
+            .map(|(slot, _)| slot)
             .collect();
-        for key in gone {
-            self.remove(&key);
+        for slot in gone {
+            self.remove_slot(slot);
         }
+    }
+
+    /// The slot of the entry under `key`.
+    fn find(&self, key: Hashed<'_>) -> Option<usize> {
+        let slots = &self.slots;
+        let same = |&(hash, slot): &(u64, usize)| {
+            hash == key.hash
+                && (slots.get(slot))
+                    .and_then(Option::as_ref)
+                    .is_some_and(|node| &*node.key == key.key)
+        };
+        self.index.find(key.hash, same).map(|&(_, slot)| slot)
+    }
+
+    /// Takes a node out of its lane, the index and the slab.
+    fn remove_slot(&mut self, slot: usize) -> Option<Node<V>> {
+        self.unlink(slot);
+        let node = self.slots.get_mut(slot)?.take()?;
+        if let Ok(entry) = (self.index).find_entry(node.hash, |&(_, at)| at == slot) {
+            entry.remove();
+        }
+        self.free.push(slot);
+        Some(node)
     }
 
     fn node(&self, slot: usize) -> Option<&Node<V>> {
@@ -215,7 +240,15 @@ impl<V> Lru<V> {
 
 #[cfg(test)]
 mod tests {
+    use std::sync::LazyLock;
+
     use super::*;
+    use crate::hashed::KeyHasher;
+
+    fn key(text: &str) -> Hashed<'_> {
+        static KEYS: LazyLock<KeyHasher> = LazyLock::new(KeyHasher::default);
+        KEYS.hash(text)
+    }
 
     fn keys(lru: &mut Lru<u32>) -> Vec<String> {
         std::iter::from_fn(|| lru.pop_oldest().map(|(key, _)| key.to_string())).collect()
@@ -224,12 +257,12 @@ mod tests {
     #[test]
     fn evicts_the_least_recently_touched_first() {
         let mut lru = Lru::default();
-        for (n, key) in ["a", "b", "c", "d"].iter().enumerate() {
-            lru.insert(key, n as u32, Lane::EvictLast);
+        for (n, name) in ["a", "b", "c", "d"].iter().enumerate() {
+            lru.insert(key(name), n as u32, Lane::EvictLast);
         }
-        lru.touch("a", Lane::EvictLast);
-        lru.touch("c", Lane::EvictLast);
-        assert_eq!(lru.remove("d"), Some(3));
+        lru.touch(key("a"), Lane::EvictLast);
+        lru.touch(key("c"), Lane::EvictLast);
+        assert_eq!(lru.remove(key("d")), Some(3));
         assert_eq!(lru.len(), 3);
         assert_eq!(keys(&mut lru), ["b", "a", "c"]);
         assert_eq!(lru.len(), 0);
@@ -238,11 +271,11 @@ mod tests {
     #[test]
     fn the_first_lane_is_emptied_before_the_last() {
         let mut lru = Lru::default();
-        lru.insert("open_1", 1, Lane::EvictLast);
-        lru.insert("ended_1", 2, Lane::EvictFirst);
-        lru.insert("open_2", 3, Lane::EvictLast);
+        lru.insert(key("open_1"), 1, Lane::EvictLast);
+        lru.insert(key("ended_1"), 2, Lane::EvictFirst);
+        lru.insert(key("open_2"), 3, Lane::EvictLast);
         // open_1 ends: it moves to the lane evicted first, as its most recent entry.
-        lru.touch("open_1", Lane::EvictFirst);
+        lru.touch(key("open_1"), Lane::EvictFirst);
         assert_eq!(keys(&mut lru), ["ended_1", "open_1", "open_2"]);
     }
 
@@ -256,33 +289,33 @@ mod tests {
                 } else {
                     Lane::EvictLast
                 };
-                lru.insert(&format!("k{n}"), round * 1000 + n, lane);
+                lru.insert(key(&format!("k{n}")), round * 1000 + n, lane);
             }
             for n in (0..100u32).step_by(7) {
-                lru.remove(&format!("k{n}"));
+                lru.remove(key(&format!("k{n}")));
             }
             lru.retain(|_, value| value % 5 != 0);
             for n in (0..100u32).step_by(2) {
-                lru.touch(&format!("k{n}"), Lane::EvictLast);
+                lru.touch(key(&format!("k{n}")), Lane::EvictLast);
             }
             let len = lru.len();
             let popped = keys(&mut lru);
             assert_eq!(popped.len(), len, "every entry is in exactly one lane");
         }
         assert!(lru.slots.len() <= 100, "freed slots are reused");
-        assert_eq!(lru.get("k1"), None);
+        assert_eq!(lru.get(key("k1")), None);
     }
 
     #[test]
     fn insert_replaces_and_get_finds() {
         let mut lru = Lru::default();
-        assert_eq!(lru.insert("a", 1, Lane::EvictLast), None);
-        assert_eq!(lru.insert("a", 2, Lane::EvictFirst), Some(1));
-        assert_eq!(lru.get("a"), Some(&2));
-        if let Some(value) = lru.get_mut("a") {
+        assert_eq!(lru.insert(key("a"), 1, Lane::EvictLast), None);
+        assert_eq!(lru.insert(key("a"), 2, Lane::EvictFirst), Some(1));
+        assert_eq!(lru.get(key("a")), Some(&2));
+        if let Some(value) = lru.get_mut(key("a")) {
             *value = 3;
         }
-        assert!(lru.contains("a"));
+        assert!(lru.contains(key("a")));
         assert_eq!(lru.iter().collect::<Vec<_>>(), [("a", &3)]);
         assert_eq!(lru.len(), 1);
     }

@@ -13,7 +13,7 @@ mod lru;
 mod open_tools;
 
 use std::collections::BTreeMap;
-use std::hash::{BuildHasher, RandomState};
+use std::hash::RandomState;
 use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -21,6 +21,7 @@ use serde::Serialize;
 use serde_json::json;
 
 use crate::config::WatchdogConfig;
+use crate::hashed::{Hashed, KeyHasher};
 use crate::metrics::{Label, Metrics, count};
 use crate::protocol::ChannelName;
 use crate::protocol::agui::{self, Sequence};
@@ -222,8 +223,9 @@ type Shard = Lru<Run>;
 pub struct Watchdog {
     config: WatchdogConfig,
     shards: Box<[Mutex<Shard>]>,
-    /// Keys the shard choice and the open tool hashes: a producer cannot aim its runs at one
-    /// shard, nor make two tool call ids collide.
+    /// Hashes run ids, keyed: a producer cannot aim its runs at one shard.
+    run_ids: KeyHasher,
+    /// Keys the open tool hashes: a producer cannot make two tool call ids collide.
     keys: RandomState,
 }
 
@@ -233,14 +235,18 @@ impl Watchdog {
         Self {
             config,
             shards,
+            run_ids: KeyHasher::default(),
             keys: RandomState::new(),
         }
     }
 
-    fn shard(&self, run_id: &str) -> MutexGuard<'_, Shard> {
-        self.shards[(self.keys.hash_one(run_id) as usize) % SHARDS]
+    /// The shard of a run, locked, and the run id hashed once for the shard and its table.
+    fn shard<'a>(&'a self, run_id: &'a str) -> (MutexGuard<'a, Shard>, Hashed<'a>) {
+        let key = self.run_ids.hash(run_id);
+        let shard = self.shards[key.shard(SHARDS)]
             .lock()
-            .unwrap_or_else(|e| e.into_inner())
+            .unwrap_or_else(|e| e.into_inner());
+        (shard, key)
     }
 
     /// Follows one emitted event of a run.
@@ -249,10 +255,10 @@ impl Watchdog {
             return;
         };
         let now = Instant::now();
-        let mut shard = self.shard(run_id);
+        let (mut shard, key) = self.shard(run_id);
         if event.kind == EventType::Custom && agui_event(event).is_none() {
             // Custom events keep a run alive but are not part of its lifecycle.
-            shard.update(run_id, |run| {
+            shard.update(key, |run| {
                 run.last_event = now;
                 *run.counts.entry(event.kind.as_str()).or_default() += 1;
                 ((), run.state.lane())
@@ -263,7 +269,7 @@ impl Watchdog {
             self.follow(run, run_id, event, now, metrics);
             ((), run.state.lane())
         };
-        if shard.update(run_id, follow).is_none() {
+        if shard.update(key, follow).is_none() {
             self.make_room(&mut shard, metrics);
             metrics.runs_active.inc();
             let state = if event.kind == EventType::AgentStarted {
@@ -287,11 +293,11 @@ impl Watchdog {
             };
             if event.kind == EventType::AgentStarted && agui_event(event).is_none() {
                 *run.counts.entry(event.kind.as_str()).or_default() += 1;
-                shard.insert(run_id, run, state.lane());
+                shard.insert(key, run, state.lane());
                 return;
             }
-            shard.insert(run_id, run, state.lane());
-            shard.update(run_id, follow);
+            shard.insert(key, run, state.lane());
+            shard.update(key, follow);
         }
     }
 
@@ -384,9 +390,9 @@ impl Watchdog {
         run_id: &str,
         fields: &serde_json::Map<String, serde_json::Value>,
     ) -> Result<(), agui::OrderViolation> {
-        let mut sequence = self
-            .shard(run_id)
-            .get(run_id)
+        let (shard, key) = self.shard(run_id);
+        let mut sequence = shard
+            .get(key)
             .and_then(|run| run.agui.as_deref().cloned())
             .unwrap_or_default();
         sequence.apply_fields(fields)
@@ -439,8 +445,8 @@ impl Watchdog {
     /// Ends a quiet run as stalled; `None` if it is no longer open and quiet.
     pub fn stall(&self, run_id: &str, metrics: &Metrics) -> Option<Stalled> {
         let now = Instant::now();
-        let mut shard = self.shard(run_id);
-        let run = shard.get_mut(run_id)?;
+        let (mut shard, key) = self.shard(run_id);
+        let run = shard.get_mut(key)?;
         let idle = now.saturating_duration_since(run.last_event);
         if !run.state.is_open() || idle <= self.config.run_idle_timeout {
             return None;
@@ -462,24 +468,25 @@ impl Watchdog {
             open_tool_ids: run.open_tools.shown(),
             idle,
         };
-        shard.touch(run_id, RunState::Stalled.lane());
+        shard.touch(key, RunState::Stalled.lane());
         Some(stalled)
     }
 
     /// Redis mode: another replica saw an event of this run `ago`: it is not quiet.
     pub fn seen_elsewhere(&self, run_id: &str, ago: Duration) {
-        let mut shard = self.shard(run_id);
-        if let Some(run) = shard.get_mut(run_id) {
+        let (mut shard, key) = self.shard(run_id);
+        if let Some(run) = shard.get_mut(key) {
             let at = Instant::now().checked_sub(ago).unwrap_or(run.last_event);
             run.last_event = run.last_event.max(at);
             let lane = run.state.lane();
-            shard.touch(run_id, lane);
+            shard.touch(key, lane);
         }
     }
 
     /// Redis mode: the run ended through another replica, which counted its end; stop following it.
     pub fn ended_elsewhere(&self, run_id: &str, metrics: &Metrics) {
-        if let Some(run) = self.shard(run_id).remove(run_id)
+        let (mut shard, key) = self.shard(run_id);
+        if let Some(run) = shard.remove(key)
             && run.state.is_open()
         {
             metrics.runs_active.dec();
@@ -487,8 +494,8 @@ impl Watchdog {
     }
 
     pub fn report(&self, run_id: &str) -> Option<RunReport> {
-        let shard = self.shard(run_id);
-        let run = shard.get(run_id)?;
+        let (shard, key) = self.shard(run_id);
+        let run = shard.get(key)?;
         let now = Instant::now();
         Some(RunReport {
             run_id: run_id.to_string(),
@@ -656,7 +663,7 @@ mod tests {
             dog.observe(&run_event("agent_started", run), &channel, &metrics);
         }
         assert!(metrics.runs_evicted.get() > 0, "the shards filled up");
-        let shard_of = |run: &str| (dog.keys.hash_one(run) as usize) % SHARDS;
+        let shard_of = |run: &str| dog.run_ids.hash(run).shard(SHARDS);
         for shard in 0..SHARDS {
             let ended_left = (0..80)
                 .map(|n| format!("done_{n}"))

@@ -15,12 +15,11 @@ impl Channels {
     /// Redis mode: starts mirroring a channel. Until [`Self::merge`] loads its history, live
     /// events are kept aside, so none falls between the pub/sub subscription and the history read.
     pub fn prepare(&self, name: &ChannelName, feed: &Arc<Feed>) {
-        let mut shard = self.shard(name);
-        shard.channels.entry(name.clone()).or_insert_with(|| {
+        self.slot(name.as_str()).get_or_insert_with(|| {
             let channel =
                 Channel::with_epoch(name.clone(), "".into(), Some(Arc::clone(feed)), &self.bytes);
             channel.lock().loading = Some(Vec::new());
-            Arc::new(channel)
+            channel
         });
     }
 
@@ -53,7 +52,7 @@ impl Channels {
 
     /// Redis mode: where the mirror of `name` stands (epoch, last seq), to read the stream from.
     pub fn position(&self, name: &ChannelName) -> Option<(Arc<str>, u64)> {
-        let channel = self.existing(name)?;
+        let channel = self.existing(name.as_str())?;
         let state = channel.lock();
         (state.loading.is_none()).then(|| (Arc::clone(&channel.epoch), state.last_seq))
     }
@@ -64,8 +63,8 @@ impl Channels {
     /// new epoch's history; otherwise it appends what the mirror missed. A channel without an
     /// epoch yet (nothing was published to it) takes its first epoch without a `subscribed` frame.
     pub fn merge(&self, name: &ChannelName, snapshot: Snapshot) {
-        let mut shard = self.shard(name);
-        let Some(channel) = shard.channels.get(name).cloned() else {
+        let mut slot = self.slot(name.as_str());
+        let Some(channel) = slot.get().cloned() else {
             return;
         };
         let mut state = channel.lock();
@@ -83,7 +82,7 @@ impl Channels {
                 }
             }
             drop(state);
-            drop(shard);
+            drop(slot);
             self.keep_within_budget();
             return;
         }
@@ -160,15 +159,14 @@ impl Channels {
         drop(fresh_state);
         state.retired = true;
         drop(state);
-        shard.channels.insert(name.clone(), fresh);
-        drop(shard);
+        slot.insert(fresh);
+        drop(slot);
         self.keep_within_budget();
     }
 
     /// Redis mode: stops mirroring a channel nobody here watches any more.
     pub fn detach(&self, name: &ChannelName) {
-        let mut shard = self.shard(name);
-        if let Some(channel) = shard.channels.remove(name) {
+        if let Some(channel) = self.slot(name.as_str()).remove() {
             channel.lock().retired = true;
         }
     }

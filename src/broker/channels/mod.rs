@@ -2,9 +2,6 @@
 //! shards so that looking one up takes no global lock; each channel has its own small lock, held
 //! only for sequencing, appending to history and queueing to subscribers (never for I/O).
 
-use std::collections::HashMap;
-use std::collections::hash_map::DefaultHasher;
-use std::hash::{Hash, Hasher};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -15,6 +12,7 @@ use history::HistoryBytes;
 use super::{AckError, Published};
 use crate::config::HistoryConfig;
 use crate::fanout::{Outbox, Outgoing, StoredEvent};
+use crate::hashed::{Hashed, KeyHasher};
 use crate::ledger::Counts;
 use crate::protocol::client::Since;
 use crate::protocol::event::Event;
@@ -31,6 +29,7 @@ const SHARDS: usize = 32;
 
 pub struct Channels {
     shards: Box<[Mutex<Shard>]>,
+    names: KeyHasher,
     history: HistoryConfig,
     /// What every channel's history weighs together (`history.max_bytes`).
     bytes: Arc<HistoryBytes>,
@@ -38,9 +37,63 @@ pub struct Channels {
 
 #[derive(Default)]
 struct Shard {
-    channels: HashMap<ChannelName, Arc<Channel>>,
+    /// Each channel with the hash of its name.
+    channels: hashbrown::HashTable<(u64, Arc<Channel>)>,
     /// Counts of channels removed by [`Channels::sweep`], so totals never go down.
     retired: Counts,
+}
+
+impl Shard {
+    fn channels(&self) -> impl Iterator<Item = &Arc<Channel>> {
+        self.channels.iter().map(|(_, channel)| channel)
+    }
+}
+
+/// The locked shard of one channel name, hashed once for the shard and its table.
+struct Slot<'a> {
+    shard: MutexGuard<'a, Shard>,
+    name: Hashed<'a>,
+}
+
+impl Slot<'_> {
+    fn get(&self) -> Option<&Arc<Channel>> {
+        let name = self.name;
+        (self.shard.channels)
+            .find(name.hash, |(_, channel)| channel.name.as_str() == name.key)
+            .map(|(_, channel)| channel)
+    }
+
+    fn get_or_insert_with(&mut self, make: impl FnOnce() -> Channel) -> &Arc<Channel> {
+        let name = self.name;
+        let entry = self.shard.channels.entry(
+            name.hash,
+            |(_, channel)| channel.name.as_str() == name.key,
+            |(hash, _)| *hash,
+        );
+        &entry
+            .or_insert_with(|| (name.hash, Arc::new(make())))
+            .into_mut()
+            .1
+    }
+
+    /// Puts `channel` in the place of the channel of this name, if there is one.
+    fn insert(&mut self, channel: Arc<Channel>) {
+        let name = self.name;
+        let entry = self.shard.channels.entry(
+            name.hash,
+            |(_, channel)| channel.name.as_str() == name.key,
+            |(hash, _)| *hash,
+        );
+        entry.insert((name.hash, channel));
+    }
+
+    fn remove(&mut self) -> Option<Arc<Channel>> {
+        let name = self.name;
+        let found = (self.shard.channels)
+            .find_entry(name.hash, |(_, channel)| channel.name.as_str() == name.key)
+            .ok()?;
+        Some(found.remove().0.1)
+    }
 }
 
 impl Channels {
@@ -48,6 +101,7 @@ impl Channels {
         let shards = (0..SHARDS).map(|_| Mutex::new(Shard::default())).collect();
         Self {
             shards,
+            names: KeyHasher::default(),
             history,
             bytes: Arc::default(),
         }
@@ -70,7 +124,7 @@ impl Channels {
         let mut candidates: Vec<(Instant, Arc<Channel>)> = Vec::new();
         for shard in self.shards.iter() {
             let shard = shard.lock().unwrap_or_else(|e| e.into_inner());
-            for channel in shard.channels.values() {
+            for channel in shard.channels() {
                 let state = channel.lock();
                 if !state.history.is_empty() {
                     candidates.push((state.last_activity, Arc::clone(channel)));
@@ -112,30 +166,22 @@ impl Channels {
         }
     }
 
-    /// The shard of a channel, by its name or its name's text (both hash alike).
-    fn shard<Name: Hash + ?Sized>(&self, name: &Name) -> MutexGuard<'_, Shard> {
-        let mut hasher = DefaultHasher::new();
-        name.hash(&mut hasher);
-        let index = (hasher.finish() as usize) % SHARDS;
-        self.shards[index].lock().unwrap_or_else(|e| e.into_inner())
+    /// The shard of a channel, locked, by its name's text.
+    fn slot<'a>(&'a self, name: &'a str) -> Slot<'a> {
+        let name = self.names.hash(name);
+        let shard = self.shards[name.shard(SHARDS)]
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        Slot { shard, name }
     }
 
     fn channel(&self, name: &ChannelName) -> Arc<Channel> {
-        let mut shard = self.shard(name);
-        Arc::clone(
-            shard
-                .channels
-                .entry(name.clone())
-                .or_insert_with(|| Arc::new(Channel::new(name.clone(), &self.bytes))),
-        )
+        let mut slot = self.slot(name.as_str());
+        Arc::clone(slot.get_or_insert_with(|| Channel::new(name.clone(), &self.bytes)))
     }
 
-    fn existing<Name>(&self, name: &Name) -> Option<Arc<Channel>>
-    where
-        Name: Hash + Eq + ?Sized,
-        ChannelName: std::borrow::Borrow<Name>,
-    {
-        self.shard(name).channels.get(name).cloned()
+    fn existing(&self, name: &str) -> Option<Arc<Channel>> {
+        self.slot(name).get().cloned()
     }
 
     /// Runs `f` on a live (not retired) channel's locked state, creating the channel if needed.
@@ -290,8 +336,8 @@ impl Channels {
 
     /// `true` if the connection was subscribed.
     pub fn unsubscribe(&self, name: &ChannelName, outbox: &Arc<Outbox>) -> bool {
-        let mut shard = self.shard(name);
-        let Some(channel) = shard.channels.get(name).cloned() else {
+        let mut slot = self.slot(name.as_str());
+        let Some(channel) = slot.get().cloned() else {
             return false;
         };
         let mut state = channel.lock();
@@ -307,7 +353,7 @@ impl Channels {
         {
             state.retired = true;
             drop(state);
-            shard.channels.remove(name);
+            slot.remove();
         }
         removed
     }
@@ -315,7 +361,7 @@ impl Channels {
     /// A cumulative ack: the client has shown everything up to `seq`.
     pub fn ack(&self, name: &ChannelName, seq: u64, outbox: &Arc<Outbox>) -> Result<u64, AckError> {
         let channel = self
-            .existing(name)
+            .existing(name.as_str())
             .ok_or_else(|| AckError::NotSubscribed(name.to_string()))?;
         let mut state = channel.lock();
         if !state.subscribers.contains(outbox) {
@@ -344,7 +390,7 @@ impl Channels {
         for shard in self.shards.iter() {
             let mut shard = shard.lock().unwrap_or_else(|e| e.into_inner());
             let mut retired = Counts::default();
-            shard.channels.retain(|_, channel| {
+            shard.channels.retain(|(_, channel)| {
                 let mut state = channel.lock();
                 let trimmed = channel.trim(&mut state, &self.history, now);
                 if trimmed.unseen + trimmed.subscribed > 0 {

@@ -16,7 +16,7 @@ const YIELD_EVERY: usize = 1024;
 impl Channels {
     /// The ledger of one channel, `None` if the broker holds no such channel.
     pub fn report(&self, name: &ChannelName) -> Option<ChannelReport> {
-        let channel = self.existing(name)?;
+        let channel = self.existing(name.as_str())?;
         let state = channel.lock();
         let counts = channel.ledger.snapshot();
         Some(ChannelReport {
@@ -67,7 +67,7 @@ impl Channels {
                 // A channel retired after this copy is counted through the copy, not `retired`
                 // (both are read under this lock): once either way.
                 totals.add(&shard.retired);
-                copied.extend(shard.channels.values().cloned());
+                copied.extend(shard.channels().cloned());
             }
             for (n, channel) in copied.drain(..).enumerate() {
                 if n > 0 && n % YIELD_EVERY == 0 {

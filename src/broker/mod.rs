@@ -221,7 +221,9 @@ impl Broker {
                     )))
                 })
                 .collect(),
-            Self::Redis(redis) => redis.publish_all(events).await,
+            // Boxed: its round trips' state would otherwise size every request's future in
+            // embedded mode too, where the publish is a call.
+            Self::Redis(redis) => Box::pin(redis.publish_all(events)).await,
         }
     }
 

@@ -129,7 +129,8 @@ pub async fn ingest(
         }
         if let Some(event) = batch.keep(gateway, event, None) {
             publish_kept(gateway, &mut batch, &mut results).await;
-            results.push(accept_each(gateway, event).await);
+            // Boxed: its registration and resolution would size every request's future.
+            results.push(Box::pin(accept_each(gateway, event)).await);
         }
     }
     publish_kept(gateway, &mut batch, &mut results).await;
@@ -211,7 +212,7 @@ pub async fn accept(gateway: &Gateway, event: Event) -> ItemResult {
             None => unreachable!("a kept event is published"),
         };
     };
-    accept_each(gateway, event).await
+    Box::pin(accept_each(gateway, event)).await
 }
 
 /// [`accept`]'s whole path, for an event that [`batch::Batch::keep`] gave back: a run's start, an

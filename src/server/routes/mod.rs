@@ -80,12 +80,12 @@ async fn public(
     if let Some(thread) = events::thread_in(path)
         && matches!(method, &Method::GET | &Method::OPTIONS)
     {
-        return events::events(gateway, peer, thread, cut, request).await;
+        return Box::pin(events::events(gateway, peer, thread, cut, request)).await;
     }
     if let Some(agent) = agui::agent_in(path)
         && matches!(method, &Method::POST | &Method::OPTIONS)
     {
-        return agui::proxy(gateway, peer, agent, cut, request).await;
+        return Box::pin(agui::proxy(gateway, peer, agent, cut, request)).await;
     }
     match (path, method) {
         ("/ws", &Method::GET) => upgrade(gateway, peer, request),
@@ -138,19 +138,30 @@ async fn internal(
         }
     }
 
+    // Every route but the hot one is boxed: a request's future is as large as its largest route's
+    // and is moved whole (into hyper's connection, then along the awaits), so without the boxes
+    // each `POST /v1/events` would copy kilobytes it never uses.
     match (path, method) {
         ("/v1/events", &Method::POST) => events(&gateway, request, producer.as_deref()).await,
-        ("/v1/runs", &Method::POST) => runs(&gateway, request).await,
+        ("/v1/runs", &Method::POST) => Box::pin(runs(&gateway, request)).await,
         (p, &Method::POST) if let Some(target) = run_stream::run_in(p) => {
-            run_stream::stream(&gateway, target, request, producer.as_deref()).await
+            Box::pin(run_stream::stream(
+                &gateway,
+                target,
+                request,
+                producer.as_deref(),
+            ))
+            .await
         }
         ("/v1/runs", &Method::GET) => inspect::runs(&gateway, request.uri().query()),
         (p, &Method::GET) if p.starts_with("/v1/runs/") => run(&gateway, &p["/v1/runs/".len()..]),
         (p, &Method::GET) if inspect::tail_in(p).is_some() => {
             let thread = inspect::tail_in(p).unwrap_or_default();
-            inspect::tail(&gateway, peer, thread, cut, &request).await
+            Box::pin(inspect::tail(&gateway, peer, thread, cut, &request)).await
         }
-        ("/v1/deadletter", &Method::GET) => dead_letters(&gateway, request.uri().query()).await,
+        ("/v1/deadletter", &Method::GET) => {
+            Box::pin(dead_letters(&gateway, request.uri().query())).await
+        }
         // JSON only, like every POST: a page cannot send it without a CORS preflight.
         ("/v1/deadletter/redrive", &Method::POST)
             if !media_type_is(&request, "application/json") =>
@@ -162,16 +173,16 @@ async fn internal(
                 Some("content-type"),
             )
         }
-        ("/v1/deadletter/redrive", &Method::POST) => redrive(&gateway).await,
-        ("/v1/ledger", &Method::GET) => ledger(&gateway, request.uri().query()).await,
+        ("/v1/deadletter/redrive", &Method::POST) => Box::pin(redrive(&gateway)).await,
+        ("/v1/ledger", &Method::GET) => Box::pin(ledger(&gateway, request.uri().query())).await,
         (p, &Method::GET) if p.starts_with("/v1/channels/") => {
-            channel(&gateway, &p["/v1/channels/".len()..]).await
+            Box::pin(channel(&gateway, &p["/v1/channels/".len()..])).await
         }
         ("/healthz", &Method::GET) => json_response(StatusCode::OK, &json!({"status": "ok"})),
         ("/readyz", &Method::GET) => ready(&gateway),
         // The page holds no data: it asks for the operator key and sends it on its fetches.
         ("/inspect", &Method::GET) => inspect::page(),
-        ("/metrics", &Method::GET) => metrics(&gateway).await,
+        ("/metrics", &Method::GET) => Box::pin(metrics(&gateway)).await,
         _ => not_routed(path, method, Door::Internal),
     }
 }

@@ -9,6 +9,7 @@ use std::fmt;
 
 use serde::de::{self, DeserializeSeed, Deserializer, MapAccess, SeqAccess, Visitor};
 use serde_json::{Map, Value};
+use smallvec::SmallVec;
 
 /// Why a text is not JSON that means one thing.
 #[derive(Debug, thiserror::Error)]
@@ -248,15 +249,14 @@ impl<'de> Visitor<'de> for Key {
     }
 }
 
-/// The keys seen in one object. A few are kept in place and compared one by one (no allocation
-/// for the small objects events are made of); past [`FEW_KEYS`] they are hashed, so that an
-/// object of thousands of keys costs no more than its length.
+/// The keys seen in one object. A few are kept in place and compared one by one (no allocation,
+/// and nothing to set up or tear down but the ones kept, for the small objects events are made
+/// of); past [`FEW_KEYS`] they are hashed, so that an object of thousands of keys costs no more
+/// than its length.
 #[derive(Default)]
 pub struct Keys<'de> {
-    few: [Cow<'de, str>; FEW_KEYS],
-    /// How many of `few` are keys.
-    len: usize,
-    many: HashSet<Cow<'de, str>>,
+    few: SmallVec<[Cow<'de, str>; FEW_KEYS]>,
+    many: Option<HashSet<Cow<'de, str>>>,
 }
 
 /// How many keys of an object [`Keys`] compares one by one before it hashes them.
@@ -266,19 +266,20 @@ impl<'de> Keys<'de> {
     /// Whether `key` is new in this object.
     /// (A key borrowed from the text is cloned for nothing; an unescaped one is copied.)
     pub fn insert(&mut self, key: Cow<'de, str>) -> bool {
-        if self.many.is_empty() {
-            if self.few[..self.len].contains(&key) {
-                return false;
-            }
-            if let Some(free) = self.few.get_mut(self.len) {
-                *free = key;
-                self.len += 1;
-                return true;
-            }
-            self.many.extend(self.few.iter_mut().map(std::mem::take));
-            self.len = 0;
+        if let Some(many) = &mut self.many {
+            return many.insert(key);
         }
-        self.many.insert(key)
+        if self.few.contains(&key) {
+            return false;
+        }
+        if self.few.len() < FEW_KEYS {
+            self.few.push(key);
+            return true;
+        }
+        let mut many: HashSet<_> = self.few.drain(..).collect();
+        many.insert(key);
+        self.many = Some(many);
+        true
     }
 }
 

@@ -59,41 +59,40 @@ impl Slot<'_> {
     fn get(&self) -> Option<&Arc<Channel>> {
         let name = self.name;
         (self.shard.channels)
-            .find(name.hash, |(_, channel)| channel.name.as_str() == name.key)
+            .find(name.hash, named(name))
             .map(|(_, channel)| channel)
     }
 
     fn get_or_insert_with(&mut self, make: impl FnOnce() -> Channel) -> &Arc<Channel> {
-        let name = self.name;
-        let entry = self.shard.channels.entry(
-            name.hash,
-            |(_, channel)| channel.name.as_str() == name.key,
-            |(hash, _)| *hash,
-        );
-        &entry
-            .or_insert_with(|| (name.hash, Arc::new(make())))
+        let hash = self.name.hash;
+        &(self.entry().or_insert_with(|| (hash, Arc::new(make()))))
             .into_mut()
             .1
     }
 
     /// Puts `channel` in the place of the channel of this name, if there is one.
     fn insert(&mut self, channel: Arc<Channel>) {
-        let name = self.name;
-        let entry = self.shard.channels.entry(
-            name.hash,
-            |(_, channel)| channel.name.as_str() == name.key,
-            |(hash, _)| *hash,
-        );
-        entry.insert((name.hash, channel));
+        let hash = self.name.hash;
+        self.entry().insert((hash, channel));
     }
 
     fn remove(&mut self) -> Option<Arc<Channel>> {
         let name = self.name;
         let found = (self.shard.channels)
-            .find_entry(name.hash, |(_, channel)| channel.name.as_str() == name.key)
+            .find_entry(name.hash, named(name))
             .ok()?;
         Some(found.remove().0.1)
     }
+
+    fn entry(&mut self) -> hashbrown::hash_table::Entry<'_, (u64, Arc<Channel>)> {
+        let name = self.name;
+        (self.shard.channels).entry(name.hash, named(name), |(hash, _)| *hash)
+    }
+}
+
+/// Whether a shard's entry is the channel of `name`.
+fn named(name: Hashed<'_>) -> impl Fn(&(u64, Arc<Channel>)) -> bool + '_ {
+    move |(_, channel)| channel.name.as_str() == name.key
 }
 
 impl Channels {

@@ -1,7 +1,8 @@
-//! Keys hashed once per lookup. A sharded table takes the shard from the key's hash and finds the
-//! entry in that shard's `hashbrown::HashTable` with the same hash, where a map in each shard
-//! would hash the key a second time. SipHash keyed per table (std's `RandomState`): a producer
-//! cannot aim its ids at one shard or one bucket.
+//! Ids a producer sends, hashed once per lookup. A sharded table takes the shard from the key's
+//! hash and finds the entry in that shard's `hashbrown::HashTable` with the same hash, where a map
+//! in each shard would hash the key a second time. SipHash keyed per table (std's `RandomState`):
+//! a producer can aim its ids at neither a shard nor a bucket, nor make two of them collide where
+//! only the hash is kept (the watchdog's open tool calls).
 
 use std::hash::{BuildHasher, RandomState};
 

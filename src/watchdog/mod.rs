@@ -13,7 +13,6 @@ mod lru;
 mod open_tools;
 
 use std::collections::BTreeMap;
-use std::hash::RandomState;
 use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -223,10 +222,9 @@ type Shard = Lru<Run>;
 pub struct Watchdog {
     config: WatchdogConfig,
     shards: Box<[Mutex<Shard>]>,
-    /// Hashes run ids, keyed: a producer cannot aim its runs at one shard.
-    run_ids: KeyHasher,
-    /// Keys the open tool hashes: a producer cannot make two tool call ids collide.
-    keys: RandomState,
+    /// Hashes run ids and tool call ids, keyed: a producer cannot aim its runs at one shard, nor
+    /// make two tool call ids collide.
+    keys: KeyHasher,
 }
 
 impl Watchdog {
@@ -235,14 +233,13 @@ impl Watchdog {
         Self {
             config,
             shards,
-            run_ids: KeyHasher::default(),
-            keys: RandomState::new(),
+            keys: KeyHasher::default(),
         }
     }
 
     /// The shard of a run, locked, and the run id hashed once for the shard and its table.
     fn shard<'a>(&'a self, run_id: &'a str) -> (MutexGuard<'a, Shard>, Hashed<'a>) {
-        let key = self.run_ids.hash(run_id);
+        let key = self.keys.hash(run_id);
         let shard = self.shards[key.shard(SHARDS)]
             .lock()
             .unwrap_or_else(|e| e.into_inner());
@@ -663,7 +660,7 @@ mod tests {
             dog.observe(&run_event("agent_started", run), &channel, &metrics);
         }
         assert!(metrics.runs_evicted.get() > 0, "the shards filled up");
-        let shard_of = |run: &str| dog.run_ids.hash(run).shard(SHARDS);
+        let shard_of = |run: &str| dog.keys.hash(run).shard(SHARDS);
         for shard in 0..SHARDS {
             let ended_left = (0..80)
                 .map(|n| format!("done_{n}"))

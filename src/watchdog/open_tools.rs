@@ -2,7 +2,7 @@
 //! kept as a keyed 64-bit hash of its `tool_call_id` (enough to match its `tool_completed`), and
 //! only the first few also as the id itself, to show at `GET /v1/runs` and in the stall notice.
 
-use std::hash::BuildHasher;
+use crate::hashed::KeyHasher;
 
 /// Open tool calls followed per run; more are not followed (a later `tool_completed` of one of
 /// them counts as `tool_completed_without_executing`).
@@ -20,11 +20,11 @@ pub struct OpenTools {
 
 impl OpenTools {
     /// A tool call started. Returns `false` when the run already has [`MAX_OPEN_TOOLS`] open.
-    pub fn open(&mut self, id: &str, keys: &impl BuildHasher) -> bool {
+    pub fn open(&mut self, id: &str, keys: &KeyHasher) -> bool {
         if self.hashes.len() >= MAX_OPEN_TOOLS {
             return false;
         }
-        self.hashes.push(keys.hash_one(id));
+        self.hashes.push(keys.hash(id).hash);
         if self.shown.len() < SHOWN_TOOL_IDS {
             self.shown.push(id.into());
         }
@@ -32,8 +32,8 @@ impl OpenTools {
     }
 
     /// A tool call completed. Returns `false` when it was not open.
-    pub fn close(&mut self, id: &str, keys: &impl BuildHasher) -> bool {
-        let hash = keys.hash_one(id);
+    pub fn close(&mut self, id: &str, keys: &KeyHasher) -> bool {
+        let hash = keys.hash(id).hash;
         let Some(index) = self.hashes.iter().position(|open| *open == hash) else {
             return false;
         };
@@ -61,11 +61,10 @@ impl OpenTools {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::hash::RandomState;
 
     #[test]
     fn bounded_in_number_and_in_ids_kept() {
-        let keys = RandomState::new();
+        let keys = KeyHasher::default();
         let mut tools = OpenTools::default();
         let long = "x".repeat(200);
         for n in 0..MAX_OPEN_TOOLS {

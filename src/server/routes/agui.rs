@@ -20,7 +20,9 @@ use super::cors;
 use super::events::authorise;
 use super::run_stream::{StreamRefusal, busy, place, refused};
 use super::upgrade::connection_slot;
-use super::{Body, broker_error, error, json_response, media_type_is, percent_decode};
+use super::{
+    Body, broker_error, error, json_response, media_type_is, percent_decode, unsupported_media_type,
+};
 use crate::Gateway;
 use crate::ingest::agui_proxy::{self, ProxiedRun};
 use crate::protocol::ChannelName;
@@ -75,12 +77,7 @@ async fn run(
         }
     };
     if !media_type_is(&request, "application/json") {
-        let answer = error(
-            StatusCode::UNSUPPORTED_MEDIA_TYPE,
-            "unsupported_media_type",
-            "Content-Type must be application/json",
-            Some("content-type"),
-        );
+        let answer = unsupported_media_type("application/json");
         return refused(gateway, StreamRefusal::MediaType, answer);
     }
     let bearer = super::bearer(&request).map(str::to_string);

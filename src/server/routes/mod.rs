@@ -166,12 +166,7 @@ async fn internal(
         ("/v1/deadletter/redrive", &Method::POST)
             if !media_type_is(&request, "application/json") =>
         {
-            error(
-                StatusCode::UNSUPPORTED_MEDIA_TYPE,
-                "unsupported_media_type",
-                "Content-Type must be application/json",
-                Some("content-type"),
-            )
+            unsupported_media_type("application/json")
         }
         ("/v1/deadletter/redrive", &Method::POST) => Box::pin(redrive(&gateway)).await,
         ("/v1/ledger", &Method::GET) => Box::pin(ledger(&gateway, request.uri().query())).await,
@@ -205,6 +200,16 @@ fn bearer(request: &Request<Incoming>) -> Option<&str> {
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "))
+}
+
+/// The answer to a request whose `Content-Type` is not one of `allowed`: 415, naming the header.
+fn unsupported_media_type(allowed: &str) -> Response<Body> {
+    error(
+        StatusCode::UNSUPPORTED_MEDIA_TYPE,
+        "unsupported_media_type",
+        &format!("Content-Type must be {allowed}"),
+        Some("content-type"),
+    )
 }
 
 /// Whether the request's media type (without its parameters, in any case) is `expected`. Only the

@@ -9,6 +9,7 @@ use serde_json::{Value, json};
 use super::body::{self, BodyRefusal};
 use super::{
     Body, broker_error, broker_unavailable, error, json_response, json_written, media_type_is,
+    unsupported_media_type,
 };
 use crate::Gateway;
 use crate::ingest::{self, ItemResult};
@@ -163,15 +164,6 @@ impl Summary<'_> {
         out.extend_from_slice(b"]}");
         Ok(())
     }
-}
-
-fn unsupported_media_type(allowed: &str) -> Response<Body> {
-    error(
-        StatusCode::UNSUPPORTED_MEDIA_TYPE,
-        "unsupported_media_type",
-        &format!("Content-Type must be {allowed}"),
-        Some("content-type"),
-    )
 }
 
 pub(super) async fn runs(gateway: &Gateway, request: Request<Incoming>) -> Response<Body> {

@@ -12,7 +12,10 @@ use hyper::header::{self, HeaderValue};
 use hyper::{Request, Response, StatusCode};
 
 use super::body::BodyRefusal;
-use super::{Body, broker_unavailable, error, json_response, media_type_is, percent_decode};
+use super::{
+    Body, broker_unavailable, error, json_response, media_type_is, percent_decode,
+    unsupported_media_type,
+};
 use crate::Gateway;
 use crate::ingest::run_stream::agui::Agui;
 use crate::ingest::run_stream::native::Native;
@@ -156,12 +159,7 @@ pub(super) async fn stream(
     } else if media_type_is(&request, "application/x-ndjson") {
         Format::Ndjson
     } else {
-        let answer = error(
-            StatusCode::UNSUPPORTED_MEDIA_TYPE,
-            "unsupported_media_type",
-            "Content-Type must be text/event-stream or application/x-ndjson",
-            Some("content-type"),
-        );
+        let answer = unsupported_media_type("text/event-stream or application/x-ndjson");
         return refused(gateway, StreamRefusal::MediaType, answer);
     };
     let run_id = match percent_decode(raw_run) {

@@ -3,13 +3,17 @@
 //! inside its publish script instead.
 //!
 //! The ids are spread over shards, each with its own lock and its share of the capacity, so that
-//! publishes on different threads do not wait for one lock; the shard is chosen by a keyed hash,
-//! so a producer cannot aim its ids at one shard to push another's out early.
+//! publishes on different threads do not wait for one lock; an id is hashed once, keyed, for its
+//! shard and its place there (`crate::hashed`), so a producer cannot aim its ids at one shard to
+//! push another's out early.
 
-use std::collections::{HashMap, VecDeque};
-use std::hash::{BuildHasher, RandomState};
+use std::collections::VecDeque;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
+
+use hashbrown::HashTable;
+
+use crate::hashed::{Hashed, KeyHasher};
 
 /// Shards at most (fewer when the capacity is smaller, so that each holds at least one id).
 const SHARDS: usize = 16;
@@ -20,14 +24,31 @@ pub struct Dedupe {
     /// Each shard's bound: the capacity spread evenly, so the whole stays within it.
     per_shard: usize,
     shards: Box<[Mutex<Seen>]>,
-    keys: RandomState,
+    keys: KeyHasher,
 }
 
-/// One shard: its ids, and the same ids in the order they were first seen (one allocation each).
+/// One shard: its ids, and the same ids in the order they were first seen (one allocation each),
+/// each with its hash and when it was seen.
 #[derive(Default)]
 struct Seen {
-    ids: HashMap<Arc<str>, Instant>,
-    order: VecDeque<(Arc<str>, Instant)>,
+    ids: HashTable<Entry>,
+    order: VecDeque<Entry>,
+}
+
+type Entry = (u64, Arc<str>, Instant);
+
+impl Seen {
+    fn find(&self, id: Hashed<'_>) -> Option<&Entry> {
+        self.ids.find(id.hash, |(_, seen, _)| **seen == *id.key)
+    }
+
+    /// Forgets `id` if it is the one seen at `at` (`None`: whenever it was seen).
+    fn remove(&mut self, hash: u64, id: &str, at: Option<Instant>) {
+        let same = |(_, seen, when): &Entry| **seen == *id && at.is_none_or(|at| *when == at);
+        if let Ok(entry) = self.ids.find_entry(hash, same) {
+            entry.remove();
+        }
+    }
 }
 
 impl Dedupe {
@@ -37,27 +58,33 @@ impl Dedupe {
             window,
             per_shard: (capacity / shards).max(1),
             shards: (0..shards).map(|_| Mutex::default()).collect(),
-            keys: RandomState::new(),
+            keys: KeyHasher::default(),
         }
     }
 
-    fn shard(&self, event_id: &str) -> MutexGuard<'_, Seen> {
-        let at = self.keys.hash_one(event_id) as usize % self.shards.len();
-        self.shards[at].lock().unwrap_or_else(|e| e.into_inner())
+    /// The shard of an id, locked, and the id hashed once for the shard and its table.
+    fn shard<'a>(&'a self, event_id: &'a str) -> (MutexGuard<'a, Seen>, Hashed<'a>) {
+        let id = self.keys.hash(event_id);
+        let seen = self.shards[id.shard(self.shards.len())]
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        (seen, id)
     }
 
     /// `true` the first time an id is seen within the window.
     pub fn first_time(&self, event_id: &str) -> bool {
         let now = Instant::now();
-        let mut seen = self.shard(event_id);
-        if let Some(at) = seen.ids.get(event_id)
+        let (mut seen, id) = self.shard(event_id);
+        if let Some((_, _, at)) = seen.find(id)
             && now.saturating_duration_since(*at) <= self.window
         {
             return false;
         }
-        let id: Arc<str> = event_id.into();
-        seen.ids.insert(Arc::clone(&id), now);
-        seen.order.push_back((id, now));
+        seen.remove(id.hash, id.key, None);
+        let entry: Entry = (id.hash, id.key.into(), now);
+        seen.ids
+            .insert_unique(id.hash, entry.clone(), |(hash, _, _)| *hash);
+        seen.order.push_back(entry);
         while seen.ids.len() > self.per_shard {
             Self::forget_oldest(&mut seen);
         }
@@ -66,7 +93,8 @@ impl Dedupe {
 
     /// Forgets one id (its event was lost, so a retry must go through).
     pub fn forget(&self, event_id: &str) {
-        self.shard(event_id).ids.remove(event_id);
+        let (mut seen, id) = self.shard(event_id);
+        seen.remove(id.hash, id.key, None);
     }
 
     /// Forgets ids older than the window.
@@ -77,7 +105,7 @@ impl Dedupe {
             while seen
                 .order
                 .front()
-                .is_some_and(|(_, at)| now.saturating_duration_since(*at) > self.window)
+                .is_some_and(|(_, _, at)| now.saturating_duration_since(*at) > self.window)
             {
                 Self::forget_oldest(&mut seen);
             }
@@ -85,10 +113,8 @@ impl Dedupe {
     }
 
     fn forget_oldest(seen: &mut Seen) {
-        if let Some((id, at)) = seen.order.pop_front()
-            && seen.ids.get(&id) == Some(&at)
-        {
-            seen.ids.remove(&id);
+        if let Some((hash, id, at)) = seen.order.pop_front() {
+            seen.remove(hash, &id, Some(at));
         }
     }
 

@@ -14,7 +14,7 @@
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{RwLock, RwLockReadGuard, RwLockWriteGuard};
+use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::time::Instant;
 
 use crate::config::ResolveConfig;
@@ -94,7 +94,7 @@ struct State {
     pending_count: usize,
     pending_bytes: usize,
     /// What each producer key (`None`: posted without one) holds of the pending set: events, bytes.
-    producers: HashMap<Option<Box<str>>, (usize, usize)>,
+    producers: HashMap<Option<Arc<str>>, (usize, usize)>,
     /// Runs whose held events are being published outside the lock.
     releasing: HashSet<String>,
     /// Releases that stopped on an event the broker could not take yet (Redis away), to be

@@ -11,13 +11,14 @@ pub use subscribe::{Decision, SubscribeWebhook};
 use jwks::Jwks;
 
 use std::collections::HashSet;
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use jsonwebtoken::errors::ErrorKind;
 use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
-use subtle::ConstantTimeEq;
+use subtle::{ConditionallySelectable, ConstantTimeEq};
 
 use crate::config::{AuthConfig, Secret};
 use crate::metrics::{Label, Metrics};
@@ -340,8 +341,29 @@ impl Label for ApiRefusal {
 /// The internal door's keys, kept as SHA-256 digests and compared in constant time (a digest has
 /// one length, so not even a key's length leaks).
 pub struct ApiKeys {
-    producers: Vec<[u8; 32]>,
-    operators: Vec<[u8; 32]>,
+    producers: Vec<ApiKey>,
+    operators: Vec<ApiKey>,
+}
+
+/// One configured key: its digest, and its id (the first 8 hex digits of the digest), made once so
+/// that admitting a request and tagging its events with the id allocate nothing.
+struct ApiKey {
+    digest: [u8; 32],
+    id: Arc<str>,
+}
+
+impl ApiKey {
+    fn new(key: &str) -> Self {
+        let digest = digest(key);
+        let id = digest[..4]
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect::<String>();
+        Self {
+            digest,
+            id: id.into(),
+        }
+    }
 }
 
 fn digest(key: &str) -> [u8; 32] {
@@ -350,18 +372,22 @@ fn digest(key: &str) -> [u8; 32] {
 
 impl ApiKeys {
     pub fn new(config: &AuthConfig) -> Self {
-        let digests = |keys: &[Secret]| keys.iter().map(|k| digest(k.expose())).collect();
+        let keys = |keys: &[Secret]| keys.iter().map(|k| ApiKey::new(k.expose())).collect();
         Self {
-            producers: digests(&config.producer_keys),
-            operators: digests(&config.operator_keys),
+            producers: keys(&config.producer_keys),
+            operators: keys(&config.operator_keys),
         }
     }
 
-    fn holds(keys: &[[u8; 32]], presented: &[u8; 32]) -> bool {
-        // Every key is compared, so the time does not tell which one matched.
-        keys.iter()
-            .fold(0u8, |found, key| found | key.ct_eq(presented).unwrap_u8())
-            == 1
+    /// The key among `keys` whose digest is `presented`.
+    fn find<'a>(keys: &'a [ApiKey], presented: &[u8; 32]) -> Option<&'a ApiKey> {
+        // Every key is compared and the match picked without a branch, so the time does not tell
+        // which one matched.
+        let mut found = u64::MAX;
+        for (i, key) in (0u64..).zip(keys) {
+            found.conditional_assign(&i, key.digest.ct_eq(presented));
+        }
+        keys.get(found as usize)
     }
 
     /// Whether any role is open (has no keys): the internal door then trusts whoever reaches it.
@@ -372,7 +398,7 @@ impl ApiKeys {
     /// Whether `bearer` may act as `role`. `Ok` carries the key's id (the first 8 hex digits of its
     /// digest), which scopes what that key does (its `event_id`s); `Ok(None)` when the role has no
     /// keys configured (allowed only on a loopback internal door: checked at load).
-    pub fn admit(&self, role: Role, bearer: Option<&str>) -> Result<Option<String>, ApiRefusal> {
+    pub fn admit(&self, role: Role, bearer: Option<&str>) -> Result<Option<Arc<str>>, ApiRefusal> {
         let (own, other) = match role {
             Role::Producer => (&self.producers, &self.operators),
             Role::Operator => (&self.operators, &self.producers),
@@ -381,11 +407,10 @@ impl ApiKeys {
             return Ok(None);
         }
         let presented = digest(bearer.ok_or(ApiRefusal::Missing)?);
-        if Self::holds(own, &presented) {
-            let id = presented[..4].iter().map(|b| format!("{b:02x}")).collect();
-            return Ok(Some(id));
+        if let Some(key) = Self::find(own, &presented) {
+            return Ok(Some(Arc::clone(&key.id)));
         }
-        Err(if Self::holds(other, &presented) {
+        Err(if Self::find(other, &presented).is_some() {
             ApiRefusal::WrongRole
         } else {
             ApiRefusal::Invalid

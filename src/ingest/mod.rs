@@ -95,7 +95,7 @@ impl ItemResult {
 pub async fn ingest(
     gateway: &Gateway,
     items: Items<'_>,
-    producer: Option<&str>,
+    producer: Option<&Arc<str>>,
 ) -> Result<Vec<ItemResult>, BodyError> {
     // A single object's body, checked only if its event is refused.
     let (items, whole) = match &items {
@@ -117,7 +117,7 @@ pub async fn ingest(
                 continue;
             }
         };
-        event.producer = producer.map(str::to_string);
+        event.producer = producer.cloned();
         // The ordering rules (strict mode only) read the watchdog, which a kept event reaches
         // once published.
         if gateway.config.agui.strict {

@@ -2,6 +2,8 @@
 //! JSON text, a few bytes per field instead of a parsed tree (a body of `[{},{},…]` parses to about
 //! 24 times its size), and the fields a list or a dedupe needs. Unpacked when it is published.
 
+use std::sync::Arc;
+
 use serde_json::value::RawValue;
 
 use super::event::{self, Event, EventType};
@@ -16,7 +18,7 @@ pub struct PackedEvent {
     pub run_id: Option<Box<str>>,
     pub event_id: Option<Box<str>>,
     /// The producer key that posted it (not in the JSON, as on the wire).
-    pub producer: Option<Box<str>>,
+    pub producer: Option<Arc<str>>,
     /// Redis mode: where it is kept durably while it waits for its run, so that another replica
     /// can adopt it if this one dies (`None` once published, and in embedded mode).
     pub journal: Option<Journaled>,
@@ -40,7 +42,7 @@ impl PackedEvent {
             kind: event.kind,
             run_id: event.run_id.as_deref().map(Into::into),
             event_id: event.event_id.as_deref().map(Into::into),
-            producer: event.producer.as_deref().map(Into::into),
+            producer: event.producer.clone(),
             journal: None,
         }
     }
@@ -56,7 +58,7 @@ impl PackedEvent {
     /// The event again, to publish; `None` only if the text was not made by [`Self::pack`].
     pub fn unpack(&self) -> Option<Event> {
         let mut event = event::parse(&self.json, usize::MAX).ok()?;
-        event.producer = self.producer.as_deref().map(str::to_string);
+        event.producer = self.producer.clone();
         Some(event)
     }
 
@@ -78,14 +80,11 @@ impl PackedEvent {
         ))
     }
 
-    /// What keeping it costs, in bytes (approximate, for the byte budgets).
+    /// What keeping it costs, in bytes (approximate, for the byte budgets). The producer's id is
+    /// its key's, shared.
     pub fn weight(&self) -> usize {
         let text = |field: &Option<Box<str>>| field.as_ref().map_or(0, |s| s.len());
-        OVERHEAD
-            + self.json.len()
-            + text(&self.run_id)
-            + text(&self.event_id)
-            + text(&self.producer)
+        OVERHEAD + self.json.len() + text(&self.run_id) + text(&self.event_id)
     }
 }
 

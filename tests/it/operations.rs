@@ -347,11 +347,20 @@ async fn the_probe_passes_on_a_healthy_gateway_and_fails_clearly_otherwise() {
     assert!(out.contains("FAIL: cannot connect"), "{out}");
 }
 
-/// The benchmark cannot rot: each scenario runs small against a live gateway and must end with
-/// every delivery received and nothing lost. No speed is asserted.
+/// The benchmark cannot rot: each scenario runs small against a live gateway with every feature on
+/// (viewer tokens, producer and operator keys) and must end with every delivery received and
+/// nothing lost. No speed is asserted.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_bench_scenario_completes_with_nothing_lost() {
-    let gateway = Gateway::start().await;
+    const SECRET: &str = "a-bench-secret-of-thirty-two-bytes-or-more";
+    const PRODUCER: &str = "bench-producer-key-01";
+    const OPERATOR: &str = "bench-operator-key-01";
+    let gateway = Gateway::start_with(|c| {
+        c.auth.jwt_secret = Some(SECRET.into());
+        c.auth.producer_keys = vec![PRODUCER.into()];
+        c.auth.operator_keys = vec![OPERATOR.into()];
+    })
+    .await;
     let url = format!("http://{}", gateway.addr);
     let api = format!("http://{}", gateway.internal);
     let scenarios: [&[&str]; 5] = [
@@ -395,6 +404,8 @@ async fn every_bench_scenario_completes_with_nothing_lost() {
     ];
     for scenario in scenarios {
         let mut args = vec!["bench", "--url", &url, "--api-url", &api, "--sources", "4"];
+        args.extend_from_slice(&["--jwt-secret", SECRET, "--producer-key", PRODUCER]);
+        args.extend_from_slice(&["--operator-key", OPERATOR]);
         args.extend_from_slice(scenario);
         let result = crate::support::bench(&args).await;
         assert_eq!(result["scenario"], scenario[0]);

@@ -53,7 +53,7 @@ pub struct Bound {
     /// otherwise the run's start (`agent_started`, RUN_STARTED) names it.
     pub thread_id: Option<String>,
     /// The producer key that posted the stream (scopes its `event_id`s).
-    pub producer: Option<String>,
+    pub producer: Option<Arc<str>>,
     /// The gateway started this run itself (the AG-UI proxy, on a browser's request): if the
     /// agent fails before its RUN_STARTED, the gateway starts the run for its viewers and closes it.
     pub opened_by_gateway: bool,

@@ -5,6 +5,7 @@ mod read;
 mod scan;
 
 use std::borrow::Cow;
+use std::sync::Arc;
 
 use serde::Serialize;
 use serde::de::DeserializeSeed;
@@ -70,7 +71,7 @@ pub struct Event {
     pub payload: Payload,
     /// The id of the producer key that posted it (not on the wire): its `event_id`s are its own,
     /// so one producer's id never makes another's event a duplicate.
-    pub producer: Option<String>,
+    pub producer: Option<Arc<str>>,
 }
 
 impl Event {

@@ -142,14 +142,14 @@ async fn internal(
     // and is moved whole (into hyper's connection, then along the awaits), so without the boxes
     // each `POST /v1/events` would copy kilobytes it never uses.
     match (path, method) {
-        ("/v1/events", &Method::POST) => events(&gateway, request, producer.as_deref()).await,
+        ("/v1/events", &Method::POST) => events(&gateway, request, producer.as_ref()).await,
         ("/v1/runs", &Method::POST) => Box::pin(runs(&gateway, request)).await,
         (p, &Method::POST) if let Some(target) = run_stream::run_in(p) => {
             Box::pin(run_stream::stream(
                 &gateway,
                 target,
                 request,
-                producer.as_deref(),
+                producer.as_ref(),
             ))
             .await
         }

@@ -1,6 +1,8 @@
 //! The producers' door: `POST /v1/events` (one event, a JSON array or NDJSON, answered per item)
 //! and `POST /v1/runs` (a run's registration, which releases its held events).
 
+use std::sync::Arc;
+
 use hyper::body::Incoming;
 use hyper::header::{self, HeaderValue};
 use hyper::{Request, Response, StatusCode};
@@ -22,7 +24,7 @@ use crate::protocol::run::RunTarget;
 pub(super) async fn events(
     gateway: &Gateway,
     request: Request<Incoming>,
-    producer: Option<&str>,
+    producer: Option<&Arc<str>>,
 ) -> Response<Body> {
     if !gateway.broker.is_up() {
         return broker_unavailable(gateway, "Redis is unavailable; nothing was accepted");

@@ -149,7 +149,7 @@ pub(super) async fn stream(
     gateway: &Arc<Gateway>,
     (raw_run, protocol): (&str, Protocol),
     request: Request<Incoming>,
-    producer: Option<&str>,
+    producer: Option<&Arc<str>>,
 ) -> Response<Body> {
     if !gateway.broker.is_up() {
         return broker_unavailable(gateway, "Redis is unavailable; nothing was accepted");
@@ -206,7 +206,7 @@ pub(super) async fn stream(
     let bound = Bound {
         run_id,
         thread_id,
-        producer: producer.map(str::to_string),
+        producer: producer.cloned(),
         opened_by_gateway: false,
     };
     let body = request.into_body().into_data_stream();

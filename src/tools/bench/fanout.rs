@@ -136,7 +136,9 @@ pub(super) async fn run(
         );
         opening.push(tokio::spawn(async move {
             let _permit = gate.acquire_owned().await?;
-            let hello = json!({"type": "hello", "user_id": format!("{thread_id}-c{i}")});
+            let hello = server
+                .signer
+                .hello(&format!("{thread_id}-c{i}"), &thread_id)?;
             server.viewer(source, &hello, &thread_id).await
         }));
     }
@@ -253,7 +255,9 @@ pub(super) async fn run(
     }
     // The floor keeps no ledger: what it delivered is what the viewers counted.
     let ledger = match protocol {
-        Protocol::Agentwire => Some(Ledger::of(api, (0..load.threads).map(thread)).await?),
+        Protocol::Agentwire => {
+            Some(Ledger::of(&servers[0].operator, (0..load.threads).map(thread)).await?)
+        }
         Protocol::Floor => None,
     };
     let delivering = last

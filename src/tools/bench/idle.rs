@@ -2,7 +2,6 @@
 //! browser token in `hello` (HS256 or ES256).
 
 use std::net::IpAddr;
-use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -16,61 +15,13 @@ use crate::tools::client::Socket;
 /// Connections being set up at once.
 const CONCURRENT_HANDSHAKES: usize = 256;
 
-/// How the connections say who they are: a user id, or a token signed here.
-pub(super) enum Signer {
-    None,
-    Signed(jsonwebtoken::EncodingKey, jsonwebtoken::Algorithm),
-}
-
-impl Signer {
-    pub(super) fn new(secret: Option<&str>, private_key: Option<&Path>) -> anyhow::Result<Self> {
-        Ok(match (secret, private_key) {
-            (Some(secret), _) => Self::Signed(
-                jsonwebtoken::EncodingKey::from_secret(secret.as_bytes()),
-                jsonwebtoken::Algorithm::HS256,
-            ),
-            (None, Some(path)) => {
-                let pem = std::fs::read(path)
-                    .with_context(|| format!("cannot read {}", path.display()))?;
-                Self::Signed(
-                    jsonwebtoken::EncodingKey::from_ec_pem(&pem)?,
-                    jsonwebtoken::Algorithm::ES256,
-                )
-            }
-            (None, None) => Self::None,
-        })
-    }
-
-    fn name(&self) -> &'static str {
-        match self {
-            Self::None => "none",
-            Self::Signed(_, jsonwebtoken::Algorithm::HS256) => "HS256",
-            Self::Signed(..) => "ES256",
-        }
-    }
-
-    /// The `hello` of connection `id`, which may read its own thread.
-    fn hello(&self, id: &str) -> anyhow::Result<Value> {
-        let Self::Signed(key, algorithm) = self else {
-            return Ok(json!({"type": "hello", "user_id": id}));
-        };
-        let exp = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)?
-            .as_secs()
-            + 3600;
-        let claims = json!({"sub": id, "exp": exp, "threads": [id]});
-        let token = jsonwebtoken::encode(&jsonwebtoken::Header::new(*algorithm), &claims, key)?;
-        Ok(json!({"type": "hello", "token": token}))
-    }
-}
-
 pub(super) async fn run(
     server: &Server,
     sources: &[IpAddr],
     n: usize,
     settle: Duration,
-    signer: Signer,
 ) -> anyhow::Result<Value> {
+    let signer = &server.signer;
     let tag = run_tag();
     let limit = rustix::process::getrlimit(rustix::process::Resource::Nofile)
         .current
@@ -81,7 +32,10 @@ pub(super) async fn run(
     );
     // Tokens are signed before the clock starts: the client's cost is not the server's.
     let hellos = (0..n)
-        .map(|i| signer.hello(&format!("bench-{tag}-{i}")))
+        .map(|i| {
+            let id = format!("bench-{tag}-{i}");
+            signer.hello(&id, &id)
+        })
         .collect::<anyhow::Result<Vec<_>>>()?;
     tokio::time::sleep(Duration::from_millis(500)).await;
     let before = server.usage().await?;

@@ -4,12 +4,14 @@
 //! `--server-pid`. Every loop is bounded in count and time; traffic stays on 127.0.0.0/8.
 
 mod abuse;
+mod credentials;
 mod fanout;
 mod idle;
 mod tokens;
 mod viewer;
 
 use std::net::{IpAddr, Ipv4Addr};
+use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, ensure};
@@ -36,6 +38,35 @@ pub struct BenchArgs {
     /// What the server under test speaks (`idle`, `fanout` and `saturate` take both).
     #[arg(long, global = true, value_enum, default_value = "agentwire")]
     pub protocol: Protocol,
+    /// Viewers authenticate with an HS256 token signed with this secret (the gateway's
+    /// auth.jwt_secret).
+    #[arg(
+        long,
+        global = true,
+        env = "AGENTWIRE_BENCH_JWT_SECRET",
+        hide_env_values = true
+    )]
+    pub jwt_secret: Option<String>,
+    /// Viewers authenticate with an ES256 token signed with this PEM private key (the gateway's
+    /// auth.jwt_public_key is its public half).
+    #[arg(long, global = true, conflicts_with = "jwt_secret")]
+    pub jwt_private_key: Option<std::path::PathBuf>,
+    /// Events and runs are posted with this key (one of the gateway's auth.producer_keys).
+    #[arg(
+        long,
+        global = true,
+        env = "AGENTWIRE_BENCH_PRODUCER_KEY",
+        hide_env_values = true
+    )]
+    pub producer_key: Option<String>,
+    /// The ledger is read with this key (one of the gateway's auth.operator_keys).
+    #[arg(
+        long,
+        global = true,
+        env = "AGENTWIRE_BENCH_OPERATOR_KEY",
+        hide_env_values = true
+    )]
+    pub operator_key: Option<String>,
 }
 
 /// The protocol of the server under test: agentwire's, or the floor's, so that one load
@@ -59,14 +90,6 @@ pub enum Scenario {
         /// How long the connections are held before memory is read.
         #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
         settle: Duration,
-        /// Authenticate each connection with an HS256 token signed with this secret (the
-        /// gateway's auth.jwt_secret).
-        #[arg(long, env = "AGENTWIRE_BENCH_JWT_SECRET", hide_env_values = true)]
-        jwt_secret: Option<String>,
-        /// Authenticate each connection with an ES256 token signed with this PEM private key
-        /// (the gateway's auth.jwt_public_key is its public half).
-        #[arg(long, conflicts_with = "jwt_secret")]
-        jwt_private_key: Option<std::path::PathBuf>,
     },
     /// C connections over T threads, P events at a fixed rate: latency and CPU per delivery.
     Fanout(fanout::Load),
@@ -101,12 +124,26 @@ pub enum Scenario {
 
 /// Runs a scenario; returns its JSON result (already printed with a summary).
 pub async fn run(args: BenchArgs) -> anyhow::Result<Value> {
-    let target = Target::parse_plain(&args.url)?;
+    let signer = Arc::new(credentials::Signer::new(
+        args.jwt_secret.as_deref(),
+        args.jwt_private_key.as_deref(),
+    )?);
+    let doors = |url: &str, api_url: &str| -> anyhow::Result<(Target, Target, Target)> {
+        let api = Target::parse_plain(api_url)?;
+        Ok((
+            Target::parse_plain(url)?,
+            api.with_bearer(args.producer_key.as_deref()),
+            api.with_bearer(args.operator_key.as_deref()),
+        ))
+    };
+    let (target, api, operator) = doors(&args.url, &args.api_url)?;
     let server = Server {
-        target: target.clone(),
-        api: Target::parse_plain(&args.api_url)?,
+        target,
+        api,
+        operator,
         pid: args.server_pid,
         protocol: args.protocol,
+        signer: Arc::clone(&signer),
     };
     let first = [server];
     let sources: Vec<IpAddr> = (1..=args.sources.max(1))
@@ -124,12 +161,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<Value> {
         Scenario::Idle {
             connections,
             settle,
-            jwt_secret,
-            jwt_private_key,
-        } => {
-            let signer = idle::Signer::new(jwt_secret.as_deref(), jwt_private_key.as_deref())?;
-            idle::run(&first[0], &sources, connections, settle, signer).await?
-        }
+        } => idle::run(&first[0], &sources, connections, settle).await?,
         Scenario::Fanout(load) => fanout::run(&first, &sources, load, fanout::Mode::Rate).await?,
         Scenario::Saturate(load) => {
             fanout::run(&first, &sources, load, fanout::Mode::Saturate).await?
@@ -142,13 +174,16 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<Value> {
             load,
         } => {
             let [server] = first;
+            let (target, api, operator) = doors(&second_url, &second_api_url)?;
             let servers = [
                 server,
                 Server {
-                    target: Target::parse_plain(&second_url)?,
-                    api: Target::parse_plain(&second_api_url)?,
+                    target,
+                    api,
+                    operator,
                     pid: second_pid,
                     protocol: args.protocol,
+                    signer,
                 },
             ];
             fanout::run(&servers, &sources, load, fanout::Mode::Redis(redis_pid)).await?
@@ -160,13 +195,16 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<Value> {
     Ok(result)
 }
 
-/// A gateway under test: its two doors, and its process for its own figures.
+/// A gateway under test: its public door, its internal door as a producer and as an operator, its
+/// process for its own figures, and how its viewers say who they are.
 #[derive(Clone)]
 struct Server {
     target: Target,
     api: Target,
+    operator: Target,
     pid: Option<u32>,
     protocol: Protocol,
+    signer: Arc<credentials::Signer>,
 }
 
 #[derive(Debug, Clone, Copy)]

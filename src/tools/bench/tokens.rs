@@ -260,9 +260,9 @@ pub(super) async fn run(
             Arc::clone(&gate),
             runs.thread(k),
         );
+        let mut hello = server.signer.hello(&format!("{thread}-v"), &thread)?;
         opening.push(tokio::spawn(async move {
             let _permit = gate.acquire_owned().await?;
-            let mut hello = json!({"type": "hello", "user_id": format!("{thread}-v")});
             if kind == Events::Agui {
                 hello["protocol"] = "ag-ui".into();
             }
@@ -324,7 +324,7 @@ pub(super) async fn run(
     let steal = super::steal_percent(machine_before, super::machine_times());
     // A thread exists only once an event of its run was accepted: a refused run has no ledger.
     let used = (0..args.runs).filter(|&k| accepted[k] > 0);
-    let ledger = Ledger::of(&server.api, used.map(|k| runs.thread(k))).await?;
+    let ledger = Ledger::of(&server.operator, used.map(|k| runs.thread(k))).await?;
 
     let events_in: u64 = accepted.iter().sum();
     let delivering = last

@@ -5,17 +5,21 @@ use super::{Format, Rules, RunStream};
 use crate::protocol::event::{self, Refusal, RefusalCode};
 
 /// One line of the body, numbered from 1.
-pub(super) enum Line {
-    Text(String, usize),
+pub(super) enum Line<'a> {
+    Text(&'a str, usize),
     /// Longer than the limit: skipped as it arrived.
     TooLong(usize, usize),
     NotUtf8(usize),
 }
 
 /// Splits chunks into lines (`\n`, a `\r` before it dropped), holding at most `max` bytes of one.
+/// A line that arrives whole in one chunk (a token stream's usual line) is read where it is; only
+/// a line split over chunks is copied, into a buffer kept from line to line.
 pub(super) struct Lines {
     max: usize,
     held: Vec<u8>,
+    /// `held` is a line already handed out: emptied before the next is gathered.
+    handed_out: bool,
     /// Bytes of the current line when it is longer than `max` (nothing of it is held).
     skipped: usize,
     number: usize,
@@ -26,53 +30,65 @@ impl Lines {
         Self {
             max,
             held: Vec::new(),
+            handed_out: false,
             skipped: 0,
             number: 0,
         }
     }
 
-    pub(super) fn push(&mut self, mut chunk: &[u8], out: &mut Vec<Line>) {
+    /// The next line that `chunk` ends, taken off its front; `None` when the chunk has no more
+    /// line ends (what is left of it is held for the next chunk).
+    pub(super) fn next<'s, 'c: 's>(&'s mut self, chunk: &mut &'c [u8]) -> Option<Line<'s>> {
+        if std::mem::take(&mut self.handed_out) {
+            self.held.clear();
+        }
         while !chunk.is_empty() {
             let (part, rest, ended) = match memchr::memchr(b'\n', chunk) {
                 Some(at) => (&chunk[..at], &chunk[at + 1..], true),
-                None => (chunk, &[][..], false),
+                None => (*chunk, &[][..], false),
             };
+            *chunk = rest;
             if self.skipped > 0 || self.held.len() + part.len() > self.max {
                 self.skipped += self.held.len() + part.len();
                 self.held = Vec::new();
+            } else if ended && self.held.is_empty() {
+                self.number += 1;
+                return Some(text(part, self.number));
             } else {
                 self.held.extend_from_slice(part);
             }
             if ended {
-                self.line(out);
+                return Some(self.line());
             }
-            chunk = rest;
         }
+        None
     }
 
-    pub(super) fn finish(&mut self, out: &mut Vec<Line>) {
-        if self.skipped > 0 || !self.held.is_empty() {
-            self.line(out);
+    /// The last line, when the body did not end with a line end.
+    pub(super) fn finish(&mut self) -> Option<Line<'_>> {
+        if std::mem::take(&mut self.handed_out) {
+            self.held.clear();
         }
+        (self.skipped > 0 || !self.held.is_empty()).then(|| self.line())
     }
 
-    fn line(&mut self, out: &mut Vec<Line>) {
+    fn line(&mut self) -> Line<'_> {
         self.number += 1;
-        let held = std::mem::take(&mut self.held);
-        let line = if self.skipped > 0 {
-            Line::TooLong(self.skipped, self.number)
-        } else {
-            let mut held = held;
-            if held.last() == Some(&b'\r') {
-                held.pop();
-            }
-            match String::from_utf8(held) {
-                Ok(text) => Line::Text(text, self.number),
-                Err(_) => Line::NotUtf8(self.number),
-            }
-        };
-        self.skipped = 0;
-        out.push(line);
+        if self.skipped > 0 {
+            let bytes = std::mem::take(&mut self.skipped);
+            return Line::TooLong(bytes, self.number);
+        }
+        self.handed_out = true;
+        text(&self.held, self.number)
+    }
+}
+
+/// Line `number`, its `\r` dropped.
+fn text(line: &[u8], number: usize) -> Line<'_> {
+    let line = line.strip_suffix(b"\r").unwrap_or(line);
+    match std::str::from_utf8(line) {
+        Ok(text) => Line::Text(text, number),
+        Err(_) => Line::NotUtf8(number),
     }
 }
 
@@ -128,7 +144,7 @@ pub(super) async fn take<R: Rules>(
     stream: &mut RunStream<'_, R>,
     format: Format,
     sse: &mut SseEvent,
-    line: Line,
+    line: Line<'_>,
     max: usize,
 ) {
     match (format, line) {
@@ -158,10 +174,59 @@ pub(super) async fn take<R: Rules>(
             if text.starts_with(':') {
                 return;
             }
-            let (field, value) = text.split_once(':').unwrap_or((text.as_str(), ""));
+            let (field, value) = text.split_once(':').unwrap_or((text, ""));
             if field == "data" {
                 sse.data(value.strip_prefix(' ').unwrap_or(value), number, max);
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every line the chunks end, then the last; as (text or what was wrong, number).
+    fn split(max: usize, chunks: &[&[u8]]) -> Vec<(String, usize)> {
+        let mut lines = Lines::new(max);
+        let mut out = Vec::new();
+        let mut note = |line: Line<'_>| match line {
+            Line::Text(text, n) => out.push((text.to_string(), n)),
+            Line::TooLong(bytes, n) => out.push((format!("too long: {bytes}"), n)),
+            Line::NotUtf8(n) => out.push(("not UTF-8".into(), n)),
+        };
+        for chunk in chunks {
+            let mut rest = *chunk;
+            while let Some(line) = lines.next(&mut rest) {
+                note(line);
+            }
+        }
+        if let Some(line) = lines.finish() {
+            note(line);
+        }
+        out
+    }
+
+    #[test]
+    fn lines_whole_or_split_over_chunks_come_out_the_same() {
+        let whole = split(16, &[b"{\"a\":1}\n{\"b\":2}\r\n", b"{\"c\":3}"]);
+        let pieces = split(16, &[b"{\"a\"", b":1}\n{", b"\"b\":2}\r", b"\n{\"c\":3}"]);
+        let expected = [("{\"a\":1}", 1), ("{\"b\":2}", 2), ("{\"c\":3}", 3)];
+        let expected: Vec<_> = expected.iter().map(|(t, n)| (t.to_string(), *n)).collect();
+        assert_eq!(whole, expected);
+        assert_eq!(pieces, expected);
+    }
+
+    #[test]
+    fn a_line_over_the_limit_is_skipped_and_the_next_is_read() {
+        let out = split(8, &[b"0123456", b"789abc\nok\n\xff\xfe\n"]);
+        assert_eq!(
+            out,
+            [
+                ("too long: 13".to_string(), 1),
+                ("ok".into(), 2),
+                ("not UTF-8".into(), 3)
+            ]
+        );
     }
 }

@@ -348,7 +348,6 @@ pub async fn read<R: Rules, E: Display>(
         Format::Ndjson => max,
     });
     let mut sse = SseEvent::default();
-    let mut ready = Vec::new();
     // Made once for the whole stream: a token stream sends a chunk every few milliseconds, and
     // neither the cancellation's waiter nor the timer needs to be set again for each. The timer
     // is moved on only when it fires early (something arrived since it was set).
@@ -372,21 +371,22 @@ pub async fn read<R: Rules, E: Display>(
         };
         last = Instant::now();
         match next {
-            None => {
-                lines.finish(&mut ready);
-                break Ending::End;
-            }
+            None => break Ending::End,
             Some(Err(error)) => {
                 tracing::debug!(run_id = %stream.bound.run_id, %error, "A stream bound to a run broke.");
                 break Ending::Broken;
             }
-            Some(Ok(chunk)) => lines.push(&chunk, &mut ready),
-        }
-        for line in ready.drain(..) {
-            lines::take(&mut stream, format, &mut sse, line, max).await;
+            Some(Ok(chunk)) => {
+                let mut rest = &chunk[..];
+                while let Some(line) = lines.next(&mut rest) {
+                    lines::take(&mut stream, format, &mut sse, line, max).await;
+                }
+            }
         }
     };
-    for line in ready.drain(..) {
+    if ending == Ending::End
+        && let Some(line) = lines.finish()
+    {
         lines::take(&mut stream, format, &mut sse, line, max).await;
     }
     // An SSE event the body ended in the middle of (no blank line after it) is still taken.

@@ -124,13 +124,15 @@ pub enum Scenario {
 
 /// Runs a scenario; returns its JSON result (already printed with a summary).
 pub async fn run(args: BenchArgs) -> anyhow::Result<Value> {
-    let signer = Arc::new(credentials::Signer::new(
-        args.jwt_secret.as_deref(),
-        args.jwt_private_key.as_deref(),
-    )?);
     // The floor checks nothing: it gets neither keys nor tokens, so its requests are no longer
     // than the bare load's.
     let checked = args.protocol == Protocol::Agentwire;
+    let signer = Arc::new(match checked {
+        true => {
+            credentials::Signer::new(args.jwt_secret.as_deref(), args.jwt_private_key.as_deref())?
+        }
+        false => credentials::Signer::None,
+    });
     let producer_key = args.producer_key.as_deref().filter(|_| checked);
     let operator_key = args.operator_key.as_deref().filter(|_| checked);
     let doors = |url: &str, api_url: &str| -> anyhow::Result<(Target, Target, Target)> {

@@ -122,10 +122,10 @@ impl Channel {
         now: Instant,
     ) -> Trimmed {
         let mut trimmed = Trimmed::default();
-        while let Some(front) = state.history.front() {
+        while let Some(oldest_at) = state.history.oldest_at() {
             let too_many = state.history.len() > history.max_events;
             let too_heavy = state.history.bytes() > history.max_bytes_per_channel;
-            let too_old = now.saturating_duration_since(front.emitted_at) > history.max_age;
+            let too_old = now.saturating_duration_since(oldest_at) > history.max_age;
             if !too_many && !too_heavy && !too_old {
                 break;
             }

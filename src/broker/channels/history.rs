@@ -5,6 +5,7 @@ use std::collections::VecDeque;
 use std::ops::Deref;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::time::Instant;
 
 use crate::fanout::StoredEvent;
 
@@ -51,6 +52,9 @@ impl HistoryBytes {
 #[derive(Debug)]
 pub(super) struct History {
     events: VecDeque<Arc<StoredEvent>>,
+    /// When the oldest event was emitted, kept here: the trim after every publish asks, and the
+    /// oldest event is the one least likely to be in the caches.
+    oldest_at: Option<Instant>,
     bytes: usize,
     store: Arc<HistoryBytes>,
 }
@@ -63,6 +67,7 @@ impl History {
     pub(super) fn new(store: Arc<HistoryBytes>) -> Self {
         Self {
             events: VecDeque::new(),
+            oldest_at: None,
             bytes: 0,
             store,
         }
@@ -72,15 +77,22 @@ impl History {
         let weight = weight(&event);
         self.bytes += weight;
         self.store.used.fetch_add(weight, Ordering::Relaxed);
+        self.oldest_at.get_or_insert(event.emitted_at);
         self.events.push_back(event);
     }
 
     pub(super) fn pop_front(&mut self) -> Option<Arc<StoredEvent>> {
         let event = self.events.pop_front()?;
+        self.oldest_at = self.events.front().map(|next| next.emitted_at);
         let weight = weight(&event);
         self.bytes -= weight;
         self.store.used.fetch_sub(weight, Ordering::Relaxed);
         Some(event)
+    }
+
+    /// When its oldest event was emitted (`None` when it is empty).
+    pub(super) fn oldest_at(&self) -> Option<Instant> {
+        self.oldest_at
     }
 
     /// What this channel's history weighs.

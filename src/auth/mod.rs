@@ -42,8 +42,9 @@ enum Keys {
 #[derive(Debug, Clone)]
 pub struct Identity {
     pub user_id: String,
-    /// Exact thread ids, or prefixes ending in `*`.
-    threads: Vec<String>,
+    /// Exact thread ids, or prefixes ending in `*`: held for the connection's life, so each at its
+    /// size (the claim's list was read with room to grow).
+    threads: Box<[Box<str>]>,
     /// When the token stops being valid.
     pub expires: SystemTime,
 }
@@ -183,7 +184,7 @@ impl Verifier {
         }
         Ok(Identity {
             user_id: claims.sub,
-            threads: claims.threads,
+            threads: claims.threads.into_iter().map(Into::into).collect(),
             expires: SystemTime::UNIX_EPOCH
                 .checked_add(Duration::from_secs(claims.exp))
                 .ok_or(Refusal::Invalid)?,
@@ -221,7 +222,7 @@ impl Verifier {
         }
         Ok(Identity {
             user_id: claims.sub,
-            threads: vec![thread_id.to_string()],
+            threads: Box::new([thread_id.into()]),
             expires: SystemTime::UNIX_EPOCH
                 .checked_add(Duration::from_secs(claims.exp))
                 .ok_or(Refusal::Invalid)?,
@@ -275,7 +276,7 @@ impl Identity {
             .iter()
             .any(|allowed| match allowed.strip_suffix('*') {
                 Some(prefix) => thread_id.starts_with(prefix),
-                None => allowed == thread_id,
+                None => allowed.as_ref() == thread_id,
             })
     }
 }
@@ -426,7 +427,7 @@ mod tests {
     fn thread_patterns() {
         let identity = Identity {
             user_id: "u".into(),
-            threads: vec!["t_1".into(), "team_a/*".into()],
+            threads: Box::new(["t_1".into(), "team_a/*".into()]),
             expires: SystemTime::now(),
         };
         assert!(identity.may_read("t_1"));

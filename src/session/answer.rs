@@ -135,8 +135,10 @@ impl Session {
         None
     }
 
-    /// Takes a verified identity: its threads and its expiry.
-    fn trust(&mut self, identity: Identity) {
+    /// Takes a verified identity: its threads and its expiry (the session holds the user id
+    /// itself, so the identity's copy is let go).
+    fn trust(&mut self, mut identity: Identity) {
+        identity.user_id = String::new();
         let leeway = self.gateway.config.auth.jwt_leeway;
         self.token_clock = Some(TokenClock::new(identity.expires, leeway));
         self.identity = Some(Box::new(identity));

@@ -11,7 +11,7 @@ use std::collections::VecDeque;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use hashbrown::HashTable;
+use hashbrown::{HashTable, hash_table};
 
 use crate::hashed::{Hashed, KeyHasher};
 
@@ -38,10 +38,6 @@ struct Seen {
 type Entry = (u64, Arc<str>, Instant);
 
 impl Seen {
-    fn find(&self, id: Hashed<'_>) -> Option<&Entry> {
-        self.ids.find(id.hash, |(_, seen, _)| **seen == *id.key)
-    }
-
     /// Forgets `id` if it is the one seen at `at` (`None`: whenever it was seen).
     fn remove(&mut self, hash: u64, id: &str, at: Option<Instant>) {
         let same = |(_, seen, when): &Entry| **seen == *id && at.is_none_or(|at| *when == at);
@@ -75,15 +71,25 @@ impl Dedupe {
     pub fn first_time(&self, event_id: &str) -> bool {
         let now = Instant::now();
         let (mut seen, id) = self.shard(event_id);
-        if let Some((_, _, at)) = seen.find(id)
-            && now.saturating_duration_since(*at) <= self.window
+        // One probe: seen within the window, seen before it (seen again now), or new. An id seen
+        // again takes a new place in `order`; its old place no longer matches its time, so
+        // reaching it forgets nothing.
+        let entry = || -> Entry { (id.hash, id.key.into(), now) };
+        let entry = match seen
+            .ids
+            .entry(id.hash, |(_, seen, _)| **seen == *id.key, |(h, ..)| *h)
         {
-            return false;
-        }
-        seen.remove(id.hash, id.key, None);
-        let entry: Entry = (id.hash, id.key.into(), now);
-        seen.ids
-            .insert_unique(id.hash, entry.clone(), |(hash, _, _)| *hash);
+            hash_table::Entry::Occupied(found)
+                if now.saturating_duration_since(found.get().2) <= self.window =>
+            {
+                return false;
+            }
+            hash_table::Entry::Occupied(mut found) => {
+                *found.get_mut() = entry();
+                found.get().clone()
+            }
+            hash_table::Entry::Vacant(place) => place.insert(entry()).get().clone(),
+        };
         seen.order.push_back(entry);
         while seen.ids.len() > self.per_shard {
             Self::forget_oldest(&mut seen);

@@ -108,11 +108,11 @@ pub(super) async fn run(
     let protocol = servers[0].protocol;
     ensure!(
         protocol == Protocol::Agentwire || load.batch == 1,
-        "the floor takes one event per POST: --batch 1"
+        "the floor and nchan take one event per POST: --batch 1"
     );
     ensure!(
         protocol == Protocol::Agentwire || load.events_to.is_none(),
-        "--events-to feeds agentwire's ingest stream; the floor has none"
+        "--events-to feeds agentwire's ingest stream; the floor and nchan have none"
     );
     let tag = run_tag();
     let deadline = Instant::now() + load.max_time;
@@ -253,12 +253,12 @@ pub(super) async fn run(
     if matches!(mode, Mode::Redis(_)) || load.events_to.is_some() {
         tokio::time::sleep(Duration::from_millis(300)).await;
     }
-    // The floor keeps no ledger: what it delivered is what the viewers counted.
+    // The floor and nchan keep no ledger: what they delivered is what the viewers counted.
     let ledger = match protocol {
         Protocol::Agentwire => {
             Some(Ledger::of(&servers[0].operator, (0..load.threads).map(thread)).await?)
         }
-        Protocol::Floor => None,
+        Protocol::Floor | Protocol::Nchan => None,
     };
     let delivering = last
         .saturating_duration_since(started)
@@ -362,26 +362,37 @@ impl Events {
     }
 
     /// POSTs events `from..to`: one object when there is one, else an array (agentwire); one
-    /// event to its thread's path (the floor).
+    /// event to its thread's path (the floor, nchan).
     async fn post(&self, http: &mut Http, from: usize, to: usize) -> anyhow::Result<()> {
         let sent_us = now_us();
-        let (path, body, accepted) = match self.protocol {
+        let thread = from % self.threads;
+        // nchan answers 201 when the thread has subscribers and 202 when it only queued the event.
+        let (path, body, accepted): (String, _, &[u16]) = match self.protocol {
             Protocol::Floor => (
-                format!("/events/bench-{}-t{}", self.tag, from % self.threads),
+                format!("/events/bench-{}-t{thread}", self.tag),
                 self.event(from, sent_us),
-                202,
+                &[202],
+            ),
+            Protocol::Nchan => (
+                format!("/pub/bench-{}-t{thread}", self.tag),
+                self.event(from, sent_us),
+                &[201, 202],
             ),
             Protocol::Agentwire if to - from == 1 => {
-                ("/v1/events".into(), self.event(from, sent_us), 200)
+                ("/v1/events".into(), self.event(from, sent_us), &[200])
             }
             Protocol::Agentwire => {
                 let events: Vec<String> = (from..to).map(|n| self.event(n, sent_us)).collect();
-                ("/v1/events".into(), format!("[{}]", events.join(",")), 200)
+                (
+                    "/v1/events".into(),
+                    format!("[{}]", events.join(",")),
+                    &[200],
+                )
             }
         };
         let (status, answer) = http.request("POST", &path, Some(body)).await?;
         ensure!(
-            status == accepted,
+            accepted.contains(&status),
             "POST {path} answered {status}: {answer}"
         );
         Ok(())

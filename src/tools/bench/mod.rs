@@ -69,8 +69,8 @@ pub struct BenchArgs {
     pub operator_key: Option<String>,
 }
 
-/// The protocol of the server under test: agentwire's, or the floor's, so that one load
-/// generator measures both in the same run.
+/// The protocol of the server under test: agentwire's, the floor's or nchan's, so that one load
+/// generator measures all three in the same run.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Protocol {
@@ -79,6 +79,20 @@ pub enum Protocol {
     /// The bare fan-out server in `bench/floor/`: `GET /ws/{thread}`, and `POST /events/{thread}`
     /// with one event, which every socket of the thread receives as it was posted.
     Floor,
+    /// nchan (nginx + C) as `bench/nchan/nginx.conf` sets it up: a WebSocket subscriber at
+    /// `/sub/{thread}`, one event `POST`ed to `/pub/{thread}`, received as it was posted.
+    Nchan,
+}
+
+impl Protocol {
+    /// The path of a bare server's WebSocket for `thread_id` (agentwire has one door, `/ws`).
+    fn socket_path(self, thread_id: &str) -> String {
+        match self {
+            Protocol::Agentwire => "/ws".into(),
+            Protocol::Floor => format!("/ws/{thread_id}"),
+            Protocol::Nchan => format!("/sub/{thread_id}"),
+        }
+    }
 }
 
 #[derive(Debug, clap::Subcommand)]
@@ -124,8 +138,8 @@ pub enum Scenario {
 
 /// Runs a scenario; returns its JSON result (already printed with a summary).
 pub async fn run(args: BenchArgs) -> anyhow::Result<Value> {
-    // The floor checks nothing: it gets neither keys nor tokens, so its requests are no longer
-    // than the bare load's.
+    // The floor and nchan check nothing: they get neither keys nor tokens, so their requests are
+    // no longer than the bare load's.
     let checked = args.protocol == Protocol::Agentwire;
     let signer = Arc::new(match checked {
         true => {
@@ -162,7 +176,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<Value> {
                 args.scenario,
                 Scenario::Idle { .. } | Scenario::Fanout(_) | Scenario::Saturate(_)
             ),
-        "only idle, fanout and saturate run against the floor"
+        "only idle, fanout and saturate run against the floor and nchan"
     );
     let result = match args.scenario {
         Scenario::Idle {
@@ -233,9 +247,9 @@ impl Server {
     ) -> anyhow::Result<crate::tools::client::Socket> {
         match self.protocol {
             Protocol::Agentwire => viewer::open(&self.target, source, hello, thread_id).await,
-            Protocol::Floor => {
+            Protocol::Floor | Protocol::Nchan => {
                 let stream = self.target.connect_from(source).await?;
-                let path = format!("/ws/{thread_id}");
+                let path = self.protocol.socket_path(thread_id);
                 self.target.websocket_at(stream, &path).await
             }
         }

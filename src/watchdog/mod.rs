@@ -5,8 +5,8 @@
 //!
 //! State is sharded by run id (no global lock on the event path) and bounded: each shard holds at
 //! most `max_runs / SHARDS` runs; a full shard evicts its least recently active run, ended runs
-//! before open ones, in O(1) (`lru.rs`), counted. What a run keeps is bounded too: ids are at
-//! most `MAX_ID_LEN` bytes and its open tool calls are capped (`open_tools.rs`).
+//! before open ones, in amortised O(1) (`lru.rs`), counted. What a run keeps is bounded too: ids
+//! are at most `MAX_ID_LEN` bytes and its open tool calls are capped (`open_tools.rs`).
 //! Ended runs are kept for `watchdog.retain` so `GET /v1/runs/{run_id}` can still show them.
 
 mod lru;
@@ -395,7 +395,7 @@ impl Watchdog {
         sequence.apply_fields(fields)
     }
 
-    /// Evicts the least recently active runs of a full shard (ended ones first), in O(1) each.
+    /// Evicts the least recently active runs of a full shard (ended ones first), in amortised O(1) each.
     fn make_room(&self, shard: &mut Shard, metrics: &Metrics) {
         let per_shard = self.config.max_runs.div_ceil(SHARDS).max(1);
         while shard.len() >= per_shard {

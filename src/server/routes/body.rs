@@ -6,6 +6,7 @@
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
+use futures_util::FutureExt;
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use hyper::header::{self, HeaderValue};
@@ -124,10 +125,21 @@ pub(super) async fn read(
     let mut first: Option<Bytes> = None;
     let mut bytes = BytesMut::new();
     loop {
-        // The moment by which one more byte must have arrived to keep up the minimum rate.
-        let received = first.as_ref().map_or(bytes.len(), Bytes::len);
-        let due = start + UPLOAD_GRACE + Duration::from_secs_f64((received + 1) as f64 / min_rate);
-        let frame = match tokio::time::timeout_at(due, body.frame()).await {
+        // What hyper has already read (a body that came with its headers, nearly every one) is
+        // taken without a timer: only a frame still to arrive races the minimum rate.
+        let ready = body.frame().now_or_never().map(Ok);
+        let next = match ready {
+            Some(next) => next,
+            None => {
+                // The moment by which one more byte must have arrived to keep up the minimum rate.
+                let received = first.as_ref().map_or(bytes.len(), Bytes::len);
+                let due = start
+                    + UPLOAD_GRACE
+                    + Duration::from_secs_f64((received + 1) as f64 / min_rate);
+                tokio::time::timeout_at(due, body.frame()).await
+            }
+        };
+        let frame = match next {
             Err(_) => {
                 return Err(refused(
                     BodyRefusal::TooSlowBody,

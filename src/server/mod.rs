@@ -7,6 +7,7 @@
 //! `upstream::DRAIN`, the rest counted), then ingest's consumer.
 //! Hyper forgets upgraded connections, so sessions are tracked apart from HTTP connections.
 
+mod header_timer;
 mod housekeeping;
 mod routes;
 
@@ -24,6 +25,7 @@ use crate::Gateway;
 use crate::metrics;
 use crate::session;
 use crate::shutdown::Signal;
+use header_timer::HeaderTimer;
 
 /// Raises the open-file soft limit to the hard limit (each connection is a file) and returns it.
 pub fn raise_file_limit() -> Option<u64> {
@@ -247,7 +249,7 @@ async fn accept_until(
             };
             // A timer is what makes hyper enforce the header read timeout at all.
             let connection = http1::Builder::new()
-                .timer(hyper_util::rt::TokioTimer::new())
+                .timer(HeaderTimer::default())
                 .header_read_timeout(Duration::from_secs(30))
                 .serve_connection(TokioIo::new(stream), service)
                 .with_upgrades();

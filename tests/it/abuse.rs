@@ -254,6 +254,52 @@ async fn start_post(addr: SocketAddr, length: usize) -> TcpStream {
     stream
 }
 
+/// A kept-alive connection whose next request's headers trickle is closed 30 s after its previous
+/// answer (the header read timeout, on the connection's one timer, `server/header_timer.rs`), however
+/// often a byte arrives.
+#[tokio::test]
+async fn headers_that_trickle_are_cut_at_the_header_timeout() {
+    let gateway = Gateway::start().await;
+    let mut stream = TcpStream::connect(gateway.internal).await.unwrap();
+    let first = format!("GET /readyz HTTP/1.1\r\nHost: {}\r\n\r\n", gateway.internal);
+    stream.write_all(first.as_bytes()).await.unwrap();
+    let head = read_head(&mut stream).await;
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    let answered = std::time::Instant::now();
+    let length: usize = (head.lines())
+        .find_map(|line| {
+            line.to_ascii_lowercase()
+                .strip_prefix("content-length: ")
+                .map(str::to_string)
+        })
+        .and_then(|length| length.trim().parse().ok())
+        .expect("a content-length");
+    let mut body = vec![0u8; length];
+    stream.read_exact(&mut body).await.unwrap();
+    stream
+        .write_all(b"POST /v1/events HTTP/1.1\r\n")
+        .await
+        .unwrap();
+    let mut buf = [0u8; 1024];
+    let closed = loop {
+        tokio::select! {
+            read = stream.read(&mut buf) => break read.map_or(0, |n| n),
+            () = tokio::time::sleep(Duration::from_secs(3)) => {
+                assert!(answered.elapsed() < Duration::from_secs(45), "still open");
+                if stream.write_all(b"X-Slow: 1\r\n").await.is_err() {
+                    break 0;
+                }
+            }
+        }
+    };
+    assert_eq!(closed, 0, "no answer, the connection closed");
+    let after = answered.elapsed();
+    assert!(
+        (Duration::from_secs(29)..Duration::from_secs(40)).contains(&after),
+        "closed {after:?} after the previous answer"
+    );
+}
+
 #[tokio::test]
 async fn a_trickling_body_is_cut_with_408() {
     let gateway = Gateway::start_with(|c| c.ingest.min_upload_rate = 1000).await;

@@ -98,19 +98,17 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn each_sleep_ends_at_its_own_deadline_on_one_timer() {
         let timer = HeaderTimer::default();
-        let first = timer.sleep(Duration::from_secs(30));
-        // A later request's sleep, made after the first was polled (and so armed the timer).
         let started = tokio::time::Instant::now();
-        let mut first = first;
+        // The first request's sleep arms the timer for 30 s; its headers come after 10 s.
+        let mut first = timer.sleep(Duration::from_secs(30));
         assert!(futures_util::poll!(first.as_mut()).is_pending());
         tokio::time::sleep(Duration::from_secs(10)).await;
         drop(first);
-        let second = timer.sleep(Duration::from_secs(30));
-        second.await;
+        // The next request's sleep outlives the timer's first firing and ends at its own deadline.
+        timer.sleep(Duration::from_secs(30)).await;
         assert_eq!(started.elapsed(), Duration::from_secs(40));
         // An earlier deadline than the armed one moves the timer back.
-        let late = timer.sleep(Duration::from_secs(60));
-        let mut late = late;
+        let mut late = timer.sleep(Duration::from_secs(60));
         assert!(futures_util::poll!(late.as_mut()).is_pending());
         let early = timer.sleep(Duration::from_secs(5));
         let at = tokio::time::Instant::now();

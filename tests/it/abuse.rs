@@ -283,7 +283,7 @@ async fn headers_that_trickle_are_cut_at_the_header_timeout() {
     let mut buf = [0u8; 1024];
     let closed = loop {
         tokio::select! {
-            read = stream.read(&mut buf) => break read.map_or(0, |n| n),
+            read = stream.read(&mut buf) => break read.unwrap_or(0),
             () = tokio::time::sleep(Duration::from_secs(3)) => {
                 assert!(answered.elapsed() < Duration::from_secs(45), "still open");
                 if stream.write_all(b"X-Slow: 1\r\n").await.is_err() {

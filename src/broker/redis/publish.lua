@@ -7,8 +7,8 @@
 -- ARGV: now_ms, max_events, min_t, dedupe_min_t, new_epoch, live_channel, seen_capacity,
 --       PUBLISH or SPUBLISH (Redis Cluster: sharded pub/sub, the live channel is in this
 --       channel's slot), then for each event: body, produced_ms or '', how many once ids, the ids
--- Returns {epoch, unseen, subscribed, {seq per event, 0 for a duplicate}}; epoch is '' when
--- every event was a duplicate.
+-- Returns one string, 'epoch unseen subscribed seq...' (a seq per event, 0 for a duplicate; epoch
+-- is '' when every event was a duplicate): one value to read instead of a nested array of them.
 local log, meta, seen, delivered, offered = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
 local now, capacity, live, publish = ARGV[1], tonumber(ARGV[7]), ARGV[6], ARGV[8]
 redis.call('ZREMRANGEBYSCORE', seen, '-inf', '(' .. ARGV[4])
@@ -68,7 +68,7 @@ while i <= #ARGV do
   end
 end
 if not epoch then
-  return {'', 0, 0, seqs}
+  return ' 0 0 ' .. table.concat(seqs, ' ')
 end
 redis.call('HINCRBY', meta, 'emitted', published)
 redis.call('HINCRBY', meta, 'pending', published)
@@ -79,4 +79,4 @@ if redis.call('PTTL', meta) >= 0 then
     redis.call('PERSIST', key)
   end
 end
-return {epoch, unseen, subscribed, seqs}
+return epoch .. ' ' .. unseen .. ' ' .. subscribed .. ' ' .. table.concat(seqs, ' ')

@@ -215,10 +215,20 @@ impl RedisBroker {
         now: u64,
         reply: Value,
     ) -> Result<(), BrokerError> {
-        let (epoch, unseen, subscribed, seqs) =
-            <(String, u64, u64, Vec<u64>)>::from_redis_value(reply)
-                .map_err(redis::RedisError::from)?;
+        let answer = Vec::<u8>::from_redis_value(reply).map_err(redis::RedisError::from)?;
         let events = round_of(&channel.events, round);
+        let unreadable = || {
+            BrokerError::Internal(format!(
+                "the publish script's answer for {} events is unreadable",
+                events.len()
+            ))
+        };
+        let answer = std::str::from_utf8(&answer).map_err(|_| unreadable())?;
+        let mut fields = answer.split(' ');
+        let epoch = fields.next().ok_or_else(unreadable)?;
+        let mut number = || fields.next().and_then(|field| field.parse::<u64>().ok());
+        let (unseen, subscribed) = number().zip(number()).ok_or_else(unreadable)?;
+        let seqs: Vec<u64> = std::iter::from_fn(number).take(events.len() + 1).collect();
         if seqs.len() != events.len() {
             return Err(BrokerError::Internal(format!(
                 "the publish script answered {} seqs for {} events",

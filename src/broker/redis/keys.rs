@@ -8,26 +8,55 @@ use bytes::Bytes;
 use crate::broker::Sequenced;
 use crate::protocol::ChannelName;
 
-/// The keys of one channel.
+/// The keys of one channel, made in one string: a publish names six of them, and each delivery
+/// report three.
 pub struct Keys {
-    pub log: String,
-    pub meta: String,
-    pub seen: String,
-    pub delivered: String,
-    pub offered: String,
-    pub live: String,
+    text: String,
+    /// Where each key ends in `text`, in the order of [`SUFFIXES`].
+    ends: [usize; 6],
 }
+
+const SUFFIXES: [&str; 6] = ["log", "meta", "seen", "delivered", "offered", "live"];
 
 impl Keys {
     pub fn of(name: &ChannelName) -> Self {
-        Self {
-            log: key(name, "log"),
-            meta: key(name, "meta"),
-            seen: key(name, "seen"),
-            delivered: key(name, "delivered"),
-            offered: key(name, "offered"),
-            live: key(name, "live"),
+        let room = SUFFIXES.iter().map(|s| s.len() + 6).sum::<usize>() + 6 * name.as_str().len();
+        let mut text = String::with_capacity(room);
+        let mut ends = [0; 6];
+        for (end, suffix) in ends.iter_mut().zip(SUFFIXES) {
+            push_key(&mut text, name, suffix);
+            *end = text.len();
         }
+        Self { text, ends }
+    }
+
+    fn nth(&self, i: usize) -> &str {
+        let start = i.checked_sub(1).map_or(0, |before| self.ends[before]);
+        &self.text[start..self.ends[i]]
+    }
+
+    pub fn log(&self) -> &str {
+        self.nth(0)
+    }
+
+    pub fn meta(&self) -> &str {
+        self.nth(1)
+    }
+
+    pub fn seen(&self) -> &str {
+        self.nth(2)
+    }
+
+    pub fn delivered(&self) -> &str {
+        self.nth(3)
+    }
+
+    pub fn offered(&self) -> &str {
+        self.nth(4)
+    }
+
+    pub fn live(&self) -> &str {
+        self.nth(5)
     }
 
     /// The channel a `:live` pub/sub name belongs to.
@@ -41,15 +70,19 @@ impl Keys {
     }
 }
 
-/// One key of a channel (`suffix` is one of [`Keys`]' field names), for a caller that needs only
-/// it. Built at its size: `format!` grows a key several times, and a publish builds six.
+/// One key of a channel (`suffix` is one of [`Keys`]' names), for a caller that needs only it.
+/// Built at its size: `format!` grows a key several times.
 pub fn key(name: &ChannelName, suffix: &str) -> String {
     let mut key = String::with_capacity(name.as_str().len() + suffix.len() + 6);
-    key.push_str("aw:{");
-    key.push_str(name.as_str());
-    key.push_str("}:");
-    key.push_str(suffix);
+    push_key(&mut key, name, suffix);
     key
+}
+
+fn push_key(text: &mut String, name: &ChannelName, suffix: &str) {
+    text.push_str("aw:{");
+    text.push_str(name.as_str());
+    text.push_str("}:");
+    text.push_str(suffix);
 }
 
 /// A stream entry as read: id and fields.

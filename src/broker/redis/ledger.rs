@@ -60,17 +60,17 @@ impl RedisBroker {
         &self,
         deliveries: &[(ChannelEpoch, Vec<u64>)],
     ) -> Result<u64, BrokerError> {
-        let keys: Vec<[String; 3]> = (deliveries.iter())
-            .map(|((name, _), _)| [key(name, "log"), key(name, "meta"), key(name, "delivered")])
+        let keys: Vec<Keys> = (deliveries.iter())
+            .map(|((name, _), _)| Keys::of(name))
             .collect();
         let groups = self
             .backend
-            .script_calls(keys.iter().map(|k| k[1].as_str()), PER_REPORT_CALL);
+            .script_calls(keys.iter().map(Keys::meta), PER_REPORT_CALL);
         let calls = || {
             (groups.iter())
                 .map(|group| {
                     let names: Vec<&str> = (group.iter())
-                        .flat_map(|&i| keys[i].iter().map(String::as_str))
+                        .flat_map(|&i| [keys[i].log(), keys[i].meta(), keys[i].delivered()])
                         .collect();
                     let (args, bytes) = group.iter().fold((0, 0), |(args, bytes), &i| {
                         let ((_, epoch), seqs) = &deliveries[i];
@@ -162,10 +162,10 @@ impl RedisBroker {
         let mut conn = self.conn();
         let (meta, retained, first): (HashMap<String, String>, usize, Vec<(String, Value)>) =
             redis::pipe()
-                .hgetall(&keys.meta)
-                .xlen(&keys.log)
+                .hgetall(keys.meta())
+                .xlen(keys.log())
                 .cmd("XRANGE")
-                .arg(&keys.log)
+                .arg(keys.log())
                 .arg("-")
                 .arg("+")
                 .arg("COUNT")
@@ -294,11 +294,11 @@ impl RedisBroker {
             let swept: Result<(u64, u64, u8), _> = self
                 .scripts
                 .sweep
-                .key(&keys.log)
-                .key(&keys.meta)
-                .key(&keys.delivered)
-                .key(&keys.offered)
-                .key(&keys.seen)
+                .key(keys.log())
+                .key(keys.meta())
+                .key(keys.delivered())
+                .key(keys.offered())
+                .key(keys.seen())
                 .arg(self.history.max_events)
                 .arg(min_t)
                 .arg(self.history.max_age.as_millis() as u64)

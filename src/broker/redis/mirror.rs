@@ -235,8 +235,8 @@ impl RedisBroker {
         let (epoch, last_seq, entries): (String, u64, Vec<Entry>) = self
             .scripts
             .snapshot
-            .key(&keys.log)
-            .key(&keys.meta)
+            .key(keys.log())
+            .key(keys.meta())
             .arg(from)
             .invoke_async(&mut self.conn())
             .await?;

@@ -159,15 +159,15 @@ impl RedisBroker {
         // The arguments below: eight, then per event its body and up to four more (its produced
         // time, how many ids and the ids: usually under a hundred bytes; longer grow the command).
         let bytes =
-            64 + keys.live.len() + bodies.iter().map(|body| body.len() + 100).sum::<usize>();
+            64 + keys.live().len() + bodies.iter().map(|body| body.len() + 100).sum::<usize>();
         let mut call = super::evalsha(
             &self.scripts.publish,
             &[
-                &keys.log,
-                &keys.meta,
-                &keys.seen,
-                &keys.delivered,
-                &keys.offered,
+                keys.log(),
+                keys.meta(),
+                keys.seen(),
+                keys.delivered(),
+                keys.offered(),
             ],
             8 + 5 * events.len(),
             bytes,
@@ -179,7 +179,7 @@ impl RedisBroker {
             // Fresh for every call, so a later call that lands on another Redis process (a
             // failover between two calls of one request) starts a different epoch.
             .arg(new_epoch())
-            .arg(&keys.live)
+            .arg(keys.live())
             .arg(self.dedupe_capacity.max(1))
             .arg(self.publish_command());
         for ((event, entry), body) in events.iter().zip(bodies) {

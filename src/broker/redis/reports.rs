@@ -64,7 +64,6 @@ pub async fn run(
     let mut batch = Vec::with_capacity(1024);
     let mut firsts = Vec::with_capacity(1024);
     // Emptied by each batch and kept with their room for the next.
-    let mut delivered: HashMap<ChannelEpoch, Vec<u64>> = HashMap::new();
     let mut acked: HashMap<ChannelEpoch, u64> = HashMap::new();
     let mut published: HashMap<ChannelName, u64> = HashMap::new();
     let mut runs: HashMap<String, (u64, bool)> = HashMap::new();
@@ -110,12 +109,18 @@ pub async fn run(
         }
         let mut letters = Vec::new();
         let mut settled = Vec::new();
-        for Delivered { feed, seq } in firsts.drain(..) {
-            delivered
-                .entry((feed.channel.clone(), Arc::clone(&feed.epoch)))
-                .or_default()
-                .push(seq);
-        }
+        // A feed is one channel in one epoch: its deliveries go together, in the order they came,
+        // found by the feed's address rather than by hashing its channel and epoch per delivery.
+        firsts.sort_by_key(|first| Arc::as_ptr(&first.feed));
+        let deliveries: Vec<(ChannelEpoch, Vec<u64>)> = (firsts
+            .chunk_by(|a, b| Arc::ptr_eq(&a.feed, &b.feed)))
+        .map(|same| {
+            let feed = &same[0].feed;
+            let seqs = same.iter().map(|first| first.seq).collect();
+            ((feed.channel.clone(), Arc::clone(&feed.epoch)), seqs)
+        })
+        .collect();
+        firsts.clear();
         for report in batch.drain(..) {
             match report {
                 Report::Acked(channel, epoch, seq) => {
@@ -135,7 +140,6 @@ pub async fn run(
             }
         }
         // Every channel's deliveries, then acks, in one round trip each (per slot on a Cluster).
-        let deliveries: Vec<_> = delivered.drain().collect();
         while !deliveries.is_empty()
             && let Err(error) = broker.delivered(&deliveries).await
         {

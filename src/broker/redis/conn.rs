@@ -83,13 +83,20 @@ impl Backend {
         most: usize,
     ) -> Vec<Vec<usize>> {
         let mut calls: Vec<Vec<usize>> = Vec::new();
-        // The call still filling for each slot (`None`: one server, where any keys go together).
-        let mut open: HashMap<Option<Slot>, usize> = HashMap::new();
+        if let Self::Server(_) = self {
+            // One server: any keys go together.
+            for (i, _) in keys.enumerate() {
+                match calls.last_mut() {
+                    Some(call) if call.len() < most => call.push(i),
+                    _ => calls.push(vec![i]),
+                }
+            }
+            return calls;
+        }
+        // The call still filling for each slot.
+        let mut open: HashMap<Slot, usize> = HashMap::new();
         for (i, key) in keys.enumerate() {
-            let slot = match self {
-                Self::Server(_) => None,
-                Self::Cluster { .. } => Some(Slot::for_key(key)),
-            };
+            let slot = Slot::for_key(key);
             match open.get(&slot) {
                 Some(&call) if calls[call].len() < most => calls[call].push(i),
                 _ => {

@@ -22,9 +22,13 @@ impl Keys {
     pub fn of(name: &ChannelName) -> Self {
         let room = SUFFIXES.iter().map(|s| s.len() + 6).sum::<usize>() + 6 * name.as_str().len();
         let mut text = String::with_capacity(room);
-        let mut ends = [0; 6];
-        for (end, suffix) in ends.iter_mut().zip(SUFFIXES) {
-            push_key(&mut text, name, suffix);
+        push_key(&mut text, name, SUFFIXES[0]);
+        let prefix = text.len() - SUFFIXES[0].len();
+        let mut ends = [text.len(); 6];
+        // Each further key copies the first one's prefix (`aw:{name}:`).
+        for (end, suffix) in ends.iter_mut().zip(SUFFIXES).skip(1) {
+            text.extend_from_within(..prefix);
+            text.push_str(suffix);
             *end = text.len();
         }
         Self { text, ends }

@@ -130,7 +130,9 @@ struct Run {
     last_event: Instant,
     ended: Option<Instant>,
     open_tools: OpenTools,
-    counts: BTreeMap<&'static str, u64>,
+    /// Events by type, at the type's place in [`EventType::ALL`]: every event adds one where
+    /// the run already is, instead of looking its type's name up in a tree of its own.
+    counts: [u64; EventType::ALL.len()],
     violations: BTreeMap<&'static str, u64>,
     /// AG-UI runs only: where the run stands in AG-UI's ordering rules, which then judge its
     /// order instead of the native ones.
@@ -257,7 +259,7 @@ impl Watchdog {
             // Custom events keep a run alive but are not part of its lifecycle.
             shard.update(key, |run| {
                 run.last_event = now;
-                *run.counts.entry(event.kind.as_str()).or_default() += 1;
+                run.counts[event.kind as usize] += 1;
                 ((), run.state.lane())
             });
             return;
@@ -284,12 +286,12 @@ impl Watchdog {
                 last_event: now,
                 ended: None,
                 open_tools: OpenTools::default(),
-                counts: BTreeMap::new(),
+                counts: [0; EventType::ALL.len()],
                 violations: BTreeMap::new(),
                 agui: None,
             };
             if event.kind == EventType::AgentStarted && agui_event(event).is_none() {
-                *run.counts.entry(event.kind.as_str()).or_default() += 1;
+                run.counts[event.kind as usize] += 1;
                 shard.insert(key, run, state.lane());
                 return;
             }
@@ -301,7 +303,7 @@ impl Watchdog {
     /// One lifecycle event of a followed run.
     fn follow(&self, run: &mut Run, run_id: &str, event: &Event, now: Instant, metrics: &Metrics) {
         run.last_event = now;
-        *run.counts.entry(event.kind.as_str()).or_default() += 1;
+        run.counts[event.kind as usize] += 1;
         if run.thread_id.is_none() {
             run.thread_id = event.thread_id.clone();
         }
@@ -347,7 +349,7 @@ impl Watchdog {
                 metrics.runs_started.inc();
             }
             EventType::AgentStarted => violation(run, Violation::DuplicateStart),
-            _ if run.state == RunState::Unstarted && run.counts.values().sum::<u64>() == 1 => {
+            _ if run.state == RunState::Unstarted && run.counts.iter().sum::<u64>() == 1 => {
                 violation(run, Violation::EventBeforeStart)
             }
             _ => {}
@@ -500,7 +502,10 @@ impl Watchdog {
             channel: run.channel.to_string(),
             thread_id: run.thread_id.clone(),
             user_id: run.user_id.clone(),
-            counts: run.counts.clone(),
+            counts: (EventType::ALL.into_iter())
+                .filter(|&kind| run.counts[kind as usize] > 0)
+                .map(|kind| (kind.as_str(), run.counts[kind as usize]))
+                .collect(),
             open_tools: run.open_tools.len(),
             open_tool_ids: run.open_tools.shown(),
             seconds_since_last_event: now.saturating_duration_since(run.last_event).as_secs_f64(),

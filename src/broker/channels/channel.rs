@@ -100,8 +100,9 @@ impl Channel {
         self.ledger.emitted();
         state.last_seq = event.seq;
         state.history.push_back(Arc::clone(&stored));
-        state.last_activity = Instant::now();
-        self.trim(state, history, Instant::now()).log(&self.name);
+        let now = Instant::now();
+        state.last_activity = now;
+        self.trim(state, history, now).log(&self.name);
         if !state.subscribers.is_empty() {
             stored.offer();
             state.subscribers.fan_out(&stored);

@@ -28,6 +28,17 @@ pub enum EventType {
 }
 
 impl EventType {
+    /// Every type, in declaration order: `kind as usize` is a type's place here.
+    pub const ALL: [Self; 7] = [
+        Self::AgentStarted,
+        Self::AgentThinking,
+        Self::ToolExecuting,
+        Self::ToolCompleted,
+        Self::AgentCompleted,
+        Self::AgentError,
+        Self::Custom,
+    ];
+
     pub fn parse(text: &str) -> Option<Self> {
         Some(match text {
             "agent_started" => Self::AgentStarted,
@@ -640,6 +651,14 @@ mod tests {
             .map_err(|r| (r.field.unwrap_or_default(), r.code));
         let expected = expected.map_err(|(field, code)| (field.to_string(), code));
         assert_eq!(got, expected, "{raw}");
+    }
+
+    #[test]
+    fn every_type_is_at_its_place_in_all() {
+        for (place, kind) in EventType::ALL.into_iter().enumerate() {
+            assert_eq!(kind as usize, place);
+            assert_eq!(EventType::parse(kind.as_str()), Some(kind));
+        }
     }
 
     /// Every id of an event, `payload.tool_call_id` included, has the one length limit.

@@ -112,7 +112,7 @@ pub async fn run(
         // A feed is one channel in one epoch: its deliveries go together, in the order they came,
         // found by the feed's address rather than by hashing its channel and epoch per delivery.
         firsts.sort_by_key(|first| Arc::as_ptr(&first.feed));
-        let deliveries: Vec<(ChannelEpoch, Vec<u64>)> = (firsts
+        let by_feed: Vec<(ChannelEpoch, Vec<u64>)> = (firsts
             .chunk_by(|a, b| Arc::ptr_eq(&a.feed, &b.feed)))
         .map(|same| {
             let feed = &same[0].feed;
@@ -140,11 +140,11 @@ pub async fn run(
             }
         }
         // Every channel's deliveries, then acks, in one round trip each (per slot on a Cluster).
-        while !deliveries.is_empty()
-            && let Err(error) = broker.delivered(&deliveries).await
+        while !by_feed.is_empty()
+            && let Err(error) = broker.delivered(&by_feed).await
         {
             metrics.broker_errors.inc();
-            tracing::debug!(%error, channels = deliveries.len(), "Cannot record deliveries yet; retrying.");
+            tracing::debug!(%error, channels = by_feed.len(), "Cannot record deliveries yet; retrying.");
             if stopping || retry_later(&stop).await {
                 break;
             }

@@ -1,6 +1,9 @@
 //! Frames a client sends on `/ws`, decoded once into a closed enum.
 
+use std::borrow::Cow;
+
 use super::json::JsonError;
+use super::scan::Members;
 use serde_json::{Map, Value};
 
 use super::channel::{ChannelName, check_id};
@@ -103,39 +106,35 @@ impl FrameError {
     }
 }
 
+/// A frame's text as a [`ClientFrame`], or why not. The text is read in one pass
+/// ([`super::scan`]) without building a `serde_json::Value`: a frame is small and an ack arrives
+/// for every few events a client shows.
 pub fn decode(text: &str) -> Result<ClientFrame, FrameError> {
-    let value = super::json::parse(text).map_err(|error| match error {
-        JsonError::Invalid(e) => FrameError::new(ErrorCode::InvalidJson, format!("not JSON: {e}")),
-        repeated @ JsonError::DuplicateKey(_) => {
-            FrameError::new(ErrorCode::InvalidJson, repeated.to_string())
-        }
-    })?;
-    let Value::Object(fields) = value else {
-        return Err(FrameError::new(
-            ErrorCode::InvalidFrame,
-            "a frame must be a JSON object",
-        ));
-    };
+    let fields = Fields::of(text).ok_or_else(|| not_read(text))?;
     let kind = match fields.get("type") {
-        Some(Value::String(kind)) => kind.as_str(),
-        Some(_) => return Err(FrameError::field("type", "must be a string")),
+        Some(raw) => raw
+            .string()
+            .ok_or_else(|| FrameError::field("type", "must be a string"))?,
         None => return Err(FrameError::field("type", "is required")),
     };
-    match kind {
+    match kind.as_ref() {
         "hello" => Ok(ClientFrame::Hello {
             user_id: optional(&fields, "user_id", id)?,
             token: optional(&fields, "token", token)?,
             since: since(&fields)?,
             format: match fields.get("protocol") {
-                None | Some(Value::Null) => Format::Native,
-                Some(Value::String(name)) if name == "agentwire" => Format::Native,
-                Some(Value::String(name)) if name == "ag-ui" => Format::AgUi,
-                Some(_) => {
-                    return Err(FrameError::field(
-                        "protocol",
-                        "must be \"agentwire\" or \"ag-ui\"",
-                    ));
-                }
+                None => Format::Native,
+                Some(raw) if raw.is_null() => Format::Native,
+                Some(raw) => match raw.string().as_deref() {
+                    Some("agentwire") => Format::Native,
+                    Some("ag-ui") => Format::AgUi,
+                    _ => {
+                        return Err(FrameError::field(
+                            "protocol",
+                            "must be \"agentwire\" or \"ag-ui\"",
+                        ));
+                    }
+                },
             },
         }),
         "subscribe" => Ok(ClientFrame::Subscribe {
@@ -149,10 +148,14 @@ pub fn decode(text: &str) -> Result<ClientFrame, FrameError> {
         "ack" => {
             let channel = match (fields.get("thread_id"), fields.get("channel")) {
                 (Some(_), _) => ChannelName::thread(&id(&fields, "thread_id")?),
-                (None, Some(Value::String(name))) => ChannelName::parse(name).ok_or_else(|| {
-                    FrameError::field("channel", "must be thread:<id> or user:<id>")
-                })?,
-                (None, Some(_)) => return Err(FrameError::field("channel", "must be a string")),
+                (None, Some(raw)) => {
+                    let name = raw
+                        .string()
+                        .ok_or_else(|| FrameError::field("channel", "must be a string"))?;
+                    ChannelName::parse(&name).ok_or_else(|| {
+                        FrameError::field("channel", "must be thread:<id> or user:<id>")
+                    })?
+                }
                 (None, None) => return Err(FrameError::field("thread_id", "is required")),
             };
             Ok(ClientFrame::Ack {
@@ -174,6 +177,75 @@ pub fn decode(text: &str) -> Result<ClientFrame, FrameError> {
     }
 }
 
+/// Why a text the one-pass read did not take is no frame, as serde_json's read of it says.
+fn not_read(text: &str) -> FrameError {
+    match super::json::parse(text) {
+        Err(JsonError::Invalid(e)) => {
+            FrameError::new(ErrorCode::InvalidJson, format!("not JSON: {e}"))
+        }
+        Err(repeated @ JsonError::DuplicateKey(_)) => {
+            FrameError::new(ErrorCode::InvalidJson, repeated.to_string())
+        }
+        Ok(Value::Object(_)) => FrameError::new(
+            ErrorCode::InvalidFrame,
+            "a frame must not nest objects or arrays more than 64 deep",
+        ),
+        Ok(_) => FrameError::new(ErrorCode::InvalidFrame, "a frame must be a JSON object"),
+    }
+}
+
+/// A JSON object's members, each value as its checked text (no key twice anywhere in it).
+struct Fields<'a>(Members<'a>);
+
+impl<'a> Fields<'a> {
+    fn of(text: &'a str) -> Option<Self> {
+        super::scan::members(text).map(Self)
+    }
+
+    fn get(&self, name: &str) -> Option<Raw<'a>> {
+        (self.0.iter())
+            .find(|(key, _)| key == name)
+            .map(|(_, raw)| Raw(raw))
+    }
+}
+
+/// One member's value as its checked JSON text.
+#[derive(Clone, Copy)]
+struct Raw<'a>(&'a str);
+
+impl<'a> Raw<'a> {
+    fn is_null(self) -> bool {
+        self.0 == "null"
+    }
+
+    fn string(self) -> Option<Cow<'a, str>> {
+        self.0
+            .starts_with('"')
+            .then(|| super::scan::string(self.0))
+            .flatten()
+    }
+
+    /// A non-negative integer that fits a `u64` (not `1.0`, not `1e2`), as serde_json's `as_u64`.
+    fn u64(self) -> Option<u64> {
+        self.0.parse().ok()
+    }
+
+    fn object(self) -> Option<Fields<'a>> {
+        self.0
+            .starts_with('{')
+            .then(|| Fields::of(self.0))
+            .flatten()
+    }
+
+    /// An object kept whole, to be passed on.
+    fn map(self) -> Option<Map<String, Value>> {
+        self.0
+            .starts_with('{')
+            .then(|| serde_json::from_str(self.0).ok())
+            .flatten()
+    }
+}
+
 /// Whether a frame that failed to decode was meant as an HLink message (for counting).
 pub fn is_upstream_frame(text: &str) -> bool {
     UPSTREAM_TYPES
@@ -181,59 +253,73 @@ pub fn is_upstream_frame(text: &str) -> bool {
         .any(|kind| text.contains(&format!("\"{kind}\"")))
 }
 
-fn upstream(
-    kind: &'static str,
-    fields: &Map<String, Value>,
-) -> Result<UpstreamMessage, FrameError> {
+fn upstream(kind: &'static str, fields: &Fields<'_>) -> Result<UpstreamMessage, FrameError> {
     let object = |name: &str| match fields.get(name) {
-        Some(Value::Object(object)) => Ok(object),
-        Some(_) => Err(FrameError::field(name, "must be an object")),
+        Some(raw) => raw
+            .object()
+            .ok_or_else(|| FrameError::field(name, "must be an object")),
         None => Err(FrameError::field(name, "is required")),
     };
-    let text = |object: &Map<String, Value>, path: &str, key: &str| match object.get(key) {
-        Some(Value::String(text)) if !text.is_empty() => Ok(text.clone()),
-        Some(_) => Err(FrameError::field(path, "must be a non-empty string")),
+    let map = |name: &str| match fields.get(name) {
+        Some(raw) => raw
+            .map()
+            .ok_or_else(|| FrameError::field(name, "must be an object")),
+        None => Err(FrameError::field(name, "is required")),
+    };
+    let text = |object: &Fields<'_>, path: &str, key: &str| match object.get(key) {
+        Some(raw) => match raw.string() {
+            Some(text) if !text.is_empty() => Ok(text.into_owned()),
+            _ => Err(FrameError::field(path, "must be a non-empty string")),
+        },
         None => Err(FrameError::field(path, "is required")),
     };
     let sender = object("sender")?;
     let recipient = object("recipient")?;
     let optional_text = |name: &str| match fields.get(name) {
-        None | Some(Value::Null) => Ok(None),
-        Some(Value::String(text)) => Ok(Some(text.clone())),
-        Some(_) => Err(FrameError::field(name, "must be a string")),
+        None => Ok(None),
+        Some(raw) if raw.is_null() => Ok(None),
+        Some(raw) => raw
+            .string()
+            .map(|text| Some(text.into_owned()))
+            .ok_or_else(|| FrameError::field(name, "must be a string")),
     };
     Ok(UpstreamMessage {
         kind,
         id: optional_text("id")?,
         sender: Sender {
-            agent_id: text(sender, "sender.agent_id", "agent_id")?,
-            role: text(sender, "sender.role", "role")?,
+            agent_id: text(&sender, "sender.agent_id", "agent_id")?,
+            role: text(&sender, "sender.role", "role")?,
         },
         recipient: Recipient {
-            target: text(recipient, "recipient.target", "target")?,
+            target: text(&recipient, "recipient.target", "target")?,
             agent_id: match recipient.get("agent_id") {
-                None | Some(Value::Null) => None,
-                Some(_) => Some(text(recipient, "recipient.agent_id", "agent_id")?),
+                None => None,
+                Some(raw) if raw.is_null() => None,
+                Some(_) => Some(text(&recipient, "recipient.agent_id", "agent_id")?),
             },
         },
-        payload: object("payload")?.clone(),
+        payload: map("payload")?,
         timestamp: optional_text("timestamp")?,
         metadata: match fields.get("metadata") {
-            None | Some(Value::Null) => None,
-            Some(Value::Object(metadata)) => Some(metadata.clone()),
-            Some(_) => return Err(FrameError::field("metadata", "must be an object")),
+            None => None,
+            Some(raw) if raw.is_null() => None,
+            Some(raw) => Some(
+                raw.map()
+                    .ok_or_else(|| FrameError::field("metadata", "must be an object"))?,
+            ),
         },
     })
 }
 
 /// A field that may be absent (or null); when present it must pass `read`.
 fn optional(
-    fields: &Map<String, Value>,
+    fields: &Fields<'_>,
     name: &str,
-    read: fn(&Map<String, Value>, &str) -> Result<String, FrameError>,
+    read: fn(&Fields<'_>, &str) -> Result<String, FrameError>,
 ) -> Result<Option<String>, FrameError> {
     match fields.get(name) {
-        None | Some(Value::Null) => Ok(None),
+        None => Ok(None),
+        Some(raw) if raw.is_null() => Ok(None),
         Some(_) => read(fields, name).map(Some),
     }
 }
@@ -241,53 +327,64 @@ fn optional(
 /// Tokens are compact JWTs; no real one is near this size.
 const MAX_TOKEN_BYTES: usize = 8 * 1024;
 
-fn token(fields: &Map<String, Value>, name: &str) -> Result<String, FrameError> {
-    match fields.get(name) {
-        Some(Value::String(token)) if token.is_empty() || token.len() > MAX_TOKEN_BYTES => Err(
-            FrameError::field(name, "must be a token of 1 to 8192 bytes"),
-        ),
-        Some(Value::String(token)) => Ok(token.clone()),
-        Some(_) => Err(FrameError::field(name, "must be a string")),
-        None => Err(FrameError::field(name, "is required")),
+fn token(fields: &Fields<'_>, name: &str) -> Result<String, FrameError> {
+    let Some(raw) = fields.get(name) else {
+        return Err(FrameError::field(name, "is required"));
+    };
+    match raw.string() {
+        Some(token) if token.is_empty() || token.len() > MAX_TOKEN_BYTES => Err(FrameError::field(
+            name,
+            "must be a token of 1 to 8192 bytes",
+        )),
+        Some(token) => Ok(token.into_owned()),
+        None => Err(FrameError::field(name, "must be a string")),
     }
 }
 
-fn id(fields: &Map<String, Value>, name: &str) -> Result<String, FrameError> {
-    match fields.get(name) {
-        Some(Value::String(id)) => {
-            check_id(id).map_err(|e| FrameError::field(name, &e.to_string()))?;
-            Ok(id.clone())
+fn id(fields: &Fields<'_>, name: &str) -> Result<String, FrameError> {
+    let Some(raw) = fields.get(name) else {
+        return Err(FrameError::field(name, "is required"));
+    };
+    match raw.string() {
+        Some(id) => {
+            check_id(&id).map_err(|e| FrameError::field(name, &e.to_string()))?;
+            Ok(id.into_owned())
         }
-        Some(_) => Err(FrameError::field(name, "must be a string")),
-        None => Err(FrameError::field(name, "is required")),
+        None => Err(FrameError::field(name, "must be a string")),
     }
 }
 
-fn seq(fields: &Map<String, Value>) -> Result<u64, FrameError> {
+fn seq(fields: &Fields<'_>) -> Result<u64, FrameError> {
     match fields.get("seq") {
-        Some(value) => value
-            .as_u64()
+        Some(raw) => raw
+            .u64()
             .ok_or_else(|| FrameError::field("seq", "must be a non-negative integer")),
         None => Err(FrameError::field("seq", "is required")),
     }
 }
 
-fn since(fields: &Map<String, Value>) -> Result<Option<Since>, FrameError> {
+fn since(fields: &Fields<'_>) -> Result<Option<Since>, FrameError> {
     let since = match fields.get("since") {
-        None | Some(Value::Null) => return Ok(None),
-        Some(Value::Object(since)) => since,
-        Some(_) => return Err(FrameError::field("since", "must be an object {epoch, seq}")),
+        None => return Ok(None),
+        Some(raw) if raw.is_null() => return Ok(None),
+        Some(raw) => raw
+            .object()
+            .ok_or_else(|| FrameError::field("since", "must be an object {epoch, seq}"))?,
     };
     let seq = match since.get("seq") {
-        Some(value) => value
-            .as_u64()
+        Some(raw) => raw
+            .u64()
             .ok_or_else(|| FrameError::field("since.seq", "must be a non-negative integer"))?,
         None => return Err(FrameError::field("since.seq", "is required")),
     };
     let epoch = match since.get("epoch") {
-        None | Some(Value::Null) => None,
-        Some(Value::String(epoch)) => Some(epoch.clone()),
-        Some(_) => return Err(FrameError::field("since.epoch", "must be a string")),
+        None => None,
+        Some(raw) if raw.is_null() => None,
+        Some(raw) => Some(
+            raw.string()
+                .ok_or_else(|| FrameError::field("since.epoch", "must be a string"))?
+                .into_owned(),
+        ),
     };
     if epoch.is_none() && seq > 0 {
         return Err(FrameError::field(
@@ -421,5 +518,65 @@ mod tests {
         check(r#"{"user_id":"u1"}"#, Err(ErrorCode::InvalidFrame));
         check("hello", Err(ErrorCode::InvalidJson));
         check("[]", Err(ErrorCode::InvalidFrame));
+    }
+
+    /// The one-pass read takes what serde_json takes and refuses the rest as serde_json would.
+    #[test]
+    fn reads_frames_as_serde_json_would() {
+        let ack = |thread: &str, seq: u64| {
+            Ok(ClientFrame::Ack {
+                channel: ChannelName::thread(thread),
+                seq,
+            })
+        };
+        check(
+            r#" {"seq":3, "thread_id" : "t1","type":"ack"} "#,
+            ack("t1", 3),
+        );
+        check(
+            r#"{"type":"a\u0063k","thread_id":"t\u0031","seq":3}"#,
+            ack("t1", 3),
+        );
+        check(
+            r#"{"type":"ack","thread_id":"t1","seq":3,"x":[1,{"y":null}]}"#,
+            ack("t1", 3),
+        );
+        check(
+            r#"{"type":"ack","thread_id":"t1","seq":18446744073709551615}"#,
+            ack("t1", u64::MAX),
+        );
+        for seq in ["1.0", "1e2", "-0", "18446744073709551616", "\"3\"", "null"] {
+            let text = format!(r#"{{"type":"ack","thread_id":"t1","seq":{seq}}}"#);
+            check(&text, Err(ErrorCode::InvalidFrame));
+        }
+        // A key twice, at any depth, even in a member the gateway does not read.
+        for text in [
+            r#"{"type":"ack","type":"ack","thread_id":"t1","seq":3}"#,
+            r#"{"type":"ack","thread_id":"t1","seq":3,"x":{"a":1,"a":2}}"#,
+            r#"{"type":"hello","user_id":"u","since":{"seq":0,"seq":0}}"#,
+        ] {
+            assert_eq!(
+                decode(text).map_err(|e| (e.code, e.message.contains("twice"))),
+                Err((ErrorCode::InvalidJson, true)),
+                "{text}"
+            );
+        }
+        for text in [
+            r#"{"type":"ack","thread_id":"t1","seq":3"#,
+            r#"{"type":"ack","thread_id":"t1\x","seq":3}"#,
+            r#"{"type":"ack","thread_id":"t1","seq":01}"#,
+            r#"{"type":"ack","thread_id":"t1","seq":1e400}"#,
+            "{\"type\":\"ack\",\"thread_id\":\"t\u{1}\",\"seq\":3}",
+        ] {
+            check(text, Err(ErrorCode::InvalidJson));
+        }
+        let deep = format!(
+            r#"{{"type":"ping","x":{}{}}}"#,
+            "[".repeat(70),
+            "]".repeat(70)
+        );
+        check(&deep, Err(ErrorCode::InvalidFrame));
+        check(r#""ack""#, Err(ErrorCode::InvalidFrame));
+        check(r#"{"type":7}"#, Err(ErrorCode::InvalidFrame));
     }
 }

@@ -8,6 +8,7 @@ pub mod event;
 pub mod json;
 pub mod packed;
 pub mod run;
+mod scan;
 pub mod server;
 pub mod upstream;
 

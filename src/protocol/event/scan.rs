@@ -1,23 +1,20 @@
-//! An event's text read in one pass over its bytes: the gateway's fields, the payload's text and
-//! what the gateway reads of the payload, every other value only checked. It takes exactly the
-//! events serde_json's reader ([`super::read`]) takes, with the same fields (a property test holds
-//! it to that), and refuses nothing itself: whatever it does not take is read again by serde_json,
-//! whose error names what is wrong. An event is otherwise read twice over its payload (once to
-//! find its end, once to check it) through serde's generic machinery.
+//! An event's text read in one pass over its bytes ([`crate::protocol::scan`]): the gateway's
+//! fields, the payload's text and what the gateway reads of the payload, every other value only
+//! checked. It takes exactly the events serde_json's reader ([`super::read`]) takes, with the same
+//! fields (a property test holds it to that); whatever it does not take is read again by
+//! serde_json, whose error names what is wrong. An event is otherwise read twice over its payload
+//! (once to find its end, once to check it) through serde's generic machinery.
 
 use std::borrow::Cow;
 
 use super::read::{Fields, Scanned, Text};
 use crate::protocol::agui::PAYLOAD_KEY;
-use crate::protocol::json::{Keys, plain_len};
-
-/// Deeper than this, serde_json decides (it refuses past 128).
-const MAX_DEPTH: usize = 64;
+use crate::protocol::scan::Scanner;
 
 /// The fields of an event whose text is a JSON object with no key twice anywhere and a payload
 /// that is an object, `null` or absent, its payload scanned; `None` for anything else.
 pub(super) fn fields(text: &str) -> Option<Fields<'_>> {
-    let mut scan = Scanner { text, at: 0 };
+    let mut scan = Scanner::new(text);
     let mut fields = Fields::default();
     let mut scanned = None;
     scan.space();
@@ -37,7 +34,7 @@ pub(super) fn fields(text: &str) -> Option<Fields<'_>> {
                         scan.literal("null")?;
                         None
                     }
-                    b'{' => Some(scan.payload()?),
+                    b'{' => Some(payload(scan)?),
                     _ => return None,
                 };
                 fields.payload = Some(Cow::Borrowed(&scan.text[start..scan.at]));
@@ -45,7 +42,7 @@ pub(super) fn fields(text: &str) -> Option<Fields<'_>> {
             }
             _ => return scan.value(1),
         };
-        *text = scan.text_value(1)?;
+        *text = text_value(scan, 1)?;
         Some(())
     })?;
     scan.space();
@@ -53,228 +50,33 @@ pub(super) fn fields(text: &str) -> Option<Fields<'_>> {
     (scan.at == text.len()).then_some(fields)
 }
 
-struct Scanner<'a> {
-    text: &'a str,
-    at: usize,
+/// The payload object: what the gateway reads of it, every value checked.
+fn payload<'a>(scan: &mut Scanner<'a>) -> Option<Scanned<'a>> {
+    let mut scanned = Scanned::default();
+    scan.object(1, |scan, key| match key.as_ref() {
+        "tool_call_id" => {
+            scanned.tool_call_id = text_value(scan, 2)?;
+            Some(())
+        }
+        "name" => {
+            scanned.name = text_value(scan, 2)?;
+            Some(())
+        }
+        PAYLOAD_KEY => {
+            scanned.agui = true;
+            scan.value(2)
+        }
+        _ => scan.value(2),
+    })?;
+    Some(scanned)
 }
 
-impl<'a> Scanner<'a> {
-    fn peek(&self) -> Option<u8> {
-        self.text.as_bytes().get(self.at).copied()
-    }
-
-    /// JSON's whitespace: space, tab, line feed, carriage return.
-    fn space(&mut self) {
-        while let Some(b' ' | b'\t' | b'\n' | b'\r') = self.peek() {
-            self.at += 1;
-        }
-    }
-
-    fn eat(&mut self, byte: u8) -> Option<()> {
-        (self.peek()? == byte).then(|| self.at += 1)
-    }
-
-    fn literal(&mut self, word: &str) -> Option<()> {
-        let rest = self.text.get(self.at..)?;
-        rest.starts_with(word).then(|| self.at += word.len())
-    }
-
-    /// An object from its `{`: each key given to `member`, which reads its value; no key twice.
-    fn object(
-        &mut self,
-        depth: usize,
-        mut member: impl FnMut(&mut Self, Cow<'a, str>) -> Option<()>,
-    ) -> Option<()> {
-        let mut keys = Keys::default();
-        self.list(depth, b'{', b'}', |scan| {
-            let key = scan.string()?;
-            if !keys.insert(key.clone()) {
-                return None;
-            }
-            scan.space();
-            scan.eat(b':')?;
-            scan.space();
-            member(scan, key)
-        })
-    }
-
-    /// An object's members or an array's items, from `open` to `close`, separated by commas.
-    fn list(
-        &mut self,
-        depth: usize,
-        open: u8,
-        close: u8,
-        mut item: impl FnMut(&mut Self) -> Option<()>,
-    ) -> Option<()> {
-        if depth > MAX_DEPTH {
-            return None;
-        }
-        self.eat(open)?;
-        self.space();
-        if self.eat(close).is_some() {
-            return Some(());
-        }
-        loop {
-            item(self)?;
-            self.space();
-            match self.peek()? {
-                b',' => {
-                    self.at += 1;
-                    self.space();
-                }
-                byte if byte == close => {
-                    self.at += 1;
-                    return Some(());
-                }
-                _ => return None,
-            }
-        }
-    }
-
-    /// The payload object: what the gateway reads of it, every value checked.
-    fn payload(&mut self) -> Option<Scanned<'a>> {
-        let mut scanned = Scanned::default();
-        self.object(1, |scan, key| match key.as_ref() {
-            "tool_call_id" => {
-                scanned.tool_call_id = scan.text_value(2)?;
-                Some(())
-            }
-            "name" => {
-                scanned.name = scan.text_value(2)?;
-                Some(())
-            }
-            PAYLOAD_KEY => {
-                scanned.agui = true;
-                scan.value(2)
-            }
-            _ => scan.value(2),
-        })?;
-        Some(scanned)
-    }
-
-    /// A field the gateway reads as text: a string, `null`, or anything else checked.
-    fn text_value(&mut self, depth: usize) -> Option<Text<'a>> {
-        match self.peek()? {
-            b'"' => self.string().map(Text::Str),
-            b'n' => self.literal("null").map(|()| Text::Null),
-            _ => self.value(depth).map(|()| Text::Other),
-        }
-    }
-
-    /// Any value, only checked.
-    fn value(&mut self, depth: usize) -> Option<()> {
-        match self.peek()? {
-            b'{' => self.object(depth, |scan, _| scan.value(depth + 1)),
-            b'[' => self.list(depth, b'[', b']', |scan| scan.value(depth + 1)),
-            b'"' => self.string().map(drop),
-            b't' => self.literal("true"),
-            b'f' => self.literal("false"),
-            b'n' => self.literal("null"),
-            b'-' | b'0'..=b'9' => self.number(),
-            _ => None,
-        }
-    }
-
-    /// A number as JSON writes one. A plain integer of up to 18 digits fits serde_json's `u64` or
-    /// `i64`; any other is handed to serde_json, which refuses one out of `f64`'s range.
-    fn number(&mut self) -> Option<()> {
-        let start = self.at;
-        let bytes = self.text.as_bytes();
-        let digits = |at: &mut usize| {
-            let from = *at;
-            while bytes.get(*at).is_some_and(u8::is_ascii_digit) {
-                *at += 1;
-            }
-            *at - from
-        };
-        let mut at = start;
-        if bytes.get(at) == Some(&b'-') {
-            at += 1;
-        }
-        let whole = digits(&mut at);
-        if whole == 0 || (whole > 1 && bytes.get(at - whole) == Some(&b'0')) {
-            return None;
-        }
-        let mut plain = whole <= 18;
-        if bytes.get(at) == Some(&b'.') {
-            at += 1;
-            if digits(&mut at) == 0 {
-                return None;
-            }
-            plain = false;
-        }
-        if let Some(b'e' | b'E') = bytes.get(at) {
-            at += 1;
-            if let Some(b'+' | b'-') = bytes.get(at) {
-                at += 1;
-            }
-            if digits(&mut at) == 0 {
-                return None;
-            }
-            plain = false;
-        }
-        if !plain {
-            serde_json::from_str::<f64>(&self.text[start..at]).ok()?;
-        }
-        self.at = at;
-        Some(())
-    }
-
-    /// A string from its `"`: borrowed when it has no escape, decoded by serde_json when it has.
-    /// Refused: a control character, an unknown escape, a surrogate not in a pair.
-    fn string(&mut self) -> Option<Cow<'a, str>> {
-        let bytes = self.text.as_bytes();
-        let start = self.at;
-        self.eat(b'"')?;
-        let mut escaped = false;
-        loop {
-            self.at += plain_len(bytes.get(self.at..)?);
-            match self.peek()? {
-                b'"' => break,
-                b'\\' => {
-                    escaped = true;
-                    self.escape()?;
-                }
-                // A control character.
-                _ => return None,
-            }
-        }
-        self.at += 1;
-        match escaped {
-            false => Some(Cow::Borrowed(&self.text[start + 1..self.at - 1])),
-            true => serde_json::from_str(&self.text[start..self.at])
-                .ok()
-                .map(Cow::Owned),
-        }
-    }
-
-    /// One escape, from its `\`.
-    fn escape(&mut self) -> Option<()> {
-        self.at += 1;
-        let byte = self.peek()?;
-        self.at += 1;
-        match byte {
-            b'"' | b'\\' | b'/' | b'b' | b'f' | b'n' | b'r' | b't' => Some(()),
-            b'u' => match self.hex()? {
-                0xD800..=0xDBFF => {
-                    self.literal("\\u")?;
-                    matches!(self.hex()?, 0xDC00..=0xDFFF).then_some(())
-                }
-                0xDC00..=0xDFFF => None,
-                _ => Some(()),
-            },
-            _ => None,
-        }
-    }
-
-    /// Four hex digits.
-    fn hex(&mut self) -> Option<u16> {
-        let digits = self.text.get(self.at..self.at + 4)?;
-        if !digits.bytes().all(|b| b.is_ascii_hexdigit()) {
-            return None;
-        }
-        self.at += 4;
-        u16::from_str_radix(digits, 16).ok()
+/// A field the gateway reads as text: a string, `null`, or anything else checked.
+fn text_value<'a>(scan: &mut Scanner<'a>, depth: usize) -> Option<Text<'a>> {
+    match scan.peek()? {
+        b'"' => scan.string().map(Text::Str),
+        b'n' => scan.literal("null").map(|()| Text::Null),
+        _ => scan.value(depth).map(|()| Text::Other),
     }
 }
 

@@ -122,9 +122,8 @@ pub fn decode(text: &str) -> Result<ClientFrame, FrameError> {
             user_id: optional(&fields, "user_id", id)?,
             token: optional(&fields, "token", token)?,
             since: since(&fields)?,
-            format: match fields.get("protocol") {
+            format: match fields.given("protocol") {
                 None => Format::Native,
-                Some(raw) if raw.is_null() => Format::Native,
                 Some(raw) => match raw.string().as_deref() {
                     Some("agentwire") => Format::Native,
                     Some("ag-ui") => Format::AgUi,
@@ -207,6 +206,11 @@ impl<'a> Fields<'a> {
             .find(|(key, _)| key == name)
             .map(|(_, raw)| Raw(raw))
     }
+
+    /// An optional member: absent and `null` alike are `None`.
+    fn given(&self, name: &str) -> Option<Raw<'a>> {
+        self.get(name).filter(|raw| raw.0 != "null")
+    }
 }
 
 /// One member's value as its checked JSON text.
@@ -214,10 +218,6 @@ impl<'a> Fields<'a> {
 struct Raw<'a>(&'a str);
 
 impl<'a> Raw<'a> {
-    fn is_null(self) -> bool {
-        self.0 == "null"
-    }
-
     fn string(self) -> Option<Cow<'a, str>> {
         self.0
             .starts_with('"')
@@ -275,13 +275,13 @@ fn upstream(kind: &'static str, fields: &Fields<'_>) -> Result<UpstreamMessage, 
     };
     let sender = object("sender")?;
     let recipient = object("recipient")?;
-    let optional_text = |name: &str| match fields.get(name) {
-        None => Ok(None),
-        Some(raw) if raw.is_null() => Ok(None),
-        Some(raw) => raw
-            .string()
-            .map(|text| Some(text.into_owned()))
-            .ok_or_else(|| FrameError::field(name, "must be a string")),
+    let optional_text = |name: &str| {
+        (fields.given(name))
+            .map(|raw| {
+                (raw.string().map(Cow::into_owned))
+                    .ok_or_else(|| FrameError::field(name, "must be a string"))
+            })
+            .transpose()
     };
     Ok(UpstreamMessage {
         kind,
@@ -292,22 +292,18 @@ fn upstream(kind: &'static str, fields: &Fields<'_>) -> Result<UpstreamMessage, 
         },
         recipient: Recipient {
             target: text(&recipient, "recipient.target", "target")?,
-            agent_id: match recipient.get("agent_id") {
-                None => None,
-                Some(raw) if raw.is_null() => None,
-                Some(_) => Some(text(&recipient, "recipient.agent_id", "agent_id")?),
-            },
+            agent_id: (recipient.given("agent_id"))
+                .map(|_| text(&recipient, "recipient.agent_id", "agent_id"))
+                .transpose()?,
         },
         payload: map("payload")?,
         timestamp: optional_text("timestamp")?,
-        metadata: match fields.get("metadata") {
-            None => None,
-            Some(raw) if raw.is_null() => None,
-            Some(raw) => Some(
+        metadata: (fields.given("metadata"))
+            .map(|raw| {
                 raw.map()
-                    .ok_or_else(|| FrameError::field("metadata", "must be an object"))?,
-            ),
-        },
+                    .ok_or_else(|| FrameError::field("metadata", "must be an object"))
+            })
+            .transpose()?,
     })
 }
 
@@ -317,11 +313,7 @@ fn optional(
     name: &str,
     read: fn(&Fields<'_>, &str) -> Result<String, FrameError>,
 ) -> Result<Option<String>, FrameError> {
-    match fields.get(name) {
-        None => Ok(None),
-        Some(raw) if raw.is_null() => Ok(None),
-        Some(_) => read(fields, name).map(Some),
-    }
+    fields.given(name).map(|_| read(fields, name)).transpose()
 }
 
 /// Tokens are compact JWTs; no real one is near this size.
@@ -364,9 +356,8 @@ fn seq(fields: &Fields<'_>) -> Result<u64, FrameError> {
 }
 
 fn since(fields: &Fields<'_>) -> Result<Option<Since>, FrameError> {
-    let since = match fields.get("since") {
+    let since = match fields.given("since") {
         None => return Ok(None),
-        Some(raw) if raw.is_null() => return Ok(None),
         Some(raw) => raw
             .object()
             .ok_or_else(|| FrameError::field("since", "must be an object {epoch, seq}"))?,
@@ -377,15 +368,12 @@ fn since(fields: &Fields<'_>) -> Result<Option<Since>, FrameError> {
             .ok_or_else(|| FrameError::field("since.seq", "must be a non-negative integer"))?,
         None => return Err(FrameError::field("since.seq", "is required")),
     };
-    let epoch = match since.get("epoch") {
-        None => None,
-        Some(raw) if raw.is_null() => None,
-        Some(raw) => Some(
-            raw.string()
-                .ok_or_else(|| FrameError::field("since.epoch", "must be a string"))?
-                .into_owned(),
-        ),
-    };
+    let epoch = (since.given("epoch"))
+        .map(|raw| {
+            (raw.string().map(Cow::into_owned))
+                .ok_or_else(|| FrameError::field("since.epoch", "must be a string"))
+        })
+        .transpose()?;
     if epoch.is_none() && seq > 0 {
         return Err(FrameError::field(
             "since.epoch",
@@ -578,5 +566,31 @@ mod tests {
         check(&deep, Err(ErrorCode::InvalidFrame));
         check(r#""ack""#, Err(ErrorCode::InvalidFrame));
         check(r#"{"type":7}"#, Err(ErrorCode::InvalidFrame));
+        // `null` is an optional member left out, and no required one.
+        check(
+            r#"{"type":"hello","user_id":"u1","token":null,"since":null,"protocol":null}"#,
+            Ok(ClientFrame::Hello {
+                user_id: Some("u1".into()),
+                token: None,
+                since: None,
+                format: Format::Native,
+            }),
+        );
+        check(
+            r#"{"type":"subscribe","thread_id":"t1","since":{"seq":0,"epoch":null}}"#,
+            Ok(ClientFrame::Subscribe {
+                thread_id: "t1".into(),
+                since: Some(Since {
+                    epoch: None,
+                    seq: 0,
+                }),
+                token: None,
+            }),
+        );
+        check(r#"{"type":null}"#, Err(ErrorCode::InvalidFrame));
+        check(
+            r#"{"type":"unsubscribe","thread_id":null}"#,
+            Err(ErrorCode::InvalidFrame),
+        );
     }
 }
